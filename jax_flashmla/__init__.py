@@ -1,0 +1,21 @@
+"""jax_flashmla: FlashMLA-class multi-head latent attention for JAX.
+
+Public API (exact math in SEMANTICS.md of the project):
+  mla_decode, get_mla_metadata, MLAMetadata, sparse_mla_prefill  -- the ops
+  kv_cache                                                       -- paged-cache helpers (FP8 too)
+  reference                                                      -- the pure-JAX semantics
+  flash_mla                                                      -- FlashMLA's PyTorch spellings
+  kernels_available()                                            -- can the CUDA kernels run here?
+"""
+from jax_flashmla import kv_cache, reference
+from jax_flashmla._ffi import kernels_available
+from jax_flashmla.ops._primitive import KernelFallbackWarning
+from jax_flashmla.ops.decode import mla_decode
+from jax_flashmla.ops.metadata import MLAMetadata, get_mla_metadata
+from jax_flashmla.ops.prefill import sparse_mla_prefill
+from jax_flashmla import flash_mla  # noqa: E402  (uses the ops above)
+
+__version__ = "0.1.0"
+
+__all__ = ["mla_decode", "get_mla_metadata", "MLAMetadata", "sparse_mla_prefill", "kv_cache",
+           "reference", "flash_mla", "kernels_available", "KernelFallbackWarning"]

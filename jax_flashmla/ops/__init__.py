@@ -1,0 +1,1 @@
+"""One module per op family: the API function, its primitive and the primitive's rules."""

@@ -1,0 +1,136 @@
+"""What every jax_flashmla primitive shares: registration, lowering selection (kernel or reference,
+with one clear warning on fallback), the vmap fallback, and the refusal to differentiate.
+
+An op module states only what is specific to it: its abstract eval, its reference (from
+jax_flashmla.reference), its kernel module (an object with ``unsupported_reason(config, avals_in)``
+and ``lower(ctx, *operands, config)``) and its batching rule.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Callable
+
+import jax
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+from jax_flashmla import _ffi
+
+IMPLEMENTATIONS = (None, "kernel", "reference")
+NOT_MAPPED = None   # a batching rule's dim for an operand vmap does not map
+
+
+class KernelFallbackWarning(UserWarning):
+    """A call ran on the pure-JAX reference because no CUDA kernel covers it."""
+
+
+def check_implementation(implementation) -> None:
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation: expected None (automatic), 'kernel' or 'reference'; "
+                         f"got {implementation!r}")
+
+
+@functools.cache
+def _warn_once(op: str, reason: str) -> None:
+    warnings.warn(f"jax_flashmla.{op}: running the pure-JAX reference because {reason}. Pass "
+                  "implementation='reference' to silence this, or implementation='kernel' to make "
+                  "it an error.", KernelFallbackWarning, stacklevel=2)
+
+
+def kernel_unsupported_reason(kernel, config, avals_in) -> str | None:
+    """Why the kernel cannot run this call (None when it can)."""
+    if kernel is None:
+        return "no CUDA kernel implements this op yet"
+    ok, why = _ffi.kernels_available()
+    if not ok:
+        return why
+    return kernel.unsupported_reason(config, avals_in)
+
+
+def define_primitive(name: str, *, abstract_eval: Callable, reference: Callable,
+                     batching_rule: Callable, kernel_module: Callable[[], object] | None = None,
+                     op_name: str | None = None) -> Primitive:
+    """A multiple-result primitive whose params are one ``config`` (a frozen dataclass with an
+    ``implementation`` field). ``reference(*operands, config=...)`` is its CPU lowering and the
+    fallback of its CUDA lowering; ``kernel_module()`` returns the kernel's Python side (or None)."""
+    op_name = op_name or name
+    prim = Primitive(name)
+    prim.multiple_results = True
+    prim.def_abstract_eval(abstract_eval)
+    prim.def_impl(functools.partial(jax._src.dispatch.apply_primitive, prim))
+    reference_lowering = mlir.lower_fun(reference, multiple_results=True)
+
+    def cpu_lowering(ctx, *operands, config):
+        if config.implementation == "kernel":
+            raise ValueError(f"jax_flashmla.{op_name}: implementation='kernel' needs a Hopper GPU "
+                             f"with the CUDA extension; this lowering is for platform CPU")
+        return reference_lowering(ctx, *operands, config=config)
+
+    def cuda_lowering(ctx, *operands, config):
+        if config.implementation == "reference":
+            return reference_lowering(ctx, *operands, config=config)
+        kernel = kernel_module() if kernel_module is not None else None
+        reason = kernel_unsupported_reason(kernel, config, ctx.avals_in)
+        if reason is None:
+            return kernel.lower(ctx, *operands, config=config)
+        if config.implementation == "kernel":
+            raise ValueError(f"jax_flashmla.{op_name}: implementation='kernel' but {reason}")
+        _warn_once(op_name, reason)
+        return reference_lowering(ctx, *operands, config=config)
+
+    mlir.register_lowering(prim, cpu_lowering)              # every platform without its own rule
+    mlir.register_lowering(prim, cuda_lowering, platform="cuda")
+    batching.primitive_batchers[prim] = batching_rule
+
+    def no_differentiation(primals, tangents, **params):
+        raise NotImplementedError(
+            f"jax_flashmla.{op_name} is inference-only and has no derivative: it is not "
+            "differentiable with jax.grad / jax.jvp. Wrap the call in jax.lax.stop_gradient, or "
+            "use jax_flashmla.reference for a differentiable version.")
+
+    ad.primitive_jvps[prim] = no_differentiation
+    return prim
+
+
+def map_batching(prim: Primitive, args, dims, **params):
+    """The vmap fallback: loop over the mapped axis with lax.map (used only where an op cannot
+    fold the mapped axis into its own batch axis)."""
+    mapped = [i for i, d in enumerate(dims) if d is not NOT_MAPPED]
+    xs = [jax.numpy.moveaxis(args[i], dims[i], 0) for i in mapped]
+
+    def one(x_slices):
+        full = list(args)
+        for i, x in zip(mapped, x_slices):
+            full[i] = x
+        return tuple(prim.bind(*full, **params))
+
+    outs = jax.lax.map(one, xs)
+    return list(outs), [0] * len(outs)
+
+
+def fold_batch(x, dim, size: int):
+    """Move a vmapped axis to the front (broadcasting an unmapped operand) and merge it into the
+    next axis: [..V.., n, ...] -> [V * n, ...]."""
+    if dim is NOT_MAPPED:
+        x = jax.numpy.broadcast_to(x, (size, *x.shape))
+    else:
+        x = jax.numpy.moveaxis(x, dim, 0)
+    return x.reshape(size * x.shape[1], *x.shape[2:])
+
+
+def unfold_batch(x, size: int):
+    """[V * n, ...] -> [V, n, ...]."""
+    return x.reshape(size, x.shape[0] // size, *x.shape[1:])
+
+
+def mapped_size(args, dims) -> int:
+    return next(a.shape[d] for a, d in zip(args, dims) if d is not NOT_MAPPED)
+
+
+def offset_rows(indices, valid_rows: int, offsets):
+    """Shift flat row indices into a stacked pool: valid ones (0 <= i < valid_rows) by ``offsets``
+    (broadcast over the leading vmapped axis), invalid ones to -1."""
+    shape = (-1,) + (1,) * (indices.ndim - 1)
+    valid = (indices >= 0) & (indices < valid_rows)
+    return jax.numpy.where(valid, indices + offsets.reshape(shape), -1)
