@@ -25,9 +25,9 @@ class KernelFallbackWarning(UserWarning):
     """A call ran on the pure-JAX reference because no CUDA kernel covers it."""
 
 
-def check_implementation(implementation) -> None:
+def check_implementation(op_name: str, implementation) -> None:
     if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation: expected None (automatic), 'kernel' or 'reference'; "
+        raise ValueError(f"{op_name}: implementation: expected None (automatic), 'kernel' or 'reference'; "
                          f"got {implementation!r}")
 
 
@@ -86,7 +86,7 @@ def define_primitive(name: str, *, abstract_eval: Callable, reference: Callable,
     def no_differentiation(primals, tangents, **params):
         raise NotImplementedError(
             f"jax_flashmla.{op_name} is inference-only and has no derivative: it is not "
-            "differentiable with jax.grad / jax.jvp. Wrap the call in jax.lax.stop_gradient, or "
+            "differentiable with jax.grad / jax.jvp. Apply jax.lax.stop_gradient to its inputs, or "
             "use jax_flashmla.reference for a differentiable version.")
 
     ad.primitive_jvps[prim] = no_differentiation

@@ -124,7 +124,7 @@ def mla_decode(q, kv_cache, block_table=None, cache_seqlens=None, *, head_dim_v:
       out [b, s_q, h_q, head_dim_v] of q's dtype, lse [b, h_q, s_q] float32 (natural log, +inf for
       a query with nothing to attend, whose out is 0).
     """
-    _primitive.check_implementation(implementation)
+    _primitive.check_implementation("mla_decode", implementation)
     if not hasattr(q, "shape") or q.ndim != 4:
         _fail("q", "rank 4 [b, s_q, h_q, d_qk]", f"shape {getattr(q, 'shape', type(q))}")
     if q.dtype not in (jnp.bfloat16, jnp.float16):

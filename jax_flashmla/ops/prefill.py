@@ -41,7 +41,7 @@ def sparse_mla_prefill(q, kv, indices, *, softmax_scale: float | None = None,
       out [s_q, h_q, head_dim_v] q.dtype, max_logits [s_q, h_q] f32 (-inf when nothing is valid),
       lse [s_q, h_q] f32 (natural log, +inf when nothing is valid; then out = 0).
     """
-    _primitive.check_implementation(implementation)
+    _primitive.check_implementation("sparse_mla_prefill", implementation)
     if q.ndim != 3:
         _fail("q", "rank 3 [s_q, h_q, d_qk]", f"shape {tuple(q.shape)}")
     if q.dtype not in (jnp.bfloat16, jnp.float16):

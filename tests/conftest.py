@@ -1,0 +1,26 @@
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))   # tests import the oracle as a plain module
+
+
+@pytest.fixture
+def rng(request):
+    """A fresh, reproducible generator per test (seeded by the test's name)."""
+    return np.random.default_rng(abs(hash(request.node.nodeid)) % 2 ** 32)
+
+
+def assert_close(actual, expected, *, rel=1e-2, what="out"):
+    """Relative L2 error under ``rel``; NaN never passes; +-inf must match exactly."""
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    assert not np.isnan(actual).any(), f"{what}: NaN in result"
+    inf = np.isinf(expected)
+    np.testing.assert_array_equal(actual[inf], expected[inf], err_msg=f"{what}: infinities differ")
+    a, e = actual[~inf], expected[~inf]
+    err = np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-30)
+    assert err <= rel, f"{what}: relative error {err:.3g} > {rel}"

@@ -1,0 +1,183 @@
+"""An independent float64 NumPy oracle of SEMANTICS.md, written as plain loops over sequences and
+queries (no shared code with jax_flashmla.reference), plus random-input builders for the tests."""
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+BF16 = ml_dtypes.bfloat16
+FP8 = ml_dtypes.float8_e4m3fn
+
+
+def _softmax_attend(q, keys, scale, d_v):
+    """q [g, d] f64, keys [n, d] f64 -> out [g, d_v], max [g], lse [g]."""
+    g = q.shape[0]
+    if keys.shape[0] == 0:
+        return np.zeros((g, d_v)), np.full(g, -np.inf), np.full(g, np.inf)
+    logits = scale * (q @ keys.T)
+    m = logits.max(axis=1)
+    p = np.exp(logits - m[:, None])
+    s = p.sum(axis=1)
+    return (p / s[:, None]) @ keys[:, :d_v], m, np.log(s) + m
+
+
+def _sink(out, lse, sink):
+    if sink is None:
+        return out
+    gate = np.where(np.isfinite(lse), 1.0 / (1.0 + np.exp(np.asarray(sink, np.float64) - np.where(
+        np.isfinite(lse), lse, 0.0))), 0.0)
+    return out * gate[:, None]
+
+
+def dense_decode(q, cache, block_table, seqlens, *, scale, d_v, causal=False, attn_sink=None):
+    """q [b, s_q, h_q, d], cache [nb, bs, h_kv, d] (float arrays); returns out [b,s_q,h_q,d_v],
+    lse [b, h_q, s_q] in float64."""
+    q = np.asarray(q, np.float64)
+    cache = np.asarray(cache, np.float64)
+    b, s_q, h_q, d = q.shape
+    bs, h_kv = cache.shape[1], cache.shape[2]
+    group = h_q // h_kv
+    out = np.zeros((b, s_q, h_q, d_v))
+    lse = np.zeros((b, h_q, s_q))
+    for i in range(b):
+        length = int(seqlens[i])
+        tokens = np.stack([cache[block_table[i, t // bs], t % bs] for t in range(length)]) \
+            if length else np.zeros((0, h_kv, d))
+        for j in range(s_q):
+            n = length - s_q + j + 1 if causal else length
+            n = max(n, 0)
+            for hk in range(h_kv):
+                heads = slice(hk * group, (hk + 1) * group)
+                o, _, l = _softmax_attend(q[i, j, heads], tokens[:n, hk], scale, d_v)
+                out[i, j, heads] = _sink(o, l, None if attn_sink is None else attn_sink[heads])
+                lse[i, heads, j] = l
+    return out, lse
+
+
+def sparse_decode(q, pools, *, scale, d_v, attn_sink=None):
+    """pools: list of (cache [nb, bs, h_kv, d] float, indices [b, s_q, k], topk_length [b] | None).
+    Every pool's valid rows are attended under one softmax."""
+    q = np.asarray(q, np.float64)
+    b, s_q, h_q, d = q.shape
+    h_kv = pools[0][0].shape[2]
+    group = h_q // h_kv
+    out = np.zeros((b, s_q, h_q, d_v))
+    lse = np.zeros((b, h_q, s_q))
+    for i in range(b):
+        for j in range(s_q):
+            rows = []
+            for cache, indices, topk_length in pools:
+                flat = np.asarray(cache, np.float64).reshape(-1, h_kv, d)
+                k = indices.shape[2] if topk_length is None else int(topk_length[i])
+                rows += [flat[r] for r in indices[i, j, :k] if 0 <= r < flat.shape[0]]
+            keys = np.stack(rows) if rows else np.zeros((0, h_kv, d))
+            for hk in range(h_kv):
+                heads = slice(hk * group, (hk + 1) * group)
+                o, _, l = _softmax_attend(q[i, j, heads], keys[:, hk], scale, d_v)
+                out[i, j, heads] = _sink(o, l, None if attn_sink is None else attn_sink[heads])
+                lse[i, heads, j] = l
+    return out, lse
+
+
+def sparse_prefill(q, kv, indices, *, scale, d_v, attn_sink=None, topk_length=None):
+    q = np.asarray(q, np.float64)
+    kv = np.asarray(kv, np.float64)
+    s_q, h_q, d = q.shape
+    s_kv, h_kv, _ = kv.shape
+    group = h_q // h_kv
+    out = np.zeros((s_q, h_q, d_v))
+    mx = np.zeros((s_q, h_q))
+    lse = np.zeros((s_q, h_q))
+    for i in range(s_q):
+        for hk in range(h_kv):
+            k = indices.shape[2] if topk_length is None else int(topk_length[i])
+            rows = [r for r in indices[i, hk, :k] if 0 <= r < s_kv]
+            keys = kv[rows, hk] if rows else np.zeros((0, d))
+            heads = slice(hk * group, (hk + 1) * group)
+            o, m, l = _softmax_attend(q[i, heads], keys, scale, d_v)
+            out[i, heads] = _sink(o, l, None if attn_sink is None else attn_sink[heads])
+            mx[i, heads] = m
+            lse[i, heads] = l
+    return out, mx, lse
+
+
+# ----------------------------------------------------------------------------------------------
+# FP8 layouts, byte by byte.
+
+def pow2_scale(amax):
+    return float(2.0 ** np.ceil(np.log2(max(amax / 448.0, 1e-4))))
+
+
+def quantize_v32_token(x):
+    """x [576] float -> 656 bytes."""
+    x = np.asarray(x, np.float64)
+    out = bytearray()
+    scales = []
+    for t in range(4):
+        tile = x[128 * t:128 * (t + 1)]
+        s = pow2_scale(np.abs(tile).max())
+        scales.append(s)
+        out += (tile / s).astype(np.float32).astype(FP8).tobytes()
+    out += np.asarray(scales, "<f4").tobytes()
+    out += x[512:].astype(np.float32).astype(BF16).tobytes()
+    return np.frombuffer(bytes(out), np.uint8)
+
+
+def dequantize_v32_token(b):
+    b = np.asarray(b, np.uint8)
+    nope = b[:512].view(FP8).astype(np.float64)
+    scales = b[512:528].view("<f4").astype(np.float64)
+    rope = b[528:656].view(BF16).astype(np.float64)
+    return np.concatenate([nope * np.repeat(scales, 128), rope])
+
+
+def quantize_v4_block(x):
+    """x [bs, 512] -> bytes of one block [bs * 584] in the per-block layout."""
+    x = np.asarray(x, np.float64)
+    bs = x.shape[0]
+    records, scale_bytes = bytearray(), bytearray()
+    for t in range(bs):
+        exps = []
+        for k in range(7):
+            tile = x[t, 64 * k:64 * (k + 1)]
+            s = pow2_scale(np.abs(tile).max())
+            exps.append(int(np.log2(s)) + 127)
+            records += (tile / s).astype(np.float32).astype(FP8).tobytes()
+        records += x[t, 448:].astype(np.float32).astype(BF16).tobytes()
+        scale_bytes += bytes(exps) + b"\x00"
+    return np.frombuffer(bytes(records + scale_bytes), np.uint8)
+
+
+def dequantize_v4_block(b, bs):
+    b = np.asarray(b, np.uint8)
+    out = np.zeros((bs, 512))
+    for t in range(bs):
+        rec = b[576 * t:576 * (t + 1)]
+        exps = b[576 * bs + 8 * t:576 * bs + 8 * t + 7].astype(np.int64) - 127
+        out[t, :448] = rec[:448].view(FP8).astype(np.float64) * np.repeat(2.0 ** exps, 64)
+        out[t, 448:] = rec[448:].view(BF16).astype(np.float64)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Random inputs.
+
+def random_paged_cache(rng, *, b, seqlens, block_size, h_kv, d, num_extra_blocks=3,
+                       dtype=BF16):
+    """A shuffled paged pool holding ``seqlens`` tokens per sequence. Unused rows (past a length in
+    its last block, and spare blocks) are NaN; block-table entries past each length are out of
+    range (huge or negative). Returns (cache, block_table int32 [b, max_blocks])."""
+    max_blocks = max(1, max(-(-int(s) // block_size) for s in seqlens))
+    needed = sum(-(-int(s) // block_size) for s in seqlens)
+    num_blocks = needed + num_extra_blocks
+    cache = np.full((num_blocks, block_size, h_kv, d), np.nan, np.float32)
+    perm = rng.permutation(num_blocks)
+    table = rng.choice([-7, 10 ** 6, num_blocks, 2 ** 31 - 1], size=(b, max_blocks)).astype(np.int32)
+    nxt = 0
+    for i, s in enumerate(seqlens):
+        for blk in range(-(-int(s) // block_size)):
+            table[i, blk] = perm[nxt]
+            rows = min(block_size, int(s) - blk * block_size)
+            cache[perm[nxt], :rows] = rng.standard_normal((rows, h_kv, d))
+            nxt += 1
+    return cache.astype(dtype), table
