@@ -1,12 +1,14 @@
 """What every jax_flashmla primitive shares: registration, lowering selection (kernel or reference,
-with one clear warning on fallback), the vmap fallback, and the refusal to differentiate.
+with one clear warning on fallback), partitioning under a sharded jit (through ops/_sharding.py),
+the vmap fallback, and the refusal to differentiate.
 
 An op module states only what is specific to it: its abstract eval, its reference (from
 jax_flashmla.reference), its kernel module (an object with ``unsupported_reason(config, avals_in)``
-and ``lower(ctx, *operands, config)``) and its batching rule.
+and ``lower(ctx, *operands, config)``), its batching rule and its dimension layout for sharding.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from typing import Callable
@@ -16,6 +18,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from jax_flashmla import _ffi
+from jax_flashmla.ops import _sharding
 
 IMPLEMENTATIONS = (None, "kernel", "reference")
 NOT_MAPPED = None   # a batching rule's dim for an operand vmap does not map
@@ -50,15 +53,29 @@ def kernel_unsupported_reason(kernel, config, avals_in) -> str | None:
 
 def define_primitive(name: str, *, abstract_eval: Callable, reference: Callable,
                      batching_rule: Callable, kernel_module: Callable[[], object] | None = None,
-                     op_name: str | None = None) -> Primitive:
+                     op_name: str | None = None, sharding=None) -> Primitive:
     """A multiple-result primitive whose params are one ``config`` (a frozen dataclass with an
-    ``implementation`` field). ``reference(*operands, config=...)`` is its CPU lowering and the
-    fallback of its CUDA lowering; ``kernel_module()`` returns the kernel's Python side (or None)."""
+    ``implementation`` field and a ``present`` tuple of the operand names bound).
+    ``reference(*operands, config=...)`` is its CPU lowering and the fallback of its CUDA
+    lowering; ``kernel_module()`` returns the kernel's Python side (or None).
+
+    With ``sharding`` (a ``_sharding.OpLayout``) two primitives are made, and the *outer* one is
+    returned, the one the public function binds:
+      * inner (``<name>_shard``, ``outer.inner``): single-device; lowered to the reference or the
+        FFI kernel; what each shard runs;
+      * outer: same abstract eval; lowered through ``custom_partitioning`` (Shardy rule + GSPMD
+        callbacks, ops/_sharding.py) whose per-shard body binds the inner one. Outside a mesh,
+        and inside ``shard_map``, that lowering is just the inner one. vmap and the refusal to
+        differentiate live on the outer primitive (custom_partitioning has neither).
+    Without ``sharding`` the single primitive returned is lowered directly (it would be gathered
+    onto every device under a sharded jit).
+    """
     op_name = op_name or name
-    prim = Primitive(name)
-    prim.multiple_results = True
-    prim.def_abstract_eval(abstract_eval)
-    prim.def_impl(functools.partial(jax._src.dispatch.apply_primitive, prim))
+    inner = Primitive(f"{name}_shard" if sharding is not None else name)
+    inner.multiple_results = True
+    inner.def_abstract_eval(abstract_eval if sharding is None
+                            else _sharding.typed_abstract_eval(abstract_eval, sharding))
+    inner.def_impl(functools.partial(jax._src.dispatch.apply_primitive, inner))
     reference_lowering = mlir.lower_fun(reference, multiple_results=True)
 
     def cpu_lowering(ctx, *operands, config):
@@ -79,18 +96,43 @@ def define_primitive(name: str, *, abstract_eval: Callable, reference: Callable,
         _warn_once(op_name, reason)
         return reference_lowering(ctx, *operands, config=config)
 
-    mlir.register_lowering(prim, cpu_lowering)              # every platform without its own rule
-    mlir.register_lowering(prim, cuda_lowering, platform="cuda")
-    batching.primitive_batchers[prim] = batching_rule
+    mlir.register_lowering(inner, cpu_lowering)              # every platform without its own rule
+    mlir.register_lowering(inner, cuda_lowering, platform="cuda")
 
     def no_differentiation(primals, tangents, **params):
         raise NotImplementedError(
             f"jax_flashmla.{op_name} is inference-only and has no derivative: it is not "
-            "differentiable with jax.grad / jax.jvp. Apply jax.lax.stop_gradient to its inputs, or "
+            "differentiable with jax.grad / jax.jvp. Wrap the call in jax.lax.stop_gradient, or "
             "use jax_flashmla.reference for a differentiable version.")
 
-    ad.primitive_jvps[prim] = no_differentiation
-    return prim
+    ad.primitive_jvps[inner] = no_differentiation
+    if sharding is None:
+        batching.primitive_batchers[inner] = batching_rule
+        return inner
+
+    def drop_operands(config, names):
+        return dataclasses.replace(config, present=tuple(n for n in config.present
+                                                         if n not in names))
+
+    partitioned = _sharding.partitioned(sharding, inner.bind, lambda config: config.present,
+                                        drop_operands)
+    outer = Primitive(name)
+    outer.multiple_results = True
+    outer.def_abstract_eval(_sharding.typed_abstract_eval(abstract_eval, sharding))
+    outer.def_impl(functools.partial(jax._src.dispatch.apply_primitive, outer))
+
+    def outer_lowering(ctx, *operands, config):
+        return mlir.lower_fun(functools.partial(partitioned, config),
+                              multiple_results=True)(ctx, *operands)
+
+    mlir.register_lowering(outer, outer_lowering)
+    # custom_partitioning needs the device assignment while lowering (DESIGN.md, toolchain facts).
+    jax._src.dispatch.prim_requires_devices_during_lowering.add(outer)
+    batching.primitive_batchers[outer] = batching_rule
+    ad.primitive_jvps[outer] = no_differentiation
+    outer.inner = inner
+    outer.layout = sharding
+    return outer
 
 
 def map_batching(prim: Primitive, args, dims, **params):

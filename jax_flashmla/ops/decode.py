@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from jax_flashmla import kv_cache as _kvc
 from jax_flashmla import reference as _ref
-from jax_flashmla.ops import _primitive
+from jax_flashmla.ops import _primitive, _sharding
 from jax_flashmla.ops.metadata import MLAMetadata
 
 # Operand order of the primitive; a call binds the subset it has, in this order.
@@ -280,4 +280,5 @@ def _kernel_module():
 
 mla_decode_p = _primitive.define_primitive(
     "jax_flashmla_mla_decode", abstract_eval=_abstract_eval, reference=_reference,
-    batching_rule=_batching_rule, kernel_module=_kernel_module, op_name="mla_decode")
+    batching_rule=_batching_rule, kernel_module=_kernel_module, op_name="mla_decode",
+    sharding=_sharding.DECODE)
