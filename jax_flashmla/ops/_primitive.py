@@ -131,6 +131,7 @@ def define_primitive(name: str, *, abstract_eval: Callable, reference: Callable,
     batching.primitive_batchers[outer] = batching_rule
     ad.primitive_jvps[outer] = no_differentiation
     outer.inner = inner
+    outer.partitioned = partitioned
     outer.layout = sharding
     return outer
 

@@ -220,13 +220,22 @@ def _decide(layout: OpLayout, present, mesh, arg_shapes) -> Decision:
     for name, (a, _) in pool_axes.items():
         axes[layout.operands[name][0]] = a
 
+    split = bool(split_axes or head_axes)
+
     def spec(roles):
         return PartitionSpec(*((axes.get(r) or None) for r in roles))
 
+    def operand_spec(name, roles, incoming):
+        if split and name in layout.schedule:
+            # Not read by a split call (see shard_body): left as it comes, never gathered.
+            return PartitionSpec(*(a or None for a in incoming))
+        return spec(roles)
+
     return Decision(axes=axes,
-                    operand_specs=tuple(spec(r) for r in dims),
+                    operand_specs=tuple(operand_spec(n, r, sp)
+                                        for n, r, sp in zip(present, dims, specs)),
                     result_specs=tuple(spec(r) for r in layout.results),
-                    split=bool(split_axes or head_axes))
+                    split=split)
 
 
 def typed_abstract_eval(abstract_eval: Callable, layout: OpLayout) -> Callable:
