@@ -3,11 +3,11 @@
 # whole test suite on GPU jax, then GPU-only tests and benchmarks. Logs go to $OUT.
 # Run through the device tool from the repo root, carrying the nvidia-cutlass wheel:
 #   run(command="bash scripts/device_check.sh", carry=[".whl"])
-# Stages can be chosen: STAGES="build cpu-suite gpu bench" (default: all).
+# Stages can be chosen: STAGES="build cpu-suite gpu memcheck bench" (default: all).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/jfm-out}; mkdir -p "$OUT"
-STAGES=${STAGES:-"build cpu-suite gpu bench"}
+STAGES=${STAGES:-"build cpu-suite gpu memcheck bench"}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 log() { echo "=== $(date +%T) $*"; }
 
@@ -33,10 +33,19 @@ if has cpu-suite; then
 fi
 if has gpu; then
   log "GPU tests"
-  python3 -m pytest -q -p no:cacheprovider -m gpu "$OLDPWD/tests/gpu" 2>&1 | tee "$OUT/gpu.log" | tail -30
+  XLA_FLAGS=--xla_gpu_autotune_level=0 timeout ${GPU_TIMEOUT:-360} python3 -m pytest -q -p no:cacheprovider --tb=short -rf -m gpu "$OLDPWD/tests/gpu" 2>&1 \
+    | tee "$OUT/gpu.log" | grep -vE "^(tests|/)" | tail -40
+fi
+if has memcheck; then
+  log "compute-sanitizer memcheck, dense decode subset (our kernels only)"
+  XLA_FLAGS=--xla_gpu_autotune_level=0 XLA_PYTHON_CLIENT_ALLOCATOR=platform \
+    timeout ${MEMCHECK_TIMEOUT:-150} compute-sanitizer --tool memcheck \
+    --kernel-name kns=jfm --print-limit 20 \
+    python3 "$OLDPWD/tests/gpu/memcheck_dense_decode.py" 2>&1 | tee "$OUT/memcheck.log" | tail -12
 fi
 if has bench && [ -f "$OLDPWD/benchmarks/bench_decode.py" ]; then
   log "benchmarks"
-  python3 "$OLDPWD/benchmarks/bench_decode.py" 2>&1 | tee "$OUT/bench.log" | tail -40
+  python3 "$OLDPWD/benchmarks/bench_decode.py" ${BENCH_ARGS:-} --out "$OUT/bench.json" 2>&1 \
+    | tee "$OUT/bench.log" | tail -40
 fi
 log "done"

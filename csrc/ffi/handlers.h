@@ -4,4 +4,7 @@
 // Add one line per handler defined (XLA_FFI_DEFINE_HANDLER_SYMBOL) in a csrc/ffi/*.cu file.
 #pragma once
 
-#define JFM_FFI_TARGETS(X) /* X(jax_flashmla_example, JfmExampleHandler) */
+#define JFM_FFI_TARGETS(X)                                       \
+  X(jax_flashmla_mla_metadata, JfmMlaMetadataHandler)            \
+  X(jax_flashmla_dense_decode, JfmDenseDecodeHandler)            \
+  X(jax_flashmla_dense_decode_auto, JfmDenseDecodeAutoHandler)

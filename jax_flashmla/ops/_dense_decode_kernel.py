@@ -48,8 +48,10 @@ def unsupported_reason(config, avals_in) -> str | None:
     b, s_q, h_q, _ = q.shape
     h_kv = kv.shape[2]
     rows = s_q * h_q // h_kv
-    if -(-rows // _meta.BLOCK_M) > 65535:
-        return f"{rows} query rows per KV head (kernel grid takes at most {65535 * _meta.BLOCK_M})"
+    if s_q * h_q > 65535:
+        return f"s_q * h_q = {s_q * h_q} (the kernels' grids take at most 65535)"
+    if b > 40000:
+        return f"batch {b} (the scheduler kernel takes at most 40000)"
     if "tile_scheduler_metadata" in avals:
         tiles = avals["tile_scheduler_metadata"]
         if tiles.shape[1] != _meta.TILE_METADATA_WIDTH:
