@@ -165,6 +165,10 @@ class Generator:
         cfg = self.config
         prompts, lengths = _prompts(input_ids, prompt_lengths)
         b = len(prompts)
+        lo, hi = min(int(p.min()) for p in prompts), max(int(p.max()) for p in prompts)
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise ValueError(f"generate: input_ids must be token ids in [0, vocab_size={cfg.vocab_size}), got "
+                             f"values in [{lo}, {hi}]")
         max_new_tokens = int(max_new_tokens)
         if max_new_tokens < 1:
             raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")

@@ -176,9 +176,11 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, *, interleaved: boo
 def masked_attention(q, k, v, mask, scale):
     """Plain softmax attention. q [b,s,h,d], k [b,t,h,d], v [b,t,h,dv], mask [b,s,t] or [b,1,s,t] bool.
 
-    float32 logits and softmax; rows with nothing to attend give 0.
+    float32 logits and softmax; rows with nothing to attend give 0. (Operands are upcast rather than
+    using preferred_element_type: XLA:CPU has no batched bf16 x bf16 -> f32 dot.)
     """
-    logits = jnp.einsum("bshd,bthd->bhst", q, k, preferred_element_type=jnp.float32) * scale
+    q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+    logits = jnp.einsum("bshd,bthd->bhst", q, k) * scale
     if mask.ndim == 3:
         mask = mask[:, None]
     logits = jnp.where(mask, logits, -jnp.inf)
@@ -306,16 +308,16 @@ class MLA(nnx.Module):
     def absorb_query(self, q_nope, q_pe):
         """[q_nope W_UK, q_pe]: the query in the cache's [latent, rope] space, [b, s, h, r + dr]."""
         w_uk, _ = self.w_uk_uv()
-        q_lat = jnp.einsum("bshd,hdr->bshr", q_nope, w_uk.astype(q_nope.dtype),
-                           preferred_element_type=jnp.float32)
-        return jnp.concatenate([q_lat, q_pe.astype(jnp.float32)], axis=-1)
+        # In the model dtype: the attention ops take q in bf16 anyway, and XLA:CPU has no batched
+        # bf16 x bf16 -> f32 dot (GPUs accumulate in f32 regardless).
+        q_lat = jnp.einsum("bshd,hdr->bshr", q_nope, w_uk.astype(q_nope.dtype))
+        return jnp.concatenate([q_lat, q_pe.astype(q_lat.dtype)], axis=-1)
 
     def output_from_latent(self, o_lat):
         """Attention output in the latent space [b, s, h, r] -> hidden [b, s, hidden] (W_UV, o_proj)."""
         _, w_uv = self.w_uk_uv()
         dtype = self.o_proj.weight.dtype
-        o = jnp.einsum("bshr,hvr->bshv", o_lat.astype(dtype), w_uv.astype(dtype),
-                       preferred_element_type=jnp.float32).astype(dtype)
+        o = jnp.einsum("bshr,hvr->bshv", o_lat.astype(dtype), w_uv.astype(dtype))
         b, s = o.shape[:2]
         return self.o_proj(o.reshape(b, s, -1))
 
