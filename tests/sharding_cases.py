@@ -472,3 +472,23 @@ def test_example_sharded_attention_layer(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "collectives in the compiled step: ['all-reduce']" in out, out
     assert "pools equal: True" in out, out
+
+
+@pytest.mark.parametrize("h_kv", [2, 8])
+def test_cache_computed_in_the_step_with_kv_heads(rng, h_kv):
+    """A cache produced inside the jitted step (its sharding left to propagation) with h_kv > 1
+    and the heads on 'model' (4): with h_kv 8 the KV heads follow the query heads (no collective);
+    with h_kv 2 they cannot, and the call runs on whole heads. Either way Shardy must not hand the
+    partitioner a sub-axis sharding of the KV heads (jax cannot read those back)."""
+    mesh = make_mesh("2x4")
+    b, s_q, h_q = 8, 1, 16
+    pool, _, table, lens = paged(rng, b=b, shards=1, max_blocks=3, bs=16, h_kv=h_kv, d=576,
+                                 fp8=False)
+    q = q_of(rng, b, s_q, h_q, 576)
+    f = lambda q, pool, table, lens: jfm.mla_decode(q, pool * 2, table, lens)  # noqa: E731
+    want = jax.jit(f)(q, pool, table, lens)
+    got, compiled = run_sharded(f, mesh, (q, pool, table, lens),
+                                (P("data", None, "model"), None, P("data"), P("data")))
+    check_equal(got, want)
+    if h_kv == 8:
+        assert collectives(compiled) == []

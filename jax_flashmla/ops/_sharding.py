@@ -5,8 +5,8 @@ letter-word per dimension:
 
   ``b``   the split axis: decode's batch, sparse prefill's query tokens. Shardable.
   ``H``   query heads (and everything indexed by them: out's and lse's head axes, attn_sink).
-          Shardable; written to Shardy as the compound factor ``(k g)`` (KV head, group), since
-          query head h reads KV head h // g.
+          Shardable. Query head h reads KV head h // g (g = h_q / h_kv); where safe, Shardy sees
+          the heads as the compound factor ``(k g)`` (see ``sdy_rule``).
   ``k``   KV heads (the caches' head axis, prefill indices' head axis): shards with ``H`` when
           h_kv > 1, stays whole (replicated) when h_kv = 1.
   ``n0``, ``n1``  page-pool rows (axis 0 of kv_cache / extra_kv_cache): a pool is either
@@ -88,40 +88,42 @@ SPARSE_PREFILL = OpLayout(
 # ---------------------------------------------------------------------------------------------
 # Shardy: the sharding rule.
 
-def sdy_rule(layout: OpLayout, present, operand_shapes, result_shapes) -> SdyShardingRule:
+def sdy_rule(layout: OpLayout, present, operand_shapes, result_shapes,
+             mesh_size: int = 1) -> SdyShardingRule:
     """The Shardy rule for one call. ``present``: the operand names bound, in order; shapes are
-    the global shapes. Every factor but b, k, g and the local pools' rows needs replication."""
+    the global shapes; ``mesh_size``: the number of devices. Every factor but the split axis, the
+    heads and the local pools' rows needs replication."""
     dims = [layout.operands[name] for name in present]
     q_dims = dims[0]
     h_q = operand_shapes[0][q_dims.index(HEADS)]
     h_kv = _kv_heads(dims, operand_shapes)
     group = h_q // h_kv
 
-    # Shardy refuses a size-1 factor inside a compound: with h_kv = 1 the heads are one factor
-    # of their own (the caches' unit head axis its own, unshardable factor); with g = 1 they are
-    # the KV heads themselves.
-    if h_kv == 1:
-        heads = _GROUP
-    elif group == 1:
+    # The query heads are (KV head, group), the compound factor (k g), so that Shardy moves the
+    # KV heads with their query heads, only where that is safe: Shardy refuses a size-1 factor in
+    # a compound (h_kv = 1: the heads are their own factor g, the caches' unit head axis another),
+    # and when a mesh axis does not divide h_kv it splits it into sub-axes between k and g, a
+    # sharding jax 0.10 cannot hand to the partition callback (KeyError in
+    # parse_flatten_op_sharding). There the heads are their own factor g too, the KV heads k
+    # independent: the partition callback still shards both together (_decide), slicing a
+    # replicated cache locally.
+    if group == 1:
         heads = KV_HEADS
-    else:
+    elif h_kv > 1 and h_kv % mesh_size == 0:
         heads = CompoundFactor(KV_HEADS, _GROUP)
+    else:
+        heads = _GROUP
 
-    def mapping(roles):
-        return ArrayMapping(*(heads if r == HEADS else r for r in roles))
-
+    operands = tuple(ArrayMapping(*(heads if r == HEADS else r for r in roles)) for roles in dims)
+    results = tuple(ArrayMapping(*(heads if r == HEADS else r for r in roles))
+                    for roles in layout.results)
+    free = {SPLIT, _GROUP, *layout.local_pools} | ({KV_HEADS} if h_kv > 1 or group == 1 else set())
     # Factors in order of first appearance: Shardy wants the special-factor list sorted by index.
-    factors = dict.fromkeys(r for roles in (*dims, *layout.results) for r in roles
-                            if r != HEADS)
-    free = {SPLIT, *layout.local_pools} | ({KV_HEADS} if h_kv > 1 else set())
-    sizes = {_GROUP: group} if isinstance(heads, CompoundFactor) else {}
-    if heads == _GROUP:
-        free.add(_GROUP)
-    return SdyShardingRule(
-        tuple(mapping(roles) for roles in dims),
-        tuple(mapping(roles) for roles in layout.results),
-        need_replication_factors=tuple(f for f in factors if f not in free),
-        **sizes)
+    factors = dict.fromkeys(f for m in (*operands, *results) for dim in m
+                            for f in (dim if isinstance(dim, CompoundFactor) else (dim,)))
+    return SdyShardingRule(operands, results,
+                           need_replication_factors=tuple(f for f in factors if f not in free),
+                           **({_GROUP: group} if isinstance(heads, CompoundFactor) else {}))
 
 
 def _kv_heads(dims, shapes) -> int:
@@ -310,9 +312,8 @@ def partitioned(layout: OpLayout, bind_inner: Callable, present_of: Callable,
         return tuple(NamedSharding(mesh, s) for s in decision.result_specs)
 
     def sharding_rule(config, mesh, operand_types, result_types):
-        del mesh
         return sdy_rule(layout, present_of(config), [_ir_shape(t) for t in operand_types],
-                        [_ir_shape(t) for t in result_types])
+                        [_ir_shape(t) for t in result_types], mesh_size=mesh.size)
 
     fn.def_partition(partition=partition,
                      infer_sharding_from_operands=infer_sharding_from_operands,
