@@ -492,3 +492,24 @@ def test_cache_computed_in_the_step_with_kv_heads(rng, h_kv):
     check_equal(got, want)
     if h_kv == 8:
         assert collectives(compiled) == []
+
+
+def test_unnameable_sharding_is_gathered_not_fatal(rng):
+    """q = (x @ W).reshape(..., 2 heads, d) with W's columns on a 4-device axis: Shardy splits
+    'model' into sub-axes across heads and d, which jax cannot name with mesh axes. The call
+    reads such an operand as replicated (gathers it) instead of failing to compile."""
+    mesh = make_mesh("2x4")
+    b, h_q = 8, 2
+    pool, _, table, lens = paged(rng, b=b, shards=1, max_blocks=3, bs=16, h_kv=1, d=576,
+                                 fp8=False)
+    x = q_of(rng, b, 64)
+    w = q_of(rng, 64, h_q * 576)
+
+    def f(x, w, pool, table, lens):
+        q = (x @ w).reshape(b, 1, h_q, 576)
+        return jfm.mla_decode(q, pool, table, lens)
+
+    want = jax.jit(f)(x, w, pool, table, lens)
+    got, _ = run_sharded(f, mesh, (x, w, pool, table, lens),
+                         (P("data"), P(None, "model"), P(), P("data"), P("data")))
+    check_equal(got, want)

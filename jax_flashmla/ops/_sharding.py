@@ -143,11 +143,24 @@ def _axes(entry) -> tuple[str, ...]:
     return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
 
 
-def _spec_of(arg, ndim) -> list[tuple[str, ...]]:
+def _spec_of(arg, ndim, mesh) -> list[tuple[str, ...]]:
+    """Per dimension, the mesh axes an operand arrives sharded on. Shardings jax cannot name
+    with whole mesh axes (Shardy can split an axis into sub-axes across a reshape, e.g. 2 heads
+    over a 4-device axis) read as replicated: the call then gathers that operand instead of
+    failing to compile."""
     sharding = getattr(arg, "sharding", None)
-    if not isinstance(sharding, NamedSharding):
-        return [()] * ndim          # no mesh names to read: treat as replicated
-    spec = list(sharding.spec) + [None] * (ndim - len(sharding.spec))
+    spec = None
+    if isinstance(sharding, NamedSharding):
+        spec = sharding.spec
+    elif sharding is not None and mesh is not None and not mesh.empty:
+        try:
+            from jax._src.sharding_impls import parse_flatten_op_sharding
+            spec = parse_flatten_op_sharding(sharding._to_xla_hlo_sharding(ndim), mesh)[0]
+        except Exception:   # unnameable (sub-axes), or jax moved the private helper
+            spec = None
+    if spec is None:
+        return [()] * ndim
+    spec = list(spec) + [None] * (ndim - len(spec))
     return [_axes(e) for e in spec[:ndim]]
 
 
@@ -174,7 +187,7 @@ class Decision:
 def _decide(layout: OpLayout, present, mesh, arg_shapes) -> Decision:
     dims = [layout.operands[name] for name in present]
     shapes = [tuple(a.shape) for a in arg_shapes]
-    specs = [_spec_of(a, len(s)) for a, s in zip(arg_shapes, shapes)]
+    specs = [_spec_of(a, len(s), mesh) for a, s in zip(arg_shapes, shapes)]
     q_roles, q_shape, q_spec = dims[0], shapes[0], specs[0]
     n_split, h_q = q_shape[q_roles.index(SPLIT)], q_shape[q_roles.index(HEADS)]
     h_kv = _kv_heads(dims, shapes)
@@ -315,7 +328,9 @@ def partitioned(layout: OpLayout, bind_inner: Callable, present_of: Callable,
         return sdy_rule(layout, present_of(config), [_ir_shape(t) for t in operand_types],
                         [_ir_shape(t) for t in result_types], mesh_size=mesh.size)
 
+    # decode_shardings=False: the callbacks get the operands' shardings undecoded and name their
+    # mesh axes themselves (_spec_of), so a sharding jax cannot decode is gathered, not fatal.
     fn.def_partition(partition=partition,
                      infer_sharding_from_operands=infer_sharding_from_operands,
-                     sharding_rule=sharding_rule)
+                     sharding_rule=sharding_rule, decode_shardings=False)
     return fn
