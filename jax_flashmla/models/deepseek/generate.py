@@ -79,21 +79,23 @@ def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("implementation", "greedy"),
+# The parameters travel as a flat list of arrays (their treedef static): flattening NNX Variables
+# on every call would cost host time per decoding step.
+@functools.partial(jax.jit, static_argnums=(0, 1), static_argnames=("implementation", "greedy"),
                    donate_argnames=("pages",))
-def _prefill_step(graphdef, state, pages, ids, lengths, block_table, key, temperature, top_p, *,
+def _prefill_step(graphdef, treedef, params, pages, ids, lengths, block_table, key, temperature, top_p, *,
                   implementation, greedy):
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
     with jax.named_scope("prefill"):
         logits, pages = model.prefill(ids, lengths, pages, block_table, implementation=implementation)
     return sample(logits, key, temperature, top_p, greedy=greedy), pages
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("implementation", "greedy"),
+@functools.partial(jax.jit, static_argnums=(0, 1), static_argnames=("implementation", "greedy"),
                    donate_argnames=("pages",))
-def _decode_step(graphdef, state, pages, tokens, block_table, seqlens, active, key, temperature, top_p, *,
-                 implementation, greedy):
-    model = nnx.merge(graphdef, state)
+def _decode_step(graphdef, treedef, params, pages, tokens, block_table, seqlens, active, key, temperature,
+                 top_p, *, implementation, greedy):
+    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
     with jax.named_scope("decode"):
         logits, pages = model.decode(tokens[:, None], pages, block_table, seqlens, active,
                                      implementation=implementation)
@@ -131,15 +133,16 @@ class Generator:
         self._fallback_reasons: list[str] = []
         self.last_decode_hlo: str | None = None
 
-    def _compile(self, fn, kind, graphdef, args, statics):
-        shapes = jax.tree.map(lambda x: (tuple(np.shape(x)), str(jnp.result_type(x))), args)
-        key = (kind, graphdef, str(jax.tree.structure(args)), tuple(jax.tree.leaves(shapes)),
+    def _compile(self, fn, kind, static_args, args, statics):
+        """The AOT-compiled step for these argument shapes (cached); returns (executable, seconds)."""
+        leaves, tree = jax.tree.flatten(args)
+        key = (kind, static_args, tree, tuple((np.shape(x), jnp.result_type(x)) for x in leaves),
                tuple(sorted(statics.items())))
         if key not in self._compiled:
             t0 = time.perf_counter()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", jfm.KernelFallbackWarning)
-                compiled = fn.lower(graphdef, *args, **statics).compile()
+                compiled = fn.lower(*static_args, *args, **statics).compile()
             for w in caught:
                 if issubclass(w.category, jfm.KernelFallbackWarning):
                     self._fallback_reasons.append(str(w.message))
@@ -193,6 +196,8 @@ class Generator:
         pages = init_pages(cfg, num_blocks, self.block_size, kv_format=self.kv_format, dtype=self.model.dtype)
 
         graphdef, state = nnx.split(self.model)
+        params, treedef = jax.tree.flatten(state)
+        static_args = (graphdef, treedef)
         key = jax.random.PRNGKey(seed)
         temp = jnp.float32(temperature)
         tp = jnp.float32(top_p)
@@ -200,11 +205,12 @@ class Generator:
 
         # ---- prefill ----
         key, sub = jax.random.split(key)
-        args = (state, pages, jnp.asarray(ids), jnp.asarray(lengths), jnp.asarray(block_table), sub, temp, tp)
-        prefill, compile_s = self._compile(_prefill_step, "prefill", graphdef, args, statics)
+        args = (params, pages, jnp.asarray(ids), jnp.asarray(lengths), jnp.asarray(block_table), sub, temp, tp)
+        prefill, compile_s = self._compile(_prefill_step, "prefill", static_args, args, statics)
         t0 = time.perf_counter()
-        tok, pages = prefill(*args)
-        tok_host = np.asarray(tok)
+        with jax.profiler.TraceAnnotation("deepseek_prefill"):
+            tok, pages = prefill(*args)
+            tok_host = np.asarray(tok)
         prefill_s = time.perf_counter() - t0
 
         # ---- decode ----
@@ -212,7 +218,16 @@ class Generator:
         out = np.full((b, max_new_tokens), pad_token_id, np.int32)
         n_out = np.zeros((b,), np.int32)
         finished = np.zeros((b,), bool)
-        decode_s, steps, decode_calls = 0.0, 0, ()
+        decode_s, steps = 0.0, 0
+        step_keys = list(jax.random.split(key, max_new_tokens))
+        # Every decode step has the same shapes: compile (or fetch) it once, before the loop.
+        step_args = (params, pages, tok, jnp.asarray(block_table), jnp.asarray(seqlens), jnp.ones((b,), bool),
+                     key, temp, tp)
+        decode, c_s = self._compile(_decode_step, "decode", static_args, step_args, statics)
+        compile_s += c_s
+        if c_s or self.last_decode_hlo is None:
+            self.last_decode_hlo = decode.as_text()
+        decode_calls = _flashmla_calls(self.last_decode_hlo)
         bar = _bar(max_new_tokens, progress)
         for step in range(max_new_tokens):
             for i in np.flatnonzero(~finished):
@@ -228,17 +243,12 @@ class Generator:
             for i in np.flatnonzero(active):
                 alloc.ensure(i, int(seqlens[i]) + 1)
             block_table = alloc.block_table([i if active[i] else None for i in range(b)])
-            key, sub = jax.random.split(key)
-            args = (state, pages, tok, jnp.asarray(block_table), jnp.asarray(np.where(active, seqlens, 0)),
-                    jnp.asarray(active), sub, temp, tp)
-            decode, c_s = self._compile(_decode_step, "decode", graphdef, args, statics)
-            if c_s:
-                compile_s += c_s
-                self.last_decode_hlo = decode.as_text()
-                decode_calls = _flashmla_calls(self.last_decode_hlo)
             t0 = time.perf_counter()
-            tok, pages = decode(*args)
-            tok_host = np.asarray(tok)  # the host needs the tokens for stop checks anyway
+            with jax.profiler.TraceAnnotation("deepseek_decode_step"):
+                tok, pages = decode(params, pages, tok, jnp.asarray(block_table),
+                                    jnp.asarray(np.where(active, seqlens, 0)), jnp.asarray(active),
+                                    step_keys[step], temp, tp)
+                tok_host = np.asarray(tok)  # the host needs the tokens for stop checks anyway
             decode_s += time.perf_counter() - t0
             steps += 1
             seqlens[active] += 1
@@ -246,8 +256,6 @@ class Generator:
         for i in range(b):
             alloc.free(i)
 
-        if self.last_decode_hlo is not None and not decode_calls:
-            decode_calls = _flashmla_calls(self.last_decode_hlo)
         attention, detail = self._attention_report(decode_calls)
         return GenerationOutput(tokens=out, lengths=n_out, prompt_tokens=int(lengths.sum()),
                                 prefill_seconds=prefill_s, decode_seconds=decode_s, decode_steps=steps,
