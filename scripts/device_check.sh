@@ -33,7 +33,7 @@ if has cpu-suite; then
 fi
 if has gpu; then
   log "GPU tests"
-  XLA_FLAGS=--xla_gpu_autotune_level=0 timeout ${GPU_TIMEOUT:-360} python3 -m pytest -q -p no:cacheprovider --tb=short -rf -m gpu "$OLDPWD/tests/gpu" 2>&1 \
+  XLA_FLAGS=--xla_gpu_autotune_level=0 timeout ${GPU_TIMEOUT:-360} python3 -m pytest -q -p no:cacheprovider --tb=short -rf --maxfail=${GPU_MAXFAIL:-5} -m gpu "$OLDPWD/tests/gpu" 2>&1 \
     | tee "$OUT/gpu.log" | grep -vE "^(tests|/)" | tail -40
 fi
 if has memcheck; then
