@@ -105,7 +105,7 @@ def test_v32_bf16_sparse_prefill_and_decode():
 def test_v32_fp8_cache_kernel_dims():
     """The FP8 cache (kv_lora_rank 512 + rope 64, the kernels' layout) through a whole V3.2 model."""
     cfg = tiny_config(kv_lora_rank=512, qk_rope_head_dim=64, hidden_size=32, num_attention_heads=2,
-                      num_hidden_layers=2, index_n_heads=2, index_head_dim=64, index_topk=8,
+                      num_hidden_layers=1, index_n_heads=2, index_head_dim=64, index_topk=8,
                       model_type="deepseek_v32")
     check_prefill_then_decode(cfg, jnp.float32, "fp8", 5e-2, seed=4)
 

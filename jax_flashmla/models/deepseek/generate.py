@@ -263,7 +263,8 @@ class Generator:
                                 custom_calls=decode_calls)
 
     def _attention_report(self, calls: tuple[str, ...]) -> tuple[str, str]:
-        if calls:
+        # The scheduler (get_mla_metadata) is a custom call of its own; attention is the rest.
+        if any("metadata" not in c for c in calls):
             return "kernel", ", ".join(calls)
         ok, why = jfm.kernels_available()
         if not ok:
