@@ -27,7 +27,7 @@ import os
 import re
 import struct
 import warnings
-from typing import Any, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
