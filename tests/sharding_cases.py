@@ -10,7 +10,9 @@ shard * local_blocks (and ids invalid locally made -1).
 """
 from __future__ import annotations
 
+import contextlib
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -174,7 +176,7 @@ def test_dense_fp8_local_pools_with_sink(rng, mesh_name):
     assert_sharding(got[1], mesh, spec(mesh, "data", "model", None))
     assert collectives(compiled) == []
     # The convention is load-bearing: read as global ids the same call gives other numbers.
-    if shards > 1:
+    if mesh_name == "2x4":
         as_global = jax.jit(f)(q, pool, local, lens, sink)
         assert not np.allclose(np.asarray(as_global[1]), np.asarray(want[1]), equal_nan=True)
 
@@ -468,7 +470,7 @@ def test_example_sharded_attention_layer(monkeypatch, capsys):
     import runpy
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
                         "sharded_attention.py")
-    monkeypatch.setattr("sys.argv", [path])
+    monkeypatch.setattr("sys.argv", [path, "--heads", "8", "--seqlen", "120"])
     runpy.run_path(path, run_name="__main__")
     out = capsys.readouterr().out
     assert "collectives in the compiled step: ['all-reduce']" in out, out
@@ -514,3 +516,32 @@ def test_unnameable_sharding_is_gathered_not_fatal(rng):
     got, _ = run_sharded(f, mesh, (x, w, pool, table, lens),
                          (P("data"), P(None, "model"), P(), P("data"), P("data")))
     check_equal(got, want)
+
+
+def test_shard_map_over_data_only(rng):
+    """Inside a shard_map manual over 'data' only (local pools by construction), with the heads
+    sharded on the automatic 'model' axis: custom_partitioning sees shardings of one manual
+    group there, so the call runs replicated over 'model' (q gathered) -- correct, documented,
+    and never the process abort that naming them with the whole mesh caused."""
+    mesh = make_mesh("2x4")
+    b, s_q, h_q = 8, 1, 16
+    pool, local, glob, lens = paged(rng, b=b, shards=2, max_blocks=3, bs=16, h_kv=1, d=576,
+                                    fp8=False)
+    q = q_of(rng, b, s_q, h_q, 576)
+    want = jax.jit(lambda *a: jfm.mla_decode(*a))(q, pool, glob, lens)
+
+    def local_step(q, pool, table, lens):
+        q = jax.lax.with_sharding_constraint(q, P(None, None, "model"))
+        return jfm.mla_decode(q, pool, table, lens)
+
+    step = jax.jit(jax.shard_map(local_step, mesh=mesh, in_specs=(P("data"),) * 4,
+                                 out_specs=(P("data"), P("data")), axis_names={"data"}))
+    for legacy_mesh_context in (True, False):   # only the legacy `with mesh:` names the mesh
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            with mesh if legacy_mesh_context else contextlib.nullcontext():
+                compiled = step.lower(q, pool, local, lens).compile()
+        got = compiled(q, pool, local, lens)
+        check_equal(got, want)
+        gathers = [c for c in collectives(compiled) if "all-gather" in c]
+        assert all("576]" in c for c in gathers), gathers

@@ -146,8 +146,8 @@ def _axes(entry) -> tuple[str, ...]:
 def _spec_of(arg, ndim, mesh) -> list[tuple[str, ...]]:
     """Per dimension, the mesh axes an operand arrives sharded on. Shardings jax cannot name
     with whole mesh axes (Shardy can split an axis into sub-axes across a reshape, e.g. 2 heads
-    over a 4-device axis) read as replicated: the call then gathers that operand instead of
-    failing to compile."""
+    over a 4-device axis), and those inside a partly manual shard_map, read as replicated: the
+    call then gathers that operand instead of failing to compile (or worse)."""
     sharding = getattr(arg, "sharding", None)
     spec = None
     if isinstance(sharding, NamedSharding):
@@ -155,7 +155,12 @@ def _spec_of(arg, ndim, mesh) -> list[tuple[str, ...]]:
     elif sharding is not None and mesh is not None and not mesh.empty:
         try:
             from jax._src.sharding_impls import parse_flatten_op_sharding
-            spec = parse_flatten_op_sharding(sharding._to_xla_hlo_sharding(ndim), mesh)[0]
+            hlo = sharding._to_xla_hlo_sharding(ndim)
+            # Inside a shard_map manual over some axes, the shardings here tile the devices of
+            # one manual group only: naming them with the whole mesh's axes would be wrong.
+            if hlo.is_tiled() and len(hlo.tile_assignment_devices()) != mesh.size:
+                return [()] * ndim
+            spec = parse_flatten_op_sharding(hlo, mesh)[0]
         except Exception:   # unnameable (sub-axes), or jax moved the private helper
             spec = None
     if spec is None:
