@@ -32,7 +32,6 @@ import dataclasses
 import math
 from typing import Callable, Mapping
 
-import jax
 from jax.experimental.custom_partitioning import (ArrayMapping, CompoundFactor, SdyShardingRule,
                                                   custom_partitioning)
 from jax.sharding import NamedSharding, PartitionSpec
