@@ -35,7 +35,16 @@ from .config import DeepseekConfig, yarn_get_mscale, _rope_type
 # Small pieces
 # --------------------------------------------------------------------------------------------------
 def _normal(rngs: nnx.Rngs, shape, std, dtype):
-    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    """normal(0, std) initial values, reproducible from ``rngs``."""
+    key = rngs.params()
+    if isinstance(key, jax.core.Tracer):  # abstract construction (nnx.eval_shape): shapes only
+        return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    # Concrete values come from NumPy seeded by the key: eager jax.random would compile one kernel
+    # per distinct shape, seconds of start-up for a model with dozens of shapes.
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    rng = np.random.default_rng(np.asarray(key).ravel().tolist())
+    return jnp.asarray((rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(dtype))
 
 
 def linear(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None) -> jax.Array:
