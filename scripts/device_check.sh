@@ -3,11 +3,11 @@
 # whole test suite on GPU jax, then GPU-only tests and benchmarks. Logs go to $OUT.
 # Run through the device tool from the repo root, carrying the nvidia-cutlass wheel:
 #   run(command="bash scripts/device_check.sh", carry=[".whl"])
-# Stages can be chosen: STAGES="build cpu-suite gpu memcheck bench" (default: all).
+# Stages can be chosen: STAGES="build cpu-suite gpu memcheck ncu bench" (default: all).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/jfm-out}; mkdir -p "$OUT"
-STAGES=${STAGES:-"build cpu-suite gpu memcheck bench"}
+STAGES=${STAGES:-"build cpu-suite gpu memcheck ncu bench"}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 log() { echo "=== $(date +%T) $*"; }
 
@@ -42,6 +42,17 @@ if has memcheck; then
     timeout ${MEMCHECK_TIMEOUT:-150} compute-sanitizer --tool memcheck \
     --kernel-name kns=jfm --print-limit 20 \
     python3 "$OLDPWD/tests/gpu/memcheck_dense_decode.py" 2>&1 | tee "$OUT/memcheck.log" | tail -12
+fi
+if has ncu; then
+  log "Nsight Compute: dense decode main kernel, h_q 128 and h_q 16 (b 128, s_k 4096 varlen)"
+  for hq in 128 16; do
+    timeout 150 ncu --kernel-name regex:dense_decode_v --launch-skip 2 --launch-count 1 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+      --section SchedulerStats --section Occupancy \
+      --metrics "dram__bytes_read.sum,lts__t_sector_hit_rate.pct,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_elapsed,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+      python3 "$OLDPWD/benchmarks/profile_decode.py" --h_q $hq > "$OUT/ncu_h$hq.txt" 2>&1
+    grep -E "Duration|DRAM Throughput|dram__bytes_read|hit_rate|gmma|Memory Throughput|Compute \(SM\)|Warp Cycles|No Eligible|L2 Hit|stalled_(barrier|long|wait|math|mio|short|lg|membar|sleeping|dispatch|no_inst|not_sel|selected)|==ERR|rror" "$OUT/ncu_h$hq.txt" | head -45
+  done
 fi
 if has bench && [ -f "$OLDPWD/benchmarks/bench_decode.py" ]; then
   log "benchmarks"

@@ -72,6 +72,16 @@ __global__ void __launch_bounds__(256, 1) dense_decode_v2_kernel(const DenseDeco
   const uint32_t sq = base + K::kQOff;
   const uint32_t sk0 = base + K::kKOff;
   const uint32_t sp = base + K::kPOff;
+  // Loader mapping: thread copies row lr = tid / 4, 16-byte chunks lq + 4 j (j = 0..17). Chunk
+  // c = lq + 4j lies in column block j / 2 at in-block chunk lq + 4 (j % 2): two swizzled offsets.
+  const int lr = tid >> 2, lq = tid & 3;
+  const uint32_t ld_off[2] = {static_cast<uint32_t>(lr * 128 + ((lq ^ (lr & 7)) << 4)),
+                              static_cast<uint32_t>(lr * 128 + (((lq + 4) ^ (lr & 7)) << 4))};
+  // wgmma descriptors of the buffers' starts; advancing = adding (byte offset >> 4).
+  const uint64_t desc_q = gmma_desc_sw128(sq, 16, 1024);
+  const uint64_t desc_k = gmma_desc_sw128(sk0 + wc * 32 * 128, 16, 1024);
+  const uint64_t desc_p = gmma_desc_sw128(sp, 16, 1024);
+  const uint64_t desc_v = gmma_desc_sw128(sk0 + wc * 4 * K::kBlockBytes, K::kBlockBytes, 1024);
 
   for (int seq = begin_seq; seq <= end_seq; ++seq) {
     const int L = p.cache_seqlens[seq];
@@ -85,29 +95,28 @@ __global__ void __launch_bounds__(256, 1) dense_decode_v2_kernel(const DenseDeco
 
     __syncthreads();  // the previous sequence is done with every shared buffer
 
-#pragma unroll
-    for (int j = 0; j < K::kLoadIters; ++j) {
-      const int id = tid + j * K::kThreads;
-      const int r = id / K::kChunksPerRow, c = id % K::kChunksPerRow;
-      const int grow = row0 + r;
+    {
+      const int grow = row0 + lr;
       const bool ok = grow < rows_total;
       const int s = ok ? grow / hpk : 0, hl = ok ? grow % hpk : 0;
-      const T* src = qg + ((static_cast<size_t>(seq) * p.s_q + s) * p.h_q + hk * hpk + hl) * kDqk + c * 8;
-      cp_async_16(sq + K::tile_off(r, c), ok ? src : qg, ok ? 16 : 0);
+      const T* src = ok ? qg + ((static_cast<size_t>(seq) * p.s_q + s) * p.h_q + hk * hpk + hl) * kDqk + lq * 8
+                        : qg;
+      const int bytes = ok ? 16 : 0;
+#pragma unroll
+      for (int j = 0; j < K::kLoadIters; ++j)
+        cp_async_16(sq + (j >> 1) * K::kBlockBytes + ld_off[j & 1], src + 32 * j, bytes);
     }
     auto load_k = [&](int buf, int n) {
       const int blk = bt[n];
       const bool blk_ok = blk >= 0 && blk < p.num_kv_blocks;
-      const size_t blk_row = static_cast<size_t>(blk_ok ? blk : 0) * kPageBlock;
+      const bool ok = blk_ok && (n * kPageBlock + lr < L);
+      const size_t row = static_cast<size_t>(blk_ok ? blk : 0) * kPageBlock + lr;
+      const T* src = ok ? kvg + (row * p.h_kv + hk) * kDqk + lq * 8 : kvg;
+      const int bytes = ok ? 16 : 0;
       const uint32_t dst = sk0 + buf * K::kTileBytes;
 #pragma unroll
-      for (int j = 0; j < K::kLoadIters; ++j) {
-        const int id = tid + j * K::kThreads;
-        const int r = id / K::kChunksPerRow, c = id % K::kChunksPerRow;
-        const bool ok = blk_ok && (n * kPageBlock + r < L);
-        const T* src = kvg + ((blk_row + r) * p.h_kv + hk) * kDqk + c * 8;
-        cp_async_16(dst + K::tile_off(r, c), ok ? src : kvg, ok ? 16 : 0);
-      }
+      for (int j = 0; j < K::kLoadIters; ++j)
+        cp_async_16(dst + (j >> 1) * K::kBlockBytes + ld_off[j & 1], src + 32 * j, bytes);
     };
     if (blk_lo < blk_hi) load_k(0, blk_lo);
     cp_async_commit();
@@ -118,6 +127,7 @@ __global__ void __launch_bounds__(256, 1) dense_decode_v2_kernel(const DenseDeco
       const int s = (row0 + wr * 16 + g + 8 * h) / hpk;
       rowlen[h] = p.causal ? L - p.s_q + s + 1 : L;
     }
+    const int min_len = p.causal ? L - p.s_q + 1 : L;  // the shortest window of any real row
     float m_run[2] = {-INFINITY, -INFINITY};
     float l_run[2] = {0.f, 0.f};
     float o[128];
@@ -131,7 +141,7 @@ __global__ void __launch_bounds__(256, 1) dense_decode_v2_kernel(const DenseDeco
       __syncthreads();
       if (n + 1 < blk_hi) load_k(buf ^ 1, n + 1);
       cp_async_commit();
-      const uint32_t skb = sk0 + buf * K::kTileBytes;
+      const uint32_t buf_desc = buf * (K::kTileBytes >> 4);
 
       // S[:, 32 wc .. +32] = Q K^T over 36 k-steps of 16.
       float sacc[16];
@@ -140,24 +150,25 @@ __global__ void __launch_bounds__(256, 1) dense_decode_v2_kernel(const DenseDeco
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kDqk / 16; ++kk) {
-        const uint32_t koff = (kk >> 2) * K::kBlockBytes + (kk & 3) * 32;
-        const uint64_t da = gmma_desc_sw128(sq + koff, 16, 1024);
-        const uint64_t db = gmma_desc_sw128(skb + koff + wc * 32 * 128, 16, 1024);
-        wgmma_m64n32k16_ss<T>(sacc, da, db);
+        const uint32_t koff = ((kk >> 2) * K::kBlockBytes + (kk & 3) * 32) >> 4;
+        wgmma_m64n32k16_ss<T>(sacc, desc_q + koff, desc_k + buf_desc + koff);
       }
       wgmma_commit();
       wgmma_wait<0>();
 
       float mx[2] = {-INFINITY, -INFINITY};
+      if ((n + 1) * kPageBlock > min_len) {  // CTA-uniform: some row's window ends in this tile
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
+        for (int nt = 0; nt < 4; ++nt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int tok = n * kPageBlock + wc * 32 + nt * 8 + 2 * tq + (e & 1);
-          if (tok >= rowlen[e >> 1]) sacc[nt * 4 + e] = -INFINITY;
-          mx[e >> 1] = fmaxf(mx[e >> 1], sacc[nt * 4 + e]);
+          for (int e = 0; e < 4; ++e) {
+            const int tok = n * kPageBlock + wc * 32 + nt * 8 + 2 * tq + (e & 1);
+            if (tok >= rowlen[e >> 1]) sacc[nt * 4 + e] = -INFINITY;
+          }
         }
       }
+#pragma unroll
+      for (int i = 0; i < 16; ++i) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], sacc[i]);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
@@ -194,12 +205,14 @@ __global__ void __launch_bounds__(256, 1) dense_decode_v2_kernel(const DenseDeco
         asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(a0), "r"(Mma::pack(pv[0], pv[1])));
         asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(a1), "r"(Mma::pack(pv[2], pv[3])));
       }
+      if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
 #pragma unroll
-      for (int i = 0; i < 32; ++i) {
-        o[4 * i + 0] *= corr[0];
-        o[4 * i + 1] *= corr[0];
-        o[4 * i + 2] *= corr[1];
-        o[4 * i + 3] *= corr[1];
+        for (int i = 0; i < 32; ++i) {
+          o[4 * i + 0] *= corr[0];
+          o[4 * i + 1] *= corr[0];
+          o[4 * i + 2] *= corr[1];
+          o[4 * i + 3] *= corr[1];
+        }
       }
       fence_proxy_async();
       __syncthreads();
@@ -207,10 +220,8 @@ __global__ void __launch_bounds__(256, 1) dense_decode_v2_kernel(const DenseDeco
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kPageBlock / 16; ++kk) {
-        const uint64_t da = gmma_desc_sw128(sp + kk * 32, 16, 1024);
-        const uint64_t db = gmma_desc_sw128(skb + (wc * 4) * K::kBlockBytes + kk * 16 * 128,
-                                            K::kBlockBytes, 1024);
-        wgmma_m64n256k16_ss_tb<T>(o, da, db);
+        wgmma_m64n256k16_ss_tb<T>(o, desc_p + ((kk * 32) >> 4),
+                                  desc_v + buf_desc + ((kk * 16 * 128) >> 4));
       }
       wgmma_commit();
       wgmma_wait<0>();
