@@ -125,7 +125,15 @@ def define_primitive(name: str, *, abstract_eval: Callable, reference: Callable,
         return mlir.lower_fun(functools.partial(partitioned, config),
                               multiple_results=True)(ctx, *operands)
 
+    def outer_cuda_lowering(ctx, *operands, config):
+        # The shards' kernels are lowered inside XLA's partitioning callback: load the extension
+        # (registering its FFI targets) now, before compilation starts, not from in there.
+        if config.implementation != "reference":
+            _ffi.extension()
+        return outer_lowering(ctx, *operands, config=config)
+
     mlir.register_lowering(outer, outer_lowering)
+    mlir.register_lowering(outer, outer_cuda_lowering, platform="cuda")
     # custom_partitioning needs the device assignment while lowering (DESIGN.md, toolchain facts).
     jax._src.dispatch.prim_requires_devices_during_lowering.add(outer)
     batching.primitive_batchers[outer] = batching_rule
