@@ -46,8 +46,6 @@ def unsupported_reason(config, avals_in) -> str | None:
     if kv.shape[1] != PAGE_BLOCK:
         return f"page block {kv.shape[1]} (kernel needs {PAGE_BLOCK})"
     b, s_q, h_q, _ = q.shape
-    h_kv = kv.shape[2]
-    rows = s_q * h_q // h_kv
     if s_q * h_q > 65535:
         return f"s_q * h_q = {s_q * h_q} (the kernels' grids take at most 65535)"
     if b > 40000:
