@@ -378,17 +378,7 @@ def _require(d: str, fname: str) -> str:
     return p
 
 
-def _progress(total: int, enabled: bool, desc: str):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional
-        enabled = False
-    if not enabled:
-        class _Null:
-            def update(self, n):
-                pass
-
-            def close(self):
-                pass
-        return _Null()
-    return tqdm(total=total, desc=desc, unit="tensor")
+def _progress(total: int, enabled: bool, desc: str, unit: str = "tensor"):
+    """A tqdm progress bar (a no-op one when disabled); tqdm comes with the models extra."""
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled)

@@ -29,6 +29,7 @@ from flax import nnx
 import jax_flashmla as jfm
 
 from .cache import KV_FORMATS, PageAllocator, init_pages
+from .checkpoint import _progress
 from .model import DeepseekForCausalLM
 
 PROMPT_PAD = 16  # prompts are padded to a multiple of this, so nearby lengths share one compile
@@ -322,17 +323,4 @@ def _prompts(input_ids, prompt_lengths) -> tuple[list[np.ndarray], np.ndarray]:
 
 
 def _bar(total: int, enabled: bool):
-    if enabled:
-        try:
-            from tqdm.auto import tqdm
-            return tqdm(total=total, desc="decode", unit="tok")
-        except ImportError:
-            pass
-
-    class _Null:
-        def update(self, n):
-            pass
-
-        def close(self):
-            pass
-    return _Null()
+    return _progress(total, enabled, "decode", unit="tok")
