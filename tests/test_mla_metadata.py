@@ -94,3 +94,16 @@ def test_kernel_coverage_reasons():
 def test_workspace_size():
     o, l = K.workspace_avals(b=3, s_q=2, h_q=16, num_parts=10)
     assert o.shape == ((3 + 10) * 16 * 2 * 512,) and l.shape == ((3 + 10) * 16 * 2,)
+
+
+def test_schedule_inside_shard_map_passes_check_vma():
+    """The pure-JAX scheduler inside shard_map (check_vma on) gives the same integers as outside."""
+    from jax.sharding import Mesh, PartitionSpec as P
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    lens = jnp.asarray([5, 300, 0, 70, 4096], jnp.int32)
+    inside = jax.jit(jax.shard_map(lambda s: tuple(jax_flashmla.get_mla_metadata(s, h_q=16)), mesh=mesh,
+                                   in_specs=P("data"), out_specs=(P("data"), P("data")),
+                                   check_vma=True))(lens)
+    outside = jax_flashmla.get_mla_metadata(lens, h_q=16)
+    for a, b in zip(inside, outside):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

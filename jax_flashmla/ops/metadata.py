@@ -85,16 +85,18 @@ def schedule_reference(cache_seqlens, num_parts: int) -> MLAMetadata:
                     ~fits)
 
         seq, blk, split, cum, ns, _, _ = jax.lax.while_loop(
-            cond, body, (seq, blk, split, cum, ns, remain, jnp.bool_(False)))
+            cond, body, (seq, blk, split, cum, ns, remain, seq < 0))
         end_seq = jnp.where(blk > 0, seq, seq - 1)
         end_blk = jnp.where(blk > 0, blk, jnp.where(seq > 0, nb[jnp.maximum(seq - 1, 0)], 0))
         row = jnp.array([begin[0], begin[1], end_seq, end_blk, begin[2], 0, 0, 0], jnp.int32)
         meta = meta.at[part].set(row)
         return seq, blk, split, cum, ns, meta
 
-    zero = jnp.int32(0)
-    init = (zero, zero, zero, zero, jnp.zeros((b + 1,), jnp.int32),
-            jnp.zeros((num_parts, TILE_METADATA_WIDTH), jnp.int32))
+    # Derived from lens so that inside shard_map the carries vary over the same mesh axes as the
+    # loop bodies' results (check_vma), instead of starting as replicated constants.
+    zero = lens[0] * 0
+    init = (zero, zero, zero, zero, jnp.zeros((b + 1,), jnp.int32) + zero,
+            jnp.zeros((num_parts, TILE_METADATA_WIDTH), jnp.int32) + zero)
     *_, ns, meta = jax.lax.fori_loop(0, num_parts, part_body, init)
     return MLAMetadata(meta, ns)
 
