@@ -102,7 +102,7 @@ def define_primitive(name: str, *, abstract_eval: Callable, reference: Callable,
     def no_differentiation(primals, tangents, **params):
         raise NotImplementedError(
             f"jax_flashmla.{op_name} is inference-only and has no derivative: it is not "
-            "differentiable with jax.grad / jax.jvp. Wrap the call in jax.lax.stop_gradient, or "
+            "differentiable with jax.grad / jax.jvp. Apply jax.lax.stop_gradient to its inputs, or "
             "use jax_flashmla.reference for a differentiable version.")
 
     ad.primitive_jvps[inner] = no_differentiation
