@@ -3,11 +3,12 @@
 # whole test suite on GPU jax, then GPU-only tests and benchmarks. Logs go to $OUT.
 # Run through the device tool from the repo root, carrying the nvidia-cutlass wheel:
 #   run(command="bash scripts/device_check.sh", carry=[".whl"])
-# Stages can be chosen: STAGES="build cpu-suite gpu memcheck ncu bench" (default: all).
+# Stages can be chosen: STAGES="build cpu-suite gpu memcheck ncu bench example" (default: all).
+# A short session-closing check (~5 min): STAGES="build cpu-suite example".
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/jfm-out}; mkdir -p "$OUT"
-STAGES=${STAGES:-"build cpu-suite gpu memcheck ncu bench"}
+STAGES=${STAGES:-"build cpu-suite gpu memcheck ncu bench example"}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 log() { echo "=== $(date +%T) $*"; }
 
@@ -58,5 +59,19 @@ if has bench && [ -f "$OLDPWD/benchmarks/bench_decode.py" ]; then
   log "benchmarks"
   python3 "$OLDPWD/benchmarks/bench_decode.py" ${BENCH_ARGS:-} --out "$OUT/bench.json" 2>&1 \
     | tee "$OUT/bench.log" | tail -40
+fi
+if has example; then
+  log "main job: DeepSeek decode example on the GPU, then its profile trace"
+  python3 "$OLDPWD/examples/quickstart.py" --batch 64 --seqlen 4096 --heads 128 2>&1 | tee "$OUT/example.log"
+  python3 "$OLDPWD/examples/deepseek_decode.py" 2>&1 | tee -a "$OUT/example.log" | tail -8
+  python3 "$OLDPWD/examples/deepseek_decode.py" --max-new-tokens 8 --profile /tmp/jfm-trace \
+    > /dev/null 2>&1 && python3 - <<'PY' 2>&1 | tee -a "$OUT/example.log"
+import glob, gzip, re
+names = {}
+for f in glob.glob("/tmp/jfm-trace/**/*.trace.json.gz", recursive=True):
+    for m in re.findall(rb'jax_flashmla_[a-z_]+|layer_[0-9]+/attention', gzip.open(f).read()):
+        names[m.decode()] = names.get(m.decode(), 0) + 1
+print("trace events by name:", dict(sorted(names.items())) or "NONE FOUND")
+PY
 fi
 log "done"
