@@ -1,7 +1,8 @@
 // Dense paged MLA decode, split-KV main kernel, v2: both matmuls on Hopper wgmma (sm_90a).
 //
-// Same schedule, masking, online softmax and epilogue as v1 (dense_decode_kernel.cuh); what
-// changes is where the matmuls run and how shared memory is laid out:
+// Same schedule, masking, online softmax and epilogue as v1 (mma.sync; in git history at commit
+// bab780f, removed once v2 beat it on every case); what changed is where the matmuls run and how
+// shared memory is laid out:
 //  * Q [64 x 576], each KV tile [64 x 576] and P [64 x 64] are stored as 64-column blocks of
 //    [64 rows x 128 B] with the 128-byte swizzle (16-byte chunk c of row r at chunk c ^ (r % 8)),
 //    every block 1024-byte aligned: the canonical layout wgmma reads through descriptors.
@@ -46,7 +47,6 @@ struct DenseDecodeV2 {
 template <typename T>
 __global__ void __launch_bounds__(256, 1) dense_decode_v2_kernel(const DenseDecodeParams p) {
   using K = DenseDecodeV2<T>;
-  using Mma = MmaOp<T>;
   extern __shared__ unsigned char smem_raw[];
   const uint32_t raw_base = smem_u32(smem_raw);
   const uint32_t base = (raw_base + 1023u) & ~1023u;
@@ -202,8 +202,8 @@ __global__ void __launch_bounds__(256, 1) dense_decode_v2_kernel(const DenseDeco
         const int r0 = wr * 16 + g;
         const uint32_t a0 = sp + r0 * 128 + ((((col >> 3) ^ (r0 & 7))) << 4) + (col & 7) * 2;
         const uint32_t a1 = sp + (r0 + 8) * 128 + ((((col >> 3) ^ ((r0 + 8) & 7))) << 4) + (col & 7) * 2;
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(a0), "r"(Mma::pack(pv[0], pv[1])));
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(a1), "r"(Mma::pack(pv[2], pv[3])));
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(a0), "r"(pack2<T>(pv[0], pv[1])));
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(a1), "r"(pack2<T>(pv[2], pv[3])));
       }
       if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
 #pragma unroll
@@ -259,7 +259,7 @@ __global__ void __launch_bounds__(256, 1) dense_decode_v2_kernel(const DenseDeco
 #pragma unroll
         for (int i = 0; i < 32; ++i)
           *reinterpret_cast<uint32_t*>(out + i * 8) =
-              Mma::pack(o[4 * i + 2 * h] * inv[h], o[4 * i + 2 * h + 1] * inv[h]);
+              pack2<T>(o[4 * i + 2 * h] * inv[h], o[4 * i + 2 * h + 1] * inv[h]);
         if (wc == 0 && tq == 0) p.lse[(static_cast<size_t>(seq) * p.h_q + head) * p.s_q + s] = lse[h];
       } else {
         const size_t slot_row =
