@@ -142,12 +142,12 @@ ffi::Error MetadataImpl(cudaStream_t stream, ffi::AnyBuffer seqlens,
   return ffi::Error::Success();
 }
 
-ffi::Error DenseDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer kv,
-                           ffi::AnyBuffer bt, ffi::AnyBuffer seqlens, ffi::AnyBuffer meta,
-                           ffi::AnyBuffer nsplits, ffi::Result<ffi::AnyBuffer> out,
-                           ffi::Result<ffi::AnyBuffer> lse, ffi::Result<ffi::AnyBuffer> o_accum,
-                           ffi::Result<ffi::AnyBuffer> lse_accum, float softmax_scale,
-                           int32_t causal) {
+// Both decode handlers: check, (schedule when the call owns the metadata,) decode, combine.
+ffi::Error Decode(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer kv, ffi::AnyBuffer bt,
+                  ffi::AnyBuffer seqlens, ffi::AnyBuffer meta, ffi::AnyBuffer nsplits,
+                  ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
+                  ffi::Result<ffi::AnyBuffer> o_accum, ffi::Result<ffi::AnyBuffer> lse_accum,
+                  float softmax_scale, int32_t causal, bool schedule_here) {
   jfm::MetadataParams mp;
   const int b = q.dimensions().size() == 4 ? static_cast<int>(q.dimensions()[0]) : -1;
   ffi::Error err = check_metadata(seqlens, meta, nsplits, b, &mp);
@@ -156,11 +156,26 @@ ffi::Error DenseDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer
   err = prepare(q, kv, bt, seqlens, out, lse, o_accum, lse_accum, mp.num_sm_parts, softmax_scale,
                 causal, &p);
   if (err.failure()) return err;
+  if (schedule_here) {
+    cudaError_t e = jfm::launch_mla_metadata(mp, stream);
+    if (e != cudaSuccess) return cuda_error("metadata launch", e);
+  }
   p.tile_scheduler_metadata = mp.tile_scheduler_metadata;
   p.num_splits = mp.num_splits;
   return launch(p, q.element_type(), stream);
 }
 
+ffi::Error DenseDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer kv,
+                           ffi::AnyBuffer bt, ffi::AnyBuffer seqlens, ffi::AnyBuffer meta,
+                           ffi::AnyBuffer nsplits, ffi::Result<ffi::AnyBuffer> out,
+                           ffi::Result<ffi::AnyBuffer> lse, ffi::Result<ffi::AnyBuffer> o_accum,
+                           ffi::Result<ffi::AnyBuffer> lse_accum, float softmax_scale,
+                           int32_t causal) {
+  return Decode(stream, q, kv, bt, seqlens, meta, nsplits, out, lse, o_accum, lse_accum,
+                softmax_scale, causal, /*schedule_here=*/false);
+}
+
+// Metadata not passed in: it is computed into two extra results, then used.
 ffi::Error DenseDecodeAutoImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer kv,
                                ffi::AnyBuffer bt, ffi::AnyBuffer seqlens,
                                ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
@@ -169,19 +184,8 @@ ffi::Error DenseDecodeAutoImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBu
                                ffi::Result<ffi::AnyBuffer> meta,
                                ffi::Result<ffi::AnyBuffer> nsplits, float softmax_scale,
                                int32_t causal) {
-  jfm::MetadataParams mp;
-  const int b = q.dimensions().size() == 4 ? static_cast<int>(q.dimensions()[0]) : -1;
-  ffi::Error err = check_metadata(seqlens, *meta, *nsplits, b, &mp);
-  if (err.failure()) return err;
-  jfm::DenseDecodeParams p;
-  err = prepare(q, kv, bt, seqlens, out, lse, o_accum, lse_accum, mp.num_sm_parts, softmax_scale,
-                causal, &p);
-  if (err.failure()) return err;
-  cudaError_t e = jfm::launch_mla_metadata(mp, stream);
-  if (e != cudaSuccess) return cuda_error("metadata launch", e);
-  p.tile_scheduler_metadata = mp.tile_scheduler_metadata;
-  p.num_splits = mp.num_splits;
-  return launch(p, q.element_type(), stream);
+  return Decode(stream, q, kv, bt, seqlens, *meta, *nsplits, out, lse, o_accum, lse_accum,
+                softmax_scale, causal, /*schedule_here=*/true);
 }
 
 }  // namespace
