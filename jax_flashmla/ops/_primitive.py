@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import warnings
 from typing import Callable
 
@@ -32,6 +33,32 @@ def check_implementation(op_name: str, implementation) -> None:
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"{op_name}: implementation: expected None (automatic), 'kernel' or 'reference'; "
                          f"got {implementation!r}")
+
+
+def fail(op_name: str, arg: str, expected: str, got):
+    """The one shape of a bad-input error: which op, which argument, expected, actual."""
+    raise ValueError(f"{op_name}: {arg}: expected {expected}, got {got}")
+
+
+def check_head_dim_v(op_name: str, head_dim_v, d_qk: int) -> int:
+    head_dim_v = int(head_dim_v)
+    if not 0 < head_dim_v <= d_qk:
+        fail(op_name, "head_dim_v", f"1 <= head_dim_v <= d_qk = {d_qk}", head_dim_v)
+    return head_dim_v
+
+
+def resolve_softmax_scale(op_name: str, softmax_scale, d_qk: int) -> float:
+    """None -> d_qk ** -0.5; otherwise a static, finite, positive Python float."""
+    if softmax_scale is None:
+        return d_qk ** -0.5
+    try:
+        softmax_scale = float(softmax_scale)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        fail(op_name, "softmax_scale", "a Python float (a static value)",
+             type(softmax_scale).__name__)
+    if not (math.isfinite(softmax_scale) and softmax_scale > 0):
+        fail(op_name, "softmax_scale", "a finite positive number", softmax_scale)
+    return softmax_scale
 
 
 @functools.cache

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
-import math
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +41,7 @@ class DecodeConfig:
 
 
 def _fail(arg: str, expected: str, got) -> None:
-    raise ValueError(f"mla_decode: {arg}: expected {expected}, got {got}")
+    _primitive.fail("mla_decode", arg, expected, got)
 
 
 def _shape_of(x):
@@ -82,13 +81,6 @@ def _check_pool(name, cache, q, kv_format, d_qk):
     if cache.shape[0] < 1 or cache.shape[1] < 1:
         _fail(name, "at least one block of at least one token", f"shape {_shape_of(cache)}")
     return cache.shape[2]
-
-
-def _static_float(name, value):
-    try:
-        return float(value)
-    except (TypeError, jax.errors.ConcretizationTypeError):
-        _fail(name, "a Python float (a static value)", type(value).__name__)
 
 
 def mla_decode(q, kv_cache, block_table=None, cache_seqlens=None, *, head_dim_v: int = 512,
@@ -139,14 +131,8 @@ def mla_decode(q, kv_cache, block_table=None, cache_seqlens=None, *, head_dim_v:
     h_kv = _check_pool("kv_cache", kv_cache, q, kv_format, d_qk)
     if h_q % h_kv:
         _fail("q", f"h_q divisible by the cache's h_kv = {h_kv}", h_q)
-    head_dim_v = int(head_dim_v)
-    if not 0 < head_dim_v <= d_qk:
-        _fail("head_dim_v", f"1 <= head_dim_v <= d_qk = {d_qk}", head_dim_v)
-    if softmax_scale is None:
-        softmax_scale = d_qk ** -0.5
-    softmax_scale = _static_float("softmax_scale", softmax_scale)
-    if not (math.isfinite(softmax_scale) and softmax_scale > 0):
-        _fail("softmax_scale", "a finite positive number", softmax_scale)
+    head_dim_v = _primitive.check_head_dim_v("mla_decode", head_dim_v, d_qk)
+    softmax_scale = _primitive.resolve_softmax_scale("mla_decode", softmax_scale, d_qk)
 
     operands = {"q": q, "kv_cache": kv_cache}
     if indices is None:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +21,7 @@ class PrefillConfig:
 
 
 def _fail(arg: str, expected: str, got) -> None:
-    raise ValueError(f"sparse_mla_prefill: {arg}: expected {expected}, got {got}")
+    _primitive.fail("sparse_mla_prefill", arg, expected, got)
 
 
 def sparse_mla_prefill(q, kv, indices, *, softmax_scale: float | None = None,
@@ -58,17 +57,8 @@ def sparse_mla_prefill(q, kv, indices, *, softmax_scale: float | None = None,
         _fail("indices", f"shape [s_q={s_q}, h_kv={h_kv}, topk]", tuple(indices.shape))
     if indices.dtype != jnp.int32:
         _fail("indices", "dtype int32", indices.dtype)
-    head_dim_v = int(head_dim_v)
-    if not 0 < head_dim_v <= d_qk:
-        _fail("head_dim_v", f"1 <= head_dim_v <= d_qk = {d_qk}", head_dim_v)
-    if softmax_scale is None:
-        softmax_scale = d_qk ** -0.5
-    try:
-        softmax_scale = float(softmax_scale)
-    except (TypeError, jax.errors.ConcretizationTypeError):
-        _fail("softmax_scale", "a Python float (a static value)", type(softmax_scale).__name__)
-    if not (math.isfinite(softmax_scale) and softmax_scale > 0):
-        _fail("softmax_scale", "a finite positive number", softmax_scale)
+    head_dim_v = _primitive.check_head_dim_v("sparse_mla_prefill", head_dim_v, d_qk)
+    softmax_scale = _primitive.resolve_softmax_scale("sparse_mla_prefill", softmax_scale, d_qk)
     operands = {"q": q, "kv": kv, "indices": indices}
     if attn_sink is not None:
         if attn_sink.dtype != jnp.float32 or tuple(attn_sink.shape) != (h_q,):
