@@ -6,35 +6,17 @@
 # Stages can be chosen: STAGES="build cpu-suite gpu memcheck ncu bench example" (default: all).
 # A short session-closing check (~5 min): STAGES="build cpu-suite example".
 set -uo pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/jfm-out}; mkdir -p "$OUT"
 STAGES=${STAGES:-"build cpu-suite gpu memcheck ncu bench example"}
-has() { [[ " $STAGES " == *" $1 "* ]]; }
-log() { echo "=== $(date +%T) $*"; }
-
-log "device"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
-
-if has build; then
-  log "build"
-  python3 -m pip install -q --no-deps --no-index .whl/nvidia_cutlass-*.whl 2>&1 | tail -2
-  # -v shows nvcc's resource report (-Xptxas -warn-spills); keep it for the record.
-  ( time python3 -m pip install --no-build-isolation --no-deps -v . ) > "$OUT/build.log" 2>&1 \
-    || { tail -60 "$OUT/build.log"; exit 1; }
-  grep -E "spill|error|warning" "$OUT/build.log" | sort | uniq -c | head -20
-  tail -3 "$OUT/build.log"
-fi
-cd /tmp   # import the installed package, not the source tree
-python3 -c "import jax_flashmla as j; print('kernels_available:', j.kernels_available(), j._ffi.registered_targets())"
+source scripts/device_common.sh
 
 if has cpu-suite; then
   log "whole test suite on GPU jax"
-  python3 -m pytest -q -p no:cacheprovider "$OLDPWD/tests" --ignore="$OLDPWD/tests/gpu" 2>&1 \
+  python3 -m pytest -q -p no:cacheprovider "$REPO/tests" --ignore="$REPO/tests/gpu" 2>&1 \
     | tee "$OUT/suite.log" | tail -15
 fi
 if has gpu; then
   log "GPU tests"
-  XLA_FLAGS=--xla_gpu_autotune_level=0 timeout ${GPU_TIMEOUT:-360} python3 -m pytest -q -p no:cacheprovider --tb=short -rf --maxfail=${GPU_MAXFAIL:-5} -m gpu "$OLDPWD/tests/gpu" 2>&1 \
+  XLA_FLAGS=--xla_gpu_autotune_level=0 timeout ${GPU_TIMEOUT:-360} python3 -m pytest -q -p no:cacheprovider --tb=short -rf --maxfail=${GPU_MAXFAIL:-5} -m gpu "$REPO/tests/gpu" 2>&1 \
     | tee "$OUT/gpu.log" | grep -vE "^(tests|/)" | tail -40
 fi
 if has memcheck; then
@@ -42,7 +24,7 @@ if has memcheck; then
   XLA_FLAGS=--xla_gpu_autotune_level=0 XLA_PYTHON_CLIENT_ALLOCATOR=platform \
     timeout ${MEMCHECK_TIMEOUT:-150} compute-sanitizer --tool memcheck \
     --kernel-name kns=jfm --print-limit 20 \
-    python3 "$OLDPWD/tests/gpu/memcheck_dense_decode.py" 2>&1 | tee "$OUT/memcheck.log" | tail -12
+    python3 "$REPO/tests/gpu/memcheck_dense_decode.py" 2>&1 | tee "$OUT/memcheck.log" | tail -12
 fi
 if has ncu; then
   log "Nsight Compute: dense decode main kernel, h_q 128 and h_q 16 (b 128, s_k 4096 varlen)"
@@ -51,20 +33,20 @@ if has ncu; then
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
       --section SchedulerStats --section Occupancy \
       --metrics "dram__bytes_read.sum,lts__t_sector_hit_rate.pct,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_elapsed,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
-      python3 "$OLDPWD/benchmarks/profile_decode.py" --h_q $hq > "$OUT/ncu_h$hq.txt" 2>&1
+      python3 "$REPO/benchmarks/profile_decode.py" --h_q $hq > "$OUT/ncu_h$hq.txt" 2>&1
     grep -E "Duration|DRAM Throughput|dram__bytes_read|hit_rate|gmma|Memory Throughput|Compute \(SM\)|Warp Cycles|No Eligible|L2 Hit|stalled_(barrier|long|wait|math|mio|short|lg|membar|sleeping|dispatch|no_inst|not_sel|selected)|==ERR|rror" "$OUT/ncu_h$hq.txt" | head -45
   done
 fi
-if has bench && [ -f "$OLDPWD/benchmarks/bench_decode.py" ]; then
+if has bench && [ -f "$REPO/benchmarks/bench_decode.py" ]; then
   log "benchmarks"
-  python3 "$OLDPWD/benchmarks/bench_decode.py" ${BENCH_ARGS:-} --out "$OUT/bench.json" 2>&1 \
+  python3 "$REPO/benchmarks/bench_decode.py" ${BENCH_ARGS:-} --out "$OUT/bench.json" 2>&1 \
     | tee "$OUT/bench.log" | tail -40
 fi
 if has example; then
   log "main job: DeepSeek decode example on the GPU, then its profile trace"
-  python3 "$OLDPWD/examples/quickstart.py" --batch 64 --seqlen 4096 --heads 128 2>&1 | tee "$OUT/example.log"
-  python3 "$OLDPWD/examples/deepseek_decode.py" 2>&1 | tee -a "$OUT/example.log" | tail -8
-  python3 "$OLDPWD/examples/deepseek_decode.py" --max-new-tokens 8 --profile /tmp/jfm-trace \
+  python3 "$REPO/examples/quickstart.py" --batch 64 --seqlen 4096 --heads 128 2>&1 | tee "$OUT/example.log"
+  python3 "$REPO/examples/deepseek_decode.py" 2>&1 | tee -a "$OUT/example.log" | tail -8
+  python3 "$REPO/examples/deepseek_decode.py" --max-new-tokens 8 --profile /tmp/jfm-trace \
     > /dev/null 2>&1 && python3 - <<'PY' 2>&1 | tee -a "$OUT/example.log"
 import glob, gzip, re
 names = {}

@@ -6,26 +6,9 @@
 #   run(command="bash scripts/device_sharding.sh", carry=[".whl"], kind="nvidia-h200-x2")
 # Stages can be chosen: STAGES="build gpu time example cpu" (default: all).
 set -uo pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/jfm-out}; mkdir -p "$OUT"
 STAGES=${STAGES:-"build gpu time example cpu"}
-has() { [[ " $STAGES " == *" $1 "* ]]; }
-log() { echo "=== $(date +%T) $*"; }
-REPO=$(pwd)
+source scripts/device_common.sh
 rc=0
-
-log "device"; nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
-python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
-
-if has build; then
-  log "build"
-  python3 -m pip install -q --no-deps --no-index .whl/nvidia_cutlass-*.whl 2>&1 | tail -2
-  ( time python3 -m pip install --no-build-isolation --no-deps -q . ) > "$OUT/build.log" 2>&1 \
-    || { tail -60 "$OUT/build.log"; exit 1; }
-  tail -3 "$OUT/build.log"
-fi
-cd /tmp   # import the installed package, not the source tree
-python3 -c "import jax_flashmla as j; print('kernels_available:', j.kernels_available())"
 
 if has gpu; then
   log "sharding tests on 2 GPUs"
