@@ -4,14 +4,16 @@
 # Run through the device tool from the repo root, carrying the nvidia-cutlass wheel:
 #   run(command="bash scripts/device_check.sh", carry=[".whl"])
 # Stages can be chosen: STAGES="build cpu-suite gpu memcheck ncu bench example" (default: all).
-# A short session-closing check (~5 min): STAGES="build cpu-suite example".
+# A short session-closing check (~7 min on an H100): STAGES="build cpu-suite example".
 set -uo pipefail
 STAGES=${STAGES:-"build cpu-suite gpu memcheck ncu bench example"}
 source scripts/device_common.sh
 
 if has cpu-suite; then
   log "whole test suite on GPU jax"
-  python3 -m pytest -q -p no:cacheprovider "$REPO/tests" --ignore="$REPO/tests/gpu" 2>&1 \
+  # SUITE_TESTS narrows it (paths relative to the repo root), e.g. to re-run failures.
+  python3 -m pytest -q -p no:cacheprovider -rf $(printf "$REPO/%s " ${SUITE_TESTS:-tests}) \
+    --ignore="$REPO/tests/gpu" 2>&1 \
     | tee "$OUT/suite.log" | tail -15
 fi
 if has gpu; then

@@ -1,8 +1,17 @@
 import os
 import sys
 
-import numpy as np
-import pytest
+# On a GPU the suite's processes share one device: the tests that run the examples start more
+# of them, so no process may take 75% of the memory up front (XLA's default).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+# The suite checks float32 math against float64 oracles; on GPUs XLA's default float32 matmul is
+# TF32 (10-bit mantissa). The ops' own references pass HIGHEST themselves; this covers the models.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 sys.path.insert(0, os.path.dirname(__file__))   # tests import the oracle as a plain module
 

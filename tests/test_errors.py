@@ -111,11 +111,11 @@ def test_prefill_bad_input(kwargs, message):
 
 
 def test_kernel_forced_on_cpu_raises():
-    q = jnp.ones((1, 1, 16, 576), BF)
-    cache = jnp.ones((1, 64, 1, 576), BF)
+    cpu = jax.devices("cpu")[0]   # committed to the CPU even where a GPU is the default device
+    q, cache, table, lens = jax.device_put((jnp.ones((1, 1, 16, 576), BF), jnp.ones((1, 64, 1, 576), BF),
+                                            jnp.zeros((1, 1), jnp.int32), jnp.ones((1,), jnp.int32)), cpu)
     with pytest.raises(ValueError, match="implementation='kernel' needs a Hopper GPU"):
-        jfm.mla_decode(q, cache, jnp.zeros((1, 1), jnp.int32), jnp.ones((1,), jnp.int32),
-                       implementation="kernel")
+        jfm.mla_decode(q, cache, table, lens, implementation="kernel")
 
 
 def test_differentiation_is_refused():

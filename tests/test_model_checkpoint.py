@@ -155,7 +155,9 @@ def test_save_load_round_trip(tmp_path):
     for (pa, va), (pb, vb) in zip(nnx.to_flat_state(a), nnx.to_flat_state(b)):
         assert pa == pb
         np.testing.assert_array_equal(np.asarray(va.get_value()), np.asarray(vb.get_value()), err_msg=str(pa))
-    np.testing.assert_array_equal(np.asarray(loaded(ids)), want)
+    # The parameters are bitwise equal (above); the logits only to float32 rounding, since GPU
+    # matmuls need not be bitwise reproducible across two compilations.
+    np.testing.assert_allclose(np.asarray(loaded(ids)), want, rtol=1e-5, atol=1e-6)
 
     ds.save(model, tmp_path / "fp8", fp8=True)
     with open(tmp_path / "fp8" / "config.json") as f:
