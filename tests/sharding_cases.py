@@ -457,10 +457,17 @@ def test_explicit_mesh_direct_call(rng):
     args = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip((q, pool, table, lens), specs)]
     with jax.set_mesh(mesh):
         typed = jax.eval_shape(f, *args)
-        got = jax.jit(f)(*args)
+        compiled = jax.jit(f).lower(*args).compile()
+        got = compiled(*args)
     assert typed[0].sharding.spec == P("data", None, "model", None)
     check_equal(got, want)
     assert got[0].sharding.spec == P("data", None, "model", None)
+    assert collectives(compiled) == []
+    # Without a context mesh (the mesh comes from the arguments' types), and under vmap.
+    check_equal(jax.jit(f)(*args), want)
+    batched = jax.jit(jax.vmap(f, in_axes=(0, None, None, None)))
+    got2 = batched(jnp.stack([args[0], args[0] * 2]), *args[1:])
+    check_equal((got2[0][1], got2[1][1]), jax.jit(f)(q * 2, pool, table, lens))
 
 
 def test_example_sharded_attention_layer(monkeypatch, capsys):

@@ -164,11 +164,25 @@ def define_primitive(name: str, *, abstract_eval: Callable, reference: Callable,
     # custom_partitioning needs the device assignment while lowering (DESIGN.md, toolchain facts).
     jax._src.dispatch.prim_requires_devices_during_lowering.add(outer)
     batching.primitive_batchers[outer] = batching_rule
+    # A vmap outside the shard_map of an Explicit-mesh call (``bind``) reaches the inner one; the
+    # rule binds the outer primitive, which inside that shard_map lowers to the inner one.
+    batching.primitive_batchers[inner] = batching_rule
     ad.primitive_jvps[outer] = no_differentiation
     outer.inner = inner
     outer.partitioned = partitioned
     outer.layout = sharding
     return outer
+
+
+def bind(prim: Primitive, *operands, config):
+    """``prim.bind``, except for operands typed on a mesh with Explicit axes: there the outer
+    primitive's partitioning runs at trace time as a ``shard_map`` (``on_explicit_mesh`` in
+    ops/_sharding.py), since custom_partitioning does not support Explicit axes."""
+    partitioned = getattr(prim, "partitioned", None)
+    mesh = _sharding.explicit_mesh([jax.typeof(x) for x in operands])
+    if partitioned is None or mesh is None:
+        return prim.bind(*operands, config=config)
+    return partitioned.on_explicit_mesh(config, mesh, *operands)
 
 
 def map_batching(prim: Primitive, args, dims, **params):

@@ -32,6 +32,7 @@ import dataclasses
 import math
 from typing import Callable, Mapping
 
+import jax
 from jax.experimental.custom_partitioning import (ArrayMapping, CompoundFactor, SdyShardingRule,
                                                   custom_partitioning)
 from jax.sharding import NamedSharding, PartitionSpec
@@ -267,7 +268,7 @@ def typed_abstract_eval(abstract_eval: Callable, layout: OpLayout) -> Callable:
         vma = frozenset().union(*(getattr(a, "vma", None) or frozenset() for a in avals))
         if vma:
             outs = tuple(o.update(vma=vma) for o in outs)
-        mesh = _explicit_mesh(avals)
+        mesh = explicit_mesh(avals)
         if mesh is not None:
             decision = _decide(layout, config.present, mesh, avals)
             outs = tuple(o.update(sharding=NamedSharding(mesh, spec))
@@ -277,7 +278,7 @@ def typed_abstract_eval(abstract_eval: Callable, layout: OpLayout) -> Callable:
     return rule
 
 
-def _explicit_mesh(avals):
+def explicit_mesh(avals):
     """The abstract mesh of the operands' typed shardings when it has Explicit axes, else None."""
     for a in avals:
         sharding = getattr(a, "sharding", None)
@@ -337,4 +338,21 @@ def partitioned(layout: OpLayout, bind_inner: Callable, present_of: Callable,
     fn.def_partition(partition=partition,
                      infer_sharding_from_operands=infer_sharding_from_operands,
                      sharding_rule=sharding_rule, decode_shardings=False)
+
+    def on_explicit_mesh(config, mesh, *operands):
+        """The same partitioning done at trace time, for operands typed on a mesh with Explicit
+        axes: the one decision, the operands resharded to it (as the partitioner would), and
+        the per-shard body under ``jax.shard_map``. custom_partitioning is built for Auto axes:
+        its callbacks see an Explicit mesh as Auto (jax issue 34811), and on jax 0.11.2 a body
+        traced there keeps an unpartitioned ``Sharding`` custom call, which fails at run time."""
+        decision = _decide(layout, present_of(config), mesh, [jax.typeof(x) for x in operands])
+        free = frozenset(a for a, kind in zip(mesh.axis_names, mesh.axis_types)
+                         if kind != jax.sharding.AxisType.Manual)
+        operands = [jax.sharding.reshard(x, NamedSharding(mesh, spec))
+                    for x, spec in zip(operands, decision.operand_specs)]
+        return jax.shard_map(shard_body(config, decision), mesh=mesh, axis_names=free,
+                             in_specs=decision.operand_specs,
+                             out_specs=decision.result_specs)(*operands)
+
+    fn.on_explicit_mesh = on_explicit_mesh
     return fn

@@ -195,7 +195,7 @@ def mla_decode(q, kv_cache, block_table=None, cache_seqlens=None, *, head_dim_v:
     config = DecodeConfig(mode=mode, head_dim_v=head_dim_v, softmax_scale=softmax_scale,
                           causal=bool(causal), kv_format=kv_format,
                           implementation=implementation, present=present)
-    out, lse = mla_decode_p.bind(*(operands[name] for name in present), config=config)
+    out, lse = _primitive.bind(mla_decode_p, *(operands[name] for name in present), config=config)
     return out, lse
 
 
@@ -254,7 +254,8 @@ def _batching_rule(args, dims, *, config: DecodeConfig):
                                                      member * num_blocks * block_size)
     # A schedule computed for the unbatched call does not describe the folded batch.
     present = tuple(n for n in config.present if n not in ("tile_scheduler_metadata", "num_splits"))
-    out, lse = mla_decode_p.bind(*(folded[n] for n in present), config=config.replace(present=present))
+    out, lse = _primitive.bind(mla_decode_p, *(folded[n] for n in present),
+                                config=config.replace(present=present))
     return [_primitive.unfold_batch(out, size), _primitive.unfold_batch(lse, size)], [0, 0]
 
 

@@ -72,8 +72,8 @@ def sparse_mla_prefill(q, kv, indices, *, softmax_scale: float | None = None,
     present = tuple(n for n in OPERANDS if n in operands)
     config = PrefillConfig(head_dim_v=head_dim_v, softmax_scale=softmax_scale,
                            implementation=implementation, present=present)
-    out, max_logits, lse = sparse_mla_prefill_p.bind(*(operands[n] for n in present),
-                                                     config=config)
+    out, max_logits, lse = _primitive.bind(sparse_mla_prefill_p, *(operands[n] for n in present),
+                                           config=config)
     return out, max_logits, lse
 
 
@@ -109,7 +109,7 @@ def _batching_rule(args, dims, *, config: PrefillConfig):
     folded["kv"] = kv
     if "attn_sink" in named:
         folded["attn_sink"] = named["attn_sink"]
-    outs = sparse_mla_prefill_p.bind(*(folded[n] for n in config.present), config=config)
+    outs = _primitive.bind(sparse_mla_prefill_p, *(folded[n] for n in config.present), config=config)
     return [_primitive.unfold_batch(o, size) for o in outs], [0, 0, 0]
 
 
