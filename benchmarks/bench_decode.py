@@ -8,6 +8,7 @@ as back-to-back jitted calls (launch gaps included) divided by their count: medi
 The machine's copy bandwidth and bf16 matmul rate are measured in the same run.
 
 Usage: python benchmarks/bench_decode.py [--quick] [--out results.json]
+       [--h_q 16 128] [--sk 4096] [--no-xla] [--no-loop]   (a subset, e.g. for an A/B of two builds)
 """
 from __future__ import annotations
 
@@ -158,6 +159,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--h_q", type=int, nargs="+", default=None, help="only these head counts")
+    ap.add_argument("--sk", type=int, nargs="+", default=None, help="only these mean lengths")
+    ap.add_argument("--no-xla", action="store_true", help="skip the plain-XLA comparison")
+    ap.add_argument("--no-loop", action="store_true", help="skip the 61-layer loop")
     args = ap.parse_args()
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind}, {dev.core_count} SMs; jax {jax.__version__}")
@@ -167,13 +172,15 @@ def main():
     cases = [(128, 1, h, sk, False, True) for h in (16, 32, 64, 128) for sk in sks]
     cases += [(128, 2, 128, sk, True, True) for sk in sks if sk != 8192]
     cases += [(64, 1, 128, 4096, False, False)]
+    cases = [c for c in cases if (args.h_q is None or c[2] in args.h_q)
+             and (args.sk is None or c[3] in args.sk)]
     rows = []
     hdr = (f"{'b':>4} {'s_q':>3} {'h_q':>4} {'causal':>6} {'s_k':>6} {'time us':>9} {'TFLOPS':>7} "
            f"{'GB/s':>6} {'%copy':>6} {'%mm':>5} {'upstream':>9} {'vs up':>6} {'xla us':>9} {'vs xla':>7}")
     print(hdr)
     for (b, s_q, h_q, sk, causal, varlen) in cases:
         r = bench_case(b, s_q, h_q, sk, causal, varlen,
-                       with_xla=sk <= 8192 and h_q in (16, 128) and varlen)
+                       with_xla=not args.no_xla and sk <= 8192 and h_q in (16, 128) and varlen)
         key = (s_q, h_q, causal, sk) if varlen else ("fixed", b, s_q, h_q, sk)
         up_gbs, up_tf = ANCHOR.get(key, (None, None))
         if up_tf is not None:
@@ -192,11 +199,12 @@ def main():
         print(f"{b:>4} {s_q:>3} {h_q:>4} {str(causal):>6} {sk:>6} {r['time_us']:>9.1f} "
               f"{r['tflops']:>7.1f} {r['gbs']:>6.0f} {r['pct_copy']:>6.2f} {r['pct_mm']:>5.2f} "
               f"{r['upstream']:>9} {vs_up:>6} {xla:>9} {vs_xla:>7}", flush=True)
-    loop = layers_loop()
-    print(f"61-layer step (b={loop['b']}, h_q={loop['h_q']}, s_k={loop['s_k']} varlen, one metadata): "
-          f"{loop['step_us']:.0f} us = {loop['per_layer_us']:.1f} us/layer; single call "
-          f"{loop['single_call_us']:.1f} us; per-layer overhead "
-          f"{loop['per_layer_us'] - loop['single_call_us']:+.1f} us")
+    loop = None if args.no_loop else layers_loop()
+    if loop:
+        print(f"61-layer step (b={loop['b']}, h_q={loop['h_q']}, s_k={loop['s_k']} varlen, one metadata): "
+              f"{loop['step_us']:.0f} us = {loop['per_layer_us']:.1f} us/layer; single call "
+              f"{loop['single_call_us']:.1f} us; per-layer overhead "
+              f"{loop['per_layer_us'] - loop['single_call_us']:+.1f} us")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=dev.device_kind, sms=dev.core_count, copy_gbs=copy_gbs,

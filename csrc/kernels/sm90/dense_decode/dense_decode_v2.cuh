@@ -30,13 +30,14 @@ struct DenseDecodeV2 {
   static constexpr int kKBlocks = kDqk / 64;                              // 9 column blocks
   static constexpr int kBlockBytes = kBlockM * 128;                       // 8192: one column block
   static constexpr int kTileBytes = kKBlocks * kBlockBytes;               // 73728
-  static constexpr int kLoadIters = kBlockM * kChunksPerRow / kThreads;   // 18
+  static constexpr int kLoadRows = kBlockM * 8 / kThreads;               // 2 rows per thread
   static constexpr int kQOff = 0;
   static constexpr int kKOff = kTileBytes;                                // 2 tiles
   static constexpr int kPOff = 3 * kTileBytes;                            // 8192
   static constexpr int kRedOff = kPOff + kBlockBytes;                     // float[2][64]
   static constexpr size_t kSmemBytes = kRedOff + 2 * kBlockM * sizeof(float) + 1024;  // + align
   static_assert(sizeof(T) == 2, "16-bit types");
+  static_assert(kLoadRows * 32 == kBlockM && kBlockM == kPageBlock, "loader: rows lr, lr + 32");
 
   // Byte offset of 16-byte chunk c (0..71) of row r inside a swizzled [64 x 576] tile.
   static __device__ __forceinline__ uint32_t tile_off(int r, int c) {
@@ -72,11 +73,12 @@ __global__ void __launch_bounds__(256, 1) dense_decode_v2_kernel(const DenseDeco
   const uint32_t sq = base + K::kQOff;
   const uint32_t sk0 = base + K::kKOff;
   const uint32_t sp = base + K::kPOff;
-  // Loader mapping: thread copies row lr = tid / 4, 16-byte chunks lq + 4 j (j = 0..17). Chunk
-  // c = lq + 4j lies in column block j / 2 at in-block chunk lq + 4 (j % 2): two swizzled offsets.
-  const int lr = tid >> 2, lq = tid & 3;
-  const uint32_t ld_off[2] = {static_cast<uint32_t>(lr * 128 + ((lq ^ (lr & 7)) << 4)),
-                              static_cast<uint32_t>(lr * 128 + (((lq + 4) ^ (lr & 7)) << 4))};
+  // Loader mapping: 8 threads per row, so each copy instruction reads whole 128-byte lines (a
+  // warp: 4 rows x 128 B). Thread copies rows lr + 32 h (h < kLoadRows), 16-byte chunks lq + 8 j
+  // (j = 0..8): chunk lq + 8j is in-block chunk lq of column block j, one swizzled offset for all
+  // (rows lr and lr + 32 share r % 8).
+  const int lr = tid >> 3, lq = tid & 7;
+  const uint32_t ld_off = static_cast<uint32_t>(lr * 128 + ((lq ^ (lr & 7)) << 4));
   // wgmma descriptors of the buffers' starts; advancing = adding (byte offset >> 4).
   const uint64_t desc_q = gmma_desc_sw128(sq, 16, 1024);
   const uint64_t desc_k = gmma_desc_sw128(sk0 + wc * 32 * 128, 16, 1024);
@@ -95,28 +97,33 @@ __global__ void __launch_bounds__(256, 1) dense_decode_v2_kernel(const DenseDeco
 
     __syncthreads();  // the previous sequence is done with every shared buffer
 
-    {
-      const int grow = row0 + lr;
+#pragma unroll
+    for (int h = 0; h < K::kLoadRows; ++h) {
+      const int grow = row0 + lr + 32 * h;
       const bool ok = grow < rows_total;
       const int s = ok ? grow / hpk : 0, hl = ok ? grow % hpk : 0;
       const T* src = ok ? qg + ((static_cast<size_t>(seq) * p.s_q + s) * p.h_q + hk * hpk + hl) * kDqk + lq * 8
                         : qg;
       const int bytes = ok ? 16 : 0;
 #pragma unroll
-      for (int j = 0; j < K::kLoadIters; ++j)
-        cp_async_16(sq + (j >> 1) * K::kBlockBytes + ld_off[j & 1], src + 32 * j, bytes);
+      for (int j = 0; j < K::kKBlocks; ++j)
+        cp_async_16(sq + j * K::kBlockBytes + h * 32 * 128 + ld_off, src + 64 * j, bytes);
     }
     auto load_k = [&](int buf, int n) {
       const int blk = bt[n];
       const bool blk_ok = blk >= 0 && blk < p.num_kv_blocks;
-      const bool ok = blk_ok && (n * kPageBlock + lr < L);
-      const size_t row = static_cast<size_t>(blk_ok ? blk : 0) * kPageBlock + lr;
-      const T* src = ok ? kvg + (row * p.h_kv + hk) * kDqk + lq * 8 : kvg;
-      const int bytes = ok ? 16 : 0;
-      const uint32_t dst = sk0 + buf * K::kTileBytes;
+      const uint32_t dst = sk0 + buf * K::kTileBytes + ld_off;
 #pragma unroll
-      for (int j = 0; j < K::kLoadIters; ++j)
-        cp_async_16(dst + (j >> 1) * K::kBlockBytes + ld_off[j & 1], src + 32 * j, bytes);
+      for (int h = 0; h < K::kLoadRows; ++h) {
+        const int r = lr + 32 * h;
+        const bool ok = blk_ok && (n * kPageBlock + r < L);
+        const size_t row = static_cast<size_t>(blk_ok ? blk : 0) * kPageBlock + r;
+        const T* src = ok ? kvg + (row * p.h_kv + hk) * kDqk + lq * 8 : kvg;
+        const int bytes = ok ? 16 : 0;
+#pragma unroll
+        for (int j = 0; j < K::kKBlocks; ++j)
+          cp_async_16(dst + j * K::kBlockBytes + h * 32 * 128, src + 64 * j, bytes);
+      }
     };
     if (blk_lo < blk_hi) load_k(0, blk_lo);
     cp_async_commit();
