@@ -154,7 +154,8 @@ def _route(cfg, x, wg, bias):
         groups = choice[t].reshape(ng, E // ng)
         gscore = np.sort(groups, -1)[:, -2:].sum(-1)
         keep_groups = np.argsort(-gscore, kind="stable")[:tg]
-        allowed = np.full(E, -np.inf)
+        # HF's DeepseekV3TopkRouter fills dropped groups with 0.0; HF's V3.2 (and DeepSeek) with -inf.
+        allowed = np.full(E, -np.inf if cfg.get("model_type") == "deepseek_v32" else 0.0)
         for g in keep_groups:
             allowed[g * (E // ng):(g + 1) * (E // ng)] = choice[t, g * (E // ng):(g + 1) * (E // ng)]
         idx = np.argsort(-allowed, kind="stable")[:k]

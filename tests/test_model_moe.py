@@ -8,8 +8,9 @@ from jax_flashmla.models import deepseek as ds
 from jax_flashmla.models.deepseek import layers
 
 
-def numpy_route(logits, bias, n_group, topk_group, top_k, norm, scale):
-    """Token by token, in float64, straight from the description of noaux_tc routing."""
+def numpy_route(logits, bias, n_group, topk_group, top_k, norm, scale, dropped=-np.inf):
+    """Token by token, in float64, straight from the description of noaux_tc routing; experts of
+    dropped groups score ``dropped`` in the final top-k."""
     t, e = logits.shape
     per = e // n_group
     scores = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
@@ -18,8 +19,10 @@ def numpy_route(logits, bias, n_group, topk_group, top_k, norm, scale):
         biased = scores[i] + bias
         group_score = [np.sort(biased[g * per:(g + 1) * per])[-2:].sum() for g in range(n_group)]
         groups = sorted(range(n_group), key=lambda g: -group_score[g])[:topk_group]
-        candidates = [j for g in groups for j in range(g * per, (g + 1) * per)]
-        chosen = sorted(candidates, key=lambda j: -biased[j])[:top_k]
+        final = np.full(e, dropped)
+        for g in groups:
+            final[g * per:(g + 1) * per] = biased[g * per:(g + 1) * per]
+        chosen = sorted(range(e), key=lambda j: (-final[j], j))[:top_k]
         w = scores[i, chosen]
         if norm:
             w = w / w.sum()
@@ -49,17 +52,26 @@ def test_routing_matches_numpy(n_group, topk_group, top_k, norm):
     assert (np.sort(np.asarray(idx0), 1) != np.sort(got_idx, 1)).any()
 
 
-def test_routing_negative_biased_scores_stay_in_selected_groups():
-    """Experts of dropped groups are excluded even when every biased score is negative."""
+def test_routing_negative_biased_scores_and_the_dropped_group_score():
+    """When every biased score is negative the fill of dropped groups decides: with -inf (DeepSeek,
+    HF V3.2) experts stay in the kept groups; with 0.0 (HF's DeepseekV3TopkRouter) dropped-group
+    experts win over the kept groups' negative scores. The model picks by model_type."""
     rng = np.random.default_rng(3)
     logits = rng.standard_normal((20, 8)).astype(np.float32)
     bias = np.full(8, -2.0, np.float32)
-    idx, _ = layers.route(jnp.asarray(logits), jnp.asarray(bias), n_group=4, topk_group=2, top_k=4,
-                          norm_topk_prob=True, routed_scaling_factor=1.0)
+    kw = dict(n_group=4, topk_group=2, top_k=4, norm_topk_prob=True, routed_scaling_factor=1.0)
+    idx, _ = layers.route(jnp.asarray(logits), jnp.asarray(bias), **kw)
     groups = np.asarray(idx) // 2
     assert all(len(set(g)) <= 2 for g in groups)
     want, _ = numpy_route(logits, bias.astype(np.float64), 4, 2, 4, True, 1.0)
     np.testing.assert_array_equal(np.sort(np.asarray(idx), 1), np.sort(want, 1))
+
+    idx0, _ = layers.route(jnp.asarray(logits), jnp.asarray(bias), dropped_group_score=0.0, **kw)
+    want0, _ = numpy_route(logits, bias.astype(np.float64), 4, 2, 4, True, 1.0, dropped=0.0)
+    np.testing.assert_array_equal(np.sort(np.asarray(idx0), 1), np.sort(want0, 1))
+    # The kept groups hold 4 experts (all of them chosen with -inf), all negative: with 0.0 the 4
+    # experts of the dropped groups win instead.
+    assert all(not set(a) & set(b) for a, b in zip(np.asarray(idx0), np.asarray(idx)))
 
 
 def test_moe_layer_matches_expert_loop():

@@ -479,13 +479,19 @@ class MLP(nnx.Module):
 
 
 def route(logits: jax.Array, correction_bias: jax.Array, *, n_group: int, topk_group: int, top_k: int,
-          norm_topk_prob: bool, routed_scaling_factor: float) -> tuple[jax.Array, jax.Array]:
+          norm_topk_prob: bool, routed_scaling_factor: float,
+          dropped_group_score: float = -math.inf) -> tuple[jax.Array, jax.Array]:
     """DeepSeek-V3 "noaux_tc" routing. logits [T, E] float32 -> (expert ids [T, k], weights [T, k] f32).
 
     Scores are sigmoid(logits). Selection uses scores + correction bias: groups ranked by the sum of
     their two best biased scores, the best ``topk_group`` groups kept, then the top ``top_k`` experts
     among those. The weights are the *unbiased* scores of the chosen experts, normalised to sum 1
     (norm_topk_prob) and multiplied by routed_scaling_factor.
+
+    ``dropped_group_score`` is what the experts of dropped groups score in that last top-k: -inf in
+    DeepSeek's own inference code and HF's V3.2, 0.0 in HF's ``DeepseekV3TopkRouter``. The two pick
+    differently only when fewer than ``top_k`` experts of the kept groups have a positive biased
+    score (then 0.0 lets dropped-group experts in).
     """
     t, e = logits.shape
     scores = jax.nn.sigmoid(logits.astype(jnp.float32))
@@ -495,8 +501,8 @@ def route(logits: jax.Array, correction_bias: jax.Array, *, n_group: int, topk_g
         group_scores = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)  # [T, n_group]
         _, keep = jax.lax.top_k(group_scores, topk_group)
         group_mask = jnp.zeros((t, n_group), bool).at[jnp.arange(t)[:, None], keep].set(True)
-        # Experts of dropped groups can never be chosen (-inf, as the official and HF V3.2 code do).
-        biased = jnp.where(jnp.repeat(group_mask, e // n_group, axis=1), biased, -jnp.inf)
+        biased = jnp.where(jnp.repeat(group_mask, e // n_group, axis=1), biased,
+                           jnp.float32(dropped_group_score))
     _, idx = jax.lax.top_k(biased, top_k)
     weights = jnp.take_along_axis(scores, idx, axis=1)
     if norm_topk_prob:
@@ -515,9 +521,11 @@ class Router(nnx.Module):
     def __call__(self, x: jax.Array):
         c = self.config
         logits = linear(x.astype(jnp.float32), self.weight[...].astype(jnp.float32))
+        # As the HF model of the same model_type does (see ``route``).
         return route(logits, self.e_score_correction_bias[...], n_group=c.n_group, topk_group=c.topk_group,
                      top_k=c.num_experts_per_tok, norm_topk_prob=c.norm_topk_prob,
-                     routed_scaling_factor=c.routed_scaling_factor)
+                     routed_scaling_factor=c.routed_scaling_factor,
+                     dropped_group_score=-math.inf if c.is_v32 else 0.0)
 
 
 class Experts(nnx.Module):
