@@ -79,29 +79,28 @@ def kernel_unsupported_reason(kernel, config, avals_in) -> str | None:
 
 
 def define_primitive(name: str, *, abstract_eval: Callable, reference: Callable,
-                     batching_rule: Callable, kernel_module: Callable[[], object] | None = None,
-                     op_name: str | None = None, sharding=None) -> Primitive:
+                     batching_rule: Callable, sharding: _sharding.OpLayout,
+                     kernel_module: Callable[[], object] | None = None,
+                     op_name: str | None = None) -> Primitive:
     """A multiple-result primitive whose params are one ``config`` (a frozen dataclass with an
     ``implementation`` field and a ``present`` tuple of the operand names bound).
     ``reference(*operands, config=...)`` is its CPU lowering and the fallback of its CUDA
     lowering; ``kernel_module()`` returns the kernel's Python side (or None).
 
-    With ``sharding`` (a ``_sharding.OpLayout``) two primitives are made, and the *outer* one is
-    returned, the one the public function binds:
+    ``sharding`` is the op's dimension layout (ops/_sharding.py). Two primitives are made, and the
+    *outer* one is returned, the one the public function binds (through ``bind``):
       * inner (``<name>_shard``, ``outer.inner``): single-device; lowered to the reference or the
         FFI kernel; what each shard runs;
       * outer: same abstract eval; lowered through ``custom_partitioning`` (Shardy rule + GSPMD
         callbacks, ops/_sharding.py) whose per-shard body binds the inner one. Outside a mesh,
         and inside ``shard_map``, that lowering is just the inner one. vmap and the refusal to
         differentiate live on the outer primitive (custom_partitioning has neither).
-    Without ``sharding`` the single primitive returned is lowered directly (it would be gathered
-    onto every device under a sharded jit).
     """
     op_name = op_name or name
-    inner = Primitive(f"{name}_shard" if sharding is not None else name)
+    typed_abstract_eval = _sharding.typed_abstract_eval(abstract_eval)
+    inner = Primitive(f"{name}_shard")
     inner.multiple_results = True
-    inner.def_abstract_eval(abstract_eval if sharding is None
-                            else _sharding.typed_abstract_eval(abstract_eval, sharding))
+    inner.def_abstract_eval(typed_abstract_eval)
     inner.def_impl(functools.partial(jax._src.dispatch.apply_primitive, inner))
     reference_lowering = mlir.lower_fun(reference, multiple_results=True)
 
@@ -133,9 +132,6 @@ def define_primitive(name: str, *, abstract_eval: Callable, reference: Callable,
             "use jax_flashmla.reference for a differentiable version.")
 
     ad.primitive_jvps[inner] = no_differentiation
-    if sharding is None:
-        batching.primitive_batchers[inner] = batching_rule
-        return inner
 
     def drop_operands(config, names):
         return dataclasses.replace(config, present=tuple(n for n in config.present
@@ -145,7 +141,7 @@ def define_primitive(name: str, *, abstract_eval: Callable, reference: Callable,
                                         drop_operands)
     outer = Primitive(name)
     outer.multiple_results = True
-    outer.def_abstract_eval(_sharding.typed_abstract_eval(abstract_eval, sharding))
+    outer.def_abstract_eval(typed_abstract_eval)
     outer.def_impl(functools.partial(jax._src.dispatch.apply_primitive, outer))
 
     def outer_lowering(ctx, *operands, config):

@@ -258,21 +258,16 @@ def _decide(layout: OpLayout, present, mesh, arg_shapes) -> Decision:
                     split=split)
 
 
-def typed_abstract_eval(abstract_eval: Callable, layout: OpLayout) -> Callable:
-    """``abstract_eval`` whose results also carry what jax's typed sharding tracks: inside
-    ``shard_map`` the union of the operands' varying manual axes (vma); on a mesh with Explicit
-    axes the results' shardings, as the partitioner will produce them (``_decide``)."""
+def typed_abstract_eval(abstract_eval: Callable) -> Callable:
+    """``abstract_eval`` whose results also carry what jax's typed sharding tracks inside
+    ``shard_map``: the union of the operands' varying manual axes (vma). (Operands typed on a mesh
+    with Explicit axes never reach it: ``_primitive.bind`` runs those calls under a shard_map.)"""
 
     def rule(*avals, config):
         outs = abstract_eval(*avals, config=config)
         vma = frozenset().union(*(getattr(a, "vma", None) or frozenset() for a in avals))
         if vma:
             outs = tuple(o.update(vma=vma) for o in outs)
-        mesh = explicit_mesh(avals)
-        if mesh is not None:
-            decision = _decide(layout, config.present, mesh, avals)
-            outs = tuple(o.update(sharding=NamedSharding(mesh, spec))
-                         for o, spec in zip(outs, decision.result_specs))
         return outs
 
     return rule
