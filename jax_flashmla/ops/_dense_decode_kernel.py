@@ -19,7 +19,7 @@ from jax_flashmla.ops import metadata as _meta
 
 D_QK = 576
 D_V = 512
-PAGE_BLOCK = 64
+PAGE_BLOCK = _meta.PAGE_BLOCK   # the kernel's KV tile is one page (kPageBlock)
 _TARGET = "jax_flashmla_dense_decode"
 _TARGET_AUTO = "jax_flashmla_dense_decode_auto"
 _UNSUPPORTED_OPERANDS = ("indices", "topk_length", "attn_sink", "extra_kv_cache", "extra_indices",
