@@ -10,7 +10,10 @@ import importlib
 
 import jax
 
+from jax_flashmla.ops.kernels import limits
+
 _MODULE_NAME = "jax_flashmla._jax_flashmla_cuda"
+BUILT_FOR = "9.0"   # CMakeLists.txt builds sm_90a machine code only (wgmma, setmaxnreg)
 
 
 @functools.cache
@@ -21,6 +24,11 @@ def _load() -> tuple[object | None, str]:
     except ImportError as e:
         return None, (f"the CUDA extension is not built ({e}); reinstall on a machine with nvcc "
                       "(pip install --no-build-isolation .) to get the kernels")
+    drift = {k: (v, module.constants().get(k)) for k, v in limits.ALL.items()
+             if module.constants().get(k) != v}
+    if drift:
+        return None, (f"the built CUDA extension disagrees with jax_flashmla/ops/kernels/limits.py "
+                      f"on {drift} (python value, extension value): rebuild it from this source")
     for name, capsule in module.ffi_targets().items():
         jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
     return module, ""
@@ -40,8 +48,9 @@ def _gpu_reason(device) -> str:
     if device.platform != "gpu":
         return f"device {device} is not a GPU"
     cc = getattr(device, "compute_capability", None)
-    if cc is None or not str(cc).startswith("9.0"):
-        return f"{device.device_kind} has compute capability {cc}; the kernels need 9.0 (Hopper)"
+    if cc is None or not str(cc).startswith(BUILT_FOR):
+        return (f"{device.device_kind} has compute capability {cc}; the kernels are built for "
+                f"{BUILT_FOR} only (sm_90a: Hopper)")
     return ""
 
 

@@ -1,61 +1,79 @@
 #!/usr/bin/env bash
 # The one device call: install (building the CUDA extension against the device's jaxlib), run the
-# whole test suite on GPU jax, then GPU-only tests and benchmarks. Logs go to $OUT.
-# Run through the device tool from the repo root, carrying the nvidia-cutlass wheel:
+# test suite on GPU jax, the GPU kernel tests, the sanitizers, an A/B against an earlier build,
+# Nsight Compute, benchmarks and the examples. Logs go to $OUT; exits non-zero if any stage failed.
+# From the repo root, carrying the nvidia-cutlass wheel (docs/BUILDING.md):
 #   run(command="bash scripts/device_check.sh", carry=[".whl"])
-# Stages can be chosen: STAGES="build cpu-suite gpu memcheck ncu bench example" (default: all).
-# A short session-closing check (~7 min on an H100): STAGES="build cpu-suite example".
+# Stages: STAGES="build cpu-suite gpu memcheck racecheck ab ncu bench example" (default: build gpu
+# memcheck racecheck bench example). SUITE_TESTS / GPU_TESTS narrow the suites (paths relative to
+# the repo root). Stage ab: `git archive -o .abase/base.tar <commit>` here first and carry .abase;
+# it builds that tree beside this one and times both with BENCH_AB_ARGS (each in its own process).
 set -uo pipefail
-STAGES=${STAGES:-"build cpu-suite gpu memcheck ncu bench example"}
+STAGES=${STAGES:-"build gpu memcheck racecheck bench example"}
 source scripts/device_common.sh
+rc=0
+fail() { echo "!!! stage $1 FAILED"; rc=1; }
+SAN="XLA_FLAGS=--xla_gpu_autotune_level=0 XLA_PYTHON_CLIENT_ALLOCATOR=platform"
 
 if has cpu-suite; then
-  log "whole test suite on GPU jax"
-  # SUITE_TESTS narrows it (paths relative to the repo root), e.g. to re-run failures.
+  log "whole CPU test suite on GPU jax"
   python3 -m pytest -q -p no:cacheprovider -rf $(printf "$REPO/%s " ${SUITE_TESTS:-tests}) \
-    --ignore="$REPO/tests/gpu" 2>&1 \
-    | tee "$OUT/suite.log" | tail -15
+    --ignore="$REPO/tests/gpu" 2>&1 | tee "$OUT/suite.log" | tail -15
+  [ "${PIPESTATUS[0]}" -eq 0 ] || fail cpu-suite
 fi
 if has gpu; then
-  log "GPU tests"
-  XLA_FLAGS=--xla_gpu_autotune_level=0 timeout ${GPU_TIMEOUT:-360} python3 -m pytest -q -p no:cacheprovider --tb=short -rf --maxfail=${GPU_MAXFAIL:-5} -m gpu "$REPO/tests/gpu" 2>&1 \
-    | tee "$OUT/gpu.log" | grep -vE "^(tests|/)" | tail -40
+  log "GPU kernel tests"
+  XLA_FLAGS=--xla_gpu_autotune_level=0 timeout ${GPU_TIMEOUT:-420} python3 -m pytest -q \
+    -p no:cacheprovider --tb=short -rf --maxfail=${GPU_MAXFAIL:-8} -m gpu \
+    $(printf "$REPO/%s " ${GPU_TESTS:-tests/gpu}) 2>&1 \
+    | tee "$OUT/gpu.log" | grep -vE "^(tests|/)" | tail -45
+  [ "${PIPESTATUS[0]}" -eq 0 ] || fail gpu
 fi
-if has memcheck; then
-  log "compute-sanitizer memcheck, dense decode subset (our kernels only)"
-  XLA_FLAGS=--xla_gpu_autotune_level=0 XLA_PYTHON_CLIENT_ALLOCATOR=platform \
-    timeout ${MEMCHECK_TIMEOUT:-150} compute-sanitizer --tool memcheck \
-    --kernel-name kns=jfm --print-limit 20 \
-    python3 "$REPO/tests/gpu/memcheck_dense_decode.py" 2>&1 | tee "$OUT/memcheck.log" | tail -12
+for tool in memcheck racecheck; do
+  has $tool || continue
+  log "compute-sanitizer $tool: every kernel (tests/gpu/sanitize_kernels.py)"
+  env $SAN timeout ${SAN_TIMEOUT:-240} compute-sanitizer --tool $tool --kernel-name kns=jfm \
+    --print-limit 20 --error-exitcode 9 python3 "$REPO/tests/gpu/sanitize_kernels.py" 2>&1 \
+    | tee "$OUT/$tool.log" | tail -8
+  [ "${PIPESTATUS[0]}" -eq 0 ] || fail $tool
+done
+if has ab && [ -f "$REPO/.abase/base.tar" ]; then
+  log "A/B: this build against the carried base build, same cases, each in its own process"
+  rm -rf /tmp/abase && mkdir -p /tmp/abase/src && tar xf "$REPO/.abase/base.tar" -C /tmp/abase/src
+  (cd /tmp/abase/src && python3 -m pip install -q --no-build-isolation --no-deps \
+     --target /tmp/abase/site . > "$OUT/ab_build.log" 2>&1) || fail ab-build
+  for side in base this; do
+    if [ $side = base ]; then root=/tmp/abase/src; pp=/tmp/abase/site; else root=$REPO; pp=""; fi
+    echo "--- $side"
+    PYTHONPATH=$pp python3 "$root/benchmarks/bench_decode.py" --no-xla --no-loop \
+      ${BENCH_AB_ARGS:-} 2>&1 | tee "$OUT/ab_$side.log" | tail -14
+  done
 fi
 if has ncu; then
   log "Nsight Compute: dense decode main kernel, h_q 128 and h_q 16 (b 128, s_k 4096 varlen)"
   for hq in 128 16; do
-    timeout 150 ncu --kernel-name regex:dense_decode_v --launch-skip 2 --launch-count 1 \
+    timeout 150 ncu --kernel-name regex:dense_decode_kernel --launch-skip 2 --launch-count 1 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
       --section SchedulerStats --section Occupancy \
       --metrics "dram__bytes_read.sum,lts__t_sector_hit_rate.pct,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_elapsed,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
       python3 "$REPO/benchmarks/profile_decode.py" --h_q $hq > "$OUT/ncu_h$hq.txt" 2>&1
-    grep -E "Duration|DRAM Throughput|dram__bytes_read|hit_rate|gmma|Memory Throughput|Compute \(SM\)|Warp Cycles|No Eligible|L2 Hit|stalled_(barrier|long|wait|math|mio|short|lg|membar|sleeping|dispatch|no_inst|not_sel|selected)|==ERR|rror" "$OUT/ncu_h$hq.txt" | head -45
+    grep -E "Duration|DRAM Throughput|dram__bytes_read|hit_rate|gmma|Compute \(SM\)|No Eligible|stalled_(barrier|long|wait|math|mio|short|lg|no_inst|not_sel|selected)|==ERR|rror" "$OUT/ncu_h$hq.txt" | head -30
   done
 fi
-if has bench && [ -f "$REPO/benchmarks/bench_decode.py" ]; then
-  log "benchmarks"
-  python3 "$REPO/benchmarks/bench_decode.py" ${BENCH_ARGS:-} --out "$OUT/bench.json" 2>&1 \
+if has bench; then
+  log "benchmarks (${BENCH_CMD:-python3 benchmarks/bench_decode.py})"
+  ${BENCH_CMD:-python3 "$REPO/benchmarks/bench_decode.py" --out "$OUT/bench.json"} 2>&1 \
     | tee "$OUT/bench.log" | tail -40
+  [ "${PIPESTATUS[0]}" -eq 0 ] || fail bench
 fi
 if has example; then
-  log "main job: DeepSeek decode example on the GPU, then its profile trace"
-  python3 "$REPO/examples/quickstart.py" --batch 64 --seqlen 4096 --heads 128 2>&1 | tee "$OUT/example.log"
-  python3 "$REPO/examples/deepseek_decode.py" 2>&1 | tee -a "$OUT/example.log" | tail -8
-  python3 "$REPO/examples/deepseek_decode.py" --max-new-tokens 8 --profile /tmp/jfm-trace \
-    > /dev/null 2>&1 && python3 - <<'PY' 2>&1 | tee -a "$OUT/example.log"
-import glob, gzip, re
-names = {}
-for f in glob.glob("/tmp/jfm-trace/**/*.trace.json.gz", recursive=True):
-    for m in re.findall(rb'jax_flashmla_[a-z_]+|layer_[0-9]+/attention', gzip.open(f).read()):
-        names[m.decode()] = names.get(m.decode(), 0) + 1
-print("trace events by name:", dict(sorted(names.items())) or "NONE FOUND")
-PY
+  log "main job: quickstart and the DeepSeek decode example (V3, V3.2 sparse) on the GPU"
+  python3 "$REPO/examples/quickstart.py" --batch 64 --seqlen 4096 --heads 128 2>&1 | tee "$OUT/example.log" \
+    || fail example
+  for flags in "" "--sparse --fp8"; do
+    python3 "$REPO/examples/deepseek_decode.py" $flags 2>&1 | tee -a "$OUT/example.log" | tail -6
+    [ "${PIPESTATUS[0]}" -eq 0 ] || fail "example $flags"
+  done
 fi
-log "done"
+log "done (rc $rc)"
+exit $rc

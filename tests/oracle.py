@@ -181,3 +181,37 @@ def random_paged_cache(rng, *, b, seqlens, block_size, h_kv, d, num_extra_blocks
             cache[perm[nxt], :rows] = rng.standard_normal((rows, h_kv, d))
             nxt += 1
     return cache.astype(dtype), table
+
+
+# ----------------------------------------------------------------------------------------------
+# The split-KV schedule, as plain Python (the algorithm of csrc/kernels/decode/scheduler.cu and of
+# its pure-JAX twin jax_flashmla.ops.metadata.schedule_reference), for checking both.
+
+def schedule(seqlens, num_parts: int, *, tile: int = 64, overhead: int = 5, width: int = 8):
+    lens = np.asarray(seqlens, np.int64)
+    b = lens.shape[0]
+    nb = np.where(lens > 0, (lens + tile - 1) // tile, 0)
+    total = int(np.sum(nb + overhead))
+    payload = -(-total // num_parts) + overhead
+    meta = np.zeros((num_parts, width), np.int32)
+    ns = np.zeros((b + 1,), np.int32)
+    seq = blk = split = cum = 0
+    for part in range(num_parts):
+        begin = (seq, blk, split)
+        remain = 2**30 - 1 if part == num_parts - 1 else payload
+        while seq < b:
+            left = nb[seq] - blk
+            if remain >= left + overhead:
+                cum += split + 1
+                ns[seq + 1] = cum
+                remain -= left + overhead
+                seq, blk, split = seq + 1, 0, 0
+            else:
+                if remain - overhead > 0:
+                    blk += remain - overhead
+                    split += 1
+                break
+        end_seq = seq if blk > 0 else seq - 1
+        end_blk = blk if blk > 0 else (nb[seq - 1] if seq > 0 else 0)
+        meta[part] = [begin[0], begin[1], end_seq, end_blk, begin[2], 0, 0, 0]
+    return meta, ns

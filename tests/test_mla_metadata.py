@@ -1,16 +1,22 @@
 """The split-KV schedule on CPU: the pure-JAX twin (the CPU lowering of get_mla_metadata) equals the
-plain-Python algorithm, and the schedule it describes covers every KV tile of every sequence exactly
-once, with num_splits counting the chunks. The CUDA scheduler kernel is checked against the same
-algorithm in tests/gpu/test_dense_decode_gpu.py. Also: which calls the dense kernel refuses."""
+plain-Python algorithm (tests/oracle.py), and the schedule it describes covers every KV tile of
+every sequence exactly once, with num_splits counting the chunks. The CUDA scheduler kernel is
+checked against the same algorithm in tests/gpu/. Also: which calls each kernel refuses, schedules
+made for other calls are refused at trace time, and the built extension's constants agree with
+ops/kernels/limits.py."""
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jax_flashmla
-from jax_flashmla.ops import _dense_decode_kernel as K
+import oracle
 from jax_flashmla.ops import metadata as M
 from jax_flashmla.ops.decode import DecodeConfig
+from jax_flashmla.ops.kernels import dense_decode, limits, sparse_decode, sparse_prefill
+from jax_flashmla.ops.prefill import PrefillConfig
 
 
 def _coverage(lens, meta, ns):
@@ -40,7 +46,7 @@ def test_schedule_twin_and_coverage(rng, b, parts):
             lens[::3] = 0
         if trial == 2:
             lens[:] = rng.integers(0, 3, size=b)
-        want_meta, want_ns = M.numpy_schedule(lens, parts)
+        want_meta, want_ns = oracle.schedule(lens, parts)
         got = jax.jit(M.schedule_reference, static_argnums=1)(jnp.asarray(lens), parts)
         np.testing.assert_array_equal(np.asarray(got.tile_scheduler_metadata), want_meta)
         np.testing.assert_array_equal(np.asarray(got.num_splits), want_ns)
@@ -55,10 +61,68 @@ def test_get_mla_metadata_shapes_and_parts():
     meta = jax_flashmla.get_mla_metadata(lens, s_q=1, h_q=128, h_kv=1, num_sms=132)
     assert meta.tile_scheduler_metadata.shape == (66, 8)   # 132 SMs / 2 row blocks of 64
     assert meta.num_splits.shape == (4,)
-    assert M.num_sm_parts(s_q=2, h_q=128, h_kv=1, num_sms=132) == 33
-    assert M.num_sm_parts(s_q=1, h_q=16, h_kv=1, num_sms=78) == 78
-    assert M.num_sm_parts(s_q=1, h_q=64, h_kv=8, num_sms=132) == 16
-    np.testing.assert_array_equal(np.asarray(meta.num_splits), M.numpy_schedule(np.asarray(lens), 66)[1])
+    assert meta.schedule == M.Schedule("dense", 1, 128, 1, None, None, 66)
+    assert M.num_sm_parts(rows_per_kv_head=2 * 128, num_sms=132) == 33
+    assert M.num_sm_parts(rows_per_kv_head=16, num_sms=78) == 78
+    assert M.num_sm_parts(rows_per_kv_head=8, h_kv=8, num_sms=132) == 16
+    np.testing.assert_array_equal(np.asarray(meta.num_splits), oracle.schedule(np.asarray(lens), 66)[1])
+    tiles, splits = meta   # unpacks like FlashMLA's pair
+    assert tiles is meta.tile_scheduler_metadata and splits is meta.num_splits
+
+
+def test_sparse_schedule_covers_every_query_token():
+    """Sparse decode schedules the b * s_q query tokens, each of topk (padded to whole tiles) +
+    extra_topk positions."""
+    lens = jnp.asarray([5, 0, 700], jnp.int32)
+    meta = jax_flashmla.get_mla_metadata(lens, s_q=2, h_q=128, topk=100, extra_topk=70,
+                                         num_sms=132)
+    assert meta.schedule == M.Schedule("sparse", 2, 128, 1, 100, 70, 66)
+    positions = 128 + 70
+    want_meta, want_ns = oracle.schedule(np.full(6, positions), 66)
+    np.testing.assert_array_equal(np.asarray(meta.tile_scheduler_metadata), want_meta)
+    np.testing.assert_array_equal(np.asarray(meta.num_splits), want_ns)
+    cover, _ = _coverage(np.full(6, positions), want_meta, want_ns)
+    assert all((c == 1).all() for c in cover)
+
+
+def test_metadata_made_for_another_call_is_refused():
+    b, h_q = 3, 16
+    q = jnp.ones((b, 1, h_q, 576), jnp.bfloat16)
+    kv = jnp.ones((4, 64, 1, 576), jnp.bfloat16)
+    table = jnp.zeros((b, 2), jnp.int32)
+    lens = jnp.full((b,), 70, jnp.int32)
+    other_heads = jax_flashmla.get_mla_metadata(lens, h_q=128)
+    with pytest.raises(ValueError, match=r"mla_decode: metadata: .*'h_q': 128"):
+        jax_flashmla.mla_decode(q, kv, table, lens, metadata=other_heads)
+    sparse_md = jax_flashmla.get_mla_metadata(lens, h_q=h_q, topk=64)
+    with pytest.raises(ValueError, match=r"mla_decode: metadata: .*'mode': 'sparse'"):
+        jax_flashmla.mla_decode(q, kv, table, lens, metadata=sparse_md)
+    idx = jnp.zeros((b, 1, 128), jnp.int32)
+    with pytest.raises(ValueError, match=r"mla_decode: metadata: .*'topk': 64"):
+        jax_flashmla.mla_decode(q, kv, indices=idx, metadata=sparse_md)
+    # The right one passes, and so does a hand-built pair of the right shapes.
+    jax_flashmla.mla_decode(q, kv, indices=idx,
+                            metadata=jax_flashmla.get_mla_metadata(lens, h_q=h_q, topk=128))
+    jax_flashmla.mla_decode(q, kv, table, lens, metadata=jax_flashmla.MLAMetadata(
+        *jax_flashmla.get_mla_metadata(lens, h_q=h_q)))
+
+
+def test_get_mla_metadata_bad_input():
+    lens = jnp.asarray([5, 0], jnp.int32)
+    with pytest.raises(ValueError, match="get_mla_metadata: implementation"):
+        jax_flashmla.get_mla_metadata(lens, h_q=16, implementation="fast")
+    with pytest.raises(ValueError, match="get_mla_metadata: h_kv: expected 1 for sparse"):
+        jax_flashmla.get_mla_metadata(lens, h_q=16, h_kv=2, topk=64)
+    with pytest.raises(ValueError, match="get_mla_metadata: extra_topk"):
+        jax_flashmla.get_mla_metadata(lens, h_q=16, extra_topk=64)
+    with pytest.raises(ValueError, match="get_mla_metadata: cache_seqlens"):
+        jax_flashmla.get_mla_metadata(lens.astype(jnp.int64 if jax.config.x64_enabled else jnp.float32), h_q=16)
+
+
+def test_kernel_forced_on_cpu_raises_for_the_scheduler():
+    lens = jax.device_put(jnp.asarray([5, 0], jnp.int32), jax.devices("cpu")[0])
+    with pytest.raises(ValueError, match="get_mla_metadata: implementation='kernel' needs a Hopper"):
+        jax.jit(lambda l: jax_flashmla.get_mla_metadata(l, h_q=16, implementation="kernel"))(lens)
 
 
 def _avals(**shapes):
@@ -74,6 +138,7 @@ def _config(**kw):
 
 
 def test_kernel_coverage_reasons():
+    K = dense_decode
     ok = _avals(q=((2, 1, 16, 576), jnp.bfloat16), kv=((10, 64, 1, 576), jnp.bfloat16),
                 bt=((2, 5), jnp.int32), sl=((2,), jnp.int32))
     assert K.unsupported_reason(_config(), ok) is None
@@ -83,17 +148,49 @@ def test_kernel_coverage_reasons():
     assert "head_dim_v" in K.unsupported_reason(_config(head_dim_v=448), ok)
     d512 = _avals(q=((2, 1, 16, 512), jnp.bfloat16), kv=((10, 64, 1, 512), jnp.bfloat16),
                   bt=((2, 5), jnp.int32), sl=((2,), jnp.int32))
-    assert "d_qk 512" in K.unsupported_reason(_config(), d512)
+    assert "d_qk 576" in K.unsupported_reason(_config(), d512)
     page32 = _avals(q=((2, 1, 16, 576), jnp.float16), kv=((10, 32, 1, 576), jnp.float16),
                     bt=((2, 5), jnp.int32), sl=((2,), jnp.int32))
-    assert "page block 32" in K.unsupported_reason(_config(), page32)
+    assert "page size 64" in K.unsupported_reason(_config(), page32)
     sink = _config(present=("q", "kv_cache", "block_table", "cache_seqlens", "attn_sink"))
     assert "attn_sink" in K.unsupported_reason(sink, ok + _avals(s=((16,), jnp.float32)))
 
 
-def test_workspace_size():
-    o, l = K.workspace_avals(b=3, s_q=2, h_q=16, num_parts=10)
-    assert o.shape == ((3 + 10) * 16 * 2 * 512,) and l.shape == ((3 + 10) * 16 * 2,)
+def test_sparse_kernel_coverage_reasons():
+    K = sparse_decode
+    present = ("q", "kv_cache", "indices")
+    sparse = _config(mode="sparse", kv_format="fp8", present=present)
+    v32 = _avals(q=((2, 2, 16, 576), jnp.bfloat16), kv=((10, 61, 1, 656), jnp.uint8),
+                 i=((2, 2, 100), jnp.int32))
+    assert K.unsupported_reason(sparse, v32) is None
+    assert "dense" in K.unsupported_reason(_config(), v32)
+    v4 = _avals(q=((2, 1, 3, 512), jnp.bfloat16), kv=((10, 2, 1, 584), jnp.uint8),
+                i=((2, 1, 1), jnp.int32))
+    assert K.unsupported_reason(sparse, v4) is None
+    fp16 = _avals(q=((2, 1, 16, 576), jnp.float16), kv=((10, 64, 1, 576), jnp.float16),
+                  i=((2, 1, 8), jnp.int32))
+    assert "bf16 queries" in K.unsupported_reason(_config(mode="sparse", present=present), fp16)
+    hkv2 = _avals(q=((2, 1, 16, 576), jnp.bfloat16), kv=((10, 64, 2, 576), jnp.bfloat16),
+                  i=((2, 1, 8), jnp.int32))
+    assert "h_kv 1" in K.unsupported_reason(_config(mode="sparse", present=present), hkv2)
+    prefill = PrefillConfig(head_dim_v=512, softmax_scale=0.1, implementation=None,
+                            present=("q", "kv", "indices"))
+    ok = _avals(q=((7, 5, 512), jnp.bfloat16), kv=((30, 1, 512), jnp.bfloat16),
+                i=((7, 1, 3), jnp.int32))
+    assert sparse_prefill.unsupported_reason(prefill, ok) is None
+    d192 = _avals(q=((7, 5, 192), jnp.bfloat16), kv=((30, 1, 192), jnp.bfloat16),
+                  i=((7, 1, 3), jnp.int32))
+    assert "d_qk" in sparse_prefill.unsupported_reason(prefill, d192)
+
+
+def test_extension_constants_match_limits():
+    """csrc/kernels/params.h is the truth; where the extension is built (CI compiles it), its
+    constants must equal ops/kernels/limits.py (jax_flashmla._ffi refuses a build that differs)."""
+    try:
+        module = importlib.import_module("jax_flashmla._jax_flashmla_cuda")
+    except ImportError:
+        pytest.skip("the CUDA extension is not built here")
+    assert module.constants() == limits.ALL
 
 
 def test_schedule_inside_shard_map_passes_check_vma():

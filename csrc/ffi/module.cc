@@ -1,9 +1,9 @@
-// The Python extension module: exports the XLA FFI handlers as capsules, plus the facts the
-// Python side needs to decide whether the kernels can run (built arch, CUDA runtime version).
-#include <cuda_runtime_api.h>
+// The Python extension module: exports the XLA FFI handlers as capsules and the kernels' shared
+// constants (jax_flashmla/_ffi.py checks them against jax_flashmla/ops/kernels/limits.py).
 #include <pybind11/pybind11.h>
 
 #include "ffi/handlers.h"
+#include "kernels/params.h"
 #include "xla/ffi/api/c_api.h"
 
 namespace py = pybind11;
@@ -21,11 +21,17 @@ PYBIND11_MODULE(_jax_flashmla_cuda, m) {
 #undef JFM_EXPORT
     return targets;
   });
-  m.def("cuda_runtime_version", []() {
-    int version = 0;
-    cudaRuntimeGetVersion(&version);
-    return version;
+  m.def("constants", []() {
+    py::dict c;
+    c["META_INTS"] = jfm::kMetaInts;
+    c["TILE_TOKENS"] = jfm::kTileTokens;
+    c["PAGE_BLOCK"] = jfm::kPageBlock;
+    c["FIXED_OVERHEAD"] = jfm::kFixedOverhead;
+    c["BLOCK_M"] = jfm::kBlockM;
+    c["D_V"] = jfm::kDv;
+    c["DENSE_D_QK"] = jfm::kDenseDqk;
+    c["MAX_SCHEDULER_BATCH"] = jfm::kMaxSchedulerBatch;
+    c["MAX_GRID_Y"] = jfm::kMaxGridY;
+    return c;
   });
-  // Compute capabilities this module carries machine code for (see CMakeLists.txt).
-  m.attr("built_archs") = py::make_tuple("sm_90a");
 }

@@ -3,8 +3,9 @@ with one clear warning on fallback), partitioning under a sharded jit (through o
 the vmap fallback, and the refusal to differentiate.
 
 An op module states only what is specific to it: its abstract eval, its reference (from
-jax_flashmla.reference), its kernel module (an object with ``unsupported_reason(config, avals_in)``
-and ``lower(ctx, *operands, config)``), its batching rule and its dimension layout for sharding.
+jax_flashmla.reference), its kernels (an ordered tuple of modules from ops/kernels/, each with
+``NAME``, ``unsupported_reason(config, avals_in)`` and ``lower(ctx, *operands, config)``: the first
+that covers a call runs it), its batching rule and its dimension layout for sharding.
 """
 from __future__ import annotations
 
@@ -68,27 +69,33 @@ def _warn_once(op: str, reason: str) -> None:
                   "it an error.", KernelFallbackWarning, stacklevel=2)
 
 
-def kernel_unsupported_reason(kernel, config, avals_in) -> str | None:
-    """Why the kernel cannot run this call (None when it can)."""
-    if kernel is None:
-        return "no CUDA kernel implements this op yet"
+def choose_kernel(kernels, config, avals_in):
+    """(the first kernel that covers this call, None) or (None, why none does)."""
+    if not kernels:
+        return None, "no CUDA kernel implements this op yet"
     ok, why = _ffi.kernels_available()
     if not ok:
-        return why
-    return kernel.unsupported_reason(config, avals_in)
+        return None, why
+    reasons = []
+    for kernel in kernels:
+        reason = kernel.unsupported_reason(config, avals_in)
+        if reason is None:
+            return kernel, None
+        reasons.append(f"the {kernel.NAME} kernel does not cover this call: {reason}")
+    return None, "; ".join(reasons)
 
 
 def define_primitive(name: str, *, abstract_eval: Callable, reference: Callable,
-                     batching_rule: Callable, sharding: _sharding.OpLayout,
-                     kernel_module: Callable[[], object] | None = None,
-                     op_name: str | None = None) -> Primitive:
+                     batching_rule: Callable, sharding: _sharding.OpLayout | None = None,
+                     kernels: tuple = (), op_name: str | None = None) -> Primitive:
     """A multiple-result primitive whose params are one ``config`` (a frozen dataclass with an
     ``implementation`` field and a ``present`` tuple of the operand names bound).
     ``reference(*operands, config=...)`` is its CPU lowering and the fallback of its CUDA
-    lowering; ``kernel_module()`` returns the kernel's Python side (or None).
+    lowering; ``kernels`` are tried in order (ops/kernels/).
 
-    ``sharding`` is the op's dimension layout (ops/_sharding.py). Two primitives are made, and the
-    *outer* one is returned, the one the public function binds (through ``bind``):
+    Without ``sharding`` (the scheduler: tiny, replicated under a sharded jit) one primitive is
+    made and returned. With it (ops/_sharding.py's dimension layout) two primitives are made, and
+    the *outer* one is returned, the one the public function binds (through ``bind``):
       * inner (``<name>_shard``, ``outer.inner``): single-device; lowered to the reference or the
         FFI kernel; what each shard runs;
       * outer: same abstract eval; lowered through ``custom_partitioning`` (Shardy rule + GSPMD
@@ -113,9 +120,8 @@ def define_primitive(name: str, *, abstract_eval: Callable, reference: Callable,
     def cuda_lowering(ctx, *operands, config):
         if config.implementation == "reference":
             return reference_lowering(ctx, *operands, config=config)
-        kernel = kernel_module() if kernel_module is not None else None
-        reason = kernel_unsupported_reason(kernel, config, ctx.avals_in)
-        if reason is None:
+        kernel, reason = choose_kernel(kernels, config, ctx.avals_in)
+        if kernel is not None:
             return kernel.lower(ctx, *operands, config=config)
         if config.implementation == "kernel":
             raise ValueError(f"jax_flashmla.{op_name}: implementation='kernel' but {reason}")
@@ -132,6 +138,9 @@ def define_primitive(name: str, *, abstract_eval: Callable, reference: Callable,
             "use jax_flashmla.reference for a differentiable version.")
 
     ad.primitive_jvps[inner] = no_differentiation
+    if sharding is None:
+        batching.primitive_batchers[inner] = batching_rule
+        return inner
 
     def drop_operands(config, names):
         return dataclasses.replace(config, present=tuple(n for n in config.present
@@ -166,7 +175,6 @@ def define_primitive(name: str, *, abstract_eval: Callable, reference: Callable,
     ad.primitive_jvps[outer] = no_differentiation
     outer.inner = inner
     outer.partitioned = partitioned
-    outer.layout = sharding
     return outer
 
 

@@ -7,8 +7,6 @@ primitive with only the operands present; the primitive's rules live below it.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +14,8 @@ import jax.numpy as jnp
 from jax_flashmla import kv_cache as _kvc
 from jax_flashmla import reference as _ref
 from jax_flashmla.ops import _primitive, _sharding
+from jax_flashmla.ops import metadata as _meta
+from jax_flashmla.ops.kernels import dense_decode, sparse_decode
 from jax_flashmla.ops.metadata import MLAMetadata
 
 # Operand order of the primitive; a call binds the subset it has, in this order.
@@ -32,7 +32,7 @@ class DecodeConfig:
     head_dim_v: int
     softmax_scale: float
     causal: bool
-    kv_format: str              # "bf16" (the cache has q's dtype, bf16 or fp16) | "fp8" (uint8)
+    kv_format: str              # "bf16" (a 16-bit cache of q's dtype: bf16 or fp16) | "fp8" (uint8)
     implementation: str | None  # None (automatic) | "kernel" | "reference"
     present: tuple[str, ...]    # operand names bound, in OPERANDS order
 
@@ -81,6 +81,32 @@ def _check_pool(name, cache, q, kv_format, d_qk):
     if cache.shape[0] < 1 or cache.shape[1] < 1:
         _fail(name, "at least one block of at least one token", f"shape {_shape_of(cache)}")
     return cache.shape[2]
+
+
+def _check_metadata(metadata, mode, *, b, s_q, h_q, h_kv, topk, extra_topk):
+    """A schedule made for other shapes (or the other mode) is caught here, at trace time."""
+    if not isinstance(metadata, MLAMetadata):
+        _fail("metadata", "an MLAMetadata from get_mla_metadata (or None)", type(metadata))
+    tiles, splits = metadata
+    if tiles.dtype != jnp.int32 or tiles.ndim != 2:
+        _fail("metadata.tile_scheduler_metadata", "int32 [num_sm_parts, width]",
+              f"{tiles.dtype} {_shape_of(tiles)}")
+    seqs = b if mode == "dense" else b * s_q
+    _check_int32("metadata.num_splits", splits, (seqs + 1,))
+    made = metadata.schedule
+    if made is None:   # hand-built (e.g. FlashMLA's spelling): only the shapes can be checked
+        return
+    want = (_meta.dense_schedule(s_q=s_q, h_q=h_q, h_kv=h_kv) if mode == "dense" else
+            _meta.sparse_schedule(s_q=s_q, h_q=h_q, topk=topk, extra_topk=extra_topk))
+    fields = ("mode", "s_q", "h_q", "h_kv", "topk", "extra_topk")
+    diff = {f: getattr(made, f) for f in fields if getattr(made, f) != getattr(want, f)}
+    if diff:
+        call = {f: getattr(want, f) for f in diff}
+        hint = ("get_mla_metadata(cache_seqlens, s_q=..., h_q=..., topk=indices.shape[-1], "
+                "extra_topk=extra_indices.shape[-1])" if mode == "sparse" else
+                "get_mla_metadata(cache_seqlens, s_q=..., h_q=..., h_kv=...)")
+        _fail("metadata", f"a schedule made for this call ({call}); make it with {hint}",
+              f"one made for {diff}")
 
 
 def mla_decode(q, kv_cache, block_table=None, cache_seqlens=None, *, head_dim_v: int = 512,
@@ -182,14 +208,11 @@ def mla_decode(q, kv_cache, block_table=None, cache_seqlens=None, *, head_dim_v:
     elif extra_topk_length is not None:
         _fail("extra_topk_length", "None without extra_kv_cache", "an array")
     if metadata is not None:
-        if not isinstance(metadata, MLAMetadata):
-            _fail("metadata", "an MLAMetadata from get_mla_metadata (or None)", type(metadata))
-        tiles, splits = metadata
-        if tiles.dtype != jnp.int32 or tiles.ndim != 2:
-            _fail("metadata.tile_scheduler_metadata", "int32 [num_sm_parts, width]",
-                  f"{tiles.dtype} {_shape_of(tiles)}")
-        _check_int32("metadata.num_splits", splits, (b + 1,))
-        operands.update(tile_scheduler_metadata=tiles, num_splits=splits)
+        _check_metadata(metadata, mode, b=b, s_q=s_q, h_q=h_q, h_kv=h_kv,
+                        topk=indices.shape[-1] if indices is not None else None,
+                        extra_topk=extra_indices.shape[-1] if extra_indices is not None else None)
+        operands.update(tile_scheduler_metadata=metadata.tile_scheduler_metadata,
+                        num_splits=metadata.num_splits)
 
     present = tuple(name for name in OPERANDS if name in operands)
     config = DecodeConfig(mode=mode, head_dim_v=head_dim_v, softmax_scale=softmax_scale,
@@ -259,13 +282,7 @@ def _batching_rule(args, dims, *, config: DecodeConfig):
     return [_primitive.unfold_batch(out, size), _primitive.unfold_batch(lse, size)], [0, 0]
 
 
-def _kernel_module():
-    """The dense-decode kernel's Python side, once it exists in this tree (None before)."""
-    name = "jax_flashmla.ops._dense_decode_kernel"
-    return importlib.import_module(name) if importlib.util.find_spec(name) else None
-
-
 mla_decode_p = _primitive.define_primitive(
     "jax_flashmla_mla_decode", abstract_eval=_abstract_eval, reference=_reference,
-    batching_rule=_batching_rule, kernel_module=_kernel_module, op_name="mla_decode",
+    batching_rule=_batching_rule, kernels=(dense_decode, sparse_decode), op_name="mla_decode",
     sharding=_sharding.DECODE)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from jax_flashmla import reference as _ref
 from jax_flashmla.ops import _primitive, _sharding
+from jax_flashmla.ops.kernels import sparse_prefill
 
 OPERANDS = ("q", "kv", "indices", "attn_sink", "topk_length")
 
@@ -115,5 +116,5 @@ def _batching_rule(args, dims, *, config: PrefillConfig):
 
 sparse_mla_prefill_p = _primitive.define_primitive(
     "jax_flashmla_sparse_mla_prefill", abstract_eval=_abstract_eval, reference=_reference,
-    batching_rule=_batching_rule, kernel_module=None, op_name="sparse_mla_prefill",
+    batching_rule=_batching_rule, kernels=(sparse_prefill,), op_name="sparse_mla_prefill",
     sharding=_sharding.SPARSE_PREFILL)

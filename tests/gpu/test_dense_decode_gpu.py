@@ -1,15 +1,12 @@
-"""GPU tests of the dense SM90 decode kernel (csrc/kernels/sm90/dense_decode) against the pure-JAX
+"""GPU tests of the dense SM90 decode kernel (csrc/kernels/sm90/decode/dense) against the pure-JAX
 reference run on the same GPU in float32 (HIGHEST precision), plus a float64 NumPy oracle on a few
 cases. Fresh random inputs per case, unused cache rows and whole unused pages full of NaN,
-block-table entries past a sequence's end out of range, outputs' memory poisoned before each run.
-
-Skipped cleanly unless jax sees a Hopper GPU and the CUDA extension is built.
+block-table entries past a sequence's end out of range, outputs' memory poisoned before each run
+(tests/gpu/cases.py). Skipped cleanly unless jax sees a Hopper GPU and the extension is built.
 """
 from __future__ import annotations
 
-import functools
 import itertools
-import math
 
 import numpy as np
 import pytest
@@ -18,133 +15,12 @@ import jax
 import jax.numpy as jnp
 
 import jax_flashmla
-from jax_flashmla.ops import metadata as M
+from cases import D_V, check, compare_dense as _run_and_compare, dense_case as make_case
+from cases import require_kernels, run_dense as run_kernel
 
 pytestmark = pytest.mark.gpu
-
-_ok, _why = (False, "jax has no GPU")
-try:
-    if jax.devices()[0].platform == "gpu":
-        _ok, _why = jax_flashmla.kernels_available()
-except RuntimeError as e:  # pragma: no cover
-    _why = str(e)
-if not _ok:
-    pytest.skip(f"dense decode GPU tests need a Hopper GPU with the built kernels: {_why}",
-                allow_module_level=True)
-
-PAGE = 64
-D_QK, D_V = 576, 512
-
-
-def _lengths(rng, b, s_k, varlen, zero_frac=0.0):
-    if varlen:
-        lens = rng.normal(s_k, s_k / 2, size=b).round().astype(np.int64)
-        lens = np.clip(lens, 1, 2 * s_k)
-    else:
-        lens = np.full(b, s_k, np.int64)
-    if zero_frac:
-        lens[rng.random(b) < zero_frac] = 0
-        lens[0] = 0
-    return lens.astype(np.int32)
-
-
-def make_case(seed, b, s_q, h_q, h_kv, s_k, varlen, dtype, zero_frac=0.0):
-    """Random inputs on the device; NaN in every cache row no sequence owns; table tails out of
-    range (a mix of large, negative and just-past-the-end ids)."""
-    rng = np.random.default_rng(seed)
-    lens = _lengths(rng, b, s_k, varlen, zero_frac)
-    nblk = -(-lens.astype(np.int64) // PAGE)
-    max_blocks = int(nblk.max()) + 2
-    total = int(nblk.sum())
-    num_blocks = total + 3
-    perm = rng.permutation(num_blocks)
-    table = rng.choice(np.array([num_blocks, num_blocks + 7, 2**31 - 1, -1, -2**31], np.int64),
-                       size=(b, max_blocks)).astype(np.int32)
-    valid_rows = np.zeros((num_blocks, PAGE), bool)
-    k = 0
-    for i in range(b):
-        for j in range(nblk[i]):
-            blk = perm[k]
-            k += 1
-            table[i, j] = blk
-            n = min(PAGE, lens[i] - j * PAGE)
-            valid_rows[blk, :n] = True
-    kq, kk = jax.random.split(jax.random.PRNGKey(seed))
-    q = jax.random.normal(kq, (b, s_q, h_q, D_QK), jnp.float32).astype(dtype)
-    kv = jax.random.normal(kk, (num_blocks, PAGE, h_kv, D_QK), jnp.float32).astype(dtype)
-    kv = jnp.where(jnp.asarray(valid_rows)[:, :, None, None], kv, jnp.nan).astype(dtype)
-    return dict(q=q, kv=kv, table=jnp.asarray(table), lens=jnp.asarray(lens), np_lens=lens,
-                np_table=table)
-
-
-@functools.lru_cache(maxsize=None)
-def _kernel_fn(causal, with_meta):
-    if with_meta:
-        def f(q, kv, table, lens, meta):
-            return jax_flashmla.mla_decode(q, kv, table, lens, causal=causal, metadata=meta,
-                                           implementation="kernel")
-    else:
-        def f(q, kv, table, lens):
-            return jax_flashmla.mla_decode(q, kv, table, lens, causal=causal,
-                                           implementation="kernel")
-    return jax.jit(f)
-
-
-@functools.lru_cache(maxsize=None)
-def _reference_fn(causal):
-    return jax.jit(lambda q, kv, table, lens: jax_flashmla.mla_decode(
-        q, kv, table, lens, causal=causal, implementation="reference"))
-
-
-def _poison(shape, dtype):
-    """Fill fresh device memory with NaN and free it, so the next allocation of this size most
-    likely lands on NaN (XLA's allocator reuses freed blocks): unwritten outputs then show."""
-    x = jnp.full(shape, jnp.nan, dtype)
-    x.block_until_ready()
-    del x
-
-
-def run_kernel(case, causal, with_meta):
-    b, s_q, h_q, _ = case["q"].shape
-    h_kv = case["kv"].shape[2]
-    _poison((b, s_q, h_q, D_V), case["q"].dtype)
-    _poison((b, h_q, s_q), jnp.float32)
-    if with_meta:
-        meta = jax_flashmla.get_mla_metadata(case["lens"], s_q=s_q, h_q=h_q, h_kv=h_kv)
-        out, lse = _kernel_fn(causal, True)(case["q"], case["kv"], case["table"], case["lens"], meta)
-    else:
-        out, lse = _kernel_fn(causal, False)(case["q"], case["kv"], case["table"], case["lens"])
-    return np.asarray(out.astype(jnp.float32)), np.asarray(lse)
-
-
-def check(out, lse, ref_out, ref_lse, dtype):
-    assert not np.isnan(out).any(), "NaN in out"
-    assert not np.isnan(lse).any(), "NaN in lse"
-    inf = np.isinf(ref_lse)
-    np.testing.assert_array_equal(lse[inf], ref_lse[inf], err_msg="lse infinities differ")
-    assert np.isfinite(lse[~inf]).all(), "lse infinite where the reference is finite"
-    np.testing.assert_allclose(lse[~inf], ref_lse[~inf], rtol=2e-5, atol=2e-5, err_msg="lse")
-    # Rows with nothing to attend are exactly 0.
-    empty = np.swapaxes(inf, 1, 2)  # [b, s_q, h_q]
-    assert (out[empty] == 0).all(), "out not 0 where nothing is attended"
-    rel_l2 = np.linalg.norm(out - ref_out) / max(np.linalg.norm(ref_out), 1e-30)
-    bound = 1e-2 if dtype == jnp.bfloat16 else 2e-3
-    assert rel_l2 <= bound, f"out relative L2 error {rel_l2:.3g} > {bound}"
-    # Elementwise: bf16 output rounding (2^-8 relative) plus the bf16 P rounding inside.
-    tol = (2.0 ** -7 if dtype == jnp.bfloat16 else 2.0 ** -10)
-    np.testing.assert_allclose(out, ref_out, rtol=4 * tol, atol=4 * tol * float(np.abs(ref_out).max()))
-    return rel_l2
-
-
-def _run_and_compare(seed, b, s_q, h_q, h_kv, s_k, varlen, causal, dtype, with_meta,
-                     zero_frac=0.0):
-    case = make_case(seed, b, s_q, h_q, h_kv, s_k, varlen, dtype, zero_frac)
-    out, lse = run_kernel(case, causal, with_meta)
-    ref_out, ref_lse = _reference_fn(causal)(case["q"], case["kv"], case["table"], case["lens"])
-    ref_out = np.asarray(ref_out.astype(jnp.float32))
-    ref_lse = np.asarray(ref_lse)
-    check(out, lse, ref_out, ref_lse, dtype)
-    return case, out, lse
+require_kernels()
+D_QK = 576
 
 
 # --- The sweep: every (h_q, h_kv) pair x s_q x causal; b, s_k, varlen, dtype and whether the
@@ -212,23 +88,6 @@ def test_bitwise_deterministic():
             np.testing.assert_array_equal(x[1], y[1])
 
 
-@pytest.mark.parametrize("b,parts", [(1, 132), (6, 33), (64, 66), (128, 132), (128, 33), (7, 1)])
-def test_scheduler_kernel_matches_jax_twin(b, parts):
-    rng = np.random.default_rng(b * 1000 + parts)
-    lens = rng.integers(0, 20000, size=b).astype(np.int32)
-    lens[::5] = 0
-    want_meta, want_ns = M.numpy_schedule(lens, parts)
-    num_sms = parts  # h_q 16, s_q 1, h_kv 1 -> one row block -> parts = num_sms
-    got = jax.jit(lambda l: jax_flashmla.get_mla_metadata(l, h_q=16, num_sms=num_sms))(
-        jnp.asarray(lens))
-    twin = jax.jit(lambda l: jax_flashmla.get_mla_metadata(
-        l, h_q=16, num_sms=num_sms, implementation="reference"))(jnp.asarray(lens))
-    np.testing.assert_array_equal(np.asarray(got.tile_scheduler_metadata), want_meta)
-    np.testing.assert_array_equal(np.asarray(got.num_splits), want_ns)
-    np.testing.assert_array_equal(np.asarray(twin.tile_scheduler_metadata), want_meta)
-    np.testing.assert_array_equal(np.asarray(twin.num_splits), want_ns)
-
-
 def test_metadata_is_reused_across_layers_in_one_jit():
     """One schedule, several layers (different q / caches) in one jitted function."""
     b, h_q = 16, 128
@@ -248,13 +107,36 @@ def test_metadata_is_reused_across_layers_in_one_jit():
     qs = [c["q"] for c in cases]
     outs = step(qs, kvs, table, lens)
     for q, kv, (out, lse) in zip(qs, kvs, outs):
-        ref_out, ref_lse = _reference_fn(False)(q, kv, table, lens)
+        ref_out, ref_lse = jax.jit(lambda *a: jax_flashmla.mla_decode(
+            *a, implementation="reference"))(q, kv, table, lens)
         check(np.asarray(out.astype(jnp.float32)), np.asarray(lse),
               np.asarray(ref_out.astype(jnp.float32)), np.asarray(ref_lse), jnp.bfloat16)
 
 
 def test_kernel_is_in_the_compiled_module():
     case = make_case(3, 2, 1, 16, 1, 100, False, jnp.bfloat16)
-    hlo = _kernel_fn(False, False).lower(case["q"], case["kv"], case["table"],
-                                         case["lens"]).as_text()
-    assert "jax_flashmla_dense_decode_auto" in hlo
+    hlo = jax.jit(lambda *a: jax_flashmla.mla_decode(*a, implementation="kernel")).lower(
+        case["q"], case["kv"], case["table"], case["lens"]).as_text()
+    # Without metadata the call schedules itself: the scheduler's custom call, then the kernel's.
+    assert "jax_flashmla_mla_metadata" in hlo and "jax_flashmla_dense_decode" in hlo
+
+
+def test_out_of_range_page_ids_inside_the_length_are_absent():
+    """SEMANTICS.md: a page id outside [0, num_blocks) inside the length marks that page's tokens
+    absent (out of the softmax, never read); lengths clamp to the table's capacity."""
+    case = make_case(31, 4, 2, 16, 1, 300, True, jnp.bfloat16)
+    # Finite everywhere: a length made longer than its sequence reaches rows the generator
+    # poisoned. Absent pages must still not count (zero logits or another page would show).
+    case["kv"] = jnp.where(jnp.isnan(case["kv"]), 0.25, case["kv"]).astype(jnp.bfloat16)
+    table = np.array(case["np_table"])
+    table[0, 1] = case["kv"].shape[0] + 99     # past the pool
+    table[1, 0] = -7                            # negative
+    table[2, :] = -1                            # every page of a sequence
+    lens = np.array(case["np_lens"])
+    lens[3] = table.shape[1] * 64 + 500         # beyond the table's capacity
+    lens[1] = -5                                # negative: empty
+    bad = dict(case, table=jnp.asarray(table), lens=jnp.asarray(lens))
+    for causal in (False, True):
+        out, lse = run_kernel(bad, causal, True)
+        ref_out, ref_lse = run_kernel(bad, causal, False, "reference")
+        check(out, lse, ref_out, ref_lse)

@@ -1,13 +1,14 @@
-// Split-KV combine: merges the partial (out, lse) of a sequence's chunks into the final result.
-// Sequences with a single chunk were written directly by the main kernel and are skipped here.
-// One CTA of 128 threads per (sequence, query row); the partials are merged in a fixed order,
-// so the result is bitwise reproducible.
+// Split-KV combine (any arch): merges the partial (out, lse) of a sequence's chunks into the final
+// result, then applies the attention sink (out *= 1 / (1 + exp(sink[h] - lse)); lse unchanged).
+// Sequences with a single chunk were finished by the main kernel and are skipped here.
+// One CTA of 128 threads per (sequence, row); partials merge in a fixed order, so the result is
+// bitwise reproducible.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cmath>
 
-#include "kernels/common/decode_params.h"
+#include "kernels/params.h"
 
 namespace jfm {
 namespace {
@@ -28,36 +29,39 @@ __device__ __forceinline__ void store4<__half>(__half* dst, float4 v) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(128) dense_combine_kernel(const DenseDecodeParams p) {
+__global__ void __launch_bounds__(128) combine_kernel(const CombineParams p) {
+  static_assert(kDv == 128 * 4, "one float4 per thread");
   const int seq = blockIdx.x;
-  const int row = blockIdx.y;  // kv_head * rows_per_kv + (s * heads_per_kv + h_local)
+  const int row = blockIdx.y;
   const int base = p.num_splits[seq];
   const int nsplit = p.num_splits[seq + 1] - base;
   if (nsplit <= 1) return;
-  const int rows = p.s_q * p.h_q;
-  const int hpk = p.h_q / p.h_kv;
-  const int rows_per_kv = p.s_q * hpk;
+  const RowMap map{p.tokens_per_seq, p.s_q, p.h_q, p.h_q / p.h_kv};
+  const int rows = map.rows_per_seq();
+  const int rows_per_kv = p.tokens_per_seq * map.hpk;
   const int hk = row / rows_per_kv, grow = row % rows_per_kv;
-  const int s = grow / hpk, head = hk * hpk + grow % hpk;
+  const int s_local = grow / map.hpk, head = hk * map.hpk + grow % map.hpk;
 
   float mx = -INFINITY;
   for (int k = 0; k < nsplit; ++k)
     mx = fmaxf(mx, p.lse_accum[static_cast<size_t>(base + k) * rows + row]);
-  T* out = reinterpret_cast<T*>(p.out) +
-           ((static_cast<size_t>(seq) * p.s_q + s) * p.h_q + head) * kDv + threadIdx.x * 4;
-  if (mx == -INFINITY) {
+  T* out = reinterpret_cast<T*>(p.out) + map.out_row(seq, s_local, head) * kDv + threadIdx.x * 4;
+  float* lse_out = p.lse + map.lse_index(seq, s_local, head);
+  if (mx == -INFINITY) {  // nothing attended in any chunk
     store4<T>(out, make_float4(0.f, 0.f, 0.f, 0.f));
-    if (threadIdx.x == 0) p.lse[(static_cast<size_t>(seq) * p.h_q + head) * p.s_q + s] = INFINITY;
+    if (threadIdx.x == 0) *lse_out = INFINITY;
     return;
   }
   float sum = 0.f;
   for (int k = 0; k < nsplit; ++k)
     sum += expf(p.lse_accum[static_cast<size_t>(base + k) * rows + row] - mx);
-  const float inv = 1.f / sum;
+  const float lse = logf(sum) + mx;
+  float scale = 1.f / sum;
+  if (p.attn_sink != nullptr) scale /= 1.f + expf(p.attn_sink[head] - lse);
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
   for (int k = 0; k < nsplit; ++k) {
     const size_t slot_row = static_cast<size_t>(base + k) * rows + row;
-    const float w = expf(p.lse_accum[slot_row] - mx) * inv;
+    const float w = expf(p.lse_accum[slot_row] - mx) * scale;
     const float4 v = *reinterpret_cast<const float4*>(p.o_accum + slot_row * kDv + threadIdx.x * 4);
     acc.x += w * v.x;
     acc.y += w * v.y;
@@ -65,20 +69,19 @@ __global__ void __launch_bounds__(128) dense_combine_kernel(const DenseDecodePar
     acc.w += w * v.w;
   }
   store4<T>(out, acc);
-  if (threadIdx.x == 0)
-    p.lse[(static_cast<size_t>(seq) * p.h_q + head) * p.s_q + s] = logf(sum) + mx;
+  if (threadIdx.x == 0) *lse_out = lse;
 }
 
 }  // namespace
 
 template <typename T>
-cudaError_t launch_dense_combine(const DenseDecodeParams& p, cudaStream_t stream) {
-  dim3 grid(p.batch, p.s_q * p.h_q);
-  dense_combine_kernel<T><<<grid, 128, 0, stream>>>(p);
+cudaError_t launch_combine(const CombineParams& p, cudaStream_t stream) {
+  dim3 grid(p.num_seqs, p.tokens_per_seq * p.h_q);
+  combine_kernel<T><<<grid, 128, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
-template cudaError_t launch_dense_combine<__nv_bfloat16>(const DenseDecodeParams&, cudaStream_t);
-template cudaError_t launch_dense_combine<__half>(const DenseDecodeParams&, cudaStream_t);
+template cudaError_t launch_combine<__nv_bfloat16>(const CombineParams&, cudaStream_t);
+template cudaError_t launch_combine<__half>(const CombineParams&, cudaStream_t);
 
 }  // namespace jfm

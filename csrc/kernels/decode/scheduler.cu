@@ -1,0 +1,92 @@
+// Split-KV scheduler (any arch): spreads one decode step's (sequence, KV tile) work evenly over
+// num_sm_parts persistent CTAs. It depends only on the sequence lengths (dense: cache_seqlens;
+// sparse: one fixed length per query token), so one result serves every layer of a step.
+//
+// Cost model: a sequence of L tokens costs cdiv(L, kTileTokens) tiles plus kFixedOverhead for
+// every chunk of it that some part processes (loading Q, the epilogue, the combine). Parts are
+// filled in order with `payload` = cdiv(total, parts) + overhead units each; a sequence that does
+// not fit in what is left of a part is cut there and continues in the next part (a new split).
+// The last part takes whatever is left, so every tile is assigned whatever the rounding.
+// jax_flashmla/ops/metadata.py holds the pure-JAX twin of this algorithm (same integers).
+#include <climits>
+
+#include "kernels/params.h"
+
+namespace jfm {
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ int tiles_of(int len) {
+  return len > 0 ? (len + kTileTokens - 1) / kTileTokens : 0;
+}
+
+__global__ void __launch_bounds__(kThreads) schedule_kernel(ScheduleParams p) {
+  extern __shared__ int s_tiles[];  // [num_seqs] tiles per sequence
+  __shared__ int s_partial[kThreads];
+  int local = 0;
+  for (int i = threadIdx.x; i < p.num_seqs; i += kThreads) {
+    const int nb = tiles_of(p.seqlens != nullptr ? p.seqlens[i] : p.fixed_len);
+    s_tiles[i] = nb;
+    local += nb + kFixedOverhead;
+  }
+  s_partial[threadIdx.x] = local;
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) s_partial[threadIdx.x] += s_partial[threadIdx.x + stride];
+    __syncthreads();
+  }
+  if (threadIdx.x != 0) return;
+  const int total = s_partial[0];
+  const int parts = p.num_sm_parts;
+  const int payload = (total + parts - 1) / parts + kFixedOverhead;
+
+  int now_seq = 0, now_tile = 0, now_split = 0, cum_splits = 0;
+  p.num_splits[0] = 0;
+  for (int part = 0; part < parts; ++part) {
+    int32_t* meta = p.tile_scheduler_metadata + part * kMetaInts;
+    const int begin_seq = now_seq, begin_tile = now_tile, begin_split = now_split;
+    int remain = part == parts - 1 ? INT_MAX / 2 : payload;
+    while (now_seq < p.num_seqs) {
+      const int left = s_tiles[now_seq] - now_tile;
+      if (remain >= left + kFixedOverhead) {
+        cum_splits += now_split + 1;
+        p.num_splits[now_seq + 1] = cum_splits;
+        remain -= left + kFixedOverhead;
+        ++now_seq;
+        now_tile = 0;
+        now_split = 0;
+      } else {
+        if (remain - kFixedOverhead > 0) {
+          now_tile += remain - kFixedOverhead;
+          ++now_split;
+        }
+        break;
+      }
+    }
+    meta[0] = begin_seq;
+    meta[1] = begin_tile;
+    meta[2] = now_tile > 0 ? now_seq : now_seq - 1;
+    meta[3] = now_tile > 0 ? now_tile : (now_seq > 0 ? s_tiles[now_seq - 1] : 0);
+    meta[4] = begin_split;
+    meta[5] = 0;
+    meta[6] = 0;
+    meta[7] = 0;
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_schedule(const ScheduleParams& p, cudaStream_t stream) {
+  const size_t smem = static_cast<size_t>(p.num_seqs > 0 ? p.num_seqs : 1) * sizeof(int);
+  if (smem > 48 * 1024) {
+    cudaError_t e = cudaFuncSetAttribute(schedule_kernel,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+    if (e != cudaSuccess) return e;
+  }
+  schedule_kernel<<<1, kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace jfm

@@ -1,0 +1,143 @@
+// Every plain parameter struct and shared constant of the kernels, for the FFI handlers (host) and
+// the kernels (device). The handlers fill these after checking shapes; kernels read nothing else.
+// The constants are the single source of truth: jax_flashmla/ops/kernels/limits.py restates them
+// for the Python side and the extension's `constants()` lets a test (and _ffi at load time) check
+// that the two agree.
+#pragma once
+
+#include <cuda_runtime_api.h>
+#include <cstdint>
+
+namespace jfm {
+
+// ---- Shared constants --------------------------------------------------------------------------
+constexpr int kMetaInts = 8;          // ints per row of tile_scheduler_metadata
+constexpr int kTileTokens = 64;       // KV tokens per tile of every decode main loop
+constexpr int kPageBlock = 64;        // page size the dense kernel reads (one page = one tile)
+constexpr int kFixedOverhead = 5;     // scheduler cost of starting a (sequence, chunk), in tiles
+constexpr int kBlockM = 64;           // query rows per CTA tile
+constexpr int kDv = 512;              // value width of every kernel
+constexpr int kMaxSchedulerBatch = 40000;  // the scheduler keeps one int per sequence in smem
+constexpr int kMaxGridY = 65535;      // CUDA's limit on grid.y / grid.z
+
+// ---- Split-KV schedule --------------------------------------------------------------------------
+// Row of tile_scheduler_metadata [num_sm_parts, kMetaInts] (int32):
+//   0 begin_seq, 1 begin_tile, 2 end_seq (inclusive), 3 end_tile (exclusive, within end_seq),
+//   4 begin_split (split index of begin_seq's first chunk in this part), 5..7 unused (0).
+// num_splits [num_seqs + 1] is the exclusive prefix sum of the chunks per sequence: sequence i
+// owns partial slots [num_splits[i], num_splits[i+1]) of the split-KV workspace.
+// A "sequence" is what one chunk of work attends: a batch element for dense decode (all its s_q
+// query tokens), one query token (b, s) for sparse decode.
+struct ScheduleParams {
+  const int32_t* seqlens;            // [num_seqs] tokens per sequence (dense decode)
+  int fixed_len;                     // used when seqlens is null (sparse: every sequence alike)
+  int num_seqs;
+  int num_sm_parts;
+  int32_t* tile_scheduler_metadata;  // [num_sm_parts, kMetaInts]
+  int32_t* num_splits;               // [num_seqs + 1]
+};
+
+// ---- Split-KV workspace and combine -------------------------------------------------------------
+// Partial results of a sequence's chunks: row r of slot k at o_accum[(k * rows_per_seq + r) * kDv],
+// lse_accum[k * rows_per_seq + r], rows_per_seq = tokens_per_seq * h_q. Row r of a sequence is
+// (KV head hk, query token s_local, head-in-group hl): r = hk * (tokens_per_seq * hpk) +
+// s_local * hpk + hl with hpk = h_q / h_kv.
+struct CombineParams {
+  const float* o_accum;
+  const float* lse_accum;
+  const int32_t* num_splits;   // [num_seqs + 1]
+  const float* attn_sink;      // [h_q] or null
+  void* out;                   // [b, s_q, h_q, kDv]   (= [num_seqs * tokens_per_seq, h_q, kDv])
+  float* lse;                  // [b, h_q, s_q]
+  int num_seqs, tokens_per_seq, s_q, h_q, h_kv;
+};
+
+// Where query token (seq, s_local) lands in out / lse, and the workspace row of (hk, s_local, hl).
+struct RowMap {
+  int tokens_per_seq, s_q, h_q, hpk;
+  __host__ __device__ int rows_per_seq() const { return tokens_per_seq * h_q; }
+  __host__ __device__ size_t out_row(int seq, int s_local, int head) const {
+    return (static_cast<size_t>(seq) * tokens_per_seq + s_local) * h_q + head;  // * kDv
+  }
+  __host__ __device__ size_t lse_index(int seq, int s_local, int head) const {
+    const size_t g = static_cast<size_t>(seq) * tokens_per_seq + s_local;
+    return (g / s_q * h_q + head) * s_q + g % s_q;
+  }
+};
+
+// ---- Dense paged decode (bf16/fp16 cache, d_qk 576, page kPageBlock) ---------------------------
+struct DenseDecodeParams {
+  const void* q;                 // [b, s_q, h_q, 576]
+  const void* kv;                // [num_blocks, 64, h_kv, 576]
+  const int32_t* block_table;    // [b, max_blocks]
+  const int32_t* cache_seqlens;  // [b]
+  const int32_t* tile_scheduler_metadata;
+  const int32_t* num_splits;
+  void* out;                     // [b, s_q, h_q, 512]
+  float* lse;                    // [b, h_q, s_q]
+  float* o_accum;                // workspace (see CombineParams)
+  float* lse_accum;
+  int batch, s_q, h_q, h_kv;
+  int max_blocks;                // block_table.shape[1]
+  int num_kv_blocks;             // kv_cache.shape[0]
+  int num_sm_parts;
+  int num_m_blocks;              // cdiv(s_q * h_q / h_kv, kBlockM)
+  float softmax_scale;
+  bool causal;
+};
+constexpr int kDenseDqk = 576;
+
+// ---- Sparse decode and sparse prefill (token-level gathers, h_kv = 1) --------------------------
+// Cache formats a sparse kernel reads (the layout follows from d_qk for FP8: SEMANTICS.md).
+enum class KvFormat : int { kBf16 = 0, kFp8V32 = 1, kFp8V4 = 2 };
+
+// One KV pool and the flat rows each query token picks from it.
+struct SparsePool {
+  const uint8_t* data;           // the pool's bytes
+  int64_t num_rows;              // num_blocks * block_size
+  int block_size;                // tokens per page (V4's per-block layout needs it)
+  const int32_t* indices;        // [num_tokens, topk] flat rows (-1 / out of range: none)
+  const int32_t* topk_length;    // [batch] or null: only the first topk_length[b] count
+  int topk;
+};
+
+// num_tokens = batch * s_q query tokens, each attending its own rows of pool 0 then pool 1 under
+// one softmax. Tile t of a token covers positions [64 t, 64 t + 64) of the list
+// pool0 (padded to a multiple of 64) ++ pool1. Prefill is the case s_q = 1, no schedule (one CTA
+// per token and row block), plus max_logits.
+struct SparseDecodeParams {
+  const void* q;                 // [num_tokens, h_q, d_qk] bf16
+  SparsePool pool[2];
+  int num_pools;                 // 1 or 2
+  const float* attn_sink;        // [h_q] or null
+  const int32_t* tile_scheduler_metadata;  // null: one CTA per token (prefill)
+  const int32_t* num_splits;
+  void* out;                     // [num_tokens, h_q, 512] bf16
+  float* lse;                    // [b, h_q, s_q]
+  float* max_logits;             // [num_tokens, h_q] or null (prefill only)
+  float* o_accum;
+  float* lse_accum;
+  int batch, s_q, h_q;
+  int num_sm_parts;              // schedule rows (0 without a schedule)
+  int num_m_blocks;              // cdiv(h_q, kBlockM)
+  float softmax_scale;
+};
+
+__host__ __device__ inline int sparse_pool0_tiles(const SparseDecodeParams& p) {
+  return (p.pool[0].topk + kTileTokens - 1) / kTileTokens;
+}
+// Positions per query token in the tile list: pool 0 padded to whole tiles, then pool 1.
+__host__ __device__ inline int sparse_positions(const SparseDecodeParams& p) {
+  return sparse_pool0_tiles(p) * kTileTokens + (p.num_pools > 1 ? p.pool[1].topk : 0);
+}
+
+// ---- Host launchers (each in its own translation unit; return the launch error, if any) -------
+cudaError_t launch_schedule(const ScheduleParams& p, cudaStream_t stream);
+template <typename T>
+cudaError_t launch_combine(const CombineParams& p, cudaStream_t stream);
+cudaError_t launch_dense_decode_bf16(const DenseDecodeParams& p, cudaStream_t stream);
+cudaError_t launch_dense_decode_fp16(const DenseDecodeParams& p, cudaStream_t stream);
+cudaError_t launch_sparse_decode(const SparseDecodeParams& p, KvFormat format, int d_qk,
+                                 cudaStream_t stream);
+
+}  // namespace jfm

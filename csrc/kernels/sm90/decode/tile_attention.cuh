@@ -1,0 +1,203 @@
+// The attention math of one 64-token KV tile, shared by the sm90 decode kernels (dense and sparse)
+// and sparse prefill: they differ in how a tile reaches shared memory, not in what is done with it.
+//
+// CTA: 256 threads = 2 warpgroups (wc). Shared memory holds Q [64 rows x d_qk] and each KV tile
+// [64 tokens x d_qk] as kKBlocks column blocks of [64 rows x 128 B] with the 128-byte swizzle
+// (16-byte chunk c of row r at chunk c ^ (r % 8); blocks 1024-byte aligned): the canonical layout
+// wgmma reads through descriptors. P [64 x 64] is one such block.
+//  * S: warpgroup wc computes S[:, 32 wc .. +32] = Q K^T (wgmma m64n32k16, A = Q, B = K, K-major).
+//  * Online softmax in fp32 / exp2; the two warpgroups exchange their row maxima through `red`.
+//  * O: warpgroup wc accumulates O[:, 256 wc .. +256] += P V (wgmma m64n256k16, A = P K-major,
+//    B = V read from the same K tile as an MN-major operand).
+// Accumulator fragments have the mma.sync C layout per 8 columns: warp w % 4 of a warpgroup owns
+// rows 16 (w % 4) .. +16, thread rows g and g + 8 (g = lane / 4), columns 2 (lane % 4) + {0, 1}.
+#pragma once
+
+#include <cmath>
+
+#include "kernels/params.h"
+#include "kernels/sm90/common/device_utils.cuh"
+#include "kernels/sm90/common/wgmma_ops.cuh"
+
+namespace jfm {
+namespace sm90 {
+
+// The shared-memory plan of a 256-thread tile-attention CTA with a Q tile, two KV tiles, P and
+// the row-statistics exchange buffer.
+template <int kDqk>
+struct TileSmem {
+  static constexpr int kKBlocks = kDqk / 64;                // 64-column blocks per row
+  static constexpr int kBlockBytes = kBlockM * 128;         // 8192: one column block
+  static constexpr int kTileBytes = kKBlocks * kBlockBytes;
+  static constexpr int kQOff = 0;
+  static constexpr int kKOff = kTileBytes;                  // 2 tiles
+  static constexpr int kPOff = 3 * kTileBytes;
+  static constexpr int kRedOff = kPOff + kBlockBytes;       // float[2][64]
+  static constexpr int kValidOff = kRedOff + 2 * kBlockM * 4;  // uint8[2][64] (sparse kernels)
+  static constexpr size_t kBytes = kValidOff + 2 * kTileTokens + 1024;  // + alignment slack
+  static_assert(kDqk % 64 == 0, "d_qk in whole 64-column blocks");
+  static_assert(kBlockM == kTileTokens, "square tiles: P is one column block");
+
+  // Byte offset of 16-byte chunk c (0 .. 8 kKBlocks - 1) of row r inside a swizzled tile.
+  static __device__ __forceinline__ uint32_t chunk_off(int r, int c) {
+    return (c >> 3) * kBlockBytes + r * 128 + (((c & 7) ^ (r & 7)) << 4);
+  }
+};
+
+// Which rows and columns of the accumulators this thread holds.
+struct Lane {
+  int tid, wr, wc, g, tq;
+  __device__ __forceinline__ Lane() {
+    tid = threadIdx.x;
+    const int warp = tid >> 5, lane = tid & 31;
+    wr = warp & 3;
+    wc = warp >> 2;
+    g = lane >> 2;
+    tq = lane & 3;
+  }
+  __device__ __forceinline__ int row(int h) const { return wr * 16 + g + 8 * h; }  // h = 0, 1
+  // Token (column of S) of accumulator element e of n-tile nt (e = 0..3).
+  __device__ __forceinline__ int col(int nt, int e) const { return wc * 32 + nt * 8 + 2 * tq + (e & 1); }
+};
+
+// S[:, 32 wc .. +32] = Q K^T over d_qk (wgmma m64n32k16, d_qk / 16 k-steps). desc_k already
+// points at this warpgroup's 32 rows of the K tile.
+template <typename T, int kDqk>
+__device__ __forceinline__ void tile_qk(float (&s)[16], uint64_t desc_q, uint64_t desc_k) {
+  using S = TileSmem<kDqk>;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) s[i] = 0.f;
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kDqk / 16; ++kk) {
+    const uint32_t koff = ((kk >> 2) * S::kBlockBytes + (kk & 3) * 32) >> 4;
+    wgmma_m64n32k16_ss<T>(s, desc_q + koff, desc_k + koff);
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+}
+
+// Online-softmax state of this thread's two rows and its O accumulator slice.
+struct RowState {
+  float m[2], l[2];
+  float o[128];
+  __device__ __forceinline__ void init() {
+    m[0] = m[1] = -INFINITY;
+    l[0] = l[1] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] = 0.f;
+  }
+};
+
+// Given masked logits s (-inf where a token is not attended), update the running max and sum,
+// write P = exp2(s * sl2 - m) (as T) into the swizzled P block at `sp`, and rescale O.
+// `red` is float[2][64] of shared memory. Contains one __syncthreads (the max exchange); the
+// caller fences and synchronizes before the PV wgmma reads P.
+template <typename T>
+__device__ __forceinline__ void tile_softmax(float (&s)[16], RowState& st, float* red, uint32_t sp,
+                                             float sl2, const Lane& ln) {
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int i = 0; i < 16; ++i) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+  }
+  if (ln.tq == 0) {
+    red[ln.wc * kBlockM + ln.row(0)] = mx[0];
+    red[ln.wc * kBlockM + ln.row(1)] = mx[1];
+  }
+  __syncthreads();
+  float corr[2], mscaled[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float other = red[(ln.wc ^ 1) * kBlockM + ln.row(h)];
+    const float m_new = fmaxf(st.m[h], fmaxf(mx[h], other));
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;
+    corr[h] = exp2f((st.m[h] - m_use) * sl2);
+    mscaled[h] = m_use * sl2;
+    st.m[h] = m_new;
+    st.l[h] *= corr[h];
+  }
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+    float pv[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      pv[e] = exp2f(s[nt * 4 + e] * sl2 - mscaled[e >> 1]);
+      st.l[e >> 1] += pv[e];
+    }
+    const int col = ln.col(nt, 0);
+    const int r0 = ln.row(0);
+    const uint32_t a0 = sp + r0 * 128 + ((((col >> 3) ^ (r0 & 7))) << 4) + (col & 7) * 2;
+    const uint32_t a1 = sp + (r0 + 8) * 128 + ((((col >> 3) ^ ((r0 + 8) & 7))) << 4) + (col & 7) * 2;
+    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(a0), "r"(pack2<T>(pv[0], pv[1])));
+    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(a1), "r"(pack2<T>(pv[2], pv[3])));
+  }
+  if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      st.o[4 * i + 0] *= corr[0];
+      st.o[4 * i + 1] *= corr[0];
+      st.o[4 * i + 2] *= corr[1];
+      st.o[4 * i + 3] *= corr[1];
+    }
+  }
+}
+
+// Issue O[:, 256 wc .. +256] += P V over the tile's 64 tokens (4 k-steps of 16), committed but not
+// waited for: the caller overlaps independent work, then calls wgmma_wait<0>().
+template <typename T>
+__device__ __forceinline__ void tile_pv_issue(RowState& st, uint64_t desc_p, uint64_t desc_v) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kTileTokens / 16; ++kk)
+    wgmma_m64n256k16_ss_tb<T>(st.o, desc_p + ((kk * 32) >> 4), desc_v + ((kk * 16 * 128) >> 4));
+  wgmma_commit();
+}
+
+// Row totals after the last tile: the sum over both warpgroups' columns. Returns per row the
+// normalizer 1 / l (0 for a row with nothing attended) and the lse (natural log; a row with
+// nothing attended gets `empty_lse`). Contains two __syncthreads.
+__device__ __forceinline__ void tile_finish(RowState& st, float* red, float softmax_scale,
+                                            float empty_lse, float (&inv)[2], float (&lse)[2],
+                                            const Lane& ln) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    st.l[h] += __shfl_xor_sync(0xffffffffu, st.l[h], 1);
+    st.l[h] += __shfl_xor_sync(0xffffffffu, st.l[h], 2);
+  }
+  __syncthreads();
+  if (ln.tq == 0) {
+    red[ln.wc * kBlockM + ln.row(0)] = st.l[0];
+    red[ln.wc * kBlockM + ln.row(1)] = st.l[1];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float l = red[ln.row(h)] + red[kBlockM + ln.row(h)];
+    const bool empty = !(l > 0.f);
+    inv[h] = empty ? 0.f : 1.f / l;
+    lse[h] = empty ? empty_lse : logf(l) + st.m[h] * softmax_scale;
+  }
+}
+
+// Store this thread's slice of row h of O (times `scale`) as T (final output, 256 wc + 2 tq +
+// 8 i) or float (split-KV partials).
+template <typename T>
+__device__ __forceinline__ void store_out_row(T* dst, const RowState& st, int h, float scale) {
+#pragma unroll
+  for (int i = 0; i < 32; ++i)
+    *reinterpret_cast<uint32_t*>(dst + i * 8) =
+        pack2<T>(st.o[4 * i + 2 * h] * scale, st.o[4 * i + 2 * h + 1] * scale);
+}
+__device__ __forceinline__ void store_partial_row(float* dst, const RowState& st, int h, float scale) {
+#pragma unroll
+  for (int i = 0; i < 32; ++i)
+    *reinterpret_cast<float2*>(dst + i * 8) =
+        make_float2(st.o[4 * i + 2 * h] * scale, st.o[4 * i + 2 * h + 1] * scale);
+}
+
+}  // namespace sm90
+}  // namespace jfm

@@ -1,0 +1,258 @@
+"""What the GPU test files share: the skip rule, random inputs with NaN-poisoned unused cache rows
+(dense paged decode, sparse decode over bf16 / FP8 pools, sparse prefill), output poisoning, and
+the comparison against the pure-JAX reference run on the same GPU in float32 (HIGHEST precision).
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+import jax_flashmla
+from jax_flashmla import kv_cache as kvc
+
+PAGE = 64
+D_V = 512
+
+
+def require_kernels():
+    """Skip the calling module unless jax sees a Hopper GPU and the extension is built."""
+    ok, why = False, "jax has no GPU"
+    try:
+        if jax.devices()[0].platform == "gpu":
+            ok, why = jax_flashmla.kernels_available()
+    except RuntimeError as e:  # pragma: no cover
+        why = str(e)
+    if not ok:
+        pytest.skip(f"GPU kernel tests need a Hopper GPU with the built kernels: {why}",
+                    allow_module_level=True)
+
+
+def poison(shape, dtype):
+    """Fill fresh device memory with NaN and free it, so the next allocation of this size most
+    likely lands on NaN (XLA's allocator reuses freed blocks): unwritten outputs then show."""
+    x = jnp.full(shape, jnp.nan, dtype)
+    x.block_until_ready()
+    del x
+
+
+def check(out, lse, ref_out, ref_lse, dtype=jnp.bfloat16, max_logits=None, ref_max_logits=None):
+    """out / lse against the reference: NaN never passes, infinities match exactly, rows with
+    nothing attended are exactly 0, bf16-level relative and elementwise errors."""
+    out, lse = np.asarray(out, np.float32), np.asarray(lse)
+    ref_out, ref_lse = np.asarray(ref_out, np.float32), np.asarray(ref_lse)
+    assert not np.isnan(out).any(), "NaN in out"
+    assert not np.isnan(lse).any(), "NaN in lse"
+    inf = np.isinf(ref_lse)
+    np.testing.assert_array_equal(lse[inf], ref_lse[inf], err_msg="lse infinities differ")
+    assert np.isfinite(lse[~inf]).all(), "lse infinite where the reference is finite"
+    np.testing.assert_allclose(lse[~inf], ref_lse[~inf], rtol=2e-5, atol=2e-5, err_msg="lse")
+    rel_l2 = np.linalg.norm(out - ref_out) / max(np.linalg.norm(ref_out), 1e-30)
+    bound = 1e-2 if dtype == jnp.bfloat16 else 2e-3
+    assert rel_l2 <= bound, f"out relative L2 error {rel_l2:.3g} > {bound}"
+    tol = (2.0 ** -7 if dtype == jnp.bfloat16 else 2.0 ** -10)
+    np.testing.assert_allclose(out, ref_out, rtol=4 * tol,
+                               atol=4 * tol * max(float(np.abs(ref_out).max()), 1e-30))
+    if max_logits is not None:
+        ml, rml = np.asarray(max_logits), np.asarray(ref_max_logits)
+        np.testing.assert_array_equal(np.isneginf(ml), np.isneginf(rml), err_msg="max_logits -inf")
+        fin = np.isfinite(rml)
+        np.testing.assert_allclose(ml[fin], rml[fin], rtol=2e-5, atol=2e-5, err_msg="max_logits")
+    return rel_l2
+
+
+# ---- dense paged decode ---------------------------------------------------------------------------
+
+def _lengths(rng, b, s_k, varlen, zero_frac=0.0):
+    if varlen:
+        lens = rng.normal(s_k, s_k / 2, size=b).round().astype(np.int64)
+        lens = np.clip(lens, 1, 2 * s_k)
+    else:
+        lens = np.full(b, s_k, np.int64)
+    if zero_frac:
+        lens[rng.random(b) < zero_frac] = 0
+        lens[0] = 0
+    return lens.astype(np.int32)
+
+
+def dense_case(seed, b, s_q, h_q, h_kv, s_k, varlen, dtype, zero_frac=0.0, d_qk=576):
+    """Random inputs on the device; NaN in every cache row no sequence owns; table tails out of
+    range (a mix of large, negative and just-past-the-end ids)."""
+    rng = np.random.default_rng(seed)
+    lens = _lengths(rng, b, s_k, varlen, zero_frac)
+    nblk = -(-lens.astype(np.int64) // PAGE)
+    max_blocks = int(nblk.max()) + 2
+    total = int(nblk.sum())
+    num_blocks = total + 3
+    perm = rng.permutation(num_blocks)
+    table = rng.choice(np.array([num_blocks, num_blocks + 7, 2**31 - 1, -1, -2**31], np.int64),
+                       size=(b, max_blocks)).astype(np.int32)
+    valid_rows = np.zeros((num_blocks, PAGE), bool)
+    k = 0
+    for i in range(b):
+        for j in range(nblk[i]):
+            blk = perm[k]
+            k += 1
+            table[i, j] = blk
+            n = min(PAGE, lens[i] - j * PAGE)
+            valid_rows[blk, :n] = True
+    kq, kk = jax.random.split(jax.random.PRNGKey(seed))
+    q = jax.random.normal(kq, (b, s_q, h_q, d_qk), jnp.float32).astype(dtype)
+    kv = jax.random.normal(kk, (num_blocks, PAGE, h_kv, d_qk), jnp.float32).astype(dtype)
+    kv = jnp.where(jnp.asarray(valid_rows)[:, :, None, None], kv, jnp.nan).astype(dtype)
+    return dict(q=q, kv=kv, table=jnp.asarray(table), lens=jnp.asarray(lens), np_lens=lens,
+                np_table=table)
+
+
+@functools.lru_cache(maxsize=None)
+def _dense_fn(causal, with_meta, implementation):
+    if with_meta:
+        def f(q, kv, table, lens, meta):
+            return jax_flashmla.mla_decode(q, kv, table, lens, causal=causal, metadata=meta,
+                                           implementation=implementation)
+    else:
+        def f(q, kv, table, lens):
+            return jax_flashmla.mla_decode(q, kv, table, lens, causal=causal,
+                                           implementation=implementation)
+    return jax.jit(f)
+
+
+def run_dense(case, causal, with_meta, implementation="kernel"):
+    b, s_q, h_q, _ = case["q"].shape
+    h_kv = case["kv"].shape[2]
+    poison((b, s_q, h_q, D_V), case["q"].dtype)
+    poison((b, h_q, s_q), jnp.float32)
+    args = (case["q"], case["kv"], case["table"], case["lens"])
+    if with_meta:
+        meta = jax_flashmla.get_mla_metadata(case["lens"], s_q=s_q, h_q=h_q, h_kv=h_kv)
+        out, lse = _dense_fn(causal, True, implementation)(*args, meta)
+    else:
+        out, lse = _dense_fn(causal, False, implementation)(*args)
+    return np.asarray(out.astype(jnp.float32)), np.asarray(lse)
+
+
+def compare_dense(seed, b, s_q, h_q, h_kv, s_k, varlen, causal, dtype, with_meta, zero_frac=0.0):
+    case = dense_case(seed, b, s_q, h_q, h_kv, s_k, varlen, dtype, zero_frac)
+    out, lse = run_dense(case, causal, with_meta)
+    ref_out, ref_lse = run_dense(case, causal, False, "reference")
+    check(out, lse, ref_out, ref_lse, dtype)
+    return case, out, lse
+
+
+# ---- sparse decode / prefill ----------------------------------------------------------------------
+
+def sparse_pool(rng, num_blocks, block_size, d_qk, fmt, used_frac=0.7):
+    """A pool [num_blocks, block_size, 1, width] in ``fmt`` ('bf16' or 'fp8', the layout following
+    d_qk) whose unused rows (about 1 - used_frac of them) are NaN. Returns (pool, used rows)."""
+    rows = num_blocks * block_size
+    used = np.flatnonzero(rng.random(rows) < used_frac)
+    if used.size == 0:
+        used = np.array([0])
+    x = rng.standard_normal((rows, d_qk)).astype(np.float32)
+    mask = np.zeros(rows, bool)
+    mask[used] = True
+    x[~mask] = np.nan
+    x = jnp.asarray(x.reshape(num_blocks, block_size, 1, d_qk), jnp.bfloat16)
+    return (kvc.quantize_fp8(x) if fmt == "fp8" else x), used
+
+
+def sparse_indices(rng, tokens_shape, topk, used, rows, topk_length=None, invalid_frac=0.15):
+    """Indices over ``used`` rows with runs of -1, out-of-range rows (past the pool, negative),
+    duplicates, and one all-invalid list; positions past topk_length point at NaN rows when
+    possible (they must not count)."""
+    idx = rng.choice(used, size=(*tokens_shape, topk)).astype(np.int64)
+    r = rng.random(idx.shape)
+    idx[r < invalid_frac] = -1
+    idx[(r >= invalid_frac) & (r < invalid_frac + 0.03)] = rows + 3
+    idx[(r >= invalid_frac + 0.03) & (r < invalid_frac + 0.05)] = -7
+    if topk >= 8:
+        idx[..., 2:6] = -1                       # a run of -1
+        idx[..., 6] = idx[..., 7]                # a duplicate
+    idx.reshape(-1, topk)[0] = -1                # one token with nothing valid in this pool
+    unused = np.setdiff1d(np.arange(rows), used)
+    if topk_length is not None and unused.size:
+        b = tokens_shape[0]
+        for i in range(b):
+            past = idx[i, ..., int(max(topk_length[i], 0)):]
+            past[...] = rng.choice(unused, size=past.shape)
+    return jnp.asarray(idx.astype(np.int32))
+
+
+def sparse_decode_case(seed, *, b, s_q, h_q, d_qk, fmt, topk, page, extra_topk=None, extra_page=None,
+                       with_lengths=False, sink=None):
+    """sink: None, 'random' or 'inf' (some heads +inf)."""
+    rng = np.random.default_rng(seed)
+    nb = max(2, -(-4 * topk // page))
+    kv, used = sparse_pool(rng, nb, page, d_qk, fmt)
+    tl = rng.integers(0, topk + 1, size=b).astype(np.int32) if with_lengths else None
+    if tl is not None:
+        tl[0] = 0
+        tl[-1] = topk + 5    # beyond topk: clamps
+    args = dict(indices=sparse_indices(rng, (b, s_q), topk, used, nb * page, tl),
+                topk_length=None if tl is None else jnp.asarray(tl))
+    if extra_topk is not None:
+        nb1 = max(2, -(-3 * extra_topk // extra_page))
+        kv1, used1 = sparse_pool(rng, nb1, extra_page, d_qk, fmt)
+        tl1 = rng.integers(0, extra_topk + 1, size=b).astype(np.int32) if with_lengths else None
+        args.update(extra_kv_cache=kv1,
+                    extra_indices=sparse_indices(rng, (b, s_q), extra_topk, used1, nb1 * extra_page, tl1),
+                    extra_topk_length=None if tl1 is None else jnp.asarray(tl1))
+    if sink is not None:
+        s = rng.standard_normal(h_q).astype(np.float32)
+        if sink == "inf":
+            s[::3] = np.inf
+        args["attn_sink"] = jnp.asarray(s)
+    q = jnp.asarray(rng.standard_normal((b, s_q, h_q, d_qk)), jnp.bfloat16)
+    return q, kv, args
+
+
+def run_sparse_decode(q, kv, args, *, implementation="kernel", with_meta=True):
+    b, s_q, h_q, _ = q.shape
+    poison((b, s_q, h_q, D_V), q.dtype)
+    poison((b, h_q, s_q), jnp.float32)
+    names = sorted(k for k, v in args.items() if v is not None)
+
+    def f(q, kv, *vals):
+        kw = dict(zip(names, vals))
+        if with_meta:
+            kw["metadata"] = jax_flashmla.get_mla_metadata(
+                jnp.zeros((b,), jnp.int32), s_q=s_q, h_q=h_q, topk=kw["indices"].shape[-1],
+                extra_topk=kw["extra_indices"].shape[-1] if "extra_indices" in kw else None)
+        return jax_flashmla.mla_decode(q, kv, implementation=implementation, **kw)
+
+    out, lse = jax.jit(f)(q, kv, *(args[n] for n in names))
+    return np.asarray(out.astype(jnp.float32)), np.asarray(lse)
+
+
+def sparse_prefill_case(seed, *, s_q, h_q, d_qk, topk, s_kv=None, with_lengths=False, sink=None):
+    rng = np.random.default_rng(seed)
+    s_kv = s_kv or max(64, 2 * topk)
+    kv, used = sparse_pool(rng, s_kv, 1, d_qk, "bf16")
+    kv = kv.reshape(s_kv, 1, d_qk)
+    tl = rng.integers(0, topk + 1, size=s_q).astype(np.int32) if with_lengths else None
+    if tl is not None:
+        tl[0] = 0
+    idx = sparse_indices(rng, (s_q, 1), topk, used, s_kv, tl)
+    q = jnp.asarray(rng.standard_normal((s_q, h_q, d_qk)), jnp.bfloat16)
+    kw = dict(topk_length=None if tl is None else jnp.asarray(tl))
+    if sink is not None:
+        s = rng.standard_normal(h_q).astype(np.float32)
+        if sink == "inf":
+            s[::3] = np.inf
+        kw["attn_sink"] = jnp.asarray(s)
+    return q, kv, idx, kw
+
+
+def run_sparse_prefill(q, kv, idx, kw, implementation="kernel"):
+    s_q, h_q, _ = q.shape
+    poison((s_q, h_q, D_V), q.dtype)
+    poison((s_q, h_q), jnp.float32)
+    names = sorted(k for k, v in kw.items() if v is not None)
+    f = jax.jit(lambda q, kv, idx, *vals: jax_flashmla.sparse_mla_prefill(
+        q, kv, idx, implementation=implementation, **dict(zip(names, vals))))
+    out, ml, lse = f(q, kv, idx, *(kw[n] for n in names))
+    return np.asarray(out.astype(jnp.float32)), np.asarray(ml), np.asarray(lse)

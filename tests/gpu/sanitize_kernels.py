@@ -1,0 +1,47 @@
+"""Run under compute-sanitizer (scripts/device_check.sh, stages memcheck / racecheck): a
+representative subset of every kernel's calls (dense decode: zero-length sequences, causal,
+h_kv > 1, odd h_q, split and unsplit, out-of-range table entries and page ids, NaN rows; sparse
+decode: both FP8 layouts and bf16, two pools, odd page sizes, invalid indices; sparse prefill),
+each checked against the reference. Use XLA_PYTHON_CLIENT_ALLOCATOR=platform so every buffer is
+its own allocation (an access past a buffer is then outside any allocation, which memcheck
+reports)."""
+import os
+import sys
+
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+import cases  # noqa: E402
+
+DENSE = [  # (b, s_q, h_q, h_kv, s_k, varlen, causal, dtype, with_meta, zero_frac)
+    (6, 1, 128, 1, 700, True, False, jnp.bfloat16, True, 0.3),
+    (2, 4, 63, 3, 140, True, True, jnp.float16, False, 0.0),
+    (3, 2, 16, 1, 20, False, True, jnp.bfloat16, True, 0.0),
+    (16, 1, 64, 2, 300, True, False, jnp.bfloat16, False, 0.2),
+]
+for n, (b, s_q, h_q, h_kv, s_k, varlen, causal, dtype, meta, zf) in enumerate(DENSE):
+    cases.compare_dense(900 + n, b, s_q, h_q, h_kv, s_k, varlen, causal, dtype, meta, zf)
+    print(f"dense case {n} ok", flush=True)
+
+SPARSE = [  # keyword arguments of cases.sparse_decode_case
+    dict(b=3, s_q=2, h_q=128, d_qk=576, fmt="fp8", topk=300, page=61, with_lengths=True, sink="inf"),
+    dict(b=2, s_q=1, h_q=16, d_qk=512, fmt="fp8", topk=100, page=3, extra_topk=70, extra_page=2,
+         with_lengths=True, sink="random"),
+    dict(b=4, s_q=3, h_q=100, d_qk=576, fmt="bf16", topk=64, page=256),
+]
+for n, kw in enumerate(SPARSE):
+    q, kv, args = cases.sparse_decode_case(950 + n, **kw)
+    got = cases.run_sparse_decode(q, kv, args, with_meta=n % 2 == 0)
+    ref = cases.run_sparse_decode(q, kv, args, implementation="reference", with_meta=False)
+    cases.check(*got, *ref)
+    print(f"sparse decode case {n} ok", flush=True)
+
+for n, kw in enumerate([dict(s_q=70, h_q=128, d_qk=576, topk=200, with_lengths=True, sink="inf"),
+                        dict(s_q=5, h_q=24, d_qk=512, topk=64)]):
+    q, kv, idx, extra = cases.sparse_prefill_case(980 + n, **kw)
+    out, ml, lse = cases.run_sparse_prefill(q, kv, idx, extra)
+    r = cases.run_sparse_prefill(q, kv, idx, extra, "reference")
+    cases.check(out, lse, r[0], r[2], max_logits=ml, ref_max_logits=r[1])
+    print(f"sparse prefill case {n} ok", flush=True)
+print("sanitizer cases done")

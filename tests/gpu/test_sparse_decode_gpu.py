@@ -1,0 +1,90 @@
+"""GPU tests of the sparse decode kernel (csrc/kernels/sm90/decode/sparse) against the pure-JAX
+reference on the same GPU: FP8 V3.2 (d_qk 576) and V4 (d_qk 512) layouts and bf16 caches; one or
+two pools; h_q 1..128; s_q 1..4; topk 1..2048; page sizes 2..256; runs of -1, out-of-range and
+duplicate indices, all-invalid lists, topk_length 0 and beyond topk, sinks including +inf;
+NaN-poisoned rows that only invalid or excluded positions name; poisoned outputs; bitwise
+repeatability. Skipped cleanly unless jax sees a Hopper GPU and the extension is built."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+import jax_flashmla
+from cases import check, require_kernels, run_sparse_decode, sparse_decode_case
+
+pytestmark = pytest.mark.gpu
+require_kernels()
+
+HQ = (1, 8, 16, 32, 64, 100, 128)
+TOPK = (1, 64, 100, 512, 2048)
+PAGES = (2, 61, 64, 256)
+LAYOUTS = (("fp8", 576), ("fp8", 512), ("bf16", 576), ("bf16", 512))
+SWEEP = []
+for n, (h_q, topk) in enumerate(itertools.product(HQ, TOPK)):
+    fmt, d_qk = LAYOUTS[n % 4]
+    s_q = 1 + n % 4
+    b = (1, 3, 8)[n % 3] if topk < 2048 else 2
+    page = PAGES[(n // 2) % 4]
+    two = n % 3 == 1
+    SWEEP.append((n, b, s_q, h_q, d_qk, fmt, topk, page,
+                  (topk // 2 + 1) if two else None, PAGES[(n + 1) % 4] if two else None,
+                  n % 2 == 0, (None, "random", "inf")[n % 3]))
+
+
+@pytest.mark.parametrize("n,b,s_q,h_q,d_qk,fmt,topk,page,extra_topk,extra_page,lengths,sink", SWEEP)
+def test_sweep(n, b, s_q, h_q, d_qk, fmt, topk, page, extra_topk, extra_page, lengths, sink):
+    q, kv, args = sparse_decode_case(3000 + n, b=b, s_q=s_q, h_q=h_q, d_qk=d_qk, fmt=fmt,
+                                     topk=topk, page=page, extra_topk=extra_topk,
+                                     extra_page=extra_page, with_lengths=lengths, sink=sink)
+    out, lse = run_sparse_decode(q, kv, args, with_meta=n % 2 == 1)
+    ref_out, ref_lse = run_sparse_decode(q, kv, args, implementation="reference", with_meta=False)
+    check(out, lse, ref_out, ref_lse)
+
+
+@pytest.mark.parametrize("fmt,d_qk", [("fp8", 576), ("fp8", 512)])
+def test_deepseek_shapes_and_bitwise_repeatable(fmt, d_qk):
+    """V3.2: h_q 128, topk 2048, s_q 2; V4: window page 256 + compressed pool page 64."""
+    extra = dict(extra_topk=512, extra_page=64) if d_qk == 512 else {}
+    q, kv, args = sparse_decode_case(77, b=16, s_q=2, h_q=128 if d_qk == 576 else 64, d_qk=d_qk,
+                                     fmt=fmt, topk=2048 if d_qk == 576 else 128,
+                                     page=64 if d_qk == 576 else 256, with_lengths=True,
+                                     sink="random" if d_qk == 512 else None, **extra)
+    a = run_sparse_decode(q, kv, args)
+    b = run_sparse_decode(q, kv, args, with_meta=False)
+    c = run_sparse_decode(q, kv, args)
+    for x, y in ((a, b), (a, c)):
+        np.testing.assert_array_equal(x[0], y[0])
+        np.testing.assert_array_equal(x[1], y[1])
+    ref = run_sparse_decode(q, kv, args, implementation="reference", with_meta=False)
+    check(*a, *ref)
+
+
+def test_kernel_is_in_the_compiled_module():
+    q, kv, args = sparse_decode_case(5, b=2, s_q=1, h_q=16, d_qk=576, fmt="fp8", topk=64, page=64)
+    hlo = jax.jit(lambda q, kv, i: jax_flashmla.mla_decode(q, kv, indices=i,
+                                                           implementation="kernel")).lower(
+        q, kv, args["indices"]).as_text()
+    assert "jax_flashmla_sparse_decode" in hlo and "jax_flashmla_mla_metadata" in hlo
+
+
+def test_large_pool_64bit_addressing():
+    """A V3.2 pool over 2^31 bytes (3.3M tokens of 656 bytes): rows past 2^31 / 656 are read with
+    64-bit offsets."""
+    rng = np.random.default_rng(9)
+    rows = 3_300_000
+    d_qk = 576
+    small = jnp.asarray(rng.standard_normal((64, 1, 1, d_qk)), jnp.bfloat16)
+    from jax_flashmla import kv_cache as kvc
+    packed = kvc.quantize_fp8(small).reshape(64, 656)
+    pool = jnp.zeros((rows, 656), jnp.uint8).at[rows - 64:].set(packed).reshape(rows // 50, 50, 1, 656)
+    idx = jnp.asarray(rng.integers(rows - 64, rows, size=(2, 1, 96)), jnp.int32)
+    q = jnp.asarray(rng.standard_normal((2, 1, 32, d_qk)), jnp.bfloat16)
+    args = dict(indices=idx)
+    out, lse = run_sparse_decode(q, pool, args)
+    ref_out, ref_lse = run_sparse_decode(q, pool, args, implementation="reference", with_meta=False)
+    check(out, lse, ref_out, ref_lse)

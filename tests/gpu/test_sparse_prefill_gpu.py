@@ -1,0 +1,61 @@
+"""GPU tests of the sparse prefill kernel (the sparse attention kernel without a schedule) against
+the pure-JAX reference on the same GPU: d_qk 576 and 512; h_q 1..128; topk 1..2048; s_q 1..4096;
+invalid and duplicate indices, all-invalid rows, topk_length including 0, sinks including +inf,
+NaN-poisoned kv rows that no counted index names; out, max_logits and lse; vmap folded into one
+launch. Skipped cleanly unless jax sees a Hopper GPU and the extension is built."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+import jax_flashmla
+from cases import check, require_kernels, run_sparse_prefill, sparse_prefill_case
+
+pytestmark = pytest.mark.gpu
+require_kernels()
+
+SWEEP = []
+for n, (h_q, topk) in enumerate(itertools.product((1, 16, 32, 64, 128), (1, 64, 100, 512, 2048))):
+    s_q = (1, 7, 130, 1000)[n % 4] if topk < 2048 else (1, 64)[n % 2]
+    SWEEP.append((n, s_q, h_q, (576, 512)[n % 2], topk, n % 2 == 0, (None, "random", "inf")[n % 3]))
+
+
+@pytest.mark.parametrize("n,s_q,h_q,d_qk,topk,lengths,sink", SWEEP)
+def test_sweep(n, s_q, h_q, d_qk, topk, lengths, sink):
+    q, kv, idx, kw = sparse_prefill_case(4000 + n, s_q=s_q, h_q=h_q, d_qk=d_qk, topk=topk,
+                                         with_lengths=lengths, sink=sink)
+    out, ml, lse = run_sparse_prefill(q, kv, idx, kw)
+    r_out, r_ml, r_lse = run_sparse_prefill(q, kv, idx, kw, "reference")
+    check(out, lse, r_out, r_lse, max_logits=ml, ref_max_logits=r_ml)
+
+
+def test_long_prompt():
+    q, kv, idx, kw = sparse_prefill_case(11, s_q=4096, h_q=64, d_qk=512, topk=512, s_kv=8192,
+                                         sink="random")
+    out, ml, lse = run_sparse_prefill(q, kv, idx, kw)
+    r_out, r_ml, r_lse = run_sparse_prefill(q, kv, idx, kw, "reference")
+    check(out, lse, r_out, r_lse, max_logits=ml, ref_max_logits=r_ml)
+
+
+def test_vmap_is_one_launch():
+    qs, kvs, idxs = [], [], []
+    for i in range(3):
+        q, kv, idx, _ = sparse_prefill_case(50 + i, s_q=33, h_q=16, d_qk=576, topk=100)
+        qs.append(q), kvs.append(kv), idxs.append(idx)
+    q, kv, idx = jnp.stack(qs), jnp.stack(kvs), jnp.stack(idxs)
+    f = jax.jit(jax.vmap(lambda q, kv, i: jax_flashmla.sparse_mla_prefill(
+        q, kv, i, implementation="kernel")))
+    hlo = f.lower(q, kv, idx).as_text()
+    assert hlo.count("jax_flashmla_sparse_prefill") == 1
+    out, ml, lse = f(q, kv, idx)
+    for i in range(3):
+        r = jax.jit(lambda q, kv, i: jax_flashmla.sparse_mla_prefill(
+            q, kv, i, implementation="reference"))(qs[i], kvs[i], idxs[i])
+        check(np.asarray(out[i].astype(jnp.float32)), np.asarray(lse[i]),
+              np.asarray(r[0].astype(jnp.float32)), np.asarray(r[2]),
+              max_logits=np.asarray(ml[i]), ref_max_logits=np.asarray(r[1]))
