@@ -15,7 +15,8 @@ rc=0
 
 if has gpu; then
   n_proc=2
-  port=$(python3 -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+  port=$(python3 -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0))
+print(s.getsockname()[1])")
   log "examples/multihost_decode.py: $n_proc processes, one GPU each, coordinator 127.0.0.1:$port"
   pids=()
   for ((i = 0; i < n_proc; i++)); do

@@ -34,7 +34,8 @@ def free_port() -> int:
 
 def launch(n_proc: int, devices_per_proc: int, args: list[str]) -> list[str]:
     """Run the example as ``n_proc`` processes of ``devices_per_proc`` CPU devices each; return
-    each process's output. Fails the test (after killing them all) on a timeout or a non-zero exit."""
+    each process's output. Fails the test (after killing them all) on a timeout or a non-zero
+    exit."""
     port = free_port()
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(jax_flashmla.__file__)))
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=package_parent, JAX_PLATFORMS="cpu",
