@@ -5,18 +5,22 @@ Start one copy per host (or per GPU), each with the same coordinator and process
     python examples/multihost_decode.py --coordinator HOST0:12345 --num-processes 2 --process-id 0
     python examples/multihost_decode.py --coordinator HOST0:12345 --num-processes 2 --process-id 1
 
-(or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID; under SLURM or Open MPI jax
-finds all three itself). One process and no coordinator runs without jax.distributed.
+(or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID; under SLURM or Open MPI,
+jax's cluster detection finds all three). One process without a coordinator runs without
+jax.distributed.
 
 The mesh is ("data", "model") over every process's devices, process by process. Layouts:
 
-  data    batch, block tables, lengths and the page pool split over all devices ("data"); each
-          device's share of the pool is a local pool and its block table holds local block ids,
-          so each process holds (and allocates pages in) only its own pools.
-  heads   query heads split over all devices ("model"); every process holds the whole pool,
-          batch, block tables (global block ids) and lengths, and only its heads of q.
-  hybrid  data over processes, heads over each process's own devices: each process holds one
-          local pool and its sequences, its devices split the heads.
+  data             batch, block tables, lengths and the page pool split over all devices
+                   ("data"); each device's share of the pool is a local pool and its block
+                   table holds local block ids, so each process holds (and allocates pages in)
+                   only its own pools.
+  data-replicated  batch, tables and lengths split as in data, the pool replicated: every
+                   process holds the whole pool; block ids are global.
+  heads            query heads split over all devices ("model"); every process holds the whole
+                   pool, batch, block tables (global block ids) and lengths, only its heads of q.
+  hybrid           data over processes, heads over each process's own devices: each process
+                   holds one local pool and its sequences; its devices split the heads.
 
 Each process makes only its own share of q, pool, table and lengths (numpy, seeded per pool
 group, so no process generates another's pages) and assembles the global arrays with
@@ -24,7 +28,8 @@ group, so no process generates another's pages) and assembles the global arrays 
 ``get_mla_metadata`` and ``mla_decode``, as a DeepSeek layer calls them) runs under one jit over
 the whole mesh. Each process then checks the shards it holds against the same step run on one of
 its own devices over the whole inputs (regenerated from the seed, block ids made global), checks
-that the compiled step has no collective, and prints the per-step times. Exit status 0 = passed.
+that the compiled step moves neither q nor the cache nor out between devices (it has no
+collective at all on CPU), and prints the per-step times. Exit status 0 = passed.
 """
 from __future__ import annotations
 
@@ -42,7 +47,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jax_flashmla as jfm
 
-LAYOUTS = ("data", "heads", "hybrid")
+LAYOUTS = ("data", "data-replicated", "heads", "hybrid")
 PAGE, D_QK, D_V = 64, 576, 512
 _COLLECTIVE = re.compile(
     r"\s(all-gather|all-to-all|collective-permute|all-reduce|reduce-scatter)(-start)?\(")
@@ -60,7 +65,7 @@ def parse_args(argv=None):
     ap.add_argument("--local-device-ids", default=None,
                     help="comma-separated GPU ids this process uses (default: all it sees)")
     ap.add_argument("--layout", action="append", choices=LAYOUTS,
-                    help="repeatable; default: all three")
+                    help="repeatable; default: all four")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=256, help="mean cache length")
@@ -137,8 +142,8 @@ class Inputs:
         return self._cache[g]
 
     def share(self, name, index):
-        """Rows ``index`` (a tuple of slices, axis 0 in whole groups' units) of global array
-        ``name``, made from the groups it covers only. Block ids stay group-local."""
+        """Block ``index`` (a tuple of slices) of global array ``name``, made from the groups
+        its rows touch only. Block ids stay group-local."""
         rows = self.local_blocks if name == "pool" else self.per
         start = index[0].start or 0
         stop = index[0].stop if index[0].stop is not None else self.groups * rows
@@ -172,6 +177,8 @@ def process_box(sharding, shape):
 def layout_specs(layout):
     if layout == "data":       # pool rows with the batch: local pools, local block ids
         return dict(q=P("data"), pool=P("data"), table=P("data"), lens=P("data"))
+    if layout == "data-replicated":   # pool replicated: global block ids
+        return dict(q=P("data"), pool=P(), table=P("data"), lens=P("data"))
     if layout == "heads":      # pool replicated: global block ids
         return dict(q=P(None, None, "model"), pool=P(), table=P(), lens=P())
     return dict(q=P("data", None, "model"), pool=P("data"), table=P("data"), lens=P("data"))
@@ -180,7 +187,8 @@ def layout_specs(layout):
 def make_mesh(layout):
     devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
     n, n_proc = len(devices), jax.process_count()
-    shape = {"data": (n, 1), "heads": (1, n), "hybrid": (n_proc, n // n_proc)}[layout]
+    shape = {"data": (n, 1), "data-replicated": (n, 1), "heads": (1, n),
+             "hybrid": (n_proc, n // n_proc)}[layout]
     return Mesh(np.array(devices).reshape(shape), ("data", "model"))
 
 
@@ -232,7 +240,9 @@ def run_layout(layout, args, implementation, say):
         raise SystemExit(f"layout {layout}: mesh {dict(mesh.shape)} needs the batch "
                          f"({args.batch}) divisible by 'data' and the heads ({args.heads}) by "
                          "'model'")
-    inputs = Inputs(args.seed, batch=args.batch, groups=mesh.shape["data"], heads=args.heads,
+    # One pool group per shard of a row-sharded pool (local block ids), one for a replicated one.
+    groups = mesh.shape["data"] if specs["pool"] == P("data") else 1
+    inputs = Inputs(args.seed, batch=args.batch, groups=groups, heads=args.heads,
                     s_q=args.s_q, seqlen=args.seqlen)
     shapes = inputs.shapes()
     names = ("q", "pool", "table", "lens")
@@ -282,7 +292,7 @@ def run_layout(layout, args, implementation, say):
     t_sharded = time_steps(compiled, [local[k] for k in names], args.iters)
     t_one = time_steps(one_step, one, args.iters)
     moved = "none" if not colls else f"{len(colls)} ({len(heavy)} on q, the cache or out)"
-    say(f"layout {layout:6s} mesh {dict(mesh.shape)} over {jax.process_count()} processes: "
+    say(f"layout {layout:15s} mesh {dict(mesh.shape)} over {jax.process_count()} processes: "
         f"out {out.sharding.spec}, {len(out.addressable_shards)} local shards "
         f"{'match' if not wrong else 'DO NOT match'} the single-process run; "
         f"collectives: {moved}; per step {t_sharded * 1e3:.3f} ms sharded, "

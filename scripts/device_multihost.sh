@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The multi-process check (docs/SHARDING.md, "Several processes / hosts"), one device call:
+# The multi-process check (docs/SHARDING.md, "Several processes (hosts)"), one device call:
 # install (building the CUDA extension against the device's jaxlib), then run
 # examples/multihost_decode.py as 2 processes joined by jax.distributed, one per GPU
-# (CUDA_VISIBLE_DEVICES), with the kernels, for the data- and head-parallel layouts; then the CPU
-# multi-process test (2 and 4 processes, fake CPU devices) on the device's jax. Exits non-zero if
-# any process or stage fails. Logs go to $OUT. From the repo root:
+# (CUDA_VISIBLE_DEVICES), with the kernels, for the data-parallel (local and replicated pool) and
+# head-parallel layouts; then the CPU multi-process test (2 and 4 processes, fake CPU devices) on
+# the device's jax. Exits non-zero if any process or stage fails. Logs go to $OUT. From the repo
+# root:
 #   run(command="bash scripts/device_multihost.sh", carry=[".whl"], kind="nvidia-h200-x2")
 # Stages can be chosen: STAGES="build gpu cpu" (default: all). GPU_ARGS adds example flags.
 set -uo pipefail
@@ -23,7 +24,7 @@ print(s.getsockname()[1])")
     CUDA_VISIBLE_DEVICES=$i JAX_COORDINATOR_BIND_ADDRESS=127.0.0.1:$port \
       timeout 240 python3 "$REPO/examples/multihost_decode.py" \
         --coordinator 127.0.0.1:$port --num-processes $n_proc --process-id $i \
-        --implementation kernel --layout data --layout heads \
+        --implementation kernel --layout data --layout data-replicated --layout heads \
         --batch 64 --heads 128 --seqlen 2048 --iters 50 ${GPU_ARGS:-} \
         > "$OUT/multihost_gpu_p$i.log" 2>&1 &
     pids+=($!)

@@ -1,6 +1,6 @@
 """Multi-process sharded decode on CPU: examples/multihost_decode.py under 2 and 4 processes on
 localhost, joined by jax.distributed (a coordinator on a free local port, gloo CPU collectives),
-each process with its own fake CPU devices (docs/SHARDING.md, "Several processes / hosts").
+each process with its own fake CPU devices (docs/SHARDING.md, "Several processes (hosts)").
 
 Every process makes only its share of q, the pools, block tables and lengths, the sharded step
 runs over the mesh of all processes' devices, and each process checks the shards it holds against
@@ -97,8 +97,8 @@ SMALL = ["--batch", "8", "--heads", "16", "--seqlen", "100", "--iters", "1"]
 
 
 @pytest.mark.parametrize("n_proc,devices,layouts", [
-    (2, 4, ["data", "heads", "hybrid"]),   # meshes (8, 1), (1, 8), (2, 4) over 2 processes
-    (4, 2, ["data", "heads"]),             # meshes (8, 1), (1, 8) over 4 processes
+    (2, 4, ["data", "data-replicated", "heads", "hybrid"]),   # (8, 1), (8, 1), (1, 8), (2, 4)
+    (4, 2, ["data", "heads"]),                                # (8, 1), (1, 8)
 ], ids=["2proc_x4", "4proc_x2"])
 def test_multiprocess_sharded_decode(n_proc, devices, layouts):
     args = SMALL + [a for layout in layouts for a in ("--layout", layout)]
