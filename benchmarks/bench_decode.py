@@ -7,7 +7,11 @@ Time: the whole op (main + combine kernels; the metadata is computed once outsid
 as back-to-back jitted calls (launch gaps included) divided by their count: median of REPS rounds.
 The machine's copy bandwidth and bf16 matmul rate are measured in the same run.
 
-Usage: python benchmarks/bench_decode.py [--quick] [--out results.json]
+Side by side against upstream FlashMLA on the same machine: benchmarks/side_by_side.py (run by
+scripts/device_bench.sh); this script keeps the plain-XLA comparison and the 61-layer loop
+(--loop-only) and compares against the H100 numbers below.
+
+Usage: python benchmarks/bench_decode.py [--quick] [--out results.json] [--loop-only]
        [--h_q 16 128] [--sk 4096] [--no-xla] [--no-loop]   (a subset, e.g. for an A/B of two builds)
 """
 from __future__ import annotations
@@ -163,9 +167,20 @@ def main():
     ap.add_argument("--sk", type=int, nargs="+", default=None, help="only these mean lengths")
     ap.add_argument("--no-xla", action="store_true", help="skip the plain-XLA comparison")
     ap.add_argument("--no-loop", action="store_true", help="skip the 61-layer loop")
+    ap.add_argument("--loop-only", action="store_true",
+                    help="only the 61-layer loop (side_by_side.py covers the cases against upstream)")
     args = ap.parse_args()
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind}, {dev.core_count} SMs; jax {jax.__version__}")
+    if args.loop_only:
+        loop = layers_loop()
+        print(f"61-layer step (b={loop['b']}, h_q={loop['h_q']}, s_k={loop['s_k']} varlen, one "
+              f"metadata): {loop['step_us']:.0f} us = {loop['per_layer_us']:.1f} us/layer; single "
+              f"call {loop['single_call_us']:.1f} us")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(dict(device=dev.device_kind, layers=loop), f, indent=1)
+        return
     copy_gbs, mm_tflops = machine_limits()
     print(f"machine: copy {copy_gbs:.0f} GB/s (read+write), bf16 matmul {mm_tflops:.0f} TFLOP/s")
     sks = (4096, 8192, 16384, 32768) if not args.quick else (4096,)

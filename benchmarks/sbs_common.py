@@ -1,0 +1,93 @@
+"""Shared by the side-by-side driver and its two workers (no jax, no torch imported here).
+
+A case is a plain dict (JSON-able). Its inputs live in one folder as .npy files, written once by the
+driver from a seeded numpy generator; both workers load the same bytes. Large pools are stored as a
+*palette* of blocks (or rows) that each worker expands on its device: block k of the pool is
+palette[k % P]. Content does not change the speed of these kernels, and both sides get identical
+bytes, so this costs nothing in meaning and saves gigabytes of host generation and disk.
+
+Files in a case folder (all optional except q):
+  q.npy                      bf16 as int16 (full) -- or q_palette.npy + meta "q_rows"
+  pool_palette.npy           dense: bf16 as int16 [P, page, 1, 576]; FP8: uint8 [P, page, 1, 656|584]
+  block_table.npy, lens.npy  dense decode
+  indices.npy, topk_length.npy, attn_sink.npy
+  extra_pool_palette.npy, extra_indices.npy, extra_topk_length.npy
+  kv_palette.npy             prefill: bf16 as int16 [P, 1, d_qk]
+  meta.json                  the sizes needed to expand palettes (num_blocks, s_kv, ...)
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+D_V = 512
+PAGE = 64
+
+# Timing protocol (ANCHORS.md): N back-to-back calls, median over rounds.
+CALLS, ROUNDS = 20, 7
+QUICK_CALLS, QUICK_ROUNDS = 10, 5
+
+
+def case_dir(work: str, case: dict) -> str:
+    return os.path.join(work, "inputs", case["name"].replace(" ", "_").replace("/", "-"))
+
+
+def load_meta(folder: str) -> dict:
+    with open(os.path.join(folder, "meta.json")) as f:
+        return json.load(f)
+
+
+def time_rounds(call, sync, *, calls: int, rounds: int, budget_s: float | None = None):
+    """Median / min / max seconds per call over ``rounds`` rounds of ``calls`` back-to-back calls
+    (``sync`` waits for the device). One call is assumed already warm. With ``budget_s``, the call
+    and round counts shrink so the whole measurement stays within it (estimated from one call)."""
+    t0 = time.perf_counter()
+    sync(call())
+    one = time.perf_counter() - t0
+    if budget_s is not None and one * calls * rounds > budget_s:
+        calls = max(1, min(calls, int(budget_s / max(one, 1e-9) / rounds)))
+        if one * calls * rounds > budget_s:
+            rounds = max(1, int(budget_s / max(one * calls, 1e-9)))
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        out = None
+        for _ in range(calls):
+            out = call()
+        sync(out)
+        times.append((time.perf_counter() - t0) / calls)
+    return dict(time_s=statistics.median(times), time_min_s=min(times), time_max_s=max(times),
+                calls=calls, rounds=rounds)
+
+
+def append_jsonl(path: str, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass   # a line cut by a crash
+    return out
+
+
+MAX_SAVED_ELEMS = 1 << 24   # outputs saved for the comparison: leading rows up to this many elements
+
+
+def saved_rows(shape) -> int:
+    per_row = 1
+    for n in shape[1:]:
+        per_row *= n
+    return max(1, min(shape[0], MAX_SAVED_ELEMS // max(per_row, 1)))

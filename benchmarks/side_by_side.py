@@ -1,0 +1,382 @@
+"""Ours vs upstream FlashMLA, side by side, on identical inputs, each in its own process.
+
+  python benchmarks/side_by_side.py --suite dense|sparse_decode|sparse_prefill|all [...] --out DIR
+      [--quick] [--cases SUBSTR[,SUBSTR]] [--upstream on|off|fake] [--ours-max-seconds S]
+  python benchmarks/side_by_side.py --cpu-smoke --out DIR      # tiny cases on CPU, fake upstream
+
+For every case the inputs are made ONCE (numpy, seeded by the case name) and written under
+--work/inputs; then one "ours" worker process (sbs_ours.py: JAX, our ops, implementation=None)
+runs all cases, then one "flashmla" worker (sbs_flashmla.py: torch + flash_mla) runs them on the
+same bytes (ANCHORS.md "How to measure side by side": never both in one process). A worker that
+crashes or hangs on a case (--case-timeout) is restarted after it. Each worker times N back-to-back
+calls per round (20 x 7 rounds, --quick 10 x 5), median of rounds, with the split-KV metadata made
+once outside the timed calls, and saves out / lse of one call; this driver compares them
+(relative L2 of out, max |lse diff| over entries finite on both sides) and prints per case both
+times, TFLOPS and GB/s (FlashMLA's counting), ours / FlashMLA speed (>1: we are faster), the
+agreement, and the geomean speed ratio per suite. Writes side_by_side.json and side_by_side.png
+into --out.
+
+Counting (ANCHORS.md, upstream tests/lib.py):
+  dense:          FLOPs = s_q*h_q*(2*576+2*512)*sum(seqlens); bytes = q + attended KV (576*2 B) + out
+  sparse decode:  FLOPs = 2*h_q*attended*(d_qk+512) (attended = b*s_q*topk per pool, or s_q*sum of
+                  topk_length); bytes = q + out + unique retrieved tokens * (656 V3.2 | 576 V4)
+  sparse prefill: FLOPs = 2*s_q*topk*h_q*(d_qk+512); bytes = valid indices*d_qk*2 + q + out.
+                  "gather floor" = the selected rows read once (valid*d_qk*2 B) at the copy rate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+# The workers get the caller's environment; this process only quantizes palettes, on the CPU
+# (main() sets JAX_PLATFORMS=cpu for itself before anything imports jax).
+_WORKER_ENV = dict(os.environ)
+
+import numpy as np  # noqa: E402
+
+from sbs_common import append_jsonl, case_dir, read_jsonl  # noqa: E402
+import sbs_cases  # noqa: E402
+
+SUITE_NAMES = list(sbs_cases.SUITES)
+
+
+def parse():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--suite", nargs="+", default=["dense"], choices=SUITE_NAMES + ["all"])
+    ap.add_argument("--out", required=True, help="folder for side_by_side.json / .png")
+    ap.add_argument("--work", default=None, help="inputs / outputs scratch (default: a temp dir)")
+    ap.add_argument("--keep-work", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="a representative subset, fewer rounds")
+    ap.add_argument("--cases", default=None, help="only cases whose name contains one of these "
+                                                  "comma-separated substrings")
+    ap.add_argument("--list", action="store_true", help="print the cases and exit")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="write the inputs into --work and exit (to overlap with a build)")
+    ap.add_argument("--upstream", default="on", choices=["on", "off", "fake"],
+                    help="fake: the JAX reference stands in for flash_mla (CPU smoke test)")
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="tiny cases, ours on CPU JAX, fake upstream (tests this harness)")
+    ap.add_argument("--ours-max-seconds", type=float, default=30.0,
+                    help="ours: a case whose first (compiling) call takes longer is not timed; "
+                         "else calls/rounds shrink to fit (guards the slow reference paths)")
+    ap.add_argument("--case-timeout", type=float, default=300.0,
+                    help="kill a worker stuck this long on one case and go on after it")
+    ap.add_argument("--xla", action="store_true", help="also time plain XLA on 4 dense cases")
+    return ap.parse_args()
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers
+
+def run_worker(label, cmd, cases, work, timeout):
+    """Run a worker over all cases, restarting it after a case it crashed or hung on."""
+    path = os.path.join(work, f"results_{label}.jsonl")
+    start = 0
+    while start < len(cases):
+        proc = subprocess.Popen(cmd + ["--start", str(start)], env=_WORKER_ENV)
+        killed = False
+        while proc.poll() is None:
+            time.sleep(0.5)
+            recs = read_jsonl(path)
+            if recs and recs[-1]["event"] == "start" and time.time() - recs[-1]["t"] > timeout:
+                proc.kill()
+                proc.wait()
+                killed = True
+        recs = read_jsonl(path)
+        done = {r["name"] for r in recs if r["event"] == "done"}
+        nxt = next((i for i, c in enumerate(cases) if c["name"] not in done), None)
+        if nxt is None:
+            break
+        started = [r["name"] for r in recs if r["event"] == "start"]
+        if not started or started[-1] != cases[nxt]["name"]:
+            why = f"{label} worker exited (rc {proc.returncode}) before reaching this case"
+            for c in cases[nxt:]:
+                append_jsonl(path, dict(name=c["name"], event="done", label=label,
+                                        status="error", error=why))
+            print(f"!! {why}: {len(cases) - nxt} case(s) not run", flush=True)
+            break
+        why = (f"killed after {timeout:.0f} s on this case" if killed
+               else f"worker died on this case (rc {proc.returncode})")
+        append_jsonl(path, dict(name=cases[nxt]["name"], event="done", label=label,
+                                status="error", error=why))
+        print(f"!! {label}: {cases[nxt]['name']}: {why}; restarting after it", flush=True)
+        start = nxt + 1
+    return {r["name"]: r for r in read_jsonl(path) if r["event"] == "done"}
+
+
+def load_outputs(work, label, case):
+    import ml_dtypes
+    folder = os.path.join(work, "outputs", label, os.path.basename(case_dir(work, case)))
+    res = {}
+    for name in ("out", "lse", "max_logits"):
+        p = os.path.join(folder, name + ".npy")
+        if os.path.exists(p):
+            a = np.load(p)
+            res[name] = a.view(ml_dtypes.bfloat16) if a.dtype == np.int16 else a
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+def _perf(rec, meta):
+    if not rec or rec.get("status") != "ok" or not rec.get("time_s"):
+        return None
+    t = rec["time_s"]
+    return dict(time_us=t * 1e6, tflops=meta["flops"] / t / 1e12, gbs=meta["bytes"] / t / 1e9)
+
+
+def summarize(cases, metas, ours, up, work, limits):
+    rows = []
+    for c in cases:
+        meta, o, u = metas[c["name"]], ours.get(c["name"], {}), up.get(c["name"], {})
+        row = dict(case=c, flops=meta["flops"], bytes=meta["bytes"],
+                   ours=dict(o, perf=_perf(o, meta)), flashmla=dict(u, perf=_perf(u, meta)))
+        po, pu = row["ours"]["perf"], row["flashmla"]["perf"]
+        row["ratio"] = pu["time_us"] / po["time_us"] if po and pu else None
+        if "gather_bytes" in meta and limits.get("copy_gbs"):
+            row["gather_floor_us"] = meta["gather_bytes"] / (limits["copy_gbs"] * 1e9) * 1e6
+            if po:
+                row["ours_vs_floor"] = row["gather_floor_us"] / po["time_us"]
+        if o.get("status") in ("ok", "slow") and u.get("status") in ("ok",):
+            try:
+                row["agreement"] = sbs_cases.compare(load_outputs(work, "ours", c),
+                                                     load_outputs(work, "flashmla", c))
+            except Exception as e:  # noqa: BLE001
+                row["agreement"] = dict(error=f"{type(e).__name__}: {e}")
+        rows.append(row)
+    return rows
+
+
+def _fmt_side(p, rec):
+    if p is None:
+        st = rec.get("status", "-")
+        return f"{st:>10} {'':>15}"
+    return f"{p['time_us']:>10.1f} {p['tflops']:>6.0f}/{p['gbs']:>7.0f}"
+
+
+def print_table(rows, suites):
+    geo = {}
+    for suite in suites:
+        sel = [r for r in rows if r["case"]["suite"] == suite]
+        if not sel:
+            continue
+        print(f"\n== {suite}: time us, TFLOPS/GB/s (FlashMLA's counting); ratio = FlashMLA time / "
+              f"ours time (>1: ours faster)")
+        print(f"{'case':<44} {'ours us':>10} {'TFLOPS/GB/s':>15} {'path':>9} | "
+              f"{'FlashMLA us':>10} {'TFLOPS/GB/s':>15} | {'ratio':>6} {'out relL2':>9} "
+              f"{'lse max':>8}  note")
+        for r in sel:
+            o, u, a = r["ours"], r["flashmla"], r.get("agreement") or {}
+            ratio = f"{r['ratio']:.2f}" if r["ratio"] else "-"
+            rel = f"{a['out_rel_l2']:.1e}" if "out_rel_l2" in a else "-"
+            lse = f"{a['lse_max_abs']:.1e}" if "lse_max_abs" in a else "-"
+            notes = []
+            if a.get("out_finite_mismatch") or a.get("lse_finite_mismatch"):
+                notes.append(f"inf/nan mismatch out {a.get('out_finite_mismatch')} "
+                             f"lse {a.get('lse_finite_mismatch')}")
+            for side, rec in (("ours", o), ("FlashMLA", u)):
+                if rec.get("error"):
+                    notes.append(f"{side}: {rec['error'][:120]}")
+                if rec.get("note"):
+                    notes.append(f"{side}: {rec['note']}")
+            if "gather_floor_us" in r:
+                notes.append(f"gather floor {r['gather_floor_us']:.0f} us"
+                             + (f" ({r['ours_vs_floor']:.2f} of it)" if "ours_vs_floor" in r else ""))
+            if o.get("xla_time_s") and o.get("perf"):
+                notes.append(f"plain XLA {o['xla_time_s'] * 1e6:.0f} us "
+                             f"({o['xla_time_s'] * 1e6 / o['perf']['time_us']:.1f}x ours)")
+            print(f"{r['case']['name']:<44} {_fmt_side(o['perf'], o)} {o.get('path', '-'):>9} | "
+                  f"{_fmt_side(u['perf'], u)} | {ratio:>6} {rel:>9} {lse:>8}  {'; '.join(notes)}")
+        g = sbs_cases.geomean([r["ratio"] for r in sel])
+        gk = sbs_cases.geomean([r["ratio"] for r in sel if r["ours"].get("path") == "kernel"])
+        geo[suite] = dict(all=g, kernel_only=gk, n=sum(1 for r in sel if r["ratio"]),
+                          n_kernel=sum(1 for r in sel if r["ratio"]
+                                       and r["ours"].get("path") == "kernel"))
+        print(f"-- {suite}: geomean ours/FlashMLA speed = "
+              + (f"{g:.3f} over {geo[suite]['n']} cases" if g else "n/a")
+              + (f"; our kernel paths only: {gk:.3f} over {geo[suite]['n_kernel']}" if gk else ""))
+    return geo
+
+
+def plot(rows, suites, path):
+    sel_suites = [s for s in suites if any(r["case"]["suite"] == s for r in rows)]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _plot_raw(rows, sel_suites, path)
+        return "raw (matplotlib missing: bars only, no labels; see the JSON for names)"
+    heights = [max(2.0, 0.28 * sum(1 for r in rows if r["case"]["suite"] == s) + 1) for s in sel_suites]
+    fig, axes = plt.subplots(len(sel_suites), 1, figsize=(10, sum(heights)),
+                             gridspec_kw=dict(height_ratios=heights), squeeze=False)
+    for ax, suite in zip(axes[:, 0], sel_suites):
+        sel = [r for r in rows if r["case"]["suite"] == suite]
+        y = np.arange(len(sel))[::-1]
+        vals, colors, labels = [], [], []
+        for r in sel:
+            path_ = r["ours"].get("path", "?")
+            if r["ratio"]:
+                vals.append(r["ratio"])
+                colors.append("tab:blue" if path_ == "kernel" else "tab:orange")
+            else:
+                vals.append(np.nan)
+                colors.append("gray")
+            po = r["ours"]["perf"]
+            extra = "" if r["ratio"] else (
+                f"  [ours only: {po['time_us']:.0f} us]" if po else
+                f"  [{r['ours'].get('status', '-')}/{r['flashmla'].get('status', '-')}]")
+            labels.append(r["case"]["name"] + extra)
+        finite = [v for v in vals if np.isfinite(v)]
+        ax.barh(y, [v if np.isfinite(v) else 0 for v in vals], color=colors, left=0)
+        ax.axvline(1.0, color="k", lw=1)
+        ax.set_yticks(y)
+        ax.set_yticklabels(labels, fontsize=7)
+        ax.set_xscale("log")
+        lo = min(finite + [0.5]) * 0.8
+        hi = max(finite + [2.0]) * 1.25
+        ax.set_xlim(lo, hi)
+        for yy, v in zip(y, vals):
+            if np.isfinite(v):
+                ax.text(v, yy, f" {v:.2f}", va="center", fontsize=6)
+        g = sbs_cases.geomean(finite)
+        ax.set_title(f"{suite}: ours / FlashMLA speed (>1: ours faster; blue kernel, orange "
+                     f"reference path)" + (f", geomean {g:.2f}" if g else ""), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return "matplotlib"
+
+
+def _plot_raw(rows, suites, path):
+    """No-dependency PNG: one bar per case (log2 ratio around a centre line at 1.0), suites
+    separated by gray rows; blue = kernel path, orange = reference, gray stub = no ratio."""
+    import struct
+    import zlib
+    rows = [r for s in suites for r in rows if r["case"]["suite"] == s] or rows
+    bar_h, gap, w = 10, 4, 600
+    h = max(1, len(rows) * (bar_h + gap) + gap)
+    img = np.full((h, w, 3), 255, np.uint8)
+    mid = w // 2
+    img[:, mid] = 0
+    prev = None
+    for i, r in enumerate(rows):
+        y0 = gap + i * (bar_h + gap)
+        if prev is not None and r["case"]["suite"] != prev:
+            img[y0 - gap // 2, :] = 160
+        prev = r["case"]["suite"]
+        if r["ratio"]:
+            px = int(np.clip(np.log2(r["ratio"]) * (w // 4), -mid + 1, mid - 1))
+            color = (31, 119, 180) if r["ours"].get("path") == "kernel" else (255, 127, 14)
+            lo, hi = sorted((mid, mid + px))
+            img[y0:y0 + bar_h, lo:hi + 1] = color
+        else:
+            img[y0:y0 + bar_h, mid - 3:mid + 4] = 128
+    raw = b"".join(b"\0" + img[y].tobytes() for y in range(h))
+
+    def chunk(kind, data):
+        c = struct.pack(">I", len(data)) + kind + data
+        return c + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+    with open(path, "wb") as f:
+        f.write(png)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main():
+    args = parse()
+    _WORKER_ENV.clear()
+    _WORKER_ENV.update(os.environ)
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    suites = SUITE_NAMES if "all" in args.suite else args.suite
+    if args.cpu_smoke:
+        args.upstream = "fake" if args.upstream == "on" else args.upstream
+    cases = sbs_cases.select(suites, args.quick, args.cases, cpu_smoke=args.cpu_smoke)
+    if args.cpu_smoke:
+        suites = SUITE_NAMES
+    if args.list:
+        for c in cases:
+            print(c["name"])
+        return
+    if not cases:
+        sys.exit("no case selected")
+    os.makedirs(args.out, exist_ok=True)
+    work = args.work or os.path.join("/tmp", f"sbs_work_{os.getpid()}")
+    os.makedirs(work, exist_ok=True)
+    for label in ("ours", "flashmla"):   # fresh results for this run (inputs are reused)
+        for stale in (os.path.join(work, f"results_{label}.jsonl"),):
+            if os.path.exists(stale):
+                os.remove(stale)
+        shutil.rmtree(os.path.join(work, "outputs", label), ignore_errors=True)
+    with open(os.path.join(work, "cases.json"), "w") as f:
+        json.dump(cases, f)
+
+    t0 = time.perf_counter()
+    metas = {}
+    for c in cases:
+        t1 = time.perf_counter()
+        metas[c["name"]] = sbs_cases.make_inputs(c, case_dir(work, c))
+        if time.perf_counter() - t1 > 3:
+            print(f"  inputs of {c['name']}: {time.perf_counter() - t1:.1f} s", flush=True)
+    print(f"inputs for {len(cases)} cases ready in {work} ({time.perf_counter() - t0:.1f} s)",
+          flush=True)
+    if args.prepare_only:
+        return
+
+    py = sys.executable
+    env_cpu = ["--cpu"] if args.cpu_smoke else []
+    quick = ["--quick"] if args.quick else []
+    ours_cmd = [py, os.path.join(HERE, "sbs_ours.py"), "--work", work, "--label", "ours",
+                "--max-seconds", str(args.ours_max_seconds)] + env_cpu + quick
+    if args.xla:
+        ours_cmd.append("--xla")
+    if args.upstream == "on":
+        up_cmd = [py, os.path.join(HERE, "sbs_flashmla.py"), "--work", work] + quick
+    elif args.upstream == "fake":
+        up_cmd = [py, os.path.join(HERE, "sbs_ours.py"), "--work", work, "--label", "flashmla",
+                  "--implementation", "reference", "--max-seconds", "1e9"] + env_cpu + quick
+    else:
+        up_cmd = None
+
+    # Machine limits: torch's device-to-device copy and matmul where torch is there.
+    lim_cmd = (up_cmd[:2] + ["--work", work, "--limits"]) if args.upstream == "on" else (
+        [py, os.path.join(HERE, "sbs_ours.py"), "--work", work, "--limits"] + env_cpu)
+    limits = {}
+    if subprocess.run(lim_cmd, env=_WORKER_ENV).returncode == 0:
+        with open(os.path.join(work, "limits.json")) as f:
+            limits = json.load(f)
+
+    ours = run_worker("ours", ours_cmd, cases, work, args.case_timeout)
+    up = run_worker("flashmla", up_cmd, cases, work, args.case_timeout) if up_cmd else {}
+    if args.upstream == "fake":
+        for r in up.values():
+            r["note"] = "FAKE upstream (JAX reference)"
+
+    rows = summarize(cases, metas, ours, up, work, limits)
+    geo = print_table(rows, suites)
+    png = os.path.join(args.out, "side_by_side.png")
+    how = plot(rows, suites, png)
+    result = dict(created=time.strftime("%Y-%m-%d %H:%M:%S"), limits=limits, suites=suites,
+                  quick=args.quick, upstream=args.upstream, geomean=geo, plot=how,
+                  rows=[{k: v for k, v in r.items()} for r in rows])
+    with open(os.path.join(args.out, "side_by_side.json"), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    print(f"\nwrote {os.path.join(args.out, 'side_by_side.json')} and {png} ({how})"
+          + (f"; limits: copy {limits['copy_gbs']:.0f} GB/s, matmul {limits['matmul_tflops']:.0f} "
+             f"TFLOP/s ({limits['source']})" if limits else ""), flush=True)
+    if not args.keep_work and not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark against upstream FlashMLA, one device call (benchmarks/side_by_side.py).
+#
+# Once per checkout (upstream's prebuilt package travels in an ignored folder):
+#   mkdir -p .anchor && cp /work/shared/anchor/flashmla_site.tgz .anchor/
+#   echo /.anchor/ >> .git/info/exclude
+# Then, from the repo root, through the device tool:
+#   run(command="SUITES='dense sparse_decode' bash scripts/device_bench.sh", carry=[".whl", ".anchor"])
+#
+# Knobs (environment):
+#   SUITES   dense | sparse_decode | sparse_prefill | all, space-separated (default: dense)
+#   QUICK=1  a representative subset of each suite, 10 calls x 5 rounds (~1-2 min with the build)
+#   CASES    only cases whose name contains one of these comma-separated substrings
+#   OURS_MAX_SECONDS  ours: a case whose first (compiling) call takes longer is not timed (default 30)
+#   CASE_TIMEOUT      a worker stuck this long on one case is killed and restarted after it (300)
+#   XLA=1    also time plain XLA on 4 dense cases;  LOOP=1  also the 61-layer loop (bench_decode.py)
+#   STAGES   "build" (default) rebuilds our package; STAGES=" " reuses the one installed on a warm
+#            machine
+# Everything lands flat in $OUT: build.log, bench.log, side_by_side.json, side_by_side.png
+# (+ loop.json with LOOP=1). Time: dense ~2-3 min after the build; QUICK=1 all suites ~1-2 min.
+set -uo pipefail
+STAGES=${STAGES:-"build"}
+SUITES=${SUITES:-dense}
+WORK=/tmp/sbs_work
+ARGS=(--suite $SUITES --work "$WORK" --keep-work)
+[ "${QUICK:-0}" = 1 ] && ARGS+=(--quick)
+[ -n "${CASES:-}" ] && ARGS+=(--cases "$CASES")
+OUT=${OUT:-/tmp/jfm-out}; mkdir -p "$OUT"
+
+# The inputs are made on the CPU (numpy + our FP8 quantizer from the source tree) while the
+# package builds.
+( JAX_PLATFORMS=cpu PYTHONPATH="$(pwd)" python3 benchmarks/side_by_side.py "${ARGS[@]}" \
+    --prepare-only --out "$OUT" > /tmp/sbs_prepare.log 2>&1 ) &
+PREP=$!
+
+source scripts/device_common.sh   # banner, build, then cd /tmp (import the installed package)
+
+log "upstream FlashMLA from .anchor/flashmla_site.tgz"
+if [ ! -f "$REPO/.anchor/flashmla_site.tgz" ]; then
+  echo "missing $REPO/.anchor/flashmla_site.tgz: copy it from /work/shared/anchor/ and carry .anchor"
+  UPSTREAM=off
+else
+  mkdir -p /tmp/site && tar xzf "$REPO/.anchor/flashmla_site.tgz" -C /tmp/site
+  if PYTHONPATH=/tmp/site python3 -c "import torch, flash_mla; print('torch', torch.__version__, 'flash_mla', flash_mla.__file__)"; then
+    UPSTREAM=on
+  else
+    echo "flash_mla does not import (torch changed? rebuild from flashmla_src.tgz, anchor/README.md)"
+    UPSTREAM=off
+  fi
+fi
+
+wait $PREP; tail -3 /tmp/sbs_prepare.log
+
+log "side by side: $SUITES${QUICK:+ (QUICK=$QUICK)}"
+# /tmp/site only: the source tree must not shadow the installed package (its kernels).
+PYTHONPATH=/tmp/site python3 "$REPO/benchmarks/side_by_side.py" "${ARGS[@]}" --out "$OUT" \
+  --upstream $UPSTREAM --ours-max-seconds "${OURS_MAX_SECONDS:-30}" \
+  --case-timeout "${CASE_TIMEOUT:-300}" $([ "${XLA:-0}" = 1 ] && echo --xla) 2>&1 \
+  | tee "$OUT/bench.log" | grep -vE "^\[(ours|flashmla)\] " | tail -120
+rc=${PIPESTATUS[0]}
+
+if [ "${LOOP:-0}" = 1 ]; then
+  log "61-layer loop"
+  python3 "$REPO/benchmarks/bench_decode.py" --loop-only --out "$OUT/loop.json" 2>&1 | tail -3
+fi
+rm -rf "$WORK"
+log "done (rc $rc)"
+exit $rc

@@ -1,0 +1,51 @@
+"""The side-by-side benchmark's host-side logic (benchmarks/sbs_cases.py, side_by_side.py): input
+generation, top-k positions, the comparison and the no-dependency plot. Numpy only, under a second;
+the whole two-process flow is `python benchmarks/side_by_side.py --cpu-smoke --out DIR` (~1 min)."""
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+
+import sbs_cases  # noqa: E402
+
+
+def test_unique_positions_are_distinct_and_in_range():
+    rng = np.random.default_rng(0)
+    lens = np.array([1, 2, 7, 64, 100, 4096, 3 * 16384])
+    pos = sbs_cases.unique_positions(rng, lens, 128)
+    for row, n in zip(pos, lens):
+        valid = row[row >= 0]
+        assert len(valid) == min(n, 128) and len(set(valid.tolist())) == len(valid)
+        assert valid.max() < n and (row[len(valid):] == -1).all()
+
+
+def test_dense_inputs_are_deterministic_and_counted(tmp_path):
+    case = sbs_cases.select(["dense"], False, "dense b128 sq1 h16 sk4096")[0]
+    case = dict(case, b=4, s_k=300)   # same recipe, tiny
+    m1 = sbs_cases.make_inputs(case, str(tmp_path / "a"))
+    m2 = sbs_cases.make_inputs(case, str(tmp_path / "b"))
+    for name in ("q", "pool_palette", "block_table", "lens"):
+        a, b = (np.load(str(tmp_path / d / f"{name}.npy")) for d in "ab")
+        np.testing.assert_array_equal(a, b)
+    lens = np.load(str(tmp_path / "a" / "lens.npy"))
+    table = np.load(str(tmp_path / "a" / "block_table.npy"))
+    assert m1 == m2 and m1["flops"] == 1 * 16 * (2 * 576 + 2 * 512) * int(lens.sum())
+    used = np.concatenate([table[i, :-(-n // 64)] for i, n in enumerate(lens)])
+    assert sorted(used.tolist()) == list(range(m1["num_blocks"]))   # a permutation of the pool
+
+
+def test_compare_and_raw_plot(tmp_path):
+    rng = np.random.default_rng(1)
+    out = rng.standard_normal((2, 1, 4, 8)).astype(np.float32)
+    lse = np.array([[1.0, np.inf], [2.0, 3.0]], np.float32)
+    res = sbs_cases.compare(dict(out=out, lse=lse), dict(out=out * 1.01, lse=lse + 1e-3))
+    assert abs(res["out_rel_l2"] - 0.01 / 1.01) < 1e-6
+    assert abs(res["lse_max_abs"] - 1e-3) < 1e-6 and res["lse_finite_mismatch"] == 0
+    res = sbs_cases.compare(dict(lse=lse), dict(lse=np.zeros_like(lse)))
+    assert res["lse_finite_mismatch"] == 1
+    from side_by_side import _plot_raw
+    rows = [dict(case=dict(suite="dense"), ratio=r, ours=dict(path="kernel")) for r in (0.5, 1.3, None)]
+    _plot_raw(rows, ["dense"], str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
