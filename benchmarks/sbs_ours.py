@@ -101,13 +101,18 @@ def build(case, folder, meta, impl):
         extra = None
         if case["extra"]:
             extra = expand(_load(folder, "extra_pool_palette"), meta["extra_num_blocks"])
-        args = (q, pool, _load(folder, "indices"), _load(folder, "attn_sink"), extra,
-                _load(folder, "extra_indices"), _load(folder, "extra_topk_length"))
-        # Metadata: computed inside the call (the sparse schedule's public form is not settled;
-        # upstream's timed calls reuse a schedule made by the first call).
-        fn = jax.jit(lambda q, kv, i, s, ekv, ei, etl: jfm.mla_decode(
+        indices, extra_indices = _load(folder, "indices"), _load(folder, "extra_indices")
+        b, s_q, h_q = q.shape[:3]
+        # The schedule is made once outside the timed calls, as upstream's timed calls reuse one.
+        md = jax.jit(lambda l: jfm.get_mla_metadata(
+            l, s_q=s_q, h_q=h_q, topk=indices.shape[-1],
+            extra_topk=None if extra_indices is None else extra_indices.shape[-1]))(
+            jnp.zeros((b,), jnp.int32))
+        args = (q, pool, indices, _load(folder, "attn_sink"), extra, extra_indices,
+                _load(folder, "extra_topk_length"), md)
+        fn = jax.jit(lambda q, kv, i, s, ekv, ei, etl, m: jfm.mla_decode(
             q, kv, indices=i, attn_sink=s, extra_kv_cache=ekv, extra_indices=ei,
-            extra_topk_length=etl, implementation=impl))
+            extra_topk_length=etl, metadata=m, implementation=impl))
         return fn, args, ("out", "lse")
     if kind == "sparse_prefill":
         q = expand(_load(folder, "q_palette", bf16=True), case["s_q"])
