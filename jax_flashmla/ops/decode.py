@@ -270,8 +270,10 @@ def _batching_rule(args, dims, *, config: DecodeConfig):
         for ref in refs:
             if ref not in folded:
                 continue
-            if ref == "block_table":
-                folded[ref] = folded[ref] + (member * num_blocks)[:, None]
+            if ref == "block_table":   # out-of-range ids stay out of range (absent pages)
+                ids = folded[ref]
+                folded[ref] = jnp.where((ids >= 0) & (ids < num_blocks),
+                                        ids + (member * num_blocks)[:, None], -1)
             else:
                 folded[ref] = _primitive.offset_rows(folded[ref], num_blocks * block_size,
                                                      member * num_blocks * block_size)

@@ -102,7 +102,7 @@ def schedule_reference(seqlens, num_parts: int) -> MLAMetadata:
     b = seqlens.shape[0]
     lens = seqlens.astype(jnp.int32)
     tile, overhead = limits.TILE_TOKENS, limits.FIXED_OVERHEAD
-    nb = jnp.where(lens > 0, (lens + tile - 1) // tile, 0).astype(jnp.int32)
+    nb = jnp.where(lens > 0, lens // tile + (lens % tile != 0), 0).astype(jnp.int32)  # no overflow
     total = jnp.sum(nb + overhead)
     payload = (total + num_parts - 1) // num_parts + overhead
     big = jnp.int32(2**30 - 1)

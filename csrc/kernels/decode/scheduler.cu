@@ -17,14 +17,15 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// Written so that no length (INT32_MAX included) overflows.
 __device__ __forceinline__ int tiles_of(int len) {
-  return len > 0 ? (len + kTileTokens - 1) / kTileTokens : 0;
+  return len > 0 ? len / kTileTokens + (len % kTileTokens != 0) : 0;
 }
 
 __global__ void __launch_bounds__(kThreads) schedule_kernel(ScheduleParams p) {
   extern __shared__ int s_tiles[];  // [num_seqs] tiles per sequence
-  __shared__ int s_partial[kThreads];
-  int local = 0;
+  __shared__ long long s_partial[kThreads];   // 64-bit: malformed lengths must not overflow
+  long long local = 0;
   for (int i = threadIdx.x; i < p.num_seqs; i += kThreads) {
     const int nb = tiles_of(p.seqlens != nullptr ? p.seqlens[i] : p.fixed_len);
     s_tiles[i] = nb;
@@ -37,16 +38,16 @@ __global__ void __launch_bounds__(kThreads) schedule_kernel(ScheduleParams p) {
     __syncthreads();
   }
   if (threadIdx.x != 0) return;
-  const int total = s_partial[0];
+  const long long total = s_partial[0];
   const int parts = p.num_sm_parts;
-  const int payload = (total + parts - 1) / parts + kFixedOverhead;
+  const long long payload = (total + parts - 1) / parts + kFixedOverhead;
 
   int now_seq = 0, now_tile = 0, now_split = 0, cum_splits = 0;
   p.num_splits[0] = 0;
   for (int part = 0; part < parts; ++part) {
     int32_t* meta = p.tile_scheduler_metadata + part * kMetaInts;
     const int begin_seq = now_seq, begin_tile = now_tile, begin_split = now_split;
-    int remain = part == parts - 1 ? INT_MAX / 2 : payload;
+    long long remain = part == parts - 1 ? LLONG_MAX / 2 : payload;
     while (now_seq < p.num_seqs) {
       const int left = s_tiles[now_seq] - now_tile;
       if (remain >= left + kFixedOverhead) {
@@ -58,7 +59,7 @@ __global__ void __launch_bounds__(kThreads) schedule_kernel(ScheduleParams p) {
         now_split = 0;
       } else {
         if (remain - kFixedOverhead > 0) {
-          now_tile += remain - kFixedOverhead;
+          now_tile += static_cast<int>(remain - kFixedOverhead);  // < left: fits an int
           ++now_split;
         }
         break;

@@ -80,14 +80,20 @@ struct TokenRows {
     if (n >= tiles0 && (n - tiles0) * kTileTokens >= len[1]) n = end;
     return min(n, end);
   }
-  // Pool and flat row of tile n's position t; row -1 when the position names no row.
-  __device__ __forceinline__ int64_t row(int n, int t, int& pool_id) const {
-    pool_id = n < tiles0 ? 0 : 1;
+  // The raw index at tile n's position t (-1 past the counted positions), as a load issued
+  // now and read later: the loop fetches it one tile ahead so no tile waits on an index load.
+  __device__ __forceinline__ int index_at(int n, int t) const {
+    const int pool_id = n < tiles0 ? 0 : 1;
     const int pos = (n - (pool_id ? tiles0 : 0)) * kTileTokens + t;
     if (pos >= (pool_id ? len[1] : len[0])) return -1;  // (no dynamic index: no local memory)
     const SparsePool& pool = p.pool[pool_id];
-    const int64_t r = pool.indices[static_cast<int64_t>(token) * pool.topk + pos];
-    return (r >= 0 && r < pool.num_rows) ? r : -1;
+    return __ldg(pool.indices + static_cast<int64_t>(token) * pool.topk + pos);
+  }
+  // The pool of tile n, and the flat row an index names (-1: none, never dereferenced).
+  __device__ __forceinline__ int pool_of(int n) const { return n < tiles0 ? 0 : 1; }
+  __device__ __forceinline__ int64_t row_of(int index, int pool_id) const {
+    const int64_t rows = p.pool[pool_id].num_rows;
+    return (index >= 0 && index < rows) ? index : -1;
   }
 };
 
@@ -248,15 +254,16 @@ __global__ void __launch_bounds__(256, 1) sparse_attention_kernel(const __grid_c
       for (int j = 0; j < S::kKBlocks; ++j)
         cp_async_16(sq + j * S::kBlockBytes + h * 32 * 128 + ld_off, src + 64 * j, ok ? 16 : 0);
     }
-    // Tile n into buffer buf: bf16 rows by cp.async now; FP8 rows fetched into registers by
-    // `fetch_fp8` and written by `store_fp8` later.
-    auto load_bf16 = [&](int buf, int n) {
+    // Tile n into buffer buf: bf16 rows by cp.async; FP8 rows fetched into registers by
+    // `fetch_fp8` and written by `store_fp8` later. The indices (`idx`: this thread's rows of a
+    // tile) are loaded one tile earlier than the rows they name.
+    auto load_bf16 = [&](int buf, int n, const int (&idx)[2]) {
       const uint32_t dst = sk0 + buf * S::kTileBytes + ld_off;
+      const int pool_id = rows.pool_of(n);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int t = lr + 32 * h;
-        int pool_id;
-        const int64_t r = rows.row(n, t, pool_id);
+        const int64_t r = rows.row_of(idx[h], pool_id);
         const bf16* src = reinterpret_cast<const bf16*>(p.pool[pool_id].data) +
                           (r >= 0 ? r : 0) * kDqk + lq * 8;
 #pragma unroll
@@ -265,26 +272,39 @@ __global__ void __launch_bounds__(256, 1) sparse_attention_kernel(const __grid_c
         if (lq == 0) valid_s[buf * kTileTokens + t] = r >= 0;
       }
     };
-    auto fetch_fp8 = [&](int n) {
-      int pool_id;
-      const int64_t r = rows.row(n, slot.t, pool_id);
-      stage.fetch(p.pool[pool_id], r);
+    auto fetch_fp8 = [&](int n, const int (&idx)[2]) {
+      const int pool_id = rows.pool_of(n);
+      stage.fetch(p.pool[pool_id], rows.row_of(idx[0], pool_id));
     };
     auto store_fp8 = [&](int buf) {
       stage.store(sk0 + buf * S::kTileBytes, slot.t);
       if (slot.j == 0) valid_s[buf * kTileTokens + slot.t] = stage.valid;
     };
+    // This thread's positions of a tile: FP8 one token (slot.t), bf16 two rows (lr, lr + 32).
+    auto load_indices = [&](int n, int (&idx)[2]) {
+      if (n >= t_hi) return;
+      if constexpr (kFp8) {
+        idx[0] = rows.index_at(n, slot.t);
+      } else {
+        idx[0] = rows.index_at(n, lr);
+        idx[1] = rows.index_at(n, lr + 32);
+      }
+    };
 
     int n = rows.next_live(t_lo, t_hi);
+    int idx_n[2] = {-1, -1}, idx_next[2] = {-1, -1};
+    load_indices(n, idx_n);
     if (n < t_hi) {
       if constexpr (kFp8) {
-        fetch_fp8(n);
+        fetch_fp8(n, idx_n);
         store_fp8(0);
       } else {
-        load_bf16(0, n);
+        load_bf16(0, n, idx_n);
       }
     }
     cp_async_commit();
+    int n_next = rows.next_live(n + 1, t_hi);
+    load_indices(n_next, idx_next);
 
     RowState st;
     st.init();
@@ -292,10 +312,14 @@ __global__ void __launch_bounds__(256, 1) sparse_attention_kernel(const __grid_c
       cp_async_wait<0>();
       fence_proxy_async();
       __syncthreads();
-      const int n_next = rows.next_live(n + 1, t_hi);
+      // Indices of the tile after next, then the next tile's rows (their indices arrived during
+      // the previous tile).
+      const int n_after = n_next < t_hi ? rows.next_live(n_next + 1, t_hi) : t_hi;
+      int idx_after[2] = {-1, -1};
+      load_indices(n_after, idx_after);
       if (n_next < t_hi) {
-        if constexpr (kFp8) fetch_fp8(n_next);
-        else load_bf16(buf ^ 1, n_next);
+        if constexpr (kFp8) fetch_fp8(n_next, idx_next);
+        else load_bf16(buf ^ 1, n_next, idx_next);
       }
       cp_async_commit();
       const uint32_t buf_desc = buf * (S::kTileBytes >> 4);
@@ -317,6 +341,9 @@ __global__ void __launch_bounds__(256, 1) sparse_attention_kernel(const __grid_c
       }
       wgmma_wait<0>();
       n = n_next;
+      n_next = n_after;
+      idx_next[0] = idx_after[0];
+      idx_next[1] = idx_after[1];
     }
     cp_async_wait<0>();
 
