@@ -133,7 +133,7 @@ def sparse_mla_prefill(q, kv, indices, *, softmax_scale: float, head_dim_v: int,
     s_kv, h_kv, _ = kv.shape
     group = h_q // h_kv
     valid = (indices >= 0) & (indices < s_kv)                                     # [s_q, h_kv, k]
-    if topk_length is not None:
+    if topk_length is not None:   # clamps: below 0 counts as 0, above topk as topk
         pos = jnp.arange(indices.shape[-1], dtype=jnp.int32)
         valid &= pos[None, None, :] < topk_length[:, None, None]
     safe = jnp.where(valid, indices, 0)

@@ -31,7 +31,7 @@ def _sink(out, lse, sink):
 
 def dense_decode(q, cache, block_table, seqlens, *, scale, d_v, causal=False, attn_sink=None):
     """q [b, s_q, h_q, d], cache [nb, bs, h_kv, d] (float arrays); returns out [b,s_q,h_q,d_v],
-    lse [b, h_q, s_q] in float64."""
+    lse [b, h_q, s_q] in float64. Malformed lengths and page ids as SEMANTICS.md defines them."""
     q = np.asarray(q, np.float64)
     cache = np.asarray(cache, np.float64)
     b, s_q, h_q, d = q.shape

@@ -230,11 +230,14 @@ def _no_hook(monkeypatch):
     monkeypatch.setattr(_checks, "check_sparse_mla_prefill", lambda operands: None)
 
 
-def test_off_by_default():
+def test_off_by_default_and_the_environment_variable():
     env = {k: v for k, v in os.environ.items() if k != "JAX_FLASHMLA_CHECKS"}
     code = "import jax_flashmla as j; print(j.checks.is_enabled())"
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert r.stdout.strip() == "False", r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-c", code], env=dict(env, JAX_FLASHMLA_CHECKS="1"),
+                       capture_output=True, text=True)
+    assert r.stdout.strip() == "True", r.stdout + r.stderr
 
 
 def test_checks_off_compile_to_the_program_without_the_hook(rng, monkeypatch):
