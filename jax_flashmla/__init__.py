@@ -6,8 +6,10 @@ Public API (exact math in SEMANTICS.md of the project):
   reference                                                      -- the pure-JAX semantics
   flash_mla                                                      -- FlashMLA's PyTorch spellings
   kernels_available()                                            -- can the CUDA kernels run here?
+  enable_checks, checks_enabled, checks                          -- opt-in checked mode (checkify)
 """
-from jax_flashmla import kv_cache, reference
+from jax_flashmla import checks, kv_cache, reference
+from jax_flashmla.checks import checks_enabled, enable_checks
 from jax_flashmla._ffi import kernels_available
 from jax_flashmla.ops._primitive import KernelFallbackWarning
 from jax_flashmla.ops.decode import mla_decode
@@ -18,4 +20,5 @@ from jax_flashmla import flash_mla  # noqa: E402  (uses the ops above)
 __version__ = "0.1.0"
 
 __all__ = ["mla_decode", "get_mla_metadata", "MLAMetadata", "sparse_mla_prefill", "kv_cache",
-           "reference", "flash_mla", "kernels_available", "KernelFallbackWarning"]
+           "reference", "flash_mla", "kernels_available", "KernelFallbackWarning", "checks",
+           "enable_checks", "checks_enabled"]

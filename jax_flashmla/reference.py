@@ -55,7 +55,8 @@ def dequantize_cache(kv_cache, kv_format: str, dtype):
 
 
 def _valid_sparse(indices, n_rows, topk_length):
-    """[b, s_q, k] mask of indices that name a row: >= 0, < n_rows, within topk_length."""
+    """[b, s_q, k] mask of indices that name a row: >= 0, < n_rows, within topk_length (a
+    topk_length below 0 counts as 0, one above topk as topk: the comparison below clamps)."""
     valid = (indices >= 0) & (indices < n_rows)
     if topk_length is not None:
         pos = jnp.arange(indices.shape[-1], dtype=jnp.int32)
@@ -86,17 +87,21 @@ def mla_decode(q, kv_cache, block_table=None, cache_seqlens=None, *, softmax_sca
         block_size = cache.shape[1]
         max_blocks = block_table.shape[1]
         t = jnp.arange(max_blocks * block_size, dtype=jnp.int32)
-        in_seq = t[None, :] < cache_seqlens[:, None]                              # [b, T]
-        # Only entries inside the sequence are dereferenced; the rest read block 0 and are masked.
-        blocks = jnp.where(in_seq, jnp.take(block_table, t // block_size, axis=1), 0)
-        blocks = jnp.clip(blocks, 0, cache.shape[0] - 1)
-        keys = cache[blocks, t % block_size]                                      # [b, T, h_kv, d]
-        keys = jnp.where(in_seq[..., None, None], keys, 0)
+        # Malformed runtime values get SEMANTICS.md's one meaning: a length is clamped to
+        # [0, max_blocks * block_size] (the causal window below uses the clamped length too), and a
+        # page id outside [0, num_blocks) inside it makes that page's tokens absent, never read.
+        lengths = jnp.clip(cache_seqlens, 0, max_blocks * block_size)             # [b]
+        pages = jnp.take(block_table, t // block_size, axis=1)                    # [b, T]
+        present = ((t[None, :] < lengths[:, None]) & (pages >= 0)
+                   & (pages < cache.shape[0]))                                    # [b, T]
+        # Only present tokens' pages are dereferenced; the rest read block 0 and are masked.
+        keys = cache[jnp.where(present, pages, 0), t % block_size]                # [b, T, h_kv, d]
+        keys = jnp.where(present[..., None, None], keys, 0)
         keys = jnp.moveaxis(keys, 1, 2)[:, None]                                  # [b, 1, h_kv, T, d]
-        valid = in_seq[:, None, :]                                                # [b, 1, T]
+        valid = present[:, None, :]                                               # [b, 1, T]
         if causal:
             j = jnp.arange(s_q, dtype=jnp.int32)
-            last = cache_seqlens[:, None] - s_q + j[None, :]                      # [b, s_q]
+            last = lengths[:, None] - s_q + j[None, :]                            # [b, s_q]
             valid = valid & (t[None, None, :] <= last[..., None])                 # [b, s_q, T]
         valid = valid[:, :, None, :]                                              # [b, s_q|1, 1, T]
     else:
@@ -128,7 +133,7 @@ def sparse_mla_prefill(q, kv, indices, *, softmax_scale: float, head_dim_v: int,
     s_kv, h_kv, _ = kv.shape
     group = h_q // h_kv
     valid = (indices >= 0) & (indices < s_kv)                                     # [s_q, h_kv, k]
-    if topk_length is not None:
+    if topk_length is not None:   # clamps: below 0 counts as 0, above topk as topk
         pos = jnp.arange(indices.shape[-1], dtype=jnp.int32)
         valid &= pos[None, None, :] < topk_length[:, None, None]
     safe = jnp.where(valid, indices, 0)

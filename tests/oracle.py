@@ -31,7 +31,7 @@ def _sink(out, lse, sink):
 
 def dense_decode(q, cache, block_table, seqlens, *, scale, d_v, causal=False, attn_sink=None):
     """q [b, s_q, h_q, d], cache [nb, bs, h_kv, d] (float arrays); returns out [b,s_q,h_q,d_v],
-    lse [b, h_q, s_q] in float64."""
+    lse [b, h_q, s_q] in float64. Malformed lengths and page ids as SEMANTICS.md defines them."""
     q = np.asarray(q, np.float64)
     cache = np.asarray(cache, np.float64)
     b, s_q, h_q, d = q.shape
@@ -39,19 +39,33 @@ def dense_decode(q, cache, block_table, seqlens, *, scale, d_v, causal=False, at
     group = h_q // h_kv
     out = np.zeros((b, s_q, h_q, d_v))
     lse = np.zeros((b, h_q, s_q))
+    nb, max_blocks = cache.shape[0], block_table.shape[1]
     for i in range(b):
-        length = int(seqlens[i])
-        tokens = np.stack([cache[block_table[i, t // bs], t % bs] for t in range(length)]) \
-            if length else np.zeros((0, h_kv, d))
+        # Malformed values (SEMANTICS.md, "Paged KV cache"): the length is clamped to the table's
+        # capacity and to 0; a token whose page id is not a block of the pool is absent.
+        length = min(max(int(seqlens[i]), 0), max_blocks * bs)
+        where, rows = [], []
+        for t in range(length):
+            page = int(block_table[i, t // bs])
+            if 0 <= page < nb:
+                where.append(t)
+                rows.append(cache[page, t % bs])
+        where = np.asarray(where, np.int64)
+        tokens = np.stack(rows) if rows else np.zeros((0, h_kv, d))
         for j in range(s_q):
-            n = length - s_q + j + 1 if causal else length
-            n = max(n, 0)
+            last = length - s_q + j if causal else length - 1     # the last position attended
+            keep = where <= last
             for hk in range(h_kv):
                 heads = slice(hk * group, (hk + 1) * group)
-                o, _, l = _softmax_attend(q[i, j, heads], tokens[:n, hk], scale, d_v)
+                o, _, l = _softmax_attend(q[i, j, heads], tokens[keep, hk], scale, d_v)
                 out[i, j, heads] = _sink(o, l, None if attn_sink is None else attn_sink[heads])
                 lse[i, heads, j] = l
     return out, lse
+
+
+def _counted(topk_length, i, topk):
+    """How many leading entries of row i count: topk_length[i] clamped to [0, topk]."""
+    return topk if topk_length is None else min(max(int(topk_length[i]), 0), topk)
 
 
 def sparse_decode(q, pools, *, scale, d_v, attn_sink=None):
@@ -68,7 +82,7 @@ def sparse_decode(q, pools, *, scale, d_v, attn_sink=None):
             rows = []
             for cache, indices, topk_length in pools:
                 flat = np.asarray(cache, np.float64).reshape(-1, h_kv, d)
-                k = indices.shape[2] if topk_length is None else int(topk_length[i])
+                k = _counted(topk_length, i, indices.shape[2])
                 rows += [flat[r] for r in indices[i, j, :k] if 0 <= r < flat.shape[0]]
             keys = np.stack(rows) if rows else np.zeros((0, h_kv, d))
             for hk in range(h_kv):
@@ -90,7 +104,7 @@ def sparse_prefill(q, kv, indices, *, scale, d_v, attn_sink=None, topk_length=No
     lse = np.zeros((s_q, h_q))
     for i in range(s_q):
         for hk in range(h_kv):
-            k = indices.shape[2] if topk_length is None else int(topk_length[i])
+            k = _counted(topk_length, i, indices.shape[2])
             rows = [r for r in indices[i, hk, :k] if 0 <= r < s_kv]
             keys = kv[rows, hk] if rows else np.zeros((0, d))
             heads = slice(hk * group, (hk + 1) * group)

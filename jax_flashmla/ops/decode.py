@@ -11,6 +11,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jax_flashmla import checks as _checks
 from jax_flashmla import kv_cache as _kvc
 from jax_flashmla import reference as _ref
 from jax_flashmla.ops import _primitive, _sharding
@@ -218,6 +219,7 @@ def mla_decode(q, kv_cache, block_table=None, cache_seqlens=None, *, head_dim_v:
     config = DecodeConfig(mode=mode, head_dim_v=head_dim_v, softmax_scale=softmax_scale,
                           causal=bool(causal), kv_format=kv_format,
                           implementation=implementation, present=present)
+    _checks.check_mla_decode(operands)   # checked mode (jax_flashmla/checks.py); nothing when off
     out, lse = _primitive.bind(mla_decode_p, *(operands[name] for name in present), config=config)
     return out, lse
 

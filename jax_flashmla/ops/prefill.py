@@ -6,6 +6,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jax_flashmla import checks as _checks
 from jax_flashmla import reference as _ref
 from jax_flashmla.ops import _primitive, _sharding
 from jax_flashmla.ops.kernels import sparse_prefill
@@ -73,6 +74,7 @@ def sparse_mla_prefill(q, kv, indices, *, softmax_scale: float | None = None,
     present = tuple(n for n in OPERANDS if n in operands)
     config = PrefillConfig(head_dim_v=head_dim_v, softmax_scale=softmax_scale,
                            implementation=implementation, present=present)
+    _checks.check_sparse_mla_prefill(operands)   # checked mode (checks.py); nothing when off
     out, max_logits, lse = _primitive.bind(sparse_mla_prefill_p, *(operands[n] for n in present),
                                            config=config)
     return out, max_logits, lse
