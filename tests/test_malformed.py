@@ -216,12 +216,6 @@ def test_sparse_prefill_malformed_matches_oracle(rng, kind, d):
 
 # --- Under vmap -----------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ops/decode.py's batching rule stacks per-member pools and shifts every block_table entry by "
-    "member * num_blocks, so an out-of-range page id (99, -7) lands on another member's page "
-    "instead of being absent; the sparse path maps invalid rows to -1 (offset_rows) and is right. "
-    "Fix belongs to the batching rule (lead's file): shift only ids in [0, num_blocks), others to "
-    "-1."))
 def test_vmap_dense_with_bad_pages_equals_per_member(rng):
     q, cache, _, table, lens, _, d_v = _dense(rng, "bf16", "page_minus_7")
     cache = np.nan_to_num(cache.astype(np.float32)).astype(oracle.BF16)   # so a leak shows as a value
