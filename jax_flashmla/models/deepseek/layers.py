@@ -208,6 +208,13 @@ def topk_positions(scores: jax.Array, valid: jax.Array, k: int) -> jax.Array:
     return jnp.where(vals > -jnp.inf, idx, -1).astype(jnp.int32)
 
 
+def sparse_decode_topk(config, capacity: int) -> int:
+    """The index count a V3.2 decode step passes to the sparse ``mla_decode``: the indexer's top-k
+    over ``capacity`` cached tokens, padded to whole 64-position tiles (what its schedule must be
+    made for: ``get_mla_metadata(..., topk=this)``)."""
+    return -(-min(config.index_topk, capacity) // 64) * 64
+
+
 def positions_to_mask(idx: jax.Array, t: int) -> jax.Array:
     """Top-k positions ``[b, s, k]`` (-1 = none) -> boolean mask ``[b, s, t]``."""
     hit = idx[..., None] == jnp.arange(t, dtype=idx.dtype)

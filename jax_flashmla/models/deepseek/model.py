@@ -37,7 +37,7 @@ import jax_flashmla as jfm
 
 from .cache import KVPages
 from .config import DeepseekConfig
-from .layers import MLA, MLP, Embed, Linear, MoE, RMSNorm, rope_cos_sin
+from .layers import MLA, MLP, Embed, Linear, MoE, RMSNorm, rope_cos_sin, sparse_decode_topk
 
 
 class DecoderLayer(nnx.Module):
@@ -174,7 +174,9 @@ class DeepseekForCausalLM(nnx.Module):
             with jax.named_scope("mla_metadata"):
                 metadata = jfm.get_mla_metadata(new_lens, s_q=s, h_q=c.num_attention_heads, h_kv=1,
                                                 causal=s > 1 and not c.is_v32,
-                                                topk=c.index_topk if c.is_v32 else None)
+                                                topk=sparse_decode_topk(
+                                                    c, block_table.shape[1] * pages.kv[0].shape[1])
+                                                if c.is_v32 else None)
         kv, idx = list(pages.kv), list(pages.index_k) or [None] * len(pages.kv)
         for i, layer in enumerate(self.model.layers):
             with jax.named_scope(f"layer_{i}"):
