@@ -155,11 +155,23 @@ def gpu_busy(trace_dir):
     chosen = {k for k, n in lines.items() if n.startswith("Stream")}
     if not chosen:
         chosen = {k for k, n in lines.items() if n == "XLA Ops"}
-    spans, by_name = [], {}
+    ops = {k for k, n in lines.items() if n == "XLA Ops"}
+    spans, by_name, by_scope = [], {}, {}
     for e in events:
-        if e.get("ph") != "X" or (e.get("pid"), e.get("tid")) not in chosen:
+        key = (e.get("pid"), e.get("tid"))
+        if e.get("ph") != "X" or (key not in chosen and key not in ops):
             continue
-        t0, d = float(e["ts"]), float(e.get("dur", 0.0))
+        d = float(e.get("dur", 0.0))
+        if key in ops:  # per-HLO-op events: attribute them to the jax.named_scope path when present
+            scope = next((v for v in (e.get("args") or {}).values()
+                          if isinstance(v, str) and ("decode/" in v or "prefill/" in v)), None)
+            if scope:
+                parts = [q for q in scope.split("/") if q and not q.startswith(("jit(", "while", "body", "cond"))]
+                scope = "/".join(parts[:4])
+                by_scope[scope] = by_scope.get(scope, 0.0) + d
+        if key not in chosen:
+            continue
+        t0 = float(e["ts"])
         spans.append((t0, t0 + d))
         by_name[e.get("name", "?")] = by_name.get(e.get("name", "?"), 0.0) + d
     spans.sort()
@@ -169,7 +181,11 @@ def gpu_busy(trace_dir):
             busy += b - max(a, end)
             end = b
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
-    return busy * 1e-6, [(n, t * 1e-6) for n, t in top], sorted(set(lines[k] for k in chosen))
+    scopes = sorted(by_scope.items(), key=lambda kv: -kv[1])[:16]
+    for pb in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
+        os.remove(pb)  # keep the (smaller) perfetto trace only
+    return (busy * 1e-6, [(n, t * 1e-6) for n, t in top], sorted(set(lines[k] for k in chosen)),
+            [(n, t * 1e-6) for n, t in scopes])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,10 +322,12 @@ def run_decode(model, cfg, impl, b, ctx, args, *, profile_dir=None, host_loop=Fa
         os.makedirs(profile_dir, exist_ok=True)
         with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
             _, psteps, pages = run(pages)
-        busy, top, lines = gpu_busy(profile_dir)
+        busy, top, lines, scopes = gpu_busy(profile_dir)
         if busy is not None and busy > 0:
-            res.update(gpu_busy_ms_per_step=busy / psteps * 1e3, step_over_busy=res["ms_per_step"] / (busy / psteps * 1e3),
-                       top_kernels=[(nm, t / psteps * 1e3) for nm, t in top], trace_lines=lines)
+            per = busy / psteps * 1e3
+            res.update(gpu_busy_ms_per_step=per, step_over_busy=res["ms_per_step"] / per,
+                       top_kernels=[(nm, t / psteps * 1e3) for nm, t in top], trace_lines=lines,
+                       top_scopes=[(nm, t / psteps * 1e3) for nm, t in scopes])
         else:
             res.update(gpu_busy_ms_per_step=None, trace_lines=lines)
     return res
@@ -383,6 +401,10 @@ def table(result):
         lines.append(f"\ntop GPU costs, {r['impl']} b{r['batch']} ctx {r['ctx']} (ms/step):")
         for name, ms in r["top_kernels"][:8]:
             lines.append(f"  {ms:8.4f}  {name[:110]}")
+        if r.get("top_scopes"):
+            lines.append("  by named scope (XLA Ops line):")
+            for name, ms in r["top_scopes"][:12]:
+                lines.append(f"  {ms:8.4f}  {name[:110]}")
     return "\n".join(lines)
 
 
