@@ -385,7 +385,8 @@ def table(result):
                      f"{r['attention']} |")
     lines += ["", "| attention | loop | batch | ctx | ms/step | tokens/s | GPU busy ms/step | step/busy | "
               "roofline ms | busy/roofline |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in result["decode"]:
+    order = lambda r: (r["impl"], r.get("loop", ""), r["ctx"], r["batch"])  # noqa: E731
+    for r in sorted(result["decode"], key=order):
         if "error" in r:
             lines.append(f"| {r['impl']} | {r.get('loop', '')} | {r['batch']} | {r['ctx']} | failed: {r['error'][:60]} "
                          f"| | | | | |")
