@@ -10,6 +10,11 @@ attention ran on jax_flashmla's CUDA kernels or on the pure-JAX reference (and w
     python examples/deepseek_decode.py --sparse              # V3.2: indexer + sparse MLA, FP8 cache
     python examples/deepseek_decode.py --checkpoint DIR [--num-layers 4] [--prompt "..."]
     python examples/deepseek_decode.py --profile /tmp/trace  # jax.profiler trace of the decode steps
+    python examples/deepseek_decode.py --loop host           # Python-driven steps (streaming-style)
+
+Decoding runs on the device (``--loop device``, default): all steps in one ``lax.while_loop`` with
+the paged cache, page allocation and stop checks in its carry. Prefill goes in groups of prompts
+(``--prefill-chunk-tokens``) with cuDNN flash attention on a GPU, so big batches of long prompts fit.
 
 The trace opens in TensorBoard (``tensorboard --logdir DIR``, Profile tab) or in Perfetto
 (https://ui.perfetto.dev, open ``DIR/plugins/profile/*/*.trace.json.gz``); each layer's attention
@@ -49,6 +54,12 @@ def parse_args(argv=None):
     p.add_argument("--block-size", type=int, default=64, help="tokens per cache page (the kernels use 64)")
     p.add_argument("--implementation", choices=("auto", "kernel", "reference"), default="auto",
                    help="attention: auto (kernel where one applies), or force one")
+    p.add_argument("--loop", choices=("device", "host"), default="device",
+                   help="decode loop: device (default: every step in one lax.while_loop, no host work per "
+                        "step) or host (Python dispatches --sync-every steps at a time, asynchronously)")
+    p.add_argument("--sync-every", type=int, default=8, help="decode steps between stop checks (default 8)")
+    p.add_argument("--prefill-chunk-tokens", type=int, default=16384,
+                   help="prefill prompts in groups of about this many tokens (bounds prefill memory; 0: all at once)")
     return p.parse_args(argv)
 
 
@@ -123,14 +134,16 @@ def main(argv=None):
           f"{kv_format} paged cache (page {args.block_size})"
           + (f", sparse top-{cfg.index_topk}" if cfg.is_v32 else ""))
 
-    gen = ds.Generator(model, block_size=args.block_size, kv_format=kv_format, implementation=implementation)
+    gen = ds.Generator(model, block_size=args.block_size, kv_format=kv_format, implementation=implementation,
+                       loop=args.loop, sync_every=args.sync_every,
+                       prefill_chunk_tokens=args.prefill_chunk_tokens or None)
     out = gen.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                        seed=args.seed, progress=True)
     print(f"attention: {out.attention}" + (f" ({out.attention_detail})" if out.attention_detail else ""))
     print(f"compile {out.compile_seconds:.1f}s | prefill {out.prompt_tokens} tokens in {out.prefill_seconds * 1e3:.1f} ms "
           f"({out.prefill_tokens_per_second:.0f} tokens/s) | decode {out.decode_tokens} tokens in "
           f"{out.decode_steps} steps, {out.decode_seconds * 1e3:.1f} ms: {out.tokens_per_second:.1f} tokens/s "
-          f"({out.decode_seconds / max(out.decode_steps, 1) * 1e3:.2f} ms/step)")
+          f"({out.decode_seconds / max(out.decode_steps, 1) * 1e3:.2f} ms/step, {out.loop} loop)")
     for i in range(min(len(prompts), 4)):
         new = out.tokens[i, :out.lengths[i]].tolist()
         shown = repr(tokenizer.decode(new)) if tokenizer is not None else new[:12]

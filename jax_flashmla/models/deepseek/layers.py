@@ -200,6 +200,90 @@ def masked_attention(q, k, v, mask, scale):
     return jnp.einsum("bhst,bthv->bshv", p, v.astype(jnp.float32)).astype(v.dtype)
 
 
+# Causal attention without the [b, h, s, s] scores: the MHA-form prefill of a V3 model. On a GPU
+# cuDNN's flash attention (``jax.nn.dot_product_attention(implementation="cudnn")``); elsewhere, and
+# whenever cuDNN refuses the shapes or dtype at trace time, a blockwise online-softmax form.
+CAUSAL_ATTENTION_IMPLS = ("auto", "cudnn", "blockwise", "plain")
+_CUDNN_REFUSALS: list[str] = []  # why cuDNN was not used (trace time), newest last; for reports
+
+
+def causal_attention(q, k, v, scale, *, implementation: str = "auto", block: int = 512):
+    """Causal softmax attention of ``q [b,s,h,d]`` over ``k [b,s,h,d]``, ``v [b,s,h,dv]`` (query i
+    sees keys 0..i) -> ``[b, s, h, dv]`` in ``v.dtype``. Memory grows with s, not s**2 (except "plain").
+
+    implementation: "auto" (cuDNN flash attention when the default backend is a GPU and it takes the
+    case, else "blockwise"), "cudnn" (raise if refused), "blockwise", or "plain" (masked_attention).
+    """
+    if implementation not in CAUSAL_ATTENTION_IMPLS:
+        raise ValueError(f"causal_attention: implementation must be one of {CAUSAL_ATTENTION_IMPLS}, got "
+                         f"{implementation!r}")
+    if implementation == "plain":
+        s = q.shape[1]
+        return masked_attention(q, k, v, jnp.tril(jnp.ones((s, s), bool))[None], scale)
+    if implementation == "cudnn" or (implementation == "auto" and jax.default_backend() == "gpu"):
+        try:
+            return cudnn_causal_attention(q, k, v, scale)
+        except Exception as e:  # cuDNN's checks run at trace time and raise on what it cannot take
+            if implementation == "cudnn":
+                raise
+            _CUDNN_REFUSALS.append(f"{type(e).__name__}: {e}")
+    return blockwise_causal_attention(q, k, v, scale, block=block)
+
+
+def cudnn_causal_attention(q, k, v, scale):
+    """cuDNN flash attention. ``jax.nn.dot_product_attention`` wants one head dim for k and v, so a
+    narrower v (MLA: d_qk 192, d_v 128) is zero-padded to d_qk and the output sliced back."""
+    dv = v.shape[-1]
+    dt = v.dtype if v.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
+    q, k, v = q.astype(dt), k.astype(dt), v.astype(dt)
+    if dv < q.shape[-1]:
+        v = jnp.pad(v, [(0, 0)] * 3 + [(0, q.shape[-1] - dv)])
+    out = jax.nn.dot_product_attention(q, k, v, scale=float(scale), is_causal=True, implementation="cudnn")
+    return out[..., :dv]
+
+
+def blockwise_causal_attention(q, k, v, scale, *, block: int = 512):
+    """Flash-attention-style causal attention in plain JAX: queries in blocks (``lax.map``), each
+    running an online softmax over the key blocks at or before it (a ``fori_loop`` with a dynamic
+    bound, so the masked upper triangle is skipped). Peak extra memory ~ b * h * block**2 float32.
+    float32 arithmetic, like ``masked_attention``."""
+    b, s, h, d = q.shape
+    dv = v.shape[-1]
+    blk = min(block, -(-s // 8) * 8)
+    n = -(-s // blk)
+    pad = n * blk - s  # padded keys sit after every real query: the causal mask hides them
+
+    def blocks(x):
+        x = jnp.pad(x.astype(jnp.float32), [(0, 0), (0, pad), (0, 0), (0, 0)])
+        return x.reshape(b, n, blk, h, x.shape[-1]).transpose(1, 0, 3, 2, 4)  # [n, b, h, blk, d]
+
+    qb, kb, vb = blocks(q), blocks(k), blocks(v)
+    offs = jnp.arange(blk, dtype=jnp.int32)
+
+    def one_query_block(i):
+        qi = qb[i] * scale
+        qpos = i * blk + offs
+
+        def step(j, carry):
+            m, l, acc = carry
+            logits = jnp.einsum("bhqd,bhkd->bhqk", qi, kb[j])
+            logits = jnp.where((j * blk + offs)[None, :] <= qpos[:, None], logits, -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(logits, axis=-1))  # finite: key 0 of block 0 is always seen
+            p = jnp.exp(logits - m_new[..., None])
+            corr = jnp.exp(m - m_new)
+            return (m_new, l * corr + jnp.sum(p, axis=-1),
+                    acc * corr[..., None] + jnp.einsum("bhqk,bhkv->bhqv", p, vb[j]))
+
+        init = (jnp.full((b, h, blk), -jnp.inf, jnp.float32), jnp.zeros((b, h, blk), jnp.float32),
+                jnp.zeros((b, h, blk, dv), jnp.float32))
+        _, l, acc = jax.lax.fori_loop(0, i + 1, step, init)
+        return acc / l[..., None]
+
+    out = jax.lax.map(one_query_block, jnp.arange(n, dtype=jnp.int32))  # [n, b, h, blk, dv]
+    out = out.transpose(1, 0, 3, 2, 4).reshape(b, n * blk, h, dv)
+    return out[:, :s].astype(v.dtype)
+
+
 def topk_positions(scores: jax.Array, valid: jax.Array, k: int) -> jax.Array:
     """Top-``k`` token positions per query from ``scores [b, s, t]``; -1 where fewer than k are valid."""
     k = min(k, scores.shape[-1])
@@ -338,8 +422,11 @@ class MLA(nnx.Module):
         return self.o_proj(o.reshape(b, s, -1))
 
     # -- MHA form ---------------------------------------------------------------------------------
-    def mha(self, q_nope, q_pe, c_kv, k_pe, mask):
-        """Expanded (MHA) attention of the queries over the keys built from (c_kv, k_pe); mask [b,s,t]."""
+    def mha(self, q_nope, q_pe, c_kv, k_pe, mask, *, attention: str = "auto"):
+        """Expanded (MHA) attention of the queries over the keys built from (c_kv, k_pe).
+
+        mask [b,s,t] bool (dense, materializes the scores), or None: causal over the same tokens,
+        through ``causal_attention(..., implementation=attention)`` (no [b, h, s, s] scores)."""
         c = self.config
         b, t, _ = c_kv.shape
         kv = self.kv_b_proj(c_kv).reshape(b, t, c.num_attention_heads, c.qk_nope_head_dim + c.v_head_dim)
@@ -347,7 +434,10 @@ class MLA(nnx.Module):
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None, :].astype(k_nope.dtype),
                                                       k_nope.shape[:-1] + (c.qk_rope_head_dim,))], axis=-1)
         q = jnp.concatenate([q_nope, q_pe.astype(q_nope.dtype)], axis=-1)
-        o = masked_attention(q, k, v, mask, c.softmax_scale)
+        if mask is None:
+            o = causal_attention(q, k, v, c.softmax_scale, implementation=attention)
+        else:
+            o = masked_attention(q, k, v, mask, c.softmax_scale)
         return self.o_proj(o.reshape(b, o.shape[1], -1))
 
     def index_topk_dense(self, x, q_resid, cos_sin, causal_mask):
@@ -357,17 +447,21 @@ class MLA(nnx.Module):
         scores = Indexer.scores(q_idx, w_idx, k_idx)
         return topk_positions(scores, causal_mask, self.config.index_topk), k_idx
 
-    def __call__(self, x: jax.Array, cos_sin, mask: jax.Array) -> jax.Array:
-        """Plain causal forward (no cache) in MHA form; ``mask [b, s, s]`` is the causal mask.
+    def __call__(self, x: jax.Array, cos_sin, mask: jax.Array | None, *, attention: str = "auto") -> jax.Array:
+        """Plain causal forward (no cache) in MHA form; ``mask [b, s, s]`` is the causal mask, or None
+        (V3 only: causal without materializing the scores, see ``causal_attention``).
 
         V3.2: the indexer's top-k further restricts each query, as the dense masked equivalent of
         sparse attention (HF / official reference semantics)."""
         q_nope, q_pe, c_kv, k_pe, q_resid = self.project(x, cos_sin)
         if self.config.is_v32:
+            if mask is None:
+                s = x.shape[1]
+                mask = jnp.broadcast_to(jnp.tril(jnp.ones((s, s), bool)), (x.shape[0], s, s))
             with jax.named_scope("indexer"):
                 topk, _ = self.index_topk_dense(x, q_resid, cos_sin, mask)
             mask = mask & positions_to_mask(topk, x.shape[1])
-        return self.mha(q_nope, q_pe, c_kv, k_pe, mask)
+        return self.mha(q_nope, q_pe, c_kv, k_pe, mask, attention=attention)
 
     # -- paged cache: prefill and decode ----------------------------------------------------------
     def _write(self, pages, block_table, positions, values):
@@ -377,11 +471,12 @@ class MLA(nnx.Module):
         return kvc.write_tokens(pages, block_table, positions, values[:, :, None, :])
 
     def prefill(self, x, cos_sin, mask, write_pos, kv_pages, index_pages, block_table, *,
-                implementation=None):
+                implementation=None, attention: str = "auto"):
         """Prefill a fresh batch: attention over the prompt itself, and its tokens written to the cache.
 
-        mask [b, s, s] causal; write_pos [b, s] the positions to store (-1 for padding).
-        V3: MHA form. V3.2: the indexer picks each query's top-k tokens, and the absorbed queries
+        mask [b, s, s] causal, or None (built here where needed); write_pos [b, s] the positions to
+        store (-1 for padding). V3: MHA form, causal through ``causal_attention(implementation=attention)``
+        when mask is None. V3.2: the indexer picks each query's top-k tokens, and the absorbed queries
         attend them with ``jax_flashmla.sparse_mla_prefill`` (the batch folded into one token axis).
         Returns (out [b, s, hidden], kv_pages, index_pages).
         """
@@ -390,7 +485,10 @@ class MLA(nnx.Module):
         latent = jnp.concatenate([c_kv, k_pe.astype(c_kv.dtype)], axis=-1)  # [b, s, r + dr]
         kv_pages = self._write(kv_pages, block_table, write_pos, latent)
         if not c.is_v32:
-            return self.mha(q_nope, q_pe, c_kv, k_pe, mask), kv_pages, index_pages
+            return self.mha(q_nope, q_pe, c_kv, k_pe, mask, attention=attention), kv_pages, index_pages
+        if mask is None:
+            s = x.shape[1]
+            mask = jnp.broadcast_to(jnp.tril(jnp.ones((s, s), bool)), (x.shape[0], s, s))
         with jax.named_scope("indexer"):
             topk, k_idx = self.index_topk_dense(x, q_resid, cos_sin, mask)
             index_pages = self._write(index_pages, block_table, write_pos, k_idx)

@@ -56,15 +56,15 @@ class DecoderLayer(nnx.Module):
         with jax.named_scope("moe" if self.is_moe else "mlp"):
             return h + self.mlp(self.post_attention_layernorm(h))
 
-    def __call__(self, h, cos_sin, mask):
+    def __call__(self, h, cos_sin, mask, attention="auto"):
         with jax.named_scope("attention"):
-            h = h + self.self_attn(self.input_layernorm(h), cos_sin, mask)
+            h = h + self.self_attn(self.input_layernorm(h), cos_sin, mask, attention=attention)
         return self._ffn(h)
 
-    def prefill(self, h, cos_sin, mask, write_pos, kv, idx, block_table, implementation):
+    def prefill(self, h, cos_sin, mask, write_pos, kv, idx, block_table, implementation, attention="auto"):
         with jax.named_scope("attention"):
             a, kv, idx = self.self_attn.prefill(self.input_layernorm(h), cos_sin, mask, write_pos, kv, idx,
-                                                block_table, implementation=implementation)
+                                                block_table, implementation=implementation, attention=attention)
         return self._ffn(h + a), kv, idx
 
     def decode(self, h, cos_sin, positions, kv, idx, block_table, seqlens, metadata, implementation):
@@ -111,16 +111,19 @@ class DeepseekForCausalLM(nnx.Module):
         return self.model.embed_tokens(ids.astype(jnp.int32))
 
     # ---- plain causal forward (the prefill path without a cache) --------------------------------
-    def forward(self, input_ids: jax.Array) -> jax.Array:
-        """Logits ``[b, s, vocab]`` (float32) of a causal pass over ``input_ids [b, s]`` from position 0."""
+    def forward(self, input_ids: jax.Array, *, attention: str = "auto") -> jax.Array:
+        """Logits ``[b, s, vocab]`` (float32) of a causal pass over ``input_ids [b, s]`` from position 0.
+
+        attention: how a V3 model's causal MHA-form attention runs (``layers.causal_attention``:
+        "auto" = cuDNN flash attention on a GPU, else blockwise; "plain" materializes the scores)."""
         h = self._embed(input_ids)
         b, s = input_ids.shape
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         cos_sin = rope_cos_sin(self.config, positions)
-        mask = jnp.broadcast_to(jnp.tril(jnp.ones((s, s), bool)), (b, s, s))
+        mask = jnp.broadcast_to(jnp.tril(jnp.ones((s, s), bool)), (b, s, s)) if self.config.is_v32 else None
         for i, layer in enumerate(self.model.layers):
             with jax.named_scope(f"layer_{i}"):
-                h = layer(h, cos_sin, mask)
+                h = layer(h, cos_sin, mask, attention)
         return self._logits(h)
 
     def __call__(self, input_ids) -> jax.Array:
@@ -129,24 +132,50 @@ class DeepseekForCausalLM(nnx.Module):
 
     # ---- paged prefill / decode -----------------------------------------------------------------
     def prefill(self, input_ids: jax.Array, lengths: jax.Array, pages: KVPages, block_table: jax.Array, *,
-                implementation: str | None = None) -> tuple[jax.Array, KVPages]:
+                implementation: str | None = None, attention: str = "auto",
+                batch_chunk: int | None = None) -> tuple[jax.Array, KVPages]:
         """Runs right-padded prompts ``input_ids [b, s]`` of ``lengths [b]`` from position 0 and
         stores their tokens in ``pages`` (pages for ``lengths`` tokens must be in ``block_table``).
 
+        batch_chunk: prefill this many prompts at a time (a ``lax.scan`` over groups of the batch
+        with the pages as carry), so activation memory is that of ``batch_chunk * s`` tokens
+        whatever b is; None: the whole batch at once. A length 0 marks a filler row (nothing written).
+        attention: the V3 MHA-form attention (see ``forward``); V3.2 runs sparse prefill.
         Returns (logits of each prompt's last token ``[b, vocab]`` float32, the new pages).
         """
+        b, s = input_ids.shape
+        if batch_chunk is None or batch_chunk >= b:
+            return self._prefill(input_ids, lengths, pages, block_table, implementation, attention)
+        cb = int(batch_chunk)
+        n = -(-b // cb)
+        pad = n * cb - b  # filler rows: length 0, so no position is written
+
+        def split(x):
+            x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+            return x.reshape((n, cb) + x.shape[1:])
+
+        def one_chunk(pages, xs):
+            ids, lens, table = xs
+            logits, pages = self._prefill(ids, lens, pages, table, implementation, attention)
+            return pages, logits
+
+        pages, logits = jax.lax.scan(one_chunk, pages, (split(input_ids), split(lengths), split(block_table)))
+        return logits.reshape((n * cb,) + logits.shape[2:])[:b], pages
+
+    def _prefill(self, input_ids, lengths, pages, block_table, implementation, attention):
         h = self._embed(input_ids)
         b, s = input_ids.shape
         pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         write_pos = jnp.where(pos < lengths[:, None], pos, -1)
         cos_sin = rope_cos_sin(self.config, pos)
-        # Padding sits after each prompt, so the causal mask alone keeps it out of real tokens.
-        mask = jnp.broadcast_to(jnp.tril(jnp.ones((s, s), bool)), (b, s, s))
+        # Padding sits after each prompt, so causality alone keeps it out of real tokens. V3 needs
+        # no mask array (causal attention); V3.2's indexer takes the dense one.
+        mask = jnp.broadcast_to(jnp.tril(jnp.ones((s, s), bool)), (b, s, s)) if self.config.is_v32 else None
         kv, idx = list(pages.kv), list(pages.index_k) or [None] * len(pages.kv)
         for i, layer in enumerate(self.model.layers):
             with jax.named_scope(f"layer_{i}"):
                 h, kv[i], idx[i] = layer.prefill(h, cos_sin, mask, write_pos, kv[i], idx[i], block_table,
-                                                 implementation)
+                                                 implementation, attention)
         last = jnp.take_along_axis(h, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
         new_pages = KVPages(kv=tuple(kv), index_k=tuple(idx) if pages.index_k else ())
         return self._logits(last), new_pages
