@@ -144,7 +144,7 @@ class DeepseekV4Config:
         if d.get("model_type", "deepseek_v4") != "deepseek_v4":
             raise ValueError(f"config.json model_type: expected 'deepseek_v4', got {d.get('model_type')!r}")
         fields = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in fields and v is not None}
+        kw = {k: v for k, v in d.items() if k in fields and (v is not None or k.endswith("_token_id"))}
         n = int(d.get("num_hidden_layers", cls.num_hidden_layers))
         rates = d.get("compress_rates") or {}
         kw["compress_rate_csa"] = int(d.get("compress_rate_csa") or rates.get(CSA, 4))

@@ -42,9 +42,11 @@ def _decode(graphdef, treedef, params, pages, tokens, wtab, ctab, seqlens, activ
 def generate(model: DeepseekV4ForCausalLM, input_ids, max_new_tokens: int, temperature: float = 0.0, *,
              top_p: float = 1.0, seed: int = 0, stop_tokens=None, prompt_lengths=None, pad_token_id=None,
              kv_format: str = "bf16", block_size: int = 64, compressed_block_size: int = 64,
-             implementation: str | None = None, progress: bool = False, return_output: bool = False):
+             implementation: str | None = None, progress: bool = False, return_output: bool = False,
+             compiler_options: dict | None = None):
     """New tokens ``[b, max_new_tokens]`` int32 after each prompt (greedy at temperature 0), or the
-    ``GenerationOutput`` with timings and the attention backend seen in the compiled decode step."""
+    ``GenerationOutput`` with timings and the attention backend seen in the compiled decode step.
+    compiler_options: XLA options for both compiles (the tests turn XLA:CPU's optimisations off)."""
     del progress
     prompts, lens = _prompts(input_ids, prompt_lengths)
     b, s = len(prompts), int(lens.max())
@@ -66,11 +68,11 @@ def generate(model: DeepseekV4ForCausalLM, input_ids, max_new_tokens: int, tempe
 
     t0 = time.perf_counter()
     pre = _prefill.lower(graphdef, treedef, params, pages, jnp.asarray(ids), lens_d, tables.window,
-                         tables.compressed, key, temp, tp, **kw).compile()
+                         tables.compressed, key, temp, tp, **kw).compile(compiler_options)
     seq = jnp.asarray(lens)
     active = jnp.ones((b,), bool)
     dec = _decode.lower(graphdef, treedef, params, pages, jnp.zeros((b,), jnp.int32), tables.window,
-                        tables.compressed, seq, active, key, temp, tp, **kw).compile()
+                        tables.compressed, seq, active, key, temp, tp, **kw).compile(compiler_options)
     calls = _flashmla_calls(dec.as_text())
     compile_s = time.perf_counter() - t0
 

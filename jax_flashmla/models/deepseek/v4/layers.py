@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ..layers import Linear, _normal, linear
@@ -393,10 +394,15 @@ class Router(nnx.Module):
         self.config = config
         if hashed:
             # A random table so a random model routes somewhere interesting; checkpoints set it.
+            # Distinct experts per token (as a real table has), drawn without jax.random's per-shape
+            # compiles; checkpoints overwrite it.
             key = rngs.params()
-            tid = jax.random.randint(key, (config.vocab_size, config.num_experts_per_tok), 0,
-                                     config.n_routed_experts, jnp.int32)
-            self.tid2eid = Buffer(tid)
+            if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+                key = jax.random.key_data(key)
+            seed = 0 if isinstance(key, jax.core.Tracer) else np.asarray(key).ravel().tolist()
+            rng = np.random.default_rng(seed)
+            tid = np.argsort(rng.random((config.vocab_size, config.n_routed_experts)), axis=1)
+            self.tid2eid = Buffer(jnp.asarray(tid[:, :config.num_experts_per_tok], jnp.int32))
         else:
             self.e_score_correction_bias = nnx.Param(jnp.zeros((config.n_routed_experts,), F32))
 
