@@ -5,6 +5,10 @@ decode on the ops against the forward, the FP8 window/compressed pools, checkpoi
 One tiny model serves every test (three layer types, hash + routed MoE, hc_mult 2, compress rates
 4 and 16, a window of 6 tokens, head_dim 512 so the V4 FP8 layout applies). XLA:CPU compiles with
 its backend optimisations off: the programs are tiny and compiling dominates the test time.
+
+index_n_heads is 16 so that an indexer score is almost never exactly 0 (every head's ReLU
+clipped): among exactly equal scores torch.topk and lax.top_k may keep different entries (with 4
+heads, HF's greedy tokens and ours parted at such a tie), a choice neither model defines.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ CFG = v4.DeepseekV4Config(
     head_dim=512, qk_rope_head_dim=64, q_lora_rank=16, num_experts_per_tok=2, n_routed_experts=4,
     layer_types=(CSA, SLIDING, HCA), mlp_layer_types=("hash_moe", "moe", "moe"), compress_rate_csa=4,
     compress_rate_hca=16, hc_mult=2, hc_sinkhorn_iters=6, sliding_window=6, o_groups=2, o_lora_rank=8,
-    index_n_heads=4, index_head_dim=64, index_topk=3, eos_token_id=None,
+    index_n_heads=16, index_head_dim=64, index_topk=3, eos_token_id=None,
     compress_rope_scaling=(("attention_factor", 1.0), ("beta_fast", 32), ("beta_slow", 1), ("factor", 4.0),
                            ("original_max_position_embeddings", 16), ("rope_type", "yarn")))
 SEQ = 36           # positions 0..35: compressor boundaries at 4k and 16k, the window (6) shorter
