@@ -179,6 +179,61 @@ def test_checkpoint_roundtrip_and_load_dispatch(tmp_path):
     assert 0 < rel(wq, w) < 0.05     # FP8 block-scaled at save, dequantized at load
 
 
+def _deepseek_name(hf: str) -> str:
+    """The HF name back in DeepSeek's own spelling (what the original release's files use)."""
+    n = hf[len("model."):] if hf.startswith("model.") else hf
+    for a, b in (("embed_tokens.weight", "embed.weight"), ("lm_head.weight", "head.weight"),
+                 ("hc_head.hc_", "hc_head_"), (".self_attn.", ".attn."), (".mlp.", ".ffn."),
+                 (".input_layernorm.", ".attn_norm."), (".post_attention_layernorm.", ".ffn_norm."),
+                 (".attn_hc.", ".hc_attn_"), (".ffn_hc.", ".hc_ffn_"), (".sinks", ".attn_sink"),
+                 (".compressor.indexer.scorer.weights_proj.", ".indexer.weights_proj."),
+                 (".compressor.indexer.q_b_proj.", ".indexer.wq_b."),
+                 (".compressor.indexer.", ".indexer.compressor."), ("compressor.kv_norm.", "compressor.norm."),
+                 (".position_bias", ".ape"), (".q_a_proj.", ".wq_a."), (".q_b_proj.", ".wq_b."),
+                 ("shared_experts.gate_proj.", "shared_experts.w1."), ("shared_experts.up_proj.", "shared_experts.w3."),
+                 ("shared_experts.down_proj.", "shared_experts.w2."), (".kv_proj.", ".wkv."),
+                 (".gate_proj.", ".wgate."), (".o_a_proj.", ".wo_a."), (".o_b_proj.", ".wo_b."),
+                 (".q_a_norm.", ".q_norm."), (".gate.e_score_correction_bias", ".gate.bias")):
+        n = n.replace(a, b)
+    return n
+
+
+def test_checkpoint_in_deepseek_naming(tmp_path):
+    """DeepSeek's own tensor names (per-expert w1/w2/w3, FP8 with ``.scale``) load as transformers
+    renames them."""
+    from safetensors.numpy import save_file
+
+    from jax_flashmla.models.deepseek.checkpoint import quantize_block_fp8
+    out = {}
+    for name, t in v4.hf_tensors(_model()).items():
+        if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+            base = _deepseek_name(name.rsplit(".", 1)[0])
+            inter = CFG.moe_intermediate_size
+            for j in range(t.shape[0]):
+                if name.endswith("gate_up_proj"):
+                    out[f"{base}.{j}.w1.weight"], out[f"{base}.{j}.w3.weight"] = t[j, :inter], t[j, inter:]
+                else:
+                    out[f"{base}.{j}.w2.weight"] = t[j]
+            continue
+        n = _deepseek_name(name)
+        if n.endswith(".wq_a.weight") or n.endswith(".wo_b.weight"):
+            out[n], out[n[:-len(".weight")] + ".scale"] = quantize_block_fp8(t)
+        else:
+            out[n] = t
+    assert "layers.0.attn.indexer.compressor.wkv.weight" in out and "hc_head_fn" in out
+    save_file({k: np.ascontiguousarray(v) for k, v in out.items()}, str(tmp_path / "model.safetensors"))
+    import json
+    (tmp_path / "config.json").write_text(json.dumps(CFG.to_dict()))
+    loaded = v4.hf_tensors(deepseek.load(tmp_path, dtype=jnp.float32, progress=False))
+    want = v4.hf_tensors(_model())
+    assert loaded.keys() == want.keys()
+    for name, w in want.items():
+        if name.endswith(".q_a_proj.weight") or name.endswith(".o_b_proj.weight"):
+            assert 0 < rel(loaded[name], w) < 0.05, name
+        else:
+            np.testing.assert_array_equal(loaded[name], w, err_msg=name)
+
+
 def test_generate_greedy_follows_forward_argmax():
     model = _model()
     prompt = _ids()[:, :LENS[1]]

@@ -5,7 +5,12 @@ either fused as HF keeps them (``mlp.experts.gate_up_proj [E, 2 * inter, hidden]
 ``mlp.experts.down_proj [E, hidden, inter]``) or per expert
 (``mlp.experts.{j}.{gate_proj,up_proj,down_proj}.weight``). FP8 block-quantized weights
 (``float8_e4m3fn`` + ``weight_scale_inv`` per 128x128 block, per expert for fused 3-D tensors) are
-dequantized at load, as for V3. The reading itself is V3's (``CheckpointReader``).
+dequantized at load, as for V3 (scales float32 or UE8M0, named ``weight_scale_inv`` or ``scale``).
+The reading itself is V3's (``CheckpointReader``).
+
+DeepSeek's original tensor names (``layers.0.attn.wq_a.weight``, ``embed.weight``, ``hc_head_fn``,
+``layers.3.ffn.experts.7.w1.weight``, ...) are translated as transformers' conversion mapping for
+deepseek_v4 does (``original_to_hf_name``), so both spellings load.
 """
 from __future__ import annotations
 
@@ -29,6 +34,35 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _FUSED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 _FP8 = (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2))
 
+# transformers' conversion_mapping["deepseek_v4"] renames, in its order (then "model." in front).
+_RENAMES = [(re.compile(a), b) for a, b in (
+    (r"\.attn\.", ".self_attn."), (r"\.ffn\.", ".mlp."),
+    (r"\.indexer\.compressor\.", ".compressor.indexer."),
+    (r"^embed\.weight", "embed_tokens.weight"), (r"^head\.weight", "lm_head.weight"),
+    (r"^hc_head_fn", "hc_head.hc_fn"), (r"^hc_head_base", "hc_head.hc_base"), (r"^hc_head_scale", "hc_head.hc_scale"),
+    (r"\.attn_norm\.", ".input_layernorm."), (r"\.ffn_norm\.", ".post_attention_layernorm."),
+    (r"\.hc_attn_fn", ".attn_hc.fn"), (r"\.hc_attn_base", ".attn_hc.base"), (r"\.hc_attn_scale", ".attn_hc.scale"),
+    (r"\.hc_ffn_fn", ".ffn_hc.fn"), (r"\.hc_ffn_base", ".ffn_hc.base"), (r"\.hc_ffn_scale", ".ffn_hc.scale"),
+    (r"\.attn_sink", ".sinks"), (r"\.indexer\.weights_proj\.", ".compressor.indexer.scorer.weights_proj."),
+    (r"\.indexer\.wq_b\.", ".compressor.indexer.q_b_proj."), (r"\.norm\.", ".kv_norm."),
+    (r"\.ape", ".position_bias"), (r"\.wq_a\.", ".q_a_proj."), (r"\.self_attn\.wq_b\.", ".self_attn.q_b_proj."),
+    (r"\.wkv\.", ".kv_proj."), (r"\.wgate\.", ".gate_proj."), (r"\.wo_a\.", ".o_a_proj."),
+    (r"\.wo_b\.", ".o_b_proj."), (r"\.q_norm\.", ".q_a_norm."), (r"\.gate\.bias", ".gate.e_score_correction_bias"),
+    (r"\.shared_experts\.w1\.", ".shared_experts.gate_proj."), (r"\.shared_experts\.w2\.", ".shared_experts.down_proj."),
+    (r"\.shared_experts\.w3\.", ".shared_experts.up_proj."),
+    (r"\.experts\.(\d+)\.w1\.", r".experts.\1.gate_proj."), (r"\.experts\.(\d+)\.w2\.", r".experts.\1.down_proj."),
+    (r"\.experts\.(\d+)\.w3\.", r".experts.\1.up_proj."))]
+
+
+def original_to_hf_name(name: str) -> str:
+    """A DeepSeek-V4 tensor name in DeepSeek's own spelling -> the transformers name (HF names,
+    which start with ``model.`` or ``lm_head.``, come back unchanged)."""
+    if name.startswith(("model.", "lm_head.", "mtp.")):
+        return name
+    for pattern, repl in _RENAMES:
+        name = pattern.sub(repl, name)
+    return name if name.startswith("lm_head.") else "model." + name
+
 
 def _fp32_path(name: str) -> bool:
     """Parameters HF keeps in float32 (_keep_in_fp32_modules_strict)."""
@@ -40,18 +74,30 @@ def _fp32_path(name: str) -> bool:
 class _Reader:
     def __init__(self, reader: CheckpointReader, block: int):
         self.r, self.block, self.used = reader, block, set()
+        # HF name -> the checkpoint's name (the same, or DeepSeek's original spelling).
+        self.names = {}
+        for n in reader.names():
+            if n.endswith(".scale") and not n.startswith(("model.", "lm_head.")):
+                n_hf = original_to_hf_name(n[:-len(".scale")] + ".weight") + "_scale_inv"
+            else:
+                n_hf = original_to_hf_name(n)
+            self.names[n_hf] = n
+
+    def __contains__(self, name):
+        return name in self.names
 
     def raw(self, name):
-        if name not in self.r:
+        if name not in self.names:
             raise CheckpointError(f"checkpoint {self.r.dir}: missing tensor {name!r}")
-        self.used.add(name)
-        w = self.r.get(name)
+        self.used.add(self.names[name])
+        w = self.r.get(self.names[name])
         if w.dtype in _FP8:
             sname = name + "_scale_inv"
-            if sname not in self.r:
-                raise CheckpointError(f"checkpoint {self.r.dir}: tensor {name!r} is FP8 but {sname!r} is missing")
-            self.used.add(sname)
-            s = self.r.get(sname)
+            if sname not in self.names:
+                raise CheckpointError(f"checkpoint {self.r.dir}: tensor {name!r} is FP8 but its scales "
+                                      f"({sname!r}) are missing")
+            self.used.add(self.names[sname])
+            s = self.r.get(self.names[sname])
             if w.ndim == 3:
                 w = np.stack([dequantize_block_fp8(w[j], s[j], self.block) for j in range(w.shape[0])])
             else:
@@ -67,7 +113,7 @@ class _Reader:
 
     def experts(self, layer, kind, shape, dtype):
         base = f"model.layers.{layer}.mlp.experts"
-        if f"{base}.{kind}" in self.r:
+        if f"{base}.{kind}" in self:
             return self.tensor(f"{base}.{kind}", shape, dtype)
         out = np.empty(shape, dtype)
         for j in range(shape[0]):
