@@ -26,7 +26,8 @@ from jax_flashmla.models.deepseek import v4
 from jax_flashmla.models.deepseek.v4.config import CSA, HCA, SLIDING
 from v4_numpy_port import V4NumpyPort
 
-FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+FAST = ({"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+        if jax.default_backend() == "cpu" else None)
 CFG = v4.DeepseekV4Config(
     vocab_size=64, hidden_size=32, moe_intermediate_size=16, num_hidden_layers=3, num_attention_heads=2,
     head_dim=512, qk_rope_head_dim=64, q_lora_rank=16, num_experts_per_tok=2, n_routed_experts=4,
