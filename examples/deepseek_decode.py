@@ -11,6 +11,7 @@ attention ran on jax_flashmla's CUDA kernels or on the pure-JAX reference (and w
     python examples/deepseek_decode.py --checkpoint DIR [--num-layers 4] [--prompt "..."]
     python examples/deepseek_decode.py --profile /tmp/trace  # jax.profiler trace of the decode steps
     python examples/deepseek_decode.py --loop host           # Python-driven steps (streaming-style)
+    python examples/deepseek_decode.py --model v4            # DeepSeek-V4 (deepseek_v4_decode.py)
 
 Decoding runs on the device (``--loop device``, default): all steps in one ``lax.while_loop`` with
 the paged cache, page allocation and stop checks in its carry. Prefill goes in groups of prompts
@@ -31,6 +32,9 @@ import time
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=("v3", "v4"), default="v3",
+                   help="v3 (default; --sparse for V3.2) or v4: DeepSeek-V4, sliding window + compressed "
+                        "sparse attention over two FP8 pools (examples/deepseek_v4_decode.py)")
     p.add_argument("--checkpoint", metavar="DIR", help="a Hugging Face DeepSeek-V3/V3.2 checkpoint directory")
     p.add_argument("--num-layers", type=int, default=None,
                    help="with --checkpoint: load only the first N decoder layers (a quick look at a big model)")
@@ -89,6 +93,10 @@ def main(argv=None):
         # Inside a CUDA-graph command buffer the per-op names are lost; keep them for the trace.
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
 
+    if args.model == "v4":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import deepseek_v4_decode
+        return deepseek_v4_decode.main(args)
     try:
         import jax_flashmla  # noqa: F401
     except ImportError:  # running from a source checkout without installing

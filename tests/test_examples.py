@@ -32,3 +32,11 @@ def test_deepseek_decode_example(flags, tmp_path):
     assert "attention:" in out and "tokens/s" in out, out
     traces = [f for _, _, files in os.walk(tmp_path) for f in files]
     assert traces, "--profile wrote no trace"
+
+
+def test_deepseek_decode_example_v4(tmp_path):
+    out = _run("deepseek_decode.py", "--model", "v4", "--layers", "3", "--hidden", "64", "--heads", "8",
+               "--experts", "4", "--batch", "2", "--prompt-len", "20", "--max-new-tokens", "3", "--block-size",
+               "16", "--profile", str(tmp_path))
+    assert "DeepSeek-V4-shaped" in out and "attention:" in out and "tokens/s" in out, out
+    assert any(files for _, _, files in os.walk(tmp_path)), "--profile wrote no trace"

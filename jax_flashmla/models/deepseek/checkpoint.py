@@ -49,6 +49,7 @@ _DTYPES = {
     "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
     "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
 }
+_DTYPES["F8_E8M0"] = np.dtype(ml_dtypes.float8_e8m0fnu)   # UE8M0 block scales (DeepSeek-V4)
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 FP8_BLOCK = 128
 
