@@ -19,7 +19,7 @@ Paths through it (all pure functions of the parameters):
 - ``prefill(ids, lengths, pages, tables)``: the same over right-padded prompts; every layer's
   attention runs as ONE ``jax_flashmla.sparse_mla_prefill`` (window rows + compressed rows as
   indices, ``attn_sink``), and the paged cache (``V4Pages``) is filled.
-- ``decode(tokens, pages, tables, seqlens)``: one token per sequence; ``get_mla_metadata`` once,
+- ``decode(tokens, pages, tables, seqlens)``: one token per sequence; ``get_mla_metadata`` once per step and kind of layer,
   then per layer ONE sparse ``jax_flashmla.mla_decode``: ``indices`` into the window pool,
   ``extra_indices`` (+ ``extra_topk_length``) into the compressed pool, ``attn_sink``, d_qk 512.
 
@@ -281,9 +281,10 @@ class DeepseekV4ForCausalLM(nnx.Module):
         t = jnp.asarray(seqlens, jnp.int32)
         rope = self._rope(t[:, None])
         if metadata is None and pages.kv_format != "float32":
-            with jax.named_scope("mla_metadata"):
-                metadata = jfm.get_mla_metadata(t + 1, s_q=1, h_q=c.num_attention_heads, h_kv=1,
-                                                topk=c.sliding_window)
+            # One schedule per step for each kind of layer (a schedule is made for the indices'
+            # widths: window only, window + compressed entries, window + indexer's top-k), made
+            # by the first layer of that kind and reused by the others (_decode_attention).
+            metadata = {}
         new = {f: list(getattr(pages, f)) for f in ("window", "compressed", "index_k", "state")}
         for i, layer in enumerate(self.model.layers):
             def attn_fn(attn, x, i=i):
@@ -430,6 +431,13 @@ def _decode_attention(attn: Attention, x, t, active, rope, pages, tables, i, met
         extra = dict(extra_kv_cache=cpool, extra_indices=_pad_last(erows, _TILE)[:, None].astype(jnp.int32),
                      extra_topk_length=ecount)
         upd["state"] = st
+    if isinstance(metadata, dict):
+        key = (indices.shape[-1], extra["extra_indices"].shape[-1] if extra else None)
+        if key not in metadata:
+            with jax.named_scope("mla_metadata"):
+                metadata[key] = jfm.get_mla_metadata(t + 1, s_q=1, h_q=c.num_attention_heads,
+                                                     topk=key[0], extra_topk=key[1])
+        metadata = metadata[key]
     adt = _attn_dtype(win_pool)
     sinks = attn.sinks[...].astype(F32)
     with jax.named_scope("mla_decode"):
