@@ -421,10 +421,18 @@ def main(argv=None):
         smoke(args)
     if args.no_command_buffer:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
-    sys.path.insert(0, ROOT)
+    try:   # the installed package (with its compiled kernels) first; the source tree otherwise
+        import jax_flashmla  # noqa: F401
+    except ImportError:
+        sys.path.insert(0, ROOT)
     import jax
 
     import jax_flashmla as jfm
+    ok, why = jfm.kernels_available()
+    if not ok and jax.devices()[0].platform == "gpu":
+        # A GPU run without the kernels would time the reference twice and label half of it
+        # "kernel" (it happened once: the source tree shadowed the installed package).
+        raise SystemExit(f"bench_model: on a GPU but the kernels are unavailable: {why}")
 
     start = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)

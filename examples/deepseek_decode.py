@@ -87,6 +87,22 @@ def random_config(args, ds):
     return ds.DeepseekConfig(**kw)
 
 
+def report(out, prompts, tokenizer, loop=None):
+    """The lines both examples print: which attention ran, timings, the first tokens of 4 prompts."""
+    print(f"attention: {out.attention}" + (f" ({out.attention_detail})" if out.attention_detail else ""))
+    if getattr(out, "prefill_custom_calls", ()):
+        print(f"prefill attention: kernel ({', '.join(out.prefill_custom_calls)})")
+    print(f"compile {out.compile_seconds:.1f}s | prefill {out.prompt_tokens} tokens in {out.prefill_seconds * 1e3:.1f} ms "
+          f"({out.prefill_tokens_per_second:.0f} tokens/s) | decode {out.decode_tokens} tokens in "
+          f"{out.decode_steps} steps, {out.decode_seconds * 1e3:.1f} ms: {out.tokens_per_second:.1f} tokens/s "
+          f"({out.decode_seconds / max(out.decode_steps, 1) * 1e3:.2f} ms/step"
+          + (f", {loop} loop)" if loop else ")"))
+    for i in range(min(len(prompts), 4)):
+        new = out.tokens[i, :out.lengths[i]].tolist()
+        shown = repr(tokenizer.decode(new)) if tokenizer is not None else new[:12]
+        print(f"  seq {i}: {shown}{' ...' if tokenizer is None and len(new) > 12 else ''}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.profile and "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", ""):
@@ -147,15 +163,7 @@ def main(argv=None):
                        prefill_chunk_tokens=args.prefill_chunk_tokens or None)
     out = gen.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                        seed=args.seed, progress=True)
-    print(f"attention: {out.attention}" + (f" ({out.attention_detail})" if out.attention_detail else ""))
-    print(f"compile {out.compile_seconds:.1f}s | prefill {out.prompt_tokens} tokens in {out.prefill_seconds * 1e3:.1f} ms "
-          f"({out.prefill_tokens_per_second:.0f} tokens/s) | decode {out.decode_tokens} tokens in "
-          f"{out.decode_steps} steps, {out.decode_seconds * 1e3:.1f} ms: {out.tokens_per_second:.1f} tokens/s "
-          f"({out.decode_seconds / max(out.decode_steps, 1) * 1e3:.2f} ms/step, {out.loop} loop)")
-    for i in range(min(len(prompts), 4)):
-        new = out.tokens[i, :out.lengths[i]].tolist()
-        shown = repr(tokenizer.decode(new)) if tokenizer is not None else new[:12]
-        print(f"  seq {i}: {shown}{' ...' if tokenizer is None and len(new) > 12 else ''}")
+    report(out, prompts, tokenizer, loop=out.loop)
 
     if args.profile:
         # Same shapes as above, so the compiled steps are reused: the trace holds steady-state work only.

@@ -100,15 +100,9 @@ def main(args):
                            implementation=implementation, return_output=True, compiler_options=fast)
 
     out = run()
-    print(f"attention: {out.attention} ({out.attention_detail})")
-    print(f"compile {out.compile_seconds:.1f}s | prefill {out.prompt_tokens} tokens in {out.prefill_seconds * 1e3:.1f} ms "
-          f"({out.prefill_tokens_per_second:.0f} tokens/s) | decode {out.decode_tokens} tokens in "
-          f"{out.decode_steps} steps, {out.decode_seconds * 1e3:.1f} ms: {out.tokens_per_second:.1f} tokens/s "
-          f"({out.decode_seconds / max(out.decode_steps, 1) * 1e3:.2f} ms/step)")
-    for i in range(min(len(prompts), 4)):
-        new = out.tokens[i, :out.lengths[i]].tolist()
-        shown = repr(tokenizer.decode(new)) if tokenizer is not None else new[:12]
-        print(f"  seq {i}: {shown}{' ...' if tokenizer is None and len(new) > 12 else ''}")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from deepseek_decode import report   # the lines both examples print
+    report(out, prompts, tokenizer)
     if args.profile:
         with jax.profiler.trace(args.profile, create_perfetto_trace=True):
             again = run()

@@ -24,6 +24,22 @@ for n, (b, s_q, h_q, h_kv, s_k, varlen, causal, dtype, meta, zf) in enumerate(DE
     cases.compare_dense(900 + n, b, s_q, h_q, h_kv, s_k, varlen, causal, dtype, meta, zf)
     print(f"dense case {n} ok", flush=True)
 
+# Malformed runtime values (SEMANTICS.md): page ids outside the pool inside the length, a length
+# beyond the table's capacity and a negative one; they must be absent / clamped, never read.
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+bad = cases.dense_case(970, 4, 2, 16, 1, 300, True, jnp.bfloat16)
+bad["kv"] = jnp.where(jnp.isnan(bad["kv"]), 0.25, bad["kv"]).astype(jnp.bfloat16)
+table, lens = np.array(bad["np_table"]), np.array(bad["np_lens"])
+table[0, 1], table[1, 0], table[2, :] = bad["kv"].shape[0] + 99, -7, -1
+lens[3], lens[1] = table.shape[1] * 64 + 500, -5
+bad.update(table=jnp.asarray(table), lens=jnp.asarray(lens))
+for causal in (False, True):
+    got = cases.run_dense(bad, causal, True)
+    cases.check(*got, *cases.run_dense(bad, causal, False, "reference"))
+print("dense malformed case ok", flush=True)
+
 SPARSE = [  # keyword arguments of cases.sparse_decode_case
     dict(b=3, s_q=2, h_q=128, d_qk=576, fmt="fp8", topk=300, page=61, with_lengths=True, sink="inf"),
     dict(b=2, s_q=1, h_q=16, d_qk=512, fmt="fp8", topk=100, page=3, extra_topk=70, extra_page=2,

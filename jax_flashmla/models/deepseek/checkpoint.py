@@ -332,8 +332,6 @@ def save(model: DeepseekForCausalLM, checkpoint_dir: str | os.PathLike, *, fp8: 
     float8_e4m3fn with a 128x128-block ``weight_scale_inv``, as DeepSeek's checkpoints do.
     max_shard_bytes: split into shards with a ``model.safetensors.index.json``.
     """
-    from safetensors.numpy import save_file
-
     checkpoint_dir = os.fspath(checkpoint_dir)
     os.makedirs(checkpoint_dir, exist_ok=True)
     tensors = hf_tensors(model)
@@ -346,6 +344,32 @@ def save(model: DeepseekForCausalLM, checkpoint_dir: str | os.PathLike, *, fp8: 
                                       "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
     with open(os.path.join(checkpoint_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
+    write_safetensors(tensors, checkpoint_dir, max_shard_bytes)
+
+
+def _quantizable(name: str, t: np.ndarray) -> bool:
+    skip = ("embed_tokens", "lm_head", "norm", "mlp.gate.weight", "e_score_correction_bias", "weights_proj")
+    return t.ndim == 2 and name.endswith(".weight") and not any(s in name for s in skip)
+
+
+def _require(d: str, fname: str) -> str:
+    p = os.path.join(d, fname)
+    if not os.path.exists(p):
+        raise CheckpointError(f"checkpoint {d}: no {fname}")
+    return p
+
+
+def _progress(total: int, enabled: bool, desc: str, unit: str = "tensor"):
+    """A tqdm progress bar (a no-op one when disabled); tqdm comes with the models extra."""
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled)
+
+
+def write_safetensors(tensors: dict, checkpoint_dir: str, max_shard_bytes: int | None = None) -> None:
+    """``tensors`` as Hugging Face safetensors in ``checkpoint_dir``: one ``model.safetensors``, or
+    shards of at most ``max_shard_bytes`` with ``model.safetensors.index.json`` (V3 and V4 alike)."""
+    from safetensors.numpy import save_file
+
     if max_shard_bytes is None:
         save_file(tensors, os.path.join(checkpoint_dir, "model.safetensors"))
         return
@@ -365,21 +389,3 @@ def save(model: DeepseekForCausalLM, checkpoint_dir: str | os.PathLike, *, fp8: 
     with open(os.path.join(checkpoint_dir, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
                    "weight_map": weight_map}, f, indent=2)
-
-
-def _quantizable(name: str, t: np.ndarray) -> bool:
-    skip = ("embed_tokens", "lm_head", "norm", "mlp.gate.weight", "e_score_correction_bias", "weights_proj")
-    return t.ndim == 2 and name.endswith(".weight") and not any(s in name for s in skip)
-
-
-def _require(d: str, fname: str) -> str:
-    p = os.path.join(d, fname)
-    if not os.path.exists(p):
-        raise CheckpointError(f"checkpoint {d}: no {fname}")
-    return p
-
-
-def _progress(total: int, enabled: bool, desc: str, unit: str = "tensor"):
-    """A tqdm progress bar (a no-op one when disabled); tqdm comes with the models extra."""
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled)

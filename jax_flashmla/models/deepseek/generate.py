@@ -59,8 +59,9 @@ class GenerationOutput:
     compile_seconds: float
     attention: str                # "kernel" or "reference"
     attention_detail: str         # custom-call names, or why the reference ran
-    custom_calls: tuple[str, ...] = ()
+    custom_calls: tuple[str, ...] = ()          # jax_flashmla custom calls of the decode steps
     loop: str = "device"          # "device" (one while_loop) or "host" (sync_every steps per dispatch)
+    prefill_custom_calls: tuple[str, ...] = ()  # ... and of the prefill (V3.2: sparse prefill)
 
     @property
     def decode_tokens(self) -> int:
@@ -347,6 +348,7 @@ class Generator:
         prefill, compile_s = self._compile(_prefill_step, "prefill", static_args, args,
                                            dict(implementation=self.implementation, greedy=greedy,
                                                 attention=self.prefill_attention, batch_chunk=chunk))
+        prefill_calls = _flashmla_calls(prefill.as_text())
         t0 = time.perf_counter()
         with jax.profiler.TraceAnnotation("deepseek_prefill"):
             state = prefill(*args)
@@ -400,7 +402,8 @@ class Generator:
         return GenerationOutput(tokens=out, lengths=n_out, prompt_tokens=int(lengths.sum()),
                                 prefill_seconds=prefill_s, decode_seconds=decode_s, decode_steps=steps,
                                 compile_seconds=compile_s, attention=attention, attention_detail=detail,
-                                custom_calls=decode_calls, loop=self.loop)
+                                custom_calls=decode_calls, loop=self.loop,
+                                prefill_custom_calls=prefill_calls)
 
     def _attention_report(self, calls: tuple[str, ...]) -> tuple[str, str]:
         # The scheduler (get_mla_metadata) is a custom call of its own; attention is the rest.

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from ..checkpoint import (FP8_BLOCK, CheckpointError, CheckpointReader, _path_name, _progress, _require,
-                          dequantize_block_fp8, quantize_block_fp8)
+                          dequantize_block_fp8, quantize_block_fp8, write_safetensors)
 from .config import DeepseekV4Config
 from .model import DeepseekV4ForCausalLM
 
@@ -192,8 +192,6 @@ def hf_tensors(model: DeepseekV4ForCausalLM) -> dict[str, np.ndarray]:
 def save(model: DeepseekV4ForCausalLM, checkpoint_dir, *, fp8: bool = False, max_shard_bytes: int | None = None):
     """config.json + safetensors in the transformers layout. fp8: 2-D projection weights and the
     fused experts as float8_e4m3fn with 128x128-block ``weight_scale_inv``."""
-    from safetensors.numpy import save_file
-
     checkpoint_dir = os.fspath(checkpoint_dir)
     os.makedirs(checkpoint_dir, exist_ok=True)
     tensors = hf_tensors(model)
@@ -212,20 +210,4 @@ def save(model: DeepseekV4ForCausalLM, checkpoint_dir, *, fp8: bool = False, max
     with open(os.path.join(checkpoint_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    if max_shard_bytes is None:
-        save_file(tensors, os.path.join(checkpoint_dir, "model.safetensors"))
-        return
-    shards, size = [{}], 0
-    for name, t in tensors.items():
-        if shards[-1] and size + t.nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += t.nbytes
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(checkpoint_dir, fname))
-        weight_map.update({n: fname for n in shard})
-    with open(os.path.join(checkpoint_dir, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
+    write_safetensors(tensors, checkpoint_dir, max_shard_bytes)
