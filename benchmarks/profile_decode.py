@@ -1,17 +1,23 @@
-"""One dense-decode case, run a few times, for Nsight Compute (scripts/device_check.sh, stage ncu):
-  ncu --kernel-name regex:dense_decode --launch-skip 2 --launch-count 1 ... \
+"""One decode case, run a few times, for Nsight Compute (scripts/device_check.sh, stage ncu):
+  ncu --kernel-name regex:dense_decode_kernel --launch-skip 2 --launch-count 1 ... \\
       python3 benchmarks/profile_decode.py --h_q 128 --s_k 4096
+  ncu --kernel-name regex:sparse_attention_kernel ... \\
+      python3 benchmarks/profile_decode.py --sparse v32 --h_q 128 --topk 2048 --b 64 --s_q 2
+--sparse v32 | v4 | bf16: FP8 V3.2 (d_qk 576), FP8 V4 (d_qk 512) or bf16 pool, random rows.
 """
 import argparse
 import os
 import sys
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_decode as bd  # noqa: E402
 
 import jax_flashmla  # noqa: E402
+from jax_flashmla import kv_cache as kvc  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--b", type=int, default=128)
@@ -19,11 +25,32 @@ ap.add_argument("--s_q", type=int, default=1)
 ap.add_argument("--h_q", type=int, default=128)
 ap.add_argument("--s_k", type=int, default=4096)
 ap.add_argument("--causal", action="store_true")
+ap.add_argument("--sparse", choices=("v32", "v4", "bf16"), default=None)
+ap.add_argument("--topk", type=int, default=2048)
+ap.add_argument("--page", type=int, default=64)
 args = ap.parse_args()
-q, kv, table, lens, _ = bd.make_inputs(0, args.b, args.s_q, args.h_q, args.s_k, True)
-meta = jax_flashmla.get_mla_metadata(lens, s_q=args.s_q, h_q=args.h_q)
-op = jax.jit(lambda q, kv, t, l, m: jax_flashmla.mla_decode(
-    q, kv, t, l, causal=args.causal, metadata=m, implementation="kernel"))
+
+if args.sparse is None:
+    q, kv, table, lens, _ = bd.make_inputs(0, args.b, args.s_q, args.h_q, args.s_k, True)
+    meta = jax_flashmla.get_mla_metadata(lens, s_q=args.s_q, h_q=args.h_q)
+    op = jax.jit(lambda q, kv, t, l, m: jax_flashmla.mla_decode(
+        q, kv, t, l, causal=args.causal, metadata=m, implementation="kernel"))
+    call = lambda: op(q, kv, table, lens, meta)  # noqa: E731
+else:
+    d_qk = 512 if args.sparse == "v4" else 576
+    rows = max(args.s_k, 2 * args.topk)
+    blocks = -(-rows // args.page)
+    pool = jax.random.normal(jax.random.PRNGKey(1), (blocks, args.page, 1, d_qk), jnp.bfloat16)
+    if args.sparse != "bf16":
+        pool = kvc.quantize_fp8(pool)
+    rng = np.random.default_rng(0)
+    idx = jnp.asarray(rng.integers(0, blocks * args.page, (args.b, args.s_q, args.topk)), jnp.int32)
+    q = jax.random.normal(jax.random.PRNGKey(2), (args.b, args.s_q, args.h_q, d_qk), jnp.bfloat16)
+    meta = jax_flashmla.get_mla_metadata(jnp.zeros((args.b,), jnp.int32), s_q=args.s_q,
+                                         h_q=args.h_q, topk=args.topk)
+    op = jax.jit(lambda q, kv, i, m: jax_flashmla.mla_decode(q, kv, indices=i, metadata=m,
+                                                             implementation="kernel"))
+    call = lambda: op(q, pool, idx, meta)  # noqa: E731
 for _ in range(4):
-    jax.block_until_ready(op(q, kv, table, lens, meta))
+    jax.block_until_ready(call())
 print("profiled case done")

@@ -50,14 +50,19 @@ if has ab && [ -f "$REPO/.abase/base.tar" ]; then
   done
 fi
 if has ncu; then
-  log "Nsight Compute: dense decode main kernel, h_q 128 and h_q 16 (b 128, s_k 4096 varlen)"
-  for hq in 128 16; do
-    timeout 150 ncu --kernel-name regex:dense_decode_kernel --launch-skip 2 --launch-count 1 \
+  # NCU_CASES: "name|kernel regex|profile_decode.py args" entries separated by ';'.
+  NCU_CASES=${NCU_CASES:-"dense_h128|dense_decode_kernel|--h_q 128;dense_h16|dense_decode_kernel|--h_q 16;sparse_v32_h128|sparse_attention_kernel|--sparse v32 --h_q 128 --b 64 --s_q 2"}
+  log "Nsight Compute: $NCU_CASES"
+  IFS=';' read -ra ncu_cases <<< "$NCU_CASES"
+  for entry in "${ncu_cases[@]}"; do
+    IFS='|' read -r name regex pargs <<< "$entry"
+    timeout 150 ncu --kernel-name regex:$regex --launch-skip 2 --launch-count 1 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
       --section SchedulerStats --section Occupancy \
       --metrics "dram__bytes_read.sum,lts__t_sector_hit_rate.pct,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_elapsed,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
-      python3 "$REPO/benchmarks/profile_decode.py" --h_q $hq > "$OUT/ncu_h$hq.txt" 2>&1
-    grep -E "Duration|DRAM Throughput|dram__bytes_read|hit_rate|gmma|Compute \(SM\)|No Eligible|stalled_(barrier|long|wait|math|mio|short|lg|no_inst|not_sel|selected)|==ERR|rror" "$OUT/ncu_h$hq.txt" | head -30
+      python3 "$REPO/benchmarks/profile_decode.py" $pargs > "$OUT/ncu_$name.txt" 2>&1
+    echo "--- $name"
+    grep -E "Duration|DRAM Throughput|dram__bytes_read|hit_rate|gmma|Compute \(SM\)|No Eligible|stalled_(barrier|long|wait|math|mio|short|lg|no_inst|not_sel|selected)|==ERR|rror" "$OUT/ncu_$name.txt" | head -30
   done
 fi
 if has bench; then

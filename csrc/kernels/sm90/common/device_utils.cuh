@@ -1,4 +1,4 @@
-// Small device helpers shared by the decode kernels: cp.async, ldmatrix, mma.sync, conversions.
+// Small device helpers of the sm90 kernels: shared-memory addresses, cp.async, bf16/fp16 packing.
 #pragma once
 
 #include <cuda_bf16.h>

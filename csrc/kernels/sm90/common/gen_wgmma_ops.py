@@ -1,7 +1,7 @@
 """Writes wgmma_ops.cuh: inline-PTX wrappers of the wgmma shapes the decode kernels use.
 
 The 16 / 128 accumulator operands of m64n32k16 / m64n256k16 are tedious to write by hand, so this
-script writes them. Run: python csrc/kernels/common/gen_wgmma_ops.py (rewrites the header beside it).
+script writes them. Run: python csrc/kernels/sm90/common/gen_wgmma_ops.py (rewrites the header beside it).
 """
 import os
 
