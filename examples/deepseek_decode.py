@@ -87,6 +87,24 @@ def random_config(args, ds):
     return ds.DeepseekConfig(**kw)
 
 
+def make_prompts(args, cfg, tokenizer):
+    """The examples' prompts: the given (or stock) texts through the tokenizer, else random ids of
+    lengths falling from --prompt-len to about half of it across the batch."""
+    import numpy as np
+
+    if tokenizer is not None:
+        texts = args.prompt or ["The capital of France is", "def fibonacci(n):", "Once upon a time,",
+                                "The three laws of thermodynamics are"][:args.batch]
+        prompts = [tokenizer.encode(t).ids for t in texts]
+        if cfg.bos_token_id is not None:
+            prompts = [p if p[:1] == [cfg.bos_token_id] else [cfg.bos_token_id] + p for p in prompts]
+        return prompts
+    rng = np.random.default_rng(args.seed)
+    lengths = [max(1, args.prompt_len - (i * args.prompt_len) // (2 * max(args.batch, 1)))
+               for i in range(args.batch)]
+    return [rng.integers(2, cfg.vocab_size, n).tolist() for n in lengths]
+
+
 def report(out, prompts, tokenizer, loop=None):
     """The lines both examples print: which attention ran, timings, the first tokens of 4 prompts."""
     print(f"attention: {out.attention}" + (f" ({out.attention_detail})" if out.attention_detail else ""))
@@ -143,17 +161,7 @@ def main(argv=None):
           f"{cfg.qk_rope_head_dim}, {cfg.n_routed_experts} experts (top {cfg.num_experts_per_tok}), "
           f"vocab {cfg.vocab_size}, {n_params / 1e6:.1f}M params ({time.perf_counter() - t0:.1f}s to build)")
 
-    rng = np.random.default_rng(args.seed)
-    if tokenizer is not None:
-        texts = args.prompt or ["The capital of France is", "def fibonacci(n):", "Once upon a time,",
-                                "The three laws of thermodynamics are"][:args.batch]
-        prompts = [tokenizer.encode(t).ids for t in texts]
-        if cfg.bos_token_id is not None:
-            prompts = [p if p[:1] == [cfg.bos_token_id] else [cfg.bos_token_id] + p for p in prompts]
-    else:
-        lengths = [max(1, args.prompt_len - (i * args.prompt_len) // (2 * max(args.batch, 1)))
-                   for i in range(args.batch)]
-        prompts = [rng.integers(2, cfg.vocab_size, n).tolist() for n in lengths]
+    prompts = make_prompts(args, cfg, tokenizer)
     print(f"batch {len(prompts)}, prompt lengths {[len(p) for p in prompts]}, max_new_tokens {args.max_new_tokens}, "
           f"{kv_format} paged cache (page {args.block_size})"
           + (f", sparse top-{cfg.index_topk}" if cfg.is_v32 else ""))

@@ -76,16 +76,9 @@ def main(args):
           f"hc_mult {cfg.hc_mult}, {cfg.n_routed_experts} experts (top {cfg.num_experts_per_tok}), "
           f"{n_params / 1e6:.1f}M params ({time.perf_counter() - t0:.1f}s to build)")
 
-    rng = np.random.default_rng(args.seed)
-    if tokenizer is not None:
-        texts = args.prompt or ["The capital of France is", "def fibonacci(n):"][:args.batch]
-        prompts = [tokenizer.encode(t).ids for t in texts]
-        if cfg.bos_token_id is not None:
-            prompts = [p if p[:1] == [cfg.bos_token_id] else [cfg.bos_token_id] + p for p in prompts]
-    else:
-        lengths = [max(1, args.prompt_len - (i * args.prompt_len) // (2 * max(args.batch, 1)))
-                   for i in range(args.batch)]
-        prompts = [rng.integers(2, cfg.vocab_size, n).tolist() for n in lengths]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from deepseek_decode import make_prompts, report   # what both examples share
+    prompts = make_prompts(args, cfg, tokenizer)
     print(f"batch {len(prompts)}, prompt lengths {[len(p) for p in prompts]}, max_new_tokens {args.max_new_tokens}, "
           f"{kv_format} window + compressed pools (page {args.block_size})")
 
@@ -100,8 +93,6 @@ def main(args):
                            implementation=implementation, return_output=True, compiler_options=fast)
 
     out = run()
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from deepseek_decode import report   # the lines both examples print
     report(out, prompts, tokenizer)
     if args.profile:
         with jax.profiler.trace(args.profile, create_perfetto_trace=True):

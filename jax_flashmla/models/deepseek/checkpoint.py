@@ -249,11 +249,7 @@ def load(checkpoint_dir: str | os.PathLike, dtype=jnp.bfloat16, *, progress: boo
     past ``num_hidden_layers`` are always skipped. config_overrides: fields replaced in the config
     before building (e.g. ``{"num_hidden_layers": 2}`` for a quick look at a huge checkpoint).
     """
-    checkpoint_dir = os.fspath(checkpoint_dir)
-    if not os.path.isdir(checkpoint_dir):
-        raise CheckpointError(f"checkpoint_dir {checkpoint_dir!r} is not a directory")
-    with open(_require(checkpoint_dir, "config.json")) as f:
-        raw = json.load(f)
+    checkpoint_dir, raw = read_config_json(checkpoint_dir)
     config = DeepseekConfig.from_dict(raw)
     if config_overrides:
         config = config.replace(**config_overrides)
@@ -389,3 +385,12 @@ def write_safetensors(tensors: dict, checkpoint_dir: str, max_shard_bytes: int |
     with open(os.path.join(checkpoint_dir, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
                    "weight_map": weight_map}, f, indent=2)
+
+
+def read_config_json(checkpoint_dir) -> tuple[str, dict]:
+    """(the directory as a str, its config.json as a dict), with clear errors (V3 and V4 alike)."""
+    checkpoint_dir = os.fspath(checkpoint_dir)
+    if not os.path.isdir(checkpoint_dir):
+        raise CheckpointError(f"checkpoint_dir {checkpoint_dir!r} is not a directory")
+    with open(_require(checkpoint_dir, "config.json")) as f:
+        return checkpoint_dir, json.load(f)

@@ -25,8 +25,9 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from ..checkpoint import (FP8_BLOCK, CheckpointError, CheckpointReader, _path_name, _progress, _require,
-                          dequantize_block_fp8, quantize_block_fp8, write_safetensors)
+from ..checkpoint import (FP8_BLOCK, CheckpointError, CheckpointReader, _path_name, _progress,
+                          dequantize_block_fp8, quantize_block_fp8, read_config_json,
+                          write_safetensors)
 from .config import DeepseekV4Config
 from .model import DeepseekV4ForCausalLM
 
@@ -133,11 +134,7 @@ def load(checkpoint_dir, dtype=jnp.bfloat16, *, progress: bool = True, strict: b
     dtype: the parameters' dtype (norms, mixers, sinks, biases stay float32 as in HF). strict:
     unused tensors are an error (else a warning); tensors of layers >= num_hidden_layers and the
     MTP module (``mtp.*``) are skipped, as HF does."""
-    checkpoint_dir = os.fspath(checkpoint_dir)
-    if not os.path.isdir(checkpoint_dir):
-        raise CheckpointError(f"checkpoint_dir {checkpoint_dir!r} is not a directory")
-    with open(_require(checkpoint_dir, "config.json")) as f:
-        raw = json.load(f)
+    checkpoint_dir, raw = read_config_json(checkpoint_dir)
     config = DeepseekV4Config.from_dict(raw)
     if config_overrides:
         config = config.replace(**config_overrides)

@@ -43,8 +43,8 @@ from jax_flashmla import kv_cache as kvc
 from ..cache import PageAllocator, gather_tokens
 from ..layers import Embed, Linear
 from .config import CSA, SLIDING, DeepseekV4Config
-from .layers import (F32, Attention, HyperConnection, HyperHead, MoE, RMSNorm, apply_rope, hc_merge,
-                     rope_cos_sin, select_topk)
+from .layers import (F32, Attention, HyperConnection, HyperHead, MoE, RMSNorm, hc_merge, rope_cos_sin,
+                     select_topk)
 
 KV_FORMATS = ("bf16", "fp8", "float32")
 _TILE = 64   # the sparse kernels take top-k in tiles of 64
@@ -271,7 +271,6 @@ class DeepseekV4ForCausalLM(nnx.Module):
                implementation=None):
         """One step: ``tokens [b, 1]`` go at positions ``seqlens [b]`` (tokens cached so far).
         Returns (logits [b, 1, vocab] f32, new pages). Inactive slots write nothing."""
-        c = self.config
         ids, h = self._embed(tokens)
         b, s = ids.shape
         if s != 1:
