@@ -19,18 +19,8 @@ from jax_flashmla.models import deepseek as ds
 from jax_flashmla.models.deepseek import layers
 
 
-def tiny_config(**kw):
-    base = dict(vocab_size=89, hidden_size=48, intermediate_size=64, moe_intermediate_size=16,
-                num_hidden_layers=2, num_attention_heads=4, n_routed_experts=8, n_group=2, topk_group=1,
-                num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=24,
-                qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, eos_token_id=None)
-    base.update(kw)
-    return ds.DeepseekConfig(**base)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return ds.DeepseekForCausalLM(tiny_config(), dtype=jnp.float32, init_std=0.3, seed=11)
+# The tiny model of the generation tests (the same fixture).
+from test_model_generate import model  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------------------------------

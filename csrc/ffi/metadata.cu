@@ -22,7 +22,6 @@ ffi::Error MetadataImpl(cudaStream_t stream, ffi::AnyBuffer seqlens,
   if (err.failure()) return err;
   ScheduleParams p;
   p.seqlens = static_cast<const int32_t*>(seqlens.untyped_data());
-  p.fixed_len = 0;
   p.num_seqs = num_seqs;
   p.num_sm_parts = static_cast<int>(meta->dimensions()[0]);
   p.tile_scheduler_metadata = static_cast<int32_t*>(meta->untyped_data());

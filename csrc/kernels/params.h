@@ -29,8 +29,7 @@ constexpr int kMaxGridY = 65535;      // CUDA's limit on grid.y / grid.z
 // A "sequence" is what one chunk of work attends: a batch element for dense decode (all its s_q
 // query tokens), one query token (b, s) for sparse decode.
 struct ScheduleParams {
-  const int32_t* seqlens;            // [num_seqs] tokens per sequence (dense decode)
-  int fixed_len;                     // used when seqlens is null (sparse: every sequence alike)
+  const int32_t* seqlens;            // [num_seqs] tokens per sequence (sparse: built in Python)
   int num_seqs;
   int num_sm_parts;
   int32_t* tile_scheduler_metadata;  // [num_sm_parts, kMetaInts]

@@ -27,7 +27,7 @@ __global__ void __launch_bounds__(kThreads) schedule_kernel(ScheduleParams p) {
   __shared__ long long s_partial[kThreads];   // 64-bit: malformed lengths must not overflow
   long long local = 0;
   for (int i = threadIdx.x; i < p.num_seqs; i += kThreads) {
-    const int nb = tiles_of(p.seqlens != nullptr ? p.seqlens[i] : p.fixed_len);
+    const int nb = tiles_of(p.seqlens[i]);
     s_tiles[i] = nb;
     local += nb + kFixedOverhead;
   }

@@ -283,12 +283,7 @@ def load(checkpoint_dir: str | os.PathLike, dtype=jnp.bfloat16, *, progress: boo
         if (m and int(m.group(1)) >= config.num_hidden_layers) or name.endswith("rotary_emb.inv_freq"):
             continue
         unused.append(name)
-    if unused:
-        msg = (f"checkpoint {checkpoint_dir}: {len(unused)} tensors are not used by the model its config "
-               f"describes, e.g. {sorted(unused)[:8]}")
-        if strict:
-            raise CheckpointError(msg + " (pass strict=False to ignore them)")
-        warnings.warn(msg)
+    report_unused(checkpoint_dir, unused, strict)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -394,3 +389,14 @@ def read_config_json(checkpoint_dir) -> tuple[str, dict]:
         raise CheckpointError(f"checkpoint_dir {checkpoint_dir!r} is not a directory")
     with open(_require(checkpoint_dir, "config.json")) as f:
         return checkpoint_dir, json.load(f)
+
+
+def report_unused(checkpoint_dir: str, unused: list, strict: bool) -> None:
+    """Checkpoint tensors the model did not take: an error with ``strict``, else a warning."""
+    if not unused:
+        return
+    msg = (f"checkpoint {checkpoint_dir}: {len(unused)} tensors are not used by the model its config "
+           f"describes, e.g. {sorted(unused)[:8]}")
+    if strict:
+        raise CheckpointError(msg + " (pass strict=False to ignore them)")
+    warnings.warn(msg)

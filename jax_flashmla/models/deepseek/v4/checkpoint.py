@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +26,7 @@ from flax import nnx
 
 from ..checkpoint import (FP8_BLOCK, CheckpointError, CheckpointReader, _path_name, _progress,
                           dequantize_block_fp8, quantize_block_fp8, read_config_json,
-                          write_safetensors)
+                          report_unused, write_safetensors)
 from .config import DeepseekV4Config
 from .model import DeepseekV4ForCausalLM
 
@@ -167,12 +166,7 @@ def load(checkpoint_dir, dtype=jnp.bfloat16, *, progress: bool = True, strict: b
         if m and int(m.group(1)) >= config.num_hidden_layers:
             continue
         unused.append(name)
-    if unused:
-        msg = (f"checkpoint {checkpoint_dir}: {len(unused)} tensors are not used by the model its config "
-               f"describes, e.g. {sorted(unused)[:8]}")
-        if strict:
-            raise CheckpointError(msg + " (pass strict=False to ignore them)")
-        warnings.warn(msg)
+    report_unused(checkpoint_dir, unused, strict)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
