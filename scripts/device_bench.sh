@@ -14,6 +14,8 @@
 #   OURS_MAX_SECONDS  ours: a case whose first (compiling) call takes longer is not timed (default 30)
 #   CASE_TIMEOUT      a worker stuck this long on one case is killed and restarted after it (300)
 #   XLA=1    also time plain XLA on 4 dense cases;  LOOP=1  also the 61-layer loop (bench_decode.py)
+#   VARIANTS kernel variants of ours to time too, ours only, same inputs (e.g. VARIANTS=ws:
+#            JFM_SPARSE_KERNEL=ws); benchmarks/sbs_variants.py prints them beside FlashMLA
 #   STAGES   "build" (default) rebuilds our package; STAGES=" " reuses the one installed on a warm
 #            machine
 # Everything lands flat in $OUT: build.log, bench.log, side_by_side.json, side_by_side.png
@@ -58,6 +60,17 @@ PYTHONPATH=/tmp/site python3 "$REPO/benchmarks/side_by_side.py" "${ARGS[@]}" --o
   --case-timeout "${CASE_TIMEOUT:-300}" $([ "${XLA:-0}" = 1 ] && echo --xla) 2>&1 \
   | tee "$OUT/bench.log" | grep -vE "^\[(ours|flashmla)\] " | tail -120
 rc=${PIPESTATUS[0]}
+
+# VARIANTS: kernel variants of ours timed again on the same inputs, ours only, each switched on
+# through its environment variable (JFM_SPARSE_KERNEL=ws: the warp-specialized sparse kernel).
+for v in ${VARIANTS:-}; do
+  log "variant $v: ours again with JFM_SPARSE_KERNEL=$v"
+  JFM_SPARSE_KERNEL=$v PYTHONPATH=/tmp/site python3 "$REPO/benchmarks/side_by_side.py" \
+    "${ARGS[@]}" --out "$OUT/$v" --upstream off --ours-max-seconds "${OURS_MAX_SECONDS:-30}" \
+    --case-timeout "${CASE_TIMEOUT:-300}" > "$OUT/bench_$v.log" 2>&1 || rc=1
+  python3 "$REPO/benchmarks/sbs_variants.py" "$OUT/side_by_side.json" \
+    "$v=$OUT/$v/side_by_side.json" 2>&1 | tee "$OUT/variants_$v.txt"
+done
 
 if [ "${LOOP:-0}" = 1 ]; then
   log "61-layer loop"

@@ -4,8 +4,9 @@
 # Nsight Compute, benchmarks and the examples. Logs go to $OUT; exits non-zero if any stage failed.
 # From the repo root, carrying the nvidia-cutlass wheel (docs/BUILDING.md):
 #   run(command="bash scripts/device_check.sh", carry=[".whl"])
-# Stages: STAGES="build cpu-suite gpu memcheck racecheck ab ncu bench example" (default: build gpu
-# memcheck racecheck bench example). SUITE_TESTS / GPU_TESTS narrow the suites (paths relative to
+# Stages: STAGES="build cpu-suite gpu gpu-ws memcheck racecheck synccheck ab ncu bench example"
+# (default: build gpu memcheck racecheck bench example); gpu-ws runs the sparse GPU tests with
+# JFM_SPARSE_KERNEL=ws, SAN_VARIANTS="default ws" the sanitizers on both sparse kernels. SUITE_TESTS / GPU_TESTS narrow the suites (paths relative to
 # the repo root). Stage ab: `git archive -o .abase/base.tar <commit>` here first and carry .abase;
 # it builds that tree beside this one and times both with BENCH_AB_ARGS (each in its own process).
 set -uo pipefail
@@ -29,13 +30,25 @@ if has gpu; then
     | tee "$OUT/gpu.log" | grep -vE "^(tests|/)" | tail -45
   [ "${PIPESTATUS[0]}" -eq 0 ] || fail gpu
 fi
-for tool in memcheck racecheck; do
+if has gpu-ws; then
+  log "GPU sparse kernel tests on the warp-specialized variant (JFM_SPARSE_KERNEL=ws)"
+  JFM_SPARSE_KERNEL=ws XLA_FLAGS=--xla_gpu_autotune_level=0 timeout ${GPU_TIMEOUT:-420} \
+    python3 -m pytest -q -p no:cacheprovider --tb=short -rf --maxfail=${GPU_MAXFAIL:-8} -m gpu \
+    $(printf "$REPO/%s " ${GPU_WS_TESTS:-tests/gpu/test_sparse_decode_gpu.py tests/gpu/test_sparse_prefill_gpu.py tests/gpu/test_malformed_gpu.py}) 2>&1 \
+    | tee "$OUT/gpu_ws.log" | grep -vE "^(tests|/)" | tail -45
+  [ "${PIPESTATUS[0]}" -eq 0 ] || fail gpu-ws
+fi
+# Sanitizers over every kernel; SAN_VARIANTS "default ws" also runs them with the warp-specialized
+# sparse kernel switched on (synccheck: named barriers and mbarriers of that kernel).
+for tool in memcheck racecheck synccheck; do
   has $tool || continue
-  log "compute-sanitizer $tool: every kernel (tests/gpu/sanitize_kernels.py)"
-  env $SAN timeout ${SAN_TIMEOUT:-240} compute-sanitizer --tool $tool --kernel-name kns=jfm \
-    --print-limit 20 --error-exitcode 9 python3 "$REPO/tests/gpu/sanitize_kernels.py" 2>&1 \
-    | tee "$OUT/$tool.log" | tail -8
-  [ "${PIPESTATUS[0]}" -eq 0 ] || fail $tool
+  for variant in ${SAN_VARIANTS:-default}; do
+    log "compute-sanitizer $tool ($variant): every kernel (tests/gpu/sanitize_kernels.py)"
+    env $SAN JFM_SPARSE_KERNEL=$variant timeout ${SAN_TIMEOUT:-240} compute-sanitizer \
+      --tool $tool --kernel-name kns=jfm --print-limit 20 --error-exitcode 9 \
+      python3 "$REPO/tests/gpu/sanitize_kernels.py" 2>&1 | tee "$OUT/${tool}_$variant.log" | tail -8
+    [ "${PIPESTATUS[0]}" -eq 0 ] || fail "$tool $variant"
+  done
 done
 if has ab && [ -f "$REPO/.abase/base.tar" ]; then
   log "A/B: this build against the carried base build, same cases, each in its own process"

@@ -2,6 +2,8 @@
 // constants (jax_flashmla/_ffi.py checks them against jax_flashmla/ops/kernels/limits.py).
 #include <pybind11/pybind11.h>
 
+#include <string>
+
 #include "ffi/handlers.h"
 #include "kernels/params.h"
 #include "xla/ffi/api/c_api.h"
@@ -34,4 +36,6 @@ PYBIND11_MODULE(_jax_flashmla_cuda, m) {
     c["MAX_GRID_Y"] = jfm::kMaxGridY;
     return c;
   });
+  m.def("sparse_kernel_variant", []() { return std::string(jfm::sparse_kernel_variant()); },
+        "the sparse kernel this process runs: 'default' or 'ws' (JFM_SPARSE_KERNEL=ws)");
 }

@@ -138,5 +138,8 @@ cudaError_t launch_dense_decode_bf16(const DenseDecodeParams& p, cudaStream_t st
 cudaError_t launch_dense_decode_fp16(const DenseDecodeParams& p, cudaStream_t stream);
 cudaError_t launch_sparse_decode(const SparseDecodeParams& p, KvFormat format, int d_qk,
                                  cudaStream_t stream);
+// Which sparse kernel launch_sparse_decode runs in this process: "default" (kernel.cuh) or "ws"
+// (kernel_ws.cuh, chosen by JFM_SPARSE_KERNEL=ws while it is measured against the default).
+const char* sparse_kernel_variant();
 
 }  // namespace jfm

@@ -7,6 +7,7 @@ repeatability. Skipped cleanly unless jax sees a Hopper GPU and the extension is
 from __future__ import annotations
 
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -70,6 +71,15 @@ def test_kernel_is_in_the_compiled_module():
                                                            implementation="kernel")).lower(
         q, kv, args["indices"]).as_text()
     assert "jax_flashmla_sparse_decode" in hlo and "jax_flashmla_mla_metadata" in hlo
+
+
+def test_the_requested_kernel_variant_runs():
+    """JFM_SPARSE_KERNEL=ws (scripts/device_check.sh, stage gpu-ws) must reach the extension:
+    otherwise that stage would test the default kernel twice."""
+    require_kernels()
+    from jax_flashmla import _ffi
+    want = "ws" if os.environ.get("JFM_SPARSE_KERNEL") == "ws" else "default"
+    assert _ffi.extension().sparse_kernel_variant() == want
 
 
 def test_large_pool_64bit_addressing():

@@ -1,4 +1,5 @@
-// Small device helpers of the sm90 kernels: shared-memory addresses, cp.async, bf16/fp16 packing.
+// Small device helpers of the sm90 kernels: shared-memory addresses, cp.async, bf16/fp16 packing,
+// mbarriers / named barriers / setmaxnreg for warp-specialized kernels, wgmma descriptors.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -34,6 +35,50 @@ template <>
 __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
   __half2 v = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// ---- Warp-specialized pipelines: mbarriers, named barriers, register reallocation -----------
+// mbarrier in shared memory (8 bytes, 8-byte aligned). A phase completes when `count` arrivals
+// have happened; waiting on parity P returns once the phase of parity P has completed (on a fresh
+// barrier, waiting on parity 1 returns at once: the "previous" phase counts as done).
+__device__ __forceinline__ void mbarrier_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// Arrive (release at CTA scope: this thread's earlier shared-memory writes are visible to a
+// thread whose wait observes the phase completing).
+__device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
+  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar)
+               : "memory");
+}
+// Arrive once all of this thread's earlier cp.async copies have landed (counts as one of the
+// phase's expected arrivals: .noinc).
+__device__ __forceinline__ void cp_async_mbarrier_arrive_noinc(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+// Barrier `id` (1..15; 0 is __syncthreads') over `count` threads, whole warps.
+__device__ __forceinline__ void named_barrier_sync(int id, int count) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+// Per-warpgroup register budget (every warp of the warpgroup executes it; multiples of 8).
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
 }
 
 }  // namespace jfm

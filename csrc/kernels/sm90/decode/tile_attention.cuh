@@ -44,6 +44,17 @@ struct TileSmem {
   }
 };
 
+// How the 256 math threads synchronize inside the tile functions: the whole CTA (kernels whose
+// every thread does the math), or a named barrier over threads 0-255 only (warp-specialized
+// kernels, whose producer warps run their own loop and never join it).
+struct CtaSync {
+  static __device__ __forceinline__ void sync() { __syncthreads(); }
+};
+struct MathWarpsSync {
+  static constexpr int kBarrierId = 1;
+  static __device__ __forceinline__ void sync() { named_barrier_sync(kBarrierId, 256); }
+};
+
 // Which rows and columns of the accumulators this thread holds.
 struct Lane {
   int tid, wr, wc, g, tq;
@@ -91,9 +102,9 @@ struct RowState {
 
 // Given masked logits s (-inf where a token is not attended), update the running max and sum,
 // write P = exp2(s * sl2 - m) (as T) into the swizzled P block at `sp`, and rescale O.
-// `red` is float[2][64] of shared memory. Contains one __syncthreads (the max exchange); the
+// `red` is float[2][64] of shared memory. Contains one Sync::sync() (the max exchange); the
 // caller fences and synchronizes before the PV wgmma reads P.
-template <typename T>
+template <typename T, typename Sync = CtaSync>
 __device__ __forceinline__ void tile_softmax(float (&s)[16], RowState& st, float* red, uint32_t sp,
                                              float sl2, const Lane& ln) {
   float mx[2] = {-INFINITY, -INFINITY};
@@ -108,7 +119,7 @@ __device__ __forceinline__ void tile_softmax(float (&s)[16], RowState& st, float
     red[ln.wc * kBlockM + ln.row(0)] = mx[0];
     red[ln.wc * kBlockM + ln.row(1)] = mx[1];
   }
-  __syncthreads();
+  Sync::sync();
   float corr[2], mscaled[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -159,7 +170,8 @@ __device__ __forceinline__ void tile_pv_issue(RowState& st, uint64_t desc_p, uin
 
 // Row totals after the last tile: the sum over both warpgroups' columns. Returns per row the
 // normalizer 1 / l (0 for a row with nothing attended) and the lse (natural log; a row with
-// nothing attended gets `empty_lse`). Contains two __syncthreads.
+// nothing attended gets `empty_lse`). Contains two Sync::sync().
+template <typename Sync = CtaSync>
 __device__ __forceinline__ void tile_finish(RowState& st, float* red, float softmax_scale,
                                             float empty_lse, float (&inv)[2], float (&lse)[2],
                                             const Lane& ln) {
@@ -168,12 +180,12 @@ __device__ __forceinline__ void tile_finish(RowState& st, float* red, float soft
     st.l[h] += __shfl_xor_sync(0xffffffffu, st.l[h], 1);
     st.l[h] += __shfl_xor_sync(0xffffffffu, st.l[h], 2);
   }
-  __syncthreads();
+  Sync::sync();
   if (ln.tq == 0) {
     red[ln.wc * kBlockM + ln.row(0)] = st.l[0];
     red[ln.wc * kBlockM + ln.row(1)] = st.l[1];
   }
-  __syncthreads();
+  Sync::sync();
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const float l = red[ln.row(h)] + red[kBlockM + ln.row(h)];
