@@ -14,8 +14,9 @@
 #   OURS_MAX_SECONDS  ours: a case whose first (compiling) call takes longer is not timed (default 30)
 #   CASE_TIMEOUT      a worker stuck this long on one case is killed and restarted after it (300)
 #   XLA=1    also time plain XLA on 4 dense cases;  LOOP=1  also the 61-layer loop (bench_decode.py)
-#   VARIANTS kernel variants of ours to time too, ours only, same inputs (e.g. VARIANTS=ws:
-#            JFM_SPARSE_KERNEL=ws); benchmarks/sbs_variants.py prints them beside FlashMLA
+#   VARIANTS kernel variants of ours to time too, ours only, same inputs (e.g. VARIANTS="ws
+#            ws_roles": JFM_SPARSE_KERNEL=...); benchmarks/sbs_variants.py prints them beside
+#            FlashMLA
 #   STAGES   "build" (default) rebuilds our package; STAGES=" " reuses the one installed on a warm
 #            machine
 # Everything lands flat in $OUT: build.log, bench.log, side_by_side.json, side_by_side.png
@@ -63,14 +64,18 @@ rc=${PIPESTATUS[0]}
 
 # VARIANTS: kernel variants of ours timed again on the same inputs, ours only, each switched on
 # through its environment variable (JFM_SPARSE_KERNEL=ws: the warp-specialized sparse kernel).
+VARIANT_JSONS=()
 for v in ${VARIANTS:-}; do
   log "variant $v: ours again with JFM_SPARSE_KERNEL=$v"
   JFM_SPARSE_KERNEL=$v PYTHONPATH=/tmp/site python3 "$REPO/benchmarks/side_by_side.py" \
     "${ARGS[@]}" --out "$OUT/$v" --upstream off --ours-max-seconds "${OURS_MAX_SECONDS:-30}" \
     --case-timeout "${CASE_TIMEOUT:-300}" > "$OUT/bench_$v.log" 2>&1 || rc=1
-  python3 "$REPO/benchmarks/sbs_variants.py" "$OUT/side_by_side.json" \
-    "$v=$OUT/$v/side_by_side.json" 2>&1 | tee "$OUT/variants_$v.txt"
+  VARIANT_JSONS+=("$v=$OUT/$v/side_by_side.json")
 done
+if [ ${#VARIANT_JSONS[@]} -gt 0 ]; then
+  python3 "$REPO/benchmarks/sbs_variants.py" "$OUT/side_by_side.json" "${VARIANT_JSONS[@]}" 2>&1 \
+    | tee "$OUT/variants.txt"
+fi
 
 if [ "${LOOP:-0}" = 1 ]; then
   log "61-layer loop"

@@ -5,8 +5,9 @@
 # From the repo root, carrying the nvidia-cutlass wheel (docs/BUILDING.md):
 #   run(command="bash scripts/device_check.sh", carry=[".whl"])
 # Stages: STAGES="build cpu-suite gpu gpu-ws memcheck racecheck synccheck ab ncu bench example"
-# (default: build gpu memcheck racecheck bench example); gpu-ws runs the sparse GPU tests with
-# JFM_SPARSE_KERNEL=ws, SAN_VARIANTS="default ws" the sanitizers on both sparse kernels. SUITE_TESTS / GPU_TESTS narrow the suites (paths relative to
+# (default: build gpu memcheck racecheck bench example); gpu-ws runs the sparse GPU tests on each
+# warp-specialized variant in WS_VARIANTS (default "ws ws_roles": JFM_SPARSE_KERNEL=...), and
+# SAN_VARIANTS="default ws ws_roles" runs the sanitizers on each. SUITE_TESTS / GPU_TESTS narrow the suites (paths relative to
 # the repo root). Stage ab: `git archive -o .abase/base.tar <commit>` here first and carry .abase;
 # it builds that tree beside this one and times both with BENCH_AB_ARGS (each in its own process).
 set -uo pipefail
@@ -31,15 +32,17 @@ if has gpu; then
   [ "${PIPESTATUS[0]}" -eq 0 ] || fail gpu
 fi
 if has gpu-ws; then
-  log "GPU sparse kernel tests on the warp-specialized variant (JFM_SPARSE_KERNEL=ws)"
-  JFM_SPARSE_KERNEL=ws XLA_FLAGS=--xla_gpu_autotune_level=0 timeout ${GPU_TIMEOUT:-420} \
-    python3 -m pytest -q -p no:cacheprovider --tb=short -rf --maxfail=${GPU_MAXFAIL:-8} -m gpu \
-    $(printf "$REPO/%s " ${GPU_WS_TESTS:-tests/gpu/test_sparse_decode_gpu.py tests/gpu/test_sparse_prefill_gpu.py tests/gpu/test_malformed_gpu.py}) 2>&1 \
-    | tee "$OUT/gpu_ws.log" | grep -vE "^(tests|/)" | tail -45
-  [ "${PIPESTATUS[0]}" -eq 0 ] || fail gpu-ws
+  for variant in ${WS_VARIANTS:-ws ws_roles}; do
+    log "GPU sparse kernel tests on the warp-specialized kernel (JFM_SPARSE_KERNEL=$variant)"
+    JFM_SPARSE_KERNEL=$variant XLA_FLAGS=--xla_gpu_autotune_level=0 timeout ${GPU_TIMEOUT:-420} \
+      python3 -m pytest -q -p no:cacheprovider --tb=short -rf --maxfail=${GPU_MAXFAIL:-8} -m gpu \
+      $(printf "$REPO/%s " ${GPU_WS_TESTS:-tests/gpu/test_sparse_decode_gpu.py tests/gpu/test_sparse_prefill_gpu.py tests/gpu/test_malformed_gpu.py}) 2>&1 \
+      | tee "$OUT/gpu_$variant.log" | grep -vE "^(tests|/)" | tail -45
+    [ "${PIPESTATUS[0]}" -eq 0 ] || fail "gpu-ws $variant"
+  done
 fi
-# Sanitizers over every kernel; SAN_VARIANTS "default ws" also runs them with the warp-specialized
-# sparse kernel switched on (synccheck: named barriers and mbarriers of that kernel).
+# Sanitizers over every kernel; SAN_VARIANTS (e.g. "default ws ws_roles") also runs them with a
+# warp-specialized sparse kernel switched on (synccheck: its named barriers and mbarriers).
 for tool in memcheck racecheck synccheck; do
   has $tool || continue
   for variant in ${SAN_VARIANTS:-default}; do

@@ -37,5 +37,5 @@ PYBIND11_MODULE(_jax_flashmla_cuda, m) {
     return c;
   });
   m.def("sparse_kernel_variant", []() { return std::string(jfm::sparse_kernel_variant()); },
-        "the sparse kernel this process runs: 'default' or 'ws' (JFM_SPARSE_KERNEL=ws)");
+        "the sparse kernel this process runs: 'default', 'ws' or 'ws_roles' (JFM_SPARSE_KERNEL)");
 }

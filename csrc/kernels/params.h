@@ -89,6 +89,9 @@ constexpr int kDenseDqk = 576;
 // ---- Sparse decode and sparse prefill (token-level gathers, h_kv = 1) --------------------------
 // Cache formats a sparse kernel reads (the layout follows from d_qk for FP8: SEMANTICS.md).
 enum class KvFormat : int { kBf16 = 0, kFp8V32 = 1, kFp8V4 = 2 };
+// How the warp-specialized sparse kernel (sm90/decode/sparse/kernel_ws.cuh) splits the math
+// between its two math warpgroups: half of S and of O each, or S + softmax on one of them.
+enum class WsMath : int { kColumns = 0, kRoles = 1 };
 
 // One KV pool and the flat rows each query token picks from it.
 struct SparsePool {
@@ -138,8 +141,9 @@ cudaError_t launch_dense_decode_bf16(const DenseDecodeParams& p, cudaStream_t st
 cudaError_t launch_dense_decode_fp16(const DenseDecodeParams& p, cudaStream_t stream);
 cudaError_t launch_sparse_decode(const SparseDecodeParams& p, KvFormat format, int d_qk,
                                  cudaStream_t stream);
-// Which sparse kernel launch_sparse_decode runs in this process: "default" (kernel.cuh) or "ws"
-// (kernel_ws.cuh, chosen by JFM_SPARSE_KERNEL=ws while it is measured against the default).
+// Which sparse kernel launch_sparse_decode runs in this process: "default" (kernel.cuh), "ws" or
+// "ws_roles" (kernel_ws.cuh with WsMath::kColumns / kRoles, chosen by JFM_SPARSE_KERNEL while
+// they are measured against the default).
 const char* sparse_kernel_variant();
 
 }  // namespace jfm

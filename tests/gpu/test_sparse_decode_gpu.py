@@ -74,11 +74,12 @@ def test_kernel_is_in_the_compiled_module():
 
 
 def test_the_requested_kernel_variant_runs():
-    """JFM_SPARSE_KERNEL=ws (scripts/device_check.sh, stage gpu-ws) must reach the extension:
-    otherwise that stage would test the default kernel twice."""
+    """JFM_SPARSE_KERNEL=ws / ws_roles (scripts/device_check.sh, stage gpu-ws) must reach the
+    extension: otherwise that stage would test the default kernel again."""
     require_kernels()
     from jax_flashmla import _ffi
-    want = "ws" if os.environ.get("JFM_SPARSE_KERNEL") == "ws" else "default"
+    asked = os.environ.get("JFM_SPARSE_KERNEL")
+    want = asked if asked in ("ws", "ws_roles") else "default"
     assert _ffi.extension().sparse_kernel_variant() == want
 
 

@@ -71,6 +71,11 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 __device__ __forceinline__ void named_barrier_sync(int id, int count) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
+// Arrive at barrier `id` without waiting (the waiting side calls named_barrier_sync with the
+// same count: arrivals + waiters). Earlier shared-memory writes are visible to the waiters.
+__device__ __forceinline__ void named_barrier_arrive(int id, int count) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
 // Per-warpgroup register budget (every warp of the warpgroup executes it; multiples of 8).
 template <int kRegs>
 __device__ __forceinline__ void setmaxnreg_inc() {

@@ -100,6 +100,29 @@ struct RowState {
   }
 };
 
+// Stores P at rows r0 and r0 + 8, columns col and col + 1 (col even), of the swizzled 64 x 64 P
+// block at sp: pv = {(r0, col), (r0, col + 1), (r0 + 8, col), (r0 + 8, col + 1)}.
+template <typename T>
+__device__ __forceinline__ void store_p_pairs(uint32_t sp, int r0, int col, const float (&pv)[4]) {
+  const uint32_t a0 = sp + r0 * 128 + ((((col >> 3) ^ (r0 & 7))) << 4) + (col & 7) * 2;
+  const uint32_t a1 = sp + (r0 + 8) * 128 + ((((col >> 3) ^ ((r0 + 8) & 7))) << 4) + (col & 7) * 2;
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(a0), "r"(pack2<T>(pv[0], pv[1])));
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(a1), "r"(pack2<T>(pv[2], pv[3])));
+}
+
+// O's rows times the softmax correction of this tile (skipped when no row's max moved).
+__device__ __forceinline__ void rescale_o(float (&o)[128], const float (&corr)[2]) {
+  if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      o[4 * i + 0] *= corr[0];
+      o[4 * i + 1] *= corr[0];
+      o[4 * i + 2] *= corr[1];
+      o[4 * i + 3] *= corr[1];
+    }
+  }
+}
+
 // Given masked logits s (-inf where a token is not attended), update the running max and sum,
 // write P = exp2(s * sl2 - m) (as T) into the swizzled P block at `sp`, and rescale O.
 // `red` is float[2][64] of shared memory. Contains one Sync::sync() (the max exchange); the
@@ -139,22 +162,9 @@ __device__ __forceinline__ void tile_softmax(float (&s)[16], RowState& st, float
       pv[e] = exp2f(s[nt * 4 + e] * sl2 - mscaled[e >> 1]);
       st.l[e >> 1] += pv[e];
     }
-    const int col = ln.col(nt, 0);
-    const int r0 = ln.row(0);
-    const uint32_t a0 = sp + r0 * 128 + ((((col >> 3) ^ (r0 & 7))) << 4) + (col & 7) * 2;
-    const uint32_t a1 = sp + (r0 + 8) * 128 + ((((col >> 3) ^ ((r0 + 8) & 7))) << 4) + (col & 7) * 2;
-    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(a0), "r"(pack2<T>(pv[0], pv[1])));
-    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(a1), "r"(pack2<T>(pv[2], pv[3])));
+    store_p_pairs<T>(sp, ln.row(0), ln.col(nt, 0), pv);
   }
-  if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
-#pragma unroll
-    for (int i = 0; i < 32; ++i) {
-      st.o[4 * i + 0] *= corr[0];
-      st.o[4 * i + 1] *= corr[0];
-      st.o[4 * i + 2] *= corr[1];
-      st.o[4 * i + 3] *= corr[1];
-    }
-  }
+  rescale_o(st.o, corr);
 }
 
 // Issue O[:, 256 wc .. +256] += P V over the tile's 64 tokens (4 k-steps of 16), committed but not
@@ -192,6 +202,64 @@ __device__ __forceinline__ void tile_finish(RowState& st, float* red, float soft
     const bool empty = !(l > 0.f);
     inv[h] = empty ? 0.f : 1.f / l;
     lse[h] = empty ? empty_lse : logf(l) + st.m[h] * softmax_scale;
+  }
+}
+
+// ---- Split by role (kernel_ws.cuh, "roles" math): warpgroup 0 computes the whole S tile and its
+// softmax, writes P and the per-row correction to shared memory and does O[:, 0..256); warpgroup 1
+// rescales and accumulates O[:, 256..512) from them. Rows and columns as above with wc = 0:
+// warpgroup 0 owns whole rows, so no max exchange between warpgroups.
+
+// S[:, 0..64) = Q K^T (wgmma m64n64k16, d_qk / 16 k-steps); desc_k points at the K tile's row 0.
+template <typename T, int kDqk>
+__device__ __forceinline__ void tile_qk_rows(float (&s)[32], uint64_t desc_q, uint64_t desc_k) {
+  using S = TileSmem<kDqk>;
+#pragma unroll
+  for (int i = 0; i < 32; ++i) s[i] = 0.f;
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kDqk / 16; ++kk) {
+    const uint32_t koff = ((kk >> 2) * S::kBlockBytes + (kk & 3) * 32) >> 4;
+    wgmma_m64n64k16_ss<T>(s, desc_q + koff, desc_k + koff);
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+}
+
+// Online softmax over whole rows of the masked logits s (-inf: not attended): updates m and l
+// (l: this thread's partial sum of its 16 columns per row), turns s into P = exp2(s sl2 - m sl2)
+// and returns the correction of the earlier O in corr. No shared memory, no barrier.
+__device__ __forceinline__ void tile_softmax_rows(float (&s)[32], RowState& st, float (&corr)[2],
+                                                  float sl2) {
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int i = 0; i < 32; ++i) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
+  float mscaled[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+    const float m_new = fmaxf(st.m[h], mx[h]);
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;
+    corr[h] = exp2f((st.m[h] - m_use) * sl2);
+    mscaled[h] = m_use * sl2;
+    st.m[h] = m_new;
+    st.l[h] *= corr[h];
+  }
+#pragma unroll
+  for (int i = 0; i < 32; ++i) {
+    s[i] = exp2f(s[i] * sl2 - mscaled[(i >> 1) & 1]);
+    st.l[(i >> 1) & 1] += s[i];
+  }
+}
+
+// Writes warpgroup 0's P (all 64 columns) into the swizzled P block at sp.
+template <typename T>
+__device__ __forceinline__ void store_p_rows(uint32_t sp, const float (&s)[32], const Lane& ln) {
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+    const float pv[4] = {s[4 * nt], s[4 * nt + 1], s[4 * nt + 2], s[4 * nt + 3]};
+    store_p_pairs<T>(sp, ln.row(0), nt * 8 + 2 * ln.tq, pv);
   }
 }
 

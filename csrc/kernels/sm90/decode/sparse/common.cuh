@@ -226,16 +226,15 @@ __device__ __forceinline__ void load_q_tile(const SparseDecodeParams& p, int seq
   }
 }
 
-// After a token's last tile: normalize and store this thread's rows of the 64 heads from head0
-// (rows past h_q skipped): the output (times the sink factor) + lse (+ max_logits, prefill) when
-// the token is not split, else the partial row of split slot `slot` for the combine.
-template <typename Sync>
-__device__ __forceinline__ void finish_token(const SparseDecodeParams& p, RowState& st, float* red,
-                                             int seq, int head0, int slot, int nsplit,
-                                             const Lane& ln) {
+// Stores this thread's rows of the 64 heads from head0 (rows past h_q skipped) after a token's
+// last tile, given per row 1 / l, the lse and the running max m (log2-scaled logits): the output
+// (times the sink factor) + lse (+ max_logits, prefill) when the token is not split, else the
+// partial row of split slot `slot` for the combine. Warpgroup wc holds O[:, 256 wc .. +256].
+__device__ __forceinline__ void store_token_rows(const SparseDecodeParams& p, const RowState& st,
+                                                 const float (&inv)[2], const float (&lse)[2],
+                                                 const float (&m)[2], int seq, int head0, int slot,
+                                                 int nsplit, const Lane& ln) {
   const RowMap map{1, p.s_q, p.h_q, p.h_q};
-  float inv[2], lse[2];
-  tile_finish<Sync>(st, red, p.softmax_scale, nsplit == 1 ? INFINITY : -INFINITY, inv, lse, ln);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int head = head0 + ln.row(h);
@@ -249,7 +248,7 @@ __device__ __forceinline__ void finish_token(const SparseDecodeParams& p, RowSta
         p.lse[map.lse_index(seq, 0, head)] = lse[h];
         if (p.max_logits != nullptr)
           p.max_logits[static_cast<size_t>(seq) * p.h_q + head] =
-              st.m[h] == -INFINITY ? -INFINITY : st.m[h] * p.softmax_scale;
+              m[h] == -INFINITY ? -INFINITY : m[h] * p.softmax_scale;
       }
     } else {
       const size_t slot_row = static_cast<size_t>(slot) * p.h_q + head;
@@ -257,6 +256,47 @@ __device__ __forceinline__ void finish_token(const SparseDecodeParams& p, RowSta
       if (ln.wc == 0 && ln.tq == 0) p.lse_accum[slot_row] = lse[h];
     }
   }
+}
+
+// After a token's last tile, column-split math (each warpgroup summed half of every row).
+template <typename Sync>
+__device__ __forceinline__ void finish_token(const SparseDecodeParams& p, RowState& st, float* red,
+                                             int seq, int head0, int slot, int nsplit,
+                                             const Lane& ln) {
+  float inv[2], lse[2];
+  tile_finish<Sync>(st, red, p.softmax_scale, nsplit == 1 ? INFINITY : -INFINITY, inv, lse, ln);
+  store_token_rows(p, st, inv, lse, st.m, seq, head0, slot, nsplit, ln);
+}
+
+// After a token's last tile, role-split math: warpgroup 0 holds every row's max and (per thread,
+// a quarter of) its sum; it publishes both through `red` (float[2][64]) for warpgroup 1.
+// Contains one Sync::sync().
+template <typename Sync>
+__device__ __forceinline__ void finish_token_roles(const SparseDecodeParams& p, RowState& st,
+                                                   float* red, int seq, int head0, int slot,
+                                                   int nsplit, const Lane& ln) {
+  if (ln.wc == 0) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      st.l[h] += __shfl_xor_sync(0xffffffffu, st.l[h], 1);
+      st.l[h] += __shfl_xor_sync(0xffffffffu, st.l[h], 2);
+      if (ln.tq == 0) {
+        red[ln.row(h)] = st.l[h];
+        red[kBlockM + ln.row(h)] = st.m[h];
+      }
+    }
+  }
+  Sync::sync();
+  float inv[2], lse[2], m[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float l = red[ln.row(h)];
+    m[h] = red[kBlockM + ln.row(h)];
+    const bool empty = !(l > 0.f);
+    inv[h] = empty ? 0.f : 1.f / l;
+    lse[h] = empty ? (nsplit == 1 ? INFINITY : -INFINITY) : logf(l) + m[h] * p.softmax_scale;
+  }
+  store_token_rows(p, st, inv, lse, m, seq, head0, slot, nsplit, ln);
 }
 
 }  // namespace sm90

@@ -1,9 +1,10 @@
-// Warp-specialized sparse attention kernel, kFp8V4 cache with d_qk 512 (own translation unit:
-// parallel builds).
+// Warp-specialized sparse attention kernel (both math splits), kFp8V4 cache with d_qk 512 (own
+// translation unit: parallel builds).
 #include "kernels/sm90/decode/sparse/kernel_ws.cuh"
 
 namespace jfm {
 namespace sm90 {
-template cudaError_t launch_sparse_attention_ws<KvFormat::kFp8V4, 512>(const SparseDecodeParams&, cudaStream_t);
+template cudaError_t launch_sparse_attention_ws<KvFormat::kFp8V4, 512, WsMath::kColumns>(const SparseDecodeParams&, cudaStream_t);
+template cudaError_t launch_sparse_attention_ws<KvFormat::kFp8V4, 512, WsMath::kRoles>(const SparseDecodeParams&, cudaStream_t);
 }  // namespace sm90
 }  // namespace jfm
