@@ -15,7 +15,7 @@
 #   CASE_TIMEOUT      a worker stuck this long on one case is killed and restarted after it (300)
 #   XLA=1    also time plain XLA on 4 dense cases;  LOOP=1  also the 61-layer loop (bench_decode.py)
 #   VARIANTS kernel variants of ours to time too, ours only, same inputs (e.g. VARIANTS="ws
-#            ws_roles": JFM_SPARSE_KERNEL=...); benchmarks/sbs_variants.py prints them beside
+#            ws_roles": JFM_KERNEL_VARIANT=...); benchmarks/sbs_variants.py prints them beside
 #            FlashMLA
 #   STAGES   "build" (default) rebuilds our package; STAGES=" " reuses the one installed on a warm
 #            machine
@@ -63,11 +63,11 @@ PYTHONPATH=/tmp/site python3 "$REPO/benchmarks/side_by_side.py" "${ARGS[@]}" --o
 rc=${PIPESTATUS[0]}
 
 # VARIANTS: kernel variants of ours timed again on the same inputs, ours only, each switched on
-# through its environment variable (JFM_SPARSE_KERNEL=ws: the warp-specialized sparse kernel).
+# through JFM_KERNEL_VARIANT (ws / ws_roles: the warp-specialized dense and sparse kernels).
 VARIANT_JSONS=()
 for v in ${VARIANTS:-}; do
-  log "variant $v: ours again with JFM_SPARSE_KERNEL=$v"
-  JFM_SPARSE_KERNEL=$v PYTHONPATH=/tmp/site python3 "$REPO/benchmarks/side_by_side.py" \
+  log "variant $v: ours again with JFM_KERNEL_VARIANT=$v"
+  JFM_KERNEL_VARIANT=$v PYTHONPATH=/tmp/site python3 "$REPO/benchmarks/side_by_side.py" \
     "${ARGS[@]}" --out "$OUT/$v" --upstream off --ours-max-seconds "${OURS_MAX_SECONDS:-30}" \
     --case-timeout "${CASE_TIMEOUT:-300}" > "$OUT/bench_$v.log" 2>&1 || rc=1
   VARIANT_JSONS+=("$v=$OUT/$v/side_by_side.json")

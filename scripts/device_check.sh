@@ -5,10 +5,10 @@
 # From the repo root, carrying the nvidia-cutlass wheel (docs/BUILDING.md):
 #   run(command="bash scripts/device_check.sh", carry=[".whl"])
 # Stages: STAGES="build cpu-suite gpu gpu-ws memcheck racecheck synccheck ab ncu bench example"
-# (default: build gpu memcheck racecheck bench example); gpu-ws runs the sparse GPU tests on each
-# warp-specialized variant in WS_VARIANTS (default "ws ws_roles": JFM_SPARSE_KERNEL=...), and
-# SAN_VARIANTS="default ws ws_roles" runs the sanitizers on each. SUITE_TESTS / GPU_TESTS narrow the suites (paths relative to
-# the repo root). Stage ab: `git archive -o .abase/base.tar <commit>` here first and carry .abase;
+# (default: build gpu memcheck racecheck bench example); gpu-ws runs the kernel GPU tests on each
+# warp-specialized variant in WS_VARIANTS (default "ws ws_roles": JFM_KERNEL_VARIANT=...), and
+# SAN_VARIANTS="default ws ws_roles" runs the sanitizers on each. SUITE_TESTS / GPU_TESTS narrow
+# the suites (paths relative to the repo root). Stage ab: `git archive -o .abase/base.tar <commit>` here first and carry .abase;
 # it builds that tree beside this one and times both with BENCH_AB_ARGS (each in its own process).
 set -uo pipefail
 STAGES=${STAGES:-"build gpu memcheck racecheck bench example"}
@@ -33,21 +33,21 @@ if has gpu; then
 fi
 if has gpu-ws; then
   for variant in ${WS_VARIANTS:-ws ws_roles}; do
-    log "GPU sparse kernel tests on the warp-specialized kernel (JFM_SPARSE_KERNEL=$variant)"
-    JFM_SPARSE_KERNEL=$variant XLA_FLAGS=--xla_gpu_autotune_level=0 timeout ${GPU_TIMEOUT:-420} \
+    log "GPU dense + sparse kernel tests on the warp-specialized kernels (JFM_KERNEL_VARIANT=$variant)"
+    JFM_KERNEL_VARIANT=$variant XLA_FLAGS=--xla_gpu_autotune_level=0 timeout ${GPU_TIMEOUT:-420} \
       python3 -m pytest -q -p no:cacheprovider --tb=short -rf --maxfail=${GPU_MAXFAIL:-8} -m gpu \
-      $(printf "$REPO/%s " ${GPU_WS_TESTS:-tests/gpu/test_sparse_decode_gpu.py tests/gpu/test_sparse_prefill_gpu.py tests/gpu/test_malformed_gpu.py}) 2>&1 \
+      $(printf "$REPO/%s " ${GPU_WS_TESTS:-tests/gpu/test_dense_decode_gpu.py tests/gpu/test_sparse_decode_gpu.py tests/gpu/test_sparse_prefill_gpu.py tests/gpu/test_malformed_gpu.py}) 2>&1 \
       | tee "$OUT/gpu_$variant.log" | grep -vE "^(tests|/)" | tail -45
     [ "${PIPESTATUS[0]}" -eq 0 ] || fail "gpu-ws $variant"
   done
 fi
 # Sanitizers over every kernel; SAN_VARIANTS (e.g. "default ws ws_roles") also runs them with a
-# warp-specialized sparse kernel switched on (synccheck: its named barriers and mbarriers).
+# warp-specialized variant switched on (synccheck: their named barriers and mbarriers).
 for tool in memcheck racecheck synccheck; do
   has $tool || continue
   for variant in ${SAN_VARIANTS:-default}; do
     log "compute-sanitizer $tool ($variant): every kernel (tests/gpu/sanitize_kernels.py)"
-    env $SAN JFM_SPARSE_KERNEL=$variant timeout ${SAN_TIMEOUT:-240} compute-sanitizer \
+    env $SAN JFM_KERNEL_VARIANT=$variant timeout ${SAN_TIMEOUT:-240} compute-sanitizer \
       --tool $tool --kernel-name kns=jfm --print-limit 20 --error-exitcode 9 \
       python3 "$REPO/tests/gpu/sanitize_kernels.py" 2>&1 | tee "$OUT/${tool}_$variant.log" | tail -8
     [ "${PIPESTATUS[0]}" -eq 0 ] || fail "$tool $variant"

@@ -6,6 +6,7 @@
 
 #include "ffi/handlers.h"
 #include "kernels/params.h"
+#include "kernels/variant.h"
 #include "xla/ffi/api/c_api.h"
 
 namespace py = pybind11;
@@ -36,6 +37,6 @@ PYBIND11_MODULE(_jax_flashmla_cuda, m) {
     c["MAX_GRID_Y"] = jfm::kMaxGridY;
     return c;
   });
-  m.def("sparse_kernel_variant", []() { return std::string(jfm::sparse_kernel_variant()); },
-        "the sparse kernel this process runs: 'default', 'ws' or 'ws_roles' (JFM_SPARSE_KERNEL)");
+  m.def("kernel_variant", []() { return std::string(jfm::kernel_variant_name()); },
+        "the decode kernels this process runs: 'default', 'ws' or 'ws_roles' (JFM_KERNEL_VARIANT)");
 }

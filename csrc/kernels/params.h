@@ -141,9 +141,5 @@ cudaError_t launch_dense_decode_bf16(const DenseDecodeParams& p, cudaStream_t st
 cudaError_t launch_dense_decode_fp16(const DenseDecodeParams& p, cudaStream_t stream);
 cudaError_t launch_sparse_decode(const SparseDecodeParams& p, KvFormat format, int d_qk,
                                  cudaStream_t stream);
-// Which sparse kernel launch_sparse_decode runs in this process: "default" (kernel.cuh), "ws" or
-// "ws_roles" (kernel_ws.cuh with WsMath::kColumns / kRoles, chosen by JFM_SPARSE_KERNEL while
-// they are measured against the default).
-const char* sparse_kernel_variant();
 
 }  // namespace jfm

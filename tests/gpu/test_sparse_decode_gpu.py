@@ -74,13 +74,13 @@ def test_kernel_is_in_the_compiled_module():
 
 
 def test_the_requested_kernel_variant_runs():
-    """JFM_SPARSE_KERNEL=ws / ws_roles (scripts/device_check.sh, stage gpu-ws) must reach the
-    extension: otherwise that stage would test the default kernel again."""
+    """JFM_KERNEL_VARIANT=ws / ws_roles (scripts/device_check.sh, stage gpu-ws) must reach the
+    extension: otherwise that stage would test the default kernels again."""
     require_kernels()
     from jax_flashmla import _ffi
-    asked = os.environ.get("JFM_SPARSE_KERNEL")
+    asked = os.environ.get("JFM_KERNEL_VARIANT")
     want = asked if asked in ("ws", "ws_roles") else "default"
-    assert _ffi.extension().sparse_kernel_variant() == want
+    assert _ffi.extension().kernel_variant() == want
 
 
 def test_large_pool_64bit_addressing():

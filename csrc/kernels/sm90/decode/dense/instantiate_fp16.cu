@@ -2,7 +2,7 @@
 #include "kernels/sm90/decode/dense/kernel.cuh"
 
 namespace jfm {
-cudaError_t launch_dense_decode_fp16(const DenseDecodeParams& p, cudaStream_t stream) {
-  return sm90::launch_dense_decode<__half>(p, stream);
-}
+namespace sm90 {
+template cudaError_t launch_dense_decode<__half>(const DenseDecodeParams&, cudaStream_t);
+}  // namespace sm90
 }  // namespace jfm

@@ -258,7 +258,7 @@ __device__ __forceinline__ void store_token_rows(const SparseDecodeParams& p, co
   }
 }
 
-// After a token's last tile, column-split math (each warpgroup summed half of every row).
+// After a token's last tile (kernel.cuh: each warpgroup summed half of every row).
 template <typename Sync>
 __device__ __forceinline__ void finish_token(const SparseDecodeParams& p, RowState& st, float* red,
                                              int seq, int head0, int slot, int nsplit,
@@ -266,37 +266,6 @@ __device__ __forceinline__ void finish_token(const SparseDecodeParams& p, RowSta
   float inv[2], lse[2];
   tile_finish<Sync>(st, red, p.softmax_scale, nsplit == 1 ? INFINITY : -INFINITY, inv, lse, ln);
   store_token_rows(p, st, inv, lse, st.m, seq, head0, slot, nsplit, ln);
-}
-
-// After a token's last tile, role-split math: warpgroup 0 holds every row's max and (per thread,
-// a quarter of) its sum; it publishes both through `red` (float[2][64]) for warpgroup 1.
-// Contains one Sync::sync().
-template <typename Sync>
-__device__ __forceinline__ void finish_token_roles(const SparseDecodeParams& p, RowState& st,
-                                                   float* red, int seq, int head0, int slot,
-                                                   int nsplit, const Lane& ln) {
-  if (ln.wc == 0) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      st.l[h] += __shfl_xor_sync(0xffffffffu, st.l[h], 1);
-      st.l[h] += __shfl_xor_sync(0xffffffffu, st.l[h], 2);
-      if (ln.tq == 0) {
-        red[ln.row(h)] = st.l[h];
-        red[kBlockM + ln.row(h)] = st.m[h];
-      }
-    }
-  }
-  Sync::sync();
-  float inv[2], lse[2], m[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const float l = red[ln.row(h)];
-    m[h] = red[kBlockM + ln.row(h)];
-    const bool empty = !(l > 0.f);
-    inv[h] = empty ? 0.f : 1.f / l;
-    lse[h] = empty ? (nsplit == 1 ? INFINITY : -INFINITY) : logf(l) + m[h] * p.softmax_scale;
-  }
-  store_token_rows(p, st, inv, lse, m, seq, head0, slot, nsplit, ln);
 }
 
 }  // namespace sm90

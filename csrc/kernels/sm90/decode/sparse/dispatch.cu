@@ -1,12 +1,8 @@
-// Picks the sparse attention instantiation for a cache format and d_qk, and the kernel variant:
-// kernel.cuh (every thread gathers and computes) or, chosen by JFM_SPARSE_KERNEL in the
-// environment, kernel_ws.cuh (a producer warpgroup gathers) with the column-split math ("ws") or
-// the role-split math ("ws_roles"). The switch exists while kernel_ws is measured against
-// kernel.cuh on the device; it is read once per process.
-#include <cstdlib>
-#include <cstring>
-
+// Picks the sparse attention instantiation for a cache format and d_qk, and the kernel variant
+// (kernels/variant.h): kernel.cuh (every thread gathers and computes) or kernel_ws.cuh (a
+// producer warpgroup gathers) with the column- or role-split math.
 #include "kernels/params.h"
+#include "kernels/variant.h"
 
 namespace jfm {
 namespace sm90 {
@@ -17,38 +13,18 @@ cudaError_t launch_sparse_attention_ws(const SparseDecodeParams& p, cudaStream_t
 }  // namespace sm90
 
 namespace {
-enum class Variant { kDefault, kWsColumns, kWsRoles };
-
-Variant variant() {
-  static const Variant v = [] {
-    const char* e = std::getenv("JFM_SPARSE_KERNEL");
-    if (e != nullptr && std::strcmp(e, "ws") == 0) return Variant::kWsColumns;
-    if (e != nullptr && std::strcmp(e, "ws_roles") == 0) return Variant::kWsRoles;
-    return Variant::kDefault;
-  }();
-  return v;
-}
-
 template <KvFormat kFmt, int kDqk>
 cudaError_t launch(const SparseDecodeParams& p, cudaStream_t stream) {
-  switch (variant()) {
-    case Variant::kWsColumns:
+  switch (kernel_variant()) {
+    case KernelVariant::kWsColumns:
       return sm90::launch_sparse_attention_ws<kFmt, kDqk, WsMath::kColumns>(p, stream);
-    case Variant::kWsRoles:
+    case KernelVariant::kWsRoles:
       return sm90::launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRoles>(p, stream);
     default:
       return sm90::launch_sparse_attention<kFmt, kDqk>(p, stream);
   }
 }
 }  // namespace
-
-const char* sparse_kernel_variant() {
-  switch (variant()) {
-    case Variant::kWsColumns: return "ws";
-    case Variant::kWsRoles: return "ws_roles";
-    default: return "default";
-  }
-}
 
 cudaError_t launch_sparse_decode(const SparseDecodeParams& p, KvFormat format, int d_qk,
                                  cudaStream_t stream) {

@@ -1,0 +1,35 @@
+// The dense decode launchers of params.h: the element type's instantiation of the kernel variant
+// this process runs (kernels/variant.h): kernel.cuh, or kernel_ws.cuh with the column- or
+// role-split math.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "kernels/params.h"
+#include "kernels/variant.h"
+
+namespace jfm {
+namespace sm90 {
+template <typename T>
+cudaError_t launch_dense_decode(const DenseDecodeParams& p, cudaStream_t stream);
+template <typename T, WsMath kMath>
+cudaError_t launch_dense_decode_ws(const DenseDecodeParams& p, cudaStream_t stream);
+}  // namespace sm90
+
+namespace {
+template <typename T>
+cudaError_t launch(const DenseDecodeParams& p, cudaStream_t stream) {
+  switch (kernel_variant()) {
+    case KernelVariant::kWsColumns: return sm90::launch_dense_decode_ws<T, WsMath::kColumns>(p, stream);
+    case KernelVariant::kWsRoles: return sm90::launch_dense_decode_ws<T, WsMath::kRoles>(p, stream);
+    default: return sm90::launch_dense_decode<T>(p, stream);
+  }
+}
+}  // namespace
+
+cudaError_t launch_dense_decode_bf16(const DenseDecodeParams& p, cudaStream_t stream) {
+  return launch<__nv_bfloat16>(p, stream);
+}
+cudaError_t launch_dense_decode_fp16(const DenseDecodeParams& p, cudaStream_t stream) {
+  return launch<__half>(p, stream);
+}
+}  // namespace jfm

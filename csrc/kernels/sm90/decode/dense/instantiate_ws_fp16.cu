@@ -1,0 +1,10 @@
+// fp16 instantiations of the warp-specialized dense decode kernel, both math splits (own
+// translation unit: parallel builds).
+#include "kernels/sm90/decode/dense/kernel_ws.cuh"
+
+namespace jfm {
+namespace sm90 {
+template cudaError_t launch_dense_decode_ws<__half, WsMath::kColumns>(const DenseDecodeParams&, cudaStream_t);
+template cudaError_t launch_dense_decode_ws<__half, WsMath::kRoles>(const DenseDecodeParams&, cudaStream_t);
+}  // namespace sm90
+}  // namespace jfm

@@ -1,0 +1,183 @@
+// Dense paged MLA decode, warp-specialized (sm90a): the work of kernel.cuh (one CTA per (sm part,
+// 64 query rows, KV head), walking its part of the split-KV schedule page by page) on
+// ws_pipeline.cuh, with the page copies moved off the math warps.
+//
+// The producer warpgroup reads each page's id one tile ahead and copies the page's 64 rows of this
+// KV head by cp.async straight into the swizzled tile (rows past the sequence's length and pages
+// whose id is outside the pool zero-filled, never read), writes a validity byte per token and
+// arrives on the full barrier twice per thread: after the bytes, and when its copies land.
+// Masks: a token is attended when its validity byte is set and (causal) its position is inside the
+// row's window.
+#pragma once
+
+#include <cmath>
+
+#include "kernels/params.h"
+#include "kernels/sm90/decode/ws_pipeline.cuh"
+
+namespace jfm {
+namespace sm90 {
+
+template <typename T_>
+struct DenseWsTask {
+  using T = T_;
+  static constexpr int kDqk = kDenseDqk;
+  static constexpr bool kFenceAfterFull = true;
+  static constexpr uint32_t kFullCount = 256;
+  static_assert(kPageBlock == kTileTokens, "one page is one tile");
+
+  const DenseDecodeParams& p;
+  int begin_seq, end_seq, begin_block, end_block, begin_split;
+  int hk, hpk, rows_total, row0;
+  float softmax_scale;
+
+  __device__ __forceinline__ explicit DenseWsTask(const DenseDecodeParams& params) : p(params) {
+    const int32_t* meta = p.tile_scheduler_metadata + blockIdx.x * kMetaInts;
+    begin_seq = meta[0];
+    begin_block = meta[1];
+    end_seq = meta[2];
+    end_block = meta[3];
+    begin_split = meta[4];
+    hk = blockIdx.z;
+    hpk = p.h_q / p.h_kv;
+    rows_total = p.s_q * hpk;
+    row0 = blockIdx.y * kBlockM;
+    softmax_scale = p.softmax_scale;
+  }
+
+  // One batch element: its pages of this CTA, its clamped length and, for this thread's two
+  // accumulator rows (math warps), the end of each row's window.
+  struct Seq {
+    int index, first, t_hi, len, slot, nsplit;
+    const int32_t* table;
+    int rowlen[2];
+    __device__ __forceinline__ int next(int n) const { return n; }  // every page is a tile
+  };
+  __device__ __forceinline__ Seq seq(int s) const {
+    Seq q;
+    q.index = s;
+    q.len = min(max(p.cache_seqlens[s], 0), p.max_blocks * kPageBlock);
+    const int nb = (q.len + kPageBlock - 1) / kPageBlock;
+    q.first = s == begin_seq ? begin_block : 0;
+    q.t_hi = s == end_seq ? min(end_block, nb) : nb;
+    const int split_base = p.num_splits[s];
+    q.nsplit = p.num_splits[s + 1] - split_base;
+    q.slot = split_base + (s == begin_seq ? begin_split : 0);
+    q.table = p.block_table + static_cast<size_t>(s) * p.max_blocks;
+    const Lane ln;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int sq_row = (row0 + ln.row(h)) / hpk;
+      q.rowlen[h] = p.causal ? q.len - p.s_q + sq_row + 1 : q.len;
+    }
+    return q;
+  }
+  // Q rows row0 + lr + 32 h (query token s = row / hpk, head hk * hpk + row % hpk), 8 threads
+  // per row; rows past rows_total zero-filled.
+  __device__ __forceinline__ void load_q(const Seq& q, uint32_t sq) const {
+    using S = TileSmem<kDqk>;
+    const T* __restrict__ qg = reinterpret_cast<const T*>(p.q);
+    const int lr = threadIdx.x >> 3, lq = threadIdx.x & 7;
+    const uint32_t off = static_cast<uint32_t>(lr * 128 + ((lq ^ (lr & 7)) << 4));
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int grow = row0 + lr + 32 * h;
+      const bool ok = grow < rows_total;
+      const int s = ok ? grow / hpk : 0, hl = ok ? grow % hpk : 0;
+      const T* src = ok ? qg + ((static_cast<size_t>(q.index) * p.s_q + s) * p.h_q + hk * hpk + hl) * kDqk + lq * 8
+                        : qg;
+#pragma unroll
+      for (int j = 0; j < S::kKBlocks; ++j)
+        cp_async_16(sq + j * S::kBlockBytes + h * 32 * 128 + off, src + 64 * j, ok ? 16 : 0);
+    }
+  }
+  __device__ __forceinline__ bool masked(const Seq& q, int n, const uint8_t* valid, int h,
+                                         int col) const {
+    return !valid[col] || n * kPageBlock + col >= q.rowlen[h];
+  }
+  __device__ __forceinline__ float empty_lse(const Seq& q) const {
+    return q.nsplit == 1 ? INFINITY : -INFINITY;
+  }
+  __device__ __forceinline__ void store_rows(const Seq& q, const RowState& st, const float (&inv)[2],
+                                             const float (&lse)[2], const float (&)[2],
+                                             const Lane& ln) const {
+    const RowMap map{p.s_q, p.s_q, p.h_q, hpk};
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int grow = row0 + ln.row(h);
+      if (grow >= rows_total) continue;
+      const int s = grow / hpk, hl = grow % hpk;
+      const int head = hk * hpk + hl;
+      if (q.nsplit == 1) {
+        store_out_row<T>(reinterpret_cast<T*>(p.out) + map.out_row(q.index, s, head) * kDv +
+                             ln.wc * 256 + 2 * ln.tq, st, h, inv[h]);
+        if (ln.wc == 0 && ln.tq == 0) p.lse[map.lse_index(q.index, s, head)] = lse[h];
+      } else {
+        const size_t slot_row = (static_cast<size_t>(q.slot) * p.h_kv + hk) * rows_total + grow;
+        store_partial_row(p.o_accum + slot_row * kDv + ln.wc * 256 + 2 * ln.tq, st, h, inv[h]);
+        if (ln.wc == 0 && ln.tq == 0) p.lse_accum[slot_row] = lse[h];
+      }
+    }
+  }
+
+  // Warpgroup 2: rows lr + 16 h (h < 4) of each page, 16-byte chunks lq + 8 j (whole 128-byte
+  // lines); the page id of the next tile is loaded while this one is waited for and copied.
+  __device__ __forceinline__ void produce(const WsShared& sh) const {
+    using S = TileSmem<kDqk>;
+    const T* __restrict__ kvg = reinterpret_cast<const T*>(p.kv);
+    const int ptid = threadIdx.x - 256;  // 0..127
+    const int lr = ptid >> 3, lq = ptid & 7;
+    const uint32_t ld_off = static_cast<uint32_t>(lr * 128 + ((lq ^ (lr & 7)) << 4));
+    uint32_t k = 0;  // tiles this CTA has produced
+    for (int s = begin_seq; s <= end_seq; ++s) {
+      const Seq q = seq(s);
+      int blk = q.first < q.t_hi ? q.table[q.first] : -1;
+      for (int n = q.first; n < q.t_hi; ++n, ++k) {
+        const int blk_next = n + 1 < q.t_hi ? q.table[n + 1] : -1;
+        const bool blk_ok = blk >= 0 && blk < p.num_kv_blocks;
+        const WsFill fill(sh, k);
+        fill.wait_empty();
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+          const int r = lr + 16 * h;
+          const bool ok = blk_ok && n * kPageBlock + r < q.len;
+          const size_t row = static_cast<size_t>(blk_ok ? blk : 0) * kPageBlock + r;
+          const T* src = ok ? kvg + (row * p.h_kv + hk) * kDqk + lq * 8 : kvg;
+#pragma unroll
+          for (int j = 0; j < S::kKBlocks; ++j)
+            cp_async_16(fill.tile + j * S::kBlockBytes + h * 16 * 128 + ld_off, src + 64 * j,
+                        ok ? 16 : 0);
+          if (lq == 0) fill.valid[r] = ok;
+        }
+        mbarrier_arrive(fill.full);                  // the validity bytes
+        cp_async_mbarrier_arrive_noinc(fill.full);   // the rows, when they land
+        blk = blk_next;
+      }
+    }
+    cp_async_wait_all();  // no copy outlives its thread
+  }
+};
+
+template <typename T, WsMath kMath>
+__global__ void __launch_bounds__(384, 1) dense_decode_ws_kernel(const __grid_constant__ DenseDecodeParams p) {
+  using Task = DenseWsTask<T>;
+  extern __shared__ unsigned char smem_raw[];
+  const WsShared sh = ws_setup<Task::kDqk>(smem_raw, Task::kFullCount);
+  const Task task(p);
+  ws_run<kMath>(task, sh);
+}
+
+template <typename T, WsMath kMath>
+cudaError_t launch_dense_decode_ws(const DenseDecodeParams& p, cudaStream_t stream) {
+  using W = WsSmem<kDenseDqk>;
+  cudaError_t e = cudaFuncSetAttribute(dense_decode_ws_kernel<T, kMath>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(W::kBytes));
+  if (e != cudaSuccess) return e;
+  dim3 grid(p.num_sm_parts, p.num_m_blocks, p.h_kv);
+  dense_decode_ws_kernel<T, kMath><<<grid, 384, W::kBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace sm90
+}  // namespace jfm

@@ -1,0 +1,244 @@
+// The warp-specialized tile pipeline of the sm90 decode kernels (sparse/kernel_ws.cuh,
+// dense/kernel_ws.cuh): what is the same whichever way the tiles are gathered.
+//
+// CTA: 384 threads.
+//  * Warpgroups 0-1, the math warps: Q tile, then per 64-token tile: wait until the tile's buffer
+//    is full, S = Q K^T, masked online softmax, O += P V, mark the buffer empty. They never touch
+//    the KV cache. Two ways to split the math (WsMath, params.h):
+//    - kColumns: tile_attention.cuh's split: each warpgroup computes S for 32 of the 64 tokens,
+//      the two exchange row maxima through shared memory, and each accumulates half of O's
+//      columns from the shared P.
+//    - kRoles: warpgroup 0 (scores) computes the whole S tile (m64n64) and its softmax without any
+//      exchange, writes P and each row's correction factor to shared memory (named barrier
+//      "P ready"), and accumulates O[:, 0..256); warpgroup 1 (values) rescales and accumulates
+//      O[:, 256..512) and hands P back ("P free"). Warpgroup 0's S of the next tile then runs
+//      while warpgroup 1 still accumulates the previous one.
+//  * Warpgroup 2, the producer: walks the same tiles and fills buffer k % 2 for the k-th tile of
+//    the CTA once the math warps have emptied it (the task's `produce`).
+// Hand-off: two mbarriers per buffer. full[b]: the producer's arrivals (count chosen by the task:
+// 128 when every producer thread arrives once after its stores and a proxy fence; 256 when it also
+// arrives through cp.async.mbarrier.arrive.noinc as its copies land, and the math warps then
+// fence before reading). empty[b]: one arrival per math warp once its wgmmas that read the
+// buffer have completed. The k-th use of buffer b waits for phase parity (k / 2) & 1 (full) and
+// its complement (empty: the first use of each buffer passes at once).
+// The 256 math threads synchronize among themselves through named barriers (MathWarpsSync and the
+// kBar* ids below), never with the producer.
+//
+// A task (one per kernel family) provides, for the CTA it is constructed in:
+//   using T (bf16 / fp16); kDqk; kFenceAfterFull (its fills are cp.async);
+//   begin_seq, end_seq, softmax_scale; Seq seq(int) with first, t_hi and next(n) (live tiles);
+//   load_q(const Seq&, uint32_t sq) (cp.async by threads 0-255, the caller commits and waits);
+//   masked(const Seq&, int n, const uint8_t* valid, int h, int col) (row h of this thread);
+//   store_rows(const Seq&, const RowState&, inv, lse, m, const Lane&) (after the last tile);
+//   empty_lse(const Seq&); produce(const WsShared&) (warpgroup 2).
+#pragma once
+
+#include <cmath>
+
+#include "kernels/params.h"
+#include "kernels/sm90/decode/tile_attention.cuh"
+
+namespace jfm {
+namespace sm90 {
+
+// Register split: the CTA is launched with 168 per thread (65536 / 384 rounded down to a multiple
+// of 8); the math warpgroups take more and the producer gives the difference back:
+// 128 * (math warpgroup 0 + math warpgroup 1 + producer) <= 384 * 168. kRoles: warpgroup 0 holds
+// S (32) beside its O half (128), warpgroup 1 only the O half.
+constexpr int kProducerRegs = 88;
+template <WsMath kMath>
+struct WsRegs {
+  static constexpr int kWg0 = kMath == WsMath::kColumns ? 208 : 232;
+  static constexpr int kWg1 = kMath == WsMath::kColumns ? 208 : 184;
+  static_assert(kWg0 + kWg1 + kProducerRegs <= 3 * 168, "register pool of a 384-thread CTA");
+};
+
+// Named barriers (0 is __syncthreads', 1 MathWarpsSync's).
+constexpr int kBarPReady = 2;   // kRoles: warpgroup 0 wrote P and the corrections (128 + 128)
+constexpr int kBarPFree = 3;    // kRoles: warpgroup 1 is done with them (128 + 128)
+constexpr int kBarScores = 4;   // kRoles: warpgroup 0 alone (128)
+
+template <int kDqk>
+struct WsSmem : TileSmem<kDqk> {
+  using Base = TileSmem<kDqk>;
+  static constexpr int kBarOff = Base::kValidOff + 2 * kTileTokens;  // full[2], empty[2]
+  static constexpr int kCorrOff = kBarOff + 4 * 8;                     // float[64] (kRoles)
+  static constexpr size_t kBytes = kCorrOff + kBlockM * 4 + 1024;      // + alignment slack
+  static_assert(kBarOff % 8 == 0, "mbarriers are 8-byte aligned");
+  static_assert(kBytes <= 227 * 1024, "shared memory of one sm90 CTA");
+};
+
+// Shared-memory addresses of a warp-specialized CTA.
+struct WsShared {
+  float* red;          // float[2][64]: row statistics
+  float* corr;         // float[64]: kRoles, each row's correction of the previous O
+  uint8_t* valid;      // uint8[2][64]: per buffer, which tokens hold a row (tasks that need it)
+  uint32_t sq, sk0, sp;
+  uint32_t bar_full, bar_empty;  // mbarriers [2] each
+  int tile_bytes;
+};
+
+// Lays out the dynamic shared memory, initializes the mbarriers (full: `full_count` arrivals) and
+// synchronizes the CTA: the last CTA-wide barrier before the roles part.
+template <int kDqk>
+__device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t full_count) {
+  using S = TileSmem<kDqk>;
+  using W = WsSmem<kDqk>;
+  const uint32_t raw_base = smem_u32(smem_raw);
+  const uint32_t base = (raw_base + 1023u) & ~1023u;
+  unsigned char* smem = smem_raw + (base - raw_base);
+  WsShared sh;
+  sh.red = reinterpret_cast<float*>(smem + S::kRedOff);
+  sh.corr = reinterpret_cast<float*>(smem + W::kCorrOff);
+  sh.valid = smem + S::kValidOff;
+  sh.sq = base + S::kQOff;
+  sh.sk0 = base + S::kKOff;
+  sh.sp = base + S::kPOff;
+  sh.bar_full = base + W::kBarOff;
+  sh.bar_empty = sh.bar_full + 16;
+  sh.tile_bytes = S::kTileBytes;
+  if (threadIdx.x == 0) {
+    for (int b = 0; b < 2; ++b) {
+      mbarrier_init(sh.bar_full + 8 * b, full_count);
+      mbarrier_init(sh.bar_empty + 8 * b, 8);  // the math warps
+    }
+  }
+  __syncthreads();
+  return sh;
+}
+
+// The producer's view of the k-th tile of the CTA: its buffer, barriers and validity bytes.
+struct WsFill {
+  uint32_t k, full, empty, tile;
+  uint8_t* valid;
+  __device__ __forceinline__ WsFill(const WsShared& sh, uint32_t k_) : k(k_) {
+    const uint32_t buf = k & 1;
+    full = sh.bar_full + 8 * buf;
+    empty = sh.bar_empty + 8 * buf;
+    tile = sh.sk0 + buf * sh.tile_bytes;
+    valid = sh.valid + buf * kTileTokens;
+  }
+  // Until the math warps have emptied the buffer (its previous use, two tiles ago).
+  __device__ __forceinline__ void wait_empty() const { mbarrier_wait(empty, ((k >> 1) & 1) ^ 1); }
+};
+
+// What a math warpgroup does: both halves of the column split, or one side of the role split.
+enum class WsRole : int { kColumns, kScores, kValues };
+
+// The math warps' loop over this CTA's sequences and tiles. One instantiation per role, so that
+// each warpgroup's code is register-allocated within its own setmaxnreg budget (with one loop for
+// both roles ptxas allocated it within the smaller budget and spilled).
+template <class Task, WsRole kRole>
+__device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
+  using T = typename Task::T;
+  using S = TileSmem<Task::kDqk>;
+  using Sync = MathWarpsSync;
+  const Lane ln;
+  const float sl2 = task.softmax_scale * 1.4426950408889634f;
+  const uint64_t desc_q = gmma_desc_sw128(sh.sq, 16, 1024);
+  // kColumns: this warpgroup's 32 rows of the K tile; kScores: all 64.
+  const uint64_t desc_k =
+      gmma_desc_sw128(sh.sk0 + (kRole == WsRole::kColumns ? ln.wc * 32 * 128 : 0), 16, 1024);
+  const uint64_t desc_p = gmma_desc_sw128(sh.sp, 16, 1024);
+  const uint64_t desc_v = gmma_desc_sw128(sh.sk0 + ln.wc * 4 * S::kBlockBytes, S::kBlockBytes, 1024);
+
+  uint32_t k = 0;  // tiles this CTA has consumed (the producer's count, in step)
+  for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
+    const typename Task::Seq cur = task.seq(seq);
+    Sync::sync();  // every math warp is done with the previous sequence's Q, P and `red`
+    task.load_q(cur, sh.sq);
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_proxy_async();
+    Sync::sync();
+
+    RowState st;
+    st.init();
+    for (int n = cur.first; n < cur.t_hi; ++k) {
+      const int n_next = cur.next(n + 1);
+      const uint32_t buf = k & 1;
+      mbarrier_wait(sh.bar_full + 8 * buf, (k >> 1) & 1);
+      if constexpr (Task::kFenceAfterFull) fence_proxy_async();  // cp.async rows, read by wgmma
+      const uint32_t buf_desc = buf * (S::kTileBytes >> 4);
+      const uint8_t* valid = sh.valid + buf * kTileTokens;
+
+      if constexpr (kRole == WsRole::kColumns) {
+        float sacc[16];
+        tile_qk<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (task.masked(cur, n, valid, e >> 1, ln.col(nt, e))) sacc[nt * 4 + e] = -INFINITY;
+        }
+        tile_softmax<T, Sync>(sacc, st, sh.red, sh.sp, sl2, ln);
+        fence_proxy_async();
+        Sync::sync();
+      } else if constexpr (kRole == WsRole::kScores) {
+        float sacc[32];
+        tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (task.masked(cur, n, valid, e >> 1, nt * 8 + 2 * ln.tq + (e & 1)))
+              sacc[nt * 4 + e] = -INFINITY;
+        }
+        float corr[2];
+        tile_softmax_rows(sacc, st, corr, sl2);
+        if (n != cur.first) named_barrier_sync(kBarPFree, 256);  // values done with the last P
+        store_p_rows<T>(sh.sp, sacc, ln);
+        if (ln.tq == 0) {
+          sh.corr[ln.row(0)] = corr[0];
+          sh.corr[ln.row(1)] = corr[1];
+        }
+        fence_proxy_async();
+        named_barrier_arrive(kBarPReady, 256);
+        named_barrier_sync(kBarScores, 128);  // all of P, before this warpgroup's wgmma reads it
+        rescale_o(st.o, corr);
+      } else {  // kValues
+        named_barrier_sync(kBarPReady, 256);
+        const float corr[2] = {sh.corr[ln.row(0)], sh.corr[ln.row(1)]};
+        rescale_o(st.o, corr);
+      }
+      tile_pv_issue<T>(st, desc_p, desc_v + buf_desc);
+      wgmma_wait<0>();
+      if (kRole == WsRole::kValues && n_next < cur.t_hi) named_barrier_arrive(kBarPFree, 256);
+      __syncwarp();
+      if ((ln.tid & 31) == 0) mbarrier_arrive(sh.bar_empty + 8 * buf);  // this warp is done with it
+      n = n_next;
+    }
+    float inv[2], lse[2], m[2];
+    if constexpr (kRole == WsRole::kColumns) {
+      tile_finish<Sync>(st, sh.red, task.softmax_scale, task.empty_lse(cur), inv, lse, ln);
+      m[0] = st.m[0];
+      m[1] = st.m[1];
+    } else {
+      tile_finish_rows<Sync>(st, sh.red, task.softmax_scale, task.empty_lse(cur), inv, lse, m, ln);
+    }
+    task.store_rows(cur, st, inv, lse, m, ln);
+  }
+}
+
+// The kernel body after ws_setup: warpgroup 2 produces, warpgroups 0-1 compute (kMath's split).
+template <WsMath kMath, class Task>
+__device__ __forceinline__ void ws_run(const Task& task, const WsShared& sh) {
+  using Regs = WsRegs<kMath>;
+  const int wg = threadIdx.x / 128;
+  if (wg == 2) {
+    setmaxnreg_dec<kProducerRegs>();
+    task.produce(sh);
+  } else if constexpr (kMath == WsMath::kColumns) {
+    setmaxnreg_inc<Regs::kWg0>();
+    ws_math<Task, WsRole::kColumns>(task, sh);
+  } else if (wg == 0) {
+    setmaxnreg_inc<Regs::kWg0>();
+    ws_math<Task, WsRole::kScores>(task, sh);
+  } else {
+    setmaxnreg_inc<Regs::kWg1>();
+    ws_math<Task, WsRole::kValues>(task, sh);
+  }
+}
+
+}  // namespace sm90
+}  // namespace jfm

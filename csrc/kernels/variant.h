@@ -1,0 +1,33 @@
+// Which kernel variant this process runs, for the kernels that have more than one while the
+// variants are measured against each other on the device: JFM_KERNEL_VARIANT=ws or ws_roles in the
+// environment picks the warp-specialized dense and sparse decode kernels (kernel_ws.cuh, with
+// WsMath::kColumns / kRoles); anything else (or nothing) the default kernels. Read once per
+// process (host code).
+#pragma once
+
+#include <cstdlib>
+#include <cstring>
+
+namespace jfm {
+
+enum class KernelVariant { kDefault, kWsColumns, kWsRoles };
+
+inline KernelVariant kernel_variant() {
+  static const KernelVariant v = [] {
+    const char* e = std::getenv("JFM_KERNEL_VARIANT");
+    if (e != nullptr && std::strcmp(e, "ws") == 0) return KernelVariant::kWsColumns;
+    if (e != nullptr && std::strcmp(e, "ws_roles") == 0) return KernelVariant::kWsRoles;
+    return KernelVariant::kDefault;
+  }();
+  return v;
+}
+
+inline const char* kernel_variant_name() {
+  switch (kernel_variant()) {
+    case KernelVariant::kWsColumns: return "ws";
+    case KernelVariant::kWsRoles: return "ws_roles";
+    default: return "default";
+  }
+}
+
+}  // namespace jfm
