@@ -5,11 +5,12 @@
 # From the repo root, carrying the nvidia-cutlass wheel (docs/BUILDING.md):
 #   run(command="bash scripts/device_check.sh", carry=[".whl"])
 # Stages: STAGES="build cpu-suite gpu gpu-ws memcheck racecheck synccheck ab ncu bench example"
-# (default: build gpu memcheck racecheck bench example); gpu-ws runs the kernel GPU tests on each
-# warp-specialized variant in WS_VARIANTS (default "ws ws_roles": JFM_KERNEL_VARIANT=...), and
-# SAN_VARIANTS="default ws ws_roles" runs the sanitizers on each. SUITE_TESTS / GPU_TESTS narrow
-# the suites (paths relative to the repo root). Stage ab: `git archive -o .abase/base.tar <commit>` here first and carry .abase;
-# it builds that tree beside this one and times both with BENCH_AB_ARGS (each in its own process).
+# (default: build gpu memcheck racecheck bench example). gpu-ws runs the kernel GPU tests on each
+# warp-specialized variant in WS_VARIANTS (default "ws ws_roles ws_t", JFM_KERNEL_VARIANT);
+# SAN_VARIANTS (e.g. "default ws ws_roles ws_t") runs the sanitizers on each. SUITE_TESTS /
+# GPU_TESTS narrow the suites (paths relative to the repo root). Stage ab: `git archive -o
+# .abase/base.tar <commit>` here first and carry .abase; it builds that tree beside this one and
+# times both with BENCH_AB_ARGS (each in its own process).
 set -uo pipefail
 STAGES=${STAGES:-"build gpu memcheck racecheck bench example"}
 source scripts/device_common.sh
@@ -32,7 +33,7 @@ if has gpu; then
   [ "${PIPESTATUS[0]}" -eq 0 ] || fail gpu
 fi
 if has gpu-ws; then
-  for variant in ${WS_VARIANTS:-ws ws_roles}; do
+  for variant in ${WS_VARIANTS:-ws ws_roles ws_t}; do
     log "GPU dense + sparse kernel tests on the warp-specialized kernels (JFM_KERNEL_VARIANT=$variant)"
     JFM_KERNEL_VARIANT=$variant XLA_FLAGS=--xla_gpu_autotune_level=0 timeout ${GPU_TIMEOUT:-420} \
       python3 -m pytest -q -p no:cacheprovider --tb=short -rf --maxfail=${GPU_MAXFAIL:-8} -m gpu \
@@ -41,7 +42,7 @@ if has gpu-ws; then
     [ "${PIPESTATUS[0]}" -eq 0 ] || fail "gpu-ws $variant"
   done
 fi
-# Sanitizers over every kernel; SAN_VARIANTS (e.g. "default ws ws_roles") also runs them with a
+# Sanitizers over every kernel; SAN_VARIANTS (e.g. "default ws ws_roles ws_t") also runs them with a
 # warp-specialized variant switched on (synccheck: their named barriers and mbarriers).
 for tool in memcheck racecheck synccheck; do
   has $tool || continue

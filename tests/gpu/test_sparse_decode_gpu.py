@@ -74,12 +74,12 @@ def test_kernel_is_in_the_compiled_module():
 
 
 def test_the_requested_kernel_variant_runs():
-    """JFM_KERNEL_VARIANT=ws / ws_roles (scripts/device_check.sh, stage gpu-ws) must reach the
+    """JFM_KERNEL_VARIANT=ws / ws_roles / ws_t (scripts/device_check.sh, stage gpu-ws) must reach the
     extension: otherwise that stage would test the default kernels again."""
     require_kernels()
     from jax_flashmla import _ffi
     asked = os.environ.get("JFM_KERNEL_VARIANT")
-    want = asked if asked in ("ws", "ws_roles") else "default"
+    want = asked if asked in ("ws", "ws_roles", "ws_t") else "default"
     assert _ffi.extension().kernel_variant() == want
 
 

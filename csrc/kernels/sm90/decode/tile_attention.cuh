@@ -293,6 +293,159 @@ __device__ __forceinline__ void tile_finish_rows(RowState& st, float* red, float
   }
 }
 
+// ---- Transposed (kernel_ws.cuh, kTransposed* math, few query rows): one warpgroup computes
+// S^T = K Q^T (M = the tile's 64 tokens, N = kN query rows, 8 <= kN <= 32) and O^T += V^T P^T
+// (M = 64 of the 512 value columns per chunk, 8 chunks; V^T is the K tile read as an MN-major A
+// operand). No padded rows: the math of a tile costs kN / 64 of the 64-row tile's.
+// Accumulator element e of n-tile nt: row (token or value column) 16 wr + g + 8 (e >> 1), column
+// (query row) 8 nt + 2 tq + (e & 1). This thread's query rows are j = 2 nt + (e & 1) of
+// kN / 4: 8 (j >> 1) + 2 tq + (j & 1).
+template <int kN>
+struct TState {
+  static constexpr int kCols = kN / 4;   // query rows per thread
+  float m[kCols], l[kCols];              // running max (raw logits) and partial sums
+  float o[8][kN / 2];                    // O^T, chunk c: value columns 64 c ..
+  __device__ __forceinline__ void init() {
+#pragma unroll
+    for (int j = 0; j < kCols; ++j) {
+      m[j] = -INFINITY;
+      l[j] = 0.f;
+    }
+#pragma unroll
+    for (int c = 0; c < 8; ++c)
+#pragma unroll
+      for (int i = 0; i < kN / 2; ++i) o[c][i] = 0.f;
+  }
+  static __device__ __forceinline__ int col(int j, const Lane& ln) { return 8 * (j >> 1) + 2 * ln.tq + (j & 1); }
+};
+
+template <typename T, int kN>
+__device__ __forceinline__ void wgmma_t_qk(float* d, uint64_t a, uint64_t b) {
+  if constexpr (kN == 16) wgmma_m64n16k16_ss<T>(d, a, b);
+  else wgmma_m64n32k16_ss<T>(d, a, b);
+}
+template <typename T, int kN>
+__device__ __forceinline__ void wgmma_t_pv(float* d, uint64_t a, uint64_t b) {
+  if constexpr (kN == 16) wgmma_m64n16k16_ss_ta<T>(d, a, b);
+  else wgmma_m64n32k16_ss_ta<T>(d, a, b);
+}
+
+// S^T over d_qk: desc_k = the K tile (A, K-major, 64 token rows), desc_q = the Q tile (B, K-major,
+// kN query rows).
+template <typename T, int kDqk, int kN>
+__device__ __forceinline__ void tile_qk_t(float (&s)[kN / 2], uint64_t desc_k, uint64_t desc_q) {
+  using S = TileSmem<kDqk>;
+  static_assert(kN == 16 || kN == 32, "wgmma N of the transposed tile");
+#pragma unroll
+  for (int i = 0; i < kN / 2; ++i) s[i] = 0.f;
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kDqk / 16; ++kk) {
+    const uint32_t koff = ((kk >> 2) * S::kBlockBytes + (kk & 3) * 32) >> 4;
+    wgmma_t_qk<T, kN>(s, desc_k + koff, desc_q + koff);
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+}
+
+// Online softmax down the columns of the masked S^T (-inf: token not attended), for one warpgroup:
+// column maxima across the 64 tokens (lanes of a warp by shuffles, the 4 warps through `red`,
+// float[4][kN], and named barrier `bar` of 128 threads), then P^T = exp2(s sl2 - m sl2) written
+// into the swizzled P block at sp (row = query row, 64 token columns) and the correction of the
+// earlier O^T in corr. The caller fences and synchronizes the warpgroup before the PV wgmma.
+template <typename T, int kN>
+__device__ __forceinline__ void tile_softmax_t(float (&s)[kN / 2], TState<kN>& st,
+                                               float (&corr)[kN / 4], float* red, uint32_t sp,
+                                               float sl2, int bar, const Lane& ln) {
+  constexpr int kCols = kN / 4;
+  float mx[kCols];
+#pragma unroll
+  for (int j = 0; j < kCols; ++j) {
+    const int nt = j >> 1, c = j & 1;
+    mx[j] = fmaxf(s[4 * nt + c], s[4 * nt + 2 + c]);
+#pragma unroll
+    for (int x = 4; x < 32; x <<= 1) mx[j] = fmaxf(mx[j], __shfl_xor_sync(0xffffffffu, mx[j], x));
+    if (ln.g == 0) red[ln.wr * kN + TState<kN>::col(j, ln)] = mx[j];
+  }
+  named_barrier_sync(bar, 128);
+  float mscaled[kCols];
+#pragma unroll
+  for (int j = 0; j < kCols; ++j) {
+    const int col = TState<kN>::col(j, ln);
+    const float tile_max = fmaxf(fmaxf(red[col], red[kN + col]), fmaxf(red[2 * kN + col], red[3 * kN + col]));
+    const float m_new = fmaxf(st.m[j], tile_max);
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;
+    corr[j] = exp2f((st.m[j] - m_use) * sl2);
+    mscaled[j] = m_use * sl2;
+    st.m[j] = m_new;
+    st.l[j] *= corr[j];
+  }
+#pragma unroll
+  for (int nt = 0; nt < kN / 8; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int j = 2 * nt + (e & 1);
+      const float pv = exp2f(s[4 * nt + e] * sl2 - mscaled[j]);
+      st.l[j] += pv;
+      const int row = TState<kN>::col(j, ln);               // query row of P^T
+      const int tok = ln.wr * 16 + ln.g + 8 * (e >> 1);      // token column
+      const uint32_t a = sp + row * 128 + (((tok >> 3) ^ (row & 7)) << 4) + (tok & 7) * 2;
+      const T v = static_cast<T>(pv);
+      asm volatile("st.shared.b16 [%0], %1;\n" ::"r"(a), "h"(*reinterpret_cast<const unsigned short*>(&v)));
+    }
+  }
+}
+
+// O^T's columns times this tile's corrections.
+template <int kN>
+__device__ __forceinline__ void rescale_o_t(TState<kN>& st, const float (&corr)[kN / 4]) {
+#pragma unroll
+  for (int c = 0; c < 8; ++c)
+#pragma unroll
+    for (int i = 0; i < kN / 2; ++i) st.o[c][i] *= corr[2 * (i >> 2) + (i & 1)];
+}
+
+// O^T += V^T P^T over the tile's 64 tokens: 8 chunks of 64 value columns (A = the K tile's column
+// block c, MN-major) x 4 k-steps of 16 tokens (B = P^T, K-major). Committed and waited for.
+template <typename T, int kN>
+__device__ __forceinline__ void tile_pv_t(TState<kN>& st, uint64_t desc_ktile, uint64_t desc_p) {
+  wgmma_fence();
+#pragma unroll
+  for (int c = 0; c < 8; ++c)
+#pragma unroll
+    for (int kk = 0; kk < kTileTokens / 16; ++kk)
+      wgmma_t_pv<T, kN>(st.o[c], desc_ktile + ((c * kBlockM * 128 + kk * 16 * 128) >> 4),
+                        desc_p + ((kk * 32) >> 4));
+  wgmma_commit();
+  wgmma_wait<0>();
+}
+
+// Column totals after the last tile: every query row's sum over the 64 token rows (lanes by
+// shuffles, warps through `red` and barrier `bar`), then per column of this thread 1 / l (0 for
+// nothing attended) and the lse (`empty_lse` then). Two barrier waits.
+template <int kN>
+__device__ __forceinline__ void tile_finish_t(TState<kN>& st, float* red, float softmax_scale,
+                                              float empty_lse, float (&inv)[kN / 4],
+                                              float (&lse)[kN / 4], int bar, const Lane& ln) {
+  constexpr int kCols = kN / 4;
+  named_barrier_sync(bar, 128);  // the last tile's readers of `red` are done
+#pragma unroll
+  for (int j = 0; j < kCols; ++j) {
+#pragma unroll
+    for (int x = 4; x < 32; x <<= 1) st.l[j] += __shfl_xor_sync(0xffffffffu, st.l[j], x);
+    if (ln.g == 0) red[ln.wr * kN + TState<kN>::col(j, ln)] = st.l[j];
+  }
+  named_barrier_sync(bar, 128);
+#pragma unroll
+  for (int j = 0; j < kCols; ++j) {
+    const int col = TState<kN>::col(j, ln);
+    const float l = red[col] + red[kN + col] + red[2 * kN + col] + red[3 * kN + col];
+    const bool empty = !(l > 0.f);
+    inv[j] = empty ? 0.f : 1.f / l;
+    lse[j] = empty ? empty_lse : logf(l) + st.m[j] * softmax_scale;
+  }
+}
+
 // Store this thread's slice of row h of O (times `scale`) as T (final output, 256 wc + 2 tq +
 // 8 i) or float (split-KV partials).
 template <typename T>

@@ -13,13 +13,17 @@
 //      "P ready"), and accumulates O[:, 0..256); warpgroup 1 (values) rescales and accumulates
 //      O[:, 256..512) and hands P back ("P free"). Warpgroup 0's S of the next tile then runs
 //      while warpgroup 1 still accumulates the previous one.
-//  * Warpgroup 2, the producer: walks the same tiles and fills buffer k % 2 for the k-th tile of
-//    the CTA once the math warps have emptied it (the task's `produce`).
+//    - kTransposed16 / 32 (at most 16 / 32 query rows): warpgroup 0 alone does the math with the
+//      query rows as the wgmma N dimension (tile_attention.cuh, "Transposed"): no padded rows.
+//      Warpgroup 1 is then a second producer.
+//  * Warpgroup 2 (and 1 for kTransposed*), the producer(s): walk the same tiles and fill buffer
+//    k % 2 for the k-th tile of the CTA once the math warps have emptied it (the task's
+//    `produce(sh, which, stride)`: producer `which` of `stride` fills the tiles k % stride == which).
 // Hand-off: two mbarriers per buffer. full[b]: the producer's arrivals (count chosen by the task:
 // 128 when every producer thread arrives once after its stores and a proxy fence; 256 when it also
 // arrives through cp.async.mbarrier.arrive.noinc as its copies land, and the math warps then
-// fence before reading). empty[b]: one arrival per math warp once its wgmmas that read the
-// buffer have completed. The k-th use of buffer b waits for phase parity (k / 2) & 1 (full) and
+// fence before reading). empty[b]: one arrival per math warp (8, or 4 for kTransposed*) once its
+// wgmmas that read the buffer have completed. The k-th use of buffer b waits for phase parity (k / 2) & 1 (full) and
 // its complement (empty: the first use of each buffer passes at once).
 // The 256 math threads synchronize among themselves through named barriers (MathWarpsSync and the
 // kBar* ids below), never with the producer.
@@ -27,10 +31,13 @@
 // A task (one per kernel family) provides, for the CTA it is constructed in:
 //   using T (bf16 / fp16); kDqk; kFenceAfterFull (its fills are cp.async);
 //   begin_seq, end_seq, softmax_scale; Seq seq(int) with first, t_hi and next(n) (live tiles);
-//   load_q(const Seq&, uint32_t sq) (cp.async by threads 0-255, the caller commits and waits);
+//   load_q<kThreads>(const Seq&, uint32_t sq) (cp.async of the 64-row Q tile by threads
+//   0 .. kThreads - 1, 256 or 128; the caller commits and waits);
 //   masked(const Seq&, int n, const uint8_t* valid, int h, int col) (row h of this thread);
 //   store_rows(const Seq&, const RowState&, inv, lse, m, const Lane&) (after the last tile);
-//   empty_lse(const Seq&); produce(const WsShared&) (warpgroup 2).
+//   empty_lse(const Seq&); produce(const WsShared&, int which, int stride) (the producers);
+//   for kTransposed*: masked_t(const Seq&, n, valid, token, row) and
+//   row_out(const Seq&, row, inv, lse, m, bool write_stats) -> WsRowOut.
 #pragma once
 
 #include <cmath>
@@ -45,18 +52,32 @@ namespace sm90 {
 // of 8); the math warpgroups take more and the producer gives the difference back:
 // 128 * (math warpgroup 0 + math warpgroup 1 + producer) <= 384 * 168. kRoles: warpgroup 0 holds
 // S (32) beside its O half (128), warpgroup 1 only the O half.
-constexpr int kProducerRegs = 88;
+// kTransposed*: one math warpgroup (O^T: at most 128) and two producers.
+constexpr bool ws_transposed(WsMath m) {
+  return m == WsMath::kTransposed16 || m == WsMath::kTransposed32;
+}
 template <WsMath kMath>
 struct WsRegs {
-  static constexpr int kWg0 = kMath == WsMath::kColumns ? 208 : 232;
-  static constexpr int kWg1 = kMath == WsMath::kColumns ? 208 : 184;
-  static_assert(kWg0 + kWg1 + kProducerRegs <= 3 * 168, "register pool of a 384-thread CTA");
+  static constexpr bool kT = ws_transposed(kMath);
+  static constexpr int kWg0 = kT ? 200 : kMath == WsMath::kColumns ? 208 : 232;
+  static constexpr int kWg1 = kT ? 152 : kMath == WsMath::kColumns ? 208 : 184;
+  static constexpr int kWg2 = kT ? 152 : 88;  // the producer
+  static_assert(kWg0 + kWg1 + kWg2 <= 3 * 168, "register pool of a 384-thread CTA");
 };
 
 // Named barriers (0 is __syncthreads', 1 MathWarpsSync's).
 constexpr int kBarPReady = 2;   // kRoles: warpgroup 0 wrote P and the corrections (128 + 128)
 constexpr int kBarPFree = 3;    // kRoles: warpgroup 1 is done with them (128 + 128)
-constexpr int kBarScores = 4;   // kRoles: warpgroup 0 alone (128)
+constexpr int kBarScores = 4;   // kRoles, kTransposed*: warpgroup 0 alone (128)
+
+// Where one query row's result goes (kTransposed*; the task's row_out): the output row (times
+// `scale`) or the split-KV partial row; neither for a padded row.
+template <typename T>
+struct WsRowOut {
+  T* out;
+  float* accum;
+  float scale;
+};
 
 template <int kDqk>
 struct WsSmem : TileSmem<kDqk> {
@@ -78,9 +99,10 @@ struct WsShared {
   int tile_bytes;
 };
 
-// Lays out the dynamic shared memory, initializes the mbarriers (full: `full_count` arrivals) and
-// synchronizes the CTA: the last CTA-wide barrier before the roles part.
-template <int kDqk>
+// Lays out the dynamic shared memory, initializes the mbarriers (full: `full_count` arrivals,
+// empty: one per math warp) and synchronizes the CTA: the last CTA-wide barrier before the roles
+// part.
+template <int kDqk, WsMath kMath>
 __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t full_count) {
   using S = TileSmem<kDqk>;
   using W = WsSmem<kDqk>;
@@ -100,7 +122,7 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
   if (threadIdx.x == 0) {
     for (int b = 0; b < 2; ++b) {
       mbarrier_init(sh.bar_full + 8 * b, full_count);
-      mbarrier_init(sh.bar_empty + 8 * b, 8);  // the math warps
+      mbarrier_init(sh.bar_empty + 8 * b, ws_transposed(kMath) ? 4 : 8);  // the math warps
     }
   }
   __syncthreads();
@@ -146,7 +168,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
     const typename Task::Seq cur = task.seq(seq);
     Sync::sync();  // every math warp is done with the previous sequence's Q, P and `red`
-    task.load_q(cur, sh.sq);
+    task.template load_q<256>(cur, sh.sq);
     cp_async_commit();
     cp_async_wait<0>();
     fence_proxy_async();
@@ -220,14 +242,96 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   }
 }
 
-// The kernel body after ws_setup: warpgroup 2 produces, warpgroups 0-1 compute (kMath's split).
+// kTransposed*: warpgroup 0's loop over this CTA's sequences and tiles, kN query rows.
+template <class Task, int kN>
+__device__ __forceinline__ void ws_math_t(const Task& task, const WsShared& sh) {
+  using T = typename Task::T;
+  using S = TileSmem<Task::kDqk>;
+  constexpr int kCols = kN / 4;
+  const Lane ln;
+  const float sl2 = task.softmax_scale * 1.4426950408889634f;
+  const uint64_t desc_q = gmma_desc_sw128(sh.sq, 16, 1024);
+  const uint64_t desc_k = gmma_desc_sw128(sh.sk0, 16, 1024);                  // A, K-major
+  const uint64_t desc_vt = gmma_desc_sw128(sh.sk0, S::kBlockBytes, 1024);     // A, MN-major
+  const uint64_t desc_p = gmma_desc_sw128(sh.sp, 16, 1024);                   // B = P^T
+
+  uint32_t k = 0;  // tiles this CTA has consumed (the producers' count, in step)
+  for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
+    const typename Task::Seq cur = task.seq(seq);
+    named_barrier_sync(kBarScores, 128);  // done with the previous sequence's Q, P and `red`
+    task.template load_q<128>(cur, sh.sq);
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_proxy_async();
+    named_barrier_sync(kBarScores, 128);
+
+    TState<kN> st;
+    st.init();
+    for (int n = cur.first; n < cur.t_hi; ++k) {
+      const int n_next = cur.next(n + 1);
+      const uint32_t buf = k & 1;
+      mbarrier_wait(sh.bar_full + 8 * buf, (k >> 1) & 1);
+      if constexpr (Task::kFenceAfterFull) fence_proxy_async();
+      const uint32_t buf_desc = buf * (S::kTileBytes >> 4);
+      const uint8_t* valid = sh.valid + buf * kTileTokens;
+
+      float sacc[kN / 2];
+      tile_qk_t<T, Task::kDqk, kN>(sacc, desc_k + buf_desc, desc_q);
+#pragma unroll
+      for (int nt = 0; nt < kN / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (task.masked_t(cur, n, valid, ln.wr * 16 + ln.g + 8 * (e >> 1), 8 * nt + 2 * ln.tq + (e & 1)))
+            sacc[4 * nt + e] = -INFINITY;
+      }
+      float corr[kCols];
+      tile_softmax_t<T, kN>(sacc, st, corr, sh.red, sh.sp, sl2, kBarScores, ln);
+      fence_proxy_async();
+      named_barrier_sync(kBarScores, 128);  // all of P^T, before the wgmma reads it
+      rescale_o_t(st, corr);
+      tile_pv_t<T, kN>(st, desc_vt + buf_desc, desc_p);
+      __syncwarp();
+      if ((ln.tid & 31) == 0) mbarrier_arrive(sh.bar_empty + 8 * buf);  // this warp is done with it
+      n = n_next;
+    }
+    float inv[kCols], lse[kCols];
+    tile_finish_t<kN>(st, sh.red, task.softmax_scale, task.empty_lse(cur), inv, lse, kBarScores, ln);
+#pragma unroll
+    for (int j = 0; j < kCols; ++j) {
+      const WsRowOut<T> ro = task.row_out(cur, TState<kN>::col(j, ln), inv[j], lse[j], st.m[j],
+                                          ln.g == 0 && ln.wr == 0);
+      if (ro.out == nullptr && ro.accum == nullptr) continue;
+#pragma unroll
+      for (int c = 0; c < 8; ++c) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int d = 64 * c + ln.wr * 16 + ln.g + 8 * h;
+          const float v = st.o[c][4 * (j >> 1) + 2 * h + (j & 1)] * ro.scale;
+          if (ro.out != nullptr) ro.out[d] = static_cast<T>(v);
+          else ro.accum[d] = v;
+        }
+      }
+    }
+  }
+}
+
+// The kernel body after ws_setup: the producer warpgroup(s) gather, the math warpgroup(s)
+// compute (kMath's split).
 template <WsMath kMath, class Task>
 __device__ __forceinline__ void ws_run(const Task& task, const WsShared& sh) {
   using Regs = WsRegs<kMath>;
   const int wg = threadIdx.x / 128;
-  if (wg == 2) {
-    setmaxnreg_dec<kProducerRegs>();
-    task.produce(sh);
+  if constexpr (ws_transposed(kMath)) {
+    if (wg == 0) {
+      setmaxnreg_inc<Regs::kWg0>();
+      ws_math_t<Task, kMath == WsMath::kTransposed16 ? 16 : 32>(task, sh);
+    } else {
+      setmaxnreg_dec<Regs::kWg1>();
+      task.produce(sh, wg - 1, 2);
+    }
+  } else if (wg == 2) {
+    setmaxnreg_dec<Regs::kWg2>();
+    task.produce(sh, 0, 1);
   } else if constexpr (kMath == WsMath::kColumns) {
     setmaxnreg_inc<Regs::kWg0>();
     ws_math<Task, WsRole::kColumns>(task, sh);

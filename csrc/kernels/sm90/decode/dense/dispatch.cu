@@ -1,6 +1,6 @@
 // The dense decode launchers of params.h: the element type's instantiation of the kernel variant
-// this process runs (kernels/variant.h): kernel.cuh, or kernel_ws.cuh with the column- or
-// role-split math.
+// this process runs (kernels/variant.h): kernel.cuh, or kernel_ws.cuh with the column-,
+// role-split or transposed math.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -21,6 +21,12 @@ cudaError_t launch(const DenseDecodeParams& p, cudaStream_t stream) {
   switch (kernel_variant()) {
     case KernelVariant::kWsColumns: return sm90::launch_dense_decode_ws<T, WsMath::kColumns>(p, stream);
     case KernelVariant::kWsRoles: return sm90::launch_dense_decode_ws<T, WsMath::kRoles>(p, stream);
+    case KernelVariant::kWsTransposed: {  // a CTA's query rows: s_q * h_q / h_kv, at most 64
+      const int rows = p.s_q * (p.h_q / p.h_kv);
+      if (rows <= 16) return sm90::launch_dense_decode_ws<T, WsMath::kTransposed16>(p, stream);
+      if (rows <= 32) return sm90::launch_dense_decode_ws<T, WsMath::kTransposed32>(p, stream);
+      return sm90::launch_dense_decode_ws<T, WsMath::kRoles>(p, stream);
+    }
     default: return sm90::launch_dense_decode<T>(p, stream);
   }
 }

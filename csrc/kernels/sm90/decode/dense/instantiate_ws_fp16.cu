@@ -1,4 +1,4 @@
-// fp16 instantiations of the warp-specialized dense decode kernel, both math splits (own
+// fp16 instantiations of the warp-specialized dense decode kernel, every math split (own
 // translation unit: parallel builds).
 #include "kernels/sm90/decode/dense/kernel_ws.cuh"
 
@@ -6,5 +6,7 @@ namespace jfm {
 namespace sm90 {
 template cudaError_t launch_dense_decode_ws<__half, WsMath::kColumns>(const DenseDecodeParams&, cudaStream_t);
 template cudaError_t launch_dense_decode_ws<__half, WsMath::kRoles>(const DenseDecodeParams&, cudaStream_t);
+template cudaError_t launch_dense_decode_ws<__half, WsMath::kTransposed16>(const DenseDecodeParams&, cudaStream_t);
+template cudaError_t launch_dense_decode_ws<__half, WsMath::kTransposed32>(const DenseDecodeParams&, cudaStream_t);
 }  // namespace sm90
 }  // namespace jfm

@@ -72,28 +72,50 @@ struct DenseWsTask {
     }
     return q;
   }
-  // Q rows row0 + lr + 32 h (query token s = row / hpk, head hk * hpk + row % hpk), 8 threads
-  // per row; rows past rows_total zero-filled.
+  // Q rows row0 + lr + kThreads / 8 h (query token s = row / hpk, head hk * hpk + row % hpk), 8
+  // threads per row; rows past rows_total zero-filled.
+  template <int kThreads>
   __device__ __forceinline__ void load_q(const Seq& q, uint32_t sq) const {
     using S = TileSmem<kDqk>;
+    constexpr int kPassRows = kThreads / 8;
     const T* __restrict__ qg = reinterpret_cast<const T*>(p.q);
     const int lr = threadIdx.x >> 3, lq = threadIdx.x & 7;
     const uint32_t off = static_cast<uint32_t>(lr * 128 + ((lq ^ (lr & 7)) << 4));
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int grow = row0 + lr + 32 * h;
+    for (int h = 0; h < kBlockM / kPassRows; ++h) {
+      const int grow = row0 + lr + kPassRows * h;
       const bool ok = grow < rows_total;
       const int s = ok ? grow / hpk : 0, hl = ok ? grow % hpk : 0;
       const T* src = ok ? qg + ((static_cast<size_t>(q.index) * p.s_q + s) * p.h_q + hk * hpk + hl) * kDqk + lq * 8
                         : qg;
 #pragma unroll
       for (int j = 0; j < S::kKBlocks; ++j)
-        cp_async_16(sq + j * S::kBlockBytes + h * 32 * 128 + off, src + 64 * j, ok ? 16 : 0);
+        cp_async_16(sq + j * S::kBlockBytes + h * kPassRows * 128 + off, src + 64 * j, ok ? 16 : 0);
     }
   }
   __device__ __forceinline__ bool masked(const Seq& q, int n, const uint8_t* valid, int h,
                                          int col) const {
     return !valid[col] || n * kPageBlock + col >= q.rowlen[h];
+  }
+  // kTransposed*: query row r of the CTA's tile (its own window end, computed here).
+  __device__ __forceinline__ bool masked_t(const Seq& q, int n, const uint8_t* valid, int token,
+                                           int r) const {
+    const int rowlen = p.causal ? q.len - p.s_q + (row0 + r) / hpk + 1 : q.len;
+    return !valid[token] || n * kPageBlock + token >= rowlen;
+  }
+  __device__ __forceinline__ WsRowOut<T> row_out(const Seq& q, int r, float inv, float lse, float,
+                                                 bool write_stats) const {
+    const int grow = row0 + r;
+    if (grow >= rows_total) return {nullptr, nullptr, 0.f};
+    const int s = grow / hpk, head = hk * hpk + grow % hpk;
+    if (q.nsplit == 1) {
+      const RowMap map{p.s_q, p.s_q, p.h_q, hpk};
+      if (write_stats) p.lse[map.lse_index(q.index, s, head)] = lse;
+      return {reinterpret_cast<T*>(p.out) + map.out_row(q.index, s, head) * kDv, nullptr, inv};
+    }
+    const size_t slot_row = (static_cast<size_t>(q.slot) * p.h_kv + hk) * rows_total + grow;
+    if (write_stats) p.lse_accum[slot_row] = lse;
+    return {nullptr, p.o_accum + slot_row * kDv, inv};
   }
   __device__ __forceinline__ float empty_lse(const Seq& q) const {
     return q.nsplit == 1 ? INFINITY : -INFINITY;
@@ -120,20 +142,24 @@ struct DenseWsTask {
     }
   }
 
-  // Warpgroup 2: rows lr + 16 h (h < 4) of each page, 16-byte chunks lq + 8 j (whole 128-byte
-  // lines); the page id of the next tile is loaded while this one is waited for and copied.
-  __device__ __forceinline__ void produce(const WsShared& sh) const {
+  // A producer warpgroup (`which` of `stride`: the tiles k % stride == which): rows lr + 16 h
+  // (h < 4) of each page, 16-byte chunks lq + 8 j (whole 128-byte lines); the page id of its next
+  // tile is loaded while this one is waited for and copied.
+  __device__ __forceinline__ void produce(const WsShared& sh, int which, int stride) const {
     using S = TileSmem<kDqk>;
     const T* __restrict__ kvg = reinterpret_cast<const T*>(p.kv);
-    const int ptid = threadIdx.x - 256;  // 0..127
+    const int ptid = threadIdx.x & 127;
     const int lr = ptid >> 3, lq = ptid & 7;
     const uint32_t ld_off = static_cast<uint32_t>(lr * 128 + ((lq ^ (lr & 7)) << 4));
-    uint32_t k = 0;  // tiles this CTA has produced
+    uint32_t k0 = 0;  // the CTA's tiles before this sequence's
     for (int s = begin_seq; s <= end_seq; ++s) {
       const Seq q = seq(s);
-      int blk = q.first < q.t_hi ? q.table[q.first] : -1;
-      for (int n = q.first; n < q.t_hi; ++n, ++k) {
-        const int blk_next = n + 1 < q.t_hi ? q.table[n + 1] : -1;
+      // Every page of [first, t_hi) is a tile: the CTA's (k0 + n - first)-th.
+      const int skip = (which - static_cast<int>(k0 % stride) + stride) % stride;
+      int blk = q.first + skip < q.t_hi ? q.table[q.first + skip] : -1;
+      for (int n = q.first + skip; n < q.t_hi; n += stride) {
+        const uint32_t k = k0 + (n - q.first);
+        const int blk_next = n + stride < q.t_hi ? q.table[n + stride] : -1;
         const bool blk_ok = blk >= 0 && blk < p.num_kv_blocks;
         const WsFill fill(sh, k);
         fill.wait_empty();
@@ -153,6 +179,7 @@ struct DenseWsTask {
         cp_async_mbarrier_arrive_noinc(fill.full);   // the rows, when they land
         blk = blk_next;
       }
+      k0 += max(q.t_hi - q.first, 0);
     }
     cp_async_wait_all();  // no copy outlives its thread
   }
@@ -162,7 +189,7 @@ template <typename T, WsMath kMath>
 __global__ void __launch_bounds__(384, 1) dense_decode_ws_kernel(const __grid_constant__ DenseDecodeParams p) {
   using Task = DenseWsTask<T>;
   extern __shared__ unsigned char smem_raw[];
-  const WsShared sh = ws_setup<Task::kDqk>(smem_raw, Task::kFullCount);
+  const WsShared sh = ws_setup<Task::kDqk, kMath>(smem_raw, Task::kFullCount);
   const Task task(p);
   ws_run<kMath>(task, sh);
 }

@@ -1,6 +1,6 @@
 // Picks the sparse attention instantiation for a cache format and d_qk, and the kernel variant
 // (kernels/variant.h): kernel.cuh (every thread gathers and computes) or kernel_ws.cuh (a
-// producer warpgroup gathers) with the column- or role-split math.
+// producer warpgroup gathers) with the column-, role-split or transposed math.
 #include "kernels/params.h"
 #include "kernels/variant.h"
 
@@ -19,6 +19,10 @@ cudaError_t launch(const SparseDecodeParams& p, cudaStream_t stream) {
     case KernelVariant::kWsColumns:
       return sm90::launch_sparse_attention_ws<kFmt, kDqk, WsMath::kColumns>(p, stream);
     case KernelVariant::kWsRoles:
+      return sm90::launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRoles>(p, stream);
+    case KernelVariant::kWsTransposed:  // a CTA's query rows: the heads, at most 64
+      if (p.h_q <= 16) return sm90::launch_sparse_attention_ws<kFmt, kDqk, WsMath::kTransposed16>(p, stream);
+      if (p.h_q <= 32) return sm90::launch_sparse_attention_ws<kFmt, kDqk, WsMath::kTransposed32>(p, stream);
       return sm90::launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRoles>(p, stream);
     default:
       return sm90::launch_sparse_attention<kFmt, kDqk>(p, stream);

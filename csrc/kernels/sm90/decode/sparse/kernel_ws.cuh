@@ -57,11 +57,37 @@ struct SparseWsTask {
     q.slot = split_base + work.split(s);
     return q;
   }
+  template <int kThreads>
   __device__ __forceinline__ void load_q(const Seq& q, uint32_t sq) const {
-    load_q_tile<kDqk>(p, q.index, head0, sq);
+    load_q_tile<kDqk, kThreads>(p, q.index, head0, sq);
   }
   __device__ __forceinline__ bool masked(const Seq&, int, const uint8_t* valid, int, int col) const {
     return !valid[col];
+  }
+  __device__ __forceinline__ bool masked_t(const Seq&, int, const uint8_t* valid, int token, int) const {
+    return !valid[token];
+  }
+  // kTransposed*: where head head0 + r of this token goes; the lse (+ max_logits) written by the
+  // one thread with write_stats.
+  __device__ __forceinline__ WsRowOut<bf16> row_out(const Seq& q, int r, float inv, float lse,
+                                                    float m, bool write_stats) const {
+    const int head = head0 + r;
+    if (head >= p.h_q) return {nullptr, nullptr, 0.f};
+    if (q.nsplit == 1) {
+      const RowMap map{1, p.s_q, p.h_q, p.h_q};
+      float scale = inv;
+      if (p.attn_sink != nullptr && isfinite(lse)) scale /= 1.f + expf(p.attn_sink[head] - lse);
+      if (write_stats) {
+        p.lse[map.lse_index(q.index, 0, head)] = lse;
+        if (p.max_logits != nullptr)
+          p.max_logits[static_cast<size_t>(q.index) * p.h_q + head] =
+              m == -INFINITY ? -INFINITY : m * p.softmax_scale;
+      }
+      return {reinterpret_cast<bf16*>(p.out) + map.out_row(q.index, 0, head) * kDv, nullptr, scale};
+    }
+    const size_t slot_row = static_cast<size_t>(q.slot) * p.h_q + head;
+    if (write_stats) p.lse_accum[slot_row] = lse;
+    return {nullptr, p.o_accum + slot_row * kDv, inv};
   }
   __device__ __forceinline__ float empty_lse(const Seq& q) const {
     return q.nsplit == 1 ? INFINITY : -INFINITY;
@@ -72,10 +98,12 @@ struct SparseWsTask {
     store_token_rows(p, st, inv, lse, m, q.index, head0, q.slot, q.nsplit, ln);
   }
 
-  // Warpgroup 2: fills the tile buffers (see the file comment).
-  __device__ __forceinline__ void produce(const WsShared& sh) const {
+  // A producer warpgroup: fills the tile buffers of the tiles k % stride == which (see the file
+  // comment). Each walks every tile of the CTA to keep the count k, and loads the indices of its
+  // next own tile while it fills the current one.
+  __device__ __forceinline__ void produce(const WsShared& sh, int which, int stride) const {
     using S = TileSmem<kDqk>;
-    const int ptid = threadIdx.x - 256;  // 0..127
+    const int ptid = threadIdx.x & 127;
     // FP8: a quarter (j) of token t in round 0 and of token t + 32 in round 1 (Fp8Slot's map over
     // four warps). bf16: rows lr + 16 h (h < 4), 16-byte chunks lq + 8 j (whole 128-byte lines).
     const Fp8Slot slot(ptid);
@@ -84,7 +112,7 @@ struct SparseWsTask {
     typename Fp8Stage<kFmt == KvFormat::kBf16 ? KvFormat::kFp8V32 : kFmt>::type stage;
     stage.j_ = slot.j;
 
-    uint32_t k = 0;  // tiles this CTA has produced
+    uint32_t k = 0;  // the CTA's tiles before this sequence's
     for (int s = begin_seq; s <= end_seq; ++s) {
       const Seq q = seq(s);
       // This thread's positions of tile n: FP8 t, t + 32; bf16 lr + 16 h.
@@ -98,10 +126,21 @@ struct SparseWsTask {
           for (int h = 0; h < 4; ++h) idx[h] = q.rows.index_at(n, lr + 16 * h);
         }
       };
+      // From tile n (the CTA's kn-th), the first tile that is this producer's (or t_hi).
+      auto own = [&](int& n, uint32_t& kn) {
+        while (n < q.t_hi && static_cast<int>(kn % stride) != which) {
+          n = q.next(n + 1);
+          ++kn;
+        }
+      };
+      int n = q.first;
+      own(n, k);
       int idx[4] = {-1, -1, -1, -1};
-      load_indices(q.first, idx);
-      for (int n = q.first; n < q.t_hi; ++k) {
-        const int n_next = q.next(n + 1);
+      load_indices(n, idx);
+      while (n < q.t_hi) {
+        int n_next = q.next(n + 1);
+        uint32_t k_next = k + 1;
+        own(n_next, k_next);
         int idx_next[4] = {-1, -1, -1, -1};
         const WsFill fill(sh, k);
         const int pool_id = q.rows.pool_of(n);
@@ -136,6 +175,7 @@ struct SparseWsTask {
 #pragma unroll
         for (int h = 0; h < 4; ++h) idx[h] = idx_next[h];
         n = n_next;
+        k = k_next;
       }
     }
     if constexpr (!kFp8) cp_async_wait_all();  // no copy outlives its thread
@@ -147,7 +187,7 @@ __global__ void __launch_bounds__(384, 1)
     sparse_attention_ws_kernel(const __grid_constant__ SparseDecodeParams p) {
   using Task = SparseWsTask<kFmt, kDqk>;
   extern __shared__ unsigned char smem_raw[];
-  const WsShared sh = ws_setup<kDqk>(smem_raw, Task::kFullCount);
+  const WsShared sh = ws_setup<kDqk, kMath>(smem_raw, Task::kFullCount);
   const Task task(p);
   ws_run<kMath>(task, sh);
 }
