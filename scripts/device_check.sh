@@ -4,9 +4,11 @@
 # Nsight Compute, benchmarks and the examples. Logs go to $OUT; exits non-zero if any stage failed.
 # From the repo root, carrying the nvidia-cutlass wheel (docs/BUILDING.md):
 #   run(command="bash scripts/device_check.sh", carry=[".whl"])
-# Stages: STAGES="build cpu-suite gpu gpu-ws memcheck racecheck synccheck ab ncu bench example"
-# (default: build gpu memcheck racecheck bench example). gpu-ws runs the kernel GPU tests on each
-# warp-specialized variant in WS_VARIANTS (default "ws ws_roles ws_t", JFM_KERNEL_VARIANT);
+# Stages: STAGES="build cpu-suite smoke gpu gpu-ws memcheck racecheck synccheck ab ncu bench
+# example" (default: build gpu memcheck racecheck bench example). smoke runs a few calls of every
+# kernel per SMOKE_VARIANTS (default "default ws ws_roles ws_t"); gpu-ws runs the kernel GPU
+# tests on each warp-specialized variant in WS_VARIANTS (default "ws ws_roles ws_t",
+# JFM_KERNEL_VARIANT);
 # SAN_VARIANTS (e.g. "default ws ws_roles ws_t") runs the sanitizers on each. SUITE_TESTS /
 # GPU_TESTS narrow the suites (paths relative to the repo root). Stage ab: `git archive -o
 # .abase/base.tar <commit>` here first and carry .abase; it builds that tree beside this one and
@@ -23,6 +25,17 @@ if has cpu-suite; then
   python3 -m pytest -q -p no:cacheprovider -rf $(printf "$REPO/%s " ${SUITE_TESTS:-tests}) \
     --ignore="$REPO/tests/gpu" 2>&1 | tee "$OUT/suite.log" | tail -15
   [ "${PIPESTATUS[0]}" -eq 0 ] || fail cpu-suite
+fi
+if has smoke; then
+  # A few calls of every kernel per variant, checked against the reference, each variant in its
+  # own process under a short timeout: a hang or a wrong result shows up here in seconds, not in
+  # the long test stages.
+  for variant in ${SMOKE_VARIANTS:-default ws ws_roles ws_t}; do
+    log "smoke: tests/gpu/sanitize_kernels.py with JFM_KERNEL_VARIANT=$variant"
+    JFM_KERNEL_VARIANT=$variant XLA_FLAGS=--xla_gpu_autotune_level=0 timeout ${SMOKE_TIMEOUT:-120} \
+      python3 "$REPO/tests/gpu/sanitize_kernels.py" 2>&1 | tee "$OUT/smoke_$variant.log" | tail -4
+    [ "${PIPESTATUS[0]}" -eq 0 ] || fail "smoke $variant"
+  done
 fi
 if has gpu; then
   log "GPU kernel tests"

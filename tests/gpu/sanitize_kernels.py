@@ -1,4 +1,5 @@
-"""Run under compute-sanitizer (scripts/device_check.sh, stages memcheck / racecheck): a
+"""Run under compute-sanitizer (scripts/device_check.sh, stages memcheck / racecheck /
+synccheck), and without it as the first smoke test of a kernel variant (stage smoke): a
 representative subset of every kernel's calls (dense decode: zero-length sequences, causal,
 h_kv > 1, odd h_q, split and unsplit, out-of-range table entries and page ids, NaN rows; sparse
 decode: both FP8 layouts and bf16, two pools, odd page sizes, invalid indices; sparse prefill),
@@ -19,6 +20,7 @@ DENSE = [  # (b, s_q, h_q, h_kv, s_k, varlen, causal, dtype, with_meta, zero_fra
     (2, 4, 63, 3, 140, True, True, jnp.float16, False, 0.0),
     (3, 2, 16, 1, 20, False, True, jnp.bfloat16, True, 0.0),
     (16, 1, 64, 2, 300, True, False, jnp.bfloat16, False, 0.2),
+    (5, 1, 8, 1, 500, True, False, jnp.bfloat16, True, 0.2),   # 8 rows (ws_t: transposed, N 16)
 ]
 for n, (b, s_q, h_q, h_kv, s_k, varlen, causal, dtype, meta, zf) in enumerate(DENSE):
     cases.compare_dense(900 + n, b, s_q, h_q, h_kv, s_k, varlen, causal, dtype, meta, zf)
@@ -45,6 +47,7 @@ SPARSE = [  # keyword arguments of cases.sparse_decode_case
     dict(b=2, s_q=1, h_q=16, d_qk=512, fmt="fp8", topk=100, page=3, extra_topk=70, extra_page=2,
          with_lengths=True, sink="random"),
     dict(b=4, s_q=3, h_q=100, d_qk=576, fmt="bf16", topk=64, page=256),
+    dict(b=3, s_q=2, h_q=32, d_qk=576, fmt="fp8", topk=200, page=64, with_lengths=True),
 ]
 for n, kw in enumerate(SPARSE):
     q, kv, args = cases.sparse_decode_case(950 + n, **kw)

@@ -35,7 +35,8 @@
 //   0 .. kThreads - 1, 256 or 128; the caller commits and waits);
 //   masked(const Seq&, int n, const uint8_t* valid, int h, int col) (row h of this thread);
 //   store_rows(const Seq&, const RowState&, inv, lse, m, const Lane&) (after the last tile);
-//   empty_lse(const Seq&); produce(const WsShared&, int which, int stride) (the producers);
+//   empty_lse(const Seq&); produce<kWide>(const WsShared&, int which, int stride) (the
+//   producers; kWide: a budget of at least 152 registers);
 //   for kTransposed*: masked_t(const Seq&, n, valid, token, row) and
 //   row_out(const Seq&, row, inv, lse, m, bool write_stats) -> WsRowOut.
 #pragma once
@@ -327,11 +328,11 @@ __device__ __forceinline__ void ws_run(const Task& task, const WsShared& sh) {
       ws_math_t<Task, kMath == WsMath::kTransposed16 ? 16 : 32>(task, sh);
     } else {
       setmaxnreg_dec<Regs::kWg1>();
-      task.produce(sh, wg - 1, 2);
+      task.template produce<Regs::kWg1 >= 152>(sh, wg - 1, 2);
     }
   } else if (wg == 2) {
     setmaxnreg_dec<Regs::kWg2>();
-    task.produce(sh, 0, 1);
+    task.template produce<Regs::kWg2 >= 152>(sh, 0, 1);
   } else if constexpr (kMath == WsMath::kColumns) {
     setmaxnreg_inc<Regs::kWg0>();
     ws_math<Task, WsRole::kColumns>(task, sh);

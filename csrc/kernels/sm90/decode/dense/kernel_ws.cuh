@@ -145,6 +145,7 @@ struct DenseWsTask {
   // A producer warpgroup (`which` of `stride`: the tiles k % stride == which): rows lr + 16 h
   // (h < 4) of each page, 16-byte chunks lq + 8 j (whole 128-byte lines); the page id of its next
   // tile is loaded while this one is waited for and copied.
+  template <bool kWide>  // (no staging registers here: the copies are cp.async)
   __device__ __forceinline__ void produce(const WsShared& sh, int which, int stride) const {
     using S = TileSmem<kDqk>;
     const T* __restrict__ kvg = reinterpret_cast<const T*>(p.kv);

@@ -101,6 +101,9 @@ struct SparseWsTask {
   // A producer warpgroup: fills the tile buffers of the tiles k % stride == which (see the file
   // comment). Each walks every tile of the CTA to keep the count k, and loads the indices of its
   // next own tile while it fills the current one.
+  // kWide (a producer budget of 152 registers, kTransposed*): both rounds of FP8 rows are fetched
+  // before waiting for the empty buffer (one exposed load round-trip per tile instead of two).
+  template <bool kWide>
   __device__ __forceinline__ void produce(const WsShared& sh, int which, int stride) const {
     using S = TileSmem<kDqk>;
     const int ptid = threadIdx.x & 127;
@@ -109,8 +112,10 @@ struct SparseWsTask {
     const Fp8Slot slot(ptid);
     const int lr = ptid >> 3, lq = ptid & 7;
     const uint32_t ld_off = static_cast<uint32_t>(lr * 128 + ((lq ^ (lr & 7)) << 4));
-    typename Fp8Stage<kFmt == KvFormat::kBf16 ? KvFormat::kFp8V32 : kFmt>::type stage;
+    using Stage = typename Fp8Stage<kFmt == KvFormat::kBf16 ? KvFormat::kFp8V32 : kFmt>::type;
+    Stage stage, stage2;  // stage2: round 1 when kWide
     stage.j_ = slot.j;
+    stage2.j_ = slot.j;
 
     uint32_t k = 0;  // the CTA's tiles before this sequence's
     for (int s = begin_seq; s <= end_seq; ++s) {
@@ -147,13 +152,14 @@ struct SparseWsTask {
         const SparsePool& pool = p.pool[pool_id];
         if constexpr (kFp8) {
           stage.fetch(pool, q.rows.row_of(idx[0], pool_id));  // in flight while we wait
+          if constexpr (kWide) stage2.fetch(pool, q.rows.row_of(idx[1], pool_id));
           load_indices(n_next, idx_next);
           fill.wait_empty();
           stage.store(fill.tile, slot.t);
           if (slot.j == 0) fill.valid[slot.t] = stage.valid;
-          stage.fetch(pool, q.rows.row_of(idx[1], pool_id));
-          stage.store(fill.tile, slot.t + 32);
-          if (slot.j == 0) fill.valid[slot.t + 32] = stage.valid;
+          if constexpr (!kWide) stage2.fetch(pool, q.rows.row_of(idx[1], pool_id));
+          stage2.store(fill.tile, slot.t + 32);
+          if (slot.j == 0) fill.valid[slot.t + 32] = stage2.valid;
           fence_proxy_async();  // the stores, before the math warps' wgmma reads them
           mbarrier_arrive(fill.full);
         } else {
