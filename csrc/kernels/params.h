@@ -28,6 +28,14 @@ constexpr int kMaxGridY = 65535;      // CUDA's limit on grid.y / grid.z
 // owns partial slots [num_splits[i], num_splits[i+1]) of the split-KV workspace.
 // A "sequence" is what one chunk of work attends: a batch element for dense decode (all its s_q
 // query tokens), one query token (b, s) for sparse decode.
+// One row of tile_scheduler_metadata as the main kernels read it.
+struct ScheduleRow {
+  int begin_seq, begin_tile, end_seq, end_tile, begin_split;
+  __host__ __device__ explicit ScheduleRow(const int32_t* meta)
+      : begin_seq(meta[0]), begin_tile(meta[1]), end_seq(meta[2]), end_tile(meta[3]),
+        begin_split(meta[4]) {}
+};
+
 struct ScheduleParams {
   const int32_t* seqlens;            // [num_seqs] tokens per sequence (sparse: built in Python)
   int num_seqs;

@@ -71,21 +71,36 @@ struct Lane {
   __device__ __forceinline__ int col(int nt, int e) const { return wc * 32 + nt * 8 + 2 * tq + (e & 1); }
 };
 
-// S[:, 32 wc .. +32] = Q K^T over d_qk (wgmma m64n32k16, d_qk / 16 k-steps). desc_k already
-// points at this warpgroup's 32 rows of the K tile.
-template <typename T, int kDqk>
-__device__ __forceinline__ void tile_qk(float (&s)[16], uint64_t desc_q, uint64_t desc_k) {
+// D[64 x kN] = A B^T over d_qk, both operands K-major swizzled tiles with d_qk / 64 column blocks
+// (wgmma m64nNk16, d_qk / 16 k-steps): S = Q K^T (A = Q, B = K rows) or, transposed, S^T = K Q^T
+// (A = the K tile, B = kN rows of Q). Zeroes D first; waits for the result.
+template <int kN, typename T>
+__device__ __forceinline__ void wgmma_k_major(float* d, uint64_t a, uint64_t b) {
+  if constexpr (kN == 16) wgmma_m64n16k16_ss<T>(d, a, b);
+  else if constexpr (kN == 32) wgmma_m64n32k16_ss<T>(d, a, b);
+  else wgmma_m64n64k16_ss<T>(d, a, b);
+}
+template <typename T, int kDqk, int kN>
+__device__ __forceinline__ void tile_gemm_qk(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b) {
   using S = TileSmem<kDqk>;
+  static_assert(kN == 16 || kN == 32 || kN == 64, "wgmma N of a QK tile");
 #pragma unroll
-  for (int i = 0; i < 16; ++i) s[i] = 0.f;
+  for (int i = 0; i < kN / 2; ++i) d[i] = 0.f;
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < kDqk / 16; ++kk) {
     const uint32_t koff = ((kk >> 2) * S::kBlockBytes + (kk & 3) * 32) >> 4;
-    wgmma_m64n32k16_ss<T>(s, desc_q + koff, desc_k + koff);
+    wgmma_k_major<kN, T>(d, desc_a + koff, desc_b + koff);
   }
   wgmma_commit();
   wgmma_wait<0>();
+}
+
+// S[:, 32 wc .. +32] = Q K^T over d_qk (m64n32). desc_k already points at this warpgroup's 32
+// rows of the K tile.
+template <typename T, int kDqk>
+__device__ __forceinline__ void tile_qk(float (&s)[16], uint64_t desc_q, uint64_t desc_k) {
+  tile_gemm_qk<T, kDqk, 32>(s, desc_q, desc_k);
 }
 
 // Online-softmax state of this thread's two rows and its O accumulator slice.
@@ -210,20 +225,10 @@ __device__ __forceinline__ void tile_finish(RowState& st, float* red, float soft
 // rescales and accumulates O[:, 256..512) from them. Rows and columns as above with wc = 0:
 // warpgroup 0 owns whole rows, so no max exchange between warpgroups.
 
-// S[:, 0..64) = Q K^T (wgmma m64n64k16, d_qk / 16 k-steps); desc_k points at the K tile's row 0.
+// S[:, 0..64) = Q K^T (m64n64); desc_k points at the K tile's row 0.
 template <typename T, int kDqk>
 __device__ __forceinline__ void tile_qk_rows(float (&s)[32], uint64_t desc_q, uint64_t desc_k) {
-  using S = TileSmem<kDqk>;
-#pragma unroll
-  for (int i = 0; i < 32; ++i) s[i] = 0.f;
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < kDqk / 16; ++kk) {
-    const uint32_t koff = ((kk >> 2) * S::kBlockBytes + (kk & 3) * 32) >> 4;
-    wgmma_m64n64k16_ss<T>(s, desc_q + koff, desc_k + koff);
-  }
-  wgmma_commit();
-  wgmma_wait<0>();
+  tile_gemm_qk<T, kDqk, 64>(s, desc_q, desc_k);
 }
 
 // Online softmax over whole rows of the masked logits s (-inf: not attended): updates m and l
@@ -320,11 +325,6 @@ struct TState {
 };
 
 template <typename T, int kN>
-__device__ __forceinline__ void wgmma_t_qk(float* d, uint64_t a, uint64_t b) {
-  if constexpr (kN == 16) wgmma_m64n16k16_ss<T>(d, a, b);
-  else wgmma_m64n32k16_ss<T>(d, a, b);
-}
-template <typename T, int kN>
 __device__ __forceinline__ void wgmma_t_pv(float* d, uint64_t a, uint64_t b) {
   if constexpr (kN == 16) wgmma_m64n16k16_ss_ta<T>(d, a, b);
   else wgmma_m64n32k16_ss_ta<T>(d, a, b);
@@ -334,18 +334,8 @@ __device__ __forceinline__ void wgmma_t_pv(float* d, uint64_t a, uint64_t b) {
 // kN query rows).
 template <typename T, int kDqk, int kN>
 __device__ __forceinline__ void tile_qk_t(float (&s)[kN / 2], uint64_t desc_k, uint64_t desc_q) {
-  using S = TileSmem<kDqk>;
   static_assert(kN == 16 || kN == 32, "wgmma N of the transposed tile");
-#pragma unroll
-  for (int i = 0; i < kN / 2; ++i) s[i] = 0.f;
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < kDqk / 16; ++kk) {
-    const uint32_t koff = ((kk >> 2) * S::kBlockBytes + (kk & 3) * 32) >> 4;
-    wgmma_t_qk<T, kN>(s, desc_k + koff, desc_q + koff);
-  }
-  wgmma_commit();
-  wgmma_wait<0>();
+  tile_gemm_qk<T, kDqk, kN>(s, desc_k, desc_q);
 }
 
 // Online softmax down the columns of the masked S^T (-inf: token not attended), for one warpgroup:

@@ -10,6 +10,7 @@
 #include <cmath>
 
 #include "kernels/params.h"
+#include "kernels/sm90/decode/dense/common.cuh"
 #include "kernels/sm90/decode/tile_attention.cuh"
 
 namespace jfm {
@@ -34,12 +35,11 @@ __global__ void __launch_bounds__(256, 1) dense_decode_kernel(const DenseDecodeP
   const int row0 = mb * kBlockM;
   const RowMap map{p.s_q, p.s_q, p.h_q, hpk};
 
-  const int32_t* meta = p.tile_scheduler_metadata + part * kMetaInts;
-  const int begin_seq = meta[0], begin_block = meta[1], end_seq = meta[2], end_block = meta[3];
-  const int begin_split = meta[4];
+  const ScheduleRow sched(p.tile_scheduler_metadata + part * kMetaInts);
+  const int begin_seq = sched.begin_seq, begin_block = sched.begin_tile;
+  const int end_seq = sched.end_seq, end_block = sched.end_tile, begin_split = sched.begin_split;
   const float sl2 = p.softmax_scale * 1.4426950408889634f;
 
-  const T* __restrict__ qg = reinterpret_cast<const T*>(p.q);
   const T* __restrict__ kvg = reinterpret_cast<const T*>(p.kv);
   const uint32_t sq = base + S::kQOff;
   const uint32_t sk0 = base + S::kKOff;
@@ -68,18 +68,7 @@ __global__ void __launch_bounds__(256, 1) dense_decode_kernel(const DenseDecodeP
 
     __syncthreads();  // the previous sequence is done with every shared buffer
 
-#pragma unroll
-    for (int h = 0; h < kLoadRows; ++h) {
-      const int grow = row0 + lr + 32 * h;
-      const bool ok = grow < rows_total;
-      const int s = ok ? grow / hpk : 0, hl = ok ? grow % hpk : 0;
-      const T* src = ok ? qg + ((static_cast<size_t>(seq) * p.s_q + s) * p.h_q + hk * hpk + hl) * kDenseDqk + lq * 8
-                        : qg;
-      const int bytes = ok ? 16 : 0;
-#pragma unroll
-      for (int j = 0; j < S::kKBlocks; ++j)
-        cp_async_16(sq + j * S::kBlockBytes + h * 32 * 128 + ld_off, src + 64 * j, bytes);
-    }
+    load_dense_q_tile<T, 256>(p, seq, row0, hk, hpk, rows_total, sq);  // (waited for with page 0)
     auto load_k = [&](int buf, int n) {
       const int blk = bt[n];
       const bool blk_ok = blk >= 0 && blk < p.num_kv_blocks;

@@ -13,6 +13,7 @@
 #include <cmath>
 
 #include "kernels/params.h"
+#include "kernels/sm90/decode/dense/common.cuh"
 #include "kernels/sm90/decode/ws_pipeline.cuh"
 
 namespace jfm {
@@ -27,17 +28,15 @@ struct DenseWsTask {
   static_assert(kPageBlock == kTileTokens, "one page is one tile");
 
   const DenseDecodeParams& p;
-  int begin_seq, end_seq, begin_block, end_block, begin_split;
+  ScheduleRow sched;
+  int begin_seq, end_seq;
   int hk, hpk, rows_total, row0;
   float softmax_scale;
 
-  __device__ __forceinline__ explicit DenseWsTask(const DenseDecodeParams& params) : p(params) {
-    const int32_t* meta = p.tile_scheduler_metadata + blockIdx.x * kMetaInts;
-    begin_seq = meta[0];
-    begin_block = meta[1];
-    end_seq = meta[2];
-    end_block = meta[3];
-    begin_split = meta[4];
+  __device__ __forceinline__ explicit DenseWsTask(const DenseDecodeParams& params)
+      : p(params), sched(params.tile_scheduler_metadata + blockIdx.x * kMetaInts) {
+    begin_seq = sched.begin_seq;
+    end_seq = sched.end_seq;
     hk = blockIdx.z;
     hpk = p.h_q / p.h_kv;
     rows_total = p.s_q * hpk;
@@ -58,11 +57,11 @@ struct DenseWsTask {
     q.index = s;
     q.len = min(max(p.cache_seqlens[s], 0), p.max_blocks * kPageBlock);
     const int nb = (q.len + kPageBlock - 1) / kPageBlock;
-    q.first = s == begin_seq ? begin_block : 0;
-    q.t_hi = s == end_seq ? min(end_block, nb) : nb;
+    q.first = s == begin_seq ? sched.begin_tile : 0;
+    q.t_hi = s == end_seq ? min(sched.end_tile, nb) : nb;
     const int split_base = p.num_splits[s];
     q.nsplit = p.num_splits[s + 1] - split_base;
-    q.slot = split_base + (s == begin_seq ? begin_split : 0);
+    q.slot = split_base + (s == begin_seq ? sched.begin_split : 0);
     q.table = p.block_table + static_cast<size_t>(s) * p.max_blocks;
     const Lane ln;
 #pragma unroll
@@ -72,26 +71,9 @@ struct DenseWsTask {
     }
     return q;
   }
-  // Q rows row0 + lr + kThreads / 8 h (query token s = row / hpk, head hk * hpk + row % hpk), 8
-  // threads per row; rows past rows_total zero-filled.
   template <int kThreads>
   __device__ __forceinline__ void load_q(const Seq& q, uint32_t sq) const {
-    using S = TileSmem<kDqk>;
-    constexpr int kPassRows = kThreads / 8;
-    const T* __restrict__ qg = reinterpret_cast<const T*>(p.q);
-    const int lr = threadIdx.x >> 3, lq = threadIdx.x & 7;
-    const uint32_t off = static_cast<uint32_t>(lr * 128 + ((lq ^ (lr & 7)) << 4));
-#pragma unroll
-    for (int h = 0; h < kBlockM / kPassRows; ++h) {
-      const int grow = row0 + lr + kPassRows * h;
-      const bool ok = grow < rows_total;
-      const int s = ok ? grow / hpk : 0, hl = ok ? grow % hpk : 0;
-      const T* src = ok ? qg + ((static_cast<size_t>(q.index) * p.s_q + s) * p.h_q + hk * hpk + hl) * kDqk + lq * 8
-                        : qg;
-#pragma unroll
-      for (int j = 0; j < S::kKBlocks; ++j)
-        cp_async_16(sq + j * S::kBlockBytes + h * kPassRows * 128 + off, src + 64 * j, ok ? 16 : 0);
-    }
+    load_dense_q_tile<T, kThreads>(p, q.index, row0, hk, hpk, rows_total, sq);
   }
   __device__ __forceinline__ bool masked(const Seq& q, int n, const uint8_t* valid, int h,
                                          int col) const {

@@ -53,12 +53,12 @@ struct CtaWork {
     ntiles = (sparse_positions(p) + kTileTokens - 1) / kTileTokens;
     scheduled = p.tile_scheduler_metadata != nullptr;
     if (scheduled) {
-      const int32_t* meta = p.tile_scheduler_metadata + blockIdx.x * kMetaInts;
-      begin_seq = meta[0];
-      begin_tile = meta[1];
-      end_seq = meta[2];
-      end_tile = meta[3];
-      begin_split = meta[4];
+      const ScheduleRow row(p.tile_scheduler_metadata + blockIdx.x * kMetaInts);
+      begin_seq = row.begin_seq;
+      begin_tile = row.begin_tile;
+      end_seq = row.end_seq;
+      end_tile = row.end_tile;
+      begin_split = row.begin_split;
     } else {
       begin_seq = end_seq = blockIdx.x;
       begin_tile = 0;
