@@ -206,26 +206,15 @@ template <>
 struct Fp8Stage<KvFormat::kFp8V4> { using type = StageV4; };
 
 // cp.async of query token seq's 64 heads from head0 (heads past h_q zero-filled) into the
-// swizzled Q tile at sq, by threads 0 .. kThreads - 1 (8 per row: rows tid / 8 + kThreads / 8 h,
-// chunks tid % 8 + 8 j). Committed by the caller's next cp_async_commit.
+// swizzled Q tile at sq, by threads 0 .. kThreads - 1 (load_tile_rows).
 template <int kDqk, int kThreads = 256>
 __device__ __forceinline__ void load_q_tile(const SparseDecodeParams& p, int seq, int head0,
                                             uint32_t sq) {
-  using S = TileSmem<kDqk>;
-  constexpr int kPassRows = kThreads / 8;
-  static_assert(kPassRows % 8 == 0 && kBlockM % kPassRows == 0, "whole swizzle atoms per pass");
   const bf16* __restrict__ qg = reinterpret_cast<const bf16*>(p.q);
-  const int lr = threadIdx.x >> 3, lq = threadIdx.x & 7;
-  const uint32_t off = static_cast<uint32_t>(lr * 128 + ((lq ^ (lr & 7)) << 4));
-#pragma unroll
-  for (int h = 0; h < kBlockM / kPassRows; ++h) {
-    const int head = head0 + lr + kPassRows * h;
-    const bool ok = head < p.h_q;
-    const bf16* src = ok ? qg + (static_cast<size_t>(seq) * p.h_q + head) * kDqk + lq * 8 : qg;
-#pragma unroll
-    for (int j = 0; j < S::kKBlocks; ++j)
-      cp_async_16(sq + j * S::kBlockBytes + h * kPassRows * 128 + off, src + 64 * j, ok ? 16 : 0);
-  }
+  load_tile_rows<bf16, kDqk, kThreads>(sq, threadIdx.x, qg, [&](int r) -> const bf16* {
+    const int head = head0 + r;
+    return head < p.h_q ? qg + (static_cast<size_t>(seq) * p.h_q + head) * kDqk : nullptr;
+  });
 }
 
 // Stores this thread's rows of the 64 heads from head0 (rows past h_q skipped) after a token's
