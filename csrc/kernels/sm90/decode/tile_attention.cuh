@@ -138,6 +138,19 @@ struct RowState {
   }
 };
 
+// One row's (or, transposed, one column's) online-softmax step: the new running max from this
+// tile's max, the correction of the earlier sum / O, and the scaled max to subtract from the
+// logits (0 while nothing has been attended, so exp2 of -inf logits stays 0, never NaN).
+__device__ __forceinline__ void online_max(float& m, float& l, float tile_max, float sl2,
+                                           float& corr, float& mscaled) {
+  const float m_new = fmaxf(m, tile_max);
+  const float m_use = m_new == -INFINITY ? 0.f : m_new;
+  corr = exp2f((m - m_use) * sl2);
+  mscaled = m_use * sl2;
+  m = m_new;
+  l *= corr;
+}
+
 // Stores P at rows r0 and r0 + 8, columns col and col + 1 (col even), of the swizzled 64 x 64 P
 // block at sp: pv = {(r0, col), (r0, col + 1), (r0 + 8, col), (r0 + 8, col + 1)}.
 template <typename T>
@@ -185,12 +198,7 @@ __device__ __forceinline__ void tile_softmax(float (&s)[16], RowState& st, float
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const float other = red[(ln.wc ^ 1) * kBlockM + ln.row(h)];
-    const float m_new = fmaxf(st.m[h], fmaxf(mx[h], other));
-    const float m_use = m_new == -INFINITY ? 0.f : m_new;
-    corr[h] = exp2f((st.m[h] - m_use) * sl2);
-    mscaled[h] = m_use * sl2;
-    st.m[h] = m_new;
-    st.l[h] *= corr[h];
+    online_max(st.m[h], st.l[h], fmaxf(mx[h], other), sl2, corr[h], mscaled[h]);
   }
 #pragma unroll
   for (int nt = 0; nt < 4; ++nt) {
@@ -267,12 +275,7 @@ __device__ __forceinline__ void tile_softmax_rows(float (&s)[32], RowState& st, 
   for (int h = 0; h < 2; ++h) {
     mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
     mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-    const float m_new = fmaxf(st.m[h], mx[h]);
-    const float m_use = m_new == -INFINITY ? 0.f : m_new;
-    corr[h] = exp2f((st.m[h] - m_use) * sl2);
-    mscaled[h] = m_use * sl2;
-    st.m[h] = m_new;
-    st.l[h] *= corr[h];
+    online_max(st.m[h], st.l[h], mx[h], sl2, corr[h], mscaled[h]);
   }
 #pragma unroll
   for (int i = 0; i < 32; ++i) {
@@ -386,12 +389,7 @@ __device__ __forceinline__ void tile_softmax_t(float (&s)[kN / 2], TState<kN>& s
   for (int j = 0; j < kCols; ++j) {
     const int col = TState<kN>::col(j, ln);
     const float tile_max = fmaxf(fmaxf(red[col], red[kN + col]), fmaxf(red[2 * kN + col], red[3 * kN + col]));
-    const float m_new = fmaxf(st.m[j], tile_max);
-    const float m_use = m_new == -INFINITY ? 0.f : m_new;
-    corr[j] = exp2f((st.m[j] - m_use) * sl2);
-    mscaled[j] = m_use * sl2;
-    st.m[j] = m_new;
-    st.l[j] *= corr[j];
+    online_max(st.m[j], st.l[j], tile_max, sl2, corr[j], mscaled[j]);
   }
 #pragma unroll
   for (int nt = 0; nt < kN / 8; ++nt) {

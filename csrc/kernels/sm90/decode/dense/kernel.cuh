@@ -33,7 +33,6 @@ __global__ void __launch_bounds__(256, 1) dense_decode_kernel(const DenseDecodeP
   const int hpk = p.h_q / p.h_kv;
   const int rows_total = p.s_q * hpk;
   const int row0 = mb * kBlockM;
-  const RowMap map{p.s_q, p.s_q, p.h_q, hpk};
 
   const ScheduleRow sched(p.tile_scheduler_metadata + part * kMetaInts);
   const int begin_seq = sched.begin_seq, begin_block = sched.begin_tile;
@@ -134,23 +133,7 @@ __global__ void __launch_bounds__(256, 1) dense_decode_kernel(const DenseDecodeP
 
     float inv[2], lse[2];
     tile_finish(st, red, p.softmax_scale, nsplit == 1 ? INFINITY : -INFINITY, inv, lse, ln);
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int grow = row0 + ln.row(h);
-      if (grow >= rows_total) continue;
-      const int s = grow / hpk, hl = grow % hpk;
-      const int head = hk * hpk + hl;
-      if (nsplit == 1) {
-        store_out_row<T>(reinterpret_cast<T*>(p.out) + map.out_row(seq, s, head) * kDv +
-                             ln.wc * 256 + 2 * ln.tq, st, h, inv[h]);
-        if (ln.wc == 0 && ln.tq == 0) p.lse[map.lse_index(seq, s, head)] = lse[h];
-      } else {
-        const size_t slot_row =
-            (static_cast<size_t>(split_base + split) * p.h_kv + hk) * rows_total + grow;
-        store_partial_row(p.o_accum + slot_row * kDv + ln.wc * 256 + 2 * ln.tq, st, h, inv[h]);
-        if (ln.wc == 0 && ln.tq == 0) p.lse_accum[slot_row] = lse[h];
-      }
-    }
+    store_dense_rows<T>(p, st, inv, lse, seq, split_base + split, nsplit, row0, hk, hpk, rows_total, ln);
   }
 }
 

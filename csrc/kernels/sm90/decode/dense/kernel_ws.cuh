@@ -105,23 +105,7 @@ struct DenseWsTask {
   __device__ __forceinline__ void store_rows(const Seq& q, const RowState& st, const float (&inv)[2],
                                              const float (&lse)[2], const float (&)[2],
                                              const Lane& ln) const {
-    const RowMap map{p.s_q, p.s_q, p.h_q, hpk};
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int grow = row0 + ln.row(h);
-      if (grow >= rows_total) continue;
-      const int s = grow / hpk, hl = grow % hpk;
-      const int head = hk * hpk + hl;
-      if (q.nsplit == 1) {
-        store_out_row<T>(reinterpret_cast<T*>(p.out) + map.out_row(q.index, s, head) * kDv +
-                             ln.wc * 256 + 2 * ln.tq, st, h, inv[h]);
-        if (ln.wc == 0 && ln.tq == 0) p.lse[map.lse_index(q.index, s, head)] = lse[h];
-      } else {
-        const size_t slot_row = (static_cast<size_t>(q.slot) * p.h_kv + hk) * rows_total + grow;
-        store_partial_row(p.o_accum + slot_row * kDv + ln.wc * 256 + 2 * ln.tq, st, h, inv[h]);
-        if (ln.wc == 0 && ln.tq == 0) p.lse_accum[slot_row] = lse[h];
-      }
-    }
+    store_dense_rows<T>(p, st, inv, lse, q.index, q.slot, q.nsplit, row0, hk, hpk, rows_total, ln);
   }
 
   // A producer warpgroup (`which` of `stride`: the tiles k % stride == which): rows lr + 16 h
