@@ -325,7 +325,7 @@ __device__ __forceinline__ void tile_finish_rows(RowState& st, float* red, float
 }
 
 // ---- Transposed (kernel_ws.cuh, kTransposed* math, few query rows): one warpgroup computes
-// S^T = K Q^T (M = the tile's 64 tokens, N = kN query rows, 8 <= kN <= 32) and O^T += V^T P^T
+// S^T = K Q^T (M = the tile's 64 tokens, N = kN query rows, kN = 16 or 32) and O^T += V^T P^T
 // (M = 64 of the 512 value columns per chunk, 8 chunks; V^T is the K tile read as an MN-major A
 // operand). No padded rows: the math of a tile costs kN / 64 of the 64-row tile's.
 // Accumulator element e of n-tile nt: row (token or value column) 16 wr + g + 8 (e >> 1), column
