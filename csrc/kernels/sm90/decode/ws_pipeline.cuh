@@ -36,7 +36,7 @@
 //   masked(const Seq&, int n, const uint8_t* valid, int h, int col) (row h of this thread);
 //   store_rows(const Seq&, const RowState&, inv, lse, m, const Lane&) (after the last tile);
 //   empty_lse(const Seq&); produce<kWide>(const WsShared&, int which, int stride) (the
-//   producers; kWide: a budget of at least 152 registers);
+//   producers; kWide: a budget of at least 160 registers);
 //   for kTransposed*: masked_t(const Seq&, n, valid, token, row) and
 //   row_out(const Seq&, row, inv, lse, m, bool write_stats) -> WsRowOut.
 #pragma once
@@ -60,10 +60,16 @@ constexpr bool ws_transposed(WsMath m) {
 template <WsMath kMath>
 struct WsRegs {
   static constexpr bool kT = ws_transposed(kMath);
-  static constexpr int kWg0 = kT ? 200 : kMath == WsMath::kColumns ? 208 : 232;
-  static constexpr int kWg1 = kT ? 152 : kMath == WsMath::kColumns ? 208 : 184;
-  static constexpr int kWg2 = kT ? 152 : 88;  // the producer
-  static_assert(kWg0 + kWg1 + kWg2 <= 3 * 168, "register pool of a 384-thread CTA");
+  static constexpr int kWg0 = kT ? 184 : kMath == WsMath::kColumns ? 208 : 232;
+  static constexpr int kWg1 = kT ? 160 : kMath == WsMath::kColumns ? 208 : 184;
+  static constexpr int kWg2 = kT ? 160 : 88;  // the producer
+  static constexpr int kLaunch = 168;         // 65536 / 384, a multiple of 8
+  static constexpr bool ok(int r) { return r % 8 == 0 && r >= 24 && r <= 256; }
+  static_assert(kWg0 + kWg1 + kWg2 <= 3 * kLaunch, "register pool of a 384-thread CTA");
+  static_assert(ok(kWg0) && ok(kWg1) && ok(kWg2), "setmaxnreg: multiples of 8 in [24, 256]");
+  // Math warpgroups raise their budget (setmaxnreg.inc), producers lower it (.dec).
+  static_assert(kWg0 >= kLaunch && (kT ? kWg1 <= kLaunch : kWg1 >= kLaunch) && kWg2 <= kLaunch,
+                "inc for the math warpgroups, dec for the producers");
 };
 
 // Named barriers (0 is __syncthreads', 1 MathWarpsSync's).
@@ -328,11 +334,11 @@ __device__ __forceinline__ void ws_run(const Task& task, const WsShared& sh) {
       ws_math_t<Task, kMath == WsMath::kTransposed16 ? 16 : 32>(task, sh);
     } else {
       setmaxnreg_dec<Regs::kWg1>();
-      task.template produce<Regs::kWg1 >= 152>(sh, wg - 1, 2);
+      task.template produce<Regs::kWg1 >= 160>(sh, wg - 1, 2);
     }
   } else if (wg == 2) {
     setmaxnreg_dec<Regs::kWg2>();
-    task.template produce<Regs::kWg2 >= 152>(sh, 0, 1);
+    task.template produce<Regs::kWg2 >= 160>(sh, 0, 1);
   } else if constexpr (kMath == WsMath::kColumns) {
     setmaxnreg_inc<Regs::kWg0>();
     ws_math<Task, WsRole::kColumns>(task, sh);

@@ -101,7 +101,7 @@ struct SparseWsTask {
   // A producer warpgroup: fills the tile buffers of the tiles k % stride == which (see the file
   // comment). Each walks every tile of the CTA to keep the count k, and loads the indices of its
   // next own tile while it fills the current one.
-  // kWide (a producer budget of 152 registers, kTransposed*): both rounds of FP8 rows are fetched
+  // kWide (a producer budget of 160 registers, kTransposed*): both rounds of FP8 rows are fetched
   // before waiting for the empty buffer (one exposed load round-trip per tile instead of two).
   template <bool kWide>
   __device__ __forceinline__ void produce(const WsShared& sh, int which, int stride) const {
