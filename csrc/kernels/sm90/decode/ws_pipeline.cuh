@@ -23,8 +23,8 @@
 // 128 when every producer thread arrives once after its stores and a proxy fence; 256 when it also
 // arrives through cp.async.mbarrier.arrive.noinc as its copies land, and the math warps then
 // fence before reading). empty[b]: one arrival per math warp (8, or 4 for kTransposed*) once its
-// wgmmas that read the buffer have completed. The k-th use of buffer b waits for phase parity (k / 2) & 1 (full) and
-// its complement (empty: the first use of each buffer passes at once).
+// wgmmas that read the buffer have completed. The k-th tile (buffer k % 2) waits for phase parity
+// (k / 2) & 1 (full) and its complement (empty: the first use of each buffer passes at once).
 // The 256 math threads synchronize among themselves through named barriers (MathWarpsSync and the
 // kBar* ids below), never with the producer.
 //
