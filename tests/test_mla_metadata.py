@@ -193,6 +193,31 @@ def test_extension_constants_match_limits():
     assert module.constants() == limits.ALL
 
 
+@pytest.mark.parametrize("asked,want", [(None, "default"), ("ws", "ws"), ("ws_roles", "ws_roles"),
+                                        ("ws_t", "ws_t"), ("bogus", "default")])
+def test_kernel_variant_switch(asked, want):
+    """JFM_KERNEL_VARIANT picks the dense / sparse kernel variant once per process
+    (csrc/kernels/variant.h); the extension reports what it picked. Runs where the extension is
+    built (CI compiles it), each case in a fresh process."""
+    import os
+    import subprocess
+    import sys
+    try:
+        module = importlib.import_module("jax_flashmla._jax_flashmla_cuda")
+    except ImportError:
+        pytest.skip("the CUDA extension is not built here")
+    env = {k: v for k, v in os.environ.items() if k != "JFM_KERNEL_VARIANT"}
+    if asked is not None:
+        env["JFM_KERNEL_VARIANT"] = asked
+    # The child imports the very extension this process found (not a source tree's copy).
+    site = os.path.dirname(os.path.dirname(os.path.abspath(module.__file__)))
+    env["PYTHONPATH"] = site
+    code = "import jax_flashmla._jax_flashmla_cuda as m; print(m.kernel_variant())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, cwd=site).stdout.strip()
+    assert out == want
+
+
 def test_schedule_inside_shard_map_passes_check_vma():
     """The pure-JAX scheduler inside shard_map (check_vma on) gives the same integers as outside."""
     from jax.sharding import Mesh, PartitionSpec as P
