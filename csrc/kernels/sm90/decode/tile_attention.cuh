@@ -106,7 +106,8 @@ __device__ __forceinline__ void tile_qk(float (&s)[16], uint64_t desc_q, uint64_
 // cp.async of 64 rows of kDqk T into the swizzled tile at dst, by threads tid = 0 .. kThreads - 1
 // (8 per row, whole 128-byte lines: rows tid / 8 + kThreads / 8 h, chunks tid % 8 + 8 j). src_of(r)
 // is row r's first element, or nullptr for a zero-filled row (never read; the copies then name
-// `base`). Committed by the caller's next cp_async_commit.
+// `base` + 64 j, which must lie inside one row's worth of the same tensor). Committed by the
+// caller's next cp_async_commit.
 template <typename T, int kDqk, int kThreads, typename SrcOf>
 __device__ __forceinline__ void load_tile_rows(uint32_t dst, int tid, const T* base, SrcOf src_of) {
   using S = TileSmem<kDqk>;
@@ -118,11 +119,10 @@ __device__ __forceinline__ void load_tile_rows(uint32_t dst, int tid, const T* b
   for (int h = 0; h < kBlockM / kPassRows; ++h) {
     const T* row = src_of(lr + kPassRows * h);
     const bool ok = row != nullptr;
-    const T* src = ok ? row + lq * 8 : base;
+    const T* src = ok ? row + lq * 8 : base;  // (base + 64 j: never read, src-size 0)
 #pragma unroll
     for (int j = 0; j < S::kKBlocks; ++j)
-      cp_async_16(dst + j * S::kBlockBytes + h * kPassRows * 128 + off, ok ? src + 64 * j : base,
-                  ok ? 16 : 0);
+      cp_async_16(dst + j * S::kBlockBytes + h * kPassRows * 128 + off, src + 64 * j, ok ? 16 : 0);
   }
 }
 
