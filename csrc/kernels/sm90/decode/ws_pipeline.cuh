@@ -151,6 +151,20 @@ struct WsFill {
   __device__ __forceinline__ void wait_empty() const { mbarrier_wait(empty, ((k >> 1) & 1) ^ 1); }
 };
 
+// Sets accumulator element e of n-tile nt to -inf where masked(row half e >> 1, column
+// 8 nt + 2 tq + (e & 1)) holds (the accumulator layout of tile_attention.cuh; columns are counted
+// within this warpgroup's accumulator).
+template <int kRegs, typename Masked>
+__device__ __forceinline__ void mask_tile(float (&s)[kRegs], Masked masked) {
+  const int tq = threadIdx.x & 3;
+#pragma unroll
+  for (int nt = 0; nt < kRegs / 4; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      if (masked(e >> 1, nt * 8 + 2 * tq + (e & 1))) s[nt * 4 + e] = -INFINITY;
+  }
+}
+
 // What a math warpgroup does: both halves of the column split, or one side of the role split.
 enum class WsRole : int { kColumns, kScores, kValues };
 
@@ -194,25 +208,14 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       if constexpr (kRole == WsRole::kColumns) {
         float sacc[16];
         tile_qk<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            if (task.masked(cur, n, valid, e >> 1, ln.col(nt, e))) sacc[nt * 4 + e] = -INFINITY;
-        }
+        mask_tile(sacc, [&](int h, int col) { return task.masked(cur, n, valid, h, ln.wc * 32 + col); });
         tile_softmax<T, Sync>(sacc, st, sh.red, sh.sp, sl2, ln);
         fence_proxy_async();
         Sync::sync();
       } else if constexpr (kRole == WsRole::kScores) {
         float sacc[32];
         tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            if (task.masked(cur, n, valid, e >> 1, nt * 8 + 2 * ln.tq + (e & 1)))
-              sacc[nt * 4 + e] = -INFINITY;
-        }
+        mask_tile(sacc, [&](int h, int col) { return task.masked(cur, n, valid, h, col); });
         float corr[2];
         tile_softmax_rows(sacc, st, corr, sl2);
         if (n != cur.first) named_barrier_sync(kBarPFree, 256);  // values done with the last P
@@ -284,13 +287,9 @@ __device__ __forceinline__ void ws_math_t(const Task& task, const WsShared& sh) 
 
       float sacc[kN / 2];
       tile_qk_t<T, Task::kDqk, kN>(sacc, desc_k + buf_desc, desc_q);
-#pragma unroll
-      for (int nt = 0; nt < kN / 8; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (task.masked_t(cur, n, valid, ln.wr * 16 + ln.g + 8 * (e >> 1), 8 * nt + 2 * ln.tq + (e & 1)))
-            sacc[4 * nt + e] = -INFINITY;
-      }
+      mask_tile(sacc, [&](int h, int col) {  // rows: tokens, columns: query rows
+        return task.masked_t(cur, n, valid, ln.wr * 16 + ln.g + 8 * h, col);
+      });
       float corr[kCols];
       tile_softmax_t<T, kN>(sacc, st, corr, sh.red, sh.sp, sl2, kBarScores, ln);
       fence_proxy_async();

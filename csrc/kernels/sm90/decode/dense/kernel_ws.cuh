@@ -108,16 +108,14 @@ struct DenseWsTask {
     store_dense_rows<T>(p, st, inv, lse, q.index, q.slot, q.nsplit, row0, hk, hpk, rows_total, ln);
   }
 
-  // A producer warpgroup (`which` of `stride`: the tiles k % stride == which): rows lr + 16 h
-  // (h < 4) of each page, 16-byte chunks lq + 8 j (whole 128-byte lines); the page id of its next
-  // tile is loaded while this one is waited for and copied.
+  // A producer warpgroup (`which` of `stride`: the tiles k % stride == which): each page's 64 rows
+  // of this KV head by load_tile_rows (128 threads: rows lr + 16 h); the page id of its next tile
+  // is loaded while this one is waited for and copied.
   template <bool kWide>  // (no staging registers here: the copies are cp.async)
   __device__ __forceinline__ void produce(const WsShared& sh, int which, int stride) const {
-    using S = TileSmem<kDqk>;
     const T* __restrict__ kvg = reinterpret_cast<const T*>(p.kv);
     const int ptid = threadIdx.x & 127;
     const int lr = ptid >> 3, lq = ptid & 7;
-    const uint32_t ld_off = static_cast<uint32_t>(lr * 128 + ((lq ^ (lr & 7)) << 4));
     uint32_t k0 = 0;  // the CTA's tiles before this sequence's
     for (int s = begin_seq; s <= end_seq; ++s) {
       const Seq q = seq(s);
@@ -130,18 +128,14 @@ struct DenseWsTask {
         const bool blk_ok = blk >= 0 && blk < p.num_kv_blocks;
         const WsFill fill(sh, k);
         fill.wait_empty();
+        auto present = [&](int r) { return blk_ok && n * kPageBlock + r < q.len; };
+        load_tile_rows<T, kDqk, 128>(fill.tile, ptid, kvg, [&](int r) -> const T* {
+          const size_t row = static_cast<size_t>(blk) * kPageBlock + r;
+          return present(r) ? kvg + (row * p.h_kv + hk) * kDqk : nullptr;
+        });
 #pragma unroll
-        for (int h = 0; h < 4; ++h) {
-          const int r = lr + 16 * h;
-          const bool ok = blk_ok && n * kPageBlock + r < q.len;
-          const size_t row = static_cast<size_t>(blk_ok ? blk : 0) * kPageBlock + r;
-          const T* src = ok ? kvg + (row * p.h_kv + hk) * kDqk + lq * 8 : kvg;
-#pragma unroll
-          for (int j = 0; j < S::kKBlocks; ++j)
-            cp_async_16(fill.tile + j * S::kBlockBytes + h * 16 * 128 + ld_off, src + 64 * j,
-                        ok ? 16 : 0);
-          if (lq == 0) fill.valid[r] = ok;
-        }
+        for (int h = 0; h < 4; ++h)
+          if (lq == 0) fill.valid[lr + 16 * h] = present(lr + 16 * h);
         mbarrier_arrive(fill.full);                  // the validity bytes
         cp_async_mbarrier_arrive_noinc(fill.full);   // the rows, when they land
         blk = blk_next;

@@ -105,13 +105,11 @@ struct SparseWsTask {
   // before waiting for the empty buffer (one exposed load round-trip per tile instead of two).
   template <bool kWide>
   __device__ __forceinline__ void produce(const WsShared& sh, int which, int stride) const {
-    using S = TileSmem<kDqk>;
     const int ptid = threadIdx.x & 127;
     // FP8: a quarter (j) of token t in round 0 and of token t + 32 in round 1 (Fp8Slot's map over
-    // four warps). bf16: rows lr + 16 h (h < 4), 16-byte chunks lq + 8 j (whole 128-byte lines).
+    // four warps). bf16: rows lr + 16 h (h < 4) by load_tile_rows with 128 threads.
     const Fp8Slot slot(ptid);
     const int lr = ptid >> 3, lq = ptid & 7;
-    const uint32_t ld_off = static_cast<uint32_t>(lr * 128 + ((lq ^ (lr & 7)) << 4));
     using Stage = typename Fp8Stage<kFmt == KvFormat::kBf16 ? KvFormat::kFp8V32 : kFmt>::type;
     Stage stage, stage2;  // stage2: round 1 when kWide
     stage.j_ = slot.j;
@@ -165,16 +163,15 @@ struct SparseWsTask {
         } else {
           load_indices(n_next, idx_next);
           fill.wait_empty();
+          const bf16* rows = reinterpret_cast<const bf16*>(pool.data);
+          // Row lr + 16 h of the tile is this thread's position h (lr < 16).
+          load_tile_rows<bf16, kDqk, 128>(fill.tile, ptid, rows, [&](int t) -> const bf16* {
+            const int64_t r = q.rows.row_of(idx[t >> 4], pool_id);
+            return r >= 0 ? rows + r * kDqk : nullptr;
+          });
 #pragma unroll
-          for (int h = 0; h < 4; ++h) {
-            const int64_t r = q.rows.row_of(idx[h], pool_id);
-            const bf16* src = reinterpret_cast<const bf16*>(pool.data) + (r >= 0 ? r : 0) * kDqk + lq * 8;
-#pragma unroll
-            for (int j = 0; j < S::kKBlocks; ++j)
-              cp_async_16(fill.tile + j * S::kBlockBytes + h * 16 * 128 + ld_off, src + 64 * j,
-                          r >= 0 ? 16 : 0);
-            if (lq == 0) fill.valid[lr + 16 * h] = r >= 0;
-          }
+          for (int h = 0; h < 4; ++h)
+            if (lq == 0) fill.valid[lr + 16 * h] = q.rows.row_of(idx[h], pool_id) >= 0;
           mbarrier_arrive(fill.full);                  // the validity bytes
           cp_async_mbarrier_arrive_noinc(fill.full);   // the rows, when they land
         }
