@@ -37,6 +37,17 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// Host: opt the kernel into `smem` bytes of dynamic shared memory, launch it, return the error.
+template <typename Params>
+cudaError_t launch_with_smem(void (*kernel)(Params), dim3 grid, int threads, size_t smem,
+                             cudaStream_t stream, const Params& p) {
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(smem));
+  if (e != cudaSuccess) return e;
+  kernel<<<grid, threads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
 // ---- Warp-specialized pipelines: mbarriers, named barriers, register reallocation -----------
 // mbarrier in shared memory (8 bytes, 8-byte aligned). A phase completes when `count` arrivals
 // have happened; waiting on parity P returns once the phase of parity P has completed (on a fresh

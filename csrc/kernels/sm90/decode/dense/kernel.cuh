@@ -139,14 +139,8 @@ __global__ void __launch_bounds__(256, 1) dense_decode_kernel(const DenseDecodeP
 
 template <typename T>
 cudaError_t launch_dense_decode(const DenseDecodeParams& p, cudaStream_t stream) {
-  using S = TileSmem<kDenseDqk>;
-  cudaError_t e = cudaFuncSetAttribute(dense_decode_kernel<T>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(S::kBytes));
-  if (e != cudaSuccess) return e;
-  dim3 grid(p.num_sm_parts, p.num_m_blocks, p.h_kv);
-  dense_decode_kernel<T><<<grid, 256, S::kBytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_with_smem(dense_decode_kernel<T>, dim3(p.num_sm_parts, p.num_m_blocks, p.h_kv), 256,
+                          TileSmem<kDenseDqk>::kBytes, stream, p);
 }
 
 }  // namespace sm90

@@ -157,14 +157,8 @@ __global__ void __launch_bounds__(384, 1) dense_decode_ws_kernel(const __grid_co
 
 template <typename T, WsMath kMath>
 cudaError_t launch_dense_decode_ws(const DenseDecodeParams& p, cudaStream_t stream) {
-  using W = WsSmem<kDenseDqk>;
-  cudaError_t e = cudaFuncSetAttribute(dense_decode_ws_kernel<T, kMath>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(W::kBytes));
-  if (e != cudaSuccess) return e;
-  dim3 grid(p.num_sm_parts, p.num_m_blocks, p.h_kv);
-  dense_decode_ws_kernel<T, kMath><<<grid, 384, W::kBytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_with_smem(dense_decode_ws_kernel<T, kMath>, dim3(p.num_sm_parts, p.num_m_blocks, p.h_kv),
+                          384, WsSmem<kDenseDqk>::kBytes, stream, p);
 }
 
 }  // namespace sm90

@@ -74,6 +74,12 @@ struct CtaWork {
   __device__ __forceinline__ int split(int seq) const { return seq == begin_seq ? begin_split : 0; }
 };
 
+// Grid of a sparse attention launch: schedule rows (decode) or query tokens (prefill) x row blocks.
+inline dim3 sparse_grid(const SparseDecodeParams& p) {
+  return dim3(p.tile_scheduler_metadata != nullptr ? p.num_sm_parts : p.batch * p.s_q,
+              p.num_m_blocks);
+}
+
 // Position -> (pool, flat row) for one query token, and which tiles hold any counted position.
 struct TokenRows {
   const SparseDecodeParams& p;

@@ -168,15 +168,8 @@ __global__ void __launch_bounds__(256, 1) sparse_attention_kernel(const __grid_c
 
 template <KvFormat kFmt, int kDqk>
 cudaError_t launch_sparse_attention(const SparseDecodeParams& p, cudaStream_t stream) {
-  using S = TileSmem<kDqk>;
-  cudaError_t e = cudaFuncSetAttribute(sparse_attention_kernel<kFmt, kDqk>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(S::kBytes));
-  if (e != cudaSuccess) return e;
-  const int num_tokens = p.batch * p.s_q;
-  dim3 grid(p.tile_scheduler_metadata != nullptr ? p.num_sm_parts : num_tokens, p.num_m_blocks);
-  sparse_attention_kernel<kFmt, kDqk><<<grid, 256, S::kBytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_with_smem(sparse_attention_kernel<kFmt, kDqk>, sparse_grid(p), 256,
+                          TileSmem<kDqk>::kBytes, stream, p);
 }
 
 }  // namespace sm90

@@ -197,15 +197,8 @@ __global__ void __launch_bounds__(384, 1)
 
 template <KvFormat kFmt, int kDqk, WsMath kMath>
 cudaError_t launch_sparse_attention_ws(const SparseDecodeParams& p, cudaStream_t stream) {
-  using W = WsSmem<kDqk>;
-  cudaError_t e = cudaFuncSetAttribute(sparse_attention_ws_kernel<kFmt, kDqk, kMath>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(W::kBytes));
-  if (e != cudaSuccess) return e;
-  const int num_tokens = p.batch * p.s_q;
-  dim3 grid(p.tile_scheduler_metadata != nullptr ? p.num_sm_parts : num_tokens, p.num_m_blocks);
-  sparse_attention_ws_kernel<kFmt, kDqk, kMath><<<grid, 384, W::kBytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_with_smem(sparse_attention_ws_kernel<kFmt, kDqk, kMath>, sparse_grid(p), 384,
+                          WsSmem<kDqk>::kBytes, stream, p);
 }
 
 }  // namespace sm90
