@@ -2,10 +2,10 @@
 
 scripts/device_bench.sh runs side_by_side.py once as usual (ours + FlashMLA) and, for each
 variant in VARIANTS, once more with ours only under that variant's switch (for example
-JFM_KERNEL_VARIANT=ws), each on the same inputs. This prints, per case, ours (default), each
+JFM_KERNEL_VARIANT=v1), each on the same inputs. This prints, per case, ours (default), each
 variant, FlashMLA, and each variant's ratio to FlashMLA and to the default, with geomeans.
 
-  python benchmarks/sbs_variants.py OUT/side_by_side.json ws=OUT/ws/side_by_side.json
+  python benchmarks/sbs_variants.py OUT/side_by_side.json v1=OUT/v1/side_by_side.json
 """
 import json
 import math

@@ -4,12 +4,11 @@
 # Nsight Compute, benchmarks and the examples. Logs go to $OUT; exits non-zero if any stage failed.
 # From the repo root, carrying the nvidia-cutlass wheel (docs/BUILDING.md):
 #   run(command="bash scripts/device_check.sh", carry=[".whl"])
-# Stages: STAGES="build cpu-suite smoke gpu gpu-ws memcheck racecheck synccheck ab ncu bench
+# Stages: STAGES="build cpu-suite smoke gpu gpu-alt memcheck racecheck synccheck ab ncu bench
 # example" (default: build gpu memcheck racecheck bench example). smoke runs a few calls of every
-# kernel per SMOKE_VARIANTS (default "default ws ws_roles ws_t"); gpu-ws runs the kernel GPU
-# tests on each warp-specialized variant in WS_VARIANTS (default "ws ws_roles ws_t",
-# JFM_KERNEL_VARIANT);
-# SAN_VARIANTS (e.g. "default ws ws_roles ws_t") runs the sanitizers on each. SUITE_TESTS /
+# kernel per SMOKE_VARIANTS (default "ws v1", JFM_KERNEL_VARIANT); gpu-alt runs the kernel GPU
+# tests on each variant in ALT_VARIANTS (default "v1": the kernels before the warp-specialized
+# ones); SAN_VARIANTS (default "ws"; "ws v1" for both) runs the sanitizers on each. SUITE_TESTS /
 # GPU_TESTS narrow the suites (paths relative to the repo root). Stage ab: `git archive -o
 # .abase/base.tar <commit>` here first and carry .abase; it builds that tree beside this one and
 # times both with BENCH_AB_ARGS (each in its own process).
@@ -30,7 +29,7 @@ if has smoke; then
   # A few calls of every kernel per variant, checked against the reference, each variant in its
   # own process under a short timeout: a hang or a wrong result shows up here in seconds, not in
   # the long test stages.
-  for variant in ${SMOKE_VARIANTS:-default ws ws_roles ws_t}; do
+  for variant in ${SMOKE_VARIANTS:-ws v1}; do
     log "smoke: tests/gpu/sanitize_kernels.py with JFM_KERNEL_VARIANT=$variant"
     JFM_KERNEL_VARIANT=$variant XLA_FLAGS=--xla_gpu_autotune_level=0 timeout ${SMOKE_TIMEOUT:-120} \
       python3 "$REPO/tests/gpu/sanitize_kernels.py" 2>&1 | tee "$OUT/smoke_$variant.log" | tail -4
@@ -45,21 +44,21 @@ if has gpu; then
     | tee "$OUT/gpu.log" | grep -vE "^(tests|/)" | tail -45
   [ "${PIPESTATUS[0]}" -eq 0 ] || fail gpu
 fi
-if has gpu-ws; then
-  for variant in ${WS_VARIANTS:-ws ws_roles ws_t}; do
-    log "GPU dense + sparse kernel tests on the warp-specialized kernels (JFM_KERNEL_VARIANT=$variant)"
+if has gpu-alt; then
+  for variant in ${ALT_VARIANTS:-v1}; do
+    log "GPU dense + sparse kernel tests on JFM_KERNEL_VARIANT=$variant"
     JFM_KERNEL_VARIANT=$variant XLA_FLAGS=--xla_gpu_autotune_level=0 timeout ${GPU_TIMEOUT:-420} \
       python3 -m pytest -q -p no:cacheprovider --tb=short -rf --maxfail=${GPU_MAXFAIL:-8} -m gpu \
-      $(printf "$REPO/%s " ${GPU_WS_TESTS:-tests/gpu/test_dense_decode_gpu.py tests/gpu/test_sparse_decode_gpu.py tests/gpu/test_sparse_prefill_gpu.py tests/gpu/test_malformed_gpu.py}) 2>&1 \
+      $(printf "$REPO/%s " ${GPU_ALT_TESTS:-tests/gpu/test_dense_decode_gpu.py tests/gpu/test_sparse_decode_gpu.py tests/gpu/test_sparse_prefill_gpu.py tests/gpu/test_malformed_gpu.py}) 2>&1 \
       | tee "$OUT/gpu_$variant.log" | grep -vE "^(tests|/)" | tail -45
-    [ "${PIPESTATUS[0]}" -eq 0 ] || fail "gpu-ws $variant"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || fail "gpu-alt $variant"
   done
 fi
-# Sanitizers over every kernel; SAN_VARIANTS (e.g. "default ws ws_roles ws_t") also runs them with a
-# warp-specialized variant switched on (synccheck: their named barriers and mbarriers).
+# Sanitizers over every kernel, per SAN_VARIANTS (default "ws"; synccheck checks the named
+# barriers and mbarriers of the warp-specialized kernels).
 for tool in memcheck racecheck synccheck; do
   has $tool || continue
-  for variant in ${SAN_VARIANTS:-default}; do
+  for variant in ${SAN_VARIANTS:-ws}; do
     log "compute-sanitizer $tool ($variant): every kernel (tests/gpu/sanitize_kernels.py)"
     env $SAN JFM_KERNEL_VARIANT=$variant timeout ${SAN_TIMEOUT:-240} compute-sanitizer \
       --tool $tool --kernel-name kns=jfm --print-limit 20 --error-exitcode 9 \

@@ -97,11 +97,12 @@ constexpr int kDenseDqk = 576;
 // ---- Sparse decode and sparse prefill (token-level gathers, h_kv = 1) --------------------------
 // Cache formats a sparse kernel reads (the layout follows from d_qk for FP8: SEMANTICS.md).
 enum class KvFormat : int { kBf16 = 0, kFp8V32 = 1, kFp8V4 = 2 };
-// How the warp-specialized kernels (sm90/decode/ws_pipeline.cuh) split the math: between two
-// math warpgroups, half of S and of O each (kColumns) or S + softmax on one of them (kRoles); or,
-// for at most 16 / 32 query rows, one math warpgroup computing S^T and O^T with N = the rows
-// (kTransposed16 / 32) while two warpgroups gather.
-enum class WsMath : int { kColumns = 0, kRoles = 1, kTransposed16 = 2, kTransposed32 = 3 };
+// How the warp-specialized kernels (sm90/decode/ws_pipeline.cuh) split the math: S + softmax on
+// one of two math warpgroups, O's columns halved between them (kRoles); or, for at most 16 / 32
+// query rows, one math warpgroup computing S^T and O^T with N = the rows (kTransposed16 / 32)
+// while two warpgroups gather. (A column split of S between the two, kColumns, measured slower
+// than kRoles on every case: docs/PERFORMANCE.md, 2026-12-01.)
+enum class WsMath : int { kRoles = 1, kTransposed16 = 2, kTransposed32 = 3 };
 
 // One KV pool and the flat rows each query token picks from it.
 struct SparsePool {

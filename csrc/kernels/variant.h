@@ -1,9 +1,9 @@
-// Which kernel variant this process runs, for the kernels that have more than one while the
-// variants are measured against each other on the device: JFM_KERNEL_VARIANT=ws, ws_roles or ws_t
-// in the environment picks the warp-specialized dense and sparse decode kernels (kernel_ws.cuh,
-// with WsMath::kColumns / kRoles; ws_t: kTransposed16 / 32 where a CTA has at most 16 / 32 query
-// rows, else kRoles); anything else (or nothing) the default kernels. Read once per process
-// (host code).
+// Which generation of the dense and sparse decode kernels this process runs. The default is the
+// warp-specialized kernels (kernel_ws.cuh: producer warpgroups gather, math warpgroups compute;
+// WsMath::kTransposed16 / 32 where a CTA has at most 16 / 32 query rows, else kRoles).
+// JFM_KERNEL_VARIANT=v1 picks the earlier kernels (kernel.cuh: every thread gathers and
+// computes), kept for A/B measurements and as a fallback while the warp-specialized kernels are
+// new; anything else (or nothing) the default. Read once per process (host code).
 #pragma once
 
 #include <cstdlib>
@@ -11,26 +11,16 @@
 
 namespace jfm {
 
-enum class KernelVariant { kDefault, kWsColumns, kWsRoles, kWsTransposed };
+enum class KernelVariant { kWs, kV1 };
 
 inline KernelVariant kernel_variant() {
   static const KernelVariant v = [] {
     const char* e = std::getenv("JFM_KERNEL_VARIANT");
-    if (e != nullptr && std::strcmp(e, "ws") == 0) return KernelVariant::kWsColumns;
-    if (e != nullptr && std::strcmp(e, "ws_roles") == 0) return KernelVariant::kWsRoles;
-    if (e != nullptr && std::strcmp(e, "ws_t") == 0) return KernelVariant::kWsTransposed;
-    return KernelVariant::kDefault;
+    return e != nullptr && std::strcmp(e, "v1") == 0 ? KernelVariant::kV1 : KernelVariant::kWs;
   }();
   return v;
 }
 
-inline const char* kernel_variant_name() {
-  switch (kernel_variant()) {
-    case KernelVariant::kWsColumns: return "ws";
-    case KernelVariant::kWsRoles: return "ws_roles";
-    case KernelVariant::kWsTransposed: return "ws_t";
-    default: return "default";
-  }
-}
+inline const char* kernel_variant_name() { return kernel_variant() == KernelVariant::kV1 ? "v1" : "ws"; }
 
 }  // namespace jfm

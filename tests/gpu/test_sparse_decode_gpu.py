@@ -74,12 +74,12 @@ def test_kernel_is_in_the_compiled_module():
 
 
 def test_the_requested_kernel_variant_runs():
-    """JFM_KERNEL_VARIANT=ws / ws_roles / ws_t (scripts/device_check.sh, stage gpu-ws) must reach the
-    extension: otherwise that stage would test the default kernels again."""
+    """JFM_KERNEL_VARIANT=v1 (scripts/device_check.sh, stage gpu-alt) must reach the extension:
+    otherwise that stage would test the default (warp-specialized) kernels again."""
     require_kernels()
     from jax_flashmla import _ffi
     asked = os.environ.get("JFM_KERNEL_VARIANT")
-    want = asked if asked in ("ws", "ws_roles", "ws_t") else "default"
+    want = "v1" if asked == "v1" else "ws"
     assert _ffi.extension().kernel_variant() == want
 
 

@@ -66,6 +66,8 @@ __device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
 __device__ __forceinline__ void cp_async_mbarrier_arrive_noinc(uint32_t bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
+// Whole warps only: the warp leaves converged (its threads may see the phase complete on
+// different polls; what follows is often a .aligned wgmma or barrier).
 __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
   uint32_t done;
   do {
@@ -76,16 +78,20 @@ __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
         : "r"(bar), "r"(parity)
         : "memory");
   } while (!done);
+  __syncwarp();
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
-// Barrier `id` (1..15; 0 is __syncthreads') over `count` threads, whole warps.
+// Barrier `id` (1..15; 0 is __syncthreads') over `count` threads, whole warps. The non-.aligned
+// forms (barrier.sync / barrier.arrive, not bar.*): the two role-split math warpgroups meet at the
+// same barrier from different instructions (ws_math<kScores> and ws_math<kValues>), which the
+// .aligned forms do not allow (compute-sanitizer synccheck: "Divergent thread(s) in block").
 __device__ __forceinline__ void named_barrier_sync(int id, int count) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+  asm volatile("barrier.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
 // Arrive at barrier `id` without waiting (the waiting side calls named_barrier_sync with the
 // same count: arrivals + waiters). Earlier shared-memory writes are visible to the waiters.
 __device__ __forceinline__ void named_barrier_arrive(int id, int count) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+  asm volatile("barrier.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
 // Per-warpgroup register budget (every warp of the warpgroup executes it; multiples of 8).
 template <int kRegs>

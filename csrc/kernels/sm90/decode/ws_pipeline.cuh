@@ -5,9 +5,6 @@
 //  * Warpgroups 0-1, the math warps: Q tile, then per 64-token tile: wait until the tile's buffer
 //    is full, S = Q K^T, masked online softmax, O += P V, mark the buffer empty. They never touch
 //    the KV cache. Two ways to split the math (WsMath, params.h):
-//    - kColumns: tile_attention.cuh's split: each warpgroup computes S for 32 of the 64 tokens,
-//      the two exchange row maxima through shared memory, and each accumulates half of O's
-//      columns from the shared P.
 //    - kRoles: warpgroup 0 (scores) computes the whole S tile (m64n64) and its softmax without any
 //      exchange, writes P and each row's correction factor to shared memory (named barrier
 //      "P ready"), and accumulates O[:, 0..256); warpgroup 1 (values) rescales and accumulates
@@ -15,6 +12,8 @@
 //      while warpgroup 1 still accumulates the previous one.
 //    - kTransposed16 / 32 (at most 16 / 32 query rows): warpgroup 0 alone does the math with the
 //      query rows as the wgmma N dimension (tile_attention.cuh, "Transposed"): no padded rows.
+//    (kColumns, tile_attention.cuh's column split of S between the two math warpgroups with a
+//    row-max exchange, measured slower than kRoles everywhere and is gone.)
 //      Warpgroup 1 is then a second producer.
 //  * Warpgroup 2 (and 1 for kTransposed*), the producer(s): walk the same tiles and fill buffer
 //    k % 2 for the k-th tile of the CTA once the math warps have emptied it (the task's
@@ -25,7 +24,7 @@
 // fence before reading). empty[b]: one arrival per math warp (8, or 4 for kTransposed*) once its
 // wgmmas that read the buffer have completed. The k-th tile (buffer k % 2) waits for phase parity
 // (k / 2) & 1 (full) and its complement (empty: the first use of each buffer passes at once).
-// The 256 math threads synchronize among themselves through named barriers (MathWarpsSync and the
+// The math threads synchronize among themselves through named barriers (MathWarpsSync and the
 // kBar* ids below), never with the producer.
 //
 // A task (one per kernel family) provides, for the CTA it is constructed in:
@@ -60,8 +59,8 @@ constexpr bool ws_transposed(WsMath m) {
 template <WsMath kMath>
 struct WsRegs {
   static constexpr bool kT = ws_transposed(kMath);
-  static constexpr int kWg0 = kT ? 184 : kMath == WsMath::kColumns ? 208 : 232;
-  static constexpr int kWg1 = kT ? 160 : kMath == WsMath::kColumns ? 208 : 184;
+  static constexpr int kWg0 = kT ? 184 : 232;
+  static constexpr int kWg1 = kT ? 160 : 184;
   static constexpr int kWg2 = kT ? 160 : 88;  // the producer
   static constexpr int kLaunch = 168;         // 65536 / 384, a multiple of 8
   static constexpr bool ok(int r) { return r % 8 == 0 && r >= 24 && r <= 256; }
@@ -165,8 +164,8 @@ __device__ __forceinline__ void mask_tile(float (&s)[kRegs], Masked masked) {
   }
 }
 
-// What a math warpgroup does: both halves of the column split, or one side of the role split.
-enum class WsRole : int { kColumns, kScores, kValues };
+// Which side of the role split a math warpgroup takes.
+enum class WsRole : int { kScores, kValues };
 
 // The math warps' loop over this CTA's sequences and tiles. One instantiation per role, so that
 // each warpgroup's code is register-allocated within its own setmaxnreg budget (with one loop for
@@ -179,9 +178,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   const Lane ln;
   const float sl2 = task.softmax_scale * 1.4426950408889634f;
   const uint64_t desc_q = gmma_desc_sw128(sh.sq, 16, 1024);
-  // kColumns: this warpgroup's 32 rows of the K tile; kScores: all 64.
-  const uint64_t desc_k =
-      gmma_desc_sw128(sh.sk0 + (kRole == WsRole::kColumns ? ln.wc * 32 * 128 : 0), 16, 1024);
+  const uint64_t desc_k = gmma_desc_sw128(sh.sk0, 16, 1024);  // all 64 rows of the K tile
   const uint64_t desc_p = gmma_desc_sw128(sh.sp, 16, 1024);
   const uint64_t desc_v = gmma_desc_sw128(sh.sk0 + ln.wc * 4 * S::kBlockBytes, S::kBlockBytes, 1024);
 
@@ -205,14 +202,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       const uint32_t buf_desc = buf * (S::kTileBytes >> 4);
       const uint8_t* valid = sh.valid + buf * kTileTokens;
 
-      if constexpr (kRole == WsRole::kColumns) {
-        float sacc[16];
-        tile_qk<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
-        mask_tile(sacc, [&](int h, int col) { return task.masked(cur, n, valid, h, ln.wc * 32 + col); });
-        tile_softmax<T, Sync>(sacc, st, sh.red, sh.sp, sl2, ln);
-        fence_proxy_async();
-        Sync::sync();
-      } else if constexpr (kRole == WsRole::kScores) {
+      if constexpr (kRole == WsRole::kScores) {
         float sacc[32];
         tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
         mask_tile(sacc, [&](int h, int col) { return task.masked(cur, n, valid, h, col); });
@@ -241,13 +231,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       n = n_next;
     }
     float inv[2], lse[2], m[2];
-    if constexpr (kRole == WsRole::kColumns) {
-      tile_finish<Sync>(st, sh.red, task.softmax_scale, task.empty_lse(cur), inv, lse, ln);
-      m[0] = st.m[0];
-      m[1] = st.m[1];
-    } else {
-      tile_finish_rows<Sync>(st, sh.red, task.softmax_scale, task.empty_lse(cur), inv, lse, m, ln);
-    }
+    tile_finish_rows<Sync>(st, sh.red, task.softmax_scale, task.empty_lse(cur), inv, lse, m, ln);
     task.store_rows(cur, st, inv, lse, m, ln);
   }
 }
@@ -338,9 +322,6 @@ __device__ __forceinline__ void ws_run(const Task& task, const WsShared& sh) {
   } else if (wg == 2) {
     setmaxnreg_dec<Regs::kWg2>();
     task.template produce<Regs::kWg2 >= 160>(sh, 0, 1);
-  } else if constexpr (kMath == WsMath::kColumns) {
-    setmaxnreg_inc<Regs::kWg0>();
-    ws_math<Task, WsRole::kColumns>(task, sh);
   } else if (wg == 0) {
     setmaxnreg_inc<Regs::kWg0>();
     ws_math<Task, WsRole::kScores>(task, sh);

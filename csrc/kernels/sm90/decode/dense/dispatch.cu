@@ -1,6 +1,6 @@
-// The dense decode launchers of params.h: the element type's instantiation of the kernel variant
-// this process runs (kernels/variant.h): kernel.cuh, or kernel_ws.cuh with the column-,
-// role-split or transposed math.
+// The dense decode launchers of params.h: the element type's instantiation of the kernel
+// generation this process runs (kernels/variant.h): kernel_ws.cuh with the transposed math for at
+// most 32 query rows per CTA and the role split above, or (v1) kernel.cuh.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -18,17 +18,11 @@ cudaError_t launch_dense_decode_ws(const DenseDecodeParams& p, cudaStream_t stre
 namespace {
 template <typename T>
 cudaError_t launch(const DenseDecodeParams& p, cudaStream_t stream) {
-  switch (kernel_variant()) {
-    case KernelVariant::kWsColumns: return sm90::launch_dense_decode_ws<T, WsMath::kColumns>(p, stream);
-    case KernelVariant::kWsRoles: return sm90::launch_dense_decode_ws<T, WsMath::kRoles>(p, stream);
-    case KernelVariant::kWsTransposed: {  // a CTA's query rows: s_q * h_q / h_kv, at most 64
-      const int rows = p.s_q * (p.h_q / p.h_kv);
-      if (rows <= 16) return sm90::launch_dense_decode_ws<T, WsMath::kTransposed16>(p, stream);
-      if (rows <= 32) return sm90::launch_dense_decode_ws<T, WsMath::kTransposed32>(p, stream);
-      return sm90::launch_dense_decode_ws<T, WsMath::kRoles>(p, stream);
-    }
-    default: return sm90::launch_dense_decode<T>(p, stream);
-  }
+  if (kernel_variant() == KernelVariant::kV1) return sm90::launch_dense_decode<T>(p, stream);
+  const int rows = p.s_q * (p.h_q / p.h_kv);  // a CTA's query rows, at most 64
+  if (rows <= 16) return sm90::launch_dense_decode_ws<T, WsMath::kTransposed16>(p, stream);
+  if (rows <= 32) return sm90::launch_dense_decode_ws<T, WsMath::kTransposed32>(p, stream);
+  return sm90::launch_dense_decode_ws<T, WsMath::kRoles>(p, stream);
 }
 }  // namespace
 

@@ -1,10 +1,9 @@
-// bf16 instantiations of the warp-specialized dense decode kernel, every math split (own
+// bf16 instantiations of the warp-specialized dense decode kernel, each math split (own
 // translation unit: parallel builds).
 #include "kernels/sm90/decode/dense/kernel_ws.cuh"
 
 namespace jfm {
 namespace sm90 {
-template cudaError_t launch_dense_decode_ws<__nv_bfloat16, WsMath::kColumns>(const DenseDecodeParams&, cudaStream_t);
 template cudaError_t launch_dense_decode_ws<__nv_bfloat16, WsMath::kRoles>(const DenseDecodeParams&, cudaStream_t);
 template cudaError_t launch_dense_decode_ws<__nv_bfloat16, WsMath::kTransposed16>(const DenseDecodeParams&, cudaStream_t);
 template cudaError_t launch_dense_decode_ws<__nv_bfloat16, WsMath::kTransposed32>(const DenseDecodeParams&, cudaStream_t);

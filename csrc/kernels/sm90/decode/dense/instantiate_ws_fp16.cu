@@ -1,10 +1,9 @@
-// fp16 instantiations of the warp-specialized dense decode kernel, every math split (own
+// fp16 instantiations of the warp-specialized dense decode kernel, each math split (own
 // translation unit: parallel builds).
 #include "kernels/sm90/decode/dense/kernel_ws.cuh"
 
 namespace jfm {
 namespace sm90 {
-template cudaError_t launch_dense_decode_ws<__half, WsMath::kColumns>(const DenseDecodeParams&, cudaStream_t);
 template cudaError_t launch_dense_decode_ws<__half, WsMath::kRoles>(const DenseDecodeParams&, cudaStream_t);
 template cudaError_t launch_dense_decode_ws<__half, WsMath::kTransposed16>(const DenseDecodeParams&, cudaStream_t);
 template cudaError_t launch_dense_decode_ws<__half, WsMath::kTransposed32>(const DenseDecodeParams&, cudaStream_t);

@@ -1,6 +1,7 @@
-// Picks the sparse attention instantiation for a cache format and d_qk, and the kernel variant
-// (kernels/variant.h): kernel.cuh (every thread gathers and computes) or kernel_ws.cuh (a
-// producer warpgroup gathers) with the column-, role-split or transposed math.
+// Picks the sparse attention instantiation for a cache format and d_qk, and the kernel
+// generation (kernels/variant.h): kernel_ws.cuh (producer warpgroups gather) with the transposed
+// math for at most 32 heads and the role split above, or (v1) kernel.cuh (every thread gathers
+// and computes).
 #include "kernels/params.h"
 #include "kernels/variant.h"
 
@@ -15,18 +16,11 @@ cudaError_t launch_sparse_attention_ws(const SparseDecodeParams& p, cudaStream_t
 namespace {
 template <KvFormat kFmt, int kDqk>
 cudaError_t launch(const SparseDecodeParams& p, cudaStream_t stream) {
-  switch (kernel_variant()) {
-    case KernelVariant::kWsColumns:
-      return sm90::launch_sparse_attention_ws<kFmt, kDqk, WsMath::kColumns>(p, stream);
-    case KernelVariant::kWsRoles:
-      return sm90::launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRoles>(p, stream);
-    case KernelVariant::kWsTransposed:  // a CTA's query rows: the heads, at most 64
-      if (p.h_q <= 16) return sm90::launch_sparse_attention_ws<kFmt, kDqk, WsMath::kTransposed16>(p, stream);
-      if (p.h_q <= 32) return sm90::launch_sparse_attention_ws<kFmt, kDqk, WsMath::kTransposed32>(p, stream);
-      return sm90::launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRoles>(p, stream);
-    default:
-      return sm90::launch_sparse_attention<kFmt, kDqk>(p, stream);
-  }
+  if (kernel_variant() == KernelVariant::kV1) return sm90::launch_sparse_attention<kFmt, kDqk>(p, stream);
+  // A CTA's query rows: the heads, at most 64.
+  if (p.h_q <= 16) return sm90::launch_sparse_attention_ws<kFmt, kDqk, WsMath::kTransposed16>(p, stream);
+  if (p.h_q <= 32) return sm90::launch_sparse_attention_ws<kFmt, kDqk, WsMath::kTransposed32>(p, stream);
+  return sm90::launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRoles>(p, stream);
 }
 }  // namespace
 
