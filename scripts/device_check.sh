@@ -6,9 +6,10 @@
 #   run(command="bash scripts/device_check.sh", carry=[".whl"])
 # Stages: STAGES="build cpu-suite smoke gpu gpu-alt memcheck racecheck synccheck ab ncu bench
 # example" (default: build gpu memcheck racecheck bench example). smoke runs a few calls of every
-# kernel per SMOKE_VARIANTS (default "ws v1", JFM_KERNEL_VARIANT); gpu-alt runs the kernel GPU
-# tests on each variant in ALT_VARIANTS (default "v1": the kernels before the warp-specialized
-# ones); SAN_VARIANTS (default "ws"; "ws v1" for both) runs the sanitizers on each. SUITE_TESTS /
+# kernel per SMOKE_VARIANTS (default "ws next", JFM_KERNEL_VARIANT); gpu-alt runs the kernel GPU
+# tests on each variant in ALT_VARIANTS (default "next": the candidate being measured; "v1": the
+# kernels before the warp-specialized ones); SAN_VARIANTS (default "ws"; e.g. "ws next") runs the
+# sanitizers on each. SUITE_TESTS /
 # GPU_TESTS narrow the suites (paths relative to the repo root). Stage ab: `git archive -o
 # .abase/base.tar <commit>` here first and carry .abase; it builds that tree beside this one and
 # times both with BENCH_AB_ARGS (each in its own process).
@@ -29,7 +30,7 @@ if has smoke; then
   # A few calls of every kernel per variant, checked against the reference, each variant in its
   # own process under a short timeout: a hang or a wrong result shows up here in seconds, not in
   # the long test stages.
-  for variant in ${SMOKE_VARIANTS:-ws v1}; do
+  for variant in ${SMOKE_VARIANTS:-ws next}; do
     log "smoke: tests/gpu/sanitize_kernels.py with JFM_KERNEL_VARIANT=$variant"
     JFM_KERNEL_VARIANT=$variant XLA_FLAGS=--xla_gpu_autotune_level=0 timeout ${SMOKE_TIMEOUT:-120} \
       python3 "$REPO/tests/gpu/sanitize_kernels.py" 2>&1 | tee "$OUT/smoke_$variant.log" | tail -4
@@ -45,7 +46,7 @@ if has gpu; then
   [ "${PIPESTATUS[0]}" -eq 0 ] || fail gpu
 fi
 if has gpu-alt; then
-  for variant in ${ALT_VARIANTS:-v1}; do
+  for variant in ${ALT_VARIANTS:-next}; do
     log "GPU dense + sparse kernel tests on JFM_KERNEL_VARIANT=$variant"
     JFM_KERNEL_VARIANT=$variant XLA_FLAGS=--xla_gpu_autotune_level=0 timeout ${GPU_TIMEOUT:-420} \
       python3 -m pytest -q -p no:cacheprovider --tb=short -rf --maxfail=${GPU_MAXFAIL:-8} -m gpu \
@@ -79,19 +80,27 @@ if has ab && [ -f "$REPO/.abase/base.tar" ]; then
   done
 fi
 if has ncu; then
-  # NCU_CASES: "name|kernel regex|profile_decode.py args" entries separated by ';'.
-  NCU_CASES=${NCU_CASES:-"dense_h128|dense_decode_kernel|--h_q 128;dense_h16|dense_decode_kernel|--h_q 16;sparse_v32_h128|sparse_attention_kernel|--sparse v32 --h_q 128 --b 64 --s_q 2"}
+  # NCU_CASES: "name|kernel regex|profile_decode.py args" entries separated by ';'. Besides the
+  # text sections, each case leaves ncu_<name>_sass.csv.gz: warp-stall samples per SASS
+  # instruction (SourceCounters), which tell the producer warps' stalls from the math warps' in the
+  # warp-specialized kernels (WarpStateStats averages over both); read with
+  # scripts/ncu_sass_stalls.py.
+  NCU_CASES=${NCU_CASES:-"sparse_v32_h128|sparse_attention_ws_kernel|--sparse v32 --h_q 128 --b 64;sparse_v32_h16|sparse_attention_ws_kernel|--sparse v32 --h_q 16 --b 64;dense_h128|dense_decode_ws_kernel|--h_q 128"}
   log "Nsight Compute: $NCU_CASES"
   IFS=';' read -ra ncu_cases <<< "$NCU_CASES"
   for entry in "${ncu_cases[@]}"; do
     IFS='|' read -r name regex pargs <<< "$entry"
-    timeout 150 ncu --kernel-name regex:$regex --launch-skip 2 --launch-count 1 \
+    timeout 240 ncu --kernel-name regex:$regex --launch-skip 2 --launch-count 1 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
-      --section SchedulerStats --section Occupancy \
+      --section SchedulerStats --section Occupancy --section SourceCounters \
       --metrics "dram__bytes_read.sum,lts__t_sector_hit_rate.pct,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_elapsed,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
-      python3 "$REPO/benchmarks/profile_decode.py" $pargs > "$OUT/ncu_$name.txt" 2>&1
+      -o "/tmp/ncu_$name" -f python3 "$REPO/benchmarks/profile_decode.py" $pargs > "$OUT/ncu_$name.log" 2>&1
+    ncu --import "/tmp/ncu_$name.ncu-rep" > "$OUT/ncu_$name.txt" 2>&1
+    ncu --import "/tmp/ncu_$name.ncu-rep" --page source --csv --print-source sass 2>/dev/null \
+      | gzip > "$OUT/ncu_${name}_sass.csv.gz"
     echo "--- $name"
     grep -E "Duration|DRAM Throughput|dram__bytes_read|hit_rate|gmma|Compute \(SM\)|No Eligible|stalled_(barrier|long|wait|math|mio|short|lg|no_inst|not_sel|selected)|==ERR|rror" "$OUT/ncu_$name.txt" | head -30
+    python3 "$REPO/scripts/ncu_sass_stalls.py" "$OUT/ncu_${name}_sass.csv.gz" 2>&1 | head -40
   done
 fi
 if has bench; then

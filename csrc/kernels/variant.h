@@ -3,7 +3,10 @@
 // WsMath::kTransposed16 / 32 where a CTA has at most 16 / 32 query rows, else kRoles).
 // JFM_KERNEL_VARIANT=v1 picks the earlier kernels (kernel.cuh: every thread gathers and
 // computes), kept for A/B measurements and as a fallback while the warp-specialized kernels are
-// new; anything else (or nothing) the default. Read once per process (host code).
+// new. JFM_KERNEL_VARIANT=next: the candidate being measured, not yet run on a GPU (FP8 sparse
+// kernels: cache-hinted row loads, and kRolesWide's 144-register producer above 32 heads; the
+// other kernels as the default). Anything else (or nothing): the default. Read once per process
+// (host code).
 #pragma once
 
 #include <cstdlib>
@@ -11,16 +14,24 @@
 
 namespace jfm {
 
-enum class KernelVariant { kWs, kV1 };
+enum class KernelVariant { kWs, kV1, kNext };
 
 inline KernelVariant kernel_variant() {
   static const KernelVariant v = [] {
     const char* e = std::getenv("JFM_KERNEL_VARIANT");
-    return e != nullptr && std::strcmp(e, "v1") == 0 ? KernelVariant::kV1 : KernelVariant::kWs;
+    if (e != nullptr && std::strcmp(e, "v1") == 0) return KernelVariant::kV1;
+    if (e != nullptr && std::strcmp(e, "next") == 0) return KernelVariant::kNext;
+    return KernelVariant::kWs;
   }();
   return v;
 }
 
-inline const char* kernel_variant_name() { return kernel_variant() == KernelVariant::kV1 ? "v1" : "ws"; }
+inline const char* kernel_variant_name() {
+  switch (kernel_variant()) {
+    case KernelVariant::kV1: return "v1";
+    case KernelVariant::kNext: return "next";
+    default: return "ws";
+  }
+}
 
 }  // namespace jfm

@@ -10,6 +10,7 @@
 //      "P ready"), and accumulates O[:, 0..256); warpgroup 1 (values) rescales and accumulates
 //      O[:, 256..512) and hands P back ("P free"). Warpgroup 0's S of the next tile then runs
 //      while warpgroup 1 still accumulates the previous one.
+//      kRolesWide: the same with registers moved to the producer (WsRegs).
 //    - kTransposed16 / 32 (at most 16 / 32 query rows): warpgroup 0 alone does the math with the
 //      query rows as the wgmma N dimension (tile_attention.cuh, "Transposed"): no padded rows.
 //    (kColumns, tile_attention.cuh's column split of S between the two math warpgroups with a
@@ -35,7 +36,7 @@
 //   masked(const Seq&, int n, const uint8_t* valid, int h, int col) (row h of this thread);
 //   store_rows(const Seq&, const RowState&, inv, lse, m, const Lane&) (after the last tile);
 //   empty_lse(const Seq&); produce<kWide>(const WsShared&, int which, int stride) (the
-//   producers; kWide: a budget of at least 160 registers);
+//   producers; kWide: a budget of at least 144 registers);
 //   for kTransposed*: masked_t(const Seq&, n, valid, token, row) and
 //   row_out(const Seq&, row, inv, lse, m, bool write_stats) -> WsRowOut.
 #pragma once
@@ -51,7 +52,9 @@ namespace sm90 {
 // Register split: the CTA is launched with 168 per thread (65536 / 384 rounded down to a multiple
 // of 8); the math warpgroups take more and the producer gives the difference back:
 // 128 * (math warpgroup 0 + math warpgroup 1 + producer) <= 384 * 168. kRoles: warpgroup 0 holds
-// S (32) beside its O half (128), warpgroup 1 only the O half.
+// S (32) beside its O half (128), warpgroup 1 only the O half; kRolesWide moves 32 + 32 of theirs
+// to the producer (200 / 160 / 144; 152 for warpgroup 1 spilled 284 bytes), which then fetches
+// both FP8 rounds before it waits.
 // kTransposed*: one math warpgroup (O^T: at most 128) and two producers.
 constexpr bool ws_transposed(WsMath m) {
   return m == WsMath::kTransposed16 || m == WsMath::kTransposed32;
@@ -59,17 +62,23 @@ constexpr bool ws_transposed(WsMath m) {
 template <WsMath kMath>
 struct WsRegs {
   static constexpr bool kT = ws_transposed(kMath);
-  static constexpr int kWg0 = kT ? 184 : 232;
-  static constexpr int kWg1 = kT ? 160 : 184;
-  static constexpr int kWg2 = kT ? 160 : 88;  // the producer
+  static constexpr bool kWideRoles = kMath == WsMath::kRolesWide;
+  static constexpr int kWg0 = kT ? 184 : kWideRoles ? 200 : 232;
+  static constexpr int kWg1 = kT ? 160 : kWideRoles ? 160 : 184;
+  static constexpr int kWg2 = kT ? 160 : kWideRoles ? 144 : 88;  // the producer
   static constexpr int kLaunch = 168;         // 65536 / 384, a multiple of 8
+  // Producers with this budget or more fetch both FP8 rounds of a tile before they wait.
+  static constexpr bool kWideProducer = (kT ? kWg1 : kWg2) >= 144;
   static constexpr bool ok(int r) { return r % 8 == 0 && r >= 24 && r <= 256; }
   static_assert(kWg0 + kWg1 + kWg2 <= 3 * kLaunch, "register pool of a 384-thread CTA");
   static_assert(ok(kWg0) && ok(kWg1) && ok(kWg2), "setmaxnreg: multiples of 8 in [24, 256]");
-  // Math warpgroups raise their budget (setmaxnreg.inc), producers lower it (.dec).
-  static_assert(kWg0 >= kLaunch && (kT ? kWg1 <= kLaunch : kWg1 >= kLaunch) && kWg2 <= kLaunch,
-                "inc for the math warpgroups, dec for the producers");
 };
+// setmaxnreg from the launch budget to kRegs (.inc above it, .dec below, nothing at it).
+template <int kRegs, int kLaunch>
+__device__ __forceinline__ void ws_set_regs() {
+  if constexpr (kRegs > kLaunch) setmaxnreg_inc<kRegs>();
+  else if constexpr (kRegs < kLaunch) setmaxnreg_dec<kRegs>();
+}
 
 // Named barriers (0 is __syncthreads', 1 MathWarpsSync's).
 constexpr int kBarPReady = 2;   // kRoles: warpgroup 0 wrote P and the corrections (128 + 128)
@@ -310,23 +319,24 @@ __device__ __forceinline__ void ws_math_t(const Task& task, const WsShared& sh) 
 template <WsMath kMath, class Task>
 __device__ __forceinline__ void ws_run(const Task& task, const WsShared& sh) {
   using Regs = WsRegs<kMath>;
+  constexpr int kL = Regs::kLaunch;
   const int wg = threadIdx.x / 128;
   if constexpr (ws_transposed(kMath)) {
     if (wg == 0) {
-      setmaxnreg_inc<Regs::kWg0>();
+      ws_set_regs<Regs::kWg0, kL>();
       ws_math_t<Task, kMath == WsMath::kTransposed16 ? 16 : 32>(task, sh);
     } else {
-      setmaxnreg_dec<Regs::kWg1>();
-      task.template produce<Regs::kWg1 >= 160>(sh, wg - 1, 2);
+      ws_set_regs<Regs::kWg1, kL>();
+      task.template produce<Regs::kWideProducer>(sh, wg - 1, 2);
     }
   } else if (wg == 2) {
-    setmaxnreg_dec<Regs::kWg2>();
-    task.template produce<Regs::kWg2 >= 160>(sh, 0, 1);
+    ws_set_regs<Regs::kWg2, kL>();
+    task.template produce<Regs::kWideProducer>(sh, 0, 1);
   } else if (wg == 0) {
-    setmaxnreg_inc<Regs::kWg0>();
+    ws_set_regs<Regs::kWg0, kL>();
     ws_math<Task, WsRole::kScores>(task, sh);
   } else {
-    setmaxnreg_inc<Regs::kWg1>();
+    ws_set_regs<Regs::kWg1, kL>();
     ws_math<Task, WsRole::kValues>(task, sh);
   }
 }

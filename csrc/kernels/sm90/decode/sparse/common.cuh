@@ -36,11 +36,32 @@ __device__ __forceinline__ void st_shared_16(uint32_t addr, uint4 v) {
 __device__ __forceinline__ void st_shared_8(uint32_t addr, uint2 v) {
   asm volatile("st.shared.v2.b32 [%0], {%1, %2};\n" ::"r"(addr), "r"(v.x), "r"(v.y));
 }
+// Read-only loads of a gathered row. kHint: keep the lines in L1 (evict_last) and have L2 fetch
+// the 256-byte block around a miss, so the other loads of the same token (a V3.2 token spans
+// 656 bytes, read in 11 loads per thread) find its bytes in L2 (JFM_KERNEL_VARIANT=next).
+template <bool kHint = false>
 __device__ __forceinline__ uint4 ld_nc_16(const uint8_t* p) {
-  return __ldg(reinterpret_cast<const uint4*>(p));
+  if constexpr (kHint) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::evict_last.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+  } else {
+    return __ldg(reinterpret_cast<const uint4*>(p));
+  }
 }
+template <bool kHint = false>
 __device__ __forceinline__ uint2 ld_nc_8(const uint8_t* p) {
-  return __ldg(reinterpret_cast<const uint2*>(p));
+  if constexpr (kHint) {
+    uint2 v;
+    asm volatile("ld.global.nc.L1::evict_last.L2::256B.v2.u32 {%0, %1}, [%2];\n"
+                 : "=r"(v.x), "=r"(v.y)
+                 : "l"(p));
+    return v;
+  } else {
+    return __ldg(reinterpret_cast<const uint2*>(p));
+  }
 }
 
 // The part of the work one CTA does: its schedule row (decode: a range of (query token, tile)
@@ -137,14 +158,15 @@ struct StageV32 {
   uint4 rope[2];   // RoPE chunks j and 4 + j
   bool valid;
 
+  template <bool kHint = false>
   __device__ __forceinline__ void fetch(const SparsePool& pool, int64_t row) {
     valid = row >= 0;
     const uint8_t* tok = pool.data + (valid ? row : 0) * 656;
 #pragma unroll
-    for (int k = 0; k < 8; ++k) nope[k] = valid ? ld_nc_16(tok + 16 * (4 * k + j_)) : make_uint4(0, 0, 0, 0);
-    scales = valid ? ld_nc_16(tok + 512) : make_uint4(0, 0, 0, 0);
+    for (int k = 0; k < 8; ++k) nope[k] = valid ? ld_nc_16<kHint>(tok + 16 * (4 * k + j_)) : make_uint4(0, 0, 0, 0);
+    scales = valid ? ld_nc_16<kHint>(tok + 512) : make_uint4(0, 0, 0, 0);
 #pragma unroll
-    for (int k = 0; k < 2; ++k) rope[k] = valid ? ld_nc_16(tok + 528 + 16 * (4 * k + j_)) : make_uint4(0, 0, 0, 0);
+    for (int k = 0; k < 2; ++k) rope[k] = valid ? ld_nc_16<kHint>(tok + 528 + 16 * (4 * k + j_)) : make_uint4(0, 0, 0, 0);
   }
   // Dequantize into row t of the swizzled [64 x 576] bf16 tile at `tile`.
   __device__ __forceinline__ void store(uint32_t tile, int t) const {
@@ -174,6 +196,7 @@ struct StageV4 {
   bool valid;
   int j_;
 
+  template <bool kHint = false>
   __device__ __forceinline__ void fetch(const SparsePool& pool, int64_t row) {
     valid = row >= 0;
     const int64_t r = valid ? row : 0;
@@ -181,10 +204,10 @@ struct StageV4 {
     const uint8_t* block = pool.data + blk * pool.block_size * 584;
     const uint8_t* rec = block + 576 * tt;
 #pragma unroll
-    for (int k = 0; k < 14; ++k) nope[k] = valid ? ld_nc_8(rec + 8 * (4 * k + j_)) : make_uint2(0, 0);
-    scales = valid ? ld_nc_8(block + 576 * static_cast<int64_t>(pool.block_size) + 8 * tt) : make_uint2(0, 0);
+    for (int k = 0; k < 14; ++k) nope[k] = valid ? ld_nc_8<kHint>(rec + 8 * (4 * k + j_)) : make_uint2(0, 0);
+    scales = valid ? ld_nc_8<kHint>(block + 576 * static_cast<int64_t>(pool.block_size) + 8 * tt) : make_uint2(0, 0);
 #pragma unroll
-    for (int k = 0; k < 4; ++k) rope[k] = valid ? ld_nc_8(rec + 448 + 8 * (4 * k + j_)) : make_uint2(0, 0);
+    for (int k = 0; k < 4; ++k) rope[k] = valid ? ld_nc_8<kHint>(rec + 448 + 8 * (4 * k + j_)) : make_uint2(0, 0);
   }
   __device__ __forceinline__ void store(uint32_t tile, int t) const {
     using S = TileSmem<512>;

@@ -9,18 +9,27 @@ namespace jfm {
 namespace sm90 {
 template <KvFormat kFmt, int kDqk>
 cudaError_t launch_sparse_attention(const SparseDecodeParams& p, cudaStream_t stream);
-template <KvFormat kFmt, int kDqk, WsMath kMath>
+template <KvFormat kFmt, int kDqk, WsMath kMath, bool kHints>
 cudaError_t launch_sparse_attention_ws(const SparseDecodeParams& p, cudaStream_t stream);
 }  // namespace sm90
 
 namespace {
 template <KvFormat kFmt, int kDqk>
 cudaError_t launch(const SparseDecodeParams& p, cudaStream_t stream) {
-  if (kernel_variant() == KernelVariant::kV1) return sm90::launch_sparse_attention<kFmt, kDqk>(p, stream);
+  using sm90::launch_sparse_attention_ws;
+  const KernelVariant v = kernel_variant();
+  if (v == KernelVariant::kV1) return sm90::launch_sparse_attention<kFmt, kDqk>(p, stream);
+  if constexpr (kFmt != KvFormat::kBf16) {  // next: FP8 loads with cache hints, wide producer
+    if (v == KernelVariant::kNext) {
+      if (p.h_q <= 16) return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kTransposed16, true>(p, stream);
+      if (p.h_q <= 32) return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kTransposed32, true>(p, stream);
+      return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRolesWide, true>(p, stream);
+    }
+  }
   // A CTA's query rows: the heads, at most 64.
-  if (p.h_q <= 16) return sm90::launch_sparse_attention_ws<kFmt, kDqk, WsMath::kTransposed16>(p, stream);
-  if (p.h_q <= 32) return sm90::launch_sparse_attention_ws<kFmt, kDqk, WsMath::kTransposed32>(p, stream);
-  return sm90::launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRoles>(p, stream);
+  if (p.h_q <= 16) return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kTransposed16, false>(p, stream);
+  if (p.h_q <= 32) return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kTransposed32, false>(p, stream);
+  return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRoles, false>(p, stream);
 }
 }  // namespace
 

@@ -21,7 +21,8 @@
 namespace jfm {
 namespace sm90 {
 
-template <KvFormat kFmt, int kDqk_>
+// kHints: the FP8 row loads carry cache hints (common.cuh, ld_nc_16; JFM_KERNEL_VARIANT=next).
+template <KvFormat kFmt, int kDqk_, bool kHints = false>
 struct SparseWsTask {
   using T = bf16;
   static constexpr int kDqk = kDqk_;
@@ -101,8 +102,8 @@ struct SparseWsTask {
   // A producer warpgroup: fills the tile buffers of the tiles k % stride == which (see the file
   // comment). Each walks every tile of the CTA to keep the count k, and loads the indices of its
   // next own tile while it fills the current one.
-  // kWide (a producer budget of 160 registers, kTransposed*): both rounds of FP8 rows are fetched
-  // before waiting for the empty buffer (one exposed load round-trip per tile instead of two).
+  // kWide (a producer budget of 144 registers or more: kTransposed*, kRolesWide): both rounds of
+  // FP8 rows are fetched before waiting for the empty buffer (one exposed load round-trip per tile instead of two).
   template <bool kWide>
   __device__ __forceinline__ void produce(const WsShared& sh, int which, int stride) const {
     const int ptid = threadIdx.x & 127;
@@ -149,13 +150,13 @@ struct SparseWsTask {
         const int pool_id = q.rows.pool_of(n);
         const SparsePool& pool = p.pool[pool_id];
         if constexpr (kFp8) {
-          stage.fetch(pool, q.rows.row_of(idx[0], pool_id));  // in flight while we wait
-          if constexpr (kWide) stage2.fetch(pool, q.rows.row_of(idx[1], pool_id));
+          stage.template fetch<kHints>(pool, q.rows.row_of(idx[0], pool_id));  // in flight while we wait
+          if constexpr (kWide) stage2.template fetch<kHints>(pool, q.rows.row_of(idx[1], pool_id));
           load_indices(n_next, idx_next);
           fill.wait_empty();
           stage.store(fill.tile, slot.t);
           if (slot.j == 0) fill.valid[slot.t] = stage.valid;
-          if constexpr (!kWide) stage2.fetch(pool, q.rows.row_of(idx[1], pool_id));
+          if constexpr (!kWide) stage2.template fetch<kHints>(pool, q.rows.row_of(idx[1], pool_id));
           stage2.store(fill.tile, slot.t + 32);
           if (slot.j == 0) fill.valid[slot.t + 32] = stage2.valid;
           fence_proxy_async();  // the stores, before the math warps' wgmma reads them
@@ -185,19 +186,19 @@ struct SparseWsTask {
   }
 };
 
-template <KvFormat kFmt, int kDqk, WsMath kMath>
+template <KvFormat kFmt, int kDqk, WsMath kMath, bool kHints>
 __global__ void __launch_bounds__(384, 1)
     sparse_attention_ws_kernel(const __grid_constant__ SparseDecodeParams p) {
-  using Task = SparseWsTask<kFmt, kDqk>;
+  using Task = SparseWsTask<kFmt, kDqk, kHints>;
   extern __shared__ unsigned char smem_raw[];
   const WsShared sh = ws_setup<kDqk, kMath>(smem_raw, Task::kFullCount);
   const Task task(p);
   ws_run<kMath>(task, sh);
 }
 
-template <KvFormat kFmt, int kDqk, WsMath kMath>
+template <KvFormat kFmt, int kDqk, WsMath kMath, bool kHints>
 cudaError_t launch_sparse_attention_ws(const SparseDecodeParams& p, cudaStream_t stream) {
-  return launch_with_smem(sparse_attention_ws_kernel<kFmt, kDqk, kMath>, sparse_grid(p), 384,
+  return launch_with_smem(sparse_attention_ws_kernel<kFmt, kDqk, kMath, kHints>, sparse_grid(p), 384,
                           WsSmem<kDqk>::kBytes, stream, p);
 }
 
