@@ -20,7 +20,7 @@ DENSE = [  # (b, s_q, h_q, h_kv, s_k, varlen, causal, dtype, with_meta, zero_fra
     (2, 4, 63, 3, 140, True, True, jnp.float16, False, 0.0),
     (3, 2, 16, 1, 20, False, True, jnp.bfloat16, True, 0.0),
     (16, 1, 64, 2, 300, True, False, jnp.bfloat16, False, 0.2),
-    (5, 1, 8, 1, 500, True, False, jnp.bfloat16, True, 0.2),   # 8 rows (ws_t: transposed, N 16)
+    (5, 1, 8, 1, 500, True, False, jnp.bfloat16, True, 0.2),   # 8 rows (transposed math, N 16)
 ]
 for n, (b, s_q, h_q, h_kv, s_k, varlen, causal, dtype, meta, zf) in enumerate(DENSE):
     cases.compare_dense(900 + n, b, s_q, h_q, h_kv, s_k, varlen, causal, dtype, meta, zf)
