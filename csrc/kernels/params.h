@@ -103,7 +103,9 @@ enum class KvFormat : int { kBf16 = 0, kFp8V32 = 1, kFp8V4 = 2 };
 // while two warpgroups gather. (A column split of S between the two, kColumns, measured slower
 // than kRoles on every case: docs/PERFORMANCE.md, 2026-12-01.)
 // kRolesWide: kRoles with a 144-register producer (JFM_KERNEL_VARIANT=next, not yet measured).
-enum class WsMath : int { kRoles = 1, kTransposed16 = 2, kTransposed32 = 3, kRolesWide = 4 };
+// kRolesPair: kRoles over two CTAs of a cluster sharing each tile's dequantization (FP8, two row
+// blocks; JFM_KERNEL_VARIANT=pair, not yet measured).
+enum class WsMath : int { kRoles = 1, kTransposed16 = 2, kTransposed32 = 3, kRolesWide = 4, kRolesPair = 5 };
 
 // One KV pool and the flat rows each query token picks from it.
 struct SparsePool {

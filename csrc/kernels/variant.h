@@ -5,8 +5,9 @@
 // computes), kept for A/B measurements and as a fallback while the warp-specialized kernels are
 // new. JFM_KERNEL_VARIANT=next: the candidate being measured, not yet run on a GPU (FP8 sparse
 // kernels: cache-hinted row loads, and kRolesWide's 144-register producer above 32 heads; the
-// other kernels as the default). Anything else (or nothing): the default. Read once per process
-// (host code).
+// other kernels as the default). JFM_KERNEL_VARIANT=pair: next, plus CTA pairs sharing each
+// tile's dequantization for FP8 at 65-128 heads (WsMath::kRolesPair), also not yet run.
+// Anything else (or nothing): the default. Read once per process (host code).
 #pragma once
 
 #include <cstdlib>
@@ -14,13 +15,14 @@
 
 namespace jfm {
 
-enum class KernelVariant { kWs, kV1, kNext };
+enum class KernelVariant { kWs, kV1, kNext, kPair };
 
 inline KernelVariant kernel_variant() {
   static const KernelVariant v = [] {
     const char* e = std::getenv("JFM_KERNEL_VARIANT");
     if (e != nullptr && std::strcmp(e, "v1") == 0) return KernelVariant::kV1;
     if (e != nullptr && std::strcmp(e, "next") == 0) return KernelVariant::kNext;
+    if (e != nullptr && std::strcmp(e, "pair") == 0) return KernelVariant::kPair;
     return KernelVariant::kWs;
   }();
   return v;
@@ -30,6 +32,7 @@ inline const char* kernel_variant_name() {
   switch (kernel_variant()) {
     case KernelVariant::kV1: return "v1";
     case KernelVariant::kNext: return "next";
+    case KernelVariant::kPair: return "pair";
     default: return "ws";
   }
 }

@@ -5,6 +5,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cstdint>
+#include <cstdio>
 
 namespace jfm {
 
@@ -45,6 +46,50 @@ cudaError_t launch_with_smem(void (*kernel)(Params), dim3 grid, int threads, siz
                                        static_cast<int>(smem));
   if (e != cudaSuccess) return e;
   kernel<<<grid, threads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// Host: as launch_with_smem, in thread block clusters of `cluster` CTAs (grid a multiple of it).
+// Returns cudaErrorNotSupported, launching nothing, when not one such cluster fits on the device
+// (the caller falls back). When fewer fit at once than the grid has, the rest run as a second
+// wave, which the split-KV schedule does not plan for: said once per process on stderr (the
+// kernels that use clusters are opt-in variants being measured).
+template <typename Params>
+cudaError_t launch_clusters_with_smem(void (*kernel)(Params), dim3 grid, dim3 cluster, int threads,
+                                      size_t smem, cudaStream_t stream, const Params& p) {
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(smem));
+  if (e != cudaSuccess) return e;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cluster.x;
+  attr[0].val.clusterDim.y = cluster.y;
+  attr[0].val.clusterDim.z = cluster.z;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  // How many clusters of this kernel the device holds at once (per kernel instantiation, asked
+  // once per process: it depends on the kernel, block, cluster and shared memory, not the grid).
+  static const int fits = [&] {
+    int n = 0;
+    if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) == cudaSuccess) return n;
+    (void)cudaGetLastError();  // not left behind for the fallback launch's error check
+    return 0;
+  }();
+  const unsigned clusters = grid.x * grid.y * grid.z / (cluster.x * cluster.y * cluster.z);
+  if (fits == 0) return cudaErrorNotSupported;
+  static bool said = false;
+  if (static_cast<unsigned>(fits) < clusters && !said) {
+    said = true;
+    std::fprintf(stderr, "jax_flashmla: %d clusters of %u CTAs fit on the device at once, the grid has %u\n",
+                 fits, cluster.x * cluster.y * cluster.z, clusters);
+  }
+  e = cudaLaunchKernelEx(&cfg, kernel, p);
+  if (e != cudaSuccess) return e;
   return cudaGetLastError();
 }
 
@@ -93,6 +138,56 @@ __device__ __forceinline__ void named_barrier_sync(int id, int count) {
 __device__ __forceinline__ void named_barrier_arrive(int id, int count) {
   asm volatile("barrier.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
+// ---- CTA pairs (thread block clusters of 2): the peer's shared memory and mbarriers ----------
+// This CTA's rank in its cluster.
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+// The shared::cluster address of shared-memory address `a` (shared::cta) in CTA `rank` of the
+// cluster (the same offset in that CTA's shared memory).
+__device__ __forceinline__ uint32_t cluster_map(uint32_t a, uint32_t rank) {
+  uint32_t r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(a), "r"(rank));
+  return r;
+}
+// Every thread of every CTA of the cluster (release / acquire: shared-memory writes before it are
+// visible to the whole cluster after it). Also after mbarrier_init, with fence_mbarrier_init.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::
+                   : "memory");
+}
+// Makes this thread's mbarrier_init visible to the other CTAs of the cluster (before cluster_sync).
+__device__ __forceinline__ void fence_mbarrier_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+// Arrive on an mbarrier of another CTA of the cluster (`bar` from cluster_map). The default
+// (CTA-scope) semantics, as CUTLASS's ClusterBarrier: with .release.cluster ptxas put a
+// MEMBAR.ALL.GPU before every arrival. What it orders here is the math warps' wgmma reads,
+// complete (wgmma.wait_group) before the arrival.
+__device__ __forceinline__ void mbarrier_arrive_cluster(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Arrive on a local mbarrier and add `bytes` to the transaction count its phase waits for.
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+// 16 / 8 bytes into another CTA's shared memory (`dst` from cluster_map), counted as transaction
+// bytes of that CTA's mbarrier `bar` (also from cluster_map) once they have landed.
+__device__ __forceinline__ void st_async_16(uint32_t dst, uint4 v, uint32_t bar) {
+  asm volatile(
+      "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];\n" ::"r"(dst),
+      "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ void st_async_8(uint32_t dst, uint2 v, uint32_t bar) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.b32 [%0], {%1, %2}, [%3];\n" ::"r"(dst),
+               "r"(v.x), "r"(v.y), "r"(bar)
+               : "memory");
+}
+
 // Per-warpgroup register budget (every warp of the warpgroup executes it; multiples of 8).
 template <int kRegs>
 __device__ __forceinline__ void setmaxnreg_inc() {

@@ -11,6 +11,10 @@
 //      O[:, 256..512) and hands P back ("P free"). Warpgroup 0's S of the next tile then runs
 //      while warpgroup 1 still accumulates the previous one.
 //      kRolesWide: the same with registers moved to the producer (WsRegs).
+//      kRolesPair (FP8, 65-128 heads: two CTAs of 64 heads each): the two CTAs of a row block pair
+//      run as a cluster; each CTA's producer dequantizes half of every tile's tokens (rank r:
+//      tokens 32 r .. 32 r + 31) and stores them into its own tile and, by st.async, into the
+//      peer's, so each token is dequantized once per pair instead of twice. See "CTA pairs" below.
 //    - kTransposed16 / 32 (at most 16 / 32 query rows): warpgroup 0 alone does the math with the
 //      query rows as the wgmma N dimension (tile_attention.cuh, "Transposed"): no padded rows.
 //    (kColumns, tile_attention.cuh's column split of S between the two math warpgroups with a
@@ -59,6 +63,7 @@ namespace sm90 {
 constexpr bool ws_transposed(WsMath m) {
   return m == WsMath::kTransposed16 || m == WsMath::kTransposed32;
 }
+constexpr bool ws_pair(WsMath m) { return m == WsMath::kRolesPair; }
 template <WsMath kMath>
 struct WsRegs {
   static constexpr bool kT = ws_transposed(kMath);
@@ -99,8 +104,9 @@ struct WsSmem : TileSmem<kDqk> {
   using Base = TileSmem<kDqk>;
   static constexpr int kBarOff = Base::kValidOff + 2 * kTileTokens;  // full[2], empty[2]
   static constexpr int kCorrOff = kBarOff + 4 * 8;                     // float[64] (kRoles)
-  static constexpr size_t kBytes = kCorrOff + kBlockM * 4 + 1024;      // + alignment slack
-  static_assert(kBarOff % 8 == 0, "mbarriers are 8-byte aligned");
+  static constexpr int kPeerBarOff = kCorrOff + kBlockM * 4;           // peer_full[2] (kRolesPair)
+  static constexpr size_t kBytes = kPeerBarOff + 2 * 8 + 1024;         // + alignment slack
+  static_assert(kBarOff % 8 == 0 && kPeerBarOff % 8 == 0, "mbarriers are 8-byte aligned");
   static_assert(kBytes <= 227 * 1024, "shared memory of one sm90 CTA");
 };
 
@@ -112,11 +118,16 @@ struct WsShared {
   uint32_t sq, sk0, sp;
   uint32_t bar_full, bar_empty;  // mbarriers [2] each
   int tile_bytes;
+  // kRolesPair: this CTA's rank in the pair; bar_peer_full[2] (this CTA's barriers that count the
+  // bytes the peer stores into its tiles); the peer's tile 0 and empty barriers (cluster
+  // addresses: st.async and remote arrivals).
+  uint32_t rank, bar_peer_full, peer_sk0, peer_bar_empty, peer_bar_peer_full;
 };
 
 // Lays out the dynamic shared memory, initializes the mbarriers (full: `full_count` arrivals,
-// empty: one per math warp) and synchronizes the CTA: the last CTA-wide barrier before the roles
-// part.
+// empty: one per math warp, of both CTAs for kRolesPair) and synchronizes the CTA (kRolesPair: the
+// cluster, so the peer's barriers are initialized before anything reaches them): the last
+// CTA-wide barrier before the roles part.
 template <int kDqk, WsMath kMath>
 __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t full_count) {
   using S = TileSmem<kDqk>;
@@ -134,29 +145,65 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
   sh.bar_full = base + W::kBarOff;
   sh.bar_empty = sh.bar_full + 16;
   sh.tile_bytes = S::kTileBytes;
+  constexpr bool kPair = ws_pair(kMath);
+  if constexpr (kPair) {
+    sh.rank = cluster_ctarank();
+    sh.bar_peer_full = base + W::kPeerBarOff;
+    const uint32_t peer = sh.rank ^ 1u;
+    sh.peer_sk0 = cluster_map(sh.sk0, peer);
+    sh.peer_bar_empty = cluster_map(sh.bar_empty, peer);
+    sh.peer_bar_peer_full = cluster_map(sh.bar_peer_full, peer);
+  }
   if (threadIdx.x == 0) {
     for (int b = 0; b < 2; ++b) {
       mbarrier_init(sh.bar_full + 8 * b, full_count);
-      mbarrier_init(sh.bar_empty + 8 * b, ws_transposed(kMath) ? 4 : 8);  // the math warps
+      // The math warps (of both CTAs: each also empties the peer's copy of its half).
+      mbarrier_init(sh.bar_empty + 8 * b, ws_transposed(kMath) ? 4 : kPair ? 16 : 8);
+      if constexpr (kPair) mbarrier_init(sh.bar_peer_full + 8 * b, 1);  // + the peer's bytes
     }
+    if constexpr (kPair) fence_mbarrier_init();
   }
-  __syncthreads();
+  if constexpr (kPair) cluster_sync();
+  else __syncthreads();
   return sh;
 }
 
-// The producer's view of the k-th tile of the CTA: its buffer, barriers and validity bytes.
+// CTA pairs (kRolesPair). The two CTAs of a cluster run the same tiles (same schedule row, heads
+// 0-63 and 64-127). Per buffer b, besides full[b] / empty[b]:
+//  * empty[b] counts 16 arrivals: the 8 math warps of this CTA and, remotely, the 8 of the peer,
+//    because the producer of this CTA stores into both CTAs' copies of the buffer;
+//  * peer_full[b] (count 1) is this CTA's barrier for the peer's half: this CTA's producer thread
+//    0 arrives on it with expect_tx(the peer's bytes) after waiting empty[b], and the peer's
+//    st.async stores complete_tx on it (the transaction count may run ahead of the expectation;
+//    the phase cannot end before the one arrival);
+//  * the math warps wait full[b] (own half + validity bytes) and peer_full[b], and release the
+//    buffer on empty[b] of both CTAs.
+// cluster_sync after the barriers' initialization (before any remote access) and at the end (no
+// CTA exits while the peer may still store into it or arrive on its barriers).
+// The producer's view of the k-th tile of the CTA: its buffer, barriers and validity bytes
+// (kPair: also the peer's copy of the buffer and the barrier counting the bytes stored there).
+template <bool kPair = false>
 struct WsFill {
   uint32_t k, full, empty, tile;
   uint8_t* valid;
+  uint32_t peer_full, peer_tile, peer_peer_full;  // kPair
   __device__ __forceinline__ WsFill(const WsShared& sh, uint32_t k_) : k(k_) {
     const uint32_t buf = k & 1;
     full = sh.bar_full + 8 * buf;
     empty = sh.bar_empty + 8 * buf;
     tile = sh.sk0 + buf * sh.tile_bytes;
     valid = sh.valid + buf * kTileTokens;
+    if constexpr (kPair) {
+      peer_full = sh.bar_peer_full + 8 * buf;
+      peer_tile = sh.peer_sk0 + buf * sh.tile_bytes;
+      peer_peer_full = sh.peer_bar_peer_full + 8 * buf;
+    }
   }
-  // Until the math warps have emptied the buffer (its previous use, two tiles ago).
-  __device__ __forceinline__ void wait_empty() const { mbarrier_wait(empty, ((k >> 1) & 1) ^ 1); }
+  // Until the math warps (kPair: of both CTAs) have emptied the buffer (its previous use, two
+  // tiles ago).
+  __device__ __forceinline__ void wait_empty() const {
+    mbarrier_wait(empty, ((k >> 1) & 1) ^ 1);
+  }
 };
 
 // Sets accumulator element e of n-tile nt to -inf where masked(row half e >> 1, column
@@ -179,7 +226,7 @@ enum class WsRole : int { kScores, kValues };
 // The math warps' loop over this CTA's sequences and tiles. One instantiation per role, so that
 // each warpgroup's code is register-allocated within its own setmaxnreg budget (with one loop for
 // both roles ptxas allocated it within the smaller budget and spilled).
-template <class Task, WsRole kRole>
+template <class Task, WsRole kRole, bool kPair>
 __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   using T = typename Task::T;
   using S = TileSmem<Task::kDqk>;
@@ -207,6 +254,8 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       const int n_next = cur.next(n + 1);
       const uint32_t buf = k & 1;
       mbarrier_wait(sh.bar_full + 8 * buf, (k >> 1) & 1);
+      // kPair: and the peer's half of the tile (its st.async bytes; async proxy, as wgmma reads).
+      if constexpr (kPair) mbarrier_wait(sh.bar_peer_full + 8 * buf, (k >> 1) & 1);
       if constexpr (Task::kFenceAfterFull) fence_proxy_async();  // cp.async rows, read by wgmma
       const uint32_t buf_desc = buf * (S::kTileBytes >> 4);
       const uint8_t* valid = sh.valid + buf * kTileTokens;
@@ -236,7 +285,11 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       wgmma_wait<0>();
       if (kRole == WsRole::kValues && n_next < cur.t_hi) named_barrier_arrive(kBarPFree, 256);
       __syncwarp();
-      if ((ln.tid & 31) == 0) mbarrier_arrive(sh.bar_empty + 8 * buf);  // this warp is done with it
+      if ((ln.tid & 31) == 0) {
+        mbarrier_arrive(sh.bar_empty + 8 * buf);  // this warp is done with it
+        // kPair: the peer's producer also stores into this buffer (its half of the tokens).
+        if constexpr (kPair) mbarrier_arrive_cluster(sh.peer_bar_empty + 8 * buf);
+      }
       n = n_next;
     }
     float inv[2], lse[2], m[2];
@@ -327,17 +380,23 @@ __device__ __forceinline__ void ws_run(const Task& task, const WsShared& sh) {
       ws_math_t<Task, kMath == WsMath::kTransposed16 ? 16 : 32>(task, sh);
     } else {
       ws_set_regs<Regs::kWg1, kL>();
-      task.template produce<Regs::kWideProducer>(sh, wg - 1, 2);
+      task.template produce<Regs::kWideProducer, false>(sh, wg - 1, 2);
     }
   } else if (wg == 2) {
     ws_set_regs<Regs::kWg2, kL>();
-    task.template produce<Regs::kWideProducer>(sh, 0, 1);
+    task.template produce<Regs::kWideProducer, ws_pair(kMath)>(sh, 0, 1);
   } else if (wg == 0) {
     ws_set_regs<Regs::kWg0, kL>();
-    ws_math<Task, WsRole::kScores>(task, sh);
+    ws_math<Task, WsRole::kScores, ws_pair(kMath)>(task, sh);
   } else {
     ws_set_regs<Regs::kWg1, kL>();
-    ws_math<Task, WsRole::kValues>(task, sh);
+    ws_math<Task, WsRole::kValues, ws_pair(kMath)>(task, sh);
+  }
+  // kRolesPair: no CTA leaves while the peer may still store into its tiles or arrive on its
+  // barriers.
+  if constexpr (ws_pair(kMath)) {
+    __syncwarp();
+    cluster_sync();
   }
 }
 

@@ -111,8 +111,9 @@ struct DenseWsTask {
   // A producer warpgroup (`which` of `stride`: the tiles k % stride == which): each page's 64 rows
   // of this KV head by load_tile_rows (128 threads: rows lr + 16 h); the page id of its next tile
   // is loaded while this one is waited for and copied.
-  template <bool kWide>  // (no staging registers here: the copies are cp.async)
+  template <bool kWide, bool kPair>  // (no staging registers here: the copies are cp.async)
   __device__ __forceinline__ void produce(const WsShared& sh, int which, int stride) const {
+    static_assert(!kPair, "dense decode has no CTA-pair kernel");
     const T* __restrict__ kvg = reinterpret_cast<const T*>(p.kv);
     const int ptid = threadIdx.x & 127;
     const int lr = ptid >> 3, lq = ptid & 7;
@@ -126,7 +127,7 @@ struct DenseWsTask {
         const uint32_t k = k0 + (n - q.first);
         const int blk_next = n + stride < q.t_hi ? q.table[n + stride] : -1;
         const bool blk_ok = blk >= 0 && blk < p.num_kv_blocks;
-        const WsFill fill(sh, k);
+        const WsFill<> fill(sh, k);
         fill.wait_empty();
         auto present = [&](int r) { return blk_ok && n * kPageBlock + r < q.len; };
         load_tile_rows<T, kDqk, 128>(fill.tile, ptid, kvg, [&](int r) -> const T* {

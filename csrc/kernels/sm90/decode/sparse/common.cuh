@@ -170,6 +170,27 @@ struct StageV32 {
   }
   // Dequantize into row t of the swizzled [64 x 576] bf16 tile at `tile`.
   __device__ __forceinline__ void store(uint32_t tile, int t) const {
+    emit(t, [&](uint32_t off, uint4 v) { st_shared_16(tile + off, v); },
+         [&](uint32_t off, uint2 v) { st_shared_8(tile + off, v); });
+  }
+  // The same into this CTA's tile and, by st.async counted on `peer_bar`, the peer's (CTA pairs).
+  __device__ __forceinline__ void store_pair(uint32_t tile, uint32_t peer_tile, uint32_t peer_bar,
+                                             int t) const {
+    emit(t,
+         [&](uint32_t off, uint4 v) {
+           st_shared_16(tile + off, v);
+           st_async_16(peer_tile + off, v, peer_bar);
+         },
+         [&](uint32_t off, uint2 v) {
+           st_shared_8(tile + off, v);
+           st_async_8(peer_tile + off, v, peer_bar);
+         });
+  }
+  // Bytes one thread's row part is (what store_pair sends the peer): a quarter of a bf16 row.
+  static constexpr uint32_t kThreadBytes = 576 * 2 / 4;
+  // The dequantized row part as 16-byte pieces at their tile offsets: put16(offset, value).
+  template <class Put16, class Put8>
+  __device__ __forceinline__ void emit(int t, Put16 put16, Put8) const {
     using S = TileSmem<576>;
     const float sc[4] = {__uint_as_float(scales.x), __uint_as_float(scales.y),
                          __uint_as_float(scales.z), __uint_as_float(scales.w)};
@@ -177,11 +198,11 @@ struct StageV32 {
     for (int k = 0; k < 8; ++k) {
       const int c = 4 * k + j_;            // NoPE chunk: fp8 values [16 c, 16 c + 16)
       const float s = sc[k >> 1];          // tile of 128 values: (16 c) / 128 = k / 2
-      st_shared_16(tile + S::chunk_off(t, 2 * c), fp8x8_to_bf16x8(make_uint2(nope[k].x, nope[k].y), s));
-      st_shared_16(tile + S::chunk_off(t, 2 * c + 1), fp8x8_to_bf16x8(make_uint2(nope[k].z, nope[k].w), s));
+      put16(S::chunk_off(t, 2 * c), fp8x8_to_bf16x8(make_uint2(nope[k].x, nope[k].y), s));
+      put16(S::chunk_off(t, 2 * c + 1), fp8x8_to_bf16x8(make_uint2(nope[k].z, nope[k].w), s));
     }
 #pragma unroll
-    for (int k = 0; k < 2; ++k) st_shared_16(tile + S::chunk_off(t, 64 + 4 * k + j_), rope[k]);
+    for (int k = 0; k < 2; ++k) put16(S::chunk_off(t, 64 + 4 * k + j_), rope[k]);
   }
   int j_;
 };
@@ -210,6 +231,25 @@ struct StageV4 {
     for (int k = 0; k < 4; ++k) rope[k] = valid ? ld_nc_8<kHint>(rec + 448 + 8 * (4 * k + j_)) : make_uint2(0, 0);
   }
   __device__ __forceinline__ void store(uint32_t tile, int t) const {
+    emit(t, [&](uint32_t off, uint4 v) { st_shared_16(tile + off, v); },
+         [&](uint32_t off, uint2 v) { st_shared_8(tile + off, v); });
+  }
+  __device__ __forceinline__ void store_pair(uint32_t tile, uint32_t peer_tile, uint32_t peer_bar,
+                                             int t) const {
+    emit(t,
+         [&](uint32_t off, uint4 v) {
+           st_shared_16(tile + off, v);
+           st_async_16(peer_tile + off, v, peer_bar);
+         },
+         [&](uint32_t off, uint2 v) {
+           st_shared_8(tile + off, v);
+           st_async_8(peer_tile + off, v, peer_bar);
+         });
+  }
+  static constexpr uint32_t kThreadBytes = 512 * 2 / 4;
+  // As StageV32::emit; put8 for the 8-byte RoPE pieces.
+  template <class Put16, class Put8>
+  __device__ __forceinline__ void emit(int t, Put16 put16, Put8 put8) const {
     using S = TileSmem<512>;
 #pragma unroll
     for (int k = 0; k < 14; ++k) {
@@ -217,12 +257,12 @@ struct StageV4 {
       const int tile_idx = k >> 1;         // (8 piece) / 64
       const uint32_t e = ((tile_idx < 4 ? scales.x >> (8 * tile_idx) : scales.y >> (8 * (tile_idx - 4)))) & 0xffu;
       const float s = __uint_as_float(e << 23);  // 2 ** (e - 127)
-      st_shared_16(tile + S::chunk_off(t, piece), fp8x8_to_bf16x8(nope[k], s));
+      put16(S::chunk_off(t, piece), fp8x8_to_bf16x8(nope[k], s));
     }
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int q = 4 * k + j_;            // bf16 RoPE values [448 + 4 q, +4)
-      st_shared_8(tile + S::chunk_off(t, 56 + (q >> 1)) + (q & 1) * 8, rope[k]);
+      put8(S::chunk_off(t, 56 + (q >> 1)) + (q & 1) * 8, rope[k]);
     }
   }
 };

@@ -19,10 +19,15 @@ cudaError_t launch(const SparseDecodeParams& p, cudaStream_t stream) {
   using sm90::launch_sparse_attention_ws;
   const KernelVariant v = kernel_variant();
   if (v == KernelVariant::kV1) return sm90::launch_sparse_attention<kFmt, kDqk>(p, stream);
-  if constexpr (kFmt != KvFormat::kBf16) {  // next: FP8 loads with cache hints, wide producer
-    if (v == KernelVariant::kNext) {
+  // next: FP8 loads with cache hints, wide producer; pair: next + CTA pairs for 65-128 heads.
+  if constexpr (kFmt != KvFormat::kBf16) {
+    if (v == KernelVariant::kNext || v == KernelVariant::kPair) {
       if (p.h_q <= 16) return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kTransposed16, true>(p, stream);
       if (p.h_q <= 32) return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kTransposed32, true>(p, stream);
+      if (v == KernelVariant::kPair && p.num_m_blocks == 2) {  // 65-128 heads: a CTA pair
+        const cudaError_t e = launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRolesPair, true>(p, stream);
+        if (e != cudaErrorNotSupported) return e;  // else no pair fits on the device: unpaired
+      }
       return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRolesWide, true>(p, stream);
     }
   }

@@ -1,5 +1,5 @@
 // Warp-specialized sparse attention kernel (each math split; and with the cache hints and the wide
-// producer of JFM_KERNEL_VARIANT=next), kFp8V4 cache with d_qk 512 (own translation unit:
+// producer of JFM_KERNEL_VARIANT=next, the CTA pairs of =pair), kFp8V4 cache with d_qk 512 (own translation unit:
 // parallel builds).
 #include "kernels/sm90/decode/sparse/kernel_ws.cuh"
 
@@ -11,5 +11,6 @@ template cudaError_t launch_sparse_attention_ws<KvFormat::kFp8V4, 512, WsMath::k
 template cudaError_t launch_sparse_attention_ws<KvFormat::kFp8V4, 512, WsMath::kTransposed16, true>(const SparseDecodeParams&, cudaStream_t);
 template cudaError_t launch_sparse_attention_ws<KvFormat::kFp8V4, 512, WsMath::kTransposed32, true>(const SparseDecodeParams&, cudaStream_t);
 template cudaError_t launch_sparse_attention_ws<KvFormat::kFp8V4, 512, WsMath::kRolesWide, true>(const SparseDecodeParams&, cudaStream_t);
+template cudaError_t launch_sparse_attention_ws<KvFormat::kFp8V4, 512, WsMath::kRolesPair, true>(const SparseDecodeParams&, cudaStream_t);
 }  // namespace sm90
 }  // namespace jfm

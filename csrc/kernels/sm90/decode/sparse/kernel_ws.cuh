@@ -103,9 +103,15 @@ struct SparseWsTask {
   // comment). Each walks every tile of the CTA to keep the count k, and loads the indices of its
   // next own tile while it fills the current one.
   // kWide (a producer budget of 144 registers or more: kTransposed*, kRolesWide): both rounds of
-  // FP8 rows are fetched before waiting for the empty buffer (one exposed load round-trip per tile instead of two).
-  template <bool kWide>
+  // FP8 rows are fetched before waiting for the empty buffer (one exposed load round-trip per
+  // tile instead of two).
+  // kPair (kRolesPair, FP8): this CTA's producer dequantizes only round `rank` (tokens
+  // 32 rank .. + 31) of every tile, into its own tile and the peer's (store_pair: st.async
+  // counted on the peer's peer_full barrier); it writes the validity bytes of all 64 tokens
+  // locally, and arrives on its own peer_full barrier expecting the peer's half.
+  template <bool kWide, bool kPair>
   __device__ __forceinline__ void produce(const WsShared& sh, int which, int stride) const {
+    static_assert(!kPair || kFp8, "CTA pairs share dequantization: FP8 caches only");
     const int ptid = threadIdx.x & 127;
     // FP8: a quarter (j) of token t in round 0 and of token t + 32 in round 1 (Fp8Slot's map over
     // four warps). bf16: rows lr + 16 h (h < 4) by load_tile_rows with 128 threads.
@@ -146,10 +152,25 @@ struct SparseWsTask {
         uint32_t k_next = k + 1;
         own(n_next, k_next);
         int idx_next[4] = {-1, -1, -1, -1};
-        const WsFill fill(sh, k);
+        const WsFill<kPair> fill(sh, k);
         const int pool_id = q.rows.pool_of(n);
         const SparsePool& pool = p.pool[pool_id];
-        if constexpr (kFp8) {
+        if constexpr (kPair) {
+          const int mine = sh.rank ? idx[1] : idx[0];  // this CTA's round of the tile
+          stage.template fetch<kHints>(pool, q.rows.row_of(mine, pool_id));  // in flight while we wait
+          load_indices(n_next, idx_next);
+          fill.wait_empty();
+          // The peer's st.async bytes of this tile, counted on this CTA's peer_full barrier (its
+          // one arrival, from here, so the phase cannot end before the expectation is set).
+          if (ptid == 0) mbarrier_arrive_expect_tx(fill.peer_full, 128 * Stage::kThreadBytes);
+          stage.store_pair(fill.tile, fill.peer_tile, fill.peer_peer_full, slot.t + 32 * sh.rank);
+          if (slot.j == 0) {
+            fill.valid[slot.t] = q.rows.row_of(idx[0], pool_id) >= 0;
+            fill.valid[slot.t + 32] = q.rows.row_of(idx[1], pool_id) >= 0;
+          }
+          fence_proxy_async();  // the local stores, before the math warps' wgmma reads them
+          mbarrier_arrive(fill.full);
+        } else if constexpr (kFp8) {
           stage.template fetch<kHints>(pool, q.rows.row_of(idx[0], pool_id));  // in flight while we wait
           if constexpr (kWide) stage2.template fetch<kHints>(pool, q.rows.row_of(idx[1], pool_id));
           load_indices(n_next, idx_next);
@@ -196,10 +217,19 @@ __global__ void __launch_bounds__(384, 1)
   ws_run<kMath>(task, sh);
 }
 
+// kRolesPair: clusters of the two row blocks (grid y = num_m_blocks = 2); cudaErrorNotSupported,
+// launching nothing, where no pair fits (launch_clusters_with_smem; the caller falls back).
 template <KvFormat kFmt, int kDqk, WsMath kMath, bool kHints>
 cudaError_t launch_sparse_attention_ws(const SparseDecodeParams& p, cudaStream_t stream) {
-  return launch_with_smem(sparse_attention_ws_kernel<kFmt, kDqk, kMath, kHints>, sparse_grid(p), 384,
-                          WsSmem<kDqk>::kBytes, stream, p);
+  if constexpr (ws_pair(kMath)) {
+    if (p.num_m_blocks != 2) return cudaErrorInvalidValue;
+    return launch_clusters_with_smem(sparse_attention_ws_kernel<kFmt, kDqk, kMath, kHints>,
+                                     sparse_grid(p), dim3(1, 2, 1), 384, WsSmem<kDqk>::kBytes,
+                                     stream, p);
+  } else {
+    return launch_with_smem(sparse_attention_ws_kernel<kFmt, kDqk, kMath, kHints>, sparse_grid(p),
+                            384, WsSmem<kDqk>::kBytes, stream, p);
+  }
 }
 
 }  // namespace sm90
