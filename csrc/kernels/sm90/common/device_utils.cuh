@@ -4,6 +4,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
 
@@ -49,15 +50,16 @@ cudaError_t launch_with_smem(void (*kernel)(Params), dim3 grid, int threads, siz
   return cudaGetLastError();
 }
 
-// Host: as launch_with_smem, in thread block clusters of `cluster` CTAs (grid a multiple of it).
-// Returns cudaErrorNotSupported, launching nothing, when not one such cluster fits on the device
-// (the caller falls back). When fewer fit at once than the grid has, the rest run as a second
-// wave, which the split-KV schedule does not plan for: said once per process on stderr (the
-// kernels that use clusters are opt-in variants being measured).
-template <typename Params>
-cudaError_t launch_clusters_with_smem(void (*kernel)(Params), dim3 grid, dim3 cluster, int threads,
-                                      size_t smem, cudaStream_t stream, const Params& p) {
-  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+// Host: as launch_with_smem, for kernel kKernel in thread block clusters of `cluster` CTAs (grid a
+// multiple of it; one cluster shape per kernel). Returns cudaErrorNotSupported, launching nothing,
+// when not one such cluster fits on the device (the caller falls back). When fewer fit at once
+// than the grid has, the rest run as a second wave, which the split-KV schedule does not plan for:
+// said once per kernel on stderr (the kernels that use clusters are opt-in variants being
+// measured).
+template <auto kKernel, typename Params>
+cudaError_t launch_clusters_with_smem(dim3 grid, dim3 cluster, int threads, size_t smem,
+                                      cudaStream_t stream, const Params& p) {
+  cudaError_t e = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(smem));
   if (e != cudaSuccess) return e;
   cudaLaunchAttribute attr[1];
@@ -72,23 +74,28 @@ cudaError_t launch_clusters_with_smem(void (*kernel)(Params), dim3 grid, dim3 cl
   cfg.stream = stream;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  // How many clusters of this kernel the device holds at once (per kernel instantiation, asked
-  // once per process: it depends on the kernel, block, cluster and shared memory, not the grid).
-  static const int fits = [&] {
-    int n = 0;
-    if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) == cudaSuccess) return n;
-    (void)cudaGetLastError();  // not left behind for the fallback launch's error check
-    return 0;
-  }();
-  const unsigned clusters = grid.x * grid.y * grid.z / (cluster.x * cluster.y * cluster.z);
+  // How many clusters of this kernel the device holds at once: depends on the kernel, block,
+  // cluster shape, shared memory and device, not the grid; asked once per kernel and device
+  // (cached as n + 1; 0: not asked yet, or the query failed).
+  constexpr int kDevices = 64;
+  static std::atomic<int> cached[kDevices];
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return cudaGetLastError();
+  int fits = dev < kDevices ? cached[dev].load() - 1 : -1;
+  if (fits < 0) {
+    if (cudaOccupancyMaxActiveClusters(&fits, kKernel, &cfg) != cudaSuccess) {
+      (void)cudaGetLastError();  // not left behind for the fallback launch's error check
+      return cudaErrorNotSupported;
+    }
+    if (dev < kDevices) cached[dev].store(fits + 1);
+  }
   if (fits == 0) return cudaErrorNotSupported;
-  static bool said = false;
-  if (static_cast<unsigned>(fits) < clusters && !said) {
-    said = true;
+  const unsigned clusters = grid.x * grid.y * grid.z / (cluster.x * cluster.y * cluster.z);
+  static std::atomic<bool> said{false};
+  if (static_cast<unsigned>(fits) < clusters && !said.exchange(true))
     std::fprintf(stderr, "jax_flashmla: %d clusters of %u CTAs fit on the device at once, the grid has %u\n",
                  fits, cluster.x * cluster.y * cluster.z, clusters);
-  }
-  e = cudaLaunchKernelEx(&cfg, kernel, p);
+  e = cudaLaunchKernelEx(&cfg, kKernel, p);
   if (e != cudaSuccess) return e;
   return cudaGetLastError();
 }

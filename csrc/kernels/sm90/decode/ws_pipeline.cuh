@@ -256,7 +256,9 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       mbarrier_wait(sh.bar_full + 8 * buf, (k >> 1) & 1);
       // kPair: and the peer's half of the tile (its st.async bytes; async proxy, as wgmma reads).
       if constexpr (kPair) mbarrier_wait(sh.bar_peer_full + 8 * buf, (k >> 1) & 1);
-      if constexpr (Task::kFenceAfterFull) fence_proxy_async();  // cp.async rows, read by wgmma
+      // cp.async rows / (kPair) the peer's st.async bytes, which the PTX ISA counts as generic-proxy
+      // writes, before the wgmma (async proxy) reads them.
+      if constexpr (Task::kFenceAfterFull || kPair) fence_proxy_async();
       const uint32_t buf_desc = buf * (S::kTileBytes >> 4);
       const uint8_t* valid = sh.valid + buf * kTileTokens;
 
