@@ -168,27 +168,10 @@ struct StageV32 {
 #pragma unroll
     for (int k = 0; k < 2; ++k) rope[k] = valid ? ld_nc_16<kHint>(tok + 528 + 16 * (4 * k + j_)) : make_uint4(0, 0, 0, 0);
   }
-  // Dequantize into row t of the swizzled [64 x 576] bf16 tile at `tile`.
-  __device__ __forceinline__ void store(uint32_t tile, int t) const {
-    emit(t, [&](uint32_t off, uint4 v) { st_shared_16(tile + off, v); },
-         [&](uint32_t off, uint2 v) { st_shared_8(tile + off, v); });
-  }
-  // The same into this CTA's tile and, by st.async counted on `peer_bar`, the peer's (CTA pairs).
-  __device__ __forceinline__ void store_pair(uint32_t tile, uint32_t peer_tile, uint32_t peer_bar,
-                                             int t) const {
-    emit(t,
-         [&](uint32_t off, uint4 v) {
-           st_shared_16(tile + off, v);
-           st_async_16(peer_tile + off, v, peer_bar);
-         },
-         [&](uint32_t off, uint2 v) {
-           st_shared_8(tile + off, v);
-           st_async_8(peer_tile + off, v, peer_bar);
-         });
-  }
-  // Bytes one thread's row part is (what store_pair sends the peer): a quarter of a bf16 row.
+  // Bytes one thread's row part is (what store_stage_pair sends the peer): a quarter of a bf16 row.
   static constexpr uint32_t kThreadBytes = 576 * 2 / 4;
-  // The dequantized row part as 16-byte pieces at their tile offsets: put16(offset, value).
+  // The dequantized row part, for row t of the swizzled [64 x 576] bf16 tile, as 16-byte pieces
+  // at their tile offsets: put16(offset, value) (store_stage / store_stage_pair below).
   template <class Put16, class Put8>
   __device__ __forceinline__ void emit(int t, Put16 put16, Put8) const {
     using S = TileSmem<576>;
@@ -230,22 +213,6 @@ struct StageV4 {
 #pragma unroll
     for (int k = 0; k < 4; ++k) rope[k] = valid ? ld_nc_8<kHint>(rec + 448 + 8 * (4 * k + j_)) : make_uint2(0, 0);
   }
-  __device__ __forceinline__ void store(uint32_t tile, int t) const {
-    emit(t, [&](uint32_t off, uint4 v) { st_shared_16(tile + off, v); },
-         [&](uint32_t off, uint2 v) { st_shared_8(tile + off, v); });
-  }
-  __device__ __forceinline__ void store_pair(uint32_t tile, uint32_t peer_tile, uint32_t peer_bar,
-                                             int t) const {
-    emit(t,
-         [&](uint32_t off, uint4 v) {
-           st_shared_16(tile + off, v);
-           st_async_16(peer_tile + off, v, peer_bar);
-         },
-         [&](uint32_t off, uint2 v) {
-           st_shared_8(tile + off, v);
-           st_async_8(peer_tile + off, v, peer_bar);
-         });
-  }
   static constexpr uint32_t kThreadBytes = 512 * 2 / 4;
   // As StageV32::emit; put8 for the 8-byte RoPE pieces.
   template <class Put16, class Put8>
@@ -266,6 +233,28 @@ struct StageV4 {
     }
   }
 };
+
+// Dequantizes a stage (StageV32 / StageV4) into row t of the bf16 tile at `tile`.
+template <class Stage>
+__device__ __forceinline__ void store_stage(const Stage& st, uint32_t tile, int t) {
+  st.emit(t, [&](uint32_t off, uint4 v) { st_shared_16(tile + off, v); },
+          [&](uint32_t off, uint2 v) { st_shared_8(tile + off, v); });
+}
+// The same into this CTA's tile and, by st.async counted on the peer's barrier `peer_bar`, the
+// peer's copy at `peer_tile` (CTA pairs: ws_pipeline.cuh).
+template <class Stage>
+__device__ __forceinline__ void store_stage_pair(const Stage& st, uint32_t tile, uint32_t peer_tile,
+                                                 uint32_t peer_bar, int t) {
+  st.emit(t,
+          [&](uint32_t off, uint4 v) {
+            st_shared_16(tile + off, v);
+            st_async_16(peer_tile + off, v, peer_bar);
+          },
+          [&](uint32_t off, uint2 v) {
+            st_shared_8(tile + off, v);
+            st_async_8(peer_tile + off, v, peer_bar);
+          });
+}
 
 template <KvFormat kFmt>
 struct Fp8Stage;

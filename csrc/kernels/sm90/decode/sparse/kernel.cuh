@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(256, 1) sparse_attention_kernel(const __grid_c
       stage.fetch(p.pool[pool_id], rows.row_of(idx[0], pool_id));
     };
     auto store_fp8 = [&](int buf) {
-      stage.store(sk0 + buf * S::kTileBytes, slot.t);
+      store_stage(stage, sk0 + buf * S::kTileBytes, slot.t);
       if (slot.j == 0) valid_s[buf * kTileTokens + slot.t] = stage.valid;
     };
     // This thread's positions of a tile: FP8 one token (slot.t), bf16 two rows (lr, lr + 32).

@@ -106,7 +106,7 @@ struct SparseWsTask {
   // FP8 rows are fetched before waiting for the empty buffer (one exposed load round-trip per
   // tile instead of two).
   // kPair (kRolesPair, FP8): this CTA's producer dequantizes only round `rank` (tokens
-  // 32 rank .. + 31) of every tile, into its own tile and the peer's (store_pair: st.async
+  // 32 rank .. + 31) of every tile, into its own tile and the peer's (store_stage_pair: st.async
   // counted on the peer's peer_full barrier); it writes the validity bytes of all 64 tokens
   // locally, and arrives on its own peer_full barrier expecting the peer's half.
   template <bool kWide, bool kPair>
@@ -163,7 +163,7 @@ struct SparseWsTask {
           // The peer's st.async bytes of this tile, counted on this CTA's peer_full barrier (its
           // one arrival, from here, so the phase cannot end before the expectation is set).
           if (ptid == 0) mbarrier_arrive_expect_tx(fill.peer_full, 128 * Stage::kThreadBytes);
-          stage.store_pair(fill.tile, fill.peer_tile, fill.peer_peer_full, slot.t + 32 * sh.rank);
+          store_stage_pair(stage, fill.tile, fill.peer_tile, fill.peer_peer_full, slot.t + 32 * sh.rank);
           if (slot.j == 0) {
             fill.valid[slot.t] = q.rows.row_of(idx[0], pool_id) >= 0;
             fill.valid[slot.t + 32] = q.rows.row_of(idx[1], pool_id) >= 0;
@@ -175,10 +175,10 @@ struct SparseWsTask {
           if constexpr (kWide) stage2.template fetch<kHints>(pool, q.rows.row_of(idx[1], pool_id));
           load_indices(n_next, idx_next);
           fill.wait_empty();
-          stage.store(fill.tile, slot.t);
+          store_stage(stage, fill.tile, slot.t);
           if (slot.j == 0) fill.valid[slot.t] = stage.valid;
           if constexpr (!kWide) stage2.template fetch<kHints>(pool, q.rows.row_of(idx[1], pool_id));
-          stage2.store(fill.tile, slot.t + 32);
+          store_stage(stage2, fill.tile, slot.t + 32);
           if (slot.j == 0) fill.valid[slot.t + 32] = stage2.valid;
           fence_proxy_async();  // the stores, before the math warps' wgmma reads them
           mbarrier_arrive(fill.full);
