@@ -105,7 +105,11 @@ enum class KvFormat : int { kBf16 = 0, kFp8V32 = 1, kFp8V4 = 2 };
 // kRolesWide: kRoles with a 144-register producer (JFM_KERNEL_VARIANT=next, not yet measured).
 // kRolesPair: kRoles over two CTAs of a cluster sharing each tile's dequantization (FP8, two row
 // blocks; JFM_KERNEL_VARIANT=pair, not yet measured).
-enum class WsMath : int { kRoles = 1, kTransposed16 = 2, kTransposed32 = 3, kRolesWide = 4, kRolesPair = 5 };
+// kPingPong: the two math warpgroups own alternate tiles (S, softmax, P) and each accumulates its
+// half of O from every tile (JFM_KERNEL_VARIANT=pingpong, dense decode; not yet measured).
+enum class WsMath : int {
+  kRoles = 1, kTransposed16 = 2, kTransposed32 = 3, kRolesWide = 4, kRolesPair = 5, kPingPong = 6
+};
 
 // One KV pool and the flat rows each query token picks from it.
 struct SparsePool {

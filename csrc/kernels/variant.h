@@ -7,6 +7,8 @@
 // kernels: cache-hinted row loads, and kRolesWide's 144-register producer above 32 heads; the
 // other kernels as the default). JFM_KERNEL_VARIANT=pair: next, plus CTA pairs sharing each
 // tile's dequantization for FP8 at 65-128 heads (WsMath::kRolesPair), also not yet run.
+// JFM_KERNEL_VARIANT=pingpong: dense decode above 32 query rows per CTA with WsMath::kPingPong
+// (the math warpgroups own alternate tiles), not yet run; everything else as the default.
 // Anything else (or nothing): the default. Read once per process (host code).
 #pragma once
 
@@ -15,7 +17,7 @@
 
 namespace jfm {
 
-enum class KernelVariant { kWs, kV1, kNext, kPair };
+enum class KernelVariant { kWs, kV1, kNext, kPair, kPingPong };
 
 inline KernelVariant kernel_variant() {
   static const KernelVariant v = [] {
@@ -23,6 +25,7 @@ inline KernelVariant kernel_variant() {
     if (e != nullptr && std::strcmp(e, "v1") == 0) return KernelVariant::kV1;
     if (e != nullptr && std::strcmp(e, "next") == 0) return KernelVariant::kNext;
     if (e != nullptr && std::strcmp(e, "pair") == 0) return KernelVariant::kPair;
+    if (e != nullptr && std::strcmp(e, "pingpong") == 0) return KernelVariant::kPingPong;
     return KernelVariant::kWs;
   }();
   return v;
@@ -33,6 +36,7 @@ inline const char* kernel_variant_name() {
     case KernelVariant::kV1: return "v1";
     case KernelVariant::kNext: return "next";
     case KernelVariant::kPair: return "pair";
+    case KernelVariant::kPingPong: return "pingpong";
     default: return "ws";
   }
 }

@@ -80,18 +80,23 @@ __device__ __forceinline__ void wgmma_k_major(float* d, uint64_t a, uint64_t b) 
   else if constexpr (kN == 32) wgmma_m64n32k16_ss<T>(d, a, b);
   else wgmma_m64n64k16_ss<T>(d, a, b);
 }
+// The wgmmas of D += A B^T over d_qk, both K-major (no fence, commit or wait: the callers').
 template <typename T, int kDqk, int kN>
-__device__ __forceinline__ void tile_gemm_qk(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b) {
+__device__ __forceinline__ void tile_gemm_qk_mma(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b) {
   using S = TileSmem<kDqk>;
   static_assert(kN == 16 || kN == 32 || kN == 64, "wgmma N of a QK tile");
-#pragma unroll
-  for (int i = 0; i < kN / 2; ++i) d[i] = 0.f;
-  wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < kDqk / 16; ++kk) {
     const uint32_t koff = ((kk >> 2) * S::kBlockBytes + (kk & 3) * 32) >> 4;
     wgmma_k_major<kN, T>(d, desc_a + koff, desc_b + koff);
   }
+}
+template <typename T, int kDqk, int kN>
+__device__ __forceinline__ void tile_gemm_qk(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b) {
+#pragma unroll
+  for (int i = 0; i < kN / 2; ++i) d[i] = 0.f;
+  wgmma_fence();
+  tile_gemm_qk_mma<T, kDqk, kN>(d, desc_a, desc_b);
   wgmma_commit();
   wgmma_wait<0>();
 }
@@ -213,14 +218,19 @@ __device__ __forceinline__ void tile_softmax(float (&s)[16], RowState& st, float
   rescale_o(st.o, corr);
 }
 
-// Issue O[:, 256 wc .. +256] += P V over the tile's 64 tokens (4 k-steps of 16), committed but not
-// waited for: the caller overlaps independent work, then calls wgmma_wait<0>().
+// The wgmmas of O[:, 256 wc .. +256] += P V over the tile's 64 tokens (4 k-steps of 16);
+// tile_pv_issue fences and commits them but does not wait: the caller overlaps independent work,
+// then calls wgmma_wait<0>().
 template <typename T>
-__device__ __forceinline__ void tile_pv_issue(RowState& st, uint64_t desc_p, uint64_t desc_v) {
-  wgmma_fence();
+__device__ __forceinline__ void tile_pv_mma(RowState& st, uint64_t desc_p, uint64_t desc_v) {
 #pragma unroll
   for (int kk = 0; kk < kTileTokens / 16; ++kk)
     wgmma_m64n256k16_ss_tb<T>(st.o, desc_p + ((kk * 32) >> 4), desc_v + ((kk * 16 * 128) >> 4));
+}
+template <typename T>
+__device__ __forceinline__ void tile_pv_issue(RowState& st, uint64_t desc_p, uint64_t desc_v) {
+  wgmma_fence();
+  tile_pv_mma<T>(st, desc_p, desc_v);
   wgmma_commit();
 }
 

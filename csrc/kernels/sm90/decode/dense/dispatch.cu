@@ -1,6 +1,7 @@
 // The dense decode launchers of params.h: the element type's instantiation of the kernel
 // generation this process runs (kernels/variant.h): kernel_ws.cuh with the transposed math for at
-// most 32 query rows per CTA and the role split above, or (v1) kernel.cuh.
+// most 32 query rows per CTA and the role split above (pingpong: the ping-pong math above), or
+// (v1) kernel.cuh.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -18,10 +19,12 @@ cudaError_t launch_dense_decode_ws(const DenseDecodeParams& p, cudaStream_t stre
 namespace {
 template <typename T>
 cudaError_t launch(const DenseDecodeParams& p, cudaStream_t stream) {
-  if (kernel_variant() == KernelVariant::kV1) return sm90::launch_dense_decode<T>(p, stream);
+  const KernelVariant v = kernel_variant();
+  if (v == KernelVariant::kV1) return sm90::launch_dense_decode<T>(p, stream);
   const int rows = p.s_q * (p.h_q / p.h_kv);  // a CTA's query rows, at most 64
   if (rows <= 16) return sm90::launch_dense_decode_ws<T, WsMath::kTransposed16>(p, stream);
   if (rows <= 32) return sm90::launch_dense_decode_ws<T, WsMath::kTransposed32>(p, stream);
+  if (v == KernelVariant::kPingPong) return sm90::launch_dense_decode_ws<T, WsMath::kPingPong>(p, stream);
   return sm90::launch_dense_decode_ws<T, WsMath::kRoles>(p, stream);
 }
 }  // namespace
