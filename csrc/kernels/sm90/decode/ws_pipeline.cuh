@@ -94,6 +94,7 @@ constexpr int kBarPReady = 2;   // kRoles: warpgroup 0 wrote P and the correctio
 constexpr int kBarPFree = 3;    // kRoles: warpgroup 1 is done with them (128 + 128)
 constexpr int kBarScores = 4;   // kRoles, kTransposed*: warpgroup 0 alone (128)
 constexpr int kBarPingPong = 5; // kPingPong: + w, warpgroup w wrote its tile's P, m, corrections (256)
+constexpr int kBarPingPongOwn = 7;  // kPingPong: + w, warpgroup w alone (128)
 
 // Where one query row's result goes (kTransposed*; the task's row_out): the output row (times
 // `scale`) or the split-KV partial row; neither for a padded row.
@@ -362,6 +363,10 @@ __device__ __forceinline__ void ws_math_pp(const Task& task, const WsShared& sh)
         mask_tile(sacc, [&](int h, int col) { return task.masked(cur, n, valid, h, col); });
         float corr[2];
         tile_softmax_rows(sacc, st, corr, sl2);  // from the max of tile i - 1 (st.m)
+        // Every warp of this warpgroup is past its wait for the wgmma that read the previous P
+        // (whether one warp's wait covers the whole warpgroup's shared-memory reads is not
+        // documented).
+        named_barrier_sync(kBarPingPongOwn + w, 128);
         store_p_rows<T>(sh.sp, sacc, ln);
         if (ln.tq == 0) {
 #pragma unroll
