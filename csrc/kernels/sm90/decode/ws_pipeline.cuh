@@ -226,6 +226,20 @@ __device__ __forceinline__ void mask_tile(float (&s)[kRegs], Masked masked) {
   }
 }
 
+// A sequence's Q tile, by the kThreads math threads: `sync` (their barrier) first, so every one of
+// them is done with the previous sequence's Q, P and shared statistics, and again after the
+// copies have landed (fenced for the wgmma that reads them).
+template <int kThreads, class Task, class SyncFn>
+__device__ __forceinline__ void ws_load_q(const Task& task, const typename Task::Seq& cur,
+                                          const WsShared& sh, SyncFn sync) {
+  sync();
+  task.template load_q<kThreads>(cur, sh.sq);
+  cp_async_commit();
+  cp_async_wait<0>();
+  fence_proxy_async();
+  sync();
+}
+
 // Which side of the role split a math warpgroup takes.
 enum class WsRole : int { kScores, kValues };
 
@@ -247,12 +261,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   uint32_t k = 0;  // tiles this CTA has consumed (the producer's count, in step)
   for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
     const typename Task::Seq cur = task.seq(seq);
-    Sync::sync();  // every math warp is done with the previous sequence's Q, P and `red`
-    task.template load_q<256>(cur, sh.sq);
-    cp_async_commit();
-    cp_async_wait<0>();
-    fence_proxy_async();
-    Sync::sync();
+    ws_load_q<256>(task, cur, sh, [] { Sync::sync(); });
 
     RowState st;
     st.init();
@@ -338,12 +347,7 @@ __device__ __forceinline__ void ws_math_pp(const Task& task, const WsShared& sh)
   uint32_t k = 0;  // tiles this CTA has consumed (the producer's count, in step)
   for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
     const typename Task::Seq cur = task.seq(seq);
-    Sync::sync();  // both warpgroups are done with the previous sequence's Q, P and slots
-    task.template load_q<256>(cur, sh.sq);
-    cp_async_commit();
-    cp_async_wait<0>();
-    fence_proxy_async();
-    Sync::sync();
+    ws_load_q<256>(task, cur, sh, [] { Sync::sync(); });
 
     RowState st;
     st.init();
@@ -465,12 +469,7 @@ __device__ __forceinline__ void ws_math_t(const Task& task, const WsShared& sh) 
   uint32_t k = 0;  // tiles this CTA has consumed (the producers' count, in step)
   for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
     const typename Task::Seq cur = task.seq(seq);
-    named_barrier_sync(kBarScores, 128);  // done with the previous sequence's Q, P and `red`
-    task.template load_q<128>(cur, sh.sq);
-    cp_async_commit();
-    cp_async_wait<0>();
-    fence_proxy_async();
-    named_barrier_sync(kBarScores, 128);
+    ws_load_q<128>(task, cur, sh, [] { named_barrier_sync(kBarScores, 128); });
 
     TState<kN> st;
     st.init();
