@@ -6,42 +6,32 @@ them. Run: python csrc/kernels/sm90/common/gen_wgmma_ops.py (rewrites the header
 import os
 
 
-def wrapper(n, tnsp_b, name, tnsp_a=0):
+def wrapper(n, tnsp_b, name, tnsp_a=0, a_in_registers=False):
+    """D (m64 x n, f32) += A B. A from shared memory (a descriptor; tnsp_a: MN-major) or, with
+    a_in_registers, from this thread's four 32-bit registers of the m64k16 A fragment (no tnsp_a
+    in that form); B from shared memory (tnsp_b: MN-major)."""
     regs = n // 2
-    out = [f"template <typename T>\n__device__ __forceinline__ void {name}(float* d, uint64_t desc_a, "
+    if a_in_registers:
+        a_param, a_ops = "const uint32_t (&a)[4]", f"{{%{regs}, %{regs + 1}, %{regs + 2}, %{regs + 3}}}"
+        b_op, flags = f"%{regs + 4}", f"{tnsp_b}"
+        ins = '"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b)'
+    else:
+        a_param, a_ops = "uint64_t desc_a", f"%{regs}"
+        b_op, flags = f"%{regs + 1}", f"{tnsp_a}, {tnsp_b}"
+        ins = '"l"(desc_a), "l"(desc_b)'
+    out = [f"template <typename T>\n__device__ __forceinline__ void {name}(float* d, {a_param}, "
            "uint64_t desc_b);\n"]
     for ty, ptx in (("__nv_bfloat16", "bf16"), ("__half", "f16")):
         d = ", ".join(f"%{i}" for i in range(regs))
         cons = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
         out.append(f"""template <>
-__device__ __forceinline__ void {name}<{ty}>(float* d, uint64_t desc_a, uint64_t desc_b) {{
+__device__ __forceinline__ void {name}<{ty}>(float* d, {a_param}, uint64_t desc_b) {{
   asm volatile(
       "{{\\n.reg .pred p;\\nsetp.ne.b32 p, 1, 0;\\n"
       "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx}.{ptx} "
-      "{{{d}}}, %{regs}, %{regs + 1}, p, 1, 1, {tnsp_a}, {tnsp_b};\\n}}\\n"
+      "{{{d}}}, {a_ops}, {b_op}, p, 1, 1, {flags};\\n}}\\n"
       : {cons}
-      : "l"(desc_a), "l"(desc_b));
-}}
-""")
-    return "".join(out)
-
-
-def wrapper_rs(n, tnsp_b, name):
-    """A from registers (4 x 32-bit: the m64k16 fragment of this thread), B from shared memory."""
-    regs = n // 2
-    out = [f"template <typename T>\n__device__ __forceinline__ void {name}(float* d, const uint32_t (&a)[4], "
-           "uint64_t desc_b);\n"]
-    for ty, ptx in (("__nv_bfloat16", "bf16"), ("__half", "f16")):
-        d = ", ".join(f"%{i}" for i in range(regs))
-        cons = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
-        out.append(f"""template <>
-__device__ __forceinline__ void {name}<{ty}>(float* d, const uint32_t (&a)[4], uint64_t desc_b) {{
-  asm volatile(
-      "{{\\n.reg .pred p;\\nsetp.ne.b32 p, 1, 0;\\n"
-      "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx}.{ptx} "
-      "{{{d}}}, {{%{regs}, %{regs + 1}, %{regs + 2}, %{regs + 3}}}, %{regs + 4}, p, 1, 1, {tnsp_b};\\n}}\\n"
-      : {cons}
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+      : {ins});
 }}
 """)
     return "".join(out)
@@ -69,6 +59,6 @@ if __name__ == "__main__":
            wrapper(16, 0, "wgmma_m64n16k16_ss_ta", tnsp_a=1) + "\n" +
            wrapper(32, 0, "wgmma_m64n32k16_ss_ta", tnsp_a=1) + "\n" +
            wrapper(256, 1, "wgmma_m64n256k16_ss_tb") + "\n" +
-           wrapper_rs(256, 1, "wgmma_m64n256k16_rs_tb") + "\n}  // namespace jfm\n")
+           wrapper(256, 1, "wgmma_m64n256k16_rs_tb", a_in_registers=True) + "\n}  // namespace jfm\n")
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "wgmma_ops.cuh"), "w") as f:
         f.write(src)

@@ -56,28 +56,37 @@ namespace sm90 {
 
 // Register split: the CTA is launched with 168 per thread (65536 / 384 rounded down to a multiple
 // of 8); the math warpgroups take more and the producer gives the difference back:
-// 128 * (math warpgroup 0 + math warpgroup 1 + producer) <= 384 * 168. kRoles: warpgroup 0 holds
-// S (32) beside its O half (128), warpgroup 1 only the O half; kRolesWide moves 32 + 32 of theirs
-// to the producer (200 / 160 / 144; 152 for warpgroup 1 spilled 284 bytes), which then fetches
-// both FP8 rounds before it waits.
-// kTransposed*: one math warpgroup (O^T: at most 128) and two producers.
+// 128 * (warpgroup 0 + warpgroup 1 + warpgroup 2) <= 384 * 168.
 constexpr bool ws_transposed(WsMath m) {
   return m == WsMath::kTransposed16 || m == WsMath::kTransposed32;
 }
 constexpr bool ws_pair(WsMath m) { return m == WsMath::kRolesPair; }
+struct WsRegSplit {
+  int wg0, wg1, wg2;
+};
+constexpr WsRegSplit ws_reg_split(WsMath m) {
+  switch (m) {
+    // One math warpgroup (O^T: at most 128) and two producers.
+    case WsMath::kTransposed16:
+    case WsMath::kTransposed32: return {184, 160, 160};
+    // Moves 32 + 32 of kRoles' to the producer, which then fetches both FP8 rounds before it
+    // waits (152 for warpgroup 1 spilled 284 bytes).
+    case WsMath::kRolesWide: return {200, 160, 144};
+    // Both math warpgroups hold S (32), P (16) and an O half (128); the dense producer (cp.async)
+    // fits in 40 (at 208 / 208 / 88 ptxas spilled 408 bytes in the math warps).
+    case WsMath::kPingPong: return {232, 232, 40};
+    // kRoles, kRolesPair: warpgroup 0 holds S (32) beside its O half (128), warpgroup 1 only the
+    // O half.
+    default: return {232, 184, 88};
+  }
+}
 template <WsMath kMath>
 struct WsRegs {
-  static constexpr bool kT = ws_transposed(kMath);
-  static constexpr bool kWideRoles = kMath == WsMath::kRolesWide;
-  // kPingPong: both math warpgroups hold S (32), P (16) and an O half (128); the dense producer
-  // (cp.async) fits in 40 (at 208 / 208 / 88 ptxas spilled 408 bytes in the math warps).
-  static constexpr bool kPP = kMath == WsMath::kPingPong;
-  static constexpr int kWg0 = kT ? 184 : kWideRoles ? 200 : 232;
-  static constexpr int kWg1 = kT ? 160 : kWideRoles ? 160 : kPP ? 232 : 184;
-  static constexpr int kWg2 = kT ? 160 : kWideRoles ? 144 : kPP ? 40 : 88;  // the producer
-  static constexpr int kLaunch = 168;         // 65536 / 384, a multiple of 8
+  static constexpr WsRegSplit kSplit = ws_reg_split(kMath);
+  static constexpr int kWg0 = kSplit.wg0, kWg1 = kSplit.wg1, kWg2 = kSplit.wg2;
+  static constexpr int kLaunch = 168;  // 65536 / 384, a multiple of 8
   // Producers with this budget or more fetch both FP8 rounds of a tile before they wait.
-  static constexpr bool kWideProducer = (kT ? kWg1 : kWg2) >= 144;
+  static constexpr bool kWideProducer = (ws_transposed(kMath) ? kWg1 : kWg2) >= 144;
   static constexpr bool ok(int r) { return r % 8 == 0 && r >= 24 && r <= 256; }
   static_assert(kWg0 + kWg1 + kWg2 <= 3 * kLaunch, "register pool of a 384-thread CTA");
   static_assert(ok(kWg0) && ok(kWg1) && ok(kWg2), "setmaxnreg: multiples of 8 in [24, 256]");
@@ -226,6 +235,20 @@ __device__ __forceinline__ void mask_tile(float (&s)[kRegs], Masked masked) {
   }
 }
 
+// wgmma descriptors of the 64-row math (kRoles*, kPingPong) at buffer 0: Q, the K tile (all 64
+// rows), P, and the V half (value columns 256 wc ..) of math warpgroup wc.
+template <int kDqk>
+struct WsRowDescs {
+  uint64_t q, k, p, v;
+  __device__ __forceinline__ WsRowDescs(const WsShared& sh, int wc) {
+    using S = TileSmem<kDqk>;
+    q = gmma_desc_sw128(sh.sq, 16, 1024);
+    k = gmma_desc_sw128(sh.sk0, 16, 1024);
+    p = gmma_desc_sw128(sh.sp, 16, 1024);
+    v = gmma_desc_sw128(sh.sk0 + wc * 4 * S::kBlockBytes, S::kBlockBytes, 1024);
+  }
+};
+
 // A sequence's Q tile, by the kThreads math threads: `sync` (their barrier) first, so every one of
 // them is done with the previous sequence's Q, P and shared statistics, and again after the
 // copies have landed (fenced for the wgmma that reads them).
@@ -253,10 +276,8 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   using Sync = MathWarpsSync;
   const Lane ln;
   const float sl2 = task.softmax_scale * 1.4426950408889634f;
-  const uint64_t desc_q = gmma_desc_sw128(sh.sq, 16, 1024);
-  const uint64_t desc_k = gmma_desc_sw128(sh.sk0, 16, 1024);  // all 64 rows of the K tile
-  const uint64_t desc_p = gmma_desc_sw128(sh.sp, 16, 1024);
-  const uint64_t desc_v = gmma_desc_sw128(sh.sk0 + ln.wc * 4 * S::kBlockBytes, S::kBlockBytes, 1024);
+  const WsRowDescs<Task::kDqk> dd(sh, ln.wc);
+  const uint64_t desc_q = dd.q, desc_k = dd.k, desc_p = dd.p, desc_v = dd.v;
 
   uint32_t k = 0;  // tiles this CTA has consumed (the producer's count, in step)
   for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
@@ -338,10 +359,8 @@ __device__ __forceinline__ void ws_math_pp(const Task& task, const WsShared& sh)
   const Lane ln;
   constexpr int w = kW;
   const float sl2 = task.softmax_scale * 1.4426950408889634f;
-  const uint64_t desc_q = gmma_desc_sw128(sh.sq, 16, 1024);
-  const uint64_t desc_k = gmma_desc_sw128(sh.sk0, 16, 1024);
-  const uint64_t desc_p = gmma_desc_sw128(sh.sp, 16, 1024);
-  const uint64_t desc_v = gmma_desc_sw128(sh.sk0 + w * 4 * S::kBlockBytes, S::kBlockBytes, 1024);
+  const WsRowDescs<Task::kDqk> dd(sh, w);
+  const uint64_t desc_q = dd.q, desc_k = dd.k, desc_p = dd.p, desc_v = dd.v;
   float* m_slot = sh.red + kBlockM;  // float[64]: the max after the last published tile
 
   uint32_t k = 0;  // tiles this CTA has consumed (the producer's count, in step)
