@@ -14,8 +14,8 @@
 #   OURS_MAX_SECONDS  ours: a case whose first (compiling) call takes longer is not timed (default 30)
 #   CASE_TIMEOUT      a worker stuck this long on one case is killed and restarted after it (300)
 #   XLA=1    also time plain XLA on 4 dense cases;  LOOP=1  also the 61-layer loop (bench_decode.py)
-#   VARIANTS kernel variants of ours to time too, ours only, same inputs (VARIANTS="next v1":
-#            JFM_KERNEL_VARIANT=next, the candidate; v1, the kernels before the warp-specialized);
+#   VARIANTS kernel variants of ours to time too, ours only, same inputs (VARIANTS="pair v1":
+#            JFM_KERNEL_VARIANT=pair, the FP8 CTA pairs; v1, the kernels before the warp-specialized);
 #            benchmarks/sbs_variants.py prints them beside FlashMLA
 #   STAGES   "build" (default) rebuilds our package; STAGES=" " reuses the one installed on a warm
 #            machine
@@ -63,7 +63,7 @@ PYTHONPATH=/tmp/site python3 "$REPO/benchmarks/side_by_side.py" "${ARGS[@]}" --o
 rc=${PIPESTATUS[0]}
 
 # VARIANTS: kernel variants of ours timed again on the same inputs, ours only, each switched on
-# through JFM_KERNEL_VARIANT (next: the candidate; v1: the kernels before the warp-specialized ones).
+# through JFM_KERNEL_VARIANT (pair: the FP8 CTA pairs; v1: the kernels before the warp-specialized ones).
 VARIANT_JSONS=()
 for v in ${VARIANTS:-}; do
   log "variant $v: ours again with JFM_KERNEL_VARIANT=$v"

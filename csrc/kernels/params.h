@@ -102,13 +102,13 @@ enum class KvFormat : int { kBf16 = 0, kFp8V32 = 1, kFp8V4 = 2 };
 // query rows, one math warpgroup computing S^T and O^T with N = the rows (kTransposed16 / 32)
 // while two warpgroups gather. (A column split of S between the two, kColumns, measured slower
 // than kRoles on every case: docs/PERFORMANCE.md, 2026-12-01.)
-// kRolesWide: kRoles with a 144-register producer (JFM_KERNEL_VARIANT=next, not yet measured).
-// kRolesPair: kRoles over two CTAs of a cluster sharing each tile's dequantization (FP8, two row
-// blocks; JFM_KERNEL_VARIANT=pair, not yet measured).
-// kPingPong: the two math warpgroups own alternate tiles (S, softmax, P) and each accumulates its
-// half of O from every tile (JFM_KERNEL_VARIANT=pingpong, dense decode; not yet measured).
+// kRolesWide: kRoles with a 144-register producer (the FP8 default above 32 heads).
+// kRolesPair: kRolesWide over two CTAs of a cluster sharing each tile's dequantization (FP8, two
+// row blocks; JFM_KERNEL_VARIANT=pair).
+// (kPingPong, the math warpgroups owning alternate tiles, measured 0.85x kRoles on dense decode
+// and is gone: docs/PERFORMANCE.md, 2026-12-01.)
 enum class WsMath : int {
-  kRoles = 1, kTransposed16 = 2, kTransposed32 = 3, kRolesWide = 4, kRolesPair = 5, kPingPong = 6
+  kRoles = 1, kTransposed16 = 2, kTransposed32 = 3, kRolesWide = 4, kRolesPair = 5
 };
 
 // One KV pool and the flat rows each query token picks from it.

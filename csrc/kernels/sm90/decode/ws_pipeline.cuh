@@ -10,8 +10,7 @@
 //      "P ready"), and accumulates O[:, 0..256); warpgroup 1 (values) rescales and accumulates
 //      O[:, 256..512) and hands P back ("P free"). Warpgroup 0's S of the next tile then runs
 //      while warpgroup 1 still accumulates the previous one.
-//      kRolesWide: the same with registers moved to the producer (WsRegs).
-//    - kPingPong: the warpgroups own alternate tiles (ws_math_pp).
+//      kRolesWide (FP8 above 32 heads): the same with registers moved to the producer (WsRegs).
 //      kRolesPair (FP8, 65-128 heads: two CTAs of 64 heads each): the two CTAs of a row block pair
 //      run as a cluster; each CTA's producer dequantizes half of every tile's tokens (rank r:
 //      tokens 32 r .. 32 r + 31) and stores them into its own tile and, by st.async, into the
@@ -72,9 +71,6 @@ constexpr WsRegSplit ws_reg_split(WsMath m) {
     // Moves 32 + 32 of kRoles' to the producer, which then fetches both FP8 rounds before it
     // waits (152 for warpgroup 1 spilled 284 bytes).
     case WsMath::kRolesWide: return {200, 160, 144};
-    // Both math warpgroups hold S (32), P (16) and an O half (128); the dense producer (cp.async)
-    // fits in 40 (at 208 / 208 / 88 ptxas spilled 408 bytes in the math warps).
-    case WsMath::kPingPong: return {232, 232, 40};
     // kRoles, kRolesPair: warpgroup 0 holds S (32) beside its O half (128), warpgroup 1 only the
     // O half.
     default: return {232, 184, 88};
@@ -102,8 +98,6 @@ __device__ __forceinline__ void ws_set_regs() {
 constexpr int kBarPReady = 2;   // kRoles: warpgroup 0 wrote P and the corrections (128 + 128)
 constexpr int kBarPFree = 3;    // kRoles: warpgroup 1 is done with them (128 + 128)
 constexpr int kBarScores = 4;   // kRoles, kTransposed*: warpgroup 0 alone (128)
-constexpr int kBarPingPong = 5; // kPingPong: + w, warpgroup w wrote its tile's P, m, corrections (256)
-constexpr int kBarPingPongOwn = 7;  // kPingPong: + w, warpgroup w alone (128)
 
 // Where one query row's result goes (kTransposed*; the task's row_out): the output row (times
 // `scale`) or the split-KV partial row; neither for a padded row.
@@ -235,7 +229,7 @@ __device__ __forceinline__ void mask_tile(float (&s)[kRegs], Masked masked) {
   }
 }
 
-// wgmma descriptors of the 64-row math (kRoles*, kPingPong) at buffer 0: Q, the K tile (all 64
+// wgmma descriptors of the 64-row math (kRoles*) at buffer 0: Q, the K tile (all 64
 // rows), P, and the V half (value columns 256 wc ..) of math warpgroup wc.
 template <int kDqk>
 struct WsRowDescs {
@@ -336,142 +330,6 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   }
 }
 
-// kPingPong: math warpgroup w (= ln.wc) owns the tiles i % 2 == w of each sequence (i counts its
-// live tiles): it computes their S, the online softmax from the running max the other warpgroup
-// left after tile i - 1, and publishes P (shared, swizzled), the rows' new max and correction
-// (`red[64 + row]`, `corr`), then accumulates its half of O (columns 256 w ..) with P from its
-// registers (wgmma with A in registers). For the other warpgroup's tiles it takes the max and the
-// correction from shared memory and accumulates its half with P from shared memory, and issues
-// the S of its own next tile with that P V (so the S is ready when its turn comes).
-// One P buffer and one max / correction slot suffice: the only shared-memory reader of tile i's P
-// is the other warpgroup, which overwrites it (with tile i + 1's) only after its own read is
-// complete; the owner of tile i + 2 writes the slots only after taking tile i + 1's, which its
-// owner published after reading tile i's. Each warpgroup scales its O half and its partial sum l
-// by every tile's correction, so both end relative to the final max: l = l_0 + l_1.
-// kW (= ln.wc) is a template parameter, one instantiation per warpgroup: with a runtime warpgroup
-// index the branches on tile ownership were divergent to ptxas, which then serialized every wgmma
-// (C7518, "WG.DP in divergent path").
-template <class Task, int kW>
-__device__ __forceinline__ void ws_math_pp(const Task& task, const WsShared& sh) {
-  using T = typename Task::T;
-  using S = TileSmem<Task::kDqk>;
-  using Sync = MathWarpsSync;
-  const Lane ln;
-  constexpr int w = kW;
-  const float sl2 = task.softmax_scale * 1.4426950408889634f;
-  const WsRowDescs<Task::kDqk> dd(sh, w);
-  const uint64_t desc_q = dd.q, desc_k = dd.k, desc_p = dd.p, desc_v = dd.v;
-  float* m_slot = sh.red + kBlockM;  // float[64]: the max after the last published tile
-
-  uint32_t k = 0;  // tiles this CTA has consumed (the producer's count, in step)
-  for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
-    const typename Task::Seq cur = task.seq(seq);
-    ws_load_q<256>(task, cur, sh, [] { Sync::sync(); });
-
-    RowState st;
-    st.init();
-    float sacc[32];
-    bool s_ready = false;  // sacc holds this warpgroup's next own tile's S (issued early)
-    int i = 0;             // live tiles of this sequence before n
-    for (int n = cur.first; n < cur.t_hi; ++k, ++i) {
-      const int n_next = cur.next(n + 1);
-      const uint32_t buf = k & 1;
-      const uint32_t buf_desc = buf * (S::kTileBytes >> 4);
-      mbarrier_wait(sh.bar_full + 8 * buf, (k >> 1) & 1);
-      if constexpr (Task::kFenceAfterFull) fence_proxy_async();  // cp.async rows, read by wgmma
-      if ((i & 1) == w) {  // own tile: S, softmax, publish P, O half += P V (P in registers)
-        if (!s_ready) tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
-        s_ready = false;
-        const uint8_t* valid = sh.valid + buf * kTileTokens;
-        mask_tile(sacc, [&](int h, int col) { return task.masked(cur, n, valid, h, col); });
-        float corr[2];
-        tile_softmax_rows(sacc, st, corr, sl2);  // from the max of tile i - 1 (st.m)
-        // Every warp of this warpgroup is past its wait for the wgmma that read the previous P
-        // (whether one warp's wait covers the whole warpgroup's shared-memory reads is not
-        // documented).
-        named_barrier_sync(kBarPingPongOwn + w, 128);
-        store_p_rows<T>(sh.sp, sacc, ln);
-        if (ln.tq == 0) {
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            sh.corr[ln.row(h)] = corr[h];
-            m_slot[ln.row(h)] = st.m[h];
-          }
-        }
-        fence_proxy_async();  // P, before the other warpgroup's wgmma reads it
-        named_barrier_arrive(kBarPingPong + w, 256);
-        rescale_o(st.o, corr);
-        uint32_t a[4][4];  // P as the A fragments of the 4 k-steps of 16 tokens
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-          for (int r = 0; r < 4; ++r) a[kk][r] = pack2<T>(sacc[8 * kk + 2 * r], sacc[8 * kk + 2 * r + 1]);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk)
-          wgmma_m64n256k16_rs_tb<T>(st.o, a[kk], desc_v + buf_desc + ((kk * 16 * 128) >> 4));
-        wgmma_commit();
-        wgmma_wait<0>();
-      } else {  // the other warpgroup's tile; with it, the S of this one's next (own) tile
-        // (Broadcast from lane 0: ptxas then knows the branch around the wgmma is warp-uniform.)
-        const bool next_s = __shfl_sync(0xffffffffu, n_next < cur.t_hi ? 1 : 0, 0) != 0;
-        const uint32_t k1 = k + 1, buf1 = k1 & 1;
-        if (next_s) {
-          mbarrier_wait(sh.bar_full + 8 * buf1, (k1 >> 1) & 1);
-          if constexpr (Task::kFenceAfterFull) fence_proxy_async();
-        }
-        named_barrier_sync(kBarPingPong + (w ^ 1), 256);  // its P, max and corrections
-        float corr[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          corr[h] = sh.corr[ln.row(h)];
-          st.m[h] = m_slot[ln.row(h)];
-          st.l[h] *= corr[h];
-        }
-        // Every register write of the wgmma accumulators before the first issue (else ptxas
-        // serializes the wgmmas, C7515).
-        if (next_s) {
-#pragma unroll
-          for (int r = 0; r < 32; ++r) sacc[r] = 0.f;
-        }
-        rescale_o(st.o, corr);
-        wgmma_fence();
-        if (next_s) tile_gemm_qk_mma<T, Task::kDqk, 64>(sacc, desc_q, desc_k + buf1 * (S::kTileBytes >> 4));
-        tile_pv_mma<T>(st, desc_p, desc_v + buf_desc);
-        wgmma_commit();
-        wgmma_wait<0>();
-        s_ready = next_s;
-      }
-      __syncwarp();
-      if ((ln.tid & 31) == 0) mbarrier_arrive(sh.bar_empty + 8 * buf);  // this warp is done with it
-      n = n_next;
-    }
-    // Row totals: each warpgroup's partial sums, both relative to the final max.
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      st.l[h] += __shfl_xor_sync(0xffffffffu, st.l[h], 1);
-      st.l[h] += __shfl_xor_sync(0xffffffffu, st.l[h], 2);
-    }
-    Sync::sync();  // both are done with the slots (red[64 ..] is one of them)
-    if (ln.tq == 0) {
-      sh.red[w * kBlockM + ln.row(0)] = st.l[0];
-      sh.red[w * kBlockM + ln.row(1)] = st.l[1];
-    }
-    Sync::sync();
-    float inv[2], lse[2], m[2];
-    const float empty_lse = task.empty_lse(cur);
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const float l = sh.red[ln.row(h)] + sh.red[kBlockM + ln.row(h)];
-      const bool empty = !(l > 0.f);
-      inv[h] = empty ? 0.f : 1.f / l;
-      lse[h] = empty ? empty_lse : logf(l) + st.m[h] * task.softmax_scale;
-      m[h] = st.m[h];
-    }
-    task.store_rows(cur, st, inv, lse, m, ln);
-  }
-}
-
 // kTransposed*: warpgroup 0's loop over this CTA's sequences and tiles, kN query rows.
 template <class Task, int kN>
 __device__ __forceinline__ void ws_math_t(const Task& task, const WsShared& sh) {
@@ -554,10 +412,6 @@ __device__ __forceinline__ void ws_run(const Task& task, const WsShared& sh) {
   } else if (wg == 2) {
     ws_set_regs<Regs::kWg2, kL>();
     task.template produce<Regs::kWideProducer, ws_pair(kMath)>(sh, 0, 1);
-  } else if constexpr (kMath == WsMath::kPingPong) {
-    ws_set_regs<Regs::kWg0, kL>();  // (kWg0 == kWg1)
-    if (wg == 0) ws_math_pp<Task, 0>(task, sh);
-    else ws_math_pp<Task, 1>(task, sh);
   } else if (wg == 0) {
     ws_set_regs<Regs::kWg0, kL>();
     ws_math<Task, WsRole::kScores, ws_pair(kMath)>(task, sh);

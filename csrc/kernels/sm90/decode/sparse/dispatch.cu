@@ -1,7 +1,7 @@
 // Picks the sparse attention instantiation for a cache format and d_qk, and the kernel
 // generation (kernels/variant.h): kernel_ws.cuh (producer warpgroups gather) with the transposed
-// math for at most 32 heads and the role split above, or (v1) kernel.cuh (every thread gathers
-// and computes).
+// math for at most 32 heads and the role split above (FP8: with the wide producer; CTA pairs
+// under JFM_KERNEL_VARIANT=pair), or (v1) kernel.cuh (every thread gathers and computes).
 #include "kernels/params.h"
 #include "kernels/variant.h"
 
@@ -9,7 +9,7 @@ namespace jfm {
 namespace sm90 {
 template <KvFormat kFmt, int kDqk>
 cudaError_t launch_sparse_attention(const SparseDecodeParams& p, cudaStream_t stream);
-template <KvFormat kFmt, int kDqk, WsMath kMath, bool kHints>
+template <KvFormat kFmt, int kDqk, WsMath kMath>
 cudaError_t launch_sparse_attention_ws(const SparseDecodeParams& p, cudaStream_t stream);
 }  // namespace sm90
 
@@ -19,22 +19,19 @@ cudaError_t launch(const SparseDecodeParams& p, cudaStream_t stream) {
   using sm90::launch_sparse_attention_ws;
   const KernelVariant v = kernel_variant();
   if (v == KernelVariant::kV1) return sm90::launch_sparse_attention<kFmt, kDqk>(p, stream);
-  // next: FP8 loads with cache hints, wide producer; pair: next + CTA pairs for 65-128 heads.
-  if constexpr (kFmt != KvFormat::kBf16) {
-    if (v == KernelVariant::kNext || v == KernelVariant::kPair) {
-      if (p.h_q <= 16) return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kTransposed16, true>(p, stream);
-      if (p.h_q <= 32) return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kTransposed32, true>(p, stream);
-      if (v == KernelVariant::kPair && p.num_m_blocks == 2) {  // 65-128 heads: a CTA pair
-        const cudaError_t e = launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRolesPair, true>(p, stream);
-        if (e != cudaErrorNotSupported) return e;  // else no pair fits on the device: unpaired
-      }
-      return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRolesWide, true>(p, stream);
-    }
-  }
   // A CTA's query rows: the heads, at most 64.
-  if (p.h_q <= 16) return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kTransposed16, false>(p, stream);
-  if (p.h_q <= 32) return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kTransposed32, false>(p, stream);
-  return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRoles, false>(p, stream);
+  if (p.h_q <= 16) return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kTransposed16>(p, stream);
+  if (p.h_q <= 32) return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kTransposed32>(p, stream);
+  if constexpr (kFmt == KvFormat::kBf16) {
+    return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRoles>(p, stream);
+  } else {
+    if (v == KernelVariant::kPair && p.num_m_blocks == 2) {  // 65-128 heads: a CTA pair
+      const cudaError_t e = launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRolesPair>(p, stream);
+      if (e != cudaErrorNotSupported) return e;  // else no pair fits on the device: unpaired
+    }
+    // The FP8 producer does the most work per tile (gather + dequantization): registers to it.
+    return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRolesWide>(p, stream);
+  }
 }
 }  // namespace
 

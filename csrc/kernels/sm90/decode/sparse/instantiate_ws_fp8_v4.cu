@@ -1,16 +1,12 @@
-// Warp-specialized sparse attention kernel (each math split; and with the cache hints and the wide
-// producer of JFM_KERNEL_VARIANT=next, the CTA pairs of =pair), kFp8V4 cache with d_qk 512 (own translation unit:
-// parallel builds).
+// Warp-specialized sparse attention kernel, kFp8V4 cache with d_qk 512: the math splits FP8
+// uses (kRolesPair: JFM_KERNEL_VARIANT=pair) (own translation unit: parallel builds).
 #include "kernels/sm90/decode/sparse/kernel_ws.cuh"
 
 namespace jfm {
 namespace sm90 {
-template cudaError_t launch_sparse_attention_ws<KvFormat::kFp8V4, 512, WsMath::kRoles, false>(const SparseDecodeParams&, cudaStream_t);
-template cudaError_t launch_sparse_attention_ws<KvFormat::kFp8V4, 512, WsMath::kTransposed16, false>(const SparseDecodeParams&, cudaStream_t);
-template cudaError_t launch_sparse_attention_ws<KvFormat::kFp8V4, 512, WsMath::kTransposed32, false>(const SparseDecodeParams&, cudaStream_t);
-template cudaError_t launch_sparse_attention_ws<KvFormat::kFp8V4, 512, WsMath::kTransposed16, true>(const SparseDecodeParams&, cudaStream_t);
-template cudaError_t launch_sparse_attention_ws<KvFormat::kFp8V4, 512, WsMath::kTransposed32, true>(const SparseDecodeParams&, cudaStream_t);
-template cudaError_t launch_sparse_attention_ws<KvFormat::kFp8V4, 512, WsMath::kRolesWide, true>(const SparseDecodeParams&, cudaStream_t);
-template cudaError_t launch_sparse_attention_ws<KvFormat::kFp8V4, 512, WsMath::kRolesPair, true>(const SparseDecodeParams&, cudaStream_t);
+template cudaError_t launch_sparse_attention_ws<KvFormat::kFp8V4, 512, WsMath::kTransposed16>(const SparseDecodeParams&, cudaStream_t);
+template cudaError_t launch_sparse_attention_ws<KvFormat::kFp8V4, 512, WsMath::kTransposed32>(const SparseDecodeParams&, cudaStream_t);
+template cudaError_t launch_sparse_attention_ws<KvFormat::kFp8V4, 512, WsMath::kRolesWide>(const SparseDecodeParams&, cudaStream_t);
+template cudaError_t launch_sparse_attention_ws<KvFormat::kFp8V4, 512, WsMath::kRolesPair>(const SparseDecodeParams&, cudaStream_t);
 }  // namespace sm90
 }  // namespace jfm

@@ -21,8 +21,9 @@
 namespace jfm {
 namespace sm90 {
 
-// kHints: the FP8 row loads carry cache hints (common.cuh, ld_nc_16; JFM_KERNEL_VARIANT=next).
-template <KvFormat kFmt, int kDqk_, bool kHints = false>
+// The FP8 row loads carry cache hints (common.cuh, ld_nc_16<true>: 1.03-1.20x on the H200,
+// docs/PERFORMANCE.md 2026-12-01).
+template <KvFormat kFmt, int kDqk_>
 struct SparseWsTask {
   using T = bf16;
   static constexpr int kDqk = kDqk_;
@@ -157,7 +158,7 @@ struct SparseWsTask {
         const SparsePool& pool = p.pool[pool_id];
         if constexpr (kPair) {
           const int mine = sh.rank ? idx[1] : idx[0];  // this CTA's round of the tile
-          stage.template fetch<kHints>(pool, q.rows.row_of(mine, pool_id));  // in flight while we wait
+          stage.template fetch<true>(pool, q.rows.row_of(mine, pool_id));  // in flight while we wait
           load_indices(n_next, idx_next);
           fill.wait_empty();
           // The peer's st.async bytes of this tile, counted on this CTA's peer_full barrier (its
@@ -171,13 +172,13 @@ struct SparseWsTask {
           fence_proxy_async();  // the local stores, before the math warps' wgmma reads them
           mbarrier_arrive(fill.full);
         } else if constexpr (kFp8) {
-          stage.template fetch<kHints>(pool, q.rows.row_of(idx[0], pool_id));  // in flight while we wait
-          if constexpr (kWide) stage2.template fetch<kHints>(pool, q.rows.row_of(idx[1], pool_id));
+          stage.template fetch<true>(pool, q.rows.row_of(idx[0], pool_id));  // in flight while we wait
+          if constexpr (kWide) stage2.template fetch<true>(pool, q.rows.row_of(idx[1], pool_id));
           load_indices(n_next, idx_next);
           fill.wait_empty();
           store_stage(stage, fill.tile, slot.t);
           if (slot.j == 0) fill.valid[slot.t] = stage.valid;
-          if constexpr (!kWide) stage2.template fetch<kHints>(pool, q.rows.row_of(idx[1], pool_id));
+          if constexpr (!kWide) stage2.template fetch<true>(pool, q.rows.row_of(idx[1], pool_id));
           store_stage(stage2, fill.tile, slot.t + 32);
           if (slot.j == 0) fill.valid[slot.t + 32] = stage2.valid;
           fence_proxy_async();  // the stores, before the math warps' wgmma reads them
@@ -207,10 +208,10 @@ struct SparseWsTask {
   }
 };
 
-template <KvFormat kFmt, int kDqk, WsMath kMath, bool kHints>
+template <KvFormat kFmt, int kDqk, WsMath kMath>
 __global__ void __launch_bounds__(384, 1)
     sparse_attention_ws_kernel(const __grid_constant__ SparseDecodeParams p) {
-  using Task = SparseWsTask<kFmt, kDqk, kHints>;
+  using Task = SparseWsTask<kFmt, kDqk>;
   extern __shared__ unsigned char smem_raw[];
   const WsShared sh = ws_setup<kDqk, kMath>(smem_raw, Task::kFullCount);
   const Task task(p);
@@ -219,14 +220,14 @@ __global__ void __launch_bounds__(384, 1)
 
 // kRolesPair: clusters of the two row blocks (grid y = num_m_blocks = 2); cudaErrorNotSupported,
 // launching nothing, where no pair fits (launch_clusters_with_smem; the caller falls back).
-template <KvFormat kFmt, int kDqk, WsMath kMath, bool kHints>
+template <KvFormat kFmt, int kDqk, WsMath kMath>
 cudaError_t launch_sparse_attention_ws(const SparseDecodeParams& p, cudaStream_t stream) {
   if constexpr (ws_pair(kMath)) {
     if (p.num_m_blocks != 2) return cudaErrorInvalidValue;
-    return launch_clusters_with_smem<sparse_attention_ws_kernel<kFmt, kDqk, kMath, kHints>>(
+    return launch_clusters_with_smem<sparse_attention_ws_kernel<kFmt, kDqk, kMath>>(
         sparse_grid(p), dim3(1, 2, 1), 384, WsSmem<kDqk>::kBytes, stream, p);
   } else {
-    return launch_with_smem(sparse_attention_ws_kernel<kFmt, kDqk, kMath, kHints>, sparse_grid(p),
+    return launch_with_smem(sparse_attention_ws_kernel<kFmt, kDqk, kMath>, sparse_grid(p),
                             384, WsSmem<kDqk>::kBytes, stream, p);
   }
 }
