@@ -81,17 +81,20 @@ if has ab && [ -f "$REPO/.abase/base.tar" ]; then
   done
 fi
 if has ncu; then
-  # NCU_CASES: "name|kernel regex|profile_decode.py args" entries separated by ';'. Besides the
-  # text sections, each case leaves ncu_<name>_sass.csv.gz: warp-stall samples per SASS
-  # instruction (SourceCounters), which tell the producer warps' stalls from the math warps' in the
+  # NCU_CASES: "name|kernel regex|profile_decode.py args[|VAR=value ...]" entries separated by
+  # ';' (the optional fourth field: environment of that case, e.g. JFM_KERNEL_VARIANT=pair).
+  # Besides the text sections, each case leaves ncu_<name>_sass.csv.gz: warp-stall samples per
+  # SASS instruction, which tell the producer warps' stalls from the math warps' in the
   # warp-specialized kernels (WarpStateStats averages over both); read with
-  # scripts/ncu_sass_stalls.py.
+  # scripts/ncu_sass_stalls.py (per opcode) and scripts/ncu_stalls_by_line.py (per source line and
+  # warp role, from a local -lineinfo build). More than 8 files come back only packed:
+  # end the command with scripts/device_pack.sh.
   NCU_CASES=${NCU_CASES:-"sparse_v32_h128|sparse_attention_ws_kernel|--sparse v32 --h_q 128 --b 64;sparse_v32_h16|sparse_attention_ws_kernel|--sparse v32 --h_q 16 --b 64;dense_h128|dense_decode_ws_kernel|--h_q 128"}
   log "Nsight Compute: $NCU_CASES"
   IFS=';' read -ra ncu_cases <<< "$NCU_CASES"
   for entry in "${ncu_cases[@]}"; do
-    IFS='|' read -r name regex pargs <<< "$entry"
-    timeout 240 ncu --kernel-name regex:$regex --launch-skip 2 --launch-count 1 \
+    IFS='|' read -r name regex pargs cenv <<< "$entry"
+    env ${cenv:-} timeout 240 ncu --kernel-name regex:$regex --launch-skip 2 --launch-count 1 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
       --section SchedulerStats --section Occupancy --section SourceCounters \
       --metrics "dram__bytes_read.sum,lts__t_sector_hit_rate.pct,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_elapsed,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
