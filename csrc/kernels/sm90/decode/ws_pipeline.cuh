@@ -394,6 +394,19 @@ __device__ __forceinline__ void ws_math_t(const Task& task, const WsShared& sh) 
   }
 }
 
+// kRolesPair: no CTA leaves while the peer may still store into its tiles or arrive on its
+// barriers. Called at the end of each role's branch, not once after them: a join of the three
+// roles after the branches made ptxas treat the role branches as divergent code, and the scores
+// warpgroup's wgmma descriptors left the uniform datapath (81 R2UR instead of 10, 1998 scores
+// instructions instead of 1799 in the V3.2 kernel; docs/PERFORMANCE.md, 2026-12-01).
+template <WsMath kMath>
+__device__ __forceinline__ void ws_leave() {
+  if constexpr (ws_pair(kMath)) {
+    __syncwarp();
+    cluster_sync();
+  }
+}
+
 // The kernel body after ws_setup: the producer warpgroup(s) gather, the math warpgroup(s)
 // compute (kMath's split).
 template <WsMath kMath, class Task>
@@ -412,18 +425,15 @@ __device__ __forceinline__ void ws_run(const Task& task, const WsShared& sh) {
   } else if (wg == 2) {
     ws_set_regs<Regs::kWg2, kL>();
     task.template produce<Regs::kWideProducer, ws_pair(kMath)>(sh, 0, 1);
+    ws_leave<kMath>();
   } else if (wg == 0) {
     ws_set_regs<Regs::kWg0, kL>();
     ws_math<Task, WsRole::kScores, ws_pair(kMath)>(task, sh);
+    ws_leave<kMath>();
   } else {
     ws_set_regs<Regs::kWg1, kL>();
     ws_math<Task, WsRole::kValues, ws_pair(kMath)>(task, sh);
-  }
-  // kRolesPair: no CTA leaves while the peer may still store into its tiles or arrive on its
-  // barriers.
-  if constexpr (ws_pair(kMath)) {
-    __syncwarp();
-    cluster_sync();
+    ws_leave<kMath>();
   }
 }
 
