@@ -6,9 +6,9 @@
 #   run(command="bash scripts/device_check.sh", carry=[".whl"])
 # Stages: STAGES="build cpu-suite smoke gpu gpu-alt memcheck racecheck synccheck ab ncu bench
 # example" (default: build gpu memcheck racecheck bench example). smoke runs a few calls of every
-# kernel per SMOKE_VARIANTS (default "ws pair", JFM_KERNEL_VARIANT); gpu-alt runs
-# the kernel GPU tests on each variant in ALT_VARIANTS (default "pair": the FP8 CTA pairs;
-# "v1": the kernels before the warp-specialized ones;
+# kernel per SMOKE_VARIANTS (default "ws pair overlap", JFM_KERNEL_VARIANT); gpu-alt runs
+# the kernel GPU tests on each variant in ALT_VARIANTS (default "pair overlap": the FP8 CTA pairs,
+# the overlapped scores warpgroup; "v1": the kernels before the warp-specialized ones;
 # GPU_ALT_TESTS narrows the files, ~4.5 min per variant for all four); SAN_VARIANTS (default
 # "ws"; e.g. "ws pair") runs the sanitizers on each. SUITE_TESTS /
 # GPU_TESTS narrow the suites (paths relative to the repo root). Stage ab: `git archive -o
@@ -31,7 +31,7 @@ if has smoke; then
   # A few calls of every kernel per variant, checked against the reference, each variant in its
   # own process under a short timeout: a hang or a wrong result shows up here in seconds, not in
   # the long test stages.
-  for variant in ${SMOKE_VARIANTS:-ws pair}; do
+  for variant in ${SMOKE_VARIANTS:-ws pair overlap}; do
     log "smoke: tests/gpu/sanitize_kernels.py with JFM_KERNEL_VARIANT=$variant"
     JFM_KERNEL_VARIANT=$variant XLA_FLAGS=--xla_gpu_autotune_level=0 timeout ${SMOKE_TIMEOUT:-120} \
       python3 "$REPO/tests/gpu/sanitize_kernels.py" 2>&1 | tee "$OUT/smoke_$variant.log" | tail -4
@@ -47,7 +47,7 @@ if has gpu; then
   [ "${PIPESTATUS[0]}" -eq 0 ] || fail gpu
 fi
 if has gpu-alt; then
-  for variant in ${ALT_VARIANTS:-pair}; do
+  for variant in ${ALT_VARIANTS:-pair overlap}; do
     log "GPU dense + sparse kernel tests on JFM_KERNEL_VARIANT=$variant"
     JFM_KERNEL_VARIANT=$variant XLA_FLAGS=--xla_gpu_autotune_level=0 timeout ${GPU_TIMEOUT:-420} \
       python3 -m pytest -q -p no:cacheprovider --tb=short -rf --maxfail=${GPU_MAXFAIL:-8} -m gpu \

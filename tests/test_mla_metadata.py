@@ -194,7 +194,8 @@ def test_extension_constants_match_limits():
 
 
 @pytest.mark.parametrize("asked,want", [(None, "ws"), ("v1", "v1"), ("pair", "pair"),
-                                        ("next", "ws"), ("ws", "ws"), ("bogus", "ws")])
+                                        ("overlap", "overlap"), ("next", "ws"), ("ws", "ws"),
+                                        ("bogus", "ws")])
 def test_kernel_variant_switch(asked, want):
     """JFM_KERNEL_VARIANT picks the dense / sparse kernel generation once per process
     (csrc/kernels/variant.h); the extension reports what it picked. Runs where the extension is

@@ -6,6 +6,9 @@
 // JFM_KERNEL_VARIANT=pair: the default, plus CTA pairs sharing each tile's dequantization for FP8
 // at 65-128 heads (WsMath::kRolesPair): 1.29x the unpaired kernel on V4 h128, 0.95x on V3.2 h128
 // (docs/PERFORMANCE.md, 2026-12-01), so not the default yet.
+// JFM_KERNEL_VARIANT=overlap: dense decode above 32 query rows per CTA and bf16 sparse attention
+// (sparse prefill) above 32 heads with WsMath::kRolesOverlap (the scores warpgroup's next S rides
+// with its P V); not yet run on a GPU.
 // Anything else (or nothing): the default. Read once per process (host code).
 #pragma once
 
@@ -14,13 +17,14 @@
 
 namespace jfm {
 
-enum class KernelVariant { kWs, kV1, kPair };
+enum class KernelVariant { kWs, kV1, kPair, kOverlap };
 
 inline KernelVariant kernel_variant() {
   static const KernelVariant v = [] {
     const char* e = std::getenv("JFM_KERNEL_VARIANT");
     if (e != nullptr && std::strcmp(e, "v1") == 0) return KernelVariant::kV1;
     if (e != nullptr && std::strcmp(e, "pair") == 0) return KernelVariant::kPair;
+    if (e != nullptr && std::strcmp(e, "overlap") == 0) return KernelVariant::kOverlap;
     return KernelVariant::kWs;
   }();
   return v;
@@ -30,6 +34,7 @@ inline const char* kernel_variant_name() {
   switch (kernel_variant()) {
     case KernelVariant::kV1: return "v1";
     case KernelVariant::kPair: return "pair";
+    case KernelVariant::kOverlap: return "overlap";
     default: return "ws";
   }
 }

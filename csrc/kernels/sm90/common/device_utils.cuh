@@ -113,6 +113,14 @@ __device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
   asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar)
                : "memory");
 }
+// mbarrier_arrive where `pred` holds, as one predicated instruction: no branch, so it may sit
+// between the issue and the wait of a wgmma batch without ptxas serializing the batch (a branch
+// there counts as a divergent path, C7520).
+__device__ __forceinline__ void mbarrier_arrive_if(uint32_t bar, bool pred) {
+  asm volatile("{\n.reg .pred p;\n.reg .b64 st;\nsetp.ne.b32 p, %1, 0;\n"
+               "@p mbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar), "r"(static_cast<int>(pred))
+               : "memory");
+}
 // Arrive once all of this thread's earlier cp.async copies have landed (counts as one of the
 // phase's expected arrivals: .noinc).
 __device__ __forceinline__ void cp_async_mbarrier_arrive_noinc(uint32_t bar) {

@@ -263,8 +263,18 @@ enum class WsRole : int { kScores, kValues };
 // The math warps' loop over this CTA's sequences and tiles. One instantiation per role, so that
 // each warpgroup's code is register-allocated within its own setmaxnreg budget (with one loop for
 // both roles ptxas allocated it within the smaller budget and spilled).
-template <class Task, WsRole kRole, bool kPair>
+// kOverlap (kRolesOverlap; not kPair): the scores warpgroup issues the next tile's S in the same
+// wgmma batch as this tile's P V (after waiting for that tile's full barrier, before the batch:
+// a poll loop inside a batch serializes it), so the tensor cores go from one to the other without
+// the bubble of the wait, the empty arrival, the loop and the next issue. Its buffer is released
+// after the P V's group completes (wgmma_wait<1>), by a predicated arrival (no branch inside the
+// batch); the next S completes before the next iteration's softmax. After a sequence's last tile
+// the batch still computes an S (over that tile's K, dropped): a wgmma under a condition made
+// ptxas serialize the whole batch (C7515), which costs more than one extra QK^T per sequence of
+// the CTA. The first tile's S is its own batch, before the loop.
+template <class Task, WsRole kRole, bool kPair, bool kOverlap = false>
 __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
+  static_assert(!(kPair && kOverlap), "the overlapped scores path is written for unpaired CTAs");
   using T = typename Task::T;
   using S = TileSmem<Task::kDqk>;
   using Sync = MathWarpsSync;
@@ -280,21 +290,31 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
 
     RowState st;
     st.init();
+    constexpr bool kOverlapped = kOverlap && kRole == WsRole::kScores;
+    float sacc[32];        // (kRole == kScores) this tile's S, then P
+    if constexpr (kOverlapped) {  // the first tile's S; the loop's batches issue the others
+      if (cur.first < cur.t_hi) {
+        mbarrier_wait(sh.bar_full + 8 * (k & 1), (k >> 1) & 1);
+        if constexpr (Task::kFenceAfterFull) fence_proxy_async();
+        tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + (k & 1) * (S::kTileBytes >> 4));
+      }
+    }
     for (int n = cur.first; n < cur.t_hi; ++k) {
       const int n_next = cur.next(n + 1);
       const uint32_t buf = k & 1;
-      mbarrier_wait(sh.bar_full + 8 * buf, (k >> 1) & 1);
-      // kPair: and the peer's half of the tile (its st.async bytes; async proxy, as wgmma reads).
-      if constexpr (kPair) mbarrier_wait(sh.bar_peer_full + 8 * buf, (k >> 1) & 1);
-      // cp.async rows / (kPair) the peer's st.async bytes, which the PTX ISA counts as generic-proxy
-      // writes, before the wgmma (async proxy) reads them.
-      if constexpr (Task::kFenceAfterFull || kPair) fence_proxy_async();
+      if (!kOverlapped) {  // (kOverlapped: waited for before the last batch, or above)
+        mbarrier_wait(sh.bar_full + 8 * buf, (k >> 1) & 1);
+        // kPair: and the peer's half of the tile (its st.async bytes; async proxy, as wgmma reads).
+        if constexpr (kPair) mbarrier_wait(sh.bar_peer_full + 8 * buf, (k >> 1) & 1);
+        // cp.async rows / (kPair) the peer's st.async bytes, which the PTX ISA counts as
+        // generic-proxy writes, before the wgmma (async proxy) reads them.
+        if constexpr (Task::kFenceAfterFull || kPair) fence_proxy_async();
+      }
       const uint32_t buf_desc = buf * (S::kTileBytes >> 4);
       const uint8_t* valid = sh.valid + buf * kTileTokens;
 
       if constexpr (kRole == WsRole::kScores) {
-        float sacc[32];
-        tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
+        if constexpr (!kOverlapped) tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
         mask_tile(sacc, [&](int h, int col) { return task.masked(cur, n, valid, h, col); });
         float corr[2];
         tile_softmax_rows(sacc, st, corr, sl2);
@@ -312,6 +332,33 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
         named_barrier_sync(kBarPReady, 256);
         const float corr[2] = {sh.corr[ln.row(0)], sh.corr[ln.row(1)]};
         rescale_o(st.o, corr);
+      }
+      if constexpr (kOverlapped) {
+        // (Broadcast from lane 0: ptxas then knows the condition around the wgmma is warp-uniform.)
+        const bool has_next = __shfl_sync(0xffffffffu, n_next < cur.t_hi ? 1 : 0, 0) != 0;
+        const uint32_t k1 = k + 1, buf1 = k1 & 1;
+        if (has_next) {
+          mbarrier_wait(sh.bar_full + 8 * buf1, (k1 >> 1) & 1);
+          if constexpr (Task::kFenceAfterFull) fence_proxy_async();
+        }
+        // Without a next tile the S is computed anyway, over this tile's K (full, not yet
+        // released), and dropped: a wgmma under a condition serializes the batch (C7515).
+        const uint32_t next_desc = (has_next ? buf1 : buf) * (S::kTileBytes >> 4);
+#pragma unroll
+        for (int r = 0; r < 32; ++r) sacc[r] = 0.f;  // before the batch's first issue (C7515)
+        wgmma_fence();
+        tile_pv_mma<T>(st, desc_p, desc_v + buf_desc);
+        wgmma_commit();
+        tile_gemm_qk_mma<T, Task::kDqk, 64>(sacc, desc_q, desc_k + next_desc);
+        wgmma_commit();
+        // This tile's P V done: its buffer is free, unless the dropped S still reads it.
+        wgmma_wait<1>();
+        __syncwarp();
+        mbarrier_arrive_if(sh.bar_empty + 8 * buf, has_next && (ln.tid & 31) == 0);
+        wgmma_wait<0>();  // the next tile's S
+        mbarrier_arrive_if(sh.bar_empty + 8 * buf, !has_next && (ln.tid & 31) == 0);
+        n = n_next;
+        continue;
       }
       tile_pv_issue<T>(st, desc_p, desc_v + buf_desc);
       wgmma_wait<0>();
@@ -428,7 +475,7 @@ __device__ __forceinline__ void ws_run(const Task& task, const WsShared& sh) {
     ws_leave<kMath>();
   } else if (wg == 0) {
     ws_set_regs<Regs::kWg0, kL>();
-    ws_math<Task, WsRole::kScores, ws_pair(kMath)>(task, sh);
+    ws_math<Task, WsRole::kScores, ws_pair(kMath), kMath == WsMath::kRolesOverlap>(task, sh);
     ws_leave<kMath>();
   } else {
     ws_set_regs<Regs::kWg1, kL>();

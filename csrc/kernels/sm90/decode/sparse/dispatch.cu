@@ -23,6 +23,7 @@ cudaError_t launch(const SparseDecodeParams& p, cudaStream_t stream) {
   if (p.h_q <= 16) return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kTransposed16>(p, stream);
   if (p.h_q <= 32) return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kTransposed32>(p, stream);
   if constexpr (kFmt == KvFormat::kBf16) {
+    if (v == KernelVariant::kOverlap) return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRolesOverlap>(p, stream);
     return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRoles>(p, stream);
   } else {
     if (v == KernelVariant::kPair && p.num_m_blocks == 2) {  // 65-128 heads: a CTA pair
