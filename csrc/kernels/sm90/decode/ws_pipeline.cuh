@@ -268,10 +268,10 @@ enum class WsRole : int { kScores, kValues };
 // a poll loop inside a batch serializes it), so the tensor cores go from one to the other without
 // the bubble of the wait, the empty arrival, the loop and the next issue. Its buffer is released
 // after the P V's group completes (wgmma_wait<1>), by a predicated arrival (no branch inside the
-// batch); the next S completes before the next iteration's softmax. After a sequence's last tile
-// the batch still computes an S (over that tile's K, dropped): a wgmma under a condition made
-// ptxas serialize the whole batch (C7515), which costs more than one extra QK^T per sequence of
-// the CTA. The first tile's S is its own batch, before the loop.
+// batch); the next S completes before the next iteration's softmax. The first tile's S is its own
+// batch before the loop, and a sequence's last tile has a batch of its P V alone, in the other
+// branch of a warp-uniform `if`: a wgmma under a condition inside a batch made ptxas serialize the
+// whole batch (C7515); a whole batch per branch does not.
 template <class Task, WsRole kRole, bool kPair, bool kOverlap = false>
 __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   static_assert(!(kPair && kOverlap), "the overlapped scores path is written for unpaired CTAs");
@@ -340,23 +340,23 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
         if (has_next) {
           mbarrier_wait(sh.bar_full + 8 * buf1, (k1 >> 1) & 1);
           if constexpr (Task::kFenceAfterFull) fence_proxy_async();
-        }
-        // Without a next tile the S is computed anyway, over this tile's K (full, not yet
-        // released), and dropped: a wgmma under a condition serializes the batch (C7515).
-        const uint32_t next_desc = (has_next ? buf1 : buf) * (S::kTileBytes >> 4);
 #pragma unroll
-        for (int r = 0; r < 32; ++r) sacc[r] = 0.f;  // before the batch's first issue (C7515)
-        wgmma_fence();
-        tile_pv_mma<T>(st, desc_p, desc_v + buf_desc);
-        wgmma_commit();
-        tile_gemm_qk_mma<T, Task::kDqk, 64>(sacc, desc_q, desc_k + next_desc);
-        wgmma_commit();
-        // This tile's P V done: its buffer is free, unless the dropped S still reads it.
-        wgmma_wait<1>();
-        __syncwarp();
-        mbarrier_arrive_if(sh.bar_empty + 8 * buf, has_next && (ln.tid & 31) == 0);
-        wgmma_wait<0>();  // the next tile's S
-        mbarrier_arrive_if(sh.bar_empty + 8 * buf, !has_next && (ln.tid & 31) == 0);
+          for (int r = 0; r < 32; ++r) sacc[r] = 0.f;  // before the batch's first issue (C7515)
+          wgmma_fence();
+          tile_pv_mma<T>(st, desc_p, desc_v + buf_desc);
+          wgmma_commit();
+          tile_gemm_qk_mma<T, Task::kDqk, 64>(sacc, desc_q, desc_k + buf1 * (S::kTileBytes >> 4));
+          wgmma_commit();
+          wgmma_wait<1>();  // this tile's P V: its buffer is free
+          __syncwarp();
+          mbarrier_arrive_if(sh.bar_empty + 8 * buf, (ln.tid & 31) == 0);
+          wgmma_wait<0>();  // the next tile's S
+        } else {  // the sequence's last tile: its P V alone
+          tile_pv_issue<T>(st, desc_p, desc_v + buf_desc);
+          wgmma_wait<0>();
+          __syncwarp();
+          mbarrier_arrive_if(sh.bar_empty + 8 * buf, (ln.tid & 31) == 0);
+        }
         n = n_next;
         continue;
       }
