@@ -108,9 +108,11 @@ enum class KvFormat : int { kBf16 = 0, kFp8V32 = 1, kFp8V4 = 2 };
 // (kPingPong, the math warpgroups owning alternate tiles, measured 0.85x kRoles on dense decode
 // and is gone: docs/PERFORMANCE.md, 2026-12-01.)
 // kRolesOverlap: kRoles whose scores warpgroup issues the next tile's S with this tile's P V, in
-// one wgmma batch (dense and bf16 sparse; JFM_KERNEL_VARIANT=overlap, not yet run on a GPU).
+// one wgmma batch (dense and bf16 sparse); kRolesPairOverlap: kRolesPair with that scores path
+// (FP8, two row blocks). JFM_KERNEL_VARIANT=overlap; not yet run on a GPU.
 enum class WsMath : int {
-  kRoles = 1, kTransposed16 = 2, kTransposed32 = 3, kRolesWide = 4, kRolesPair = 5, kRolesOverlap = 6
+  kRoles = 1, kTransposed16 = 2, kTransposed32 = 3, kRolesWide = 4, kRolesPair = 5, kRolesOverlap = 6,
+  kRolesPairOverlap = 7
 };
 
 // One KV pool and the flat rows each query token picks from it.

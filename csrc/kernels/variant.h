@@ -8,7 +8,8 @@
 // (docs/PERFORMANCE.md, 2026-12-01), so not the default yet.
 // JFM_KERNEL_VARIANT=overlap: dense decode above 32 query rows per CTA and bf16 sparse attention
 // (sparse prefill) above 32 heads with WsMath::kRolesOverlap (the scores warpgroup's next S rides
-// with its P V); not yet run on a GPU.
+// with its P V), and FP8 at 65-128 heads with the CTA pairs plus that scores path
+// (kRolesPairOverlap); not yet run on a GPU.
 // Anything else (or nothing): the default. Read once per process (host code).
 #pragma once
 

@@ -59,7 +59,10 @@ namespace sm90 {
 constexpr bool ws_transposed(WsMath m) {
   return m == WsMath::kTransposed16 || m == WsMath::kTransposed32;
 }
-constexpr bool ws_pair(WsMath m) { return m == WsMath::kRolesPair; }
+constexpr bool ws_pair(WsMath m) { return m == WsMath::kRolesPair || m == WsMath::kRolesPairOverlap; }
+constexpr bool ws_overlap(WsMath m) {
+  return m == WsMath::kRolesOverlap || m == WsMath::kRolesPairOverlap;
+}
 struct WsRegSplit {
   int wg0, wg1, wg2;
 };
@@ -263,7 +266,7 @@ enum class WsRole : int { kScores, kValues };
 // The math warps' loop over this CTA's sequences and tiles. One instantiation per role, so that
 // each warpgroup's code is register-allocated within its own setmaxnreg budget (with one loop for
 // both roles ptxas allocated it within the smaller budget and spilled).
-// kOverlap (kRolesOverlap; not kPair): the scores warpgroup issues the next tile's S in the same
+// kOverlap (kRolesOverlap, kRolesPairOverlap): the scores warpgroup issues the next tile's S in the same
 // wgmma batch as this tile's P V (after waiting for that tile's full barrier, before the batch:
 // a poll loop inside a batch serializes it), so the tensor cores go from one to the other without
 // the bubble of the wait, the empty arrival, the loop and the next issue. Its buffer is released
@@ -274,7 +277,6 @@ enum class WsRole : int { kScores, kValues };
 // whole batch (C7515); a whole batch per branch does not.
 template <class Task, WsRole kRole, bool kPair, bool kOverlap = false>
 __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
-  static_assert(!(kPair && kOverlap), "the overlapped scores path is written for unpaired CTAs");
   using T = typename Task::T;
   using S = TileSmem<Task::kDqk>;
   using Sync = MathWarpsSync;
@@ -295,7 +297,8 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
     if constexpr (kOverlapped) {  // the first tile's S; the loop's batches issue the others
       if (cur.first < cur.t_hi) {
         mbarrier_wait(sh.bar_full + 8 * (k & 1), (k >> 1) & 1);
-        if constexpr (Task::kFenceAfterFull) fence_proxy_async();
+        if constexpr (kPair) mbarrier_wait(sh.bar_peer_full + 8 * (k & 1), (k >> 1) & 1);
+        if constexpr (Task::kFenceAfterFull || kPair) fence_proxy_async();
         tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + (k & 1) * (S::kTileBytes >> 4));
       }
     }
@@ -339,7 +342,8 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
         const uint32_t k1 = k + 1, buf1 = k1 & 1;
         if (has_next) {
           mbarrier_wait(sh.bar_full + 8 * buf1, (k1 >> 1) & 1);
-          if constexpr (Task::kFenceAfterFull) fence_proxy_async();
+          if constexpr (kPair) mbarrier_wait(sh.bar_peer_full + 8 * buf1, (k1 >> 1) & 1);
+          if constexpr (Task::kFenceAfterFull || kPair) fence_proxy_async();
 #pragma unroll
           for (int r = 0; r < 32; ++r) sacc[r] = 0.f;  // before the batch's first issue (C7515)
           wgmma_fence();
@@ -350,12 +354,14 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
           wgmma_wait<1>();  // this tile's P V: its buffer is free
           __syncwarp();
           mbarrier_arrive_if(sh.bar_empty + 8 * buf, (ln.tid & 31) == 0);
+          if constexpr (kPair) mbarrier_arrive_cluster_if(sh.peer_bar_empty + 8 * buf, (ln.tid & 31) == 0);
           wgmma_wait<0>();  // the next tile's S
         } else {  // the sequence's last tile: its P V alone
           tile_pv_issue<T>(st, desc_p, desc_v + buf_desc);
           wgmma_wait<0>();
           __syncwarp();
           mbarrier_arrive_if(sh.bar_empty + 8 * buf, (ln.tid & 31) == 0);
+          if constexpr (kPair) mbarrier_arrive_cluster_if(sh.peer_bar_empty + 8 * buf, (ln.tid & 31) == 0);
         }
         n = n_next;
         continue;
@@ -475,7 +481,7 @@ __device__ __forceinline__ void ws_run(const Task& task, const WsShared& sh) {
     ws_leave<kMath>();
   } else if (wg == 0) {
     ws_set_regs<Regs::kWg0, kL>();
-    ws_math<Task, WsRole::kScores, ws_pair(kMath), kMath == WsMath::kRolesOverlap>(task, sh);
+    ws_math<Task, WsRole::kScores, ws_pair(kMath), ws_overlap(kMath)>(task, sh);
     ws_leave<kMath>();
   } else {
     ws_set_regs<Regs::kWg1, kL>();

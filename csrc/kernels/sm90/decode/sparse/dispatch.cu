@@ -30,6 +30,10 @@ cudaError_t launch(const SparseDecodeParams& p, cudaStream_t stream) {
       const cudaError_t e = launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRolesPair>(p, stream);
       if (e != cudaErrorNotSupported) return e;  // else no pair fits on the device: unpaired
     }
+    if (v == KernelVariant::kOverlap && p.num_m_blocks == 2) {  // the pair, overlapped scores
+      const cudaError_t e = launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRolesPairOverlap>(p, stream);
+      if (e != cudaErrorNotSupported) return e;
+    }
     // The FP8 producer does the most work per tile (gather + dequantization): registers to it.
     return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRolesWide>(p, stream);
   }
