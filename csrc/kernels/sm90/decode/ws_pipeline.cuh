@@ -260,6 +260,24 @@ __device__ __forceinline__ void ws_load_q(const Task& task, const typename Task:
   sync();
 }
 
+// The math warps' wait for the k-th tile: its buffer full (kPair: and the peer's half, the st.async
+// bytes counted on peer_full), then fenced for the wgmma that reads it: the cp.async rows or
+// (kPair) the st.async bytes are generic-proxy writes, wgmma reads through the async proxy.
+template <class Task, bool kPair>
+__device__ __forceinline__ void ws_wait_full(const WsShared& sh, uint32_t k) {
+  mbarrier_wait(sh.bar_full + 8 * (k & 1), (k >> 1) & 1);
+  if constexpr (kPair) mbarrier_wait(sh.bar_peer_full + 8 * (k & 1), (k >> 1) & 1);
+  if constexpr (Task::kFenceAfterFull || kPair) fence_proxy_async();
+}
+// A math warp's release of buffer `buf` where `pred` holds (lane 0), by predicated arrivals (no
+// branch: it may sit inside a wgmma batch); kPair: also on the peer's empty barrier, whose
+// producer stores its half of the tokens into this buffer.
+template <bool kPair>
+__device__ __forceinline__ void ws_release_if(const WsShared& sh, uint32_t buf, bool pred) {
+  mbarrier_arrive_if(sh.bar_empty + 8 * buf, pred);
+  if constexpr (kPair) mbarrier_arrive_cluster_if(sh.peer_bar_empty + 8 * buf, pred);
+}
+
 // Which side of the role split a math warpgroup takes.
 enum class WsRole : int { kScores, kValues };
 
@@ -296,23 +314,14 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
     float sacc[32];        // (kRole == kScores) this tile's S, then P
     if constexpr (kOverlapped) {  // the first tile's S; the loop's batches issue the others
       if (cur.first < cur.t_hi) {
-        mbarrier_wait(sh.bar_full + 8 * (k & 1), (k >> 1) & 1);
-        if constexpr (kPair) mbarrier_wait(sh.bar_peer_full + 8 * (k & 1), (k >> 1) & 1);
-        if constexpr (Task::kFenceAfterFull || kPair) fence_proxy_async();
+        ws_wait_full<Task, kPair>(sh, k);
         tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + (k & 1) * (S::kTileBytes >> 4));
       }
     }
     for (int n = cur.first; n < cur.t_hi; ++k) {
       const int n_next = cur.next(n + 1);
       const uint32_t buf = k & 1;
-      if (!kOverlapped) {  // (kOverlapped: waited for before the last batch, or above)
-        mbarrier_wait(sh.bar_full + 8 * buf, (k >> 1) & 1);
-        // kPair: and the peer's half of the tile (its st.async bytes; async proxy, as wgmma reads).
-        if constexpr (kPair) mbarrier_wait(sh.bar_peer_full + 8 * buf, (k >> 1) & 1);
-        // cp.async rows / (kPair) the peer's st.async bytes, which the PTX ISA counts as
-        // generic-proxy writes, before the wgmma (async proxy) reads them.
-        if constexpr (Task::kFenceAfterFull || kPair) fence_proxy_async();
-      }
+      if (!kOverlapped) ws_wait_full<Task, kPair>(sh, k);  // (else waited for before the last batch, or above)
       const uint32_t buf_desc = buf * (S::kTileBytes >> 4);
       const uint8_t* valid = sh.valid + buf * kTileTokens;
 
@@ -341,9 +350,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
         const bool has_next = __shfl_sync(0xffffffffu, n_next < cur.t_hi ? 1 : 0, 0) != 0;
         const uint32_t k1 = k + 1, buf1 = k1 & 1;
         if (has_next) {
-          mbarrier_wait(sh.bar_full + 8 * buf1, (k1 >> 1) & 1);
-          if constexpr (kPair) mbarrier_wait(sh.bar_peer_full + 8 * buf1, (k1 >> 1) & 1);
-          if constexpr (Task::kFenceAfterFull || kPair) fence_proxy_async();
+          ws_wait_full<Task, kPair>(sh, k1);
 #pragma unroll
           for (int r = 0; r < 32; ++r) sacc[r] = 0.f;  // before the batch's first issue (C7515)
           wgmma_fence();
@@ -353,15 +360,13 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
           wgmma_commit();
           wgmma_wait<1>();  // this tile's P V: its buffer is free
           __syncwarp();
-          mbarrier_arrive_if(sh.bar_empty + 8 * buf, (ln.tid & 31) == 0);
-          if constexpr (kPair) mbarrier_arrive_cluster_if(sh.peer_bar_empty + 8 * buf, (ln.tid & 31) == 0);
+          ws_release_if<kPair>(sh, buf, (ln.tid & 31) == 0);
           wgmma_wait<0>();  // the next tile's S
         } else {  // the sequence's last tile: its P V alone
           tile_pv_issue<T>(st, desc_p, desc_v + buf_desc);
           wgmma_wait<0>();
           __syncwarp();
-          mbarrier_arrive_if(sh.bar_empty + 8 * buf, (ln.tid & 31) == 0);
-          if constexpr (kPair) mbarrier_arrive_cluster_if(sh.peer_bar_empty + 8 * buf, (ln.tid & 31) == 0);
+          ws_release_if<kPair>(sh, buf, (ln.tid & 31) == 0);
         }
         n = n_next;
         continue;
