@@ -38,7 +38,8 @@ __device__ __forceinline__ void st_shared_8(uint32_t addr, uint2 v) {
 }
 // Read-only loads of a gathered row. kHint: keep the lines in L1 (evict_last) and have L2 fetch
 // the 256-byte block around a miss, so the other loads of the same token (a V3.2 token spans
-// 656 bytes, read in 11 loads per thread) find its bytes in L2 (JFM_KERNEL_VARIANT=next).
+// 656 bytes, read in 11 loads per thread) find its bytes in L2 (the warp-specialized FP8
+// producers; v1 reads without hints).
 template <bool kHint = false>
 __device__ __forceinline__ uint4 ld_nc_16(const uint8_t* p) {
   if constexpr (kHint) {
