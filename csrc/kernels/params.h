@@ -103,8 +103,8 @@ enum class KvFormat : int { kBf16 = 0, kFp8V32 = 1, kFp8V4 = 2 };
 // while two warpgroups gather. (A column split of S between the two, kColumns, measured slower
 // than kRoles on every case: docs/PERFORMANCE.md, 2026-12-01.)
 // kRolesWide: kRoles with a 144-register producer (the FP8 default above 32 heads).
-// kRolesPair: kRolesWide over two CTAs of a cluster sharing each tile's dequantization (FP8, two
-// row blocks; JFM_KERNEL_VARIANT=pair).
+// kRolesPair: kRoles (its register split: each producer dequantizes one round) over two CTAs of a
+// cluster sharing each tile's dequantization (FP8, two row blocks; JFM_KERNEL_VARIANT=pair).
 // (kPingPong, the math warpgroups owning alternate tiles, measured 0.85x kRoles on dense decode
 // and is gone: docs/PERFORMANCE.md, 2026-12-01.)
 // kRolesOverlap: kRoles whose scores warpgroup issues the next tile's S with this tile's P V, in

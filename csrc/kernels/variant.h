@@ -4,8 +4,8 @@
 // kRolesWide with cache-hinted row loads). JFM_KERNEL_VARIANT=v1 picks the earlier kernels
 // (kernel.cuh: every thread gathers and computes), kept for A/B measurements and as a fallback.
 // JFM_KERNEL_VARIANT=pair: the default, plus CTA pairs sharing each tile's dequantization for FP8
-// at 65-128 heads (WsMath::kRolesPair): 1.29x the unpaired kernel on V4 h128, 0.95x on V3.2 h128
-// (docs/PERFORMANCE.md, 2026-12-01), so not the default yet.
+// at 65-128 heads (WsMath::kRolesPair): against the default, 1.08x on V4 h128 and 0.95x on V3.2
+// h128 when measured (docs/PERFORMANCE.md, 2026-12-01); changed since (8b878ba), not re-measured.
 // JFM_KERNEL_VARIANT=overlap: dense decode above 32 query rows per CTA and bf16 sparse attention
 // (sparse prefill) above 32 heads with WsMath::kRolesOverlap (the scores warpgroup's next S rides
 // with its P V), and FP8 at 65-128 heads with the CTA pairs plus that scores path

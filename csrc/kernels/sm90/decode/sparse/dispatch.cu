@@ -26,13 +26,13 @@ cudaError_t launch(const SparseDecodeParams& p, cudaStream_t stream) {
     if (v == KernelVariant::kOverlap) return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRolesOverlap>(p, stream);
     return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRoles>(p, stream);
   } else {
-    if (v == KernelVariant::kPair && p.num_m_blocks == 2) {  // 65-128 heads: a CTA pair
-      const cudaError_t e = launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRolesPair>(p, stream);
+    // 65-128 heads: a CTA pair (overlap: with the overlapped scores path).
+    if ((v == KernelVariant::kPair || v == KernelVariant::kOverlap) && p.num_m_blocks == 2) {
+      const cudaError_t e =
+          v == KernelVariant::kPair
+              ? launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRolesPair>(p, stream)
+              : launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRolesPairOverlap>(p, stream);
       if (e != cudaErrorNotSupported) return e;  // else no pair fits on the device: unpaired
-    }
-    if (v == KernelVariant::kOverlap && p.num_m_blocks == 2) {  // the pair, overlapped scores
-      const cudaError_t e = launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRolesPairOverlap>(p, stream);
-      if (e != cudaErrorNotSupported) return e;
     }
     // The FP8 producer does the most work per tile (gather + dequantization): registers to it.
     return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRolesWide>(p, stream);
