@@ -194,7 +194,7 @@ def test_extension_constants_match_limits():
 
 
 @pytest.mark.parametrize("asked,want", [(None, "ws"), ("v1", "v1"), ("pair", "pair"),
-                                        ("overlap", "overlap"), ("next", "ws"), ("ws", "ws"),
+                                        ("overlap", "ws"), ("next", "ws"), ("ws", "ws"),
                                         ("bogus", "ws")])
 def test_kernel_variant_switch(asked, want):
     """JFM_KERNEL_VARIANT picks the dense / sparse kernel generation once per process

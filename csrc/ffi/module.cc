@@ -38,5 +38,5 @@ PYBIND11_MODULE(_jax_flashmla_cuda, m) {
     return c;
   });
   m.def("kernel_variant", []() { return std::string(jfm::kernel_variant_name()); },
-        "the decode kernels this process runs: 'ws' (the default), 'v1', 'pair' or 'overlap' (JFM_KERNEL_VARIANT)");
+        "the decode kernels this process runs: 'ws' (the default), 'v1' or 'pair' (JFM_KERNEL_VARIANT)");
 }

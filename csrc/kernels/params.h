@@ -104,16 +104,13 @@ enum class KvFormat : int { kBf16 = 0, kFp8V32 = 1, kFp8V4 = 2 };
 // than kRoles on every case: docs/PERFORMANCE.md, 2026-12-01.)
 // kRolesWide: kRoles with a 144-register producer (the FP8 default above 32 heads).
 // kRolesPair: kRoles (its register split: each producer dequantizes one round) over two CTAs of a
-// cluster sharing each tile's dequantization (FP8, two row blocks; JFM_KERNEL_VARIANT=pair).
-// (kPingPong, the math warpgroups owning alternate tiles, measured 0.85x kRoles on dense decode
-// and is gone: docs/PERFORMANCE.md, 2026-12-01.)
-// kRolesOverlap: kRoles whose scores warpgroup issues the next tile's S with this tile's P V, in
-// one wgmma batch (dense and bf16 sparse); kRolesPairOverlap: kRolesPair with that scores path
-// (FP8, two row blocks). JFM_KERNEL_VARIANT=overlap; not yet run on a GPU.
-enum class WsMath : int {
-  kRoles = 1, kTransposed16 = 2, kTransposed32 = 3, kRolesWide = 4, kRolesPair = 5, kRolesOverlap = 6,
-  kRolesPairOverlap = 7
-};
+// cluster sharing each tile's dequantization (FP8, two row blocks: the V4 default at 65-128 heads
+// where each schedule part has several tiles, sparse/dispatch.cu).
+// (Measured and gone, docs/PERFORMANCE.md, 2026-12-01: kPingPong, the math warpgroups owning
+// alternate tiles, 0.85x kRoles on dense decode; kRolesOverlap / kRolesPairOverlap, the scores
+// warpgroup issuing the next tile's S with this tile's P V in one wgmma batch, 0.81-0.93x on dense
+// h128 and sparse prefill, 0.92-1.01x the pair on FP8.)
+enum class WsMath : int { kRoles = 1, kTransposed16 = 2, kTransposed32 = 3, kRolesWide = 4, kRolesPair = 5 };
 
 // One KV pool and the flat rows each query token picks from it.
 struct SparsePool {

@@ -54,8 +54,7 @@ cudaError_t launch_with_smem(void (*kernel)(Params), dim3 grid, int threads, siz
 // multiple of it; one cluster shape per kernel). Returns cudaErrorNotSupported, launching nothing,
 // when not one such cluster fits on the device (the caller falls back). When fewer fit at once
 // than the grid has, the rest run as a second wave, which the split-KV schedule does not plan for:
-// said once per kernel on stderr (the kernels that use clusters are opt-in variants being
-// measured).
+// said once per kernel on stderr (a sign that the schedule should plan for clusters).
 template <auto kKernel, typename Params>
 cudaError_t launch_clusters_with_smem(dim3 grid, dim3 cluster, int threads, size_t smem,
                                       cudaStream_t stream, const Params& p) {
@@ -111,14 +110,6 @@ __device__ __forceinline__ void mbarrier_init(uint32_t bar, uint32_t count) {
 // thread whose wait observes the phase completing).
 __device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
   asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar)
-               : "memory");
-}
-// mbarrier_arrive where `pred` holds, as one predicated instruction: no branch, so it may sit
-// between the issue and the wait of a wgmma batch without ptxas serializing the batch (a branch
-// there counts as a divergent path, C7520).
-__device__ __forceinline__ void mbarrier_arrive_if(uint32_t bar, bool pred) {
-  asm volatile("{\n.reg .pred p;\n.reg .b64 st;\nsetp.ne.b32 p, %1, 0;\n"
-               "@p mbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar), "r"(static_cast<int>(pred))
                : "memory");
 }
 // Arrive once all of this thread's earlier cp.async copies have landed (counts as one of the
@@ -183,12 +174,6 @@ __device__ __forceinline__ void fence_mbarrier_init() {
 // complete (wgmma.wait_group) before the arrival.
 __device__ __forceinline__ void mbarrier_arrive_cluster(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-// mbarrier_arrive_cluster where `pred` holds, as one predicated instruction (mbarrier_arrive_if).
-__device__ __forceinline__ void mbarrier_arrive_cluster_if(uint32_t bar, bool pred) {
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %1, 0;\n"
-               "@p mbarrier.arrive.shared::cluster.b64 _, [%0];\n}\n" ::"r"(bar), "r"(static_cast<int>(pred))
-               : "memory");
 }
 // Arrive on a local mbarrier and add `bytes` to the transaction count its phase waits for.
 __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint32_t bar, uint32_t bytes) {

@@ -59,10 +59,7 @@ namespace sm90 {
 constexpr bool ws_transposed(WsMath m) {
   return m == WsMath::kTransposed16 || m == WsMath::kTransposed32;
 }
-constexpr bool ws_pair(WsMath m) { return m == WsMath::kRolesPair || m == WsMath::kRolesPairOverlap; }
-constexpr bool ws_overlap(WsMath m) {
-  return m == WsMath::kRolesOverlap || m == WsMath::kRolesPairOverlap;
-}
+constexpr bool ws_pair(WsMath m) { return m == WsMath::kRolesPair; }
 struct WsRegSplit {
   int wg0, wg1, wg2;
 };
@@ -269,31 +266,13 @@ __device__ __forceinline__ void ws_wait_full(const WsShared& sh, uint32_t k) {
   if constexpr (kPair) mbarrier_wait(sh.bar_peer_full + 8 * (k & 1), (k >> 1) & 1);
   if constexpr (Task::kFenceAfterFull || kPair) fence_proxy_async();
 }
-// A math warp's release of buffer `buf` where `pred` holds (lane 0), by predicated arrivals (no
-// branch: it may sit inside a wgmma batch); kPair: also on the peer's empty barrier, whose
-// producer stores its half of the tokens into this buffer.
-template <bool kPair>
-__device__ __forceinline__ void ws_release_if(const WsShared& sh, uint32_t buf, bool pred) {
-  mbarrier_arrive_if(sh.bar_empty + 8 * buf, pred);
-  if constexpr (kPair) mbarrier_arrive_cluster_if(sh.peer_bar_empty + 8 * buf, pred);
-}
-
 // Which side of the role split a math warpgroup takes.
 enum class WsRole : int { kScores, kValues };
 
 // The math warps' loop over this CTA's sequences and tiles. One instantiation per role, so that
 // each warpgroup's code is register-allocated within its own setmaxnreg budget (with one loop for
 // both roles ptxas allocated it within the smaller budget and spilled).
-// kOverlap (kRolesOverlap, kRolesPairOverlap): the scores warpgroup issues the next tile's S in the same
-// wgmma batch as this tile's P V (after waiting for that tile's full barrier, before the batch:
-// a poll loop inside a batch serializes it), so the tensor cores go from one to the other without
-// the bubble of the wait, the empty arrival, the loop and the next issue. Its buffer is released
-// after the P V's group completes (wgmma_wait<1>), by a predicated arrival (no branch inside the
-// batch); the next S completes before the next iteration's softmax. The first tile's S is its own
-// batch before the loop, and a sequence's last tile has a batch of its P V alone, in the other
-// branch of a warp-uniform `if`: a wgmma under a condition inside a batch made ptxas serialize the
-// whole batch (C7515); a whole batch per branch does not.
-template <class Task, WsRole kRole, bool kPair, bool kOverlap = false>
+template <class Task, WsRole kRole, bool kPair>
 __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   using T = typename Task::T;
   using S = TileSmem<Task::kDqk>;
@@ -310,23 +289,16 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
 
     RowState st;
     st.init();
-    constexpr bool kOverlapped = kOverlap && kRole == WsRole::kScores;
     float sacc[32];        // (kRole == kScores) this tile's S, then P
-    if constexpr (kOverlapped) {  // the first tile's S; the loop's batches issue the others
-      if (cur.first < cur.t_hi) {
-        ws_wait_full<Task, kPair>(sh, k);
-        tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + (k & 1) * (S::kTileBytes >> 4));
-      }
-    }
     for (int n = cur.first; n < cur.t_hi; ++k) {
       const int n_next = cur.next(n + 1);
       const uint32_t buf = k & 1;
-      if (!kOverlapped) ws_wait_full<Task, kPair>(sh, k);  // (else waited for before the last batch, or above)
+      ws_wait_full<Task, kPair>(sh, k);
       const uint32_t buf_desc = buf * (S::kTileBytes >> 4);
       const uint8_t* valid = sh.valid + buf * kTileTokens;
 
       if constexpr (kRole == WsRole::kScores) {
-        if constexpr (!kOverlapped) tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
+        tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
         mask_tile(sacc, [&](int h, int col) { return task.masked(cur, n, valid, h, col); });
         float corr[2];
         tile_softmax_rows(sacc, st, corr, sl2);
@@ -344,32 +316,6 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
         named_barrier_sync(kBarPReady, 256);
         const float corr[2] = {sh.corr[ln.row(0)], sh.corr[ln.row(1)]};
         rescale_o(st.o, corr);
-      }
-      if constexpr (kOverlapped) {
-        // (Broadcast from lane 0: ptxas then knows the condition around the wgmma is warp-uniform.)
-        const bool has_next = __shfl_sync(0xffffffffu, n_next < cur.t_hi ? 1 : 0, 0) != 0;
-        const uint32_t k1 = k + 1, buf1 = k1 & 1;
-        if (has_next) {
-          ws_wait_full<Task, kPair>(sh, k1);
-#pragma unroll
-          for (int r = 0; r < 32; ++r) sacc[r] = 0.f;  // before the batch's first issue (C7515)
-          wgmma_fence();
-          tile_pv_mma<T>(st, desc_p, desc_v + buf_desc);
-          wgmma_commit();
-          tile_gemm_qk_mma<T, Task::kDqk, 64>(sacc, desc_q, desc_k + buf1 * (S::kTileBytes >> 4));
-          wgmma_commit();
-          wgmma_wait<1>();  // this tile's P V: its buffer is free
-          __syncwarp();
-          ws_release_if<kPair>(sh, buf, (ln.tid & 31) == 0);
-          wgmma_wait<0>();  // the next tile's S
-        } else {  // the sequence's last tile: its P V alone
-          tile_pv_issue<T>(st, desc_p, desc_v + buf_desc);
-          wgmma_wait<0>();
-          __syncwarp();
-          ws_release_if<kPair>(sh, buf, (ln.tid & 31) == 0);
-        }
-        n = n_next;
-        continue;
       }
       tile_pv_issue<T>(st, desc_p, desc_v + buf_desc);
       wgmma_wait<0>();
@@ -486,7 +432,7 @@ __device__ __forceinline__ void ws_run(const Task& task, const WsShared& sh) {
     ws_leave<kMath>();
   } else if (wg == 0) {
     ws_set_regs<Regs::kWg0, kL>();
-    ws_math<Task, WsRole::kScores, ws_pair(kMath), ws_overlap(kMath)>(task, sh);
+    ws_math<Task, WsRole::kScores, ws_pair(kMath)>(task, sh);
     ws_leave<kMath>();
   } else {
     ws_set_regs<Regs::kWg1, kL>();

@@ -1,7 +1,6 @@
 // The dense decode launchers of params.h: the element type's instantiation of the kernel
 // generation this process runs (kernels/variant.h): kernel_ws.cuh with the transposed math for at
-// most 32 query rows per CTA and the role split above (overlap: kRolesOverlap), or
-// (v1) kernel.cuh.
+// most 32 query rows per CTA and the role split above, or (v1) kernel.cuh.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -24,7 +23,6 @@ cudaError_t launch(const DenseDecodeParams& p, cudaStream_t stream) {
   const int rows = p.s_q * (p.h_q / p.h_kv);  // a CTA's query rows, at most 64
   if (rows <= 16) return sm90::launch_dense_decode_ws<T, WsMath::kTransposed16>(p, stream);
   if (rows <= 32) return sm90::launch_dense_decode_ws<T, WsMath::kTransposed32>(p, stream);
-  if (v == KernelVariant::kOverlap) return sm90::launch_dense_decode_ws<T, WsMath::kRolesOverlap>(p, stream);
   return sm90::launch_dense_decode_ws<T, WsMath::kRoles>(p, stream);
 }
 }  // namespace

@@ -7,6 +7,5 @@ namespace sm90 {
 template cudaError_t launch_dense_decode_ws<__half, WsMath::kRoles>(const DenseDecodeParams&, cudaStream_t);
 template cudaError_t launch_dense_decode_ws<__half, WsMath::kTransposed16>(const DenseDecodeParams&, cudaStream_t);
 template cudaError_t launch_dense_decode_ws<__half, WsMath::kTransposed32>(const DenseDecodeParams&, cudaStream_t);
-template cudaError_t launch_dense_decode_ws<__half, WsMath::kRolesOverlap>(const DenseDecodeParams&, cudaStream_t);
 }  // namespace sm90
 }  // namespace jfm

@@ -1,7 +1,7 @@
 // Picks the sparse attention instantiation for a cache format and d_qk, and the kernel
 // generation (kernels/variant.h): kernel_ws.cuh (producer warpgroups gather) with the transposed
-// math for at most 32 heads and the role split above (FP8: with the wide producer; CTA pairs
-// under JFM_KERNEL_VARIANT=pair), or (v1) kernel.cuh (every thread gathers and computes).
+// math for at most 32 heads and the role split above (FP8: with the wide producer, or CTA pairs:
+// pair_pays), or (v1) kernel.cuh (every thread gathers and computes).
 #include "kernels/params.h"
 #include "kernels/variant.h"
 
@@ -14,6 +14,22 @@ cudaError_t launch_sparse_attention_ws(const SparseDecodeParams& p, cudaStream_t
 }  // namespace sm90
 
 namespace {
+// Whether FP8 attention at 65-128 heads (two row blocks) runs as CTA pairs sharing each tile's
+// dequantization (WsMath::kRolesPair) rather than unpaired (kRolesWide). Measured on the H200
+// (docs/PERFORMANCE.md, 2026-12-01, upstream's cases): V4 1.11-1.17x from b 64 on; V3.2
+// 0.96-1.00x, so it stays unpaired. At b 2 (under one 64-token tile per schedule part) the pair
+// measured 0.59x on one case and 1.40x on another, where identical kernels differed by 1.5x: too
+// noisy to call, so steps with fewer than 4 tiles per part stay on the unpaired kernel, which
+// has the longer test record. JFM_KERNEL_VARIANT=pair takes the pair wherever one fits.
+bool pair_pays(const SparseDecodeParams& p, KvFormat format) {
+  if (p.num_m_blocks != 2) return false;
+  if (kernel_variant() == KernelVariant::kPair) return true;
+  if (format != KvFormat::kFp8V4 || p.num_sm_parts <= 0) return false;
+  const int64_t tiles = static_cast<int64_t>(p.batch) * p.s_q *  // the step's tiles
+                        ((sparse_positions(p) + kTileTokens - 1) / kTileTokens);
+  return tiles >= 4 * static_cast<int64_t>(p.num_sm_parts);
+}
+
 template <KvFormat kFmt, int kDqk>
 cudaError_t launch(const SparseDecodeParams& p, cudaStream_t stream) {
   using sm90::launch_sparse_attention_ws;
@@ -23,15 +39,10 @@ cudaError_t launch(const SparseDecodeParams& p, cudaStream_t stream) {
   if (p.h_q <= 16) return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kTransposed16>(p, stream);
   if (p.h_q <= 32) return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kTransposed32>(p, stream);
   if constexpr (kFmt == KvFormat::kBf16) {
-    if (v == KernelVariant::kOverlap) return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRolesOverlap>(p, stream);
     return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRoles>(p, stream);
   } else {
-    // 65-128 heads: a CTA pair (overlap: with the overlapped scores path).
-    if ((v == KernelVariant::kPair || v == KernelVariant::kOverlap) && p.num_m_blocks == 2) {
-      const cudaError_t e =
-          v == KernelVariant::kPair
-              ? launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRolesPair>(p, stream)
-              : launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRolesPairOverlap>(p, stream);
+    if (pair_pays(p, kFmt)) {
+      const cudaError_t e = launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRolesPair>(p, stream);
       if (e != cudaErrorNotSupported) return e;  // else no pair fits on the device: unpaired
     }
     // The FP8 producer does the most work per tile (gather + dequantization): registers to it.
