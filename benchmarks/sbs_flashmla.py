@@ -97,10 +97,10 @@ def build(case, folder, meta):
         sched, _ = flash_mla.get_mla_metadata()
         causal = case["causal"]
 
-        def call():
+        def call(q=q):
             return flash_mla.flash_mla_with_kvcache(q, pool, table, lens, D_V, sched, None,
                                                     softmax_scale=scale, causal=causal)
-        return call, ("out", "lse"), h_q
+        return call, ("out", "lse"), h_q, q
     if kind == "sparse_decode":
         q = _load(folder, "q", bf16=True)
         sink = _load(folder, "attn_sink")
@@ -117,12 +117,12 @@ def build(case, folder, meta):
             etl = _load(folder, "extra_topk_length")
         sched, _ = flash_mla.get_mla_metadata()
 
-        def call():
+        def call(q=q):
             return flash_mla.flash_mla_with_kvcache(
                 q, kv, None, None, D_V, sched, None, softmax_scale=scale, causal=False,
                 is_fp8_kvcache=True, indices=idx, attn_sink=sink, extra_k_cache=ekv,
                 extra_indices_in_kvcache=eidx, topk_length=None, extra_topk_length=etl)
-        return call, ("out", "lse"), h_q
+        return call, ("out", "lse"), h_q, q
     if kind == "sparse_prefill":
         q = expand(_load(folder, "q_palette", bf16=True), case["s_q"])
         kv = expand(_load(folder, "kv_palette", bf16=True), case["s_kv"])
@@ -131,7 +131,7 @@ def build(case, folder, meta):
         def call():
             return flash_mla.flash_mla_sparse_fwd(q, kv, idx, scale, d_v=D_V, attn_sink=sink,
                                                   topk_length=None)
-        return call, ("out", "max_logits", "lse"), h_q
+        return call, ("out", "max_logits", "lse"), h_q, None
     raise ValueError(kind)
 
 
@@ -155,7 +155,28 @@ def save_outputs(outdir, names, outs, h_q, kind):
         np.save(os.path.join(outdir, name + ".npy"), x.cpu().numpy())
 
 
-def run_case(case, work, calls, rounds, label):
+def time_in_one_graph(call, q, k, calls, rounds):
+    """Seconds per call when K calls (each on its own copy of q) replay as one CUDA graph: the GPU
+    time per call without a host launch per call (sbs_ours.py's --in-one-call counterpart). The
+    scheduler metadata is already filled by the earlier calls, so capture records kernels only."""
+    qs = [q.clone() for _ in range(k)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):   # warm-up off the capture stream, as torch asks
+        for qi in qs:
+            call(qi)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        keep = [call(qi) for qi in qs]  # noqa: F841 (the graph's outputs stay allocated)
+    graph.replay()
+    torch.cuda.synchronize()
+    t = time_rounds(graph.replay, lambda _: torch.cuda.synchronize(), calls=max(2, calls // 4),
+                    rounds=rounds)
+    return dict(k_calls=k, k_time_s=t["time_s"] / k)
+
+
+def run_case(case, work, calls, rounds, label, in_one_call=0):
     folder = case_dir(work, case)
     meta = load_meta(folder)
     rec = dict(name=case["name"], event="done", label=label)
@@ -165,7 +186,7 @@ def run_case(case, work, calls, rounds, label):
     if case["upstream_heads"] != case["h_q"]:
         rec["note"] = f"upstream ran {case['upstream_heads']} heads (zero-padded), sliced to {case['h_q']}"
     with torch.inference_mode():
-        call, names, h_q = build(case, folder, meta)
+        call, names, h_q, q = build(case, folder, meta)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         outs = call()
@@ -175,6 +196,11 @@ def run_case(case, work, calls, rounds, label):
                      h_q, case["kind"])
         del outs
         rec.update(time_rounds(call, lambda _: torch.cuda.synchronize(), calls=calls, rounds=rounds))
+        if in_one_call > 1 and q is not None:
+            try:
+                rec.update(time_in_one_graph(call, q, in_one_call, calls, rounds))
+            except Exception as e:  # noqa: BLE001 (capture refused, out of memory)
+                rec["k_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     rec["status"] = "ok"
     rec["path"] = "flash_mla"
     return rec
@@ -214,6 +240,7 @@ def main():
     ap.add_argument("--label", default="flashmla")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--limits", action="store_true")
+    ap.add_argument("--in-one-call", type=int, default=0, metavar="K")
     args = ap.parse_args()
     torch.cuda.set_device(0)
     if args.limits:
@@ -229,7 +256,7 @@ def main():
     for case in cases[args.start:]:
         append_jsonl(results, dict(name=case["name"], event="start", t=time.time()))
         try:
-            rec = run_case(case, args.work, calls, rounds, args.label)
+            rec = run_case(case, args.work, calls, rounds, args.label, args.in_one_call)
         except Exception as e:  # noqa: BLE001
             rec = dict(name=case["name"], event="done", label=args.label, status="error",
                        error=f"{type(e).__name__}: {str(e)[:500]}")

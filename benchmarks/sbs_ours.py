@@ -41,6 +41,10 @@ def parse():
                          "(calls / rounds shrink to fit; kernel paths get the full protocol)")
     ap.add_argument("--xla", action="store_true",
                     help="also time plain XLA (gather + einsums) on small dense cases")
+    ap.add_argument("--in-one-call", type=int, default=0, metavar="K",
+                    help="decode cases on our kernels: also time K calls issued as one unit (one "
+                         "jit of K calls on K copies of q): the GPU time per call without a host "
+                         "dispatch per call (side_by_side.py --in-one-call)")
     ap.add_argument("--limits", action="store_true",
                     help="only measure copy bandwidth / bf16 matmul rate with JAX (fallback when "
                          "torch is not there) and write <work>/limits.json")
@@ -142,6 +146,18 @@ def plain_xla_time(case, args, calls, rounds):
                        rounds=rounds)["time_s"]
 
 
+def time_in_one_call(fn, args, k, calls, rounds):
+    """Seconds per call of ``fn`` when K calls run as one jitted unit, each on its own copy of q
+    (args[0]; distinct operands, so XLA keeps all K): a dispatch per K calls, as a model's step
+    that runs every layer in one jit pays it."""
+    qs = tuple(jnp.array(args[0], copy=True) for _ in range(k))
+    many = jax.jit(lambda qs, *rest: [fn(qi, *rest) for qi in qs])
+    jax.block_until_ready(many(qs, *args[1:]))
+    t = time_rounds(lambda: many(qs, *args[1:]), jax.block_until_ready,
+                    calls=max(2, calls // 4), rounds=rounds, budget_s=ARGS.max_seconds)
+    return dict(k_calls=k, k_time_s=t["time_s"] / k)
+
+
 def run_case(case, work, impl, calls, rounds):
     folder = case_dir(work, case)
     meta = load_meta(folder)
@@ -175,6 +191,12 @@ def run_case(case, work, impl, calls, rounds):
         rec.update(time_rounds(lambda: fn(*args), jax.block_until_ready, calls=calls, rounds=rounds,
                                budget_s=budget))
         rec["status"] = "ok"
+        if (ARGS.in_one_call > 1 and case["kind"] != "sparse_prefill"
+                and (rec["path"] == "kernel" or ARGS.cpu)):   # (CPU: the smoke test's run of it)
+            try:
+                rec.update(time_in_one_call(fn, args, ARGS.in_one_call, calls, rounds))
+            except Exception as e:  # noqa: BLE001 (out of memory for K copies)
+                rec["k_error"] = f"{type(e).__name__}: {str(e)[:200]}"
         if (ARGS.xla and case["kind"] == "dense" and case["s_k"] <= 8192 and case["b"] == 128
                 and case["h_q"] in (16, 128) and case["s_q"] <= 2 and not case["zero_frac"]):
             try:

@@ -69,6 +69,12 @@ def parse():
     ap.add_argument("--case-timeout", type=float, default=300.0,
                     help="kill a worker stuck this long on one case and go on after it")
     ap.add_argument("--xla", action="store_true", help="also time plain XLA on 4 dense cases")
+    ap.add_argument("--in-one-call", type=int, default=0, metavar="K",
+                    help="decode cases: also time K calls issued as one unit on each side (ours: "
+                         "one jit of K calls; FlashMLA: one CUDA graph of K calls; each on its own "
+                         "copy of q): GPU time per call without a host dispatch per call, which "
+                         "the back-to-back timing includes where a call is shorter than its "
+                         "dispatch (small batches). Printed as a second table")
     return ap.parse_args()
 
 
@@ -206,6 +212,34 @@ def print_table(rows, suites):
     return geo
 
 
+def print_in_one_call(rows, k):
+    """The --in-one-call table: per-call time with K calls in one unit on each side, and the
+    ratio beside the back-to-back one."""
+    sel = [r for r in rows if r["ours"].get("k_time_s") or r["flashmla"].get("k_time_s")
+           or r["ours"].get("k_error") or r["flashmla"].get("k_error")]
+    if not sel:
+        return None
+    print(f"\n== {k} calls in one unit (ours: one jit; FlashMLA: one CUDA graph), us per call; "
+          f"ratio = FlashMLA / ours")
+    print(f"{'case':<44} {'ours us':>10} {'FlashMLA us':>12} {'ratio':>6} | {'back-to-back':>12}  note")
+    ratios = []
+    for r in sel:
+        o, u = r["ours"].get("k_time_s"), r["flashmla"].get("k_time_s")
+        ratio = u / o if o and u else None
+        if ratio:
+            ratios.append(ratio)
+        bb = f"{r['ratio']:.2f}" if r.get("ratio") else "-"
+        note = "; ".join(f"{side}: {rec['k_error'][:100]}" for side, rec in
+                         (("ours", r["ours"]), ("FlashMLA", r["flashmla"])) if rec.get("k_error"))
+        print(f"{r['case']['name']:<44} {o * 1e6 if o else float('nan'):>10.1f} "
+              f"{u * 1e6 if u else float('nan'):>12.1f} {f'{ratio:.2f}' if ratio else '-':>6} | "
+              f"{bb:>12}  {note}")
+    g = sbs_cases.geomean(ratios)
+    print(f"-- in one unit: geomean ours/FlashMLA speed = " + (f"{g:.3f} over {len(ratios)} cases"
+                                                                if g else "n/a"))
+    return dict(all=g, n=len(ratios), k=k)
+
+
 def plot(rows, suites, path):
     sel_suites = [s for s in suites if any(r["case"]["suite"] == s for r in rows)]
     try:
@@ -340,11 +374,13 @@ def main():
                 "--max-seconds", str(args.ours_max_seconds)] + env_cpu + quick
     if args.xla:
         ours_cmd.append("--xla")
+    k_arg = ["--in-one-call", str(args.in_one_call)] if args.in_one_call > 1 else []
+    ours_cmd += k_arg
     if args.upstream == "on":
-        up_cmd = [py, os.path.join(HERE, "sbs_flashmla.py"), "--work", work] + quick
+        up_cmd = [py, os.path.join(HERE, "sbs_flashmla.py"), "--work", work] + quick + k_arg
     elif args.upstream == "fake":
         up_cmd = [py, os.path.join(HERE, "sbs_ours.py"), "--work", work, "--label", "flashmla",
-                  "--implementation", "reference", "--max-seconds", "1e9"] + env_cpu + quick
+                  "--implementation", "reference", "--max-seconds", "1e9"] + env_cpu + quick + k_arg
     else:
         up_cmd = None
 
@@ -364,6 +400,8 @@ def main():
 
     rows = summarize(cases, metas, ours, up, work, limits)
     geo = print_table(rows, suites)
+    if args.in_one_call > 1:
+        geo["in_one_call"] = print_in_one_call(rows, args.in_one_call)
     png = os.path.join(args.out, "side_by_side.png")
     how = plot(rows, suites, png)
     result = dict(created=time.strftime("%Y-%m-%d %H:%M:%S"), limits=limits, suites=suites,

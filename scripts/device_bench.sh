@@ -13,6 +13,8 @@
 #   CASES    only cases whose name contains one of these comma-separated substrings
 #   OURS_MAX_SECONDS  ours: a case whose first (compiling) call takes longer is not timed (default 30)
 #   CASE_TIMEOUT      a worker stuck this long on one case is killed and restarted after it (300)
+#   IN_ONE_CALL=K  decode cases: also time K calls as one unit per side (one jit / one CUDA
+#            graph): GPU time per call without a host dispatch per call (small batches)
 #   XLA=1    also time plain XLA on 4 dense cases;  LOOP=1  also the 61-layer loop (bench_decode.py)
 #   VARIANTS kernel variants of ours to time too, ours only, same inputs (VARIANTS="pair v1":
 #            JFM_KERNEL_VARIANT=pair, the FP8 CTA pairs; v1, the kernels before the warp-specialized);
@@ -28,6 +30,7 @@ WORK=/tmp/sbs_work
 ARGS=(--suite $SUITES --work "$WORK" --keep-work)
 [ "${QUICK:-0}" = 1 ] && ARGS+=(--quick)
 [ -n "${CASES:-}" ] && ARGS+=(--cases "$CASES")
+[ -n "${IN_ONE_CALL:-}" ] && ARGS+=(--in-one-call "$IN_ONE_CALL")
 OUT=${OUT:-/tmp/jfm-out}; mkdir -p "$OUT"
 
 # The inputs are made on the CPU (numpy + our FP8 quantizer from the source tree) while the
