@@ -52,9 +52,10 @@ cudaError_t launch_with_smem(void (*kernel)(Params), dim3 grid, int threads, siz
 
 // Host: as launch_with_smem, for kernel kKernel in thread block clusters of `cluster` CTAs (grid a
 // multiple of it; one cluster shape per kernel). Returns cudaErrorNotSupported, launching nothing,
-// when not one such cluster fits on the device (the caller falls back). When fewer fit at once
-// than the grid has, the rest run as a second wave, which the split-KV schedule does not plan for:
-// said once per kernel on stderr (a sign that the schedule should plan for clusters).
+// when the device cannot hold all of the grid's clusters at once (the caller falls back): the
+// split-KV schedule gives each SM one CTA, so the clusters that did not fit would run as a
+// second wave, up to twice the time. (Not seen yet: the pairs measured faster than the unpaired
+// kernel on the H200, which a second wave would rule out; said once on stderr when it happens.)
 template <auto kKernel, typename Params>
 cudaError_t launch_clusters_with_smem(dim3 grid, dim3 cluster, int threads, size_t smem,
                                       cudaStream_t stream, const Params& p) {
@@ -88,12 +89,15 @@ cudaError_t launch_clusters_with_smem(dim3 grid, dim3 cluster, int threads, size
     }
     if (dev < kDevices) cached[dev].store(fits + 1);
   }
-  if (fits == 0) return cudaErrorNotSupported;
   const unsigned clusters = grid.x * grid.y * grid.z / (cluster.x * cluster.y * cluster.z);
-  static std::atomic<bool> said{false};
-  if (static_cast<unsigned>(fits) < clusters && !said.exchange(true))
-    std::fprintf(stderr, "jax_flashmla: %d clusters of %u CTAs fit on the device at once, the grid has %u\n",
-                 fits, cluster.x * cluster.y * cluster.z, clusters);
+  if (static_cast<unsigned>(fits) < clusters) {
+    static std::atomic<bool> said{false};
+    if (!said.exchange(true))
+      std::fprintf(stderr, "jax_flashmla: %d clusters of %u CTAs fit on the device at once, the grid "
+                   "has %u: running the kernel without clusters\n",
+                   fits, cluster.x * cluster.y * cluster.z, clusters);
+    return cudaErrorNotSupported;
+  }
   e = cudaLaunchKernelEx(&cfg, kKernel, p);
   if (e != cudaSuccess) return e;
   return cudaGetLastError();

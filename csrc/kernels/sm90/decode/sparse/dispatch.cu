@@ -43,7 +43,7 @@ cudaError_t launch(const SparseDecodeParams& p, cudaStream_t stream) {
   } else {
     if (pair_pays(p, kFmt)) {
       const cudaError_t e = launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRolesPair>(p, stream);
-      if (e != cudaErrorNotSupported) return e;  // else no pair fits on the device: unpaired
+      if (e != cudaErrorNotSupported) return e;  // else not every pair fits at once: unpaired
     }
     // The FP8 producer does the most work per tile (gather + dequantization): registers to it.
     return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRolesWide>(p, stream);

@@ -219,7 +219,8 @@ __global__ void __launch_bounds__(384, 1)
 }
 
 // kRolesPair: clusters of the two row blocks (grid y = num_m_blocks = 2); cudaErrorNotSupported,
-// launching nothing, where no pair fits (launch_clusters_with_smem; the caller falls back).
+// launching nothing, where the device cannot hold all the pairs at once (launch_clusters_with_smem;
+// the caller falls back).
 template <KvFormat kFmt, int kDqk, WsMath kMath>
 cudaError_t launch_sparse_attention_ws(const SparseDecodeParams& p, cudaStream_t stream) {
   if constexpr (ws_pair(kMath)) {
