@@ -10,8 +10,8 @@ tests lay them (tests/quant.py):
 - V4 (584-byte tokens, per-block layout): each block's block_size * 584 bytes at the start of a row
   padded to a multiple of 576 bytes, viewed as [num_blocks, block_size, 1, 584].
 Both viewed as float8_e4m3fn, as upstream's quantizer returns them (uint8 is accepted too).
-Sparse decode runs only h_q 64 / 128 upstream: fewer heads are padded with zero queries to 64 and
-the extra heads dropped from the outputs (the time is what a user of upstream would pay).
+Sparse decode and prefill run only h_q 64 / 128 upstream: fewer heads are padded with zero queries
+to 64 and the extra heads dropped from the outputs (the time is what a user of upstream would pay).
 Scheduler metadata: the first (untimed) call fills the FlashMLASchedMeta; timed calls reuse it.
 """
 from __future__ import annotations
@@ -127,6 +127,10 @@ def build(case, folder, meta):
         q = expand(_load(folder, "q_palette", bf16=True), case["s_q"])
         kv = expand(_load(folder, "kv_palette", bf16=True), case["s_kv"])
         idx, sink = _load(folder, "indices"), _load(folder, "attn_sink")
+        if h_up != h_q:   # zero queries for the padded heads, dropped from the outputs
+            s_q, _, d = q.shape
+            q = torch.cat([q, q.new_zeros((s_q, h_up - h_q, d))], dim=1).contiguous()
+            sink = torch.cat([sink, sink.new_zeros((h_up - h_q,))]).contiguous()
 
         def call():
             return flash_mla.flash_mla_sparse_fwd(q, kv, idx, scale, d_v=D_V, attn_sink=sink,
@@ -140,6 +144,8 @@ def _head_slice(name, x, h_q, kind):
     lse decode [b, h, s_q], prefill lse / max_logits [s_q, h]."""
     if kind == "sparse_decode":
         return x[:, :, :h_q] if name == "out" else x[:, :h_q]
+    if kind == "sparse_prefill":
+        return x[:, :h_q]
     return x
 
 
