@@ -219,6 +219,47 @@ def test_kernel_variant_switch(asked, want):
     assert out == want
 
 
+# (layout, batch, s_q, h_q, topk, extra_topk) -> the math the sparse dispatch picks on 132 SMs.
+SPARSE_CHOICES = [
+    (("fp8_v4", 16, 2, 128, 128, 512), "pair"),          # 320 tiles >= 4 per schedule part (66)
+    (("fp8_v4", 64, 2, 100, 128, 1024), "pair"),         # 65-128 heads: two row blocks
+    (("fp8_v4", 2, 2, 128, 128, 1024), "roles_wide"),    # 72 tiles: too few for pairs
+    (("fp8_v32", 64, 2, 128, 2048, 0), "roles_wide"),    # V3.2 measured no gain from pairs
+    (("fp8_v4", 128, 2, 64, 128, 512), "roles_wide"),    # one row block: no pair
+    (("fp8_v4", 64, 2, 32, 128, 1024), "transposed32"),
+    (("fp8_v32", 64, 2, 16, 2048, 0), "transposed16"),
+    (("bf16", 64, 2, 128, 2048, 0), "roles"),
+]
+
+
+def test_sparse_kernel_choice():
+    """The sparse dispatch's one rule (csrc/kernels/sm90/decode/sparse/dispatch.cu,
+    sparse_ws_math): CTA pairs for V4 FP8 at 65-128 heads where the step has at least 4 tiles per
+    schedule part, as measured on the H200 (docs/PERFORMANCE.md); checked through the extension
+    (CI compiles it) in a fresh process without JFM_KERNEL_VARIANT, with the schedule's own
+    num_sm_parts."""
+    import json
+    import os
+    import subprocess
+    import sys
+    try:
+        module = importlib.import_module("jax_flashmla._jax_flashmla_cuda")
+    except ImportError:
+        pytest.skip("the CUDA extension is not built here")
+    calls = [(*args, M.num_sm_parts(rows_per_kv_head=args[3], num_sms=132))
+             for args, _ in SPARSE_CHOICES]
+    env = {k: v for k, v in os.environ.items() if k != "JFM_KERNEL_VARIANT"}
+    site = os.path.dirname(os.path.dirname(os.path.abspath(module.__file__)))
+    env["PYTHONPATH"] = site
+    code = ("import sys, json, jax_flashmla._jax_flashmla_cuda as m; "
+            "print(json.dumps([m.sparse_kernel_choice(*c) for c in json.loads(sys.argv[1])]))")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(calls)], env=env,
+                         capture_output=True, text=True, check=True, cwd=site).stdout
+    assert json.loads(out) == [want for _, want in SPARSE_CHOICES]
+    with pytest.raises(ValueError, match="layout"):
+        module.sparse_kernel_choice("fp8", 1, 1, 128, 64, 0, 66)
+
+
 def test_schedule_inside_shard_map_passes_check_vma():
     """The pure-JAX scheduler inside shard_map (check_vma on) gives the same integers as outside."""
     from jax.sharding import Mesh, PartitionSpec as P

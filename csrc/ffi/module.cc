@@ -37,6 +37,39 @@ PYBIND11_MODULE(_jax_flashmla_cuda, m) {
     c["MAX_GRID_Y"] = jfm::kMaxGridY;
     return c;
   });
+  // What the sparse dispatch picks for a call of this shape (tests check the rule without a GPU).
+  m.def(
+      "sparse_kernel_choice",
+      [](const std::string& layout, int batch, int s_q, int h_q, int topk, int extra_topk,
+         int num_sm_parts) -> std::string {
+        jfm::KvFormat format;
+        if (layout == "bf16") format = jfm::KvFormat::kBf16;
+        else if (layout == "fp8_v32") format = jfm::KvFormat::kFp8V32;
+        else if (layout == "fp8_v4") format = jfm::KvFormat::kFp8V4;
+        else throw py::value_error("layout must be 'bf16', 'fp8_v32' or 'fp8_v4', got '" + layout + "'");
+        if (jfm::kernel_variant() == jfm::KernelVariant::kV1) return "v1";
+        jfm::SparseDecodeParams p{};
+        p.batch = batch;
+        p.s_q = s_q;
+        p.h_q = h_q;
+        p.num_sm_parts = num_sm_parts;
+        p.num_m_blocks = (h_q + jfm::kBlockM - 1) / jfm::kBlockM;
+        p.num_pools = extra_topk > 0 ? 2 : 1;
+        p.pool[0].topk = topk;
+        p.pool[1].topk = extra_topk;
+        switch (jfm::sparse_ws_math(p, format)) {
+          case jfm::WsMath::kTransposed16: return "transposed16";
+          case jfm::WsMath::kTransposed32: return "transposed32";
+          case jfm::WsMath::kRoles: return "roles";
+          case jfm::WsMath::kRolesWide: return "roles_wide";
+          case jfm::WsMath::kRolesPair: return "pair";
+        }
+        return "unknown";
+      },
+      py::arg("layout"), py::arg("batch"), py::arg("s_q"), py::arg("h_q"), py::arg("topk"),
+      py::arg("extra_topk"), py::arg("num_sm_parts"),
+      "the warp-specialized math the sparse kernel takes for a call of this shape (before the "
+      "launch-time fallback of CTA pairs that cannot all be resident at once)");
   m.def("kernel_variant", []() { return std::string(jfm::kernel_variant_name()); },
         "the decode kernels this process runs: 'ws' (the default), 'v1' or 'pair' (JFM_KERNEL_VARIANT)");
 }

@@ -160,5 +160,9 @@ cudaError_t launch_dense_decode_bf16(const DenseDecodeParams& p, cudaStream_t st
 cudaError_t launch_dense_decode_fp16(const DenseDecodeParams& p, cudaStream_t stream);
 cudaError_t launch_sparse_decode(const SparseDecodeParams& p, KvFormat format, int d_qk,
                                  cudaStream_t stream);
+// The warp-specialized math the sparse kernel prefers for a call (sparse/dispatch.cu: the one rule,
+// which the launch follows and the extension reports; CTA pairs that cannot all be resident at
+// once still fall back to kRolesWide at launch).
+WsMath sparse_ws_math(const SparseDecodeParams& p, KvFormat format);
 
 }  // namespace jfm

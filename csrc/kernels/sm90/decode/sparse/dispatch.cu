@@ -1,7 +1,8 @@
 // Picks the sparse attention instantiation for a cache format and d_qk, and the kernel
-// generation (kernels/variant.h): kernel_ws.cuh (producer warpgroups gather) with the transposed
-// math for at most 32 heads and the role split above (FP8: with the wide producer, or CTA pairs:
-// pair_pays), or (v1) kernel.cuh (every thread gathers and computes).
+// generation (kernels/variant.h): kernel_ws.cuh (producer warpgroups gather) with the math of
+// sparse_ws_math (the transposed math for at most 32 heads, the role split above; FP8: with the
+// wide producer, or CTA pairs where pair_pays), or (v1) kernel.cuh (every thread gathers and
+// computes).
 #include "kernels/params.h"
 #include "kernels/variant.h"
 
@@ -33,15 +34,16 @@ bool pair_pays(const SparseDecodeParams& p, KvFormat format) {
 template <KvFormat kFmt, int kDqk>
 cudaError_t launch(const SparseDecodeParams& p, cudaStream_t stream) {
   using sm90::launch_sparse_attention_ws;
-  const KernelVariant v = kernel_variant();
-  if (v == KernelVariant::kV1) return sm90::launch_sparse_attention<kFmt, kDqk>(p, stream);
-  // A CTA's query rows: the heads, at most 64.
-  if (p.h_q <= 16) return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kTransposed16>(p, stream);
-  if (p.h_q <= 32) return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kTransposed32>(p, stream);
+  if (kernel_variant() == KernelVariant::kV1) return sm90::launch_sparse_attention<kFmt, kDqk>(p, stream);
+  const WsMath math = sparse_ws_math(p, kFmt);
+  if (math == WsMath::kTransposed16)
+    return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kTransposed16>(p, stream);
+  if (math == WsMath::kTransposed32)
+    return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kTransposed32>(p, stream);
   if constexpr (kFmt == KvFormat::kBf16) {
     return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRoles>(p, stream);
   } else {
-    if (pair_pays(p, kFmt)) {
+    if (math == WsMath::kRolesPair) {
       const cudaError_t e = launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRolesPair>(p, stream);
       if (e != cudaErrorNotSupported) return e;  // else not every pair fits at once: unpaired
     }
@@ -50,6 +52,15 @@ cudaError_t launch(const SparseDecodeParams& p, cudaStream_t stream) {
   }
 }
 }  // namespace
+
+// A CTA's query rows are the heads (at most 64): the transposed math up to 32, else the role
+// split (FP8: the wide producer, or CTA pairs where pair_pays).
+WsMath sparse_ws_math(const SparseDecodeParams& p, KvFormat format) {
+  if (p.h_q <= 16) return WsMath::kTransposed16;
+  if (p.h_q <= 32) return WsMath::kTransposed32;
+  if (format == KvFormat::kBf16) return WsMath::kRoles;
+  return pair_pays(p, format) ? WsMath::kRolesPair : WsMath::kRolesWide;
+}
 
 cudaError_t launch_sparse_decode(const SparseDecodeParams& p, KvFormat format, int d_qk,
                                  cudaStream_t stream) {
