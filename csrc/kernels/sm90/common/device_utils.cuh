@@ -54,8 +54,8 @@ cudaError_t launch_with_smem(void (*kernel)(Params), dim3 grid, int threads, siz
 // multiple of it; one cluster shape per kernel). Returns cudaErrorNotSupported, launching nothing,
 // when the device cannot hold all of the grid's clusters at once (the caller falls back): the
 // split-KV schedule gives each SM one CTA, so the clusters that did not fit would run as a
-// second wave, up to twice the time. (Not seen yet: the pairs measured faster than the unpaired
-// kernel on the H200, which a second wave would rule out; said once on stderr when it happens.)
+// second wave, up to twice the time. Said once on stderr when it happens; the H200 holds all 66
+// pairs of the sparse kernel (no such line in the pair runs' worker logs, 2026-12-01).
 template <auto kKernel, typename Params>
 cudaError_t launch_clusters_with_smem(dim3 grid, dim3 cluster, int threads, size_t smem,
                                       cudaStream_t stream, const Params& p) {
