@@ -66,6 +66,34 @@ def test_deepseek_shapes_and_bitwise_repeatable(fmt, d_qk, h_q):
     check(*a, *ref)
 
 
+# Shapes the default runs as CTA pairs (V4 FP8 at 65-128 heads with at least 4 tiles per schedule
+# part: sparse/dispatch.cu), with the sweep's hazards: odd head counts, s_q up to 4, pages 2 / 61 /
+# 256, topk 1, topk_length (0 and beyond topk), +inf sinks, one pool and two.
+PAIR_DEFAULT = [
+    (0, 24, 1, 128, 190, 61, 700, 2, True, "inf"),
+    (1, 16, 4, 100, 64, 2, 257, 64, False, "random"),
+    (2, 40, 2, 72, 300, 64, None, None, True, None),
+    (3, 8, 3, 128, 1, 256, 1500, 61, True, "inf"),
+]
+
+
+@pytest.mark.parametrize("n,b,s_q,h_q,topk,page,extra_topk,extra_page,lengths,sink", PAIR_DEFAULT)
+def test_v4_pairs_by_default(n, b, s_q, h_q, topk, page, extra_topk, extra_page, lengths, sink):
+    from jax_flashmla import _ffi
+    from jax_flashmla.ops import metadata as M
+    ext = _ffi.extension()
+    if ext.kernel_variant() == "ws":  # (other variants pick their own kernels)
+        choice = ext.sparse_kernel_choice("fp8_v4", b, s_q, h_q, topk, extra_topk or 0,
+                                          M.num_sm_parts(rows_per_kv_head=h_q))
+        assert choice == "pair", choice
+    q, kv, args = sparse_decode_case(5000 + n, b=b, s_q=s_q, h_q=h_q, d_qk=512, fmt="fp8",
+                                     topk=topk, page=page, extra_topk=extra_topk,
+                                     extra_page=extra_page, with_lengths=lengths, sink=sink)
+    out, lse = run_sparse_decode(q, kv, args, with_meta=n % 2 == 0)
+    ref_out, ref_lse = run_sparse_decode(q, kv, args, implementation="reference", with_meta=False)
+    check(out, lse, ref_out, ref_lse)
+
+
 def test_kernel_is_in_the_compiled_module():
     q, kv, args = sparse_decode_case(5, b=2, s_q=1, h_q=16, d_qk=576, fmt="fp8", topk=64, page=64)
     hlo = jax.jit(lambda q, kv, i: jax_flashmla.mla_decode(q, kv, indices=i,
