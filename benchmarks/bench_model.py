@@ -13,16 +13,22 @@ device. Measures:
    streams) and the top kernels, and the host-driven loop (one dispatch per step) for comparison.
    Roofline: (weight bytes read per step + KV bytes) / the measured copy bandwidth.
 
+``--sparse``: the DeepSeek-V3.2 form of the same model (lightning indexer with 64 heads of 128,
+index_topk 2048, sparse MLA over 656-byte FP8 pages, the FP8 sparse decode kernel); roofline KV
+bytes then count the selected FP8 tokens and the indexer keys read per step.
+
 Writes DIR/bench_model.json, DIR/bench_model.png (when matplotlib is importable; else run
 ``--plot-from DIR/bench_model.json`` where it is) and prints a compact table. About 3-4 minutes on
 one H200 with the defaults; ``--max-seconds`` skips the remaining decode cases past a budget.
 
     python benchmarks/bench_model.py --out /tmp/bench_model
+    python benchmarks/bench_model.py --sparse --prefill '' --out /tmp/bench_model_v32   # V3.2 decode
     python benchmarks/bench_model.py --smoke --out /tmp/bm       # tiny model, CPU-sized: checks the script
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import gzip
 import json
@@ -55,6 +61,10 @@ def parse_args(argv=None):
     p.add_argument("--host-loop", default="16x4096,64x4096", help="kernel cases also run with a host loop")
     p.add_argument("--max-seconds", type=float, default=230.0, help="skip decode cases once past this")
     p.add_argument("--no-command-buffer", action="store_true", help="XLA_FLAGS --xla_gpu_enable_command_buffer=")
+    p.add_argument("--sparse", action="store_true",
+                   help="DeepSeek-V3.2: lightning indexer + sparse MLA over FP8 pages (the FP8 sparse kernel)")
+    p.add_argument("--index-topk", type=int, default=2048, help="with --sparse: tokens each query attends")
+    p.add_argument("--index-heads", type=int, default=64, help="with --sparse: lightning indexer heads")
     p.add_argument("--smoke", action="store_true", help="tiny model and cases (checks the script on a CPU)")
     p.add_argument("--plot-from", metavar="JSON", help="only draw the plot from an earlier run's JSON")
     return p.parse_args(argv)
@@ -66,6 +76,7 @@ def smoke(args):
     args.prefill, args.prefill_chunk_tokens = "4x128", 256
     args.decode = "kernel:2x128,reference:2x256"
     args.profile, args.host_loop = "2x128", "2x128"
+    args.index_topk, args.index_heads = 64, 4   # below the contexts: the selection matters
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,7 +93,9 @@ def build_model(args):
     from jax_flashmla.models import deepseek as ds
 
     cfg = deepseek_decode.random_config(types.SimpleNamespace(
-        heads=args.heads, sparse=False, experts=args.experts, hidden=args.hidden, layers=args.layers), ds)
+        heads=args.heads, sparse=args.sparse, experts=args.experts, hidden=args.hidden, layers=args.layers), ds)
+    if args.sparse:   # V3.2's own indexer width and selection (the example's are demo-sized)
+        cfg = dataclasses.replace(cfg, index_topk=args.index_topk, index_n_heads=args.index_heads)
     abstract = nnx.eval_shape(lambda: ds.DeepseekForCausalLM(cfg, dtype=jnp.bfloat16, seed=0))
     graphdef, state = nnx.split(abstract)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
@@ -126,6 +139,16 @@ def weight_bytes(model, cfg, b):
             experts += n
     touched = min(cfg.n_routed_experts, b * cfg.num_experts_per_tok) / cfg.n_routed_experts
     return total - embed - experts + experts * touched + b * cfg.hidden_size * 2, total
+
+
+def kv_bytes_per_step(cfg, b, ctx):
+    """Cache bytes a decode step reads: V3 every bf16 latent token; V3.2 the index_topk selected
+    FP8 tokens (656 bytes) plus every indexer key (bf16)."""
+    if not cfg.is_v32:
+        return cfg.num_hidden_layers * b * ctx * cfg.kv_cache_dim * 2
+    from jax_flashmla import kv_cache
+    token = kv_cache.fp8_layout(d_qk=cfg.kv_cache_dim).token_bytes
+    return cfg.num_hidden_layers * b * (min(ctx, cfg.index_topk) * token + ctx * cfg.index_head_dim * 2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -260,13 +283,25 @@ def decode_state(cfg, b, ctx, n_steps, key):
     from jax_flashmla.models import deepseek as ds
     from jax_flashmla.models.deepseek.generate import DecodeState
 
+    from jax_flashmla import kv_cache
+
     bs = 64
     mb = -(-(ctx + n_steps + 1) // bs)
     nb = b * mb
-    make = jax.jit(lambda k: (0.5 * jax.random.normal(k, (nb, bs, 1, cfg.kv_cache_dim), jnp.float32))
-                   .astype(jnp.bfloat16))
-    pages = ds.KVPages(kv=tuple(make(jax.random.fold_in(key, i)) for i in range(cfg.num_hidden_layers)),
-                       index_k=())
+
+    def rand(k, d):
+        return (0.5 * jax.random.normal(k, (nb, bs, 1, d), jnp.float32)).astype(jnp.bfloat16)
+
+    # V3.2: the latent cache as 656-byte FP8 tokens (quantized from random bf16, so scales are sane)
+    # and bf16 indexer keys; V3: the bf16 latent cache.
+    make = jax.jit((lambda k: kv_cache.quantize_fp8(rand(k, cfg.kv_cache_dim))) if cfg.is_v32
+                   else (lambda k: rand(k, cfg.kv_cache_dim)))
+    layers = range(cfg.num_hidden_layers)
+    index_k = ()
+    if cfg.is_v32:
+        make_index = jax.jit(lambda k: rand(k, cfg.index_head_dim))
+        index_k = tuple(make_index(jax.random.fold_in(key, 1000 + i)) for i in layers)
+    pages = ds.KVPages(kv=tuple(make(jax.random.fold_in(key, i)) for i in layers), index_k=index_k)
     table = np.arange(nb, dtype=np.int32).reshape(b, mb)
     held = -(-ctx // bs)
     free = table[:, held:].reshape(-1)[::-1].copy()
@@ -370,7 +405,8 @@ def plot(result, path):
 
 def table(result):
     lines = [f"device {result['device']} | jax {result['jax']} | {result['date']} | model "
-             f"{result['model']['params'] / 1e9:.2f}B params, {result['model']['layers']} layers, hidden "
+             f"{result['model']['params'] / 1e9:.2f}B params, {result['model'].get('form', 'V3')}, "
+             f"{result['model']['layers']} layers, hidden "
              f"{result['model']['hidden']}, {result['model']['heads']} heads | copy bandwidth "
              f"{result['copy_bw'] / 1e12:.2f} TB/s", "",
              "| prefill | prompts/group | time | tokens/s | XLA temp | peak in use | attention |",
@@ -444,7 +480,9 @@ def main(argv=None):
     result = dict(device=f"{dev.device_kind} ({jax.default_backend()})", jax=jax.__version__,
                   date=time.strftime("%Y-%m-%d"), kernels=kernels, kernels_why=why,
                   model=dict(layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, heads=cfg.num_attention_heads,
-                             experts=cfg.n_routed_experts, top_k=cfg.num_experts_per_tok, params=n_params / 2),
+                             experts=cfg.n_routed_experts, top_k=cfg.num_experts_per_tok, params=n_params / 2,
+                             form="V3.2 (indexer + FP8 sparse MLA)" if cfg.is_v32 else "V3 (dense MLA)",
+                             index_topk=cfg.index_topk, index_heads=cfg.index_n_heads),
                   args=vars(args), prefill=[], decode=[])
     result["copy_bw"] = copy_bandwidth()
     print(f"[{elapsed():5.1f}s] model {n_params / 2e9:.2f}B params on {result['device']}; copy "
@@ -497,7 +535,7 @@ def main(argv=None):
                      error=f"{type(e).__name__}: {str(e)[:400]}")
         else:
             wb, _ = weight_bytes(model, cfg, b)
-            kvb = cfg.num_hidden_layers * b * (ctx + args.steps / 2) * cfg.kv_cache_dim * 2
+            kvb = kv_bytes_per_step(cfg, b, ctx + args.steps / 2)
             r.update(weight_bytes=wb, kv_bytes=kvb, roofline_ms=(wb + kvb) / result["copy_bw"] * 1e3)
         result["decode"].append(r)
         print(f"[{elapsed():5.1f}s] decode {impl} {r.get('loop')} b{b} ctx {ctx}: "
