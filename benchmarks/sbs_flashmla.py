@@ -161,6 +161,9 @@ def save_outputs(outdir, names, outs, h_q, kind):
         np.save(os.path.join(outdir, name + ".npy"), x.cpu().numpy())
 
 
+_GRAPH_FAILED: list[str] = []   # the first capture error of this worker, if any
+
+
 def time_in_one_graph(call, q, k, calls, rounds):
     """Seconds per call when K calls (each on its own copy of q) replay as one CUDA graph: the GPU
     time per call without a host launch per call (sbs_ours.py's --in-one-call counterpart). The
@@ -203,10 +206,15 @@ def run_case(case, work, calls, rounds, label, in_one_call=0):
         del outs
         rec.update(time_rounds(call, lambda _: torch.cuda.synchronize(), calls=calls, rounds=rounds))
         if in_one_call > 1 and q is not None:
-            try:
-                rec.update(time_in_one_graph(call, q, in_one_call, calls, rounds))
-            except Exception as e:  # noqa: BLE001 (capture refused, out of memory)
-                rec["k_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            if _GRAPH_FAILED:
+                rec["k_error"] = f"not tried: an earlier capture failed ({_GRAPH_FAILED[0][:120]})"
+            else:
+                try:
+                    rec.update(time_in_one_graph(call, q, in_one_call, calls, rounds))
+                except Exception as e:  # noqa: BLE001 (capture refused, out of memory)
+                    # A failed capture can leave the stream unusable for later captures: one try.
+                    rec["k_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                    _GRAPH_FAILED.append(rec["k_error"])
     rec["status"] = "ok"
     rec["path"] = "flash_mla"
     return rec
