@@ -57,7 +57,17 @@ if has gpu-alt; then
   done
 fi
 # Sanitizers over every kernel, per SAN_VARIANTS (default "ws"; synccheck checks the named
-# barriers and mbarriers of the warp-specialized kernels).
+# barriers and mbarriers of the warp-specialized kernels). The reference results are computed once
+# here without the sanitizer (also a smoke run of the default kernels) and read back by the
+# sanitized runs, which then compile only the kernels' small XLA modules.
+if has memcheck || has racecheck || has synccheck; then
+  log "reference results for the sanitizer runs (tests/gpu/sanitize_kernels.py --write-refs)"
+  rm -rf /tmp/jfm_san_refs
+  env $SAN timeout -k 10 ${SMOKE_TIMEOUT:-120} python3 "$REPO/tests/gpu/sanitize_kernels.py" \
+    --write-refs /tmp/jfm_san_refs > "$OUT/san_refs.log" 2>&1 \
+    && export JFM_SANITIZE_REFS=/tmp/jfm_san_refs \
+    || { tail -5 "$OUT/san_refs.log"; fail san-refs; }
+fi
 for tool in memcheck racecheck synccheck; do
   has $tool || continue
   for variant in ${SAN_VARIANTS:-ws}; do

@@ -5,7 +5,12 @@ h_kv > 1, odd h_q, split and unsplit, out-of-range table entries and page ids, N
 decode: both FP8 layouts and bf16, two pools, odd page sizes, invalid indices; sparse prefill),
 each checked against the reference. Use XLA_PYTHON_CLIENT_ALLOCATOR=platform so every buffer is
 its own allocation (an access past a buffer is then outside any allocation, which memcheck
-reports)."""
+reports).
+
+`--write-refs DIR` (a run without the sanitizer) also saves every reference result in DIR; with
+JFM_SANITIZE_REFS=DIR a later run reads them instead of computing them, so a run under the
+sanitizer compiles only the kernels' small XLA modules (compiles under compute-sanitizer are what
+stalled; scripts/device_check.sh does both)."""
 import os
 import sys
 
@@ -14,6 +19,24 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 import cases  # noqa: E402
+import numpy as np  # noqa: E402
+
+WRITE_REFS = sys.argv[sys.argv.index("--write-refs") + 1] if "--write-refs" in sys.argv else None
+READ_REFS = os.environ.get("JFM_SANITIZE_REFS") if WRITE_REFS is None else None
+if WRITE_REFS:
+    os.makedirs(WRITE_REFS, exist_ok=True)
+
+
+def reference(name, compute):
+    """The reference result `name`: computed (and saved with --write-refs) or read back."""
+    if READ_REFS:
+        with np.load(os.path.join(READ_REFS, name + ".npz")) as f:
+            return tuple(f[f"arr_{i}"] for i in range(len(f.files)))
+    result = tuple(np.asarray(x) for x in compute())
+    if WRITE_REFS:
+        np.savez(os.path.join(WRITE_REFS, name + ".npz"), *result)
+    return result
+
 
 DENSE = [  # (b, s_q, h_q, h_kv, s_k, varlen, causal, dtype, with_meta, zero_frac)
     (6, 1, 128, 1, 700, True, False, jnp.bfloat16, True, 0.3),
@@ -23,14 +46,14 @@ DENSE = [  # (b, s_q, h_q, h_kv, s_k, varlen, causal, dtype, with_meta, zero_fra
     (5, 1, 8, 1, 500, True, False, jnp.bfloat16, True, 0.2),   # 8 rows (transposed math, N 16)
 ]
 for n, (b, s_q, h_q, h_kv, s_k, varlen, causal, dtype, meta, zf) in enumerate(DENSE):
-    cases.compare_dense(900 + n, b, s_q, h_q, h_kv, s_k, varlen, causal, dtype, meta, zf)
+    case = cases.dense_case(900 + n, b, s_q, h_q, h_kv, s_k, varlen, dtype, zf)
+    got = cases.run_dense(case, causal, meta)
+    ref = reference(f"dense{n}", lambda: cases.run_dense(case, causal, False, "reference"))
+    cases.check(*got, *ref, dtype)
     print(f"dense case {n} ok", flush=True)
 
 # Malformed runtime values (SEMANTICS.md): page ids outside the pool inside the length, a length
 # beyond the table's capacity and a negative one; they must be absent / clamped, never read.
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
 bad = cases.dense_case(970, 4, 2, 16, 1, 300, True, jnp.bfloat16)
 bad["kv"] = jnp.where(jnp.isnan(bad["kv"]), 0.25, bad["kv"]).astype(jnp.bfloat16)
 table, lens = np.array(bad["np_table"]), np.array(bad["np_lens"])
@@ -39,7 +62,8 @@ lens[3], lens[1] = table.shape[1] * 64 + 500, -5
 bad.update(table=jnp.asarray(table), lens=jnp.asarray(lens))
 for causal in (False, True):
     got = cases.run_dense(bad, causal, True)
-    cases.check(*got, *cases.run_dense(bad, causal, False, "reference"))
+    cases.check(*got, *reference(f"malformed_{causal}",
+                                 lambda: cases.run_dense(bad, causal, False, "reference")))
 print("dense malformed case ok", flush=True)
 
 SPARSE = [  # keyword arguments of cases.sparse_decode_case
@@ -57,7 +81,8 @@ SPARSE = [  # keyword arguments of cases.sparse_decode_case
 for n, kw in enumerate(SPARSE):
     q, kv, args = cases.sparse_decode_case(950 + n, **kw)
     got = cases.run_sparse_decode(q, kv, args, with_meta=n % 2 == 0)
-    ref = cases.run_sparse_decode(q, kv, args, implementation="reference", with_meta=False)
+    ref = reference(f"sparse{n}", lambda: cases.run_sparse_decode(
+        q, kv, args, implementation="reference", with_meta=False))
     cases.check(*got, *ref)
     print(f"sparse decode case {n} ok", flush=True)
 
@@ -65,7 +90,7 @@ for n, kw in enumerate([dict(s_q=70, h_q=128, d_qk=576, topk=200, with_lengths=T
                         dict(s_q=5, h_q=24, d_qk=512, topk=64)]):
     q, kv, idx, extra = cases.sparse_prefill_case(980 + n, **kw)
     out, ml, lse = cases.run_sparse_prefill(q, kv, idx, extra)
-    r = cases.run_sparse_prefill(q, kv, idx, extra, "reference")
+    r = reference(f"prefill{n}", lambda: cases.run_sparse_prefill(q, kv, idx, extra, "reference"))
     cases.check(out, lse, r[0], r[2], max_logits=ml, ref_max_logits=r[1])
     print(f"sparse prefill case {n} ok", flush=True)
 print("sanitizer cases done")
