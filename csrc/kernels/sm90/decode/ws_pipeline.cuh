@@ -257,7 +257,7 @@ __device__ __forceinline__ void ws_load_q(const Task& task, const typename Task:
   sync();
 }
 
-// The math warps' wait for the k-th tile: its buffer full (kPair: and the peer's half, the st.async
+// The math warps' wait for the k-th tile (both math splits): its buffer full (kPair: and the peer's half, the st.async
 // bytes counted on peer_full), then fenced for the wgmma that reads it: the cp.async rows or
 // (kPair) the st.async bytes are generic-proxy writes, wgmma reads through the async proxy.
 template <class Task, bool kPair>
@@ -289,7 +289,6 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
 
     RowState st;
     st.init();
-    float sacc[32];        // (kRole == kScores) this tile's S, then P
     for (int n = cur.first; n < cur.t_hi; ++k) {
       const int n_next = cur.next(n + 1);
       const uint32_t buf = k & 1;
@@ -298,6 +297,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       const uint8_t* valid = sh.valid + buf * kTileTokens;
 
       if constexpr (kRole == WsRole::kScores) {
+        float sacc[32];  // this tile's S, then P
         tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
         mask_tile(sacc, [&](int h, int col) { return task.masked(cur, n, valid, h, col); });
         float corr[2];
@@ -357,8 +357,7 @@ __device__ __forceinline__ void ws_math_t(const Task& task, const WsShared& sh) 
     for (int n = cur.first; n < cur.t_hi; ++k) {
       const int n_next = cur.next(n + 1);
       const uint32_t buf = k & 1;
-      mbarrier_wait(sh.bar_full + 8 * buf, (k >> 1) & 1);
-      if constexpr (Task::kFenceAfterFull) fence_proxy_async();
+      ws_wait_full<Task, false>(sh, k);
       const uint32_t buf_desc = buf * (S::kTileBytes >> 4);
       const uint8_t* valid = sh.valid + buf * kTileTokens;
 
