@@ -193,13 +193,10 @@ def test_extension_constants_match_limits():
     assert module.constants() == limits.ALL
 
 
-@pytest.mark.parametrize("asked,want", [(None, "ws"), ("v1", "v1"), ("pair", "pair"),
-                                        ("overlap", "ws"), ("next", "ws"), ("ws", "ws"),
-                                        ("bogus", "ws")])
-def test_kernel_variant_switch(asked, want):
-    """JFM_KERNEL_VARIANT picks the dense / sparse kernel generation once per process
-    (csrc/kernels/variant.h); the extension reports what it picked. Runs where the extension is
-    built (CI compiles it), each case in a fresh process."""
+def _extension_in_child(code, *argv, variant=None):
+    """stdout of ``python -c code argv...`` in a fresh process with JFM_KERNEL_VARIANT=variant
+    (None: unset), importing the very extension this process finds (not a source tree's copy);
+    skips where the extension is not built (CI compiles it). Returns (stdout, the module)."""
     import os
     import subprocess
     import sys
@@ -208,15 +205,25 @@ def test_kernel_variant_switch(asked, want):
     except ImportError:
         pytest.skip("the CUDA extension is not built here")
     env = {k: v for k, v in os.environ.items() if k != "JFM_KERNEL_VARIANT"}
-    if asked is not None:
-        env["JFM_KERNEL_VARIANT"] = asked
-    # The child imports the very extension this process found (not a source tree's copy).
+    if variant is not None:
+        env["JFM_KERNEL_VARIANT"] = variant
     site = os.path.dirname(os.path.dirname(os.path.abspath(module.__file__)))
     env["PYTHONPATH"] = site
-    code = "import jax_flashmla._jax_flashmla_cuda as m; print(m.kernel_variant())"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True, cwd=site).stdout.strip()
-    assert out == want
+    out = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True,
+                         text=True, check=True, cwd=site).stdout
+    return out, module
+
+
+@pytest.mark.parametrize("asked,want", [(None, "ws"), ("v1", "v1"), ("pair", "pair"),
+                                        ("overlap", "ws"), ("next", "ws"), ("ws", "ws"),
+                                        ("bogus", "ws")])
+def test_kernel_variant_switch(asked, want):
+    """JFM_KERNEL_VARIANT picks the dense / sparse kernel generation once per process
+    (csrc/kernels/variant.h); the extension reports what it picked. Runs where the extension is
+    built (CI compiles it), each case in a fresh process."""
+    out, _ = _extension_in_child(
+        "import jax_flashmla._jax_flashmla_cuda as m; print(m.kernel_variant())", variant=asked)
+    assert out.strip() == want
 
 
 # (layout, batch, s_q, h_q, topk, extra_topk) -> the math the sparse dispatch picks on 132 SMs.
@@ -239,22 +246,12 @@ def test_sparse_kernel_choice():
     (CI compiles it) in a fresh process without JFM_KERNEL_VARIANT, with the schedule's own
     num_sm_parts."""
     import json
-    import os
-    import subprocess
-    import sys
-    try:
-        module = importlib.import_module("jax_flashmla._jax_flashmla_cuda")
-    except ImportError:
-        pytest.skip("the CUDA extension is not built here")
     calls = [(*args, M.num_sm_parts(rows_per_kv_head=args[3], num_sms=132))
              for args, _ in SPARSE_CHOICES]
-    env = {k: v for k, v in os.environ.items() if k != "JFM_KERNEL_VARIANT"}
-    site = os.path.dirname(os.path.dirname(os.path.abspath(module.__file__)))
-    env["PYTHONPATH"] = site
-    code = ("import sys, json, jax_flashmla._jax_flashmla_cuda as m; "
-            "print(json.dumps([m.sparse_kernel_choice(*c) for c in json.loads(sys.argv[1])]))")
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(calls)], env=env,
-                         capture_output=True, text=True, check=True, cwd=site).stdout
+    out, module = _extension_in_child(
+        "import sys, json, jax_flashmla._jax_flashmla_cuda as m; "
+        "print(json.dumps([m.sparse_kernel_choice(*c) for c in json.loads(sys.argv[1])]))",
+        json.dumps(calls))
     assert json.loads(out) == [want for _, want in SPARSE_CHOICES]
     with pytest.raises(ValueError, match="layout"):
         module.sparse_kernel_choice("fp8", 1, 1, 128, 64, 0, 66)
