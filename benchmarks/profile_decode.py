@@ -4,6 +4,9 @@
   ncu --kernel-name regex:sparse_attention_kernel ... \\
       python3 benchmarks/profile_decode.py --sparse v32 --h_q 128 --topk 2048 --b 64 --s_q 2
 --sparse v32 | v4 | bf16: FP8 V3.2 (d_qk 576), FP8 V4 (d_qk 512) or bf16 pool, random rows.
+--timeline K: instead, K calls in one jit (each on its own copy of q) under jax.profiler, then
+every GPU event of the last run in order (start, duration, gap since the previous one): where a
+small step's time goes between the kernels and the launches (bench_model.gpu_busy's trace).
 """
 import argparse
 import os
@@ -28,6 +31,8 @@ ap.add_argument("--causal", action="store_true")
 ap.add_argument("--sparse", choices=("v32", "v4", "bf16"), default=None)
 ap.add_argument("--topk", type=int, default=2048)
 ap.add_argument("--page", type=int, default=64)
+ap.add_argument("--timeline", type=int, default=0)
+ap.add_argument("--trace_dir", default="/tmp/jfm_timeline")
 args = ap.parse_args()
 
 if args.sparse is None:
@@ -36,6 +41,7 @@ if args.sparse is None:
     op = jax.jit(lambda q, kv, t, l, m: jax_flashmla.mla_decode(
         q, kv, t, l, causal=args.causal, metadata=m, implementation="kernel"))
     call = lambda: op(q, kv, table, lens, meta)  # noqa: E731
+    rest = (kv, table, lens, meta)
 else:
     d_qk = 512 if args.sparse == "v4" else 576
     rows = max(args.s_k, 2 * args.topk)
@@ -51,6 +57,42 @@ else:
     op = jax.jit(lambda q, kv, i, m: jax_flashmla.mla_decode(q, kv, indices=i, metadata=m,
                                                              implementation="kernel"))
     call = lambda: op(q, pool, idx, meta)  # noqa: E731
-for _ in range(4):
-    jax.block_until_ready(call())
+    rest = (pool, idx, meta)
+
+
+def timeline(k):
+    """Every GPU event of one run of K calls in one jit, in order."""
+    from sbs_common import perfetto_gpu_events
+    qs = tuple(jnp.array(q, copy=True) for _ in range(k))
+    many = jax.jit(lambda qs, *r: [op(qi, *r) for qi in qs])
+    for _ in range(5):
+        jax.block_until_ready(many(qs, *rest))
+    with jax.profiler.trace(args.trace_dir, create_perfetto_trace=True):
+        for _ in range(3):
+            jax.block_until_ready(many(qs, *rest))
+    kern = perfetto_gpu_events(args.trace_dir)
+    if not kern:
+        print("no GPU stream events in the trace (no GPU?)")
+        return
+    # The last run: the events after the largest gap (the host's block_until_ready between runs).
+    gaps = [kern[i + 1][0] - kern[i][0] - kern[i][1] for i in range(len(kern) - 1)]
+    start = max(range(len(gaps)), key=lambda i: gaps[i]) + 1 if gaps else 0
+    run = kern[start:]
+    t0, prev_end, per = run[0][0], run[0][0], {}
+    print(f"{len(run)} GPU events after the trace's longest idle gap ({k} calls per run); span "
+          f"{run[-1][0] + run[-1][1] - t0:.1f} us")
+    for ts, dur, name in run:
+        print(f"  {ts - t0:9.2f} +{dur:7.2f} us (gap {ts - prev_end:6.2f})  {name[:110]}")
+        prev_end = ts + dur
+    for _, dur, name in kern:  # every traced run: the mean and median duration per kernel
+        per.setdefault(name[:110], []).append(dur)
+    for name, durs in sorted(per.items(), key=lambda kv: -sum(kv[1])):
+        print(f"  {len(durs):4d} x {sum(durs) / len(durs):7.2f} us (median {np.median(durs):7.2f})  {name}")
+
+
+if args.timeline:
+    timeline(args.timeline)
+else:
+    for _ in range(4):
+        jax.block_until_ready(call())
 print("profiled case done")

@@ -4,8 +4,8 @@
 # Nsight Compute, benchmarks and the examples. Logs go to $OUT; exits non-zero if any stage failed.
 # From the repo root, carrying the nvidia-cutlass wheel (docs/BUILDING.md):
 #   run(command="bash scripts/device_check.sh", carry=[".whl"])
-# Stages: STAGES="build cpu-suite smoke gpu gpu-alt memcheck racecheck synccheck ab ncu bench
-# example" (default: build gpu memcheck racecheck bench example). smoke runs a few calls of every
+# Stages: STAGES="build cpu-suite smoke gpu gpu-alt raceprobe memcheck racecheck synccheck ab abtime
+# ncu bench example" (default: build gpu memcheck racecheck bench example). smoke runs a few calls of every
 # kernel per SMOKE_VARIANTS (default "ws pair", JFM_KERNEL_VARIANT); gpu-alt runs
 # the kernel GPU tests on each variant in ALT_VARIANTS (default "pair": the FP8 CTA pairs
 # everywhere at 65-128 heads; "v1": the kernels before the warp-specialized ones;
@@ -60,6 +60,19 @@ fi
 # barriers and mbarriers of the warp-specialized kernels). The reference results are computed once
 # here without the sanitizer (also a smoke run of the default kernels) and read back by the
 # sanitized runs, which then compile only the kernels' small XLA modules.
+if has raceprobe; then
+  # Which synchronization patterns racecheck understands (tests/gpu/racecheck_probe.cu: small,
+  # correct exchanges written with the kernels' own primitives, one pattern per process).
+  log "racecheck probe: the kernels' synchronization patterns, one at a time"
+  CCCL=$(dirname "$(dirname "$(command -v nvcc)")")/include/cccl
+  nvcc -I "$REPO/csrc" -I "$CCCL" -gencode arch=compute_90a,code=sm_90a -std=c++17 -O3 -lineinfo \
+    -o /tmp/racecheck_probe "$REPO/tests/gpu/racecheck_probe.cu" || fail raceprobe-build
+  for pat in ${PROBE_PATTERNS:-0 1 2 3 4 5 6 7 8}; do
+    timeout -k 5 60 compute-sanitizer --tool racecheck --print-limit 4 /tmp/racecheck_probe $pat \
+      > "$OUT/raceprobe_$pat.log" 2>&1
+    echo "pattern $pat: exit $? | $(grep -E 'pattern|SUMMARY' "$OUT/raceprobe_$pat.log" | tr '\n' ' ')"
+  done
+fi
 if has memcheck || has racecheck || has synccheck; then
   log "reference results for the sanitizer runs (tests/gpu/sanitize_kernels.py --write-refs)"
   rm -rf /tmp/jfm_san_refs
@@ -84,16 +97,37 @@ for tool in memcheck racecheck synccheck; do
     [ $st -eq 0 ] || { [ $st -ge 124 ] && echo "(timed out after ${SAN_TIMEOUT:-240} s)"; fail "$tool $variant"; }
   done
 done
-if has ab && [ -f "$REPO/.abase/base.tar" ]; then
-  log "A/B: this build against the carried base build, same cases, each in its own process"
+build_base() {  # the carried base tree, installed beside this build (once per call)
+  [ -d /tmp/abase/site/jax_flashmla ] && return 0
   rm -rf /tmp/abase && mkdir -p /tmp/abase/src && tar xf "$REPO/.abase/base.tar" -C /tmp/abase/src
   (cd /tmp/abase/src && python3 -m pip install -q --no-build-isolation --no-deps \
-     --target /tmp/abase/site . > "$OUT/ab_build.log" 2>&1) || fail ab-build
+     --target /tmp/abase/site . > "$OUT/ab_build.log" 2>&1) || { fail ab-build; return 1; }
+}
+if has ab && [ -f "$REPO/.abase/base.tar" ]; then
+  log "A/B: this build against the carried base build, same cases, each in its own process"
+  build_base
   for side in base this; do
     if [ $side = base ]; then root=/tmp/abase/src; pp=/tmp/abase/site; else root=$REPO; pp=""; fi
     echo "--- $side"
     PYTHONPATH=$pp python3 "$root/benchmarks/bench_decode.py" --no-xla --no-loop \
       ${BENCH_AB_ARGS:-} 2>&1 | tee "$OUT/ab_$side.log" | tail -14
+  done
+fi
+if has abtime && [ -f "$REPO/.abase/base.tar" ]; then
+  # Kernel time A/B from the profiler's GPU events (benchmarks/profile_decode.py --timeline: 10
+  # calls in one jit, 3 traced runs; mean and median per kernel): no host dispatch in the number,
+  # so a few percent between the two builds is visible. TIMELINE_CASES: profile_decode.py
+  # argument strings separated by ';'.
+  log "A/B of kernel times (profiler events): this build against the carried base build"
+  build_base
+  IFS=';' read -ra tl_cases <<< "${TIMELINE_CASES:---h_q 128 --s_k 4096 --b 128}"
+  for c in "${tl_cases[@]}"; do
+    for side in base this; do
+      if [ $side = base ]; then pp=/tmp/abase/site; else pp=""; fi
+      echo "--- $side: $c"
+      PYTHONPATH=$pp timeout -k 5 120 python3 "$REPO/benchmarks/profile_decode.py" $c --timeline 10 \
+        2>&1 | tee -a "$OUT/abtime_$side.log" | grep " x " | cut -c1-150
+    done
   done
 fi
 if has ncu; then
