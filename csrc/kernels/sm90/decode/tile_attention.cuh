@@ -304,36 +304,6 @@ __device__ __forceinline__ void store_p_rows(uint32_t sp, const float (&s)[32], 
   }
 }
 
-// Row totals after the last tile, role split: warpgroup 0 holds every row's max and (per thread,
-// a quarter of) its sum and publishes both through `red` (float[2][64]); then every math thread
-// reads its rows' 1 / l (0: nothing attended), lse (`empty_lse` then) and max m. Contains one
-// Sync::sync().
-template <typename Sync>
-__device__ __forceinline__ void tile_finish_rows(RowState& st, float* red, float softmax_scale,
-                                                 float empty_lse, float (&inv)[2], float (&lse)[2],
-                                                 float (&m)[2], const Lane& ln) {
-  if (ln.wc == 0) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      st.l[h] += __shfl_xor_sync(0xffffffffu, st.l[h], 1);
-      st.l[h] += __shfl_xor_sync(0xffffffffu, st.l[h], 2);
-      if (ln.tq == 0) {
-        red[ln.row(h)] = st.l[h];
-        red[kBlockM + ln.row(h)] = st.m[h];
-      }
-    }
-  }
-  Sync::sync();
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const float l = red[ln.row(h)];
-    m[h] = red[kBlockM + ln.row(h)];
-    const bool empty = !(l > 0.f);
-    inv[h] = empty ? 0.f : 1.f / l;
-    lse[h] = empty ? empty_lse : logf(l) + m[h] * softmax_scale;
-  }
-}
-
 // ---- Transposed (kernel_ws.cuh, kTransposed* math, few query rows): one warpgroup computes
 // S^T = K Q^T (M = the tile's 64 tokens, N = kN query rows, kN = 16 or 32) and O^T += V^T P^T
 // (M = 64 of the 512 value columns per chunk, 8 chunks; V^T is the K tile read as an MN-major A

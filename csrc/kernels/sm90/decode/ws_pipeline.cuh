@@ -26,11 +26,22 @@
 // Hand-off: two mbarriers per buffer. full[b]: the producer's arrivals (count chosen by the task:
 // 128 when every producer thread arrives once after its stores and a proxy fence; 256 when it also
 // arrives through cp.async.mbarrier.arrive.noinc as its copies land, and the math warps then
-// fence before reading). empty[b]: one arrival per math warp (8, or 4 for kTransposed*) once its
-// wgmmas that read the buffer have completed. The k-th tile (buffer k % 2) waits for phase parity
-// (k / 2) & 1 (full) and its complement (empty: the first use of each buffer passes at once).
-// The math threads synchronize among themselves through named barriers (MathWarpsSync and the
-// kBar* ids below), never with the producer.
+// fence before reading). empty[b]: one arrival per math thread (256, or 128 for kTransposed*)
+// once its reads of the buffer are done (its wgmmas completed). The k-th tile (buffer k % 2) waits
+// for phase parity (k / 2) & 1 (full) and its complement (empty: the first use of each buffer
+// passes at once).
+// kRoles*: the scores warpgroup hands P and the row corrections to the values warpgroup through
+// two more mbarriers, p_ready (the scores' 128 threads arrive once they are written) and p_free
+// (the values' 128 threads arrive once their P V has read them); tile k waits for p_ready's
+// phase k and (scores, before writing) p_free's phase k - 1. The rows' final sums and maxima go
+// the same way after a sequence's last tile (stats_ready / stats_free, phase j for the CTA's
+// j-th sequence; ws_finish_rows).
+// Why every thread arrives, and mbarriers rather than bar.arrive: compute-sanitizer racecheck
+// orders a thread's shared-memory accesses only by that thread's own arrival, and not at all
+// across a bar.arrive / bar.sync hand-off (tests/gpu/racecheck_probe.cu, patterns 2-4 and 7;
+// docs/PERFORMANCE.md); the kernels are then checkable, at 128 arrivals where a warp's lane 0 did.
+// Otherwise the math threads synchronize among themselves through named barriers that every
+// participant syncs on (MathWarpsSync, kBarScores), never with the producer.
 //
 // A task (one per kernel family) provides, for the CTA it is constructed in:
 //   using T (bf16 / fp16); kDqk; kFenceAfterFull (its fills are cp.async);
@@ -95,8 +106,6 @@ __device__ __forceinline__ void ws_set_regs() {
 }
 
 // Named barriers (0 is __syncthreads', 1 MathWarpsSync's).
-constexpr int kBarPReady = 2;   // kRoles: warpgroup 0 wrote P and the corrections (128 + 128)
-constexpr int kBarPFree = 3;    // kRoles: warpgroup 1 is done with them (128 + 128)
 constexpr int kBarScores = 4;   // kRoles, kTransposed*: warpgroup 0 alone (128)
 
 // Where one query row's result goes (kTransposed*; the task's row_out): the output row (times
@@ -114,8 +123,11 @@ struct WsSmem : TileSmem<kDqk> {
   static constexpr int kBarOff = Base::kValidOff + 2 * kTileTokens;  // full[2], empty[2]
   static constexpr int kCorrOff = kBarOff + 4 * 8;                     // float[64] (kRoles)
   static constexpr int kPeerBarOff = kCorrOff + kBlockM * 4;           // peer_full[2] (kRolesPair)
-  static constexpr size_t kBytes = kPeerBarOff + 2 * 8 + 1024;         // + alignment slack
-  static_assert(kBarOff % 8 == 0 && kPeerBarOff % 8 == 0, "mbarriers are 8-byte aligned");
+  // p_ready, p_free, stats_ready, stats_free (kRoles*)
+  static constexpr int kPBarOff = kPeerBarOff + 2 * 8;
+  static constexpr size_t kBytes = kPBarOff + 4 * 8 + 1024;            // + alignment slack
+  static_assert(kBarOff % 8 == 0 && kPeerBarOff % 8 == 0 && kPBarOff % 8 == 0,
+                "mbarriers are 8-byte aligned");
   static_assert(kBytes <= 227 * 1024, "shared memory of one sm90 CTA");
 };
 
@@ -126,6 +138,8 @@ struct WsShared {
   uint8_t* valid;      // uint8[2][64]: per buffer, which tokens hold a row (tasks that need it)
   uint32_t sq, sk0, sp;
   uint32_t bar_full, bar_empty;  // mbarriers [2] each
+  // kRoles*: the hand-offs between the math warpgroups (P and corrections; the rows' totals).
+  uint32_t bar_p_ready, bar_p_free, bar_stats_ready, bar_stats_free;
   int tile_bytes;
   // kRolesPair: this CTA's rank in the pair; bar_peer_full[2] (this CTA's barriers that count the
   // bytes the peer stores into its tiles); the peer's tile 0 and empty barriers (cluster
@@ -134,7 +148,8 @@ struct WsShared {
 };
 
 // Lays out the dynamic shared memory, initializes the mbarriers (full: `full_count` arrivals,
-// empty: one per math warp, of both CTAs for kRolesPair) and synchronizes the CTA (kRolesPair: the
+// empty: one per math thread, plus one per math warp of the peer for kRolesPair; the kRoles*
+// hand-offs: 128 each) and synchronizes the CTA (kRolesPair: the
 // cluster, so the peer's barriers are initialized before anything reaches them): the last
 // CTA-wide barrier before the roles part.
 template <int kDqk, WsMath kMath>
@@ -153,6 +168,10 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
   sh.sp = base + S::kPOff;
   sh.bar_full = base + W::kBarOff;
   sh.bar_empty = sh.bar_full + 16;
+  sh.bar_p_ready = base + W::kPBarOff;
+  sh.bar_p_free = sh.bar_p_ready + 8;
+  sh.bar_stats_ready = sh.bar_p_ready + 16;
+  sh.bar_stats_free = sh.bar_p_ready + 24;
   sh.tile_bytes = S::kTileBytes;
   constexpr bool kPair = ws_pair(kMath);
   if constexpr (kPair) {
@@ -166,10 +185,12 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
   if (threadIdx.x == 0) {
     for (int b = 0; b < 2; ++b) {
       mbarrier_init(sh.bar_full + 8 * b, full_count);
-      // The math warps (of both CTAs: each also empties the peer's copy of its half).
-      mbarrier_init(sh.bar_empty + 8 * b, ws_transposed(kMath) ? 4 : kPair ? 16 : 8);
+      // Every math thread; kRolesPair: also each of the peer's 8 math warps, which empty this
+      // CTA's copy of their half.
+      mbarrier_init(sh.bar_empty + 8 * b, ws_transposed(kMath) ? 128 : kPair ? 256 + 8 : 256);
       if constexpr (kPair) mbarrier_init(sh.bar_peer_full + 8 * b, 1);  // + the peer's bytes
     }
+    for (int i = 0; i < 4; ++i) mbarrier_init(sh.bar_p_ready + 8 * i, 128);
     if constexpr (kPair) fence_mbarrier_init();
   }
   if constexpr (kPair) cluster_sync();
@@ -179,8 +200,9 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
 
 // CTA pairs (kRolesPair). The two CTAs of a cluster run the same tiles (same schedule row, heads
 // 0-63 and 64-127). Per buffer b, besides full[b] / empty[b]:
-//  * empty[b] counts 16 arrivals: the 8 math warps of this CTA and, remotely, the 8 of the peer,
-//    because the producer of this CTA stores into both CTAs' copies of the buffer;
+//  * empty[b] counts 264 arrivals: the 256 math threads of this CTA and, remotely, the 8 math
+//    warps of the peer, because the producer of this CTA stores into both CTAs' copies of the
+//    buffer;
 //  * peer_full[b] (count 1) is this CTA's barrier for the peer's half: this CTA's producer thread
 //    0 arrives on it with expect_tx(the peer's bytes) after waiting empty[b], and the peer's
 //    st.async stores complete_tx on it (the transaction count may run ahead of the expectation;
@@ -269,6 +291,48 @@ __device__ __forceinline__ void ws_wait_full(const WsShared& sh, uint32_t k) {
 // Which side of the role split a math warpgroup takes.
 enum class WsRole : int { kScores, kValues };
 
+// Row totals after the CTA's j-th sequence, role split: the scores warpgroup holds each row's max
+// and (per thread, a quarter of) its sum; it completes the sums within each quad and hands both to
+// the values warpgroup through `red` (float[2][64]) and stats_ready / stats_free. Then every math
+// thread has its rows' 1 / l (0: nothing attended), lse (`empty_lse` then) and max m.
+template <WsRole kRole>
+__device__ __forceinline__ void ws_finish_rows(RowState& st, const WsShared& sh, uint32_t j,
+                                               float softmax_scale, float empty_lse,
+                                               float (&inv)[2], float (&lse)[2], float (&m)[2],
+                                               const Lane& ln) {
+  if constexpr (kRole == WsRole::kScores) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      st.l[h] += __shfl_xor_sync(0xffffffffu, st.l[h], 1);
+      st.l[h] += __shfl_xor_sync(0xffffffffu, st.l[h], 2);
+      m[h] = st.m[h];  // the quad's lanes hold the same row max
+    }
+    mbarrier_wait(sh.bar_stats_free, (j & 1) ^ 1);  // the values have read the last sequence's
+    if (ln.tq == 0) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        sh.red[ln.row(h)] = st.l[h];
+        sh.red[kBlockM + ln.row(h)] = st.m[h];
+      }
+    }
+    mbarrier_arrive(sh.bar_stats_ready);
+  } else {
+    mbarrier_wait(sh.bar_stats_ready, j & 1);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      st.l[h] = sh.red[ln.row(h)];
+      m[h] = sh.red[kBlockM + ln.row(h)];
+    }
+    mbarrier_arrive(sh.bar_stats_free);
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const bool empty = !(st.l[h] > 0.f);
+    inv[h] = empty ? 0.f : 1.f / st.l[h];
+    lse[h] = empty ? empty_lse : logf(st.l[h]) + m[h] * softmax_scale;
+  }
+}
+
 // The math warps' loop over this CTA's sequences and tiles. One instantiation per role, so that
 // each warpgroup's code is register-allocated within its own setmaxnreg budget (with one loop for
 // both roles ptxas allocated it within the smaller budget and spilled).
@@ -302,34 +366,35 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
         mask_tile(sacc, [&](int h, int col) { return task.masked(cur, n, valid, h, col); });
         float corr[2];
         tile_softmax_rows(sacc, st, corr, sl2);
-        if (n != cur.first) named_barrier_sync(kBarPFree, 256);  // values done with the last P
+        mbarrier_wait(sh.bar_p_free, (k & 1) ^ 1);  // values done with the last P (tile 0: passes)
         store_p_rows<T>(sh.sp, sacc, ln);
         if (ln.tq == 0) {
           sh.corr[ln.row(0)] = corr[0];
           sh.corr[ln.row(1)] = corr[1];
         }
         fence_proxy_async();
-        named_barrier_arrive(kBarPReady, 256);
+        mbarrier_arrive(sh.bar_p_ready);
         named_barrier_sync(kBarScores, 128);  // all of P, before this warpgroup's wgmma reads it
         rescale_o(st.o, corr);
       } else {  // kValues
-        named_barrier_sync(kBarPReady, 256);
+        mbarrier_wait(sh.bar_p_ready, k & 1);
         const float corr[2] = {sh.corr[ln.row(0)], sh.corr[ln.row(1)]};
         rescale_o(st.o, corr);
       }
       tile_pv_issue<T>(st, desc_p, desc_v + buf_desc);
       wgmma_wait<0>();
-      if (kRole == WsRole::kValues && n_next < cur.t_hi) named_barrier_arrive(kBarPFree, 256);
-      __syncwarp();
-      if ((ln.tid & 31) == 0) {
-        mbarrier_arrive(sh.bar_empty + 8 * buf);  // this warp is done with it
-        // kPair: the peer's producer also stores into this buffer (its half of the tokens).
-        if constexpr (kPair) mbarrier_arrive_cluster(sh.peer_bar_empty + 8 * buf);
+      if (kRole == WsRole::kValues) mbarrier_arrive(sh.bar_p_free);
+      mbarrier_arrive(sh.bar_empty + 8 * buf);  // this thread is done with it
+      if constexpr (kPair) {
+        // The peer's producer also stores into this buffer (its half of the tokens).
+        __syncwarp();
+        if ((ln.tid & 31) == 0) mbarrier_arrive_cluster(sh.peer_bar_empty + 8 * buf);
       }
       n = n_next;
     }
     float inv[2], lse[2], m[2];
-    tile_finish_rows<Sync>(st, sh.red, task.softmax_scale, task.empty_lse(cur), inv, lse, m, ln);
+    ws_finish_rows<kRole>(st, sh, static_cast<uint32_t>(seq - task.begin_seq), task.softmax_scale,
+                          task.empty_lse(cur), inv, lse, m, ln);
     task.store_rows(cur, st, inv, lse, m, ln);
   }
 }
@@ -372,8 +437,7 @@ __device__ __forceinline__ void ws_math_t(const Task& task, const WsShared& sh) 
       named_barrier_sync(kBarScores, 128);  // all of P^T, before the wgmma reads it
       rescale_o_t(st, corr);
       tile_pv_t<T, kN>(st, desc_vt + buf_desc, desc_p);
-      __syncwarp();
-      if ((ln.tid & 31) == 0) mbarrier_arrive(sh.bar_empty + 8 * buf);  // this warp is done with it
+      mbarrier_arrive(sh.bar_empty + 8 * buf);  // this thread is done with it
       n = n_next;
     }
     float inv[kCols], lse[kCols];
