@@ -62,6 +62,54 @@ def time_rounds(call, sync, *, calls: int, rounds: int, budget_s: float | None =
                 calls=calls, rounds=rounds)
 
 
+def perfetto_gpu_events(trace_dir: str) -> list[tuple[float, float, str]]:
+    """(start us, duration us, name) of every event on the GPU's stream lines of the newest
+    perfetto trace that jax.profiler.trace(..., create_perfetto_trace=True) wrote under trace_dir,
+    in time order."""
+    import glob
+    import gzip
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True),
+                   key=os.path.getmtime)
+    if not files:
+        return []
+    with gzip.open(files[-1], "rt") as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    procs = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {pid for pid, n in procs.items() if "/device:GPU" in n or "GPU:0" in n}
+    lines = {(e["pid"], e.get("tid")) for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name" and e["pid"] in gpu
+             and e.get("args", {}).get("name", "").startswith("Stream")}
+    return sorted((float(e["ts"]), float(e.get("dur", 0.0)), e.get("name", "?")) for e in events
+                  if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in lines)
+
+
+def kineto_gpu_events(path: str) -> list[tuple[float, float, str]]:
+    """The same from torch.profiler's chrome trace (export_chrome_trace): kernels, copies, memsets."""
+    with open(path) as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    return sorted((float(e["ts"]), float(e.get("dur", 0.0)), e.get("name", "?")) for e in events
+                  if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+
+
+def gpu_time_record(events: list[tuple[float, float, str]], calls: int) -> dict:
+    """GPU busy time per call from the profiler's device events of `calls` calls: the sum of the
+    events' durations (what the calls cost the GPU, host dispatch excluded), and the mean duration
+    of each kernel."""
+    if not events:
+        return dict(g_error="no GPU events in the profile")
+    per: dict[str, list[float]] = {}
+    for _, dur, name in events:
+        per.setdefault(name, []).append(dur)
+    kernels = sorted(((n[:90], len(d) / calls, sum(d) / len(d)) for n, d in per.items()),
+                     key=lambda x: -x[1] * x[2])
+    return dict(g_calls=calls, g_time_s=sum(d for _, d, _ in events) / calls * 1e-6,
+                g_kernels=[dict(name=n, per_call=round(c, 2), mean_us=round(m, 2))
+                           for n, c, m in kernels[:4]])
+
+
 def append_jsonl(path: str, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")

@@ -32,7 +32,8 @@ sys.path.insert(0, HERE)
 import numpy as np  # noqa: E402
 
 from sbs_common import (CALLS, D_V, QUICK_CALLS, QUICK_ROUNDS, ROUNDS, append_jsonl,  # noqa: E402
-                        case_dir, load_meta, saved_rows, time_rounds)
+                        case_dir, gpu_time_record, kineto_gpu_events, load_meta, saved_rows,
+                        time_rounds)
 
 DEV = "cuda"
 _V4_ALIGN = 576
@@ -185,6 +186,27 @@ def time_in_one_graph(call, q, k, calls, rounds):
     return dict(k_calls=k, k_time_s=t["time_s"] / k)
 
 
+def gpu_time(call, q, k, units=3):
+    """GPU busy time per call from torch.profiler's device events of `units` x K plain calls, each
+    on its own copy of q (sbs_ours.py's g_time_s counterpart; plain calls rather than the graph,
+    so the profiler sees every kernel whatever its support for graph replays)."""
+    import tempfile
+    from torch.profiler import ProfilerActivity, profile
+    qs = [q.clone() for _ in range(k)]
+    for qi in qs:
+        call(qi)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(units):
+            for qi in qs:
+                call(qi)
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        return gpu_time_record(kineto_gpu_events(path), units * k)
+
+
 def run_case(case, work, calls, rounds, label, in_one_call=0):
     folder = case_dir(work, case)
     meta = load_meta(folder)
@@ -215,6 +237,11 @@ def run_case(case, work, calls, rounds, label, in_one_call=0):
                     # A failed capture can leave the stream unusable for later captures: one try.
                     rec["k_error"] = f"{type(e).__name__}: {str(e)[:200]}"
                     _GRAPH_FAILED.append(rec["k_error"])
+        if in_one_call > 1 and q is not None:
+            try:
+                rec.update(gpu_time(call, q, in_one_call))
+            except Exception as e:  # noqa: BLE001 (the profiler unavailable)
+                rec["g_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     rec["status"] = "ok"
     rec["path"] = "flash_mla"
     return rec

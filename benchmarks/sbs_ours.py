@@ -62,7 +62,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import jax_flashmla as jfm  # noqa: E402
 from sbs_common import (CALLS, QUICK_CALLS, QUICK_ROUNDS, ROUNDS, append_jsonl, case_dir,  # noqa: E402
-                        load_meta, saved_rows, time_rounds)
+                        gpu_time_record, load_meta, perfetto_gpu_events, saved_rows, time_rounds)
 
 _TARGET_RE = re.compile(r'(?:custom_call\s*@|call_target_name\s*=\s*")(jax_flashmla_\w+)')
 
@@ -146,16 +146,27 @@ def plain_xla_time(case, args, calls, rounds):
                        rounds=rounds)["time_s"]
 
 
-def time_in_one_call(fn, args, k, calls, rounds):
+def time_in_one_call(fn, args, k, calls, rounds, units=3):
     """Seconds per call of ``fn`` when K calls run as one jitted unit, each on its own copy of q
     (args[0]; distinct operands, so XLA keeps all K): a dispatch per K calls, as a model's step
-    that runs every layer in one jit pays it."""
+    that runs every layer in one jit pays it. Then `units` such units under jax.profiler: the GPU
+    busy time per call from the device events (g_time_s; sbs_common.gpu_time_record)."""
+    import tempfile
     qs = tuple(jnp.array(args[0], copy=True) for _ in range(k))
     many = jax.jit(lambda qs, *rest: [fn(qi, *rest) for qi in qs])
     jax.block_until_ready(many(qs, *args[1:]))
     t = time_rounds(lambda: many(qs, *args[1:]), jax.block_until_ready,
                     calls=max(2, calls // 4), rounds=rounds, budget_s=ARGS.max_seconds)
-    return dict(k_calls=k, k_time_s=t["time_s"] / k)
+    rec = dict(k_calls=k, k_time_s=t["time_s"] / k)
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            with jax.profiler.trace(d, create_perfetto_trace=True):
+                for _ in range(units):
+                    jax.block_until_ready(many(qs, *args[1:]))
+            rec.update(gpu_time_record(perfetto_gpu_events(d), units * k))
+    except Exception as e:  # noqa: BLE001 (the profiler unavailable)
+        rec["g_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    return rec
 
 
 def run_case(case, work, impl, calls, rounds):

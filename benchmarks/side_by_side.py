@@ -220,24 +220,41 @@ def print_in_one_call(rows, k):
     if not sel:
         return None
     print(f"\n== {k} calls in one unit (ours: one jit; FlashMLA: one CUDA graph), us per call; "
-          f"ratio = FlashMLA / ours")
-    print(f"{'case':<44} {'ours us':>10} {'FlashMLA us':>12} {'ratio':>6} | {'back-to-back':>12}  note")
-    ratios = []
+          f"ratio = FlashMLA / ours. GPU: the profiler's device time per call (sum of the kernels' "
+          f"durations, no host dispatch; FlashMLA's from plain calls)")
+    print(f"{'case':<44} {'ours us':>10} {'FlashMLA us':>12} {'ratio':>6} | {'GPU ours':>9} "
+          f"{'GPU FlashMLA':>12} {'ratio':>6} | {'back-to-back':>12}  note")
+    ratios, g_ratios = [], []
+    nan = float("nan")
     for r in sel:
         o, u = r["ours"].get("k_time_s"), r["flashmla"].get("k_time_s")
+        go, gu = r["ours"].get("g_time_s"), r["flashmla"].get("g_time_s")
         ratio = u / o if o and u else None
+        g_ratio = gu / go if go and gu else None
         if ratio:
             ratios.append(ratio)
+        if g_ratio:
+            g_ratios.append(g_ratio)
         bb = f"{r['ratio']:.2f}" if r.get("ratio") else "-"
-        note = "; ".join(f"{side}: {rec['k_error'][:100]}" for side, rec in
-                         (("ours", r["ours"]), ("FlashMLA", r["flashmla"])) if rec.get("k_error"))
-        print(f"{r['case']['name']:<44} {o * 1e6 if o else float('nan'):>10.1f} "
-              f"{u * 1e6 if u else float('nan'):>12.1f} {f'{ratio:.2f}' if ratio else '-':>6} | "
-              f"{bb:>12}  {note}")
+        note = "; ".join(f"{side}: {rec[key][:100]}" for side, rec in
+                         (("ours", r["ours"]), ("FlashMLA", r["flashmla"]))
+                         for key in ("k_error", "g_error") if rec.get(key))
+        print(f"{r['case']['name']:<44} {o * 1e6 if o else nan:>10.1f} "
+              f"{u * 1e6 if u else nan:>12.1f} {f'{ratio:.2f}' if ratio else '-':>6} | "
+              f"{go * 1e6 if go else nan:>9.1f} {gu * 1e6 if gu else nan:>12.1f} "
+              f"{f'{g_ratio:.2f}' if g_ratio else '-':>6} | {bb:>12}  {note}")
+    for r in sel:  # what each side's GPU time is made of
+        for side, rec in (("ours", r["ours"]), ("FlashMLA", r["flashmla"])):
+            if rec.get("g_kernels"):
+                parts = ", ".join(f"{x['per_call']:g} x {x['mean_us']:.1f} us {x['name'][:48]}"
+                                  for x in rec["g_kernels"])
+                print(f"   {r['case']['name'][:40]:<40} {side:>8}: {parts}")
     g = sbs_cases.geomean(ratios)
+    gg = sbs_cases.geomean(g_ratios)
     print(f"-- in one unit: geomean ours/FlashMLA speed = " + (f"{g:.3f} over {len(ratios)} cases"
-                                                                if g else "n/a"))
-    return dict(all=g, n=len(ratios), k=k)
+                                                                if g else "n/a")
+          + (f"; GPU time: {gg:.3f} over {len(g_ratios)} cases" if gg else ""))
+    return dict(all=g, n=len(ratios), k=k, gpu_time=gg, n_gpu_time=len(g_ratios))
 
 
 def plot(rows, suites, path):

@@ -49,3 +49,46 @@ def test_compare_and_raw_plot(tmp_path):
     rows = [dict(case=dict(suite="dense"), ratio=r, ours=dict(path="kernel")) for r in (0.5, 1.3, None)]
     _plot_raw(rows, ["dense"], str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gpu_time_from_both_profilers_traces(tmp_path):
+    """The GPU-time columns: device events read from a JAX perfetto trace (GPU stream lines only,
+    host lines ignored) and from a torch chrome trace (kernels, copies, memsets only), summed per
+    call."""
+    import gzip
+    import json
+
+    import sbs_common
+    jax_trace = {"traceEvents": [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #13(Compute)"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 8, "args": {"name": "XLA Ops"}},
+        {"ph": "M", "name": "thread_name", "pid": 2, "tid": 9, "args": {"name": "python"}},
+        {"ph": "X", "pid": 1, "tid": 7, "ts": 10.0, "dur": 8.0, "name": "attention"},
+        {"ph": "X", "pid": 1, "tid": 7, "ts": 0.0, "dur": 2.0, "name": "combine"},
+        {"ph": "X", "pid": 1, "tid": 7, "ts": 20.0, "dur": 8.0, "name": "attention"},
+        {"ph": "X", "pid": 1, "tid": 8, "ts": 10.0, "dur": 99.0, "name": "fusion"},
+        {"ph": "X", "pid": 2, "tid": 9, "ts": 0.0, "dur": 500.0, "name": "dispatch"},
+    ]}
+    d = tmp_path / "plugins" / "profile" / "run"
+    d.mkdir(parents=True)
+    with gzip.open(d / "perfetto_trace.json.gz", "wt") as f:
+        json.dump(jax_trace, f)
+    ev = sbs_common.perfetto_gpu_events(str(tmp_path))
+    assert [e[2] for e in ev] == ["combine", "attention", "attention"]
+    rec = sbs_common.gpu_time_record(ev, calls=2)
+    assert abs(rec["g_time_s"] - 9e-6) < 1e-12
+    assert rec["g_kernels"][0] == dict(name="attention", per_call=1.0, mean_us=8.0)
+
+    torch_trace = {"traceEvents": [
+        {"ph": "X", "cat": "kernel", "ts": 5.0, "dur": 3.0, "name": "flash_fwd"},
+        {"ph": "X", "cat": "gpu_memset", "ts": 1.0, "dur": 1.0, "name": "Memset"},
+        {"ph": "X", "cat": "cuda_runtime", "ts": 0.0, "dur": 40.0, "name": "cudaLaunchKernel"},
+    ]}
+    path = tmp_path / "torch.json"
+    path.write_text(json.dumps(torch_trace))
+    ev = sbs_common.kineto_gpu_events(str(path))
+    assert [e[2] for e in ev] == ["Memset", "flash_fwd"]
+    assert abs(sbs_common.gpu_time_record(ev, calls=1)["g_time_s"] - 4e-6) < 1e-12
+    assert "g_error" in sbs_common.gpu_time_record([], calls=1)
