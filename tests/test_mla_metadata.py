@@ -215,8 +215,8 @@ def _extension_in_child(code, *argv, variant=None):
 
 
 @pytest.mark.parametrize("asked,want", [(None, "ws"), ("v1", "v1"), ("pair", "pair"),
-                                        ("overlap", "ws"), ("next", "ws"), ("ws", "ws"),
-                                        ("bogus", "ws")])
+                                        ("combine2", "combine2"), ("overlap", "ws"),
+                                        ("next", "ws"), ("ws", "ws"), ("bogus", "ws")])
 def test_kernel_variant_switch(asked, want):
     """JFM_KERNEL_VARIANT picks the dense / sparse kernel generation once per process
     (csrc/kernels/variant.h); the extension reports what it picked. Runs where the extension is

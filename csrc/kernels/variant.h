@@ -6,7 +6,9 @@
 // The default runs FP8 V4 attention at 65-128 heads as CTA pairs sharing each tile's
 // dequantization (WsMath::kRolesPair) where the step has enough tiles (sparse/dispatch.cu,
 // pair_pays); JFM_KERNEL_VARIANT=pair takes the pairs for every FP8 call at 65-128 heads (V3.2
-// and small batches too), for measurement.
+// and small batches too), for measurement. JFM_KERNEL_VARIANT=combine2: the default kernels with
+// the split-KV combine that keeps every split's loads in flight (decode/combine.cu; bitwise-equal
+// results), until it is measured.
 // Anything else (or nothing): the default. Read once per process (host code).
 #pragma once
 
@@ -15,13 +17,14 @@
 
 namespace jfm {
 
-enum class KernelVariant { kWs, kV1, kPair };
+enum class KernelVariant { kWs, kV1, kPair, kCombine2 };
 
 inline KernelVariant kernel_variant() {
   static const KernelVariant v = [] {
     const char* e = std::getenv("JFM_KERNEL_VARIANT");
     if (e != nullptr && std::strcmp(e, "v1") == 0) return KernelVariant::kV1;
     if (e != nullptr && std::strcmp(e, "pair") == 0) return KernelVariant::kPair;
+    if (e != nullptr && std::strcmp(e, "combine2") == 0) return KernelVariant::kCombine2;
     return KernelVariant::kWs;
   }();
   return v;
@@ -31,6 +34,7 @@ inline const char* kernel_variant_name() {
   switch (kernel_variant()) {
     case KernelVariant::kV1: return "v1";
     case KernelVariant::kPair: return "pair";
+    case KernelVariant::kCombine2: return "combine2";
     default: return "ws";
   }
 }

@@ -256,3 +256,18 @@ def run_sparse_prefill(q, kv, idx, kw, implementation="kernel"):
         q, kv, idx, implementation=implementation, **dict(zip(names, vals))))
     out, ml, lse = f(q, kv, idx, *(kw[n] for n in names))
     return np.asarray(out.astype(jnp.float32)), np.asarray(ml), np.asarray(lse)
+
+
+def split_heavy_outputs():
+    """Outputs (out as float32, lse) of steps whose sequences split into many chunks: what the
+    split-KV combine produces. Deterministic inputs, so two processes with different combine
+    kernels (JFM_KERNEL_VARIANT=combine2) can compare their bytes (test_scheduler_gpu.py)."""
+    outs = []
+    for dtype, b, h_q, s_k in ((jnp.bfloat16, 2, 16, 9000), (jnp.float16, 3, 128, 5000)):
+        case = dense_case(41, b, 2, h_q, 1, s_k, True, dtype, zero_frac=0.3)
+        outs += run_dense(case, causal=True, with_meta=True)
+    for fmt, d_qk, h_q, sink in (("fp8_v4", 512, 64, "inf"), ("fp8_v32", 576, 16, "random")):
+        q, kv, args = sparse_decode_case(42, b=2, s_q=2, h_q=h_q, d_qk=d_qk, fmt=fmt, topk=2048,
+                                         page=64, with_lengths=True, sink=sink)
+        outs += run_sparse_decode(q, kv, args)
+    return outs

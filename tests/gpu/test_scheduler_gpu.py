@@ -3,6 +3,10 @@ as the plain-Python algorithm (tests/oracle.py) and the pure-JAX twin, for dense
 schedules."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -11,7 +15,7 @@ import jax.numpy as jnp
 
 import jax_flashmla
 import oracle
-from cases import require_kernels
+from cases import require_kernels, split_heavy_outputs
 
 pytestmark = pytest.mark.gpu
 require_kernels()
@@ -40,3 +44,30 @@ def test_sparse_schedule_kernel(b, s_q, topk, extra):
                                          implementation="reference")
     for a, c in zip(kernel, twin):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_combine_kernels_agree_bitwise(tmp_path):
+    """The two split-KV combine kernels (csrc/kernels/decode/combine.cu: the default and
+    JFM_KERNEL_VARIANT=combine2) do the same arithmetic in the same order: a step whose sequences
+    split into many chunks gives the same bytes in a process on each (dense bf16 / fp16 with empty
+    sequences, FP8 sparse with sinks, +inf sinks and topk_length 0)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    mine = os.environ.get("JFM_KERNEL_VARIANT")
+    other = "ws" if mine == "combine2" else "combine2"
+    # Those steps do split: the combine runs (else this would compare nothing).
+    meta = jax_flashmla.get_mla_metadata(jnp.zeros((2,), jnp.int32), s_q=2, h_q=64, topk=2048)
+    assert np.diff(np.asarray(meta.num_splits)).max() > 8
+    # The child allocates on demand: this process holds XLA's preallocated share of the GPU.
+    env = dict(os.environ, JFM_KERNEL_VARIANT=other, XLA_PYTHON_CLIENT_PREALLOCATE="false",
+               PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
+    path = str(tmp_path / "other.npz")
+    code = ("import sys, numpy as np; from cases import split_heavy_outputs; "
+            "np.savez(sys.argv[1], *split_heavy_outputs())")
+    subprocess.run([sys.executable, "-c", code, path], env=env, check=True, cwd=str(tmp_path))
+    theirs = np.load(path)
+    ours = split_heavy_outputs()
+    assert len(theirs.files) == len(ours)
+    for i, x in enumerate(ours):
+        y = theirs[f"arr_{i}"]
+        assert np.isfinite(x).any(), i  # not all poison: the kernels wrote the outputs
+        np.testing.assert_array_equal(x.view(np.uint32), y.view(np.uint32), err_msg=f"output {i}")
