@@ -499,12 +499,16 @@ class MLA(nnx.Module):
         # Sequence i's tokens are rows [i * s, (i + 1) * s) of the folded kv.
         rows = jnp.where(topk >= 0, topk + (jnp.arange(b, dtype=jnp.int32) * s)[:, None, None], -1)
         rows = _pad_last(rows, 64, -1).reshape(b * s, 1, -1)
+        # top_k puts the valid positions first: the kernel skips the all-(-1) tiles after them
+        # (early prompt tokens have fewer than index_topk earlier tokens). Same result.
+        valid = _valid_count(topk).reshape(b * s)
         if adt == jnp.float32:
             o_lat, _, _ = jfm.reference.sparse_mla_prefill(q, kv, rows, softmax_scale=c.softmax_scale,
-                                                           head_dim_v=c.kv_lora_rank)
+                                                           head_dim_v=c.kv_lora_rank, topk_length=valid)
         else:
             o_lat, _, _ = jfm.sparse_mla_prefill(q, kv, rows, softmax_scale=c.softmax_scale,
-                                                 head_dim_v=c.kv_lora_rank, implementation=implementation)
+                                                 head_dim_v=c.kv_lora_rank, topk_length=valid,
+                                                 implementation=implementation)
         return self.output_from_latent(o_lat.reshape(b, s, h, c.kv_lora_rank)), kv_pages, index_pages
 
     def decode(self, x, cos_sin, positions, kv_pages, index_pages, block_table, seqlens, *, metadata=None,
@@ -537,9 +541,12 @@ class MLA(nnx.Module):
             topk = topk_positions(scores, t[None, None, :] <= last[:, :, None], c.index_topk)
             rows = kvc.token_rows(block_table, _pad_last(topk, 64, -1).reshape(b, -1),
                                   kv_pages.shape[1]).reshape(b, s, -1).astype(jnp.int32)
+        # As in prefill: the tiles past every query's valid positions (a cache with room for more
+        # tokens than it holds) are skipped, not computed on -1 rows.
+        valid = jnp.max(_valid_count(topk), axis=1)
         o_lat = _mla_decode(q, kv_pages, block_table, seqlens, head_dim_v=c.kv_lora_rank,
-                            softmax_scale=c.softmax_scale, indices=rows, metadata=metadata,
-                            implementation=implementation)
+                            softmax_scale=c.softmax_scale, indices=rows, topk_length=valid,
+                            metadata=metadata, implementation=implementation)
         return self.output_from_latent(o_lat), kv_pages, index_pages
 
 
@@ -549,17 +556,24 @@ def _attention_dtype(kv_pages):
 
 
 def _mla_decode(q, kv_pages, block_table, seqlens, *, head_dim_v, softmax_scale, causal=False, indices=None,
-                metadata=None, implementation=None):
+                topk_length=None, metadata=None, implementation=None):
     """``jax_flashmla.mla_decode``; a float32 cache (a CPU checking aid: the ops take bf16/fp16) goes
     straight to ``jax_flashmla.reference``, the same semantics in float32."""
     if kv_pages.dtype == jnp.float32:
         out, _ = jfm.reference.mla_decode(q, kv_pages, block_table, seqlens, softmax_scale=softmax_scale,
-                                          head_dim_v=head_dim_v, causal=causal, indices=indices)
+                                          head_dim_v=head_dim_v, causal=causal, indices=indices,
+                                          topk_length=topk_length)
         return out
     out, _ = jfm.mla_decode(q, kv_pages, block_table, seqlens, head_dim_v=head_dim_v,
-                            softmax_scale=softmax_scale, causal=causal, indices=indices, metadata=metadata,
-                            implementation=implementation)
+                            softmax_scale=softmax_scale, causal=causal, indices=indices,
+                            topk_length=topk_length, metadata=metadata, implementation=implementation)
     return out
+
+
+def _valid_count(topk: jax.Array) -> jax.Array:
+    """Positions that are not -1 in top-k lists ``[..., k]`` (topk_positions: all before the -1s),
+    as the ops' topk_length (int32)."""
+    return jnp.sum(topk >= 0, axis=-1, dtype=jnp.int32)
 
 
 def _pad_last(x: jax.Array, multiple: int, value) -> jax.Array:
