@@ -107,11 +107,13 @@ def build(case, folder, meta, impl):
             extra = expand(_load(folder, "extra_pool_palette"), meta["extra_num_blocks"])
         indices, extra_indices = _load(folder, "indices"), _load(folder, "extra_indices")
         b, s_q, h_q = q.shape[:3]
-        # The schedule is made once outside the timed calls, as upstream's timed calls reuse one.
-        md = jax.jit(lambda l: jfm.get_mla_metadata(
+        # The schedule is made once outside the timed calls, as upstream's timed calls reuse one
+        # (upstream's, too, is weighted by the calls' topk lengths).
+        etl = _load(folder, "extra_topk_length")
+        md = jax.jit(lambda l, etl: jfm.get_mla_metadata(
             l, s_q=s_q, h_q=h_q, topk=indices.shape[-1],
-            extra_topk=None if extra_indices is None else extra_indices.shape[-1]))(
-            jnp.zeros((b,), jnp.int32))
+            extra_topk=None if extra_indices is None else extra_indices.shape[-1],
+            extra_topk_length=etl))(jnp.zeros((b,), jnp.int32), etl)
         args = (q, pool, indices, _load(folder, "attn_sink"), extra, extra_indices,
                 _load(folder, "extra_topk_length"), md)
         fn = jax.jit(lambda q, kv, i, s, ekv, ei, etl, m: jfm.mla_decode(

@@ -201,11 +201,31 @@ def random_paged_cache(rng, *, b, seqlens, block_size, h_kv, d, num_extra_blocks
 # The split-KV schedule, as plain Python (the algorithm of csrc/kernels/decode/scheduler.cu and of
 # its pure-JAX twin jax_flashmla.ops.metadata.schedule_reference), for checking both.
 
-def schedule(seqlens, num_parts: int, *, tile: int = 64, overhead: int = 5, width: int = 8):
+def live_cost(live, blk: int) -> int:
+    """Live tiles at index >= blk of a sequence whose live tiles are [0, live0) and
+    [start1, start1 + live1) (live = (live0, start1, live1); the rest are skipped by the kernel)."""
+    live0, start1, live1 = (int(x) for x in live)
+    return max(0, live0 - blk) + (live1 if blk <= start1 else max(0, start1 + live1 - blk))
+
+
+def live_advance(live, blk: int, c: int) -> int:
+    """The tile index just past the c-th live tile at index >= blk (0 < c < live_cost(live, blk))."""
+    live0, start1, _ = (int(x) for x in live)
+    first = max(0, live0 - blk)
+    return blk + c if c <= first else max(blk, start1) + c - first
+
+
+def schedule(seqlens, num_parts: int, *, tile: int = 64, overhead: int = 5, width: int = 8,
+             live=None):
+    """live: None (every tile costs one unit) or [b, 3] (live0, start1, live1) per sequence: only
+    live tiles cost, cuts fall after a live tile, and every tile index is still assigned."""
     lens = np.asarray(seqlens, np.int64)
     b = lens.shape[0]
     nb = np.where(lens > 0, (lens + tile - 1) // tile, 0)
-    total = int(np.sum(nb + overhead))
+    if live is None:
+        live = np.stack([nb, nb, np.zeros_like(nb)], axis=1)
+    cost = [live_cost(live[i], 0) for i in range(b)]
+    total = int(np.sum(np.asarray(cost, np.int64) + overhead))
     payload = -(-total // num_parts) + overhead
     meta = np.zeros((num_parts, width), np.int32)
     ns = np.zeros((b + 1,), np.int32)
@@ -214,7 +234,7 @@ def schedule(seqlens, num_parts: int, *, tile: int = 64, overhead: int = 5, widt
         begin = (seq, blk, split)
         remain = 2**30 - 1 if part == num_parts - 1 else payload
         while seq < b:
-            left = nb[seq] - blk
+            left = live_cost(live[seq], blk)
             if remain >= left + overhead:
                 cum += split + 1
                 ns[seq + 1] = cum
@@ -222,7 +242,7 @@ def schedule(seqlens, num_parts: int, *, tile: int = 64, overhead: int = 5, widt
                 seq, blk, split = seq + 1, 0, 0
             else:
                 if remain - overhead > 0:
-                    blk += remain - overhead
+                    blk = live_advance(live[seq], blk, remain - overhead)
                     split += 1
                 break
         end_seq = seq if blk > 0 else seq - 1

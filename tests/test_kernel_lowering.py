@@ -64,6 +64,28 @@ def test_sparse_decode_lowering_with_absent_operands(kernels_on, d_qk, width):
     assert targets(hlo) == ["jax_flashmla_sparse_decode"]
 
 
+def test_weighted_schedule_lowering(kernels_on):
+    """topk lengths reach the scheduler as its live table [b * s_q, 3] (get_mla_metadata, and the
+    sparse op's own schedule when no metadata is passed); without them the table is absent."""
+    b, s_q = 3, 2
+    lens = jnp.zeros((b,), jnp.int32)
+    tl = jnp.zeros((b,), jnp.int32)
+    hlo = cuda_hlo(lambda l, t: tuple(jax_flashmla.get_mla_metadata(
+        l, s_q=s_q, h_q=64, topk=128, extra_topk=64, extra_topk_length=t, implementation="kernel")),
+        lens, tl)
+    assert targets(hlo) == ["jax_flashmla_mla_metadata"] and f"tensor<{b * s_q}x3xi32>" in hlo
+    hlo = cuda_hlo(lambda l: tuple(jax_flashmla.get_mla_metadata(
+        l, s_q=s_q, h_q=64, topk=128, implementation="kernel")), lens)
+    assert f"x3xi32>" not in hlo and "tensor<0xi32>" in hlo
+    q = jnp.zeros((b, s_q, 16, 512), jnp.bfloat16)
+    kv = jnp.zeros((7, 61, 1, 584), jnp.uint8)
+    idx = jnp.zeros((b, s_q, 100), jnp.int32)
+    hlo = cuda_hlo(lambda q, kv, i, t: jax_flashmla.mla_decode(q, kv, indices=i, topk_length=t,
+                                                               implementation="kernel"), q, kv, idx, tl)
+    assert targets(hlo) == ["jax_flashmla_mla_metadata", "jax_flashmla_sparse_decode"]
+    assert f"tensor<{b * s_q}x3xi32>" in hlo
+
+
 def test_sparse_prefill_lowering(kernels_on):
     q = jnp.zeros((9, 16, 512), jnp.bfloat16)
     kv = jnp.zeros((40, 1, 512), jnp.bfloat16)

@@ -56,6 +56,66 @@ def test_schedule_twin_and_coverage(rng, b, parts):
         assert want_ns[-1] <= b + parts  # the workspace holds b + num_sm_parts slots
 
 
+@pytest.mark.parametrize("b,s_q,parts,topk,extra", [(2, 2, 66, 128, 1024), (64, 2, 66, 2048, None),
+                                                     (128, 1, 132, 128, 512), (5, 3, 7, 100, 70),
+                                                     (300, 1, 16, 64, 64)])
+def test_live_weighted_schedule(rng, b, s_q, parts, topk, extra):
+    """topk_length / extra_topk_length weigh the sparse schedule by the tiles each token attends:
+    the twin equals the oracle, every tile index (dead ones included) is still covered exactly
+    once, and the parts' live work is even where the unweighted schedule's is not."""
+    for trial in range(3):
+        tl = rng.integers(0, topk + 1, size=b).astype(np.int32)
+        etl = None if extra is None else rng.integers(0, extra + 1, size=b).astype(np.int32)
+        if trial == 1:
+            tl[::2] = 0
+        if trial == 2:
+            tl = None if extra is not None else np.full(b, topk + 7, np.int32)  # clamps
+        if tl is None and etl is None:
+            continue
+        sched = M.sparse_schedule(s_q=s_q, h_q=64, topk=topk, extra_topk=extra, num_sms=parts)
+        live = np.asarray(M.sparse_live(sched, None if tl is None else jnp.asarray(tl),
+                                        None if etl is None else jnp.asarray(etl)))
+        lens = np.full(b * s_q, M.sparse_positions(topk, extra), np.int32)
+        want_meta, want_ns = oracle.schedule(lens, sched.num_parts, live=live)
+        got = jax_flashmla.get_mla_metadata(jnp.zeros((b,), jnp.int32), s_q=s_q, h_q=64, topk=topk,
+                                            extra_topk=extra, num_sms=parts,
+                                            topk_length=None if tl is None else jnp.asarray(tl),
+                                            extra_topk_length=None if etl is None else jnp.asarray(etl))
+        np.testing.assert_array_equal(np.asarray(got.tile_scheduler_metadata), want_meta)
+        np.testing.assert_array_equal(np.asarray(got.num_splits), want_ns)
+        cover, chunks = _coverage(lens, want_meta, want_ns)
+        assert all((c == 1).all() for c in cover), "a tile is missed or assigned twice"
+        np.testing.assert_array_equal(chunks, np.diff(want_ns))
+        # Live work per part, against the unweighted schedule's.
+        def part_work(meta):
+            work = []
+            for bs, bb, es, eb, *_ in meta:
+                w = 0
+                for q in range(bs, es + 1):
+                    lo = bb if q == bs else 0
+                    hi = eb if q == es else -(-lens[q] // 64)
+                    w += oracle.live_cost(live[q], lo) - oracle.live_cost(live[q], hi)
+                work.append(w)
+            return np.asarray(work)
+        weighted = part_work(want_meta)
+        plain = part_work(oracle.schedule(lens, sched.num_parts)[0])
+        assert weighted.sum() == plain.sum() == sum(oracle.live_cost(x, 0) for x in live)
+        assert weighted.max() <= plain.max()
+        payload = -(-int(sum(oracle.live_cost(x, 0) + 5 for x in live)) // sched.num_parts) + 5
+        assert weighted[:-1].max(initial=0) <= payload
+
+
+def test_live_lengths_are_checked():
+    lens = jnp.zeros((4,), jnp.int32)
+    with pytest.raises(ValueError, match=r"topk_length: expected int32 \[b\]"):
+        jax_flashmla.get_mla_metadata(lens, h_q=64, topk=128, topk_length=jnp.zeros((3,), jnp.int32))
+    with pytest.raises(ValueError, match="extra_topk_length: expected None unless extra_topk"):
+        jax_flashmla.get_mla_metadata(lens, h_q=64, topk=128,
+                                      extra_topk_length=jnp.zeros((4,), jnp.int32))
+    with pytest.raises(ValueError, match="topk_length: expected None unless topk"):
+        jax_flashmla.get_mla_metadata(lens, h_q=64, topk_length=jnp.zeros((4,), jnp.int32))
+
+
 def test_get_mla_metadata_shapes_and_parts():
     lens = jnp.asarray([5, 0, 700], jnp.int32)
     meta = jax_flashmla.get_mla_metadata(lens, s_q=1, h_q=128, h_kv=1, num_sms=132)

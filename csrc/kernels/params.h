@@ -38,6 +38,10 @@ struct ScheduleRow {
 
 struct ScheduleParams {
   const int32_t* seqlens;            // [num_seqs] tokens per sequence (sparse: built in Python)
+  // [num_seqs, 3] or null: (live0, start1, live1) per sequence; only its live tiles [0, live0) and
+  // [start1, start1 + live1) cost (sparse decode with topk_length / extra_topk_length; the kernel
+  // skips the others). Null: every tile is live.
+  const int32_t* live;
   int num_seqs;
   int num_sm_parts;
   int32_t* tile_scheduler_metadata;  // [num_sm_parts, kMetaInts]

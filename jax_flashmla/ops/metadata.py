@@ -97,13 +97,53 @@ def schedule_lengths(schedule: Schedule, cache_seqlens):
     return jnp.repeat(cache_seqlens * 0 + length, schedule.s_q)
 
 
-def schedule_reference(seqlens, num_parts: int) -> MLAMetadata:
-    """Pure-JAX twin of the scheduler kernel (same integers)."""
+def sparse_live(schedule: Schedule, topk_length=None, extra_topk_length=None):
+    """The live tiles of each query token, int32 [b * s_q, 3] = (live0, start1, live1) for the
+    scheduler, from topk_length / extra_topk_length [b] (None: every position of that pool): the
+    first pool's tiles [0, live0) and the second's [start1, start1 + live1) hold the positions a
+    call attends; the sparse kernel skips the others, so a schedule made from this balances the
+    work each part really does. None when neither length is given."""
+    if topk_length is None and extra_topk_length is None:
+        return None
+    tile = limits.TILE_TOKENS
+    tiles0 = -(-schedule.topk // tile)
+
+    def live_tiles(length, topk):
+        length = jnp.clip(jnp.asarray(length, jnp.int32), 0, topk)
+        return (length + tile - 1) // tile
+
+    b = (topk_length if topk_length is not None else extra_topk_length).shape[0]
+    live0 = (live_tiles(topk_length, schedule.topk) if topk_length is not None
+             else jnp.full((b,), tiles0, jnp.int32))
+    extra = schedule.extra_topk or 0
+    live1 = (live_tiles(extra_topk_length, extra) if extra_topk_length is not None
+             else jnp.full((b,), -(-extra // tile), jnp.int32))
+    live = jnp.stack([live0, jnp.full((b,), tiles0, jnp.int32), live1], axis=1)
+    return jnp.repeat(live, schedule.s_q, axis=0)
+
+
+def schedule_reference(seqlens, num_parts: int, live=None) -> MLAMetadata:
+    """Pure-JAX twin of the scheduler kernel (same integers). live: None, or int32 [b, 3]
+    (live0, start1, live1) per sequence: only its live tiles [0, live0) and [start1, start1 +
+    live1) cost (sparse decode with topk_length / extra_topk_length; tests/oracle.py)."""
     b = seqlens.shape[0]
     lens = seqlens.astype(jnp.int32)
     tile, overhead = limits.TILE_TOKENS, limits.FIXED_OVERHEAD
     nb = jnp.where(lens > 0, lens // tile + (lens % tile != 0), 0).astype(jnp.int32)  # no overflow
-    total = jnp.sum(nb + overhead)
+    if live is None:
+        live0, start1, live1 = nb, nb, jnp.zeros_like(nb)
+    else:
+        live0, start1, live1 = (live[:, i].astype(jnp.int32) for i in range(3))
+
+    def live_cost(i, blk):
+        return (jnp.maximum(live0[i] - blk, 0)
+                + jnp.where(blk <= start1[i], live1[i], jnp.maximum(start1[i] + live1[i] - blk, 0)))
+
+    def live_advance(i, blk, c):
+        first = jnp.maximum(live0[i] - blk, 0)
+        return jnp.where(c <= first, blk + c, jnp.maximum(blk, start1[i]) + c - first)
+
+    total = jnp.sum(live_cost(jnp.arange(b), 0) + overhead)
     payload = (total + num_parts - 1) // num_parts + overhead
     big = jnp.int32(2**30 - 1)
 
@@ -117,13 +157,14 @@ def schedule_reference(seqlens, num_parts: int) -> MLAMetadata:
 
         def body(c):
             seq, blk, split, cum, ns, remain, _ = c
-            left = nb[jnp.minimum(seq, b - 1)] - blk
+            i = jnp.minimum(seq, b - 1)
+            left = live_cost(i, blk)
             fits = remain >= left + overhead
             new_cum = cum + split + 1
             ns = jnp.where(fits, ns.at[seq + 1].set(new_cum), ns)
             take = remain - overhead
             return (jnp.where(fits, seq + 1, seq),
-                    jnp.where(fits, 0, jnp.where(take > 0, blk + take, blk)),
+                    jnp.where(fits, 0, jnp.where(take > 0, live_advance(i, blk, take), blk)),
                     jnp.where(fits, 0, jnp.where(take > 0, split + 1, split)),
                     jnp.where(fits, new_cum, cum),
                     ns,
@@ -154,16 +195,16 @@ def schedule_reference(seqlens, num_parts: int) -> MLAMetadata:
 class MetadataConfig:
     num_parts: int
     implementation: str | None
-    present: tuple[str, ...] = ("seqlens",)
+    present: tuple[str, ...] = ("seqlens",)   # + "live" (sparse_live) when bound
 
 
-def _abstract_eval(seqlens, *, config: MetadataConfig):
+def _abstract_eval(seqlens, *live, config: MetadataConfig):
     return (jax.core.ShapedArray((config.num_parts, limits.META_INTS), jnp.int32),
             jax.core.ShapedArray((seqlens.shape[0] + 1,), jnp.int32))
 
 
-def _reference(seqlens, *, config: MetadataConfig):
-    return tuple(schedule_reference(seqlens, config.num_parts))
+def _reference(seqlens, *live, config: MetadataConfig):
+    return tuple(schedule_reference(seqlens, config.num_parts, *live))
 
 
 def _batching(args, dims, *, config: MetadataConfig):
@@ -175,15 +216,21 @@ mla_metadata_p = _primitive.define_primitive(
     batching_rule=_batching, kernels=(scheduler,), op_name="get_mla_metadata")
 
 
-def compute_schedule(schedule: Schedule, cache_seqlens, implementation=None) -> MLAMetadata:
-    """Bind the scheduler for ``schedule`` (also used by the ops when no metadata is passed)."""
-    config = MetadataConfig(num_parts=schedule.num_parts, implementation=implementation)
-    tiles, splits = mla_metadata_p.bind(schedule_lengths(schedule, cache_seqlens), config=config)
+def compute_schedule(schedule: Schedule, cache_seqlens, implementation=None,
+                     live=None) -> MLAMetadata:
+    """Bind the scheduler for ``schedule`` (also used by the ops when no metadata is passed);
+    live: None or sparse_live's table."""
+    present = ("seqlens",) if live is None else ("seqlens", "live")
+    config = MetadataConfig(num_parts=schedule.num_parts, implementation=implementation,
+                            present=present)
+    operands = (schedule_lengths(schedule, cache_seqlens),) + (() if live is None else (live,))
+    tiles, splits = mla_metadata_p.bind(*operands, config=config)
     return MLAMetadata(tiles, splits, schedule)
 
 
 def get_mla_metadata(cache_seqlens, *, s_q: int = 1, h_q: int, h_kv: int = 1, causal: bool = False,
                      topk: int | None = None, extra_topk: int | None = None,
+                     topk_length=None, extra_topk_length=None,
                      num_sms: int | None = None,
                      implementation: str | None = None) -> MLAMetadata:
     """The split-KV schedule of one decoding step, for every ``mla_decode`` call of that step
@@ -192,7 +239,11 @@ def get_mla_metadata(cache_seqlens, *, s_q: int = 1, h_q: int, h_kv: int = 1, ca
     Dense decode: ``cache_seqlens`` [b] int32; ``causal`` does not change the schedule (a causal
     window ends at the sequence's end). Sparse decode: pass ``topk`` (indices.shape[-1]) and, with a
     second pool, ``extra_topk`` (extra_indices.shape[-1]); only the batch size of cache_seqlens is
-    read then. ``implementation="reference"`` forces the pure-JAX twin also on a GPU.
+    read then. Sparse decode with ``topk_length`` / ``extra_topk_length`` ([b] int32, the calls'
+    own): pass them here too and the schedule weighs each token by the positions it attends, not
+    by topk (the kernel skips the rest); any schedule covers every position, so one made from
+    other lengths (or none) gives the same result, only less evenly spread.
+    ``implementation="reference"`` forces the pure-JAX twin also on a GPU.
     """
     del causal
     _primitive.check_implementation("get_mla_metadata", implementation)
@@ -217,4 +268,18 @@ def get_mla_metadata(cache_seqlens, *, s_q: int = 1, h_q: int, h_kv: int = 1, ca
             _primitive.fail("get_mla_metadata", "h_kv", "1 for sparse decode (topk given)", h_kv)
         schedule = sparse_schedule(s_q=s_q, h_q=h_q, topk=topk, extra_topk=extra_topk,
                                    num_sms=num_sms)
-    return compute_schedule(schedule, cache_seqlens, implementation)
+    b = cache_seqlens.shape[0]
+    for name, value, pool_topk in (("topk_length", topk_length, topk),
+                                   ("extra_topk_length", extra_topk_length, extra_topk)):
+        if value is None:
+            continue
+        if topk is None or pool_topk is None:
+            _primitive.fail("get_mla_metadata", name,
+                            f"None unless {'topk' if name == 'topk_length' else 'extra_topk'} is "
+                            "given (sparse decode)", "an array")
+        value = jnp.asarray(value)
+        if value.shape != (b,) or value.dtype != jnp.int32:
+            _primitive.fail("get_mla_metadata", name, f"int32 [b] = int32 ({b},), as cache_seqlens",
+                            f"{value.dtype} {tuple(value.shape)}")
+    live = (sparse_live(schedule, topk_length, extra_topk_length) if topk is not None else None)
+    return compute_schedule(schedule, cache_seqlens, implementation, live)

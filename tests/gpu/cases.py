@@ -210,21 +210,24 @@ def sparse_decode_case(seed, *, b, s_q, h_q, d_qk, fmt, topk, page, extra_topk=N
     return q, kv, args
 
 
-def run_sparse_decode(q, kv, args, *, implementation="kernel", with_meta=True):
+def run_sparse_decode(q, kv, args, *, implementation="kernel", with_meta=True, meta_lengths=None):
+    """meta_lengths (with_meta): None, or dict(topk_length=..., extra_topk_length=...) for
+    get_mla_metadata (a schedule weighted by those lengths, the call's own or others)."""
     b, s_q, h_q, _ = q.shape
     poison((b, s_q, h_q, D_V), q.dtype)
     poison((b, h_q, s_q), jnp.float32)
     names = sorted(k for k, v in args.items() if v is not None)
 
-    def f(q, kv, *vals):
+    def f(q, kv, meta_lengths, *vals):
         kw = dict(zip(names, vals))
         if with_meta:
             kw["metadata"] = jax_flashmla.get_mla_metadata(
                 jnp.zeros((b,), jnp.int32), s_q=s_q, h_q=h_q, topk=kw["indices"].shape[-1],
-                extra_topk=kw["extra_indices"].shape[-1] if "extra_indices" in kw else None)
+                extra_topk=kw["extra_indices"].shape[-1] if "extra_indices" in kw else None,
+                **(meta_lengths or {}))
         return jax_flashmla.mla_decode(q, kv, implementation=implementation, **kw)
 
-    out, lse = jax.jit(f)(q, kv, *(args[n] for n in names))
+    out, lse = jax.jit(f)(q, kv, meta_lengths, *(args[n] for n in names))
     return np.asarray(out.astype(jnp.float32)), np.asarray(lse)
 
 

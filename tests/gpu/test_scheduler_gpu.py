@@ -46,6 +46,30 @@ def test_sparse_schedule_kernel(b, s_q, topk, extra):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
 
 
+@pytest.mark.parametrize("b,s_q,topk,extra", [(2, 2, 2048, 1024), (64, 2, 128, 1024), (300, 1, 100, None),
+                                            (7, 4, 1, 5)])
+def test_sparse_schedule_kernel_weighted(b, s_q, topk, extra):
+    """The scheduler kernel's schedule weighted by topk lengths (its live table) equals the twin's
+    and the oracle's."""
+    rng = np.random.default_rng(b + topk)
+    lengths = dict(topk_length=jnp.asarray(rng.integers(-2, topk + 3, b), jnp.int32))
+    if extra is not None:
+        lengths["extra_topk_length"] = jnp.asarray(rng.integers(0, extra + 1, b), jnp.int32)
+    lens = jnp.zeros((b,), jnp.int32)
+    got = [jax_flashmla.get_mla_metadata(lens, s_q=s_q, h_q=128, topk=topk, extra_topk=extra,
+                                         implementation=impl, **lengths)
+           for impl in ("kernel", "reference")]
+    for a, c in zip(*got):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+    from jax_flashmla.ops import metadata as M
+    sched = got[1].schedule
+    live = np.asarray(M.sparse_live(sched, lengths["topk_length"], lengths.get("extra_topk_length")))
+    seqlens = np.full(b * s_q, M.sparse_positions(topk, extra), np.int32)
+    want_meta, want_ns = oracle.schedule(seqlens, sched.num_parts, live=live)
+    np.testing.assert_array_equal(np.asarray(got[0].tile_scheduler_metadata), want_meta)
+    np.testing.assert_array_equal(np.asarray(got[0].num_splits), want_ns)
+
+
 def test_combine_kernels_agree_bitwise(tmp_path):
     """The two split-KV combine kernels (csrc/kernels/decode/combine.cu: the default and
     JFM_KERNEL_VARIANT=combine2) do the same arithmetic in the same order: a step whose sequences

@@ -94,6 +94,25 @@ def test_v4_pairs_by_default(n, b, s_q, h_q, topk, page, extra_topk, extra_page,
     check(out, lse, ref_out, ref_lse)
 
 
+@pytest.mark.parametrize("fmt,d_qk,h_q,b,s_q", [("fp8", 512, 128, 16, 2), ("fp8", 576, 64, 9, 1),
+                                                 ("bf16", 576, 16, 5, 3)])
+def test_schedule_weighted_by_lengths(fmt, d_qk, h_q, b, s_q):
+    """A schedule weighted by topk_length / extra_topk_length (get_mla_metadata) matches the
+    reference, whether made from the call's own lengths or from others (any schedule covers every
+    position; the lengths only spread the work)."""
+    q, kv, args = sparse_decode_case(77 + h_q, b=b, s_q=s_q, h_q=h_q, d_qk=d_qk, fmt=fmt, topk=512,
+                                     page=64, extra_topk=1024, extra_page=2, with_lengths=True,
+                                     sink="random")
+    ref_out, ref_lse = run_sparse_decode(q, kv, args, implementation="reference", with_meta=False)
+    own = dict(topk_length=args["topk_length"], extra_topk_length=args["extra_topk_length"])
+    rng = np.random.default_rng(5)
+    other = dict(topk_length=jnp.asarray(rng.integers(0, 513, b), jnp.int32),
+                 extra_topk_length=jnp.asarray(rng.integers(0, 1025, b), jnp.int32))
+    for lengths in (own, other, dict(extra_topk_length=own["extra_topk_length"])):
+        out, lse = run_sparse_decode(q, kv, args, meta_lengths=lengths)
+        check(out, lse, ref_out, ref_lse)
+
+
 def test_kernel_is_in_the_compiled_module():
     q, kv, args = sparse_decode_case(5, b=2, s_q=1, h_q=16, d_qk=576, fmt="fp8", topk=64, page=64)
     hlo = jax.jit(lambda q, kv, i: jax_flashmla.mla_decode(q, kv, indices=i,

@@ -1,5 +1,6 @@
 """The split-KV scheduler kernel (csrc/kernels/decode/scheduler.cu, handler csrc/ffi/metadata.cu):
-lengths [num_seqs] -> tile_scheduler_metadata [num_parts, META_INTS], num_splits [num_seqs + 1]."""
+lengths [num_seqs] (and optionally the live tiles [num_seqs, 3]) -> tile_scheduler_metadata
+[num_parts, META_INTS], num_splits [num_seqs + 1]."""
 from __future__ import annotations
 
 import jax
@@ -19,12 +20,12 @@ def unsupported_reason(config, avals_in) -> str | None:
     return None
 
 
-def call(seqlens, num_parts: int):
+def call(seqlens, num_parts: int, live=None):
     """The scheduler as a JAX function (also used by the decode kernels when no metadata is
-    passed)."""
+    passed). live: None or int32 [num_seqs, 3] (ops/metadata.py, sparse_live)."""
     out = (jax.ShapeDtypeStruct((num_parts, limits.META_INTS), jnp.int32),
            jax.ShapeDtypeStruct((seqlens.shape[0] + 1,), jnp.int32))
-    return jax.ffi.ffi_call(TARGET, out)(seqlens)
+    return jax.ffi.ffi_call(TARGET, out)(seqlens, _ffi_call.absent() if live is None else live)
 
 
-lower = _ffi_call.lowering(lambda config, seqlens: call(seqlens, config.num_parts))
+lower = _ffi_call.lowering(lambda config, seqlens, live=None: call(seqlens, config.num_parts, live))

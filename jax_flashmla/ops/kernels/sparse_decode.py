@@ -50,7 +50,8 @@ def _impl(config, *arrays):
         schedule = _meta.sparse_schedule(s_q=s_q, h_q=h_q, topk=ops["indices"].shape[-1],
                                          extra_topk=extra)
         lens = jnp.full((b * s_q,), _meta.sparse_positions(schedule.topk, extra), jnp.int32)
-        tiles, splits = scheduler.call(lens, schedule.num_parts)
+        live = _meta.sparse_live(schedule, ops.get("topk_length"), ops.get("extra_topk_length"))
+        tiles, splits = scheduler.call(lens, schedule.num_parts, live)
     get = lambda name, dtype=jnp.int32: ops[name] if name in ops else _ffi_call.absent(dtype)
     out_types = (jax.ShapeDtypeStruct((b, s_q, h_q, limits.D_V), q.dtype),
                  jax.ShapeDtypeStruct((b, h_q, s_q), jnp.float32),

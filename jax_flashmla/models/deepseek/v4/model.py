@@ -431,11 +431,16 @@ def _decode_attention(attn: Attention, x, t, active, rope, pages, tables, i, met
                      extra_topk_length=ecount)
         upd["state"] = st
     if isinstance(metadata, dict):
-        key = (indices.shape[-1], extra["extra_indices"].shape[-1] if extra else None)
+        # The HCA layers' compressed lists end at extra_topk_length: their schedule weighs each
+        # sequence by the entries it attends (get_mla_metadata), so it is kept apart from the
+        # CSA layers' of the same shapes.
+        etl = extra.get("extra_topk_length") if extra else None
+        key = (indices.shape[-1], extra["extra_indices"].shape[-1] if extra else None, etl is not None)
         if key not in metadata:
             with jax.named_scope("mla_metadata"):
                 metadata[key] = jfm.get_mla_metadata(t + 1, s_q=1, h_q=c.num_attention_heads,
-                                                     topk=key[0], extra_topk=key[1])
+                                                     topk=key[0], extra_topk=key[1],
+                                                     extra_topk_length=etl)
         metadata = metadata[key]
     adt = _attn_dtype(win_pool)
     sinks = attn.sinks[...].astype(F32)
