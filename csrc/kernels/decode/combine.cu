@@ -35,25 +35,35 @@ __device__ __forceinline__ void store4<__half>(__half* dst, float4 v) {
   *reinterpret_cast<uint2*>(dst) = u;
 }
 
+// The CTA's (sequence, row): its partial-result slots [base, base + nsplit), the sequence's rows
+// in the workspace, and the query token / head the row is.
+struct CombineRow {
+  RowMap map;
+  int seq, row, base, nsplit, rows, s_local, head;
+  __device__ __forceinline__ explicit CombineRow(const CombineParams& p)
+      : map{p.tokens_per_seq, p.s_q, p.h_q, p.h_q / p.h_kv}, seq(blockIdx.x), row(blockIdx.y) {
+    base = p.num_splits[seq];
+    nsplit = p.num_splits[seq + 1] - base;
+    rows = map.rows_per_seq();
+    const int rows_per_kv = p.tokens_per_seq * map.hpk;
+    const int hk = row / rows_per_kv, grow = row % rows_per_kv;
+    s_local = grow / map.hpk;
+    head = hk * map.hpk + grow % map.hpk;
+  }
+};
+
 template <typename T>
 __global__ void __launch_bounds__(128) combine_kernel(const CombineParams p) {
   static_assert(kDv == 128 * 4, "one float4 per thread");
-  const int seq = blockIdx.x;
-  const int row = blockIdx.y;
-  const int base = p.num_splits[seq];
-  const int nsplit = p.num_splits[seq + 1] - base;
-  if (nsplit <= 1) return;
-  const RowMap map{p.tokens_per_seq, p.s_q, p.h_q, p.h_q / p.h_kv};
-  const int rows = map.rows_per_seq();
-  const int rows_per_kv = p.tokens_per_seq * map.hpk;
-  const int hk = row / rows_per_kv, grow = row % rows_per_kv;
-  const int s_local = grow / map.hpk, head = hk * map.hpk + grow % map.hpk;
+  const CombineRow c(p);
+  if (c.nsplit <= 1) return;
+  const int base = c.base, nsplit = c.nsplit, rows = c.rows, row = c.row, head = c.head;
 
   float mx = -INFINITY;
   for (int k = 0; k < nsplit; ++k)
     mx = fmaxf(mx, p.lse_accum[static_cast<size_t>(base + k) * rows + row]);
-  T* out = reinterpret_cast<T*>(p.out) + map.out_row(seq, s_local, head) * kDv + threadIdx.x * 4;
-  float* lse_out = p.lse + map.lse_index(seq, s_local, head);
+  T* out = reinterpret_cast<T*>(p.out) + c.map.out_row(c.seq, c.s_local, head) * kDv + threadIdx.x * 4;
+  float* lse_out = p.lse + c.map.lse_index(c.seq, c.s_local, head);
   if (mx == -INFINITY) {  // nothing attended in any chunk
     store4<T>(out, make_float4(0.f, 0.f, 0.f, 0.f));
     if (threadIdx.x == 0) *lse_out = INFINITY;
@@ -87,16 +97,9 @@ __global__ void __launch_bounds__(128, 1) combine_wide_kernel(const CombineParam
   static_assert(kDv == 128 * 4, "one float4 per thread");
   __shared__ float weight[kWideChunk];
   __shared__ float row_lse;
-  const int seq = blockIdx.x;
-  const int row = blockIdx.y;
-  const int base = p.num_splits[seq];
-  const int nsplit = p.num_splits[seq + 1] - base;
-  if (nsplit <= 1) return;
-  const RowMap map{p.tokens_per_seq, p.s_q, p.h_q, p.h_q / p.h_kv};
-  const int rows = map.rows_per_seq();
-  const int rows_per_kv = p.tokens_per_seq * map.hpk;
-  const int hk = row / rows_per_kv, grow = row % rows_per_kv;
-  const int s_local = grow / map.hpk, head = hk * map.hpk + grow % map.hpk;
+  const CombineRow c(p);
+  if (c.nsplit <= 1) return;
+  const int base = c.base, nsplit = c.nsplit, rows = c.rows, row = c.row, head = c.head;
   const float* lse_of = p.lse_accum + static_cast<size_t>(base) * rows + row;  // split k: [k * rows]
   const int lane = threadIdx.x & 31;
   const bool stats = threadIdx.x < 32;  // warp 0 computes the weights
@@ -122,8 +125,8 @@ __global__ void __launch_bounds__(128, 1) combine_wide_kernel(const CombineParam
       row_lse = INFINITY;  // nothing attended in any chunk
     }
   }
-  T* out = reinterpret_cast<T*>(p.out) + map.out_row(seq, s_local, head) * kDv + threadIdx.x * 4;
-  float* lse_out = p.lse + map.lse_index(seq, s_local, head);
+  T* out = reinterpret_cast<T*>(p.out) + c.map.out_row(c.seq, c.s_local, head) * kDv + threadIdx.x * 4;
+  float* lse_out = p.lse + c.map.lse_index(c.seq, c.s_local, head);
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
   const float* o_of = p.o_accum + (static_cast<size_t>(base) * rows + row) * kDv + threadIdx.x * 4;
   const size_t split_stride = static_cast<size_t>(rows) * kDv;  // one split's partial rows
