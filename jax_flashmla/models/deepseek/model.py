@@ -201,11 +201,14 @@ class DeepseekForCausalLM(nnx.Module):
         cos_sin = rope_cos_sin(c, pos)
         if metadata is None:
             with jax.named_scope("mla_metadata"):
+                topk = (sparse_decode_topk(c, block_table.shape[1] * pages.kv[0].shape[1])
+                        if c.is_v32 else None)
+                # V3.2: a sequence attends min(its length, topk) positions (the layers' topk_length),
+                # and the schedule is spread by that.
                 metadata = jfm.get_mla_metadata(new_lens, s_q=s, h_q=c.num_attention_heads, h_kv=1,
-                                                causal=s > 1 and not c.is_v32,
-                                                topk=sparse_decode_topk(
-                                                    c, block_table.shape[1] * pages.kv[0].shape[1])
-                                                if c.is_v32 else None)
+                                                causal=s > 1 and not c.is_v32, topk=topk,
+                                                topk_length=None if topk is None
+                                                else jnp.minimum(new_lens, topk))
         kv, idx = list(pages.kv), list(pages.index_k) or [None] * len(pages.kv)
         for i, layer in enumerate(self.model.layers):
             with jax.named_scope(f"layer_{i}"):
