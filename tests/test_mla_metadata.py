@@ -275,7 +275,8 @@ def _extension_in_child(code, *argv, variant=None):
 
 
 @pytest.mark.parametrize("asked,want", [(None, "ws"), ("v1", "v1"), ("pair", "pair"),
-                                        ("combine2", "combine2"), ("overlap", "ws"),
+                                        ("combine2", "combine2"), ("v4load16", "v4load16"),
+                                        ("overlap", "ws"),
                                         ("next", "ws"), ("ws", "ws"), ("bogus", "ws")])
 def test_kernel_variant_switch(asked, want):
     """JFM_KERNEL_VARIANT picks the dense / sparse kernel generation once per process

@@ -71,5 +71,5 @@ PYBIND11_MODULE(_jax_flashmla_cuda, m) {
       "the warp-specialized math the sparse kernel takes for a call of this shape (before the "
       "launch-time fallback of CTA pairs that cannot all be resident at once)");
   m.def("kernel_variant", []() { return std::string(jfm::kernel_variant_name()); },
-        "the decode kernels this process runs: 'ws' (the default), 'v1', 'pair' or 'combine2' (JFM_KERNEL_VARIANT)");
+        "the decode kernels this process runs: 'ws' (the default), 'v1', 'pair', 'combine2' or 'v4load16' (JFM_KERNEL_VARIANT)");
 }

@@ -124,6 +124,10 @@ struct SparsePool {
   const int32_t* indices;        // [num_tokens, topk] flat rows (-1 / out of range: none)
   const int32_t* topk_length;    // [batch] or null: only the first topk_length[b] count
   int topk;
+  // FP8 V4 pools with an even block_size and 16-byte aligned data: every record is 16-byte
+  // aligned, and the producers read its NoPE / RoPE bytes 16 at a time, not 8
+  // (JFM_KERNEL_VARIANT=v4load16 sets it, until measured; sparse/common.cuh StageV4).
+  bool load16;
 };
 
 // num_tokens = batch * s_q query tokens, each attending its own rows of pool 0 then pool 1 under

@@ -195,24 +195,48 @@ struct StageV32 {
 // blk * bs * 584 + 576 tt, 7 e8m0 scales at blk * bs * 584 + 576 bs + 8 tt. Only 8-byte alignment
 // is guaranteed (584 * bs need not be a multiple of 16), so the loads are 8 bytes wide.
 struct StageV4 {
-  uint2 nope[14];  // 8-byte pieces 4k + j of the NoPE bytes
+  uint2 nope[14];  // 8-byte pieces of the NoPE bytes: piece(k) (below)
   uint2 scales;    // 7 e8m0 exponents + pad
-  uint2 rope[4];   // RoPE pieces j, 4 + j, 8 + j, 12 + j (4 bf16 each)
+  uint2 rope[4];   // 8-byte pieces of the RoPE bytes (4 bf16 each): piece(k)
   bool valid;
+  bool wide;       // this row was read 16 bytes at a time (SparsePool::load16)
   int j_;
+
+  // The 8-byte piece register k holds: pieces 4k + j read 8 bytes at a time (each 8-byte run of
+  // the 4 threads of a row contiguous), or, 16 at a time, pieces 8 (k / 2) + 2j + k % 2. Either
+  // way the piece's scale tile is k / 2 (NoPE: 8 pieces of 8 values per tile of 64).
+  __device__ __forceinline__ int piece(int k) const {
+    return wide ? 8 * (k >> 1) + 2 * j_ + (k & 1) : 4 * k + j_;
+  }
 
   template <bool kHint = false>
   __device__ __forceinline__ void fetch(const SparsePool& pool, int64_t row) {
     valid = row >= 0;
+    wide = pool.load16;
     const int64_t r = valid ? row : 0;
     const int64_t blk = r / pool.block_size, tt = r - blk * pool.block_size;
     const uint8_t* block = pool.data + blk * pool.block_size * 584;
     const uint8_t* rec = block + 576 * tt;
+    if (wide) {
 #pragma unroll
-    for (int k = 0; k < 14; ++k) nope[k] = valid ? ld_nc_8<kHint>(rec + 8 * (4 * k + j_)) : make_uint2(0, 0);
+      for (int k = 0; k < 7; ++k) {
+        const uint4 v = valid ? ld_nc_16<kHint>(rec + 16 * (4 * k + j_)) : make_uint4(0, 0, 0, 0);
+        nope[2 * k] = make_uint2(v.x, v.y);
+        nope[2 * k + 1] = make_uint2(v.z, v.w);
+      }
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const uint4 v = valid ? ld_nc_16<kHint>(rec + 448 + 16 * (4 * k + j_)) : make_uint4(0, 0, 0, 0);
+        rope[2 * k] = make_uint2(v.x, v.y);
+        rope[2 * k + 1] = make_uint2(v.z, v.w);
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < 14; ++k) nope[k] = valid ? ld_nc_8<kHint>(rec + 8 * (4 * k + j_)) : make_uint2(0, 0);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) rope[k] = valid ? ld_nc_8<kHint>(rec + 448 + 8 * (4 * k + j_)) : make_uint2(0, 0);
+    }
     scales = valid ? ld_nc_8<kHint>(block + 576 * static_cast<int64_t>(pool.block_size) + 8 * tt) : make_uint2(0, 0);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) rope[k] = valid ? ld_nc_8<kHint>(rec + 448 + 8 * (4 * k + j_)) : make_uint2(0, 0);
   }
   static constexpr uint32_t kThreadBytes = 512 * 2 / 4;
   // As StageV32::emit; put8 for the 8-byte RoPE pieces.
@@ -221,15 +245,15 @@ struct StageV4 {
     using S = TileSmem<512>;
 #pragma unroll
     for (int k = 0; k < 14; ++k) {
-      const int piece = 4 * k + j_;        // fp8 values [8 piece, +8) = bf16 chunk `piece`
-      const int tile_idx = k >> 1;         // (8 piece) / 64
+      const int c = piece(k);              // fp8 values [8 c, +8) = bf16 chunk c
+      const int tile_idx = k >> 1;         // (8 c) / 64
       const uint32_t e = ((tile_idx < 4 ? scales.x >> (8 * tile_idx) : scales.y >> (8 * (tile_idx - 4)))) & 0xffu;
       const float s = __uint_as_float(e << 23);  // 2 ** (e - 127)
-      put16(S::chunk_off(t, piece), fp8x8_to_bf16x8(nope[k], s));
+      put16(S::chunk_off(t, c), fp8x8_to_bf16x8(nope[k], s));
     }
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const int q = 4 * k + j_;            // bf16 RoPE values [448 + 4 q, +4)
+      const int q = piece(k);              // bf16 RoPE values [448 + 4 q, +4)
       put8(S::chunk_off(t, 56 + (q >> 1)) + (q & 1) * 8, rope[k]);
     }
   }
