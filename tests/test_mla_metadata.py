@@ -274,6 +274,37 @@ def _extension_in_child(code, *argv, variant=None):
     return out, module
 
 
+def test_scheduler_kernel_fill_on_the_host(rng):
+    """The scheduler kernel's fill (csrc/kernels/decode/schedule_fill.h, the code its thread 0
+    runs) built for the host into the extension: the same integers as the oracle on random dense
+    lengths and on sparse steps weighted by topk lengths. Runs where the extension is built (CI
+    compiles it); the GPU tests check the kernel itself."""
+    try:
+        module = importlib.import_module("jax_flashmla._jax_flashmla_cuda")
+    except ImportError:
+        pytest.skip("the CUDA extension is not built here")
+    for trial in range(120):
+        b, parts = int(rng.integers(1, 80)), int(rng.integers(1, 140))
+        if trial % 2:
+            lens, live = rng.integers(0, 20000, b).astype(np.int32), None
+            if trial % 3 == 1:
+                lens[::3] = 0
+        else:
+            s_q, topk = int(rng.integers(1, 4)), int(rng.integers(1, 3000))
+            extra = int(rng.integers(1, 1500)) if trial % 4 else None
+            sched = M.sparse_schedule(s_q=s_q, h_q=64, topk=topk, extra_topk=extra, num_sms=parts)
+            tl = jnp.asarray(rng.integers(-3, topk + 5, b), jnp.int32)
+            etl = jnp.asarray(rng.integers(0, extra + 1, b), jnp.int32) if extra else None
+            live = np.asarray(M.sparse_live(sched, tl, etl))
+            lens = np.full(b * s_q, M.sparse_positions(topk, extra), np.int32)
+            parts = sched.num_parts
+        meta, ns = module.schedule_host(lens.tolist(), parts,
+                                        [] if live is None else live.reshape(-1).tolist())
+        want_meta, want_ns = oracle.schedule(lens, parts, live=live)
+        np.testing.assert_array_equal(np.asarray(meta, np.int32).reshape(parts, -1), want_meta)
+        np.testing.assert_array_equal(np.asarray(ns, np.int32), want_ns)
+
+
 @pytest.mark.parametrize("asked,want", [(None, "ws"), ("v1", "v1"), ("pair", "pair"),
                                         ("combine2", "combine2"), ("v4load16", "v4load16"),
                                         ("overlap", "ws"),

@@ -1,10 +1,13 @@
 // The Python extension module: exports the XLA FFI handlers as capsules and the kernels' shared
 // constants (jax_flashmla/_ffi.py checks them against jax_flashmla/ops/kernels/limits.py).
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <string>
+#include <vector>
 
 #include "ffi/handlers.h"
+#include "kernels/decode/schedule_fill.h"
 #include "kernels/params.h"
 #include "kernels/variant.h"
 #include "xla/ffi/api/c_api.h"
@@ -70,6 +73,34 @@ PYBIND11_MODULE(_jax_flashmla_cuda, m) {
       py::arg("extra_topk"), py::arg("num_sm_parts"),
       "the warp-specialized math the sparse kernel takes for a call of this shape (before the "
       "launch-time fallback of CTA pairs that cannot all be resident at once)");
+  // The scheduler kernel's fill, run on the host (the CPU tests compare it with tests/oracle.py).
+  m.def(
+      "schedule_host",
+      [](const std::vector<int32_t>& seqlens, int num_parts, const std::vector<int32_t>& live) {
+        if (seqlens.empty() || num_parts < 1)
+          throw py::value_error("schedule_host: seqlens must be non-empty and num_parts >= 1");
+        if (!live.empty() && live.size() != 3 * seqlens.size())
+          throw py::value_error("schedule_host: live must hold 3 ints per sequence (or none)");
+        const int n = static_cast<int>(seqlens.size());
+        std::vector<int32_t> meta(static_cast<size_t>(num_parts) * jfm::kMetaInts), ns(n + 1);
+        jfm::ScheduleParams p{};
+        p.seqlens = seqlens.data();
+        p.live = live.empty() ? nullptr : live.data();
+        p.num_seqs = n;
+        p.num_sm_parts = num_parts;
+        p.tile_scheduler_metadata = meta.data();
+        p.num_splits = ns.data();
+        std::vector<int> tiles(n);
+        long long total = 0;
+        for (int i = 0; i < n; ++i) {
+          tiles[i] = jfm::schedule_tiles_of(seqlens[i]);
+          total += jfm::ScheduleLive(p, i, tiles[i]).cost(0) + jfm::kFixedOverhead;
+        }
+        jfm::schedule_fill(p, tiles.data(), total);
+        return py::make_tuple(meta, ns);
+      },
+      py::arg("seqlens"), py::arg("num_parts"), py::arg("live") = std::vector<int32_t>(),
+      "(tile_scheduler_metadata as a flat list, num_splits): the scheduler kernel's fill on the host");
   m.def("kernel_variant", []() { return std::string(jfm::kernel_variant_name()); },
         "the decode kernels this process runs: 'ws' (the default), 'v1', 'pair', 'combine2' or 'v4load16' (JFM_KERNEL_VARIANT)");
 }

@@ -1,0 +1,92 @@
+// The split-KV scheduler's serial fill (scheduler.cu's algorithm, cost model there), written once
+// for the device (thread 0 of the scheduler kernel) and the host (module.cc's `schedule_host`,
+// which the CPU tests compare with tests/oracle.py: the kernel's own arithmetic checked without a
+// GPU).
+#pragma once
+
+#include <climits>
+#include <cstdint>
+
+#include "kernels/params.h"
+
+#if defined(__CUDACC__)
+#define JFM_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define JFM_HOST_DEVICE inline
+#endif
+
+namespace jfm {
+
+// Tiles of a sequence of `len` tokens, written so that no length (INT32_MAX included) overflows.
+JFM_HOST_DEVICE int schedule_tiles_of(int len) {
+  return len > 0 ? len / kTileTokens + (len % kTileTokens != 0) : 0;
+}
+
+// Which tiles of a sequence cost work: [0, live0) and [start1, start1 + live1) (all of them when
+// the params carry no live table).
+struct ScheduleLive {
+  int live0, start1, live1;
+  JFM_HOST_DEVICE ScheduleLive(const ScheduleParams& p, int seq, int tiles) {
+    if (p.live != nullptr) {
+      live0 = p.live[3 * seq];
+      start1 = p.live[3 * seq + 1];
+      live1 = p.live[3 * seq + 2];
+    } else {
+      live0 = start1 = tiles;
+      live1 = 0;
+    }
+  }
+  // Live tiles at index >= blk.
+  JFM_HOST_DEVICE long long cost(int blk) const {
+    const int first = live0 > blk ? live0 - blk : 0;
+    const int second = blk <= start1 ? live1 : (start1 + live1 > blk ? start1 + live1 - blk : 0);
+    return static_cast<long long>(first) + second;
+  }
+  // The index just past the c-th live tile at index >= blk (0 < c < cost(blk)).
+  JFM_HOST_DEVICE int advance(int blk, int c) const {
+    const int first = live0 > blk ? live0 - blk : 0;
+    return c <= first ? blk + c : (blk > start1 ? blk : start1) + c - first;
+  }
+};
+
+// Fills p.tile_scheduler_metadata and p.num_splits from each sequence's tile count `tiles[i]` and
+// the total cost (sum of ScheduleLive::cost(0) + kFixedOverhead over the sequences).
+JFM_HOST_DEVICE void schedule_fill(const ScheduleParams& p, const int* tiles, long long total) {
+  const int parts = p.num_sm_parts;
+  const long long payload = (total + parts - 1) / parts + kFixedOverhead;
+  int now_seq = 0, now_tile = 0, now_split = 0, cum_splits = 0;
+  p.num_splits[0] = 0;
+  for (int part = 0; part < parts; ++part) {
+    int32_t* meta = p.tile_scheduler_metadata + part * kMetaInts;
+    const int begin_seq = now_seq, begin_tile = now_tile, begin_split = now_split;
+    long long remain = part == parts - 1 ? LLONG_MAX / 2 : payload;
+    while (now_seq < p.num_seqs) {
+      const ScheduleLive live(p, now_seq, tiles[now_seq]);
+      const long long left = live.cost(now_tile);
+      if (remain >= left + kFixedOverhead) {
+        cum_splits += now_split + 1;
+        p.num_splits[now_seq + 1] = cum_splits;
+        remain -= left + kFixedOverhead;
+        ++now_seq;
+        now_tile = 0;
+        now_split = 0;
+      } else {
+        if (remain - kFixedOverhead > 0) {
+          now_tile = live.advance(now_tile, static_cast<int>(remain - kFixedOverhead));  // < left
+          ++now_split;
+        }
+        break;
+      }
+    }
+    meta[0] = begin_seq;
+    meta[1] = begin_tile;
+    meta[2] = now_tile > 0 ? now_seq : now_seq - 1;
+    meta[3] = now_tile > 0 ? now_tile : (now_seq > 0 ? tiles[now_seq - 1] : 0);
+    meta[4] = begin_split;
+    meta[5] = 0;
+    meta[6] = 0;
+    meta[7] = 0;
+  }
+}
+
+}  // namespace jfm
