@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
-import gzip
 import json
 import math
 import os
@@ -39,6 +38,8 @@ import time
 import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from sbs_common import load_perfetto  # noqa: E402  (the profiler trace loader the benchmarks share)
 
 
 def parse_args(argv=None):
@@ -160,21 +161,10 @@ def gpu_busy(trace_dir):
     Busy = union of the intervals of the events on the GPU's stream lines (kernels, copies); when
     the trace has no "Stream" lines, the "XLA Ops" line of the GPU.
     """
-    files = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True),
-                   key=os.path.getmtime)
-    if not files:
+    loaded = load_perfetto(trace_dir)
+    if loaded is None:
         return None, [], "no perfetto_trace.json.gz"
-    with gzip.open(files[-1], "rt") as f:
-        data = json.load(f)
-    events = data["traceEvents"] if isinstance(data, dict) else data
-    procs, threads = {}, {}
-    for e in events:
-        if e.get("ph") == "M" and e.get("name") == "process_name":
-            procs[e["pid"]] = e.get("args", {}).get("name", "")
-        elif e.get("ph") == "M" and e.get("name") == "thread_name":
-            threads[(e["pid"], e.get("tid"))] = e.get("args", {}).get("name", "")
-    gpu = {pid for pid, n in procs.items() if "/device:GPU" in n or "GPU:0" in n}
-    lines = {k: n for k, n in threads.items() if k[0] in gpu}
+    events, lines = loaded
     chosen = {k for k, n in lines.items() if n.startswith("Stream")}
     if not chosen:
         chosen = {k for k, n in lines.items() if n == "XLA Ops"}

@@ -62,27 +62,36 @@ def time_rounds(call, sync, *, calls: int, rounds: int, budget_s: float | None =
                 calls=calls, rounds=rounds)
 
 
-def perfetto_gpu_events(trace_dir: str) -> list[tuple[float, float, str]]:
-    """(start us, duration us, name) of every event on the GPU's stream lines of the newest
-    perfetto trace that jax.profiler.trace(..., create_perfetto_trace=True) wrote under trace_dir,
-    in time order."""
+def load_perfetto(trace_dir: str):
+    """The newest perfetto trace that jax.profiler.trace(..., create_perfetto_trace=True) wrote
+    under trace_dir: (events, the GPU's lines {(pid, tid): line name}), or None."""
     import glob
     import gzip
     files = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True),
                    key=os.path.getmtime)
     if not files:
-        return []
+        return None
     with gzip.open(files[-1], "rt") as f:
         data = json.load(f)
     events = data["traceEvents"] if isinstance(data, dict) else data
     procs = {e["pid"]: e.get("args", {}).get("name", "") for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}
     gpu = {pid for pid, n in procs.items() if "/device:GPU" in n or "GPU:0" in n}
-    lines = {(e["pid"], e.get("tid")) for e in events
-             if e.get("ph") == "M" and e.get("name") == "thread_name" and e["pid"] in gpu
-             and e.get("args", {}).get("name", "").startswith("Stream")}
+    lines = {(e["pid"], e.get("tid")): e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name" and e["pid"] in gpu}
+    return events, lines
+
+
+def perfetto_gpu_events(trace_dir: str) -> list[tuple[float, float, str]]:
+    """(start us, duration us, name) of every event on the GPU's stream lines of that trace, in
+    time order."""
+    loaded = load_perfetto(trace_dir)
+    if loaded is None:
+        return []
+    events, lines = loaded
+    streams = {k for k, n in lines.items() if n.startswith("Stream")}
     return sorted((float(e["ts"]), float(e.get("dur", 0.0)), e.get("name", "?")) for e in events
-                  if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in lines)
+                  if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams)
 
 
 def kineto_gpu_events(path: str) -> list[tuple[float, float, str]]:
