@@ -9,7 +9,7 @@
 # kernel per SMOKE_VARIANTS (default "ws pair", JFM_KERNEL_VARIANT); gpu-alt runs
 # the kernel GPU tests on each variant in ALT_VARIANTS (default "pair": the FP8 CTA pairs
 # everywhere at 65-128 heads; "v1": the kernels before the warp-specialized ones; "combine2":
-# the wide split-KV combine;
+# the wide split-KV combine; "v4load16": FP8 V4 rows read 16 bytes at a time;
 # GPU_ALT_TESTS narrows the files, ~4.5 min per variant for all four); SAN_VARIANTS (default
 # "ws"; e.g. "ws pair") runs the sanitizers on each. SUITE_TESTS /
 # GPU_TESTS narrow the suites (paths relative to the repo root). Stage ab: `git archive -o
@@ -57,10 +57,6 @@ if has gpu-alt; then
     [ "${PIPESTATUS[0]}" -eq 0 ] || fail "gpu-alt $variant"
   done
 fi
-# Sanitizers over every kernel, per SAN_VARIANTS (default "ws"; synccheck checks the named
-# barriers and mbarriers of the warp-specialized kernels). The reference results are computed once
-# here without the sanitizer (also a smoke run of the default kernels) and read back by the
-# sanitized runs, which then compile only the kernels' small XLA modules.
 if has raceprobe; then
   # Which synchronization patterns racecheck understands (tests/gpu/racecheck_probe.cu: small,
   # correct exchanges written with the kernels' own primitives, one pattern per process).
@@ -74,6 +70,10 @@ if has raceprobe; then
     echo "pattern $pat: exit $? | $(grep -E 'pattern|SUMMARY' "$OUT/raceprobe_$pat.log" | tr '\n' ' ')"
   done
 fi
+# Sanitizers over every kernel, per SAN_VARIANTS (default "ws"; synccheck checks the named
+# barriers and mbarriers of the warp-specialized kernels). The reference results are computed once
+# here without the sanitizer (also a smoke run of the default kernels) and read back by the
+# sanitized runs, which then compile only the kernels' small XLA modules.
 if has memcheck || has racecheck || has synccheck; then
   log "reference results for the sanitizer runs (tests/gpu/sanitize_kernels.py --write-refs)"
   rm -rf /tmp/jfm_san_refs
