@@ -94,7 +94,7 @@ PYBIND11_MODULE(_jax_flashmla_cuda, m) {
         long long total = 0;
         for (int i = 0; i < n; ++i) {
           tiles[i] = jfm::schedule_tiles_of(seqlens[i]);
-          total += jfm::ScheduleLive(p, i, tiles[i]).cost(0) + jfm::kFixedOverhead;
+          total += jfm::schedule_seq_cost(p, i, tiles[i]);
         }
         jfm::schedule_fill(p, tiles.data(), total);
         return py::make_tuple(meta, ns);

@@ -281,5 +281,5 @@ def get_mla_metadata(cache_seqlens, *, s_q: int = 1, h_q: int, h_kv: int = 1, ca
         if value.shape != (b,) or value.dtype != jnp.int32:
             _primitive.fail("get_mla_metadata", name, f"int32 [b] = int32 ({b},), as cache_seqlens",
                             f"{value.dtype} {tuple(value.shape)}")
-    live = (sparse_live(schedule, topk_length, extra_topk_length) if topk is not None else None)
+    live = sparse_live(schedule, topk_length, extra_topk_length)  # None without lengths (dense)
     return compute_schedule(schedule, cache_seqlens, implementation, live)

@@ -49,8 +49,13 @@ struct ScheduleLive {
   }
 };
 
+// What sequence `seq` of `tiles` tiles adds to the total cost: its live tiles and one overhead.
+JFM_HOST_DEVICE long long schedule_seq_cost(const ScheduleParams& p, int seq, int tiles) {
+  return ScheduleLive(p, seq, tiles).cost(0) + kFixedOverhead;
+}
+
 // Fills p.tile_scheduler_metadata and p.num_splits from each sequence's tile count `tiles[i]` and
-// the total cost (sum of ScheduleLive::cost(0) + kFixedOverhead over the sequences).
+// the total cost (the sum of schedule_seq_cost over the sequences).
 JFM_HOST_DEVICE void schedule_fill(const ScheduleParams& p, const int* tiles, long long total) {
   const int parts = p.num_sm_parts;
   const long long payload = (total + parts - 1) / parts + kFixedOverhead;

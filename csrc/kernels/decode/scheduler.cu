@@ -27,7 +27,7 @@ __global__ void __launch_bounds__(kThreads) schedule_kernel(ScheduleParams p) {
   for (int i = threadIdx.x; i < p.num_seqs; i += kThreads) {
     const int nb = schedule_tiles_of(p.seqlens[i]);
     s_tiles[i] = nb;
-    local += ScheduleLive(p, i, nb).cost(0) + kFixedOverhead;
+    local += schedule_seq_cost(p, i, nb);
   }
   s_partial[threadIdx.x] = local;
   __syncthreads();

@@ -49,7 +49,7 @@ def _impl(config, *arrays):
         extra = ops["extra_indices"].shape[-1] if "extra_indices" in ops else None
         schedule = _meta.sparse_schedule(s_q=s_q, h_q=h_q, topk=ops["indices"].shape[-1],
                                          extra_topk=extra)
-        lens = jnp.full((b * s_q,), _meta.sparse_positions(schedule.topk, extra), jnp.int32)
+        lens = _meta.schedule_lengths(schedule, jnp.zeros((b,), jnp.int32))
         live = _meta.sparse_live(schedule, ops.get("topk_length"), ops.get("extra_topk_length"))
         tiles, splits = scheduler.call(lens, schedule.num_parts, live)
     get = lambda name, dtype=jnp.int32: ops[name] if name in ops else _ffi_call.absent(dtype)
