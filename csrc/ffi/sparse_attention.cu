@@ -55,8 +55,7 @@ ffi::Error make_pool(const ffi::AnyBuffer& kv, const ffi::AnyBuffer& idx,
   pool->indices = static_cast<const int32_t*>(idx.untyped_data());
   pool->topk_length = optional_ptr<int32_t>(topk_length);
   pool->topk = static_cast<int>(id[id.size() - 1]);
-  pool->load16 = kernel_variant() == KernelVariant::kV4Load16 && kd[1] % 2 == 0 &&
-                 reinterpret_cast<uintptr_t>(pool->data) % 16 == 0;
+  pool->load16 = kd[1] % 2 == 0 && reinterpret_cast<uintptr_t>(pool->data) % 16 == 0;
   return ffi::Error::Success();
 }
 

@@ -125,8 +125,9 @@ struct SparsePool {
   const int32_t* topk_length;    // [batch] or null: only the first topk_length[b] count
   int topk;
   // FP8 V4 pools with an even block_size and 16-byte aligned data: every record is 16-byte
-  // aligned, and the producers read its NoPE / RoPE bytes 16 at a time, not 8
-  // (JFM_KERNEL_VARIANT=v4load16 sets it, until measured; sparse/common.cuh StageV4).
+  // aligned, and the producers may read its NoPE / RoPE bytes 16 at a time, not 8 (sparse/
+  // common.cuh StageV4). The host sets it where the records allow; sparse/dispatch.cu keeps it
+  // only for kRolesWide, where it measured faster (JFM_KERNEL_VARIANT=v4load16: every kernel).
   bool load16;
 };
 

@@ -6,11 +6,11 @@
 // The default runs FP8 V4 attention at 65-128 heads as CTA pairs sharing each tile's
 // dequantization (WsMath::kRolesPair) where the step has enough tiles (sparse/dispatch.cu,
 // pair_pays); JFM_KERNEL_VARIANT=pair takes the pairs for every FP8 call at 65-128 heads (V3.2
-// and small batches too), for measurement. JFM_KERNEL_VARIANT=combine2: the default kernels with
-// the split-KV combine that keeps every split's loads in flight (decode/combine.cu; bitwise-equal
-// results), until it is measured. JFM_KERNEL_VARIANT=v4load16: the default kernels, the FP8 V4
-// producers reading 16-byte pieces where the pool's records are 16-byte aligned
-// (SparsePool::load16), until it is measured.
+// and small batches too), for measurement. JFM_KERNEL_VARIANT=combine1: the default kernels with
+// the split-KV combine before the warp-per-row one (decode/combine.cu; bitwise-equal results), for
+// measurement. JFM_KERNEL_VARIANT=v4load16: the default kernels, every FP8 V4
+// producer (not only the unpaired wide one) reading 16-byte pieces where the pool's records are
+// 16-byte aligned (SparsePool::load16), for measurement.
 // Anything else (or nothing): the default. Read once per process (host code).
 #pragma once
 
@@ -19,14 +19,14 @@
 
 namespace jfm {
 
-enum class KernelVariant { kWs, kV1, kPair, kCombine2, kV4Load16 };
+enum class KernelVariant { kWs, kV1, kPair, kCombine1, kV4Load16 };
 
 inline KernelVariant kernel_variant() {
   static const KernelVariant v = [] {
     const char* e = std::getenv("JFM_KERNEL_VARIANT");
     if (e != nullptr && std::strcmp(e, "v1") == 0) return KernelVariant::kV1;
     if (e != nullptr && std::strcmp(e, "pair") == 0) return KernelVariant::kPair;
-    if (e != nullptr && std::strcmp(e, "combine2") == 0) return KernelVariant::kCombine2;
+    if (e != nullptr && std::strcmp(e, "combine1") == 0) return KernelVariant::kCombine1;
     if (e != nullptr && std::strcmp(e, "v4load16") == 0) return KernelVariant::kV4Load16;
     return KernelVariant::kWs;
   }();
@@ -37,7 +37,7 @@ inline const char* kernel_variant_name() {
   switch (kernel_variant()) {
     case KernelVariant::kV1: return "v1";
     case KernelVariant::kPair: return "pair";
-    case KernelVariant::kCombine2: return "combine2";
+    case KernelVariant::kCombine1: return "combine1";
     case KernelVariant::kV4Load16: return "v4load16";
     default: return "ws";
   }

@@ -264,7 +264,7 @@ def run_sparse_prefill(q, kv, idx, kw, implementation="kernel"):
 def split_heavy_outputs():
     """Outputs (out as float32, lse) of steps whose sequences split into many chunks: what the
     split-KV combine produces. Deterministic inputs, so two processes with different combine
-    kernels (JFM_KERNEL_VARIANT=combine2) can compare their bytes (test_scheduler_gpu.py)."""
+    kernels (JFM_KERNEL_VARIANT=combine1) can compare their bytes (test_scheduler_gpu.py)."""
     outs = []
     for dtype, b, h_q, s_k in ((jnp.bfloat16, 2, 16, 9000), (jnp.float16, 3, 128, 5000)):
         case = dense_case(41, b, 2, h_q, 1, s_k, True, dtype, zero_frac=0.3)

@@ -72,12 +72,12 @@ def test_sparse_schedule_kernel_weighted(b, s_q, topk, extra):
 
 def test_combine_kernels_agree_bitwise(tmp_path):
     """The two split-KV combine kernels (csrc/kernels/decode/combine.cu: the default and
-    JFM_KERNEL_VARIANT=combine2) do the same arithmetic in the same order: a step whose sequences
+    JFM_KERNEL_VARIANT=combine1) do the same arithmetic in the same order: a step whose sequences
     split into many chunks gives the same bytes in a process on each (dense bf16 / fp16 with empty
     sequences, FP8 sparse with sinks, +inf sinks and topk_length 0)."""
     here = os.path.dirname(os.path.abspath(__file__))
     mine = os.environ.get("JFM_KERNEL_VARIANT")
-    other = "ws" if mine == "combine2" else "combine2"
+    other = "ws" if mine == "combine1" else "combine1"
     # Those steps do split: the combine runs (else this would compare nothing).
     meta = jax_flashmla.get_mla_metadata(jnp.zeros((2,), jnp.int32), s_q=2, h_q=64, topk=2048)
     assert np.diff(np.asarray(meta.num_splits)).max() > 8

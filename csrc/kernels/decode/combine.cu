@@ -1,14 +1,13 @@
 // Split-KV combine (any arch): merges the partial (out, lse) of a sequence's chunks into the final
 // result, then applies the attention sink (out *= 1 / (1 + exp(sink[h] - lse)); lse unchanged).
 // Sequences with a single chunk were finished by the main kernel and are skipped here.
-// One CTA of 128 threads per (sequence, row); partials merge in a fixed order, so the result is
-// bitwise reproducible.
-// Two kernels with the same arithmetic in the same order (bitwise-equal results): combine_kernel
-// (the default) walks the splits three times in serial loops; combine_wide_kernel
-// (JFM_KERNEL_VARIANT=combine2, not yet measured) reads every split's lse at once (one per lane of
-// warp 0), shares the weights through shared memory and keeps 8 partial rows' loads in flight per
-// thread: the loop's load latency, not the bytes, bounded the small steps (profiler, b 2: 4.4 us
-// for 2.6 MB of partials).
+// Partials merge in a fixed order, so the result is bitwise reproducible.
+// Two kernels with the same arithmetic in the same order (bitwise-equal results): combine_warp_kernel
+// (the default) is one warp per row, 8 rows per CTA, with every split's lse read at once and two
+// splits' partial rows in flight; combine_cta_kernel (JFM_KERNEL_VARIANT=combine1, the one before,
+// kept for A/B) is one CTA of 128 threads per (sequence, row) walking the splits in serial loops.
+// The profiler (2026-12-01, H200) put the default at 3x upstream's combine on V4 b 256 h 128
+// (42 vs 13 us): a grid of b x h_q CTAs, most of which return at once, and serial load chains.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -40,8 +39,8 @@ __device__ __forceinline__ void store4<__half>(__half* dst, float4 v) {
 struct CombineRow {
   RowMap map;
   int seq, row, base, nsplit, rows, s_local, head;
-  __device__ __forceinline__ explicit CombineRow(const CombineParams& p)
-      : map{p.tokens_per_seq, p.s_q, p.h_q, p.h_q / p.h_kv}, seq(blockIdx.x), row(blockIdx.y) {
+  __device__ __forceinline__ CombineRow(const CombineParams& p, int seq_, int row_)
+      : map{p.tokens_per_seq, p.s_q, p.h_q, p.h_q / p.h_kv}, seq(seq_), row(row_) {
     base = p.num_splits[seq];
     nsplit = p.num_splits[seq + 1] - base;
     rows = map.rows_per_seq();
@@ -53,9 +52,9 @@ struct CombineRow {
 };
 
 template <typename T>
-__global__ void __launch_bounds__(128) combine_kernel(const CombineParams p) {
+__global__ void __launch_bounds__(128) combine_cta_kernel(const CombineParams p) {
   static_assert(kDv == 128 * 4, "one float4 per thread");
-  const CombineRow c(p);
+  const CombineRow c(p, blockIdx.x, blockIdx.y);
   if (c.nsplit <= 1) return;
   const int base = c.base, nsplit = c.nsplit, rows = c.rows, row = c.row, head = c.head;
 
@@ -89,96 +88,105 @@ __global__ void __launch_bounds__(128) combine_kernel(const CombineParams p) {
   if (threadIdx.x == 0) *lse_out = lse;
 }
 
-constexpr int kWideChunk = 128;  // splits whose weights share memory holds at once
-constexpr int kWideLoads = 8;    // partial rows in flight per thread
+constexpr int kWarpRows = 8;  // rows per CTA of combine_warp_kernel, one warp each
 
+// One warp per (sequence, row), 8 rows per CTA: a lane holds 16 of the row's 512 values (float4
+// columns lane, +32, +64, +96, so each warp load covers 512 contiguous bytes). The lanes read 32
+// splits' lse at once; the max, sum and weights are the default kernel's arithmetic in its order
+// (the sum serial in k through shuffles; weight k = expf(lse_k - max) * scale), and the FMAs run in
+// k order, two splits' 8 loads issued before them. A CTA is 8 rows, not 1: a step's unsplit
+// sequences cost an 8x smaller grid of CTAs that return at once. (256, 2): with (256) alone ptxas
+// capped it at 80 registers and spilled; it takes 84.
 template <typename T>
-__global__ void __launch_bounds__(128, 1) combine_wide_kernel(const CombineParams p) {
-  static_assert(kDv == 128 * 4, "one float4 per thread");
-  __shared__ float weight[kWideChunk];
-  __shared__ float row_lse;
-  const CombineRow c(p);
-  if (c.nsplit <= 1) return;
-  const int base = c.base, nsplit = c.nsplit, rows = c.rows, row = c.row, head = c.head;
-  const float* lse_of = p.lse_accum + static_cast<size_t>(base) * rows + row;  // split k: [k * rows]
+__global__ void __launch_bounds__(32 * kWarpRows, 2) combine_warp_kernel(const CombineParams p) {
+  static_assert(kDv == 32 * 16, "16 values per lane");
   const int lane = threadIdx.x & 31;
-  const bool stats = threadIdx.x < 32;  // warp 0 computes the weights
+  const CombineRow c(p, blockIdx.x, blockIdx.y * kWarpRows + (threadIdx.x >> 5));
+  if (c.nsplit <= 1 || c.row >= c.rows) return;  // (uniform per warp)
+  const int nsplit = c.nsplit, rows = c.rows;
+  const float* lse_of = p.lse_accum + static_cast<size_t>(c.base) * rows + c.row;  // split k: [k * rows]
+  const auto lse_at = [&](int k) { return lse_of[static_cast<size_t>(k) * rows]; };
 
-  // Warp 0: the max and the sum over the splits, in the default kernel's order (serial sum in k),
-  // the lanes reading the lse values 32 at a time.
-  float mx = -INFINITY, sum = 0.f, scale = 0.f;
-  if (stats) {
-    for (int k = lane; k < nsplit; k += 32) mx = fmaxf(mx, lse_of[static_cast<size_t>(k) * rows]);
+  float mx = -INFINITY;
+  for (int k = lane; k < nsplit; k += 32) mx = fmaxf(mx, lse_at(k));
 #pragma unroll
-    for (int x = 16; x > 0; x >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, x));
-    if (mx != -INFINITY) {
-      for (int k0 = 0; k0 < nsplit; k0 += 32) {
-        const float e = k0 + lane < nsplit ? expf(lse_of[static_cast<size_t>(k0 + lane) * rows] - mx) : 0.f;
-        const int n = min(32, nsplit - k0);
-        for (int j = 0; j < n; ++j) sum += __shfl_sync(0xffffffffu, e, j);
-      }
-      const float lse = logf(sum) + mx;
-      scale = 1.f / sum;
-      if (p.attn_sink != nullptr) scale /= 1.f + expf(p.attn_sink[head] - lse);
-      if (lane == 0) row_lse = lse;
-    } else if (lane == 0) {
-      row_lse = INFINITY;  // nothing attended in any chunk
-    }
+  for (int x = 16; x > 0; x >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, x));
+  T* out = reinterpret_cast<T*>(p.out) + c.map.out_row(c.seq, c.s_local, c.head) * kDv + lane * 4;
+  float* lse_out = p.lse + c.map.lse_index(c.seq, c.s_local, c.head);
+  if (mx == -INFINITY) {  // nothing attended in any chunk
+#pragma unroll
+    for (int j = 0; j < 4; ++j) store4<T>(out + 128 * j, make_float4(0.f, 0.f, 0.f, 0.f));
+    if (lane == 0) *lse_out = INFINITY;
+    return;
   }
-  T* out = reinterpret_cast<T*>(p.out) + c.map.out_row(c.seq, c.s_local, head) * kDv + threadIdx.x * 4;
-  float* lse_out = p.lse + c.map.lse_index(c.seq, c.s_local, head);
-  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-  const float* o_of = p.o_accum + (static_cast<size_t>(base) * rows + row) * kDv + threadIdx.x * 4;
+  // e_k = expf(lse_k - mx), lane k % 32 holding it for the 32 splits of the chunk at hand.
+  const auto chunk_e = [&](int k0) { return k0 + lane < nsplit ? expf(lse_at(k0 + lane) - mx) : 0.f; };
+  float sum = 0.f;
+  for (int k0 = 0; k0 < nsplit; k0 += 32) {
+    const float e = chunk_e(k0);
+    const int n = min(32, nsplit - k0);
+    for (int j = 0; j < n; ++j) sum += __shfl_sync(0xffffffffu, e, j);
+  }
+  const float lse = logf(sum) + mx;
+  float scale = 1.f / sum;
+  if (p.attn_sink != nullptr) scale /= 1.f + expf(p.attn_sink[c.head] - lse);
+
+  const float* o_of = p.o_accum + (static_cast<size_t>(c.base) * rows + c.row) * kDv + lane * 4;
   const size_t split_stride = static_cast<size_t>(rows) * kDv;  // one split's partial rows
-  for (int c0 = 0; c0 < nsplit; c0 += kWideChunk) {
-    const int n = min(kWideChunk, nsplit - c0);
-    if (stats && mx != -INFINITY) {
-      for (int k = lane; k < n; k += 32)
-        weight[k] = expf(lse_of[static_cast<size_t>(c0 + k) * rows] - mx) * scale;
-    }
-    __syncthreads();
-    if (row_lse == INFINITY) {  // nothing attended in any chunk (uniform: every thread returns)
-      store4<T>(out, make_float4(0.f, 0.f, 0.f, 0.f));
-      if (threadIdx.x == 0) *lse_out = INFINITY;
-      return;
-    }
-    int k = 0;
-    for (; k + kWideLoads <= n; k += kWideLoads) {
-      const float* src = o_of + static_cast<size_t>(c0 + k) * split_stride;
-      float4 v[kWideLoads];
+  float4 acc[4];
 #pragma unroll
-      for (int j = 0; j < kWideLoads; ++j)
-        v[j] = __ldcs(reinterpret_cast<const float4*>(src + j * split_stride));
+  for (int j = 0; j < 4; ++j) acc[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+  const auto fma4 = [](float4& a, float w, const float4& v) {
+    a.x += w * v.x;
+    a.y += w * v.y;
+    a.z += w * v.z;
+    a.w += w * v.w;
+  };
+  for (int k0 = 0; k0 < nsplit; k0 += 32) {
+    const float e = chunk_e(k0);
+    const int n = min(32, nsplit - k0);
+    int j = 0;
+    for (; j + 2 <= n; j += 2) {
+      const float* src = o_of + static_cast<size_t>(k0 + j) * split_stride;
+      float4 v[2][4];
 #pragma unroll
-      for (int j = 0; j < kWideLoads; ++j) {
-        const float w = weight[k + j];
-        acc.x += w * v[j].x;
-        acc.y += w * v[j].y;
-        acc.z += w * v[j].z;
-        acc.w += w * v[j].w;
+      for (int s = 0; s < 2; ++s)
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+          v[s][q] = __ldcs(reinterpret_cast<const float4*>(src + s * split_stride + 128 * q));
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+        const float w = __shfl_sync(0xffffffffu, e, j + s) * scale;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) fma4(acc[q], w, v[s][q]);
       }
     }
-    for (; k < n; ++k) {
-      const float4 v = __ldcs(reinterpret_cast<const float4*>(o_of + static_cast<size_t>(c0 + k) * split_stride));
-      const float w = weight[k];
-      acc.x += w * v.x;
-      acc.y += w * v.y;
-      acc.z += w * v.z;
-      acc.w += w * v.w;
+    if (j < n) {
+      const float* src = o_of + static_cast<size_t>(k0 + j) * split_stride;
+      float4 v[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) v[q] = __ldcs(reinterpret_cast<const float4*>(src + 128 * q));
+      const float w = __shfl_sync(0xffffffffu, e, j) * scale;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) fma4(acc[q], w, v[q]);
     }
-    __syncthreads();  // the weights of this chunk are read before the next overwrites them
   }
-  store4<T>(out, acc);
-  if (threadIdx.x == 0) *lse_out = row_lse;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) store4<T>(out + 128 * j, acc[j]);
+  if (lane == 0) *lse_out = lse;
 }
 
 }  // namespace
 
 template <typename T>
 cudaError_t launch_combine(const CombineParams& p, cudaStream_t stream) {
-  dim3 grid(p.num_seqs, p.tokens_per_seq * p.h_q);
-  if (kernel_variant() == KernelVariant::kCombine2) combine_wide_kernel<T><<<grid, 128, 0, stream>>>(p);
-  else combine_kernel<T><<<grid, 128, 0, stream>>>(p);
+  if (kernel_variant() == KernelVariant::kCombine1) {
+    const dim3 grid(p.num_seqs, p.tokens_per_seq * p.h_q);
+    combine_cta_kernel<T><<<grid, 128, 0, stream>>>(p);
+  } else {
+    const dim3 warp_grid(p.num_seqs, (p.tokens_per_seq * p.h_q + kWarpRows - 1) / kWarpRows);
+    combine_warp_kernel<T><<<warp_grid, 32 * kWarpRows, 0, stream>>>(p);
+  }
   return cudaGetLastError();
 }
 

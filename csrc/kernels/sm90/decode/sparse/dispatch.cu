@@ -31,9 +31,21 @@ bool pair_pays(const SparseDecodeParams& p, KvFormat format) {
   return tiles >= 4 * static_cast<int64_t>(p.num_sm_parts);
 }
 
+// The V4 producers' 16-byte loads (SparsePool::load16, where the records allow them): kept for the
+// unpaired wide producer only. Measured on the H200 (docs/PERFORMANCE.md, 2026-12-01, upstream's V4
+// cases with extra_topk_length): 1.01-1.08x at 64 heads (kRolesWide), 0.81-0.89x in the CTA pairs
+// at 128. JFM_KERNEL_VARIANT=v4load16 keeps them in every kernel, for measurement.
+SparseDecodeParams with_load16_for(const SparseDecodeParams& p, WsMath math) {
+  SparseDecodeParams q = p;
+  if (kernel_variant() != KernelVariant::kV4Load16 && math != WsMath::kRolesWide)
+    for (SparsePool& pool : q.pool) pool.load16 = false;
+  return q;
+}
+
 template <KvFormat kFmt, int kDqk>
-cudaError_t launch(const SparseDecodeParams& p, cudaStream_t stream) {
+cudaError_t launch(const SparseDecodeParams& p_in, cudaStream_t stream) {
   using sm90::launch_sparse_attention_ws;
+  SparseDecodeParams p = with_load16_for(p_in, WsMath::kRoles);  // (no 16-byte loads) until known
   if (kernel_variant() == KernelVariant::kV1) return sm90::launch_sparse_attention<kFmt, kDqk>(p, stream);
   const WsMath math = sparse_ws_math(p, kFmt);
   if (math == WsMath::kTransposed16)
@@ -48,7 +60,8 @@ cudaError_t launch(const SparseDecodeParams& p, cudaStream_t stream) {
       if (e != cudaErrorNotSupported) return e;  // else not every pair fits at once: unpaired
     }
     // The FP8 producer does the most work per tile (gather + dequantization): registers to it.
-    return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRolesWide>(p, stream);
+    return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRolesWide>(
+        with_load16_for(p_in, WsMath::kRolesWide), stream);
   }
 }
 }  // namespace
