@@ -82,7 +82,7 @@ ffi::Error DenseDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer
   p.causal = causal != 0;
 
   CombineParams c{p.o_accum, p.lse_accum, p.num_splits, nullptr, p.out, p.lse,
-                  p.batch, p.s_q, p.s_q, p.h_q, p.h_kv};
+                  p.batch, p.s_q, p.s_q, p.h_q, p.h_kv, p.num_sm_parts};
   const bool is_bf16 = dt == ffi::DataType::BF16;
   cudaError_t e = is_bf16 ? launch_dense_decode_bf16(p, stream) : launch_dense_decode_fp16(p, stream);
   if (e != cudaSuccess) return cuda_error("dense decode launch", e);

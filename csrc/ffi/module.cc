@@ -102,5 +102,5 @@ PYBIND11_MODULE(_jax_flashmla_cuda, m) {
       py::arg("seqlens"), py::arg("num_parts"), py::arg("live") = std::vector<int32_t>(),
       "(tile_scheduler_metadata as a flat list, num_splits): the scheduler kernel's fill on the host");
   m.def("kernel_variant", []() { return std::string(jfm::kernel_variant_name()); },
-        "the decode kernels this process runs: 'ws' (the default), 'v1', 'pair', 'combine1' or 'v4load16' (JFM_KERNEL_VARIANT)");
+        "the decode kernels this process runs: 'ws' (the default), 'v1', 'pair', 'combine1', 'v4load16' or 'v4load8' (JFM_KERNEL_VARIANT)");
 }

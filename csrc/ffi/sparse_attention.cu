@@ -131,7 +131,7 @@ ffi::Error SparseDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffe
   cudaError_t e = launch_sparse_decode(p, fmt, static_cast<int>(d_qk), stream);
   if (e != cudaSuccess) return cuda_error("sparse decode launch", e);
   CombineParams c{p.o_accum, p.lse_accum, p.num_splits, p.attn_sink, p.out, p.lse,
-                  static_cast<int>(tokens), 1, p.s_q, p.h_q, 1};
+                  static_cast<int>(tokens), 1, p.s_q, p.h_q, 1, p.num_sm_parts};
   e = launch_combine<__nv_bfloat16>(c, stream);
   if (e != cudaSuccess) return cuda_error("combine launch", e);
   return ffi::Error::Success();

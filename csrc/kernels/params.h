@@ -61,6 +61,7 @@ struct CombineParams {
   void* out;                   // [b, s_q, h_q, kDv]   (= [num_seqs * tokens_per_seq, h_q, kDv])
   float* lse;                  // [b, h_q, s_q]
   int num_seqs, tokens_per_seq, s_q, h_q, h_kv;
+  int num_sm_parts;            // the schedule's parts: at most num_sm_parts - 1 sequences split
 };
 
 // Where query token (seq, s_local) lands in out / lse, and the workspace row of (hk, s_local, hl).

@@ -10,7 +10,9 @@
 // the split-KV combine before the warp-per-row one (decode/combine.cu; bitwise-equal results), for
 // measurement. JFM_KERNEL_VARIANT=v4load16: the default kernels, every FP8 V4
 // producer (not only the unpaired wide one) reading 16-byte pieces where the pool's records are
-// 16-byte aligned (SparsePool::load16), for measurement.
+// 16-byte aligned (SparsePool::load16), for measurement; JFM_KERNEL_VARIANT=v4load8: none of them
+// (the default before 2026-12-01's sixth session), for the A/B of the upstream peak case (V4 h64
+// topk 16384 measured 0.90x the fourth session's kernel with the 16-byte loads on).
 // Anything else (or nothing): the default. Read once per process (host code).
 #pragma once
 
@@ -19,7 +21,7 @@
 
 namespace jfm {
 
-enum class KernelVariant { kWs, kV1, kPair, kCombine1, kV4Load16 };
+enum class KernelVariant { kWs, kV1, kPair, kCombine1, kV4Load16, kV4Load8 };
 
 inline KernelVariant kernel_variant() {
   static const KernelVariant v = [] {
@@ -28,6 +30,7 @@ inline KernelVariant kernel_variant() {
     if (e != nullptr && std::strcmp(e, "pair") == 0) return KernelVariant::kPair;
     if (e != nullptr && std::strcmp(e, "combine1") == 0) return KernelVariant::kCombine1;
     if (e != nullptr && std::strcmp(e, "v4load16") == 0) return KernelVariant::kV4Load16;
+    if (e != nullptr && std::strcmp(e, "v4load8") == 0) return KernelVariant::kV4Load8;
     return KernelVariant::kWs;
   }();
   return v;
@@ -39,6 +42,7 @@ inline const char* kernel_variant_name() {
     case KernelVariant::kPair: return "pair";
     case KernelVariant::kCombine1: return "combine1";
     case KernelVariant::kV4Load16: return "v4load16";
+    case KernelVariant::kV4Load8: return "v4load8";
     default: return "ws";
   }
 }

@@ -6,8 +6,9 @@
 // (the default) is one warp per row, 8 rows per CTA, with every split's lse read at once and two
 // splits' partial rows in flight; combine_cta_kernel (JFM_KERNEL_VARIANT=combine1, the one before,
 // kept for A/B) is one CTA of 128 threads per (sequence, row) walking the splits in serial loops.
-// The profiler (2026-12-01, H200) put the default at 3x upstream's combine on V4 b 256 h 128
-// (42 vs 13 us): a grid of b x h_q CTAs, most of which return at once, and serial load chains.
+// The profiler (2026-12-01, H200) put combine_cta_kernel at 3x upstream's combine on V4 b 256 h 128
+// (42 vs 13 us): a grid of b x h_q CTAs, most of which return at once, and serial load chains; the
+// warp kernel over the same grid measured 20 us, and now runs CTAs for split sequences only.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -90,19 +91,31 @@ __global__ void __launch_bounds__(128) combine_cta_kernel(const CombineParams p)
 
 constexpr int kWarpRows = 8;  // rows per CTA of combine_warp_kernel, one warp each
 
-// One warp per (sequence, row), 8 rows per CTA: a lane holds 16 of the row's 512 values (float4
-// columns lane, +32, +64, +96, so each warp load covers 512 contiguous bytes). The lanes read 32
-// splits' lse at once; the max, sum and weights are the default kernel's arithmetic in its order
-// (the sum serial in k through shuffles; weight k = expf(lse_k - max) * scale), and the FMAs run in
-// k order, two splits' 8 loads issued before them. A CTA is 8 rows, not 1: a step's unsplit
-// sequences cost an 8x smaller grid of CTAs that return at once. (256, 2): with (256) alone ptxas
-// capped it at 80 registers and spilled; it takes 84.
+// The sequence owning extra slot x (warp-collective). A sequence of k chunks owns k - 1 extra
+// slots, in sequence order: f(s) = num_splits[s] - s is nondecreasing, f(0) = 0, and sequence s
+// owns [f(s), f(s + 1)). A 32-way search keeps f(lo) <= x < f(hi): 2 rounds of loads for 1024
+// sequences, 3 for 32K. Any num_splits ends the loop (the range shrinks every round).
+__device__ __forceinline__ int seq_of_extra_slot(const int32_t* num_splits, int num_seqs, int x,
+                                                 int lane) {
+  int lo = 0, hi = num_seqs;
+  while (hi - lo > 1) {
+    const int step = (hi - lo + 31) / 32;
+    const int probe = lo + lane * step;
+    const bool at_or_below = probe < hi && __ldg(num_splits + probe) - probe <= x;
+    const unsigned below = __ballot_sync(0xffffffffu, at_or_below);  // lanes 0..last (lane 0: lo)
+    lo += (31 - __clz(below)) * step;
+    hi = min(lo + step, hi);
+  }
+  return lo;
+}
+
+// One warp merges row `row` of split sequence `seq`: a lane holds 16 of the row's 512 values
+// (float4 columns lane, +32, +64, +96, so each warp load covers 512 contiguous bytes). The lanes
+// read 32 splits' lse at once; the max, sum and weights are combine_cta_kernel's arithmetic in its
+// order (the sum serial in k through shuffles; weight k = expf(lse_k - max) * scale), and the FMAs
+// run in k order, two splits' 8 loads issued before them.
 template <typename T>
-__global__ void __launch_bounds__(32 * kWarpRows, 2) combine_warp_kernel(const CombineParams p) {
-  static_assert(kDv == 32 * 16, "16 values per lane");
-  const int lane = threadIdx.x & 31;
-  const CombineRow c(p, blockIdx.x, blockIdx.y * kWarpRows + (threadIdx.x >> 5));
-  if (c.nsplit <= 1 || c.row >= c.rows) return;  // (uniform per warp)
+__device__ __forceinline__ void combine_row_warp(const CombineParams& p, const CombineRow& c, int lane) {
   const int nsplit = c.nsplit, rows = c.rows;
   const float* lse_of = p.lse_accum + static_cast<size_t>(c.base) * rows + c.row;  // split k: [k * rows]
   const auto lse_at = [&](int k) { return lse_of[static_cast<size_t>(k) * rows]; };
@@ -176,6 +189,26 @@ __global__ void __launch_bounds__(32 * kWarpRows, 2) combine_warp_kernel(const C
   if (lane == 0) *lse_out = lse;
 }
 
+// Grid (min(num_seqs, num_sm_parts), rows / 8): the CTAs stride over the step's extra slots, and
+// the CTA of a split sequence's first extra slot merges 8 of its rows, one per warp. Only split
+// sequences cost a CTA: a grid of one CTA per (sequence, row block), nearly all returning at once
+// on big steps, cost more than the merging (V4 b 256 h 128, profiler: 20 us for ~24 MB).
+// (256, 2): with (256) alone ptxas capped the merge at 80 registers and spilled.
+template <typename T>
+__global__ void __launch_bounds__(32 * kWarpRows, 2) combine_warp_kernel(const CombineParams p) {
+  static_assert(kDv == 32 * 16, "16 values per lane");
+  const int lane = threadIdx.x & 31;
+  const int row = blockIdx.y * kWarpRows + (threadIdx.x >> 5);
+  const int32_t* ns = p.num_splits;
+  const int extra = ns[p.num_seqs] - p.num_seqs;
+  for (int x = blockIdx.x; x < extra; x += gridDim.x) {  // (uniform per CTA)
+    const int seq = seq_of_extra_slot(ns, p.num_seqs, x, lane);
+    if (ns[seq] - seq != x) continue;  // a later extra slot of a sequence: its first one's CTA merges it
+    const CombineRow c(p, seq, row);
+    if (row < c.rows) combine_row_warp<T>(p, c, lane);
+  }
+}
+
 }  // namespace
 
 template <typename T>
@@ -184,7 +217,8 @@ cudaError_t launch_combine(const CombineParams& p, cudaStream_t stream) {
     const dim3 grid(p.num_seqs, p.tokens_per_seq * p.h_q);
     combine_cta_kernel<T><<<grid, 128, 0, stream>>>(p);
   } else {
-    const dim3 warp_grid(p.num_seqs, (p.tokens_per_seq * p.h_q + kWarpRows - 1) / kWarpRows);
+    const int ctas = p.num_sm_parts > 0 && p.num_sm_parts < p.num_seqs ? p.num_sm_parts : p.num_seqs;
+    const dim3 warp_grid(ctas, (p.tokens_per_seq * p.h_q + kWarpRows - 1) / kWarpRows);
     combine_warp_kernel<T><<<warp_grid, 32 * kWarpRows, 0, stream>>>(p);
   }
   return cudaGetLastError();

@@ -34,10 +34,12 @@ bool pair_pays(const SparseDecodeParams& p, KvFormat format) {
 // The V4 producers' 16-byte loads (SparsePool::load16, where the records allow them): kept for the
 // unpaired wide producer only. Measured on the H200 (docs/PERFORMANCE.md, 2026-12-01, upstream's V4
 // cases with extra_topk_length): 1.01-1.08x at 64 heads (kRolesWide), 0.81-0.89x in the CTA pairs
-// at 128. JFM_KERNEL_VARIANT=v4load16 keeps them in every kernel, for measurement.
+// at 128 (and unmeasured in the transposed kernels). JFM_KERNEL_VARIANT=v4load16 keeps them in every
+// kernel, v4load8 in none, for measurement.
 SparseDecodeParams with_load16_for(const SparseDecodeParams& p, WsMath math) {
   SparseDecodeParams q = p;
-  if (kernel_variant() != KernelVariant::kV4Load16 && math != WsMath::kRolesWide)
+  const KernelVariant v = kernel_variant();
+  if (v == KernelVariant::kV4Load8 || (v != KernelVariant::kV4Load16 && math != WsMath::kRolesWide))
     for (SparsePool& pool : q.pool) pool.load16 = false;
   return q;
 }
