@@ -62,7 +62,7 @@ else:
 
 def timeline(k):
     """Every GPU event of one run of K calls in one jit, in order."""
-    from sbs_common import perfetto_gpu_events
+    from sbs_common import host_launch_counts, perfetto_gpu_events
     qs = tuple(jnp.array(q, copy=True) for _ in range(k))
     many = jax.jit(lambda qs, *r: [op(qi, *r) for qi in qs])
     for _ in range(5):
@@ -88,6 +88,11 @@ def timeline(k):
         per.setdefault(name[:110], []).append(dur)
     for name, durs in sorted(per.items(), key=lambda kv: -sum(kv[1])):
         print(f"  {len(durs):4d} x {sum(durs) / len(durs):7.2f} us (median {np.median(durs):7.2f})  {name}")
+    # One kernel launch per kernel, or graph launches: whether XLA put the calls into a command
+    # buffer (the gaps above are then the graph's, not the host's).
+    launches = host_launch_counts(args.trace_dir)
+    print("host launch calls per run: " + (", ".join(f"{n} {c / 3:g}" for n, c in sorted(launches.items()))
+                                          or "none found in the trace"))
 
 
 if args.timeline:

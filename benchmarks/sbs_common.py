@@ -94,6 +94,23 @@ def perfetto_gpu_events(trace_dir: str) -> list[tuple[float, float, str]]:
                   if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams)
 
 
+def host_launch_counts(trace_dir: str) -> dict[str, int]:
+    """How many times each host-side CUDA launch call (kernel launches, graph launches) appears in
+    that trace, off the GPU's lines: whether XLA ran the calls' kernels one launch at a time or
+    replayed them as a CUDA graph (a command buffer)."""
+    loaded = load_perfetto(trace_dir)
+    if loaded is None:
+        return {}
+    events, lines = loaded
+    counts: dict[str, int] = {}
+    for e in events:
+        name = e.get("name", "")
+        if (e.get("ph") == "X" and (e.get("pid"), e.get("tid")) not in lines
+                and name.startswith("cu") and ("Launch" in name or "Graph" in name)):
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
 def kineto_gpu_events(path: str) -> list[tuple[float, float, str]]:
     """The same from torch.profiler's chrome trace (export_chrome_trace): kernels, copies, memsets."""
     with open(path) as f:

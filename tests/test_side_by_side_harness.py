@@ -70,6 +70,10 @@ def test_gpu_time_from_both_profilers_traces(tmp_path):
         {"ph": "X", "pid": 1, "tid": 7, "ts": 20.0, "dur": 8.0, "name": "attention"},
         {"ph": "X", "pid": 1, "tid": 8, "ts": 10.0, "dur": 99.0, "name": "fusion"},
         {"ph": "X", "pid": 2, "tid": 9, "ts": 0.0, "dur": 500.0, "name": "dispatch"},
+        {"ph": "X", "pid": 2, "tid": 9, "ts": 1.0, "dur": 3.0, "name": "cuLaunchKernelEx"},
+        {"ph": "X", "pid": 2, "tid": 9, "ts": 5.0, "dur": 3.0, "name": "cuLaunchKernelEx"},
+        {"ph": "X", "pid": 2, "tid": 9, "ts": 9.0, "dur": 3.0, "name": "cuGraphLaunch"},
+        {"ph": "X", "pid": 2, "tid": 9, "ts": 9.0, "dur": 1.0, "name": "cuMemcpyAsync"},
     ]}
     d = tmp_path / "plugins" / "profile" / "run"
     d.mkdir(parents=True)
@@ -80,6 +84,8 @@ def test_gpu_time_from_both_profilers_traces(tmp_path):
     rec = sbs_common.gpu_time_record(ev, calls=2)
     assert abs(rec["g_time_s"] - 9e-6) < 1e-12
     assert rec["g_kernels"][0] == dict(name="attention", per_call=1.0, mean_us=8.0)
+    # profile_decode --timeline: host launch calls, off the GPU's lines
+    assert sbs_common.host_launch_counts(str(tmp_path)) == {"cuLaunchKernelEx": 2, "cuGraphLaunch": 1}
 
     torch_trace = {"traceEvents": [
         {"ph": "X", "cat": "kernel", "ts": 5.0, "dur": 3.0, "name": "flash_fwd"},
