@@ -50,8 +50,8 @@
 //   0 .. kThreads - 1, 256 or 128; the caller commits and waits);
 //   masked(const Seq&, int n, const uint8_t* valid, int h, int col) (row h of this thread);
 //   store_rows(const Seq&, const RowState&, inv, lse, m, const Lane&) (after the last tile);
-//   empty_lse(const Seq&); produce<kWide>(const WsShared&, int which, int stride) (the
-//   producers; kWide: a budget of at least 144 registers);
+//   empty_lse(const Seq&); produce<kWide, kPair, kSole>(const WsShared&, int which, int stride)
+//   (the producers; kWide: a budget of at least 144 registers; kSole: the CTA's only one);
 //   for kTransposed*: masked_t(const Seq&, n, valid, token, row) and
 //   row_out(const Seq&, row, inv, lse, m, bool write_stats) -> WsRowOut.
 #pragma once
@@ -536,7 +536,7 @@ __device__ __forceinline__ void ws_run(const Task& task, const WsShared& sh) {
     }
   } else if (wg == 2) {
     ws_set_regs<Regs::kWg2, kL>();
-    task.template produce<Regs::kWideProducer, ws_pair(kMath)>(sh, 0, 1);
+    task.template produce<Regs::kWideProducer, ws_pair(kMath), true>(sh, 0, 1);
     ws_leave<kMath>();
   } else if (wg == 0) {
     ws_set_regs<Regs::kWg0, kL>();

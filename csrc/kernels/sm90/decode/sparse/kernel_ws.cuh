@@ -23,6 +23,14 @@ namespace sm90 {
 
 // The FP8 row loads carry cache hints (common.cuh, ld_nc_16<true>: 1.03-1.20x on the H200,
 // docs/PERFORMANCE.md 2026-12-01).
+// kPipelinedFp8Fetch (written 2026-12-01 without a GPU; off until measured): the wide FP8
+// producer of the role split (kRolesWide; in kTransposed32 it spilled 40 bytes) issues the next tile's row loads as soon as each round's
+// registers are stored, and its indices two tiles ahead, so a tile's load latency runs under the
+// previous tile's dequantization instead of after the empty wait (ncu, V3.2 h128: the producer
+// was the critical path and the largest single stall was the first use of round 0's data right
+// after that wait). Same registers for the rows (two rounds); within a sequence only. On, ptxas
+// reports no spill in kRolesWide (V3.2: 4 bytes off).
+constexpr bool kPipelinedFp8Fetch = false;
 template <KvFormat kFmt, int kDqk_>
 struct SparseWsTask {
   using T = bf16;
@@ -110,7 +118,8 @@ struct SparseWsTask {
   // 32 rank .. + 31) of every tile, into its own tile and the peer's (store_stage_pair: st.async
   // counted on the peer's peer_full barrier); it writes the validity bytes of all 64 tokens
   // locally, and arrives on its own peer_full barrier expecting the peer's half.
-  template <bool kWide, bool kPair>
+  // kSole: the CTA's only producer (the role split; kTransposed* has two).
+  template <bool kWide, bool kPair, bool kSole = false>
   __device__ __forceinline__ void produce(const WsShared& sh, int which, int stride) const {
     static_assert(!kPair || kFp8, "CTA pairs share dequantization: FP8 caches only");
     const int ptid = threadIdx.x & 127;
@@ -148,6 +157,51 @@ struct SparseWsTask {
       own(n, k);
       int idx[4] = {-1, -1, -1, -1};
       load_indices(n, idx);
+      if constexpr (kPipelinedFp8Fetch && kFp8 && kWide && !kPair && kSole) {
+        // Tile n's rows in flight, tile n_next's indices loading, before the loop.
+        int n_next = n;
+        uint32_t k_next = k;
+        if (n < q.t_hi) {
+          n_next = q.next(n + 1);
+          k_next = k + 1;
+          own(n_next, k_next);
+          const int pool_id = q.rows.pool_of(n);
+          stage.template fetch<true>(p.pool[pool_id], q.rows.row_of(idx[0], pool_id));
+          stage2.template fetch<true>(p.pool[pool_id], q.rows.row_of(idx[1], pool_id));
+        }
+        int idx_next[4] = {-1, -1, -1, -1};
+        load_indices(n_next, idx_next);
+        while (n < q.t_hi) {
+          int n_after = n_next;  // the own tile after n_next
+          uint32_t k_after = k_next;
+          if (n_next < q.t_hi) {
+            n_after = q.next(n_next + 1);
+            k_after = k_next + 1;
+            own(n_after, k_after);
+          }
+          int idx_after[4] = {-1, -1, -1, -1};
+          load_indices(n_after, idx_after);
+          const WsFill<false> fill(sh, k);
+          const bool more = n_next < q.t_hi;
+          const int pool_next = more ? q.rows.pool_of(n_next) : 0;
+          fill.wait_empty();
+          store_stage(stage, fill.tile, slot.t);
+          if (slot.j == 0) fill.valid[slot.t] = stage.valid;
+          if (more) stage.template fetch<true>(p.pool[pool_next], q.rows.row_of(idx_next[0], pool_next));
+          store_stage(stage2, fill.tile, slot.t + 32);
+          if (slot.j == 0) fill.valid[slot.t + 32] = stage2.valid;
+          if (more) stage2.template fetch<true>(p.pool[pool_next], q.rows.row_of(idx_next[1], pool_next));
+          fence_proxy_async();  // the stores, before the math warps' wgmma reads them
+          mbarrier_arrive(fill.full);
+#pragma unroll
+          for (int h = 0; h < 4; ++h) idx_next[h] = idx_after[h];
+          n = n_next;
+          k = k_next;
+          n_next = n_after;
+          k_next = k_after;
+        }
+        continue;  // the next sequence
+      }
       while (n < q.t_hi) {
         int n_next = q.next(n + 1);
         uint32_t k_next = k + 1;
