@@ -47,7 +47,8 @@ SparseDecodeParams with_load16_for(const SparseDecodeParams& p, WsMath math) {
 template <KvFormat kFmt, int kDqk>
 cudaError_t launch(const SparseDecodeParams& p_in, cudaStream_t stream) {
   using sm90::launch_sparse_attention_ws;
-  SparseDecodeParams p = with_load16_for(p_in, WsMath::kRoles);  // (no 16-byte loads) until known
+  // Every kernel but the unpaired wide one (below) reads V4 rows 8 bytes at a time.
+  SparseDecodeParams p = with_load16_for(p_in, WsMath::kRoles);
   if (kernel_variant() == KernelVariant::kV1) return sm90::launch_sparse_attention<kFmt, kDqk>(p, stream);
   const WsMath math = sparse_ws_math(p, kFmt);
   if (math == WsMath::kTransposed16)
