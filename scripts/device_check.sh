@@ -98,13 +98,22 @@ for tool in memcheck racecheck synccheck; do
     [ $st -eq 0 ] || { [ $st -ge 124 ] && echo "(timed out after ${SAN_TIMEOUT:-240} s)"; fail "$tool $variant"; }
   done
 done
-build_base() {  # the carried base tree, installed beside this build (once per call)
+# The base of stages ab / abtime, installed beside this build (once per call): the carried tree
+# .abase/base.tar, or with ABASE_FROM_TREE=1 this working tree built without $CUDAFLAGS (for
+# compile-time candidates switched on by CUDAFLAGS=-D... in the main build: kernels' docs).
+build_base() {
   [ -d /tmp/abase/site/jax_flashmla ] && return 0
-  rm -rf /tmp/abase && mkdir -p /tmp/abase/src && tar xf "$REPO/.abase/base.tar" -C /tmp/abase/src
-  (cd /tmp/abase/src && python3 -m pip install -q --no-build-isolation --no-deps \
+  rm -rf /tmp/abase && mkdir -p /tmp/abase/src
+  if [ "${ABASE_FROM_TREE:-0}" = 1 ]; then
+    tar cf - -C "$REPO" --exclude=./.whl --exclude=./.anchor --exclude=./.abase --exclude=./.git \
+      --exclude=./build . | tar xf - -C /tmp/abase/src
+  else
+    tar xf "$REPO/.abase/base.tar" -C /tmp/abase/src
+  fi
+  (cd /tmp/abase/src && env -u CUDAFLAGS python3 -m pip install -q --no-build-isolation --no-deps \
      --target /tmp/abase/site . > "$OUT/ab_build.log" 2>&1) || { fail ab-build; return 1; }
 }
-if has ab && [ -f "$REPO/.abase/base.tar" ]; then
+if has ab && { [ -f "$REPO/.abase/base.tar" ] || [ "${ABASE_FROM_TREE:-0}" = 1 ]; }; then
   log "A/B: this build against the carried base build, same cases, each in its own process"
   build_base
   for side in base this; do
@@ -114,7 +123,7 @@ if has ab && [ -f "$REPO/.abase/base.tar" ]; then
       ${BENCH_AB_ARGS:-} 2>&1 | tee "$OUT/ab_$side.log" | tail -14
   done
 fi
-if has abtime && [ -f "$REPO/.abase/base.tar" ]; then
+if has abtime && { [ -f "$REPO/.abase/base.tar" ] || [ "${ABASE_FROM_TREE:-0}" = 1 ]; }; then
   # Kernel time A/B from the profiler's GPU events (benchmarks/profile_decode.py --timeline: 10
   # calls in one jit, 3 traced runs; mean and median per kernel): no host dispatch in the number,
   # so a few percent between the two builds is visible. TIMELINE_CASES: profile_decode.py

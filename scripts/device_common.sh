@@ -11,10 +11,14 @@ log "device"; nvidia-smi --query-gpu=index,name,memory.total,driver_version --fo
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 
 if has build; then
-  log "build"
+  log "build${CUDAFLAGS:+ (CUDAFLAGS=$CUDAFLAGS: compile-time candidates on)}"
   python3 -m pip install -q --no-deps --no-index .whl/nvidia_cutlass-*.whl 2>&1 | tail -2
-  # -v keeps nvcc's resource report (-Xptxas -warn-spills) in the log.
-  ( time python3 -m pip install --no-build-isolation --no-deps -v . ) > "$OUT/build.log" 2>&1 \
+  # -v keeps nvcc's resource report (-Xptxas -warn-spills) in the log. CMAKE_CUDA_FLAGS is passed
+  # on every configure (empty without CUDAFLAGS): the build dir (pyproject build-dir) survives on a
+  # warm machine, and CMake reads the CUDAFLAGS variable only on a first configure, so a
+  # candidate's flags would otherwise stay in, or never get into, the cached build.
+  ( time SKBUILD_CMAKE_ARGS="-DCMAKE_CUDA_FLAGS=${CUDAFLAGS:-}" \
+      python3 -m pip install --no-build-isolation --no-deps -v . ) > "$OUT/build.log" 2>&1 \
     || { tail -60 "$OUT/build.log"; exit 1; }
   grep -E "spill|error|warning" "$OUT/build.log" | sort | uniq -c | head -20
   tail -3 "$OUT/build.log"

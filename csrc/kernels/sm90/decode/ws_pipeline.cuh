@@ -288,9 +288,13 @@ __device__ __forceinline__ void ws_load_q(const Task& task, const typename Task:
 // rows' store instead of at the next sequence's start, where the math has nothing to overlap them
 // with (~1-2 us per sequence piece; several pieces per CTA on big steps). Off: ws_load_q at each
 // sequence's start, and (kRoles*) the values warpgroup syncs with it there. With it on, ptxas
-// reports the same spills as off for every kernel (nvcc 13.0, 2026-12-01). To measure: set it,
-// build, and `abtime` against a base tar of the commit with it off.
-constexpr bool kWsPrefetchQ = false;
+// reports the same spills as off for every kernel (nvcc 13.0, 2026-12-01). To measure, build with
+// CUDAFLAGS=-DJFM_WS_PREFETCH_Q=1 and `abtime` against the tree built without it
+// (scripts/device_check.sh, ABASE_FROM_TREE=1).
+#ifndef JFM_WS_PREFETCH_Q
+#define JFM_WS_PREFETCH_Q 0
+#endif
+constexpr bool kWsPrefetchQ = JFM_WS_PREFETCH_Q != 0;
 template <class Task>
 struct WsQ {
   int landing = -1;  // the sequence whose Q copies this thread has issued

@@ -29,8 +29,12 @@ namespace sm90 {
 // previous tile's dequantization instead of after the empty wait (ncu, V3.2 h128: the producer
 // was the critical path and the largest single stall was the first use of round 0's data right
 // after that wait). Same registers for the rows (two rounds); within a sequence only. On, ptxas
-// reports no spill in kRolesWide (V3.2: 4 bytes off).
-constexpr bool kPipelinedFp8Fetch = false;
+// reports no spill in kRolesWide (V3.2: 4 bytes off). To measure: CUDAFLAGS=
+// -DJFM_PIPELINED_FP8_FETCH=1, as kWsPrefetchQ (ws_pipeline.cuh).
+#ifndef JFM_PIPELINED_FP8_FETCH
+#define JFM_PIPELINED_FP8_FETCH 0
+#endif
+constexpr bool kPipelinedFp8Fetch = JFM_PIPELINED_FP8_FETCH != 0;
 template <KvFormat kFmt, int kDqk_>
 struct SparseWsTask {
   using T = bf16;
