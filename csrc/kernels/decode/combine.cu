@@ -94,7 +94,8 @@ constexpr int kWarpRows = 8;  // rows per CTA of combine_warp_kernel, one warp e
 // The sequence owning extra slot x (warp-collective). A sequence of k chunks owns k - 1 extra
 // slots, in sequence order: f(s) = num_splits[s] - s is nondecreasing, f(0) = 0, and sequence s
 // owns [f(s), f(s + 1)). A 32-way search keeps f(lo) <= x < f(hi): 2 rounds of loads for 1024
-// sequences, 3 for 32K. Any num_splits ends the loop (the range shrinks every round).
+// sequences, 3 for 32K. Any num_splits ends the loop (the range shrinks every round) inside
+// [0, num_seqs).
 __device__ __forceinline__ int seq_of_extra_slot(const int32_t* num_splits, int num_seqs, int x,
                                                  int lane) {
   int lo = 0, hi = num_seqs;
@@ -103,7 +104,7 @@ __device__ __forceinline__ int seq_of_extra_slot(const int32_t* num_splits, int 
     const int probe = lo + lane * step;
     const bool at_or_below = probe < hi && __ldg(num_splits + probe) - probe <= x;
     const unsigned below = __ballot_sync(0xffffffffu, at_or_below);  // lanes 0..last (lane 0: lo)
-    lo += (31 - __clz(below)) * step;
+    if (below != 0u) lo += (31 - __clz(below)) * step;  // (0 only for a num_splits not ours)
     hi = min(lo + step, hi);
   }
   return lo;
