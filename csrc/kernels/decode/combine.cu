@@ -190,8 +190,10 @@ __device__ __forceinline__ void combine_row_warp(const CombineParams& p, const C
   if (lane == 0) *lse_out = lse;
 }
 
-// Grid (min(num_seqs, num_sm_parts), rows / 8): the CTAs stride over the step's extra slots, and
-// the CTA of a split sequence's first extra slot merges 8 of its rows, one per warp. Only split
+// Grid (min(num_seqs, num_sm_parts), rows / 8). With more sequences than parts the CTAs stride
+// over the step's extra slots (at most ~one each), and the CTA of a split sequence's first extra
+// slot merges 8 of its rows, one per warp; otherwise CTA x merges sequence x (striding there made
+// b 2 walk ~65 slots with a search each: 5 -> 9 us, H200). Only split
 // sequences cost a CTA: a grid of one CTA per (sequence, row block), nearly all returning at once
 // on big steps, cost more than the merging (V4 b 256 h 128, profiler: 20 us for ~24 MB).
 // (256, 2): with (256) alone ptxas capped the merge at 80 registers and spilled.
@@ -201,6 +203,13 @@ __global__ void __launch_bounds__(32 * kWarpRows, 2) combine_warp_kernel(const C
   const int lane = threadIdx.x & 31;
   const int row = blockIdx.y * kWarpRows + (threadIdx.x >> 5);
   const int32_t* ns = p.num_splits;
+  if (gridDim.x == static_cast<unsigned>(p.num_seqs)) {  // a CTA per sequence: no search (small steps)
+    const int seq = blockIdx.x;
+    if (ns[seq + 1] - ns[seq] < 2) return;  // unsplit: the attention kernel wrote it
+    const CombineRow c(p, seq, row);
+    if (row < c.rows) combine_row_warp<T>(p, c, lane);
+    return;
+  }
   const int extra = ns[p.num_seqs] - p.num_seqs;
   for (int x = blockIdx.x; x < extra; x += gridDim.x) {  // (uniform per CTA)
     const int seq = seq_of_extra_slot(ns, p.num_seqs, x, lane);
