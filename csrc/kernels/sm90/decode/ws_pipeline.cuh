@@ -279,47 +279,6 @@ __device__ __forceinline__ void ws_load_q(const Task& task, const typename Task:
   sync();
 }
 
-// kWsPrefetchQ (written 2026-12-01 without a GPU; off until measured): the Q tile of the CTA's
-// sequences comes from the one warpgroup that reads it (kRoles*: scores; kTransposed*: the math
-// warpgroup; threads 0..127), which issues the next sequence's Q copies as soon as all 128 of its
-// threads are past the current sequence's last QK^T (kRoles*: the barrier before its P V;
-// kTransposed*: after its P V, since there the copies between the barrier and the P V wgmma made
-// ptxas inject warpgroup.arrive and spill), so they land under that tile's remaining work and the
-// rows' store instead of at the next sequence's start, where the math has nothing to overlap them
-// with (~1-2 us per sequence piece; several pieces per CTA on big steps). Off: ws_load_q at each
-// sequence's start, and (kRoles*) the values warpgroup syncs with it there. With it on, ptxas
-// reports the same spills as off for every kernel (nvcc 13.0, 2026-12-01). To measure, build with
-// CUDAFLAGS=-DJFM_WS_PREFETCH_Q=1 and `abtime` against the tree built without it
-// (scripts/device_check.sh, ABASE_FROM_TREE=1).
-#ifndef JFM_WS_PREFETCH_Q
-#define JFM_WS_PREFETCH_Q 0
-#endif
-constexpr bool kWsPrefetchQ = JFM_WS_PREFETCH_Q != 0;
-template <class Task>
-struct WsQ {
-  int landing = -1;  // the sequence whose Q copies this thread has issued
-  __device__ __forceinline__ void issue(const Task& task, const WsShared& sh, int seq) {
-    task.template load_q<128>(task.seq(seq), sh.sq);
-    cp_async_commit();
-    landing = seq;
-  }
-  // At the start of sequence `seq`: its Q landed and fenced for the wgmma, on all 128 threads.
-  // (Issued here when not prefetched: the first sequence, or after one without tiles; nobody
-  // reads Q then, the barrier below of the sequence before having ordered its last QK^T.)
-  __device__ __forceinline__ void acquire(const Task& task, const WsShared& sh, int seq) {
-    if (landing != seq) issue(task, sh, seq);
-    cp_async_wait<0>();
-    fence_proxy_async();
-    named_barrier_sync(kBarScores, 128);
-  }
-  // Once all 128 threads are past a tile's QK^T: on the sequence's last tile, the next sequence's
-  // copies.
-  __device__ __forceinline__ void after_last_qk(const Task& task, const WsShared& sh, int seq,
-                                                bool last_tile) {
-    if (last_tile && seq < task.end_seq) issue(task, sh, seq + 1);
-  }
-};
-
 // The math warps' wait for the k-th tile (both math splits): its buffer full (kPair: and the peer's half, the st.async
 // bytes counted on peer_full), then fenced for the wgmma that reads it: the cp.async rows or
 // (kPair) the st.async bytes are generic-proxy writes, wgmma reads through the async proxy.
@@ -387,13 +346,10 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   const WsRowDescs<Task::kDqk> dd(sh, ln.wc);
   const uint64_t desc_q = dd.q, desc_k = dd.k, desc_p = dd.p, desc_v = dd.v;
 
-  constexpr bool prefetch_q = kWsPrefetchQ;
-  WsQ<Task> wq;  // (prefetch_q: the scores warpgroup's Q)
   uint32_t k = 0;  // tiles this CTA has consumed (the producer's count, in step)
   for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
     const typename Task::Seq cur = task.seq(seq);
-    if (!prefetch_q) ws_load_q<256>(task, cur, sh, [] { Sync::sync(); });
-    else if (kRole == WsRole::kScores) wq.acquire(task, sh, seq);
+    ws_load_q<256>(task, cur, sh, [] { Sync::sync(); });
 
     RowState st;
     st.init();
@@ -419,7 +375,6 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
         fence_proxy_async();
         mbarrier_arrive(sh.bar_p_ready);
         named_barrier_sync(kBarScores, 128);  // all of P, before this warpgroup's wgmma reads it
-        if (prefetch_q) wq.after_last_qk(task, sh, seq, n_next >= cur.t_hi);
         rescale_o(st.o, corr);
       } else {  // kValues
         mbarrier_wait(sh.bar_p_ready, k & 1);
@@ -457,13 +412,10 @@ __device__ __forceinline__ void ws_math_t(const Task& task, const WsShared& sh) 
   const uint64_t desc_vt = gmma_desc_sw128(sh.sk0, S::kBlockBytes, 1024);     // A, MN-major
   const uint64_t desc_p = gmma_desc_sw128(sh.sp, 16, 1024);                   // B = P^T
 
-  constexpr bool prefetch_q = kWsPrefetchQ;
-  WsQ<Task> wq;
   uint32_t k = 0;  // tiles this CTA has consumed (the producers' count, in step)
   for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
     const typename Task::Seq cur = task.seq(seq);
-    if (prefetch_q) wq.acquire(task, sh, seq);
-    else ws_load_q<128>(task, cur, sh, [] { named_barrier_sync(kBarScores, 128); });
+    ws_load_q<128>(task, cur, sh, [] { named_barrier_sync(kBarScores, 128); });
 
     TState<kN> st;
     st.init();
@@ -485,7 +437,6 @@ __device__ __forceinline__ void ws_math_t(const Task& task, const WsShared& sh) 
       named_barrier_sync(kBarScores, 128);  // all of P^T, before the wgmma reads it
       rescale_o_t(st, corr);
       tile_pv_t<T, kN>(st, desc_vt + buf_desc, desc_p);
-      if (prefetch_q) wq.after_last_qk(task, sh, seq, n_next >= cur.t_hi);
       mbarrier_arrive(sh.bar_empty + 8 * buf);  // this thread is done with it
       n = n_next;
     }

@@ -23,16 +23,18 @@ namespace sm90 {
 
 // The FP8 row loads carry cache hints (common.cuh, ld_nc_16<true>: 1.03-1.20x on the H200,
 // docs/PERFORMANCE.md 2026-12-01).
-// kPipelinedFp8Fetch (written 2026-12-01 without a GPU; off until measured): the wide FP8
-// producer of the role split (kRolesWide; in kTransposed32 it spilled 40 bytes) issues the next tile's row loads as soon as each round's
-// registers are stored, and its indices two tiles ahead, so a tile's load latency runs under the
-// previous tile's dequantization instead of after the empty wait (ncu, V3.2 h128: the producer
-// was the critical path and the largest single stall was the first use of round 0's data right
-// after that wait). Same registers for the rows (two rounds); within a sequence only. On, ptxas
-// reports no spill in kRolesWide (V3.2: 4 bytes off). To measure: CUDAFLAGS=
-// -DJFM_PIPELINED_FP8_FETCH=1, as kWsPrefetchQ (ws_pipeline.cuh).
+// kPipelinedFp8Fetch (on; -DJFM_PIPELINED_FP8_FETCH=0 builds the previous loop for an A/B): the
+// wide FP8 producer of the role split (kRolesWide; in kTransposed32 it spilled 40 bytes) issues
+// the next tile's row loads as soon as each round's registers are stored, and its indices two
+// tiles ahead, so a tile's load latency runs under the previous tile's dequantization instead of
+// after the empty wait (ncu, V3.2 h128: the producer was the critical path and the largest single
+// stall was the first use of round 0's data right after that wait). Same registers for the rows
+// (two rounds); within a sequence only. H200, kernel time (profiler): V3.2 h128 b64 108.4 -> 105.4
+// us, b128 210.0 -> 202.1, V4 h64 topk 640 b256 80.9 -> 79.3, b64 unchanged (predicted 5-12% and
+// 10-25%: the producer is no longer the only limit). GPU tests, memcheck, racecheck, synccheck
+// clean with it on (docs/PERFORMANCE.md, seventh session).
 #ifndef JFM_PIPELINED_FP8_FETCH
-#define JFM_PIPELINED_FP8_FETCH 0
+#define JFM_PIPELINED_FP8_FETCH 1
 #endif
 constexpr bool kPipelinedFp8Fetch = JFM_PIPELINED_FP8_FETCH != 0;
 template <KvFormat kFmt, int kDqk_>
@@ -204,62 +206,62 @@ struct SparseWsTask {
           n_next = n_after;
           k_next = k_after;
         }
-        continue;  // the next sequence
-      }
-      while (n < q.t_hi) {
-        int n_next = q.next(n + 1);
-        uint32_t k_next = k + 1;
-        own(n_next, k_next);
-        int idx_next[4] = {-1, -1, -1, -1};
-        const WsFill<kPair> fill(sh, k);
-        const int pool_id = q.rows.pool_of(n);
-        const SparsePool& pool = p.pool[pool_id];
-        if constexpr (kPair) {
-          const int mine = sh.rank ? idx[1] : idx[0];  // this CTA's round of the tile
-          stage.template fetch<true>(pool, q.rows.row_of(mine, pool_id));  // in flight while we wait
-          load_indices(n_next, idx_next);
-          fill.wait_empty();
-          // The peer's st.async bytes of this tile, counted on this CTA's peer_full barrier (its
-          // one arrival, from here, so the phase cannot end before the expectation is set).
-          if (ptid == 0) mbarrier_arrive_expect_tx(fill.peer_full, 128 * Stage::kThreadBytes);
-          store_stage_pair(stage, fill.tile, fill.peer_tile, fill.peer_peer_full, slot.t + 32 * sh.rank);
-          if (slot.j == 0) {
-            fill.valid[slot.t] = q.rows.row_of(idx[0], pool_id) >= 0;
-            fill.valid[slot.t + 32] = q.rows.row_of(idx[1], pool_id) >= 0;
+      } else {  // tile n's rows fetched after the previous tile's store
+        while (n < q.t_hi) {
+          int n_next = q.next(n + 1);
+          uint32_t k_next = k + 1;
+          own(n_next, k_next);
+          int idx_next[4] = {-1, -1, -1, -1};
+          const WsFill<kPair> fill(sh, k);
+          const int pool_id = q.rows.pool_of(n);
+          const SparsePool& pool = p.pool[pool_id];
+          if constexpr (kPair) {
+            const int mine = sh.rank ? idx[1] : idx[0];  // this CTA's round of the tile
+            stage.template fetch<true>(pool, q.rows.row_of(mine, pool_id));  // in flight while we wait
+            load_indices(n_next, idx_next);
+            fill.wait_empty();
+            // The peer's st.async bytes of this tile, counted on this CTA's peer_full barrier (its
+            // one arrival, from here, so the phase cannot end before the expectation is set).
+            if (ptid == 0) mbarrier_arrive_expect_tx(fill.peer_full, 128 * Stage::kThreadBytes);
+            store_stage_pair(stage, fill.tile, fill.peer_tile, fill.peer_peer_full, slot.t + 32 * sh.rank);
+            if (slot.j == 0) {
+              fill.valid[slot.t] = q.rows.row_of(idx[0], pool_id) >= 0;
+              fill.valid[slot.t + 32] = q.rows.row_of(idx[1], pool_id) >= 0;
+            }
+            fence_proxy_async();  // the local stores, before the math warps' wgmma reads them
+            mbarrier_arrive(fill.full);
+          } else if constexpr (kFp8) {
+            stage.template fetch<true>(pool, q.rows.row_of(idx[0], pool_id));  // in flight while we wait
+            if constexpr (kWide) stage2.template fetch<true>(pool, q.rows.row_of(idx[1], pool_id));
+            load_indices(n_next, idx_next);
+            fill.wait_empty();
+            store_stage(stage, fill.tile, slot.t);
+            if (slot.j == 0) fill.valid[slot.t] = stage.valid;
+            if constexpr (!kWide) stage2.template fetch<true>(pool, q.rows.row_of(idx[1], pool_id));
+            store_stage(stage2, fill.tile, slot.t + 32);
+            if (slot.j == 0) fill.valid[slot.t + 32] = stage2.valid;
+            fence_proxy_async();  // the stores, before the math warps' wgmma reads them
+            mbarrier_arrive(fill.full);
+          } else {
+            load_indices(n_next, idx_next);
+            fill.wait_empty();
+            const bf16* rows = reinterpret_cast<const bf16*>(pool.data);
+            // Row lr + 16 h of the tile is this thread's position h (lr < 16).
+            load_tile_rows<bf16, kDqk, 128>(fill.tile, ptid, rows, [&](int t) -> const bf16* {
+              const int64_t r = q.rows.row_of(idx[t >> 4], pool_id);
+              return r >= 0 ? rows + r * kDqk : nullptr;
+            });
+#pragma unroll
+            for (int h = 0; h < 4; ++h)
+              if (lq == 0) fill.valid[lr + 16 * h] = q.rows.row_of(idx[h], pool_id) >= 0;
+            mbarrier_arrive(fill.full);                  // the validity bytes
+            cp_async_mbarrier_arrive_noinc(fill.full);   // the rows, when they land
           }
-          fence_proxy_async();  // the local stores, before the math warps' wgmma reads them
-          mbarrier_arrive(fill.full);
-        } else if constexpr (kFp8) {
-          stage.template fetch<true>(pool, q.rows.row_of(idx[0], pool_id));  // in flight while we wait
-          if constexpr (kWide) stage2.template fetch<true>(pool, q.rows.row_of(idx[1], pool_id));
-          load_indices(n_next, idx_next);
-          fill.wait_empty();
-          store_stage(stage, fill.tile, slot.t);
-          if (slot.j == 0) fill.valid[slot.t] = stage.valid;
-          if constexpr (!kWide) stage2.template fetch<true>(pool, q.rows.row_of(idx[1], pool_id));
-          store_stage(stage2, fill.tile, slot.t + 32);
-          if (slot.j == 0) fill.valid[slot.t + 32] = stage2.valid;
-          fence_proxy_async();  // the stores, before the math warps' wgmma reads them
-          mbarrier_arrive(fill.full);
-        } else {
-          load_indices(n_next, idx_next);
-          fill.wait_empty();
-          const bf16* rows = reinterpret_cast<const bf16*>(pool.data);
-          // Row lr + 16 h of the tile is this thread's position h (lr < 16).
-          load_tile_rows<bf16, kDqk, 128>(fill.tile, ptid, rows, [&](int t) -> const bf16* {
-            const int64_t r = q.rows.row_of(idx[t >> 4], pool_id);
-            return r >= 0 ? rows + r * kDqk : nullptr;
-          });
 #pragma unroll
-          for (int h = 0; h < 4; ++h)
-            if (lq == 0) fill.valid[lr + 16 * h] = q.rows.row_of(idx[h], pool_id) >= 0;
-          mbarrier_arrive(fill.full);                  // the validity bytes
-          cp_async_mbarrier_arrive_noinc(fill.full);   // the rows, when they land
+          for (int h = 0; h < 4; ++h) idx[h] = idx_next[h];
+          n = n_next;
+          k = k_next;
         }
-#pragma unroll
-        for (int h = 0; h < 4; ++h) idx[h] = idx_next[h];
-        n = n_next;
-        k = k_next;
       }
     }
     if constexpr (!kFp8) cp_async_wait_all();  // no copy outlives its thread
