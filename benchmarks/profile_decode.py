@@ -7,6 +7,11 @@
 --timeline K: instead, K calls in one jit (each on its own copy of q) under jax.profiler, then
 every GPU event of the last run in order (start, duration, gap since the previous one): where a
 small step's time goes between the kernels and the launches (bench_model.gpu_busy's trace).
+--async_runs N (with --timeline): also N runs dispatched back to back with one wait at the end,
+as a benchmark loop or a serving loop issues them: wall time per run against the GPU's busy time,
+and the GPU's idle gaps between runs (the per-run cost that one jitted unit of K calls spreads
+over its K calls; docs/PERFORMANCE.md, seventh session). Try it also with
+XLA_FLAGS=--xla_gpu_enable_command_buffer= (no command buffers: plain launches).
 """
 import argparse
 import os
@@ -33,13 +38,15 @@ ap.add_argument("--topk", type=int, default=2048)
 ap.add_argument("--page", type=int, default=64)
 ap.add_argument("--timeline", type=int, default=0)
 ap.add_argument("--trace_dir", default="/tmp/jfm_timeline")
+ap.add_argument("--async_runs", type=int, default=0)
+ap.add_argument("--implementation", default="kernel", help="kernel | reference (e.g. on a CPU)")
 args = ap.parse_args()
 
 if args.sparse is None:
     q, kv, table, lens, _ = bd.make_inputs(0, args.b, args.s_q, args.h_q, args.s_k, True)
     meta = jax_flashmla.get_mla_metadata(lens, s_q=args.s_q, h_q=args.h_q)
     op = jax.jit(lambda q, kv, t, l, m: jax_flashmla.mla_decode(
-        q, kv, t, l, causal=args.causal, metadata=m, implementation="kernel"))
+        q, kv, t, l, causal=args.causal, metadata=m, implementation=args.implementation))
     call = lambda: op(q, kv, table, lens, meta)  # noqa: E731
     rest = (kv, table, lens, meta)
 else:
@@ -55,14 +62,14 @@ else:
     meta = jax_flashmla.get_mla_metadata(jnp.zeros((args.b,), jnp.int32), s_q=args.s_q,
                                          h_q=args.h_q, topk=args.topk)
     op = jax.jit(lambda q, kv, i, m: jax_flashmla.mla_decode(q, kv, indices=i, metadata=m,
-                                                             implementation="kernel"))
+                                                             implementation=args.implementation))
     call = lambda: op(q, pool, idx, meta)  # noqa: E731
     rest = (pool, idx, meta)
 
 
 def timeline(k):
     """Every GPU event of one run of K calls in one jit, in order."""
-    from sbs_common import host_launch_counts, perfetto_gpu_events
+    from sbs_common import perfetto_gpu_events
     qs = tuple(jnp.array(q, copy=True) for _ in range(k))
     many = jax.jit(lambda qs, *r: [op(qi, *r) for qi in qs])
     for _ in range(5):
@@ -73,7 +80,15 @@ def timeline(k):
     kern = perfetto_gpu_events(args.trace_dir)
     if not kern:
         print("no GPU stream events in the trace (no GPU?)")
-        return
+    else:
+        print_run(kern, k)
+    if args.async_runs:
+        async_runs(many, qs, k, args.async_runs)
+
+
+def print_run(kern, k):
+    """The last traced run's events, each kernel's mean / median, the host's launch calls."""
+    from sbs_common import host_launch_counts
     # The last run: the events after the largest gap (the host's block_until_ready between runs).
     gaps = [kern[i + 1][0] - kern[i][0] - kern[i][1] for i in range(len(kern) - 1)]
     start = max(range(len(gaps)), key=lambda i: gaps[i]) + 1 if gaps else 0
@@ -93,6 +108,34 @@ def timeline(k):
     launches = host_launch_counts(args.trace_dir)
     print("host launch calls per run: " + (", ".join(f"{n} {c / 3:g}" for n, c in sorted(launches.items()))
                                           or "none found in the trace"))
+
+
+def async_runs(many, qs, k, n):
+    """N runs of the K-call unit dispatched back to back, one wait: wall vs GPU busy per run."""
+    import time
+    from sbs_common import perfetto_gpu_events
+    walls = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        jax.block_until_ready([many(qs, *rest) for _ in range(n)])
+        walls.append((time.perf_counter() - t0) / n * 1e6)
+    trace_dir = args.trace_dir + "_async"
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        jax.block_until_ready([many(qs, *rest) for _ in range(n)])
+    kern = perfetto_gpu_events(trace_dir)
+    if not kern:
+        print("async runs: no GPU stream events in the trace")
+        return
+    busy = sum(dur for _, dur, _ in kern)
+    span = kern[-1][0] + kern[-1][1] - kern[0][0]
+    gaps = sorted(kern[i + 1][0] - kern[i][0] - kern[i][1] for i in range(len(kern) - 1))
+    idle = [g for g in gaps if g > 1.0]
+    print(f"{n} runs back to back (one wait): wall {np.median(walls):.1f} us per run "
+          f"({np.median(walls) / k:.2f} per call; rounds {', '.join(f'{w:.1f}' for w in walls)}); "
+          f"traced: GPU busy {busy / n:.1f} us per run, span {span / n:.1f} per run, "
+          f"{len(kern)} events; idle gaps over 1 us: {len(idle)}"
+          + (f", median {np.median(idle):.1f} us, max {idle[-1]:.1f}, total {sum(idle) / n:.1f} per run"
+             if idle else ""))
 
 
 if args.timeline:
