@@ -4,6 +4,8 @@
   ncu --kernel-name regex:sparse_attention_kernel ... \\
       python3 benchmarks/profile_decode.py --sparse v32 --h_q 128 --topk 2048 --b 64 --s_q 2
 --sparse v32 | v4 | bf16: FP8 V3.2 (d_qk 576), FP8 V4 (d_qk 512) or bf16 pool, random rows.
+--prefill 576 | 512: sparse prefill instead, --s_q query tokens (each a "call" of --timeline is
+one prefill of all of them) over --s_k kv rows, --topk random indices each.
 --timeline K: instead, K calls in one jit (each on its own copy of q) under jax.profiler, then
 every GPU event of the last run in order (start, duration, gap since the previous one): where a
 small step's time goes between the kernels and the launches (bench_model.gpu_busy's trace).
@@ -34,6 +36,7 @@ ap.add_argument("--h_q", type=int, default=128)
 ap.add_argument("--s_k", type=int, default=4096)
 ap.add_argument("--causal", action="store_true")
 ap.add_argument("--sparse", choices=("v32", "v4", "bf16"), default=None)
+ap.add_argument("--prefill", type=int, choices=(576, 512), default=None)
 ap.add_argument("--topk", type=int, default=2048)
 ap.add_argument("--page", type=int, default=64)
 ap.add_argument("--timeline", type=int, default=0)
@@ -42,7 +45,17 @@ ap.add_argument("--async_runs", type=int, default=0)
 ap.add_argument("--implementation", default="kernel", help="kernel | reference (e.g. on a CPU)")
 args = ap.parse_args()
 
-if args.sparse is None:
+if args.prefill is not None:
+    keys = jax.random.split(jax.random.PRNGKey(3), 2)
+    q = jax.random.normal(keys[0], (args.s_q, args.h_q, args.prefill), jnp.bfloat16)
+    kv = jax.random.normal(keys[1], (args.s_k, 1, args.prefill), jnp.bfloat16)
+    idx = jnp.asarray(np.random.default_rng(0).integers(0, args.s_k, (args.s_q, 1, args.topk)),
+                      jnp.int32)
+    op = jax.jit(lambda q, kv, i: jax_flashmla.sparse_mla_prefill(
+        q, kv, i, implementation=args.implementation))
+    call = lambda: op(q, kv, idx)  # noqa: E731
+    rest = (kv, idx)
+elif args.sparse is None:
     q, kv, table, lens, _ = bd.make_inputs(0, args.b, args.s_q, args.h_q, args.s_k, True)
     meta = jax_flashmla.get_mla_metadata(lens, s_q=args.s_q, h_q=args.h_q)
     op = jax.jit(lambda q, kv, t, l, m: jax_flashmla.mla_decode(
