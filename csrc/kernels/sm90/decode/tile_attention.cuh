@@ -332,6 +332,52 @@ __device__ __forceinline__ void store_p_rows(uint32_t sp, const float (&s)[32], 
   }
 }
 
+// The scores warpgroup's P (its S accumulator in the C layout, turned into P) as T pairs: word i
+// = elements 2 i, 2 i + 1. Words 4 kk .. 4 kk + 3 are then, in order, the A fragment of P V's
+// k-step kk (tokens 16 kk ..: rows g and g + 8, columns 2 tq + {0, 1} and 8 + 2 tq + {0, 1}), the
+// mma.m16n8k16 A layout that wgmma takes from registers.
+template <typename T>
+__device__ __forceinline__ void pack_p_rows(const float (&s)[32], uint32_t (&pw)[16]) {
+#pragma unroll
+  for (int i = 0; i < 16; ++i) pw[i] = pack2<T>(s[2 * i], s[2 * i + 1]);
+}
+// The packed P into the swizzled P block at sp (store_p_rows' addresses): n-tile nt's words 2 nt
+// (row r0) and 2 nt + 1 (row r0 + 8).
+__device__ __forceinline__ void store_p_words(uint32_t sp, const uint32_t (&pw)[16], const Lane& ln) {
+  const int r0 = ln.row(0), r1 = r0 + 8;
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+    const int col = nt * 8 + 2 * ln.tq;
+    const uint32_t a0 = sp + r0 * 128 + ((((col >> 3) ^ (r0 & 7))) << 4) + (col & 7) * 2;
+    const uint32_t a1 = sp + r1 * 128 + ((((col >> 3) ^ (r1 & 7))) << 4) + (col & 7) * 2;
+    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(a0), "r"(pw[2 * nt]));
+    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(a1), "r"(pw[2 * nt + 1]));
+  }
+}
+// O[:, col0 .. +kCols] += P V with P from registers (pack_p_rows), desc_v as tile_pv_issue's;
+// fenced and committed, not waited for. The words must stay unmodified until the wait.
+template <typename T, int kCols>
+__device__ __forceinline__ void tile_pv_issue_rs(RowStateN<kCols>& st, const uint32_t (&pw)[16],
+                                                 uint64_t desc_v) {
+  constexpr uint32_t kPast256 = (4 * kBlockM * 128) >> 4;  // 4 column blocks, descriptor units
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kTileTokens / 16; ++kk) {
+    const uint32_t a[4] = {pw[4 * kk], pw[4 * kk + 1], pw[4 * kk + 2], pw[4 * kk + 3]};
+    const uint64_t b = desc_v + ((kk * 16 * 128) >> 4);
+    if constexpr (kCols == 256) {
+      wgmma_m64n256k16_rs_tb<T>(st.o, a, b);
+    } else if constexpr (kCols == 128) {
+      wgmma_m64n128k16_rs_tb<T>(st.o, a, b);
+    } else {
+      static_assert(kCols == 384, "O slices of 128, 256 or 384 columns");
+      wgmma_m64n256k16_rs_tb<T>(st.o, a, b);
+      wgmma_m64n128k16_rs_tb<T>(st.o + 128, a, b + kPast256);
+    }
+  }
+  wgmma_commit();
+}
+
 // ---- Transposed (kernel_ws.cuh, kTransposed* math, few query rows): one warpgroup computes
 // S^T = K Q^T (M = the tile's 64 tokens, N = kN query rows, kN = 16 or 32) and O^T += V^T P^T
 // (M = 64 of the 512 value columns per chunk, 8 chunks; V^T is the K tile read as an MN-major A

@@ -95,6 +95,25 @@ constexpr int ws_scores_cols(WsMath m) {
 static_assert((JFM_WS_SCORES_COLS == 256 || JFM_WS_SCORES_COLS == 128) &&
                   (JFM_WS_SCORES_COLS_WIDE == 256 || JFM_WS_SCORES_COLS_WIDE == 128),
               "the scores warpgroup's O: 256 or 128 columns");
+// ws_local_p (candidate, written 2026-12-01 without a GPU; off): the scores warpgroup's own P V
+// takes P from its registers (wgmma with A in registers: its S accumulator's C layout is P V's A
+// fragment layout) instead of from the P block in shared memory. It still stores P there for the
+// values warpgroup, but no longer syncs its 128 threads on that store before its P V (a named
+// barrier per tile on the critical path) and no longer reads P back (8 KB of shared-memory reads
+// per tile, the resource the fourth session counted as the tightest); P lives in 16 packed
+// registers instead of 32 floats. To measure: CUDAFLAGS=-DJFM_WS_LOCAL_P=1, alone and with
+// -DJFM_WS_SCORES_COLS=128. ptxas (nvcc 13.0): no spill in kRoles or kRolesPair; in kRolesWide
+// (V4) it moved the allocation of the other roles (20 bytes, some in the producer's loop), so
+// kRolesWide has its own switch, JFM_WS_LOCAL_P_WIDE (default: as JFM_WS_LOCAL_P).
+#ifndef JFM_WS_LOCAL_P
+#define JFM_WS_LOCAL_P 0
+#endif
+#ifndef JFM_WS_LOCAL_P_WIDE
+#define JFM_WS_LOCAL_P_WIDE JFM_WS_LOCAL_P
+#endif
+constexpr bool ws_local_p(WsMath m) {
+  return (m == WsMath::kRolesWide ? JFM_WS_LOCAL_P_WIDE : JFM_WS_LOCAL_P) != 0;
+}
 struct WsRegSplit {
   int wg0, wg1, wg2;
 };
@@ -369,8 +388,10 @@ __device__ __forceinline__ void ws_finish_rows(RowStateN<kCols>& st, const WsSha
 // The math warps' loop over this CTA's sequences and tiles. One instantiation per role, so that
 // each warpgroup's code is register-allocated within its own setmaxnreg budget (with one loop for
 // both roles ptxas allocated it within the smaller budget and spilled).
-template <class Task, WsRole kRole, bool kPair, int kScoresCols>
+template <class Task, WsRole kRole, WsMath kMath>
 __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
+  constexpr bool kPair = ws_pair(kMath);
+  constexpr int kScoresCols = ws_scores_cols(kMath);
   using T = typename Task::T;
   using S = TileSmem<Task::kDqk>;
   using Sync = MathWarpsSync;
@@ -400,22 +421,38 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
         mask_tile(sacc, [&](int h, int col) { return task.masked(cur, n, valid, h, col); });
         float corr[2];
         tile_softmax_rows(sacc, st, corr, sl2);
-        mbarrier_wait(sh.bar_p_free, (k & 1) ^ 1);  // values done with the last P (tile 0: passes)
-        store_p_rows<T>(sh.sp, sacc, ln);
-        if (ln.tq == 0) {
-          sh.corr[ln.row(0)] = corr[0];
-          sh.corr[ln.row(1)] = corr[1];
+        if constexpr (ws_local_p(kMath)) {
+          uint32_t pw[16];  // P, packed: also this warpgroup's P V operand
+          pack_p_rows<T>(sacc, pw);
+          mbarrier_wait(sh.bar_p_free, (k & 1) ^ 1);  // values done with the last P (tile 0: passes)
+          store_p_words(sh.sp, pw, ln);
+          if (ln.tq == 0) {
+            sh.corr[ln.row(0)] = corr[0];
+            sh.corr[ln.row(1)] = corr[1];
+          }
+          fence_proxy_async();
+          mbarrier_arrive(sh.bar_p_ready);
+          rescale_o(st.o, corr);
+          tile_pv_issue_rs<T>(st, pw, desc_v + buf_desc);
+        } else {
+          mbarrier_wait(sh.bar_p_free, (k & 1) ^ 1);  // values done with the last P (tile 0: passes)
+          store_p_rows<T>(sh.sp, sacc, ln);
+          if (ln.tq == 0) {
+            sh.corr[ln.row(0)] = corr[0];
+            sh.corr[ln.row(1)] = corr[1];
+          }
+          fence_proxy_async();
+          mbarrier_arrive(sh.bar_p_ready);
+          named_barrier_sync(kBarScores, 128);  // all of P, before this warpgroup's wgmma reads it
+          rescale_o(st.o, corr);
+          tile_pv_issue<T>(st, desc_p, desc_v + buf_desc);
         }
-        fence_proxy_async();
-        mbarrier_arrive(sh.bar_p_ready);
-        named_barrier_sync(kBarScores, 128);  // all of P, before this warpgroup's wgmma reads it
-        rescale_o(st.o, corr);
       } else {  // kValues
         mbarrier_wait(sh.bar_p_ready, k & 1);
         const float corr[2] = {sh.corr[ln.row(0)], sh.corr[ln.row(1)]};
         rescale_o(st.o, corr);
+        tile_pv_issue<T>(st, desc_p, desc_v + buf_desc);
       }
-      tile_pv_issue<T>(st, desc_p, desc_v + buf_desc);
       wgmma_wait<0>();
       if (kRole == WsRole::kValues) mbarrier_arrive(sh.bar_p_free);
       mbarrier_arrive(sh.bar_empty + 8 * buf);  // this thread is done with it
@@ -529,11 +566,11 @@ __device__ __forceinline__ void ws_run(const Task& task, const WsShared& sh) {
     ws_leave<kMath>();
   } else if (wg == 0) {
     ws_set_regs<Regs::kWg0, kL>();
-    ws_math<Task, WsRole::kScores, ws_pair(kMath), ws_scores_cols(kMath)>(task, sh);
+    ws_math<Task, WsRole::kScores, kMath>(task, sh);
     ws_leave<kMath>();
   } else {
     ws_set_regs<Regs::kWg1, kL>();
-    ws_math<Task, WsRole::kValues, ws_pair(kMath), ws_scores_cols(kMath)>(task, sh);
+    ws_math<Task, WsRole::kValues, kMath>(task, sh);
     ws_leave<kMath>();
   }
 }
