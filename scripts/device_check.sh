@@ -5,7 +5,7 @@
 # From the repo root, carrying the nvidia-cutlass wheel (docs/BUILDING.md):
 #   run(command="bash scripts/device_check.sh", carry=[".whl"])
 # Stages: STAGES="build cpu-suite smoke gpu gpu-alt raceprobe memcheck racecheck synccheck ab abtime
-# ncu bench example" (default: build gpu memcheck racecheck bench example). smoke runs a few calls of every
+# abflags ncu bench example" (default: build gpu memcheck racecheck bench example). smoke runs a few calls of every
 # kernel per SMOKE_VARIANTS (default "ws pair", JFM_KERNEL_VARIANT); gpu-alt runs
 # the kernel GPU tests on each variant in ALT_VARIANTS (default "pair": the FP8 CTA pairs
 # everywhere at 65-128 heads; "v1": the kernels before the warp-specialized ones; "combine1":
@@ -137,6 +137,48 @@ if has abtime && { [ -f "$REPO/.abase/base.tar" ] || [ "${ABASE_FROM_TREE:-0}" =
       echo "--- $side: $c"
       PYTHONPATH=$pp timeout -k 5 120 python3 "$REPO/benchmarks/profile_decode.py" $c --timeline 10 \
         2>&1 | tee -a "$OUT/abtime_$side.log" | grep " x " | cut -c1-150
+    done
+  done
+fi
+if has abflags; then
+  # Several compile-time candidates in one call, each against this build: AB_FLAGS is "name=CUDA
+  # flags" entries separated by ';' (e.g. "cols=-DJFM_WS_SCORES_COLS=128;both=-DJFM_WS_LOCAL_P=1
+  # -DJFM_WS_SCORES_COLS=128"). Each is this tree built with those flags into /tmp/abflags/<name>
+  # (pip --target; the builds run side by side, 8 compile jobs each), smoke-checked against the
+  # reference (tests/gpu/sanitize_kernels.py), then every TIMELINE_CASES case is timed on this
+  # build and on each candidate (profiler kernel times, as abtime).
+  IFS=';' read -ra ab_cfgs <<< "${AB_FLAGS:-}"
+  log "A/B of compile-time candidates against this build: ${AB_FLAGS:-none given}"
+  ab_names=()
+  for cfg in "${ab_cfgs[@]}"; do
+    name=${cfg%%=*}; flags=${cfg#*=}; ab_names+=("$name")
+    rm -rf "/tmp/abflags/$name" && mkdir -p "/tmp/abflags/$name/src"
+    tar cf - -C "$REPO" --exclude=./.whl --exclude=./.anchor --exclude=./.abase --exclude=./.git \
+      --exclude=./build . | tar xf - -C "/tmp/abflags/$name/src"
+    (cd "/tmp/abflags/$name/src" && env -u CUDAFLAGS CMAKE_BUILD_PARALLEL_LEVEL=8 \
+       SKBUILD_CMAKE_ARGS="-DCMAKE_CUDA_FLAGS=$flags" python3 -m pip install -q \
+       --no-build-isolation --no-deps --target "/tmp/abflags/$name/site" . \
+       > "$OUT/abflags_build_$name.log" 2>&1) &
+  done
+  wait
+  ab_ok=()
+  for name in "${ab_names[@]}"; do
+    if [ ! -d "/tmp/abflags/$name/site/jax_flashmla" ]; then
+      tail -30 "$OUT/abflags_build_$name.log"; fail "abflags build $name"; continue
+    fi
+    log "smoke of candidate $name: tests/gpu/sanitize_kernels.py"
+    PYTHONPATH="/tmp/abflags/$name/site" XLA_FLAGS=--xla_gpu_autotune_level=0 \
+      timeout -k 10 ${SMOKE_TIMEOUT:-120} python3 "$REPO/tests/gpu/sanitize_kernels.py" 2>&1 \
+      | tee "$OUT/abflags_smoke_$name.log" | tail -2
+    if [ "${PIPESTATUS[0]}" -eq 0 ]; then ab_ok+=("$name"); else fail "abflags smoke $name"; fi
+  done
+  IFS=';' read -ra tl_cases <<< "${TIMELINE_CASES:---h_q 128 --s_k 4096 --b 128}"
+  for c in "${tl_cases[@]}"; do
+    for side in this "${ab_ok[@]}"; do
+      if [ "$side" = this ]; then pp=""; else pp="/tmp/abflags/$side/site"; fi
+      echo "--- $side: $c"
+      PYTHONPATH=$pp timeout -k 5 120 python3 "$REPO/benchmarks/profile_decode.py" $c --timeline 10 \
+        2>&1 | tee -a "$OUT/abflags_$side.log" | grep " x " | cut -c1-150
     done
   done
 fi
