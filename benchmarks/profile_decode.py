@@ -43,7 +43,12 @@ ap.add_argument("--timeline", type=int, default=0)
 ap.add_argument("--trace_dir", default="/tmp/jfm_timeline")
 ap.add_argument("--async_runs", type=int, default=0)
 ap.add_argument("--implementation", default="kernel", help="kernel | reference (e.g. on a CPU)")
+ap.add_argument("--variant", default=None,
+                help="JFM_KERNEL_VARIANT for this process (e.g. pair), so one TIMELINE_CASES entry "
+                     "can time a kernel variant")
 args = ap.parse_args()
+if args.variant is not None:  # read by the extension at its first kernel call, after this
+    os.environ["JFM_KERNEL_VARIANT"] = args.variant
 
 if args.prefill is not None:
     keys = jax.random.split(jax.random.PRNGKey(3), 2)
