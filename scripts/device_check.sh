@@ -136,7 +136,7 @@ if has abtime && { [ -f "$REPO/.abase/base.tar" ] || [ "${ABASE_FROM_TREE:-0}" =
       if [ $side = base ]; then pp=/tmp/abase/site; else pp=""; fi
       echo "--- $side: $c"
       PYTHONPATH=$pp timeout -k 5 120 python3 "$REPO/benchmarks/profile_decode.py" $c --timeline 10 \
-        2>&1 | tee -a "$OUT/abtime_$side.log" | grep " x " | cut -c1-150
+        2>&1 | tee -a "$OUT/abtime_$side.log" | grep -E " x |span" | cut -c1-150
     done
   done
 fi
@@ -178,7 +178,7 @@ if has abflags; then
       if [ "$side" = this ]; then pp=""; else pp="/tmp/abflags/$side/site"; fi
       echo "--- $side: $c"
       PYTHONPATH=$pp timeout -k 5 120 python3 "$REPO/benchmarks/profile_decode.py" $c --timeline 10 \
-        2>&1 | tee -a "$OUT/abflags_$side.log" | grep " x " | cut -c1-150
+        2>&1 | tee -a "$OUT/abflags_$side.log" | grep -E " x |span" | cut -c1-150
     done
   done
 fi

@@ -15,6 +15,7 @@
 #include <cmath>
 
 #include "kernels/params.h"
+#include "kernels/pdl.cuh"
 #include "kernels/variant.h"
 
 namespace jfm {
@@ -206,11 +207,13 @@ __global__ void __launch_bounds__(32 * kWarpRows, 2) combine_warp_kernel(const C
   if (gridDim.x == static_cast<unsigned>(p.num_seqs)) {  // a CTA per sequence: no search (small steps)
     const int seq = blockIdx.x;
     if (ns[seq + 1] - ns[seq] < 2) return;  // unsplit: the attention kernel wrote it
+    pdl_wait();  // (pdl.cuh) the attention kernel's partials
     const CombineRow c(p, seq, row);
     if (row < c.rows) combine_row_warp<T>(p, c, lane);
     return;
   }
   const int extra = ns[p.num_seqs] - p.num_seqs;
+  pdl_wait();
   for (int x = blockIdx.x; x < extra; x += gridDim.x) {  // (uniform per CTA)
     const int seq = seq_of_extra_slot(ns, p.num_seqs, x, lane);
     if (ns[seq] - seq != x) continue;  // a later extra slot of a sequence: its first one's CTA merges it
@@ -229,6 +232,18 @@ cudaError_t launch_combine(const CombineParams& p, cudaStream_t stream) {
   } else {
     const int ctas = p.num_sm_parts > 0 && p.num_sm_parts < p.num_seqs ? p.num_sm_parts : p.num_seqs;
     const dim3 warp_grid(ctas, (p.tokens_per_seq * p.h_q + kWarpRows - 1) / kWarpRows);
+    if constexpr (kPdl) {  // pdl.cuh
+      cudaLaunchConfig_t cfg = {};
+      cfg.gridDim = warp_grid;
+      cfg.blockDim = dim3(32 * kWarpRows);
+      cfg.stream = stream;
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr[0].val.programmaticStreamSerializationAllowed = 1;
+      cfg.attrs = attr;
+      cfg.numAttrs = 1;
+      return cudaLaunchKernelEx(&cfg, combine_warp_kernel<T>, p);
+    }
     combine_warp_kernel<T><<<warp_grid, 32 * kWarpRows, 0, stream>>>(p);
   }
   return cudaGetLastError();

@@ -60,6 +60,7 @@
 #include <cmath>
 
 #include "kernels/params.h"
+#include "kernels/pdl.cuh"
 #include "kernels/sm90/decode/tile_attention.cuh"
 
 namespace jfm {

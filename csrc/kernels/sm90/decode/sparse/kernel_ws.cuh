@@ -273,6 +273,7 @@ template <KvFormat kFmt, int kDqk, WsMath kMath>
 __global__ void __launch_bounds__(384, 1)
     sparse_attention_ws_kernel(const __grid_constant__ SparseDecodeParams p) {
   using Task = SparseWsTask<kFmt, kDqk>;
+  pdl_launch_dependents();  // (pdl.cuh) the combine may be placed on SMs this grid's tail frees
   extern __shared__ unsigned char smem_raw[];
   const WsShared sh = ws_setup<kDqk, kMath>(smem_raw, Task::kFullCount);
   const Task task(p);

@@ -1,0 +1,37 @@
+// Programmatic dependent launch between an attention kernel and the split-KV combine that follows
+// it in the stream (JFM_PDL: a compile-time candidate, written 2026-12-01 without a GPU; off).
+// With it, the combine is launched with programmatic stream serialization and every attention CTA
+// allows the dependent launch as it starts; the combine's CTAs are then placed on the SMs that the
+// attention grid's tail leaves idle (an attention CTA holds ~the whole register file, so none
+// shares an SM with one) and wait there (griddepcontrol.wait) until the attention grid has
+// completed and its writes are visible, instead of being launched after it. The wait comes before
+// any read of the partials; only num_splits (the scheduler's, complete before the attention kernel
+// started) is read ahead of it. Off: the helpers are empty and the launch is the plain one.
+// Upstream FlashMLA's combine does the same (read in ../shared/anchor's source, to learn from).
+#pragma once
+
+#ifndef JFM_PDL
+#define JFM_PDL 0
+#endif
+
+namespace jfm {
+
+constexpr bool kPdl = JFM_PDL != 0;
+
+// Primary side: the stream's next kernel, if launched with programmatic serialization, may be
+// scheduled once every CTA of this grid has called this (or exited).
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if JFM_PDL && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// Dependent side: returns once the grids this one depends on have completed and their memory
+// operations are visible (at once for a kernel launched without programmatic serialization).
+__device__ __forceinline__ void pdl_wait() {
+#if JFM_PDL && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+}  // namespace jfm
