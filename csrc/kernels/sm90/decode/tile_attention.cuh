@@ -237,22 +237,42 @@ __device__ __forceinline__ void tile_softmax(float (&s)[16], RowState& st, float
 // at the V tile's column col0; kCols 384 as an n256 and an n128 wgmma per k-step (the n128 part
 // 256 columns = 4 column blocks further on). tile_pv_issue fences and commits them but
 // does not wait: the caller overlaps independent work, then calls wgmma_wait<0>().
+// The P operand from shared memory (a descriptor) or from registers (4 words, tile_pv_issue_rs).
+template <typename T>
+__device__ __forceinline__ void pv_mma_n256(float* d, uint64_t a, uint64_t b) {
+  wgmma_m64n256k16_ss_tb<T>(d, a, b);
+}
+template <typename T>
+__device__ __forceinline__ void pv_mma_n256(float* d, const uint32_t (&a)[4], uint64_t b) {
+  wgmma_m64n256k16_rs_tb<T>(d, a, b);
+}
+template <typename T>
+__device__ __forceinline__ void pv_mma_n128(float* d, uint64_t a, uint64_t b) {
+  wgmma_m64n128k16_ss_tb<T>(d, a, b);
+}
+template <typename T>
+__device__ __forceinline__ void pv_mma_n128(float* d, const uint32_t (&a)[4], uint64_t b) {
+  wgmma_m64n128k16_rs_tb<T>(d, a, b);
+}
+// One k-step of P V into this warpgroup's O slice, b at the slice's first V column.
+template <typename T, int kCols, typename A>
+__device__ __forceinline__ void pv_k_step(RowStateN<kCols>& st, const A& a, uint64_t b) {
+  constexpr uint32_t kPast256 = (4 * kBlockM * 128) >> 4;  // 4 column blocks, descriptor units
+  if constexpr (kCols == 256) {
+    pv_mma_n256<T>(st.o, a, b);
+  } else if constexpr (kCols == 128) {
+    pv_mma_n128<T>(st.o, a, b);
+  } else {
+    static_assert(kCols == 384, "O slices of 128, 256 or 384 columns");
+    pv_mma_n256<T>(st.o, a, b);
+    pv_mma_n128<T>(st.o + 128, a, b + kPast256);
+  }
+}
 template <typename T, int kCols>
 __device__ __forceinline__ void tile_pv_mma(RowStateN<kCols>& st, uint64_t desc_p, uint64_t desc_v) {
-  constexpr uint32_t kPast256 = (4 * kBlockM * 128) >> 4;  // 4 column blocks, descriptor units
 #pragma unroll
-  for (int kk = 0; kk < kTileTokens / 16; ++kk) {
-    const uint64_t a = desc_p + ((kk * 32) >> 4), b = desc_v + ((kk * 16 * 128) >> 4);
-    if constexpr (kCols == 256) {
-      wgmma_m64n256k16_ss_tb<T>(st.o, a, b);
-    } else if constexpr (kCols == 128) {
-      wgmma_m64n128k16_ss_tb<T>(st.o, a, b);
-    } else {
-      static_assert(kCols == 384, "O slices of 128, 256 or 384 columns");
-      wgmma_m64n256k16_ss_tb<T>(st.o, a, b);
-      wgmma_m64n128k16_ss_tb<T>(st.o + 128, a, b + kPast256);
-    }
-  }
+  for (int kk = 0; kk < kTileTokens / 16; ++kk)
+    pv_k_step<T>(st, desc_p + ((kk * 32) >> 4), desc_v + ((kk * 16 * 128) >> 4));
 }
 template <typename T, int kCols>
 __device__ __forceinline__ void tile_pv_issue(RowStateN<kCols>& st, uint64_t desc_p, uint64_t desc_v) {
@@ -359,21 +379,11 @@ __device__ __forceinline__ void store_p_words(uint32_t sp, const uint32_t (&pw)[
 template <typename T, int kCols>
 __device__ __forceinline__ void tile_pv_issue_rs(RowStateN<kCols>& st, const uint32_t (&pw)[16],
                                                  uint64_t desc_v) {
-  constexpr uint32_t kPast256 = (4 * kBlockM * 128) >> 4;  // 4 column blocks, descriptor units
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < kTileTokens / 16; ++kk) {
     const uint32_t a[4] = {pw[4 * kk], pw[4 * kk + 1], pw[4 * kk + 2], pw[4 * kk + 3]};
-    const uint64_t b = desc_v + ((kk * 16 * 128) >> 4);
-    if constexpr (kCols == 256) {
-      wgmma_m64n256k16_rs_tb<T>(st.o, a, b);
-    } else if constexpr (kCols == 128) {
-      wgmma_m64n128k16_rs_tb<T>(st.o, a, b);
-    } else {
-      static_assert(kCols == 384, "O slices of 128, 256 or 384 columns");
-      wgmma_m64n256k16_rs_tb<T>(st.o, a, b);
-      wgmma_m64n128k16_rs_tb<T>(st.o + 128, a, b + kPast256);
-    }
+    pv_k_step<T>(st, a, desc_v + ((kk * 16 * 128) >> 4));
   }
   wgmma_commit();
 }
