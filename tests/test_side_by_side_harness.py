@@ -1,6 +1,7 @@
 """The side-by-side benchmark's host-side logic (benchmarks/sbs_cases.py, side_by_side.py): input
-generation, top-k positions, the comparison and the no-dependency plot. Numpy only, under a second;
-the whole two-process flow is `python benchmarks/side_by_side.py --cpu-smoke --out DIR` (~1 min)."""
+generation, top-k positions, the comparison and the no-dependency plot (numpy only, under a
+second), and benchmarks/profile_decode.py's modes on the reference (~20 s); the whole two-process
+flow is `python benchmarks/side_by_side.py --cpu-smoke --out DIR` (~1 min)."""
 import os
 import sys
 
@@ -98,3 +99,24 @@ def test_gpu_time_from_both_profilers_traces(tmp_path):
     assert [e[2] for e in ev] == ["Memset", "flash_fwd"]
     assert abs(sbs_common.gpu_time_record(ev, calls=1)["g_time_s"] - 4e-6) < 1e-12
     assert "g_error" in sbs_common.gpu_time_record([], calls=1)
+
+
+def test_profile_decode_modes_run_on_the_reference(tmp_path):
+    """benchmarks/profile_decode.py, every mode the device scripts pass it (dense, sparse, prefill,
+    --timeline with --async_runs, --variant), end to end on the reference: a Python error here would
+    otherwise first show up in a device call (device_check's abtime / abflags / ncu stages)."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "benchmarks", "profile_decode.py")
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               JAX_PLATFORMS="cpu")
+    for args in (["--b", "2", "--h_q", "16", "--s_k", "128"],
+                 ["--sparse", "v4", "--b", "2", "--h_q", "8", "--topk", "64", "--s_k", "256",
+                  "--timeline", "2", "--async_runs", "2", "--variant", "pair"],
+                 ["--prefill", "512", "--s_q", "4", "--h_q", "8", "--s_k", "128", "--topk", "32",
+                  "--timeline", "1"]):
+        r = subprocess.run([sys.executable, script, *args, "--implementation", "reference",
+                            "--trace_dir", str(tmp_path / "trace")],
+                           env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, (args, r.stderr[-2000:])
+        assert "profiled case done" in r.stdout, (args, r.stdout[-2000:])
