@@ -233,10 +233,6 @@ __device__ __forceinline__ void tile_softmax(float (&s)[16], RowState& st, float
   rescale_o(st.o, corr);
 }
 
-// The wgmmas of O[:, col0 .. +kCols] += P V over the tile's 64 tokens (4 k-steps of 16), desc_v
-// at the V tile's column col0; kCols 384 as an n256 and an n128 wgmma per k-step (the n128 part
-// 256 columns = 4 column blocks further on). tile_pv_issue fences and commits them but
-// does not wait: the caller overlaps independent work, then calls wgmma_wait<0>().
 // The P operand from shared memory (a descriptor) or from registers (4 words, tile_pv_issue_rs).
 template <typename T>
 __device__ __forceinline__ void pv_mma_n256(float* d, uint64_t a, uint64_t b) {
@@ -268,6 +264,10 @@ __device__ __forceinline__ void pv_k_step(RowStateN<kCols>& st, const A& a, uint
     pv_mma_n128<T>(st.o + 128, a, b + kPast256);
   }
 }
+// The wgmmas of O[:, col0 .. +kCols] += P V over the tile's 64 tokens (4 k-steps of 16), desc_v
+// at the V tile's column col0; kCols 384 as an n256 and an n128 wgmma per k-step (the n128 part
+// 256 columns = 4 column blocks further on). tile_pv_issue fences and commits them but
+// does not wait: the caller overlaps independent work, then calls wgmma_wait<0>().
 template <typename T, int kCols>
 __device__ __forceinline__ void tile_pv_mma(RowStateN<kCols>& st, uint64_t desc_p, uint64_t desc_v) {
 #pragma unroll
