@@ -98,6 +98,27 @@ for tool in memcheck racecheck synccheck; do
     [ $st -eq 0 ] || { [ $st -ge 124 ] && echo "(timed out after ${SAN_TIMEOUT:-240} s)"; fail "$tool $variant"; }
   done
 done
+# This working tree's sources (no carried folders, no build dir) copied into $1, to be built there.
+copy_tree() {
+  tar cf - -C "$REPO" --exclude=./.whl --exclude=./.anchor --exclude=./.abase --exclude=./.git \
+    --exclude=./build . | tar xf - -C "$1"
+}
+# Profiler kernel times (benchmarks/profile_decode.py --timeline: 10 calls in one jit, 3 traced
+# runs; mean and median per kernel, and each run's span) of every TIMELINE_CASES entry
+# (profile_decode.py argument strings separated by ';') on each build given as name=PYTHONPATH
+# (empty: this build), logged to $OUT/<$1>_<name>.log.
+time_builds() {
+  local stage=$1 c side
+  shift
+  IFS=';' read -ra tl_cases <<< "${TIMELINE_CASES:---h_q 128 --s_k 4096 --b 128}"
+  for c in "${tl_cases[@]}"; do
+    for side in "$@"; do
+      echo "--- ${side%%=*}: $c"
+      PYTHONPATH=${side#*=} timeout -k 5 120 python3 "$REPO/benchmarks/profile_decode.py" $c \
+        --timeline 10 2>&1 | tee -a "$OUT/${stage}_${side%%=*}.log" | grep -E " x |span" | cut -c1-150
+    done
+  done
+}
 # The base of stages ab / abtime, installed beside this build (once per call): the carried tree
 # .abase/base.tar, or with ABASE_FROM_TREE=1 this working tree built without $CUDAFLAGS (for
 # compile-time candidates switched on by CUDAFLAGS=-D... in the main build: kernels' docs).
@@ -105,8 +126,7 @@ build_base() {
   [ -d /tmp/abase/site/jax_flashmla ] && return 0
   rm -rf /tmp/abase && mkdir -p /tmp/abase/src
   if [ "${ABASE_FROM_TREE:-0}" = 1 ]; then
-    tar cf - -C "$REPO" --exclude=./.whl --exclude=./.anchor --exclude=./.abase --exclude=./.git \
-      --exclude=./build . | tar xf - -C /tmp/abase/src
+    copy_tree /tmp/abase/src
   else
     tar xf "$REPO/.abase/base.tar" -C /tmp/abase/src
   fi
@@ -124,21 +144,10 @@ if has ab && { [ -f "$REPO/.abase/base.tar" ] || [ "${ABASE_FROM_TREE:-0}" = 1 ]
   done
 fi
 if has abtime && { [ -f "$REPO/.abase/base.tar" ] || [ "${ABASE_FROM_TREE:-0}" = 1 ]; }; then
-  # Kernel time A/B from the profiler's GPU events (benchmarks/profile_decode.py --timeline: 10
-  # calls in one jit, 3 traced runs; mean and median per kernel): no host dispatch in the number,
-  # so a few percent between the two builds is visible. TIMELINE_CASES: profile_decode.py
-  # argument strings separated by ';'.
+  # Kernel time A/B from the profiler's GPU events (time_builds): no host dispatch in the number,
+  # so a few percent between the two builds is visible.
   log "A/B of kernel times (profiler events): this build against the carried base build"
-  build_base
-  IFS=';' read -ra tl_cases <<< "${TIMELINE_CASES:---h_q 128 --s_k 4096 --b 128}"
-  for c in "${tl_cases[@]}"; do
-    for side in base this; do
-      if [ $side = base ]; then pp=/tmp/abase/site; else pp=""; fi
-      echo "--- $side: $c"
-      PYTHONPATH=$pp timeout -k 5 120 python3 "$REPO/benchmarks/profile_decode.py" $c --timeline 10 \
-        2>&1 | tee -a "$OUT/abtime_$side.log" | grep -E " x |span" | cut -c1-150
-    done
-  done
+  build_base && time_builds abtime base=/tmp/abase/site this=
 fi
 if has abflags; then
   # Several compile-time candidates in one call, each against this build: AB_FLAGS is "name=CUDA
@@ -146,22 +155,21 @@ if has abflags; then
   # -DJFM_WS_SCORES_COLS=128"). Each is this tree built with those flags into /tmp/abflags/<name>
   # (pip --target; the builds run side by side, 8 compile jobs each), smoke-checked against the
   # reference (tests/gpu/sanitize_kernels.py), then every TIMELINE_CASES case is timed on this
-  # build and on each candidate (profiler kernel times, as abtime).
+  # build and on each candidate (time_builds, as abtime).
   IFS=';' read -ra ab_cfgs <<< "${AB_FLAGS:-}"
   log "A/B of compile-time candidates against this build: ${AB_FLAGS:-none given}"
   ab_names=()
   for cfg in "${ab_cfgs[@]}"; do
     name=${cfg%%=*}; flags=${cfg#*=}; ab_names+=("$name")
     rm -rf "/tmp/abflags/$name" && mkdir -p "/tmp/abflags/$name/src"
-    tar cf - -C "$REPO" --exclude=./.whl --exclude=./.anchor --exclude=./.abase --exclude=./.git \
-      --exclude=./build . | tar xf - -C "/tmp/abflags/$name/src"
+    copy_tree "/tmp/abflags/$name/src"
     (cd "/tmp/abflags/$name/src" && env -u CUDAFLAGS CMAKE_BUILD_PARALLEL_LEVEL=8 \
        SKBUILD_CMAKE_ARGS="-DCMAKE_CUDA_FLAGS=$flags" python3 -m pip install -q \
        --no-build-isolation --no-deps --target "/tmp/abflags/$name/site" . \
        > "$OUT/abflags_build_$name.log" 2>&1) &
   done
   wait
-  ab_ok=()
+  ab_ok=(this=)
   for name in "${ab_names[@]}"; do
     if [ ! -d "/tmp/abflags/$name/site/jax_flashmla" ]; then
       tail -30 "$OUT/abflags_build_$name.log"; fail "abflags build $name"; continue
@@ -170,17 +178,9 @@ if has abflags; then
     PYTHONPATH="/tmp/abflags/$name/site" XLA_FLAGS=--xla_gpu_autotune_level=0 \
       timeout -k 10 ${SMOKE_TIMEOUT:-120} python3 "$REPO/tests/gpu/sanitize_kernels.py" 2>&1 \
       | tee "$OUT/abflags_smoke_$name.log" | tail -2
-    if [ "${PIPESTATUS[0]}" -eq 0 ]; then ab_ok+=("$name"); else fail "abflags smoke $name"; fi
+    if [ "${PIPESTATUS[0]}" -eq 0 ]; then ab_ok+=("$name=/tmp/abflags/$name/site"); else fail "abflags smoke $name"; fi
   done
-  IFS=';' read -ra tl_cases <<< "${TIMELINE_CASES:---h_q 128 --s_k 4096 --b 128}"
-  for c in "${tl_cases[@]}"; do
-    for side in this "${ab_ok[@]}"; do
-      if [ "$side" = this ]; then pp=""; else pp="/tmp/abflags/$side/site"; fi
-      echo "--- $side: $c"
-      PYTHONPATH=$pp timeout -k 5 120 python3 "$REPO/benchmarks/profile_decode.py" $c --timeline 10 \
-        2>&1 | tee -a "$OUT/abflags_$side.log" | grep -E " x |span" | cut -c1-150
-    done
-  done
+  time_builds abflags "${ab_ok[@]}"
 fi
 if has ncu; then
   # NCU_CASES: "name|kernel regex|profile_decode.py args[|VAR=value ...]" entries separated by
