@@ -8,7 +8,8 @@
 // kept for A/B) is one CTA of 128 threads per (sequence, row) walking the splits in serial loops.
 // The profiler (2026-12-01, H200) put combine_cta_kernel at 3x upstream's combine on V4 b 256 h 128
 // (42 vs 13 us): a grid of b x h_q CTAs, most of which return at once, and serial load chains; the
-// warp kernel over the same grid measured 20 us, and now runs CTAs for split sequences only.
+// warp kernel over the same grid measured 20 us, and its grid is now at most num_sm_parts wide
+// (combine_warp_kernel's comment).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
