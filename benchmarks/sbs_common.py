@@ -120,10 +120,22 @@ def kineto_gpu_events(path: str) -> list[tuple[float, float, str]]:
                   if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
 
 
+def covered_us(events: list[tuple[float, float, str]]) -> float:
+    """Microseconds covered by the union of the events' [start, start + duration) intervals."""
+    total, end = 0.0, float("-inf")
+    for ts, dur, _ in sorted(events):
+        if ts + dur > end:
+            total += ts + dur - max(ts, end)
+            end = ts + dur
+    return total
+
+
 def gpu_time_record(events: list[tuple[float, float, str]], calls: int) -> dict:
-    """GPU busy time per call from the profiler's device events of `calls` calls: the sum of the
-    events' durations (what the calls cost the GPU, host dispatch excluded), and the mean duration
-    of each kernel."""
+    """GPU busy time per call from the profiler's device events of `calls` calls: the time covered
+    by at least one event (what the calls cost the GPU, host dispatch excluded), and the mean
+    duration of each kernel. Covered time, not the sum of durations: a kernel launched with
+    programmatic dependent launch (ours and upstream's combine) starts while the kernel before it
+    still runs and waits on the GPU, so its duration overlaps its predecessor's."""
     if not events:
         return dict(g_error="no GPU events in the profile")
     per: dict[str, list[float]] = {}
@@ -131,7 +143,7 @@ def gpu_time_record(events: list[tuple[float, float, str]], calls: int) -> dict:
         per.setdefault(name, []).append(dur)
     kernels = sorted(((n[:90], len(d) / calls, sum(d) / len(d)) for n, d in per.items()),
                      key=lambda x: -x[1] * x[2])
-    return dict(g_calls=calls, g_time_s=sum(d for _, d, _ in events) / calls * 1e-6,
+    return dict(g_calls=calls, g_time_s=covered_us(events) / calls * 1e-6,
                 g_kernels=[dict(name=n, per_call=round(c, 2), mean_us=round(m, 2))
                            for n, c, m in kernels[:4]])
 

@@ -54,8 +54,8 @@ def test_compare_and_raw_plot(tmp_path):
 
 def test_gpu_time_from_both_profilers_traces(tmp_path):
     """The GPU-time columns: device events read from a JAX perfetto trace (GPU stream lines only,
-    host lines ignored) and from a torch chrome trace (kernels, copies, memsets only), summed per
-    call."""
+    host lines ignored) and from a torch chrome trace (kernels, copies, memsets only), the time
+    they cover per call."""
     import gzip
     import json
 
@@ -99,6 +99,10 @@ def test_gpu_time_from_both_profilers_traces(tmp_path):
     assert [e[2] for e in ev] == ["Memset", "flash_fwd"]
     assert abs(sbs_common.gpu_time_record(ev, calls=1)["g_time_s"] - 4e-6) < 1e-12
     assert "g_error" in sbs_common.gpu_time_record([], calls=1)
+    # A dependent launch (PDL) overlaps its predecessor: covered time, not the sum of durations.
+    ev = [(0.0, 10.0, "attention"), (4.0, 8.0, "combine"), (20.0, 10.0, "attention"),
+          (21.0, 2.0, "combine")]
+    assert abs(sbs_common.gpu_time_record(ev, calls=2)["g_time_s"] - 11e-6) < 1e-12
 
 
 def test_profile_decode_modes_run_on_the_reference(tmp_path):
