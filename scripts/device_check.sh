@@ -151,8 +151,8 @@ if has abtime && { [ -f "$REPO/.abase/base.tar" ] || [ "${ABASE_FROM_TREE:-0}" =
 fi
 if has abflags; then
   # Several compile-time candidates in one call, each against this build: AB_FLAGS is "name=CUDA
-  # flags" entries separated by ';' (e.g. "cols=-DJFM_WS_SCORES_COLS=128;both=-DJFM_WS_LOCAL_P=1
-  # -DJFM_WS_SCORES_COLS=128"). Each is this tree built with those flags into /tmp/abflags/<name>
+  # flags" entries separated by ';' (e.g. "nopdl=-DJFM_PDL=0;nofetch=-DJFM_PIPELINED_FP8_FETCH=0
+  # -DJFM_PDL=0"). Each is this tree built with those flags into /tmp/abflags/<name>
   # (pip --target; the builds run side by side, 8 compile jobs each), smoke-checked against the
   # reference (tests/gpu/sanitize_kernels.py), then every TIMELINE_CASES case is timed on this
   # build and on each candidate (time_builds, as abtime).

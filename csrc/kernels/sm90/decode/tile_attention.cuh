@@ -132,30 +132,16 @@ __device__ __forceinline__ void load_tile_rows(uint32_t dst, int tid, const T* b
 }
 
 // Online-softmax state of this thread's two rows and its O accumulator slice.
-// kCols: the O columns this warpgroup accumulates (256: half of d_v; the role split's uneven
-// candidate gives the scores warpgroup fewer, ws_pipeline.cuh ws_scores_cols); element
-// 4 i + 2 h + e is row h, column o_col0<kCols>(wc) + 8 i + 2 tq + e.
-template <int kCols>
-struct RowStateN {
-  static_assert(kCols % 128 == 0 && kCols <= kDv, "O slices of whole 128 columns");
-  static constexpr int kRegs = kCols / 2;
+struct RowState {
   float m[2], l[2];
-  float o[kRegs];
+  float o[128];
   __device__ __forceinline__ void init() {
     m[0] = m[1] = -INFINITY;
     l[0] = l[1] = 0.f;
 #pragma unroll
-    for (int i = 0; i < kRegs; ++i) o[i] = 0.f;
+    for (int i = 0; i < 128; ++i) o[i] = 0.f;
   }
 };
-using RowState = RowStateN<256>;
-// The first O column of warpgroup wc's slice: halves (kCols 256), else warpgroup 0 has the first
-// kCols columns and warpgroup 1 the rest (its slice is kDv - warpgroup 0's).
-template <int kCols>
-__device__ __forceinline__ int o_col0(int wc) {
-  if constexpr (kCols == 256) return wc * 256;
-  else return wc == 0 ? 0 : kDv - kCols;
-}
 
 // One row's (or, transposed, one column's) online-softmax step: the new running max from this
 // tile's max, the correction of the earlier sum / O, and the scaled max to subtract from the
@@ -181,11 +167,10 @@ __device__ __forceinline__ void store_p_pairs(uint32_t sp, int r0, int col, cons
 }
 
 // O's rows times the softmax correction of this tile (skipped when no row's max moved).
-template <int kRegs>
-__device__ __forceinline__ void rescale_o(float (&o)[kRegs], const float (&corr)[2]) {
+__device__ __forceinline__ void rescale_o(float (&o)[128], const float (&corr)[2]) {
   if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
 #pragma unroll
-    for (int i = 0; i < kRegs / 4; ++i) {
+    for (int i = 0; i < 32; ++i) {
       o[4 * i + 0] *= corr[0];
       o[4 * i + 1] *= corr[0];
       o[4 * i + 2] *= corr[1];
@@ -233,51 +218,19 @@ __device__ __forceinline__ void tile_softmax(float (&s)[16], RowState& st, float
   rescale_o(st.o, corr);
 }
 
-// The P operand from shared memory (a descriptor) or from registers (4 words, tile_pv_issue_rs).
+// The wgmmas of O[:, 256 wc .. +256] += P V over the tile's 64 tokens (4 k-steps of 16);
+// tile_pv_issue fences and commits them but does not wait: the caller overlaps independent work,
+// then calls wgmma_wait<0>().
 template <typename T>
-__device__ __forceinline__ void pv_mma_n256(float* d, uint64_t a, uint64_t b) {
-  wgmma_m64n256k16_ss_tb<T>(d, a, b);
-}
-template <typename T>
-__device__ __forceinline__ void pv_mma_n256(float* d, const uint32_t (&a)[4], uint64_t b) {
-  wgmma_m64n256k16_rs_tb<T>(d, a, b);
-}
-template <typename T>
-__device__ __forceinline__ void pv_mma_n128(float* d, uint64_t a, uint64_t b) {
-  wgmma_m64n128k16_ss_tb<T>(d, a, b);
-}
-template <typename T>
-__device__ __forceinline__ void pv_mma_n128(float* d, const uint32_t (&a)[4], uint64_t b) {
-  wgmma_m64n128k16_rs_tb<T>(d, a, b);
-}
-// One k-step of P V into this warpgroup's O slice, b at the slice's first V column.
-template <typename T, int kCols, typename A>
-__device__ __forceinline__ void pv_k_step(RowStateN<kCols>& st, const A& a, uint64_t b) {
-  constexpr uint32_t kPast256 = (4 * kBlockM * 128) >> 4;  // 4 column blocks, descriptor units
-  if constexpr (kCols == 256) {
-    pv_mma_n256<T>(st.o, a, b);
-  } else if constexpr (kCols == 128) {
-    pv_mma_n128<T>(st.o, a, b);
-  } else {
-    static_assert(kCols == 384, "O slices of 128, 256 or 384 columns");
-    pv_mma_n256<T>(st.o, a, b);
-    pv_mma_n128<T>(st.o + 128, a, b + kPast256);
-  }
-}
-// The wgmmas of O[:, col0 .. +kCols] += P V over the tile's 64 tokens (4 k-steps of 16), desc_v
-// at the V tile's column col0; kCols 384 as an n256 and an n128 wgmma per k-step (the n128 part
-// 256 columns = 4 column blocks further on). tile_pv_issue fences and commits them but
-// does not wait: the caller overlaps independent work, then calls wgmma_wait<0>().
-template <typename T, int kCols>
-__device__ __forceinline__ void tile_pv_mma(RowStateN<kCols>& st, uint64_t desc_p, uint64_t desc_v) {
+__device__ __forceinline__ void tile_pv_mma(RowState& st, uint64_t desc_p, uint64_t desc_v) {
 #pragma unroll
   for (int kk = 0; kk < kTileTokens / 16; ++kk)
-    pv_k_step<T>(st, desc_p + ((kk * 32) >> 4), desc_v + ((kk * 16 * 128) >> 4));
+    wgmma_m64n256k16_ss_tb<T>(st.o, desc_p + ((kk * 32) >> 4), desc_v + ((kk * 16 * 128) >> 4));
 }
-template <typename T, int kCols>
-__device__ __forceinline__ void tile_pv_issue(RowStateN<kCols>& st, uint64_t desc_p, uint64_t desc_v) {
+template <typename T>
+__device__ __forceinline__ void tile_pv_issue(RowState& st, uint64_t desc_p, uint64_t desc_v) {
   wgmma_fence();
-  tile_pv_mma<T, kCols>(st, desc_p, desc_v);
+  tile_pv_mma<T>(st, desc_p, desc_v);
   wgmma_commit();
 }
 
@@ -322,9 +275,8 @@ __device__ __forceinline__ void tile_qk_rows(float (&s)[32], uint64_t desc_q, ui
 // Online softmax over whole rows of the masked logits s (-inf: not attended): updates m and l
 // (l: this thread's partial sum of its 16 columns per row), turns s into P = exp2(s sl2 - m sl2)
 // and returns the correction of the earlier O in corr. No shared memory, no barrier.
-template <int kCols>
-__device__ __forceinline__ void tile_softmax_rows(float (&s)[32], RowStateN<kCols>& st,
-                                                  float (&corr)[2], float sl2) {
+__device__ __forceinline__ void tile_softmax_rows(float (&s)[32], RowState& st, float (&corr)[2],
+                                                  float sl2) {
   float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
   for (int i = 0; i < 32; ++i) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
@@ -350,42 +302,6 @@ __device__ __forceinline__ void store_p_rows(uint32_t sp, const float (&s)[32], 
     const float pv[4] = {s[4 * nt], s[4 * nt + 1], s[4 * nt + 2], s[4 * nt + 3]};
     store_p_pairs<T>(sp, ln.row(0), nt * 8 + 2 * ln.tq, pv);
   }
-}
-
-// The scores warpgroup's P (its S accumulator in the C layout, turned into P) as T pairs: word i
-// = elements 2 i, 2 i + 1. Words 4 kk .. 4 kk + 3 are then, in order, the A fragment of P V's
-// k-step kk (tokens 16 kk ..: rows g and g + 8, columns 2 tq + {0, 1} and 8 + 2 tq + {0, 1}), the
-// mma.m16n8k16 A layout that wgmma takes from registers.
-template <typename T>
-__device__ __forceinline__ void pack_p_rows(const float (&s)[32], uint32_t (&pw)[16]) {
-#pragma unroll
-  for (int i = 0; i < 16; ++i) pw[i] = pack2<T>(s[2 * i], s[2 * i + 1]);
-}
-// The packed P into the swizzled P block at sp (store_p_rows' addresses): n-tile nt's words 2 nt
-// (row r0) and 2 nt + 1 (row r0 + 8).
-__device__ __forceinline__ void store_p_words(uint32_t sp, const uint32_t (&pw)[16], const Lane& ln) {
-  const int r0 = ln.row(0), r1 = r0 + 8;
-#pragma unroll
-  for (int nt = 0; nt < 8; ++nt) {
-    const int col = nt * 8 + 2 * ln.tq;
-    const uint32_t a0 = sp + r0 * 128 + ((((col >> 3) ^ (r0 & 7))) << 4) + (col & 7) * 2;
-    const uint32_t a1 = sp + r1 * 128 + ((((col >> 3) ^ (r1 & 7))) << 4) + (col & 7) * 2;
-    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(a0), "r"(pw[2 * nt]));
-    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(a1), "r"(pw[2 * nt + 1]));
-  }
-}
-// O[:, col0 .. +kCols] += P V with P from registers (pack_p_rows), desc_v as tile_pv_issue's;
-// fenced and committed, not waited for. The words must stay unmodified until the wait.
-template <typename T, int kCols>
-__device__ __forceinline__ void tile_pv_issue_rs(RowStateN<kCols>& st, const uint32_t (&pw)[16],
-                                                 uint64_t desc_v) {
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < kTileTokens / 16; ++kk) {
-    const uint32_t a[4] = {pw[4 * kk], pw[4 * kk + 1], pw[4 * kk + 2], pw[4 * kk + 3]};
-    pv_k_step<T>(st, a, desc_v + ((kk * 16 * 128) >> 4));
-  }
-  wgmma_commit();
 }
 
 // ---- Transposed (kernel_ws.cuh, kTransposed* math, few query rows): one warpgroup computes
@@ -521,20 +437,18 @@ __device__ __forceinline__ void tile_finish_t(TState<kN>& st, float* red, float 
   }
 }
 
-// Store this thread's slice of row h of O (times `scale`) as T (final output; dst at column
-// o_col0 + 2 tq, element i at + 8 i) or float (split-KV partials).
-template <typename T, int kCols>
-__device__ __forceinline__ void store_out_row(T* dst, const RowStateN<kCols>& st, int h, float scale) {
+// Store this thread's slice of row h of O (times `scale`) as T (final output, 256 wc + 2 tq +
+// 8 i) or float (split-KV partials).
+template <typename T>
+__device__ __forceinline__ void store_out_row(T* dst, const RowState& st, int h, float scale) {
 #pragma unroll
-  for (int i = 0; i < kCols / 8; ++i)
+  for (int i = 0; i < 32; ++i)
     *reinterpret_cast<uint32_t*>(dst + i * 8) =
         pack2<T>(st.o[4 * i + 2 * h] * scale, st.o[4 * i + 2 * h + 1] * scale);
 }
-template <int kCols>
-__device__ __forceinline__ void store_partial_row(float* dst, const RowStateN<kCols>& st, int h,
-                                                  float scale) {
+__device__ __forceinline__ void store_partial_row(float* dst, const RowState& st, int h, float scale) {
 #pragma unroll
-  for (int i = 0; i < kCols / 8; ++i)
+  for (int i = 0; i < 32; ++i)
     *reinterpret_cast<float2*>(dst + i * 8) =
         make_float2(st.o[4 * i + 2 * h] * scale, st.o[4 * i + 2 * h + 1] * scale);
 }

@@ -9,8 +9,7 @@
 //      exchange, writes P and each row's correction factor to shared memory (named barrier
 //      "P ready"), and accumulates O[:, 0..256); warpgroup 1 (values) rescales and accumulates
 //      O[:, 256..512) and hands P back ("P free"). Warpgroup 0's S of the next tile then runs
-//      while warpgroup 1 still accumulates the previous one. (ws_scores_cols: an uneven split of
-//      O between them, a candidate.)
+//      while warpgroup 1 still accumulates the previous one.
 //      kRolesWide (FP8 above 32 heads): the same with registers moved to the producer (WsRegs).
 //      kRolesPair (FP8, 65-128 heads: two CTAs of 64 heads each): the two CTAs of a row block pair
 //      run as a cluster; each CTA's producer dequantizes half of every tile's tokens (rank r:
@@ -73,56 +72,10 @@ constexpr bool ws_transposed(WsMath m) {
   return m == WsMath::kTransposed16 || m == WsMath::kTransposed32;
 }
 constexpr bool ws_pair(WsMath m) { return m == WsMath::kRolesPair; }
-// ws_scores_cols (candidate, written 2026-12-01 without a GPU; 256 = the halves, measured): the
-// O columns of the role split's scores warpgroup, O[:, 0 .. 128 or 256); the values warpgroup
-// accumulates the rest (384 as an n256 + an n128 wgmma per k-step), and 64 registers per thread
-// move with them. Why: the scores warpgroup is the critical path of dense h128 and, once its
-// producer keeps up, of FP8 at 64 rows (ncu, docs/perf_logs/ws_ncu_stalls_by_role_2026-12-01.md:
-// QK^T chain + softmax + its P V half, while the values warpgroup waits on "P ready" about half
-// the time); at 128 its P V share halves (2.1 -> 1.05 of ~9 MFLOP per tile). To measure:
-// CUDAFLAGS=-DJFM_WS_SCORES_COLS=128 (scripts/device_check.sh, ABASE_FROM_TREE=1 abtime).
-// ptxas (nvcc 13.0): kRoles {168, 248, 88} and kRolesPair no spill; kRolesWide {136, 224, 144}
-// spills 32 (V3.2) / 52 (V4) bytes ({128, 232}: 108, {144, 216}: 1572), so it has its own switch,
-// JFM_WS_SCORES_COLS_WIDE (default: as JFM_WS_SCORES_COLS).
-#ifndef JFM_WS_SCORES_COLS
-#define JFM_WS_SCORES_COLS 256
-#endif
-#ifndef JFM_WS_SCORES_COLS_WIDE
-#define JFM_WS_SCORES_COLS_WIDE JFM_WS_SCORES_COLS
-#endif
-constexpr int ws_scores_cols(WsMath m) {
-  return m == WsMath::kRolesWide ? JFM_WS_SCORES_COLS_WIDE : JFM_WS_SCORES_COLS;
-}
-static_assert((JFM_WS_SCORES_COLS == 256 || JFM_WS_SCORES_COLS == 128) &&
-                  (JFM_WS_SCORES_COLS_WIDE == 256 || JFM_WS_SCORES_COLS_WIDE == 128),
-              "the scores warpgroup's O: 256 or 128 columns");
-// ws_local_p (candidate, written 2026-12-01 without a GPU; off): the scores warpgroup's own P V
-// takes P from its registers (wgmma with A in registers: its S accumulator's C layout is P V's A
-// fragment layout) instead of from the P block in shared memory. It still stores P there for the
-// values warpgroup, but no longer syncs its 128 threads on that store before its P V (a named
-// barrier per tile on the critical path) and no longer reads P back (8 KB of shared-memory reads
-// per tile, the resource the fourth session counted as the tightest); P lives in 16 packed
-// registers instead of 32 floats. To measure: CUDAFLAGS=-DJFM_WS_LOCAL_P=1, alone and with
-// -DJFM_WS_SCORES_COLS=128. ptxas (nvcc 13.0): no spill in kRoles or kRolesPair; in kRolesWide
-// (V4) it moved the allocation of the other roles (20 bytes, some in the producer's loop), so
-// kRolesWide has its own switch, JFM_WS_LOCAL_P_WIDE (default: as JFM_WS_LOCAL_P).
-#ifndef JFM_WS_LOCAL_P
-#define JFM_WS_LOCAL_P 0
-#endif
-#ifndef JFM_WS_LOCAL_P_WIDE
-#define JFM_WS_LOCAL_P_WIDE JFM_WS_LOCAL_P
-#endif
-constexpr bool ws_local_p(WsMath m) {
-  return (m == WsMath::kRolesWide ? JFM_WS_LOCAL_P_WIDE : JFM_WS_LOCAL_P) != 0;
-}
 struct WsRegSplit {
   int wg0, wg1, wg2;
 };
-// Registers moved from the scores warpgroup to the values warpgroup with their O columns.
-constexpr WsRegSplit ws_shift_o(WsRegSplit r, int scores_cols) {
-  return {r.wg0 - (256 - scores_cols) / 2, r.wg1 + (256 - scores_cols) / 2, r.wg2};
-}
-constexpr WsRegSplit ws_reg_split_halves(WsMath m) {
+constexpr WsRegSplit ws_reg_split(WsMath m) {
   switch (m) {
     // One math warpgroup (O^T: at most 128) and two producers.
     case WsMath::kTransposed16:
@@ -134,10 +87,6 @@ constexpr WsRegSplit ws_reg_split_halves(WsMath m) {
     // O half.
     default: return {232, 184, 88};
   }
-}
-constexpr WsRegSplit ws_reg_split(WsMath m) {
-  return ws_transposed(m) ? ws_reg_split_halves(m)
-                          : ws_shift_o(ws_reg_split_halves(m), ws_scores_cols(m));
 }
 template <WsMath kMath>
 struct WsRegs {
@@ -304,8 +253,8 @@ __device__ __forceinline__ void mask_tile(float (&s)[kRegs], Masked masked) {
 }
 
 // wgmma descriptors of the 64-row math (kRoles*) at buffer 0: Q, the K tile (all 64
-// rows), P, and the V slice (value columns o_col0<kCols>(wc) ..) of math warpgroup wc.
-template <int kDqk, int kCols>
+// rows), P, and the V half (value columns 256 wc ..) of math warpgroup wc.
+template <int kDqk>
 struct WsRowDescs {
   uint64_t q, k, p, v;
   __device__ __forceinline__ WsRowDescs(const WsShared& sh, int wc) {
@@ -313,8 +262,7 @@ struct WsRowDescs {
     q = gmma_desc_sw128(sh.sq, 16, 1024);
     k = gmma_desc_sw128(sh.sk0, 16, 1024);
     p = gmma_desc_sw128(sh.sp, 16, 1024);
-    const int v_block = kCols == 256 ? wc * 4 : o_col0<kCols>(wc) / 64;  // 64-column blocks
-    v = gmma_desc_sw128(sh.sk0 + v_block * S::kBlockBytes, S::kBlockBytes, 1024);
+    v = gmma_desc_sw128(sh.sk0 + wc * 4 * S::kBlockBytes, S::kBlockBytes, 1024);
   }
 };
 
@@ -348,8 +296,8 @@ enum class WsRole : int { kScores, kValues };
 // and (per thread, a quarter of) its sum; it completes the sums within each quad and hands both to
 // the values warpgroup through `red` (float[2][64]) and stats_ready / stats_free. Then every math
 // thread has its rows' 1 / l (0: nothing attended), lse (`empty_lse` then) and max m.
-template <WsRole kRole, int kCols>
-__device__ __forceinline__ void ws_finish_rows(RowStateN<kCols>& st, const WsShared& sh, uint32_t j,
+template <WsRole kRole>
+__device__ __forceinline__ void ws_finish_rows(RowState& st, const WsShared& sh, uint32_t j,
                                                float softmax_scale, float empty_lse,
                                                float (&inv)[2], float (&lse)[2], float (&m)[2],
                                                const Lane& ln) {
@@ -389,17 +337,14 @@ __device__ __forceinline__ void ws_finish_rows(RowStateN<kCols>& st, const WsSha
 // The math warps' loop over this CTA's sequences and tiles. One instantiation per role, so that
 // each warpgroup's code is register-allocated within its own setmaxnreg budget (with one loop for
 // both roles ptxas allocated it within the smaller budget and spilled).
-template <class Task, WsRole kRole, WsMath kMath>
+template <class Task, WsRole kRole, bool kPair>
 __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
-  constexpr bool kPair = ws_pair(kMath);
-  constexpr int kScoresCols = ws_scores_cols(kMath);
   using T = typename Task::T;
   using S = TileSmem<Task::kDqk>;
   using Sync = MathWarpsSync;
   const Lane ln;
   const float sl2 = task.softmax_scale * 1.4426950408889634f;
-  constexpr int kCols = kRole == WsRole::kScores ? kScoresCols : kDv - kScoresCols;  // O
-  const WsRowDescs<Task::kDqk, kCols> dd(sh, ln.wc);
+  const WsRowDescs<Task::kDqk> dd(sh, ln.wc);
   const uint64_t desc_q = dd.q, desc_k = dd.k, desc_p = dd.p, desc_v = dd.v;
 
   uint32_t k = 0;  // tiles this CTA has consumed (the producer's count, in step)
@@ -407,7 +352,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
     const typename Task::Seq cur = task.seq(seq);
     ws_load_q<256>(task, cur, sh, [] { Sync::sync(); });
 
-    RowStateN<kCols> st;
+    RowState st;
     st.init();
     for (int n = cur.first; n < cur.t_hi; ++k) {
       const int n_next = cur.next(n + 1);
@@ -422,38 +367,22 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
         mask_tile(sacc, [&](int h, int col) { return task.masked(cur, n, valid, h, col); });
         float corr[2];
         tile_softmax_rows(sacc, st, corr, sl2);
-        if constexpr (ws_local_p(kMath)) {
-          uint32_t pw[16];  // P, packed: also this warpgroup's P V operand
-          pack_p_rows<T>(sacc, pw);
-          mbarrier_wait(sh.bar_p_free, (k & 1) ^ 1);  // values done with the last P (tile 0: passes)
-          store_p_words(sh.sp, pw, ln);
-          if (ln.tq == 0) {
-            sh.corr[ln.row(0)] = corr[0];
-            sh.corr[ln.row(1)] = corr[1];
-          }
-          fence_proxy_async();
-          mbarrier_arrive(sh.bar_p_ready);
-          rescale_o(st.o, corr);
-          tile_pv_issue_rs<T>(st, pw, desc_v + buf_desc);
-        } else {
-          mbarrier_wait(sh.bar_p_free, (k & 1) ^ 1);  // values done with the last P (tile 0: passes)
-          store_p_rows<T>(sh.sp, sacc, ln);
-          if (ln.tq == 0) {
-            sh.corr[ln.row(0)] = corr[0];
-            sh.corr[ln.row(1)] = corr[1];
-          }
-          fence_proxy_async();
-          mbarrier_arrive(sh.bar_p_ready);
-          named_barrier_sync(kBarScores, 128);  // all of P, before this warpgroup's wgmma reads it
-          rescale_o(st.o, corr);
-          tile_pv_issue<T>(st, desc_p, desc_v + buf_desc);
+        mbarrier_wait(sh.bar_p_free, (k & 1) ^ 1);  // values done with the last P (tile 0: passes)
+        store_p_rows<T>(sh.sp, sacc, ln);
+        if (ln.tq == 0) {
+          sh.corr[ln.row(0)] = corr[0];
+          sh.corr[ln.row(1)] = corr[1];
         }
+        fence_proxy_async();
+        mbarrier_arrive(sh.bar_p_ready);
+        named_barrier_sync(kBarScores, 128);  // all of P, before this warpgroup's wgmma reads it
+        rescale_o(st.o, corr);
       } else {  // kValues
         mbarrier_wait(sh.bar_p_ready, k & 1);
         const float corr[2] = {sh.corr[ln.row(0)], sh.corr[ln.row(1)]};
         rescale_o(st.o, corr);
-        tile_pv_issue<T>(st, desc_p, desc_v + buf_desc);
       }
+      tile_pv_issue<T>(st, desc_p, desc_v + buf_desc);
       wgmma_wait<0>();
       if (kRole == WsRole::kValues) mbarrier_arrive(sh.bar_p_free);
       mbarrier_arrive(sh.bar_empty + 8 * buf);  // this thread is done with it
@@ -567,11 +496,11 @@ __device__ __forceinline__ void ws_run(const Task& task, const WsShared& sh) {
     ws_leave<kMath>();
   } else if (wg == 0) {
     ws_set_regs<Regs::kWg0, kL>();
-    ws_math<Task, WsRole::kScores, kMath>(task, sh);
+    ws_math<Task, WsRole::kScores, ws_pair(kMath)>(task, sh);
     ws_leave<kMath>();
   } else {
     ws_set_regs<Regs::kWg1, kL>();
-    ws_math<Task, WsRole::kValues, kMath>(task, sh);
+    ws_math<Task, WsRole::kValues, ws_pair(kMath)>(task, sh);
     ws_leave<kMath>();
   }
 }

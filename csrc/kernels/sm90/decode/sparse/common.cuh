@@ -303,10 +303,8 @@ __device__ __forceinline__ void load_q_tile(const SparseDecodeParams& p, int seq
 // Stores this thread's rows of the 64 heads from head0 (rows past h_q skipped) after a token's
 // last tile, given per row 1 / l, the lse and the running max m (log2-scaled logits): the output
 // (times the sink factor) + lse (+ max_logits, prefill) when the token is not split, else the
-// partial row of split slot `slot` for the combine. Warpgroup wc holds O[:, o_col0 .. +kCols]
-// (halves but for the uneven role split).
-template <int kCols>
-__device__ __forceinline__ void store_token_rows(const SparseDecodeParams& p, const RowStateN<kCols>& st,
+// partial row of split slot `slot` for the combine. Warpgroup wc holds O[:, 256 wc .. +256].
+__device__ __forceinline__ void store_token_rows(const SparseDecodeParams& p, const RowState& st,
                                                  const float (&inv)[2], const float (&lse)[2],
                                                  const float (&m)[2], int seq, int head0, int slot,
                                                  int nsplit, const Lane& ln) {
@@ -319,7 +317,7 @@ __device__ __forceinline__ void store_token_rows(const SparseDecodeParams& p, co
       float scale = inv[h];
       if (p.attn_sink != nullptr && isfinite(lse[h])) scale /= 1.f + expf(p.attn_sink[head] - lse[h]);
       store_out_row<bf16>(reinterpret_cast<bf16*>(p.out) + map.out_row(seq, 0, head) * kDv +
-                              o_col0<kCols>(ln.wc) + 2 * ln.tq, st, h, scale);
+                              ln.wc * 256 + 2 * ln.tq, st, h, scale);
       if (ln.wc == 0 && ln.tq == 0) {
         p.lse[map.lse_index(seq, 0, head)] = lse[h];
         if (p.max_logits != nullptr)
@@ -328,7 +326,7 @@ __device__ __forceinline__ void store_token_rows(const SparseDecodeParams& p, co
       }
     } else {
       const size_t slot_row = static_cast<size_t>(slot) * p.h_q + head;
-      store_partial_row(p.o_accum + slot_row * kDv + o_col0<kCols>(ln.wc) + 2 * ln.tq, st, h, inv[h]);
+      store_partial_row(p.o_accum + slot_row * kDv + ln.wc * 256 + 2 * ln.tq, st, h, inv[h]);
       if (ln.wc == 0 && ln.tq == 0) p.lse_accum[slot_row] = lse[h];
     }
   }

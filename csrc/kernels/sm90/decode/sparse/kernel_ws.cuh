@@ -108,10 +108,9 @@ struct SparseWsTask {
   __device__ __forceinline__ float empty_lse(const Seq& q) const {
     return q.nsplit == 1 ? INFINITY : -INFINITY;
   }
-  template <int kCols>
-  __device__ __forceinline__ void store_rows(const Seq& q, const RowStateN<kCols>& st,
-                                             const float (&inv)[2], const float (&lse)[2],
-                                             const float (&m)[2], const Lane& ln) const {
+  __device__ __forceinline__ void store_rows(const Seq& q, const RowState& st, const float (&inv)[2],
+                                             const float (&lse)[2], const float (&m)[2],
+                                             const Lane& ln) const {
     store_token_rows(p, st, inv, lse, m, q.index, head0, q.slot, q.nsplit, ln);
   }
 
