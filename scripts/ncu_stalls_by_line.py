@@ -32,13 +32,15 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ncu_sass_stalls import find, number, open_text  # noqa: E402
 
-ROLES = ("producer", "scores", "values", "common", "unknown")
+ROLES = ("producer", "scores", "values", "math", "common", "unknown")
 FRAME = re.compile(r'//## File "([^"]+)", line (\d+)')
 INSN = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(.*?)\s*;")
 LABEL = re.compile(r"^(\S+):$")
 PIPE = "ws_pipeline.cuh"
 CALLS = {"task.template produce<Regs::kWideProducer, ws_pair": "producer",
-         "ws_math<Task, WsRole::kScores": "scores", "ws_math<Task, WsRole::kValues": "values"}
+         "ws_math<Task, WsRole::kScores": "scores", "ws_math<Task, WsRole::kValues": "values",
+         # kTransposed*: warpgroup 0 alone does the math, warpgroups 1-2 both produce
+         "ws_math_t<Task": "math", "task.template produce<Regs::kWideProducer, false>": "producer"}
 
 
 def read_csv(path):
@@ -182,13 +184,14 @@ def main():
             hot[(role, step, inner)] = (n, off, waits[-1] if waits else "")
     total = sum(c["all"] for c in per_role.values()) or 1
     print(f"  {total:.0f} samples; {len(fixed)} instructions ({sum(number(rows[i][col_all]) for i in fixed):.0f}"
-          f" samples) took their neighbours' role\n\nper role (4 warps each; HGMMA shapes: QK^T, 64x64, "
-          f"only in scores), then its top role-level lines:")
+          f" samples) took their neighbours' role\n\nper role (4 warps each, the transposed kernels' "
+          f"producer 8; HGMMA shapes), then its top role-level lines:")
+    transposed = "math" in per_role
     for role in ROLES:
         c = per_role.get(role)
         if c and c["insns"]:
             hg = " ".join(f"{k[6:]}:{v}" for k, v in sorted(c.items()) if k.startswith("hgmma:"))
-            print(f"  {role:8s} {c['all']:7.0f} {100 * c['all'] / total:5.1f}%  /warp {c['all'] / 4:6.0f}  "
+            print(f"  {role:8s} {c['all']:7.0f} {100 * c['all'] / total:5.1f}%  /warp {c['all'] / (8 if transposed and role == 'producer' else 4):6.0f}  "
                   f"{c['insns']:4d}i  {why(c, reasons, 4)}  [{hg}]")
             steps = sorted(((v["all"], k[1], v) for k, v in per_step.items() if k[0] == role), reverse=True)
             for n, line, v in steps[: args.steps]:

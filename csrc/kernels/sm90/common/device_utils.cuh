@@ -143,6 +143,18 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 __device__ __forceinline__ void named_barrier_sync(int id, int count) {
   asm volatile("barrier.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
+// barrier.red.or over `count` threads of barrier `id`: waits as named_barrier_sync and returns
+// whether any participant's `pred` was true (the same value in every participant).
+__device__ __forceinline__ bool named_barrier_or(int id, int count, bool pred) {
+  uint32_t any;
+  asm volatile(
+      "{\n.reg .pred p, q;\nsetp.ne.u32 q, %3, 0;\nbarrier.red.or.pred p, %1, %2, q;\n"
+      "selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(any)
+      : "r"(id), "r"(count), "r"(static_cast<uint32_t>(pred))
+      : "memory");
+  return any != 0;
+}
 // Arrive at barrier `id` without waiting (the waiting side calls named_barrier_sync with the
 // same count: arrivals + waiters). Earlier shared-memory writes are visible to the waiters.
 __device__ __forceinline__ void named_barrier_arrive(int id, int count) {

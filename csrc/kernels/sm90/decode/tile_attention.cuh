@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 
 #include "kernels/params.h"
 #include "kernels/sm90/common/device_utils.cuh"
@@ -304,6 +305,23 @@ __device__ __forceinline__ void store_p_rows(uint32_t sp, const float (&s)[32], 
   }
 }
 
+// JFM_WS_T_LAZY_MAX (a compile-time candidate, off; written 2026-12-01 without a GPU): the
+// transposed softmax keeps the running max m while no logit of the tile exceeds it by more than
+// kLazySlack / sl2 (P stays <= 2^8: exact enough in fp32 sums and bf16 P), so most tiles skip the
+// column-max exchange (12 shuffles, the `red` stores and loads, a 128-thread barrier) and O^T's
+// rescale. Whether any thread needs the exchange is one barrier.red.or (`bar_or`) per tile. Any m
+// gives the same softmax (lse = log l + m * scale); the true column maximum, which max_logits
+// reports, is kept per thread (TMaxLogit) and reduced once after the last tile (t_finish_max).
+// Why: ncu of the 16-row kernel (docs/PERFORMANCE.md, eighth session): its math warpgroup bounds
+// the tile and spends ~28% of its time in this softmax, mostly shuffles waiting behind the
+// producers' shared-memory traffic (short scoreboard).
+#ifndef JFM_WS_T_LAZY_MAX
+#define JFM_WS_T_LAZY_MAX 0
+#endif
+// At 16 rows only: at 32 the per-thread maxima beside O^T's 128 registers spilled 96 bytes.
+constexpr bool t_lazy_max(int n) { return JFM_WS_T_LAZY_MAX != 0 && n == 16; }
+constexpr float kLazySlack = 8.f;
+
 // ---- Transposed (kernel_ws.cuh, kTransposed* math, few query rows): one warpgroup computes
 // S^T = K Q^T (M = the tile's 64 tokens, N = kN query rows, kN = 16 or 32) and O^T += V^T P^T
 // (M = 64 of the 512 value columns per chunk, 8 chunks; V^T is the K tile read as an MN-major A
@@ -349,10 +367,11 @@ __device__ __forceinline__ void tile_qk_t(float (&s)[kN / 2], uint64_t desc_k, u
 // float[4][kN], and named barrier `bar` of 128 threads), then P^T = exp2(s sl2 - m sl2) written
 // into the swizzled P block at sp (row = query row, 64 token columns) and the correction of the
 // earlier O^T in corr. The caller fences and synchronizes the warpgroup before the PV wgmma.
-template <typename T, int kN>
-__device__ __forceinline__ void tile_softmax_t(float (&s)[kN / 2], TState<kN>& st,
-                                               float (&corr)[kN / 4], float* red, uint32_t sp,
-                                               float sl2, int bar, const Lane& ln) {
+// In two steps, t_online_max and t_store_p, which the lazy variant below reuses.
+template <int kN>
+__device__ __forceinline__ void t_online_max(const float (&s)[kN / 2], TState<kN>& st,
+                                             float (&corr)[kN / 4], float (&mscaled)[kN / 4],
+                                             float* red, float sl2, int bar, const Lane& ln) {
   constexpr int kCols = kN / 4;
   float mx[kCols];
 #pragma unroll
@@ -364,13 +383,17 @@ __device__ __forceinline__ void tile_softmax_t(float (&s)[kN / 2], TState<kN>& s
     if (ln.g == 0) red[ln.wr * kN + TState<kN>::col(j, ln)] = mx[j];
   }
   named_barrier_sync(bar, 128);
-  float mscaled[kCols];
 #pragma unroll
   for (int j = 0; j < kCols; ++j) {
     const int col = TState<kN>::col(j, ln);
     const float tile_max = fmaxf(fmaxf(red[col], red[kN + col]), fmaxf(red[2 * kN + col], red[3 * kN + col]));
     online_max(st.m[j], st.l[j], tile_max, sl2, corr[j], mscaled[j]);
   }
+}
+template <typename T, int kN>
+__device__ __forceinline__ void t_store_p(const float (&s)[kN / 2], TState<kN>& st,
+                                          const float (&mscaled)[kN / 4], uint32_t sp, float sl2,
+                                          const Lane& ln) {
 #pragma unroll
   for (int nt = 0; nt < kN / 8; ++nt) {
 #pragma unroll
@@ -384,6 +407,92 @@ __device__ __forceinline__ void tile_softmax_t(float (&s)[kN / 2], TState<kN>& s
       const T v = static_cast<T>(pv);
       asm volatile("st.shared.b16 [%0], %1;\n" ::"r"(a), "h"(*reinterpret_cast<const unsigned short*>(&v)));
     }
+  }
+}
+template <typename T, int kN>
+__device__ __forceinline__ void tile_softmax_t(float (&s)[kN / 2], TState<kN>& st,
+                                               float (&corr)[kN / 4], float* red, uint32_t sp,
+                                               float sl2, int bar, const Lane& ln) {
+  float mscaled[kN / 4];
+  t_online_max<kN>(s, st, corr, mscaled, red, sl2, bar, ln);
+  t_store_p<T, kN>(s, st, mscaled, sp, sl2, ln);
+}
+
+// Under the lazy max: this thread's max attended logit per column (max_logits). Its own struct,
+// not a TState member: even unused, a member changed the default kernels' register allocation.
+template <int kN>
+struct TMaxLogit {
+  float mt[kN / 4];
+  __device__ __forceinline__ void init() {
+#pragma unroll
+    for (int j = 0; j < kN / 4; ++j) mt[j] = -INFINITY;
+  }
+};
+struct TNoMaxLogit {
+  __device__ __forceinline__ void init() {}
+};
+template <int kN>
+using TMaxOf = std::conditional_t<t_lazy_max(kN), TMaxLogit<kN>, TNoMaxLogit>;
+// Column j's max logit after the last tile: the running max, or under the lazy max the reduced mt.
+template <int kN>
+__device__ __forceinline__ float max_logit(const TState<kN>& st, const TNoMaxLogit&, int j) {
+  return st.m[j];
+}
+template <int kN>
+__device__ __forceinline__ float max_logit(const TState<kN>&, const TMaxLogit<kN>& t, int j) {
+  return t.mt[j];
+}
+
+// Returns whether the running max moved (then O^T needs rescaling by corr; else corr is all 1).
+template <typename T, int kN>
+__device__ __forceinline__ bool tile_softmax_t_lazy(float (&s)[kN / 2], TState<kN>& st,
+                                                    TMaxLogit<kN>& tm, float (&corr)[kN / 4],
+                                                    float* red, uint32_t sp, float sl2, int bar,
+                                                    int bar_or, const Lane& ln) {
+  constexpr int kCols = kN / 4;
+  bool grow = false;
+#pragma unroll
+  for (int j = 0; j < kCols; ++j) {
+    const int nt = j >> 1, c = j & 1;
+    const float mx = fmaxf(s[4 * nt + c], s[4 * nt + 2 + c]);
+    tm.mt[j] = fmaxf(tm.mt[j], mx);
+    // m = -inf: any attended logit grows it; -inf - -inf is NaN, which compares false.
+    grow |= (mx - st.m[j]) * sl2 > kLazySlack;
+  }
+  float mscaled[kCols];
+  const bool moved = named_barrier_or(bar_or, 128, grow);
+  if (moved) {
+    t_online_max<kN>(s, st, corr, mscaled, red, sl2, bar, ln);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kCols; ++j) {
+      corr[j] = 1.f;
+      mscaled[j] = st.m[j] == -INFINITY ? 0.f : st.m[j] * sl2;
+    }
+  }
+  t_store_p<T, kN>(s, st, mscaled, sp, sl2, ln);
+  return moved;
+}
+
+// The column maxima of every logit attended (TMaxLogit's, per thread) over the warpgroup (lanes by
+// shuffles, warps through `red`, barrier `bar`: two waits), in place. For max_logits under the
+// lazy max.
+template <int kN>
+__device__ __forceinline__ void t_finish_max(float (&mt)[kN / 4], float* red, int bar, const Lane& ln) {
+  constexpr int kCols = kN / 4;
+  named_barrier_sync(bar, 128);  // earlier readers of `red` are done
+#pragma unroll
+  for (int j = 0; j < kCols; ++j) {
+    float v = mt[j];
+#pragma unroll
+    for (int x = 4; x < 32; x <<= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, x));
+    if (ln.g == 0) red[ln.wr * kN + TState<kN>::col(j, ln)] = v;
+  }
+  named_barrier_sync(bar, 128);
+#pragma unroll
+  for (int j = 0; j < kCols; ++j) {
+    const int col = TState<kN>::col(j, ln);
+    mt[j] = fmaxf(fmaxf(red[col], red[kN + col]), fmaxf(red[2 * kN + col], red[3 * kN + col]));
   }
 }
 

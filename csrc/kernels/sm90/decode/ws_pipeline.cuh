@@ -108,6 +108,7 @@ __device__ __forceinline__ void ws_set_regs() {
 
 // Named barriers (0 is __syncthreads', 1 MathWarpsSync's).
 constexpr int kBarScores = 4;   // kRoles, kTransposed*: warpgroup 0 alone (128)
+constexpr int kBarLazyOr = 5;   // kTransposed16 with JFM_WS_T_LAZY_MAX: the per-tile barrier.red.or
 
 // Where one query row's result goes (kTransposed*; the task's row_out): the output row (times
 // `scale`) or the split-KV partial row; neither for a padded row.
@@ -420,6 +421,8 @@ __device__ __forceinline__ void ws_math_t(const Task& task, const WsShared& sh) 
 
     TState<kN> st;
     st.init();
+    TMaxOf<kN> tmax;  // the lazy max's true maxima (else empty)
+    tmax.init();
     for (int n = cur.first; n < cur.t_hi; ++k) {
       const int n_next = cur.next(n + 1);
       const uint32_t buf = k & 1;
@@ -433,20 +436,30 @@ __device__ __forceinline__ void ws_math_t(const Task& task, const WsShared& sh) 
         return task.masked_t(cur, n, valid, ln.wr * 16 + ln.g + 8 * h, col);
       });
       float corr[kCols];
-      tile_softmax_t<T, kN>(sacc, st, corr, sh.red, sh.sp, sl2, kBarScores, ln);
-      fence_proxy_async();
-      named_barrier_sync(kBarScores, 128);  // all of P^T, before the wgmma reads it
-      rescale_o_t(st, corr);
+      if constexpr (t_lazy_max(kN)) {
+        const bool moved =
+            tile_softmax_t_lazy<T, kN>(sacc, st, tmax, corr, sh.red, sh.sp, sl2, kBarScores,
+                                       kBarLazyOr, ln);
+        fence_proxy_async();
+        named_barrier_sync(kBarScores, 128);  // all of P^T, before the wgmma reads it
+        if (moved) rescale_o_t(st, corr);
+      } else {
+        tile_softmax_t<T, kN>(sacc, st, corr, sh.red, sh.sp, sl2, kBarScores, ln);
+        fence_proxy_async();
+        named_barrier_sync(kBarScores, 128);  // all of P^T, before the wgmma reads it
+        rescale_o_t(st, corr);
+      }
       tile_pv_t<T, kN>(st, desc_vt + buf_desc, desc_p);
       mbarrier_arrive(sh.bar_empty + 8 * buf);  // this thread is done with it
       n = n_next;
     }
     float inv[kCols], lse[kCols];
     tile_finish_t<kN>(st, sh.red, task.softmax_scale, task.empty_lse(cur), inv, lse, kBarScores, ln);
+    if constexpr (t_lazy_max(kN)) t_finish_max<kN>(tmax.mt, sh.red, kBarScores, ln);
 #pragma unroll
     for (int j = 0; j < kCols; ++j) {
-      const WsRowOut<T> ro = task.row_out(cur, TState<kN>::col(j, ln), inv[j], lse[j], st.m[j],
-                                          ln.g == 0 && ln.wr == 0);
+      const WsRowOut<T> ro = task.row_out(cur, TState<kN>::col(j, ln), inv[j], lse[j],
+                                          max_logit(st, tmax, j), ln.g == 0 && ln.wr == 0);
       if (ro.out == nullptr && ro.accum == nullptr) continue;
 #pragma unroll
       for (int c = 0; c < 8; ++c) {
