@@ -190,7 +190,8 @@ if has ncu; then
   # warp-specialized kernels (WarpStateStats averages over both); read with
   # scripts/ncu_sass_stalls.py (per opcode) and scripts/ncu_stalls_by_line.py (per source line and
   # warp role, from a local -lineinfo build). More than 8 files come back only packed:
-  # end the command with scripts/device_pack.sh.
+  # end the command with scripts/device_pack.sh. NCU_EXTRA: more ncu arguments for every case
+  # (e.g. "--section MemoryWorkloadAnalysis_Tables": shared-memory wavefronts and bank conflicts).
   NCU_CASES=${NCU_CASES:-"sparse_v32_h128|sparse_attention_ws_kernel|--sparse v32 --h_q 128 --b 64;sparse_v32_h16|sparse_attention_ws_kernel|--sparse v32 --h_q 16 --b 64;dense_h128|dense_decode_ws_kernel|--h_q 128"}
   log "Nsight Compute: $NCU_CASES"
   IFS=';' read -ra ncu_cases <<< "$NCU_CASES"
@@ -198,7 +199,7 @@ if has ncu; then
     IFS='|' read -r name regex pargs cenv <<< "$entry"
     env ${cenv:-} timeout 240 ncu --kernel-name regex:$regex --launch-skip 2 --launch-count 1 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
-      --section SchedulerStats --section Occupancy --section SourceCounters \
+      --section SchedulerStats --section Occupancy --section SourceCounters ${NCU_EXTRA:-} \
       --metrics "dram__bytes_read.sum,lts__t_sector_hit_rate.pct,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_elapsed,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
       -o "/tmp/ncu_$name" -f python3 "$REPO/benchmarks/profile_decode.py" $pargs > "$OUT/ncu_$name.log" 2>&1
     ncu --import "/tmp/ncu_$name.ncu-rep" > "$OUT/ncu_$name.txt" 2>&1
