@@ -110,10 +110,12 @@ def print_run(kern, k):
     # The last run: the last third of the events (3 runs traced, each the same kernels). The
     # longest idle gap is not always the host's wait between runs: when runs follow closely it
     # fell inside a run or two runs back, and the span then covered 1 or 2 runs.
-    run = kern[-(len(kern) // 3):] if len(kern) % 3 == 0 else kern
+    whole = len(kern) % 3 == 0
+    run = kern[-(len(kern) // 3):] if whole else kern
     t0, prev_end, per = run[0][0], run[0][0], {}
-    print(f"{len(run)} GPU events in the last of 3 traced runs ({k} calls per run); span "
-          f"{run[-1][0] + run[-1][1] - t0:.1f} us")
+    print(f"{len(run)} GPU events in " + ("the last of 3 traced runs" if whole else
+                                          "all 3 traced runs (their events do not split in 3)")
+          + f" ({k} calls per run); span {run[-1][0] + run[-1][1] - t0:.1f} us")
     for ts, dur, name in run:
         print(f"  {ts - t0:9.2f} +{dur:7.2f} us (gap {ts - prev_end:6.2f})  {name[:110]}")
         prev_end = ts + dur

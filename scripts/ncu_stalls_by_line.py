@@ -7,7 +7,8 @@ SASS is checked against the export (count; per offset = address - first address:
 modulo .reuse / labels / order). "Warp Stall Sampling (All Samples)" and the stall_* reasons are
 summed per role, from ws_run's frame (ws_pipeline.cuh) in the chain: its producer call (warpgroup
 2), ws_math<.., WsRole::kScores> (warpgroup 0), ws_math<.., WsRole::kValues> (warpgroup 1), each
-with its setmaxnreg line; "common": ws_setup, the task's constructor, ws_run's own lines (the
+with its setmaxnreg line (the transposed kernels: ws_math_t, "math", warpgroup 0, and the
+producer call of warpgroups 1-2); "common": ws_setup, the task's constructor, ws_run's own lines (the
 pair's closing cluster_sync). Instructions without a ws_run frame inside the ws_run call, and runs
 of <= 2 instructions whose role differs from the agreeing roles around them (ptxas merges a few
 identical instructions of the two ws_math copies), take the neighbours' role (printed: how many).
@@ -163,7 +164,10 @@ def main():
     same = sum(o and norm(a, a0) == norm(b) for o, a, b in pairs)
     print(f"{kname}\n  local {name}: {len(insns)} instructions, csv {len(rows)}; same offset+opcode "
           f"{same_op}, same operands too {same}")
-    if not len(insns) == len(rows) == same_op:
+    if len(insns) != len(rows):
+        sys.exit("  the local object is not the profiled build (instruction counts differ): rebuild "
+                 "it with the device build's flags (-lineinfo, the same CUDAFLAGS)")
+    if same_op != len(rows):
         print("  WARNING: the SASS differs; the attribution below is unreliable")
 
     info, fixed = assign_roles(insns, role_lines(args.pipeline))
@@ -191,7 +195,8 @@ def main():
         c = per_role.get(role)
         if c and c["insns"]:
             hg = " ".join(f"{k[6:]}:{v}" for k, v in sorted(c.items()) if k.startswith("hgmma:"))
-            print(f"  {role:8s} {c['all']:7.0f} {100 * c['all'] / total:5.1f}%  /warp {c['all'] / (8 if transposed and role == 'producer' else 4):6.0f}  "
+            warps = 8 if transposed and role == "producer" else 4
+            print(f"  {role:8s} {c['all']:7.0f} {100 * c['all'] / total:5.1f}%  /warp {c['all'] / warps:6.0f}  "
                   f"{c['insns']:4d}i  {why(c, reasons, 4)}  [{hg}]")
             steps = sorted(((v["all"], k[1], v) for k, v in per_step.items() if k[0] == role), reverse=True)
             for n, line, v in steps[: args.steps]:
