@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import glob
 import json
-import math
 import os
 import sys
 import time
@@ -39,7 +38,7 @@ import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-from sbs_common import load_perfetto  # noqa: E402  (the profiler trace loader the benchmarks share)
+from sbs_common import covered_us, load_perfetto  # noqa: E402  (trace helpers the benchmarks share)
 
 
 def parse_args(argv=None):
@@ -184,15 +183,9 @@ def gpu_busy(trace_dir):
                 by_scope[scope] = by_scope.get(scope, 0.0) + d
         if key not in chosen:
             continue
-        t0 = float(e["ts"])
-        spans.append((t0, t0 + d))
+        spans.append((float(e["ts"]), d, e.get("name", "?")))
         by_name[e.get("name", "?")] = by_name.get(e.get("name", "?"), 0.0) + d
-    spans.sort()
-    busy, end = 0.0, -math.inf
-    for a, b in spans:
-        if b > end:
-            busy += b - max(a, end)
-            end = b
+    busy = covered_us(spans)
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
     scopes = sorted(by_scope.items(), key=lambda kv: -kv[1])[:16]
     for pb in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):

@@ -476,7 +476,9 @@ __device__ __forceinline__ bool tile_softmax_t_lazy(float (&s)[kN / 2], TState<k
 
 // The column maxima of every logit attended (TMaxLogit's, per thread) over the warpgroup (lanes by
 // shuffles, warps through `red`, barrier `bar`: two waits), in place. For max_logits under the
-// lazy max.
+// lazy max. The same exchange as t_online_max's: one helper for both (tried three ways) changed
+// the default kernels' SASS, so while the lazy max is an unmeasured candidate it is written out;
+// share it if the candidate becomes the default.
 template <int kN>
 __device__ __forceinline__ void t_finish_max(float (&mt)[kN / 4], float* red, int bar, const Lane& ln) {
   constexpr int kCols = kN / 4;
