@@ -305,18 +305,18 @@ __device__ __forceinline__ void store_p_rows(uint32_t sp, const float (&s)[32], 
   }
 }
 
-// JFM_WS_T_LAZY_MAX (a compile-time candidate, off; written 2026-12-01 without a GPU): the
+// JFM_WS_T_LAZY_MAX (default 1 since the ninth 2026-12-01 session, docs/PERFORMANCE.md): the
 // transposed softmax keeps the running max m while no logit of the tile exceeds it by more than
 // kLazySlack / sl2 (P stays <= 2^8: exact enough in fp32 sums and bf16 P), so most tiles skip the
 // column-max exchange (12 shuffles, the `red` stores and loads, a 128-thread barrier) and O^T's
 // rescale. Whether any thread needs the exchange is one barrier.red.or (`bar_or`) per tile. Any m
 // gives the same softmax (lse = log l + m * scale); the true column maximum, which max_logits
 // reports, is kept per thread (TMaxLogit) and reduced once after the last tile (t_finish_max).
-// Why: ncu of the 16-row kernel (docs/PERFORMANCE.md, eighth session): its math warpgroup bounds
-// the tile and spends ~28% of its time in this softmax, mostly shuffles waiting behind the
-// producers' shared-memory traffic (short scoreboard).
+// Why: ncu of the 16-row kernel (eighth session): its math warpgroup bounds the tile and spent
+// ~28% of its time in this softmax. Measured: V3.2 h16 b64 57.0 -> 55.2 us, prefill h16 367.8 ->
+// 351.8 us, V4 h16 24.7 -> 24.6 (so the shuffles' own latency was not the main limit).
 #ifndef JFM_WS_T_LAZY_MAX
-#define JFM_WS_T_LAZY_MAX 0
+#define JFM_WS_T_LAZY_MAX 1
 #endif
 // At 16 rows only: at 32 the per-thread maxima beside O^T's 128 registers spilled 96 bytes.
 constexpr bool t_lazy_max(int n) { return JFM_WS_T_LAZY_MAX != 0 && n == 16; }
@@ -476,9 +476,9 @@ __device__ __forceinline__ bool tile_softmax_t_lazy(float (&s)[kN / 2], TState<k
 
 // The column maxima of every logit attended (TMaxLogit's, per thread) over the warpgroup (lanes by
 // shuffles, warps through `red`, barrier `bar`: two waits), in place. For max_logits under the
-// lazy max. The same exchange as t_online_max's: one helper for both (tried three ways) changed
-// the default kernels' SASS, so while the lazy max is an unmeasured candidate it is written out;
-// share it if the candidate becomes the default.
+// lazy max. The same exchange as t_online_max's, written out: every way of sharing one helper
+// tried (four, the last two in the ninth session) changed the 32-row kernels' SASS, which the
+// lazy max does not use.
 template <int kN>
 __device__ __forceinline__ void t_finish_max(float (&mt)[kN / 4], float* red, int bar, const Lane& ln) {
   constexpr int kCols = kN / 4;
