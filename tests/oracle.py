@@ -218,7 +218,9 @@ def live_advance(live, blk: int, c: int) -> int:
 def schedule(seqlens, num_parts: int, *, tile: int = 64, overhead: int = 5, width: int = 8,
              live=None):
     """live: None (every tile costs one unit) or [b, 3] (live0, start1, live1) per sequence: only
-    live tiles cost, cuts fall after a live tile, and every tile index is still assigned."""
+    live tiles cost, cuts fall after a live tile, and every tile index is still assigned.
+    The payload: the smallest cdiv(total, num_parts) + i (0 <= i <= overhead) whose fill leaves
+    the last part no more than it; + overhead (upstream's rule) when none does."""
     lens = np.asarray(seqlens, np.int64)
     b = lens.shape[0]
     nb = np.where(lens > 0, (lens + tile - 1) // tile, 0)
@@ -226,13 +228,33 @@ def schedule(seqlens, num_parts: int, *, tile: int = 64, overhead: int = 5, widt
         live = np.stack([nb, nb, np.zeros_like(nb)], axis=1)
     cost = [live_cost(live[i], 0) for i in range(b)]
     total = int(np.sum(np.asarray(cost, np.int64) + overhead))
-    payload = -(-total // num_parts) + overhead
+    base = -(-total // num_parts)
+    for payload in range(base, base + overhead + 1):
+        meta, ns, last_cost = _fill(live, nb, num_parts, payload, overhead, width)
+        if last_cost <= payload:
+            break
+    return meta, ns
+
+
+def part_costs(meta, seqlens, *, tile: int = 64, overhead: int = 5):
+    """Each part's cost in the scheduler's units: its tiles plus `overhead` per chunk."""
+    nb = -(-np.asarray(seqlens, np.int64) // tile)
+    out = []
+    for bs, bb, es, eb, *_ in meta:
+        tiles = sum((eb if q == es else nb[q]) - (bb if q == bs else 0) for q in range(bs, es + 1))
+        out.append(int(tiles) + overhead * max(0, es - bs + 1))
+    return np.asarray(out)
+
+
+def _fill(live, nb, num_parts, payload, overhead, width):
+    b = len(nb)
     meta = np.zeros((num_parts, width), np.int32)
     ns = np.zeros((b + 1,), np.int32)
     seq = blk = split = cum = 0
+    last_cost = 0
     for part in range(num_parts):
         begin = (seq, blk, split)
-        remain = 2**30 - 1 if part == num_parts - 1 else payload
+        start = remain = 2**30 - 1 if part == num_parts - 1 else payload
         while seq < b:
             left = live_cost(live[seq], blk)
             if remain >= left + overhead:
@@ -245,7 +267,8 @@ def schedule(seqlens, num_parts: int, *, tile: int = 64, overhead: int = 5, widt
                     blk = live_advance(live[seq], blk, remain - overhead)
                     split += 1
                 break
+        last_cost = start - remain
         end_seq = seq if blk > 0 else seq - 1
         end_blk = blk if blk > 0 else (nb[seq - 1] if seq > 0 else 0)
         meta[part] = [begin[0], begin[1], end_seq, end_blk, begin[2], 0, 0, 0]
-    return meta, ns
+    return meta, ns, last_cost

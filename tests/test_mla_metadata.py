@@ -56,6 +56,42 @@ def test_schedule_twin_and_coverage(rng, b, parts):
         assert want_ns[-1] <= b + parts  # the workspace holds b + num_sm_parts slots
 
 
+def _upstream_rule_costs(lens, parts):
+    """Part costs under upstream FlashMLA's payload (cdiv(total, parts) + 5, every time)."""
+    nb = np.where(lens > 0, (lens.astype(np.int64) + 63) // 64, 0)
+    live = np.stack([nb, nb, np.zeros_like(nb)], axis=1)
+    payload = -(-int(np.sum(nb + 5)) // parts) + 5
+    return oracle.part_costs(oracle._fill(live, nb, parts, payload, 5, 8)[0], lens)
+
+
+@pytest.mark.parametrize("b,tiles,parts,want,upstream", [
+    (64, 10, 132, 10, 13),    # V4 h_q 64, s_q 1, b 64: 5 tiles + overhead on 128 parts (upstream 8)
+    (64, 32, 132, 21, 23),    # V3.2 h_q 16, s_q 1, b 64
+    (32, 64, 66, 37, 39),     # dense h_q 128, 4K, b 32
+    (128, 32, 132, 37, 37)])  # V3.2 s_q 2, b 64: already even, unchanged
+def test_payload_spreads_equal_sequences(b, tiles, parts, want, upstream):
+    """The payload is the smallest of cdiv(total, parts) + 0..5 whose fill leaves the last part no
+    more than it: with equal sequences upstream's rule (+ 5 every time) loads some parts far
+    above the even share and leaves others idle; ours does not, and never costs more."""
+    lens = np.full(b, 64 * tiles, np.int32)
+    got = jax.jit(M.schedule_reference, static_argnums=1)(jnp.asarray(lens), parts)
+    meta = np.asarray(got.tile_scheduler_metadata)
+    np.testing.assert_array_equal(meta, oracle.schedule(lens, parts)[0])
+    assert oracle.part_costs(meta, lens).max() == want
+    assert _upstream_rule_costs(lens, parts).max() == upstream
+    cover, _ = _coverage(lens, meta, np.asarray(got.num_splits))
+    assert all((c == 1).all() for c in cover)
+
+
+def test_payload_never_above_upstream_rule(rng):
+    for _ in range(200):
+        b, parts = int(rng.integers(1, 200)), int(rng.integers(1, 140))
+        lens = (rng.integers(0, 20000, b) if rng.random() < 0.5
+                else np.full(b, int(rng.integers(1, 5000)))).astype(np.int32)
+        meta, _ = oracle.schedule(lens, parts)
+        assert oracle.part_costs(meta, lens).max() <= _upstream_rule_costs(lens, parts).max()
+
+
 @pytest.mark.parametrize("b,s_q,parts,topk,extra", [(2, 2, 66, 128, 1024), (64, 2, 66, 2048, None),
                                                      (128, 1, 132, 128, 512), (5, 3, 7, 100, 70),
                                                      (300, 1, 16, 64, 64)])

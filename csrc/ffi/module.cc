@@ -96,7 +96,9 @@ PYBIND11_MODULE(_jax_flashmla_cuda, m) {
           tiles[i] = jfm::schedule_tiles_of(seqlens[i]);
           total += jfm::schedule_seq_cost(p, i, tiles[i]);
         }
-        jfm::schedule_fill(p, tiles.data(), total);
+        jfm::schedule_fill(p, tiles.data(), total, [&](int i) {
+          return jfm::schedule_candidate_fits(p, tiles.data(), total, i);
+        });
         return py::make_tuple(meta, ns);
       },
       py::arg("seqlens"), py::arg("num_parts"), py::arg("live") = std::vector<int32_t>(),

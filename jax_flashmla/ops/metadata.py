@@ -9,9 +9,12 @@ The schedule: ``num_parts`` persistent CTAs per (query-row block, KV head) each 
 run of (sequence, 64-token tile) work. A sequence costs ceil(L / 64) tiles plus
 ``FIXED_OVERHEAD`` per chunk of it; parts are filled in order with ``payload`` units each, a
 sequence that does not fit is cut (a new split) and continues in the next part, and the last part
-takes whatever remains. Dense decode's sequences are the batch (L = cache_seqlens); sparse
-decode's are the b * s_q query tokens, each of the same length (its topk positions, the first pool
-padded to whole tiles, then the second pool's).
+takes whatever remains. ``payload`` is the smallest ceil(total / num_parts) + i, 0 <= i <=
+FIXED_OVERHEAD, that leaves the last part no more than it (+ FIXED_OVERHEAD, upstream FlashMLA's
+rule, when none does): never above upstream's, and it spreads equal sequences evenly where
+upstream's rule leaves parts idle. Dense decode's sequences are the batch (L = cache_seqlens);
+sparse decode's are the b * s_q query tokens, each of the same length (its topk positions, the
+first pool padded to whole tiles, then the second pool's).
 
 tile_scheduler_metadata [num_parts, 8] int32, per part: begin_seq, begin_tile, end_seq
 (inclusive), end_tile (exclusive, within end_seq), begin_split, 0, 0, 0.
@@ -144,48 +147,57 @@ def schedule_reference(seqlens, num_parts: int, live=None) -> MLAMetadata:
         return jnp.where(c <= first, blk + c, jnp.maximum(blk, start1[i]) + c - first)
 
     total = jnp.sum(live_cost(jnp.arange(b), 0) + overhead)
-    payload = (total + num_parts - 1) // num_parts + overhead
+    base = (total + num_parts - 1) // num_parts
     big = jnp.int32(2**30 - 1)
-
-    def part_body(part, carry):
-        seq, blk, split, cum, ns, meta = carry
-        begin = (seq, blk, split)
-        remain = jnp.where(part == num_parts - 1, big, payload).astype(jnp.int32)
-
-        def cond(c):
-            return (c[0] < b) & ~c[6]
-
-        def body(c):
-            seq, blk, split, cum, ns, remain, _ = c
-            i = jnp.minimum(seq, b - 1)
-            left = live_cost(i, blk)
-            fits = remain >= left + overhead
-            new_cum = cum + split + 1
-            ns = jnp.where(fits, ns.at[seq + 1].set(new_cum), ns)
-            take = remain - overhead
-            return (jnp.where(fits, seq + 1, seq),
-                    jnp.where(fits, 0, jnp.where(take > 0, live_advance(i, blk, take), blk)),
-                    jnp.where(fits, 0, jnp.where(take > 0, split + 1, split)),
-                    jnp.where(fits, new_cum, cum),
-                    ns,
-                    jnp.where(fits, remain - left - overhead, remain),
-                    ~fits)
-
-        seq, blk, split, cum, ns, _, _ = jax.lax.while_loop(
-            cond, body, (seq, blk, split, cum, ns, remain, seq < 0))
-        end_seq = jnp.where(blk > 0, seq, seq - 1)
-        end_blk = jnp.where(blk > 0, blk, jnp.where(seq > 0, nb[jnp.maximum(seq - 1, 0)], 0))
-        row = jnp.array([begin[0], begin[1], end_seq, end_blk, begin[2], 0, 0, 0], jnp.int32)
-        meta = meta.at[part].set(row)
-        return seq, blk, split, cum, ns, meta
-
     # Derived from lens so that inside shard_map the carries vary over the same mesh axes as the
     # loop bodies' results (check_vma), instead of starting as replicated constants.
     zero = lens[0] * 0
-    init = (zero, zero, zero, zero, jnp.zeros((b + 1,), jnp.int32) + zero,
-            jnp.zeros((num_parts, limits.META_INTS), jnp.int32) + zero)
-    *_, ns, meta = jax.lax.fori_loop(0, num_parts, part_body, init)
-    return MLAMetadata(meta, ns)
+
+    def fill(payload):
+        def part_body(part, carry):
+            seq, blk, split, cum, ns, meta, _ = carry
+            begin = (seq, blk, split)
+            start = jnp.where(part == num_parts - 1, big, payload).astype(jnp.int32)
+
+            def cond(c):
+                return (c[0] < b) & ~c[6]
+
+            def body(c):
+                seq, blk, split, cum, ns, remain, _ = c
+                i = jnp.minimum(seq, b - 1)
+                left = live_cost(i, blk)
+                fits = remain >= left + overhead
+                new_cum = cum + split + 1
+                ns = jnp.where(fits, ns.at[seq + 1].set(new_cum), ns)
+                take = remain - overhead
+                return (jnp.where(fits, seq + 1, seq),
+                        jnp.where(fits, 0, jnp.where(take > 0, live_advance(i, blk, take), blk)),
+                        jnp.where(fits, 0, jnp.where(take > 0, split + 1, split)),
+                        jnp.where(fits, new_cum, cum),
+                        ns,
+                        jnp.where(fits, remain - left - overhead, remain),
+                        ~fits)
+
+            seq, blk, split, cum, ns, remain, _ = jax.lax.while_loop(
+                cond, body, (seq, blk, split, cum, ns, start, seq < 0))
+            end_seq = jnp.where(blk > 0, seq, seq - 1)
+            end_blk = jnp.where(blk > 0, blk, jnp.where(seq > 0, nb[jnp.maximum(seq - 1, 0)], 0))
+            row = jnp.array([begin[0], begin[1], end_seq, end_blk, begin[2], 0, 0, 0], jnp.int32)
+            meta = meta.at[part].set(row)
+            return seq, blk, split, cum, ns, meta, start - remain
+
+        init = (zero, zero, zero, zero, jnp.zeros((b + 1,), jnp.int32) + zero,
+                jnp.zeros((num_parts, limits.META_INTS), jnp.int32) + zero, zero)
+        *_, ns, meta, last_cost = jax.lax.fori_loop(0, num_parts, part_body, init)
+        return meta, ns, last_cost
+
+    # The payload: the first of base + i (i = 0 .. overhead) whose fill leaves the last part no
+    # more than it; base + overhead (upstream's rule) when none does. All candidates at once.
+    payloads = (base + jnp.arange(overhead + 1, dtype=jnp.int32)).astype(jnp.int32)
+    metas, nss, last = jax.vmap(fill)(payloads)
+    fits = (last <= payloads) | (jnp.arange(overhead + 1) == overhead)
+    pick = jnp.argmax(fits)
+    return MLAMetadata(metas[pick], nss[pick])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -54,23 +54,31 @@ JFM_HOST_DEVICE long long schedule_seq_cost(const ScheduleParams& p, int seq, in
   return ScheduleLive(p, seq, tiles).cost(0) + kFixedOverhead;
 }
 
-// Fills p.tile_scheduler_metadata and p.num_splits from each sequence's tile count `tiles[i]` and
-// the total cost (the sum of schedule_seq_cost over the sequences).
-JFM_HOST_DEVICE void schedule_fill(const ScheduleParams& p, const int* tiles, long long total) {
+// The smallest payload worth trying: the even share of the total cost. Candidates are
+// schedule_base_payload + i for i in [0, kFixedOverhead]; the last one is upstream FlashMLA's rule.
+JFM_HOST_DEVICE long long schedule_base_payload(const ScheduleParams& p, long long total) {
+  return (total + p.num_sm_parts - 1) / p.num_sm_parts;
+}
+
+// The greedy fill with `payload` units per part (the last part takes whatever is left). kWrite:
+// fills p.tile_scheduler_metadata and p.num_splits; either way returns the last part's cost.
+template <bool kWrite>
+JFM_HOST_DEVICE long long schedule_walk(const ScheduleParams& p, const int* tiles,
+                                        long long payload) {
   const int parts = p.num_sm_parts;
-  const long long payload = (total + parts - 1) / parts + kFixedOverhead;
+  const long long unbounded = LLONG_MAX / 2;
+  long long last_cost = 0;
   int now_seq = 0, now_tile = 0, now_split = 0, cum_splits = 0;
-  p.num_splits[0] = 0;
+  if constexpr (kWrite) p.num_splits[0] = 0;
   for (int part = 0; part < parts; ++part) {
-    int32_t* meta = p.tile_scheduler_metadata + part * kMetaInts;
     const int begin_seq = now_seq, begin_tile = now_tile, begin_split = now_split;
-    long long remain = part == parts - 1 ? LLONG_MAX / 2 : payload;
+    long long remain = part == parts - 1 ? unbounded : payload;
     while (now_seq < p.num_seqs) {
       const ScheduleLive live(p, now_seq, tiles[now_seq]);
       const long long left = live.cost(now_tile);
       if (remain >= left + kFixedOverhead) {
         cum_splits += now_split + 1;
-        p.num_splits[now_seq + 1] = cum_splits;
+        if constexpr (kWrite) p.num_splits[now_seq + 1] = cum_splits;
         remain -= left + kFixedOverhead;
         ++now_seq;
         now_tile = 0;
@@ -83,15 +91,39 @@ JFM_HOST_DEVICE void schedule_fill(const ScheduleParams& p, const int* tiles, lo
         break;
       }
     }
-    meta[0] = begin_seq;
-    meta[1] = begin_tile;
-    meta[2] = now_tile > 0 ? now_seq : now_seq - 1;
-    meta[3] = now_tile > 0 ? now_tile : (now_seq > 0 ? tiles[now_seq - 1] : 0);
-    meta[4] = begin_split;
-    meta[5] = 0;
-    meta[6] = 0;
-    meta[7] = 0;
+    if (part == parts - 1) last_cost = unbounded - remain;
+    if constexpr (kWrite) {
+      int32_t* meta = p.tile_scheduler_metadata + part * kMetaInts;
+      meta[0] = begin_seq;
+      meta[1] = begin_tile;
+      meta[2] = now_tile > 0 ? now_seq : now_seq - 1;
+      meta[3] = now_tile > 0 ? now_tile : (now_seq > 0 ? tiles[now_seq - 1] : 0);
+      meta[4] = begin_split;
+      meta[5] = 0;
+      meta[6] = 0;
+      meta[7] = 0;
+    }
   }
+  return last_cost;
+}
+
+// Whether candidate payload i (schedule_base_payload + i) leaves the last part no more than the
+// payload: then no part costs more than it. The last candidate always counts as fitting.
+JFM_HOST_DEVICE bool schedule_candidate_fits(const ScheduleParams& p, const int* tiles,
+                                             long long total, int i) {
+  const long long payload = schedule_base_payload(p, total) + i;
+  return i == kFixedOverhead || schedule_walk<false>(p, tiles, payload) <= payload;
+}
+
+// Fills p.tile_scheduler_metadata and p.num_splits from each sequence's tile count `tiles[i]` and
+// the total cost (the sum of schedule_seq_cost over the sequences), with the payload of the first
+// candidate that fits (`fits(i)`, in order; the scheduler kernel evaluates them in parallel).
+template <class Fits>
+JFM_HOST_DEVICE void schedule_fill(const ScheduleParams& p, const int* tiles, long long total,
+                                   Fits fits) {
+  int i = 0;
+  while (i < kFixedOverhead && !fits(i)) ++i;
+  schedule_walk<true>(p, tiles, schedule_base_payload(p, total) + i);
 }
 
 }  // namespace jfm

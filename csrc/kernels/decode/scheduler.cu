@@ -7,9 +7,14 @@
 // table (sparse decode with topk_length / extra_topk_length) only the live tiles cost; cuts fall
 // just past a live tile, and every tile index is still assigned to exactly one chunk, so the
 // attention kernels cover every token whatever lengths the table was made from. Parts are
-// filled in order with `payload` = cdiv(total, parts) + overhead units each; a sequence that does
-// not fit in what is left of a part is cut there and continues in the next part (a new split).
-// The last part takes whatever is left, so every tile is assigned whatever the rounding.
+// filled in order with `payload` units each; a sequence that does not fit in what is left of a
+// part is cut there and continues in the next part (a new split). The last part takes whatever
+// is left, so every tile is assigned whatever the rounding. The payload is the smallest of
+// cdiv(total, parts) + i, i in [0, kFixedOverhead], that leaves the last part no more than it
+// (i = kFixedOverhead, upstream FlashMLA's rule, if none does). With equal sequences upstream's
+// rule can load some parts far above the even share: 64 query tokens of 10 tiles on 132 parts
+// (V4 h_q 64, s_q 1) get 8 tiles on 64 parts, 2-3 on 43 and none on 25; the smallest payload
+// that fits gives 5 tiles on 128 parts. It is never above upstream's, so no part costs more.
 // jax_flashmla/ops/metadata.py holds the pure-JAX twin of this algorithm (same integers); the fill
 // itself is in schedule_fill.h, shared with the host (module.cc, for the CPU tests).
 #include "kernels/decode/schedule_fill.h"
@@ -35,7 +40,15 @@ __global__ void __launch_bounds__(kThreads) schedule_kernel(ScheduleParams p) {
     if (threadIdx.x < stride) s_partial[threadIdx.x] += s_partial[threadIdx.x + stride];
     __syncthreads();
   }
-  if (threadIdx.x == 0) schedule_fill(p, s_tiles, s_partial[0]);
+  // Candidate payload w is tried by warp w's lane 0 (schedule_candidate_fits), all at once;
+  // thread 0 then fills with the first that fits.
+  static_assert(kFixedOverhead < kThreads / 32, "one warp per candidate payload");
+  __shared__ bool s_fits[kFixedOverhead];
+  const int warp = threadIdx.x / 32;
+  if (threadIdx.x % 32 == 0 && warp < kFixedOverhead)
+    s_fits[warp] = schedule_candidate_fits(p, s_tiles, s_partial[0], warp);
+  __syncthreads();
+  if (threadIdx.x == 0) schedule_fill(p, s_tiles, s_partial[0], [&](int i) { return s_fits[i]; });
 }
 
 }  // namespace
