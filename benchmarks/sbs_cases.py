@@ -105,6 +105,12 @@ def sparse_decode_cases(quick: bool):
         out += [_sparse(b, cfg["h_q"], 512, 16384, 128, block_size=256, extra=cfg["extra"])
                 for b in (2, 64, 74, 128, 148, 256)]
     out += [_sparse(148, h, d, 32768, 16384, tag="peak") for d in (512, 576) for h in (64, 128)]
+    # s_q 1 (decode without MTP): equal query tokens of few tiles, where the schedule's payload
+    # rule decides how evenly the parts are loaded (csrc/kernels/decode/scheduler.cu).
+    for b in (32, 64):
+        out += [_sparse(b, 128, 576, 32768, 2048, tag="sq1", s_q=1)]
+        out += [_sparse(b, cfg["h_q"], 512, 16384, 128, block_size=256, extra=cfg["extra"],
+                        tag="sq1", s_q=1) for cfg in _V4_CONFIGS[:2]]
     for h in (16, 32):
         out += [_sparse(64, h, 576, 32768, 2048, tag="pad64"),
                 _sparse(64, h, 512, 16384, 128, block_size=256, extra=_V4_CONFIGS[1]["extra"],
