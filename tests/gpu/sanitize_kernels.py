@@ -72,6 +72,9 @@ SPARSE = [  # keyword arguments of cases.sparse_decode_case
          with_lengths=True, sink="random"),
     dict(b=4, s_q=3, h_q=100, d_qk=576, fmt="bf16", topk=64, page=256),
     dict(b=3, s_q=2, h_q=32, d_qk=576, fmt="fp8", topk=200, page=64, with_lengths=True),
+    # V3.2 at <= 16 heads: the 16-row kernel with the V3.2 producer (JFM_V32_ROW8 changes it).
+    dict(b=2, s_q=2, h_q=12, d_qk=576, fmt="fp8", topk=150, page=61, with_lengths=True,
+         sink="random"),
     # 65-128 heads on FP8: two row blocks, with and without a schedule. V4's 312 tiles make the
     # default run CTA pairs (sparse/dispatch.cu: at least 4 per schedule part); JFM_KERNEL_VARIANT=pair
     # runs V3.2's as pairs too.

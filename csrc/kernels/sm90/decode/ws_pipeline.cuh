@@ -50,8 +50,9 @@
 //   0 .. kThreads - 1, 256 or 128; the caller commits and waits);
 //   masked(const Seq&, int n, const uint8_t* valid, int h, int col) (row h of this thread);
 //   store_rows(const Seq&, const RowState&, inv, lse, m, const Lane&) (after the last tile);
-//   empty_lse(const Seq&); produce<kWide, kPair, kSole>(const WsShared&, int which, int stride)
-//   (the producers; kWide: a budget of at least 144 registers; kSole: the CTA's only one);
+//   empty_lse(const Seq&); produce<kWide, kPair, kSole, kRoomy>(const WsShared&, int which,
+//   int stride) (the producers; kWide: a budget of at least 144 registers; kSole: the CTA's only
+//   one; kRoomy: kTransposed16's, the most registers);
 //   for kTransposed*: masked_t(const Seq&, n, valid, token, row) and
 //   row_out(const Seq&, row, inv, lse, m, bool write_stats) -> WsRowOut.
 #pragma once
@@ -501,7 +502,8 @@ __device__ __forceinline__ void ws_run(const Task& task, const WsShared& sh) {
       ws_math_t<Task, kMath == WsMath::kTransposed16 ? 16 : 32>(task, sh);
     } else {
       ws_set_regs<Regs::kWg1, kL>();
-      task.template produce<Regs::kWideProducer, false>(sh, wg - 1, 2);
+      task.template produce<Regs::kWideProducer, false, false, kMath == WsMath::kTransposed16>(
+          sh, wg - 1, 2);
     }
   } else if (wg == 2) {
     ws_set_regs<Regs::kWg2, kL>();

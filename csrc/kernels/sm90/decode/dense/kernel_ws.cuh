@@ -111,7 +111,7 @@ struct DenseWsTask {
   // A producer warpgroup (`which` of `stride`: the tiles k % stride == which): each page's 64 rows
   // of this KV head by load_tile_rows (128 threads: rows lr + 16 h); the page id of its next tile
   // is loaded while this one is waited for and copied.
-  template <bool kWide, bool kPair, bool = false>  // (no staging registers: the copies are cp.async)
+  template <bool kWide, bool kPair, bool = false, bool = false>  // (no staging registers: cp.async)
   __device__ __forceinline__ void produce(const WsShared& sh, int which, int stride) const {
     static_assert(!kPair, "dense decode has no CTA-pair kernel");
     const T* __restrict__ kvg = reinterpret_cast<const T*>(p.kv);

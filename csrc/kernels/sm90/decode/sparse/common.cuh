@@ -150,6 +150,9 @@ struct TokenRows {
 struct Fp8Slot {
   int t, j;
   __device__ __forceinline__ Fp8Slot(int tid) : t(((tid >> 5) << 3) | (tid & 7)), j((tid >> 3) & 3) {}
+  // StageV32R8's map: token t = 4 * warp + lane / 8 (and t + 16), eighth j = lane % 8.
+  struct Row8 {};
+  __device__ __forceinline__ Fp8Slot(int tid, Row8) : t(((tid >> 5) << 2) | ((tid >> 3) & 3)), j(tid & 7) {}
 };
 
 // V3.2: 656-byte tokens (512 e4m3 in 4 tiles of 128 | 4 float32 scales | 64 bf16 RoPE).
@@ -189,6 +192,66 @@ struct StageV32 {
     for (int k = 0; k < 2; ++k) put16(S::chunk_off(t, 64 + 4 * k + j_), rope[k]);
   }
   int j_;
+};
+
+// V3.2 with eight lanes per token (JFM_V32_ROW8, a compile-time candidate, off; the warp-
+// specialized producers without CTA pairs): lanes 8 u .. 8 u + 7 of a warp read 128 contiguous
+// bytes of one token per load, where the quarter-token map (Fp8Slot) reads 64 bytes of each of 8
+// tokens. 656-byte tokens are only 16-byte aligned, so a 64-byte run touches 2.5 32-byte sectors
+// on average (ncu, V3.2 h16: 25.2 of 32 bytes per sector used) and a 128-byte run 4.5. A thread
+// holds the eighth j of two tokens, rows t and t + 16 of the tile (Fp8Slot::row8: t = 4 warp +
+// lane / 8, j = lane % 8). Its stores stay conflict-free: the 8 lanes of a store phase write 8
+// chunks of one row, lanes j >= 4 their odd bf16 chunk first (distinct under the XOR swizzle).
+struct StageV32R8 {
+  static constexpr int kTokens = 2;
+  uint4 nope[2][4];  // token i: chunks 8 k + j of its NoPE bytes (scale tile k)
+  uint4 scales[2];   // token i's 4 float32 scales
+  uint4 rope[2];     // token i's RoPE chunk j
+  bool valid[2];
+  int j_;
+
+  template <bool kHint = false>
+  __device__ __forceinline__ void fetch(const SparsePool& pool, int64_t row0, int64_t row1) {
+    const int64_t rows[2] = {row0, row1};
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      valid[i] = rows[i] >= 0;
+      const uint8_t* tok = pool.data + (valid[i] ? rows[i] : 0) * 656;
+#pragma unroll
+      for (int k = 0; k < 4; ++k)
+        nope[i][k] = valid[i] ? ld_nc_16<kHint>(tok + 16 * (8 * k + j_)) : make_uint4(0, 0, 0, 0);
+      scales[i] = valid[i] ? ld_nc_16<kHint>(tok + 512) : make_uint4(0, 0, 0, 0);
+      rope[i] = valid[i] ? ld_nc_16<kHint>(tok + 528 + 16 * j_) : make_uint4(0, 0, 0, 0);
+    }
+  }
+  // Rows t and t + 16 of the swizzled [64 x 576] bf16 tile, as StageV32::emit.
+  template <class Put16, class Put8>
+  __device__ __forceinline__ void emit(int t, Put16 put16, Put8) const {
+    using S = TileSmem<576>;
+    const int odd_first = j_ >> 2;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int row = t + 16 * i;
+      const float sc[4] = {__uint_as_float(scales[i].x), __uint_as_float(scales[i].y),
+                           __uint_as_float(scales[i].z), __uint_as_float(scales[i].w)};
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int c = 8 * k + j_;  // NoPE chunk: fp8 values [16 c, 16 c + 16), scale tile k
+        const uint4 lo = fp8x8_to_bf16x8(make_uint2(nope[i][k].x, nope[i][k].y), sc[k]);
+        const uint4 hi = fp8x8_to_bf16x8(make_uint2(nope[i][k].z, nope[i][k].w), sc[k]);
+        put16(S::chunk_off(row, 2 * c + odd_first), odd_first ? hi : lo);
+        put16(S::chunk_off(row, 2 * c + 1 - odd_first), odd_first ? lo : hi);
+      }
+      put16(S::chunk_off(row, 64 + j_), rope[i]);
+    }
+  }
+  // The validity bytes of this thread's two rows (one lane per token writes them).
+  __device__ __forceinline__ void mark_valid(uint8_t* v, int t) const {
+    if (j_ == 0) {
+      v[t] = valid[0];
+      v[t + 16] = valid[1];
+    }
+  }
 };
 
 // V4: per-block layout; token tt of block blk: 448 e4m3 (7 tiles of 64) + 64 bf16 RoPE at

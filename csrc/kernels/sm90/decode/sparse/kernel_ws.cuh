@@ -37,6 +37,11 @@ namespace sm90 {
 #define JFM_PIPELINED_FP8_FETCH 1
 #endif
 constexpr bool kPipelinedFp8Fetch = JFM_PIPELINED_FP8_FETCH != 0;
+// JFM_V32_ROW8 (a compile-time candidate, off): the V3.2 producers of kTransposed16 read eight
+// lanes per token (common.cuh, StageV32R8) instead of four.
+#ifndef JFM_V32_ROW8
+#define JFM_V32_ROW8 0
+#endif
 template <KvFormat kFmt, int kDqk_>
 struct SparseWsTask {
   using T = bf16;
@@ -125,18 +130,39 @@ struct SparseWsTask {
   // counted on the peer's peer_full barrier); it writes the validity bytes of all 64 tokens
   // locally, and arrives on its own peer_full barrier expecting the peer's half.
   // kSole: the CTA's only producer (the role split; kTransposed* has two).
-  template <bool kWide, bool kPair, bool kSole = false>
+  // kRoomy: the producer of kTransposed16, whose budget holds StageV32R8's 8 more registers per
+  // thread (kTransposed32 spilled 104 bytes with it, kRolesWide 28).
+  template <bool kWide, bool kPair, bool kSole = false, bool kRoomy = false>
   __device__ __forceinline__ void produce(const WsShared& sh, int which, int stride) const {
     static_assert(!kPair || kFp8, "CTA pairs share dequantization: FP8 caches only");
     const int ptid = threadIdx.x & 127;
     // FP8: a quarter (j) of token t in round 0 and of token t + 32 in round 1 (Fp8Slot's map over
     // four warps). bf16: rows lr + 16 h (h < 4) by load_tile_rows with 128 threads.
-    const Fp8Slot slot(ptid);
+    // kRow8 (JFM_V32_ROW8): StageV32R8, two tokens per round: t + 16 i + 32 round, i < 2.
+    constexpr bool kRow8 = JFM_V32_ROW8 != 0 && kFmt == KvFormat::kFp8V32 && !kPair && kRoomy;
+    const Fp8Slot slot = kRow8 ? Fp8Slot(ptid, Fp8Slot::Row8{}) : Fp8Slot(ptid);
     const int lr = ptid >> 3, lq = ptid & 7;
-    using Stage = typename Fp8Stage<kFmt == KvFormat::kBf16 ? KvFormat::kFp8V32 : kFmt>::type;
+    using Stage = std::conditional_t<
+        kRow8, StageV32R8, typename Fp8Stage<kFmt == KvFormat::kBf16 ? KvFormat::kFp8V32 : kFmt>::type>;
     Stage stage, stage2;  // stage2: round 1 when kWide
     stage.j_ = slot.j;
     stage2.j_ = slot.j;
+    // Round r's rows of tile n into st (from the indices idx of that tile), and its validity bytes.
+    auto fetch_round = [&](Stage& st, int r, const TokenRows& rows, int pool_id, const int (&ix)[4]) {
+      if constexpr (kRow8) {
+        st.template fetch<true>(p.pool[pool_id], rows.row_of(ix[2 * r], pool_id),
+                                rows.row_of(ix[2 * r + 1], pool_id));
+      } else {
+        st.template fetch<true>(p.pool[pool_id], rows.row_of(ix[r], pool_id));
+      }
+    };
+    auto mark_valid = [&](const Stage& st, uint8_t* valid, int r) {
+      if constexpr (kRow8) {
+        st.mark_valid(valid, slot.t + 32 * r);
+      } else {
+        if (slot.j == 0) valid[slot.t + 32 * r] = st.valid;
+      }
+    };
 
     uint32_t k = 0;  // the CTA's tiles before this sequence's
     for (int s = begin_seq; s <= end_seq; ++s) {
@@ -144,7 +170,10 @@ struct SparseWsTask {
       // This thread's positions of tile n: FP8 t, t + 32; bf16 lr + 16 h.
       auto load_indices = [&](int n, int (&idx)[4]) {
         if (n >= q.t_hi) return;
-        if constexpr (kFp8) {
+        if constexpr (kRow8) {
+#pragma unroll
+          for (int h = 0; h < 4; ++h) idx[h] = q.rows.index_at(n, slot.t + 16 * h);
+        } else if constexpr (kFp8) {
           idx[0] = q.rows.index_at(n, slot.t);
           idx[1] = q.rows.index_at(n, slot.t + 32);
         } else {
@@ -172,8 +201,8 @@ struct SparseWsTask {
           k_next = k + 1;
           own(n_next, k_next);
           const int pool_id = q.rows.pool_of(n);
-          stage.template fetch<true>(p.pool[pool_id], q.rows.row_of(idx[0], pool_id));
-          stage2.template fetch<true>(p.pool[pool_id], q.rows.row_of(idx[1], pool_id));
+          fetch_round(stage, 0, q.rows, pool_id, idx);
+          fetch_round(stage2, 1, q.rows, pool_id, idx);
         }
         int idx_next[4] = {-1, -1, -1, -1};
         load_indices(n_next, idx_next);
@@ -192,11 +221,11 @@ struct SparseWsTask {
           const int pool_next = more ? q.rows.pool_of(n_next) : 0;
           fill.wait_empty();
           store_stage(stage, fill.tile, slot.t);
-          if (slot.j == 0) fill.valid[slot.t] = stage.valid;
-          if (more) stage.template fetch<true>(p.pool[pool_next], q.rows.row_of(idx_next[0], pool_next));
+          mark_valid(stage, fill.valid, 0);
+          if (more) fetch_round(stage, 0, q.rows, pool_next, idx_next);
           store_stage(stage2, fill.tile, slot.t + 32);
-          if (slot.j == 0) fill.valid[slot.t + 32] = stage2.valid;
-          if (more) stage2.template fetch<true>(p.pool[pool_next], q.rows.row_of(idx_next[1], pool_next));
+          mark_valid(stage2, fill.valid, 1);
+          if (more) fetch_round(stage2, 1, q.rows, pool_next, idx_next);
           fence_proxy_async();  // the stores, before the math warps' wgmma reads them
           mbarrier_arrive(fill.full);
 #pragma unroll
@@ -231,15 +260,15 @@ struct SparseWsTask {
             fence_proxy_async();  // the local stores, before the math warps' wgmma reads them
             mbarrier_arrive(fill.full);
           } else if constexpr (kFp8) {
-            stage.template fetch<true>(pool, q.rows.row_of(idx[0], pool_id));  // in flight while we wait
-            if constexpr (kWide) stage2.template fetch<true>(pool, q.rows.row_of(idx[1], pool_id));
+            fetch_round(stage, 0, q.rows, pool_id, idx);  // in flight while we wait
+            if constexpr (kWide) fetch_round(stage2, 1, q.rows, pool_id, idx);
             load_indices(n_next, idx_next);
             fill.wait_empty();
             store_stage(stage, fill.tile, slot.t);
-            if (slot.j == 0) fill.valid[slot.t] = stage.valid;
-            if constexpr (!kWide) stage2.template fetch<true>(pool, q.rows.row_of(idx[1], pool_id));
+            mark_valid(stage, fill.valid, 0);
+            if constexpr (!kWide) fetch_round(stage2, 1, q.rows, pool_id, idx);
             store_stage(stage2, fill.tile, slot.t + 32);
-            if (slot.j == 0) fill.valid[slot.t + 32] = stage2.valid;
+            mark_valid(stage2, fill.valid, 1);
             fence_proxy_async();  // the stores, before the math warps' wgmma reads them
             mbarrier_arrive(fill.full);
           } else {
