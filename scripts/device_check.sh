@@ -203,6 +203,13 @@ if has ncu; then
       --metrics "dram__bytes_read.sum,lts__t_sector_hit_rate.pct,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_elapsed,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
       -o "/tmp/ncu_$name" -f python3 "$REPO/benchmarks/profile_decode.py" $pargs > "$OUT/ncu_$name.log" 2>&1
     ncu --import "/tmp/ncu_$name.ncu-rep" > "$OUT/ncu_$name.txt" 2>&1
+    # The table sections print only their rule notes by default (ninth 2026-12-01 session); their
+    # rows need --print-details. Every collected metric, raw: ncu_<name>_raw.csv.gz.
+    case "${NCU_EXTRA:-}" in *Tables*)
+      ncu --import "/tmp/ncu_$name.ncu-rep" --print-details all \
+        > "$OUT/ncu_${name}_details.txt" 2>&1 || true ;;
+    esac
+    ncu --import "/tmp/ncu_$name.ncu-rep" --page raw --csv 2>/dev/null | gzip > "$OUT/ncu_${name}_raw.csv.gz"
     ncu --import "/tmp/ncu_$name.ncu-rep" --page source --csv --print-source sass 2>/dev/null \
       | gzip > "$OUT/ncu_${name}_sass.csv.gz"
     echo "--- $name"

@@ -171,6 +171,9 @@ def main():
         print("  WARNING: the SASS differs; the attribution below is unreliable")
 
     info, fixed = assign_roles(insns, role_lines(args.pipeline))
+    if all(i[0] == "common" for i in info):
+        print("  WARNING: no instruction has a role: ws_pipeline.cuh's lines here are not the ones the "
+              "object was built from (run this from a checkout of the built commit, or --pipeline)")
     per_role, per_step, per_line = (collections.defaultdict(collections.Counter) for _ in range(3))
     hot = {}  # per_line key -> (samples, offset, the BAR / try-wait <= 4 instructions before it)
     for i, (r, (role, step, inner), (off, sass, _)) in enumerate(zip(rows, info, insns)):
