@@ -42,6 +42,8 @@ ap.add_argument("--page", type=int, default=64)
 ap.add_argument("--timeline", type=int, default=0)
 ap.add_argument("--trace_dir", default="/tmp/jfm_timeline")
 ap.add_argument("--async_runs", type=int, default=0)
+ap.add_argument("--fixed", action="store_true",
+                help="dense: every sequence --s_k long (default: random lengths around --s_k)")
 ap.add_argument("--implementation", default="kernel", help="kernel | reference (e.g. on a CPU)")
 ap.add_argument("--variant", default=None,
                 help="JFM_KERNEL_VARIANT for this process (e.g. pair), so one TIMELINE_CASES entry "
@@ -61,7 +63,7 @@ if args.prefill is not None:
     call = lambda: op(q, kv, idx)  # noqa: E731
     rest = (kv, idx)
 elif args.sparse is None:
-    q, kv, table, lens, _ = bd.make_inputs(0, args.b, args.s_q, args.h_q, args.s_k, True)
+    q, kv, table, lens, _ = bd.make_inputs(0, args.b, args.s_q, args.h_q, args.s_k, not args.fixed)
     meta = jax_flashmla.get_mla_metadata(lens, s_q=args.s_q, h_q=args.h_q)
     op = jax.jit(lambda q, kv, t, l, m: jax_flashmla.mla_decode(
         q, kv, t, l, causal=args.causal, metadata=m, implementation=args.implementation))
