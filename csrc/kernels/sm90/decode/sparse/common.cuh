@@ -68,6 +68,17 @@ __device__ __forceinline__ uint2 ld_nc_8(const uint8_t* p) {
 // The part of the work one CTA does: its schedule row (decode: a range of (query token, tile)
 // of the split-KV schedule, whose "sequences" are the query tokens) or, without a schedule
 // (prefill), all tiles of query token blockIdx.x, never split.
+// JFM_PERSISTENT_UNSCHEDULED (a compile-time candidate, off): without a schedule (prefill, and
+// decode called without metadata) the warp-specialized kernels launch at most one CTA per SM and
+// row block (sparse_ws_grid), each taking a contiguous run of whole query tokens (no splits, so
+// no combine). A CTA's setup, its first tile's gather latency and the gap between one CTA's exit
+// and the next one's start are then paid once per SM rather than once per token, and the
+// producers run into the next token's tiles while the math finishes the last (the decode loops
+// already walk several sequences per CTA).
+#ifndef JFM_PERSISTENT_UNSCHEDULED
+#define JFM_PERSISTENT_UNSCHEDULED 0
+#endif
+
 struct CtaWork {
   int begin_seq, begin_tile, end_seq, end_tile, begin_split, ntiles;
   bool scheduled;
@@ -82,7 +93,16 @@ struct CtaWork {
       end_tile = row.end_tile;
       begin_split = row.begin_split;
     } else {
+#if JFM_PERSISTENT_UNSCHEDULED
+      // The T query tokens in runs over the grid's G CTAs, the first T % G runs one longer (G = T:
+      // one each, the launch of sparse_grid). 32-bit: x * (T / G) <= T.
+      const int tokens = p.batch * p.s_q, x = blockIdx.x, g = gridDim.x;
+      const int per = tokens / g, rem = tokens % g;
+      begin_seq = x * per + min(x, rem);
+      end_seq = begin_seq + per + (x < rem ? 1 : 0) - 1;
+#else
       begin_seq = end_seq = blockIdx.x;
+#endif
       begin_tile = 0;
       end_tile = ntiles;
       begin_split = 0;
@@ -100,6 +120,25 @@ struct CtaWork {
 inline dim3 sparse_grid(const SparseDecodeParams& p) {
   return dim3(p.tile_scheduler_metadata != nullptr ? p.num_sm_parts : p.batch * p.s_q,
               p.num_m_blocks);
+}
+
+// The warp-specialized kernels' grid: sparse_grid, or with JFM_PERSISTENT_UNSCHEDULED and no
+// schedule at most one CTA per SM and row block (CtaWork then gives each a run of tokens).
+inline dim3 sparse_ws_grid(const SparseDecodeParams& p) {
+  dim3 grid = sparse_grid(p);
+#if JFM_PERSISTENT_UNSCHEDULED
+  if (p.tile_scheduler_metadata == nullptr) {
+    int dev = 0, sms = 0;
+    if (cudaGetDevice(&dev) == cudaSuccess &&
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess) {
+      const unsigned ctas = static_cast<unsigned>(sms > 0 ? sms : 0) / grid.y;
+      if (ctas > 0 && grid.x > ctas) grid.x = ctas;
+    } else {
+      (void)cudaGetLastError();  // failed query: one CTA per token, and no error left behind
+    }
+  }
+#endif
+  return grid;
 }
 
 // Position -> (pool, flat row) for one query token, and which tiles hold any counted position.

@@ -316,9 +316,9 @@ cudaError_t launch_sparse_attention_ws(const SparseDecodeParams& p, cudaStream_t
   if constexpr (ws_pair(kMath)) {
     if (p.num_m_blocks != 2) return cudaErrorInvalidValue;
     return launch_clusters_with_smem<sparse_attention_ws_kernel<kFmt, kDqk, kMath>>(
-        sparse_grid(p), dim3(1, 2, 1), 384, WsSmem<kDqk>::kBytes, stream, p);
+        sparse_ws_grid(p), dim3(1, 2, 1), 384, WsSmem<kDqk>::kBytes, stream, p);
   } else {
-    return launch_with_smem(sparse_attention_ws_kernel<kFmt, kDqk, kMath>, sparse_grid(p),
+    return launch_with_smem(sparse_attention_ws_kernel<kFmt, kDqk, kMath>, sparse_ws_grid(p),
                             384, WsSmem<kDqk>::kBytes, stream, p);
   }
 }
