@@ -65,9 +65,6 @@ __device__ __forceinline__ uint2 ld_nc_8(const uint8_t* p) {
   }
 }
 
-// The part of the work one CTA does: its schedule row (decode: a range of (query token, tile)
-// of the split-KV schedule, whose "sequences" are the query tokens) or, without a schedule
-// (prefill), all tiles of query token blockIdx.x, never split.
 // JFM_PERSISTENT_UNSCHEDULED (a compile-time candidate, off): without a schedule (prefill, and
 // decode called without metadata) the warp-specialized kernels launch at most one CTA per SM and
 // row block (sparse_ws_grid), each taking a contiguous run of whole query tokens (no splits, so
@@ -79,6 +76,10 @@ __device__ __forceinline__ uint2 ld_nc_8(const uint8_t* p) {
 #define JFM_PERSISTENT_UNSCHEDULED 0
 #endif
 
+// The part of the work one CTA does: its schedule row (decode: a range of (query token, tile)
+// of the split-KV schedule, whose "sequences" are the query tokens) or, without a schedule
+// (prefill), all tiles of query token blockIdx.x (JFM_PERSISTENT_UNSCHEDULED: of a run of
+// tokens), never split.
 struct CtaWork {
   int begin_seq, begin_tile, end_seq, end_tile, begin_split, ntiles;
   bool scheduled;
@@ -191,7 +192,8 @@ struct Fp8Slot {
   __device__ __forceinline__ Fp8Slot(int tid) : t(((tid >> 5) << 3) | (tid & 7)), j((tid >> 3) & 3) {}
   // StageV32R8's map: token t = 4 * warp + lane / 8 (and t + 16), eighth j = lane % 8.
   struct Row8 {};
-  __device__ __forceinline__ Fp8Slot(int tid, Row8) : t(((tid >> 5) << 2) | ((tid >> 3) & 3)), j(tid & 7) {}
+  __device__ __forceinline__ Fp8Slot(int tid, Row8)
+      : t(((tid >> 5) << 2) | ((tid >> 3) & 3)), j(tid & 7) {}
 };
 
 // V3.2: 656-byte tokens (512 e4m3 in 4 tiles of 128 | 4 float32 scales | 64 bf16 RoPE).
@@ -238,7 +240,7 @@ struct StageV32 {
 // bytes of one token per load, where the quarter-token map (Fp8Slot) reads 64 bytes of each of 8
 // tokens. 656-byte tokens are only 16-byte aligned, so a 64-byte run touches 2.5 32-byte sectors
 // on average (ncu, V3.2 h16: 25.2 of 32 bytes per sector used) and a 128-byte run 4.5. A thread
-// holds the eighth j of two tokens, rows t and t + 16 of the tile (Fp8Slot::row8: t = 4 warp +
+// holds the eighth j of two tokens, rows t and t + 16 of the tile (Fp8Slot's Row8 map: t = 4 warp +
 // lane / 8, j = lane % 8). Its stores stay conflict-free: the 8 lanes of a store phase write 8
 // chunks of one row, lanes j >= 4 their odd bf16 chunk first (distinct under the XOR swizzle).
 struct StageV32R8 {
