@@ -216,11 +216,12 @@ def live_advance(live, blk: int, c: int) -> int:
 
 
 def schedule(seqlens, num_parts: int, *, tile: int = 64, overhead: int = 5, width: int = 8,
-             live=None):
+             live=None, upstream_rule: bool = False):
     """live: None (every tile costs one unit) or [b, 3] (live0, start1, live1) per sequence: only
     live tiles cost, cuts fall after a live tile, and every tile index is still assigned.
     The payload: the smallest cdiv(total, num_parts) + i (0 <= i <= overhead) whose fill leaves
-    the last part no more than it; + overhead (upstream's rule) when none does."""
+    the last part no more than it; + overhead (upstream FlashMLA's rule, and with
+    upstream_rule=True always) when none does."""
     lens = np.asarray(seqlens, np.int64)
     b = lens.shape[0]
     nb = np.where(lens > 0, (lens + tile - 1) // tile, 0)
@@ -229,7 +230,7 @@ def schedule(seqlens, num_parts: int, *, tile: int = 64, overhead: int = 5, widt
     cost = [live_cost(live[i], 0) for i in range(b)]
     total = int(np.sum(np.asarray(cost, np.int64) + overhead))
     base = -(-total // num_parts)
-    for payload in range(base, base + overhead + 1):
+    for payload in range(base + (overhead if upstream_rule else 0), base + overhead + 1):
         meta, ns, last_cost = _fill(live, nb, num_parts, payload, overhead, width)
         if last_cost <= payload:
             break

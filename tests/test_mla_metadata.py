@@ -58,10 +58,7 @@ def test_schedule_twin_and_coverage(rng, b, parts):
 
 def _upstream_rule_costs(lens, parts):
     """Part costs under upstream FlashMLA's payload (cdiv(total, parts) + 5, every time)."""
-    nb = np.where(lens > 0, (lens.astype(np.int64) + 63) // 64, 0)
-    live = np.stack([nb, nb, np.zeros_like(nb)], axis=1)
-    payload = -(-int(np.sum(nb + 5)) // parts) + 5
-    return oracle.part_costs(oracle._fill(live, nb, parts, payload, 5, 8)[0], lens)
+    return oracle.part_costs(oracle.schedule(lens, parts, upstream_rule=True)[0], lens)
 
 
 @pytest.mark.parametrize("b,tiles,parts,want,upstream", [

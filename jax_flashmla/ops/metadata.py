@@ -193,7 +193,7 @@ def schedule_reference(seqlens, num_parts: int, live=None) -> MLAMetadata:
 
     # The payload: the first of base + i (i = 0 .. overhead) whose fill leaves the last part no
     # more than it; base + overhead (upstream's rule) when none does. All candidates at once.
-    payloads = (base + jnp.arange(overhead + 1, dtype=jnp.int32)).astype(jnp.int32)
+    payloads = base + jnp.arange(overhead + 1, dtype=jnp.int32)
     metas, nss, last = jax.vmap(fill)(payloads)
     fits = (last <= payloads) | (jnp.arange(overhead + 1) == overhead)
     pick = jnp.argmax(fits)
