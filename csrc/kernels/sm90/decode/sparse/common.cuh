@@ -65,23 +65,26 @@ __device__ __forceinline__ uint2 ld_nc_8(const uint8_t* p) {
   }
 }
 
-// JFM_PERSISTENT_UNSCHEDULED (a compile-time candidate, off): without a schedule (prefill, and
-// decode called without metadata) the warp-specialized kernels launch at most one CTA per SM and
-// row block (sparse_ws_grid), each taking a contiguous run of whole query tokens (no splits, so
-// no combine). A CTA's setup, its first tile's gather latency and the gap between one CTA's exit
-// and the next one's start are then paid once per SM rather than once per token, and the
-// producers run into the next token's tiles while the math finishes the last (the decode loops
-// already walk several sequences per CTA).
+// JFM_PERSISTENT_UNSCHEDULED (on by default; 0 restores one CTA per query token): without a
+// schedule (prefill; decode always has one) the warp-specialized kernels launch at most one CTA
+// per SM and row block (sparse_ws_grid), and CTA x takes query tokens x, x + G, x + 2 G, ... of
+// the grid's G (whole tokens: no splits, so no combine). A CTA's setup, its first tile's gather
+// latency and the gap between one CTA's exit and the next one's start are then paid once per SM
+// rather than once per token, and the producers run into the next token's tiles while the math
+// finishes the last. Strided, not in runs: with topk_length (or causal -1 indices) a token's work
+// grows along the sequence, and the CTAs working at one time hold neighbouring tokens, which
+// share most of their KV rows in L2.
 #ifndef JFM_PERSISTENT_UNSCHEDULED
-#define JFM_PERSISTENT_UNSCHEDULED 0
+#define JFM_PERSISTENT_UNSCHEDULED 1
 #endif
 
 // The part of the work one CTA does: its schedule row (decode: a range of (query token, tile)
 // of the split-KV schedule, whose "sequences" are the query tokens) or, without a schedule
-// (prefill), all tiles of query token blockIdx.x (JFM_PERSISTENT_UNSCHEDULED: of a run of
-// tokens), never split.
+// (prefill), all tiles of query tokens blockIdx.x + s * gridDim.x, never split. The loops run
+// s from begin_seq to end_seq; token(s) is the query token (the identity with a schedule).
 struct CtaWork {
   int begin_seq, begin_tile, end_seq, end_tile, begin_split, ntiles;
+  int token0, token_stride;
   bool scheduled;
   __device__ __forceinline__ explicit CtaWork(const SparseDecodeParams& p) {
     ntiles = (sparse_positions(p) + kTileTokens - 1) / kTileTokens;
@@ -93,23 +96,23 @@ struct CtaWork {
       end_seq = row.end_seq;
       end_tile = row.end_tile;
       begin_split = row.begin_split;
+      token0 = 0;
+      token_stride = 1;
     } else {
-#if JFM_PERSISTENT_UNSCHEDULED
-      // The T query tokens in runs over the grid's G CTAs, the first T % G runs one longer (G = T:
-      // one each, the launch of sparse_grid). 32-bit: x * (T / G) <= T.
-      const int tokens = p.batch * p.s_q, x = blockIdx.x, g = gridDim.x;
-      const int per = tokens / g, rem = tokens % g;
-      begin_seq = x * per + min(x, rem);
-      end_seq = begin_seq + per + (x < rem ? 1 : 0) - 1;
-#else
-      begin_seq = end_seq = blockIdx.x;
-#endif
+      // The T query tokens dealt round-robin over the grid's G <= T CTAs (G = T, sparse_grid's
+      // launch: one each). 32-bit: s * G <= T.
+      const int tokens = p.batch * p.s_q;
+      token0 = blockIdx.x;
+      token_stride = gridDim.x;
+      begin_seq = 0;
+      end_seq = (tokens - 1 - token0) / token_stride;
       begin_tile = 0;
       end_tile = ntiles;
       begin_split = 0;
     }
   }
-  // This CTA's tiles [tile_lo, tile_hi) of sequence seq, and the split its chunk of seq is.
+  __device__ __forceinline__ int token(int s) const { return token0 + s * token_stride; }
+  // This CTA's tiles [tile_lo, tile_hi) of its s-th sequence, and the split its chunk of it is.
   __device__ __forceinline__ int tile_lo(int seq) const { return seq == begin_seq ? begin_tile : 0; }
   __device__ __forceinline__ int tile_hi(int seq) const {
     return seq == end_seq ? min(end_tile, ntiles) : ntiles;
@@ -124,7 +127,7 @@ inline dim3 sparse_grid(const SparseDecodeParams& p) {
 }
 
 // The warp-specialized kernels' grid: sparse_grid, or with JFM_PERSISTENT_UNSCHEDULED and no
-// schedule at most one CTA per SM and row block (CtaWork then gives each a run of tokens).
+// schedule at most one CTA per SM and row block (CtaWork then deals each several tokens).
 inline dim3 sparse_ws_grid(const SparseDecodeParams& p) {
   dim3 grid = sparse_grid(p);
 #if JFM_PERSISTENT_UNSCHEDULED
@@ -235,7 +238,7 @@ struct StageV32 {
   int j_;
 };
 
-// V3.2 with eight lanes per token (JFM_V32_ROW8, a compile-time candidate, off; the warp-
+// V3.2 with eight lanes per token (JFM_V32_ROW8, measured and off: kernel_ws.cuh; the warp-
 // specialized producers without CTA pairs): lanes 8 u .. 8 u + 7 of a warp read 128 contiguous
 // bytes of one token per load, where the quarter-token map (Fp8Slot) reads 64 bytes of each of 8
 // tokens. 656-byte tokens are only 16-byte aligned, so a 64-byte run touches 2.5 32-byte sectors

@@ -58,11 +58,12 @@ __global__ void __launch_bounds__(256, 1) sparse_attention_kernel(const __grid_c
   typename Fp8Stage<kFmt == KvFormat::kBf16 ? KvFormat::kFp8V32 : kFmt>::type stage;
   stage.j_ = slot.j;
 
-  for (int seq = work.begin_seq; seq <= work.end_seq; ++seq) {
+  for (int s = work.begin_seq; s <= work.end_seq; ++s) {
+    const int seq = work.token(s);  // the query token
     const TokenRows rows(p, seq);
-    const int t_lo = work.tile_lo(seq);
-    const int t_hi = work.tile_hi(seq);
-    const int split = work.split(seq);
+    const int t_lo = work.tile_lo(s);
+    const int t_hi = work.tile_hi(s);
+    const int split = work.split(s);
     const int split_base = scheduled ? p.num_splits[seq] : 0;
     const int nsplit = scheduled ? p.num_splits[seq + 1] - split_base : 1;
 

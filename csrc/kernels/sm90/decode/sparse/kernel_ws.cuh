@@ -37,8 +37,9 @@ namespace sm90 {
 #define JFM_PIPELINED_FP8_FETCH 1
 #endif
 constexpr bool kPipelinedFp8Fetch = JFM_PIPELINED_FP8_FETCH != 0;
-// JFM_V32_ROW8 (a compile-time candidate, off): the V3.2 producers of kTransposed16 read eight
-// lanes per token (common.cuh, StageV32R8) instead of four.
+// JFM_V32_ROW8 (measured, off): the V3.2 producers of kTransposed16 read eight lanes per token
+// (common.cuh, StageV32R8) instead of four: 9.5% faster with the pool in L2, 2-3% slower on a
+// 1M-token pool, where the loads' latency, not the L1 pipe, bounds the producers.
 #ifndef JFM_V32_ROW8
 #define JFM_V32_ROW8 0
 #endif
@@ -71,10 +72,11 @@ struct SparseWsTask {
     __device__ __forceinline__ int next(int n) const { return rows.next_live(n, t_hi); }
   };
   __device__ __forceinline__ Seq seq(int s) const {
-    Seq q{TokenRows(p, s), s, 0, work.tile_hi(s), 0, 1};
+    const int tok = work.token(s);
+    Seq q{TokenRows(p, tok), tok, 0, work.tile_hi(s), 0, 1};
     q.first = q.rows.next_live(work.tile_lo(s), q.t_hi);
-    const int split_base = work.scheduled ? p.num_splits[s] : 0;
-    q.nsplit = work.scheduled ? p.num_splits[s + 1] - split_base : 1;
+    const int split_base = work.scheduled ? p.num_splits[tok] : 0;
+    q.nsplit = work.scheduled ? p.num_splits[tok + 1] - split_base : 1;
     q.slot = split_base + work.split(s);
     return q;
   }
