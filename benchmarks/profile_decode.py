@@ -5,7 +5,9 @@
       python3 benchmarks/profile_decode.py --sparse v32 --h_q 128 --topk 2048 --b 64 --s_q 2
 --sparse v32 | v4 | bf16: FP8 V3.2 (d_qk 576), FP8 V4 (d_qk 512) or bf16 pool, random rows.
 --prefill 576 | 512: sparse prefill instead, --s_q query tokens (each a "call" of --timeline is
-one prefill of all of them) over --s_k kv rows, --topk random indices each.
+one prefill of all of them) over --s_k kv rows, --topk random indices each; with --ramp, query i
+counts only its first 1 + i * topk // s_q of them (topk_length: work growing along the sequence,
+as a causal prefix gives, to test how the prefill grid balances unequal tokens).
 --timeline K: instead, K calls in one jit (each on its own copy of q) under jax.profiler, then
 every GPU event of the last run in order (start, duration, gap since the previous one): where a
 small step's time goes between the kernels and the launches (bench_model.gpu_busy's trace).
@@ -39,6 +41,8 @@ ap.add_argument("--sparse", choices=("v32", "v4", "bf16"), default=None)
 ap.add_argument("--prefill", type=int, choices=(576, 512), default=None)
 ap.add_argument("--topk", type=int, default=2048)
 ap.add_argument("--page", type=int, default=64)
+ap.add_argument("--ramp", action="store_true",
+                help="prefill: topk_length 1 + i * topk // s_q for query i (work growing along s_q)")
 ap.add_argument("--timeline", type=int, default=0)
 ap.add_argument("--trace_dir", default="/tmp/jfm_timeline")
 ap.add_argument("--async_runs", type=int, default=0)
@@ -58,10 +62,13 @@ if args.prefill is not None:
     kv = jax.random.normal(keys[1], (args.s_k, 1, args.prefill), jnp.bfloat16)
     idx = jnp.asarray(np.random.default_rng(0).integers(0, args.s_k, (args.s_q, 1, args.topk)),
                       jnp.int32)
-    op = jax.jit(lambda q, kv, i: jax_flashmla.sparse_mla_prefill(
-        q, kv, i, implementation=args.implementation))
-    call = lambda: op(q, kv, idx)  # noqa: E731
-    rest = (kv, idx)
+    lengths = None
+    if args.ramp:
+        lengths = jnp.asarray(1 + np.arange(args.s_q) * args.topk // args.s_q, jnp.int32)
+    op = jax.jit(lambda q, kv, i, l: jax_flashmla.sparse_mla_prefill(
+        q, kv, i, topk_length=l, implementation=args.implementation))
+    call = lambda: op(q, kv, idx, lengths)  # noqa: E731
+    rest = (kv, idx, lengths)
 elif args.sparse is None:
     q, kv, table, lens, _ = bd.make_inputs(0, args.b, args.s_q, args.h_q, args.s_k, not args.fixed)
     meta = jax_flashmla.get_mla_metadata(lens, s_q=args.s_q, h_q=args.h_q)
