@@ -65,6 +65,27 @@ __device__ __forceinline__ uint2 ld_nc_8(const uint8_t* p) {
   }
 }
 
+// L2 prefetches (the JFM_FP8_L2_PREFETCH candidate, kernel_ws.cuh): hints that take no
+// registers and that nothing waits for. The bulk form needs a 16-byte aligned address and size,
+// and the compiler issues it from the uniform datapath, one distinct address per warp at a time.
+// The point form asks for the line holding one address, 32 addresses per warp instruction (how
+// much it fetches, a 128-byte line or a 32-byte sector, is not documented).
+__device__ __forceinline__ void prefetch_l2_bulk(const void* p, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p) : "memory");
+}
+// Point prefetches of every 128-byte line that [a, a + kBytes) touches, lane `lane` of 4 taking
+// every fourth point (consecutive points are at most 128 bytes apart, the last is a + kBytes - 1).
+template <int kBytes>
+__device__ __forceinline__ void prefetch_l2_lines(const uint8_t* a, int lane) {
+  constexpr int kPoints = (kBytes + 127) / 128 + 1;
+#pragma unroll
+  for (int i = 0; i < kPoints; ++i)
+    if ((i & 3) == lane) prefetch_l2(a + (128 * i < kBytes ? 128 * i : kBytes - 1));
+}
+
 // JFM_PERSISTENT_UNSCHEDULED (on by default; 0 restores one CTA per query token): without a
 // schedule (prefill; decode always has one) the warp-specialized kernels launch at most one CTA
 // per SM and row block (sparse_ws_grid), and CTA x takes query tokens x, x + G, x + 2 G, ... of
@@ -216,6 +237,18 @@ struct StageV32 {
 #pragma unroll
     for (int k = 0; k < 2; ++k) rope[k] = valid ? ld_nc_16<kHint>(tok + 528 + 16 * (4 * k + j_)) : make_uint4(0, 0, 0, 0);
   }
+  // Asks L2 for row `row`'s 656 bytes (16-byte aligned, 41 x 16) ahead of its fetch: kForm 1
+  // one bulk prefetch (by lane 0 of the row's 4), 2 point prefetches of its lines.
+  template <int kForm>
+  static __device__ __forceinline__ void prefetch(const SparsePool& pool, int64_t row, int lane) {
+    if (row < 0) return;
+    const uint8_t* tok = pool.data + row * 656;
+    if constexpr (kForm == 1) {
+      if (lane == 0) prefetch_l2_bulk(tok, 656);
+    } else {
+      prefetch_l2_lines<656>(tok, lane);
+    }
+  }
   // Bytes one thread's row part is (what store_stage_pair sends the peer): a quarter of a bf16 row.
   static constexpr uint32_t kThreadBytes = 576 * 2 / 4;
   // The dequantized row part, for row t of the swizzled [64 x 576] bf16 tile, as 16-byte pieces
@@ -344,6 +377,30 @@ struct StageV4 {
       for (int k = 0; k < 4; ++k) rope[k] = valid ? ld_nc_8<kHint>(rec + 448 + 8 * (4 * k + j_)) : make_uint2(0, 0);
     }
     scales = valid ? ld_nc_8<kHint>(block + 576 * static_cast<int64_t>(pool.block_size) + 8 * tt) : make_uint2(0, 0);
+  }
+  // Asks L2 for row `row`'s record (576 bytes, only 8-byte aligned) and scales ahead of its
+  // fetch, as StageV32::prefetch; the bulk form takes the record's 16-byte aligned inside and
+  // point prefetches its ends.
+  template <int kForm>
+  static __device__ __forceinline__ void prefetch(const SparsePool& pool, int64_t row, int lane) {
+    if (row < 0) return;
+    const int64_t blk = row / pool.block_size, tt = row - blk * pool.block_size;
+    const uint8_t* block = pool.data + blk * pool.block_size * 584;
+    const uint8_t* rec = block + 576 * tt;
+    const uint8_t* scale = block + 576 * static_cast<int64_t>(pool.block_size) + 8 * tt;
+    if constexpr (kForm == 1) {
+      if (lane != 0) return;
+      const int head = static_cast<int>((16 - (reinterpret_cast<uintptr_t>(rec) & 15)) & 15);
+      prefetch_l2_bulk(rec + head, head != 0 ? 560 : 576);  // head: 0 or 8
+      if (head != 0) {
+        prefetch_l2(rec);
+        prefetch_l2(rec + 575);
+      }
+      prefetch_l2(scale);
+    } else {
+      prefetch_l2_lines<576>(rec, lane);  // 6 points: lanes 0 and 1 take two
+      if (lane == 3) prefetch_l2(scale);
+    }
   }
   static constexpr uint32_t kThreadBytes = 512 * 2 / 4;
   // As StageV32::emit; put8 for the 8-byte RoPE pieces.

@@ -43,6 +43,18 @@ constexpr bool kPipelinedFp8Fetch = JFM_PIPELINED_FP8_FETCH != 0;
 #ifndef JFM_V32_ROW8
 #define JFM_V32_ROW8 0
 #endif
+// JFM_FP8_L2_PREFETCH (a compile-time candidate, off): the unpaired FP8 producers ask L2 for the
+// rows of their next own tile one tile before the register loads read them (common.cuh,
+// StageV32/StageV4::prefetch; 1: a bulk prefetch per token, 2: point prefetches of its lines).
+// From a DRAM-sized pool the producers wait on the loads' latency (ncu, V3.2 h16 b64 on a
+// 1M-token pool: long-scoreboard stalls first, DRAM 36% busy, the L1 pipe 75%), and their
+// registers hold one tile (two with the pipelined fetch); the prefetch puts a further tile's bytes
+// in flight without registers. The shared producers of kTransposed16 then load the indices two
+// own tiles ahead.
+#ifndef JFM_FP8_L2_PREFETCH
+#define JFM_FP8_L2_PREFETCH 0
+#endif
+constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 template <KvFormat kFmt, int kDqk_>
 struct SparseWsTask {
   using T = bf16;
@@ -142,6 +154,9 @@ struct SparseWsTask {
     // four warps). bf16: rows lr + 16 h (h < 4) by load_tile_rows with 128 threads.
     // kRow8 (JFM_V32_ROW8): StageV32R8, two tokens per round: t + 16 i + 32 round, i < 2.
     constexpr bool kRow8 = JFM_V32_ROW8 != 0 && kFmt == KvFormat::kFp8V32 && !kPair && kRoomy;
+    // kL2Prefetch (JFM_FP8_L2_PREFETCH): the next own tile's rows asked of L2 (prefetch_rows).
+    // Not in kTransposed32, whose producers spilled 20 bytes with the indices further ahead.
+    constexpr bool kL2Prefetch = kFp8L2Prefetch != 0 && kFp8 && !kPair && !kRow8 && (kSole || kRoomy);
     const Fp8Slot slot = kRow8 ? Fp8Slot(ptid, Fp8Slot::Row8{}) : Fp8Slot(ptid);
     const int lr = ptid >> 3, lq = ptid & 7;
     using Stage = std::conditional_t<
@@ -181,6 +196,18 @@ struct SparseWsTask {
         } else {
 #pragma unroll
           for (int h = 0; h < 4; ++h) idx[h] = q.rows.index_at(n, lr + 16 * h);
+        }
+      };
+      // kL2Prefetch: tile n's rows asked of L2 by the 4 lanes of each (bulk: token t's by lane
+      // j 0, token t + 32's by j 1).
+      auto prefetch_rows = [&](int n, const int (&ix)[4]) {
+        if constexpr (kL2Prefetch) {
+          if (n >= q.t_hi) return;
+          const int pool_id = q.rows.pool_of(n);
+#pragma unroll
+          for (int r = 0; r < 2; ++r)
+            Stage::template prefetch<kFp8L2Prefetch>(
+                p.pool[pool_id], q.rows.row_of(ix[r], pool_id), (slot.j + 3 * r) & 3);
         }
       };
       // From tile n (the CTA's kn-th), the first tile that is this producer's (or t_hi).
@@ -227,11 +254,61 @@ struct SparseWsTask {
           if (more) fetch_round(stage, 0, q.rows, pool_next, idx_next);
           store_stage(stage2, fill.tile, slot.t + 32);
           mark_valid(stage2, fill.valid, 1);
+          // Tile n_after's rows (fetched next iteration): V4's before stage2's fetch (its point
+          // prefetch spilled 48 bytes after it), V3.2's after (4-8 bytes before it).
+          constexpr bool kPrefetchFirst = kFmt == KvFormat::kFp8V4;
+          if constexpr (kL2Prefetch && kPrefetchFirst) prefetch_rows(n_after, idx_after);
           if (more) fetch_round(stage2, 1, q.rows, pool_next, idx_next);
+          if constexpr (kL2Prefetch && !kPrefetchFirst) prefetch_rows(n_after, idx_after);
           fence_proxy_async();  // the stores, before the math warps' wgmma reads them
           mbarrier_arrive(fill.full);
 #pragma unroll
           for (int h = 0; h < 4; ++h) idx_next[h] = idx_after[h];
+          n = n_next;
+          k = k_next;
+          n_next = n_after;
+          k_next = k_after;
+        }
+      } else if constexpr (kL2Prefetch) {
+        // The loop below (tile n's rows fetched while its buffer is awaited) with the indices one
+        // own tile further ahead: while tile n's rows load, tile n_next's are asked of L2.
+        int n_next = n;
+        uint32_t k_next = k;
+        if (n < q.t_hi) {
+          n_next = q.next(n + 1);
+          k_next = k + 1;
+          own(n_next, k_next);
+        }
+        int idx_next[4] = {-1, -1, -1, -1};
+        load_indices(n_next, idx_next);
+        while (n < q.t_hi) {
+          int n_after = n_next;  // the own tile after n_next
+          uint32_t k_after = k_next;
+          if (n_next < q.t_hi) {
+            n_after = q.next(n_next + 1);
+            k_after = k_next + 1;
+            own(n_after, k_after);
+          }
+          const WsFill<false> fill(sh, k);
+          const int pool_id = q.rows.pool_of(n);
+          fetch_round(stage, 0, q.rows, pool_id, idx);  // in flight while we wait
+          if constexpr (kWide) fetch_round(stage2, 1, q.rows, pool_id, idx);
+          prefetch_rows(n_next, idx_next);
+          int idx_after[4] = {-1, -1, -1, -1};
+          load_indices(n_after, idx_after);
+          fill.wait_empty();
+          store_stage(stage, fill.tile, slot.t);
+          mark_valid(stage, fill.valid, 0);
+          if constexpr (!kWide) fetch_round(stage2, 1, q.rows, pool_id, idx);
+          store_stage(stage2, fill.tile, slot.t + 32);
+          mark_valid(stage2, fill.valid, 1);
+          fence_proxy_async();  // the stores, before the math warps' wgmma reads them
+          mbarrier_arrive(fill.full);
+#pragma unroll
+          for (int h = 0; h < 4; ++h) {
+            idx[h] = idx_next[h];
+            idx_next[h] = idx_after[h];
+          }
           n = n_next;
           k = k_next;
           n_next = n_after;
