@@ -234,6 +234,23 @@ __device__ __forceinline__ void tile_pv_issue(RowState& st, uint64_t desc_p, uin
   tile_pv_mma<T>(st, desc_p, desc_v);
   wgmma_commit();
 }
+// tile_pv_issue with P from this thread's registers: p is the softmax's output in S's m64n64
+// accumulator layout, whose pairs (8 kk + 2 r, + 1) are register r of k-step kk's m64k16 A
+// fragment (rows g / g + 8, tokens 16 kk + 2 tq (+ 8)). The warpgroup that computed P then needs
+// no shared-memory round trip (stores, proxy fence, warpgroup barrier) before its own P V.
+template <typename T>
+__device__ __forceinline__ void tile_pv_issue_rs(RowState& st, const float (&p)[32], uint64_t desc_v) {
+  uint32_t a[kTileTokens / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < kTileTokens / 16; ++kk)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) a[kk][r] = pack2<T>(p[8 * kk + 2 * r], p[8 * kk + 2 * r + 1]);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kTileTokens / 16; ++kk)
+    wgmma_m64n256k16_rs_tb<T>(st.o, a[kk], desc_v + ((kk * 16 * 128) >> 4));
+  wgmma_commit();
+}
 
 // Row totals after the last tile: the sum over both warpgroups' columns. Returns per row the
 // normalizer 1 / l (0 for a row with nothing attended) and the lse (natural log; a row with

@@ -107,6 +107,18 @@ __device__ __forceinline__ void ws_set_regs() {
   else if constexpr (kRegs < kLaunch) setmaxnreg_dec<kRegs>();
 }
 
+// JFM_WS_SCORES_REG_P (a compile-time candidate, off): the role split's scores warpgroup feeds
+// its own P V half from registers (tile_pv_issue_rs, the A-in-registers wgmma) instead of from
+// the shared-memory P it writes for the values warpgroup, so its chain per tile loses the
+// warpgroup barrier after the P stores (ncu, dense h128: that chain bounds the kernel). 1: P is
+// published first, as now; 2: its P V is issued first and P published while the tensor core
+// runs it (the values warpgroup gets P a little later, the scores warpgroup's chain is shorter
+// by the wait for the values warpgroup to free the previous P).
+#ifndef JFM_WS_SCORES_REG_P
+#define JFM_WS_SCORES_REG_P 0
+#endif
+constexpr int kWsScoresRegP = JFM_WS_SCORES_REG_P;
+
 // Named barriers (0 is __syncthreads', 1 MathWarpsSync's).
 constexpr int kBarScores = 4;   // kRoles, kTransposed*: warpgroup 0 alone (128)
 constexpr int kBarLazyOr = 5;   // kTransposed16 with JFM_WS_T_LAZY_MAX: the per-tile barrier.red.or
@@ -369,22 +381,37 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
         mask_tile(sacc, [&](int h, int col) { return task.masked(cur, n, valid, h, col); });
         float corr[2];
         tile_softmax_rows(sacc, st, corr, sl2);
-        mbarrier_wait(sh.bar_p_free, (k & 1) ^ 1);  // values done with the last P (tile 0: passes)
-        store_p_rows<T>(sh.sp, sacc, ln);
-        if (ln.tq == 0) {
-          sh.corr[ln.row(0)] = corr[0];
-          sh.corr[ln.row(1)] = corr[1];
+        // P and the corrections for the values warpgroup.
+        auto publish = [&] {
+          mbarrier_wait(sh.bar_p_free, (k & 1) ^ 1);  // values done with the last P (tile 0: passes)
+          store_p_rows<T>(sh.sp, sacc, ln);
+          if (ln.tq == 0) {
+            sh.corr[ln.row(0)] = corr[0];
+            sh.corr[ln.row(1)] = corr[1];
+          }
+          fence_proxy_async();
+          mbarrier_arrive(sh.bar_p_ready);
+        };
+        if constexpr (kWsScoresRegP == 2) {
+          rescale_o(st.o, corr);
+          tile_pv_issue_rs<T>(st, sacc, desc_v + buf_desc);
+          publish();
+        } else if constexpr (kWsScoresRegP == 1) {
+          publish();
+          rescale_o(st.o, corr);
+          tile_pv_issue_rs<T>(st, sacc, desc_v + buf_desc);
+        } else {
+          publish();
+          named_barrier_sync(kBarScores, 128);  // all of P, before this warpgroup's wgmma reads it
+          rescale_o(st.o, corr);
+          tile_pv_issue<T>(st, desc_p, desc_v + buf_desc);
         }
-        fence_proxy_async();
-        mbarrier_arrive(sh.bar_p_ready);
-        named_barrier_sync(kBarScores, 128);  // all of P, before this warpgroup's wgmma reads it
-        rescale_o(st.o, corr);
       } else {  // kValues
         mbarrier_wait(sh.bar_p_ready, k & 1);
         const float corr[2] = {sh.corr[ln.row(0)], sh.corr[ln.row(1)]};
         rescale_o(st.o, corr);
+        tile_pv_issue<T>(st, desc_p, desc_v + buf_desc);
       }
-      tile_pv_issue<T>(st, desc_p, desc_v + buf_desc);
       wgmma_wait<0>();
       if (kRole == WsRole::kValues) mbarrier_arrive(sh.bar_p_free);
       mbarrier_arrive(sh.bar_empty + 8 * buf);  // this thread is done with it
