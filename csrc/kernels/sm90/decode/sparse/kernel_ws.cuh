@@ -217,6 +217,17 @@ struct SparseWsTask {
           ++kn;
         }
       };
+      // The own tile after tile n (the CTA's kn-th) and its count (n, kn itself from t_hi on).
+      // (The pipelined loop spells it out: calling this there moved the default kernel's SASS.)
+      auto own_after = [&](int n, uint32_t kn, int& n2, uint32_t& k2) {
+        n2 = n;
+        k2 = kn;
+        if (n < q.t_hi) {
+          n2 = q.next(n + 1);
+          k2 = kn + 1;
+          own(n2, k2);
+        }
+      };
       int n = q.first;
       own(n, k);
       int idx[4] = {-1, -1, -1, -1};
@@ -272,23 +283,15 @@ struct SparseWsTask {
       } else if constexpr (kL2Prefetch) {
         // The loop below (tile n's rows fetched while its buffer is awaited) with the indices one
         // own tile further ahead: while tile n's rows load, tile n_next's are asked of L2.
-        int n_next = n;
-        uint32_t k_next = k;
-        if (n < q.t_hi) {
-          n_next = q.next(n + 1);
-          k_next = k + 1;
-          own(n_next, k_next);
-        }
+        int n_next;
+        uint32_t k_next;
+        own_after(n, k, n_next, k_next);
         int idx_next[4] = {-1, -1, -1, -1};
         load_indices(n_next, idx_next);
         while (n < q.t_hi) {
-          int n_after = n_next;  // the own tile after n_next
-          uint32_t k_after = k_next;
-          if (n_next < q.t_hi) {
-            n_after = q.next(n_next + 1);
-            k_after = k_next + 1;
-            own(n_after, k_after);
-          }
+          int n_after;  // the own tile after n_next
+          uint32_t k_after;
+          own_after(n_next, k_next, n_after, k_after);
           const WsFill<false> fill(sh, k);
           const int pool_id = q.rows.pool_of(n);
           fetch_round(stage, 0, q.rows, pool_id, idx);  // in flight while we wait
