@@ -155,8 +155,10 @@ struct SparseWsTask {
     // kRow8 (JFM_V32_ROW8): StageV32R8, two tokens per round: t + 16 i + 32 round, i < 2.
     constexpr bool kRow8 = JFM_V32_ROW8 != 0 && kFmt == KvFormat::kFp8V32 && !kPair && kRoomy;
     // kL2Prefetch (JFM_FP8_L2_PREFETCH): the next own tile's rows asked of L2 (prefetch_rows).
-    // Not in kTransposed32, whose producers spilled 20 bytes with the indices further ahead.
-    constexpr bool kL2Prefetch = kFp8L2Prefetch != 0 && kFp8 && !kPair && !kRow8 && (kSole || kRoomy);
+    // kTransposed16's producers and the pipelined sole producer only: not kTransposed32 (its
+    // producers spilled 20 bytes with the indices further ahead) and not unchecked combinations.
+    constexpr bool kL2Prefetch = kFp8L2Prefetch != 0 && kFp8 && !kPair && !kRow8 &&
+                                 (kRoomy || (kSole && kWide && kPipelinedFp8Fetch));
     const Fp8Slot slot = kRow8 ? Fp8Slot(ptid, Fp8Slot::Row8{}) : Fp8Slot(ptid);
     const int lr = ptid >> 3, lq = ptid & 7;
     using Stage = std::conditional_t<
