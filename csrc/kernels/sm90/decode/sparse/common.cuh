@@ -93,8 +93,8 @@ __device__ __forceinline__ void prefetch_l2_lines(const uint8_t* a, int lane) {
 // latency and the gap between one CTA's exit and the next one's start are then paid once per SM
 // rather than once per token, and the producers run into the next token's tiles while the math
 // finishes the last. Strided, not in runs: with topk_length (or causal -1 indices) a token's work
-// grows along the sequence, and the CTAs working at one time hold neighbouring tokens, which
-// share most of their KV rows in L2.
+// grows along the sequence, and the CTAs working at one time hold neighbouring tokens, whose
+// top-k selections tend to overlap (rows found in L2).
 #ifndef JFM_PERSISTENT_UNSCHEDULED
 #define JFM_PERSISTENT_UNSCHEDULED 1
 #endif
