@@ -30,6 +30,13 @@ CALLS, ROUNDS = 20, 7
 QUICK_CALLS, QUICK_ROUNDS = 10, 5
 
 
+def k_units(calls: int) -> int:
+    """Units of K calls per timed round of the in-one-call / one-graph timing (both sides): a
+    quarter of the calls, or JFM_SBS_K_UNITS. More units per round spread a round's fixed cost
+    (the first unit's dispatch, the final wait) thinner, which separates it from a per-unit gap."""
+    return int(os.environ.get("JFM_SBS_K_UNITS", "0")) or max(2, calls // 4)
+
+
 def case_dir(work: str, case: dict) -> str:
     return os.path.join(work, "inputs", case["name"].replace(" ", "_").replace("/", "-"))
 

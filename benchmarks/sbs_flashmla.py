@@ -32,8 +32,8 @@ sys.path.insert(0, HERE)
 import numpy as np  # noqa: E402
 
 from sbs_common import (CALLS, D_V, QUICK_CALLS, QUICK_ROUNDS, ROUNDS, append_jsonl,  # noqa: E402
-                        case_dir, gpu_time_record, kineto_gpu_events, load_meta, saved_rows,
-                        time_rounds)
+                        case_dir, gpu_time_record, k_units, kineto_gpu_events, load_meta,
+                        saved_rows, time_rounds)
 
 DEV = "cuda"
 _V4_ALIGN = 576
@@ -181,7 +181,7 @@ def time_in_one_graph(call, q, k, calls, rounds):
         keep = [call(qi) for qi in qs]  # noqa: F841 (the graph's outputs stay allocated)
     graph.replay()
     torch.cuda.synchronize()
-    t = time_rounds(graph.replay, lambda _: torch.cuda.synchronize(), calls=max(2, calls // 4),
+    t = time_rounds(graph.replay, lambda _: torch.cuda.synchronize(), calls=k_units(calls),
                     rounds=rounds)
     return dict(k_calls=k, k_time_s=t["time_s"] / k)
 

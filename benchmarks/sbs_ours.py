@@ -62,7 +62,8 @@ import jax.numpy as jnp  # noqa: E402
 
 import jax_flashmla as jfm  # noqa: E402
 from sbs_common import (CALLS, QUICK_CALLS, QUICK_ROUNDS, ROUNDS, append_jsonl, case_dir,  # noqa: E402
-                        gpu_time_record, load_meta, perfetto_gpu_events, saved_rows, time_rounds)
+                        gpu_time_record, k_units, load_meta, perfetto_gpu_events, saved_rows,
+                        time_rounds)
 
 _TARGET_RE = re.compile(r'(?:custom_call\s*@|call_target_name\s*=\s*")(jax_flashmla_\w+)')
 
@@ -158,7 +159,7 @@ def time_in_one_call(fn, args, k, calls, rounds, units=3):
     many = jax.jit(lambda qs, *rest: [fn(qi, *rest) for qi in qs])
     jax.block_until_ready(many(qs, *args[1:]))
     t = time_rounds(lambda: many(qs, *args[1:]), jax.block_until_ready,
-                    calls=max(2, calls // 4), rounds=rounds, budget_s=ARGS.max_seconds)
+                    calls=k_units(calls), rounds=rounds, budget_s=ARGS.max_seconds)
     rec = dict(k_calls=k, k_time_s=t["time_s"] / k)
     try:
         with tempfile.TemporaryDirectory() as d:
