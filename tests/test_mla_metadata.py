@@ -95,7 +95,10 @@ def test_payload_never_above_upstream_rule(rng):
 def test_live_weighted_schedule(rng, b, s_q, parts, topk, extra):
     """topk_length / extra_topk_length weigh the sparse schedule by the tiles each token attends:
     the twin equals the oracle, every tile index (dead ones included) is still covered exactly
-    once, and the parts' live work is even where the unweighted schedule's is not."""
+    once, and in the scheduler's cost (live tiles + 5 per chunk) the parts are no less even than
+    the unweighted schedule's or upstream's payload rule's under the same weights. (Live tiles
+    alone, without the per-chunk cost, the smallest-fitting payload may lose by a tile: 27 of
+    2,940 random trials.)"""
     for trial in range(3):
         tl = rng.integers(0, topk + 1, size=b).astype(np.int32)
         etl = None if extra is None else rng.integers(0, extra + 1, size=b).astype(np.int32)
@@ -119,9 +122,9 @@ def test_live_weighted_schedule(rng, b, s_q, parts, topk, extra):
         cover, chunks = _coverage(lens, want_meta, want_ns)
         assert all((c == 1).all() for c in cover), "a tile is missed or assigned twice"
         np.testing.assert_array_equal(chunks, np.diff(want_ns))
-        # Live work per part, against the unweighted schedule's.
+        # Each part's live tiles and its cost (+ 5 per chunk), against other schedules'.
         def part_work(meta):
-            work = []
+            work, cost = [], []
             for bs, bb, es, eb, *_ in meta:
                 w = 0
                 for q in range(bs, es + 1):
@@ -129,13 +132,17 @@ def test_live_weighted_schedule(rng, b, s_q, parts, topk, extra):
                     hi = eb if q == es else -(-lens[q] // 64)
                     w += oracle.live_cost(live[q], lo) - oracle.live_cost(live[q], hi)
                 work.append(w)
-            return np.asarray(work)
-        weighted = part_work(want_meta)
-        plain = part_work(oracle.schedule(lens, sched.num_parts)[0])
+                cost.append(w + 5 * max(0, es - bs + 1))
+            return np.asarray(work), np.asarray(cost)
+        weighted, weighted_cost = part_work(want_meta)
+        plain, plain_cost = part_work(oracle.schedule(lens, sched.num_parts)[0])
+        _, upstream_cost = part_work(oracle.schedule(lens, sched.num_parts, live=live,
+                                                     upstream_rule=True)[0])
         assert weighted.sum() == plain.sum() == sum(oracle.live_cost(x, 0) for x in live)
-        assert weighted.max() <= plain.max()
+        assert weighted_cost.max() <= plain_cost.max()
+        assert weighted_cost.max() <= upstream_cost.max()
         payload = -(-int(sum(oracle.live_cost(x, 0) + 5 for x in live)) // sched.num_parts) + 5
-        assert weighted[:-1].max(initial=0) <= payload
+        assert weighted_cost[:-1].max(initial=0) <= payload
 
 
 def test_live_lengths_are_checked():
