@@ -182,6 +182,17 @@ struct SparseWsTask {
         if (slot.j == 0) valid[slot.t + 32 * r] = st.valid;
       }
     };
+    // The unpipelined FP8 fill of one tile, after its empty wait: round 0 from `stage`, round 1
+    // from `stage2` (fetched here unless kWide), the validity bytes, the full arrival.
+    auto store_rounds = [&](const auto& fill, const TokenRows& rows, int pool_id, const int (&ix)[4]) {
+      store_stage(stage, fill.tile, slot.t);
+      mark_valid(stage, fill.valid, 0);
+      if constexpr (!kWide) fetch_round(stage2, 1, rows, pool_id, ix);
+      store_stage(stage2, fill.tile, slot.t + 32);
+      mark_valid(stage2, fill.valid, 1);
+      fence_proxy_async();  // the stores, before the math warps' wgmma reads them
+      mbarrier_arrive(fill.full);
+    };
 
     uint32_t k = 0;  // the CTA's tiles before this sequence's
     for (int s = begin_seq; s <= end_seq; ++s) {
@@ -302,13 +313,7 @@ struct SparseWsTask {
           int idx_after[4] = {-1, -1, -1, -1};
           load_indices(n_after, idx_after);
           fill.wait_empty();
-          store_stage(stage, fill.tile, slot.t);
-          mark_valid(stage, fill.valid, 0);
-          if constexpr (!kWide) fetch_round(stage2, 1, q.rows, pool_id, idx);
-          store_stage(stage2, fill.tile, slot.t + 32);
-          mark_valid(stage2, fill.valid, 1);
-          fence_proxy_async();  // the stores, before the math warps' wgmma reads them
-          mbarrier_arrive(fill.full);
+          store_rounds(fill, q.rows, pool_id, idx);
 #pragma unroll
           for (int h = 0; h < 4; ++h) {
             idx[h] = idx_next[h];
@@ -348,13 +353,7 @@ struct SparseWsTask {
             if constexpr (kWide) fetch_round(stage2, 1, q.rows, pool_id, idx);
             load_indices(n_next, idx_next);
             fill.wait_empty();
-            store_stage(stage, fill.tile, slot.t);
-            mark_valid(stage, fill.valid, 0);
-            if constexpr (!kWide) fetch_round(stage2, 1, q.rows, pool_id, idx);
-            store_stage(stage2, fill.tile, slot.t + 32);
-            mark_valid(stage2, fill.valid, 1);
-            fence_proxy_async();  // the stores, before the math warps' wgmma reads them
-            mbarrier_arrive(fill.full);
+            store_rounds(fill, q.rows, pool_id, idx);
           } else {
             load_indices(n_next, idx_next);
             fill.wait_empty();
