@@ -31,10 +31,12 @@ QUICK_CALLS, QUICK_ROUNDS = 10, 5
 
 
 def k_units(calls: int) -> int:
-    """Units of K calls per timed round of the in-one-call / one-graph timing (both sides): a
-    quarter of the calls, or JFM_SBS_K_UNITS. More units per round spread a round's fixed cost
-    (the first unit's dispatch, the final wait) thinner, which separates it from a per-unit gap."""
-    return int(os.environ.get("JFM_SBS_K_UNITS", "0")) or max(2, calls // 4)
+    """Units of K calls per timed round of the in-one-call / one-graph timing (both sides): at
+    least 20, or JFM_SBS_K_UNITS. A round pays a fixed cost on our side (the first unit's dispatch
+    and the final wait: ~0.5-0.6 ms on the H200, PERFORMANCE.md 2026-12-02 second session) that a
+    serving loop pays once; at 5 units of 10 calls it made our per-call time ~8% slower than our
+    GPU time at b 64, at 20 units ~2%."""
+    return int(os.environ.get("JFM_SBS_K_UNITS", "0")) or max(20, calls)
 
 
 def case_dir(work: str, case: dict) -> str:

@@ -15,7 +15,7 @@
 #   CASE_TIMEOUT      a worker stuck this long on one case is killed and restarted after it (300)
 #   IN_ONE_CALL=K  decode cases: also time K calls as one unit per side (one jit / one CUDA
 #            graph): GPU time per call without a host dispatch per call (small batches);
-#            JFM_SBS_K_UNITS=N: N such units per timed round on both sides (default 5)
+#            JFM_SBS_K_UNITS=N: N such units per timed round on both sides (default 20)
 #   XLA=1    also time plain XLA on 4 dense cases;  LOOP=1  also the 61-layer loop (bench_decode.py)
 #   VARIANTS kernel variants of ours to time too, ours only, same inputs (VARIANTS="pair v1":
 #            JFM_KERNEL_VARIANT=pair, the FP8 CTA pairs; v1, the kernels before the warp-specialized);

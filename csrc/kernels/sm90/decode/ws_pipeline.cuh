@@ -107,13 +107,15 @@ __device__ __forceinline__ void ws_set_regs() {
   else if constexpr (kRegs < kLaunch) setmaxnreg_dec<kRegs>();
 }
 
-// JFM_WS_SCORES_REG_P (a compile-time candidate, off): the role split's scores warpgroup feeds
+// JFM_WS_SCORES_REG_P (measured, off): the role split's scores warpgroup feeds
 // its own P V half from registers (tile_pv_issue_rs, the A-in-registers wgmma) instead of from
 // the shared-memory P it writes for the values warpgroup, so its chain per tile loses the
 // warpgroup barrier after the P stores (ncu, dense h128: that chain bounds the kernel). 1: P is
 // published first, as now; 2: its P V is issued first and P published while the tensor core
 // runs it (the values warpgroup gets P a little later, the scores warpgroup's chain is shorter
-// by the wait for the values warpgroup to free the previous P).
+// by the wait for the values warpgroup to free the previous P). H200 (PERFORMANCE.md, 2026-12-02
+// second session): dense h128, prefill d576 h128 and V3.2 h128 within noise in both forms (the
+// P round trip does not bound that chain); =2 1.9% faster on the CTA pair only.
 #ifndef JFM_WS_SCORES_REG_P
 #define JFM_WS_SCORES_REG_P 0
 #endif

@@ -65,7 +65,7 @@ __device__ __forceinline__ uint2 ld_nc_8(const uint8_t* p) {
   }
 }
 
-// L2 prefetches (the JFM_FP8_L2_PREFETCH candidate, kernel_ws.cuh): hints that take no
+// L2 prefetches (JFM_FP8_L2_PREFETCH, kernel_ws.cuh): hints that take no
 // registers and that nothing waits for. The bulk form needs a 16-byte aligned address and size,
 // and the compiler issues it from the uniform datapath, one distinct address per warp at a time.
 // The point form asks for the line holding one address, 32 addresses per warp instruction (how
@@ -94,7 +94,8 @@ __device__ __forceinline__ void prefetch_l2_lines(const uint8_t* a, int lane) {
 // rather than once per token, and the producers run into the next token's tiles while the math
 // finishes the last. Strided, not in runs: with topk_length (or causal -1 indices) a token's work
 // grows along the sequence, and the CTAs working at one time hold neighbouring tokens, whose
-// top-k selections tend to overlap (rows found in L2).
+// top-k selections tend to overlap (rows found in L2). H200: prefill d512 h64 -1.35%; with work
+// growing along the sequence (topk_length 1 + i topk / s_q) -3.3%, d576 h128 -2.3%.
 #ifndef JFM_PERSISTENT_UNSCHEDULED
 #define JFM_PERSISTENT_UNSCHEDULED 1
 #endif

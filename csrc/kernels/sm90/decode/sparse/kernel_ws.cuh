@@ -43,16 +43,30 @@ constexpr bool kPipelinedFp8Fetch = JFM_PIPELINED_FP8_FETCH != 0;
 #ifndef JFM_V32_ROW8
 #define JFM_V32_ROW8 0
 #endif
-// JFM_FP8_L2_PREFETCH (a compile-time candidate, off): the unpaired FP8 producers ask L2 for the
-// rows of their next own tile one tile before the register loads read them (common.cuh,
-// StageV32/StageV4::prefetch; 1: a bulk prefetch per token, 2: point prefetches of its lines).
-// From a DRAM-sized pool the producers wait on the loads' latency (ncu, V3.2 h16 b64 on a
-// 1M-token pool: long-scoreboard stalls first, DRAM 36% busy, the L1 pipe 75%), and their
-// registers hold one tile (two with the pipelined fetch); the prefetch puts a further tile's bytes
-// in flight without registers. The shared producers of kTransposed16 then load the indices two
-// own tiles ahead.
+// JFM_FP8_L2_PREFETCH (on, form 1): kTransposed16's V3.2 producers ask L2 for the rows of their
+// next own tile one tile before the register loads read them (common.cuh,
+// StageV32/StageV4::prefetch; 1: a bulk prefetch per token, 2: point prefetches of its lines;
+// 0: off), and so load the indices two own tiles ahead. From a DRAM-sized pool the producers wait
+// on the loads' latency (ncu, V3.2 h16 b64 on a 1M-token pool: long-scoreboard stalls first, DRAM
+// 36% busy, the L1 pipe 75%), and their registers hold one tile; the prefetch puts a further
+// tile's bytes in flight without registers. H200, kernel medians (PERFORMANCE.md, 2026-12-02
+// second session): V3.2 h16 b64 1M-token pool 51.9 -> 50.2 us (again: 52.4 -> 50.7), s_q 2
+// 93.5 -> 88.6, 65K-token pool 45.6 -> 44.3 (predicted 48-51 / 84-90 / 0-2% slower).
+// Measured and left off (JFM_FP8_L2_PREFETCH_V4=1): V4's kTransposed16, whose 8-byte aligned
+// 576-byte record takes a bulk prefetch of its 16-byte aligned inside plus point prefetches of
+// its ends and of its scales: h16 b64 topk 640 21.9 -> 22.6 us, s_q 2 37.4 -> 40.1.
+// Measured and left off (JFM_FP8_L2_PREFETCH_WIDE=1): the pipelined sole producer (kRolesWide):
+// V3.2 h128 s_q 2 213.3 -> 231.2 us (bulk) / 213.7 (lines), V4 h64 topk 640 29.3 -> 33.1 /
+// 31.0: there the pipelined fetch already holds two tiles in flight, and the extra requests
+// compete with them.
 #ifndef JFM_FP8_L2_PREFETCH
-#define JFM_FP8_L2_PREFETCH 0
+#define JFM_FP8_L2_PREFETCH 1
+#endif
+#ifndef JFM_FP8_L2_PREFETCH_V4
+#define JFM_FP8_L2_PREFETCH_V4 0
+#endif
+#ifndef JFM_FP8_L2_PREFETCH_WIDE
+#define JFM_FP8_L2_PREFETCH_WIDE 0
 #endif
 constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 template <KvFormat kFmt, int kDqk_>
@@ -155,10 +169,13 @@ struct SparseWsTask {
     // kRow8 (JFM_V32_ROW8): StageV32R8, two tokens per round: t + 16 i + 32 round, i < 2.
     constexpr bool kRow8 = JFM_V32_ROW8 != 0 && kFmt == KvFormat::kFp8V32 && !kPair && kRoomy;
     // kL2Prefetch (JFM_FP8_L2_PREFETCH): the next own tile's rows asked of L2 (prefetch_rows).
-    // kTransposed16's producers and the pipelined sole producer only: not kTransposed32 (its
+    // kTransposed16's V3.2 producers (with JFM_FP8_L2_PREFETCH_V4 its V4 ones, with
+    // JFM_FP8_L2_PREFETCH_WIDE the pipelined sole producer) only: not kTransposed32 (its
     // producers spilled 20 bytes with the indices further ahead) and not unchecked combinations.
-    constexpr bool kL2Prefetch = kFp8L2Prefetch != 0 && kFp8 && !kPair && !kRow8 &&
-                                 (kRoomy || (kSole && kWide && kPipelinedFp8Fetch));
+    constexpr bool kL2Prefetch =
+        kFp8L2Prefetch != 0 && kFp8 && !kPair && !kRow8 &&
+        ((kRoomy && (kFmt == KvFormat::kFp8V32 || JFM_FP8_L2_PREFETCH_V4 != 0)) ||
+         (JFM_FP8_L2_PREFETCH_WIDE != 0 && kSole && kWide && kPipelinedFp8Fetch));
     const Fp8Slot slot = kRow8 ? Fp8Slot(ptid, Fp8Slot::Row8{}) : Fp8Slot(ptid);
     const int lr = ptid >> 3, lq = ptid & 7;
     using Stage = std::conditional_t<
