@@ -4,7 +4,7 @@
 # Nsight Compute, benchmarks and the examples. Logs go to $OUT; exits non-zero if any stage failed.
 # From the repo root, carrying the nvidia-cutlass wheel (docs/BUILDING.md):
 #   run(command="bash scripts/device_check.sh", carry=[".whl"])
-# Stages: STAGES="build cpu-suite smoke gpu gpu-alt raceprobe memcheck racecheck synccheck ab abtime
+# Stages: STAGES="build cpu-suite smoke gpu gpu-alt raceprobe probe memcheck racecheck synccheck ab abtime
 # abflags ncu bench example" (default: build gpu memcheck racecheck bench example). smoke runs a few calls of every
 # kernel per SMOKE_VARIANTS (default "ws pair", JFM_KERNEL_VARIANT); gpu-alt runs
 # the kernel GPU tests on each variant in ALT_VARIANTS (default "pair": the FP8 CTA pairs
@@ -69,6 +69,16 @@ if has raceprobe; then
       > "$OUT/raceprobe_$pat.log" 2>&1
     echo "pattern $pat: exit $? | $(grep -E 'pattern|SUMMARY' "$OUT/raceprobe_$pat.log" | tr '\n' ' ')"
   done
+fi
+if has probe; then
+  # Tensor-core probe of the 64-row tile math (benchmarks/wgmma_probe.cu): clocks per tile of S
+  # and P V alone, in one and in two warpgroups, and in the role split's and a seesaw's pattern.
+  log "wgmma probe: clocks per tile of the 64-row tile math's wgmma sequences"
+  CCCL=$(dirname "$(dirname "$(command -v nvcc)")")/include/cccl
+  nvcc -I "$REPO/csrc" -I "$CCCL" -gencode arch=compute_90a,code=sm_90a -std=c++17 -O3 \
+    --expt-relaxed-constexpr -o /tmp/wgmma_probe "$REPO/benchmarks/wgmma_probe.cu" \
+    && timeout -k 5 120 /tmp/wgmma_probe ${PROBE_ITERS:-2000} 2>&1 | tee "$OUT/wgmma_probe.log" \
+    || fail probe
 fi
 # Sanitizers over every kernel, per SAN_VARIANTS (default "ws"; synccheck checks the named
 # barriers and mbarriers of the warp-specialized kernels). The reference results are computed once
