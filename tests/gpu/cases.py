@@ -261,6 +261,72 @@ def run_sparse_prefill(q, kv, idx, kw, implementation="kernel"):
     return np.asarray(out.astype(jnp.float32)), np.asarray(ml), np.asarray(lse)
 
 
+# ---- logits that rise tile by tile (the lazy running max's both branches) ------------------------
+
+def rising_offsets(rng, n):
+    """Offsets for n key positions, constant within each 64-token tile and changed from tile to
+    tile by a jump of 0, a small step, a large one or a fall. With rising_q (every row's q sums to
+    ~0.2 d_qk), an offset c on every element of a key raises its logit by ~0.2 d_qk c: at the
+    default scale d_qk^-0.5 a small step moves the logits ~0.7 (inside the lazy max's slack of
+    8 / log2(e) ~ 5.5, where the running max stays put and P grows above 1) and a large one ~12
+    (where it must move and O be rescaled). Random keys never do either after the first tile."""
+    jumps = rng.choice(np.array([0.0, 0.15, 2.5, -1.0]), size=-(-n // PAGE))
+    jumps[0] = 0.0
+    jumps[1] = 2.5  # at least one large step early, whatever the draw
+    return np.repeat(np.cumsum(jumps), PAGE)[:n].astype(np.float32)
+
+
+def rising_q(rng, shape, dtype=jnp.bfloat16):
+    return jnp.asarray(0.5 * rng.standard_normal(shape) + 0.2, dtype)
+
+
+def rising_dense_case(seed, b, s_q, h_q, s_k, dtype):
+    """dense_case (fixed lengths) with key / value rows offset by rising_offsets of their position
+    in the sequence and rising_q queries."""
+    case = dense_case(seed, b, s_q, h_q, 1, s_k, False, dtype)
+    rng = np.random.default_rng(seed + 1)
+    off = rising_offsets(rng, s_k)
+    kv = np.array(case["kv"].astype(jnp.float32))
+    for i in range(b):
+        n = int(case["np_lens"][i])
+        for j in range(-(-n // PAGE)):
+            rows = min(PAGE, n - j * PAGE)
+            kv[case["np_table"][i, j], :rows] += off[j * PAGE:j * PAGE + rows, None, None]
+    case["kv"] = jnp.asarray(kv, dtype)
+    case["q"] = rising_q(rng, case["q"].shape, dtype)
+    return case
+
+
+def rising_rows(rng, rows, d_qk, topk):
+    """A [rows, d_qk] float32 pool whose rows `order` (topk of them, in that order) carry
+    rising_offsets by their position in `order`; every other row is NaN. Returns (pool, order)."""
+    order = rng.permutation(rows)[:topk]
+    x = np.full((rows, d_qk), np.nan, np.float32)
+    x[order] = rng.standard_normal((topk, d_qk)) + rising_offsets(rng, topk)[:, None]
+    return x, order
+
+
+def rising_prefill_case(seed, *, s_q, h_q, d_qk, topk):
+    """Every query token selects the same rising rows, in order (one -1 among them)."""
+    rng = np.random.default_rng(seed)
+    s_kv = 2 * topk + PAGE
+    x, order = rising_rows(rng, s_kv, d_qk, topk)
+    idx = np.broadcast_to(order, (s_q, 1, topk)).astype(np.int32)
+    idx[..., min(5, topk - 1)] = -1
+    kv = jnp.asarray(x.reshape(s_kv, 1, d_qk), jnp.bfloat16)
+    return rising_q(rng, (s_q, h_q, d_qk)), kv, jnp.asarray(idx), {}
+
+
+def rising_sparse_decode_case(seed, *, b, s_q, h_q, d_qk, topk, page=PAGE):
+    """An FP8 pool (the layout d_qk names) whose rising rows every query token selects in order."""
+    rng = np.random.default_rng(seed)
+    nb = max(2, -(-2 * topk // page))
+    x, order = rising_rows(rng, nb * page, d_qk, topk)
+    kv = kvc.quantize_fp8(jnp.asarray(x.reshape(nb, page, 1, d_qk), jnp.bfloat16))
+    idx = np.broadcast_to(order, (b, s_q, topk)).astype(np.int32)
+    return rising_q(rng, (b, s_q, h_q, d_qk)), kv, dict(indices=jnp.asarray(idx))
+
+
 def split_heavy_outputs():
     """Outputs (out as float32, lse) of steps whose sequences split into many chunks: what the
     split-KV combine produces. Deterministic inputs, so two processes with different combine

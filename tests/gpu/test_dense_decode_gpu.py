@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 import jax_flashmla
 from cases import D_V, check, compare_dense as _run_and_compare, dense_case as make_case
-from cases import require_kernels, run_dense as run_kernel
+from cases import require_kernels, rising_dense_case, run_dense as run_kernel
 
 pytestmark = pytest.mark.gpu
 require_kernels()
@@ -111,6 +111,19 @@ def test_metadata_is_reused_across_layers_in_one_jit():
             *a, implementation="reference"))(q, kv, table, lens)
         check(np.asarray(out.astype(jnp.float32)), np.asarray(lse),
               np.asarray(ref_out.astype(jnp.float32)), np.asarray(ref_lse), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("h_q,s_q,causal,dtype", [(16, 1, False, jnp.bfloat16),
+                                                   (64, 2, True, jnp.float16),
+                                                   (128, 1, False, jnp.bfloat16),
+                                                   (128, 2, True, jnp.bfloat16)])
+def test_rising_logits(h_q, s_q, causal, dtype):
+    """Keys whose logits rise page by page, by small steps and large ones (a lazily kept running
+    max must move on the large ones and rescale O), through split and unsplit sequences."""
+    case = rising_dense_case(71 + h_q, 3, s_q, h_q, 2000, dtype)
+    out, lse = run_kernel(case, causal=causal, with_meta=True)
+    ref_out, ref_lse = run_kernel(case, causal, False, "reference")
+    check(out, lse, ref_out, ref_lse, dtype)
 
 
 def test_kernel_is_in_the_compiled_module():

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 import jax_flashmla
-from cases import check, require_kernels, run_sparse_decode, sparse_decode_case
+from cases import check, require_kernels, rising_sparse_decode_case, run_sparse_decode
+from cases import sparse_decode_case
 
 pytestmark = pytest.mark.gpu
 require_kernels()
@@ -114,6 +115,16 @@ def test_schedule_weighted_by_lengths(fmt, d_qk, h_q, b, s_q):
     for lengths in (own, other, dict(extra_topk_length=own["extra_topk_length"])):
         out, lse = run_sparse_decode(q, kv, args, meta_lengths=lengths)
         check(out, lse, ref_out, ref_lse)
+
+
+@pytest.mark.parametrize("d_qk,h_q,s_q", [(576, 16, 2), (512, 16, 1), (576, 128, 2), (512, 64, 1)])
+def test_rising_logits(d_qk, h_q, s_q):
+    """FP8 rows whose logits rise tile by tile, by small steps and large ones (a lazily kept
+    running max must move on the large ones and rescale O)."""
+    q, kv, args = rising_sparse_decode_case(61 + h_q, b=2, s_q=s_q, h_q=h_q, d_qk=d_qk, topk=640)
+    out, lse = run_sparse_decode(q, kv, args)
+    r_out, r_lse = run_sparse_decode(q, kv, args, implementation="reference")
+    check(out, lse, r_out, r_lse)
 
 
 def test_kernel_is_in_the_compiled_module():

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 import jax_flashmla
-from cases import check, require_kernels, run_sparse_prefill, sparse_prefill_case
+from cases import check, require_kernels, rising_prefill_case, run_sparse_prefill, sparse_prefill_case
 
 pytestmark = pytest.mark.gpu
 require_kernels()
@@ -37,6 +37,18 @@ def test_sweep(n, s_q, h_q, d_qk, topk, lengths, sink):
 def test_long_prompt():
     q, kv, idx, kw = sparse_prefill_case(11, s_q=4096, h_q=64, d_qk=512, topk=512, s_kv=8192,
                                          sink="random")
+    out, ml, lse = run_sparse_prefill(q, kv, idx, kw)
+    r_out, r_ml, r_lse = run_sparse_prefill(q, kv, idx, kw, "reference")
+    check(out, lse, r_out, r_lse, max_logits=ml, ref_max_logits=r_ml)
+
+
+@pytest.mark.parametrize("h_q,d_qk,topk", [(16, 576, 640), (32, 512, 640), (64, 512, 640),
+                                            (128, 576, 640), (100, 576, 130)])
+def test_rising_logits(h_q, d_qk, topk):
+    """Logits that rise tile by tile, by small steps and large ones: a running max kept lazily
+    (the 16-row kernels' default, the role split's JFM_WS_ROWS_LAZY_MAX) must move on the large
+    ones and rescale O, and max_logits must be the true maximum."""
+    q, kv, idx, kw = rising_prefill_case(31 + h_q, s_q=3, h_q=h_q, d_qk=d_qk, topk=topk)
     out, ml, lse = run_sparse_prefill(q, kv, idx, kw)
     r_out, r_ml, r_lse = run_sparse_prefill(q, kv, idx, kw, "reference")
     check(out, lse, r_out, r_lse, max_logits=ml, ref_max_logits=r_ml)
