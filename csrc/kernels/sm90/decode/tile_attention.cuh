@@ -339,6 +339,46 @@ __device__ __forceinline__ void store_p_rows(uint32_t sp, const float (&s)[32], 
 constexpr bool t_lazy_max(int n) { return JFM_WS_T_LAZY_MAX != 0 && n == 16; }
 constexpr float kLazySlack = 8.f;
 
+// JFM_WS_ROWS_LAZY_MAX (a compile-time candidate, off): the role split's row softmax keeps each
+// row's running max while no logit of the tile exceeds it by more than kLazySlack / sl2, as the
+// 16-row kernels' lazy max does (JFM_WS_T_LAZY_MAX). That row's correction is then 1, and where no
+// row of a warp moved rescale_o skips O's 128 multiplies, in both math warpgroups: the scores
+// warpgroup's are on the chain that bounds the 64-row kernels (ncu, dense h128). No exchange is
+// needed (a warpgroup owns whole rows), so the saving is those multiplies and their wait on the
+// previous P V's registers. lse takes the running max (any m gives the same softmax), max_logits
+// the true one (`mt`, kept beside it).
+#ifndef JFM_WS_ROWS_LAZY_MAX
+#define JFM_WS_ROWS_LAZY_MAX 0
+#endif
+constexpr bool kRowsLazyMax = JFM_WS_ROWS_LAZY_MAX != 0;
+
+// tile_softmax_rows under the lazy max; mt: this thread's rows' largest attended logits so far.
+__device__ __forceinline__ void tile_softmax_rows_lazy(float (&s)[32], RowState& st,
+                                                       float (&corr)[2], float (&mt)[2], float sl2) {
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int i = 0; i < 32; ++i) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
+  float mscaled[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+    mt[h] = fmaxf(mt[h], mx[h]);
+    // m = -inf: any attended logit moves it; -inf - -inf is NaN, which compares false.
+    if ((mx[h] - st.m[h]) * sl2 > kLazySlack) {
+      online_max(st.m[h], st.l[h], mx[h], sl2, corr[h], mscaled[h]);
+    } else {
+      corr[h] = 1.f;
+      mscaled[h] = st.m[h] == -INFINITY ? 0.f : st.m[h] * sl2;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 32; ++i) {
+    s[i] = exp2f(s[i] * sl2 - mscaled[(i >> 1) & 1]);
+    st.l[(i >> 1) & 1] += s[i];
+  }
+}
+
 // ---- Transposed (kernel_ws.cuh, kTransposed* math, few query rows): one warpgroup computes
 // S^T = K Q^T (M = the tile's 64 tokens, N = kN query rows, kN = 16 or 32) and O^T += V^T P^T
 // (M = 64 of the 512 value columns per chunk, 8 chunks; V^T is the K tile read as an MN-major A

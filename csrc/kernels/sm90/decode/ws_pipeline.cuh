@@ -370,6 +370,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
 
     RowState st;
     st.init();
+    float mt[2] = {-INFINITY, -INFINITY};  // kRowsLazyMax: the scores' true row maxima
     for (int n = cur.first; n < cur.t_hi; ++k) {
       const int n_next = cur.next(n + 1);
       const uint32_t buf = k & 1;
@@ -382,7 +383,8 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
         tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
         mask_tile(sacc, [&](int h, int col) { return task.masked(cur, n, valid, h, col); });
         float corr[2];
-        tile_softmax_rows(sacc, st, corr, sl2);
+        if constexpr (kRowsLazyMax) tile_softmax_rows_lazy(sacc, st, corr, mt, sl2);
+        else tile_softmax_rows(sacc, st, corr, sl2);
         // P and the corrections for the values warpgroup.
         auto publish = [&] {
           mbarrier_wait(sh.bar_p_free, (k & 1) ^ 1);  // values done with the last P (tile 0: passes)
@@ -427,6 +429,12 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
     float inv[2], lse[2], m[2];
     ws_finish_rows<kRole>(st, sh, static_cast<uint32_t>(seq - task.begin_seq), task.softmax_scale,
                           task.empty_lse(cur), inv, lse, m, ln);
+    // Under the lazy max the running max (which lse used) may trail the true one; max_logits,
+    // written by the scores warpgroup only, takes the true one.
+    if constexpr (kRowsLazyMax && kRole == WsRole::kScores) {
+      m[0] = mt[0];
+      m[1] = mt[1];
+    }
     task.store_rows(cur, st, inv, lse, m, ln);
   }
 }
