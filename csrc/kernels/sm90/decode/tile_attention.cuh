@@ -353,6 +353,8 @@ constexpr float kLazySlack = 8.f;
 constexpr bool kRowsLazyMax = JFM_WS_ROWS_LAZY_MAX != 0;
 
 // tile_softmax_rows under the lazy max; mt: this thread's rows' largest attended logits so far.
+// Its own function: one tile_softmax_rows<kLazy> with `mt` as a parameter changed the default
+// role-split kernels' SASS (2026-12-02), as every shared helper of the 16-row lazy max did.
 __device__ __forceinline__ void tile_softmax_rows_lazy(float (&s)[32], RowState& st,
                                                        float (&corr)[2], float (&mt)[2], float sl2) {
   float mx[2] = {-INFINITY, -INFINITY};
