@@ -14,7 +14,8 @@
 // Build and run on the device (scripts/device_check.sh, stage `probe`):
 //   nvcc -I csrc -I <cccl> -gencode arch=compute_90a,code=sm_90a -std=c++17 -O3
 //        --expt-relaxed-constexpr -o /tmp/wgmma_probe benchmarks/wgmma_probe.cu && /tmp/wgmma_probe
-// Prints, per pattern, clocks per tile (median over the CTAs, one per SM) and what they imply.
+// Prints, per pattern and warpgroup, SM clocks per tile (median over the CTAs, one per SM; a tile
+// counted once however many warpgroups share it) and the SM clock the timed launch implies.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -51,8 +52,9 @@ const char* kNames[kPatterns] = {"qk64 one wg", "qk64 two wgs", "qk64 two accumu
                                  "qk32 one wg", "qk32 two wgs (column split)", "pv one wg",
                                  "pv two wgs", "pv one wg, P in registers", "roles (S + PV | PV)",
                                  "seesaw (2 tiles: S | S, PV x2 | PV x2)"};
-// Tiles per loop iteration (the seesaw's iteration covers two).
-__host__ __device__ constexpr int tiles_per_iter(int p) { return p == kSeesaw ? 2 : 1; }
+// Tiles per loop iteration, SM-wide (two warpgroups each computing S of its own tile, and the
+// seesaw's iteration, cover two).
+__host__ __device__ constexpr int tiles_per_iter(int p) { return p == kSeesaw || p == kQk64Two ? 2 : 1; }
 // Active warpgroups.
 __host__ __device__ constexpr bool two_wgs(int p) {
   return p == kQk64Two || p == kQk32Two || p == kPvTwo || p == kRoles || p == kSeesaw;
@@ -185,19 +187,24 @@ __global__ void __launch_bounds__(256, 1) probe(int iters, long long* cycles, fl
 template <int kPattern>
 void run(int sms, int iters, long long* d_cycles, float* d_sink) {
   const size_t smem = S::kPOff + S::kBlockBytes + 1024;
-  cudaFuncSetAttribute(probe<kPattern>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  auto ok = [](cudaError_t e, const char* what) {
+    if (e != cudaSuccess) {
+      std::printf("%s: %s: %s\n", kNames[kPattern], what, cudaGetErrorString(e));
+      std::exit(1);
+    }
+  };
+  ok(cudaFuncSetAttribute(probe<kPattern>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+     "shared memory attribute");
   probe<kPattern><<<sms, 256, smem>>>(8, d_cycles, d_sink);  // warm-up
+  ok(cudaGetLastError(), "warm-up launch");
   cudaEvent_t e0, e1;
   cudaEventCreate(&e0);
   cudaEventCreate(&e1);
   cudaEventRecord(e0);
   probe<kPattern><<<sms, 256, smem>>>(iters, d_cycles, d_sink);
+  ok(cudaGetLastError(), "launch");
   cudaEventRecord(e1);
-  cudaError_t err = cudaEventSynchronize(e1);
-  if (err != cudaSuccess) {
-    std::printf("%s: %s\n", kNames[kPattern], cudaGetErrorString(err));
-    std::exit(1);
-  }
+  ok(cudaEventSynchronize(e1), "run");
   float ms = 0.f;
   cudaEventElapsedTime(&ms, e0, e1);
   std::vector<long long> c(2 * sms);

@@ -121,14 +121,16 @@ def _dense_fn(causal, with_meta, implementation):
     return jax.jit(f)
 
 
-def run_dense(case, causal, with_meta, implementation="kernel"):
+def run_dense(case, causal, with_meta, implementation="kernel", num_sms=None):
+    """num_sms (with_meta): schedule for that many SMs (few: long runs of tiles per CTA)."""
     b, s_q, h_q, _ = case["q"].shape
     h_kv = case["kv"].shape[2]
     poison((b, s_q, h_q, D_V), case["q"].dtype)
     poison((b, h_q, s_q), jnp.float32)
     args = (case["q"], case["kv"], case["table"], case["lens"])
     if with_meta:
-        meta = jax_flashmla.get_mla_metadata(case["lens"], s_q=s_q, h_q=h_q, h_kv=h_kv)
+        meta = jax_flashmla.get_mla_metadata(case["lens"], s_q=s_q, h_q=h_q, h_kv=h_kv,
+                                             num_sms=num_sms)
         out, lse = _dense_fn(causal, True, implementation)(*args, meta)
     else:
         out, lse = _dense_fn(causal, False, implementation)(*args)
@@ -210,9 +212,11 @@ def sparse_decode_case(seed, *, b, s_q, h_q, d_qk, fmt, topk, page, extra_topk=N
     return q, kv, args
 
 
-def run_sparse_decode(q, kv, args, *, implementation="kernel", with_meta=True, meta_lengths=None):
+def run_sparse_decode(q, kv, args, *, implementation="kernel", with_meta=True, meta_lengths=None,
+                      num_sms=None):
     """meta_lengths (with_meta): None, or dict(topk_length=..., extra_topk_length=...) for
-    get_mla_metadata (a schedule weighted by those lengths, the call's own or others)."""
+    get_mla_metadata (a schedule weighted by those lengths, the call's own or others); num_sms
+    (with_meta): schedule for that many SMs (few: long runs of tiles per CTA)."""
     b, s_q, h_q, _ = q.shape
     poison((b, s_q, h_q, D_V), q.dtype)
     poison((b, h_q, s_q), jnp.float32)
@@ -224,7 +228,7 @@ def run_sparse_decode(q, kv, args, *, implementation="kernel", with_meta=True, m
             kw["metadata"] = jax_flashmla.get_mla_metadata(
                 jnp.zeros((b,), jnp.int32), s_q=s_q, h_q=h_q, topk=kw["indices"].shape[-1],
                 extra_topk=kw["extra_indices"].shape[-1] if "extra_indices" in kw else None,
-                **(meta_lengths or {}))
+                num_sms=num_sms, **(meta_lengths or {}))
         return jax_flashmla.mla_decode(q, kv, implementation=implementation, **kw)
 
     out, lse = jax.jit(f)(q, kv, meta_lengths, *(args[n] for n in names))
@@ -268,11 +272,19 @@ def rising_offsets(rng, n):
     tile by a jump of 0, a small step, a large one or a fall. With rising_q (every row's q sums to
     ~0.2 d_qk), an offset c on every element of a key raises its logit by ~0.2 d_qk c: at the
     default scale d_qk^-0.5 a small step moves the logits ~0.7 (inside the lazy max's slack of
-    8 / log2(e) ~ 5.5, where the running max stays put and P grows above 1) and a large one ~12
-    (where it must move and O be rescaled). Random keys never do either after the first tile."""
-    jumps = rng.choice(np.array([0.0, 0.15, 2.5, -1.0]), size=-(-n // PAGE))
+    8 / log2(e) ~ 5.5, where the running max stays put and P grows above 1), a large one ~12
+    (where it must move and O be rescaled), and one huge step (~96, at the third tile) takes a
+    run past where a max that never moved would overflow P. The last two steps are a large one
+    and then a small one, so the last tile does not drown the ones before it. Random keys move a
+    row's max by small rises only."""
+    tiles = -(-n // PAGE)
+    jumps = rng.choice(np.array([0.0, 0.15, 2.5, -1.0]), size=tiles)
     jumps[0] = 0.0
-    jumps[1] = 2.5  # at least one large step early, whatever the draw
+    if tiles > 1:
+        jumps[1] = 2.5  # a large step early, whatever the draw
+    if tiles > 4:
+        jumps[2] = 20.0
+        jumps[-2:] = (2.5, 0.15)
     return np.repeat(np.cumsum(jumps), PAGE)[:n].astype(np.float32)
 
 

@@ -118,11 +118,13 @@ def test_schedule_weighted_by_lengths(fmt, d_qk, h_q, b, s_q):
 
 
 @pytest.mark.parametrize("d_qk,h_q,s_q", [(576, 16, 2), (512, 16, 1), (576, 128, 2), (512, 64, 1)])
-def test_rising_logits(d_qk, h_q, s_q):
+@pytest.mark.parametrize("num_sms", (4, 8))
+def test_rising_logits(d_qk, h_q, s_q, num_sms):
     """FP8 rows whose logits rise tile by tile, by small steps and large ones (a lazily kept
-    running max must move on the large ones and rescale O)."""
+    running max must move on the large ones and rescale O). Scheduled for 4 / 8 SMs: every CTA
+    then walks 10 / 5 tiles of a token (132 parts would give each one tile, nothing to move)."""
     q, kv, args = rising_sparse_decode_case(61 + h_q, b=2, s_q=s_q, h_q=h_q, d_qk=d_qk, topk=640)
-    out, lse = run_sparse_decode(q, kv, args)
+    out, lse = run_sparse_decode(q, kv, args, num_sms=num_sms)
     r_out, r_lse = run_sparse_decode(q, kv, args, implementation="reference")
     check(out, lse, r_out, r_lse)
 
