@@ -117,11 +117,11 @@ def test_metadata_is_reused_across_layers_in_one_jit():
                                                    (64, 2, True, jnp.float16),
                                                    (128, 1, False, jnp.bfloat16),
                                                    (128, 2, True, jnp.bfloat16)])
-@pytest.mark.parametrize("num_sms", (2, 6))
+@pytest.mark.parametrize("num_sms", (2, 12))
 def test_rising_logits(h_q, s_q, causal, dtype, num_sms):
     """Keys whose logits rise page by page, by small steps and large ones (a lazily kept running
-    max must move on the large ones and rescale O). Scheduled for 2 / 6 SMs, so a CTA walks long
-    runs of a sequence's 32 pages (132 parts would give each one to three)."""
+    max must move on the large ones and rescale O). Scheduled for 2 / 12 SMs, so a CTA walks long
+    runs of a sequence's 32 pages, whole or split (132 parts would give each one to three)."""
     case = rising_dense_case(71 + h_q, 3, s_q, h_q, 2000, dtype)
     out, lse = run_kernel(case, causal=causal, with_meta=True, num_sms=num_sms)
     ref_out, ref_lse = run_kernel(case, causal, False, "reference")
