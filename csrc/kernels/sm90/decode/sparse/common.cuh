@@ -468,7 +468,8 @@ __device__ __forceinline__ void load_q_tile(const SparseDecodeParams& p, int seq
 // Stores this thread's rows of the 64 heads from head0 (rows past h_q skipped) after a token's
 // last tile, given per row 1 / l, the lse and the largest attended logit m (q . k, unscaled):
 // the output (times the sink factor) + lse (+ max_logits, prefill) when the token is not split,
-// else the partial row of split slot `slot` for the combine. Warpgroup wc holds O[:, 256 wc .. +256].
+// else the partial row of split slot `slot` for the combine. Warpgroup wc holds
+// O[:, 256 wc .. +256].
 __device__ __forceinline__ void store_token_rows(const SparseDecodeParams& p, const RowState& st,
                                                  const float (&inv)[2], const float (&lse)[2],
                                                  const float (&m)[2], int seq, int head0, int slot,
