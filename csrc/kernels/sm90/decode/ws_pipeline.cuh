@@ -107,19 +107,18 @@ __device__ __forceinline__ void ws_set_regs() {
   else if constexpr (kRegs < kLaunch) setmaxnreg_dec<kRegs>();
 }
 
-// JFM_WS_SCORES_REG_P (measured, off): the role split's scores warpgroup feeds
-// its own P V half from registers (tile_pv_issue_rs, the A-in-registers wgmma) instead of from
-// the shared-memory P it writes for the values warpgroup, so its chain per tile loses the
-// warpgroup barrier after the P stores (ncu, dense h128: that chain bounds the kernel). 1: P is
-// published first, as now; 2: its P V is issued first and P published while the tensor core
-// runs it (the values warpgroup gets P a little later, the scores warpgroup's chain is shorter
-// by the wait for the values warpgroup to free the previous P). H200 (PERFORMANCE.md, 2026-12-02
-// second session): dense h128, prefill d576 h128 and V3.2 h128 within noise in both forms (the
-// P round trip does not bound that chain); =2 1.9% faster on the CTA pair only.
+// JFM_WS_SCORES_REG_P=2 (measured, off): the role split's scores warpgroup feeds its own P V
+// half from registers (tile_pv_issue_rs, the A-in-registers wgmma) instead of from the
+// shared-memory P it writes for the values warpgroup, and issues it before publishing P: its
+// chain per tile loses the warpgroup barrier after the P stores and the wait for the values
+// warpgroup to free the previous P. H200 (PERFORMANCE.md, 2026-12-02 second session): dense
+// h128, prefill d576 h128 and V3.2 h128 within noise (the P round trip does not bound that
+// chain); 1.9% faster on the CTA pair only. Form 1 (publish first) gained nothing and is gone.
 #ifndef JFM_WS_SCORES_REG_P
 #define JFM_WS_SCORES_REG_P 0
 #endif
 constexpr int kWsScoresRegP = JFM_WS_SCORES_REG_P;
+static_assert(kWsScoresRegP == 0 || kWsScoresRegP == 2, "JFM_WS_SCORES_REG_P: 0 or 2");
 
 // Named barriers (0 is __syncthreads', 1 MathWarpsSync's).
 constexpr int kBarScores = 4;   // kRoles, kTransposed*: warpgroup 0 alone (128)
@@ -400,10 +399,6 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
           rescale_o(st.o, corr);
           tile_pv_issue_rs<T>(st, sacc, desc_v + buf_desc);
           publish();
-        } else if constexpr (kWsScoresRegP == 1) {
-          publish();
-          rescale_o(st.o, corr);
-          tile_pv_issue_rs<T>(st, sacc, desc_v + buf_desc);
         } else {
           publish();
           named_barrier_sync(kBarScores, 128);  // all of P, before this warpgroup's wgmma reads it
