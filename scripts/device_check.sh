@@ -41,7 +41,7 @@ if has smoke; then
 fi
 if has gpu; then
   log "GPU kernel tests"
-  XLA_FLAGS=--xla_gpu_autotune_level=0 timeout -k 10 ${GPU_TIMEOUT:-420} python3 -m pytest -q \
+  XLA_FLAGS=--xla_gpu_autotune_level=0 timeout -k 10 ${GPU_TIMEOUT:-540} python3 -m pytest -q \
     -p no:cacheprovider --tb=short -rf --maxfail=${GPU_MAXFAIL:-8} -m gpu \
     $(printf "$REPO/%s " ${GPU_TESTS:-tests/gpu}) 2>&1 \
     | tee "$OUT/gpu.log" | grep -vE "^(tests|/)" | tail -45
@@ -50,7 +50,7 @@ fi
 if has gpu-alt; then
   for variant in ${ALT_VARIANTS:-pair}; do
     log "GPU dense + sparse kernel tests on JFM_KERNEL_VARIANT=$variant"
-    JFM_KERNEL_VARIANT=$variant XLA_FLAGS=--xla_gpu_autotune_level=0 timeout -k 10 ${GPU_TIMEOUT:-420} \
+    JFM_KERNEL_VARIANT=$variant XLA_FLAGS=--xla_gpu_autotune_level=0 timeout -k 10 ${GPU_TIMEOUT:-540} \
       python3 -m pytest -q -p no:cacheprovider --tb=short -rf --maxfail=${GPU_MAXFAIL:-8} -m gpu \
       $(printf "$REPO/%s " ${GPU_ALT_TESTS:-tests/gpu/test_dense_decode_gpu.py tests/gpu/test_sparse_decode_gpu.py tests/gpu/test_sparse_prefill_gpu.py tests/gpu/test_malformed_gpu.py}) 2>&1 \
       | tee "$OUT/gpu_$variant.log" | grep -vE "^(tests|/)" | tail -45

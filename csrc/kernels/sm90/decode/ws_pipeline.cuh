@@ -49,6 +49,8 @@
 //   load_q<kThreads>(const Seq&, uint32_t sq) (cp.async of the 64-row Q tile by threads
 //   0 .. kThreads - 1, 256 or 128; the caller commits and waits);
 //   masked(const Seq&, int n, const uint8_t* valid, int h, int col) (row h of this thread);
+//   window_full(const Seq&, int n) (both rows of this thread attend every valid token of tile n:
+//   masked is then !valid[col] alone);
 //   store_rows(const Seq&, const RowState&, inv, lse, m, const Lane&) (after the last tile);
 //   empty_lse(const Seq&); produce<kWide, kPair, kSole, kRoomy>(const WsShared&, int which,
 //   int stride) (the producers; kWide: a budget of at least 144 registers; kSole: the CTA's only
@@ -267,6 +269,25 @@ __device__ __forceinline__ void mask_tile(float (&s)[kRegs], Masked masked) {
   }
 }
 
+// JFM_WS_MASK_SKIP (a compile-time candidate, off): the role split's scores warpgroup skips
+// mask_tile where no element of its warp's S needs it: every token of the tile valid (one 32-bit
+// load of the validity bytes per lane, a warp vote) and every row of the warp attending the whole
+// tile (the task's window_full). Why: ncu of dense h128 (ninth 2026-12-01 session, per role) put
+// the mask at ~7% of the scores warpgroup's samples (16 LDS.U8 and 32 compare-selects per thread
+// and tile, on the chain that bounds the 64-row kernels); only a sequence's last tile, a causal
+// tail or an invalid index or page needs it.
+#ifndef JFM_WS_MASK_SKIP
+#define JFM_WS_MASK_SKIP 0
+#endif
+constexpr bool kWsMaskSkip = JFM_WS_MASK_SKIP != 0;
+
+// Whether this warp can skip the mask (JFM_WS_MASK_SKIP): rows_full (this thread's rows attend
+// every position of the tile) on every lane, and all 64 validity bytes nonzero. Warp-uniform.
+__device__ __forceinline__ bool ws_tile_unmasked(bool rows_full, const uint8_t* valid) {
+  const uint32_t w = reinterpret_cast<const uint32_t*>(valid)[threadIdx.x & 15];
+  return __all_sync(0xffffffffu, rows_full && __vcmpeq4(w, 0u) == 0u);
+}
+
 // wgmma descriptors of the 64-row math (kRoles*) at buffer 0: Q, the K tile (all 64
 // rows), P, and the V half (value columns 256 wc ..) of math warpgroup wc.
 template <int kDqk>
@@ -380,7 +401,8 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       if constexpr (kRole == WsRole::kScores) {
         float sacc[32];  // this tile's S, then P
         tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
-        mask_tile(sacc, [&](int h, int col) { return task.masked(cur, n, valid, h, col); });
+        if (!kWsMaskSkip || !ws_tile_unmasked(task.window_full(cur, n), valid))
+          mask_tile(sacc, [&](int h, int col) { return task.masked(cur, n, valid, h, col); });
         float corr[2];
         if constexpr (kRowsLazyMax) tile_softmax_rows_lazy(sacc, st, corr, mt, sl2);
         else tile_softmax_rows(sacc, st, corr, sl2);

@@ -79,6 +79,9 @@ struct DenseWsTask {
                                          int col) const {
     return !valid[col] || n * kPageBlock + col >= q.rowlen[h];
   }
+  __device__ __forceinline__ bool window_full(const Seq& q, int n) const {
+    return (n + 1) * kPageBlock <= min(q.rowlen[0], q.rowlen[1]);
+  }
   // kTransposed*: query row r of the CTA's tile (its own window end, computed here).
   __device__ __forceinline__ bool masked_t(const Seq& q, int n, const uint8_t* valid, int token,
                                            int r) const {

@@ -113,6 +113,7 @@ struct SparseWsTask {
   __device__ __forceinline__ bool masked(const Seq&, int, const uint8_t* valid, int, int col) const {
     return !valid[col];
   }
+  __device__ __forceinline__ bool window_full(const Seq&, int) const { return true; }
   __device__ __forceinline__ bool masked_t(const Seq&, int, const uint8_t* valid, int token, int) const {
     return !valid[token];
   }
