@@ -269,6 +269,18 @@ __device__ __forceinline__ void mask_tile(float (&s)[kRegs], Masked masked) {
   }
 }
 
+// JFM_WS_EARLY_Q (a compile-time candidate, off): in the role split only the scores warpgroup
+// reads Q, so it alone loads it (128 threads), and it issues the next sequence's Q copies as soon
+// as the last S of the current one has completed: they land under that tile's softmax and P V,
+// the rows' totals and the output stores, instead of after them with both math warpgroups
+// waiting. Why: sparse prefill has one sequence per query token, 8 tiles each at topk 512 (d512
+// h64 is our largest gap to FlashMLA, 0.77), and every token paid a Q load's latency between its
+// output stores and its first S.
+#ifndef JFM_WS_EARLY_Q
+#define JFM_WS_EARLY_Q 0
+#endif
+constexpr bool kWsEarlyQ = JFM_WS_EARLY_Q != 0;
+
 // JFM_WS_MASK_SKIP (a compile-time candidate, off): the role split's scores warpgroup skips
 // mask_tile where no element of its warp's S needs it: every token of the tile valid (one 32-bit
 // load of the validity bytes per lane, a warp vote) and every row of the warp attending the whole
@@ -384,9 +396,22 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   const uint64_t desc_q = dd.q, desc_k = dd.k, desc_p = dd.p, desc_v = dd.v;
 
   uint32_t k = 0;  // tiles this CTA has consumed (the producer's count, in step)
+  int q_issued = -1;  // kWsEarlyQ: the sequence whose Q copies the scores warpgroup has issued
   for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
     const typename Task::Seq cur = task.seq(seq);
-    ws_load_q<256>(task, cur, sh, [] { Sync::sync(); });
+    if constexpr (!kWsEarlyQ) {
+      ws_load_q<256>(task, cur, sh, [] { Sync::sync(); });
+    } else if constexpr (kRole == WsRole::kScores) {
+      // (The previous sequence issued them unless it had no tile.)
+      if (q_issued != seq) {
+        named_barrier_sync(kBarScores, 128);  // every S of the previous sequence has read Q
+        task.template load_q<128>(cur, sh.sq);
+        cp_async_commit();
+      }
+      cp_async_wait<0>();
+      fence_proxy_async();
+      named_barrier_sync(kBarScores, 128);  // all of Q, before the wgmma reads it
+    }
 
     RowState st;
     st.init();
@@ -401,6 +426,12 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       if constexpr (kRole == WsRole::kScores) {
         float sacc[32];  // this tile's S, then P
         tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
+        if (kWsEarlyQ && n_next >= cur.t_hi && seq < task.end_seq) {
+          named_barrier_sync(kBarScores, 128);  // every thread's S has completed: Q is free
+          task.template load_q<128>(task.seq(seq + 1), sh.sq);
+          cp_async_commit();
+          q_issued = seq + 1;
+        }
         if (!kWsMaskSkip || !ws_tile_unmasked(task.window_full(cur, n), valid))
           mask_tile(sacc, [&](int h, int col) { return task.masked(cur, n, valid, h, col); });
         float corr[2];
