@@ -275,11 +275,18 @@ __device__ __forceinline__ void mask_tile(float (&s)[kRegs], Masked masked) {
 // the rows' totals and the output stores, instead of after them with both math warpgroups
 // waiting. Why: sparse prefill has one sequence per query token, 8 tiles each at topk 512 (d512
 // h64 is our largest gap to FlashMLA, 0.77), and every token paid a Q load's latency between its
-// output stores and its first S.
+// output stores and its first S. H200 (PERFORMANCE.md, 2026-12-02 third session): prefill d512
+// h64 -2.7%, V3.2 h128 (kRolesWide, FP8) +8.9%, not understood; =2 applies it to the tasks
+// whose tiles are cp.async copies only (kFenceAfterFull: dense and bf16 sparse, prefill among
+// them), to time the FP8 tasks' loss apart.
 #ifndef JFM_WS_EARLY_Q
 #define JFM_WS_EARLY_Q 0
 #endif
-constexpr bool kWsEarlyQ = JFM_WS_EARLY_Q != 0;
+static_assert(JFM_WS_EARLY_Q >= 0 && JFM_WS_EARLY_Q <= 2, "JFM_WS_EARLY_Q: 0, 1 or 2");
+template <class Task>
+constexpr bool ws_early_q() {
+  return JFM_WS_EARLY_Q == 1 || (JFM_WS_EARLY_Q == 2 && Task::kFenceAfterFull);
+}
 
 // JFM_WS_MASK_SKIP (a compile-time candidate, off): the role split's scores warpgroup skips
 // mask_tile where no element of its warp's S needs it: every token of the tile valid (one 32-bit
@@ -396,10 +403,11 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   const uint64_t desc_q = dd.q, desc_k = dd.k, desc_p = dd.p, desc_v = dd.v;
 
   uint32_t k = 0;  // tiles this CTA has consumed (the producer's count, in step)
-  int q_issued = -1;  // kWsEarlyQ: the sequence whose Q copies the scores warpgroup has issued
+  constexpr bool kEarlyQ = ws_early_q<Task>();
+  int q_issued = -1;  // kEarlyQ: the sequence whose Q copies the scores warpgroup has issued
   for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
     const typename Task::Seq cur = task.seq(seq);
-    if constexpr (!kWsEarlyQ) {
+    if constexpr (!kEarlyQ) {
       ws_load_q<256>(task, cur, sh, [] { Sync::sync(); });
     } else if constexpr (kRole == WsRole::kScores) {
       // (The previous sequence issued them unless it had no tile.)
@@ -426,7 +434,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       if constexpr (kRole == WsRole::kScores) {
         float sacc[32];  // this tile's S, then P
         tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
-        if (kWsEarlyQ && n_next >= cur.t_hi && seq < task.end_seq) {
+        if (kEarlyQ && n_next >= cur.t_hi && seq < task.end_seq) {
           named_barrier_sync(kBarScores, 128);  // every thread's S has completed: Q is free
           task.template load_q<128>(task.seq(seq + 1), sh.sq);
           cp_async_commit();
