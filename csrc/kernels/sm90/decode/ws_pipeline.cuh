@@ -44,7 +44,8 @@
 // participant syncs on (MathWarpsSync, kBarScores), never with the producer.
 //
 // A task (one per kernel family) provides, for the CTA it is constructed in:
-//   using T (bf16 / fp16); kDqk; kFenceAfterFull (its fills are cp.async);
+//   using T (bf16 / fp16); kDqk; kFenceAfterFull (its fills include cp.async copies);
+//   kCpAsyncTiles (its tiles are cp.async copies of bf16 rows, no dequantization);
 //   begin_seq, end_seq, softmax_scale; Seq seq(int) with first, t_hi and next(n) (live tiles);
 //   load_q<kThreads>(const Seq&, uint32_t sq) (cp.async of the 64-row Q tile by threads
 //   0 .. kThreads - 1, 256 or 128; the caller commits and waits);
@@ -277,7 +278,7 @@ __device__ __forceinline__ void mask_tile(float (&s)[kRegs], Masked masked) {
 // h64 is our largest gap to FlashMLA, 0.77), and every token paid a Q load's latency between its
 // output stores and its first S. H200 (PERFORMANCE.md, 2026-12-02 third session): prefill d512
 // h64 -2.7%, V3.2 h128 (kRolesWide, FP8) +8.9%, not understood; =2 applies it to the tasks
-// whose tiles are cp.async copies only (kFenceAfterFull: dense and bf16 sparse, prefill among
+// whose tiles are cp.async copies only (kCpAsyncTiles: dense and bf16 sparse, prefill among
 // them), to time the FP8 tasks' loss apart.
 #ifndef JFM_WS_EARLY_Q
 #define JFM_WS_EARLY_Q 0
@@ -285,7 +286,7 @@ __device__ __forceinline__ void mask_tile(float (&s)[kRegs], Masked masked) {
 static_assert(JFM_WS_EARLY_Q >= 0 && JFM_WS_EARLY_Q <= 2, "JFM_WS_EARLY_Q: 0, 1 or 2");
 template <class Task>
 constexpr bool ws_early_q() {
-  return JFM_WS_EARLY_Q == 1 || (JFM_WS_EARLY_Q == 2 && Task::kFenceAfterFull);
+  return JFM_WS_EARLY_Q == 1 || (JFM_WS_EARLY_Q == 2 && Task::kCpAsyncTiles);
 }
 
 // JFM_WS_MASK_SKIP (a compile-time candidate, off): the role split's scores warpgroup skips

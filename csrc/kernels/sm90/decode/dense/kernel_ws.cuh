@@ -24,6 +24,7 @@ struct DenseWsTask {
   using T = T_;
   static constexpr int kDqk = kDenseDqk;
   static constexpr bool kFenceAfterFull = true;
+  static constexpr bool kCpAsyncTiles = true;
   static constexpr uint32_t kFullCount = 256;
   static_assert(kPageBlock == kTileTokens, "one page is one tile");
 

@@ -222,10 +222,14 @@ struct Fp8Slot {
 };
 
 // V3.2: 656-byte tokens (512 e4m3 in 4 tiles of 128 | 4 float32 scales | 64 bf16 RoPE).
-struct StageV32 {
+// kRopeAsync (JFM_V32_ROPE_ASYNC, kernel_ws.cuh): the RoPE chunks, already bf16, go to the tile
+// by cp.async (emit's copy16) instead of through registers; the stage keeps their address.
+template <bool kRopeAsync = false>
+struct StageV32T {
   uint4 nope[8];   // 16-byte chunks 4k + j of the NoPE bytes
   uint4 scales;    // the 4 float32 scales
-  uint4 rope[2];   // RoPE chunks j and 4 + j
+  uint4 rope[2];   // RoPE chunks j and 4 + j (!kRopeAsync)
+  const uint8_t* rope_src;  // RoPE chunk j's address (kRopeAsync; inside the pool when !valid)
   bool valid;
 
   template <bool kHint = false>
@@ -235,8 +239,12 @@ struct StageV32 {
 #pragma unroll
     for (int k = 0; k < 8; ++k) nope[k] = valid ? ld_nc_16<kHint>(tok + 16 * (4 * k + j_)) : make_uint4(0, 0, 0, 0);
     scales = valid ? ld_nc_16<kHint>(tok + 512) : make_uint4(0, 0, 0, 0);
+    if constexpr (kRopeAsync) {
+      rope_src = tok + 528 + 16 * j_;
+    } else {
 #pragma unroll
-    for (int k = 0; k < 2; ++k) rope[k] = valid ? ld_nc_16<kHint>(tok + 528 + 16 * (4 * k + j_)) : make_uint4(0, 0, 0, 0);
+      for (int k = 0; k < 2; ++k) rope[k] = valid ? ld_nc_16<kHint>(tok + 528 + 16 * (4 * k + j_)) : make_uint4(0, 0, 0, 0);
+    }
   }
   // Asks L2 for row `row`'s 656 bytes (16-byte aligned, 41 x 16) ahead of its fetch: kForm 1
   // one bulk prefetch (by lane 0 of the row's 4), 2 point prefetches of its lines.
@@ -253,9 +261,10 @@ struct StageV32 {
   // Bytes one thread's row part is (what store_stage_pair sends the peer): a quarter of a bf16 row.
   static constexpr uint32_t kThreadBytes = 576 * 2 / 4;
   // The dequantized row part, for row t of the swizzled [64 x 576] bf16 tile, as 16-byte pieces
-  // at their tile offsets: put16(offset, value) (store_stage / store_stage_pair below).
-  template <class Put16, class Put8>
-  __device__ __forceinline__ void emit(int t, Put16 put16, Put8) const {
+  // at their tile offsets: put16(offset, value) (store_stage / store_stage_pair below);
+  // kRopeAsync: the RoPE chunks as copy16(offset, source, bytes) (0 bytes: zero-filled).
+  template <class Put16, class Put8, class Copy16>
+  __device__ __forceinline__ void emit(int t, Put16 put16, Put8, Copy16 copy16) const {
     using S = TileSmem<576>;
     const float sc[4] = {__uint_as_float(scales.x), __uint_as_float(scales.y),
                          __uint_as_float(scales.z), __uint_as_float(scales.w)};
@@ -266,11 +275,17 @@ struct StageV32 {
       put16(S::chunk_off(t, 2 * c), fp8x8_to_bf16x8(make_uint2(nope[k].x, nope[k].y), s));
       put16(S::chunk_off(t, 2 * c + 1), fp8x8_to_bf16x8(make_uint2(nope[k].z, nope[k].w), s));
     }
+    if constexpr (kRopeAsync) {
 #pragma unroll
-    for (int k = 0; k < 2; ++k) put16(S::chunk_off(t, 64 + 4 * k + j_), rope[k]);
+      for (int k = 0; k < 2; ++k) copy16(S::chunk_off(t, 64 + 4 * k + j_), rope_src + 64 * k, valid ? 16 : 0);
+    } else {
+#pragma unroll
+      for (int k = 0; k < 2; ++k) put16(S::chunk_off(t, 64 + 4 * k + j_), rope[k]);
+    }
   }
   int j_;
 };
+using StageV32 = StageV32T<false>;
 
 // V3.2 with eight lanes per token (JFM_V32_ROW8, measured and off: kernel_ws.cuh; the warp-
 // specialized producers without CTA pairs): lanes 8 u .. 8 u + 7 of a warp read 128 contiguous
@@ -303,8 +318,8 @@ struct StageV32R8 {
     }
   }
   // Rows t and t + 16 of the swizzled [64 x 576] bf16 tile, as StageV32::emit.
-  template <class Put16, class Put8>
-  __device__ __forceinline__ void emit(int t, Put16 put16, Put8) const {
+  template <class Put16, class Put8, class Copy16>
+  __device__ __forceinline__ void emit(int t, Put16 put16, Put8, Copy16) const {
     using S = TileSmem<576>;
     const int odd_first = j_ >> 2;
 #pragma unroll
@@ -405,8 +420,8 @@ struct StageV4 {
   }
   static constexpr uint32_t kThreadBytes = 512 * 2 / 4;
   // As StageV32::emit; put8 for the 8-byte RoPE pieces.
-  template <class Put16, class Put8>
-  __device__ __forceinline__ void emit(int t, Put16 put16, Put8 put8) const {
+  template <class Put16, class Put8, class Copy16>
+  __device__ __forceinline__ void emit(int t, Put16 put16, Put8 put8, Copy16) const {
     using S = TileSmem<512>;
 #pragma unroll
     for (int k = 0; k < 14; ++k) {
@@ -424,11 +439,13 @@ struct StageV4 {
   }
 };
 
-// Dequantizes a stage (StageV32 / StageV4) into row t of the bf16 tile at `tile`.
+// Dequantizes a stage (StageV32 / StageV4) into row t of the bf16 tile at `tile` (a
+// kRopeAsync stage's RoPE chunks by cp.async: the caller's full barrier counts them).
 template <class Stage>
 __device__ __forceinline__ void store_stage(const Stage& st, uint32_t tile, int t) {
   st.emit(t, [&](uint32_t off, uint4 v) { st_shared_16(tile + off, v); },
-          [&](uint32_t off, uint2 v) { st_shared_8(tile + off, v); });
+          [&](uint32_t off, uint2 v) { st_shared_8(tile + off, v); },
+          [&](uint32_t off, const uint8_t* src, int bytes) { cp_async_16(tile + off, src, bytes); });
 }
 // The same into this CTA's tile and, by st.async counted on the peer's barrier `peer_bar`, the
 // peer's copy at `peer_tile` (CTA pairs: ws_pipeline.cuh).
@@ -443,7 +460,8 @@ __device__ __forceinline__ void store_stage_pair(const Stage& st, uint32_t tile,
           [&](uint32_t off, uint2 v) {
             st_shared_8(tile + off, v);
             st_async_8(peer_tile + off, v, peer_bar);
-          });
+          },
+          [](uint32_t, const uint8_t*, int) {});  // (no kRopeAsync stage here: no cp.async to a peer)
 }
 
 template <KvFormat kFmt>

@@ -69,13 +69,26 @@ constexpr bool kPipelinedFp8Fetch = JFM_PIPELINED_FP8_FETCH != 0;
 #define JFM_FP8_L2_PREFETCH_WIDE 0
 #endif
 constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
+// JFM_V32_ROPE_ASYNC (a compile-time candidate, off): V3.2's producers copy each token's 128 RoPE
+// bytes (already bf16) into the tile by cp.async (StageV32T<true>, counted on the full barrier by
+// cp.async.mbarrier.arrive.noinc, so the math warps fence after their full wait) instead of
+// loading them into registers and storing them: per thread and quarter token 2 LDGSTS for 2 LDG
+// + 2 STS of the producer's 29 LSU instructions, and 8 registers fewer per round. Why: ncu of V3.2
+// h128 (2026-12-01) found the producer on the critical path, waiting on its loads' acceptance
+// with the L1 pipe 78% busy; the FP8 h128 tile costs ~6000 clocks against dense's ~4000 with the
+// same math. The CTA pair keeps the register path (no cp.async into the peer) and arrives twice.
+#ifndef JFM_V32_ROPE_ASYNC
+#define JFM_V32_ROPE_ASYNC 0
+#endif
 template <KvFormat kFmt, int kDqk_>
 struct SparseWsTask {
   using T = bf16;
   static constexpr int kDqk = kDqk_;
   static constexpr bool kFp8 = kFmt != KvFormat::kBf16;
-  static constexpr bool kFenceAfterFull = !kFp8;
-  static constexpr uint32_t kFullCount = kFp8 ? 128 : 256;
+  static constexpr bool kRopeAsync = JFM_V32_ROPE_ASYNC != 0 && kFmt == KvFormat::kFp8V32;
+  static constexpr bool kCpAsyncTiles = !kFp8;  // the tiles are cp.async copies of bf16 rows
+  static constexpr bool kFenceAfterFull = !kFp8 || kRopeAsync;
+  static constexpr uint32_t kFullCount = kFp8 && !kRopeAsync ? 128 : 256;
   static_assert(!kFp8 || kDqk == (kFmt == KvFormat::kFp8V32 ? 576 : 512), "FP8 layout fixes d_qk");
 
   const SparseDecodeParams& p;
@@ -179,8 +192,20 @@ struct SparseWsTask {
          (JFM_FP8_L2_PREFETCH_WIDE != 0 && kSole && kWide && kPipelinedFp8Fetch));
     const Fp8Slot slot = kRow8 ? Fp8Slot(ptid, Fp8Slot::Row8{}) : Fp8Slot(ptid);
     const int lr = ptid >> 3, lq = ptid & 7;
+    static_assert(!(kRow8 && kRopeAsync), "JFM_V32_ROW8 with JFM_V32_ROPE_ASYNC: not written");
     using Stage = std::conditional_t<
-        kRow8, StageV32R8, typename Fp8Stage<kFmt == KvFormat::kBf16 ? KvFormat::kFp8V32 : kFmt>::type>;
+        kRow8, StageV32R8,
+        std::conditional_t<kRopeAsync && !kPair, StageV32T<true>,
+                           typename Fp8Stage<kFmt == KvFormat::kBf16 ? KvFormat::kFp8V32 : kFmt>::type>>;
+    // kRopeAsync: the second of the full barrier's two arrivals per thread, after its first: when
+    // this thread's cp.async copies (the RoPE chunks) have landed; the pair's producer, which
+    // stores them, arrives a second time at once.
+    auto arrive_rope = [&](const auto& fill) {
+      if constexpr (kRopeAsync) {
+        if constexpr (kPair) mbarrier_arrive(fill.full);
+        else cp_async_mbarrier_arrive_noinc(fill.full);
+      }
+    };
     Stage stage, stage2;  // stage2: round 1 when kWide
     stage.j_ = slot.j;
     stage2.j_ = slot.j;
@@ -210,6 +235,7 @@ struct SparseWsTask {
       mark_valid(stage2, fill.valid, 1);
       fence_proxy_async();  // the stores, before the math warps' wgmma reads them
       mbarrier_arrive(fill.full);
+      arrive_rope(fill);
     };
 
     uint32_t k = 0;  // the CTA's tiles before this sequence's
@@ -304,6 +330,7 @@ struct SparseWsTask {
           if constexpr (kL2Prefetch && !kPrefetchFirst) prefetch_rows(n_after, idx_after);
           fence_proxy_async();  // the stores, before the math warps' wgmma reads them
           mbarrier_arrive(fill.full);
+          arrive_rope(fill);
 #pragma unroll
           for (int h = 0; h < 4; ++h) idx_next[h] = idx_after[h];
           n = n_next;
@@ -366,6 +393,7 @@ struct SparseWsTask {
             }
             fence_proxy_async();  // the local stores, before the math warps' wgmma reads them
             mbarrier_arrive(fill.full);
+            arrive_rope(fill);
           } else if constexpr (kFp8) {
             fetch_round(stage, 0, q.rows, pool_id, idx);  // in flight while we wait
             if constexpr (kWide) fetch_round(stage2, 1, q.rows, pool_id, idx);
@@ -394,7 +422,7 @@ struct SparseWsTask {
         }
       }
     }
-    if constexpr (!kFp8) cp_async_wait_all();  // no copy outlives its thread
+    if constexpr (!kFp8 || kRopeAsync) cp_async_wait_all();  // no copy outlives its thread
   }
 };
 
