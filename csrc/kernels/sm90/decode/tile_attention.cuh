@@ -136,11 +136,11 @@ __device__ __forceinline__ void load_tile_rows(uint32_t dst, int tid, const T* b
     const bool ok = row != nullptr;
     const T* src = ok ? row + lq * 8 : base;  // (base + 64 j: never read, src-size 0)
 #pragma unroll
-    for (int j = 0; j < S::kKBlocks; ++j)
-      if constexpr (JFM_CP_ASYNC_L2_256 != 0)
-        cp_async_16_l2_256(dst + j * S::kBlockBytes + h * kPassRows * 128 + off, src + 64 * j, ok ? 16 : 0);
-      else
-        cp_async_16(dst + j * S::kBlockBytes + h * kPassRows * 128 + off, src + 64 * j, ok ? 16 : 0);
+    for (int j = 0; j < S::kKBlocks; ++j) {
+      const uint32_t d = dst + j * S::kBlockBytes + h * kPassRows * 128 + off;
+      if constexpr (JFM_CP_ASYNC_L2_256 != 0) cp_async_16_l2_256(d, src + 64 * j, ok ? 16 : 0);
+      else cp_async_16(d, src + 64 * j, ok ? 16 : 0);
+    }
   }
 }
 
@@ -302,28 +302,6 @@ __device__ __forceinline__ void tile_qk_rows(float (&s)[32], uint64_t desc_q, ui
   tile_gemm_qk<T, kDqk, 64>(s, desc_q, desc_k);
 }
 
-// Online softmax over whole rows of the masked logits s (-inf: not attended): updates m and l
-// (l: this thread's partial sum of its 16 columns per row), turns s into P = exp2(s sl2 - m sl2)
-// and returns the correction of the earlier O in corr. No shared memory, no barrier.
-__device__ __forceinline__ void tile_softmax_rows(float (&s)[32], RowState& st, float (&corr)[2],
-                                                  float sl2) {
-  float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-  for (int i = 0; i < 32; ++i) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
-  float mscaled[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
-    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-    online_max(st.m[h], st.l[h], mx[h], sl2, corr[h], mscaled[h]);
-  }
-#pragma unroll
-  for (int i = 0; i < 32; ++i) {
-    s[i] = exp2f(s[i] * sl2 - mscaled[(i >> 1) & 1]);
-    st.l[(i >> 1) & 1] += s[i];
-  }
-}
-
 // Writes warpgroup 0's P (all 64 columns) into the swizzled P block at sp.
 template <typename T>
 __device__ __forceinline__ void store_p_rows(uint32_t sp, const float (&s)[32], const Lane& ln) {
@@ -351,25 +329,27 @@ __device__ __forceinline__ void store_p_rows(uint32_t sp, const float (&s)[32], 
 constexpr bool t_lazy_max(int n) { return JFM_WS_T_LAZY_MAX != 0 && n == 16; }
 constexpr float kLazySlack = 8.f;
 
-// JFM_WS_ROWS_LAZY_MAX (on by default; =0 builds the exact max): the role split's row softmax
-// keeps each row's running max while no logit of the tile exceeds it by more than kLazySlack / sl2, as the
-// 16-row kernels' lazy max does (JFM_WS_T_LAZY_MAX). That row's correction is then 1, and where no
-// row of a warp moved rescale_o skips O's 128 multiplies, in both math warpgroups: the scores
-// warpgroup's are on the chain that bounds the 64-row kernels (ncu, dense h128). No exchange is
-// needed (a warpgroup owns whole rows), so the saving is those multiplies and their wait on the
-// previous P V's registers. lse takes the running max (any m gives the same softmax), max_logits
-// the true one (`mt`, kept beside it). Measured (H200, 2026-12-02): dense h128 b128 -2.6%, MTP
-// -2.7%, prefill d512 h64 -3.9%, V3.2 h128 (kRolesWide) -2.7%, V4 h64 -1%.
+// JFM_WS_ROWS_LAZY_MAX (on by default): the role split's row softmax keeps each row's running
+// max while no logit of the tile exceeds it by more than kLazySlack / sl2, as the 16-row kernels'
+// lazy max does (JFM_WS_T_LAZY_MAX). That row's correction is then 1, and where no row of a warp
+// moved rescale_o skips O's 128 multiplies, in both math warpgroups: the scores warpgroup's are
+// on the chain that bounds the 64-row kernels (ncu, dense h128). No exchange is needed (a
+// warpgroup owns whole rows), so the saving is those multiplies and their wait on the previous
+// P V's registers. lse takes the running max (any m gives the same softmax), max_logits the true
+// one (`mt`, kept beside it). =0 gives the slack 0: the max moves with every larger logit (the
+// exact online max). Measured (H200, 2026-12-02): dense h128 b128 -2.6%, MTP -2.7%, prefill
+// d512 h64 -3.9%, V3.2 h128 (kRolesWide) -2.7%, V4 h64 -1%.
 #ifndef JFM_WS_ROWS_LAZY_MAX
 #define JFM_WS_ROWS_LAZY_MAX 1
 #endif
-constexpr bool kRowsLazyMax = JFM_WS_ROWS_LAZY_MAX != 0;
+constexpr float kRowsSlack = JFM_WS_ROWS_LAZY_MAX != 0 ? kLazySlack : 0.f;
 
-// tile_softmax_rows under the lazy max; mt: this thread's rows' largest attended logits so far.
-// Its own function: one tile_softmax_rows<kLazy> with `mt` as a parameter changed the default
-// role-split kernels' SASS (2026-12-02), as every shared helper of the 16-row lazy max did.
-__device__ __forceinline__ void tile_softmax_rows_lazy(float (&s)[32], RowState& st,
-                                                       float (&corr)[2], float (&mt)[2], float sl2) {
+// Online softmax over whole rows of the masked logits s (-inf: not attended): updates m (lazily,
+// kRowsSlack) and l (l: this thread's partial sum of its 16 columns per row), turns s into
+// P = exp2(s sl2 - m sl2) and returns the correction of the earlier O in corr; mt: this thread's
+// rows' largest attended logits so far. No shared memory, no barrier.
+__device__ __forceinline__ void tile_softmax_rows(float (&s)[32], RowState& st, float (&corr)[2],
+                                                  float (&mt)[2], float sl2) {
   float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
   for (int i = 0; i < 32; ++i) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
@@ -380,7 +360,7 @@ __device__ __forceinline__ void tile_softmax_rows_lazy(float (&s)[32], RowState&
     mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
     mt[h] = fmaxf(mt[h], mx[h]);
     // m = -inf: any attended logit moves it; -inf - -inf is NaN, which compares false.
-    if ((mx[h] - st.m[h]) * sl2 > kLazySlack) {
+    if ((mx[h] - st.m[h]) * sl2 > kRowsSlack) {
       online_max(st.m[h], st.l[h], mx[h], sl2, corr[h], mscaled[h]);
     } else {
       corr[h] = 1.f;

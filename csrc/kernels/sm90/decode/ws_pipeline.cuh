@@ -424,7 +424,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
 
     RowState st;
     st.init();
-    float mt[2] = {-INFINITY, -INFINITY};  // kRowsLazyMax: the scores' true row maxima
+    float mt[2] = {-INFINITY, -INFINITY};  // the scores' true row maxima (tile_softmax_rows)
     for (int n = cur.first; n < cur.t_hi; ++k) {
       const int n_next = cur.next(n + 1);
       const uint32_t buf = k & 1;
@@ -444,8 +444,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
         if (!kWsMaskSkip || !ws_tile_unmasked(task.window_full(cur, n), valid))
           mask_tile(sacc, [&](int h, int col) { return task.masked(cur, n, valid, h, col); });
         float corr[2];
-        if constexpr (kRowsLazyMax) tile_softmax_rows_lazy(sacc, st, corr, mt, sl2);
-        else tile_softmax_rows(sacc, st, corr, sl2);
+        tile_softmax_rows(sacc, st, corr, mt, sl2);
         // P and the corrections for the values warpgroup.
         auto publish = [&] {
           mbarrier_wait(sh.bar_p_free, (k & 1) ^ 1);  // values done with the last P (tile 0: passes)
@@ -488,7 +487,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
                           task.empty_lse(cur), inv, lse, m, ln);
     // Under the lazy max the running max (which lse used) may trail the true one; max_logits,
     // written by the scores warpgroup only, takes the true one.
-    if constexpr (kRowsLazyMax && kRole == WsRole::kScores) {
+    if constexpr (kRole == WsRole::kScores) {
       m[0] = mt[0];
       m[1] = mt[1];
     }

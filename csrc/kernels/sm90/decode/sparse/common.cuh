@@ -243,7 +243,8 @@ struct StageV32T {
       rope_src = tok + 528 + 16 * j_;
     } else {
 #pragma unroll
-      for (int k = 0; k < 2; ++k) rope[k] = valid ? ld_nc_16<kHint>(tok + 528 + 16 * (4 * k + j_)) : make_uint4(0, 0, 0, 0);
+      for (int k = 0; k < 2; ++k)
+        rope[k] = valid ? ld_nc_16<kHint>(tok + 528 + 16 * (4 * k + j_)) : make_uint4(0, 0, 0, 0);
     }
   }
   // Asks L2 for row `row`'s 656 bytes (16-byte aligned, 41 x 16) ahead of its fetch: kForm 1
@@ -277,7 +278,8 @@ struct StageV32T {
     }
     if constexpr (kRopeAsync) {
 #pragma unroll
-      for (int k = 0; k < 2; ++k) copy16(S::chunk_off(t, 64 + 4 * k + j_), rope_src + 64 * k, valid ? 16 : 0);
+      for (int k = 0; k < 2; ++k)
+        copy16(S::chunk_off(t, 64 + 4 * k + j_), rope_src + 64 * k, valid ? 16 : 0);
     } else {
 #pragma unroll
       for (int k = 0; k < 2; ++k) put16(S::chunk_off(t, 64 + 4 * k + j_), rope[k]);
@@ -461,7 +463,9 @@ __device__ __forceinline__ void store_stage_pair(const Stage& st, uint32_t tile,
             st_shared_8(tile + off, v);
             st_async_8(peer_tile + off, v, peer_bar);
           },
-          [](uint32_t, const uint8_t*, int) {});  // (no kRopeAsync stage here: no cp.async to a peer)
+          [](uint32_t, auto src, int) {  // instantiated only by a kRopeAsync stage
+            static_assert(sizeof(src) == 0, "no cp.async into the peer: the pair keeps StageV32");
+          });
 }
 
 template <KvFormat kFmt>
