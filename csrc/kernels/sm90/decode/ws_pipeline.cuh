@@ -289,15 +289,16 @@ constexpr bool ws_early_q() {
   return JFM_WS_EARLY_Q == 1 || (JFM_WS_EARLY_Q == 2 && Task::kCpAsyncTiles);
 }
 
-// JFM_WS_MASK_SKIP (a compile-time candidate, off): the role split's scores warpgroup skips
+// JFM_WS_MASK_SKIP (on; =0 masks every tile, for A/B): the role split's scores warpgroup skips
 // mask_tile where no element of its warp's S needs it: every token of the tile valid (one 32-bit
 // load of the validity bytes per lane, a warp vote) and every row of the warp attending the whole
 // tile (the task's window_full). Why: ncu of dense h128 (ninth 2026-12-01 session, per role) put
 // the mask at ~7% of the scores warpgroup's samples (16 LDS.U8 and 32 compare-selects per thread
 // and tile, on the chain that bounds the 64-row kernels); only a sequence's last tile, a causal
-// tail or an invalid index or page needs it.
+// tail or an invalid index or page needs it. Measured (H200, 2026-12-02): dense h128 -1.2 to
+// -1.6%, V3.2 h128 -2.5%, prefill d576 h128 -3.5% (mean), prefill d512 h64 0.
 #ifndef JFM_WS_MASK_SKIP
-#define JFM_WS_MASK_SKIP 0
+#define JFM_WS_MASK_SKIP 1
 #endif
 constexpr bool kWsMaskSkip = JFM_WS_MASK_SKIP != 0;
 

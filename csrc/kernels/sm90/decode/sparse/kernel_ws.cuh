@@ -69,7 +69,7 @@ constexpr bool kPipelinedFp8Fetch = JFM_PIPELINED_FP8_FETCH != 0;
 #define JFM_FP8_L2_PREFETCH_WIDE 0
 #endif
 constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
-// JFM_V32_ROPE_ASYNC (a compile-time candidate, off): V3.2's producers copy each token's 128 RoPE
+// JFM_V32_ROPE_ASYNC (on; =0 builds the register path for A/B): V3.2's producers copy each token's 128 RoPE
 // bytes (already bf16) into the tile by cp.async (StageV32T<true>, counted on the full barrier by
 // cp.async.mbarrier.arrive.noinc, so the math warps fence after their full wait) instead of
 // loading them into registers and storing them: per thread and quarter token 2 LDGSTS for 2 LDG
@@ -77,8 +77,10 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 // h128 (2026-12-01) found the producer on the critical path, waiting on its loads' acceptance
 // with the L1 pipe 78% busy; the FP8 h128 tile costs ~6000 clocks against dense's ~4000 with the
 // same math. The CTA pair keeps the register path (no cp.async into the peer) and arrives twice.
+// Measured (H200, 2026-12-02, profiler): V3.2 h128 b64 s_q 2 on a 1M-token pool 207.5 -> 195.8 us
+// (kRolesWide), h16 b64 50.6 -> 47.4 (kTransposed16), the CTA pair unchanged.
 #ifndef JFM_V32_ROPE_ASYNC
-#define JFM_V32_ROPE_ASYNC 0
+#define JFM_V32_ROPE_ASYNC 1
 #endif
 template <KvFormat kFmt, int kDqk_>
 struct SparseWsTask {
