@@ -93,6 +93,19 @@ __global__ void __launch_bounds__(128) combine_cta_kernel(const CombineParams p)
 
 constexpr int kWarpRows = 8;  // rows per CTA of combine_warp_kernel, one warp each
 
+// JFM_COMBINE_EARLY (a compile-time candidate, off): the warp combine issues its first two
+// splits' partial rows (every split row has at least two) together with the lse loads, instead of
+// after the lse max and sum, and the slot-walk grid finds its sequence before pdl_wait instead of
+// after it (num_splits is the scheduler's, complete before the attention kernel started). Why:
+// after the attention grid ends, each combine CTA ran a chain of ~5 dependent global round trips
+// (num_splits search, lse, partial rows) at ~2.7 CTAs per SM slot; dense b128 h128 4K's combine
+// tail measured ~16 us against upstream's 12.6 (2026-12-02). The FMAs keep their order, so the
+// result stays bitwise equal to combine_cta_kernel's.
+#ifndef JFM_COMBINE_EARLY
+#define JFM_COMBINE_EARLY 0
+#endif
+constexpr bool kCombineEarly = JFM_COMBINE_EARLY != 0;
+
 // The sequence owning extra slot x (warp-collective). A sequence of k chunks owns k - 1 extra
 // slots, in sequence order: f(s) = num_splits[s] - s is nondecreasing, f(0) = 0, and sequence s
 // owns [f(s), f(s + 1)). A 32-way search keeps f(lo) <= x < f(hi): 2 rounds of loads for 1024
@@ -122,6 +135,17 @@ __device__ __forceinline__ void combine_row_warp(const CombineParams& p, const C
   const int nsplit = c.nsplit, rows = c.rows;
   const float* lse_of = p.lse_accum + static_cast<size_t>(c.base) * rows + c.row;  // split k: [k * rows]
   const auto lse_at = [&](int k) { return lse_of[static_cast<size_t>(k) * rows]; };
+  // This lane's columns of split k's partial row.
+  const auto o_at = [&](int k) {
+    return p.o_accum + ((static_cast<size_t>(c.base) + k) * rows + c.row) * kDv + lane * 4;
+  };
+  float4 v01[2][4];  // kCombineEarly: splits 0 and 1, loaded before the lse math
+  if constexpr (kCombineEarly) {
+#pragma unroll
+    for (int s = 0; s < 2; ++s)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) v01[s][q] = __ldcs(reinterpret_cast<const float4*>(o_at(s) + 128 * q));
+  }
 
   float mx = -INFINITY;
   for (int k = lane; k < nsplit; k += 32) mx = fmaxf(mx, lse_at(k));
@@ -147,7 +171,7 @@ __device__ __forceinline__ void combine_row_warp(const CombineParams& p, const C
   float scale = 1.f / sum;
   if (p.attn_sink != nullptr) scale /= 1.f + expf(p.attn_sink[c.head] - lse);
 
-  const float* o_of = p.o_accum + (static_cast<size_t>(c.base) * rows + c.row) * kDv + lane * 4;
+  const float* o_of = o_at(0);
   const size_t split_stride = static_cast<size_t>(rows) * kDv;  // one split's partial rows
   float4 acc[4];
 #pragma unroll
@@ -162,6 +186,15 @@ __device__ __forceinline__ void combine_row_warp(const CombineParams& p, const C
     const float e = chunk_e(k0);
     const int n = min(32, nsplit - k0);
     int j = 0;
+    if (kCombineEarly && k0 == 0) {  // (nsplit >= 2: the caller merges split rows only)
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+        const float w = __shfl_sync(0xffffffffu, e, s) * scale;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) fma4(acc[q], w, v01[s][q]);
+      }
+      j = 2;
+    }
     for (; j + 2 <= n; j += 2) {
       const float* src = o_of + static_cast<size_t>(k0 + j) * split_stride;
       float4 v[2][4];
@@ -214,11 +247,16 @@ __global__ void __launch_bounds__(32 * kWarpRows, 2) combine_warp_kernel(const C
     return;
   }
   const int extra = ns[p.num_seqs] - p.num_seqs;
-  pdl_wait();
+  if (!kCombineEarly) pdl_wait();
+  bool waited = !kCombineEarly;
   for (int x = blockIdx.x; x < extra; x += gridDim.x) {  // (uniform per CTA)
     const int seq = seq_of_extra_slot(ns, p.num_seqs, x, lane);
     if (ns[seq] - seq != x) continue;  // a later extra slot of a sequence: its first one's CTA merges it
     const CombineRow c(p, seq, row);
+    if (!waited) {  // kCombineEarly: the search and the row's slots found, now the partials
+      pdl_wait();
+      waited = true;
+    }
     if (row < c.rows) combine_row_warp<T>(p, c, lane);
   }
 }

@@ -109,15 +109,6 @@ __device__ __forceinline__ void tile_qk(float (&s)[16], uint64_t desc_q, uint64_
   tile_gemm_qk<T, kDqk, 32>(s, desc_q, desc_k);
 }
 
-// JFM_CP_ASYNC_L2_256 (a compile-time candidate, off): load_tile_rows' copies carry the L2
-// prefetch-size hint (cp_async_16_l2_256), as upstream's prefill gather does (read, not copied)
-// and as our FP8 row loads do since 2026-12-01 (1.03-1.20x there). Why: prefill d512 h64 runs at
-// 0.74-0.79 of the gather floor where FlashMLA runs at 0.96, and from pools past L2's 50 MB
-// (prefill s_kv 64K-128K, dense long contexts) a row's lines come from DRAM 32 bytes per sector.
-#ifndef JFM_CP_ASYNC_L2_256
-#define JFM_CP_ASYNC_L2_256 0
-#endif
-
 // cp.async of 64 rows of kDqk T into the swizzled tile at dst, by threads tid = 0 .. kThreads - 1
 // (8 per row, whole 128-byte lines: rows tid / 8 + kThreads / 8 h, chunks tid % 8 + 8 j). src_of(r)
 // is row r's first element, or nullptr for a zero-filled row (never read; the copies then name
@@ -138,8 +129,7 @@ __device__ __forceinline__ void load_tile_rows(uint32_t dst, int tid, const T* b
 #pragma unroll
     for (int j = 0; j < S::kKBlocks; ++j) {
       const uint32_t d = dst + j * S::kBlockBytes + h * kPassRows * 128 + off;
-      if constexpr (JFM_CP_ASYNC_L2_256 != 0) cp_async_16_l2_256(d, src + 64 * j, ok ? 16 : 0);
-      else cp_async_16(d, src + 64 * j, ok ? 16 : 0);
+      cp_async_16(d, src + 64 * j, ok ? 16 : 0);
     }
   }
 }

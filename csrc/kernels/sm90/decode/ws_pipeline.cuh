@@ -46,6 +46,7 @@
 // A task (one per kernel family) provides, for the CTA it is constructed in:
 //   using T (bf16 / fp16); kDqk; kFenceAfterFull (its fills include cp.async copies);
 //   kCpAsyncTiles (its tiles are cp.async copies of bf16 rows, no dequantization);
+//   kShortSeqs (a sequence is one query token's top-k tiles, so Q tiles change every few tiles);
 //   begin_seq, end_seq, softmax_scale; Seq seq(int) with first, t_hi and next(n) (live tiles);
 //   load_q<kThreads>(const Seq&, uint32_t sq) (cp.async of the 64-row Q tile by threads
 //   0 .. kThreads - 1, 256 or 128; the caller commits and waits);
@@ -277,16 +278,18 @@ __device__ __forceinline__ void mask_tile(float (&s)[kRegs], Masked masked) {
 // waiting. Why: sparse prefill has one sequence per query token, 8 tiles each at topk 512 (d512
 // h64 is our largest gap to FlashMLA, 0.77), and every token paid a Q load's latency between its
 // output stores and its first S. H200 (PERFORMANCE.md, 2026-12-02 third session): prefill d512
-// h64 -2.7%, V3.2 h128 (kRolesWide, FP8) +8.9%, not understood; =2 applies it to the tasks
-// whose tiles are cp.async copies only (kCpAsyncTiles: dense and bf16 sparse, prefill among
-// them), to time the FP8 tasks' loss apart.
+// h64 -2.7%, V3.2 h128 (kRolesWide, FP8) +8.9%, not understood. Fourth session: on the tasks
+// with cp.async tiles alone (dense, bf16 sparse, prefill) prefill d512 h64 -2.3% again, V3.2
+// unchanged (so the loss is the FP8 tasks'), dense h128 +1.7% (its Q changes every ~64 tiles, so
+// it has nothing to gain). =2 now applies it to the bf16 sparse tasks only (kCpAsyncTiles and
+// kShortSeqs: prefill and bf16 sparse decode), compile-checked, not yet measured.
 #ifndef JFM_WS_EARLY_Q
 #define JFM_WS_EARLY_Q 0
 #endif
 static_assert(JFM_WS_EARLY_Q >= 0 && JFM_WS_EARLY_Q <= 2, "JFM_WS_EARLY_Q: 0, 1 or 2");
 template <class Task>
 constexpr bool ws_early_q() {
-  return JFM_WS_EARLY_Q == 1 || (JFM_WS_EARLY_Q == 2 && Task::kCpAsyncTiles);
+  return JFM_WS_EARLY_Q == 1 || (JFM_WS_EARLY_Q == 2 && Task::kCpAsyncTiles && Task::kShortSeqs);
 }
 
 // JFM_WS_MASK_SKIP (on; =0 masks every tile, for A/B): the role split's scores warpgroup skips

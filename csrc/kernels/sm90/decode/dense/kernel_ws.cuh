@@ -25,6 +25,7 @@ struct DenseWsTask {
   static constexpr int kDqk = kDenseDqk;
   static constexpr bool kFenceAfterFull = true;
   static constexpr bool kCpAsyncTiles = true;
+  static constexpr bool kShortSeqs = false;  // a sequence is a whole context
   static constexpr uint32_t kFullCount = 256;
   static_assert(kPageBlock == kTileTokens, "one page is one tile");
 
