@@ -8,6 +8,7 @@
 
 #include <climits>
 #include <cmath>
+#include <type_traits>
 
 #include "kernels/params.h"
 #include "kernels/sm90/decode/tile_attention.cuh"
@@ -210,6 +211,9 @@ struct TokenRows {
 };
 
 // ---- FP8 tile loaders: registers for one thread's quarter of one token ------------------------
+// The width of a stage's cp.async copy (emit's copy callback; 16 or 8 bytes, an immediate in PTX).
+template <int kBytes>
+using CpBytes = std::integral_constant<int, kBytes>;
 // Thread map: token t = 8 * warp + lane % 8, quarter j = lane / 8 (a quarter-warp store phase is
 // 8 consecutive tokens with one j: distinct swizzle slots).
 struct Fp8Slot {
@@ -263,9 +267,9 @@ struct StageV32T {
   static constexpr uint32_t kThreadBytes = 576 * 2 / 4;
   // The dequantized row part, for row t of the swizzled [64 x 576] bf16 tile, as 16-byte pieces
   // at their tile offsets: put16(offset, value) (store_stage / store_stage_pair below);
-  // kRopeAsync: the RoPE chunks as copy16(offset, source, bytes) (0 bytes: zero-filled).
-  template <class Put16, class Put8, class Copy16>
-  __device__ __forceinline__ void emit(int t, Put16 put16, Put8, Copy16 copy16) const {
+  // kRopeAsync: the RoPE chunks as copy(offset, source, bytes, CpBytes<16>) (0 bytes: zero-filled).
+  template <class Put16, class Put8, class Copy>
+  __device__ __forceinline__ void emit(int t, Put16 put16, Put8, Copy copy) const {
     using S = TileSmem<576>;
     const float sc[4] = {__uint_as_float(scales.x), __uint_as_float(scales.y),
                          __uint_as_float(scales.z), __uint_as_float(scales.w)};
@@ -279,7 +283,7 @@ struct StageV32T {
     if constexpr (kRopeAsync) {
 #pragma unroll
       for (int k = 0; k < 2; ++k)
-        copy16(S::chunk_off(t, 64 + 4 * k + j_), rope_src + 64 * k, valid ? 16 : 0);
+        copy(S::chunk_off(t, 64 + 4 * k + j_), rope_src + 64 * k, valid ? 16 : 0, CpBytes<16>{});
     } else {
 #pragma unroll
       for (int k = 0; k < 2; ++k) put16(S::chunk_off(t, 64 + 4 * k + j_), rope[k]);
@@ -320,8 +324,8 @@ struct StageV32R8 {
     }
   }
   // Rows t and t + 16 of the swizzled [64 x 576] bf16 tile, as StageV32::emit.
-  template <class Put16, class Put8, class Copy16>
-  __device__ __forceinline__ void emit(int t, Put16 put16, Put8, Copy16) const {
+  template <class Put16, class Put8, class Copy>
+  __device__ __forceinline__ void emit(int t, Put16 put16, Put8, Copy) const {
     using S = TileSmem<576>;
     const int odd_first = j_ >> 2;
 #pragma unroll
@@ -352,10 +356,23 @@ struct StageV32R8 {
 // V4: per-block layout; token tt of block blk: 448 e4m3 (7 tiles of 64) + 64 bf16 RoPE at
 // blk * bs * 584 + 576 tt, 7 e8m0 scales at blk * bs * 584 + 576 bs + 8 tt. Only 8-byte alignment
 // is guaranteed (584 * bs need not be a multiple of 16), so the loads are 8 bytes wide.
-struct StageV4 {
+// kRopeAsync (JFM_V4_ROPE_ASYNC, kernel_ws.cuh): as StageV32T's, the RoPE bytes go to the tile by
+// cp.async, 16 bytes at a time where the row is read 16 at a time (wide), else 8.
+// The RoPE bytes' address of a kRopeAsync stage (inside the pool when the row is invalid); an
+// empty base otherwise, so the register path's stage is the struct it was (a member there, even
+// unused, moved the V4 kernels' SASS).
+template <bool kRopeAsync>
+struct RopeSrc {
+  const uint8_t* rope_src;
+};
+template <>
+struct RopeSrc<false> {};
+
+template <bool kRopeAsync = false>
+struct StageV4T : RopeSrc<kRopeAsync> {
   uint2 nope[14];  // 8-byte pieces of the NoPE bytes: piece(k) (below)
   uint2 scales;    // 7 e8m0 exponents + pad
-  uint2 rope[4];   // 8-byte pieces of the RoPE bytes (4 bf16 each): piece(k)
+  uint2 rope[4];   // 8-byte pieces of the RoPE bytes (4 bf16 each): piece(k) (!kRopeAsync)
   bool valid;
   bool wide;       // this row was read 16 bytes at a time (SparsePool::load16)
   int j_;
@@ -382,18 +399,23 @@ struct StageV4 {
         nope[2 * k] = make_uint2(v.x, v.y);
         nope[2 * k + 1] = make_uint2(v.z, v.w);
       }
+      if constexpr (!kRopeAsync) {
 #pragma unroll
-      for (int k = 0; k < 2; ++k) {
-        const uint4 v = valid ? ld_nc_16<kHint>(rec + 448 + 16 * (4 * k + j_)) : make_uint4(0, 0, 0, 0);
-        rope[2 * k] = make_uint2(v.x, v.y);
-        rope[2 * k + 1] = make_uint2(v.z, v.w);
+        for (int k = 0; k < 2; ++k) {
+          const uint4 v = valid ? ld_nc_16<kHint>(rec + 448 + 16 * (4 * k + j_)) : make_uint4(0, 0, 0, 0);
+          rope[2 * k] = make_uint2(v.x, v.y);
+          rope[2 * k + 1] = make_uint2(v.z, v.w);
+        }
       }
     } else {
 #pragma unroll
       for (int k = 0; k < 14; ++k) nope[k] = valid ? ld_nc_8<kHint>(rec + 8 * (4 * k + j_)) : make_uint2(0, 0);
+      if constexpr (!kRopeAsync) {
 #pragma unroll
-      for (int k = 0; k < 4; ++k) rope[k] = valid ? ld_nc_8<kHint>(rec + 448 + 8 * (4 * k + j_)) : make_uint2(0, 0);
+        for (int k = 0; k < 4; ++k) rope[k] = valid ? ld_nc_8<kHint>(rec + 448 + 8 * (4 * k + j_)) : make_uint2(0, 0);
+      }
     }
+    if constexpr (kRopeAsync) this->rope_src = rec + 448 + (wide ? 16 : 8) * j_;
     scales = valid ? ld_nc_8<kHint>(block + 576 * static_cast<int64_t>(pool.block_size) + 8 * tt) : make_uint2(0, 0);
   }
   // Asks L2 for row `row`'s record (576 bytes, only 8-byte aligned) and scales ahead of its
@@ -421,9 +443,9 @@ struct StageV4 {
     }
   }
   static constexpr uint32_t kThreadBytes = 512 * 2 / 4;
-  // As StageV32::emit; put8 for the 8-byte RoPE pieces.
-  template <class Put16, class Put8, class Copy16>
-  __device__ __forceinline__ void emit(int t, Put16 put16, Put8 put8, Copy16) const {
+  // As StageV32T::emit; put8 for the 8-byte RoPE pieces (kRopeAsync: copies of 16 or 8 bytes).
+  template <class Put16, class Put8, class Copy>
+  __device__ __forceinline__ void emit(int t, Put16 put16, Put8 put8, Copy copy) const {
     using S = TileSmem<512>;
 #pragma unroll
     for (int k = 0; k < 14; ++k) {
@@ -433,13 +455,30 @@ struct StageV4 {
       const float s = __uint_as_float(e << 23);  // 2 ** (e - 127)
       put16(S::chunk_off(t, c), fp8x8_to_bf16x8(nope[k], s));
     }
+    if constexpr (kRopeAsync) {
+      if (wide) {  // RoPE chunks 4 k + j (8 bf16 each) = pieces piece(2 k), piece(2 k + 1)
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int q = piece(k);              // bf16 RoPE values [448 + 4 q, +4)
-      put8(S::chunk_off(t, 56 + (q >> 1)) + (q & 1) * 8, rope[k]);
+        for (int k = 0; k < 2; ++k)
+          copy(S::chunk_off(t, 56 + 4 * k + j_), this->rope_src + 64 * k, valid ? 16 : 0,
+               CpBytes<16>{});
+      } else {     // RoPE pieces 4 k + j (4 bf16 each)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const int q = 4 * k + j_;
+          copy(S::chunk_off(t, 56 + (q >> 1)) + (q & 1) * 8, this->rope_src + 32 * k, valid ? 8 : 0,
+               CpBytes<8>{});
+        }
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int q = piece(k);              // bf16 RoPE values [448 + 4 q, +4)
+        put8(S::chunk_off(t, 56 + (q >> 1)) + (q & 1) * 8, rope[k]);
+      }
     }
   }
 };
+using StageV4 = StageV4T<false>;
 
 // Dequantizes a stage (StageV32 / StageV4) into row t of the bf16 tile at `tile` (a
 // kRopeAsync stage's RoPE chunks by cp.async: the caller's full barrier counts them).
@@ -447,7 +486,10 @@ template <class Stage>
 __device__ __forceinline__ void store_stage(const Stage& st, uint32_t tile, int t) {
   st.emit(t, [&](uint32_t off, uint4 v) { st_shared_16(tile + off, v); },
           [&](uint32_t off, uint2 v) { st_shared_8(tile + off, v); },
-          [&](uint32_t off, const uint8_t* src, int bytes) { cp_async_16(tile + off, src, bytes); });
+          [&](uint32_t off, const uint8_t* src, int bytes, auto width) {
+            if constexpr (decltype(width)::value == 16) cp_async_16(tile + off, src, bytes);
+            else cp_async_8(tile + off, src, bytes);
+          });
 }
 // The same into this CTA's tile and, by st.async counted on the peer's barrier `peer_bar`, the
 // peer's copy at `peer_tile` (CTA pairs: ws_pipeline.cuh).
@@ -463,8 +505,8 @@ __device__ __forceinline__ void store_stage_pair(const Stage& st, uint32_t tile,
             st_shared_8(tile + off, v);
             st_async_8(peer_tile + off, v, peer_bar);
           },
-          [](uint32_t, auto src, int) {  // instantiated only by a kRopeAsync stage
-            static_assert(sizeof(src) == 0, "no cp.async into the peer: the pair keeps StageV32");
+          [](uint32_t, auto src, int, auto) {  // instantiated only by a kRopeAsync stage
+            static_assert(sizeof(src) == 0, "no cp.async into the peer: the pair keeps the register path");
           });
 }
 

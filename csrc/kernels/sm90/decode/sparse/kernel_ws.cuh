@@ -69,11 +69,11 @@ constexpr bool kPipelinedFp8Fetch = JFM_PIPELINED_FP8_FETCH != 0;
 #define JFM_FP8_L2_PREFETCH_WIDE 0
 #endif
 constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
-// JFM_V32_ROPE_ASYNC (on; =0 builds the register path for A/B): V3.2's producers copy each token's 128 RoPE
-// bytes (already bf16) into the tile by cp.async (StageV32T<true>, counted on the full barrier by
-// cp.async.mbarrier.arrive.noinc, so the math warps fence after their full wait) instead of
-// loading them into registers and storing them: per thread and quarter token 2 LDGSTS for 2 LDG
-// + 2 STS of the producer's 29 LSU instructions, and 8 registers fewer per round. Why: ncu of V3.2
+// JFM_V32_ROPE_ASYNC (on; =0 builds the register path for A/B): V3.2's producers copy each
+// token's 128 RoPE bytes (already bf16) into the tile by cp.async (StageV32T<true>, counted on the
+// full barrier by cp.async.mbarrier.arrive.noinc, so the math warps fence after their full wait)
+// instead of loading them into registers and storing them: per thread and quarter token 2 LDGSTS
+// for 2 LDG + 2 STS of the producer's 29 LSU instructions, and 8 registers fewer per round. Why: ncu of V3.2
 // h128 (2026-12-01) found the producer on the critical path, waiting on its loads' acceptance
 // with the L1 pipe 78% busy; the FP8 h128 tile costs ~6000 clocks against dense's ~4000 with the
 // same math. The CTA pair keeps the register path (no cp.async into the peer) and arrives twice.
@@ -82,12 +82,21 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 #ifndef JFM_V32_ROPE_ASYNC
 #define JFM_V32_ROPE_ASYNC 1
 #endif
+// JFM_V4_ROPE_ASYNC (a compile-time candidate, off): the same for V4's producers (StageV4T<true>):
+// the 128 RoPE bytes of a token by two 16-byte copies per thread where its rows are read 16
+// bytes at a time (SparsePool::load16), else four 8-byte ones; the CTA pair keeps the register
+// path. Why: the V3.2 copies bought 5.6-10% at 16-128 heads (2026-12-02), more than their share of
+// the producer's instructions; V4's producer moves the same 128 RoPE bytes per token.
+#ifndef JFM_V4_ROPE_ASYNC
+#define JFM_V4_ROPE_ASYNC 0
+#endif
 template <KvFormat kFmt, int kDqk_>
 struct SparseWsTask {
   using T = bf16;
   static constexpr int kDqk = kDqk_;
   static constexpr bool kFp8 = kFmt != KvFormat::kBf16;
-  static constexpr bool kRopeAsync = JFM_V32_ROPE_ASYNC != 0 && kFmt == KvFormat::kFp8V32;
+  static constexpr bool kRopeAsync = (JFM_V32_ROPE_ASYNC != 0 && kFmt == KvFormat::kFp8V32) ||
+                                     (JFM_V4_ROPE_ASYNC != 0 && kFmt == KvFormat::kFp8V4);
   static constexpr bool kCpAsyncTiles = !kFp8;  // the tiles are cp.async copies of bf16 rows
   static constexpr bool kShortSeqs = true;       // one query token's top-k
   static constexpr bool kFenceAfterFull = !kFp8 || kRopeAsync;
@@ -198,7 +207,8 @@ struct SparseWsTask {
     static_assert(!(kRow8 && kRopeAsync), "JFM_V32_ROW8 with JFM_V32_ROPE_ASYNC: not written");
     using Stage = std::conditional_t<
         kRow8, StageV32R8,
-        std::conditional_t<kRopeAsync && !kPair, StageV32T<true>,
+        std::conditional_t<kRopeAsync && !kPair,
+                           std::conditional_t<kFmt == KvFormat::kFp8V4, StageV4T<true>, StageV32T<true>>,
                            typename Fp8Stage<kFmt == KvFormat::kBf16 ? KvFormat::kFp8V32 : kFmt>::type>>;
     // kRopeAsync: the second of the full barrier's two arrivals per thread, after its first: when
     // this thread's cp.async copies (the RoPE chunks) have landed; the pair's producer, which
