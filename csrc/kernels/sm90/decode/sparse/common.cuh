@@ -447,15 +447,7 @@ struct StageV4T : RopeSrc<kRopeAsync> {
   template <class Put16, class Put8, class Copy>
   __device__ __forceinline__ void emit(int t, Put16 put16, Put8 put8, Copy copy) const {
     using S = TileSmem<512>;
-#pragma unroll
-    for (int k = 0; k < 14; ++k) {
-      const int c = piece(k);              // fp8 values [8 c, +8) = bf16 chunk c
-      const int tile_idx = k >> 1;         // (8 c) / 64
-      const uint32_t e = ((tile_idx < 4 ? scales.x >> (8 * tile_idx) : scales.y >> (8 * (tile_idx - 4)))) & 0xffu;
-      const float s = __uint_as_float(e << 23);  // 2 ** (e - 127)
-      put16(S::chunk_off(t, c), fp8x8_to_bf16x8(nope[k], s));
-    }
-    if constexpr (kRopeAsync) {
+    if constexpr (kRopeAsync) {  // first: the copies' address is dead before the dequantization
       if (wide) {  // RoPE chunks 4 k + j (8 bf16 each) = pieces piece(2 k), piece(2 k + 1)
 #pragma unroll
         for (int k = 0; k < 2; ++k)
@@ -469,7 +461,16 @@ struct StageV4T : RopeSrc<kRopeAsync> {
                CpBytes<8>{});
         }
       }
-    } else {
+    }
+#pragma unroll
+    for (int k = 0; k < 14; ++k) {
+      const int c = piece(k);              // fp8 values [8 c, +8) = bf16 chunk c
+      const int tile_idx = k >> 1;         // (8 c) / 64
+      const uint32_t e = ((tile_idx < 4 ? scales.x >> (8 * tile_idx) : scales.y >> (8 * (tile_idx - 4)))) & 0xffu;
+      const float s = __uint_as_float(e << 23);  // 2 ** (e - 127)
+      put16(S::chunk_off(t, c), fp8x8_to_bf16x8(nope[k], s));
+    }
+    if constexpr (!kRopeAsync) {
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         const int q = piece(k);              // bf16 RoPE values [448 + 4 q, +4)
