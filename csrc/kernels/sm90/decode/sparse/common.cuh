@@ -263,7 +263,7 @@ struct StageV32T {
       prefetch_l2_lines<656>(tok, lane);
     }
   }
-  // Bytes one thread's row part is (what store_stage_pair sends the peer): a quarter of a bf16 row.
+  // Bytes one thread's row part is: a quarter of a bf16 row (kPutBytes of them put, the rest copied).
   static constexpr uint32_t kThreadBytes = 576 * 2 / 4;
   // The dequantized row part, for row t of the swizzled [64 x 576] bf16 tile, as 16-byte pieces
   // at their tile offsets: put16(offset, value) (store_stage / store_stage_pair below);
@@ -281,14 +281,28 @@ struct StageV32T {
       put16(S::chunk_off(t, 2 * c + 1), fp8x8_to_bf16x8(make_uint2(nope[k].z, nope[k].w), s));
     }
     if constexpr (kRopeAsync) {
-#pragma unroll
-      for (int k = 0; k < 2; ++k)
-        copy(S::chunk_off(t, 64 + 4 * k + j_), rope_src + 64 * k, valid ? 16 : 0, CpBytes<16>{});
+      emit_rope(t, copy);
     } else {
 #pragma unroll
       for (int k = 0; k < 2; ++k) put16(S::chunk_off(t, 64 + 4 * k + j_), rope[k]);
     }
   }
+  // kRopeAsync: the RoPE chunks of row t alone (emit's copies; the CTA pair also copies the
+  // peer's round's RoPE this way, after fetch_rope).
+  template <class Copy>
+  __device__ __forceinline__ void emit_rope(int t, Copy copy) const {
+    using S = TileSmem<576>;
+#pragma unroll
+    for (int k = 0; k < 2; ++k)
+      copy(S::chunk_off(t, 64 + 4 * k + j_), rope_src + 64 * k, valid ? 16 : 0, CpBytes<16>{});
+  }
+  __device__ __forceinline__ void fetch_rope(const SparsePool& pool, int64_t row) {
+    valid = row >= 0;
+    rope_src = pool.data + (valid ? row : 0) * 656 + 528 + 16 * j_;
+  }
+  // The bytes one thread's put16 / put8 store (what the pair sends the peer): its quarter of the
+  // row, less the RoPE chunks when they are copied.
+  static constexpr uint32_t kPutBytes = kThreadBytes - (kRopeAsync ? 32 : 0);
   int j_;
 };
 using StageV32 = StageV32T<false>;
@@ -447,21 +461,8 @@ struct StageV4T : RopeSrc<kRopeAsync> {
   template <class Put16, class Put8, class Copy>
   __device__ __forceinline__ void emit(int t, Put16 put16, Put8 put8, Copy copy) const {
     using S = TileSmem<512>;
-    if constexpr (kRopeAsync) {  // first: the copies' address is dead before the dequantization
-      if (wide) {  // RoPE chunks 4 k + j (8 bf16 each) = pieces piece(2 k), piece(2 k + 1)
-#pragma unroll
-        for (int k = 0; k < 2; ++k)
-          copy(S::chunk_off(t, 56 + 4 * k + j_), this->rope_src + 64 * k, valid ? 16 : 0,
-               CpBytes<16>{});
-      } else {     // RoPE pieces 4 k + j (4 bf16 each)
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const int q = 4 * k + j_;
-          copy(S::chunk_off(t, 56 + (q >> 1)) + (q & 1) * 8, this->rope_src + 32 * k, valid ? 8 : 0,
-               CpBytes<8>{});
-        }
-      }
-    }
+    // First: the copies' address is dead before the dequantization (32 -> 4 bytes of spill).
+    if constexpr (kRopeAsync) emit_rope(t, copy);
 #pragma unroll
     for (int k = 0; k < 14; ++k) {
       const int c = piece(k);              // fp8 values [8 c, +8) = bf16 chunk c
@@ -478,22 +479,55 @@ struct StageV4T : RopeSrc<kRopeAsync> {
       }
     }
   }
+  // kRopeAsync: the RoPE bytes of row t alone, as StageV32T::emit_rope.
+  template <class Copy>
+  __device__ __forceinline__ void emit_rope(int t, Copy copy) const {
+    using S = TileSmem<512>;
+    if (wide) {  // RoPE chunks 4 k + j (8 bf16 each) = pieces piece(2 k), piece(2 k + 1)
+#pragma unroll
+      for (int k = 0; k < 2; ++k)
+        copy(S::chunk_off(t, 56 + 4 * k + j_), this->rope_src + 64 * k, valid ? 16 : 0,
+             CpBytes<16>{});
+    } else {     // RoPE pieces 4 k + j (4 bf16 each)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int q = 4 * k + j_;
+        copy(S::chunk_off(t, 56 + (q >> 1)) + (q & 1) * 8, this->rope_src + 32 * k, valid ? 8 : 0,
+             CpBytes<8>{});
+      }
+    }
+  }
+  __device__ __forceinline__ void fetch_rope(const SparsePool& pool, int64_t row) {
+    valid = row >= 0;
+    wide = pool.load16;
+    const int64_t r = valid ? row : 0;
+    const int64_t blk = r / pool.block_size, tt = r - blk * pool.block_size;
+    this->rope_src = pool.data + blk * pool.block_size * 584 + 576 * tt + 448 + (wide ? 16 : 8) * j_;
+  }
+  static constexpr uint32_t kPutBytes = kThreadBytes - (kRopeAsync ? 32 : 0);  // as StageV32T's
 };
 using StageV4 = StageV4T<false>;
+
+// A stage's copy callback: cp.async of `bytes` (0: zero-fill) into the tile at `tile` + off.
+struct CpAsyncInto {
+  uint32_t tile;
+  template <class Width>
+  __device__ __forceinline__ void operator()(uint32_t off, const uint8_t* src, int bytes, Width) const {
+    if constexpr (Width::value == 16) cp_async_16(tile + off, src, bytes);
+    else cp_async_8(tile + off, src, bytes);
+  }
+};
 
 // Dequantizes a stage (StageV32 / StageV4) into row t of the bf16 tile at `tile` (a
 // kRopeAsync stage's RoPE chunks by cp.async: the caller's full barrier counts them).
 template <class Stage>
 __device__ __forceinline__ void store_stage(const Stage& st, uint32_t tile, int t) {
   st.emit(t, [&](uint32_t off, uint4 v) { st_shared_16(tile + off, v); },
-          [&](uint32_t off, uint2 v) { st_shared_8(tile + off, v); },
-          [&](uint32_t off, const uint8_t* src, int bytes, auto width) {
-            if constexpr (decltype(width)::value == 16) cp_async_16(tile + off, src, bytes);
-            else cp_async_8(tile + off, src, bytes);
-          });
+          [&](uint32_t off, uint2 v) { st_shared_8(tile + off, v); }, CpAsyncInto{tile});
 }
 // The same into this CTA's tile and, by st.async counted on the peer's barrier `peer_bar`, the
-// peer's copy at `peer_tile` (CTA pairs: ws_pipeline.cuh).
+// peer's copy at `peer_tile` (CTA pairs: ws_pipeline.cuh). A kRopeAsync stage's RoPE copies land
+// in this CTA's tile only: each CTA of the pair copies both rounds' RoPE (emit_rope).
 template <class Stage>
 __device__ __forceinline__ void store_stage_pair(const Stage& st, uint32_t tile, uint32_t peer_tile,
                                                  uint32_t peer_bar, int t) {
@@ -506,9 +540,7 @@ __device__ __forceinline__ void store_stage_pair(const Stage& st, uint32_t tile,
             st_shared_8(tile + off, v);
             st_async_8(peer_tile + off, v, peer_bar);
           },
-          [](uint32_t, auto src, int, auto) {  // instantiated only by a kRopeAsync stage
-            static_assert(sizeof(src) == 0, "no cp.async into the peer: the pair keeps the register path");
-          });
+          CpAsyncInto{tile});
 }
 
 template <KvFormat kFmt>
