@@ -367,11 +367,6 @@ struct StageV32R8 {
   }
 };
 
-// V4: per-block layout; token tt of block blk: 448 e4m3 (7 tiles of 64) + 64 bf16 RoPE at
-// blk * bs * 584 + 576 tt, 7 e8m0 scales at blk * bs * 584 + 576 bs + 8 tt. Only 8-byte alignment
-// is guaranteed (584 * bs need not be a multiple of 16), so the loads are 8 bytes wide.
-// kRopeAsync (JFM_V4_ROPE_ASYNC, kernel_ws.cuh): as StageV32T's, the RoPE bytes go to the tile by
-// cp.async, 16 bytes at a time where the row is read 16 at a time (wide), else 8.
 // The RoPE bytes' address of a kRopeAsync stage (inside the pool when the row is invalid); an
 // empty base otherwise, so the register path's stage is the struct it was (a member there, even
 // unused, moved the V4 kernels' SASS).
@@ -382,6 +377,11 @@ struct RopeSrc {
 template <>
 struct RopeSrc<false> {};
 
+// V4: per-block layout; token tt of block blk: 448 e4m3 (7 tiles of 64) + 64 bf16 RoPE at
+// blk * bs * 584 + 576 tt, 7 e8m0 scales at blk * bs * 584 + 576 bs + 8 tt. Only 8-byte alignment
+// is guaranteed (584 * bs need not be a multiple of 16), so the loads are 8 bytes wide.
+// kRopeAsync (JFM_V4_ROPE_ASYNC, kernel_ws.cuh): as StageV32T's, the RoPE bytes go to the tile by
+// cp.async, 16 bytes at a time where the row is read 16 at a time (wide), else 8.
 template <bool kRopeAsync = false>
 struct StageV4T : RopeSrc<kRopeAsync> {
   uint2 nope[14];  // 8-byte pieces of the NoPE bytes: piece(k) (below)

@@ -73,10 +73,11 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 // token's 128 RoPE bytes (already bf16) into the tile by cp.async (StageV32T<true>, counted on the
 // full barrier by cp.async.mbarrier.arrive.noinc, so the math warps fence after their full wait)
 // instead of loading them into registers and storing them: per thread and quarter token 2 LDGSTS
-// for 2 LDG + 2 STS of the producer's 29 LSU instructions, and 8 registers fewer per round. Why: ncu of V3.2
-// h128 (2026-12-01) found the producer on the critical path, waiting on its loads' acceptance
-// with the L1 pipe 78% busy; the FP8 h128 tile costs ~6000 clocks against dense's ~4000 with the
-// same math. The CTA pair keeps the register path (no cp.async into the peer) and arrives twice.
+// for 2 LDG + 2 STS of the producer's 29 LSU instructions, and 8 registers fewer per round. Why:
+// ncu of V3.2 h128 (2026-12-01) found the producer on the critical path, waiting on its loads'
+// acceptance with the L1 pipe 78% busy; the FP8 h128 tile costs ~6000 clocks against dense's
+// ~4000 with the same math. The CTA pair keeps the register path (no cp.async into the peer) and
+// arrives twice, unless JFM_PAIR_ROPE_ASYNC (below).
 // Measured (H200, 2026-12-02, profiler): V3.2 h128 b64 s_q 2 on a 1M-token pool 207.5 -> 195.8 us
 // (kRolesWide), h16 b64 50.6 -> 47.4 (kTransposed16), the CTA pair unchanged.
 #ifndef JFM_V32_ROPE_ASYNC
@@ -84,8 +85,7 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 #endif
 // JFM_V4_ROPE_ASYNC (a compile-time candidate, off): the same for V4's producers (StageV4T<true>):
 // the 128 RoPE bytes of a token by two 16-byte copies per thread where its rows are read 16
-// bytes at a time (SparsePool::load16), else four 8-byte ones; the CTA pair keeps the register
-// path. Why: the V3.2 copies bought 5.6-10% at 16-128 heads (2026-12-02), more than their share of
+// bytes at a time (SparsePool::load16), else four 8-byte ones; the CTA pair as for V3.2. Why: the V3.2 copies bought 5.6-10% at 16-128 heads (2026-12-02), more than their share of
 // the producer's instructions; V4's producer moves the same 128 RoPE bytes per token.
 #ifndef JFM_V4_ROPE_ASYNC
 #define JFM_V4_ROPE_ASYNC 0
@@ -235,8 +235,8 @@ struct SparseWsTask {
                            std::conditional_t<kFmt == KvFormat::kFp8V4, StageV4T<true>, StageV32T<true>>,
                            typename Fp8Stage<kFmt == KvFormat::kBf16 ? KvFormat::kFp8V32 : kFmt>::type>>;
     // kRopeAsync: the second of the full barrier's two arrivals per thread, after its first: when
-    // this thread's cp.async copies (the RoPE chunks) have landed; the pair's producer, which
-    // stores them, arrives a second time at once.
+    // this thread's cp.async copies (the RoPE chunks) have landed; a producer whose stages store
+    // them (the pair's, without JFM_PAIR_ROPE_ASYNC) arrives a second time at once.
     auto arrive_rope = [&](const auto& fill) {
       if constexpr (kRopeAsync) {
         if constexpr (!kStageRopeAsync) mbarrier_arrive(fill.full);
