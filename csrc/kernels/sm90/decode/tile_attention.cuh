@@ -127,10 +127,8 @@ __device__ __forceinline__ void load_tile_rows(uint32_t dst, int tid, const T* b
     const bool ok = row != nullptr;
     const T* src = ok ? row + lq * 8 : base;  // (base + 64 j: never read, src-size 0)
 #pragma unroll
-    for (int j = 0; j < S::kKBlocks; ++j) {
-      const uint32_t d = dst + j * S::kBlockBytes + h * kPassRows * 128 + off;
-      cp_async_16(d, src + 64 * j, ok ? 16 : 0);
-    }
+    for (int j = 0; j < S::kKBlocks; ++j)
+      cp_async_16(dst + j * S::kBlockBytes + h * kPassRows * 128 + off, src + 64 * j, ok ? 16 : 0);
   }
 }
 

@@ -271,25 +271,24 @@ __device__ __forceinline__ void mask_tile(float (&s)[kRegs], Masked masked) {
   }
 }
 
-// JFM_WS_EARLY_Q (a compile-time candidate, off): in the role split only the scores warpgroup
-// reads Q, so it alone loads it (128 threads), and it issues the next sequence's Q copies as soon
-// as the last S of the current one has completed: they land under that tile's softmax and P V,
-// the rows' totals and the output stores, instead of after them with both math warpgroups
-// waiting. Why: sparse prefill has one sequence per query token, 8 tiles each at topk 512 (d512
-// h64 is our largest gap to FlashMLA, 0.77), and every token paid a Q load's latency between its
-// output stores and its first S. H200 (PERFORMANCE.md, 2026-12-02 third session): prefill d512
-// h64 -2.7%, V3.2 h128 (kRolesWide, FP8) +8.9%, not understood. Fourth session: on the tasks
-// with cp.async tiles alone (dense, bf16 sparse, prefill) prefill d512 h64 -2.3% again, V3.2
-// unchanged (so the loss is the FP8 tasks'), dense h128 +1.7% (its Q changes every ~64 tiles, so
-// it has nothing to gain). =2 now applies it to the bf16 sparse tasks only (kCpAsyncTiles and
-// kShortSeqs: prefill and bf16 sparse decode), compile-checked, not yet measured.
+// JFM_WS_EARLY_Q (a compile-time candidate, off): in the role split of the bf16 sparse tasks
+// (kCpAsyncTiles and kShortSeqs: prefill, bf16 sparse decode) only the scores warpgroup reads Q,
+// so it alone loads it (128 threads), and it issues the next sequence's Q copies as soon as the
+// last S of the current one has completed: they land under that tile's softmax and P V, the
+// rows' totals and the output stores, instead of after them with both math warpgroups waiting.
+// Why: sparse prefill has one sequence per query token, 8 tiles each at topk 512 (d512 h64 is our
+// largest gap to FlashMLA, 0.77), and every token paid a Q load's latency between its output
+// stores and its first S. H200 (PERFORMANCE.md, 2026-12-02 third and fourth sessions): prefill
+// d512 h64 -1.7 to -2.7% three times; applied to every task it cost V3.2 h128 (FP8) 5-9%, not
+// understood, and dense h128 1.4-1.7% (its Q changes every ~64 tiles): those forms are gone.
+// This form's dense object is the default's and its bf16 sparse objects are the measured ones';
+// not yet measured as such.
 #ifndef JFM_WS_EARLY_Q
 #define JFM_WS_EARLY_Q 0
 #endif
-static_assert(JFM_WS_EARLY_Q >= 0 && JFM_WS_EARLY_Q <= 2, "JFM_WS_EARLY_Q: 0, 1 or 2");
 template <class Task>
 constexpr bool ws_early_q() {
-  return JFM_WS_EARLY_Q == 1 || (JFM_WS_EARLY_Q == 2 && Task::kCpAsyncTiles && Task::kShortSeqs);
+  return JFM_WS_EARLY_Q != 0 && Task::kCpAsyncTiles && Task::kShortSeqs;
 }
 
 // JFM_WS_MASK_SKIP (on; =0 masks every tile, for A/B): the role split's scores warpgroup skips

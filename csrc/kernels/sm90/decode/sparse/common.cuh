@@ -225,15 +225,28 @@ struct Fp8Slot {
       : t(((tid >> 5) << 2) | ((tid >> 3) & 3)), j(tid & 7) {}
 };
 
+// The RoPE bytes' address of a kRopeAsync StageV4T (inside the pool when the row is invalid); an
+// empty base otherwise: the register path's stage carries no such member (one, even unused,
+// moved the V4 kernels' SASS).
+template <bool kRopeAsync>
+struct RopeSrc {
+  const uint8_t* rope_src;
+};
+template <>
+struct RopeSrc<false> {};
+
 // V3.2: 656-byte tokens (512 e4m3 in 4 tiles of 128 | 4 float32 scales | 64 bf16 RoPE).
 // kRopeAsync (JFM_V32_ROPE_ASYNC, kernel_ws.cuh): the RoPE chunks, already bf16, go to the tile
-// by cp.async (emit's copy16) instead of through registers; the stage keeps their address.
+// by cp.async (emit's copy) instead of through registers; the stage keeps their address.
 template <bool kRopeAsync = false>
 struct StageV32T {
   uint4 nope[8];   // 16-byte chunks 4k + j of the NoPE bytes
   uint4 scales;    // the 4 float32 scales
   uint4 rope[2];   // RoPE chunks j and 4 + j (!kRopeAsync)
-  const uint8_t* rope_src;  // RoPE chunk j's address (kRopeAsync; inside the pool when !valid)
+  // RoPE chunk j's address (kRopeAsync; inside the pool when !valid). A plain member, also in the
+  // register path's stage: moving it into RopeSrc changed every V3.2 kernel's SASS (2026-12-02,
+  // not yet checked on a GPU), where for V4 the member was new and RopeSrc kept the SASS.
+  const uint8_t* rope_src;
   bool valid;
 
   template <bool kHint = false>
@@ -263,8 +276,6 @@ struct StageV32T {
       prefetch_l2_lines<656>(tok, lane);
     }
   }
-  // Bytes one thread's row part is: a quarter of a bf16 row (kPutBytes of them put, the rest copied).
-  static constexpr uint32_t kThreadBytes = 576 * 2 / 4;
   // The dequantized row part, for row t of the swizzled [64 x 576] bf16 tile, as 16-byte pieces
   // at their tile offsets: put16(offset, value) (store_stage / store_stage_pair below);
   // kRopeAsync: the RoPE chunks as copy(offset, source, bytes, CpBytes<16>) (0 bytes: zero-filled).
@@ -301,8 +312,8 @@ struct StageV32T {
     rope_src = pool.data + (valid ? row : 0) * 656 + 528 + 16 * j_;
   }
   // The bytes one thread's put16 / put8 store (what the pair sends the peer): its quarter of the
-  // row, less the RoPE chunks when they are copied.
-  static constexpr uint32_t kPutBytes = kThreadBytes - (kRopeAsync ? 32 : 0);
+  // bf16 row, less the RoPE chunks when they are copied.
+  static constexpr uint32_t kPutBytes = 576 * 2 / 4 - (kRopeAsync ? 32 : 0);
   int j_;
 };
 using StageV32 = StageV32T<false>;
@@ -366,16 +377,6 @@ struct StageV32R8 {
     }
   }
 };
-
-// The RoPE bytes' address of a kRopeAsync stage (inside the pool when the row is invalid); an
-// empty base otherwise, so the register path's stage is the struct it was (a member there, even
-// unused, moved the V4 kernels' SASS).
-template <bool kRopeAsync>
-struct RopeSrc {
-  const uint8_t* rope_src;
-};
-template <>
-struct RopeSrc<false> {};
 
 // V4: per-block layout; token tt of block blk: 448 e4m3 (7 tiles of 64) + 64 bf16 RoPE at
 // blk * bs * 584 + 576 tt, 7 e8m0 scales at blk * bs * 584 + 576 bs + 8 tt. Only 8-byte alignment
@@ -456,7 +457,6 @@ struct StageV4T : RopeSrc<kRopeAsync> {
       if (lane == 3) prefetch_l2(scale);
     }
   }
-  static constexpr uint32_t kThreadBytes = 512 * 2 / 4;
   // As StageV32T::emit; put8 for the 8-byte RoPE pieces (kRopeAsync: copies of 16 or 8 bytes).
   template <class Put16, class Put8, class Copy>
   __device__ __forceinline__ void emit(int t, Put16 put16, Put8 put8, Copy copy) const {
@@ -504,7 +504,7 @@ struct StageV4T : RopeSrc<kRopeAsync> {
     const int64_t blk = r / pool.block_size, tt = r - blk * pool.block_size;
     this->rope_src = pool.data + blk * pool.block_size * 584 + 576 * tt + 448 + (wide ? 16 : 8) * j_;
   }
-  static constexpr uint32_t kPutBytes = kThreadBytes - (kRopeAsync ? 32 : 0);  // as StageV32T's
+  static constexpr uint32_t kPutBytes = 512 * 2 / 4 - (kRopeAsync ? 32 : 0);  // as StageV32T's
 };
 using StageV4 = StageV4T<false>;
 
