@@ -93,16 +93,18 @@ __global__ void __launch_bounds__(128) combine_cta_kernel(const CombineParams p)
 
 constexpr int kWarpRows = 8;  // rows per CTA of combine_warp_kernel, one warp each
 
-// JFM_COMBINE_EARLY (a compile-time candidate, off): the warp combine issues its first two
+// JFM_COMBINE_EARLY (on; =0 for A/B): the warp combine issues its first two
 // splits' partial rows (every split row has at least two) together with the lse loads, instead of
 // after the lse max and sum, and the slot-walk grid finds its sequence before pdl_wait instead of
 // after it (num_splits is the scheduler's, complete before the attention kernel started). Why:
 // after the attention grid ends, each combine CTA ran a chain of ~5 dependent global round trips
 // (num_splits search, lse, partial rows) at ~2.7 CTAs per SM slot; dense b128 h128 4K's combine
 // tail measured ~16 us against upstream's 12.6 (2026-12-02). The FMAs keep their order, so the
-// result stays bitwise equal to combine_cta_kernel's.
+// result stays bitwise equal to combine_cta_kernel's. Measured (H200, 2026-12-02 fifth session,
+// profiler span of 10 calls): dense h128 b128 4K 2879 -> 2858 us (-0.7%; the combine 28.3 ->
+// 26.8 us), V4 h128 b128 643.7 -> 635.8 (-1.2%), V4 h64 b64 unchanged.
 #ifndef JFM_COMBINE_EARLY
-#define JFM_COMBINE_EARLY 0
+#define JFM_COMBINE_EARLY 1
 #endif
 constexpr bool kCombineEarly = JFM_COMBINE_EARLY != 0;
 

@@ -271,7 +271,7 @@ __device__ __forceinline__ void mask_tile(float (&s)[kRegs], Masked masked) {
   }
 }
 
-// JFM_WS_EARLY_Q (a compile-time candidate, off): in the role split of the bf16 sparse tasks
+// JFM_WS_EARLY_Q (on; =0 loads Q after the outputs, for A/B): in the role split of the bf16 sparse tasks
 // (kCpAsyncTiles and kShortSeqs: prefill, bf16 sparse decode) only the scores warpgroup reads Q,
 // so it alone loads it (128 threads), and it issues the next sequence's Q copies as soon as the
 // last S of the current one has completed: they land under that tile's softmax and P V, the
@@ -281,10 +281,10 @@ __device__ __forceinline__ void mask_tile(float (&s)[kRegs], Masked masked) {
 // stores and its first S. H200 (PERFORMANCE.md, 2026-12-02 third and fourth sessions): prefill
 // d512 h64 -1.7 to -2.7% three times; applied to every task it cost V3.2 h128 (FP8) 5-9%, not
 // understood, and dense h128 1.4-1.7% (its Q changes every ~64 tiles): those forms are gone.
-// This form's dense object is the default's and its bf16 sparse objects are the measured ones';
-// not yet measured as such.
+// This form (fifth session, profiler, each build in its own process): prefill d512 h64 s_q 4096
+// topk 512 636.2 -> 614.7 us (-3.4%); dense and V4 unchanged (their objects are the same).
 #ifndef JFM_WS_EARLY_Q
-#define JFM_WS_EARLY_Q 0
+#define JFM_WS_EARLY_Q 1
 #endif
 template <class Task>
 constexpr bool ws_early_q() {

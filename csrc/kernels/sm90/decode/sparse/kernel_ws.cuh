@@ -83,33 +83,27 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 #ifndef JFM_V32_ROPE_ASYNC
 #define JFM_V32_ROPE_ASYNC 1
 #endif
-// JFM_V4_ROPE_ASYNC (a compile-time candidate, off): the same for V4's producers (StageV4T<true>):
-// the 128 RoPE bytes of a token by two 16-byte copies per thread where its rows are read 16
-// bytes at a time (SparsePool::load16), else four 8-byte ones; the CTA pair as for V3.2. Why: the V3.2 copies bought 5.6-10% at 16-128 heads (2026-12-02), more than their share of
-// the producer's instructions; V4's producer moves the same 128 RoPE bytes per token.
+// JFM_V4_ROPE_ASYNC (on; =0 builds the register path for A/B): the same for V4's producers
+// (StageV4T<true>): the 128 RoPE bytes of a token by two 16-byte copies per thread where its rows
+// are read 16 bytes at a time (SparsePool::load16), else four 8-byte ones; the CTA pair as for
+// V3.2. Measured (H200, 2026-12-02 fifth session, profiler span of 10 calls, each build in its own
+// process): V4 h64 b64 1M pool 310.6 -> 298.9 us (-3.8%), h128 b128 (CTA pair) 643.7 -> 646.5
+// (+0.4%, noise level).
 #ifndef JFM_V4_ROPE_ASYNC
-#define JFM_V4_ROPE_ASYNC 0
+#define JFM_V4_ROPE_ASYNC 1
 #endif
 // JFM_PAIR_ROPE_ASYNC (a compile-time candidate, off): the CTA pair's producers copy RoPE bytes by
-// cp.async too, where the task's RoPE copies are on (V3.2 by default; V4 with JFM_V4_ROPE_ASYNC).
+// cp.async too, where the task's RoPE copies are on (V3.2 and V4 by default).
 // cp.async cannot write the peer's shared memory, so each CTA copies the RoPE of both rounds'
 // tokens into its own tile (its round's and the peer's: 128 bytes per token read twice per pair,
 // from L2) and sends the peer only the dequantized NoPE by st.async (kPutBytes). Per thread and
 // tile: 4 LDGSTS for 2 LDG, 2 STS and 2 st.async of 16 bytes (V4 narrow rows: 8 8-byte copies for
 // 4 LDG, 4 STS, 4 st.async). Why: V4 h128, where the pair is the default for large steps, is at
 // 0.84-0.97 of FlashMLA with a producer as LSU-bound as V3.2's was before its RoPE copies.
+// Measured (H200, 2026-12-02 fifth session): V4 h128 b128 646.5 -> 652.4 us (+0.9%) on top of
+// JFM_V4_ROPE_ASYNC; GPU tests and sanitizers pass with it. Off.
 #ifndef JFM_PAIR_ROPE_ASYNC
 #define JFM_PAIR_ROPE_ASYNC 0
-#endif
-// JFM_BF16_L2_PREFETCH (a compile-time candidate, off): the bf16 producers (sparse prefill and
-// bf16 sparse decode) ask L2 for their next own tile's rows (one bulk prefetch per row, by 4 of
-// the row group's 8 threads) right after issuing the current tile's copies, so that those copies,
-// a tile later, find their rows in L2 instead of DRAM. Why: with two tile buffers the producer
-// has one tile of gathers in flight, and prefill d512 h64 runs at 0.74-0.79 of its gather floor
-// against FlashMLA's 0.96 (2026-12-02); the FP8 16-row producers gained 3-5% from the same
-// prefetch (JFM_FP8_L2_PREFETCH).
-#ifndef JFM_BF16_L2_PREFETCH
-#define JFM_BF16_L2_PREFETCH 0
 #endif
 template <KvFormat kFmt, int kDqk_>
 struct SparseWsTask {
@@ -457,16 +451,6 @@ struct SparseWsTask {
               if (lq == 0) fill.valid[lr + 16 * h] = q.rows.row_of(idx[h], pool_id) >= 0;
             mbarrier_arrive(fill.full);                  // the validity bytes
             cp_async_mbarrier_arrive_noinc(fill.full);   // the rows, when they land
-            if constexpr (JFM_BF16_L2_PREFETCH != 0) {
-              // Tile n_next's rows: thread lq < 4 of row group lr asks for its position lq
-              // (a select, not a dynamic index: no local memory).
-              const int ix = lq == 0 ? idx_next[0] : lq == 1 ? idx_next[1] : lq == 2 ? idx_next[2] : idx_next[3];
-              const int pool_next = q.rows.pool_of(n_next);
-              const int64_t r = lq < 4 ? q.rows.row_of(ix, pool_next) : -1;
-              if (r >= 0)
-                prefetch_l2_bulk(reinterpret_cast<const bf16*>(p.pool[pool_next].data) + r * kDqk,
-                                 kDqk * 2);
-            }
           }
 #pragma unroll
           for (int h = 0; h < 4; ++h) idx[h] = idx_next[h];
