@@ -271,18 +271,18 @@ __device__ __forceinline__ void mask_tile(float (&s)[kRegs], Masked masked) {
   }
 }
 
-// JFM_WS_EARLY_Q (on; =0 loads Q after the outputs, for A/B): in the role split of the bf16 sparse tasks
-// (kCpAsyncTiles and kShortSeqs: prefill, bf16 sparse decode) only the scores warpgroup reads Q,
-// so it alone loads it (128 threads), and it issues the next sequence's Q copies as soon as the
-// last S of the current one has completed: they land under that tile's softmax and P V, the
-// rows' totals and the output stores, instead of after them with both math warpgroups waiting.
-// Why: sparse prefill has one sequence per query token, 8 tiles each at topk 512 (d512 h64 is our
-// largest gap to FlashMLA, 0.77), and every token paid a Q load's latency between its output
-// stores and its first S. H200 (PERFORMANCE.md, 2026-12-02 third and fourth sessions): prefill
-// d512 h64 -1.7 to -2.7% three times; applied to every task it cost V3.2 h128 (FP8) 5-9%, not
-// understood, and dense h128 1.4-1.7% (its Q changes every ~64 tiles): those forms are gone.
-// This form (fifth session, profiler, each build in its own process): prefill d512 h64 s_q 4096
-// topk 512 636.2 -> 614.7 us (-3.4%); dense and V4 unchanged (their objects are the same).
+// JFM_WS_EARLY_Q (on; =0 loads Q after the outputs, for A/B): in the role split of the bf16 sparse
+// tasks (kCpAsyncTiles and kShortSeqs: prefill, bf16 sparse decode) only the scores warpgroup reads
+// Q, so it alone loads it (128 threads), and it issues the next sequence's Q copies as soon as the
+// last S of the current one has completed: they land under that tile's softmax and P V, the rows'
+// totals and the output stores, instead of after them with both math warpgroups waiting. Why:
+// sparse prefill has one sequence per query token, 8 tiles each at topk 512 (d512 h64 is our
+// largest gap to FlashMLA, 0.77), and every token paid a Q load's latency between its output stores
+// and its first S. H200 (PERFORMANCE.md, 2026-12-02 third and fourth sessions): prefill d512 h64
+// -1.7 to -2.7% three times; applied to every task it cost V3.2 h128 (FP8) 5-9%, not understood,
+// and dense h128 1.4-1.7% (its Q changes every ~64 tiles): those forms are gone. This form (fifth
+// session, profiler, each build in its own process): prefill d512 h64 s_q 4096 topk 512 636.2 ->
+// 614.7 us (-3.4%); dense and V4 unchanged (their objects are the same).
 #ifndef JFM_WS_EARLY_Q
 #define JFM_WS_EARLY_Q 1
 #endif

@@ -88,7 +88,8 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 // are read 16 bytes at a time (SparsePool::load16), else four 8-byte ones; the CTA pair as for
 // V3.2. Measured (H200, 2026-12-02 fifth session, profiler span of 10 calls, each build in its own
 // process): V4 h64 b64 1M pool 310.6 -> 298.9 us (-3.8%), h128 b128 (CTA pair) 643.7 -> 646.5
-// (+0.4%, noise level).
+// (+0.4%, noise level). kRolesWide's 144-register producer spills 4 bytes with it (one STL / LDL
+// per tile, ptxas -warn-spills); the copies still win.
 #ifndef JFM_V4_ROPE_ASYNC
 #define JFM_V4_ROPE_ASYNC 1
 #endif
