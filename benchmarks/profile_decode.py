@@ -49,6 +49,9 @@ ap.add_argument("--async_runs", type=int, default=0)
 ap.add_argument("--fixed", action="store_true",
                 help="dense: every sequence --s_k long (default: random lengths around --s_k)")
 ap.add_argument("--implementation", default="kernel", help="kernel | reference (e.g. on a CPU)")
+ap.add_argument("--num_sms", type=int, default=None,
+                help="get_mla_metadata's num_sms (fewer schedule parts): e.g. 64 at V4 h_q 64 b 64 "
+                     "gives one query token per part, a schedule that splits nothing")
 ap.add_argument("--variant", default=None,
                 help="JFM_KERNEL_VARIANT for this process (e.g. pair), so one TIMELINE_CASES entry "
                      "can time a kernel variant")
@@ -71,7 +74,7 @@ if args.prefill is not None:
     rest = (kv, idx, lengths)
 elif args.sparse is None:
     q, kv, table, lens, _ = bd.make_inputs(0, args.b, args.s_q, args.h_q, args.s_k, not args.fixed)
-    meta = jax_flashmla.get_mla_metadata(lens, s_q=args.s_q, h_q=args.h_q)
+    meta = jax_flashmla.get_mla_metadata(lens, s_q=args.s_q, h_q=args.h_q, num_sms=args.num_sms)
     op = jax.jit(lambda q, kv, t, l, m: jax_flashmla.mla_decode(
         q, kv, t, l, causal=args.causal, metadata=m, implementation=args.implementation))
     call = lambda: op(q, kv, table, lens, meta)  # noqa: E731
@@ -87,7 +90,7 @@ else:
     idx = jnp.asarray(rng.integers(0, blocks * args.page, (args.b, args.s_q, args.topk)), jnp.int32)
     q = jax.random.normal(jax.random.PRNGKey(2), (args.b, args.s_q, args.h_q, d_qk), jnp.bfloat16)
     meta = jax_flashmla.get_mla_metadata(jnp.zeros((args.b,), jnp.int32), s_q=args.s_q,
-                                         h_q=args.h_q, topk=args.topk)
+                                         h_q=args.h_q, topk=args.topk, num_sms=args.num_sms)
     op = jax.jit(lambda q, kv, i, m: jax_flashmla.mla_decode(q, kv, indices=i, metadata=m,
                                                              implementation=args.implementation))
     call = lambda: op(q, pool, idx, meta)  # noqa: E731
