@@ -298,8 +298,7 @@ struct StageV32T {
       for (int k = 0; k < 2; ++k) put16(S::chunk_off(t, 64 + 4 * k + j_), rope[k]);
     }
   }
-  // kRopeAsync: the RoPE chunks of row t alone (emit's copies; the CTA pair also copies the
-  // peer's round's RoPE this way, after fetch_rope).
+  // kRopeAsync: the RoPE chunks of row t (emit's copies).
   template <class Copy>
   __device__ __forceinline__ void emit_rope(int t, Copy copy) const {
     using S = TileSmem<576>;
@@ -307,13 +306,8 @@ struct StageV32T {
     for (int k = 0; k < 2; ++k)
       copy(S::chunk_off(t, 64 + 4 * k + j_), rope_src + 64 * k, valid ? 16 : 0, CpBytes<16>{});
   }
-  __device__ __forceinline__ void fetch_rope(const SparsePool& pool, int64_t row) {
-    valid = row >= 0;
-    rope_src = pool.data + (valid ? row : 0) * 656 + 528 + 16 * j_;
-  }
-  // The bytes one thread's put16 / put8 store (what the pair sends the peer): its quarter of the
-  // bf16 row, less the RoPE chunks when they are copied.
-  static constexpr uint32_t kPutBytes = 576 * 2 / 4 - (kRopeAsync ? 32 : 0);
+  // Bytes one thread's row part is (what store_stage_pair sends the peer): a quarter of a bf16 row.
+  static constexpr uint32_t kThreadBytes = 576 * 2 / 4;
   int j_;
 };
 using StageV32 = StageV32T<false>;
@@ -497,14 +491,7 @@ struct StageV4T : RopeSrc<kRopeAsync> {
       }
     }
   }
-  __device__ __forceinline__ void fetch_rope(const SparsePool& pool, int64_t row) {
-    valid = row >= 0;
-    wide = pool.load16;
-    const int64_t r = valid ? row : 0;
-    const int64_t blk = r / pool.block_size, tt = r - blk * pool.block_size;
-    this->rope_src = pool.data + blk * pool.block_size * 584 + 576 * tt + 448 + (wide ? 16 : 8) * j_;
-  }
-  static constexpr uint32_t kPutBytes = 512 * 2 / 4 - (kRopeAsync ? 32 : 0);  // as StageV32T's
+  static constexpr uint32_t kThreadBytes = 512 * 2 / 4;  // as StageV32T's
 };
 using StageV4 = StageV4T<false>;
 
@@ -526,8 +513,8 @@ __device__ __forceinline__ void store_stage(const Stage& st, uint32_t tile, int 
           [&](uint32_t off, uint2 v) { st_shared_8(tile + off, v); }, CpAsyncInto{tile});
 }
 // The same into this CTA's tile and, by st.async counted on the peer's barrier `peer_bar`, the
-// peer's copy at `peer_tile` (CTA pairs: ws_pipeline.cuh). A kRopeAsync stage's RoPE copies land
-// in this CTA's tile only: each CTA of the pair copies both rounds' RoPE (emit_rope).
+// peer's copy at `peer_tile` (CTA pairs: ws_pipeline.cuh). The pair's stages store their RoPE
+// bytes (no cp.async into the peer), so the copy callback is never called here.
 template <class Stage>
 __device__ __forceinline__ void store_stage_pair(const Stage& st, uint32_t tile, uint32_t peer_tile,
                                                  uint32_t peer_bar, int t) {

@@ -77,7 +77,8 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 // ncu of V3.2 h128 (2026-12-01) found the producer on the critical path, waiting on its loads'
 // acceptance with the L1 pipe 78% busy; the FP8 h128 tile costs ~6000 clocks against dense's
 // ~4000 with the same math. The CTA pair keeps the register path (no cp.async into the peer) and
-// arrives twice, unless JFM_PAIR_ROPE_ASYNC (below).
+// arrives twice. Copying both rounds' RoPE into each CTA's own tile instead (JFM_PAIR_ROPE_ASYNC,
+// 4df29fe) cost V4 h128 b128 0.9% (2026-12-02, fifth session) and is gone.
 // Measured (H200, 2026-12-02, profiler): V3.2 h128 b64 s_q 2 on a 1M-token pool 207.5 -> 195.8 us
 // (kRolesWide), h16 b64 50.6 -> 47.4 (kTransposed16), the CTA pair unchanged.
 #ifndef JFM_V32_ROPE_ASYNC
@@ -92,19 +93,6 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 // per tile, ptxas -warn-spills); the copies still win.
 #ifndef JFM_V4_ROPE_ASYNC
 #define JFM_V4_ROPE_ASYNC 1
-#endif
-// JFM_PAIR_ROPE_ASYNC (a compile-time candidate, off): the CTA pair's producers copy RoPE bytes by
-// cp.async too, where the task's RoPE copies are on (V3.2 and V4 by default).
-// cp.async cannot write the peer's shared memory, so each CTA copies the RoPE of both rounds'
-// tokens into its own tile (its round's and the peer's: 128 bytes per token read twice per pair,
-// from L2) and sends the peer only the dequantized NoPE by st.async (kPutBytes). Per thread and
-// tile: 4 LDGSTS for 2 LDG, 2 STS and 2 st.async of 16 bytes (V4 narrow rows: 8 8-byte copies for
-// 4 LDG, 4 STS, 4 st.async). Why: V4 h128, where the pair is the default for large steps, is at
-// 0.84-0.97 of FlashMLA with a producer as LSU-bound as V3.2's was before its RoPE copies.
-// Measured (H200, 2026-12-02 fifth session): V4 h128 b128 646.5 -> 652.4 us (+0.9%) on top of
-// JFM_V4_ROPE_ASYNC; GPU tests and sanitizers pass with it. Off.
-#ifndef JFM_PAIR_ROPE_ASYNC
-#define JFM_PAIR_ROPE_ASYNC 0
 #endif
 template <KvFormat kFmt, int kDqk_>
 struct SparseWsTask {
@@ -221,20 +209,17 @@ struct SparseWsTask {
     const Fp8Slot slot = kRow8 ? Fp8Slot(ptid, Fp8Slot::Row8{}) : Fp8Slot(ptid);
     const int lr = ptid >> 3, lq = ptid & 7;
     static_assert(!(kRow8 && kRopeAsync), "JFM_V32_ROW8 with JFM_V32_ROPE_ASYNC: not written");
-    // kStageRopeAsync: this producer's stages copy the RoPE bytes (the pair's with
-    // JFM_PAIR_ROPE_ASYNC only; without, it stores them and arrives twice).
-    constexpr bool kStageRopeAsync = kRopeAsync && (!kPair || JFM_PAIR_ROPE_ASYNC != 0);
     using Stage = std::conditional_t<
         kRow8, StageV32R8,
-        std::conditional_t<kStageRopeAsync,
+        std::conditional_t<kRopeAsync && !kPair,
                            std::conditional_t<kFmt == KvFormat::kFp8V4, StageV4T<true>, StageV32T<true>>,
                            typename Fp8Stage<kFmt == KvFormat::kBf16 ? KvFormat::kFp8V32 : kFmt>::type>>;
     // kRopeAsync: the second of the full barrier's two arrivals per thread, after its first: when
-    // this thread's cp.async copies (the RoPE chunks) have landed; a producer whose stages store
-    // them (the pair's, without JFM_PAIR_ROPE_ASYNC) arrives a second time at once.
+    // this thread's cp.async copies (the RoPE chunks) have landed; the pair's producer, which
+    // stores them, arrives a second time at once.
     auto arrive_rope = [&](const auto& fill) {
       if constexpr (kRopeAsync) {
-        if constexpr (!kStageRopeAsync) mbarrier_arrive(fill.full);
+        if constexpr (kPair) mbarrier_arrive(fill.full);
         else cp_async_mbarrier_arrive_noinc(fill.full);
       }
     };
@@ -417,14 +402,8 @@ struct SparseWsTask {
             fill.wait_empty();
             // The peer's st.async bytes of this tile, counted on this CTA's peer_full barrier (its
             // one arrival, from here, so the phase cannot end before the expectation is set).
-            if (ptid == 0) mbarrier_arrive_expect_tx(fill.peer_full, 128 * Stage::kPutBytes);
+            if (ptid == 0) mbarrier_arrive_expect_tx(fill.peer_full, 128 * Stage::kThreadBytes);
             store_stage_pair(stage, fill.tile, fill.peer_tile, fill.peer_peer_full, slot.t + 32 * sh.rank);
-            if constexpr (kStageRopeAsync) {  // the peer's round's RoPE, into this CTA's tile
-              Stage other;
-              other.j_ = slot.j;
-              other.fetch_rope(pool, q.rows.row_of(sh.rank ? idx[0] : idx[1], pool_id));
-              other.emit_rope(slot.t + 32 * (sh.rank ^ 1u), CpAsyncInto{fill.tile});
-            }
             if (slot.j == 0) {
               fill.valid[slot.t] = q.rows.row_of(idx[0], pool_id) >= 0;
               fill.valid[slot.t + 32] = q.rows.row_of(idx[1], pool_id) >= 0;
