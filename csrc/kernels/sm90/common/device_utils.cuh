@@ -19,29 +19,6 @@ __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int s
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                "r"(src_bytes));
 }
-// cp_async_16 with L2 hints, for the KV tiles' rows (load_tile_rows' kHint): 1 asks L2 to fetch the
-// whole 256-byte span around each line (.L2::256B: a gathered bf16 row is 1024 / 1152 contiguous
-// bytes read by 8 threads, 64 columns at a time); 2 also marks the lines evict_last in L2
-// (`policy`, from l2_evict_last_policy), for KV rows that several query tokens read.
-template <int kHint>
-__device__ __forceinline__ void cp_async_16_hint(uint32_t dst, const void* src, int src_bytes,
-                                                 uint64_t policy) {
-  static_assert(kHint >= 0 && kHint <= 2, "cp_async_16_hint: 0, 1 or 2");
-  if constexpr (kHint == 0) {
-    cp_async_16(dst, src, src_bytes);
-  } else if constexpr (kHint == 1) {
-    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-                 "r"(src_bytes));
-  } else {
-    asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2, %3;\n" ::"r"(dst),
-                 "l"(src), "r"(src_bytes), "l"(policy));
-  }
-}
-__device__ __forceinline__ uint64_t l2_evict_last_policy() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
-}
 // 8-byte async copy (cp.async's .cg form takes 16 bytes only; .ca also caches in L1).
 __device__ __forceinline__ void cp_async_8(uint32_t dst, const void* src, int src_bytes) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src),

@@ -109,30 +109,14 @@ __device__ __forceinline__ void tile_qk(float (&s)[16], uint64_t desc_q, uint64_
   tile_gemm_qk<T, kDqk, 32>(s, desc_q, desc_k);
 }
 
-// JFM_TILE_L2_HINT (candidate, off): the producers' cp.async of KV tile rows (dense pages, bf16
-// sparse gathers: prefill and bf16 sparse decode) with L2 hints (cp_async_16_hint): 1 the 256-byte
-// L2 fetch size, 2 that and evict_last. Why: the FP8 row loads gained 3-20% from the same hints
-// (ld_nc_16<true>, 2026-12-01), upstream's prefill gathers with both, and sparse prefill's tiles
-// (~2.2 us each against ~2.0 for FlashMLA's) gather rows that other query tokens read again.
-#ifndef JFM_TILE_L2_HINT
-#define JFM_TILE_L2_HINT 0
-#endif
-constexpr int kTileL2Hint = JFM_TILE_L2_HINT;
-__device__ __forceinline__ uint64_t tile_l2_policy() {
-  if constexpr (kTileL2Hint == 2) return l2_evict_last_policy();
-  else return 0;
-}
-
 // cp.async of 64 rows of kDqk T into the swizzled tile at dst, by threads tid = 0 .. kThreads - 1
 // (8 per row, whole 128-byte lines: rows tid / 8 + kThreads / 8 h, chunks tid % 8 + 8 j). src_of(r)
 // is row r's first element, or nullptr for a zero-filled row (never read; the copies then name
 // `base` + 64 j, which must lie inside one row's worth of the same tensor). Committed by the
-// caller's next cp_async_commit. kHint: cp_async_16_hint's L2 hints (`policy` for 2). Column
-// blocks [kJ0, kJ1) only (kJ1 < 0: to the last): a tile filled in two halves (WsMath::kDuo).
-template <typename T, int kDqk, int kThreads, int kHint = 0, int kJ0 = 0, int kJ1 = -1,
-          typename SrcOf>
-__device__ __forceinline__ void load_tile_rows(uint32_t dst, int tid, const T* base, SrcOf src_of,
-                                               uint64_t policy = 0) {
+// caller's next cp_async_commit. Column blocks [kJ0, kJ1) only (kJ1 < 0: to the last): a tile
+// filled in two halves (WsMath::kDuo).
+template <typename T, int kDqk, int kThreads, int kJ0 = 0, int kJ1 = -1, typename SrcOf>
+__device__ __forceinline__ void load_tile_rows(uint32_t dst, int tid, const T* base, SrcOf src_of) {
   using S = TileSmem<kDqk>;
   constexpr int kJEnd = kJ1 < 0 ? S::kKBlocks : kJ1;
   constexpr int kPassRows = kThreads / 8;
@@ -146,8 +130,7 @@ __device__ __forceinline__ void load_tile_rows(uint32_t dst, int tid, const T* b
     const T* src = ok ? row + lq * 8 : base;  // (base + 64 j: never read, src-size 0)
 #pragma unroll
     for (int j = kJ0; j < kJEnd; ++j)
-      cp_async_16_hint<kHint>(dst + j * S::kBlockBytes + h * kPassRows * 128 + off, src + 64 * j,
-                              ok ? 16 : 0, policy);
+      cp_async_16(dst + j * S::kBlockBytes + h * kPassRows * 128 + off, src + 64 * j, ok ? 16 : 0);
   }
 }
 

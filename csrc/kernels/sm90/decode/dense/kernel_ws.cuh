@@ -122,7 +122,6 @@ struct DenseWsTask {
     const T* __restrict__ kvg = reinterpret_cast<const T*>(p.kv);
     const int ptid = threadIdx.x & 127;
     const int lr = ptid >> 3, lq = ptid & 7;
-    const uint64_t policy = tile_l2_policy();
     uint32_t k0 = 0;  // the CTA's tiles before this sequence's
     for (int s = begin_seq; s <= end_seq; ++s) {
       const Seq q = seq(s);
@@ -136,10 +135,10 @@ struct DenseWsTask {
         const WsFill<> fill(sh, k);
         fill.wait_empty();
         auto present = [&](int r) { return blk_ok && n * kPageBlock + r < q.len; };
-        load_tile_rows<T, kDqk, 128, kTileL2Hint>(fill.tile, ptid, kvg, [&](int r) -> const T* {
+        load_tile_rows<T, kDqk, 128>(fill.tile, ptid, kvg, [&](int r) -> const T* {
           const size_t row = static_cast<size_t>(blk) * kPageBlock + r;
           return present(r) ? kvg + (row * p.h_kv + hk) * kDqk : nullptr;
-        }, policy);
+        });
 #pragma unroll
         for (int h = 0; h < 4; ++h)
           if (lq == 0) fill.valid[lr + 16 * h] = present(lr + 16 * h);

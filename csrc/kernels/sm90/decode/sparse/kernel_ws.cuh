@@ -210,7 +210,6 @@ struct SparseWsTask {
         ((kRoomy && (kFmt == KvFormat::kFp8V32 || JFM_FP8_L2_PREFETCH_V4 != 0)) ||
          (JFM_FP8_L2_PREFETCH_WIDE != 0 && kSole && kWide && kPipelinedFp8Fetch));
     const Fp8Slot slot = kRow8 ? Fp8Slot(ptid, Fp8Slot::Row8{}) : Fp8Slot(ptid);
-    const uint64_t policy = kFp8 ? 0 : tile_l2_policy();  // (bf16 rows: JFM_TILE_L2_HINT)
     const int lr = ptid >> 3, lq = ptid & 7;
     static_assert(!(kRow8 && kRopeAsync), "JFM_V32_ROW8 with JFM_V32_ROPE_ASYNC: not written");
     using Stage = std::conditional_t<
@@ -426,10 +425,10 @@ struct SparseWsTask {
             fill.wait_empty();
             const bf16* rows = reinterpret_cast<const bf16*>(pool.data);
             // Row lr + 16 h of the tile is this thread's position h (lr < 16).
-            load_tile_rows<bf16, kDqk, 128, kTileL2Hint>(fill.tile, ptid, rows, [&](int t) -> const bf16* {
+            load_tile_rows<bf16, kDqk, 128>(fill.tile, ptid, rows, [&](int t) -> const bf16* {
               const int64_t r = q.rows.row_of(idx[t >> 4], pool_id);
               return r >= 0 ? rows + r * kDqk : nullptr;
-            }, policy);
+            });
 #pragma unroll
             for (int h = 0; h < 4; ++h)
               if (lq == 0) fill.valid[lr + 16 * h] = q.rows.row_of(idx[h], pool_id) >= 0;
@@ -458,7 +457,6 @@ __device__ __forceinline__ void SparseWsTask<kFmt, kDqk>::produce_duo(const WsSh
   static_assert(kFmt == KvFormat::kBf16, "kDuo: bf16 rows");
   const int ptid = threadIdx.x & 127;
   const int lr = ptid >> 3, lq = ptid & 7;
-  const uint64_t policy = tile_l2_policy();
   // Half [kJ0, kJ1) of tile n (rows idx) into buffer `buf`; the validity bytes with the first.
   auto fill = [&](auto j0, auto j1, int buf, bool first, const TokenRows& rows, int n,
                   const int (&idx)[4], uint32_t full, uint32_t empty, uint32_t ph) {
@@ -466,11 +464,11 @@ __device__ __forceinline__ void SparseWsTask<kFmt, kDqk>::produce_duo(const WsSh
     if (n >= 0) {
       const int pool_id = rows.pool_of(n);
       const bf16* base = reinterpret_cast<const bf16*>(p.pool[pool_id].data);
-      load_tile_rows<bf16, kDqk, 128, kTileL2Hint, decltype(j0)::value, decltype(j1)::value>(
+      load_tile_rows<bf16, kDqk, 128, decltype(j0)::value, decltype(j1)::value>(
           sh.sk0 + buf * sh.tile_bytes, ptid, base, [&](int t) -> const bf16* {
             const int64_t r = rows.row_of(idx[t >> 4], pool_id);
             return r >= 0 ? base + r * kDqk : nullptr;
-          }, policy);
+          });
       if (first) {
 #pragma unroll
         for (int h = 0; h < 4; ++h)
