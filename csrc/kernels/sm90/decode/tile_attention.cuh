@@ -610,6 +610,9 @@ __device__ __forceinline__ uint32_t pick4(const uint32_t (&v)[4], int i) {
 
 // Store this thread's slice of row h of O (times `scale`) as T (final output, 256 wc + 2 tq +
 // 8 i) or float (split-KV partials). dst: this thread's first column (2 tq).
+// The shuffles stay within the quad, whose lanes share the row; callers skip padded rows per
+// quad, so the mask names the quad only.
+__device__ __forceinline__ unsigned quad_mask() { return 0xfu << (threadIdx.x & 28); }
 template <typename T, int kForm = kWideOutStores>
 __device__ __forceinline__ void store_out_row(T* dst, const RowState& st, int h, float scale) {
   const int tq = threadIdx.x & 3;
@@ -621,7 +624,7 @@ __device__ __forceinline__ void store_out_row(T* dst, const RowState& st, int h,
     for (int j = 0; j < 16; ++j) {
       const uint32_t v0 = pack2<T>(st.o[8 * j + 2 * h] * scale, st.o[8 * j + 2 * h + 1] * scale);
       const uint32_t v1 = pack2<T>(st.o[8 * j + 4 + 2 * h] * scale, st.o[8 * j + 4 + 2 * h + 1] * scale);
-      const uint32_t r = __shfl_xor_sync(0xffffffffu, b ? v0 : v1, 1);  // the partner's of group 2 j + b
+      const uint32_t r = __shfl_xor_sync(quad_mask(), b ? v0 : v1, 1);  // the partner's of group 2 j + b
       const uint32_t mine = b ? v1 : v0;
       // Columns 4 (tq >> 1) ..: lane b = 0 holds the first two (its own), b = 1 the last two.
       *reinterpret_cast<uint2*>(base + 16 * j) = b ? make_uint2(r, mine) : make_uint2(mine, r);
@@ -637,7 +640,7 @@ __device__ __forceinline__ void store_out_row(T* dst, const RowState& st, int h,
         v[u] = pack2<T>(st.o[4 * (4 * j + u) + 2 * h] * scale, st.o[4 * (4 * j + u) + 2 * h + 1] * scale);
       r[0] = pick4(v, tq);
 #pragma unroll
-      for (int d = 1; d < 4; ++d) r[d] = __shfl_xor_sync(0xffffffffu, pick4(v, tq ^ d), d);
+      for (int d = 1; d < 4; ++d) r[d] = __shfl_xor_sync(quad_mask(), pick4(v, tq ^ d), d);
       *reinterpret_cast<uint4*>(base + 32 * j) =
           make_uint4(pick4(r, tq), pick4(r, 1 ^ tq), pick4(r, 2 ^ tq), pick4(r, 3 ^ tq));
     }
@@ -659,8 +662,8 @@ __device__ __forceinline__ void store_partial_row(float* dst, const RowState& st
       const float2 v0 = make_float2(st.o[8 * j + 2 * h] * scale, st.o[8 * j + 2 * h + 1] * scale);
       const float2 v1 = make_float2(st.o[8 * j + 4 + 2 * h] * scale, st.o[8 * j + 4 + 2 * h + 1] * scale);
       const float2 send = b ? v0 : v1;
-      const float2 r = make_float2(__shfl_xor_sync(0xffffffffu, send.x, 1),
-                                   __shfl_xor_sync(0xffffffffu, send.y, 1));
+      const float2 r = make_float2(__shfl_xor_sync(quad_mask(), send.x, 1),
+                                   __shfl_xor_sync(quad_mask(), send.y, 1));
       const float2 mine = b ? v1 : v0;
       // Columns 4 (tq >> 1) ..: lane b = 0 holds the first two (its own), b = 1 the last two.
       *reinterpret_cast<float4*>(base + 16 * j) =
