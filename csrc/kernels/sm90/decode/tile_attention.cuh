@@ -596,8 +596,9 @@ __device__ __forceinline__ void tile_finish_t(TState<kN>& st, float* red, float 
 // 32 contiguous bytes per row and instruction; 2 (bf16 only): the quad transposes four groups (3
 // shuffles), each lane storing one whole group (16 bytes; the float partials as before). Why: ncu of sparse prefill d512 h64
 // (2026-12-02, sixth session) put 15% of both math warpgroups' samples on the output rows' 64
-// 4-byte stores per thread and token, stalled on lg_throttle (the global store queue). Not in
-// the FP8 kernels (their kRolesWide math warpgroups spilled 48-88 bytes with it).
+// 4-byte stores per thread and token, stalled on lg_throttle (the global store queue). The bf16
+// sparse kernels only (store_token_rows' kForm): the FP8 ones' kRolesWide math warpgroups
+// spilled 48-88 bytes with it, and dense decode stores once per 64-tile sequence.
 #ifndef JFM_WIDE_OUT_STORES
 #define JFM_WIDE_OUT_STORES 0
 #endif
@@ -613,7 +614,7 @@ __device__ __forceinline__ uint32_t pick4(const uint32_t (&v)[4], int i) {
 // The shuffles stay within the quad, whose lanes share the row; callers skip padded rows per
 // quad, so the mask names the quad only.
 __device__ __forceinline__ unsigned quad_mask() { return 0xfu << (threadIdx.x & 28); }
-template <typename T, int kForm = kWideOutStores>
+template <typename T, int kForm = 0>
 __device__ __forceinline__ void store_out_row(T* dst, const RowState& st, int h, float scale) {
   const int tq = threadIdx.x & 3;
   if constexpr (kForm == 1) {
@@ -651,7 +652,7 @@ __device__ __forceinline__ void store_out_row(T* dst, const RowState& st, int h,
           pack2<T>(st.o[4 * i + 2 * h] * scale, st.o[4 * i + 2 * h + 1] * scale);
   }
 }
-template <int kForm = kWideOutStores>
+template <int kForm = 0>
 __device__ __forceinline__ void store_partial_row(float* dst, const RowState& st, int h, float scale) {
   if constexpr (kForm == 1) {
     // As store_out_row's form 1: lane tq stores columns 4 (tq >> 1) .. + 3 of group 2 j + (tq & 1).

@@ -555,7 +555,7 @@ __device__ __forceinline__ void load_q_tile(const SparseDecodeParams& p, int seq
 // else the partial row of split slot `slot` for the combine. Warpgroup wc holds
 // O[:, 256 wc .. +256].
 // kForm: store_out_row's JFM_WIDE_OUT_STORES form.
-template <int kForm = kWideOutStores>
+template <int kForm = 0>
 __device__ __forceinline__ void store_token_rows(const SparseDecodeParams& p, const RowState& st,
                                                  const float (&inv)[2], const float (&lse)[2],
                                                  const float (&m)[2], int seq, int head0, int slot,
