@@ -590,48 +590,38 @@ __device__ __forceinline__ void tile_finish_t(TState<kN>& st, float* red, float 
   }
 }
 
-// JFM_WIDE_OUT_STORES (candidate, off): the rows of O leave in wider stores. A thread holds two
-// columns of each 8-column group (2 tq, + 1); 1: the lanes tq, tq ^ 1 swap halves of two groups
-// (one shuffle), so each stores 4 columns of one group (bf16 8 bytes, float 16) and a quad writes
-// 32 contiguous bytes per row and instruction; 2 (bf16 only): the quad transposes four groups (3
-// shuffles), each lane storing one whole group (16 bytes; the float partials as before). Why: ncu of sparse prefill d512 h64
-// (2026-12-02, sixth session) put 15% of both math warpgroups' samples on the output rows' 64
-// 4-byte stores per thread and token, stalled on lg_throttle (the global store queue). The bf16
-// sparse kernels only (store_token_rows' kForm): the FP8 ones' kRolesWide math warpgroups
-// spilled 48-88 bytes with it, and dense decode stores once per 64-tile sequence.
+// JFM_WIDE_OUT_STORES (on; =0 for A/B): the bf16 sparse kernels' role split (prefill, bf16 sparse
+// decode; store_token_rows' kWide) writes its output rows in 16-byte stores. A thread holds two
+// columns of each 8-column group (2 tq, + 1); the quad transposes four groups at a time (3
+// shuffles), so that lane tq stores group 4 j + tq whole: 16 stores per thread and token instead of
+// 64 4-byte ones. Why: ncu of sparse prefill d512 h64 (2026-12-02, sixth session) put 15% of both
+// math warpgroups' samples on those stores, stalled on lg_throttle (the global store queue).
+// Measured (H200, same call, each build in its own process; profiler kernel medians): prefill d512
+// h64 s_q 4096 topk 512 616.6 -> 541.2 us (-12.2%), d512 h128 topk 1024 2134.4 -> 1961.8 (-8.1%),
+// d576 h128 topk 2048 4503.9 -> 4392.0 (-2.5%). Not in the FP8 kernels (their kRolesWide math
+// warpgroups spilled 48-80 bytes with it) nor dense decode (one store per 64-tile sequence); the
+// split-KV partials (float) keep their 8-byte stores. An 8-byte form (a lane-pair swap) spilled 16
+// bytes and was not measured.
 #ifndef JFM_WIDE_OUT_STORES
-#define JFM_WIDE_OUT_STORES 0
+#define JFM_WIDE_OUT_STORES 1
 #endif
-constexpr int kWideOutStores = JFM_WIDE_OUT_STORES;
-static_assert(kWideOutStores >= 0 && kWideOutStores <= 2, "JFM_WIDE_OUT_STORES: 0, 1 or 2");
+constexpr bool kWideOutStores = JFM_WIDE_OUT_STORES != 0;
 // v[i] for a runtime i in [0, 4) without local memory.
 __device__ __forceinline__ uint32_t pick4(const uint32_t (&v)[4], int i) {
   return (i & 2) ? ((i & 1) ? v[3] : v[2]) : ((i & 1) ? v[1] : v[0]);
 }
+// The quad's lanes (they share a row; callers skip padded rows per quad, so a full-warp mask
+// could name lanes that never reach the shuffle).
+__device__ __forceinline__ unsigned quad_mask() { return 0xfu << (threadIdx.x & 28); }
 
 // Store this thread's slice of row h of O (times `scale`) as T (final output, 256 wc + 2 tq +
 // 8 i) or float (split-KV partials). dst: this thread's first column (2 tq).
-// The shuffles stay within the quad, whose lanes share the row; callers skip padded rows per
-// quad, so the mask names the quad only.
-__device__ __forceinline__ unsigned quad_mask() { return 0xfu << (threadIdx.x & 28); }
-template <typename T, int kForm = 0>
+template <typename T, bool kWide = false>
 __device__ __forceinline__ void store_out_row(T* dst, const RowState& st, int h, float scale) {
-  const int tq = threadIdx.x & 3;
-  if constexpr (kForm == 1) {
-    // Groups 2 j, 2 j + 1: lane tq takes group 2 j + (tq & 1), columns 4 (tq >> 1) .. + 3.
-    const int b = tq & 1;
-    T* base = dst - 2 * tq + 4 * (tq >> 1) + 8 * b;
-#pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      const uint32_t v0 = pack2<T>(st.o[8 * j + 2 * h] * scale, st.o[8 * j + 2 * h + 1] * scale);
-      const uint32_t v1 = pack2<T>(st.o[8 * j + 4 + 2 * h] * scale, st.o[8 * j + 4 + 2 * h + 1] * scale);
-      const uint32_t r = __shfl_xor_sync(quad_mask(), b ? v0 : v1, 1);  // the partner's of group 2 j + b
-      const uint32_t mine = b ? v1 : v0;
-      // Columns 4 (tq >> 1) ..: lane b = 0 holds the first two (its own), b = 1 the last two.
-      *reinterpret_cast<uint2*>(base + 16 * j) = b ? make_uint2(r, mine) : make_uint2(mine, r);
-    }
-  } else if constexpr (kForm == 2) {
-    // Groups 4 j .. 4 j + 3: lane tq takes group 4 j + tq whole (w[c] = lane c's v[tq]).
+  if constexpr (kWide) {
+    // Groups 4 j .. 4 j + 3: lane tq takes group 4 j + tq (w[c] = lane c's v[tq]; r[d] comes
+    // from lane tq ^ d and is w[tq ^ d]).
+    const int tq = threadIdx.x & 3;
     T* base = dst - 2 * tq + 8 * tq;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
@@ -652,30 +642,11 @@ __device__ __forceinline__ void store_out_row(T* dst, const RowState& st, int h,
           pack2<T>(st.o[4 * i + 2 * h] * scale, st.o[4 * i + 2 * h + 1] * scale);
   }
 }
-template <int kForm = 0>
 __device__ __forceinline__ void store_partial_row(float* dst, const RowState& st, int h, float scale) {
-  if constexpr (kForm == 1) {
-    // As store_out_row's form 1: lane tq stores columns 4 (tq >> 1) .. + 3 of group 2 j + (tq & 1).
-    const int tq = threadIdx.x & 3, b = tq & 1;
-    float* base = dst - 2 * tq + 4 * (tq >> 1) + 8 * b;
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      const float2 v0 = make_float2(st.o[8 * j + 2 * h] * scale, st.o[8 * j + 2 * h + 1] * scale);
-      const float2 v1 = make_float2(st.o[8 * j + 4 + 2 * h] * scale, st.o[8 * j + 4 + 2 * h + 1] * scale);
-      const float2 send = b ? v0 : v1;
-      const float2 r = make_float2(__shfl_xor_sync(quad_mask(), send.x, 1),
-                                   __shfl_xor_sync(quad_mask(), send.y, 1));
-      const float2 mine = b ? v1 : v0;
-      // Columns 4 (tq >> 1) ..: lane b = 0 holds the first two (its own), b = 1 the last two.
-      *reinterpret_cast<float4*>(base + 16 * j) =
-          b ? make_float4(r.x, r.y, mine.x, mine.y) : make_float4(mine.x, mine.y, r.x, r.y);
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < 32; ++i)
-      *reinterpret_cast<float2*>(dst + i * 8) =
-          make_float2(st.o[4 * i + 2 * h] * scale, st.o[4 * i + 2 * h + 1] * scale);
-  }
+  for (int i = 0; i < 32; ++i)
+    *reinterpret_cast<float2*>(dst + i * 8) =
+        make_float2(st.o[4 * i + 2 * h] * scale, st.o[4 * i + 2 * h + 1] * scale);
 }
 
 }  // namespace sm90

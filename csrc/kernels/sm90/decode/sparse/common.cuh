@@ -554,8 +554,8 @@ __device__ __forceinline__ void load_q_tile(const SparseDecodeParams& p, int seq
 // the output (times the sink factor) + lse (+ max_logits, prefill) when the token is not split,
 // else the partial row of split slot `slot` for the combine. Warpgroup wc holds
 // O[:, 256 wc .. +256].
-// kForm: store_out_row's JFM_WIDE_OUT_STORES form.
-template <int kForm = 0>
+// kWide: store_out_row's 16-byte stores (JFM_WIDE_OUT_STORES).
+template <bool kWide = false>
 __device__ __forceinline__ void store_token_rows(const SparseDecodeParams& p, const RowState& st,
                                                  const float (&inv)[2], const float (&lse)[2],
                                                  const float (&m)[2], int seq, int head0, int slot,
@@ -568,7 +568,7 @@ __device__ __forceinline__ void store_token_rows(const SparseDecodeParams& p, co
     if (nsplit == 1) {
       float scale = inv[h];
       if (p.attn_sink != nullptr && isfinite(lse[h])) scale /= 1.f + expf(p.attn_sink[head] - lse[h]);
-      store_out_row<bf16, kForm>(reinterpret_cast<bf16*>(p.out) + map.out_row(seq, 0, head) * kDv +
+      store_out_row<bf16, kWide>(reinterpret_cast<bf16*>(p.out) + map.out_row(seq, 0, head) * kDv +
                               ln.wc * 256 + 2 * ln.tq, st, h, scale);
       if (ln.wc == 0 && ln.tq == 0) {
         p.lse[map.lse_index(seq, 0, head)] = lse[h];
@@ -578,7 +578,7 @@ __device__ __forceinline__ void store_token_rows(const SparseDecodeParams& p, co
       }
     } else {
       const size_t slot_row = static_cast<size_t>(slot) * p.h_q + head;
-      store_partial_row<kForm>(p.o_accum + slot_row * kDv + ln.wc * 256 + 2 * ln.tq, st, h, inv[h]);
+      store_partial_row(p.o_accum + slot_row * kDv + ln.wc * 256 + 2 * ln.tq, st, h, inv[h]);
       if (ln.wc == 0 && ln.tq == 0) p.lse_accum[slot_row] = lse[h];
     }
   }

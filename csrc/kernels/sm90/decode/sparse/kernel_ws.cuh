@@ -174,8 +174,8 @@ struct SparseWsTask {
   __device__ __forceinline__ void store_rows(const Seq& q, const RowState& st, const float (&inv)[2],
                                              const float (&lse)[2], const float (&m)[2],
                                              const Lane& ln) const {
-    store_token_rows<kFp8 ? 0 : kWideOutStores>(p, st, inv, lse, m, q.index, head0, q.slot,
-                                                q.nsplit, ln);
+    store_token_rows<!kFp8 && kWideOutStores>(p, st, inv, lse, m, q.index, head0, q.slot,
+                                              q.nsplit, ln);
   }
 
   // A producer warpgroup: fills the tile buffers of the tiles k % stride == which (see the file
