@@ -115,8 +115,9 @@ enum class KvFormat : int { kBf16 = 0, kFp8V32 = 1, kFp8V4 = 2 };
 // alternate tiles, 0.85x kRoles on dense decode; kRolesOverlap / kRolesPairOverlap, the scores
 // warpgroup issuing the next tile's S with this tile's P V in one wgmma batch, 0.81-0.93x on dense
 // h128 and sparse prefill, 0.92-1.01x the pair on FP8.)
-// kDuo (candidate, JFM_WS_DUO; bf16 sparse): the math warpgroups take the tiles two at a time,
-// each the S and softmax of one and its half of O over both (ws_pipeline.cuh, ws_math_duo).
+// kDuo (candidate, off: JFM_WS_DUO=1; bf16 sparse): the math warpgroups take the tiles two at a
+// time, each the S and softmax of one and its half of O over both (ws_pipeline.cuh, ws_math_duo;
+// measured -2.3% to +11% against kRoles on sparse prefill).
 enum class WsMath : int {
   kRoles = 1, kTransposed16 = 2, kTransposed32 = 3, kRolesWide = 4, kRolesPair = 5, kDuo = 6
 };

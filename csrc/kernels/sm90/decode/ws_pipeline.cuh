@@ -624,6 +624,9 @@ __device__ __forceinline__ void ws_math_t(const Task& task, const WsShared& sh) 
 // sequence, l (and warpgroup 1's true max, for max_logits) through red / corr between two
 // 256-thread barriers; warpgroup 0 has loaded the next sequence's Q meanwhile (issued once both
 // warpgroups' last S completed).
+// Measured (H200, 2026-12-02 sixth session, against the role split with 4-byte output stores):
+// prefill d512 h64 620.9 -> 606.4 us (-2.3%), d576 h128 topk 2048 4148.6 -> 4606.4 (+11%); its
+// smoke against the reference passed. Off until a profile says why (PERFORMANCE.md, Next).
 #ifndef JFM_WS_DUO
 #define JFM_WS_DUO 0
 #endif
