@@ -24,7 +24,7 @@ compile() {
     --use_fast_math -std=c++17 -I"$ROOT/csrc" -I"$CUTLASS" -I"$CCCL" $FLAGS \
     -cubin -o "$OUTD/$n.cubin" "$ROOT/$f"
   "$CUOBJDUMP" -sass "$OUTD/$n.cubin" | grep -v '^\s*$' \
-    | sed -E 's/_GLOBAL__N__[0-9a-f]+_[0-9]+_[A-Za-z0-9_]+_cu_[0-9a-f]+(_[0-9]+)?/_ANON_/g' > "$OUTD/$n.sass"
+    | sed -E 's/[0-9]*_GLOBAL__N__[0-9a-f]+_[0-9]+_[A-Za-z0-9_]+_cu_[0-9a-f]+(_[0-9]+)?/_ANON_/g' > "$OUTD/$n.sass"
 }
 export -f compile
 export ROOT OUTD FLAGS CUOBJDUMP CUTLASS CCCL
