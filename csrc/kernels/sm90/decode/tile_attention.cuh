@@ -146,6 +146,20 @@ struct RowState {
   }
 };
 
+// This thread's two rows' maxima over its accumulator elements s (element i: row half
+// (i >> 1) & 1), reduced over the quad, whose lanes hold the rest of the rows' columns.
+template <int kRegs>
+__device__ __forceinline__ void quad_row_max(const float (&s)[kRegs], float (&mx)[2]) {
+  mx[0] = mx[1] = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < kRegs; ++i) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+  }
+}
+
 // One row's (or, transposed, one column's) online-softmax step: the new running max from this
 // tile's max, the correction of the earlier sum / O, and the scaled max to subtract from the
 // logits (0 while nothing has been attended, so exp2 of -inf logits stays 0, never NaN).
@@ -189,14 +203,8 @@ __device__ __forceinline__ void rescale_o(float (&o)[128], const float (&corr)[2
 template <typename T, typename Sync = CtaSync>
 __device__ __forceinline__ void tile_softmax(float (&s)[16], RowState& st, float* red, uint32_t sp,
                                              float sl2, const Lane& ln) {
-  float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-  for (int i = 0; i < 16; ++i) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
-    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-  }
+  float mx[2];
+  quad_row_max(s, mx);
   if (ln.tq == 0) {
     red[ln.wc * kBlockM + ln.row(0)] = mx[0];
     red[ln.wc * kBlockM + ln.row(1)] = mx[1];

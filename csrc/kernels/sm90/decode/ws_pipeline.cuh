@@ -642,24 +642,15 @@ __device__ __forceinline__ void qk_blocks_mma(float (&s)[32], uint64_t desc_q, u
     wgmma_m64n64k16_ss<T>(s, desc_q + koff, desc_k + koff);
   }
 }
-// The running max after a tile whose row max is mx (tile_softmax_rows' lazy rule).
+// The running max after a tile whose row max is mx: tile_softmax_rows' lazy rule. (That rule and
+// duo_exp's loop are written out again rather than shared: moving them into helpers that
+// tile_softmax_rows calls changed the default kernels' SASS, which no device run has measured.)
 __device__ __forceinline__ float duo_max(float m, float mx, float sl2) {
   return (mx - m) * sl2 > kRowsSlack ? mx : m;  // (m = mx = -inf: NaN, false)
 }
 // The correction of O and l when the running max moves from m_old to m_new (1 if it does not).
 __device__ __forceinline__ float duo_corr(float m_old, float m_new, float sl2) {
   return m_old == m_new ? 1.f : exp2f((m_old - m_new) * sl2);
-}
-// This thread's rows' maxima of s (whole rows: the quad's lanes agree).
-__device__ __forceinline__ void duo_row_max(const float (&s)[32], float (&mx)[2]) {
-  mx[0] = mx[1] = -INFINITY;
-#pragma unroll
-  for (int i = 0; i < 32; ++i) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
-    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-  }
 }
 // P = exp2(s sl2 - m sl2) in place (m = -inf: nothing attended yet, s is all -inf), summed into l.
 __device__ __forceinline__ void duo_exp(float (&s)[32], const float (&m)[2], float (&l)[2], float sl2) {
@@ -740,7 +731,7 @@ __device__ __forceinline__ void ws_math_duo(const Task& task, const WsShared& sh
         const uint8_t* valid = sh.valid + kW * kTileTokens;
         if (!kWsMaskSkip || !ws_tile_unmasked(task.window_full(cur, n_own), valid))
           mask_tile(sacc, [&](int h, int col) { return task.masked(cur, n_own, valid, h, col); });
-        duo_row_max(sacc, mx);
+        quad_row_max(sacc, mx);
         mt[0] = fmaxf(mt[0], mx[0]);
         mt[1] = fmaxf(mt[1], mx[1]);
       }
