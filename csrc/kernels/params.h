@@ -118,8 +118,12 @@ enum class KvFormat : int { kBf16 = 0, kFp8V32 = 1, kFp8V4 = 2 };
 // kDuo (candidate, off: JFM_WS_DUO=1; bf16 sparse): the math warpgroups take the tiles two at a
 // time, each the S and softmax of one and its half of O over both (ws_pipeline.cuh, ws_math_duo;
 // measured -2.3% to +11% against kRoles on sparse prefill).
+// kTrio (candidate, JFM_WS_TRIO; bf16 sparse): a 512-thread CTA, the scores warpgroup computing S
+// and the softmax only, two values warpgroups each accumulating half of O (ws_pipeline.cuh,
+// ws_math_trio): the next tile's S and softmax run while both halves of this tile's P V do.
 enum class WsMath : int {
-  kRoles = 1, kTransposed16 = 2, kTransposed32 = 3, kRolesWide = 4, kRolesPair = 5, kDuo = 6
+  kRoles = 1, kTransposed16 = 2, kTransposed32 = 3, kRolesWide = 4, kRolesPair = 5, kDuo = 6,
+  kTrio = 7
 };
 
 // One KV pool and the flat rows each query token picks from it.

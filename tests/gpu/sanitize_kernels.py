@@ -90,7 +90,8 @@ for n, kw in enumerate(SPARSE):
     print(f"sparse decode case {n} ok", flush=True)
 
 for n, kw in enumerate([dict(s_q=70, h_q=128, d_qk=576, topk=200, with_lengths=True, sink="inf"),
-                        dict(s_q=5, h_q=24, d_qk=512, topk=64)]):
+                        dict(s_q=5, h_q=24, d_qk=512, topk=64),
+                        dict(s_q=9, h_q=64, d_qk=512, topk=130, with_lengths=True)]):
     q, kv, idx, extra = cases.sparse_prefill_case(980 + n, **kw)
     out, ml, lse = cases.run_sparse_prefill(q, kv, idx, extra)
     r = reference(f"prefill{n}", lambda: cases.run_sparse_prefill(q, kv, idx, extra, "reference"))

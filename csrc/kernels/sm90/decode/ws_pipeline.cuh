@@ -77,8 +77,11 @@ constexpr bool ws_transposed(WsMath m) {
   return m == WsMath::kTransposed16 || m == WsMath::kTransposed32;
 }
 constexpr bool ws_pair(WsMath m) { return m == WsMath::kRolesPair; }
+constexpr bool ws_trio(WsMath m) { return m == WsMath::kTrio; }
+// Threads per CTA: three warpgroups, four for kTrio (scores, values, producer, values).
+constexpr int ws_threads(WsMath m) { return ws_trio(m) ? 512 : 384; }
 struct WsRegSplit {
-  int wg0, wg1, wg2;
+  int wg0, wg1, wg2, wg3 = 0;
 };
 constexpr WsRegSplit ws_reg_split(WsMath m) {
   switch (m) {
@@ -91,6 +94,9 @@ constexpr WsRegSplit ws_reg_split(WsMath m) {
     // kDuo: each math warpgroup holds S (32) beside its O half (128) and packs P for the
     // register-A P V; the cp.async producer needs few.
     case WsMath::kDuo: return {216, 216, 72};
+    // kTrio (launched with 128): the scores warpgroup holds S (32) and no O; each values
+    // warpgroup its O half (128); the cp.async producer needs few.
+    case WsMath::kTrio: return {104, 176, 56, 176};
     // kRoles, kRolesPair: warpgroup 0 holds S (32) beside its O half (128), warpgroup 1 only the
     // O half.
     default: return {232, 184, 88};
@@ -99,13 +105,15 @@ constexpr WsRegSplit ws_reg_split(WsMath m) {
 template <WsMath kMath>
 struct WsRegs {
   static constexpr WsRegSplit kSplit = ws_reg_split(kMath);
-  static constexpr int kWg0 = kSplit.wg0, kWg1 = kSplit.wg1, kWg2 = kSplit.wg2;
-  static constexpr int kLaunch = 168;  // 65536 / 384, a multiple of 8
+  static constexpr int kWg0 = kSplit.wg0, kWg1 = kSplit.wg1, kWg2 = kSplit.wg2, kWg3 = kSplit.wg3;
+  static constexpr int kWarpgroups = ws_threads(kMath) / 128;
+  static constexpr int kLaunch = 65536 / ws_threads(kMath) / 8 * 8;  // 168 (384 threads), 128 (512)
   // Producers with this budget or more fetch both FP8 rounds of a tile before they wait.
   static constexpr bool kWideProducer = (ws_transposed(kMath) ? kWg1 : kWg2) >= 144;
   static constexpr bool ok(int r) { return r % 8 == 0 && r >= 24 && r <= 256; }
-  static_assert(kWg0 + kWg1 + kWg2 <= 3 * kLaunch, "register pool of a 384-thread CTA");
-  static_assert(ok(kWg0) && ok(kWg1) && ok(kWg2), "setmaxnreg: multiples of 8 in [24, 256]");
+  static_assert(kWg0 + kWg1 + kWg2 + kWg3 <= kWarpgroups * kLaunch, "register pool of the CTA");
+  static_assert(ok(kWg0) && ok(kWg1) && ok(kWg2) && (kWarpgroups == 3 || ok(kWg3)),
+                "setmaxnreg: multiples of 8 in [24, 256]");
 };
 // setmaxnreg from the launch budget to kRegs (.inc above it, .dec below, nothing at it).
 template <int kRegs, int kLaunch>
@@ -151,9 +159,12 @@ struct WsSmem : TileSmem<kDqk> {
   // kDuo: full_r[2], empty_r[2] (the tiles' second halves), and at d_qk 512 the P block of the
   // first tile of a pair (at 576 it lives in that tile's RoPE block, which only its S reads).
   static constexpr int kDuoBarOff = kPBarOff + 4 * 8;
-  static constexpr int kDuoPOff = (kDuoBarOff + 4 * 8 + 1023) / 1024 * 1024;
+  // kTrio: float[64], each row's largest attended logit (max_logits), from the scores warpgroup
+  // to the values warpgroup that writes the row's statistics.
+  static constexpr int kTrioMaxOff = kDuoBarOff + 4 * 8;
+  static constexpr int kDuoPOff = (kTrioMaxOff + kBlockM * 4 + 1023) / 1024 * 1024;
   static constexpr size_t kBytes =
-      (kDqk == 576 ? kDuoBarOff + 4 * 8 : kDuoPOff + Base::kBlockBytes) + 1024;  // + alignment slack
+      (kDqk == 576 ? kTrioMaxOff + kBlockM * 4 : kDuoPOff + Base::kBlockBytes) + 1024;  // + alignment slack
   static_assert(kBarOff % 8 == 0 && kPeerBarOff % 8 == 0 && kPBarOff % 8 == 0,
                 "mbarriers are 8-byte aligned");
   static_assert(kBytes <= 227 * 1024, "shared memory of one sm90 CTA");
@@ -176,6 +187,7 @@ struct WsShared {
   // kDuo: full_r[2], empty_r[2] (bar_full / bar_empty count the first halves); the P blocks of a
   // pair's two tiles.
   uint32_t bar_full_r, bar_empty_r, sp_a, sp_b;
+  float* row_max;  // kTrio: float[64], the rows' largest attended logits
 };
 
 // Lays out the dynamic shared memory, initializes the mbarriers (full: `full_count` arrivals,
@@ -208,6 +220,7 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
   sh.bar_empty_r = sh.bar_full_r + 16;
   sh.sp_a = kDqk == 576 ? sh.sk0 + 8 * S::kBlockBytes : base + W::kDuoPOff;
   sh.sp_b = sh.sp;
+  sh.row_max = reinterpret_cast<float*>(smem + W::kTrioMaxOff);
   constexpr bool kPair = ws_pair(kMath);
   if constexpr (kPair) {
     sh.rank = cluster_ctarank();
@@ -234,10 +247,16 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
       mbarrier_init(sh.bar_full + 8 * b, full_count);
       // Every math thread; kRolesPair: also each of the peer's 8 math warps, which empty this
       // CTA's copy of their half.
-      mbarrier_init(sh.bar_empty + 8 * b, ws_transposed(kMath) ? 128 : kPair ? 256 + 8 : 256);
+      mbarrier_init(sh.bar_empty + 8 * b, ws_transposed(kMath) ? 128
+                                          : kPair                 ? 256 + 8
+                                          : ws_trio(kMath)        ? 384
+                                                                  : 256);
       if constexpr (kPair) mbarrier_init(sh.bar_peer_full + 8 * b, 1);  // + the peer's bytes
     }
-    for (int i = 0; i < 4; ++i) mbarrier_init(sh.bar_p_ready + 8 * i, 128);
+    // p_ready, p_free, stats_ready, stats_free: the scores' 128 threads arrive on the ready ones,
+    // the values' (kTrio: both warpgroups, 256) on the free ones.
+    for (int i = 0; i < 4; ++i)
+      mbarrier_init(sh.bar_p_ready + 8 * i, ws_trio(kMath) && (i & 1) ? 256 : 128);
     if constexpr (kPair) fence_mbarrier_init();
   }
   if constexpr (kPair) cluster_sync();
@@ -520,6 +539,147 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
     if constexpr (kRole == WsRole::kScores) {
       m[0] = mt[0];
       m[1] = mt[1];
+    }
+    task.store_rows(cur, st, inv, lse, m, ln);
+  }
+}
+
+// kTrio: the role split over four warpgroups. The scores warpgroup (0) computes S, masks it,
+// releases the tile (its K and validity bytes are read), runs the row softmax and hands P and the
+// corrections over (p_ready; it waits p_free, both values warpgroups done with the previous P,
+// before writing them); it holds no O, so it moves on to the next tile's S at once and that S and
+// softmax run under this tile's P V. The values warpgroups (1: O[:, 256..512), 3: O[:, 0..256))
+// rescale and accumulate their halves and release P and the tile. Why: in kRoles the scores
+// warpgroup also accumulates half of O, so no wgmma is in flight while it computes the softmax
+// (ncu, prefill d512 h64: the values warpgroup waited for P half of its time).
+// Only the scores warpgroup reads Q, so it loads it, and issues the next sequence's copies once
+// the last S of the current one has completed (JFM_WS_EARLY_Q's order, for every task).
+// After a sequence's last tile the scores warpgroup hands each row's sum, running max and true max
+// (max_logits) to both values warpgroups (stats_ready / stats_free), which store the rows;
+// warpgroup 3 takes the column offset 0, so it writes the rows' statistics.
+template <class Task>
+__device__ __forceinline__ void ws_math_trio_scores(const Task& task, const WsShared& sh) {
+  using T = typename Task::T;
+  using S = TileSmem<Task::kDqk>;
+  const Lane ln;
+  const float sl2 = task.softmax_scale * 1.4426950408889634f;
+  const uint64_t desc_q = gmma_desc_sw128(sh.sq, 16, 1024);
+  const uint64_t desc_k = gmma_desc_sw128(sh.sk0, 16, 1024);
+  uint32_t k = 0;     // tiles this CTA has consumed (the producer's count, in step)
+  int q_issued = -1;  // the sequence whose Q copies were issued during the previous one
+  for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
+    const typename Task::Seq cur = task.seq(seq);
+    if (q_issued != seq) {
+      named_barrier_sync(kBarScores, 128);  // every S of the previous sequence has read Q
+      task.template load_q<128>(cur, sh.sq);
+      cp_async_commit();
+    }
+    cp_async_wait<0>();
+    fence_proxy_async();
+    named_barrier_sync(kBarScores, 128);  // all of Q, before the wgmma reads it
+
+    RowState st;  // (its O is unused here)
+    st.init();
+    float mt[2] = {-INFINITY, -INFINITY};
+    for (int n = cur.first; n < cur.t_hi; ++k) {
+      const int n_next = cur.next(n + 1);
+      const uint32_t buf = k & 1;
+      ws_wait_full<Task, false>(sh, k);
+      float sacc[32];
+      tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf * (S::kTileBytes >> 4));
+      if (n_next >= cur.t_hi && seq < task.end_seq) {
+        named_barrier_sync(kBarScores, 128);  // every thread's S has completed: Q is free
+        task.template load_q<128>(task.seq(seq + 1), sh.sq);
+        cp_async_commit();
+        q_issued = seq + 1;
+      }
+      const uint8_t* valid = sh.valid + buf * kTileTokens;
+      if (!kWsMaskSkip || !ws_tile_unmasked(task.window_full(cur, n), valid))
+        mask_tile(sacc, [&](int h, int col) { return task.masked(cur, n, valid, h, col); });
+      mbarrier_arrive(sh.bar_empty + 8 * buf);  // this warpgroup is done with the buffer
+      float corr[2];
+      tile_softmax_rows(sacc, st, corr, mt, sl2);
+      mbarrier_wait(sh.bar_p_free, (k & 1) ^ 1);  // both values warpgroups done with the last P
+      store_p_rows<T>(sh.sp, sacc, ln);
+      if (ln.tq == 0) {
+        sh.corr[ln.row(0)] = corr[0];
+        sh.corr[ln.row(1)] = corr[1];
+      }
+      fence_proxy_async();
+      mbarrier_arrive(sh.bar_p_ready);
+      n = n_next;
+    }
+    const uint32_t j = static_cast<uint32_t>(seq - task.begin_seq);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      st.l[h] += __shfl_xor_sync(0xffffffffu, st.l[h], 1);
+      st.l[h] += __shfl_xor_sync(0xffffffffu, st.l[h], 2);
+    }
+    mbarrier_wait(sh.bar_stats_free, (j & 1) ^ 1);  // the values have read the last sequence's
+    if (ln.tq == 0) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        sh.red[ln.row(h)] = st.l[h];
+        sh.red[kBlockM + ln.row(h)] = st.m[h];
+        sh.row_max[ln.row(h)] = mt[h];
+      }
+    }
+    mbarrier_arrive(sh.bar_stats_ready);
+  }
+}
+
+// kTrio's values warpgroup kHalf (O[:, 256 kHalf ..)): warpgroup 1 + 2 (1 - kHalf).
+template <class Task, int kHalf>
+__device__ __forceinline__ void ws_math_trio_values(const Task& task, const WsShared& sh) {
+  using T = typename Task::T;
+  using S = TileSmem<Task::kDqk>;
+  Lane ln;
+  ln.wc = kHalf;  // the output columns (store_rows) and the statistics' writer (0)
+  const uint64_t desc_p = gmma_desc_sw128(sh.sp, 16, 1024);
+  const uint64_t desc_v = gmma_desc_sw128(sh.sk0 + kHalf * 4 * S::kBlockBytes, S::kBlockBytes, 1024);
+  uint32_t k = 0;
+  for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
+    const typename Task::Seq cur = task.seq(seq);
+    RowState st;
+    st.init();
+    for (int n = cur.first; n < cur.t_hi; ++k) {
+      const int n_next = cur.next(n + 1);
+      const uint32_t buf = k & 1;
+      ws_wait_full<Task, false>(sh, k);
+      mbarrier_wait(sh.bar_p_ready, k & 1);
+      const float corr[2] = {sh.corr[ln.row(0)], sh.corr[ln.row(1)]};
+      rescale_o(st.o, corr);
+      // O[:, 256 kHalf ..) += P V in two column halves (m64n128: the n256 form needs more
+      // registers than the 512-thread launch gives ptxas).
+      const uint64_t dv = desc_v + buf * (S::kTileBytes >> 4);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kTileTokens / 16; ++kk) {
+        const uint64_t dp = desc_p + ((kk * 32) >> 4), dvk = dv + ((kk * 16 * 128) >> 4);
+        wgmma_m64n128k16_ss_tb<T>(st.o, dp, dvk);
+        wgmma_m64n128k16_ss_tb<T>(st.o + 64, dp, dvk + ((2 * S::kBlockBytes) >> 4));
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      mbarrier_arrive(sh.bar_p_free);
+      mbarrier_arrive(sh.bar_empty + 8 * buf);
+      n = n_next;
+    }
+    const uint32_t j = static_cast<uint32_t>(seq - task.begin_seq);
+    float m[2], inv[2], lse[2];
+    mbarrier_wait(sh.bar_stats_ready, j & 1);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      st.l[h] = sh.red[ln.row(h)];
+      st.m[h] = sh.red[kBlockM + ln.row(h)];
+      m[h] = sh.row_max[ln.row(h)];
+    }
+    mbarrier_arrive(sh.bar_stats_free);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const bool empty = !(st.l[h] > 0.f);
+      inv[h] = empty ? 0.f : 1.f / st.l[h];
+      lse[h] = empty ? task.empty_lse(cur) : logf(st.l[h]) + st.m[h] * task.softmax_scale;
     }
     task.store_rows(cur, st, inv, lse, m, ln);
   }
@@ -887,7 +1047,21 @@ __device__ __forceinline__ void ws_run(const Task& task, const WsShared& sh) {
   using Regs = WsRegs<kMath>;
   constexpr int kL = Regs::kLaunch;
   const int wg = threadIdx.x / 128;
-  if constexpr (kMath == WsMath::kDuo) {
+  if constexpr (ws_trio(kMath)) {
+    if (wg == 2) {
+      ws_set_regs<Regs::kWg2, kL>();
+      task.template produce<false, false, true>(sh, 0, 1);
+    } else if (wg == 0) {
+      ws_set_regs<Regs::kWg0, kL>();
+      ws_math_trio_scores<Task>(task, sh);
+    } else if (wg == 1) {
+      ws_set_regs<Regs::kWg1, kL>();
+      ws_math_trio_values<Task, 1>(task, sh);
+    } else {
+      ws_set_regs<Regs::kWg3, kL>();
+      ws_math_trio_values<Task, 0>(task, sh);
+    }
+  } else if constexpr (kMath == WsMath::kDuo) {
     if (wg == 2) {
       ws_set_regs<Regs::kWg2, kL>();
       task.produce_duo(sh);

@@ -10,5 +10,8 @@ template cudaError_t launch_sparse_attention_ws<KvFormat::kBf16, 576, WsMath::kT
 #if JFM_WS_DUO
 template cudaError_t launch_sparse_attention_ws<KvFormat::kBf16, 576, WsMath::kDuo>(const SparseDecodeParams&, cudaStream_t);
 #endif
+#if JFM_WS_TRIO
+template cudaError_t launch_sparse_attention_ws<KvFormat::kBf16, 576, WsMath::kTrio>(const SparseDecodeParams&, cudaStream_t);
+#endif
 }  // namespace sm90
 }  // namespace jfm

@@ -508,7 +508,7 @@ __device__ __forceinline__ void SparseWsTask<kFmt, kDqk>::produce_duo(const WsSh
 }
 
 template <KvFormat kFmt, int kDqk, WsMath kMath>
-__global__ void __launch_bounds__(384, 1)
+__global__ void __launch_bounds__(ws_threads(kMath), 1)
     sparse_attention_ws_kernel(const __grid_constant__ SparseDecodeParams p) {
   using Task = SparseWsTask<kFmt, kDqk>;
   pdl_launch_dependents();  // (pdl.cuh) the combine may be placed on SMs this grid's tail frees
@@ -528,8 +528,9 @@ cudaError_t launch_sparse_attention_ws(const SparseDecodeParams& p, cudaStream_t
     return launch_clusters_with_smem<sparse_attention_ws_kernel<kFmt, kDqk, kMath>>(
         sparse_ws_grid(p), dim3(1, 2, 1), 384, WsSmem<kDqk>::kBytes, stream, p);
   } else {
+    static_assert(!ws_trio(kMath) || kFmt == KvFormat::kBf16, "kTrio: cp.async tiles only");
     return launch_with_smem(sparse_attention_ws_kernel<kFmt, kDqk, kMath>, sparse_ws_grid(p),
-                            384, WsSmem<kDqk>::kBytes, stream, p);
+                            ws_threads(kMath), WsSmem<kDqk>::kBytes, stream, p);
   }
 }
 
