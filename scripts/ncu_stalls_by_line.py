@@ -8,7 +8,7 @@ modulo .reuse / labels / order). "Warp Stall Sampling (All Samples)" and the sta
 summed per role, from ws_run's frame (ws_pipeline.cuh) in the chain: its producer call (warpgroup
 2), ws_math<.., WsRole::kScores> (warpgroup 0), ws_math<.., WsRole::kValues> (warpgroup 1), each
 with its setmaxnreg line (the transposed kernels: ws_math_t, "math", warpgroup 0, and the
-producer call of warpgroups 1-2; kDuo: ws_math_duo's warpgroups 0 and 1 as "scores" and "values"); "common": ws_setup, the task's constructor, ws_run's own lines (the
+producer call of warpgroups 1-2); "common": ws_setup, the task's constructor, ws_run's own lines (the
 pair's closing cluster_sync). Instructions without a ws_run frame inside the ws_run call, and runs
 of <= 2 instructions whose role differs from the agreeing roles around them (ptxas merges a few
 identical instructions of the two ws_math copies), take the neighbours' role (printed: how many).
@@ -41,10 +41,9 @@ PIPE = "ws_pipeline.cuh"
 CALLS = {"task.template produce<Regs::kWideProducer, ws_pair": "producer",
          "ws_math<Task, WsRole::kScores": "scores", "ws_math<Task, WsRole::kValues": "values",
          # kTransposed*: warpgroup 0 alone does the math, warpgroups 1-2 both produce
-         "ws_math_t<Task": "math", "task.template produce<Regs::kWideProducer, false>": "producer",
-         # kDuo (JFM_WS_DUO=1): warpgroup 0 (a pair's first tile) as "scores", 1 as "values"
-         "task.produce_duo(sh)": "producer", "ws_math_duo<Task, 0>": "scores",
-         "ws_math_duo<Task, 1>": "values"}
+         "ws_math_t<Task": "math", "task.template produce<Regs::kWideProducer, false>": "producer"}
+# (The measured-and-gone kDuo and kTrio had their own role calls: 8063be8 and the seventh
+# 2026-12-02 session's PERFORMANCE.md section map them.)
 
 
 def read_csv(path):

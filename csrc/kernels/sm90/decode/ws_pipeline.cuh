@@ -77,11 +77,8 @@ constexpr bool ws_transposed(WsMath m) {
   return m == WsMath::kTransposed16 || m == WsMath::kTransposed32;
 }
 constexpr bool ws_pair(WsMath m) { return m == WsMath::kRolesPair; }
-constexpr bool ws_trio(WsMath m) { return m == WsMath::kTrio; }
-// Threads per CTA: three warpgroups, four for kTrio (scores, values, producer, values).
-constexpr int ws_threads(WsMath m) { return ws_trio(m) ? 512 : 384; }
 struct WsRegSplit {
-  int wg0, wg1, wg2, wg3 = 0;
+  int wg0, wg1, wg2;
 };
 constexpr WsRegSplit ws_reg_split(WsMath m) {
   switch (m) {
@@ -91,12 +88,6 @@ constexpr WsRegSplit ws_reg_split(WsMath m) {
     // Moves 32 + 32 of kRoles' to the producer, which then fetches both FP8 rounds before it
     // waits (152 for warpgroup 1 spilled 284 bytes).
     case WsMath::kRolesWide: return {200, 160, 144};
-    // kDuo: each math warpgroup holds S (32) beside its O half (128) and packs P for the
-    // register-A P V; the cp.async producer needs few.
-    case WsMath::kDuo: return {216, 216, 72};
-    // kTrio (launched with 128): the scores warpgroup holds S (32) and no O; each values
-    // warpgroup its O half (128); the cp.async producer needs few.
-    case WsMath::kTrio: return {104, 176, 56, 176};
     // kRoles, kRolesPair: warpgroup 0 holds S (32) beside its O half (128), warpgroup 1 only the
     // O half.
     default: return {232, 184, 88};
@@ -105,15 +96,13 @@ constexpr WsRegSplit ws_reg_split(WsMath m) {
 template <WsMath kMath>
 struct WsRegs {
   static constexpr WsRegSplit kSplit = ws_reg_split(kMath);
-  static constexpr int kWg0 = kSplit.wg0, kWg1 = kSplit.wg1, kWg2 = kSplit.wg2, kWg3 = kSplit.wg3;
-  static constexpr int kWarpgroups = ws_threads(kMath) / 128;
-  static constexpr int kLaunch = 65536 / ws_threads(kMath) / 8 * 8;  // 168 (384 threads), 128 (512)
+  static constexpr int kWg0 = kSplit.wg0, kWg1 = kSplit.wg1, kWg2 = kSplit.wg2;
+  static constexpr int kLaunch = 168;  // 65536 / 384, a multiple of 8
   // Producers with this budget or more fetch both FP8 rounds of a tile before they wait.
   static constexpr bool kWideProducer = (ws_transposed(kMath) ? kWg1 : kWg2) >= 144;
   static constexpr bool ok(int r) { return r % 8 == 0 && r >= 24 && r <= 256; }
-  static_assert(kWg0 + kWg1 + kWg2 + kWg3 <= kWarpgroups * kLaunch, "register pool of the CTA");
-  static_assert(ok(kWg0) && ok(kWg1) && ok(kWg2) && (kWarpgroups == 3 || ok(kWg3)),
-                "setmaxnreg: multiples of 8 in [24, 256]");
+  static_assert(kWg0 + kWg1 + kWg2 <= 3 * kLaunch, "register pool of a 384-thread CTA");
+  static_assert(ok(kWg0) && ok(kWg1) && ok(kWg2), "setmaxnreg: multiples of 8 in [24, 256]");
 };
 // setmaxnreg from the launch budget to kRegs (.inc above it, .dec below, nothing at it).
 template <int kRegs, int kLaunch>
@@ -156,15 +145,7 @@ struct WsSmem : TileSmem<kDqk> {
   static constexpr int kPeerBarOff = kCorrOff + kBlockM * 4;           // peer_full[2] (kRolesPair)
   // p_ready, p_free, stats_ready, stats_free (kRoles*)
   static constexpr int kPBarOff = kPeerBarOff + 2 * 8;
-  // kDuo: full_r[2], empty_r[2] (the tiles' second halves), and at d_qk 512 the P block of the
-  // first tile of a pair (at 576 it lives in that tile's RoPE block, which only its S reads).
-  static constexpr int kDuoBarOff = kPBarOff + 4 * 8;
-  // kTrio: float[64], each row's largest attended logit (max_logits), from the scores warpgroup
-  // to the values warpgroup that writes the row's statistics.
-  static constexpr int kTrioMaxOff = kDuoBarOff + 4 * 8;
-  static constexpr int kDuoPOff = (kTrioMaxOff + kBlockM * 4 + 1023) / 1024 * 1024;
-  static constexpr size_t kBytes =
-      (kDqk == 576 ? kTrioMaxOff + kBlockM * 4 : kDuoPOff + Base::kBlockBytes) + 1024;  // + alignment slack
+  static constexpr size_t kBytes = kPBarOff + 4 * 8 + 1024;  // + alignment slack
   static_assert(kBarOff % 8 == 0 && kPeerBarOff % 8 == 0 && kPBarOff % 8 == 0,
                 "mbarriers are 8-byte aligned");
   static_assert(kBytes <= 227 * 1024, "shared memory of one sm90 CTA");
@@ -184,10 +165,6 @@ struct WsShared {
   // bytes the peer stores into its tiles); the peer's tile 0 and empty barriers (cluster
   // addresses: st.async and remote arrivals).
   uint32_t rank, bar_peer_full, peer_sk0, peer_bar_empty, peer_bar_peer_full;
-  // kDuo: full_r[2], empty_r[2] (bar_full / bar_empty count the first halves); the P blocks of a
-  // pair's two tiles.
-  uint32_t bar_full_r, bar_empty_r, sp_a, sp_b;
-  float* row_max;  // kTrio: float[64], the rows' largest attended logits
 };
 
 // Lays out the dynamic shared memory, initializes the mbarriers (full: `full_count` arrivals,
@@ -216,11 +193,6 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
   sh.bar_stats_ready = sh.bar_p_ready + 16;
   sh.bar_stats_free = sh.bar_p_ready + 24;
   sh.tile_bytes = S::kTileBytes;
-  sh.bar_full_r = base + W::kDuoBarOff;
-  sh.bar_empty_r = sh.bar_full_r + 16;
-  sh.sp_a = kDqk == 576 ? sh.sk0 + 8 * S::kBlockBytes : base + W::kDuoPOff;
-  sh.sp_b = sh.sp;
-  sh.row_max = reinterpret_cast<float*>(smem + W::kTrioMaxOff);
   constexpr bool kPair = ws_pair(kMath);
   if constexpr (kPair) {
     sh.rank = cluster_ctarank();
@@ -230,33 +202,15 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
     sh.peer_bar_empty = cluster_map(sh.bar_empty, peer);
     sh.peer_bar_peer_full = cluster_map(sh.bar_peer_full, peer);
   }
-  if (threadIdx.x == 0 && kMath == WsMath::kDuo) {
-    // Buffer 0 holds the first tile of a pair, buffer 1 the second (ws_math_duo): each half's
-    // readers, 128 for one warpgroup, 256 for both.
-    for (int b = 0; b < 2; ++b) {
-      mbarrier_init(sh.bar_full + 8 * b, full_count);
-      mbarrier_init(sh.bar_full_r + 8 * b, full_count);
-    }
-    mbarrier_init(sh.bar_empty, 128);        // first tile, left: warpgroup 0 (S, its P V)
-    mbarrier_init(sh.bar_empty + 8, 256);    // second tile, left: warpgroup 1's S, 0's P V
-    mbarrier_init(sh.bar_empty_r, 256);      // first tile, right: warpgroup 0's S, 1's P V
-    mbarrier_init(sh.bar_empty_r + 8, 128);  // second tile, right: warpgroup 1 (S, its P V)
-    for (int i = 0; i < 4; ++i) mbarrier_init(sh.bar_p_ready + 8 * i, 128);
-  } else if (threadIdx.x == 0) {
+  if (threadIdx.x == 0) {
     for (int b = 0; b < 2; ++b) {
       mbarrier_init(sh.bar_full + 8 * b, full_count);
       // Every math thread; kRolesPair: also each of the peer's 8 math warps, which empty this
       // CTA's copy of their half.
-      mbarrier_init(sh.bar_empty + 8 * b, ws_transposed(kMath) ? 128
-                                          : kPair                 ? 256 + 8
-                                          : ws_trio(kMath)        ? 384
-                                                                  : 256);
+      mbarrier_init(sh.bar_empty + 8 * b, ws_transposed(kMath) ? 128 : kPair ? 256 + 8 : 256);
       if constexpr (kPair) mbarrier_init(sh.bar_peer_full + 8 * b, 1);  // + the peer's bytes
     }
-    // p_ready, p_free, stats_ready, stats_free: the scores' 128 threads arrive on the ready ones,
-    // the values' (kTrio: both warpgroups, 256) on the free ones.
-    for (int i = 0; i < 4; ++i)
-      mbarrier_init(sh.bar_p_ready + 8 * i, ws_trio(kMath) && (i & 1) ? 256 : 128);
+    for (int i = 0; i < 4; ++i) mbarrier_init(sh.bar_p_ready + 8 * i, 128);
     if constexpr (kPair) fence_mbarrier_init();
   }
   if constexpr (kPair) cluster_sync();
@@ -544,147 +498,6 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   }
 }
 
-// kTrio: the role split over four warpgroups. The scores warpgroup (0) computes S, masks it,
-// releases the tile (its K and validity bytes are read), runs the row softmax and hands P and the
-// corrections over (p_ready; it waits p_free, both values warpgroups done with the previous P,
-// before writing them); it holds no O, so it moves on to the next tile's S at once and that S and
-// softmax run under this tile's P V. The values warpgroups (1: O[:, 256..512), 3: O[:, 0..256))
-// rescale and accumulate their halves and release P and the tile. Why: in kRoles the scores
-// warpgroup also accumulates half of O, so no wgmma is in flight while it computes the softmax
-// (ncu, prefill d512 h64: the values warpgroup waited for P half of its time).
-// Only the scores warpgroup reads Q, so it loads it, and issues the next sequence's copies once
-// the last S of the current one has completed (JFM_WS_EARLY_Q's order, for every task).
-// After a sequence's last tile the scores warpgroup hands each row's sum, running max and true max
-// (max_logits) to both values warpgroups (stats_ready / stats_free), which store the rows;
-// warpgroup 3 takes the column offset 0, so it writes the rows' statistics.
-template <class Task>
-__device__ __forceinline__ void ws_math_trio_scores(const Task& task, const WsShared& sh) {
-  using T = typename Task::T;
-  using S = TileSmem<Task::kDqk>;
-  const Lane ln;
-  const float sl2 = task.softmax_scale * 1.4426950408889634f;
-  const uint64_t desc_q = gmma_desc_sw128(sh.sq, 16, 1024);
-  const uint64_t desc_k = gmma_desc_sw128(sh.sk0, 16, 1024);
-  uint32_t k = 0;     // tiles this CTA has consumed (the producer's count, in step)
-  int q_issued = -1;  // the sequence whose Q copies were issued during the previous one
-  for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
-    const typename Task::Seq cur = task.seq(seq);
-    if (q_issued != seq) {
-      named_barrier_sync(kBarScores, 128);  // every S of the previous sequence has read Q
-      task.template load_q<128>(cur, sh.sq);
-      cp_async_commit();
-    }
-    cp_async_wait<0>();
-    fence_proxy_async();
-    named_barrier_sync(kBarScores, 128);  // all of Q, before the wgmma reads it
-
-    RowState st;  // (its O is unused here)
-    st.init();
-    float mt[2] = {-INFINITY, -INFINITY};
-    for (int n = cur.first; n < cur.t_hi; ++k) {
-      const int n_next = cur.next(n + 1);
-      const uint32_t buf = k & 1;
-      ws_wait_full<Task, false>(sh, k);
-      float sacc[32];
-      tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf * (S::kTileBytes >> 4));
-      if (n_next >= cur.t_hi && seq < task.end_seq) {
-        named_barrier_sync(kBarScores, 128);  // every thread's S has completed: Q is free
-        task.template load_q<128>(task.seq(seq + 1), sh.sq);
-        cp_async_commit();
-        q_issued = seq + 1;
-      }
-      const uint8_t* valid = sh.valid + buf * kTileTokens;
-      if (!kWsMaskSkip || !ws_tile_unmasked(task.window_full(cur, n), valid))
-        mask_tile(sacc, [&](int h, int col) { return task.masked(cur, n, valid, h, col); });
-      mbarrier_arrive(sh.bar_empty + 8 * buf);  // this warpgroup is done with the buffer
-      float corr[2];
-      tile_softmax_rows(sacc, st, corr, mt, sl2);
-      mbarrier_wait(sh.bar_p_free, (k & 1) ^ 1);  // both values warpgroups done with the last P
-      store_p_rows<T>(sh.sp, sacc, ln);
-      if (ln.tq == 0) {
-        sh.corr[ln.row(0)] = corr[0];
-        sh.corr[ln.row(1)] = corr[1];
-      }
-      fence_proxy_async();
-      mbarrier_arrive(sh.bar_p_ready);
-      n = n_next;
-    }
-    const uint32_t j = static_cast<uint32_t>(seq - task.begin_seq);
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      st.l[h] += __shfl_xor_sync(0xffffffffu, st.l[h], 1);
-      st.l[h] += __shfl_xor_sync(0xffffffffu, st.l[h], 2);
-    }
-    mbarrier_wait(sh.bar_stats_free, (j & 1) ^ 1);  // the values have read the last sequence's
-    if (ln.tq == 0) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        sh.red[ln.row(h)] = st.l[h];
-        sh.red[kBlockM + ln.row(h)] = st.m[h];
-        sh.row_max[ln.row(h)] = mt[h];
-      }
-    }
-    mbarrier_arrive(sh.bar_stats_ready);
-  }
-}
-
-// kTrio's values warpgroup kHalf (O[:, 256 kHalf ..)): warpgroup 1 + 2 (1 - kHalf).
-template <class Task, int kHalf>
-__device__ __forceinline__ void ws_math_trio_values(const Task& task, const WsShared& sh) {
-  using T = typename Task::T;
-  using S = TileSmem<Task::kDqk>;
-  Lane ln;
-  ln.wc = kHalf;  // the output columns (store_rows) and the statistics' writer (0)
-  const uint64_t desc_p = gmma_desc_sw128(sh.sp, 16, 1024);
-  const uint64_t desc_v = gmma_desc_sw128(sh.sk0 + kHalf * 4 * S::kBlockBytes, S::kBlockBytes, 1024);
-  uint32_t k = 0;
-  for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
-    const typename Task::Seq cur = task.seq(seq);
-    RowState st;
-    st.init();
-    for (int n = cur.first; n < cur.t_hi; ++k) {
-      const int n_next = cur.next(n + 1);
-      const uint32_t buf = k & 1;
-      ws_wait_full<Task, false>(sh, k);
-      mbarrier_wait(sh.bar_p_ready, k & 1);
-      const float corr[2] = {sh.corr[ln.row(0)], sh.corr[ln.row(1)]};
-      rescale_o(st.o, corr);
-      // O[:, 256 kHalf ..) += P V in two column halves (m64n128: the n256 form needs more
-      // registers than the 512-thread launch gives ptxas).
-      const uint64_t dv = desc_v + buf * (S::kTileBytes >> 4);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kTileTokens / 16; ++kk) {
-        const uint64_t dp = desc_p + ((kk * 32) >> 4), dvk = dv + ((kk * 16 * 128) >> 4);
-        wgmma_m64n128k16_ss_tb<T>(st.o, dp, dvk);
-        wgmma_m64n128k16_ss_tb<T>(st.o + 64, dp, dvk + ((2 * S::kBlockBytes) >> 4));
-      }
-      wgmma_commit();
-      wgmma_wait<0>();
-      mbarrier_arrive(sh.bar_p_free);
-      mbarrier_arrive(sh.bar_empty + 8 * buf);
-      n = n_next;
-    }
-    const uint32_t j = static_cast<uint32_t>(seq - task.begin_seq);
-    float m[2], inv[2], lse[2];
-    mbarrier_wait(sh.bar_stats_ready, j & 1);
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      st.l[h] = sh.red[ln.row(h)];
-      st.m[h] = sh.red[kBlockM + ln.row(h)];
-      m[h] = sh.row_max[ln.row(h)];
-    }
-    mbarrier_arrive(sh.bar_stats_free);
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const bool empty = !(st.l[h] > 0.f);
-      inv[h] = empty ? 0.f : 1.f / st.l[h];
-      lse[h] = empty ? task.empty_lse(cur) : logf(st.l[h]) + st.m[h] * task.softmax_scale;
-    }
-    task.store_rows(cur, st, inv, lse, m, ln);
-  }
-}
-
 // kTransposed*: warpgroup 0's loop over this CTA's sequences and tiles, kN query rows.
 template <class Task, int kN>
 __device__ __forceinline__ void ws_math_t(const Task& task, const WsShared& sh) {
@@ -759,274 +572,6 @@ __device__ __forceinline__ void ws_math_t(const Task& task, const WsShared& sh) 
   }
 }
 
-// ---- kDuo (candidate, off: JFM_WS_DUO=1; the bf16 sparse kernels above 32 heads) ------------
-// The math warpgroups take a sequence's live tiles two at a time, a pair (a, b): buffer 0 always
-// holds a, buffer 1 b (a pair without b still passes buffer 1's barriers, reading nothing).
-// Warpgroup w computes S of its own tile (0: a, 1: b) and its softmax, and accumulates
-// O[:, 256 w .. +256) over both tiles: its own P from registers (the register-A wgmma), the
-// other's from shared memory (sp_a, sp_b). One running max per row for both: warpgroup 0 moves it
-// by a (lazily, as tile_softmax_rows) and hands it over (red[0..64), m_ready0); warpgroup 1 moves
-// it by b and hands the result back (red[64..128), m_ready1); warpgroup 0 then rescales its P of
-// a (rarely: the lazy max seldom moves) before publishing it (p_ready0), and its O after its
-// P V of a. Each warpgroup sums l over its own tiles; the two are added after the sequence.
-// Why: in the role split one warpgroup's S -> softmax -> P -> P V chain bounds each tile while
-// the other only accumulates (sparse prefill d512 h64: ~2.2 us per tile against ~1.2 of tensor
-// work); here each warpgroup's softmax can run under the other's S and P V.
-// Each tile is filled in two halves, left (column blocks 0-3: value columns 0-255) and right (the
-// rest), with their own full and empty barriers (bar_full / bar_empty: left; bar_full_r /
-// bar_empty_r: right), in the order a.left, b.right, a.right, b.left: a's left and b's right have
-// one reader each (warpgroup 0, 1), which release them after their own P V, so the next pair's
-// first halves load early.
-// Hand-offs, one phase per pair (128 arrivals): m_ready0 = bar_p_ready, m_ready1 = bar_p_free,
-// p_ready0 = bar_stats_ready, p_ready1 = bar_stats_free. Each is arrived for pair i + 1 only after
-// its waiter has waited it for pair i (through the other hand-offs), so no phase is skipped; red,
-// sp_a and sp_b are rewritten only after a hand-off that follows their last read. After the
-// sequence, l (and warpgroup 1's true max, for max_logits) through red / corr between two
-// 256-thread barriers; warpgroup 0 has loaded the next sequence's Q meanwhile (issued once both
-// warpgroups' last S completed).
-// Measured (H200, 2026-12-02 sixth session, against the role split with 4-byte output stores):
-// prefill d512 h64 620.9 -> 606.4 us (-2.3%), d576 h128 topk 2048 4148.6 -> 4606.4 (+11%); its
-// smoke against the reference passed. Off until a profile says why (PERFORMANCE.md, Next).
-#ifndef JFM_WS_DUO
-#define JFM_WS_DUO 0
-#endif
-constexpr bool kWsDuo = JFM_WS_DUO != 0;
-
-// S += Q K^T over column blocks [kB0, kB1) of d_qk (no fence, commit or wait).
-template <typename T, int kDqk, int kB0, int kB1>
-__device__ __forceinline__ void qk_blocks_mma(float (&s)[32], uint64_t desc_q, uint64_t desc_k) {
-  using S = TileSmem<kDqk>;
-#pragma unroll
-  for (int kk = 4 * kB0; kk < 4 * kB1; ++kk) {
-    const uint32_t koff = ((kk >> 2) * S::kBlockBytes + (kk & 3) * 32) >> 4;
-    wgmma_m64n64k16_ss<T>(s, desc_q + koff, desc_k + koff);
-  }
-}
-// The running max after a tile whose row max is mx: tile_softmax_rows' lazy rule. (That rule and
-// duo_exp's loop are written out again rather than shared: moving them into helpers that
-// tile_softmax_rows calls changed the default kernels' SASS, which no device run has measured.)
-__device__ __forceinline__ float duo_max(float m, float mx, float sl2) {
-  return (mx - m) * sl2 > kRowsSlack ? mx : m;  // (m = mx = -inf: NaN, false)
-}
-// The correction of O and l when the running max moves from m_old to m_new (1 if it does not).
-__device__ __forceinline__ float duo_corr(float m_old, float m_new, float sl2) {
-  return m_old == m_new ? 1.f : exp2f((m_old - m_new) * sl2);
-}
-// P = exp2(s sl2 - m sl2) in place (m = -inf: nothing attended yet, s is all -inf), summed into l.
-__device__ __forceinline__ void duo_exp(float (&s)[32], const float (&m)[2], float (&l)[2], float sl2) {
-  float msc[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) msc[h] = m[h] == -INFINITY ? 0.f : m[h] * sl2;
-#pragma unroll
-  for (int i = 0; i < 32; ++i) {
-    s[i] = exp2f(s[i] * sl2 - msc[(i >> 1) & 1]);
-    l[(i >> 1) & 1] += s[i];
-  }
-}
-
-// Warpgroup kW's loop (see above). Conditions around wgmmas are broadcast from lane 0 so that
-// ptxas sees them warp-uniform (a loaded condition serialized every wgmma otherwise: C7520).
-template <class Task, int kW>
-__device__ __forceinline__ void ws_math_duo(const Task& task, const WsShared& sh) {
-  using T = typename Task::T;
-  using S = TileSmem<Task::kDqk>;
-  constexpr int kB = S::kKBlocks;
-  static_assert(Task::kCpAsyncTiles, "kDuo: the producer fills tiles of bf16 rows in halves");
-  const Lane ln;  // ln.wc == kW
-  const float sl2 = task.softmax_scale * 1.4426950408889634f;
-  const uint64_t desc_q = gmma_desc_sw128(sh.sq, 16, 1024);
-  const uint64_t desc_k = gmma_desc_sw128(sh.sk0 + kW * S::kTileBytes, 16, 1024);  // own tile
-  // This warpgroup's value columns (256 kW ..) of buffer 0's and buffer 1's tile.
-  const uint64_t desc_v0 = gmma_desc_sw128(sh.sk0 + kW * 4 * S::kBlockBytes, S::kBlockBytes, 1024);
-  const uint64_t desc_v1 = desc_v0 + (S::kTileBytes >> 4);
-  const uint64_t desc_pa = gmma_desc_sw128(sh.sp_a, 16, 1024);
-  const uint64_t desc_pb = gmma_desc_sw128(sh.sp_b, 16, 1024);
-  const uint32_t m_ready0 = sh.bar_p_ready, m_ready1 = sh.bar_p_free;
-  const uint32_t p_ready0 = sh.bar_stats_ready, p_ready1 = sh.bar_stats_free;
-  auto wait_full = [](uint32_t bar, uint32_t ph) {
-    mbarrier_wait(bar, ph);
-    fence_proxy_async();  // cp.async rows, read by wgmma
-  };
-
-  uint32_t pair = 0;  // pairs this CTA has consumed (the producer's count, in step)
-  int q_issued = -1;  // the sequence whose Q warpgroup 0 issued during the previous one
-  for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
-    const typename Task::Seq cur = task.seq(seq);
-    if (q_issued != seq) {
-      if constexpr (kW == 0) {
-        task.template load_q<128>(cur, sh.sq);
-        cp_async_commit();
-        cp_async_wait<0>();
-        fence_proxy_async();
-      }
-      MathWarpsSync::sync();  // Q, for both warpgroups' wgmma
-    }
-    RowState st;
-    st.init();
-    float mt[2] = {-INFINITY, -INFINITY};  // this warpgroup's true row maxima (max_logits)
-    for (int n = cur.first; n < cur.t_hi;) {
-      const int nb = cur.next(n + 1);
-      const bool has_b = __shfl_sync(0xffffffffu, nb < cur.t_hi ? 1 : 0, 0) != 0;
-      const int n_after = has_b ? cur.next(nb + 1) : nb;
-      const bool last = n_after >= cur.t_hi;
-      const uint32_t ph = pair & 1;
-      const int n_own = kW == 0 ? n : nb;
-      float sacc[32];
-      float mx[2] = {-INFINITY, -INFINITY};
-      if (kW == 0 || has_b) {
-#pragma unroll
-        for (int i = 0; i < 32; ++i) sacc[i] = 0.f;
-        // S of the own tile, the half that is released first (a.left, b.right) first.
-        constexpr int kFirst0 = kW == 0 ? 0 : 4, kFirst1 = kW == 0 ? 4 : kB;
-        constexpr int kThen0 = kW == 0 ? 4 : 0, kThen1 = kW == 0 ? kB : 4;
-        wait_full(kW == 0 ? sh.bar_full : sh.bar_full_r + 8, ph);
-        wgmma_fence();
-        qk_blocks_mma<T, Task::kDqk, kFirst0, kFirst1>(sacc, desc_q, desc_k);
-        wgmma_commit();
-        wait_full(kW == 0 ? sh.bar_full_r : sh.bar_full + 8, ph);
-        wgmma_fence();
-        qk_blocks_mma<T, Task::kDqk, kThen0, kThen1>(sacc, desc_q, desc_k);
-        wgmma_commit();
-        wgmma_wait<0>();
-        const uint8_t* valid = sh.valid + kW * kTileTokens;
-        if (!kWsMaskSkip || !ws_tile_unmasked(task.window_full(cur, n_own), valid))
-          mask_tile(sacc, [&](int h, int col) { return task.masked(cur, n_own, valid, h, col); });
-        quad_row_max(sacc, mx);
-        mt[0] = fmaxf(mt[0], mx[0]);
-        mt[1] = fmaxf(mt[1], mx[1]);
-      }
-      if (last && seq < task.end_seq) q_issued = seq + 1;
-      if constexpr (kW == 0) {
-        float m0[2], corr[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          m0[h] = duo_max(st.m[h], mx[h], sl2);
-          corr[h] = duo_corr(st.m[h], m0[h], sl2);
-          st.l[h] *= corr[h];
-        }
-        duo_exp(sacc, m0, st.l, sl2);
-        if (ln.tq == 0) {
-          sh.red[ln.row(0)] = m0[0];
-          sh.red[ln.row(1)] = m0[1];
-        }
-        mbarrier_arrive(m_ready0);
-        rescale_o(st.o, corr);
-        tile_pv_issue_rs<T>(st, sacc, desc_v0);  // O += P_a V_a (left)
-        mbarrier_wait(m_ready1, ph);             // b's max (warpgroup 1's S is complete)
-        float c[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float m1 = sh.red[kBlockM + ln.row(h)];
-          c[h] = duo_corr(m0[h], m1, sl2);
-          st.m[h] = m1;
-        }
-        const bool moved = __any_sync(0xffffffffu, c[0] != 1.f || c[1] != 1.f);
-        if (moved) {
-#pragma unroll
-          for (int i = 0; i < 32; ++i) sacc[i] *= c[(i >> 1) & 1];
-        }
-        if (q_issued == seq + 1 && last) {  // both warpgroups' S are done with Q
-          task.template load_q<128>(task.seq(seq + 1), sh.sq);
-          cp_async_commit();
-        }
-        store_p_rows<T>(sh.sp_a, sacc, ln);
-        fence_proxy_async();
-        mbarrier_arrive(p_ready0);
-        mbarrier_arrive(sh.bar_empty_r);  // a's right half: this warpgroup's S (P_a: after it)
-        wgmma_wait<0>();
-        mbarrier_arrive(sh.bar_empty);    // a's left half: read by this warpgroup alone
-        if (moved) {
-          rescale_o(st.o, c);
-          st.l[0] *= c[0];
-          st.l[1] *= c[1];
-        }
-        if (has_b) wait_full(sh.bar_full + 8, ph);  // b's left half, for this thread's P V
-        mbarrier_wait(p_ready1, ph);
-        if (has_b) {
-          tile_pv_issue<T>(st, desc_pb, desc_v1);  // O += P_b V_b (left)
-          wgmma_wait<0>();
-        }
-        mbarrier_arrive(sh.bar_empty + 8);  // b's left half
-      } else {
-        mbarrier_wait(m_ready0, ph);
-        mbarrier_arrive(sh.bar_empty + 8);  // b's left half: this warpgroup's S is done with it
-        float m1[2], corr[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float m0 = sh.red[ln.row(h)];
-          m1[h] = has_b ? duo_max(m0, mx[h], sl2) : m0;
-          corr[h] = duo_corr(st.m[h], m1[h], sl2);
-          st.l[h] *= corr[h];
-          st.m[h] = m1[h];
-        }
-        if (has_b) duo_exp(sacc, m1, st.l, sl2);
-        if (ln.tq == 0) {
-          sh.red[kBlockM + ln.row(0)] = m1[0];
-          sh.red[kBlockM + ln.row(1)] = m1[1];
-        }
-        mbarrier_arrive(m_ready1);
-        rescale_o(st.o, corr);
-        if (has_b) {
-          store_p_rows<T>(sh.sp_b, sacc, ln);
-          fence_proxy_async();
-        }
-        mbarrier_arrive(p_ready1);
-        wait_full(sh.bar_full_r, ph);  // a's right half, for this thread's P V
-        mbarrier_wait(p_ready0, ph);
-        // O += P_a V_a (right), then P_b V_b (right); a's right half (and P_a) is released as
-        // soon as its P V completes. (One branch per case: ptxas serialized every wgmma when
-        // the waits sat in two branches on the same condition.)
-        if (has_b) {
-          tile_pv_issue<T>(st, desc_pa, desc_v0);
-          tile_pv_issue_rs<T>(st, sacc, desc_v1);
-          wgmma_wait<1>();
-          mbarrier_arrive(sh.bar_empty_r);
-          wgmma_wait<0>();
-        } else {
-          tile_pv_issue<T>(st, desc_pa, desc_v0);
-          wgmma_wait<0>();
-          mbarrier_arrive(sh.bar_empty_r);
-        }
-        mbarrier_arrive(sh.bar_empty_r + 8);  // b's right half: read by this warpgroup alone
-      }
-      ++pair;
-      n = n_after;
-    }
-    // The rows' totals: l of both warpgroups, and warpgroup 1's true max for max_logits.
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      st.l[h] += __shfl_xor_sync(0xffffffffu, st.l[h], 1);
-      st.l[h] += __shfl_xor_sync(0xffffffffu, st.l[h], 2);
-    }
-    if constexpr (kW == 0) {
-      if (q_issued == seq + 1) {  // the next Q, for warpgroup 1 after the barrier
-        cp_async_wait<0>();
-        fence_proxy_async();
-      }
-    }
-    if (ln.tq == 0) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        sh.red[kW * kBlockM + ln.row(h)] = st.l[h];
-        if (kW == 1) sh.corr[ln.row(h)] = mt[h];
-      }
-    }
-    MathWarpsSync::sync();
-    float inv[2], lse[2], m[2];
-    const float empty_lse = task.empty_lse(cur);
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const float l = st.l[h] + sh.red[(kW ^ 1) * kBlockM + ln.row(h)];
-      m[h] = kW == 0 ? fmaxf(mt[h], sh.corr[ln.row(h)]) : mt[h];
-      const bool empty = !(l > 0.f);
-      inv[h] = empty ? 0.f : 1.f / l;
-      lse[h] = empty ? empty_lse : logf(l) + st.m[h] * task.softmax_scale;
-    }
-    MathWarpsSync::sync();  // red and corr are free again
-    task.store_rows(cur, st, inv, lse, m, ln);
-  }
-}
-
 // kRolesPair: no CTA leaves while the peer may still store into its tiles or arrive on its
 // barriers. Called at the end of each role's branch, not once after them: a join of the three
 // roles after the branches made ptxas treat the role branches as divergent code, and the scores
@@ -1047,32 +592,7 @@ __device__ __forceinline__ void ws_run(const Task& task, const WsShared& sh) {
   using Regs = WsRegs<kMath>;
   constexpr int kL = Regs::kLaunch;
   const int wg = threadIdx.x / 128;
-  if constexpr (ws_trio(kMath)) {
-    if (wg == 2) {
-      ws_set_regs<Regs::kWg2, kL>();
-      task.template produce<false, false, true>(sh, 0, 1);
-    } else if (wg == 0) {
-      ws_set_regs<Regs::kWg0, kL>();
-      ws_math_trio_scores<Task>(task, sh);
-    } else if (wg == 1) {
-      ws_set_regs<Regs::kWg1, kL>();
-      ws_math_trio_values<Task, 1>(task, sh);
-    } else {
-      ws_set_regs<Regs::kWg3, kL>();
-      ws_math_trio_values<Task, 0>(task, sh);
-    }
-  } else if constexpr (kMath == WsMath::kDuo) {
-    if (wg == 2) {
-      ws_set_regs<Regs::kWg2, kL>();
-      task.produce_duo(sh);
-    } else if (wg == 0) {
-      ws_set_regs<Regs::kWg0, kL>();
-      ws_math_duo<Task, 0>(task, sh);
-    } else {
-      ws_set_regs<Regs::kWg1, kL>();
-      ws_math_duo<Task, 1>(task, sh);
-    }
-  } else if constexpr (ws_transposed(kMath)) {
+  if constexpr (ws_transposed(kMath)) {
     if (wg == 0) {
       ws_set_regs<Regs::kWg0, kL>();
       ws_math_t<Task, kMath == WsMath::kTransposed16 ? 16 : 32>(task, sh);

@@ -7,10 +7,6 @@
 #include "kernels/params.h"
 #include "kernels/variant.h"
 
-#ifndef JFM_WS_TRIO  // (the candidate's switch: above 32 rows on WsMath::kTrio, ws_pipeline.cuh)
-#define JFM_WS_TRIO 0
-#endif
-
 namespace jfm {
 namespace sm90 {
 template <typename T>
@@ -27,11 +23,7 @@ cudaError_t launch(const DenseDecodeParams& p, cudaStream_t stream) {
   const int rows = p.s_q * (p.h_q / p.h_kv);  // a CTA's query rows, at most 64
   if (rows <= 16) return sm90::launch_dense_decode_ws<T, WsMath::kTransposed16>(p, stream);
   if (rows <= 32) return sm90::launch_dense_decode_ws<T, WsMath::kTransposed32>(p, stream);
-#if JFM_WS_TRIO
-  return sm90::launch_dense_decode_ws<T, WsMath::kTrio>(p, stream);
-#else
   return sm90::launch_dense_decode_ws<T, WsMath::kRoles>(p, stream);
-#endif
 }
 }  // namespace
 

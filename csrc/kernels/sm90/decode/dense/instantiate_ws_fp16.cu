@@ -7,8 +7,5 @@ namespace sm90 {
 template cudaError_t launch_dense_decode_ws<__half, WsMath::kRoles>(const DenseDecodeParams&, cudaStream_t);
 template cudaError_t launch_dense_decode_ws<__half, WsMath::kTransposed16>(const DenseDecodeParams&, cudaStream_t);
 template cudaError_t launch_dense_decode_ws<__half, WsMath::kTransposed32>(const DenseDecodeParams&, cudaStream_t);
-#if JFM_WS_TRIO
-template cudaError_t launch_dense_decode_ws<__half, WsMath::kTrio>(const DenseDecodeParams&, cudaStream_t);
-#endif
 }  // namespace sm90
 }  // namespace jfm

@@ -153,7 +153,7 @@ struct DenseWsTask {
 };
 
 template <typename T, WsMath kMath>
-__global__ void __launch_bounds__(ws_threads(kMath), 1) dense_decode_ws_kernel(const __grid_constant__ DenseDecodeParams p) {
+__global__ void __launch_bounds__(384, 1) dense_decode_ws_kernel(const __grid_constant__ DenseDecodeParams p) {
   using Task = DenseWsTask<T>;
   pdl_launch_dependents();  // (pdl.cuh) the combine may be placed on SMs this grid's tail frees
   extern __shared__ unsigned char smem_raw[];
@@ -165,7 +165,7 @@ __global__ void __launch_bounds__(ws_threads(kMath), 1) dense_decode_ws_kernel(c
 template <typename T, WsMath kMath>
 cudaError_t launch_dense_decode_ws(const DenseDecodeParams& p, cudaStream_t stream) {
   return launch_with_smem(dense_decode_ws_kernel<T, kMath>, dim3(p.num_sm_parts, p.num_m_blocks, p.h_kv),
-                          ws_threads(kMath), WsSmem<kDenseDqk>::kBytes, stream, p);
+                          384, WsSmem<kDenseDqk>::kBytes, stream, p);
 }
 
 }  // namespace sm90
