@@ -298,53 +298,6 @@ __device__ __forceinline__ void tile_qk_rows(float (&s)[32], uint64_t desc_q, ui
   tile_gemm_qk<T, kDqk, 64>(s, desc_q, desc_k);
 }
 
-// JFM_WS_QREG=n (candidate, 0 = off): the role split's scores warpgroup (WsMath::kRoles) keeps Q's
-// first n column blocks in registers, as the A fragments of the register-A wgmma, and reads only
-// the rest from shared memory. Why: the 64-row tile is bound by shared-memory traffic (ncu's
-// L1/TEX throughput matches the bytes of S, P V, the producer's tile stores and P to two points,
-// docs/PERFORMANCE.md, seventh 2026-12-02 session), and S's m64n64 wgmma reads Q (2 KB) beside
-// each 2 KB of K: 128 of the tile's 280 KB at d_qk 512. Each block in registers costs 16 per
-// thread and saves 8 KB per tile.
-#ifndef JFM_WS_QREG
-#define JFM_WS_QREG 0
-#endif
-constexpr int kWsQReg = JFM_WS_QREG;
-static_assert(kWsQReg >= 0 && kWsQReg <= 8, "JFM_WS_QREG: column blocks of Q, 0..8");
-
-// This thread's A fragments of Q's column blocks 0 .. kQB - 1 from the swizzled Q tile at sq:
-// qa[b][kk][r] holds row ln.row(r & 1), columns 64 b + 16 kk + 2 tq + 8 (r >> 1) (+ 1).
-template <int kDqk, int kQB>
-__device__ __forceinline__ void load_q_regs(uint32_t (&qa)[kQB][4][4], uint32_t sq, const Lane& ln) {
-  using S = TileSmem<kDqk>;
-#pragma unroll
-  for (int b = 0; b < kQB; ++b)
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const uint32_t addr = sq + S::chunk_off(ln.row(r & 1), 8 * b + 2 * kk + (r >> 1)) + 4 * ln.tq;
-        asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(qa[b][kk][r]) : "r"(addr));
-      }
-}
-
-// tile_qk_rows with Q's first kQB column blocks from registers (load_q_regs).
-template <typename T, int kDqk, int kQB>
-__device__ __forceinline__ void tile_qk_rows_qreg(float (&s)[32], const uint32_t (&qa)[kQB][4][4],
-                                                  uint64_t desc_q, uint64_t desc_k) {
-  using S = TileSmem<kDqk>;
-#pragma unroll
-  for (int i = 0; i < 32; ++i) s[i] = 0.f;
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < kDqk / 16; ++kk) {
-    const uint32_t koff = ((kk >> 2) * S::kBlockBytes + (kk & 3) * 32) >> 4;
-    if (kk < 4 * kQB) wgmma_m64n64k16_rs<T>(s, qa[kk >> 2][kk & 3], desc_k + koff);
-    else wgmma_m64n64k16_ss<T>(s, desc_q + koff, desc_k + koff);
-  }
-  wgmma_commit();
-  wgmma_wait<0>();
-}
-
 // Writes warpgroup 0's P (all 64 columns) into the swizzled P block at sp.
 template <typename T>
 __device__ __forceinline__ void store_p_rows(uint32_t sp, const float (&s)[32], const Lane& ln) {

@@ -89,11 +89,7 @@ constexpr WsRegSplit ws_reg_split(WsMath m) {
     // waits (152 for warpgroup 1 spilled 284 bytes).
     case WsMath::kRolesWide: return {200, 160, 144};
     // kRoles, kRolesPair: warpgroup 0 holds S (32) beside its O half (128), warpgroup 1 only the
-    // O half. JFM_WS_QREG: kRoles' scores warpgroup also holds 16 per block of Q (its cp.async
-    // producer gives 24).
-    case WsMath::kRoles:
-      if (kWsQReg > 0) return {256, 184, 64};
-      return {232, 184, 88};
+    // O half.
     default: return {232, 184, 88};
   }
 }
@@ -400,7 +396,7 @@ __device__ __forceinline__ void ws_finish_rows(RowState& st, const WsShared& sh,
 // The math warps' loop over this CTA's sequences and tiles. One instantiation per role, so that
 // each warpgroup's code is register-allocated within its own setmaxnreg budget (with one loop for
 // both roles ptxas allocated it within the smaller budget and spilled).
-template <class Task, WsRole kRole, bool kPair, int kQB = 0>
+template <class Task, WsRole kRole, bool kPair>
 __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   using T = typename Task::T;
   using S = TileSmem<Task::kDqk>;
@@ -412,7 +408,6 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
 
   uint32_t k = 0;  // tiles this CTA has consumed (the producer's count, in step)
   constexpr bool kEarlyQ = ws_early_q<Task>();
-  uint32_t qa[kQB > 0 ? kQB : 1][4][4];  // kQB: Q's first column blocks (JFM_WS_QREG)
   int q_issued = -1;  // kEarlyQ: the sequence whose Q copies the scores warpgroup has issued
   for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
     const typename Task::Seq cur = task.seq(seq);
@@ -429,7 +424,6 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       fence_proxy_async();
       named_barrier_sync(kBarScores, 128);  // all of Q, before the wgmma reads it
     }
-    if constexpr (kQB > 0 && kRole == WsRole::kScores) load_q_regs<Task::kDqk, kQB>(qa, sh.sq, ln);
 
     RowState st;
     st.init();
@@ -443,8 +437,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
 
       if constexpr (kRole == WsRole::kScores) {
         float sacc[32];  // this tile's S, then P
-        if constexpr (kQB > 0) tile_qk_rows_qreg<T, Task::kDqk, kQB>(sacc, qa, desc_q, desc_k + buf_desc);
-        else tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
+        tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
         if (kEarlyQ && n_next >= cur.t_hi && seq < task.end_seq) {
           named_barrier_sync(kBarScores, 128);  // every thread's S has completed: Q is free
           task.template load_q<128>(task.seq(seq + 1), sh.sq);
@@ -614,7 +607,7 @@ __device__ __forceinline__ void ws_run(const Task& task, const WsShared& sh) {
     ws_leave<kMath>();
   } else if (wg == 0) {
     ws_set_regs<Regs::kWg0, kL>();
-    ws_math<Task, WsRole::kScores, ws_pair(kMath), kMath == WsMath::kRoles ? kWsQReg : 0>(task, sh);
+    ws_math<Task, WsRole::kScores, ws_pair(kMath)>(task, sh);
     ws_leave<kMath>();
   } else {
     ws_set_regs<Regs::kWg1, kL>();
