@@ -5,7 +5,7 @@
 # From the repo root, carrying the nvidia-cutlass wheel (docs/BUILDING.md):
 #   run(command="bash scripts/device_check.sh", carry=[".whl"])
 # Stages: STAGES="build cpu-suite smoke gpu gpu-alt raceprobe probe memcheck racecheck synccheck ab abtime
-# abflags ncu bench example" (default: build gpu memcheck racecheck bench example). smoke runs a few calls of every
+# abflags ncu trace bench example" (default: build gpu memcheck racecheck bench example). smoke runs a few calls of every
 # kernel per SMOKE_VARIANTS (default "ws pair", JFM_KERNEL_VARIANT); gpu-alt runs
 # the kernel GPU tests on each variant in ALT_VARIANTS (default "pair": the FP8 CTA pairs
 # everywhere at 65-128 heads; "v1": the kernels before the warp-specialized ones; "combine1":
@@ -191,6 +191,22 @@ if has abflags; then
     if [ "${PIPESTATUS[0]}" -eq 0 ]; then ab_ok+=("$name=/tmp/abflags/$name/site"); else fail "abflags smoke $name"; fi
   done
   time_builds abflags "${ab_ok[@]}"
+fi
+if has trace; then
+  # The tile-phase probe (csrc/kernels/sm90/decode/tile_trace.cuh): needs this build with
+  # CUDAFLAGS=-DJFM_TILE_TRACE=1. Each TRACE_CASES entry (profile_decode.py arguments, ';'
+  # separated) runs with XLA's command buffers off (a captured launch is not traced); the third
+  # launch of each kernel object is written to tile_trace.txt, then summarized per tile phase.
+  case " ${CUDAFLAGS:-} " in *JFM_TILE_TRACE=1*) ;; *) echo "trace: build with CUDAFLAGS=-DJFM_TILE_TRACE=1"; fail trace ;; esac
+  IFS=';' read -ra trace_cases <<< "${TRACE_CASES:---prefill 512 --s_q 4096 --h_q 64 --s_k 8192 --topk 512;--h_q 128 --s_k 4096 --b 128}"
+  for c in "${trace_cases[@]}"; do
+    log "tile trace: $c"
+    echo "# case: $c" >> "$OUT/tile_trace.txt"
+    JFM_TILE_TRACE_FILE="$OUT/tile_trace.txt" XLA_FLAGS=--xla_gpu_enable_command_buffer= \
+      timeout -k 5 120 python3 "$REPO/benchmarks/profile_decode.py" $c > "$OUT/trace_run.log" 2>&1 \
+      || { tail -5 "$OUT/trace_run.log"; fail trace; }
+  done
+  python3 "$REPO/scripts/tile_trace.py" "$OUT/tile_trace.txt" 2>&1 | tee "$OUT/tile_trace_summary.txt"
 fi
 if has ncu; then
   # NCU_CASES: "name|kernel regex|profile_decode.py args[|VAR=value ...]" entries separated by

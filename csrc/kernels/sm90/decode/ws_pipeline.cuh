@@ -66,6 +66,7 @@
 #include "kernels/params.h"
 #include "kernels/pdl.cuh"
 #include "kernels/sm90/decode/tile_attention.cuh"
+#include "kernels/sm90/decode/tile_trace.cuh"
 
 namespace jfm {
 namespace sm90 {
@@ -431,13 +432,16 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
     for (int n = cur.first; n < cur.t_hi; ++k) {
       const int n_next = cur.next(n + 1);
       const uint32_t buf = k & 1;
+      if constexpr (kRole == WsRole::kScores) tile_trace(k, kTrScWait);
       ws_wait_full<Task, kPair>(sh, k);
+      tile_trace(k, kRole == WsRole::kScores ? kTrScFull : kTrValFull);
       const uint32_t buf_desc = buf * (S::kTileBytes >> 4);
       const uint8_t* valid = sh.valid + buf * kTileTokens;
 
       if constexpr (kRole == WsRole::kScores) {
         float sacc[32];  // this tile's S, then P
         tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
+        tile_trace(k, kTrScS);
         if (kEarlyQ && n_next >= cur.t_hi && seq < task.end_seq) {
           named_barrier_sync(kBarScores, 128);  // every thread's S has completed: Q is free
           task.template load_q<128>(task.seq(seq + 1), sh.sq);
@@ -465,17 +469,20 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
           publish();
         } else {
           publish();
+          tile_trace(k, kTrScPub);
           named_barrier_sync(kBarScores, 128);  // all of P, before this warpgroup's wgmma reads it
           rescale_o(st.o, corr);
           tile_pv_issue<T>(st, desc_p, desc_v + buf_desc);
         }
       } else {  // kValues
         mbarrier_wait(sh.bar_p_ready, k & 1);
+        tile_trace(k, kTrValP);
         const float corr[2] = {sh.corr[ln.row(0)], sh.corr[ln.row(1)]};
         rescale_o(st.o, corr);
         tile_pv_issue<T>(st, desc_p, desc_v + buf_desc);
       }
       wgmma_wait<0>();
+      tile_trace(k, kRole == WsRole::kScores ? kTrScPv : kTrValPv);
       if (kRole == WsRole::kValues) mbarrier_arrive(sh.bar_p_free);
       mbarrier_arrive(sh.bar_empty + 8 * buf);  // this thread is done with it
       if constexpr (kPair) {

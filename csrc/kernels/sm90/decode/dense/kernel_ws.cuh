@@ -134,6 +134,7 @@ struct DenseWsTask {
         const bool blk_ok = blk >= 0 && blk < p.num_kv_blocks;
         const WsFill<> fill(sh, k);
         fill.wait_empty();
+        tile_trace(k, kTrProdEmpty);
         auto present = [&](int r) { return blk_ok && n * kPageBlock + r < q.len; };
         load_tile_rows<T, kDqk, 128>(fill.tile, ptid, kvg, [&](int r) -> const T* {
           const size_t row = static_cast<size_t>(blk) * kPageBlock + r;
@@ -144,6 +145,7 @@ struct DenseWsTask {
           if (lq == 0) fill.valid[lr + 16 * h] = present(lr + 16 * h);
         mbarrier_arrive(fill.full);                  // the validity bytes
         cp_async_mbarrier_arrive_noinc(fill.full);   // the rows, when they land
+        tile_trace(k, kTrProdIssued);
         blk = blk_next;
       }
       k0 += max(q.t_hi - q.first, 0);
@@ -164,8 +166,11 @@ __global__ void __launch_bounds__(384, 1) dense_decode_ws_kernel(const __grid_co
 
 template <typename T, WsMath kMath>
 cudaError_t launch_dense_decode_ws(const DenseDecodeParams& p, cudaStream_t stream) {
-  return launch_with_smem(dense_decode_ws_kernel<T, kMath>, dim3(p.num_sm_parts, p.num_m_blocks, p.h_kv),
-                          384, WsSmem<kDenseDqk>::kBytes, stream, p);
+  return tile_trace_launch("dense_decode_ws_kernel", static_cast<int>(kMath), stream, [&] {
+    return launch_with_smem(dense_decode_ws_kernel<T, kMath>,
+                            dim3(p.num_sm_parts, p.num_m_blocks, p.h_kv), 384,
+                            WsSmem<kDenseDqk>::kBytes, stream, p);
+  });
 }
 
 }  // namespace sm90

@@ -421,6 +421,7 @@ struct SparseWsTask {
           } else {
             load_indices(n_next, idx_next);
             fill.wait_empty();
+            tile_trace(fill.k, kTrProdEmpty);
             const bf16* rows = reinterpret_cast<const bf16*>(pool.data);
             // Row lr + 16 h of the tile is this thread's position h (lr < 16).
             load_tile_rows<bf16, kDqk, 128>(fill.tile, ptid, rows, [&](int t) -> const bf16* {
@@ -432,6 +433,7 @@ struct SparseWsTask {
               if (lq == 0) fill.valid[lr + 16 * h] = q.rows.row_of(idx[h], pool_id) >= 0;
             mbarrier_arrive(fill.full);                  // the validity bytes
             cp_async_mbarrier_arrive_noinc(fill.full);   // the rows, when they land
+            tile_trace(fill.k, kTrProdIssued);
           }
 #pragma unroll
           for (int h = 0; h < 4; ++h) idx[h] = idx_next[h];
@@ -465,8 +467,10 @@ cudaError_t launch_sparse_attention_ws(const SparseDecodeParams& p, cudaStream_t
     return launch_clusters_with_smem<sparse_attention_ws_kernel<kFmt, kDqk, kMath>>(
         sparse_ws_grid(p), dim3(1, 2, 1), 384, WsSmem<kDqk>::kBytes, stream, p);
   } else {
-    return launch_with_smem(sparse_attention_ws_kernel<kFmt, kDqk, kMath>, sparse_ws_grid(p),
-                            384, WsSmem<kDqk>::kBytes, stream, p);
+    return tile_trace_launch("sparse_attention_ws_kernel", static_cast<int>(kMath), stream, [&] {
+      return launch_with_smem(sparse_attention_ws_kernel<kFmt, kDqk, kMath>, sparse_ws_grid(p),
+                              384, WsSmem<kDqk>::kBytes, stream, p);
+    });
   }
 }
 

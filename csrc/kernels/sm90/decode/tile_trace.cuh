@@ -1,0 +1,114 @@
+// JFM_TILE_TRACE=1 (a probe, off by default; nothing of it is compiled without the flag): the
+// warp-specialized role split (kRoles: dense decode and the bf16 sparse kernels above 32 rows)
+// stamps the SM clock at the phase boundaries of its first kTraceTiles tiles in CTAs
+// blockIdx.x < kTraceCtas (blockIdx.y == blockIdx.z == 0), one thread per role, into a device
+// buffer; the launcher writes the buffer of the JFM_TILE_TRACE_CALL-th launch (default 3) of each
+// kernel to $JFM_TILE_TRACE_FILE (default /tmp/jfm_tile_trace.txt), appending. Read it with
+// scripts/tile_trace.py. Why: ncu's stall samples could not say what bounds the 64-row tile
+// (docs/PERFORMANCE.md, seventh 2026-12-02 session: three candidates aimed at the tensor pipe's
+// idle time and at shared-memory traffic moved nothing); per-tile timestamps give the load latency
+// (empty wait's end to full), the S -> softmax -> P -> P V chain and the hand-offs directly.
+// The stamps are the low 32 bits of clock64 (one SM's cycle counter: compare within a CTA only).
+#pragma once
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+
+#include <cuda_runtime.h>
+
+#ifndef JFM_TILE_TRACE
+#define JFM_TILE_TRACE 0
+#endif
+
+namespace jfm {
+namespace sm90 {
+
+constexpr bool kTileTrace = JFM_TILE_TRACE != 0;
+constexpr int kTraceCtas = 4, kTraceTiles = 64;
+// Stamp slots per tile.
+enum TraceSlot : int {
+  kTrProdEmpty = 0,   // producer: its empty wait for the tile's buffer ended
+  kTrProdIssued = 1,  // producer: the tile's copies issued, its full arrivals made
+  kTrScFull = 2,      // scores: its full wait ended
+  kTrScS = 3,         // scores: S complete (wgmma waited)
+  kTrScPub = 4,       // scores: P and the corrections published (p_ready arrived)
+  kTrScPv = 5,        // scores: its P V half complete
+  kTrValFull = 6,     // values: its full wait ended
+  kTrValP = 7,        // values: P received (p_ready waited)
+  kTrValPv = 8,       // values: its P V half complete
+  kTrScWait = 9,      // scores: reached its full wait (its end - this: how long the tile was late)
+  kTrSlots = 10
+};
+
+#if JFM_TILE_TRACE
+// One per translation unit (no relocatable device code): each kernel object has its own, set by
+// its own launcher (tile_trace_launch).
+static __device__ uint32_t* g_tile_trace;
+
+__device__ __forceinline__ void tile_trace(uint32_t k, int slot) {
+  if ((threadIdx.x & 127) != 0 || blockIdx.x >= kTraceCtas || blockIdx.y != 0 || blockIdx.z != 0 ||
+      k >= static_cast<uint32_t>(kTraceTiles))
+    return;
+  uint32_t* t = g_tile_trace;
+  if (t != nullptr)
+    t[(blockIdx.x * kTraceTiles + k) * kTrSlots + slot] = static_cast<uint32_t>(clock64());
+}
+
+// Host: launch(), with the trace buffer bound before and, on the JFM_TILE_TRACE_CALL-th call of
+// this kernel object, the stream synchronized and the buffer appended to the trace file.
+// (One buffer and count per launcher instantiation: the static locals below are per Launch type.
+// The kernels of one object share g_tile_trace, so it is pointed at this buffer on every call.)
+template <typename Launch>
+cudaError_t tile_trace_launch(const char* name, int math, cudaStream_t stream, Launch launch) {
+  static uint32_t* buf = nullptr;
+  static int calls = 0;
+  constexpr size_t kWords = static_cast<size_t>(kTraceCtas) * kTraceTiles * kTrSlots;
+  // Inside a CUDA graph capture (XLA's command buffers) neither the allocation nor the
+  // synchronization may run: those launches are not traced (run the probe with
+  // XLA_FLAGS=--xla_gpu_enable_command_buffer= so that every launch is a plain one).
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess ||
+      capture != cudaStreamCaptureStatusNone)
+    return launch();
+  if (buf == nullptr) {
+    const cudaError_t e = cudaMalloc(&buf, kWords * sizeof(uint32_t));
+    if (e != cudaSuccess) return e;
+  }
+  cudaError_t e = cudaMemcpyToSymbolAsync(g_tile_trace, &buf, sizeof(buf), 0,
+                                          cudaMemcpyHostToDevice, stream);
+  if (e != cudaSuccess) return e;
+  const char* at = std::getenv("JFM_TILE_TRACE_CALL");
+  const bool dump = ++calls == (at != nullptr ? std::atoi(at) : 3);
+  if (dump) cudaMemsetAsync(buf, 0, kWords * sizeof(uint32_t), stream);
+  e = launch();
+  if (e != cudaSuccess || !dump) return e;
+  uint32_t host[kWords];
+  cudaStreamSynchronize(stream);
+  cudaMemcpy(host, buf, sizeof(host), cudaMemcpyDeviceToHost);
+  const char* path = std::getenv("JFM_TILE_TRACE_FILE");
+  FILE* f = std::fopen(path != nullptr ? path : "/tmp/jfm_tile_trace.txt", "a");
+  if (f == nullptr) return cudaSuccess;
+  std::fprintf(f, "# kernel %s WsMath %d call %d; cta tile then slots 0-%d (tile_trace.cuh)\n",
+               name, math, calls, kTrSlots - 1);
+  for (int c = 0; c < kTraceCtas; ++c)
+    for (int t = 0; t < kTraceTiles; ++t) {
+      const uint32_t* r = host + (c * kTraceTiles + t) * kTrSlots;
+      if (r[kTrScFull] == 0 && r[kTrProdEmpty] == 0) continue;  // no such tile
+      std::fprintf(f, "%d %d", c, t);
+      for (int s = 0; s < kTrSlots; ++s) std::fprintf(f, " %u", r[s]);
+      std::fprintf(f, "\n");
+    }
+  std::fclose(f);
+  return cudaSuccess;
+}
+#else
+__device__ __forceinline__ void tile_trace(uint32_t, int) {}
+template <typename Launch>
+cudaError_t tile_trace_launch(const char*, int, cudaStream_t, Launch launch) {
+  return launch();
+}
+#endif
+
+}  // namespace sm90
+}  // namespace jfm

@@ -1,0 +1,94 @@
+"""Summarizes a JFM_TILE_TRACE file (csrc/kernels/sm90/decode/tile_trace.cuh): per traced kernel,
+medians (and p10 / p90) over its traced tiles (CTAs 0-3; tiles 2 .. the CTA's last but two, past
+the ramp) of the phases of one 64-token tile of the role split, in SM cycles (offsets from the
+scores warpgroup's full wait's end of tile k unless said):
+
+  period       tile k -> k + 1, the scores' full wait ends
+  late         how long the scores waited at the full barrier (wait end - arrival): > 0 when
+               the tile's fill, not the math, decided when S could start
+  S            S complete
+  softmax+P    S complete -> P and the corrections published
+  P hand-off   published -> the values warpgroup received them
+  PV scores    published -> the scores' P V half complete (its barrier, rescale, wgmma)
+  PV values    received -> the values' P V half complete
+  release      the later of the two P V ends: the buffer's last reader
+  gap          release -> the producer's empty wait for tile k + 2 (same buffer) ends: ~the
+               mbarrier's latency when the producer was waiting for it (buffer reuse gates the
+               fill), more when the producer came late
+  fill         the producer's empty wait end of tile k + 2 -> the scores' full wait end of k + 2
+The two-buffer identity: 2 periods = release + gap + fill (checked: "2 periods - sum").
+
+  python3 scripts/tile_trace.py /tmp/jfm_tile_trace.txt
+Run the probe: build with CUDAFLAGS=-DJFM_TILE_TRACE=1 (device_check.sh's build stage), then any
+call of a role-split kernel (benchmarks/profile_decode.py ...) with JFM_TILE_TRACE_FILE set; the
+third launch of each kernel object is written (JFM_TILE_TRACE_CALL). Bf16 tiles (dense, sparse
+prefill and bf16 sparse decode) stamp the producer; the FP8 producers do not (fill and gap: n/a).
+"""
+import statistics
+import sys
+
+SLOTS = ("prod_empty", "prod_issued", "sc_full", "sc_s", "sc_pub", "sc_pv", "val_full", "val_p",
+         "val_pv", "sc_wait")
+
+
+def read(path):
+    runs, cur = [], None
+    for line in open(path):
+        if line.startswith("#"):
+            cur = {"head": line[1:].strip(), "rows": {}}
+            runs.append(cur)
+        elif line.strip() and cur is not None:
+            v = [int(x) for x in line.split()]
+            cur["rows"][(v[0], v[1])] = dict(zip(SLOTS, v[2:]))
+    return runs
+
+
+def d(a, b):
+    """b - a in cycles on the 32-bit counter (wraps)."""
+    return (b - a + (1 << 31)) % (1 << 32) - (1 << 31)
+
+
+def phases(r, nxt, nn):
+    o = {s: d(r["sc_full"], r[s]) for s in SLOTS}  # offsets from tile k's full wait end
+    release = max(o["sc_pv"], o["val_pv"])
+    out = {
+        "period": d(r["sc_full"], nxt["sc_full"]),
+        "late": d(r["sc_wait"], r["sc_full"]),
+        "S": o["sc_s"],
+        "softmax+P": o["sc_pub"] - o["sc_s"],
+        "P hand-off": o["val_p"] - o["sc_pub"],
+        "PV scores": o["sc_pv"] - o["sc_pub"],
+        "PV values": o["val_pv"] - o["val_p"],
+        "release": release,
+    }
+    if nn["prod_empty"]:
+        out["gap"] = d(r["sc_full"], nn["prod_empty"]) - release
+        out["fill"] = d(nn["prod_empty"], nn["sc_full"])
+        out["2 periods - sum"] = (d(r["sc_full"], nn["sc_full"]) - release - out["gap"]
+                                  - out["fill"])
+    return out
+
+
+def summarize(run):
+    rows = run["rows"]
+    acc = {}
+    for (c, t), r in sorted(rows.items()):
+        nxt, nn = rows.get((c, t + 1)), rows.get((c, t + 2))
+        if t < 2 or nxt is None or nn is None:
+            continue
+        for k, v in phases(r, nxt, nn).items():
+            acc.setdefault(k, []).append(v)
+    print(run["head"], f"({len(acc.get('period', []))} tiles)")
+    for k, v in acc.items():
+        q = sorted(v)
+        print(f"  {k:16s} median {statistics.median(v):8.0f}  p10 {q[len(q) // 10]:8.0f}"
+              f"  p90 {q[9 * len(q) // 10]:8.0f}")
+
+
+def main():
+    for run in read(sys.argv[1] if len(sys.argv) > 1 else "/tmp/jfm_tile_trace.txt"):
+        summarize(run)
+
+
+if __name__ == "__main__":
+    main()
