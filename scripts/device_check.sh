@@ -198,7 +198,7 @@ if has trace; then
   # separated) runs with XLA's command buffers off (a captured launch is not traced); the third
   # launch of each kernel object is written to tile_trace.txt, then summarized per tile phase.
   case " ${CUDAFLAGS:-} " in *JFM_TILE_TRACE=1*) ;; *) echo "trace: build with CUDAFLAGS=-DJFM_TILE_TRACE=1"; fail trace ;; esac
-  IFS=';' read -ra trace_cases <<< "${TRACE_CASES:---prefill 512 --s_q 4096 --h_q 64 --s_k 8192 --topk 512;--h_q 128 --s_k 4096 --b 128}"
+  IFS=";" read -ra trace_cases <<< "${TRACE_CASES:---prefill 512 --s_q 4096 --h_q 64 --s_k 8192 --topk 512;--h_q 128 --s_k 4096 --b 128;--sparse v32 --h_q 128 --b 64}"
   for c in "${trace_cases[@]}"; do
     log "tile trace: $c"
     echo "# case: $c" >> "$OUT/tile_trace.txt"

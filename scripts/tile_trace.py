@@ -21,8 +21,10 @@ The two-buffer identity: 2 periods = release + gap + fill (checked: "2 periods -
   python3 scripts/tile_trace.py /tmp/jfm_tile_trace.txt
 Run the probe: build with CUDAFLAGS=-DJFM_TILE_TRACE=1 (device_check.sh's build stage), then any
 call of a role-split kernel (benchmarks/profile_decode.py ...) with JFM_TILE_TRACE_FILE set; the
-third launch of each kernel object is written (JFM_TILE_TRACE_CALL). Bf16 tiles (dense, sparse
-prefill and bf16 sparse decode) stamp the producer; the FP8 producers do not (fill and gap: n/a).
+third launch of each kernel object is written (JFM_TILE_TRACE_CALL). The producer stamps are in
+the bf16 fills (dense, sparse prefill, bf16 sparse decode) and in the FP8 role split's pipelined
+fill (kRolesWide: the V3.2 default above 32 heads, V4 where the pair does not pay); the other FP8
+fills do not stamp (fill and gap: n/a).
 """
 import statistics
 import sys

@@ -335,6 +335,7 @@ struct SparseWsTask {
           const bool more = n_next < q.t_hi;
           const int pool_next = more ? q.rows.pool_of(n_next) : 0;
           fill.wait_empty();
+          tile_trace(fill.k, kTrProdEmpty);
           store_stage(stage, fill.tile, slot.t);
           mark_valid(stage, fill.valid, 0);
           if (more) fetch_round(stage, 0, q.rows, pool_next, idx_next);
@@ -349,6 +350,7 @@ struct SparseWsTask {
           fence_proxy_async();  // the stores, before the math warps' wgmma reads them
           mbarrier_arrive(fill.full);
           arrive_rope(fill);
+          tile_trace(fill.k, kTrProdIssued);
 #pragma unroll
           for (int h = 0; h < 4; ++h) idx_next[h] = idx_after[h];
           n = n_next;
