@@ -134,7 +134,8 @@ __device__ __forceinline__ void load_tile_rows(uint32_t dst, int tid, const T* b
 
 // load_tile_rows by column blocks: every row's chunk of block j, then after(j), for j in order
 // (JFM_WS_BLOCK_FULL: the producer's cp.async arrival on block j's full barrier, which then counts
-// this thread's copies of blocks 0 .. j).
+// this thread's copies of blocks 0 .. j). load_tile_rows' twin in the other loop order, kept apart
+// so the default's SASS does not move; one of the two goes with the candidate's measurement.
 template <typename T, int kDqk, int kThreads, typename SrcOf, typename After>
 __device__ __forceinline__ void load_tile_rows_by_block(uint32_t dst, int tid, const T* base,
                                                         SrcOf src_of, After after) {
