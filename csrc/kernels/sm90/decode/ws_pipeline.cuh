@@ -283,6 +283,26 @@ struct WsFill {
   __device__ __forceinline__ void wait_empty() const {
     mbarrier_wait(empty, ((k >> 1) & 1) ^ 1);
   }
+  // A cp.async tile's fill by producer thread ptid of 128, after wait_empty: the rows
+  // (load_tile_rows' src_of), the validity bytes (mark_valid()) and this thread's two arrivals, on
+  // `full` (the bytes now, the rows when they land) or, kByBlock (JFM_WS_BLOCK_FULL), on block 0's
+  // barrier for the bytes and on block j's once blocks 0 .. j have landed.
+  template <int kDqk, bool kByBlock, typename T, typename SrcOf, typename MarkValid>
+  __device__ __forceinline__ void fill_rows(int ptid, const T* base, SrcOf src_of,
+                                            MarkValid mark_valid) const {
+    if constexpr (kByBlock) {
+      mark_valid();
+      mbarrier_arrive(full_blk);
+      load_tile_rows_by_block<T, kDqk, 128>(tile, ptid, base, src_of, [&](int j) {
+        cp_async_mbarrier_arrive_noinc(full_blk + 8 * j);
+      });
+    } else {
+      load_tile_rows<T, kDqk, 128>(tile, ptid, base, src_of);
+      mark_valid();
+      mbarrier_arrive(full);
+      cp_async_mbarrier_arrive_noinc(full);
+    }
+  }
 };
 
 // Sets accumulator element e of n-tile nt to -inf where masked(row half e >> 1, column

@@ -141,22 +141,11 @@ struct DenseWsTask {
           const size_t row = static_cast<size_t>(blk) * kPageBlock + r;
           return present(r) ? kvg + (row * p.h_kv + hk) * kDqk : nullptr;
         };
-        if constexpr (kBlockFull) {
+        fill.template fill_rows<kDqk, kBlockFull>(ptid, kvg, src_of, [&] {
 #pragma unroll
           for (int h = 0; h < 4; ++h)
             if (lq == 0) fill.valid[lr + 16 * h] = present(lr + 16 * h);
-          mbarrier_arrive(fill.full_blk);  // the validity bytes
-          load_tile_rows_by_block<T, kDqk, 128>(fill.tile, ptid, kvg, src_of, [&](int j) {
-            cp_async_mbarrier_arrive_noinc(fill.full_blk + 8 * j);  // blocks 0 .. j, landed
-          });
-        } else {
-          load_tile_rows<T, kDqk, 128>(fill.tile, ptid, kvg, src_of);
-#pragma unroll
-          for (int h = 0; h < 4; ++h)
-            if (lq == 0) fill.valid[lr + 16 * h] = present(lr + 16 * h);
-          mbarrier_arrive(fill.full);                  // the validity bytes
-          cp_async_mbarrier_arrive_noinc(fill.full);   // the rows, when they land
-        }
+        });
         tile_trace(k, kTrProdIssued);
         blk = blk_next;
       }

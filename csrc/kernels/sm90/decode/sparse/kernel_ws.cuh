@@ -433,23 +433,11 @@ struct SparseWsTask {
               const int64_t r = q.rows.row_of(idx[t >> 4], pool_id);
               return r >= 0 ? rows + r * kDqk : nullptr;
             };
-            auto mark_valid_rows = [&] {
+            fill.template fill_rows<kDqk, kBlockFull>(ptid, rows, src_of, [&] {
 #pragma unroll
               for (int h = 0; h < 4; ++h)
                 if (lq == 0) fill.valid[lr + 16 * h] = q.rows.row_of(idx[h], pool_id) >= 0;
-            };
-            if constexpr (kBlockFull) {
-              mark_valid_rows();
-              mbarrier_arrive(fill.full_blk);  // the validity bytes
-              load_tile_rows_by_block<bf16, kDqk, 128>(fill.tile, ptid, rows, src_of, [&](int j) {
-                cp_async_mbarrier_arrive_noinc(fill.full_blk + 8 * j);  // blocks 0 .. j, landed
-              });
-            } else {
-              load_tile_rows<bf16, kDqk, 128>(fill.tile, ptid, rows, src_of);
-              mark_valid_rows();
-              mbarrier_arrive(fill.full);                  // the validity bytes
-              cp_async_mbarrier_arrive_noinc(fill.full);   // the rows, when they land
-            }
+            });
             tile_trace(fill.k, kTrProdIssued);
           }
 #pragma unroll
