@@ -81,15 +81,13 @@ __device__ __forceinline__ void wgmma_k_major(float* d, uint64_t a, uint64_t b) 
   else if constexpr (kN == 32) wgmma_m64n32k16_ss<T>(d, a, b);
   else wgmma_m64n64k16_ss<T>(d, a, b);
 }
-// The wgmmas of D += A B^T over d_qk, both K-major (no fence, commit or wait: the callers'); column
-// blocks [j0, j1) of d_qk only where given (tile_qk_rows_by_block).
+// The wgmmas of D += A B^T over d_qk, both K-major (no fence, commit or wait: the callers').
 template <typename T, int kDqk, int kN>
-__device__ __forceinline__ void tile_gemm_qk_mma(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b,
-                                                 int j0 = 0, int j1 = kDqk / 64) {
+__device__ __forceinline__ void tile_gemm_qk_mma(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b) {
   using S = TileSmem<kDqk>;
   static_assert(kN == 16 || kN == 32 || kN == 64, "wgmma N of a QK tile");
 #pragma unroll
-  for (int kk = 4 * j0; kk < 4 * j1; ++kk) {
+  for (int kk = 0; kk < kDqk / 16; ++kk) {
     const uint32_t koff = ((kk >> 2) * S::kBlockBytes + (kk & 3) * 32) >> 4;
     wgmma_k_major<kN, T>(d, desc_a + koff, desc_b + koff);
   }
@@ -132,53 +130,6 @@ __device__ __forceinline__ void load_tile_rows(uint32_t dst, int tid, const T* b
     for (int j = 0; j < S::kKBlocks; ++j)
       cp_async_16(dst + j * S::kBlockBytes + h * kPassRows * 128 + off, src + 64 * j, ok ? 16 : 0);
   }
-}
-
-// load_tile_rows by column blocks: every row's chunk of block j, then after(j), for j in order
-// (JFM_WS_BLOCK_FULL: the producer's cp.async arrival on block j's full barrier, which then counts
-// this thread's copies of blocks 0 .. j). load_tile_rows' twin in the other loop order, each row's
-// source resolved once: kept apart because sharing one implementation moved every kernel's SASS
-// (unmeasured); one of the two goes with the candidate's measurement.
-template <typename T, int kDqk, int kThreads, typename SrcOf, typename After>
-__device__ __forceinline__ void load_tile_rows_by_block(uint32_t dst, int tid, const T* base,
-                                                        SrcOf src_of, After after) {
-  using S = TileSmem<kDqk>;
-  constexpr int kPassRows = kThreads / 8, kPasses = kBlockM / kPassRows;
-  static_assert(kPassRows % 8 == 0 && kBlockM % kPassRows == 0, "whole swizzle atoms per pass");
-  const int lr = tid >> 3, lq = tid & 7;
-  const uint32_t off = static_cast<uint32_t>(lr * 128 + ((lq ^ (lr & 7)) << 4));
-  const T* src[kPasses];
-  uint32_t bytes[kPasses];
-#pragma unroll
-  for (int h = 0; h < kPasses; ++h) {
-    const T* row = src_of(lr + kPassRows * h);
-    bytes[h] = row != nullptr ? 16 : 0;
-    src[h] = row != nullptr ? row + lq * 8 : base;  // (base + 64 j: never read, src-size 0)
-  }
-#pragma unroll
-  for (int j = 0; j < S::kKBlocks; ++j) {
-#pragma unroll
-    for (int h = 0; h < kPasses; ++h)
-      cp_async_16(dst + j * S::kBlockBytes + h * kPassRows * 128 + off, src[h] + 64 * j, bytes[h]);
-    after(j);
-  }
-}
-
-// S = Q K^T as tile_qk_rows, each column block's wgmmas issued once wait_block(j) returns (that
-// block of the K tile has landed): the S of a tile starts with its first block, not its last.
-template <typename T, int kDqk, typename WaitBlock>
-__device__ __forceinline__ void tile_qk_rows_by_block(float (&s)[32], uint64_t desc_q,
-                                                      uint64_t desc_k, WaitBlock wait_block) {
-#pragma unroll
-  for (int i = 0; i < 32; ++i) s[i] = 0.f;
-#pragma unroll
-  for (int j = 0; j < kDqk / 64; ++j) {
-    wait_block(j);
-    wgmma_fence();
-    tile_gemm_qk_mma<T, kDqk, 64>(s, desc_q, desc_k, j, j + 1);
-  }
-  wgmma_commit();
-  wgmma_wait<0>();
 }
 
 // Online-softmax state of this thread's two rows and its O accumulator slice.

@@ -125,23 +125,6 @@ __device__ __forceinline__ void ws_set_regs() {
 constexpr int kWsScoresRegP = JFM_WS_SCORES_REG_P;
 static_assert(kWsScoresRegP == 0 || kWsScoresRegP == 2, "JFM_WS_SCORES_REG_P: 0 or 2");
 
-// JFM_WS_BLOCK_FULL (candidate, off): the role split (kRoles: dense decode and the bf16 sparse
-// kernels above 32 rows) fills its tiles by column blocks, each with its own full barrier
-// (full_blk[buffer][block]): the producer issues every row's chunk of block 0, arrives on block
-// 0's barrier through cp.async (it completes when those copies land), then block 1, ...; the
-// scores warpgroup issues each block's S wgmmas as soon as that block has landed, so a tile's S
-// starts when its first 8 KB are in rather than all of it, and the rest of the fill runs under
-// S. Why: with two tile buffers a tile's fill cannot start before the tile two back is consumed,
-// and its whole latency then sat before the S (prefill d512 h64: the math's first full-barrier
-// try failed on 76% of tiles; three candidates that shortened the math moved nothing,
-// docs/PERFORMANCE.md, seventh 2026-12-02 session). Upstream's dense kernel also waits per column
-// block.
-#ifndef JFM_WS_BLOCK_FULL
-#define JFM_WS_BLOCK_FULL 0
-#endif
-template <WsMath kMath>
-constexpr bool ws_block_full() { return JFM_WS_BLOCK_FULL != 0 && kMath == WsMath::kRoles; }
-
 // Named barriers (0 is __syncthreads', 1 MathWarpsSync's).
 constexpr int kBarScores = 4;   // kRoles, kTransposed*: warpgroup 0 alone (128)
 constexpr int kBarLazyOr = 5;   // kTransposed16 with JFM_WS_T_LAZY_MAX: the per-tile barrier.red.or
@@ -163,8 +146,7 @@ struct WsSmem : TileSmem<kDqk> {
   static constexpr int kPeerBarOff = kCorrOff + kBlockM * 4;           // peer_full[2] (kRolesPair)
   // p_ready, p_free, stats_ready, stats_free (kRoles*)
   static constexpr int kPBarOff = kPeerBarOff + 2 * 8;
-  static constexpr int kBlkBarOff = kPBarOff + 4 * 8;  // full_blk[2][kKBlocks] (JFM_WS_BLOCK_FULL)
-  static constexpr size_t kBytes = kBlkBarOff + 2 * Base::kKBlocks * 8 + 1024;  // + alignment slack
+  static constexpr size_t kBytes = kPBarOff + 4 * 8 + 1024;  // + alignment slack
   static_assert(kBarOff % 8 == 0 && kPeerBarOff % 8 == 0 && kPBarOff % 8 == 0,
                 "mbarriers are 8-byte aligned");
   static_assert(kBytes <= 227 * 1024, "shared memory of one sm90 CTA");
@@ -184,7 +166,6 @@ struct WsShared {
   // bytes the peer stores into its tiles); the peer's tile 0 and empty barriers (cluster
   // addresses: st.async and remote arrivals).
   uint32_t rank, bar_peer_full, peer_sk0, peer_bar_empty, peer_bar_peer_full;
-  uint32_t bar_full_blk;  // JFM_WS_BLOCK_FULL: full_blk[2][kKBlocks], buffer-major
 };
 
 // Lays out the dynamic shared memory, initializes the mbarriers (full: `full_count` arrivals,
@@ -213,7 +194,6 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
   sh.bar_stats_ready = sh.bar_p_ready + 16;
   sh.bar_stats_free = sh.bar_p_ready + 24;
   sh.tile_bytes = S::kTileBytes;
-  sh.bar_full_blk = base + W::kBlkBarOff;
   constexpr bool kPair = ws_pair(kMath);
   if constexpr (kPair) {
     sh.rank = cluster_ctarank();
@@ -232,11 +212,6 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
       if constexpr (kPair) mbarrier_init(sh.bar_peer_full + 8 * b, 1);  // + the peer's bytes
     }
     for (int i = 0; i < 4; ++i) mbarrier_init(sh.bar_p_ready + 8 * i, 128);
-    if constexpr (ws_block_full<kMath>()) {
-      // Block 0 also counts the producer's arrival after the validity bytes (128 of full_count).
-      for (int i = 0; i < 2 * S::kKBlocks; ++i)
-        mbarrier_init(sh.bar_full_blk + 8 * i, i % S::kKBlocks == 0 ? full_count : full_count - 128);
-    }
     if constexpr (kPair) fence_mbarrier_init();
   }
   if constexpr (kPair) cluster_sync();
@@ -264,11 +239,9 @@ struct WsFill {
   uint32_t k, full, empty, tile;
   uint8_t* valid;
   uint32_t peer_full, peer_tile, peer_peer_full;  // kPair
-  uint32_t full_blk;  // JFM_WS_BLOCK_FULL: this buffer's block 0 barrier (block j: + 8 j)
   __device__ __forceinline__ WsFill(const WsShared& sh, uint32_t k_) : k(k_) {
     const uint32_t buf = k & 1;
     full = sh.bar_full + 8 * buf;
-    full_blk = sh.bar_full_blk + 8 * buf * (sh.tile_bytes / (kBlockM * 128));
     empty = sh.bar_empty + 8 * buf;
     tile = sh.sk0 + buf * sh.tile_bytes;
     valid = sh.valid + buf * kTileTokens;
@@ -282,26 +255,6 @@ struct WsFill {
   // tiles ago).
   __device__ __forceinline__ void wait_empty() const {
     mbarrier_wait(empty, ((k >> 1) & 1) ^ 1);
-  }
-  // A cp.async tile's fill by producer thread ptid of 128, after wait_empty: the rows
-  // (load_tile_rows' src_of), the validity bytes (mark_valid()) and this thread's two arrivals, on
-  // `full` (the bytes now, the rows when they land) or, kByBlock (JFM_WS_BLOCK_FULL), on block 0's
-  // barrier for the bytes and on block j's once blocks 0 .. j have landed.
-  template <int kDqk, bool kByBlock, typename T, typename SrcOf, typename MarkValid>
-  __device__ __forceinline__ void fill_rows(int ptid, const T* base, SrcOf src_of,
-                                            MarkValid mark_valid) const {
-    if constexpr (kByBlock) {
-      mark_valid();
-      mbarrier_arrive(full_blk);
-      load_tile_rows_by_block<T, kDqk, 128>(tile, ptid, base, src_of, [&](int j) {
-        cp_async_mbarrier_arrive_noinc(full_blk + 8 * j);
-      });
-    } else {
-      load_tile_rows<T, kDqk, 128>(tile, ptid, base, src_of);
-      mark_valid();
-      mbarrier_arrive(full);
-      cp_async_mbarrier_arrive_noinc(full);
-    }
   }
 };
 
@@ -444,7 +397,7 @@ __device__ __forceinline__ void ws_finish_rows(RowState& st, const WsShared& sh,
 // The math warps' loop over this CTA's sequences and tiles. One instantiation per role, so that
 // each warpgroup's code is register-allocated within its own setmaxnreg budget (with one loop for
 // both roles ptxas allocated it within the smaller budget and spilled).
-template <class Task, WsRole kRole, bool kPair, bool kBlk = false>
+template <class Task, WsRole kRole, bool kPair>
 __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   using T = typename Task::T;
   using S = TileSmem<Task::kDqk>;
@@ -480,33 +433,14 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       const int n_next = cur.next(n + 1);
       const uint32_t buf = k & 1;
       if constexpr (kRole == WsRole::kScores) tile_trace(k, kTrScWait);
-      // kBlk (JFM_WS_BLOCK_FULL): the scores wait for block 0 here (the validity bytes with it)
-      // and for each further block inside S; the values for the last block, whose barrier counts
-      // every copy of the tile.
-      const uint32_t blk_bar = sh.bar_full_blk + 8 * buf * S::kKBlocks;
-      const uint32_t blk_parity = (k >> 1) & 1;
-      if constexpr (!kBlk) {
-        ws_wait_full<Task, kPair>(sh, k);
-      } else {
-        mbarrier_wait(blk_bar + (kRole == WsRole::kScores ? 0 : 8 * (S::kKBlocks - 1)), blk_parity);
-        fence_proxy_async();  // cp.async rows, read by wgmma
-      }
+      ws_wait_full<Task, kPair>(sh, k);
       tile_trace(k, kRole == WsRole::kScores ? kTrScFull : kTrValFull);
       const uint32_t buf_desc = buf * (S::kTileBytes >> 4);
       const uint8_t* valid = sh.valid + buf * kTileTokens;
 
       if constexpr (kRole == WsRole::kScores) {
         float sacc[32];  // this tile's S, then P
-        if constexpr (kBlk) {
-          tile_qk_rows_by_block<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc, [&](int j) {
-            if (j > 0) {
-              mbarrier_wait(blk_bar + 8 * j, blk_parity);
-              fence_proxy_async();
-            }
-          });
-        } else {
-          tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
-        }
+        tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
         tile_trace(k, kTrScS);
         if (kEarlyQ && n_next >= cur.t_hi && seq < task.end_seq) {
           named_barrier_sync(kBarScores, 128);  // every thread's S has completed: Q is free
@@ -676,16 +610,15 @@ __device__ __forceinline__ void ws_run(const Task& task, const WsShared& sh) {
     }
   } else if (wg == 2) {
     ws_set_regs<Regs::kWg2, kL>();
-    task.template produce<Regs::kWideProducer, ws_pair(kMath), true, false, ws_block_full<kMath>()>(
-        sh, 0, 1);
+    task.template produce<Regs::kWideProducer, ws_pair(kMath), true>(sh, 0, 1);
     ws_leave<kMath>();
   } else if (wg == 0) {
     ws_set_regs<Regs::kWg0, kL>();
-    ws_math<Task, WsRole::kScores, ws_pair(kMath), ws_block_full<kMath>()>(task, sh);
+    ws_math<Task, WsRole::kScores, ws_pair(kMath)>(task, sh);
     ws_leave<kMath>();
   } else {
     ws_set_regs<Regs::kWg1, kL>();
-    ws_math<Task, WsRole::kValues, ws_pair(kMath), ws_block_full<kMath>()>(task, sh);
+    ws_math<Task, WsRole::kValues, ws_pair(kMath)>(task, sh);
     ws_leave<kMath>();
   }
 }

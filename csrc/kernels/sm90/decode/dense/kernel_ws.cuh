@@ -116,8 +116,7 @@ struct DenseWsTask {
   // A producer warpgroup (`which` of `stride`: the tiles k % stride == which): each page's 64 rows
   // of this KV head by load_tile_rows (128 threads: rows lr + 16 h); the page id of its next tile
   // is loaded while this one is waited for and copied.
-  // kBlockFull (JFM_WS_BLOCK_FULL): each column block arrives on its own full barrier.
-  template <bool kWide, bool kPair, bool = false, bool = false, bool kBlockFull = false>
+  template <bool kWide, bool kPair, bool = false, bool = false>  // (no staging registers: cp.async)
   __device__ __forceinline__ void produce(const WsShared& sh, int which, int stride) const {
     static_assert(!kPair, "dense decode has no CTA-pair kernel");
     const T* __restrict__ kvg = reinterpret_cast<const T*>(p.kv);
@@ -137,15 +136,15 @@ struct DenseWsTask {
         fill.wait_empty();
         tile_trace(k, kTrProdEmpty);
         auto present = [&](int r) { return blk_ok && n * kPageBlock + r < q.len; };
-        auto src_of = [&](int r) -> const T* {
+        load_tile_rows<T, kDqk, 128>(fill.tile, ptid, kvg, [&](int r) -> const T* {
           const size_t row = static_cast<size_t>(blk) * kPageBlock + r;
           return present(r) ? kvg + (row * p.h_kv + hk) * kDqk : nullptr;
-        };
-        fill.template fill_rows<kDqk, kBlockFull>(ptid, kvg, src_of, [&] {
-#pragma unroll
-          for (int h = 0; h < 4; ++h)
-            if (lq == 0) fill.valid[lr + 16 * h] = present(lr + 16 * h);
         });
+#pragma unroll
+        for (int h = 0; h < 4; ++h)
+          if (lq == 0) fill.valid[lr + 16 * h] = present(lr + 16 * h);
+        mbarrier_arrive(fill.full);                  // the validity bytes
+        cp_async_mbarrier_arrive_noinc(fill.full);   // the rows, when they land
         tile_trace(k, kTrProdIssued);
         blk = blk_next;
       }

@@ -191,12 +191,9 @@ struct SparseWsTask {
   // kSole: the CTA's only producer (the role split; kTransposed* has two).
   // kRoomy: the producer of kTransposed16, whose budget holds StageV32R8's 8 more registers per
   // thread (kTransposed32 spilled 104 bytes with it, kRolesWide 28).
-  // kBlockFull (JFM_WS_BLOCK_FULL, bf16 rows): each column block of a tile arrives on its own
-  // full barrier (WsFill::full_blk), block 0's also after the validity bytes.
-  template <bool kWide, bool kPair, bool kSole = false, bool kRoomy = false, bool kBlockFull = false>
+  template <bool kWide, bool kPair, bool kSole = false, bool kRoomy = false>
   __device__ __forceinline__ void produce(const WsShared& sh, int which, int stride) const {
     static_assert(!kPair || kFp8, "CTA pairs share dequantization: FP8 caches only");
-    static_assert(!kBlockFull || !kFp8, "JFM_WS_BLOCK_FULL: cp.async tiles only");
     const int ptid = threadIdx.x & 127;
     // FP8: a quarter (j) of token t in round 0 and of token t + 32 in round 1 (Fp8Slot's map over
     // four warps). bf16: rows lr + 16 h (h < 4) by load_tile_rows with 128 threads.
@@ -429,15 +426,15 @@ struct SparseWsTask {
             tile_trace(fill.k, kTrProdEmpty);
             const bf16* rows = reinterpret_cast<const bf16*>(pool.data);
             // Row lr + 16 h of the tile is this thread's position h (lr < 16).
-            auto src_of = [&](int t) -> const bf16* {
+            load_tile_rows<bf16, kDqk, 128>(fill.tile, ptid, rows, [&](int t) -> const bf16* {
               const int64_t r = q.rows.row_of(idx[t >> 4], pool_id);
               return r >= 0 ? rows + r * kDqk : nullptr;
-            };
-            fill.template fill_rows<kDqk, kBlockFull>(ptid, rows, src_of, [&] {
-#pragma unroll
-              for (int h = 0; h < 4; ++h)
-                if (lq == 0) fill.valid[lr + 16 * h] = q.rows.row_of(idx[h], pool_id) >= 0;
             });
+#pragma unroll
+            for (int h = 0; h < 4; ++h)
+              if (lq == 0) fill.valid[lr + 16 * h] = q.rows.row_of(idx[h], pool_id) >= 0;
+            mbarrier_arrive(fill.full);                  // the validity bytes
+            cp_async_mbarrier_arrive_noinc(fill.full);   // the rows, when they land
             tile_trace(fill.k, kTrProdIssued);
           }
 #pragma unroll
