@@ -16,6 +16,8 @@ scores warpgroup's full wait's end of tile k unless said):
                mbarrier's latency when the producer was waiting for it (buffer reuse gates the
                fill), more when the producer came late
   fill         the producer's empty wait end of tile k + 2 -> the scores' full wait end of k + 2
+  issue        of that fill: the producer's empty wait end -> its copies issued (the rest of the
+               fill is the copies landing)
 The two-buffer identity: 2 periods = release + gap + fill (checked: "2 periods - sum").
 
   python3 scripts/tile_trace.py /tmp/jfm_tile_trace.txt
@@ -66,6 +68,7 @@ def phases(r, nxt, nn):
     if nn["prod_empty"]:
         out["gap"] = d(r["sc_full"], nn["prod_empty"]) - release
         out["fill"] = d(nn["prod_empty"], nn["sc_full"])
+        out["issue"] = d(nn["prod_empty"], nn["prod_issued"])
         out["2 periods - sum"] = (d(r["sc_full"], nn["sc_full"]) - release - out["gap"]
                                   - out["fill"])
     return out
