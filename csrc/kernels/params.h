@@ -5,6 +5,7 @@
 // that the two agree.
 #pragma once
 
+#include <cuda.h>  // CUtensorMap (a plain struct; nothing of the driver is linked)
 #include <cuda_runtime_api.h>
 #include <cstdint>
 
@@ -96,8 +97,24 @@ struct DenseDecodeParams {
   int num_m_blocks;              // cdiv(s_q * h_q / h_kv, kBlockM)
   float softmax_scale;
   bool causal;
+  // JFM_DENSE_TMA: the cache as a TMA tensor map [num_kv_blocks * 64 rows, h_kv, 576] (box 64 x 1
+  // x 64, 128-byte swizzle: one column block of a tile), encoded by the launcher; kv_map_ok false
+  // (not encoded) leaves every page to the cp.async copies.
+  CUtensorMap kv_map;
+  bool kv_map_ok;
 };
 constexpr int kDenseDqk = 576;
+// JFM_DENSE_TMA (candidate, off): the warp-specialized dense kernels' producers load each whole page (all 64
+// rows inside the sequence, page id inside the pool) with 9 TMA boxes issued by one thread instead
+// of 128 threads' cp.async; partial and invalid pages keep the cp.async copies (their rows past the
+// sequence are zero-filled, never read). Why: the tile-phase probe (PERFORMANCE.md, eighth
+// 2026-12-02 session) shows the fill busy ~94% of the period at ~20 B/clk per SM, the chain as
+// long: the tile is bound by the fill's rate and the two-buffer chain together; upstream's dense
+// kernel loads by TMA and is 15% faster at h128 with the same tiles.
+#ifndef JFM_DENSE_TMA
+#define JFM_DENSE_TMA 0
+#endif
+constexpr bool kDenseTma = JFM_DENSE_TMA != 0;
 
 // ---- Sparse decode and sparse prefill (token-level gathers, h_kv = 1) --------------------------
 // Cache formats a sparse kernel reads (the layout follows from d_qk for FP8: SEMANTICS.md).

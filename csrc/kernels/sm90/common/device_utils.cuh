@@ -201,6 +201,17 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint32_t bar, uint32_t
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
                : "memory");
 }
+// TMA: the box at coordinates (c0, c1, c2) of a 3-D tensor map (`tmap`: the address of a
+// __grid_constant__ kernel parameter) into shared memory at dst, its bytes counted as transaction
+// bytes of the local mbarrier `bar` once landed (the caller expects them: mbarrier_arrive_expect_tx).
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const void* tmap, uint32_t bar, int c0,
+                                            int c1, int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4, %5}], [%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(tmap)), "r"(bar), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
 // 16 / 8 bytes into another CTA's shared memory (`dst` from cluster_map), counted as transaction
 // bytes of that CTA's mbarrier `bar` (also from cluster_map) once they have landed.
 __device__ __forceinline__ void st_async_16(uint32_t dst, uint4 v, uint32_t bar) {

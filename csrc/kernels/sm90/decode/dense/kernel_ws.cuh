@@ -135,6 +135,27 @@ struct DenseWsTask {
         const WsFill<> fill(sh, k);
         fill.wait_empty();
         tile_trace(k, kTrProdEmpty);
+        if (kDenseTma && p.kv_map_ok && blk_ok &&
+            (n + 1) * kPageBlock <= q.len) {
+          // A whole page by TMA (JFM_DENSE_TMA): thread 0 expects the tile's bytes and issues its
+          // column blocks; every thread makes its two arrivals (kFullCount).
+#pragma unroll
+          for (int h = 0; h < 4; ++h)
+            if (lq == 0) fill.valid[lr + 16 * h] = 1;
+          if (ptid == 0) {
+            mbarrier_arrive_expect_tx(fill.full, TileSmem<kDqk>::kTileBytes);
+#pragma unroll
+            for (int j = 0; j < TileSmem<kDqk>::kKBlocks; ++j)
+              tma_load_3d(fill.tile + j * TileSmem<kDqk>::kBlockBytes, &p.kv_map, fill.full, 64 * j,
+                          hk, blk * kPageBlock);
+          } else {
+            mbarrier_arrive(fill.full);
+          }
+          mbarrier_arrive(fill.full);
+          tile_trace(k, kTrProdIssued);
+          blk = blk_next;
+          continue;
+        }
         auto present = [&](int r) { return blk_ok && n * kPageBlock + r < q.len; };
         load_tile_rows<T, kDqk, 128>(fill.tile, ptid, kvg, [&](int r) -> const T* {
           const size_t row = static_cast<size_t>(blk) * kPageBlock + r;
