@@ -26,6 +26,7 @@ struct DenseWsTask {
   static constexpr bool kFenceAfterFull = true;
   static constexpr bool kCpAsyncTiles = true;
   static constexpr bool kShortSeqs = false;  // a sequence is a whole context
+  static constexpr bool kBlockBars = kDenseTmaBlocks;  // (kRoles only: ws_setup, produce)
   static constexpr uint32_t kFullCount = 256;
   static_assert(kPageBlock == kTileTokens, "one page is one tile");
 
@@ -116,7 +117,8 @@ struct DenseWsTask {
   // A producer warpgroup (`which` of `stride`: the tiles k % stride == which): each page's 64 rows
   // of this KV head by load_tile_rows (128 threads: rows lr + 16 h); the page id of its next tile
   // is loaded while this one is waited for and copied.
-  template <bool kWide, bool kPair, bool = false, bool = false>  // (no staging registers: cp.async)
+  // kSole: the role split's producer, the one that loads whole pages by TMA (JFM_DENSE_TMA).
+  template <bool kWide, bool kPair, bool kSole = false, bool = false>  // (no staging registers)
   __device__ __forceinline__ void produce(const WsShared& sh, int which, int stride) const {
     static_assert(!kPair, "dense decode has no CTA-pair kernel");
     const T* __restrict__ kvg = reinterpret_cast<const T*>(p.kv);
@@ -135,19 +137,27 @@ struct DenseWsTask {
         const WsFill<> fill(sh, k);
         fill.wait_empty();
         tile_trace(k, kTrProdEmpty);
-        if (kDenseTma && p.kv_map_ok && blk_ok &&
-            (n + 1) * kPageBlock <= q.len) {
-          // A whole page by TMA (JFM_DENSE_TMA): thread 0 expects the tile's bytes and issues its
-          // column blocks; every thread makes its two arrivals (kFullCount).
+        using S = TileSmem<kDqk>;
+        constexpr bool kBlk = kBlockBars && kSole;
+        // kBlk: this buffer's block barriers, block j at + 8 j.
+        const uint32_t blk_bar = sh.bar_blk + 8 * (k & 1) * S::kKBlocks;
+        if (kDenseTma && kSole && p.kv_map_ok && blk_ok && (n + 1) * kPageBlock <= q.len) {
+          // A whole page by TMA (JFM_DENSE_TMA): thread 0 expects the bytes and issues the column
+          // blocks, on the full barrier or (kBlk) each on its block's; every thread makes its two
+          // arrivals on full (kFullCount).
 #pragma unroll
           for (int h = 0; h < 4; ++h)
             if (lq == 0) fill.valid[lr + 16 * h] = 1;
           if (ptid == 0) {
-            mbarrier_arrive_expect_tx(fill.full, TileSmem<kDqk>::kTileBytes);
+            if constexpr (!kBlk) mbarrier_arrive_expect_tx(fill.full, S::kTileBytes);
 #pragma unroll
-            for (int j = 0; j < TileSmem<kDqk>::kKBlocks; ++j)
-              tma_load_3d(fill.tile + j * TileSmem<kDqk>::kBlockBytes, &p.kv_map, fill.full, 64 * j,
-                          hk, blk * kPageBlock);
+            for (int j = 0; j < S::kKBlocks; ++j) {
+              const uint32_t bar = kBlk ? blk_bar + 8 * j : fill.full;
+              if constexpr (kBlk) mbarrier_arrive_expect_tx(bar, S::kBlockBytes);
+              tma_load_3d(fill.tile + j * S::kBlockBytes, &p.kv_map, bar, 64 * j, hk,
+                          blk * kPageBlock);
+            }
+            if constexpr (kBlk) mbarrier_arrive(fill.full);
           } else {
             mbarrier_arrive(fill.full);
           }
@@ -166,6 +176,10 @@ struct DenseWsTask {
           if (lq == 0) fill.valid[lr + 16 * h] = present(lr + 16 * h);
         mbarrier_arrive(fill.full);                  // the validity bytes
         cp_async_mbarrier_arrive_noinc(fill.full);   // the rows, when they land
+        if constexpr (kBlk) {  // a cp.async tile's blocks complete with `full`, waited first
+          if (ptid == 0)
+            for (int j = 0; j < S::kKBlocks; ++j) mbarrier_arrive(blk_bar + 8 * j);
+        }
         tile_trace(k, kTrProdIssued);
         blk = blk_next;
       }
@@ -180,7 +194,8 @@ __global__ void __launch_bounds__(384, 1) dense_decode_ws_kernel(const __grid_co
   using Task = DenseWsTask<T>;
   pdl_launch_dependents();  // (pdl.cuh) the combine may be placed on SMs this grid's tail frees
   extern __shared__ unsigned char smem_raw[];
-  const WsShared sh = ws_setup<Task::kDqk, kMath>(smem_raw, Task::kFullCount);
+  const WsShared sh =
+      ws_setup<Task::kDqk, kMath, Task::kBlockBars && kMath == WsMath::kRoles>(smem_raw, Task::kFullCount);
   const Task task(p);
   ws_run<kMath>(task, sh);
 }
