@@ -104,22 +104,19 @@ struct DenseDecodeParams {
   bool kv_map_ok;
 };
 constexpr int kDenseDqk = 576;
-// JFM_DENSE_TMA (candidate, off): the dense role split's producer (kRoles: more than 32 query rows
+// JFM_DENSE_TMA (on; =0 for A/B): the dense role split's producer (kRoles: more than 32 query rows
 // per CTA) loads each whole page (all 64 rows inside the sequence, page id inside the pool) with 9
 // TMA boxes issued by one thread instead of 128 threads' cp.async; partial and invalid pages keep
-// the cp.async copies (their rows past the sequence are zero-filled, never read). =1: the boxes
-// complete on the tile's full barrier; =2: each on its own block barrier, and the scores
-// warpgroup issues each column block's S wgmmas as soon as that block has landed.
-// (kTransposed16 measured 7% slower with TMA at h_q 16, kRoles 3-4% faster at h_q 128: eighth
-// 2026-12-02 session.) Why: the tile-phase probe (PERFORMANCE.md, eighth
+// the cp.async copies (their rows past the sequence are zero-filled, never read). Why: the tile-phase probe (PERFORMANCE.md, eighth
 // 2026-12-02 session) shows the fill busy ~94% of the period at ~20 B/clk per SM, the chain as
 // long: the tile is bound by the fill's rate and the two-buffer chain together; upstream's dense
-// kernel loads by TMA and is 15% faster at h128 with the same tiles.
+// kernel loads by TMA and is 15% faster at h128 with the same tiles. Measured (H200): h_q 128
+// 1.7-3.2% faster, h_q 64 unchanged; the transposed kernels (h_q <= 32) 7% slower with it, so they
+// keep cp.async; a block barrier per TMA box with S issued per block (=2, 137299f) gained nothing.
 #ifndef JFM_DENSE_TMA
-#define JFM_DENSE_TMA 0
+#define JFM_DENSE_TMA 1
 #endif
 constexpr bool kDenseTma = JFM_DENSE_TMA != 0;
-constexpr bool kDenseTmaBlocks = JFM_DENSE_TMA == 2;
 
 // ---- Sparse decode and sparse prefill (token-level gathers, h_kv = 1) --------------------------
 // Cache formats a sparse kernel reads (the layout follows from d_qk for FP8: SEMANTICS.md).

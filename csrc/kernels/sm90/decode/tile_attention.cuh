@@ -81,15 +81,13 @@ __device__ __forceinline__ void wgmma_k_major(float* d, uint64_t a, uint64_t b) 
   else if constexpr (kN == 32) wgmma_m64n32k16_ss<T>(d, a, b);
   else wgmma_m64n64k16_ss<T>(d, a, b);
 }
-// The wgmmas of D += A B^T over d_qk, both K-major (no fence, commit or wait: the callers'); column
-// blocks [j0, j1) of d_qk only where given (tile_qk_rows_by_block).
+// The wgmmas of D += A B^T over d_qk, both K-major (no fence, commit or wait: the callers').
 template <typename T, int kDqk, int kN>
-__device__ __forceinline__ void tile_gemm_qk_mma(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b,
-                                                 int j0 = 0, int j1 = kDqk / 64) {
+__device__ __forceinline__ void tile_gemm_qk_mma(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b) {
   using S = TileSmem<kDqk>;
   static_assert(kN == 16 || kN == 32 || kN == 64, "wgmma N of a QK tile");
 #pragma unroll
-  for (int kk = 4 * j0; kk < 4 * j1; ++kk) {
+  for (int kk = 0; kk < kDqk / 16; ++kk) {
     const uint32_t koff = ((kk >> 2) * S::kBlockBytes + (kk & 3) * 32) >> 4;
     wgmma_k_major<kN, T>(d, desc_a + koff, desc_b + koff);
   }
@@ -298,23 +296,6 @@ __device__ __forceinline__ void tile_finish(RowState& st, float* red, float soft
 template <typename T, int kDqk>
 __device__ __forceinline__ void tile_qk_rows(float (&s)[32], uint64_t desc_q, uint64_t desc_k) {
   tile_gemm_qk<T, kDqk, 64>(s, desc_q, desc_k);
-}
-
-// S = Q K^T as tile_qk_rows, each column block's wgmmas issued once wait_block(j) returns (that
-// block of the K tile has landed): the S of a tile starts with its first block, not its last.
-template <typename T, int kDqk, typename WaitBlock>
-__device__ __forceinline__ void tile_qk_rows_by_block(float (&s)[32], uint64_t desc_q,
-                                                      uint64_t desc_k, WaitBlock wait_block) {
-#pragma unroll
-  for (int i = 0; i < 32; ++i) s[i] = 0.f;
-#pragma unroll
-  for (int j = 0; j < kDqk / 64; ++j) {
-    wait_block(j);
-    wgmma_fence();
-    tile_gemm_qk_mma<T, kDqk, 64>(s, desc_q, desc_k, j, j + 1);
-  }
-  wgmma_commit();
-  wgmma_wait<0>();
 }
 
 // Writes warpgroup 0's P (all 64 columns) into the swizzled P block at sp.

@@ -47,8 +47,6 @@
 //   using T (bf16 / fp16); kDqk; kFenceAfterFull (its fills include cp.async copies);
 //   kCpAsyncTiles (its tiles are cp.async copies of bf16 rows, no dequantization);
 //   kShortSeqs (a sequence is one query token's top-k tiles, so Q tiles change every few tiles);
-//   kBlockBars (the role split's tiles also complete per column block: WsShared::bar_blk, waited
-//   by the scores before each block's S and by the values before P V);
 //   begin_seq, end_seq, softmax_scale; Seq seq(int) with first, t_hi and next(n) (live tiles);
 //   load_q<kThreads>(const Seq&, uint32_t sq) (cp.async of the 64-row Q tile by threads
 //   0 .. kThreads - 1, 256 or 128; the caller commits and waits);
@@ -148,8 +146,7 @@ struct WsSmem : TileSmem<kDqk> {
   static constexpr int kPeerBarOff = kCorrOff + kBlockM * 4;           // peer_full[2] (kRolesPair)
   // p_ready, p_free, stats_ready, stats_free (kRoles*)
   static constexpr int kPBarOff = kPeerBarOff + 2 * 8;
-  static constexpr int kBlkBarOff = kPBarOff + 4 * 8;  // blk[2][kKBlocks] (Task::kBlockBars)
-  static constexpr size_t kBytes = kBlkBarOff + 2 * Base::kKBlocks * 8 + 1024;  // + alignment slack
+  static constexpr size_t kBytes = kPBarOff + 4 * 8 + 1024;  // + alignment slack
   static_assert(kBarOff % 8 == 0 && kPeerBarOff % 8 == 0 && kPBarOff % 8 == 0,
                 "mbarriers are 8-byte aligned");
   static_assert(kBytes <= 227 * 1024, "shared memory of one sm90 CTA");
@@ -164,9 +161,6 @@ struct WsShared {
   uint32_t bar_full, bar_empty;  // mbarriers [2] each
   // kRoles*: the hand-offs between the math warpgroups (P and corrections; the rows' totals).
   uint32_t bar_p_ready, bar_p_free, bar_stats_ready, bar_stats_free;
-  // Task::kBlockBars: per buffer, one mbarrier per column block of the tile (buffer-major; one
-  // arrival, plus the bytes where TMA fills the block).
-  uint32_t bar_blk;
   int tile_bytes;
   // kRolesPair: this CTA's rank in the pair; bar_peer_full[2] (this CTA's barriers that count the
   // bytes the peer stores into its tiles); the peer's tile 0 and empty barriers (cluster
@@ -179,7 +173,7 @@ struct WsShared {
 // hand-offs: 128 each) and synchronizes the CTA (kRolesPair: the
 // cluster, so the peer's barriers are initialized before anything reaches them): the last
 // CTA-wide barrier before the roles part.
-template <int kDqk, WsMath kMath, bool kBlockBars = false>
+template <int kDqk, WsMath kMath>
 __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t full_count) {
   using S = TileSmem<kDqk>;
   using W = WsSmem<kDqk>;
@@ -199,7 +193,6 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
   sh.bar_p_free = sh.bar_p_ready + 8;
   sh.bar_stats_ready = sh.bar_p_ready + 16;
   sh.bar_stats_free = sh.bar_p_ready + 24;
-  sh.bar_blk = base + W::kBlkBarOff;
   sh.tile_bytes = S::kTileBytes;
   constexpr bool kPair = ws_pair(kMath);
   if constexpr (kPair) {
@@ -219,8 +212,6 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
       if constexpr (kPair) mbarrier_init(sh.bar_peer_full + 8 * b, 1);  // + the peer's bytes
     }
     for (int i = 0; i < 4; ++i) mbarrier_init(sh.bar_p_ready + 8 * i, 128);
-    if constexpr (kBlockBars)
-      for (int i = 0; i < 2 * S::kKBlocks; ++i) mbarrier_init(sh.bar_blk + 8 * i, 1);
     if constexpr (kPair) fence_mbarrier_init();
   }
   if constexpr (kPair) cluster_sync();
@@ -446,17 +437,10 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       tile_trace(k, kRole == WsRole::kScores ? kTrScFull : kTrValFull);
       const uint32_t buf_desc = buf * (S::kTileBytes >> 4);
       const uint8_t* valid = sh.valid + buf * kTileTokens;
-      // Task::kBlockBars: block j of this buffer has landed (its barrier's phase of this use).
-      auto wait_block = [&](int j) {
-        mbarrier_wait(sh.bar_blk + 8 * (buf * S::kKBlocks + j), (k >> 1) & 1);
-      };
 
       if constexpr (kRole == WsRole::kScores) {
         float sacc[32];  // this tile's S, then P
-        if constexpr (Task::kBlockBars)
-          tile_qk_rows_by_block<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc, wait_block);
-        else
-          tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
+        tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
         tile_trace(k, kTrScS);
         if (kEarlyQ && n_next >= cur.t_hi && seq < task.end_seq) {
           named_barrier_sync(kBarScores, 128);  // every thread's S has completed: Q is free
@@ -493,8 +477,6 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       } else {  // kValues
         mbarrier_wait(sh.bar_p_ready, k & 1);
         tile_trace(k, kTrValP);
-        if constexpr (Task::kBlockBars)
-          for (int j = 0; j < kDv / 64; ++j) wait_block(j);  // V's blocks (the scores' S waited)
         const float corr[2] = {sh.corr[ln.row(0)], sh.corr[ln.row(1)]};
         rescale_o(st.o, corr);
         tile_pv_issue<T>(st, desc_p, desc_v + buf_desc);

@@ -3,7 +3,8 @@
 // ws_pipeline.cuh, with the page copies moved off the math warps.
 //
 // The producer warpgroup reads each page's id one tile ahead and copies the page's 64 rows of this
-// KV head by cp.async straight into the swizzled tile (rows past the sequence's length and pages
+// KV head (the role split's whole pages by TMA: JFM_DENSE_TMA, params.h; the rest by cp.async)
+// straight into the swizzled tile (rows past the sequence's length and pages
 // whose id is outside the pool zero-filled, never read), writes a validity byte per token and
 // arrives on the full barrier twice per thread: after the bytes, and when its copies land.
 // Masks: a token is attended when its validity byte is set and (causal) its position is inside the
@@ -26,7 +27,6 @@ struct DenseWsTask {
   static constexpr bool kFenceAfterFull = true;
   static constexpr bool kCpAsyncTiles = true;
   static constexpr bool kShortSeqs = false;  // a sequence is a whole context
-  static constexpr bool kBlockBars = kDenseTmaBlocks;  // (kRoles only: ws_setup, produce)
   static constexpr uint32_t kFullCount = 256;
   static_assert(kPageBlock == kTileTokens, "one page is one tile");
 
@@ -137,27 +137,18 @@ struct DenseWsTask {
         const WsFill<> fill(sh, k);
         fill.wait_empty();
         tile_trace(k, kTrProdEmpty);
-        using S = TileSmem<kDqk>;
-        constexpr bool kBlk = kBlockBars && kSole;
-        // kBlk: this buffer's block barriers, block j at + 8 j.
-        const uint32_t blk_bar = sh.bar_blk + 8 * (k & 1) * S::kKBlocks;
         if (kDenseTma && kSole && p.kv_map_ok && blk_ok && (n + 1) * kPageBlock <= q.len) {
-          // A whole page by TMA (JFM_DENSE_TMA): thread 0 expects the bytes and issues the column
-          // blocks, on the full barrier or (kBlk) each on its block's; every thread makes its two
-          // arrivals on full (kFullCount).
+          // A whole page by TMA (JFM_DENSE_TMA): thread 0 expects the tile's bytes and issues its
+          // column blocks; every thread makes its two arrivals (kFullCount).
 #pragma unroll
           for (int h = 0; h < 4; ++h)
             if (lq == 0) fill.valid[lr + 16 * h] = 1;
           if (ptid == 0) {
-            if constexpr (!kBlk) mbarrier_arrive_expect_tx(fill.full, S::kTileBytes);
+            mbarrier_arrive_expect_tx(fill.full, TileSmem<kDqk>::kTileBytes);
 #pragma unroll
-            for (int j = 0; j < S::kKBlocks; ++j) {
-              const uint32_t bar = kBlk ? blk_bar + 8 * j : fill.full;
-              if constexpr (kBlk) mbarrier_arrive_expect_tx(bar, S::kBlockBytes);
-              tma_load_3d(fill.tile + j * S::kBlockBytes, &p.kv_map, bar, 64 * j, hk,
-                          blk * kPageBlock);
-            }
-            if constexpr (kBlk) mbarrier_arrive(fill.full);
+            for (int j = 0; j < TileSmem<kDqk>::kKBlocks; ++j)
+              tma_load_3d(fill.tile + j * TileSmem<kDqk>::kBlockBytes, &p.kv_map, fill.full, 64 * j,
+                          hk, blk * kPageBlock);
           } else {
             mbarrier_arrive(fill.full);
           }
@@ -176,10 +167,6 @@ struct DenseWsTask {
           if (lq == 0) fill.valid[lr + 16 * h] = present(lr + 16 * h);
         mbarrier_arrive(fill.full);                  // the validity bytes
         cp_async_mbarrier_arrive_noinc(fill.full);   // the rows, when they land
-        if constexpr (kBlk) {  // a cp.async tile's blocks complete with `full`, waited first
-          if (ptid == 0)
-            for (int j = 0; j < S::kKBlocks; ++j) mbarrier_arrive(blk_bar + 8 * j);
-        }
         tile_trace(k, kTrProdIssued);
         blk = blk_next;
       }
@@ -194,8 +181,7 @@ __global__ void __launch_bounds__(384, 1) dense_decode_ws_kernel(const __grid_co
   using Task = DenseWsTask<T>;
   pdl_launch_dependents();  // (pdl.cuh) the combine may be placed on SMs this grid's tail frees
   extern __shared__ unsigned char smem_raw[];
-  const WsShared sh =
-      ws_setup<Task::kDqk, kMath, Task::kBlockBars && kMath == WsMath::kRoles>(smem_raw, Task::kFullCount);
+  const WsShared sh = ws_setup<Task::kDqk, kMath>(smem_raw, Task::kFullCount);
   const Task task(p);
   ws_run<kMath>(task, sh);
 }
