@@ -117,6 +117,15 @@ constexpr int kDenseDqk = 576;
 #define JFM_DENSE_TMA 1
 #endif
 constexpr bool kDenseTma = JFM_DENSE_TMA != 0;
+// JFM_DENSE_TMA_NOFENCE (candidate, off): the role split's math skips its proxy fence after the
+// full wait on tiles that TMA filled (DenseWsTask::tile_by_tma). Why: the tile-phase probe spends
+// a constant 260-295 cycles between reaching the full wait and leaving it (p10 = p90) even where
+// the barrier had completed long before (eighth 2026-12-02 session, the per-block candidate):
+// the fence, on the chain that paces the two buffers.
+#ifndef JFM_DENSE_TMA_NOFENCE
+#define JFM_DENSE_TMA_NOFENCE 0
+#endif
+constexpr bool kDenseTmaNoFence = JFM_DENSE_TMA_NOFENCE != 0;
 
 // ---- Sparse decode and sparse prefill (token-level gathers, h_kv = 1) --------------------------
 // Cache formats a sparse kernel reads (the layout follows from d_qk for FP8: SEMANTICS.md).

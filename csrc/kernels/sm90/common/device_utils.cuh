@@ -140,6 +140,19 @@ __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
   } while (!done);
   __syncwarp();
 }
+// mbarrier_wait by polling mbarrier.test_wait (never suspends the thread).
+__device__ __forceinline__ void mbarrier_wait_spin(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+  __syncwarp();
+}
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 // Barrier `id` (1..15; 0 is __syncthreads') over `count` threads, whole warps. The non-.aligned
 // forms (barrier.sync / barrier.arrive, not bar.*): the two role-split math warpgroups meet at the

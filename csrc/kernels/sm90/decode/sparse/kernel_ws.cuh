@@ -104,6 +104,7 @@ struct SparseWsTask {
   static constexpr bool kCpAsyncTiles = !kFp8;  // the tiles are cp.async copies of bf16 rows
   static constexpr bool kShortSeqs = true;       // one query token's top-k
   static constexpr bool kFenceAfterFull = !kFp8 || kRopeAsync;
+  static constexpr bool kTmaTiles = false;  // no tile comes by TMA: no tile_by_tma
   static constexpr uint32_t kFullCount = kFp8 && !kRopeAsync ? 128 : 256;
   static_assert(!kFp8 || kDqk == (kFmt == KvFormat::kFp8V32 ? 576 : 512), "FP8 layout fixes d_qk");
 
