@@ -126,6 +126,17 @@ constexpr bool kDenseTma = JFM_DENSE_TMA != 0;
 #define JFM_DENSE_TMA_NOFENCE 0
 #endif
 constexpr bool kDenseTmaNoFence = JFM_DENSE_TMA_NOFENCE != 0;
+// JFM_DENSE_PAIR (candidate, off; needs JFM_DENSE_TMA): above 64 query rows per KV head (h_q 128,
+// MTP, h_q 100) the role split runs as CTA pairs over two consecutive row blocks (WsMath::
+// kRolesPair, clusters of 2) that share each whole page: each CTA issues half of its TMA boxes
+// with multicast into both, so L2 sends each page once per pair instead of once per CTA. Why: the
+// tile-phase probe (eighth 2026-12-02 session) shows the fill running at ~20 B/clk per SM for
+// ~95% of each period, near the L2's output shared by all SMs (~24 B/clk per SM), and at h_q 128
+// both row blocks read every page.
+#ifndef JFM_DENSE_PAIR
+#define JFM_DENSE_PAIR 0
+#endif
+constexpr bool kDensePair = JFM_DENSE_PAIR != 0 && kDenseTma;
 
 // ---- Sparse decode and sparse prefill (token-level gathers, h_kv = 1) --------------------------
 // Cache formats a sparse kernel reads (the layout follows from d_qk for FP8: SEMANTICS.md).

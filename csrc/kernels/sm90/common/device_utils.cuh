@@ -225,6 +225,16 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const void* tmap, uint
       "l"(reinterpret_cast<uint64_t>(tmap)), "r"(bar), "r"(c0), "r"(c1), "r"(c2)
       : "memory");
 }
+// tma_load_3d into every CTA of the cluster named in cta_mask (bit r: rank r), each at the same
+// shared-memory offset dst, its bytes counted on the mbarrier at offset `bar` of each of them.
+__device__ __forceinline__ void tma_load_3d_multicast(uint32_t dst, const void* tmap, uint32_t bar,
+                                                      int c0, int c1, int c2, uint16_t cta_mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      ".multicast::cluster [%0], [%1, {%3, %4, %5}], [%2], %6;\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(tmap)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "h"(cta_mask)
+      : "memory");
+}
 // 16 / 8 bytes into another CTA's shared memory (`dst` from cluster_map), counted as transaction
 // bytes of that CTA's mbarrier `bar` (also from cluster_map) once they have landed.
 __device__ __forceinline__ void st_async_16(uint32_t dst, uint4 v, uint32_t bar) {

@@ -128,7 +128,7 @@ struct DenseWsTask {
   // kSole: the role split's producer, the one that loads whole pages by TMA (JFM_DENSE_TMA).
   template <bool kWide, bool kPair, bool kSole = false, bool = false>  // (no staging registers)
   __device__ __forceinline__ void produce(const WsShared& sh, int which, int stride) const {
-    static_assert(!kPair, "dense decode has no CTA-pair kernel");
+    static_assert(!kPair || kDensePair, "the dense CTA pair: JFM_DENSE_PAIR");
     const T* __restrict__ kvg = reinterpret_cast<const T*>(p.kv);
     const int ptid = threadIdx.x & 127;
     const int lr = ptid >> 3, lq = ptid & 7;
@@ -142,10 +142,42 @@ struct DenseWsTask {
         const uint32_t k = k0 + (n - q.first);
         const int blk_next = n + stride < q.t_hi ? q.table[n + stride] : -1;
         const bool blk_ok = blk >= 0 && blk < p.num_kv_blocks;
-        const WsFill<> fill(sh, k);
+        const WsFill<kPair> fill(sh, k);
         fill.wait_empty();
         tile_trace(k, kTrProdEmpty);
-        if (kDenseTma && kSole && p.kv_map_ok && blk_ok && (n + 1) * kPageBlock <= q.len) {
+        if constexpr (kPair) {
+          // JFM_DENSE_PAIR: a whole page by TMA multicast, rank r issuing the boxes j % 2 == r into
+          // both CTAs, counted on full (rank 0's boxes) and peer_full (rank 1's) of each; a
+          // partial or invalid page by each CTA for itself (cp.async, as below), peer_full then
+          // completed by its one arrival. Both CTAs take the same branch: same page, same length.
+          using S = TileSmem<kDqk>;
+          constexpr uint32_t kBytes0 = (S::kKBlocks + 1) / 2 * S::kBlockBytes;  // rank 0's boxes
+          constexpr uint32_t kBytes1 = S::kKBlocks / 2 * S::kBlockBytes;
+          if (p.kv_map_ok && blk_ok && (n + 1) * kPageBlock <= q.len) {
+#pragma unroll
+            for (int h = 0; h < 4; ++h)
+              if (lq == 0) fill.valid[lr + 16 * h] = 1;
+            if (ptid == 0) {
+              mbarrier_arrive_expect_tx(fill.full, kBytes0);
+              mbarrier_arrive_expect_tx(fill.peer_full, kBytes1);
+              const uint32_t bar = sh.rank == 0 ? fill.full : fill.peer_full;
+#pragma unroll
+              for (int j = 0; j < S::kKBlocks; ++j)
+                if ((j & 1) == static_cast<int>(sh.rank))
+                  tma_load_3d_multicast(fill.tile + j * S::kBlockBytes, &p.kv_map, bar, 64 * j,
+                                        hk, blk * kPageBlock, 0x3);
+            } else {
+              mbarrier_arrive(fill.full);
+            }
+            mbarrier_arrive(fill.full);
+            tile_trace(k, kTrProdIssued);
+            blk = blk_next;
+            continue;
+          }
+          if (ptid == 0) mbarrier_arrive(fill.peer_full);  // nothing comes from the peer
+        }
+        if (kDenseTma && kSole && !kPair && p.kv_map_ok && blk_ok &&
+            (n + 1) * kPageBlock <= q.len) {
           // A whole page by TMA (JFM_DENSE_TMA): thread 0 expects the tile's bytes and issues its
           // column blocks; every thread makes its two arrivals (kFullCount).
 #pragma unroll
@@ -194,12 +226,21 @@ __global__ void __launch_bounds__(384, 1) dense_decode_ws_kernel(const __grid_co
   ws_run<kMath>(task, sh);
 }
 
+// kRolesPair (JFM_DENSE_PAIR): clusters of two consecutive row blocks (num_m_blocks even);
+// cudaErrorNotSupported, launching nothing, where the device cannot hold every pair at once
+// (launch_clusters_with_smem; the caller falls back to kRoles).
 template <typename T, WsMath kMath>
 cudaError_t launch_dense_decode_ws(const DenseDecodeParams& p, cudaStream_t stream) {
+  const dim3 grid(p.num_sm_parts, p.num_m_blocks, p.h_kv);
   return tile_trace_launch("dense_decode_ws_kernel", static_cast<int>(kMath), stream, [&] {
-    return launch_with_smem(dense_decode_ws_kernel<T, kMath>,
-                            dim3(p.num_sm_parts, p.num_m_blocks, p.h_kv), 384,
-                            WsSmem<kDenseDqk>::kBytes, stream, p);
+    if constexpr (ws_pair(kMath)) {
+      if (p.num_m_blocks % 2 != 0 || !p.kv_map_ok) return cudaErrorInvalidValue;
+      return launch_clusters_with_smem<dense_decode_ws_kernel<T, kMath>>(
+          grid, dim3(1, 2, 1), 384, WsSmem<kDenseDqk>::kBytes, stream, p);
+    } else {
+      return launch_with_smem(dense_decode_ws_kernel<T, kMath>, grid, 384,
+                              WsSmem<kDenseDqk>::kBytes, stream, p);
+    }
   });
 }
 
