@@ -8,7 +8,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scr
 
 import tile_trace  # noqa: E402
 
-PERIOD, S, SOFTMAX, PV_SC, PV_VAL, HAND, LATE, GAP = 3900, 1500, 500, 1500, 1300, 100, 900, 40
+PERIOD, S, SOFTMAX, PV_SC, PV_VAL, HAND, LATE, GAP, ISSUE = 3900, 1500, 500, 1500, 1300, 100, 900, 40, 300
 
 
 def synthetic(path, ctas=2, tiles=10):
@@ -22,7 +22,7 @@ def synthetic(path, ctas=2, tiles=10):
             pub = f + S + SOFTMAX
             release = max(pub + PV_SC, pub + HAND + PV_VAL)
             prod_empty = release - 2 * PERIOD + GAP  # tile t - 2's release, in tile t's frame
-            vals = [prod_empty, prod_empty + 300, f, f + S, pub, pub + PV_SC, f + 10, pub + HAND,
+            vals = [prod_empty, prod_empty + ISSUE, f, f + S, pub, pub + PV_SC, f + 10, pub + HAND,
                     pub + HAND + PV_VAL, f - LATE]
             lines.append(" ".join(str(x) for x in [c, t] + [v % (1 << 32) for v in vals]))
     path.write_text("\n".join(lines) + "\n")
@@ -41,6 +41,7 @@ def test_phases_and_identity(tmp_path):
     assert got["PV scores"] == PV_SC and got["PV values"] == PV_VAL
     assert got["release"] == release and got["gap"] == GAP
     assert got["fill"] == 2 * PERIOD - release - GAP and got["2 periods - sum"] == 0
+    assert got["issue"] == ISSUE
 
 
 def test_summary_prints_every_phase(tmp_path, capsys, monkeypatch):
@@ -50,5 +51,5 @@ def test_summary_prints_every_phase(tmp_path, capsys, monkeypatch):
     tile_trace.main()
     out = capsys.readouterr().out
     assert "(12 tiles)" in out  # tiles 2 .. 7 of each CTA have both successors
-    for name in ("period", "late", "fill", "gap", "2 periods - sum"):
+    for name in ("period", "late", "fill", "issue", "gap", "2 periods - sum"):
         assert name in out

@@ -149,7 +149,8 @@ enum class KvFormat : int { kBf16 = 0, kFp8V32 = 1, kFp8V4 = 2 };
 // kRolesWide: kRoles with a 144-register producer (the FP8 default above 32 heads).
 // kRolesPair: kRoles (its register split: each producer dequantizes one round) over two CTAs of a
 // cluster sharing each tile's dequantization (FP8, two row blocks: the V4 default at 65-128 heads
-// where each schedule part has several tiles, sparse/dispatch.cu).
+// where each schedule part has several tiles, sparse/dispatch.cu), or (dense, the JFM_DENSE_PAIR
+// candidate) each whole page's TMA boxes.
 // (Measured and gone, docs/PERFORMANCE.md, 2026-12-01: kPingPong, the math warpgroups owning
 // alternate tiles, 0.85x kRoles on dense decode; kRolesOverlap / kRolesPairOverlap, the scores
 // warpgroup issuing the next tile's S with this tile's P V in one wgmma batch, 0.81-0.93x on dense
