@@ -107,12 +107,13 @@ constexpr int kDenseDqk = 576;
 // JFM_DENSE_TMA (on; =0 for A/B): the dense role split's producer (kRoles: more than 32 query rows
 // per CTA) loads each whole page (all 64 rows inside the sequence, page id inside the pool) with 9
 // TMA boxes issued by one thread instead of 128 threads' cp.async; partial and invalid pages keep
-// the cp.async copies (their rows past the sequence are zero-filled, never read). Why: the tile-phase probe (PERFORMANCE.md, eighth
-// 2026-12-02 session) shows the fill busy ~94% of the period at ~20 B/clk per SM, the chain as
-// long: the tile is bound by the fill's rate and the two-buffer chain together; upstream's dense
-// kernel loads by TMA and is 15% faster at h128 with the same tiles. Measured (H200): h_q 128
-// 1.7-3.2% faster, h_q 64 unchanged; the transposed kernels (h_q <= 32) 7% slower with it, so they
-// keep cp.async; a block barrier per TMA box with S issued per block (=2, 137299f) gained nothing.
+// the cp.async copies (their rows past the sequence are zero-filled, never read). Why: the
+// tile-phase probe (PERFORMANCE.md, eighth 2026-12-02 session) shows the fill busy ~94% of the
+// period at ~20 B/clk per SM, the chain as long; upstream's dense kernel loads by TMA and is 15%
+// faster at h128 with the same tiles. Measured (H200): h_q 128 1.7-3.6% faster (S shorter: the
+// cp.async no longer share its pipeline; the fill no faster), h_q 64 unchanged; the transposed
+// kernels (h_q <= 32) 7% slower with it, so they keep cp.async; a block barrier per TMA box with S
+// issued per block (=2, 137299f) gained nothing.
 #ifndef JFM_DENSE_TMA
 #define JFM_DENSE_TMA 1
 #endif

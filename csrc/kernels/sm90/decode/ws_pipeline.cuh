@@ -266,8 +266,7 @@ struct WsFill {
   // Until the math warps (kPair: of both CTAs) have emptied the buffer (its previous use, two
   // tiles ago).
   __device__ __forceinline__ void wait_empty() const {
-    if constexpr (kWsSpinEmpty) mbarrier_wait_spin(empty, ((k >> 1) & 1) ^ 1);
-    else mbarrier_wait(empty, ((k >> 1) & 1) ^ 1);
+    mbarrier_wait<kWsSpinEmpty>(empty, ((k >> 1) & 1) ^ 1);
   }
 };
 

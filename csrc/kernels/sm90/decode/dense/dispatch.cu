@@ -56,7 +56,7 @@ cudaError_t launch(const DenseDecodeParams& params, cudaStream_t stream) {
   DenseDecodeParams p = params;
   if constexpr (kDenseTma) encode_kv_map(p);
   else p.kv_map_ok = false;
-  const int rows = p.s_q * (p.h_q / p.h_kv);  // a CTA's query rows, at most 64
+  const int rows = p.s_q * (p.h_q / p.h_kv);  // query rows per KV head (a CTA takes 64 of them)
   if (rows <= 16) return sm90::launch_dense_decode_ws<T, WsMath::kTransposed16>(p, stream);
   if (rows <= 32) return sm90::launch_dense_decode_ws<T, WsMath::kTransposed32>(p, stream);
   if constexpr (kDensePair) {

@@ -145,21 +145,20 @@ struct DenseWsTask {
         const WsFill<kPair> fill(sh, k);
         fill.wait_empty();
         tile_trace(k, kTrProdEmpty);
-        if constexpr (kPair) {
-          // JFM_DENSE_PAIR: a whole page by TMA multicast, rank r issuing the boxes j % 2 == r into
-          // both CTAs, counted on full (rank 0's boxes) and peer_full (rank 1's) of each; a
-          // partial or invalid page by each CTA for itself (cp.async, as below), peer_full then
-          // completed by its one arrival. Both CTAs take the same branch: same page, same length.
+        if (kDenseTma && kSole && p.kv_map_ok && blk_ok && (n + 1) * kPageBlock <= q.len) {
+          // A whole page by TMA (JFM_DENSE_TMA): thread 0 expects the tile's bytes and issues its
+          // column blocks; every thread makes its two arrivals (kFullCount).
+          // kPair (JFM_DENSE_PAIR): rank r issues the boxes j % 2 == r with multicast into both
+          // CTAs, counted on full (rank 0's boxes) and peer_full (rank 1's) of each. Both CTAs of
+          // the pair take the same branch here: same page, same length.
           using S = TileSmem<kDqk>;
-          constexpr uint32_t kBytes0 = (S::kKBlocks + 1) / 2 * S::kBlockBytes;  // rank 0's boxes
-          constexpr uint32_t kBytes1 = S::kKBlocks / 2 * S::kBlockBytes;
-          if (p.kv_map_ok && blk_ok && (n + 1) * kPageBlock <= q.len) {
 #pragma unroll
-            for (int h = 0; h < 4; ++h)
-              if (lq == 0) fill.valid[lr + 16 * h] = 1;
-            if (ptid == 0) {
-              mbarrier_arrive_expect_tx(fill.full, kBytes0);
-              mbarrier_arrive_expect_tx(fill.peer_full, kBytes1);
+          for (int h = 0; h < 4; ++h)
+            if (lq == 0) fill.valid[lr + 16 * h] = 1;
+          if (ptid == 0) {
+            if constexpr (kPair) {
+              mbarrier_arrive_expect_tx(fill.full, (S::kKBlocks + 1) / 2 * S::kBlockBytes);
+              mbarrier_arrive_expect_tx(fill.peer_full, S::kKBlocks / 2 * S::kBlockBytes);
               const uint32_t bar = sh.rank == 0 ? fill.full : fill.peer_full;
 #pragma unroll
               for (int j = 0; j < S::kKBlocks; ++j)
@@ -167,28 +166,12 @@ struct DenseWsTask {
                   tma_load_3d_multicast(fill.tile + j * S::kBlockBytes, &p.kv_map, bar, 64 * j,
                                         hk, blk * kPageBlock, 0x3);
             } else {
-              mbarrier_arrive(fill.full);
+              mbarrier_arrive_expect_tx(fill.full, S::kTileBytes);
+#pragma unroll
+              for (int j = 0; j < S::kKBlocks; ++j)
+                tma_load_3d(fill.tile + j * S::kBlockBytes, &p.kv_map, fill.full, 64 * j, hk,
+                            blk * kPageBlock);
             }
-            mbarrier_arrive(fill.full);
-            tile_trace(k, kTrProdIssued);
-            blk = blk_next;
-            continue;
-          }
-          if (ptid == 0) mbarrier_arrive(fill.peer_full);  // nothing comes from the peer
-        }
-        if (kDenseTma && kSole && !kPair && p.kv_map_ok && blk_ok &&
-            (n + 1) * kPageBlock <= q.len) {
-          // A whole page by TMA (JFM_DENSE_TMA): thread 0 expects the tile's bytes and issues its
-          // column blocks; every thread makes its two arrivals (kFullCount).
-#pragma unroll
-          for (int h = 0; h < 4; ++h)
-            if (lq == 0) fill.valid[lr + 16 * h] = 1;
-          if (ptid == 0) {
-            mbarrier_arrive_expect_tx(fill.full, TileSmem<kDqk>::kTileBytes);
-#pragma unroll
-            for (int j = 0; j < TileSmem<kDqk>::kKBlocks; ++j)
-              tma_load_3d(fill.tile + j * TileSmem<kDqk>::kBlockBytes, &p.kv_map, fill.full, 64 * j,
-                          hk, blk * kPageBlock);
           } else {
             mbarrier_arrive(fill.full);
           }
@@ -197,6 +180,9 @@ struct DenseWsTask {
           blk = blk_next;
           continue;
         }
+        // kPair: each CTA copies a partial or invalid page for itself; nothing comes from the peer.
+        if constexpr (kPair)
+          if (ptid == 0) mbarrier_arrive(fill.peer_full);
         auto present = [&](int r) { return blk_ok && n * kPageBlock + r < q.len; };
         load_tile_rows<T, kDqk, 128>(fill.tile, ptid, kvg, [&](int r) -> const T* {
           const size_t row = static_cast<size_t>(blk) * kPageBlock + r;
