@@ -5,7 +5,8 @@ scores warpgroup's full wait's end of tile k unless said):
 
   period       tile k -> k + 1, the scores' full wait ends
   late         how long the scores waited at the full barrier (wait end - arrival): > 0 when
-               the tile's fill, not the math, decided when S could start
+               the tile's fill, not the math, decided when S could start; with 11 slots split
+               into "wait" (the barrier waits) and "fence" (the proxy fence after them)
   S            S complete
   softmax+P    S complete -> P and the corrections published
   P hand-off   published -> the values warpgroup received them
@@ -32,7 +33,7 @@ import statistics
 import sys
 
 SLOTS = ("prod_empty", "prod_issued", "sc_full", "sc_s", "sc_pub", "sc_pv", "val_full", "val_p",
-         "val_pv", "sc_wait")
+         "val_pv", "sc_wait", "sc_waited")  # (traces before sc_waited have 10 slots)
 
 
 def read(path):
@@ -53,11 +54,13 @@ def d(a, b):
 
 
 def phases(r, nxt, nn):
-    o = {s: d(r["sc_full"], r[s]) for s in SLOTS}  # offsets from tile k's full wait end
+    o = {s: d(r["sc_full"], v) for s, v in r.items()}  # offsets from tile k's full wait end
     release = max(o["sc_pv"], o["val_pv"])
     out = {
         "period": d(r["sc_full"], nxt["sc_full"]),
         "late": d(r["sc_wait"], r["sc_full"]),
+        **({"wait": d(r["sc_wait"], r["sc_waited"]), "fence": d(r["sc_waited"], r["sc_full"])}
+           if "sc_waited" in r else {}),
         "S": o["sc_s"],
         "softmax+P": o["sc_pub"] - o["sc_s"],
         "P hand-off": o["val_p"] - o["sc_pub"],

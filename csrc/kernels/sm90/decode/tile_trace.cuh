@@ -38,7 +38,8 @@ enum TraceSlot : int {
   kTrValP = 7,        // values: P received (p_ready waited)
   kTrValPv = 8,       // values: its P V half complete
   kTrScWait = 9,      // scores: reached its full wait (its end - this: how long the tile was late)
-  kTrSlots = 10
+  kTrScWaited = 10,   // scores: its barrier waits done, before the proxy fence (full - this: fence)
+  kTrSlots = 11
 };
 
 #if JFM_TILE_TRACE

@@ -357,16 +357,18 @@ __device__ __forceinline__ void ws_load_q(const Task& task, const typename Task:
 // (kPair) the st.async bytes are generic-proxy writes, wgmma reads through the async proxy.
 // fence_needed() (read after the wait: it may look at the tile's validity bytes) lets a task skip the
 // fence for a tile with no generic-proxy writes (Task::tile_by_tma).
-template <class Task, bool kPair, typename FenceNeeded>
+// kScores: this is the scores warpgroup (the probe stamps kTrScWaited between waits and fence).
+template <class Task, bool kPair, bool kScores = false, typename FenceNeeded>
 __device__ __forceinline__ void ws_wait_full(const WsShared& sh, uint32_t k, FenceNeeded fence_needed) {
   mbarrier_wait(sh.bar_full + 8 * (k & 1), (k >> 1) & 1);
   if constexpr (kPair) mbarrier_wait(sh.bar_peer_full + 8 * (k & 1), (k >> 1) & 1);
+  if constexpr (kScores) tile_trace(k, kTrScWaited);
   if constexpr (Task::kFenceAfterFull || kPair)
     if (fence_needed()) fence_proxy_async();
 }
-template <class Task, bool kPair>
+template <class Task, bool kPair, bool kScores = false>
 __device__ __forceinline__ void ws_wait_full(const WsShared& sh, uint32_t k) {
-  ws_wait_full<Task, kPair>(sh, k, [] { return true; });
+  ws_wait_full<Task, kPair, kScores>(sh, k, [] { return true; });
 }
 // Which side of the role split a math warpgroup takes.
 enum class WsRole : int { kScores, kValues };
@@ -452,12 +454,13 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       const int n_next = cur.next(n + 1);
       const uint32_t buf = k & 1;
       if constexpr (kRole == WsRole::kScores) tile_trace(k, kTrScWait);
+      constexpr bool kSc = kRole == WsRole::kScores;
       if constexpr (Task::kTmaTiles) {
-        ws_wait_full<Task, kPair>(sh, k, [&] {
+        ws_wait_full<Task, kPair, kSc>(sh, k, [&] {
           return !task.tile_by_tma(cur, n, sh.valid + buf * kTileTokens);
         });
       } else {
-        ws_wait_full<Task, kPair>(sh, k);
+        ws_wait_full<Task, kPair, kSc>(sh, k);
       }
       tile_trace(k, kRole == WsRole::kScores ? kTrScFull : kTrValFull);
       const uint32_t buf_desc = buf * (S::kTileBytes >> 4);
