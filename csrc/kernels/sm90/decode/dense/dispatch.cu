@@ -60,10 +60,8 @@ cudaError_t launch(const DenseDecodeParams& params, cudaStream_t stream) {
   if (rows <= 16) return sm90::launch_dense_decode_ws<T, WsMath::kTransposed16>(p, stream);
   if (rows <= 32) return sm90::launch_dense_decode_ws<T, WsMath::kTransposed32>(p, stream);
   if constexpr (kDensePair) {
-    if (p.kv_map_ok && p.num_m_blocks % 2 == 0) {
-      const cudaError_t e = sm90::launch_dense_decode_ws<T, WsMath::kRolesPair>(p, stream);
-      if (e != cudaErrorNotSupported) return e;  // else not every pair fits at once: unpaired
-    }
+    const cudaError_t e = sm90::launch_dense_decode_ws<T, WsMath::kRolesPair>(p, stream);
+    if (e != cudaErrorNotSupported) return e;  // else no pair here: unpaired
   }
   return sm90::launch_dense_decode_ws<T, WsMath::kRoles>(p, stream);
 }

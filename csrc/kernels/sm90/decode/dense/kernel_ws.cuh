@@ -83,12 +83,17 @@ struct DenseWsTask {
                                          int col) const {
     return !valid[col] || n * kPageBlock + col >= q.rowlen[h];
   }
-  // The role split's tile n came by TMA alone (its producer's test, read back from the validity
-  // bytes: a whole page's first row is valid exactly when its page id is inside the pool), so its
-  // bytes are async-proxy writes that the wgmma may read without a proxy fence
+  // Page n of the sequence (its id inside the pool: blk_ok) goes by TMA (JFM_DENSE_TMA, the role
+  // split's producer): the map exists and all 64 rows are inside the sequence.
+  __device__ __forceinline__ bool tma_page(const Seq& q, int n, bool blk_ok) const {
+    return p.kv_map_ok && blk_ok && (n + 1) * kPageBlock <= q.len;
+  }
+  // The role split's tile n came by TMA alone (the producer's test, the page id's read back from
+  // the validity bytes: a whole page's first row is valid exactly when its id is inside the pool),
+  // so its bytes are async-proxy writes that the wgmma may read without a proxy fence
   // (JFM_DENSE_TMA_NOFENCE; the tile-phase probe charges ~260 cycles per tile to the fence).
   __device__ __forceinline__ bool tile_by_tma(const Seq& q, int n, const uint8_t* valid) const {
-    return p.kv_map_ok && (n + 1) * kPageBlock <= q.len && valid[0] != 0;
+    return tma_page(q, n, valid[0] != 0);
   }
   __device__ __forceinline__ bool window_full(const Seq& q, int n) const {
     return (n + 1) * kPageBlock <= min(q.rowlen[0], q.rowlen[1]);
@@ -145,7 +150,7 @@ struct DenseWsTask {
         const WsFill<kPair> fill(sh, k);
         fill.wait_empty();
         tile_trace(k, kTrProdEmpty);
-        if (kDenseTma && kSole && p.kv_map_ok && blk_ok && (n + 1) * kPageBlock <= q.len) {
+        if (kDenseTma && kSole && tma_page(q, n, blk_ok)) {
           // A whole page by TMA (JFM_DENSE_TMA): thread 0 expects the tile's bytes and issues its
           // column blocks; every thread makes its two arrivals (kFullCount).
           // kPair (JFM_DENSE_PAIR): rank r issues the boxes j % 2 == r with multicast into both
@@ -212,15 +217,15 @@ __global__ void __launch_bounds__(384, 1) dense_decode_ws_kernel(const __grid_co
   ws_run<kMath>(task, sh);
 }
 
-// kRolesPair (JFM_DENSE_PAIR): clusters of two consecutive row blocks (num_m_blocks even);
-// cudaErrorNotSupported, launching nothing, where the device cannot hold every pair at once
-// (launch_clusters_with_smem; the caller falls back to kRoles).
+// kRolesPair (JFM_DENSE_PAIR): clusters of two consecutive row blocks; cudaErrorNotSupported,
+// launching nothing, where the pair does not apply (odd num_m_blocks, no tensor map) or the device
+// cannot hold every pair at once (launch_clusters_with_smem): the caller falls back to kRoles.
 template <typename T, WsMath kMath>
 cudaError_t launch_dense_decode_ws(const DenseDecodeParams& p, cudaStream_t stream) {
   const dim3 grid(p.num_sm_parts, p.num_m_blocks, p.h_kv);
   return tile_trace_launch("dense_decode_ws_kernel", static_cast<int>(kMath), stream, [&] {
     if constexpr (ws_pair(kMath)) {
-      if (p.num_m_blocks % 2 != 0 || !p.kv_map_ok) return cudaErrorInvalidValue;
+      if (p.num_m_blocks % 2 != 0 || !p.kv_map_ok) return cudaErrorNotSupported;
       return launch_clusters_with_smem<dense_decode_ws_kernel<T, kMath>>(
           grid, dim3(1, 2, 1), 384, WsSmem<kDenseDqk>::kBytes, stream, p);
     } else {
