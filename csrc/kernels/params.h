@@ -127,15 +127,16 @@ constexpr bool kDenseTma = JFM_DENSE_TMA != 0;
 #define JFM_DENSE_TMA_NOFENCE 0
 #endif
 constexpr bool kDenseTmaNoFence = JFM_DENSE_TMA_NOFENCE != 0;
-// JFM_DENSE_PAIR (candidate, off; needs JFM_DENSE_TMA): above 64 query rows per KV head (h_q 128,
-// MTP, h_q 100) the role split runs as CTA pairs over two consecutive row blocks (WsMath::
-// kRolesPair, clusters of 2) that share each whole page: each CTA issues half of its TMA boxes
-// with multicast into both, so L2 sends each page once per pair instead of once per CTA. Why: the
-// tile-phase probe (eighth 2026-12-02 session) shows the fill running at ~20 B/clk per SM for
-// ~95% of each period, near the L2's output shared by all SMs (~24 B/clk per SM), and at h_q 128
-// both row blocks read every page.
+// JFM_DENSE_PAIR (on by default; needs JFM_DENSE_TMA; =0 builds the unpaired role split for A/B):
+// above 64 query rows per KV head (h_q 128, MTP, h_q 100) the role split runs as CTA pairs over two
+// consecutive row blocks (WsMath::kRolesPair, clusters of 2) that share each whole page: each CTA
+// issues half of its TMA boxes with multicast into both, so L2 sends each page once per pair
+// instead of once per CTA. Why: the tile-phase probe (eighth 2026-12-02 session) shows the fill
+// running at ~20 B/clk per SM for ~95% of each period, near the L2's output shared by all SMs
+// (~24 B/clk per SM), and at h_q 128 both row blocks read every page. H200 (ninth 2026-12-02
+// session): h128 b128 s_k 4096 -2.6%, h128 s_q 2 -2.7%, causal s_q 2 -4.3%, h100 -2.4%.
 #ifndef JFM_DENSE_PAIR
-#define JFM_DENSE_PAIR 0
+#define JFM_DENSE_PAIR 1
 #endif
 constexpr bool kDensePair = JFM_DENSE_PAIR != 0 && kDenseTma;
 
@@ -150,8 +151,8 @@ enum class KvFormat : int { kBf16 = 0, kFp8V32 = 1, kFp8V4 = 2 };
 // kRolesWide: kRoles with a 144-register producer (the FP8 default above 32 heads).
 // kRolesPair: kRoles (its register split: each producer dequantizes one round) over two CTAs of a
 // cluster sharing each tile's dequantization (FP8, two row blocks: the V4 default at 65-128 heads
-// where each schedule part has several tiles, sparse/dispatch.cu), or (dense, the JFM_DENSE_PAIR
-// candidate) each whole page's TMA boxes.
+// where each schedule part has several tiles, sparse/dispatch.cu), or (dense, JFM_DENSE_PAIR:
+// above 64 rows, an even number of row blocks) each whole page's TMA boxes.
 // (Measured and gone, docs/PERFORMANCE.md, 2026-12-01: kPingPong, the math warpgroups owning
 // alternate tiles, 0.85x kRoles on dense decode; kRolesOverlap / kRolesPairOverlap, the scores
 // warpgroup issuing the next tile's S with this tile's P V in one wgmma batch, 0.81-0.93x on dense
