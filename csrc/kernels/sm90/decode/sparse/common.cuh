@@ -18,17 +18,75 @@ namespace sm90 {
 
 using bf16 = __nv_bfloat16;
 
-// Two e4m3 values (low byte first) times a power-of-two scale, as a packed bf16 pair (exact).
-__device__ __forceinline__ uint32_t fp8x2_to_bf16x2(uint32_t two, float scale) {
+// JFM_FP8_DEQUANT: how the FP8 producers turn 8 e4m3 values and their power-of-two scale into 8
+// bf16 (fp8_dequant_form below). Why: the tile-phase probe and ncu put V3.2 h_q 128 at the
+// producer's dequantization (fill = the whole period; 27% of its samples issue conversions and 22%
+// stall on their results, seventh and eighth 2026-12-02 sessions).
+//   0: e4m3 pair -> half2 (F2FP unpack) -> two floats (HADD2.F32) -> two FMULs -> bf16 pack: 6
+//      instructions per pair, two of them conversions.
+//   1: as 0, the floats packed first, then one bf16x2 multiply by the scale (5 per pair).
+//   -1 (default): form 1 in the role-split kernels' sole producer, form 0 in the transposed
+//      kernels' two producers and in the v1 kernels. H200 (ninth 2026-12-02 session): form 1 V3.2
+//      h128 b64 -1.7% and -1.9% (two calls), V3.2 h64 -2.0%, V4 h128 -0.8%, V4 h64 -0.6%, but V3.2
+//      h16 (kTransposed16) +2.1% and +2.6%.
+// Both are exact for power-of-two scales (SEMANTICS.md's quantization); form 1 rounds a
+// non-power-of-two float32 scale to bf16 before the product, as upstream's path does.
+// (Measured and removed, same session: a form without the conversion unit, each bf16 built from
+// the e4m3 bits as value * 2^-120 by shifts, masks and byte permutes, then one bf16x2 multiply by
+// scale * 2^120: 3.5 integer instructions per pair, +0.4% to +11% against form 0.)
+#ifndef JFM_FP8_DEQUANT
+#define JFM_FP8_DEQUANT -1
+#endif
+constexpr int fp8_dequant_form(bool role_split_producer) {
+  return JFM_FP8_DEQUANT >= 0 ? JFM_FP8_DEQUANT : role_split_producer ? 1 : 0;
+}
+
+// Two bf16 pairs multiplied lane by lane (round to nearest).
+__device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
+  uint32_t r;
+  asm("mul.rn.bf16x2 %0, %1, %2;\n" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+}
+// Two e4m3 values (low byte first) as two floats (exact).
+__device__ __forceinline__ float2 fp8x2_to_float2(uint32_t two) {
   const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two & 0xffffu),
                                                     __NV_E4M3);
-  const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
+  return __half22float2(*reinterpret_cast<const __half2*>(&h));
+}
+// Two e4m3 values (low byte first) times a power-of-two scale, as a packed bf16 pair (exact).
+__device__ __forceinline__ uint32_t fp8x2_to_bf16x2(uint32_t two, float scale) {
+  const float2 f = fp8x2_to_float2(two);
   return pack2<bf16>(f.x * scale, f.y * scale);
 }
-// Eight e4m3 values (a uint2) -> eight bf16 (a uint4).
+// Eight e4m3 values (a uint2) -> eight bf16 (a uint4), form 0.
 __device__ __forceinline__ uint4 fp8x8_to_bf16x8(uint2 v, float scale) {
   return make_uint4(fp8x2_to_bf16x2(v.x, scale), fp8x2_to_bf16x2(v.x >> 16, scale),
                     fp8x2_to_bf16x2(v.y, scale), fp8x2_to_bf16x2(v.y >> 16, scale));
+}
+// The same in form 1, the scale given as the bf16x2 pair f.
+__device__ __forceinline__ uint4 fp8x8_to_bf16x8_mul(uint2 v, uint32_t f) {
+  const uint32_t w[4] = {v.x, v.x >> 16, v.y, v.y >> 16};
+  uint32_t r[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 x = fp8x2_to_float2(w[i]);
+    r[i] = bf16x2_mul(pack2<bf16>(x.x, x.y), f);
+  }
+  return make_uint4(r[0], r[1], r[2], r[3]);
+}
+// Runs `loop(conv)`, where conv(v, i) dequantizes the eight e4m3 values v of scale tile i (of the
+// kTiles scales sc) in form kDequant (JFM_FP8_DEQUANT).
+template <int kDequant, int kTiles, class Loop>
+__device__ __forceinline__ void with_fp8_dequant(const float (&sc)[kTiles], Loop loop) {
+  static_assert(kDequant == 0 || kDequant == 1, "JFM_FP8_DEQUANT: -1, 0 or 1");
+  if constexpr (kDequant == 0) {
+    loop([&](uint2 v, int i) { return fp8x8_to_bf16x8(v, sc[i]); });
+  } else {
+    uint32_t f[kTiles];
+#pragma unroll
+    for (int i = 0; i < kTiles; ++i) f[i] = pack2<bf16>(sc[i], sc[i]);
+    loop([&](uint2 v, int i) { return fp8x8_to_bf16x8_mul(v, f[i]); });
+  }
 }
 __device__ __forceinline__ void st_shared_16(uint32_t addr, uint4 v) {
   asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y),
@@ -238,7 +296,8 @@ struct RopeSrc<false> {};
 // V3.2: 656-byte tokens (512 e4m3 in 4 tiles of 128 | 4 float32 scales | 64 bf16 RoPE).
 // kRopeAsync (JFM_V32_ROPE_ASYNC, kernel_ws.cuh): the RoPE chunks, already bf16, go to the tile
 // by cp.async (emit's copy) instead of through registers; the stage keeps their address.
-template <bool kRopeAsync = false>
+// kDequant: the dequantization's form (JFM_FP8_DEQUANT).
+template <bool kRopeAsync = false, int kDequant = fp8_dequant_form(false)>
 struct StageV32T {
   uint4 nope[8];   // 16-byte chunks 4k + j of the NoPE bytes
   uint4 scales;    // the 4 float32 scales
@@ -284,13 +343,14 @@ struct StageV32T {
     using S = TileSmem<576>;
     const float sc[4] = {__uint_as_float(scales.x), __uint_as_float(scales.y),
                          __uint_as_float(scales.z), __uint_as_float(scales.w)};
+    with_fp8_dequant<kDequant>(sc, [&](auto conv) {
 #pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      const int c = 4 * k + j_;            // NoPE chunk: fp8 values [16 c, 16 c + 16)
-      const float s = sc[k >> 1];          // tile of 128 values: (16 c) / 128 = k / 2
-      put16(S::chunk_off(t, 2 * c), fp8x8_to_bf16x8(make_uint2(nope[k].x, nope[k].y), s));
-      put16(S::chunk_off(t, 2 * c + 1), fp8x8_to_bf16x8(make_uint2(nope[k].z, nope[k].w), s));
-    }
+      for (int k = 0; k < 8; ++k) {
+        const int c = 4 * k + j_;  // NoPE chunk: fp8 values [16 c, 16 c + 16), scale tile k / 2
+        put16(S::chunk_off(t, 2 * c), conv(make_uint2(nope[k].x, nope[k].y), k >> 1));
+        put16(S::chunk_off(t, 2 * c + 1), conv(make_uint2(nope[k].z, nope[k].w), k >> 1));
+      }
+    });
     if constexpr (kRopeAsync) {
       emit_rope(t, copy);
     } else {
@@ -352,14 +412,16 @@ struct StageV32R8 {
       const int row = t + 16 * i;
       const float sc[4] = {__uint_as_float(scales[i].x), __uint_as_float(scales[i].y),
                            __uint_as_float(scales[i].z), __uint_as_float(scales[i].w)};
+      with_fp8_dequant<fp8_dequant_form(false)>(sc, [&](auto conv) {
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const int c = 8 * k + j_;  // NoPE chunk: fp8 values [16 c, 16 c + 16), scale tile k
-        const uint4 lo = fp8x8_to_bf16x8(make_uint2(nope[i][k].x, nope[i][k].y), sc[k]);
-        const uint4 hi = fp8x8_to_bf16x8(make_uint2(nope[i][k].z, nope[i][k].w), sc[k]);
-        put16(S::chunk_off(row, 2 * c + odd_first), odd_first ? hi : lo);
-        put16(S::chunk_off(row, 2 * c + 1 - odd_first), odd_first ? lo : hi);
-      }
+        for (int k = 0; k < 4; ++k) {
+          const int c = 8 * k + j_;  // NoPE chunk: fp8 values [16 c, 16 c + 16), scale tile k
+          const uint4 lo = conv(make_uint2(nope[i][k].x, nope[i][k].y), k);
+          const uint4 hi = conv(make_uint2(nope[i][k].z, nope[i][k].w), k);
+          put16(S::chunk_off(row, 2 * c + odd_first), odd_first ? hi : lo);
+          put16(S::chunk_off(row, 2 * c + 1 - odd_first), odd_first ? lo : hi);
+        }
+      });
       put16(S::chunk_off(row, 64 + j_), rope[i]);
     }
   }
@@ -376,8 +438,9 @@ struct StageV32R8 {
 // blk * bs * 584 + 576 tt, 7 e8m0 scales at blk * bs * 584 + 576 bs + 8 tt. Only 8-byte alignment
 // is guaranteed (584 * bs need not be a multiple of 16), so the loads are 8 bytes wide.
 // kRopeAsync (JFM_V4_ROPE_ASYNC, kernel_ws.cuh): as StageV32T's, the RoPE bytes go to the tile by
-// cp.async, 16 bytes at a time where the row is read 16 at a time (wide), else 8.
-template <bool kRopeAsync = false>
+// cp.async, 16 bytes at a time where the row is read 16 at a time (wide), else 8. kDequant:
+// as StageV32T's.
+template <bool kRopeAsync = false, int kDequant = fp8_dequant_form(false)>
 struct StageV4T : RopeSrc<kRopeAsync> {
   uint2 nope[14];  // 8-byte pieces of the NoPE bytes: piece(k) (below)
   uint2 scales;    // 7 e8m0 exponents + pad
@@ -457,13 +520,26 @@ struct StageV4T : RopeSrc<kRopeAsync> {
     using S = TileSmem<512>;
     // First: the copies' address is dead before the dequantization (32 -> 4 bytes of spill).
     if constexpr (kRopeAsync) emit_rope(t, copy);
+    if constexpr (kDequant == 0) {
 #pragma unroll
-    for (int k = 0; k < 14; ++k) {
-      const int c = piece(k);              // fp8 values [8 c, +8) = bf16 chunk c
-      const int tile_idx = k >> 1;         // (8 c) / 64
-      const uint32_t e = ((tile_idx < 4 ? scales.x >> (8 * tile_idx) : scales.y >> (8 * (tile_idx - 4)))) & 0xffu;
-      const float s = __uint_as_float(e << 23);  // 2 ** (e - 127)
-      put16(S::chunk_off(t, c), fp8x8_to_bf16x8(nope[k], s));
+      for (int k = 0; k < 14; ++k) {
+        const int c = piece(k);              // fp8 values [8 c, +8) = bf16 chunk c
+        const int tile_idx = k >> 1;         // (8 c) / 64
+        const uint32_t e = ((tile_idx < 4 ? scales.x >> (8 * tile_idx) : scales.y >> (8 * (tile_idx - 4)))) & 0xffu;
+        const float s = __uint_as_float(e << 23);  // 2 ** (e - 127)
+        put16(S::chunk_off(t, c), fp8x8_to_bf16x8(nope[k], s));
+      }
+    } else {
+      float sc[7];  // 2 ** (e - 127) per tile
+#pragma unroll
+      for (int i = 0; i < 7; ++i) {
+        const uint32_t e = (i < 4 ? scales.x >> (8 * i) : scales.y >> (8 * (i - 4))) & 0xffu;
+        sc[i] = __uint_as_float(e << 23);
+      }
+      with_fp8_dequant<kDequant>(sc, [&](auto conv) {
+#pragma unroll
+        for (int k = 0; k < 14; ++k) put16(S::chunk_off(t, piece(k)), conv(nope[k], k >> 1));
+      });
     }
     if constexpr (!kRopeAsync) {
 #pragma unroll
@@ -530,12 +606,12 @@ __device__ __forceinline__ void store_stage_pair(const Stage& st, uint32_t tile,
           CpAsyncInto{tile});
 }
 
-template <KvFormat kFmt>
+template <KvFormat kFmt, int kDequant = fp8_dequant_form(false)>
 struct Fp8Stage;
-template <>
-struct Fp8Stage<KvFormat::kFp8V32> { using type = StageV32; };
-template <>
-struct Fp8Stage<KvFormat::kFp8V4> { using type = StageV4; };
+template <int kDequant>
+struct Fp8Stage<KvFormat::kFp8V32, kDequant> { using type = StageV32T<false, kDequant>; };
+template <int kDequant>
+struct Fp8Stage<KvFormat::kFp8V4, kDequant> { using type = StageV4T<false, kDequant>; };
 
 // cp.async of query token seq's 64 heads from head0 (heads past h_q zero-filled) into the
 // swizzled Q tile at sq, by threads 0 .. kThreads - 1 (load_tile_rows).

@@ -221,11 +221,13 @@ struct SparseWsTask {
     const Fp8Slot slot = kRow8 ? Fp8Slot(ptid, Fp8Slot::Row8{}) : Fp8Slot(ptid);
     const int lr = ptid >> 3, lq = ptid & 7;
     static_assert(!(kRow8 && kRopeAsync), "JFM_V32_ROW8 with JFM_V32_ROPE_ASYNC: not written");
+    constexpr int kDequant = fp8_dequant_form(kSole);  // (JFM_FP8_DEQUANT)
     using Stage = std::conditional_t<
         kRow8, StageV32R8,
-        std::conditional_t<kRopeAsync && !kPair,
-                           std::conditional_t<kFmt == KvFormat::kFp8V4, StageV4T<true>, StageV32T<true>>,
-                           typename Fp8Stage<kFmt == KvFormat::kBf16 ? KvFormat::kFp8V32 : kFmt>::type>>;
+        std::conditional_t<
+            kRopeAsync && !kPair,
+            std::conditional_t<kFmt == KvFormat::kFp8V4, StageV4T<true, kDequant>, StageV32T<true, kDequant>>,
+            typename Fp8Stage<kFmt == KvFormat::kBf16 ? KvFormat::kFp8V32 : kFmt, kDequant>::type>>;
     // kRopeAsync: the second of the full barrier's two arrivals per thread, after its first: when
     // this thread's cp.async copies (the RoPE chunks) have landed; the pair's producer, which
     // stores them, arrives a second time at once.
