@@ -118,15 +118,6 @@ constexpr int kDenseDqk = 576;
 #define JFM_DENSE_TMA 1
 #endif
 constexpr bool kDenseTma = JFM_DENSE_TMA != 0;
-// JFM_DENSE_TMA_NOFENCE (candidate, off): the role split's math skips its proxy fence after the
-// full wait on tiles that TMA filled (DenseWsTask::tile_by_tma). Why: the tile-phase probe spends
-// a constant 260-295 cycles between reaching the full wait and leaving it (p10 = p90) even where
-// the barrier had completed long before (eighth 2026-12-02 session, the per-block candidate):
-// the fence, on the chain that paces the two buffers.
-#ifndef JFM_DENSE_TMA_NOFENCE
-#define JFM_DENSE_TMA_NOFENCE 0
-#endif
-constexpr bool kDenseTmaNoFence = JFM_DENSE_TMA_NOFENCE != 0;
 // JFM_DENSE_PAIR (on by default; needs JFM_DENSE_TMA; =0 builds the unpaired role split for A/B):
 // above 64 query rows per KV head (h_q 128, MTP, h_q 100) the role split runs as CTA pairs over two
 // consecutive row blocks (WsMath::kRolesPair, clusters of 2) that share each whole page: each CTA

@@ -47,8 +47,6 @@
 //   using T (bf16 / fp16); kDqk; kFenceAfterFull (its fills include cp.async copies);
 //   kCpAsyncTiles (its tiles are cp.async copies of bf16 rows, no dequantization);
 //   kShortSeqs (a sequence is one query token's top-k tiles, so Q tiles change every few tiles);
-//   kTmaTiles and, where set, tile_by_tma(const Seq&, int n, const uint8_t* valid) (role split:
-//   tile n was filled by TMA alone, so the math skips its proxy fence after the full wait);
 //   begin_seq, end_seq, softmax_scale; Seq seq(int) with first, t_hi and next(n) (live tiles);
 //   load_q<kThreads>(const Seq&, uint32_t sq) (cp.async of the 64-row Q tile by threads
 //   0 .. kThreads - 1, 256 or 128; the caller commits and waits);
@@ -139,16 +137,6 @@ struct WsRowOut {
   float* accum;
   float scale;
 };
-
-// JFM_WS_SPIN_EMPTY (candidate, off): the producers wait for an empty buffer by spinning on
-// mbarrier.test_wait instead of try_wait. Why: the tile-phase probe (PERFORMANCE.md, eighth
-// 2026-12-02 session) puts 217-284 cycles between a buffer's last P V and the producer's wait
-// ending, inside the chain that paces the two-buffer pipeline (2 periods = chain + gap + fill);
-// a thread suspended in try_wait may wake later than one polling.
-#ifndef JFM_WS_SPIN_EMPTY
-#define JFM_WS_SPIN_EMPTY 0
-#endif
-constexpr bool kWsSpinEmpty = JFM_WS_SPIN_EMPTY != 0;
 
 template <int kDqk>
 struct WsSmem : TileSmem<kDqk> {
@@ -266,7 +254,7 @@ struct WsFill {
   // Until the math warps (kPair: of both CTAs) have emptied the buffer (its previous use, two
   // tiles ago).
   __device__ __forceinline__ void wait_empty() const {
-    mbarrier_wait<kWsSpinEmpty>(empty, ((k >> 1) & 1) ^ 1);
+    mbarrier_wait(empty, ((k >> 1) & 1) ^ 1);
   }
 };
 
@@ -352,23 +340,18 @@ __device__ __forceinline__ void ws_load_q(const Task& task, const typename Task:
   sync();
 }
 
-// The math warps' wait for the k-th tile (both math splits): its buffer full (kPair: and the peer's half, the st.async
-// bytes counted on peer_full), then fenced for the wgmma that reads it: the cp.async rows or
-// (kPair) the st.async bytes are generic-proxy writes, wgmma reads through the async proxy.
-// fence_needed() (read after the wait: it may look at the tile's validity bytes) lets a task skip the
-// fence for a tile with no generic-proxy writes (Task::tile_by_tma).
+// The math warps' wait for the k-th tile (both math splits): its buffer full (kPair: and the peer's
+// half, the st.async bytes counted on peer_full), then fenced for the wgmma that reads it: the
+// cp.async rows or (kPair) the st.async bytes are generic-proxy writes, wgmma reads through the
+// async proxy. (Skipping the fence on tiles that TMA alone filled measured flat on dense h128:
+// PERFORMANCE.md, ninth 2026-12-02 session.)
 // kScores: this is the scores warpgroup (the probe stamps kTrScWaited between waits and fence).
-template <class Task, bool kPair, bool kScores = false, typename FenceNeeded>
-__device__ __forceinline__ void ws_wait_full(const WsShared& sh, uint32_t k, FenceNeeded fence_needed) {
+template <class Task, bool kPair, bool kScores = false>
+__device__ __forceinline__ void ws_wait_full(const WsShared& sh, uint32_t k) {
   mbarrier_wait(sh.bar_full + 8 * (k & 1), (k >> 1) & 1);
   if constexpr (kPair) mbarrier_wait(sh.bar_peer_full + 8 * (k & 1), (k >> 1) & 1);
   if constexpr (kScores) tile_trace(k, kTrScWaited);
-  if constexpr (Task::kFenceAfterFull || kPair)
-    if (fence_needed()) fence_proxy_async();
-}
-template <class Task, bool kPair, bool kScores = false>
-__device__ __forceinline__ void ws_wait_full(const WsShared& sh, uint32_t k) {
-  ws_wait_full<Task, kPair, kScores>(sh, k, [] { return true; });
+  if constexpr (Task::kFenceAfterFull || kPair) fence_proxy_async();
 }
 // Which side of the role split a math warpgroup takes.
 enum class WsRole : int { kScores, kValues };
@@ -455,13 +438,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       const uint32_t buf = k & 1;
       if constexpr (kRole == WsRole::kScores) tile_trace(k, kTrScWait);
       constexpr bool kSc = kRole == WsRole::kScores;
-      if constexpr (Task::kTmaTiles) {
-        ws_wait_full<Task, kPair, kSc>(sh, k, [&] {
-          return !task.tile_by_tma(cur, n, sh.valid + buf * kTileTokens);
-        });
-      } else {
-        ws_wait_full<Task, kPair, kSc>(sh, k);
-      }
+      ws_wait_full<Task, kPair, kSc>(sh, k);
       tile_trace(k, kRole == WsRole::kScores ? kTrScFull : kTrValFull);
       const uint32_t buf_desc = buf * (S::kTileBytes >> 4);
       const uint8_t* valid = sh.valid + buf * kTileTokens;

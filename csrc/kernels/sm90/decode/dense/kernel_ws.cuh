@@ -27,7 +27,6 @@ struct DenseWsTask {
   static constexpr bool kFenceAfterFull = true;
   static constexpr bool kCpAsyncTiles = true;
   static constexpr bool kShortSeqs = false;  // a sequence is a whole context
-  static constexpr bool kTmaTiles = kDenseTma && kDenseTmaNoFence;  // (tile_by_tma)
   static constexpr uint32_t kFullCount = 256;
   static_assert(kPageBlock == kTileTokens, "one page is one tile");
 
@@ -87,13 +86,6 @@ struct DenseWsTask {
   // split's producer): the map exists and all 64 rows are inside the sequence.
   __device__ __forceinline__ bool tma_page(const Seq& q, int n, bool blk_ok) const {
     return p.kv_map_ok && blk_ok && (n + 1) * kPageBlock <= q.len;
-  }
-  // The role split's tile n came by TMA alone (the producer's test, the page id's read back from
-  // the validity bytes: a whole page's first row is valid exactly when its id is inside the pool),
-  // so its bytes are async-proxy writes that the wgmma may read without a proxy fence
-  // (JFM_DENSE_TMA_NOFENCE; the tile-phase probe charges ~260 cycles per tile to the fence).
-  __device__ __forceinline__ bool tile_by_tma(const Seq& q, int n, const uint8_t* valid) const {
-    return tma_page(q, n, valid[0] != 0);
   }
   __device__ __forceinline__ bool window_full(const Seq& q, int n) const {
     return (n + 1) * kPageBlock <= min(q.rowlen[0], q.rowlen[1]);

@@ -94,15 +94,6 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 #ifndef JFM_V4_ROPE_ASYNC
 #define JFM_V4_ROPE_ASYNC 1
 #endif
-// JFM_WS_PRODUCER_FENCE (candidate, off): the bf16 producers (sparse prefill, bf16 sparse decode)
-// wait for their own copies of a tile, fence them for the async proxy and then make both arrivals,
-// so the math warps no longer fence after every full wait. Why: the tile-phase probe (PERFORMANCE.md,
-// eighth 2026-12-02 session) puts a constant ~300 cycles between the scores reaching the full wait
-// of a prefill tile and leaving it, the wait + fence, on the chain that paces the two buffers; the
-// producer waits instead, off that chain while its next buffer is still being read.
-#ifndef JFM_WS_PRODUCER_FENCE
-#define JFM_WS_PRODUCER_FENCE 0
-#endif
 template <KvFormat kFmt, int kDqk_>
 struct SparseWsTask {
   using T = bf16;
@@ -112,9 +103,7 @@ struct SparseWsTask {
                                      (JFM_V4_ROPE_ASYNC != 0 && kFmt == KvFormat::kFp8V4);
   static constexpr bool kCpAsyncTiles = !kFp8;  // the tiles are cp.async copies of bf16 rows
   static constexpr bool kShortSeqs = true;       // one query token's top-k
-  static constexpr bool kProducerFence = JFM_WS_PRODUCER_FENCE != 0 && !kFp8;
-  static constexpr bool kFenceAfterFull = (!kFp8 && !kProducerFence) || kRopeAsync;
-  static constexpr bool kTmaTiles = false;  // no tile comes by TMA: no tile_by_tma
+  static constexpr bool kFenceAfterFull = !kFp8 || kRopeAsync;
   static constexpr uint32_t kFullCount = kFp8 && !kRopeAsync ? 128 : 256;
   static_assert(!kFp8 || kDqk == (kFmt == KvFormat::kFp8V32 ? 576 : 512), "FP8 layout fixes d_qk");
 
@@ -446,17 +435,9 @@ struct SparseWsTask {
 #pragma unroll
             for (int h = 0; h < 4; ++h)
               if (lq == 0) fill.valid[lr + 16 * h] = q.rows.row_of(idx[h], pool_id) >= 0;
-            if constexpr (kProducerFence) {
-              tile_trace(fill.k, kTrProdIssued);
-              cp_async_wait_all();   // this thread's rows have landed
-              fence_proxy_async();   // ... for the math warps' wgmma (async proxy)
-              mbarrier_arrive(fill.full);
-              mbarrier_arrive(fill.full);  // (kFullCount: two per thread)
-            } else {
-              mbarrier_arrive(fill.full);                  // the validity bytes
-              cp_async_mbarrier_arrive_noinc(fill.full);   // the rows, when they land
-              tile_trace(fill.k, kTrProdIssued);
-            }
+            mbarrier_arrive(fill.full);                  // the validity bytes
+            cp_async_mbarrier_arrive_noinc(fill.full);   // the rows, when they land
+            tile_trace(fill.k, kTrProdIssued);
           }
 #pragma unroll
           for (int h = 0; h < 4; ++h) idx[h] = idx_next[h];
