@@ -3,6 +3,9 @@
 # extra nvcc flags: two trees / flag sets with equal hashes run the same machine code, which is how
 # a refactor or a candidate's default is shown unchanged without a GPU (docs/BUILDING.md).
 #   scripts/sass_md5.sh [ROOT] [OUTDIR] ["-DJFM_X=1 ..."]    (ROOT default: this repo)
+# PER_FUNCTION=1 also hashes each kernel function of each object (lines "object:function md5"),
+# which shows, where a candidate applies to some kernels of an object, that the others kept
+# their (tested) machine code.
 # Compare two runs with `diff`. Needs nvcc and cuobjdump: the toolkit here has no cuobjdump, PyPI
 # does (`pip download --no-deps nvidia-cuda-cuobjdump -d /tmp/nvd`, unzip; CUOBJDUMP=path). The
 # anonymous-namespace symbol names carry a hash of the source path, so they are masked; line info
@@ -31,3 +34,11 @@ export ROOT OUTD FLAGS CUOBJDUMP CUTLASS CCCL
 (cd "$ROOT" && find csrc/kernels -name "*.cu" | sort) \
   | xargs -P "${JOBS:-2}" -I{} bash -c 'compile "$@"' _ {}
 (cd "$OUTD" && md5sum ./*.sass | sed 's| \./| |')
+if [ "${PER_FUNCTION:-0}" = 1 ]; then
+  for f in "$OUTD"/*.sass; do
+    awk -v obj="$(basename "$f" .sass)" '
+      /Function :/ { if (fn != "") { close(cmd); } fn = $3; cmd = "md5sum | sed \"s|-$|" obj ":" fn "|\"" }
+      fn != "" { print | cmd }
+      END { if (fn != "") close(cmd) }' "$f"
+  done
+fi
