@@ -227,6 +227,77 @@ __device__ __forceinline__ void combine_row_warp(const CombineParams& p, const C
   if (lane == 0) *lse_out = lse;
 }
 
+// JFM_COMBINE_QUARTERS (candidate, off): one warp per (row, quarter of its 512 columns), eight
+// splits' partial rows in flight per warp, instead of one warp per row with two in flight. Why:
+// with few split sequences the merge is a chain of dependent round trips, not bandwidth: dense b1
+// h128 s_k 128K (~66 splits per row, 128 rows, 16 CTAs) ends ~22 us after the attention kernel
+// (H200, ninth 2026-12-02 session; upstream's combine 20.4 us), ~33 rounds of two splits each.
+// Quarters give 4x the warps and 8 splits per round: ~9 rounds. Each quarter warp repeats the row's
+// lse max and sum (same arithmetic, so the same weights) and sums its columns in k order, so the
+// result stays bitwise equal to combine_row_warp's.
+#ifndef JFM_COMBINE_QUARTERS
+#define JFM_COMBINE_QUARTERS 0
+#endif
+constexpr int kQuarterDepth = 8;  // splits in flight per quarter warp
+
+// One warp merges columns [128 quarter, +128) of row `row`: a lane holds float4 column
+// 128 quarter + 4 lane. Weights and their order as combine_row_warp's.
+template <typename T>
+__device__ __forceinline__ void combine_row_quarter(const CombineParams& p, const CombineRow& c,
+                                                    int lane, int quarter) {
+  const int nsplit = c.nsplit, rows = c.rows;
+  const float* lse_of = p.lse_accum + static_cast<size_t>(c.base) * rows + c.row;
+  const auto lse_at = [&](int k) { return lse_of[static_cast<size_t>(k) * rows]; };
+  const size_t split_stride = static_cast<size_t>(rows) * kDv;
+  const float* o_of = p.o_accum + (static_cast<size_t>(c.base) * rows + c.row) * kDv + 128 * quarter + 4 * lane;
+
+  float mx = -INFINITY;
+  for (int k = lane; k < nsplit; k += 32) mx = fmaxf(mx, lse_at(k));
+#pragma unroll
+  for (int x = 16; x > 0; x >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, x));
+  T* out = reinterpret_cast<T*>(p.out) + c.map.out_row(c.seq, c.s_local, c.head) * kDv + 128 * quarter + 4 * lane;
+  float* lse_out = p.lse + c.map.lse_index(c.seq, c.s_local, c.head);
+  if (mx == -INFINITY) {  // nothing attended in any chunk
+    store4<T>(out, make_float4(0.f, 0.f, 0.f, 0.f));
+    if (lane == 0 && quarter == 0) *lse_out = INFINITY;
+    return;
+  }
+  const auto chunk_e = [&](int k0) { return k0 + lane < nsplit ? expf(lse_at(k0 + lane) - mx) : 0.f; };
+  float sum = 0.f;
+  for (int k0 = 0; k0 < nsplit; k0 += 32) {
+    const float e = chunk_e(k0);
+    const int n = min(32, nsplit - k0);
+    for (int j = 0; j < n; ++j) sum += __shfl_sync(0xffffffffu, e, j);
+  }
+  const float lse = logf(sum) + mx;
+  float scale = 1.f / sum;
+  if (p.attn_sink != nullptr) scale /= 1.f + expf(p.attn_sink[c.head] - lse);
+
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int k0 = 0; k0 < nsplit; k0 += 32) {
+    const float e = chunk_e(k0);
+    const int n = min(32, nsplit - k0);
+    for (int j = 0; j < n; j += kQuarterDepth) {  // (n, j: warp-uniform)
+      float4 v[kQuarterDepth];
+#pragma unroll
+      for (int s = 0; s < kQuarterDepth; ++s)
+        if (j + s < n) v[s] = __ldcs(reinterpret_cast<const float4*>(o_of + static_cast<size_t>(k0 + j + s) * split_stride));
+#pragma unroll
+      for (int s = 0; s < kQuarterDepth; ++s) {
+        if (j + s < n) {
+          const float w = __shfl_sync(0xffffffffu, e, j + s) * scale;
+          acc.x += w * v[s].x;
+          acc.y += w * v[s].y;
+          acc.z += w * v[s].z;
+          acc.w += w * v[s].w;
+        }
+      }
+    }
+  }
+  store4<T>(out, acc);
+  if (lane == 0 && quarter == 0) *lse_out = lse;
+}
+
 // Grid (min(num_seqs, num_sm_parts), rows / 8). With more sequences than parts the CTAs stride
 // over the step's extra slots (at most ~one each), and the CTA of a split sequence's first extra
 // slot merges 8 of its rows, one per warp; otherwise CTA x merges sequence x (striding there made
@@ -263,6 +334,35 @@ __global__ void __launch_bounds__(32 * kWarpRows, 2) combine_warp_kernel(const C
   }
 }
 
+// JFM_COMBINE_QUARTERS: combine_warp_kernel's grid and walk with two rows per CTA, each row's four
+// quarters on four warps (combine_row_quarter). Grid (as combine_warp_kernel's x, rows / 2).
+template <typename T>
+__global__ void __launch_bounds__(32 * kWarpRows, 2) combine_quarter_kernel(const CombineParams p) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int row = blockIdx.y * (kWarpRows / 4) + (warp >> 2), quarter = warp & 3;
+  const int32_t* ns = p.num_splits;
+  if (gridDim.x == static_cast<unsigned>(p.num_seqs)) {
+    const int seq = blockIdx.x;
+    if (ns[seq + 1] - ns[seq] < 2) return;
+    pdl_wait();
+    const CombineRow c(p, seq, row);
+    if (row < c.rows) combine_row_quarter<T>(p, c, lane, quarter);
+    return;
+  }
+  const int extra = ns[p.num_seqs] - p.num_seqs;
+  bool waited = false;
+  for (int x = blockIdx.x; x < extra; x += gridDim.x) {
+    const int seq = seq_of_extra_slot(ns, p.num_seqs, x, lane);
+    if (ns[seq] - seq != x) continue;
+    const CombineRow c(p, seq, row);
+    if (!waited) {
+      pdl_wait();
+      waited = true;
+    }
+    if (row < c.rows) combine_row_quarter<T>(p, c, lane, quarter);
+  }
+}
+
 }  // namespace
 
 template <typename T>
@@ -273,6 +373,19 @@ cudaError_t launch_combine(const CombineParams& p, cudaStream_t stream) {
   } else {
     const int ctas = p.num_sm_parts > 0 && p.num_sm_parts < p.num_seqs ? p.num_sm_parts : p.num_seqs;
     const dim3 warp_grid(ctas, (p.tokens_per_seq * p.h_q + kWarpRows - 1) / kWarpRows);
+    if constexpr (JFM_COMBINE_QUARTERS != 0) {
+      const int rows_per_cta = kWarpRows / 4;
+      cudaLaunchConfig_t cfg = {};
+      cfg.gridDim = dim3(ctas, (p.tokens_per_seq * p.h_q + rows_per_cta - 1) / rows_per_cta);
+      cfg.blockDim = dim3(32 * kWarpRows);
+      cfg.stream = stream;
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr[0].val.programmaticStreamSerializationAllowed = kPdl ? 1 : 0;
+      cfg.attrs = attr;
+      cfg.numAttrs = 1;
+      return cudaLaunchKernelEx(&cfg, combine_quarter_kernel<T>, p);
+    }
     if constexpr (kPdl) {  // pdl.cuh
       cudaLaunchConfig_t cfg = {};
       cfg.gridDim = warp_grid;
