@@ -241,7 +241,9 @@ __device__ __forceinline__ void combine_row_warp(const CombineParams& p, const C
 constexpr int kQuarterDepth = 8;  // splits in flight per quarter warp
 
 // One warp merges columns [128 quarter, +128) of row `row`: a lane holds float4 column
-// 128 quarter + 4 lane. Weights and their order as combine_row_warp's.
+// 128 quarter + 4 lane. Weights and their order as combine_row_warp's, whose lse lines it repeats
+// while it is a candidate (sharing them as helpers moved the default kernel's SASS, so that waits
+// for the measurement that decides between the two).
 template <typename T>
 __device__ __forceinline__ void combine_row_quarter(const CombineParams& p, const CombineRow& c,
                                                     int lane, int quarter) {
