@@ -238,7 +238,6 @@ __device__ __forceinline__ void combine_row_warp(const CombineParams& p, const C
 #ifndef JFM_COMBINE_QUARTERS
 #define JFM_COMBINE_QUARTERS 0
 #endif
-constexpr int kQuarterDepth = 8;  // splits in flight per quarter warp
 
 // One warp merges columns [128 quarter, +128) of row `row`: a lane holds float4 column
 // 128 quarter + 4 lane. Weights and their order as combine_row_warp's, whose lse lines it repeats
@@ -247,6 +246,7 @@ constexpr int kQuarterDepth = 8;  // splits in flight per quarter warp
 template <typename T>
 __device__ __forceinline__ void combine_row_quarter(const CombineParams& p, const CombineRow& c,
                                                     int lane, int quarter) {
+  constexpr int kQuarterDepth = 8;  // splits in flight per warp
   const int nsplit = c.nsplit, rows = c.rows;
   const float* lse_of = p.lse_accum + static_cast<size_t>(c.base) * rows + c.row;
   const auto lse_at = [&](int k) { return lse_of[static_cast<size_t>(k) * rows]; };

@@ -3,9 +3,9 @@
 // most 32 query rows per CTA and the role split above, or (v1) kernel.cuh.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 
 #include "kernels/params.h"
+#include "kernels/tensor_map.h"
 #include "kernels/variant.h"
 
 namespace jfm {
@@ -17,21 +17,6 @@ cudaError_t launch_dense_decode_ws(const DenseDecodeParams& p, cudaStream_t stre
 }  // namespace sm90
 
 namespace {
-// The driver's tensor-map encoder, looked up once through the runtime (the extension links only
-// the static runtime); null when the driver has none.
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
-                                         &found) != cudaSuccess ||
-        found != cudaDriverEntryPointSuccess)
-      f = nullptr;
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
-  }();
-  return fn;
-}
-
 // JFM_DENSE_TMA: p.kv_map over the cache [num_kv_blocks * 64 rows, h_kv, 576] of 2-byte elements
 // (box: 64 columns x 1 head x 64 rows, 128-byte swizzle, the tile's column-block layout). Left
 // unencoded (kv_map_ok false: the cp.async copies) if the encoder refuses it.
