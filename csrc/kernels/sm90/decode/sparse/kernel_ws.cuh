@@ -222,6 +222,9 @@ struct SparseWsTask {
         }
       }
     }
+    // The zeros before this thread's later TMA writes of the same segments (a row invalid now may
+    // be valid two tiles on; the segment -> thread map is fixed), as generic before async proxy.
+    fence_proxy_async();
     mbarrier_arrive(fill.full);  // the validity bytes and zeros
     mbarrier_arrive_expect_tx(fill.full, bytes);
     const void* map = &p.row_map[pool_id];
