@@ -520,6 +520,8 @@ struct StageV4T : RopeSrc<kRopeAsync> {
     using S = TileSmem<512>;
     // First: the copies' address is dead before the dequantization (32 -> 4 bytes of spill).
     if constexpr (kRopeAsync) emit_rope(t, copy);
+    // Form 0 keeps its own loop (scales decoded per piece): through with_fp8_dequant, as V3.2's
+    // stage does, it moved the transposed V4 kernels' SASS, which the tests ran as it is.
     if constexpr (kDequant == 0) {
 #pragma unroll
       for (int k = 0; k < 14; ++k) {
