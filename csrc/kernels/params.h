@@ -169,19 +169,6 @@ struct SparsePool {
   bool load16;
 };
 
-// JFM_SPARSE_TMA_ROWS (candidate, off): the bf16 sparse kernels' producers (sparse prefill, bf16
-// sparse decode) fetch each valid row of a tile by TMA, one 64-column x 1-row box per column block
-// (9 at d_qk 576, 8 at 512) landing in the tile's swizzled layout, instead of 16-byte cp.async
-// copies; invalid rows are zero-filled by the threads. Why: the first step of sharing one gather
-// between the two row blocks at h_q 128 (TMA can multicast into a CTA pair, cp.async cannot:
-// PERFORMANCE.md, ninth 2026-12-02 session, Next item 4), and the producer issues ~4.5 TMA
-// instructions per thread per tile instead of 36 copies. Unknowns it measures: whether a 1-row box
-// 128-byte aligned inside a 1024-byte atom swizzles by its address (the smoke check against the
-// reference says), and the TMA unit's rate for 128-byte boxes.
-#ifndef JFM_SPARSE_TMA_ROWS
-#define JFM_SPARSE_TMA_ROWS 0
-#endif
-
 // num_tokens = batch * s_q query tokens, each attending its own rows of pool 0 then pool 1 under
 // one softmax. Tile t of a token covers positions [64 t, 64 t + 64) of the list
 // pool0 (padded to a multiple of 64) ++ pool1. Prefill is the case s_q = 1, no schedule (one CTA
@@ -202,14 +189,6 @@ struct SparseDecodeParams {
   int num_sm_parts;              // schedule rows (0 without a schedule)
   int num_m_blocks;              // cdiv(h_q, kBlockM)
   float softmax_scale;
-#if JFM_SPARSE_TMA_ROWS  // (above)
-  // Per bf16 pool, a map of its rows in 64-column segments (tensor_map.h,
-  // encode_row_segments_map), encoded by the launcher; row_map_ok false: cp.async. Only in the
-  // candidate's build: the members moved every sparse kernel's parameter offsets, and the code
-  // around them. (module.cc, compiled without the CUDA flags, reads only the members above.)
-  CUtensorMap row_map[2];
-  bool row_map_ok[2];
-#endif
 };
 
 __host__ __device__ inline int sparse_pool0_tiles(const SparseDecodeParams& p) {

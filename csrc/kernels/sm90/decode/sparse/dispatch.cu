@@ -4,7 +4,6 @@
 // wide producer, or CTA pairs where pair_pays), or (v1) kernel.cuh (every thread gathers and
 // computes).
 #include "kernels/params.h"
-#include "kernels/tensor_map.h"  // (JFM_SPARSE_TMA_ROWS)
 #include "kernels/variant.h"
 
 namespace jfm {
@@ -52,12 +51,6 @@ cudaError_t launch(const SparseDecodeParams& p_in, cudaStream_t stream) {
   SparseDecodeParams p = with_load16_for(p_in, WsMath::kRoles);
   if (kernel_variant() == KernelVariant::kV1) return sm90::launch_sparse_attention<kFmt, kDqk>(p, stream);
   const WsMath math = sparse_ws_math(p, kFmt);
-#if JFM_SPARSE_TMA_ROWS  // (params.h: the bf16 rows by TMA)
-  for (int k = 0; k < 2; ++k)
-    p.row_map_ok[k] =
-        kFmt == KvFormat::kBf16 && k < p.num_pools &&
-        encode_row_segments_map(&p.row_map[k], p.pool[k].data, p.pool[k].num_rows, kDqk);
-#endif
   if (math == WsMath::kTransposed16)
     return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kTransposed16>(p, stream);
   if (math == WsMath::kTransposed32)

@@ -191,54 +191,6 @@ struct SparseWsTask {
   // kSole: the CTA's only producer (the role split; kTransposed* has two).
   // kRoomy: the producer of kTransposed16, whose budget holds StageV32R8's 8 more registers per
   // thread (kTransposed32 spilled 104 bytes with it, kRolesWide 28).
-#if JFM_SPARSE_TMA_ROWS
-  // JFM_SPARSE_TMA_ROWS: this producer thread's share of a bf16 tile, rows lr + 16 h (h < 4) at
-  // positions idx[h] of pool pool_id, column blocks lq and lq + 8 (where d_qk has it): the
-  // validity bytes and zeros for invalid rows (generic stores: the math fences after its full
-  // wait), then its two arrivals, the second expecting the bytes of the boxes it issues.
-  template <class Fill>
-  __device__ __forceinline__ void fill_rows_by_tma(const Fill& fill, const TokenRows& rows,
-                                                   int pool_id, const int (&idx)[4], int lr,
-                                                   int lq) const {
-    using S = TileSmem<kDqk>;
-    constexpr int kBlocks = S::kKBlocks;  // 9 or 8 column blocks
-    static_assert(kBlocks >= 8 && kBlocks <= 16, "column blocks lq and lq + 8");
-    const bool second = lq + 8 < kBlocks;
-    int64_t r[4];
-    uint32_t bytes = 0;
-#pragma unroll
-    for (int h = 0; h < 4; ++h) {
-      r[h] = rows.row_of(idx[h], pool_id);
-      const int t = lr + 16 * h;
-      if (lq == 0) fill.valid[t] = r[h] >= 0;
-      if (r[h] >= 0) {
-        bytes += second ? 256 : 128;
-      } else {  // zeros: P = 0 times uninitialized shared memory could be NaN
-        const uint32_t seg = fill.tile + t * 128 + lq * S::kBlockBytes;  // row t, block lq
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          st_shared_16(seg + 16 * i, make_uint4(0, 0, 0, 0));
-          if (second) st_shared_16(seg + 8 * S::kBlockBytes + 16 * i, make_uint4(0, 0, 0, 0));
-        }
-      }
-    }
-    // The zeros before this thread's later TMA writes of the same segments (a row invalid now may
-    // be valid two tiles on; the segment -> thread map is fixed), as generic before async proxy.
-    fence_proxy_async();
-    mbarrier_arrive(fill.full);  // the validity bytes and zeros
-    mbarrier_arrive_expect_tx(fill.full, bytes);
-    const void* map = &p.row_map[pool_id];
-#pragma unroll
-    for (int h = 0; h < 4; ++h) {
-      if (r[h] < 0) continue;
-      const uint32_t seg = fill.tile + (lr + 16 * h) * 128 + lq * S::kBlockBytes;
-      const int row = static_cast<int>(r[h]);  // (< 2^31: encode_row_segments_map)
-      tma_load_2d(seg, map, fill.full, 64 * lq, row);
-      if (second) tma_load_2d(seg + 8 * S::kBlockBytes, map, fill.full, 64 * (lq + 8), row);
-    }
-  }
-#endif
-
   template <bool kWide, bool kPair, bool kSole = false, bool kRoomy = false>
   __device__ __forceinline__ void produce(const WsShared& sh, int which, int stride) const {
     static_assert(!kPair || kFp8, "CTA pairs share dequantization: FP8 caches only");
@@ -470,14 +422,6 @@ struct SparseWsTask {
             load_indices(n_next, idx_next);
             fill.wait_empty();
             store_rounds(fill, q.rows, pool_id, idx);
-#if JFM_SPARSE_TMA_ROWS  // (params.h)
-          } else if (p.row_map_ok[pool_id]) {
-            load_indices(n_next, idx_next);
-            fill.wait_empty();
-            tile_trace(fill.k, kTrProdEmpty);
-            fill_rows_by_tma(fill, q.rows, pool_id, idx, lr, lq);
-            tile_trace(fill.k, kTrProdIssued);
-#endif
           } else {
             load_indices(n_next, idx_next);
             fill.wait_empty();
