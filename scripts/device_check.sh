@@ -4,7 +4,7 @@
 # Nsight Compute, benchmarks and the examples. Logs go to $OUT; exits non-zero if any stage failed.
 # From the repo root, carrying the nvidia-cutlass wheel (docs/BUILDING.md):
 #   run(command="bash scripts/device_check.sh", carry=[".whl"])
-# Stages: STAGES="build cpu-suite smoke gpu gpu-alt raceprobe probe memcheck racecheck synccheck ab abtime
+# Stages: STAGES="build cpu-suite smoke gpu gpu-alt raceprobe probe memcheck racecheck synccheck ab abtime vartime
 # abflags ncu trace bench example" (default: build gpu memcheck racecheck bench example). smoke runs a few calls of every
 # kernel per SMOKE_VARIANTS (default "ws pair", JFM_KERNEL_VARIANT); gpu-alt runs
 # the kernel GPU tests on each variant in ALT_VARIANTS (default "pair": the FP8 CTA pairs
@@ -116,16 +116,20 @@ copy_tree() {
 # Profiler kernel times (benchmarks/profile_decode.py --timeline: 10 calls in one jit, 3 traced
 # runs; mean and median per kernel, and each run's span) of every TIMELINE_CASES entry
 # (profile_decode.py argument strings separated by ';') on each build given as name=PYTHONPATH
-# (empty: this build), logged to $OUT/<$1>_<name>.log.
+# (empty: this build; name var:<v>: this build with JFM_KERNEL_VARIANT=<v>), logged to
+# $OUT/<$1>_<name>.log.
 time_builds() {
-  local stage=$1 c side
+  local stage=$1 c side name variant
   shift
   IFS=';' read -ra tl_cases <<< "${TIMELINE_CASES:---h_q 128 --s_k 4096 --b 128}"
   for c in "${tl_cases[@]}"; do
     for side in "$@"; do
-      echo "--- ${side%%=*}: $c"
-      PYTHONPATH=${side#*=} timeout -k 5 120 python3 "$REPO/benchmarks/profile_decode.py" $c \
-        --timeline 10 2>&1 | tee -a "$OUT/${stage}_${side%%=*}.log" | grep -E " x |span" | cut -c1-150
+      name=${side%%=*}; variant=""
+      case "$name" in var:*) variant=${name#var:} ;; esac
+      echo "--- $name: $c"
+      env ${variant:+JFM_KERNEL_VARIANT=$variant} PYTHONPATH=${side#*=} timeout -k 5 120 \
+        python3 "$REPO/benchmarks/profile_decode.py" $c --timeline 10 2>&1 \
+        | tee -a "$OUT/${stage}_${name/:/_}.log" | grep -E " x |span" | cut -c1-150
     done
   done
 }
@@ -158,6 +162,15 @@ if has abtime && { [ -f "$REPO/.abase/base.tar" ] || [ "${ABASE_FROM_TREE:-0}" =
   # so a few percent between the two builds is visible.
   log "A/B of kernel times (profiler events): this build against the carried base build"
   build_base && time_builds abtime base=/tmp/abase/site this=
+fi
+if has vartime; then
+  # Runtime variants of this build (JFM_KERNEL_VARIANT), profiler kernel times as abtime:
+  # TIMELINE_VARIANTS="combine_rows combine_quarters" times every TIMELINE_CASES case on the
+  # default and on each, each in its own process. No rebuild.
+  sides=(this=)
+  for v in ${TIMELINE_VARIANTS:-}; do sides+=("var:$v="); done
+  log "kernel times of runtime variants: default ${TIMELINE_VARIANTS:-(none given)}"
+  time_builds vartime "${sides[@]}"
 fi
 if has abflags; then
   # Several compile-time candidates in one call, each against this build: AB_FLAGS is "name=CUDA

@@ -346,7 +346,8 @@ def test_scheduler_kernel_fill_on_the_host(rng):
 
 
 @pytest.mark.parametrize("asked,want", [(None, "ws"), ("v1", "v1"), ("pair", "pair"),
-                                        ("combine1", "combine1"), ("v4load16", "v4load16"), ("v4load8", "v4load8"),
+                                        ("combine1", "combine1"), ("combine_rows", "combine_rows"),
+                                        ("combine_quarters", "combine_quarters"), ("v4load16", "v4load16"), ("v4load8", "v4load8"),
                                         ("overlap", "ws"),
                                         ("next", "ws"), ("ws", "ws"), ("bogus", "ws")])
 def test_kernel_variant_switch(asked, want):

@@ -70,14 +70,17 @@ def test_sparse_schedule_kernel_weighted(b, s_q, topk, extra):
     np.testing.assert_array_equal(np.asarray(got[0].num_splits), want_ns)
 
 
-def test_combine_kernels_agree_bitwise(tmp_path):
-    """The two split-KV combine kernels (csrc/kernels/decode/combine.cu: the default and
-    JFM_KERNEL_VARIANT=combine1) do the same arithmetic in the same order: a step whose sequences
-    split into many chunks gives the same bytes in a process on each (dense bf16 / fp16 with empty
-    sequences, FP8 sparse with sinks, +inf sinks and topk_length 0)."""
+@pytest.mark.parametrize("other", ["combine1", "combine_rows", "combine_quarters"])
+def test_combine_kernels_agree_bitwise(tmp_path, other):
+    """The split-KV combine kernels (csrc/kernels/decode/combine.cu: the default's choice, and
+    each one forced by JFM_KERNEL_VARIANT: combine1 the CTA per row, combine_rows the warp per
+    row, combine_quarters the warp per quarter row) do the same arithmetic in the same order: a
+    step whose sequences split into many chunks gives the same bytes in a process on each (dense
+    bf16 / fp16 with empty sequences, FP8 sparse with sinks, +inf sinks and topk_length 0)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    mine = os.environ.get("JFM_KERNEL_VARIANT")
-    other = "ws" if mine == "combine1" else "combine1"
+    mine = os.environ.get("JFM_KERNEL_VARIANT") or "ws"
+    if other == mine:
+        other = "ws"
     # Those steps do split: the combine runs (else this would compare nothing).
     meta = jax_flashmla.get_mla_metadata(jnp.zeros((2,), jnp.int32), s_q=2, h_q=64, topk=2048)
     assert np.diff(np.asarray(meta.num_splits)).max() > 8

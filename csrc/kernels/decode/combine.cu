@@ -227,22 +227,22 @@ __device__ __forceinline__ void combine_row_warp(const CombineParams& p, const C
   if (lane == 0) *lse_out = lse;
 }
 
-// JFM_COMBINE_QUARTERS (candidate, off): one warp per (row, quarter of its 512 columns), eight
-// splits' partial rows in flight per warp, instead of one warp per row with two in flight. Why:
-// with few split sequences the merge is a chain of dependent round trips, not bandwidth: dense b1
-// h128 s_k 128K (~66 splits per row, 128 rows, 16 CTAs) ends ~22 us after the attention kernel
-// (H200, ninth 2026-12-02 session; upstream's combine 20.4 us), ~33 rounds of two splits each.
-// Quarters give 4x the warps and 8 splits per round: ~9 rounds. Each quarter warp repeats the row's
-// lse max and sum (same arithmetic, so the same weights) and sums its columns in k order, so the
-// result stays bitwise equal to combine_row_warp's.
-#ifndef JFM_COMBINE_QUARTERS
-#define JFM_COMBINE_QUARTERS 0
-#endif
+// combine_quarter_kernel: one warp per (row, quarter of its 512 columns), eight splits' partial
+// rows in flight per warp, instead of one warp per row with two in flight. Why: with few split
+// sequences the merge is a chain of dependent round trips, not bandwidth: dense b1 h128 s_k 128K
+// (~66 splits per row, 128 rows, 16 CTAs) ended ~20 us after the attention kernel with the row
+// warps, ~33 rounds of two splits each; quarters give 4x the warps and 8 splits per round. Each
+// quarter warp repeats the row's lse max and sum (same arithmetic, so the same weights) and sums
+// its columns in k order, so the result stays bitwise equal to combine_row_warp's. Measured (H200,
+// tenth 2026-12-02 session, profiler span of 10 calls): b1 h128 s_k 128K 90.3 -> 79.1 us per call
+// (-12%), b4 s_k 32K 75.7 -> 73.4 (-3%), but b128 s_k 4K 268.8 -> 304.7 (+13%: ~1 extra split per
+// sequence, 4x the CTAs searching the slots and 4x the lse work for nothing in flight). So
+// launch_combine takes it only where sequences average many splits (kQuarterMinSplits).
+constexpr int kQuarterMinSplits = 8;
 
 // One warp merges columns [128 quarter, +128) of row `row`: a lane holds float4 column
 // 128 quarter + 4 lane. Weights and their order as combine_row_warp's, whose lse lines it repeats
-// while it is a candidate (sharing them as helpers moved the default kernel's SASS, so that waits
-// for the measurement that decides between the two).
+// (sharing them as helpers moved combine_row_warp's SASS, tested code; both kernels now serve).
 template <typename T>
 __device__ __forceinline__ void combine_row_quarter(const CombineParams& p, const CombineRow& c,
                                                     int lane, int quarter) {
@@ -336,7 +336,7 @@ __global__ void __launch_bounds__(32 * kWarpRows, 2) combine_warp_kernel(const C
   }
 }
 
-// JFM_COMBINE_QUARTERS: combine_warp_kernel's grid and walk with two rows per CTA, each row's four
+// combine_warp_kernel's grid and walk with two rows per CTA, each row's four
 // quarters on four warps (combine_row_quarter). Grid (as combine_warp_kernel's x, rows / 2).
 template <typename T>
 __global__ void __launch_bounds__(32 * kWarpRows, 2) combine_quarter_kernel(const CombineParams p) {
@@ -367,42 +367,43 @@ __global__ void __launch_bounds__(32 * kWarpRows, 2) combine_quarter_kernel(cons
 
 }  // namespace
 
+// Launched as the attention kernel's programmatic dependent where kPdl (pdl.cuh).
+template <typename T>
+cudaError_t launch_warp_combine(void (*kernel)(CombineParams), dim3 grid, const CombineParams& p,
+                                cudaStream_t stream) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(32 * kWarpRows);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = kPdl ? 1 : 0;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, p);
+}
+
 template <typename T>
 cudaError_t launch_combine(const CombineParams& p, cudaStream_t stream) {
-  if (kernel_variant() == KernelVariant::kCombine1) {
+  const KernelVariant v = kernel_variant();
+  if (v == KernelVariant::kCombine1) {
     const dim3 grid(p.num_seqs, p.tokens_per_seq * p.h_q);
     combine_cta_kernel<T><<<grid, 128, 0, stream>>>(p);
-  } else {
-    const int ctas = p.num_sm_parts > 0 && p.num_sm_parts < p.num_seqs ? p.num_sm_parts : p.num_seqs;
-    const dim3 warp_grid(ctas, (p.tokens_per_seq * p.h_q + kWarpRows - 1) / kWarpRows);
-    if constexpr (JFM_COMBINE_QUARTERS != 0) {
-      const int rows_per_cta = kWarpRows / 4;
-      cudaLaunchConfig_t cfg = {};
-      cfg.gridDim = dim3(ctas, (p.tokens_per_seq * p.h_q + rows_per_cta - 1) / rows_per_cta);
-      cfg.blockDim = dim3(32 * kWarpRows);
-      cfg.stream = stream;
-      cudaLaunchAttribute attr[1];
-      attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-      attr[0].val.programmaticStreamSerializationAllowed = kPdl ? 1 : 0;
-      cfg.attrs = attr;
-      cfg.numAttrs = 1;
-      return cudaLaunchKernelEx(&cfg, combine_quarter_kernel<T>, p);
-    }
-    if constexpr (kPdl) {  // pdl.cuh
-      cudaLaunchConfig_t cfg = {};
-      cfg.gridDim = warp_grid;
-      cfg.blockDim = dim3(32 * kWarpRows);
-      cfg.stream = stream;
-      cudaLaunchAttribute attr[1];
-      attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-      attr[0].val.programmaticStreamSerializationAllowed = 1;
-      cfg.attrs = attr;
-      cfg.numAttrs = 1;
-      return cudaLaunchKernelEx(&cfg, combine_warp_kernel<T>, p);
-    }
-    combine_warp_kernel<T><<<warp_grid, 32 * kWarpRows, 0, stream>>>(p);
+    return cudaGetLastError();
   }
-  return cudaGetLastError();
+  const int ctas = p.num_sm_parts > 0 && p.num_sm_parts < p.num_seqs ? p.num_sm_parts : p.num_seqs;
+  const int rows = p.tokens_per_seq * p.h_q;
+  // About num_sm_parts + num_seqs chunks in all (each part cuts at most one sequence).
+  const bool quarters = v == KernelVariant::kCombineQuarters ||
+                        (v != KernelVariant::kCombineRows &&
+                         p.num_sm_parts >= static_cast<int64_t>(kQuarterMinSplits) * p.num_seqs);
+  if (quarters) {
+    constexpr int kRowsPerCta = kWarpRows / 4;
+    return launch_warp_combine<T>(combine_quarter_kernel<T>,
+                                  dim3(ctas, (rows + kRowsPerCta - 1) / kRowsPerCta), p, stream);
+  }
+  return launch_warp_combine<T>(combine_warp_kernel<T>, dim3(ctas, (rows + kWarpRows - 1) / kWarpRows),
+                                p, stream);
 }
 
 template cudaError_t launch_combine<__nv_bfloat16>(const CombineParams&, cudaStream_t);
