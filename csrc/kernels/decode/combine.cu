@@ -2,9 +2,12 @@
 // result, then applies the attention sink (out *= 1 / (1 + exp(sink[h] - lse)); lse unchanged).
 // Sequences with a single chunk were finished by the main kernel and are skipped here.
 // Partials merge in a fixed order, so the result is bitwise reproducible.
-// Two kernels with the same arithmetic in the same order (bitwise-equal results): combine_warp_kernel
-// (the default) is one warp per row, 8 rows per CTA, with every split's lse read at once and two
-// splits' partial rows in flight; combine_cta_kernel (JFM_KERNEL_VARIANT=combine1, the one before,
+// Three kernels with the same arithmetic in the same order (bitwise-equal results). The default
+// picks one per step (launch_combine): combine_quarter_kernel, a warp per quarter row with eight
+// splits in flight, where sequences average 16 splits or more (small batches, long contexts),
+// else combine_warp_kernel, one warp per row, 8 rows per CTA, with every split's lse read at once
+// and two splits' partial rows in flight (JFM_KERNEL_VARIANT=combine_quarters / combine_rows force
+// either); combine_cta_kernel (JFM_KERNEL_VARIANT=combine1, the one before,
 // kept for A/B) is one CTA of 128 threads per (sequence, row) walking the splits in serial loops.
 // The profiler (2026-12-01, H200) put combine_cta_kernel at 3x upstream's combine on V4 b 256 h 128
 // (42 vs 13 us): a grid of b x h_q CTAs, most of which return at once, and serial load chains; the
@@ -230,15 +233,18 @@ __device__ __forceinline__ void combine_row_warp(const CombineParams& p, const C
 // combine_quarter_kernel: one warp per (row, quarter of its 512 columns), eight splits' partial
 // rows in flight per warp, instead of one warp per row with two in flight. Why: with few split
 // sequences the merge is a chain of dependent round trips, not bandwidth: dense b1 h128 s_k 128K
-// (~66 splits per row, 128 rows, 16 CTAs) ended ~20 us after the attention kernel with the row
-// warps, ~33 rounds of two splits each; quarters give 4x the warps and 8 splits per round. Each
-// quarter warp repeats the row's lse max and sum (same arithmetic, so the same weights) and sums
-// its columns in k order, so the result stays bitwise equal to combine_row_warp's. Measured (H200,
-// tenth 2026-12-02 session, profiler span of 10 calls): b1 h128 s_k 128K 90.3 -> 79.1 us per call
-// (-12%), b4 s_k 32K 75.7 -> 73.4 (-3%), but b128 s_k 4K 268.8 -> 304.7 (+13%: ~1 extra split per
-// sequence, 4x the CTAs searching the slots and 4x the lse work for nothing in flight). So
-// launch_combine takes it only where sequences average many splits (kQuarterMinSplits).
-constexpr int kQuarterMinSplits = 8;
+// (64 splits per row, 128 rows, 16 CTAs) ended ~22 us after the attention kernel with the row
+// warps (~12 with the quarters), 32 rounds of two splits each; quarters give 4x the warps and 8
+// splits per round. Each quarter warp repeats the row's lse max and sum (same arithmetic, so the
+// same weights) and sums its columns in k order, so the result stays bitwise equal to
+// combine_row_warp's. Measured (H200,
+// tenth 2026-12-02 session, profiler span of 10 calls, quarters against row warps; splits per
+// sequence in brackets): dense h128 b1 s_k 128K [64] 90.3 -> 79.1 us per call (-12%), h64 b2 32K
+// [64] 52.9 -> 42.2 (-20%), FP8 V3.2 h128 b2 [32] 24.1 -> 18.7 (-22%), dense h128 b4 32K [16]
+// 75.7 -> 73.4 (-3%), but b8 16K [8] 74.3 -> 75.5 (+1.6%) and b128 4K [~1] 268.8 -> 304.7 (+13%:
+// 4x the CTAs searching the slots and 4x the lse work, with nothing to put in flight). So
+// launch_combine takes it where sequences average kQuarterMinSplits splits or more.
+constexpr int kQuarterMinSplits = 16;
 
 // One warp merges columns [128 quarter, +128) of row `row`: a lane holds float4 column
 // 128 quarter + 4 lane. Weights and their order as combine_row_warp's, whose lse lines it repeats
@@ -393,7 +399,8 @@ cudaError_t launch_combine(const CombineParams& p, cudaStream_t stream) {
   }
   const int ctas = p.num_sm_parts > 0 && p.num_sm_parts < p.num_seqs ? p.num_sm_parts : p.num_seqs;
   const int rows = p.tokens_per_seq * p.h_q;
-  // About num_sm_parts + num_seqs chunks in all (each part cuts at most one sequence).
+  // About num_sm_parts + num_seqs chunks in all (each part cuts at most one sequence), so
+  // num_sm_parts / num_seqs estimates the splits per sequence.
   const bool quarters = v == KernelVariant::kCombineQuarters ||
                         (v != KernelVariant::kCombineRows &&
                          p.num_sm_parts >= static_cast<int64_t>(kQuarterMinSplits) * p.num_seqs);
