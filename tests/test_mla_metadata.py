@@ -390,6 +390,38 @@ def test_sparse_kernel_choice():
         module.sparse_kernel_choice("fp8", 1, 1, 128, 64, 0, 66)
 
 
+# (sequences in the step, query rows per KV head) -> the combine kernel the default takes.
+COMBINE_CHOICES = [
+    ((1, 128), "quarters"), ((2, 128), "quarters"), ((4, 128), "quarters"),  # 66 parts
+    ((5, 128), "rows"), ((8, 128), "rows"), ((128, 128), "rows"),
+    ((8, 64), "quarters"), ((9, 64), "rows"), ((2, 16), "quarters"),  # 132 parts
+    ((1, 512), "quarters"), ((2, 512), "rows"),  # 16 parts (s_q 4 at 128 heads)
+]
+
+
+def test_combine_kernel_choice():
+    """The split-KV combine's one rule (csrc/kernels/decode/combine.cu, combine_kind): the
+    quarter-row warps where the schedule's parts give sequences 16 splits or more on average
+    (small batches with long contexts: measured -3% to -22% there, +1.6% at 8 splits and +13% at
+    ~1 on the H200), else the row warps; checked through the extension in a fresh process without
+    JFM_KERNEL_VARIANT, with the schedule's own num_sm_parts."""
+    import json
+    calls = [(b, M.num_sm_parts(rows_per_kv_head=rows, num_sms=132)) for (b, rows), _ in COMBINE_CHOICES]
+    out, module = _extension_in_child(
+        "import sys, json, jax_flashmla._jax_flashmla_cuda as m; "
+        "print(json.dumps([m.combine_kernel_choice(*c) for c in json.loads(sys.argv[1])]))",
+        json.dumps(calls))
+    assert json.loads(out) == [want for _, want in COMBINE_CHOICES]
+    for variant, want in (("combine_rows", "rows"), ("combine_quarters", "quarters"), ("combine1", "cta")):
+        out, _ = _extension_in_child(
+            "import sys, json, jax_flashmla._jax_flashmla_cuda as m; "
+            "print(json.dumps([m.combine_kernel_choice(*c) for c in json.loads(sys.argv[1])]))",
+            json.dumps(calls), variant=variant)
+        assert json.loads(out) == [want] * len(calls), variant
+    with pytest.raises(ValueError, match="num_seqs"):
+        module.combine_kernel_choice(0, 66)
+
+
 def test_schedule_inside_shard_map_passes_check_vma():
     """The pure-JAX scheduler inside shard_map (check_vma on) gives the same integers as outside."""
     from jax.sharding import Mesh, PartitionSpec as P

@@ -40,6 +40,22 @@ PYBIND11_MODULE(_jax_flashmla_cuda, m) {
     c["MAX_GRID_Y"] = jfm::kMaxGridY;
     return c;
   });
+  // Which split-KV combine kernel a step of num_seqs sequences over num_sm_parts schedule parts
+  // takes (decode/combine.cu, combine_kind; tests check the rule without a GPU).
+  m.def("combine_kernel_choice", [](int num_seqs, int num_sm_parts) -> std::string {
+    if (num_seqs < 1 || num_sm_parts < 0)
+      throw py::value_error("num_seqs must be >= 1 and num_sm_parts >= 0, got " +
+                            std::to_string(num_seqs) + " and " + std::to_string(num_sm_parts));
+    jfm::CombineParams p{};
+    p.num_seqs = num_seqs;
+    p.num_sm_parts = num_sm_parts;
+    switch (jfm::combine_kind(p)) {
+      case jfm::CombineKind::kCta: return "cta";
+      case jfm::CombineKind::kRows: return "rows";
+      case jfm::CombineKind::kQuarters: return "quarters";
+    }
+    return "unknown";
+  });
   // What the sparse dispatch picks for a call of this shape (tests check the rule without a GPU).
   m.def(
       "sparse_kernel_choice",

@@ -203,6 +203,11 @@ __host__ __device__ inline int sparse_positions(const SparseDecodeParams& p) {
 cudaError_t launch_schedule(const ScheduleParams& p, cudaStream_t stream);
 template <typename T>
 cudaError_t launch_combine(const CombineParams& p, cudaStream_t stream);
+// The split-KV combine kernel a step takes (decode/combine.cu: the one rule, which the launch
+// follows and the extension reports): the CTA per row (JFM_KERNEL_VARIANT=combine1), the row
+// warps, or the quarter-row warps where sequences average many splits.
+enum class CombineKind { kCta, kRows, kQuarters };
+CombineKind combine_kind(const CombineParams& p);
 cudaError_t launch_dense_decode_bf16(const DenseDecodeParams& p, cudaStream_t stream);
 cudaError_t launch_dense_decode_fp16(const DenseDecodeParams& p, cudaStream_t stream);
 cudaError_t launch_sparse_decode(const SparseDecodeParams& p, KvFormat format, int d_qk,

@@ -389,22 +389,28 @@ cudaError_t launch_warp_combine(void (*kernel)(CombineParams), dim3 grid, const 
   return cudaLaunchKernelEx(&cfg, kernel, p);
 }
 
+CombineKind combine_kind(const CombineParams& p) {
+  const KernelVariant v = kernel_variant();
+  if (v == KernelVariant::kCombine1) return CombineKind::kCta;
+  if (v == KernelVariant::kCombineQuarters) return CombineKind::kQuarters;
+  if (v == KernelVariant::kCombineRows) return CombineKind::kRows;
+  // About num_sm_parts + num_seqs chunks in all (each part cuts at most one sequence), so
+  // num_sm_parts / num_seqs estimates the splits per sequence.
+  return p.num_sm_parts >= static_cast<int64_t>(kQuarterMinSplits) * p.num_seqs ? CombineKind::kQuarters
+                                                                                : CombineKind::kRows;
+}
+
 template <typename T>
 cudaError_t launch_combine(const CombineParams& p, cudaStream_t stream) {
-  const KernelVariant v = kernel_variant();
-  if (v == KernelVariant::kCombine1) {
+  const CombineKind kind = combine_kind(p);
+  if (kind == CombineKind::kCta) {
     const dim3 grid(p.num_seqs, p.tokens_per_seq * p.h_q);
     combine_cta_kernel<T><<<grid, 128, 0, stream>>>(p);
     return cudaGetLastError();
   }
   const int ctas = p.num_sm_parts > 0 && p.num_sm_parts < p.num_seqs ? p.num_sm_parts : p.num_seqs;
   const int rows = p.tokens_per_seq * p.h_q;
-  // About num_sm_parts + num_seqs chunks in all (each part cuts at most one sequence), so
-  // num_sm_parts / num_seqs estimates the splits per sequence.
-  const bool quarters = v == KernelVariant::kCombineQuarters ||
-                        (v != KernelVariant::kCombineRows &&
-                         p.num_sm_parts >= static_cast<int64_t>(kQuarterMinSplits) * p.num_seqs);
-  if (quarters) {
+  if (kind == CombineKind::kQuarters) {
     constexpr int kRowsPerCta = kWarpRows / 4;
     return launch_warp_combine<T>(combine_quarter_kernel<T>,
                                   dim3(ctas, (rows + kRowsPerCta - 1) / kRowsPerCta), p, stream);
