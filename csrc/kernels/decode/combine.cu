@@ -237,13 +237,12 @@ __device__ __forceinline__ void combine_row_warp(const CombineParams& p, const C
 // warps (~12 with the quarters), 32 rounds of two splits each; quarters give 4x the warps and 8
 // splits per round. Each quarter warp repeats the row's lse max and sum (same arithmetic, so the
 // same weights) and sums its columns in k order, so the result stays bitwise equal to
-// combine_row_warp's. Measured (H200,
-// tenth 2026-12-02 session, profiler span of 10 calls, quarters against row warps; splits per
-// sequence in brackets): dense h128 b1 s_k 128K [64] 90.3 -> 79.1 us per call (-12%), h64 b2 32K
-// [64] 52.9 -> 42.2 (-20%), FP8 V3.2 h128 b2 [32] 24.1 -> 18.7 (-22%), dense h128 b4 32K [16]
-// 75.7 -> 73.4 (-3%), but b8 16K [8] 74.3 -> 75.5 (+1.6%) and b128 4K [~1] 268.8 -> 304.7 (+13%:
-// 4x the CTAs searching the slots and 4x the lse work, with nothing to put in flight). So
-// launch_combine takes it where sequences average kQuarterMinSplits splits or more.
+// combine_row_warp's. Measured (H200, tenth 2026-12-02 session, profiler span of 10 calls, quarters
+// against row warps; splits per sequence in brackets): dense h128 b1 s_k 128K [64] 90.3 -> 79.1 us
+// per call (-12%), h64 b2 32K [64] 52.9 -> 42.2 (-20%), FP8 V3.2 h128 b2 [32] 24.1 -> 18.7 (-22%),
+// dense h128 b4 32K [16] 75.7 -> 73.4 (-3%), but b8 16K [8] 74.3 -> 75.5 (+1.6%) and b128 4K [~1]
+// 268.8 -> 304.7 (+13%: 4x the CTAs searching the slots and 4x the lse work, with nothing to put in
+// flight). So combine_kind takes it where sequences average kQuarterMinSplits splits or more.
 constexpr int kQuarterMinSplits = 16;
 
 // One warp merges columns [128 quarter, +128) of row `row`: a lane holds float4 column
@@ -342,8 +341,8 @@ __global__ void __launch_bounds__(32 * kWarpRows, 2) combine_warp_kernel(const C
   }
 }
 
-// combine_warp_kernel's grid and walk with two rows per CTA, each row's four
-// quarters on four warps (combine_row_quarter). Grid (as combine_warp_kernel's x, rows / 2).
+// combine_warp_kernel's grid and walk with two rows per CTA, each row's four quarters on four warps
+// (combine_row_quarter). Grid (as combine_warp_kernel's x, rows / 2).
 template <typename T>
 __global__ void __launch_bounds__(32 * kWarpRows, 2) combine_quarter_kernel(const CombineParams p) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -373,10 +372,9 @@ __global__ void __launch_bounds__(32 * kWarpRows, 2) combine_quarter_kernel(cons
 
 }  // namespace
 
-// Launched as the attention kernel's programmatic dependent where kPdl (pdl.cuh).
-template <typename T>
-cudaError_t launch_warp_combine(void (*kernel)(CombineParams), dim3 grid, const CombineParams& p,
-                                cudaStream_t stream) {
+// A warp combine, launched as the attention kernel's programmatic dependent where kPdl (pdl.cuh).
+static cudaError_t launch_warp_combine(void (*kernel)(CombineParams), dim3 grid,
+                                       const CombineParams& p, cudaStream_t stream) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = dim3(32 * kWarpRows);
@@ -396,8 +394,8 @@ CombineKind combine_kind(const CombineParams& p) {
   if (v == KernelVariant::kCombineRows) return CombineKind::kRows;
   // About num_sm_parts + num_seqs chunks in all (each part cuts at most one sequence), so
   // num_sm_parts / num_seqs estimates the splits per sequence.
-  return p.num_sm_parts >= static_cast<int64_t>(kQuarterMinSplits) * p.num_seqs ? CombineKind::kQuarters
-                                                                                : CombineKind::kRows;
+  const bool many = p.num_sm_parts >= static_cast<int64_t>(kQuarterMinSplits) * p.num_seqs;
+  return many ? CombineKind::kQuarters : CombineKind::kRows;
 }
 
 template <typename T>
@@ -412,11 +410,11 @@ cudaError_t launch_combine(const CombineParams& p, cudaStream_t stream) {
   const int rows = p.tokens_per_seq * p.h_q;
   if (kind == CombineKind::kQuarters) {
     constexpr int kRowsPerCta = kWarpRows / 4;
-    return launch_warp_combine<T>(combine_quarter_kernel<T>,
-                                  dim3(ctas, (rows + kRowsPerCta - 1) / kRowsPerCta), p, stream);
+    return launch_warp_combine(combine_quarter_kernel<T>,
+                               dim3(ctas, (rows + kRowsPerCta - 1) / kRowsPerCta), p, stream);
   }
-  return launch_warp_combine<T>(combine_warp_kernel<T>, dim3(ctas, (rows + kWarpRows - 1) / kWarpRows),
-                                p, stream);
+  return launch_warp_combine(combine_warp_kernel<T>, dim3(ctas, (rows + kWarpRows - 1) / kWarpRows),
+                             p, stream);
 }
 
 template cudaError_t launch_combine<__nv_bfloat16>(const CombineParams&, cudaStream_t);
