@@ -246,8 +246,10 @@ __device__ __forceinline__ void combine_row_warp(const CombineParams& p, const C
 constexpr int kQuarterMinSplits = 16;
 
 // One warp merges columns [128 quarter, +128) of row `row`: a lane holds float4 column
-// 128 quarter + 4 lane. Weights and their order as combine_row_warp's, whose lse lines it repeats
-// (sharing them as helpers moved combine_row_warp's SASS, tested code; both kernels now serve).
+// 128 quarter + 4 lane. Weights and their order as combine_row_warp's, whose lse lines it repeats:
+// sharing them as two helpers (the lse max; the sum, lse and scale) keeps this kernel's SASS but
+// moves combine_row_warp's (8 fewer instructions, tenth 2026-12-02 session), so that waits for a
+// GPU run of the bitwise test and a timing (PERFORMANCE.md, Next).
 template <typename T>
 __device__ __forceinline__ void combine_row_quarter(const CombineParams& p, const CombineRow& c,
                                                     int lane, int quarter) {
