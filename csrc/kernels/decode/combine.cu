@@ -130,6 +130,37 @@ __device__ __forceinline__ int seq_of_extra_slot(const int32_t* num_splits, int 
   return lo;
 }
 
+// The lse lines of both warp merges (combine_row_warp, combine_row_quarter): one arithmetic in
+// one order, so their weights are bitwise equal. The max of the row's nsplit split lse, every
+// lane holding it (lane l reads splits l, l + 32, ...).
+template <class LseAt>
+__device__ __forceinline__ float row_lse_max(int nsplit, int lane, LseAt lse_at) {
+  float mx = -INFINITY;
+  for (int k = lane; k < nsplit; k += 32) mx = fmaxf(mx, lse_at(k));
+#pragma unroll
+  for (int x = 16; x > 0; x >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, x));
+  return mx;
+}
+// The row's lse and the scale of its weights (the sink applied), from chunk_e(k0): lane l's
+// expf(lse_(k0 + l) - mx) (0 past nsplit); the sum runs serially in k through shuffles.
+struct RowWeights {
+  float lse, scale;
+};
+template <class ChunkE>
+__device__ __forceinline__ RowWeights row_weights(const CombineParams& p, const CombineRow& c,
+                                                  int nsplit, float mx, ChunkE chunk_e) {
+  float sum = 0.f;
+  for (int k0 = 0; k0 < nsplit; k0 += 32) {
+    const float e = chunk_e(k0);
+    const int n = min(32, nsplit - k0);
+    for (int j = 0; j < n; ++j) sum += __shfl_sync(0xffffffffu, e, j);
+  }
+  const float lse = logf(sum) + mx;
+  float scale = 1.f / sum;
+  if (p.attn_sink != nullptr) scale /= 1.f + expf(p.attn_sink[c.head] - lse);
+  return {lse, scale};
+}
+
 // One warp merges row `row` of split sequence `seq`: a lane holds 16 of the row's 512 values
 // (float4 columns lane, +32, +64, +96, so each warp load covers 512 contiguous bytes). The lanes
 // read 32 splits' lse at once; the max, sum and weights are combine_cta_kernel's arithmetic in its
@@ -152,10 +183,7 @@ __device__ __forceinline__ void combine_row_warp(const CombineParams& p, const C
       for (int q = 0; q < 4; ++q) v01[s][q] = __ldcs(reinterpret_cast<const float4*>(o_at(s) + 128 * q));
   }
 
-  float mx = -INFINITY;
-  for (int k = lane; k < nsplit; k += 32) mx = fmaxf(mx, lse_at(k));
-#pragma unroll
-  for (int x = 16; x > 0; x >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, x));
+  const float mx = row_lse_max(nsplit, lane, lse_at);
   T* out = reinterpret_cast<T*>(p.out) + c.map.out_row(c.seq, c.s_local, c.head) * kDv + lane * 4;
   float* lse_out = p.lse + c.map.lse_index(c.seq, c.s_local, c.head);
   if (mx == -INFINITY) {  // nothing attended in any chunk
@@ -166,15 +194,7 @@ __device__ __forceinline__ void combine_row_warp(const CombineParams& p, const C
   }
   // e_k = expf(lse_k - mx), lane k % 32 holding it for the 32 splits of the chunk at hand.
   const auto chunk_e = [&](int k0) { return k0 + lane < nsplit ? expf(lse_at(k0 + lane) - mx) : 0.f; };
-  float sum = 0.f;
-  for (int k0 = 0; k0 < nsplit; k0 += 32) {
-    const float e = chunk_e(k0);
-    const int n = min(32, nsplit - k0);
-    for (int j = 0; j < n; ++j) sum += __shfl_sync(0xffffffffu, e, j);
-  }
-  const float lse = logf(sum) + mx;
-  float scale = 1.f / sum;
-  if (p.attn_sink != nullptr) scale /= 1.f + expf(p.attn_sink[c.head] - lse);
+  const auto [lse, scale] = row_weights(p, c, nsplit, mx, chunk_e);
 
   const float* o_of = o_at(0);
   const size_t split_stride = static_cast<size_t>(rows) * kDv;  // one split's partial rows
@@ -246,10 +266,7 @@ __device__ __forceinline__ void combine_row_warp(const CombineParams& p, const C
 constexpr int kQuarterMinSplits = 16;
 
 // One warp merges columns [128 quarter, +128) of row `row`: a lane holds float4 column
-// 128 quarter + 4 lane. Weights and their order as combine_row_warp's, whose lse lines it repeats:
-// sharing them as two helpers (the lse max; the sum, lse and scale) keeps this kernel's SASS but
-// moves combine_row_warp's (8 fewer instructions, tenth 2026-12-02 session), so that waits for a
-// GPU run of the bitwise test and a timing (PERFORMANCE.md, Next).
+// 128 quarter + 4 lane. Weights and their order as combine_row_warp's (the same lse helpers).
 template <typename T>
 __device__ __forceinline__ void combine_row_quarter(const CombineParams& p, const CombineRow& c,
                                                     int lane, int quarter) {
@@ -260,10 +277,7 @@ __device__ __forceinline__ void combine_row_quarter(const CombineParams& p, cons
   const size_t split_stride = static_cast<size_t>(rows) * kDv;
   const float* o_of = p.o_accum + (static_cast<size_t>(c.base) * rows + c.row) * kDv + 128 * quarter + 4 * lane;
 
-  float mx = -INFINITY;
-  for (int k = lane; k < nsplit; k += 32) mx = fmaxf(mx, lse_at(k));
-#pragma unroll
-  for (int x = 16; x > 0; x >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, x));
+  const float mx = row_lse_max(nsplit, lane, lse_at);
   T* out = reinterpret_cast<T*>(p.out) + c.map.out_row(c.seq, c.s_local, c.head) * kDv + 128 * quarter + 4 * lane;
   float* lse_out = p.lse + c.map.lse_index(c.seq, c.s_local, c.head);
   if (mx == -INFINITY) {  // nothing attended in any chunk
@@ -272,15 +286,7 @@ __device__ __forceinline__ void combine_row_quarter(const CombineParams& p, cons
     return;
   }
   const auto chunk_e = [&](int k0) { return k0 + lane < nsplit ? expf(lse_at(k0 + lane) - mx) : 0.f; };
-  float sum = 0.f;
-  for (int k0 = 0; k0 < nsplit; k0 += 32) {
-    const float e = chunk_e(k0);
-    const int n = min(32, nsplit - k0);
-    for (int j = 0; j < n; ++j) sum += __shfl_sync(0xffffffffu, e, j);
-  }
-  const float lse = logf(sum) + mx;
-  float scale = 1.f / sum;
-  if (p.attn_sink != nullptr) scale /= 1.f + expf(p.attn_sink[c.head] - lse);
+  const auto [lse, scale] = row_weights(p, c, nsplit, mx, chunk_e);
 
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
   for (int k0 = 0; k0 < nsplit; k0 += 32) {
