@@ -31,6 +31,12 @@ using bf16 = __nv_bfloat16;
 //      h16 (kTransposed16) +2.1% and +2.6%.
 // Both are exact for power-of-two scales (SEMANTICS.md's quantization); form 1 rounds a
 // non-power-of-two float32 scale to bf16 before the product, as upstream's path does.
+// Timing probes (wrong results by design: never a default, and the smoke check rejects them, so
+// scripts/device_check.sh's abflags stage times entries named probe* without it):
+//   2: the producer cost of an fp16 tile: e4m3 pair -> half2 (F2FP unpack), one half2 multiply
+//      by the scale: 2 instructions per pair (the bits stored as if bf16).
+//   3: no conversion: the two bytes spread into 16-bit lanes (one byte permute per pair): the
+//      floor of the producer's dequantization at this load / store shape.
 // (Measured and removed, same session: a form without the conversion unit, each bf16 built from
 // the e4m3 bits as value * 2^-120 by shifts, masks and byte permutes, then one bf16x2 multiply by
 // scale * 2^120: 3.5 integer instructions per pair, +0.4% to +11% against form 0.)
@@ -78,9 +84,29 @@ __device__ __forceinline__ uint4 fp8x8_to_bf16x8_mul(uint2 v, uint32_t f) {
 // kTiles scales sc) in form kDequant (JFM_FP8_DEQUANT).
 template <int kDequant, int kTiles, class Loop>
 __device__ __forceinline__ void with_fp8_dequant(const float (&sc)[kTiles], Loop loop) {
-  static_assert(kDequant == 0 || kDequant == 1, "JFM_FP8_DEQUANT: -1, 0 or 1");
+  static_assert(kDequant >= 0 && kDequant <= 3, "JFM_FP8_DEQUANT: -1, 0 or 1 (2, 3: timing probes)");
   if constexpr (kDequant == 0) {
     loop([&](uint2 v, int i) { return fp8x8_to_bf16x8(v, sc[i]); });
+  } else if constexpr (kDequant == 2) {  // probe: the fp16 tile's producer cost
+    uint32_t f[kTiles];
+#pragma unroll
+    for (int i = 0; i < kTiles; ++i) f[i] = pack2<__half>(sc[i], sc[i]);
+    loop([&](uint2 v, int i) {
+      const uint32_t w[4] = {v.x, v.x >> 16, v.y, v.y >> 16};
+      uint32_t r[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w[k] & 0xffffu), __NV_E4M3);
+        const __half2 m = __hmul2(*reinterpret_cast<const __half2*>(&h), *reinterpret_cast<const __half2*>(&f[i]));
+        r[k] = *reinterpret_cast<const uint32_t*>(&m);
+      }
+      return make_uint4(r[0], r[1], r[2], r[3]);
+    });
+  } else if constexpr (kDequant == 3) {  // probe: no conversion
+    loop([&](uint2 v, int) {
+      return make_uint4(__byte_perm(v.x, 0, 0x4140), __byte_perm(v.x, 0, 0x4342),
+                        __byte_perm(v.y, 0, 0x4140), __byte_perm(v.y, 0, 0x4342));
+    });
   } else {
     uint32_t f[kTiles];
 #pragma unroll
@@ -99,8 +125,21 @@ __device__ __forceinline__ void st_shared_8(uint32_t addr, uint2 v) {
 // the 256-byte block around a miss, so the other loads of the same token (a V3.2 token spans
 // 656 bytes, read in 11 loads per thread) find its bytes in L2 (the warp-specialized FP8
 // producers; v1 reads without hints).
+// JFM_FP8_PROBE (timing probes, wrong results by design, as JFM_FP8_DEQUANT 2 / 3: abflags
+// entries named probe*): bit 0, the FP8 row loads below return their address's bits (no memory
+// access: the producer without its gather); bit 1, store_stage folds a row part's tile stores
+// into one (the producer without its shared-memory stores).
+#ifndef JFM_FP8_PROBE
+#define JFM_FP8_PROBE 0
+#endif
+__device__ __forceinline__ uint4 probe_bits(const uint8_t* p) {
+  const uint64_t a = reinterpret_cast<uint64_t>(p);
+  return make_uint4(static_cast<uint32_t>(a), static_cast<uint32_t>(a >> 32),
+                    static_cast<uint32_t>(a) ^ 0x3c3c3c3cu, static_cast<uint32_t>(a) * 3u);
+}
 template <bool kHint = false>
 __device__ __forceinline__ uint4 ld_nc_16(const uint8_t* p) {
+  if constexpr ((JFM_FP8_PROBE & 1) != 0) return probe_bits(p);
   if constexpr (kHint) {
     uint4 v;
     asm volatile("ld.global.nc.L1::evict_last.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
@@ -113,6 +152,10 @@ __device__ __forceinline__ uint4 ld_nc_16(const uint8_t* p) {
 }
 template <bool kHint = false>
 __device__ __forceinline__ uint2 ld_nc_8(const uint8_t* p) {
+  if constexpr ((JFM_FP8_PROBE & 1) != 0) {
+    const uint4 b = probe_bits(p);
+    return make_uint2(b.x, b.z);
+  }
   if constexpr (kHint) {
     uint2 v;
     asm volatile("ld.global.nc.L1::evict_last.L2::256B.v2.u32 {%0, %1}, [%2];\n"
@@ -587,6 +630,23 @@ struct CpAsyncInto {
 // kRopeAsync stage's RoPE chunks by cp.async: the caller's full barrier counts them).
 template <class Stage>
 __device__ __forceinline__ void store_stage(const Stage& st, uint32_t tile, int t) {
+  if constexpr ((JFM_FP8_PROBE & 2) != 0) {  // probe: one store per row part
+    uint4 acc = make_uint4(0, 0, 0, 0);
+    st.emit(t,
+            [&](uint32_t, uint4 v) {
+              acc.x ^= v.x;
+              acc.y ^= v.y;
+              acc.z ^= v.z;
+              acc.w ^= v.w;
+            },
+            [&](uint32_t, uint2 v) {
+              acc.x ^= v.x;
+              acc.y ^= v.y;
+            },
+            CpAsyncInto{tile});
+    st_shared_16(tile + static_cast<uint32_t>(t) * 16u, acc);
+    return;
+  }
   st.emit(t, [&](uint32_t off, uint4 v) { st_shared_16(tile + off, v); },
           [&](uint32_t off, uint2 v) { st_shared_8(tile + off, v); }, CpAsyncInto{tile});
 }
