@@ -145,7 +145,7 @@ def print_run(kern, k):
 def async_runs(many, qs, k, n):
     """N runs of the K-call unit dispatched back to back, one wait: wall vs GPU busy per run."""
     import time
-    from sbs_common import covered_us, perfetto_gpu_events
+    from sbs_common import covered_us, host_event_totals, perfetto_gpu_events
     walls = []
     for _ in range(3):
         t0 = time.perf_counter()
@@ -168,6 +168,9 @@ def async_runs(many, qs, k, n):
           f"{len(kern)} events; idle gaps over 1 us: {len(idle)}"
           + (f", median {np.median(idle):.1f} us, max {idle[-1]:.1f}, total {sum(idle) / n:.1f} per run"
              if idle else ""))
+    # Where the host spends each run (nested events count in each of their parents too).
+    for name, us, count in host_event_totals(trace_dir, n):
+        print(f"  host {us:9.1f} us per run in {count:5.1f} x {name}")
 
 
 if args.timeline:

@@ -120,6 +120,53 @@ def host_launch_counts(trace_dir: str) -> dict[str, int]:
     return counts
 
 
+def host_event_totals(trace_dir: str, runs: int, top: int = 14) -> list[tuple[str, float, float]]:
+    """The host's events of that trace (off the GPU's lines) by name: (name, microseconds per
+    run, occurrences per run), the `top` largest totals first. Where the host blocks between
+    runs of a jitted unit (a stream or event synchronize, a graph update) shows up here."""
+    loaded = load_perfetto(trace_dir)
+    if loaded is None:
+        return []
+    events, lines = loaded
+    tot: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) not in lines:
+            t = tot.setdefault(e.get("name", "?")[:80], [0.0, 0.0])
+            t[0] += float(e.get("dur", 0.0))
+            t[1] += 1
+    rows = sorted(((n, d / runs, c / runs) for n, (d, c) in tot.items()), key=lambda r: -r[1])
+    return rows[:top]
+
+
+def read_smi_csv(path: str) -> list[tuple[float, int, float, int]]:
+    """The samples of `nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,
+    temperature.gpu,clocks_event_reasons.active --format=csv -lms N` (scripts/device_bench.sh,
+    SMI_MS): (epoch seconds, SM MHz, watts, clock-event reason bits). Rows that do not parse
+    (the header, a sampler cut off mid-line) are skipped."""
+    import csv
+    from datetime import datetime
+    out = []
+    with open(path) as f:
+        for row in csv.reader(f):
+            try:
+                t = datetime.strptime(row[0].strip(), "%Y/%m/%d %H:%M:%S.%f").timestamp()
+                out.append((t, int(row[1].split()[0]), float(row[3].split()[0]), int(row[5].strip(), 16)))
+            except (ValueError, IndexError):
+                continue
+    return out
+
+
+def smi_window(samples, t0: float, t1: float) -> dict | None:
+    """Mean SM clock and power of the samples inside [t0, t1], and the share of them with the
+    software power cap (reason bit 0x4) active; None with fewer than 3 samples."""
+    inside = [s for s in samples if t0 <= s[0] <= t1]
+    if len(inside) < 3:
+        return None
+    n = len(inside)
+    return dict(mhz=sum(s[1] for s in inside) / n, watts=sum(s[2] for s in inside) / n,
+                capped=sum(1 for s in inside if s[3] & 0x4) / n, samples=n)
+
+
 def kineto_gpu_events(path: str) -> list[tuple[float, float, str]]:
     """The same from torch.profiler's chrome trace (export_chrome_trace): kernels, copies, memsets."""
     with open(path) as f:

@@ -158,9 +158,10 @@ def time_in_one_call(fn, args, k, calls, rounds, units=3):
     qs = tuple(jnp.array(args[0], copy=True) for _ in range(k))
     many = jax.jit(lambda qs, *rest: [fn(qi, *rest) for qi in qs])
     jax.block_until_ready(many(qs, *args[1:]))
+    t0 = time.time()
     t = time_rounds(lambda: many(qs, *args[1:]), jax.block_until_ready,
                     calls=k_units(calls), rounds=rounds, budget_s=ARGS.max_seconds)
-    rec = dict(k_calls=k, k_time_s=t["time_s"] / k)
+    rec = dict(k_calls=k, k_time_s=t["time_s"] / k, k_window=[t0, time.time()])
     try:
         with tempfile.TemporaryDirectory() as d:
             with jax.profiler.trace(d, create_perfetto_trace=True):

@@ -41,7 +41,7 @@ _WORKER_ENV = dict(os.environ)
 
 import numpy as np  # noqa: E402
 
-from sbs_common import append_jsonl, case_dir, read_jsonl  # noqa: E402
+from sbs_common import append_jsonl, case_dir, read_jsonl, read_smi_csv, smi_window  # noqa: E402
 import sbs_cases  # noqa: E402
 
 SUITE_NAMES = list(sbs_cases.SUITES)
@@ -69,6 +69,10 @@ def parse():
     ap.add_argument("--case-timeout", type=float, default=300.0,
                     help="kill a worker stuck this long on one case and go on after it")
     ap.add_argument("--xla", action="store_true", help="also time plain XLA on 4 dense cases")
+    ap.add_argument("--smi", default=None, metavar="CSV",
+                    help="nvidia-smi samples taken during the run (scripts/device_bench.sh SMI_MS): "
+                         "each side's mean SM clock, power and power-capped share over its "
+                         "in-one-unit timing window")
     ap.add_argument("--in-one-call", type=int, default=0, metavar="K",
                     help="decode cases: also time K calls issued as one unit on each side (ours: "
                          "one jit of K calls; FlashMLA: one CUDA graph of K calls; each on its own "
@@ -257,6 +261,26 @@ def print_in_one_call(rows, k):
     return dict(all=g, n=len(ratios), k=k, gpu_time=gg, n_gpu_time=len(g_ratios))
 
 
+def print_clocks(rows, smi_path):
+    """Each side's SM clock and power over its in-one-unit timing window (k_window), from the
+    nvidia-smi samples: where a side ran under the power cap, its time per call is set by the
+    energy it spends per call, not by its cycles at the boost clock (the GPU-time column)."""
+    samples = read_smi_csv(smi_path)
+    print("\n== clocks over each side's in-one-unit window (nvidia-smi samples): mean SM MHz, "
+          "mean W, share of samples power-capped")
+    print(f"{'case':<44} {'ours MHz':>9} {'W':>5} {'cap':>4} | {'FlashMLA MHz':>12} {'W':>5} {'cap':>4}")
+    for r in rows:
+        cells = []
+        for side in ("ours", "flashmla"):
+            w = r[side].get("k_window")
+            st = smi_window(samples, *w) if w else None
+            r[side]["k_clocks"] = st
+            cells.append(f"{st['mhz']:>{9 if side == 'ours' else 12}.0f} {st['watts']:>5.0f} "
+                         f"{st['capped']:>4.0%}" if st else f"{'-':>{9 if side == 'ours' else 12}} "
+                         f"{'-':>5} {'-':>4}")
+        print(f"{r['case']['name']:<44} {cells[0]} | {cells[1]}")
+
+
 def plot(rows, suites, path):
     sel_suites = [s for s in suites if any(r["case"]["suite"] == s for r in rows)]
     try:
@@ -419,6 +443,8 @@ def main():
     geo = print_table(rows, suites)
     if args.in_one_call > 1:
         geo["in_one_call"] = print_in_one_call(rows, args.in_one_call)
+        if args.smi and os.path.exists(args.smi):
+            print_clocks(rows, args.smi)
     png = os.path.join(args.out, "side_by_side.png")
     how = plot(rows, suites, png)
     result = dict(created=time.strftime("%Y-%m-%d %H:%M:%S"), limits=limits, suites=suites,

@@ -22,6 +22,10 @@
 #            benchmarks/sbs_variants.py prints them beside FlashMLA
 #   STAGES   "build" (default) rebuilds our package; STAGES=" " reuses the one installed on a warm
 #            machine
+#   SMI_MS=N the GPU's SM clock, power, temperature and clock-event reasons sampled every N ms
+#            during the side-by-side run (nvidia-smi, $OUT/smi.csv), and bench.log's lines
+#            time-stamped; with IN_ONE_CALL, a table of each side's mean clock, power and
+#            power-capped share over its in-one-unit timing window (side_by_side.py --smi)
 # Everything lands flat in $OUT: build.log, bench.log, side_by_side.json, side_by_side.png
 # (+ loop.json with LOOP=1). Time: dense ~2-3 min after the build; QUICK=1 all suites ~1-2 min.
 set -uo pipefail
@@ -59,12 +63,19 @@ fi
 wait $PREP; tail -3 /tmp/sbs_prepare.log
 
 log "side by side: $SUITES${QUICK:+ (QUICK=$QUICK)}"
+stamp() { if [ -n "${SMI_MS:-}" ]; then while IFS= read -r l; do echo "$(date +%T.%3N) $l"; done; else cat; fi; }
+if [ -n "${SMI_MS:-}" ]; then
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active \
+    --format=csv -lms "$SMI_MS" > "$OUT/smi.csv" 2>&1 &
+  SMI=$!
+fi
 # /tmp/site only: the source tree must not shadow the installed package (its kernels).
 PYTHONPATH=/tmp/site python3 "$REPO/benchmarks/side_by_side.py" "${ARGS[@]}" --out "$OUT" \
   --upstream $UPSTREAM --ours-max-seconds "${OURS_MAX_SECONDS:-30}" \
-  --case-timeout "${CASE_TIMEOUT:-300}" $([ "${XLA:-0}" = 1 ] && echo --xla) 2>&1 \
-  | tee "$OUT/bench.log" | grep -vE "^\[(ours|flashmla)\] " | tail -120
+  --case-timeout "${CASE_TIMEOUT:-300}" $([ "${XLA:-0}" = 1 ] && echo --xla) \
+  ${SMI_MS:+--smi "$OUT/smi.csv"} 2>&1 | stamp | tee "$OUT/bench.log" | grep -vE "^([0-9:.]+ )?\[(ours|flashmla)\] " | tail -120
 rc=${PIPESTATUS[0]}
+[ -n "${SMI:-}" ] && kill "$SMI" 2>/dev/null
 
 # VARIANTS: kernel variants of ours timed again on the same inputs, ours only, each switched on
 # through JFM_KERNEL_VARIANT (pair: the FP8 CTA pairs; v1: the kernels before the warp-specialized ones).
