@@ -8,7 +8,9 @@ scores warpgroup's full wait's end of tile k unless said):
                the tile's fill, not the math, decided when S could start; with 11 slots split
                into "wait" (the barrier waits) and "fence" (the proxy fence after them)
   S            S complete
-  softmax+P    S complete -> P and the corrections published
+  softmax+P    S complete -> P and the corrections published; with 15 slots taken apart into
+               mask, softmax, the wait for the values warpgroup to free the last P, the P
+               stores (issue only) and the proxy fence + p_ready arrival (the stores draining)
   P hand-off   published -> the values warpgroup received them
   PV scores    published -> the scores' P V half complete (its barrier, rescale, wgmma)
   PV values    received -> the values' P V half complete
@@ -33,7 +35,8 @@ import statistics
 import sys
 
 SLOTS = ("prod_empty", "prod_issued", "sc_full", "sc_s", "sc_pub", "sc_pv", "val_full", "val_p",
-         "val_pv", "sc_wait", "sc_waited")  # (traces before sc_waited have 10 slots)
+         "val_pv", "sc_wait", "sc_waited", "sc_mask", "sc_soft", "sc_pfree", "sc_pst")
+# (traces before sc_waited have 10 slots, before sc_mask 11)
 
 
 def read(path):
@@ -63,6 +66,10 @@ def phases(r, nxt, nn):
            if "sc_waited" in r else {}),
         "S": o["sc_s"],
         "softmax+P": o["sc_pub"] - o["sc_s"],
+        **({"  mask": o["sc_mask"] - o["sc_s"], "  softmax": o["sc_soft"] - o["sc_mask"],
+            "  P free wait": o["sc_pfree"] - o["sc_soft"], "  P stores": o["sc_pst"] - o["sc_pfree"],
+            "  fence+arrive": o["sc_pub"] - o["sc_pst"]}
+           if r.get("sc_pst") else {}),
         "P hand-off": o["val_p"] - o["sc_pub"],
         "PV scores": o["sc_pv"] - o["sc_pub"],
         "PV values": o["val_pv"] - o["val_p"],

@@ -39,7 +39,12 @@ enum TraceSlot : int {
   kTrValPv = 8,       // values: its P V half complete
   kTrScWait = 9,      // scores: reached its full wait (its end - this: how long the tile was late)
   kTrScWaited = 10,   // scores: its barrier waits done, before the proxy fence (full - this: fence)
-  kTrSlots = 11
+  // The softmax+P phase taken apart (kRoles' scores warpgroup, P published from shared memory):
+  kTrScMask = 11,     // scores: the mask applied or skipped
+  kTrScSoft = 12,     // scores: the softmax done (P and the corrections in registers)
+  kTrScPfree = 13,    // scores: the values warpgroup freed the previous P (p_free waited)
+  kTrScPst = 14,      // scores: P and the corrections stored, before the proxy fence
+  kTrSlots = 15
 };
 
 #if JFM_TILE_TRACE

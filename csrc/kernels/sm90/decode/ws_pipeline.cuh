@@ -455,16 +455,20 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
         }
         if (!kWsMaskSkip || !ws_tile_unmasked(task.window_full(cur, n), valid))
           mask_tile(sacc, [&](int h, int col) { return task.masked(cur, n, valid, h, col); });
+        tile_trace(k, kTrScMask);
         float corr[2];
         tile_softmax_rows(sacc, st, corr, mt, sl2);
+        tile_trace(k, kTrScSoft);
         // P and the corrections for the values warpgroup.
         auto publish = [&] {
           mbarrier_wait(sh.bar_p_free, (k & 1) ^ 1);  // values done with the last P (tile 0: passes)
+          tile_trace(k, kTrScPfree);
           store_p_rows<T>(sh.sp, sacc, ln);
           if (ln.tq == 0) {
             sh.corr[ln.row(0)] = corr[0];
             sh.corr[ln.row(1)] = corr[1];
           }
+          tile_trace(k, kTrScPst);
           fence_proxy_async();
           mbarrier_arrive(sh.bar_p_ready);
         };
