@@ -305,10 +305,29 @@ constexpr bool ws_early_q() {
 #endif
 constexpr bool kWsMaskSkip = JFM_WS_MASK_SKIP != 0;
 
+// JFM_WS_EARLY_VALID (measured win, off until its GPU tests and racecheck have run: =1 builds it;
+// then the default, with SASS equal to that tested build): the scores warpgroup loads its lane's word
+// of the validity bytes right after its full wait, before S's wgmmas, so the load's latency runs
+// under S. Why: the tile-phase probe (PERFORMANCE.md, 2026-12-03) timed the mask step (this load
+// and a vote) at ~800 cycles in the FP8 role split against ~300 in the dense kernel: the load
+// waits behind the producer's loads and stores in the SM's shared-memory pipe. Measured (H200,
+// kernel means, each build in its own process): dense h128 b128 4K 258.3 -> 254.4 us, prefill
+// d512 h64 537.8 -> 526.0, V3.2 h64 s_q 2 94.2 -> 93.3, V3.2 h128 s_q 2 182.8 -> 181.6, V4 h128
+// (pair) and prefill d576 h128 within noise (predicted: the FP8 h128 period -5 to -10%; the
+// period is not bound by this chain's latency, see PERFORMANCE.md).
+#ifndef JFM_WS_EARLY_VALID
+#define JFM_WS_EARLY_VALID 0
+#endif
+constexpr bool kWsEarlyValid = JFM_WS_EARLY_VALID != 0;
+
+// This lane's word of the 64 validity bytes (lanes 16-31 repeat 0-15).
+__device__ __forceinline__ uint32_t ws_valid_word(const uint8_t* valid) {
+  return reinterpret_cast<const uint32_t*>(valid)[threadIdx.x & 15];
+}
 // Whether this warp can skip the mask (JFM_WS_MASK_SKIP): rows_full (this thread's rows attend
-// every position of the tile) on every lane, and all 64 validity bytes nonzero. Warp-uniform.
-__device__ __forceinline__ bool ws_tile_unmasked(bool rows_full, const uint8_t* valid) {
-  const uint32_t w = reinterpret_cast<const uint32_t*>(valid)[threadIdx.x & 15];
+// every position of the tile) on every lane, and all 64 validity bytes (w: ws_valid_word)
+// nonzero. Warp-uniform.
+__device__ __forceinline__ bool ws_tile_unmasked(bool rows_full, uint32_t w) {
   return __all_sync(0xffffffffu, rows_full && __vcmpeq4(w, 0u) == 0u);
 }
 
@@ -445,6 +464,8 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
 
       if constexpr (kRole == WsRole::kScores) {
         float sacc[32];  // this tile's S, then P
+        uint32_t valid_word = 0;  // (JFM_WS_EARLY_VALID)
+        if constexpr (kWsMaskSkip && kWsEarlyValid) valid_word = ws_valid_word(valid);
         tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
         tile_trace(k, kTrScS);
         if (kEarlyQ && n_next >= cur.t_hi && seq < task.end_seq) {
@@ -453,7 +474,8 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
           cp_async_commit();
           q_issued = seq + 1;
         }
-        if (!kWsMaskSkip || !ws_tile_unmasked(task.window_full(cur, n), valid))
+        if (!kWsMaskSkip ||
+            !ws_tile_unmasked(task.window_full(cur, n), kWsEarlyValid ? valid_word : ws_valid_word(valid)))
           mask_tile(sacc, [&](int h, int col) { return task.masked(cur, n, valid, h, col); });
         tile_trace(k, kTrScMask);
         float corr[2];
