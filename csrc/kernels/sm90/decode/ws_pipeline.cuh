@@ -305,16 +305,16 @@ constexpr bool ws_early_q() {
 #endif
 constexpr bool kWsMaskSkip = JFM_WS_MASK_SKIP != 0;
 
-// JFM_WS_EARLY_VALID (measured win, off until its GPU tests and racecheck have run: =1 builds it;
-// then the default, with SASS equal to that tested build): the scores warpgroup loads its lane's word
-// of the validity bytes right after its full wait, before S's wgmmas, so the load's latency runs
-// under S. Why: the tile-phase probe (PERFORMANCE.md, 2026-12-03) timed the mask step (this load
-// and a vote) at ~800 cycles in the FP8 role split against ~300 in the dense kernel: the load
-// waits behind the producer's loads and stores in the SM's shared-memory pipe. Measured (H200,
-// kernel means, each build in its own process): dense h128 b128 4K 258.3 -> 254.4 us, prefill
-// d512 h64 537.8 -> 526.0, V3.2 h64 s_q 2 94.2 -> 93.3, V3.2 h128 s_q 2 182.8 -> 181.6, V4 h128
-// (pair) and prefill d576 h128 within noise (predicted: the FP8 h128 period -5 to -10%; the
-// period is not bound by this chain's latency, see PERFORMANCE.md).
+// JFM_WS_EARLY_VALID (measured win, off until its GPU tests and racecheck have run: =1 builds it,
+// then it becomes the default, with SASS equal to that tested build): the scores warpgroup loads
+// its lane's word of the validity bytes right after its full wait, before S's wgmmas, so the load's
+// latency runs under S. Why: the tile-phase probe (PERFORMANCE.md, 2026-12-03) timed the mask step
+// (this load and a vote) at ~800 cycles in the FP8 role split against ~300 in the dense kernel: the
+// load waits behind the producer's loads and stores in the SM's shared-memory pipe. Measured (H200,
+// kernel means, each build in its own process): dense h128 b128 4K 258.3 -> 254.4 us, prefill d512
+// h64 537.8 -> 526.0, V3.2 h64 s_q 2 94.2 -> 93.3, V3.2 h128 s_q 2 182.8 -> 181.6, V4 h128 (pair)
+// and prefill d576 h128 within noise (predicted: the FP8 h128 period -5 to -10%; the period is not
+// bound by this chain's latency, see PERFORMANCE.md).
 #ifndef JFM_WS_EARLY_VALID
 #define JFM_WS_EARLY_VALID 0
 #endif
@@ -475,7 +475,8 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
           q_issued = seq + 1;
         }
         if (!kWsMaskSkip ||
-            !ws_tile_unmasked(task.window_full(cur, n), kWsEarlyValid ? valid_word : ws_valid_word(valid)))
+            !ws_tile_unmasked(task.window_full(cur, n),
+                              kWsEarlyValid ? valid_word : ws_valid_word(valid)))
           mask_tile(sacc, [&](int h, int col) { return task.masked(cur, n, valid, h, col); });
         tile_trace(k, kTrScMask);
         float corr[2];
