@@ -423,15 +423,11 @@ using StageV32 = StageV32T<false>;
 // holds the eighth j of two tokens, rows t and t + 16 of the tile (Fp8Slot's Row8 map: t = 4 warp +
 // lane / 8, j = lane % 8). Its stores stay conflict-free: the 8 lanes of a store phase write 8
 // chunks of one row, lanes j >= 4 their odd bf16 chunk first (distinct under the XOR swizzle).
-// kRopeAsync (JFM_V32_ROW8_WIDE's role-split producer): each token's RoPE chunk j goes to the tile by
-// cp.async (emit's copy), as StageV32T<true>; kDequant: as StageV32T's.
-template <bool kRopeAsync = false, int kDequant = fp8_dequant_form(false)>
-struct StageV32R8T {
+struct StageV32R8 {
   static constexpr int kTokens = 2;
   uint4 nope[2][4];  // token i: chunks 8 k + j of its NoPE bytes (scale tile k)
   uint4 scales[2];   // token i's 4 float32 scales
-  uint4 rope[2];     // token i's RoPE chunk j (!kRopeAsync)
-  const uint8_t* rope_src[2];  // its address (kRopeAsync; inside the pool when !valid)
+  uint4 rope[2];     // token i's RoPE chunk j
   bool valid[2];
   int j_;
 
@@ -446,15 +442,12 @@ struct StageV32R8T {
       for (int k = 0; k < 4; ++k)
         nope[i][k] = valid[i] ? ld_nc_16<kHint>(tok + 16 * (8 * k + j_)) : make_uint4(0, 0, 0, 0);
       scales[i] = valid[i] ? ld_nc_16<kHint>(tok + 512) : make_uint4(0, 0, 0, 0);
-      if constexpr (kRopeAsync)
-        rope_src[i] = tok + 528 + 16 * j_;
-      else
-        rope[i] = valid[i] ? ld_nc_16<kHint>(tok + 528 + 16 * j_) : make_uint4(0, 0, 0, 0);
+      rope[i] = valid[i] ? ld_nc_16<kHint>(tok + 528 + 16 * j_) : make_uint4(0, 0, 0, 0);
     }
   }
   // Rows t and t + 16 of the swizzled [64 x 576] bf16 tile, as StageV32::emit.
   template <class Put16, class Put8, class Copy>
-  __device__ __forceinline__ void emit(int t, Put16 put16, Put8, Copy copy) const {
+  __device__ __forceinline__ void emit(int t, Put16 put16, Put8, Copy) const {
     using S = TileSmem<576>;
     const int odd_first = j_ >> 2;
 #pragma unroll
@@ -462,7 +455,7 @@ struct StageV32R8T {
       const int row = t + 16 * i;
       const float sc[4] = {__uint_as_float(scales[i].x), __uint_as_float(scales[i].y),
                            __uint_as_float(scales[i].z), __uint_as_float(scales[i].w)};
-      with_fp8_dequant<kDequant>(sc, [&](auto conv) {
+      with_fp8_dequant<fp8_dequant_form(false)>(sc, [&](auto conv) {
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           const int c = 8 * k + j_;  // NoPE chunk: fp8 values [16 c, 16 c + 16), scale tile k
@@ -472,10 +465,7 @@ struct StageV32R8T {
           put16(S::chunk_off(row, 2 * c + 1 - odd_first), odd_first ? lo : hi);
         }
       });
-      if constexpr (kRopeAsync)
-        copy(S::chunk_off(row, 64 + j_), rope_src[i], valid[i] ? 16 : 0, CpBytes<16>{});
-      else
-        put16(S::chunk_off(row, 64 + j_), rope[i]);
+      put16(S::chunk_off(row, 64 + j_), rope[i]);
     }
   }
   // The validity bytes of this thread's two rows (one lane per token writes them).
@@ -486,7 +476,6 @@ struct StageV32R8T {
     }
   }
 };
-using StageV32R8 = StageV32R8T<false>;
 
 // V4: per-block layout; token tt of block blk: 448 e4m3 (7 tiles of 64) + 64 bf16 RoPE at
 // blk * bs * 584 + 576 tt, 7 e8m0 scales at blk * bs * 584 + 576 bs + 8 tt. Only 8-byte alignment

@@ -43,16 +43,6 @@ constexpr bool kPipelinedFp8Fetch = JFM_PIPELINED_FP8_FETCH != 0;
 #ifndef JFM_V32_ROW8
 #define JFM_V32_ROW8 0
 #endif
-// JFM_V32_ROW8_WIDE (candidate, off): the same eight-lane map for the role split's pipelined sole
-// producer (kRolesWide: V3.2 above 32 heads), with each token's RoPE chunk by cp.async
-// (StageV32R8T<true>) and the role split's dequantization form. Why: the tile-phase probe
-// (PERFORMANCE.md, 2026-12-03) put the V3.2 h_q 128 tile on the SM's shared-memory / LSU pipe
-// that the producer's gather shares with the math (-19% period without the producer's loads and
-// stores); a 128-byte run per token and load touches ~1.4x fewer L1 lines per token than four
-// 64-byte runs of eight tokens.
-#ifndef JFM_V32_ROW8_WIDE
-#define JFM_V32_ROW8_WIDE 0
-#endif
 // JFM_FP8_L2_PREFETCH (on, form 1): kTransposed16's V3.2 producers ask L2 for the rows of their
 // next own tile one tile before the register loads read them (common.cuh,
 // StageV32/StageV4::prefetch; 1: a bulk prefetch per token, 2: point prefetches of its lines;
@@ -208,10 +198,7 @@ struct SparseWsTask {
     // FP8: a quarter (j) of token t in round 0 and of token t + 32 in round 1 (Fp8Slot's map over
     // four warps). bf16: rows lr + 16 h (h < 4) by load_tile_rows with 128 threads.
     // kRow8 (JFM_V32_ROW8): StageV32R8, two tokens per round: t + 16 i + 32 round, i < 2.
-    // With JFM_V32_ROW8_WIDE also the pipelined sole producer (kRolesWide).
-    constexpr bool kRow8 = kFmt == KvFormat::kFp8V32 && !kPair &&
-                           ((JFM_V32_ROW8 != 0 && kRoomy) ||
-                            (JFM_V32_ROW8_WIDE != 0 && kSole && kWide && kPipelinedFp8Fetch));
+    constexpr bool kRow8 = JFM_V32_ROW8 != 0 && kFmt == KvFormat::kFp8V32 && !kPair && kRoomy;
     // kL2Prefetch (JFM_FP8_L2_PREFETCH): the next own tile's rows asked of L2 (prefetch_rows).
     // kTransposed16's V3.2 producers (with JFM_FP8_L2_PREFETCH_V4 its V4 ones, with
     // JFM_FP8_L2_PREFETCH_WIDE the pipelined sole producer) only: not kTransposed32 (its
@@ -222,12 +209,10 @@ struct SparseWsTask {
          (JFM_FP8_L2_PREFETCH_WIDE != 0 && kSole && kWide && kPipelinedFp8Fetch));
     const Fp8Slot slot = kRow8 ? Fp8Slot(ptid, Fp8Slot::Row8{}) : Fp8Slot(ptid);
     const int lr = ptid >> 3, lq = ptid & 7;
+    static_assert(!(kRow8 && kRopeAsync), "JFM_V32_ROW8 with JFM_V32_ROPE_ASYNC: not written");
     constexpr int kDequant = fp8_dequant_form(kSole);  // (JFM_FP8_DEQUANT)
-    static_assert(!(kRow8 && kRoomy && kRopeAsync),
-                  "JFM_V32_ROW8 with JFM_V32_ROPE_ASYNC: not written for kTransposed16");
     using Stage = std::conditional_t<
-        kRow8,
-        std::conditional_t<kRoomy, StageV32R8, StageV32R8T<kRopeAsync, kDequant>>,
+        kRow8, StageV32R8,
         std::conditional_t<
             kRopeAsync && !kPair,
             std::conditional_t<kFmt == KvFormat::kFp8V4, StageV4T<true, kDequant>, StageV32T<true, kDequant>>,
