@@ -305,8 +305,8 @@ constexpr bool ws_early_q() {
 #endif
 constexpr bool kWsMaskSkip = JFM_WS_MASK_SKIP != 0;
 
-// JFM_WS_EARLY_VALID (measured win, off until its GPU tests and racecheck have run: =1 builds it,
-// then it becomes the default, with SASS equal to that tested build): the scores warpgroup loads
+// JFM_WS_EARLY_VALID (default since 2026-12-03, once the role-split GPU tests, memcheck and
+// racecheck passed on the H200 with it; =0 builds the previous form): the scores warpgroup loads
 // its lane's word of the validity bytes right after its full wait, before S's wgmmas, so the load's
 // latency runs under S. Why: the tile-phase probe (PERFORMANCE.md, 2026-12-03) timed the mask step
 // (this load and a vote) at ~800 cycles in the FP8 role split against ~300 in the dense kernel: the
@@ -316,7 +316,7 @@ constexpr bool kWsMaskSkip = JFM_WS_MASK_SKIP != 0;
 // and prefill d576 h128 within noise (predicted: the FP8 h128 period -5 to -10%; the period is not
 // bound by this chain's latency, see PERFORMANCE.md).
 #ifndef JFM_WS_EARLY_VALID
-#define JFM_WS_EARLY_VALID 0
+#define JFM_WS_EARLY_VALID 1
 #endif
 constexpr bool kWsEarlyValid = JFM_WS_EARLY_VALID != 0;
 
