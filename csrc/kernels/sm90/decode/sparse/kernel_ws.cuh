@@ -37,6 +37,17 @@ namespace sm90 {
 #define JFM_PIPELINED_FP8_FETCH 1
 #endif
 constexpr bool kPipelinedFp8Fetch = JFM_PIPELINED_FP8_FETCH != 0;
+// JFM_FP8_WIDE_OUT (candidate, off): the FP8 kernels' scores warpgroup stores its unsplit output
+// rows in 16-byte stores (store_out_row's kWide) too; the values warpgroup keeps the 4-byte ones
+// (with them as well, kRolesWide's values warpgroup, at 160 registers, spilled 52 bytes inside its
+// tile loop: local nvcc, 2026-12-03). Why: ncu of V3.2 h128 / h64 b64 s_q 2 (2026-12-03, second session)
+// puts 3-4% of the warp-stall samples on the 4-byte output stores (8 L1 tag requests per 128
+// bytes; 16 stores per row instead of 4), and the L1 data pipe these share with the gather runs
+// at ~80% of its peak. It spilled in the math warpgroups when tried on 2026-12-02 (sixth session).
+#ifndef JFM_FP8_WIDE_OUT
+#define JFM_FP8_WIDE_OUT 0
+#endif
+constexpr bool kFp8WideOut = JFM_FP8_WIDE_OUT != 0;
 // JFM_V32_ROW8 (measured, off): the V3.2 producers of kTransposed16 read eight lanes per token
 // (common.cuh, StageV32R8) instead of four: 9.5% faster with the pool in L2, 2-3% slower on a
 // 1M-token pool, where the loads' latency, not the L1 pipe, bounds the producers.
@@ -171,11 +182,12 @@ struct SparseWsTask {
   __device__ __forceinline__ float empty_lse(const Seq& q) const {
     return q.nsplit == 1 ? INFINITY : -INFINITY;
   }
+  template <bool kScoresRole>
   __device__ __forceinline__ void store_rows(const Seq& q, const RowState& st, const float (&inv)[2],
                                              const float (&lse)[2], const float (&m)[2],
                                              const Lane& ln) const {
-    store_token_rows<!kFp8 && kWideOutStores>(p, st, inv, lse, m, q.index, head0, q.slot,
-                                              q.nsplit, ln);
+    constexpr bool kWide = kWideOutStores && (!kFp8 || (kFp8WideOut && kScoresRole));
+    store_token_rows<kWide>(p, st, inv, lse, m, q.index, head0, q.slot, q.nsplit, ln);
   }
 
   // A producer warpgroup: fills the tile buffers of the tiles k % stride == which (see the file
