@@ -40,10 +40,10 @@ constexpr bool kPipelinedFp8Fetch = JFM_PIPELINED_FP8_FETCH != 0;
 // JFM_FP8_WIDE_OUT (candidate, off): the FP8 kernels' scores warpgroup stores its unsplit output
 // rows in 16-byte stores (store_out_row's kWide) too; the values warpgroup keeps the 4-byte ones
 // (with them as well, kRolesWide's values warpgroup, at 160 registers, spilled 52 bytes inside its
-// tile loop: local nvcc, 2026-12-03). Why: ncu of V3.2 h128 / h64 b64 s_q 2 (2026-12-03, second session)
-// puts 3-4% of the warp-stall samples on the 4-byte output stores (8 L1 tag requests per 128
-// bytes; 16 stores per row instead of 4), and the L1 data pipe these share with the gather runs
-// at ~80% of its peak. It spilled in the math warpgroups when tried on 2026-12-02 (sixth session).
+// tile loop, as on 2026-12-02; with the scores warpgroup's alone ptxas spills 4 bytes in the
+// producer's loop). Why: ncu of V3.2 h128 / h64 b64 s_q 2 (2026-12-03, second session) puts 3-4%
+// of the warp-stall samples on the 4-byte output stores (8 L1 tag requests per 128 bytes; 16
+// stores per row instead of 4), and the L1 data pipe these share with the gather runs at ~80%.
 #ifndef JFM_FP8_WIDE_OUT
 #define JFM_FP8_WIDE_OUT 0
 #endif
