@@ -71,11 +71,21 @@ def main(argv):
     def row(name, fn):
         print(f"{name:44s}" + "".join(f"{fn(m, t):16.1f}" for _, m, _, t in profiles))
 
-    cyc = lambda m: num(m.get("gpc__cycles_elapsed.max"))  # noqa: E731
-    sms = lambda m: num(m.get("device__attribute_multiprocessor_count", 132))  # noqa: E731
-    pct = lambda m: num(m.get("l1tex__data_pipe_lsu_wavefronts.sum.pct_of_peak_sustained_elapsed"))  # noqa: E731
-    total = lambda m: pct(m) / 100 * cyc(m) * sms(m)  # noqa: E731  (peak: 1 wavefront / SM / cycle)
-    shared = lambda m: num(m.get("l1tex__data_pipe_lsu_wavefronts_mem_shared.sum"))  # noqa: E731
+    def cyc(m):
+        return num(m.get("gpc__cycles_elapsed.max"))
+
+    def total(m):  # the data pipe's peak: one wavefront per SM per cycle
+        return pct(m) / 100 * cyc(m) * sms(m)
+
+    def shared(m):
+        return num(m.get("l1tex__data_pipe_lsu_wavefronts_mem_shared.sum"))
+
+    def pct(m):
+        return num(m.get("l1tex__data_pipe_lsu_wavefronts.sum.pct_of_peak_sustained_elapsed"))
+
+    def sms(m):
+        return num(m.get("device__attribute_multiprocessor_count", 132))
+
     row("elapsed cycles", lambda m, t: cyc(m))
     row("SM cycles per tile (cycles x SMs / tiles)", lambda m, t: cyc(m) * sms(m) / t)
     row("data pipe, % of peak", lambda m, t: pct(m))
@@ -92,7 +102,8 @@ def main(argv):
     for _, _, agg, t in profiles:
         for k, v in agg.items():
             ops[k] += (v[1] + v[2] + v[0] * 1e-3) / t
-    print("\nper tile: warp instructions / shared wavefronts / L1 tag requests (global) / L2 sectors")
+    print("\nper tile: warp instructions / shared wavefronts / L1 tag requests (global) / "
+          "L2 sectors")
     for k, _ in ops.most_common():
         cells = []
         for _, _, agg, t in profiles:
