@@ -137,26 +137,22 @@ __device__ __forceinline__ void cp_async_mbarrier_arrive_noinc(uint32_t bar) {
 #ifndef JFM_MBAR_SUSPEND_NS
 #define JFM_MBAR_SUSPEND_NS 0
 #endif
+#if JFM_MBAR_SUSPEND_NS > 0
+#define JFM_MBAR_HINT ", %3"  // the asm's "n" operand below
+#else
+#define JFM_MBAR_HINT ""
+#endif
 // Whole warps only: the warp leaves converged (its threads may see the phase complete on
 // different polls; what follows is often a .aligned wgmma or barrier).
 __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
   uint32_t done;
   do {
-    if constexpr (JFM_MBAR_SUSPEND_NS > 0) {
-      asm volatile(
-          "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2, %3;\n"
-          "selp.u32 %0, 1, 0, p;\n}\n"
-          : "=r"(done)
-          : "r"(bar), "r"(parity), "n"(JFM_MBAR_SUSPEND_NS)
-          : "memory");
-    } else {
-      asm volatile(
-          "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-          "selp.u32 %0, 1, 0, p;\n}\n"
-          : "=r"(done)
-          : "r"(bar), "r"(parity)
-          : "memory");
-    }
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2" JFM_MBAR_HINT ";\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity), "n"(JFM_MBAR_SUSPEND_NS)
+        : "memory");
   } while (!done);
   __syncwarp();
 }
