@@ -53,9 +53,9 @@
 //   masked(const Seq&, int n, const uint8_t* valid, int h, int col) (row h of this thread);
 //   window_full(const Seq&, int n) (both rows of this thread attend every valid token of tile n:
 //   masked is then !valid[col] alone);
-//   store_rows<kScoresRole>(const Seq&, const RowState&, inv, lse, m, const Lane&) (after the
-//   last tile; kScoresRole: called by the role split's scores warpgroup, the one with registers
-//   to spare);
+//   store_rows<kScoresRole, kPair>(const Seq&, const RowState&, inv, lse, m, const Lane&) (after
+//   the last tile; kScoresRole: called by the role split's scores warpgroup, the one with registers
+//   to spare; kPair: by a CTA pair's);
 //   empty_lse(const Seq&); produce<kWide, kPair, kSole, kRoomy>(const WsShared&, int which,
 //   int stride) (the producers; kWide: a budget of at least 144 registers; kSole: the CTA's only
 //   one; kRoomy: kTransposed16's, the most registers);
@@ -561,7 +561,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       m[0] = mt[0];
       m[1] = mt[1];
     }
-    task.template store_rows<kRole == WsRole::kScores>(cur, st, inv, lse, m, ln);
+    task.template store_rows<kRole == WsRole::kScores, kPair>(cur, st, inv, lse, m, ln);
   }
 }
 

@@ -113,7 +113,7 @@ struct DenseWsTask {
   __device__ __forceinline__ float empty_lse(const Seq& q) const {
     return q.nsplit == 1 ? INFINITY : -INFINITY;
   }
-  template <bool kScoresRole>
+  template <bool kScoresRole, bool kPair>
   __device__ __forceinline__ void store_rows(const Seq& q, const RowState& st, const float (&inv)[2],
                                              const float (&lse)[2], const float (&)[2],
                                              const Lane& ln) const {

@@ -37,17 +37,21 @@ namespace sm90 {
 #define JFM_PIPELINED_FP8_FETCH 1
 #endif
 constexpr bool kPipelinedFp8Fetch = JFM_PIPELINED_FP8_FETCH != 0;
-// JFM_FP8_WIDE_OUT (candidate, off): the FP8 kernels' scores warpgroup stores its unsplit output
-// rows in 16-byte stores (store_out_row's kWide) too; the values warpgroup keeps the 4-byte ones
-// (with them as well, kRolesWide's values warpgroup, at 160 registers, spilled 52 bytes inside its
-// tile loop, as on 2026-12-02; with the scores warpgroup's alone ptxas spills 4 bytes in the
-// producer's loop). Why: ncu of V3.2 h128 / h64 b64 s_q 2 (2026-12-03, second session) puts 3-4%
-// of the warp-stall samples on the 4-byte output stores (8 L1 tag requests per 128 bytes; 16
-// stores per row instead of 4), and the L1 data pipe these share with the gather runs at ~80%.
+// JFM_FP8_WIDE_OUT (1 = the CTA pairs only, the default; 0 = none; 2 = every FP8 role split): the
+// FP8 kernels' scores warpgroup stores its unsplit output rows in 16-byte stores (store_out_row's
+// kWide) too; the values warpgroup keeps the 4-byte ones (with them as well, kRolesWide's values
+// warpgroup, at 160 registers, spilled 52 bytes inside its tile loop, as on 2026-12-02). Why: ncu
+// of V3.2 h128 / h64 b64 s_q 2 (2026-12-03, second session) puts 3-4% of the warp-stall samples on
+// the 4-byte output stores (8 L1 tag requests per 128 bytes; 16 stores per row instead of 4).
+// Measured on the H200 (docs/PERFORMANCE.md, 2026-12-03, third session): V4 h128 b64 (kRolesPair)
+// -4.2%; V3.2 h128 / h64 (kRolesWide) -0.4 / -0.5%, within the noise, where ptxas then spills
+// 4 bytes (V3.2) and 16 bytes (V4) in the producer's loop: kRolesWide keeps the 4-byte stores.
 #ifndef JFM_FP8_WIDE_OUT
-#define JFM_FP8_WIDE_OUT 0
+#define JFM_FP8_WIDE_OUT 1
 #endif
-constexpr bool kFp8WideOut = JFM_FP8_WIDE_OUT != 0;
+constexpr bool fp8_wide_out(bool pair) {
+  return JFM_FP8_WIDE_OUT >= 2 || (JFM_FP8_WIDE_OUT == 1 && pair);
+}
 // JFM_V32_ROW8 (measured, off): the V3.2 producers of kTransposed16 read eight lanes per token
 // (common.cuh, StageV32R8) instead of four: 9.5% faster with the pool in L2, 2-3% slower on a
 // 1M-token pool, where the loads' latency, not the L1 pipe, bounds the producers.
@@ -182,11 +186,11 @@ struct SparseWsTask {
   __device__ __forceinline__ float empty_lse(const Seq& q) const {
     return q.nsplit == 1 ? INFINITY : -INFINITY;
   }
-  template <bool kScoresRole>
+  template <bool kScoresRole, bool kPair>
   __device__ __forceinline__ void store_rows(const Seq& q, const RowState& st, const float (&inv)[2],
                                              const float (&lse)[2], const float (&m)[2],
                                              const Lane& ln) const {
-    constexpr bool kWide = kWideOutStores && (!kFp8 || (kFp8WideOut && kScoresRole));
+    constexpr bool kWide = kWideOutStores && (!kFp8 || (kScoresRole && fp8_wide_out(kPair)));
     store_token_rows<kWide>(p, st, inv, lse, m, q.index, head0, q.slot, q.nsplit, ln);
   }
 
