@@ -37,9 +37,10 @@ namespace sm90 {
 #define JFM_PIPELINED_FP8_FETCH 1
 #endif
 constexpr bool kPipelinedFp8Fetch = JFM_PIPELINED_FP8_FETCH != 0;
-// JFM_FP8_WIDE_OUT (1 = the CTA pairs only, the default; 0 = none; 2 = every FP8 role split): the
-// FP8 kernels' scores warpgroup stores its unsplit output rows in 16-byte stores (store_out_row's
-// kWide) too; the values warpgroup keeps the 4-byte ones (with them as well, kRolesWide's values
+// JFM_FP8_WIDE_OUT (1 = the CTA pairs only, the default; 0 = none; 2 = every FP8 role split;
+// 3 = the CTA pairs, both warpgroups: candidate, no spill): the FP8 kernels' scores warpgroup
+// stores its unsplit output rows in 16-byte stores (store_out_row's kWide) too; the values
+// warpgroup keeps the 4-byte ones (with them as well, kRolesWide's values
 // warpgroup, at 160 registers, spilled 52 bytes inside its tile loop, as on 2026-12-02). Why: ncu
 // of V3.2 h128 / h64 b64 s_q 2 (2026-12-03, second session) puts 3-4% of the warp-stall samples on
 // the 4-byte output stores (8 L1 tag requests per 128 bytes; 16 stores per row instead of 4).
@@ -49,8 +50,13 @@ constexpr bool kPipelinedFp8Fetch = JFM_PIPELINED_FP8_FETCH != 0;
 #ifndef JFM_FP8_WIDE_OUT
 #define JFM_FP8_WIDE_OUT 1
 #endif
-constexpr bool fp8_wide_out(bool pair) {
-  return JFM_FP8_WIDE_OUT >= 2 || (JFM_FP8_WIDE_OUT == 1 && pair);
+constexpr bool fp8_wide_out(bool pair, bool scores_role) {
+  switch (JFM_FP8_WIDE_OUT) {
+    case 1: return pair && scores_role;
+    case 2: return scores_role;
+    case 3: return pair;
+    default: return false;
+  }
 }
 // JFM_V32_ROW8 (measured, off): the V3.2 producers of kTransposed16 read eight lanes per token
 // (common.cuh, StageV32R8) instead of four: 9.5% faster with the pool in L2, 2-3% slower on a
@@ -190,7 +196,7 @@ struct SparseWsTask {
   __device__ __forceinline__ void store_rows(const Seq& q, const RowState& st, const float (&inv)[2],
                                              const float (&lse)[2], const float (&m)[2],
                                              const Lane& ln) const {
-    constexpr bool kWide = kWideOutStores && (!kFp8 || (kScoresRole && fp8_wide_out(kPair)));
+    constexpr bool kWide = kWideOutStores && (!kFp8 || fp8_wide_out(kPair, kScoresRole));
     store_token_rows<kWide>(p, st, inv, lse, m, q.index, head0, q.slot, q.nsplit, ln);
   }
 
