@@ -90,6 +90,25 @@ constexpr bool fp8_wide_out(bool pair, bool scores_role) {
 #define JFM_FP8_L2_PREFETCH_WIDE 0
 #endif
 constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
+// JFM_FP8_SPLIT_PRODUCER (candidate, off): the FP8 role split's producer warpgroup (kRolesWide)
+// works as two producers of two warps: warps 0-1 fill the CTA's even tiles (buffer 0), warps 2-3
+// the odd ones (buffer 1), each a whole tile in four rounds of 16 tokens (two register stages, the
+// next two rounds fetched as each stage is stored), instead of all four warps filling every tile
+// with the next tile's rows fetched one tile ahead (kPipelinedFp8Fetch). Why (docs/PERFORMANCE.md,
+// 2026-12-03, third session, section 6): ptxas puts all of that loop's global loads on one
+// scoreboard, and the loop's back edge waits for it, so the pipelined producer waits out the full
+// latency of the rows it has just issued (25% of its samples in V3.2 h128, on identical inputs
+// with upstream); two producers wait for their rows while the other one dequantizes. Same
+// registers (two stages), the same per-warp work per two tiles; a tile's full barrier counts 64
+// threads' arrivals.
+#ifndef JFM_FP8_SPLIT_PRODUCER
+#define JFM_FP8_SPLIT_PRODUCER 0
+#endif
+// Whether kMath's FP8 producer is split (the produce<kWide, !kPair, kSole> instantiation of
+// kRolesWide): the kernel halves its full barriers' count for it.
+constexpr bool fp8_split_producer(bool fp8, WsMath m) {
+  return JFM_FP8_SPLIT_PRODUCER != 0 && fp8 && m == WsMath::kRolesWide;
+}
 // JFM_V32_ROPE_ASYNC (on; =0 builds the register path for A/B): V3.2's producers copy each
 // token's 128 RoPE bytes (already bf16) into the tile by cp.async (StageV32T<true>, counted on the
 // full barrier by cp.async.mbarrier.arrive.noinc, so the math warps fence after their full wait)
@@ -281,6 +300,63 @@ struct SparseWsTask {
     };
 
     uint32_t k = 0;  // the CTA's tiles before this sequence's
+    // JFM_FP8_SPLIT_PRODUCER (kRolesWide's sole wide producer; see fp8_split_producer).
+    constexpr bool kSplit = JFM_FP8_SPLIT_PRODUCER != 0 && kFp8 && kWide && kSole && !kPair && !kRow8;
+    if constexpr (kSplit) {
+      const uint32_t sub = static_cast<uint32_t>(ptid >> 6);  // warps 0-1: even tiles, 2-3: odd
+      const Fp8Slot half(ptid & 63);  // token half.t + 16 r of round r < 4, quarter half.j
+      stage.j_ = half.j;
+      stage2.j_ = half.j;
+      for (int s = begin_seq; s <= end_seq; ++s) {
+        const Seq q = seq(s);
+        auto mine = [&](int& n, uint32_t& kn) {  // from tile n (the kn-th), this half's first
+          while (n < q.t_hi && (kn & 1u) != sub) {
+            n = q.next(n + 1);
+            ++kn;
+          }
+        };
+        auto indices = [&](int n, int (&ix)[4]) {
+          if (n >= q.t_hi) return;
+#pragma unroll
+          for (int r = 0; r < 4; ++r) ix[r] = q.rows.index_at(n, half.t + 16 * r);
+        };
+        auto put = [&](const Stage& st, const WsFill<false>& fill, int r) {
+          store_stage(st, fill.tile, half.t + 16 * r);
+          if (half.j == 0) fill.valid[half.t + 16 * r] = st.valid;
+        };
+        int n = q.first;
+        mine(n, k);
+        int idx[4] = {-1, -1, -1, -1};
+        indices(n, idx);
+        while (n < q.t_hi) {
+          int n_next = q.next(n + 1);
+          uint32_t k_next = k + 1;
+          mine(n_next, k_next);
+          const WsFill<false> fill(sh, k);
+          const int pool_id = q.rows.pool_of(n);
+          fetch_round(stage, 0, q.rows, pool_id, idx);  // in flight while we wait
+          fetch_round(stage2, 1, q.rows, pool_id, idx);
+          int idx_next[4] = {-1, -1, -1, -1};
+          indices(n_next, idx_next);
+          fill.wait_empty();
+          tile_trace(fill.k, kTrProdEmpty);
+          put(stage, fill, 0);
+          fetch_round(stage, 2, q.rows, pool_id, idx);
+          put(stage2, fill, 1);
+          fetch_round(stage2, 3, q.rows, pool_id, idx);
+          put(stage, fill, 2);
+          put(stage2, fill, 3);
+          fence_proxy_async();  // the stores, before the math warps' wgmma reads them
+          mbarrier_arrive(fill.full);
+          arrive_rope(fill);
+          tile_trace(fill.k, kTrProdIssued);
+#pragma unroll
+          for (int r = 0; r < 4; ++r) idx[r] = idx_next[r];
+          n = n_next;
+          k = k_next;
+        }
+      }
+    } else {
     for (int s = begin_seq; s <= end_seq; ++s) {
       const Seq q = seq(s);
       // This thread's positions of tile n: FP8 t, t + 32; bf16 lr + 16 h.
@@ -468,6 +544,7 @@ struct SparseWsTask {
         }
       }
     }
+    }  // !kSplit
     if constexpr (!kFp8 || kRopeAsync) cp_async_wait_all();  // no copy outlives its thread
   }
 };
@@ -478,7 +555,9 @@ __global__ void __launch_bounds__(384, 1)
   using Task = SparseWsTask<kFmt, kDqk>;
   pdl_launch_dependents();  // (pdl.cuh) the combine may be placed on SMs this grid's tail frees
   extern __shared__ unsigned char smem_raw[];
-  const WsShared sh = ws_setup<kDqk, kMath>(smem_raw, Task::kFullCount);
+  // A split producer's tile is filled by 64 threads (JFM_FP8_SPLIT_PRODUCER).
+  const WsShared sh = ws_setup<kDqk, kMath>(
+      smem_raw, Task::kFullCount >> (fp8_split_producer(Task::kFp8, kMath) ? 1 : 0));
   const Task task(p);
   ws_run<kMath>(task, sh);
 }
