@@ -32,7 +32,10 @@ namespace sm90 {
 // (two rounds); within a sequence only. H200, kernel time (profiler): V3.2 h128 b64 108.4 -> 105.4
 // us, b128 210.0 -> 202.1, V4 h64 topk 640 b256 80.9 -> 79.3, b64 unchanged (predicted 5-12% and
 // 10-25%: the producer is no longer the only limit). GPU tests, memcheck, racecheck, synccheck
-// clean with it on (docs/PERFORMANCE.md, seventh session).
+// clean with it on (docs/PERFORMANCE.md, seventh session). But in its SASS every global load of
+// the loop sits on one scoreboard and the back edge waits for it (the index copy), so the rows
+// issued at the end of an iteration are waited out in full before the next one: the latency does
+// not run under the next tile (2026-12-03, third session, section 6; JFM_FP8_SPLIT_PRODUCER).
 #ifndef JFM_PIPELINED_FP8_FETCH
 #define JFM_PIPELINED_FP8_FETCH 1
 #endif
@@ -78,8 +81,8 @@ constexpr bool fp8_wide_out(bool pair, bool scores_role) {
 // its ends and of its scales: h16 b64 topk 640 21.9 -> 22.6 us, s_q 2 37.4 -> 40.1.
 // Measured and left off (JFM_FP8_L2_PREFETCH_WIDE=1): the pipelined sole producer (kRolesWide):
 // V3.2 h128 s_q 2 213.3 -> 231.2 us (bulk) / 213.7 (lines), V4 h64 topk 640 29.3 -> 33.1 /
-// 31.0: there the pipelined fetch already holds two tiles in flight, and the extra requests
-// compete with them.
+// 31.0 (read then as "two tiles already in flight"; the SASS later showed one scoreboard, see
+// kPipelinedFp8Fetch: the prefetches only added requests).
 #ifndef JFM_FP8_L2_PREFETCH
 #define JFM_FP8_L2_PREFETCH 1
 #endif

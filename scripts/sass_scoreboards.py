@@ -1,0 +1,128 @@
+"""Which loads a loop's waits wait for: the variable-latency scoreboards of one kernel's SASS.
+
+Every SASS instruction of sm_70 and later carries control bits (Jia et al., "Dissecting the NVIDIA
+Volta GPU Architecture via Microbenchmarking", 2018, section 2.3): from bit 105 of the 128-bit
+word, 4 bits of stall cycles, a yield bit, a 3-bit write scoreboard (7 = none), a 3-bit read
+scoreboard, a 6-bit wait mask and 4 reuse bits. A variable-latency instruction (LDG, LDS, ...)
+names the scoreboard its result is counted on; a later instruction whose wait mask has that bit
+waits until EVERY instruction counted on it has completed. So when ptxas puts the next tile's
+row loads on the scoreboard of the rows being consumed now, the first use waits for both, and a
+fetch "one tile ahead" hides nothing (docs/PERFORMANCE.md, 2026-12-03, third session, section 6).
+
+  python scripts/sass_scoreboards.py x.cubin --function WsMathE4 [--loop-after ARRIVES.LDGSTSBAR]
+  python scripts/sass_scoreboards.py dump.sass ...     (text of `cuobjdump -sass`)
+
+Prints, for the loop (the first backward branch after the last instruction matching
+--loop-after; or --range LO-HI, hex addresses): every global load with its write scoreboard,
+every instruction waiting on a scoreboard such a load writes, and per scoreboard the loads and
+the waits (a scoreboard may also count other variable-latency instructions: shared loads, barrier
+try-waits; the listing names only the global loads). Needs cuobjdump for a cubin (PATH, or pip's nvidia-cuda-cuobjdump: --bin).
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+
+LINE = re.compile(r"\s*/\*([0-9a-f]+)\*/\s+(.*?)\s*;\s*/\* (0x[0-9a-f]+) \*/")
+WORD = re.compile(r"^\s*/\* (0x[0-9a-f]+) \*/")
+GLOBAL_LOAD = re.compile(r"\b(LDG|LDGSTS)\b")
+
+
+def decode(hi_word):
+    """Control bits of an instruction from the upper 64 bits of its encoding."""
+    c = hi_word >> 41
+    return dict(stall=c & 15, yld=(c >> 4) & 1, wbar=(c >> 5) & 7, rbar=(c >> 8) & 7,
+                wait=(c >> 11) & 63)
+
+
+def parse(text):
+    """[(function, [dict(addr, text, stall, wbar, rbar, wait)])] from `cuobjdump -sass` text."""
+    funcs, cur, lines = [], None, text.splitlines()
+    for i, line in enumerate(lines):
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            cur = []
+            funcs.append((m.group(1), cur))
+            continue
+        m = LINE.match(line)
+        if m and cur is not None and i + 1 < len(lines):
+            w = WORD.match(lines[i + 1])
+            if w:
+                ins = decode(int(w.group(1), 16))
+                ins.update(addr=int(m.group(1), 16), text=m.group(2).strip())
+                cur.append(ins)
+    return funcs
+
+
+def loop_range(ins, after):
+    """The first backward branch after the last instruction matching `after`: (target, branch)."""
+    marks = [x["addr"] for x in ins if re.search(after, x["text"])]
+    if not marks:
+        raise SystemExit(f"no instruction matches {after!r}")
+    for x in ins:
+        m = re.search(r"\bBRA (0x[0-9a-f]+)", x["text"])
+        if x["addr"] > marks[-1] and m and int(m.group(1), 16) < x["addr"]:
+            return int(m.group(1), 16), x["addr"]
+    raise SystemExit(f"no backward branch after {after!r}")
+
+
+def sb_name(b):
+    return "-" if b == 7 else f"SB{b}"
+
+
+def report(ins, lo, hi, out=None):
+    out = out or sys.stdout
+    body = [x for x in ins if lo <= x["addr"] <= hi]
+    loads = [x for x in body if GLOBAL_LOAD.search(x["text"]) and x["wbar"] != 7]
+    boards = sorted({x["wbar"] for x in loads})
+    print(f"loop {lo:#x}-{hi:#x}: {len(body)} instructions, {len(loads)} global loads on a "
+          f"scoreboard ({', '.join(sb_name(b) for b in boards) or 'none'})", file=out)
+    waits = {b: [] for b in boards}
+    for x in body:
+        hit = [b for b in boards if x["wait"] >> b & 1]
+        is_load = x in loads
+        if is_load or hit:
+            tag = f"writes {sb_name(x['wbar'])}" if is_load else "        "
+            on = ",".join(sb_name(b) for b in hit)
+            print(f"  {x['addr']:#7x}  {tag}  {'waits ' + on if on else '':<14} {x['text'][:72]}",
+                  file=out)
+        for b in hit:
+            waits[b].append(x["addr"])
+    for b in boards:
+        n = sum(1 for x in loads if x["wbar"] == b)
+        at = ", ".join(f"{a:#x}" for a in waits[b]) or "none inside the loop"
+        print(f"{sb_name(b)}: {n} global loads; waited on at {at}", file=out)
+    return loads, waits
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("input", help="a cubin / .o (cuobjdump runs on it) or a `cuobjdump -sass` text")
+    ap.add_argument("--function", default=None, help="substring of the kernel's mangled name")
+    ap.add_argument("--loop-after", default=r"ARRIVES\.LDGSTSBAR",
+                    help="regex: the loop is the first backward branch after its last match")
+    ap.add_argument("--range", default=None, help="LO-HI, hex addresses, instead of --loop-after")
+    ap.add_argument("--bin", default=None, help="folder holding cuobjdump")
+    a = ap.parse_args(argv)
+    if a.input.endswith((".cubin", ".o")):
+        exe = os.path.join(a.bin, "cuobjdump") if a.bin else "cuobjdump"
+        text = subprocess.run([exe, "-sass", a.input], check=True, capture_output=True,
+                              text=True).stdout
+    else:
+        with open(a.input) as f:
+            text = f.read()
+    funcs = [(n, i) for n, i in parse(text) if a.function is None or a.function in n]
+    if not funcs:
+        raise SystemExit(f"no function matching {a.function!r}")
+    for name, ins in funcs:
+        print(name)
+        if a.range:
+            lo, hi = (int(v, 16) for v in a.range.split("-"))
+        else:
+            lo, hi = loop_range(ins, a.loop_after)
+        report(ins, lo, hi)
+
+
+if __name__ == "__main__":
+    main()
