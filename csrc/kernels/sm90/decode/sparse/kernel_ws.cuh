@@ -270,6 +270,12 @@ struct SparseWsTask {
         else cp_async_mbarrier_arrive_noinc(fill.full);
       }
     };
+    // A filled tile handed to the math warps: its stores made visible to wgmma, then full.
+    auto publish = [&](const auto& fill) {
+      fence_proxy_async();  // the stores, before the math warps' wgmma reads them
+      mbarrier_arrive(fill.full);
+      arrive_rope(fill);
+    };
     Stage stage, stage2;  // stage2: round 1 when kWide
     stage.j_ = slot.j;
     stage2.j_ = slot.j;
@@ -297,9 +303,7 @@ struct SparseWsTask {
       if constexpr (!kWide) fetch_round(stage2, 1, rows, pool_id, ix);
       store_stage(stage2, fill.tile, slot.t + 32);
       mark_valid(stage2, fill.valid, 1);
-      fence_proxy_async();  // the stores, before the math warps' wgmma reads them
-      mbarrier_arrive(fill.full);
-      arrive_rope(fill);
+      publish(fill);
     };
 
     uint32_t k = 0;  // the CTA's tiles before this sequence's
@@ -349,9 +353,7 @@ struct SparseWsTask {
           fetch_round(stage2, 3, q.rows, pool_id, idx);
           put(stage, fill, 2);
           put(stage2, fill, 3);
-          fence_proxy_async();  // the stores, before the math warps' wgmma reads them
-          mbarrier_arrive(fill.full);
-          arrive_rope(fill);
+          publish(fill);
           tile_trace(fill.k, kTrProdIssued);
 #pragma unroll
           for (int r = 0; r < 4; ++r) idx[r] = idx_next[r];
@@ -450,9 +452,7 @@ struct SparseWsTask {
           if constexpr (kL2Prefetch && kPrefetchFirst) prefetch_rows(n_after, idx_after);
           if (more) fetch_round(stage2, 1, q.rows, pool_next, idx_next);
           if constexpr (kL2Prefetch && !kPrefetchFirst) prefetch_rows(n_after, idx_after);
-          fence_proxy_async();  // the stores, before the math warps' wgmma reads them
-          mbarrier_arrive(fill.full);
-          arrive_rope(fill);
+          publish(fill);
           tile_trace(fill.k, kTrProdIssued);
 #pragma unroll
           for (int h = 0; h < 4; ++h) idx_next[h] = idx_after[h];
