@@ -126,34 +126,16 @@ __device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
 __device__ __forceinline__ void cp_async_mbarrier_arrive_noinc(uint32_t bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
-// JFM_MBAR_SUSPEND_NS (measured, 0 = off): the try_wait's suspend-time hint, in ns. Without
-// one, a warp whose phase has not completed retries the try_wait every few dozen SM cycles: ncu
-// (H200, 2026-12-03, second session) counted 780 try_waits per 64 x 64 tile in the FP8 V3.2 h128
-// role split (352 in dense h128), and the L1 data pipe that the gather and every shared-memory
-// access share runs at ~80% of its peak there; its store wavefronts exceed what the kernel's store
-// instructions account for by about one per try_wait. With a hint ptxas emits the wait as
-// TRYWAIT, then NANOSLEEP.SYNCS (asleep until the barrier changes or the hint's time passes) and
-// a plain PHASECHK, the form upstream FlashMLA's kernels run (56 checks per tile). Measured on
-// the H200 (2026-12-03, third session; 10 ms hint): -0.1 to -0.8% on five kernels, within the
-// noise, with or without JFM_WS_WARP_ARRIVE: the polls do not take slots that bind. Off.
-#ifndef JFM_MBAR_SUSPEND_NS
-#define JFM_MBAR_SUSPEND_NS 0
-#endif
-#if JFM_MBAR_SUSPEND_NS > 0
-#define JFM_MBAR_HINT ", %3"  // the asm's "n" operand below
-#else
-#define JFM_MBAR_HINT ""
-#endif
 // Whole warps only: the warp leaves converged (its threads may see the phase complete on
 // different polls; what follows is often a .aligned wgmma or barrier).
 __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
   uint32_t done;
   do {
     asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2" JFM_MBAR_HINT ";\n"
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
         "selp.u32 %0, 1, 0, p;\n}\n"
         : "=r"(done)
-        : "r"(bar), "r"(parity), "n"(JFM_MBAR_SUSPEND_NS)
+        : "r"(bar), "r"(parity)
         : "memory");
   } while (!done);
   __syncwarp();

@@ -170,36 +170,9 @@ struct WsShared {
   uint32_t rank, bar_peer_full, peer_sk0, peer_bar_empty, peer_bar_peer_full;
 };
 
-// JFM_WS_WARP_ARRIVE (measured, off): the math warps release the empty barriers and the role
-// split's hand-offs (P ready / free, the rows' statistics) once per warp, by lane 0 after a
-// __syncwarp (which orders the lanes' earlier shared-memory accesses, and their proxy fences,
-// before lane 0's release), instead of once per thread: 32 times fewer barrier updates. Why:
-// upstream FlashMLA's kernels arrive per warp, and with a try-wait suspend hint
-// (JFM_MBAR_SUSPEND_NS) a sleeping waiter may wake on barrier updates, not only on the phase's
-// completion; the producer's arrivals on `full` stay per thread (its cp.async arrivals must).
-// Measured on the H200 with the hint (2026-12-03, third session): -0.1 to -0.9% on the FP8 and
-// dense kernels, +0.4% on prefill: noise. Off (never racechecked).
-#ifndef JFM_WS_WARP_ARRIVE
-#define JFM_WS_WARP_ARRIVE 0
-#endif
-constexpr bool kWsWarpArrive = JFM_WS_WARP_ARRIVE != 0;
-// The arrivals a barrier released by `threads` math threads (whole warps) expects.
-constexpr uint32_t ws_math_arrivals(uint32_t threads) {
-  return kWsWarpArrive ? threads / 32 : threads;
-}
-// A math thread's release of `bar` (every lane of the warp calls it).
-__device__ __forceinline__ void ws_math_arrive(uint32_t bar) {
-  if constexpr (kWsWarpArrive) {
-    __syncwarp();
-    if ((threadIdx.x & 31) == 0) mbarrier_arrive(bar);
-  } else {
-    mbarrier_arrive(bar);
-  }
-}
-
 // Lays out the dynamic shared memory, initializes the mbarriers (full: `full_count` arrivals,
-// empty: one per math thread (JFM_WS_WARP_ARRIVE: warp), plus one per math warp of the peer for
-// kRolesPair; the kRoles* hand-offs: 128 each, or 4) and synchronizes the CTA (kRolesPair: the
+// empty: one per math thread, plus one per math warp of the peer for kRolesPair; the kRoles*
+// hand-offs: 128 each) and synchronizes the CTA (kRolesPair: the
 // cluster, so the peer's barriers are initialized before anything reaches them): the last
 // CTA-wide barrier before the roles part.
 template <int kDqk, WsMath kMath>
@@ -237,11 +210,10 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
       mbarrier_init(sh.bar_full + 8 * b, full_count);
       // Every math thread; kRolesPair: also each of the peer's 8 math warps, which empty this
       // CTA's copy of their half.
-      mbarrier_init(sh.bar_empty + 8 * b,
-                    ws_math_arrivals(ws_transposed(kMath) ? 128 : 256) + (kPair ? 8 : 0));
+      mbarrier_init(sh.bar_empty + 8 * b, ws_transposed(kMath) ? 128 : kPair ? 256 + 8 : 256);
       if constexpr (kPair) mbarrier_init(sh.bar_peer_full + 8 * b, 1);  // + the peer's bytes
     }
-    for (int i = 0; i < 4; ++i) mbarrier_init(sh.bar_p_ready + 8 * i, ws_math_arrivals(128));
+    for (int i = 0; i < 4; ++i) mbarrier_init(sh.bar_p_ready + 8 * i, 128);
     if constexpr (kPair) fence_mbarrier_init();
   }
   if constexpr (kPair) cluster_sync();
@@ -429,7 +401,7 @@ __device__ __forceinline__ void ws_finish_rows(RowState& st, const WsShared& sh,
         sh.red[kBlockM + ln.row(h)] = st.m[h];
       }
     }
-    ws_math_arrive(sh.bar_stats_ready);
+    mbarrier_arrive(sh.bar_stats_ready);
   } else {
     mbarrier_wait(sh.bar_stats_ready, j & 1);
 #pragma unroll
@@ -437,7 +409,7 @@ __device__ __forceinline__ void ws_finish_rows(RowState& st, const WsShared& sh,
       st.l[h] = sh.red[ln.row(h)];
       m[h] = sh.red[kBlockM + ln.row(h)];
     }
-    ws_math_arrive(sh.bar_stats_free);
+    mbarrier_arrive(sh.bar_stats_free);
   }
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -523,7 +495,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
           }
           tile_trace(k, kTrScPst);
           fence_proxy_async();
-          ws_math_arrive(sh.bar_p_ready);
+          mbarrier_arrive(sh.bar_p_ready);
         };
         if constexpr (kWsScoresRegP == 2) {
           rescale_o(st.o, corr);
@@ -545,8 +517,8 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       }
       wgmma_wait<0>();
       tile_trace(k, kRole == WsRole::kScores ? kTrScPv : kTrValPv);
-      if (kRole == WsRole::kValues) ws_math_arrive(sh.bar_p_free);
-      ws_math_arrive(sh.bar_empty + 8 * buf);  // this thread is done with it
+      if (kRole == WsRole::kValues) mbarrier_arrive(sh.bar_p_free);
+      mbarrier_arrive(sh.bar_empty + 8 * buf);  // this thread is done with it
       if constexpr (kPair) {
         // The peer's producer also stores into this buffer (its half of the tokens).
         __syncwarp();
@@ -616,7 +588,7 @@ __device__ __forceinline__ void ws_math_t(const Task& task, const WsShared& sh) 
         rescale_o_t(st, corr);
       }
       tile_pv_t<T, kN>(st, desc_vt + buf_desc, desc_p);
-      ws_math_arrive(sh.bar_empty + 8 * buf);  // this thread is done with it
+      mbarrier_arrive(sh.bar_empty + 8 * buf);  // this thread is done with it
       n = n_next;
     }
     float inv[kCols], lse[kCols];
