@@ -251,7 +251,16 @@ struct SparseWsTask {
         kFp8L2Prefetch != 0 && kFp8 && !kPair && !kRow8 &&
         ((kRoomy && (kFmt == KvFormat::kFp8V32 || JFM_FP8_L2_PREFETCH_V4 != 0)) ||
          (JFM_FP8_L2_PREFETCH_WIDE != 0 && kSole && kWide && kPipelinedFp8Fetch));
-    const Fp8Slot slot = kRow8 ? Fp8Slot(ptid, Fp8Slot::Row8{}) : Fp8Slot(ptid);
+    // kSplit (JFM_FP8_SPLIT_PRODUCER; kRolesWide's sole wide producer, see fp8_split_producer):
+    // warps 0-1 fill the CTA's even tiles, warps 2-3 the odd ones, each a whole tile in four
+    // rounds of 16 tokens (token t + 16 r of round r); otherwise one producer's four warps fill
+    // each of its tiles in two rounds of 32 (t + 32 r).
+    constexpr bool kSplit =
+        JFM_FP8_SPLIT_PRODUCER != 0 && kFp8 && kWide && kSole && !kPair && !kRow8;
+    constexpr int kRoundTokens = kSplit ? 16 : 32;
+    const int own_which = kSplit ? ptid >> 6 : which, own_stride = kSplit ? 2 : stride;
+    const Fp8Slot slot =
+        kRow8 ? Fp8Slot(ptid, Fp8Slot::Row8{}) : Fp8Slot(kSplit ? ptid & 63 : ptid);
     const int lr = ptid >> 3, lq = ptid & 7;
     static_assert(!(kRow8 && kRopeAsync), "JFM_V32_ROW8 with JFM_V32_ROPE_ASYNC: not written");
     constexpr int kDequant = fp8_dequant_form(kSole);  // (JFM_FP8_DEQUANT)
@@ -292,7 +301,7 @@ struct SparseWsTask {
       if constexpr (kRow8) {
         st.mark_valid(valid, slot.t + 32 * r);
       } else {
-        if (slot.j == 0) valid[slot.t + 32 * r] = st.valid;
+        if (slot.j == 0) valid[slot.t + kRoundTokens * r] = st.valid;
       }
     };
     // The unpipelined FP8 fill of one tile, after its empty wait: round 0 from `stage`, round 1
@@ -307,248 +316,219 @@ struct SparseWsTask {
     };
 
     uint32_t k = 0;  // the CTA's tiles before this sequence's
-    // JFM_FP8_SPLIT_PRODUCER (kRolesWide's sole wide producer; see fp8_split_producer).
-    constexpr bool kSplit =
-        JFM_FP8_SPLIT_PRODUCER != 0 && kFp8 && kWide && kSole && !kPair && !kRow8;
-    if constexpr (kSplit) {
-      const uint32_t sub = static_cast<uint32_t>(ptid >> 6);  // warps 0-1: even tiles, 2-3: odd
-      const Fp8Slot half(ptid & 63);  // token half.t + 16 r of round r < 4, quarter half.j
-      stage.j_ = half.j;
-      stage2.j_ = half.j;
-      for (int s = begin_seq; s <= end_seq; ++s) {
-        const Seq q = seq(s);
-        auto mine = [&](int& n, uint32_t& kn) {  // from tile n (the kn-th), this half's first
-          while (n < q.t_hi && (kn & 1u) != sub) {
-            n = q.next(n + 1);
-            ++kn;
-          }
-        };
-        auto indices = [&](int n, int (&ix)[4]) {
-          if (n >= q.t_hi) return;
+    for (int s = begin_seq; s <= end_seq; ++s) {
+      const Seq q = seq(s);
+      // This thread's positions of tile n: FP8 t, t + 32 (kRow8, kSplit: t + 16 h); bf16 lr + 16 h.
+      auto load_indices = [&](int n, int (&idx)[4]) {
+        if (n >= q.t_hi) return;
+        if constexpr (kRow8 || kSplit) {
 #pragma unroll
-          for (int r = 0; r < 4; ++r) ix[r] = q.rows.index_at(n, half.t + 16 * r);
-        };
-        auto put = [&](const Stage& st, const WsFill<false>& fill, int r) {
-          store_stage(st, fill.tile, half.t + 16 * r);
-          if (half.j == 0) fill.valid[half.t + 16 * r] = st.valid;
-        };
-        int n = q.first;
-        mine(n, k);
-        int idx[4] = {-1, -1, -1, -1};
-        indices(n, idx);
+          for (int h = 0; h < 4; ++h) idx[h] = q.rows.index_at(n, slot.t + 16 * h);
+        } else if constexpr (kFp8) {
+          idx[0] = q.rows.index_at(n, slot.t);
+          idx[1] = q.rows.index_at(n, slot.t + 32);
+        } else {
+#pragma unroll
+          for (int h = 0; h < 4; ++h) idx[h] = q.rows.index_at(n, lr + 16 * h);
+        }
+      };
+      // kL2Prefetch: tile n's rows asked of L2 by the 4 lanes of each (bulk: token t's by lane
+      // j 0, token t + 32's by j 1).
+      auto prefetch_rows = [&](int n, const int (&ix)[4]) {
+        if constexpr (kL2Prefetch) {
+          if (n >= q.t_hi) return;
+          const int pool_id = q.rows.pool_of(n);
+#pragma unroll
+          for (int r = 0; r < 2; ++r)
+            Stage::template prefetch<kFp8L2Prefetch>(
+                p.pool[pool_id], q.rows.row_of(ix[r], pool_id), (slot.j + 3 * r) & 3);
+        }
+      };
+      // From tile n (the CTA's kn-th), the first tile that is this producer's (or t_hi).
+      auto own = [&](int& n, uint32_t& kn) {
+        while (n < q.t_hi && static_cast<int>(kn % own_stride) != own_which) {
+          n = q.next(n + 1);
+          ++kn;
+        }
+      };
+      // The own tile after tile n (the CTA's kn-th) and its count (n, kn itself from t_hi on).
+      // (The pipelined loop spells it out: calling this there moved the default kernel's SASS.)
+      auto own_after = [&](int n, uint32_t kn, int& n2, uint32_t& k2) {
+        n2 = n;
+        k2 = kn;
+        if (n < q.t_hi) {
+          n2 = q.next(n + 1);
+          k2 = kn + 1;
+          own(n2, k2);
+        }
+      };
+      int n = q.first;
+      own(n, k);
+      int idx[4] = {-1, -1, -1, -1};
+      load_indices(n, idx);
+      if constexpr (kSplit) {
+        // Rounds 0-1 in flight while the buffer is awaited, rounds 2-3 fetched as 0-1 are stored.
         while (n < q.t_hi) {
           int n_next = q.next(n + 1);
           uint32_t k_next = k + 1;
-          mine(n_next, k_next);
+          own(n_next, k_next);
           const WsFill<false> fill(sh, k);
           const int pool_id = q.rows.pool_of(n);
-          fetch_round(stage, 0, q.rows, pool_id, idx);  // in flight while we wait
+          fetch_round(stage, 0, q.rows, pool_id, idx);
           fetch_round(stage2, 1, q.rows, pool_id, idx);
           int idx_next[4] = {-1, -1, -1, -1};
-          indices(n_next, idx_next);
+          load_indices(n_next, idx_next);
           fill.wait_empty();
           tile_trace(fill.k, kTrProdEmpty);
-          put(stage, fill, 0);
-          fetch_round(stage, 2, q.rows, pool_id, idx);
-          put(stage2, fill, 1);
-          fetch_round(stage2, 3, q.rows, pool_id, idx);
-          put(stage, fill, 2);
-          put(stage2, fill, 3);
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            Stage& st = r % 2 ? stage2 : stage;
+            store_stage(st, fill.tile, slot.t + kRoundTokens * r);
+            mark_valid(st, fill.valid, r);
+            if (r < 2) fetch_round(st, r + 2, q.rows, pool_id, idx);
+          }
           publish(fill);
           tile_trace(fill.k, kTrProdIssued);
 #pragma unroll
-          for (int r = 0; r < 4; ++r) idx[r] = idx_next[r];
+          for (int h = 0; h < 4; ++h) idx[h] = idx_next[h];
           n = n_next;
           k = k_next;
         }
-      }
-    } else {
-      for (int s = begin_seq; s <= end_seq; ++s) {
-        const Seq q = seq(s);
-        // This thread's positions of tile n: FP8 t, t + 32; bf16 lr + 16 h.
-        auto load_indices = [&](int n, int (&idx)[4]) {
-          if (n >= q.t_hi) return;
-          if constexpr (kRow8) {
+      } else if constexpr (kPipelinedFp8Fetch && kFp8 && kWide && !kPair && kSole) {
+        // Tile n's rows in flight, tile n_next's indices loading, before the loop.
+        int n_next = n;
+        uint32_t k_next = k;
+        if (n < q.t_hi) {
+          n_next = q.next(n + 1);
+          k_next = k + 1;
+          own(n_next, k_next);
+          const int pool_id = q.rows.pool_of(n);
+          fetch_round(stage, 0, q.rows, pool_id, idx);
+          fetch_round(stage2, 1, q.rows, pool_id, idx);
+        }
+        int idx_next[4] = {-1, -1, -1, -1};
+        load_indices(n_next, idx_next);
+        while (n < q.t_hi) {
+          int n_after = n_next;  // the own tile after n_next
+          uint32_t k_after = k_next;
+          if (n_next < q.t_hi) {
+            n_after = q.next(n_next + 1);
+            k_after = k_next + 1;
+            own(n_after, k_after);
+          }
+          int idx_after[4] = {-1, -1, -1, -1};
+          load_indices(n_after, idx_after);
+          const WsFill<false> fill(sh, k);
+          const bool more = n_next < q.t_hi;
+          const int pool_next = more ? q.rows.pool_of(n_next) : 0;
+          fill.wait_empty();
+          tile_trace(fill.k, kTrProdEmpty);
+          store_stage(stage, fill.tile, slot.t);
+          mark_valid(stage, fill.valid, 0);
+          if (more) fetch_round(stage, 0, q.rows, pool_next, idx_next);
+          store_stage(stage2, fill.tile, slot.t + 32);
+          mark_valid(stage2, fill.valid, 1);
+          // Tile n_after's rows (fetched next iteration): V4's before stage2's fetch (its point
+          // prefetch spilled 48 bytes after it), V3.2's after (4-8 bytes before it).
+          constexpr bool kPrefetchFirst = kFmt == KvFormat::kFp8V4;
+          if constexpr (kL2Prefetch && kPrefetchFirst) prefetch_rows(n_after, idx_after);
+          if (more) fetch_round(stage2, 1, q.rows, pool_next, idx_next);
+          if constexpr (kL2Prefetch && !kPrefetchFirst) prefetch_rows(n_after, idx_after);
+          publish(fill);
+          tile_trace(fill.k, kTrProdIssued);
 #pragma unroll
-            for (int h = 0; h < 4; ++h) idx[h] = q.rows.index_at(n, slot.t + 16 * h);
-          } else if constexpr (kFp8) {
-            idx[0] = q.rows.index_at(n, slot.t);
-            idx[1] = q.rows.index_at(n, slot.t + 32);
-          } else {
+          for (int h = 0; h < 4; ++h) idx_next[h] = idx_after[h];
+          n = n_next;
+          k = k_next;
+          n_next = n_after;
+          k_next = k_after;
+        }
+      } else if constexpr (kL2Prefetch) {
+        // The loop below (tile n's rows fetched while its buffer is awaited) with the indices one
+        // own tile further ahead: while tile n's rows load, tile n_next's are asked of L2.
+        int n_next;
+        uint32_t k_next;
+        own_after(n, k, n_next, k_next);
+        int idx_next[4] = {-1, -1, -1, -1};
+        load_indices(n_next, idx_next);
+        while (n < q.t_hi) {
+          int n_after;  // the own tile after n_next
+          uint32_t k_after;
+          own_after(n_next, k_next, n_after, k_after);
+          const WsFill<false> fill(sh, k);
+          const int pool_id = q.rows.pool_of(n);
+          fetch_round(stage, 0, q.rows, pool_id, idx);  // in flight while we wait
+          if constexpr (kWide) fetch_round(stage2, 1, q.rows, pool_id, idx);
+          prefetch_rows(n_next, idx_next);
+          int idx_after[4] = {-1, -1, -1, -1};
+          load_indices(n_after, idx_after);
+          fill.wait_empty();
+          store_rounds(fill, q.rows, pool_id, idx);
 #pragma unroll
-            for (int h = 0; h < 4; ++h) idx[h] = q.rows.index_at(n, lr + 16 * h);
+          for (int h = 0; h < 4; ++h) {
+            idx[h] = idx_next[h];
+            idx_next[h] = idx_after[h];
           }
-        };
-        // kL2Prefetch: tile n's rows asked of L2 by the 4 lanes of each (bulk: token t's by lane
-        // j 0, token t + 32's by j 1).
-        auto prefetch_rows = [&](int n, const int (&ix)[4]) {
-          if constexpr (kL2Prefetch) {
-            if (n >= q.t_hi) return;
-            const int pool_id = q.rows.pool_of(n);
-#pragma unroll
-            for (int r = 0; r < 2; ++r)
-              Stage::template prefetch<kFp8L2Prefetch>(
-                  p.pool[pool_id], q.rows.row_of(ix[r], pool_id), (slot.j + 3 * r) & 3);
-          }
-        };
-        // From tile n (the CTA's kn-th), the first tile that is this producer's (or t_hi).
-        auto own = [&](int& n, uint32_t& kn) {
-          while (n < q.t_hi && static_cast<int>(kn % stride) != which) {
-            n = q.next(n + 1);
-            ++kn;
-          }
-        };
-        // The own tile after tile n (the CTA's kn-th) and its count (n, kn itself from t_hi on).
-        // (The pipelined loop spells it out: calling this there moved the default kernel's SASS.)
-        auto own_after = [&](int n, uint32_t kn, int& n2, uint32_t& k2) {
-          n2 = n;
-          k2 = kn;
-          if (n < q.t_hi) {
-            n2 = q.next(n + 1);
-            k2 = kn + 1;
-            own(n2, k2);
-          }
-        };
-        int n = q.first;
-        own(n, k);
-        int idx[4] = {-1, -1, -1, -1};
-        load_indices(n, idx);
-        if constexpr (kPipelinedFp8Fetch && kFp8 && kWide && !kPair && kSole) {
-          // Tile n's rows in flight, tile n_next's indices loading, before the loop.
-          int n_next = n;
-          uint32_t k_next = k;
-          if (n < q.t_hi) {
-            n_next = q.next(n + 1);
-            k_next = k + 1;
-            own(n_next, k_next);
-            const int pool_id = q.rows.pool_of(n);
-            fetch_round(stage, 0, q.rows, pool_id, idx);
-            fetch_round(stage2, 1, q.rows, pool_id, idx);
-          }
+          n = n_next;
+          k = k_next;
+          n_next = n_after;
+          k_next = k_after;
+        }
+      } else {  // tile n's rows fetched after the previous tile's store
+        while (n < q.t_hi) {
+          int n_next = q.next(n + 1);
+          uint32_t k_next = k + 1;
+          own(n_next, k_next);
           int idx_next[4] = {-1, -1, -1, -1};
-          load_indices(n_next, idx_next);
-          while (n < q.t_hi) {
-            int n_after = n_next;  // the own tile after n_next
-            uint32_t k_after = k_next;
-            if (n_next < q.t_hi) {
-              n_after = q.next(n_next + 1);
-              k_after = k_next + 1;
-              own(n_after, k_after);
-            }
-            int idx_after[4] = {-1, -1, -1, -1};
-            load_indices(n_after, idx_after);
-            const WsFill<false> fill(sh, k);
-            const bool more = n_next < q.t_hi;
-            const int pool_next = more ? q.rows.pool_of(n_next) : 0;
+          const WsFill<kPair> fill(sh, k);
+          const int pool_id = q.rows.pool_of(n);
+          const SparsePool& pool = p.pool[pool_id];
+          if constexpr (kPair) {
+            const int mine = sh.rank ? idx[1] : idx[0];  // this CTA's round of the tile
+            // in flight while we wait
+            stage.template fetch<true>(pool, q.rows.row_of(mine, pool_id));
+            load_indices(n_next, idx_next);
             fill.wait_empty();
-            tile_trace(fill.k, kTrProdEmpty);
-            store_stage(stage, fill.tile, slot.t);
-            mark_valid(stage, fill.valid, 0);
-            if (more) fetch_round(stage, 0, q.rows, pool_next, idx_next);
-            store_stage(stage2, fill.tile, slot.t + 32);
-            mark_valid(stage2, fill.valid, 1);
-            // Tile n_after's rows (fetched next iteration): V4's before stage2's fetch (its point
-            // prefetch spilled 48 bytes after it), V3.2's after (4-8 bytes before it).
-            constexpr bool kPrefetchFirst = kFmt == KvFormat::kFp8V4;
-            if constexpr (kL2Prefetch && kPrefetchFirst) prefetch_rows(n_after, idx_after);
-            if (more) fetch_round(stage2, 1, q.rows, pool_next, idx_next);
-            if constexpr (kL2Prefetch && !kPrefetchFirst) prefetch_rows(n_after, idx_after);
-            publish(fill);
-            tile_trace(fill.k, kTrProdIssued);
-#pragma unroll
-            for (int h = 0; h < 4; ++h) idx_next[h] = idx_after[h];
-            n = n_next;
-            k = k_next;
-            n_next = n_after;
-            k_next = k_after;
-          }
-        } else if constexpr (kL2Prefetch) {
-          // The loop below (tile n's rows fetched while its buffer is awaited) with the indices one
-          // own tile further ahead: while tile n's rows load, tile n_next's are asked of L2.
-          int n_next;
-          uint32_t k_next;
-          own_after(n, k, n_next, k_next);
-          int idx_next[4] = {-1, -1, -1, -1};
-          load_indices(n_next, idx_next);
-          while (n < q.t_hi) {
-            int n_after;  // the own tile after n_next
-            uint32_t k_after;
-            own_after(n_next, k_next, n_after, k_after);
-            const WsFill<false> fill(sh, k);
-            const int pool_id = q.rows.pool_of(n);
+            // The peer's st.async bytes of this tile, counted on this CTA's peer_full barrier
+            // (its one arrival, from here, so the phase cannot end before the expectation is
+            // set).
+            if (ptid == 0) mbarrier_arrive_expect_tx(fill.peer_full, 128 * Stage::kThreadBytes);
+            store_stage_pair(stage, fill.tile, fill.peer_tile, fill.peer_peer_full,
+                             slot.t + 32 * sh.rank);
+            if (slot.j == 0) {
+              fill.valid[slot.t] = q.rows.row_of(idx[0], pool_id) >= 0;
+              fill.valid[slot.t + 32] = q.rows.row_of(idx[1], pool_id) >= 0;
+            }
+            fence_proxy_async();  // the local stores, before the math warps' wgmma reads them
+            mbarrier_arrive(fill.full);
+            arrive_rope(fill);
+          } else if constexpr (kFp8) {
             fetch_round(stage, 0, q.rows, pool_id, idx);  // in flight while we wait
             if constexpr (kWide) fetch_round(stage2, 1, q.rows, pool_id, idx);
-            prefetch_rows(n_next, idx_next);
-            int idx_after[4] = {-1, -1, -1, -1};
-            load_indices(n_after, idx_after);
+            load_indices(n_next, idx_next);
             fill.wait_empty();
             store_rounds(fill, q.rows, pool_id, idx);
+          } else {
+            load_indices(n_next, idx_next);
+            fill.wait_empty();
+            tile_trace(fill.k, kTrProdEmpty);
+            const bf16* rows = reinterpret_cast<const bf16*>(pool.data);
+            // Row lr + 16 h of the tile is this thread's position h (lr < 16).
+            load_tile_rows<bf16, kDqk, 128>(fill.tile, ptid, rows, [&](int t) -> const bf16* {
+              const int64_t r = q.rows.row_of(idx[t >> 4], pool_id);
+              return r >= 0 ? rows + r * kDqk : nullptr;
+            });
 #pragma unroll
-            for (int h = 0; h < 4; ++h) {
-              idx[h] = idx_next[h];
-              idx_next[h] = idx_after[h];
-            }
-            n = n_next;
-            k = k_next;
-            n_next = n_after;
-            k_next = k_after;
+            for (int h = 0; h < 4; ++h)
+              if (lq == 0) fill.valid[lr + 16 * h] = q.rows.row_of(idx[h], pool_id) >= 0;
+            mbarrier_arrive(fill.full);                  // the validity bytes
+            cp_async_mbarrier_arrive_noinc(fill.full);   // the rows, when they land
+            tile_trace(fill.k, kTrProdIssued);
           }
-        } else {  // tile n's rows fetched after the previous tile's store
-          while (n < q.t_hi) {
-            int n_next = q.next(n + 1);
-            uint32_t k_next = k + 1;
-            own(n_next, k_next);
-            int idx_next[4] = {-1, -1, -1, -1};
-            const WsFill<kPair> fill(sh, k);
-            const int pool_id = q.rows.pool_of(n);
-            const SparsePool& pool = p.pool[pool_id];
-            if constexpr (kPair) {
-              const int mine = sh.rank ? idx[1] : idx[0];  // this CTA's round of the tile
-              // in flight while we wait
-              stage.template fetch<true>(pool, q.rows.row_of(mine, pool_id));
-              load_indices(n_next, idx_next);
-              fill.wait_empty();
-              // The peer's st.async bytes of this tile, counted on this CTA's peer_full barrier
-              // (its one arrival, from here, so the phase cannot end before the expectation is
-              // set).
-              if (ptid == 0) mbarrier_arrive_expect_tx(fill.peer_full, 128 * Stage::kThreadBytes);
-              store_stage_pair(stage, fill.tile, fill.peer_tile, fill.peer_peer_full,
-                               slot.t + 32 * sh.rank);
-              if (slot.j == 0) {
-                fill.valid[slot.t] = q.rows.row_of(idx[0], pool_id) >= 0;
-                fill.valid[slot.t + 32] = q.rows.row_of(idx[1], pool_id) >= 0;
-              }
-              fence_proxy_async();  // the local stores, before the math warps' wgmma reads them
-              mbarrier_arrive(fill.full);
-              arrive_rope(fill);
-            } else if constexpr (kFp8) {
-              fetch_round(stage, 0, q.rows, pool_id, idx);  // in flight while we wait
-              if constexpr (kWide) fetch_round(stage2, 1, q.rows, pool_id, idx);
-              load_indices(n_next, idx_next);
-              fill.wait_empty();
-              store_rounds(fill, q.rows, pool_id, idx);
-            } else {
-              load_indices(n_next, idx_next);
-              fill.wait_empty();
-              tile_trace(fill.k, kTrProdEmpty);
-              const bf16* rows = reinterpret_cast<const bf16*>(pool.data);
-              // Row lr + 16 h of the tile is this thread's position h (lr < 16).
-              load_tile_rows<bf16, kDqk, 128>(fill.tile, ptid, rows, [&](int t) -> const bf16* {
-                const int64_t r = q.rows.row_of(idx[t >> 4], pool_id);
-                return r >= 0 ? rows + r * kDqk : nullptr;
-              });
 #pragma unroll
-              for (int h = 0; h < 4; ++h)
-                if (lq == 0) fill.valid[lr + 16 * h] = q.rows.row_of(idx[h], pool_id) >= 0;
-              mbarrier_arrive(fill.full);                  // the validity bytes
-              cp_async_mbarrier_arrive_noinc(fill.full);   // the rows, when they land
-              tile_trace(fill.k, kTrProdIssued);
-            }
-#pragma unroll
-            for (int h = 0; h < 4; ++h) idx[h] = idx_next[h];
-            n = n_next;
-            k = k_next;
-          }
+          for (int h = 0; h < 4; ++h) idx[h] = idx_next[h];
+          n = n_next;
+          k = k_next;
         }
       }
     }
