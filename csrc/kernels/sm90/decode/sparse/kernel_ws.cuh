@@ -32,26 +32,29 @@ namespace sm90 {
 // (two rounds); within a sequence only. H200, kernel time (profiler): V3.2 h128 b64 108.4 -> 105.4
 // us, b128 210.0 -> 202.1, V4 h64 topk 640 b256 80.9 -> 79.3, b64 unchanged (predicted 5-12% and
 // 10-25%: the producer is no longer the only limit). GPU tests, memcheck, racecheck, synccheck
-// clean with it on (docs/PERFORMANCE.md, seventh session). But in its SASS every global load of
-// the loop sits on one scoreboard and the back edge waits for it (the index copy), so the rows
-// issued at the end of an iteration are waited out in full before the next one: the latency does
-// not run under the next tile (2026-12-03, third session, section 6; JFM_FP8_SPLIT_PRODUCER).
+// clean with it on (docs/PERFORMANCE.md, seventh session). Its SASS counts every global load of
+// the loop on one scoreboard and waits for it at the back edge, so the next tile's rows hide only
+// under the current tile's second-round stores (2026-12-03, third session, section 6).
+// Splitting the warpgroup into two producers of alternate tiles (JFM_FP8_SPLIT_PRODUCER,
+// 819a330) measured 7-13% slower (2026-12-03, fourth session): a buffer's refill still starts
+// only when the math warps free it, and each half-producer needs twice as long per tile.
 #ifndef JFM_PIPELINED_FP8_FETCH
 #define JFM_PIPELINED_FP8_FETCH 1
 #endif
 constexpr bool kPipelinedFp8Fetch = JFM_PIPELINED_FP8_FETCH != 0;
-// JFM_FP8_WIDE_OUT (1 = the CTA pairs only, the default; 0 = none; 2 = every FP8 role split;
-// 3 = the CTA pairs, both warpgroups: candidate, no spill): the FP8 kernels' scores warpgroup
-// stores its unsplit output rows in 16-byte stores (store_out_row's kWide) too; the values
-// warpgroup keeps the 4-byte ones (with them as well, kRolesWide's values
-// warpgroup, at 160 registers, spilled 52 bytes inside its tile loop, as on 2026-12-02). Why: ncu
-// of V3.2 h128 / h64 b64 s_q 2 (2026-12-03, second session) puts 3-4% of the warp-stall samples on
-// the 4-byte output stores (8 L1 tag requests per 128 bytes; 16 stores per row instead of 4).
-// Measured on the H200 (docs/PERFORMANCE.md, 2026-12-03, third session): V4 h128 b64 (kRolesPair)
-// -4.2%; V3.2 h128 / h64 (kRolesWide) -0.4 / -0.5%, within the noise, where ptxas then spills
-// 4 bytes (V3.2) and 16 bytes (V4) in the producer's loop: kRolesWide keeps the 4-byte stores.
+// JFM_FP8_WIDE_OUT (3 = the CTA pairs, both warpgroups, the default; 1 = the pairs' scores
+// warpgroup only; 2 = every FP8 role split's scores warpgroup; 0 = none): the FP8 kernels' output
+// rows in 16-byte stores (store_out_row's kWide), as the bf16 kernels'. Why: ncu of V3.2 h128 /
+// h64 b64 s_q 2 (2026-12-03, second session) puts 3-4% of the warp-stall samples on the 4-byte
+// output stores (8 L1 tag requests per 128 bytes; 16 stores per row instead of 4). Measured on the
+// H200 (docs/PERFORMANCE.md, 2026-12-03, third and fourth sessions): V4 h128 b64 (kRolesPair)
+// -4.2% with the scores warpgroup's rows (=1), a further -0.8 to -1.9% over four cases with the
+// values warpgroup's too (=3); V3.2 h128 / h64 (kRolesWide) -0.4 / -0.5% with =2, within the
+// noise, where ptxas then spills 4 bytes (V3.2) and 16 bytes (V4) in the producer's loop (and
+// kRolesWide's values warpgroup, at 160 registers, spilled 52 bytes in its tile loop on
+// 2026-12-02): kRolesWide keeps the 4-byte stores.
 #ifndef JFM_FP8_WIDE_OUT
-#define JFM_FP8_WIDE_OUT 1
+#define JFM_FP8_WIDE_OUT 3
 #endif
 constexpr bool fp8_wide_out(bool pair, bool scores_role) {
   switch (JFM_FP8_WIDE_OUT) {
@@ -93,25 +96,6 @@ constexpr bool fp8_wide_out(bool pair, bool scores_role) {
 #define JFM_FP8_L2_PREFETCH_WIDE 0
 #endif
 constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
-// JFM_FP8_SPLIT_PRODUCER (candidate, off): the FP8 role split's producer warpgroup (kRolesWide)
-// works as two producers of two warps: warps 0-1 fill the CTA's even tiles (buffer 0), warps 2-3
-// the odd ones (buffer 1), each a whole tile in four rounds of 16 tokens (two register stages, the
-// next two rounds fetched as each stage is stored), instead of all four warps filling every tile
-// with the next tile's rows fetched one tile ahead (kPipelinedFp8Fetch). Why (docs/PERFORMANCE.md,
-// 2026-12-03, third session, section 6): ptxas puts all of that loop's global loads on one
-// scoreboard, and the loop's back edge waits for it, so the pipelined producer waits out the full
-// latency of the rows it has just issued (25% of its samples in V3.2 h128, on identical inputs
-// with upstream); two producers wait for their rows while the other one dequantizes. Same
-// registers (two stages), the same per-warp work per two tiles; a tile's full barrier counts 64
-// threads' arrivals.
-#ifndef JFM_FP8_SPLIT_PRODUCER
-#define JFM_FP8_SPLIT_PRODUCER 0
-#endif
-// Whether kMath's FP8 producer is split (the produce<kWide, !kPair, kSole> instantiation of
-// kRolesWide): the kernel halves its full barriers' count for it.
-constexpr bool fp8_split_producer(bool fp8, WsMath m) {
-  return JFM_FP8_SPLIT_PRODUCER != 0 && fp8 && m == WsMath::kRolesWide;
-}
 // JFM_V32_ROPE_ASYNC (on; =0 builds the register path for A/B): V3.2's producers copy each
 // token's 128 RoPE bytes (already bf16) into the tile by cp.async (StageV32T<true>, counted on the
 // full barrier by cp.async.mbarrier.arrive.noinc, so the math warps fence after their full wait)
@@ -251,16 +235,7 @@ struct SparseWsTask {
         kFp8L2Prefetch != 0 && kFp8 && !kPair && !kRow8 &&
         ((kRoomy && (kFmt == KvFormat::kFp8V32 || JFM_FP8_L2_PREFETCH_V4 != 0)) ||
          (JFM_FP8_L2_PREFETCH_WIDE != 0 && kSole && kWide && kPipelinedFp8Fetch));
-    // kSplit (JFM_FP8_SPLIT_PRODUCER; kRolesWide's sole wide producer, see fp8_split_producer):
-    // warps 0-1 fill the CTA's even tiles, warps 2-3 the odd ones, each a whole tile in four
-    // rounds of 16 tokens (token t + 16 r of round r); otherwise one producer's four warps fill
-    // each of its tiles in two rounds of 32 (t + 32 r).
-    constexpr bool kSplit =
-        JFM_FP8_SPLIT_PRODUCER != 0 && kFp8 && kWide && kSole && !kPair && !kRow8;
-    constexpr int kRoundTokens = kSplit ? 16 : 32;
-    const int own_which = kSplit ? ptid >> 6 : which, own_stride = kSplit ? 2 : stride;
-    const Fp8Slot slot =
-        kRow8 ? Fp8Slot(ptid, Fp8Slot::Row8{}) : Fp8Slot(kSplit ? ptid & 63 : ptid);
+    const Fp8Slot slot = kRow8 ? Fp8Slot(ptid, Fp8Slot::Row8{}) : Fp8Slot(ptid);
     const int lr = ptid >> 3, lq = ptid & 7;
     static_assert(!(kRow8 && kRopeAsync), "JFM_V32_ROW8 with JFM_V32_ROPE_ASYNC: not written");
     constexpr int kDequant = fp8_dequant_form(kSole);  // (JFM_FP8_DEQUANT)
@@ -301,7 +276,7 @@ struct SparseWsTask {
       if constexpr (kRow8) {
         st.mark_valid(valid, slot.t + 32 * r);
       } else {
-        if (slot.j == 0) valid[slot.t + kRoundTokens * r] = st.valid;
+        if (slot.j == 0) valid[slot.t + 32 * r] = st.valid;
       }
     };
     // The unpipelined FP8 fill of one tile, after its empty wait: round 0 from `stage`, round 1
@@ -318,10 +293,10 @@ struct SparseWsTask {
     uint32_t k = 0;  // the CTA's tiles before this sequence's
     for (int s = begin_seq; s <= end_seq; ++s) {
       const Seq q = seq(s);
-      // This thread's positions of tile n: FP8 t, t + 32 (kRow8, kSplit: t + 16 h); bf16 lr + 16 h.
+      // This thread's positions of tile n: FP8 t, t + 32; bf16 lr + 16 h.
       auto load_indices = [&](int n, int (&idx)[4]) {
         if (n >= q.t_hi) return;
-        if constexpr (kRow8 || kSplit) {
+        if constexpr (kRow8) {
 #pragma unroll
           for (int h = 0; h < 4; ++h) idx[h] = q.rows.index_at(n, slot.t + 16 * h);
         } else if constexpr (kFp8) {
@@ -346,7 +321,7 @@ struct SparseWsTask {
       };
       // From tile n (the CTA's kn-th), the first tile that is this producer's (or t_hi).
       auto own = [&](int& n, uint32_t& kn) {
-        while (n < q.t_hi && static_cast<int>(kn % own_stride) != own_which) {
+        while (n < q.t_hi && static_cast<int>(kn % stride) != which) {
           n = q.next(n + 1);
           ++kn;
         }
@@ -366,35 +341,7 @@ struct SparseWsTask {
       own(n, k);
       int idx[4] = {-1, -1, -1, -1};
       load_indices(n, idx);
-      if constexpr (kSplit) {
-        // Rounds 0-1 in flight while the buffer is awaited, rounds 2-3 fetched as 0-1 are stored.
-        while (n < q.t_hi) {
-          int n_next = q.next(n + 1);
-          uint32_t k_next = k + 1;
-          own(n_next, k_next);
-          const WsFill<false> fill(sh, k);
-          const int pool_id = q.rows.pool_of(n);
-          fetch_round(stage, 0, q.rows, pool_id, idx);
-          fetch_round(stage2, 1, q.rows, pool_id, idx);
-          int idx_next[4] = {-1, -1, -1, -1};
-          load_indices(n_next, idx_next);
-          fill.wait_empty();
-          tile_trace(fill.k, kTrProdEmpty);
-#pragma unroll
-          for (int r = 0; r < 4; ++r) {
-            Stage& st = r % 2 ? stage2 : stage;
-            store_stage(st, fill.tile, slot.t + kRoundTokens * r);
-            mark_valid(st, fill.valid, r);
-            if (r < 2) fetch_round(st, r + 2, q.rows, pool_id, idx);
-          }
-          publish(fill);
-          tile_trace(fill.k, kTrProdIssued);
-#pragma unroll
-          for (int h = 0; h < 4; ++h) idx[h] = idx_next[h];
-          n = n_next;
-          k = k_next;
-        }
-      } else if constexpr (kPipelinedFp8Fetch && kFp8 && kWide && !kPair && kSole) {
+      if constexpr (kPipelinedFp8Fetch && kFp8 && kWide && !kPair && kSole) {
         // Tile n's rows in flight, tile n_next's indices loading, before the loop.
         int n_next = n;
         uint32_t k_next = k;
@@ -542,14 +489,7 @@ __global__ void __launch_bounds__(384, 1)
   using Task = SparseWsTask<kFmt, kDqk>;
   pdl_launch_dependents();  // (pdl.cuh) the combine may be placed on SMs this grid's tail frees
   extern __shared__ unsigned char smem_raw[];
-  // A split producer's tile is filled by 64 threads (JFM_FP8_SPLIT_PRODUCER): the count here and
-  // produce()'s kSplit (from its template flags) must name the same kernels.
-  static_assert(fp8_split_producer(Task::kFp8, kMath) ==
-                    (JFM_FP8_SPLIT_PRODUCER != 0 && Task::kFp8 && WsRegs<kMath>::kWideProducer &&
-                     !ws_pair(kMath) && !ws_transposed(kMath)),
-                "fp8_split_producer and produce()'s kSplit disagree");
-  const WsShared sh = ws_setup<kDqk, kMath>(
-      smem_raw, Task::kFullCount >> (fp8_split_producer(Task::kFp8, kMath) ? 1 : 0));
+  const WsShared sh = ws_setup<kDqk, kMath>(smem_raw, Task::kFullCount);
   const Task task(p);
   ws_run<kMath>(task, sh);
 }
