@@ -28,8 +28,10 @@ Run the probe: build with CUDAFLAGS=-DJFM_TILE_TRACE=1 (device_check.sh's build 
 call of a role-split kernel (benchmarks/profile_decode.py ...) with JFM_TILE_TRACE_FILE set; the
 third launch of each kernel object is written (JFM_TILE_TRACE_CALL). The producer stamps are in
 the bf16 fills (dense, sparse prefill, bf16 sparse decode) and in the FP8 role split's pipelined
-fill (kRolesWide: the V3.2 default above 32 heads, V4 where the pair does not pay); the other FP8
-fills do not stamp (fill and gap: n/a).
+fill (kRolesWide: the V3.2 default above 32 heads, V4 where the pair does not pay) and in the CTA
+pairs' fill (kRolesPair; "issue" there includes the rows landing, fetched before the empty wait,
+and the peer's st.async copies issued, not landed); the other FP8 fills do not stamp (fill and
+gap: n/a).
 """
 import statistics
 import sys

@@ -436,6 +436,7 @@ struct SparseWsTask {
             stage.template fetch<true>(pool, q.rows.row_of(mine, pool_id));
             load_indices(n_next, idx_next);
             fill.wait_empty();
+            tile_trace(fill.k, kTrProdEmpty);
             // The peer's st.async bytes of this tile, counted on this CTA's peer_full barrier
             // (its one arrival, from here, so the phase cannot end before the expectation is
             // set).
@@ -449,6 +450,7 @@ struct SparseWsTask {
             fence_proxy_async();  // the local stores, before the math warps' wgmma reads them
             mbarrier_arrive(fill.full);
             arrive_rope(fill);
+            tile_trace(fill.k, kTrProdIssued);
           } else if constexpr (kFp8) {
             fetch_round(stage, 0, q.rows, pool_id, idx);  // in flight while we wait
             if constexpr (kWide) fetch_round(stage2, 1, q.rows, pool_id, idx);
