@@ -503,8 +503,10 @@ template <KvFormat kFmt, int kDqk, WsMath kMath>
 cudaError_t launch_sparse_attention_ws(const SparseDecodeParams& p, cudaStream_t stream) {
   if constexpr (ws_pair(kMath)) {
     if (p.num_m_blocks != 2) return cudaErrorInvalidValue;
-    return launch_clusters_with_smem<sparse_attention_ws_kernel<kFmt, kDqk, kMath>>(
-        sparse_ws_grid(p), dim3(1, 2, 1), 384, WsSmem<kDqk>::kBytes, stream, p);
+    return tile_trace_launch("sparse_attention_ws_kernel", static_cast<int>(kMath), stream, [&] {
+      return launch_clusters_with_smem<sparse_attention_ws_kernel<kFmt, kDqk, kMath>>(
+          sparse_ws_grid(p), dim3(1, 2, 1), 384, WsSmem<kDqk>::kBytes, stream, p);
+    });
   } else {
     return tile_trace_launch("sparse_attention_ws_kernel", static_cast<int>(kMath), stream, [&] {
       return launch_with_smem(sparse_attention_ws_kernel<kFmt, kDqk, kMath>, sparse_ws_grid(p),
