@@ -83,7 +83,10 @@ constexpr bool ws_pair(WsMath m) { return m == WsMath::kRolesPair; }
 struct WsRegSplit {
   int wg0, wg1, wg2;
 };
-constexpr WsRegSplit ws_reg_split(WsMath m) {
+// wide_pair: the task's CTA-pair producer holds two register stages (Task::kWidePairProducer,
+// JFM_FP8_PAIR_AHEAD): 136 registers (with kRolesWide's 200 / 160 / 144 ptxas spilled 24 bytes
+// in V4; with these 8 (V3.2) / 28 (V4), mostly outside the loops: sparse/kernel_ws.cuh).
+constexpr WsRegSplit ws_reg_split(WsMath m, bool wide_pair = false) {
   switch (m) {
     // One math warpgroup (O^T: at most 128) and two producers.
     case WsMath::kTransposed16:
@@ -93,16 +96,21 @@ constexpr WsRegSplit ws_reg_split(WsMath m) {
     case WsMath::kRolesWide: return {200, 160, 144};
     // kRoles, kRolesPair: warpgroup 0 holds S (32) beside its O half (128), warpgroup 1 only the
     // O half.
+    case WsMath::kRolesPair:
+      if (wide_pair) return {192, 176, 136};
+      return {232, 184, 88};
     default: return {232, 184, 88};
   }
 }
-template <WsMath kMath>
+template <WsMath kMath, bool kWidePair = false>
 struct WsRegs {
-  static constexpr WsRegSplit kSplit = ws_reg_split(kMath);
+  static constexpr WsRegSplit kSplit = ws_reg_split(kMath, kWidePair);
   static constexpr int kWg0 = kSplit.wg0, kWg1 = kSplit.wg1, kWg2 = kSplit.wg2;
   static constexpr int kLaunch = 168;  // 65536 / 384, a multiple of 8
-  // Producers with this budget or more fetch both FP8 rounds of a tile before they wait.
-  static constexpr bool kWideProducer = (ws_transposed(kMath) ? kWg1 : kWg2) >= 144;
+  // Producers with this budget or more fetch both FP8 rounds of a tile before they wait (the
+  // wide CTA-pair producer: the next tile's rows in a second stage).
+  static constexpr bool kWideProducer =
+      (ws_pair(kMath) && kWidePair) || (ws_transposed(kMath) ? kWg1 : kWg2) >= 144;
   static constexpr bool ok(int r) { return r % 8 == 0 && r >= 24 && r <= 256; }
   static_assert(kWg0 + kWg1 + kWg2 <= 3 * kLaunch, "register pool of a 384-thread CTA");
   static_assert(ok(kWg0) && ok(kWg1) && ok(kWg2), "setmaxnreg: multiples of 8 in [24, 256]");
@@ -630,7 +638,7 @@ __device__ __forceinline__ void ws_leave() {
 // compute (kMath's split).
 template <WsMath kMath, class Task>
 __device__ __forceinline__ void ws_run(const Task& task, const WsShared& sh) {
-  using Regs = WsRegs<kMath>;
+  using Regs = WsRegs<kMath, Task::kWidePairProducer>;
   constexpr int kL = Regs::kLaunch;
   const int wg = threadIdx.x / 128;
   if constexpr (ws_transposed(kMath)) {
