@@ -228,7 +228,8 @@ struct SparseWsTask {
   // next own tile while it fills the current one.
   // kWide (a producer budget of 144 registers or more: kTransposed*, kRolesWide): both rounds of
   // FP8 rows are fetched before waiting for the empty buffer (one exposed load round-trip per
-  // tile instead of two).
+  // tile instead of two); with kPair (JFM_FP8_PAIR_AHEAD, 136 registers) the next tile's rows
+  // load into a second stage while the current tile is stored.
   // kPair (kRolesPair, FP8): this CTA's producer dequantizes only round `rank` (tokens
   // 32 rank .. + 31) of every tile, into its own tile and the peer's (store_stage_pair: st.async
   // counted on the peer's peer_full barrier); it writes the validity bytes of all 64 tokens
@@ -409,9 +410,9 @@ struct SparseWsTask {
         }
       } else if constexpr (kPair && kWide) {
         // JFM_FP8_PAIR_AHEAD: tile n's rows are in one register stage while the next tile's load
-        // into the other, from before tile n's empty wait; the stages alternate by tile (two
-        // steps per iteration, so no register copy waits for a load). The pair's producer owns
-        // every tile (stride 1); tile n_next's indices are loaded one step ahead.
+        // into the other, from tile n's first store on; the stages alternate by tile (two steps
+        // per iteration, so no register copy waits for a load). The pair's producer owns every
+        // tile (stride 1); tile n_next's indices are loaded one step ahead.
         auto mine = [&](const int (&ix)[4]) { return sh.rank ? ix[1] : ix[0]; };
         if (n < q.t_hi) {
           const int pool_id = q.rows.pool_of(n);
