@@ -355,6 +355,21 @@ struct SparseWsTask {
           own(n2, k2);
         }
       };
+      // The indices one tile on (idx <- idx_next <- idx_after).
+      auto shift_indices = [](int (&now)[4], int (&next)[4], const int (&after)[4]) {
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+          now[h] = next[h];
+          next[h] = after[h];
+        }
+      };
+      // The pair's validity bytes of all 64 tokens of the tile (idx: its indices), written locally.
+      auto mark_pair_valid = [&](const auto& fill, const int (&ix)[4], int pool_id) {
+        if (slot.j == 0) {
+          fill.valid[slot.t] = q.rows.row_of(ix[0], pool_id) >= 0;
+          fill.valid[slot.t + 32] = q.rows.row_of(ix[1], pool_id) >= 0;
+        }
+      };
       int n = q.first;
       own(n, k);
       int idx[4] = {-1, -1, -1, -1};
@@ -442,17 +457,10 @@ struct SparseWsTask {
                              }
                              load_indices(n_after, idx_after);
                            });
-          if (slot.j == 0) {
-            fill.valid[slot.t] = q.rows.row_of(idx[0], pool_id) >= 0;
-            fill.valid[slot.t + 32] = q.rows.row_of(idx[1], pool_id) >= 0;
-          }
+          mark_pair_valid(fill, idx, pool_id);
           publish(fill);
           tile_trace(fill.k, kTrProdIssued);
-#pragma unroll
-          for (int h = 0; h < 4; ++h) {
-            idx[h] = idx_next[h];
-            idx_next[h] = idx_after[h];
-          }
+          shift_indices(idx, idx_next, idx_after);
           n = n_next;
           n_next = n_after;
           ++k;
@@ -483,11 +491,7 @@ struct SparseWsTask {
           load_indices(n_after, idx_after);
           fill.wait_empty();
           store_rounds(fill, q.rows, pool_id, idx);
-#pragma unroll
-          for (int h = 0; h < 4; ++h) {
-            idx[h] = idx_next[h];
-            idx_next[h] = idx_after[h];
-          }
+          shift_indices(idx, idx_next, idx_after);
           n = n_next;
           k = k_next;
           n_next = n_after;
@@ -515,10 +519,7 @@ struct SparseWsTask {
             if (ptid == 0) mbarrier_arrive_expect_tx(fill.peer_full, 128 * Stage::kThreadBytes);
             store_stage_pair(stage, fill.tile, fill.peer_tile, fill.peer_peer_full,
                              slot.t + 32 * sh.rank);
-            if (slot.j == 0) {
-              fill.valid[slot.t] = q.rows.row_of(idx[0], pool_id) >= 0;
-              fill.valid[slot.t + 32] = q.rows.row_of(idx[1], pool_id) >= 0;
-            }
+            mark_pair_valid(fill, idx, pool_id);
             fence_proxy_async();  // the local stores, before the math warps' wgmma reads them
             mbarrier_arrive(fill.full);
             arrive_rope(fill);
