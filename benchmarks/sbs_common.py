@@ -156,6 +156,21 @@ def read_smi_csv(path: str) -> list[tuple[float, int, float, int]]:
     return out
 
 
+# nvidia-smi's power.draw on the H200 (and every Ampere-or-newer GPU but the A100) is NVML's
+# average over the last second: a window shorter than this mixes in what ran before it.
+SMI_POWER_AVERAGE_S = 1.0
+
+
+def energy_per_call(stats: dict | None, time_per_call_s: float, window_s: float) -> dict | None:
+    """Energy per call in mJ (mean power over the window x time per call) of one side's
+    in-one-unit window, and whether the window is long enough for nvidia-smi's averaged power to
+    mean that window's (>= 1.5 x SMI_POWER_AVERAGE_S); None without power samples."""
+    if stats is None or not time_per_call_s:
+        return None
+    return dict(mj=stats["watts"] * time_per_call_s * 1e3,
+                trusted=window_s >= 1.5 * SMI_POWER_AVERAGE_S)
+
+
 def smi_window(samples, t0: float, t1: float) -> dict | None:
     """Mean SM clock and power of the samples inside [t0, t1], and the share of them with the
     software power cap (reason bit 0x4) active; None with fewer than 3 samples."""

@@ -41,7 +41,8 @@ _WORKER_ENV = dict(os.environ)
 
 import numpy as np  # noqa: E402
 
-from sbs_common import append_jsonl, case_dir, read_jsonl, read_smi_csv, smi_window  # noqa: E402
+from sbs_common import (append_jsonl, case_dir, energy_per_call, read_jsonl, read_smi_csv,  # noqa: E402
+                        smi_window)
 import sbs_cases  # noqa: E402
 
 SUITE_NAMES = list(sbs_cases.SUITES)
@@ -264,21 +265,38 @@ def print_in_one_call(rows, k):
 def print_clocks(rows, smi_path):
     """Each side's SM clock and power over its in-one-unit timing window (k_window), from the
     nvidia-smi samples: where a side ran under the power cap, its time per call is set by the
-    energy it spends per call, not by its cycles at the boost clock (the GPU-time column)."""
+    energy it spends per call, not by its cycles at the boost clock (the GPU-time column). Then
+    the energy per call (mean power x time per call) and FlashMLA's / ours: '*' where both windows
+    are long enough for nvidia-smi's one-second power average (sbs_common.energy_per_call), the
+    only rows the geomean counts."""
     samples = read_smi_csv(smi_path)
     print("\n== clocks over each side's in-one-unit window (nvidia-smi samples): mean SM MHz, "
-          "mean W, share of samples power-capped")
-    print(f"{'case':<44} {'ours MHz':>9} {'W':>5} {'cap':>4} | {'FlashMLA MHz':>12} {'W':>5} {'cap':>4}")
+          "mean W, share of samples power-capped; energy per call (mJ) and FlashMLA / ours")
+    print(f"{'case':<44} {'ours MHz':>9} {'W':>5} {'cap':>4} | {'FlashMLA MHz':>12} {'W':>5} {'cap':>4}"
+          f" | {'mJ ours':>8} {'mJ FM':>8} {'FM/ours':>8}")
+    trusted = []
     for r in rows:
-        cells = []
+        cells, energy = [], []
         for side in ("ours", "flashmla"):
             w = r[side].get("k_window")
             st = smi_window(samples, *w) if w else None
             r[side]["k_clocks"] = st
+            energy.append(energy_per_call(st, r[side].get("k_time_s"), w[1] - w[0]) if w else None)
             cells.append(f"{st['mhz']:>{9 if side == 'ours' else 12}.0f} {st['watts']:>5.0f} "
                          f"{st['capped']:>4.0%}" if st else f"{'-':>{9 if side == 'ours' else 12}} "
                          f"{'-':>5} {'-':>4}")
-        print(f"{r['case']['name']:<44} {cells[0]} | {cells[1]}")
+        eo, ef = energy
+        if eo and ef:
+            star = "*" if eo["trusted"] and ef["trusted"] else " "
+            if star == "*":
+                trusted.append(ef["mj"] / eo["mj"])
+            e_cell = f"{eo['mj']:>8.1f} {ef['mj']:>8.1f} {ef['mj'] / eo['mj']:>7.2f}{star}"
+        else:
+            e_cell = f"{'-':>8} {'-':>8} {'-':>8}"
+        print(f"{r['case']['name']:<44} {cells[0]} | {cells[1]} | {e_cell}")
+    if trusted:
+        g = float(np.exp(np.mean(np.log(trusted))))
+        print(f"-- energy per call, FlashMLA / ours, geomean over the {len(trusted)} rows marked *: {g:.3f}")
 
 
 def plot(rows, suites, path):

@@ -124,3 +124,44 @@ def test_profile_decode_modes_run_on_the_reference(tmp_path):
                            env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, (args, r.stderr[-2000:])
         assert "profiled case done" in r.stdout, (args, r.stdout[-2000:])
+
+
+def test_energy_per_call_in_the_clocks_table(tmp_path, capsys):
+    """The clocks table's energy column: mean nvidia-smi power over each side's in-one-unit window
+    times its time per call, trusted (*) only where both windows outlast the 1-s power average."""
+    import sbs_common
+    import side_by_side
+
+    assert sbs_common.energy_per_call(None, 1e-4, 2.0) is None
+    e = sbs_common.energy_per_call({"watts": 500.0}, 2e-4, 2.0)
+    assert abs(e["mj"] - 100.0) < 1e-9 and e["trusted"]
+    assert not sbs_common.energy_per_call({"watts": 500.0}, 2e-4, 0.5)["trusted"]
+
+    t0 = 1_700_000_000.0  # samples every 50 ms: 400 W for 3 s, then 600 W for 3 s
+    lines = ["timestamp, clocks.current.sm [MHz], clocks.current.memory [MHz], power.draw [W], "
+             "temperature.gpu, clocks_event_reasons.active"]
+    from datetime import datetime
+    for i in range(120):
+        t = t0 + 0.05 * i
+        stamp = datetime.fromtimestamp(t).strftime("%Y/%m/%d %H:%M:%S.%f")[:-3]
+        watts = 400.0 if i < 60 else 600.0
+        lines.append(f"{stamp}, 1980 MHz, 3201 MHz, {watts:.2f} W, 50, 0x0000000000000004")
+    smi = tmp_path / "smi.csv"
+    smi.write_text("\n".join(lines) + "\n")
+
+    def row(name, ours_window, fm_window):
+        return {"case": {"name": name},
+                "ours": {"k_window": ours_window, "k_time_s": 1e-3},
+                "flashmla": {"k_window": fm_window, "k_time_s": 1e-3}}
+
+    rows = [row("long", (t0 + 0.2, t0 + 2.8), (t0 + 3.1, t0 + 5.9)),
+            row("short", (t0 + 0.2, t0 + 0.5), (t0 + 3.1, t0 + 3.4))]
+    side_by_side.print_clocks(rows, str(smi))
+    out = capsys.readouterr().out
+    long_line = next(l for l in out.splitlines() if l.startswith("long"))
+    short_line = next(l for l in out.splitlines() if l.startswith("short"))
+    # ours 400 W x 1 ms = 400 mJ, FlashMLA 600 W x 1 ms = 600 mJ: 1.50, trusted
+    assert "400.0" in long_line and "600.0" in long_line and long_line.rstrip().endswith("1.50*")
+    assert not short_line.rstrip().endswith("*")
+    assert "geomean over the 1 rows marked *: 1.500" in out
+    assert rows[0]["ours"]["k_clocks"]["capped"] == 1.0
