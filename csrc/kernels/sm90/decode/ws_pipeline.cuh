@@ -329,6 +329,17 @@ constexpr bool kWsMaskSkip = JFM_WS_MASK_SKIP != 0;
 #define JFM_WS_EARLY_VALID 1
 #endif
 constexpr bool kWsEarlyValid = JFM_WS_EARLY_VALID != 0;
+// JFM_WS_EARLY_P_FREE (candidate, off): the role split's scores warpgroup tests whether the values
+// warpgroup has freed the last P (mbarrier.test_wait, non-blocking) right after its S completes,
+// and waits at the P stores only if that test failed, instead of starting the wait there. Why
+// (tile-phase probe, docs/PERFORMANCE.md 2026-12-03): the "P free wait" slot is 193-200 cycles in
+// every kRoles kernel (dense h128, prefill d576, FP8 V3.2), p10 = p90, though the values
+// warpgroup freed P ~2000 cycles earlier: the cost of a satisfied wait on the scores warpgroup's
+// chain (327-408 in the V4 pair); the test's latency runs under the mask and the softmax instead.
+#ifndef JFM_WS_EARLY_P_FREE
+#define JFM_WS_EARLY_P_FREE 0
+#endif
+constexpr bool kWsEarlyPFree = JFM_WS_EARLY_P_FREE != 0;
 
 // This lane's word of the 64 validity bytes (lanes 16-31 repeat 0-15).
 __device__ __forceinline__ uint32_t ws_valid_word(const uint8_t* valid) {
@@ -484,6 +495,8 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
           cp_async_commit();
           q_issued = seq + 1;
         }
+        bool p_free = false;  // (JFM_WS_EARLY_P_FREE) the values warpgroup is done with the last P
+        if constexpr (kWsEarlyPFree) p_free = mbarrier_test_wait(sh.bar_p_free, (k & 1) ^ 1);
         if (!kWsMaskSkip ||
             !ws_tile_unmasked(task.window_full(cur, n),
                               kWsEarlyValid ? valid_word : ws_valid_word(valid)))
@@ -494,7 +507,8 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
         tile_trace(k, kTrScSoft);
         // P and the corrections for the values warpgroup.
         auto publish = [&] {
-          mbarrier_wait(sh.bar_p_free, (k & 1) ^ 1);  // values done with the last P (tile 0: passes)
+          // values done with the last P (tile 0: passes)
+          if (!(kWsEarlyPFree && p_free)) mbarrier_wait(sh.bar_p_free, (k & 1) ^ 1);
           tile_trace(k, kTrScPfree);
           store_p_rows<T>(sh.sp, sacc, ln);
           if (ln.tq == 0) {
