@@ -64,7 +64,7 @@ if has raceprobe; then
   CCCL=$(dirname "$(dirname "$(command -v nvcc)")")/include/cccl
   nvcc -I "$REPO/csrc" -I "$CCCL" -gencode arch=compute_90a,code=sm_90a -std=c++17 -O3 -lineinfo \
     -o /tmp/racecheck_probe "$REPO/tests/gpu/racecheck_probe.cu" || fail raceprobe-build
-  for pat in ${PROBE_PATTERNS:-0 1 2 3 4 5 6 7 8}; do
+  for pat in ${PROBE_PATTERNS:-0 1 2 3 4 5 6 7 8 9}; do
     timeout -k 5 60 compute-sanitizer --tool racecheck --print-limit 4 /tmp/racecheck_probe $pat \
       > "$OUT/raceprobe_$pat.log" 2>&1
     echo "pattern $pat: exit $? | $(grep -E 'pattern|SUMMARY' "$OUT/raceprobe_$pat.log" | tr '\n' ' ')"

@@ -2,7 +2,7 @@
 // understands. Each pattern is a small, correct producer / consumer exchange through shared memory,
 // written with the same primitives as the kernels (device_utils.cuh); run one per process under
 // racecheck (scripts/device_check.sh, stage `raceprobe`):
-//   racecheck_probe <pattern>      pattern 0-8 (below); prints "pattern N ok" when the data checks
+//   racecheck_probe <pattern>      pattern 0-9 (below); prints "pattern N ok" when the data checks
 // A hazard reported on a pattern here is a report on code whose ordering is plain to read: what the
 // kernels do with the same pattern is then reported for the same reason.
 #include <cstdio>
@@ -130,7 +130,10 @@ __global__ void __launch_bounds__(256, 1) mbar_kernel(int pattern, const int4* s
 
 // 7: pattern 2's hand-off with mbarriers instead of named barriers: the writers' 128 threads
 //    arrive on `ready` (count 128), the readers' 128 threads on `freed` (count 128).
-__global__ void __launch_bounds__(256, 1) mbar_handoff_kernel() {
+// 9: pattern 7 with the writers' wait for `freed` as JFM_WS_EARLY_P_FREE does it: a non-blocking
+//    mbarrier.test_wait issued before other work (here a short spin on a register), the blocking
+//    wait only where the test failed.
+__global__ void __launch_bounds__(256, 1) mbar_handoff_kernel(int pattern) {
   __shared__ Smem s;
   const int wg = threadIdx.x / 128, t = threadIdx.x & 127;
   const uint32_t ready = smem_u32(&s.full[0]), freed = smem_u32(&s.empty[0]);
@@ -142,7 +145,16 @@ __global__ void __launch_bounds__(256, 1) mbar_handoff_kernel() {
   int bad = 0;
   for (int k = 0; k < kIters; ++k) {
     if (wg == 0) {
-      mbarrier_wait(freed, (k & 1) ^ 1);
+      if (pattern == 9) {
+        const bool done = mbarrier_test_wait(freed, (k & 1) ^ 1);
+        float x = static_cast<float>(t);  // other work between the test and the stores
+#pragma unroll 1
+        for (int i = 0; i < 64; ++i) x = x * 1.0001f + 1.f;
+        if (x < 0.f) bad = 2;  // (keeps the work)
+        if (!done) mbarrier_wait(freed, (k & 1) ^ 1);
+      } else {
+        mbarrier_wait(freed, (k & 1) ^ 1);
+      }
       s.data[0][t] = k * 1000 + t;
       mbarrier_arrive(ready);
     } else {
@@ -158,8 +170,8 @@ __global__ void __launch_bounds__(256, 1) mbar_handoff_kernel() {
 
 int main(int argc, char** argv) {
   const int pattern = argc > 1 ? atoi(argv[1]) : -1;
-  if (pattern < 0 || pattern > 8) {
-    fprintf(stderr, "usage: racecheck_probe <pattern 0-8>\n");
+  if (pattern < 0 || pattern > 9) {
+    fprintf(stderr, "usage: racecheck_probe <pattern 0-9>\n");
     return 2;
   }
   int4* src = nullptr;
@@ -171,8 +183,8 @@ int main(int argc, char** argv) {
   cudaMemcpyToSymbol(g_bad, &zero, sizeof(int));
   if (pattern <= 2 || pattern == 8) {
     named_kernel<<<1, pattern == 8 ? 384 : 256>>>(pattern);
-  } else if (pattern == 7) {
-    mbar_handoff_kernel<<<1, 256>>>();
+  } else if (pattern == 7 || pattern == 9) {
+    mbar_handoff_kernel<<<1, 256>>>(pattern);
   } else if (pattern == 6) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(2, 1, 1);
