@@ -98,7 +98,7 @@ constexpr WsRegSplit ws_reg_split(WsMath m, bool wide_pair = false) {
     // O half.
     case WsMath::kRolesPair:
       if (wide_pair) return {192, 176, 136};
-      return {232, 184, 88};
+      [[fallthrough]];
     default: return {232, 184, 88};
   }
 }

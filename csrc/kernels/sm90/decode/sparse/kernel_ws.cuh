@@ -520,9 +520,7 @@ struct SparseWsTask {
             store_stage_pair(stage, fill.tile, fill.peer_tile, fill.peer_peer_full,
                              slot.t + 32 * sh.rank);
             mark_pair_valid(fill, idx, pool_id);
-            fence_proxy_async();  // the local stores, before the math warps' wgmma reads them
-            mbarrier_arrive(fill.full);
-            arrive_rope(fill);
+            publish(fill);  // (the local stores; the peer's are counted on its peer_full)
             tile_trace(fill.k, kTrProdIssued);
           } else if constexpr (kFp8) {
             fetch_round(stage, 0, q.rows, pool_id, idx);  // in flight while we wait
