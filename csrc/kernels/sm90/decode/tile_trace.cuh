@@ -49,8 +49,12 @@ enum TraceSlot : int {
 
 #if JFM_TILE_TRACE
 // One per translation unit (no relocatable device code): each kernel object has its own, set by
-// its own launcher (tile_trace_launch).
-static __device__ uint32_t* g_tile_trace;
+// its own launcher (tile_trace_launch). In constant memory, not global: a global pointer was
+// reloaded from memory at every stamp (the stores through it may alias it), one L1 / L2 load
+// (~200 cycles, more under the producers' traffic) in the stamping warp's path between two stamps,
+// which the probe then reported as phase time (docs/PERFORMANCE.md, 2026-12-03, fifth session).
+// A constant cannot be written by the kernel: one LDC, no reload.
+static __constant__ uint32_t* g_tile_trace;
 
 __device__ __forceinline__ void tile_trace(uint32_t k, int slot) {
   if ((threadIdx.x & 127) != 0 || blockIdx.x >= kTraceCtas || blockIdx.y != 0 || blockIdx.z != 0 ||
