@@ -130,9 +130,9 @@ __global__ void __launch_bounds__(256, 1) mbar_kernel(int pattern, const int4* s
 
 // 7: pattern 2's hand-off with mbarriers instead of named barriers: the writers' 128 threads
 //    arrive on `ready` (count 128), the readers' 128 threads on `freed` (count 128).
-// 9: pattern 7 with the writers' wait for `freed` as JFM_WS_EARLY_P_FREE does it: a non-blocking
-//    mbarrier.test_wait issued before other work (here a short spin on a register), the blocking
-//    wait only where the test failed.
+// 9: pattern 7 with the writers' wait for `freed` as the removed JFM_WS_EARLY_P_FREE did it: a
+//    non-blocking mbarrier.test_wait issued before other work (here a short spin on a register),
+//    the blocking wait only where the test failed.
 __global__ void __launch_bounds__(256, 1) mbar_handoff_kernel(int pattern) {
   __shared__ Smem s;
   const int wg = threadIdx.x / 128, t = threadIdx.x & 127;

@@ -141,8 +141,9 @@ __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
   __syncwarp();
 }
 // Whether the phase of parity `parity` has completed, without waiting (acquire, as a wait that
-// returns): a test whose answer is needed later, issued early, so that its latency runs under
-// other work (JFM_WS_EARLY_P_FREE); a false answer means: wait as usual.
+// returns); a false answer means: wait as usual. Used by no kernel today (JFM_WS_EARLY_P_FREE,
+// the P-free test issued early, measured flat and removed: docs/PERFORMANCE.md, 2026-12-03, fifth
+// session); tests/gpu/racecheck_probe.cu's pattern 9 shows racecheck accepts its hand-off.
 __device__ __forceinline__ bool mbarrier_test_wait(uint32_t bar, uint32_t parity) {
   uint32_t done;
   asm volatile(

@@ -83,10 +83,7 @@ constexpr bool ws_pair(WsMath m) { return m == WsMath::kRolesPair; }
 struct WsRegSplit {
   int wg0, wg1, wg2;
 };
-// wide_pair: the task's CTA-pair producer holds two register stages (Task::kWidePairProducer,
-// JFM_FP8_PAIR_AHEAD): 136 registers (with kRolesWide's 200 / 160 / 144 ptxas spilled 24 bytes
-// in V4; with these 8 (V3.2) / 28 (V4), mostly outside the loops: sparse/kernel_ws.cuh).
-constexpr WsRegSplit ws_reg_split(WsMath m, bool wide_pair = false) {
+constexpr WsRegSplit ws_reg_split(WsMath m) {
   switch (m) {
     // One math warpgroup (O^T: at most 128) and two producers.
     case WsMath::kTransposed16:
@@ -96,21 +93,16 @@ constexpr WsRegSplit ws_reg_split(WsMath m, bool wide_pair = false) {
     case WsMath::kRolesWide: return {200, 160, 144};
     // kRoles, kRolesPair: warpgroup 0 holds S (32) beside its O half (128), warpgroup 1 only the
     // O half.
-    case WsMath::kRolesPair:
-      if (wide_pair) return {192, 176, 136};
-      [[fallthrough]];
     default: return {232, 184, 88};
   }
 }
-template <WsMath kMath, bool kWidePair = false>
+template <WsMath kMath>
 struct WsRegs {
-  static constexpr WsRegSplit kSplit = ws_reg_split(kMath, kWidePair);
+  static constexpr WsRegSplit kSplit = ws_reg_split(kMath);
   static constexpr int kWg0 = kSplit.wg0, kWg1 = kSplit.wg1, kWg2 = kSplit.wg2;
   static constexpr int kLaunch = 168;  // 65536 / 384, a multiple of 8
-  // Producers with this budget or more fetch both FP8 rounds of a tile before they wait (the
-  // wide CTA-pair producer: the next tile's rows in a second stage).
-  static constexpr bool kWideProducer =
-      (ws_pair(kMath) && kWidePair) || (ws_transposed(kMath) ? kWg1 : kWg2) >= 144;
+  // Producers with this budget or more fetch both FP8 rounds of a tile before they wait.
+  static constexpr bool kWideProducer = (ws_transposed(kMath) ? kWg1 : kWg2) >= 144;
   static constexpr bool ok(int r) { return r % 8 == 0 && r >= 24 && r <= 256; }
   static_assert(kWg0 + kWg1 + kWg2 <= 3 * kLaunch, "register pool of a 384-thread CTA");
   static_assert(ok(kWg0) && ok(kWg1) && ok(kWg2), "setmaxnreg: multiples of 8 in [24, 256]");
@@ -329,17 +321,6 @@ constexpr bool kWsMaskSkip = JFM_WS_MASK_SKIP != 0;
 #define JFM_WS_EARLY_VALID 1
 #endif
 constexpr bool kWsEarlyValid = JFM_WS_EARLY_VALID != 0;
-// JFM_WS_EARLY_P_FREE (candidate, off): the role split's scores warpgroup tests whether the values
-// warpgroup has freed the last P (mbarrier.test_wait, non-blocking) right after its S completes,
-// and waits at the P stores only if that test failed, instead of starting the wait there. Why
-// (tile-phase probe, docs/PERFORMANCE.md 2026-12-03): the "P free wait" slot is 193-200 cycles in
-// every kRoles kernel (dense h128, prefill d576, FP8 V3.2), p10 = p90, though the values
-// warpgroup freed P ~2000 cycles earlier: the cost of a satisfied wait on the scores warpgroup's
-// chain (327-408 in the V4 pair); the test's latency runs under the mask and the softmax instead.
-#ifndef JFM_WS_EARLY_P_FREE
-#define JFM_WS_EARLY_P_FREE 0
-#endif
-constexpr bool kWsEarlyPFree = JFM_WS_EARLY_P_FREE != 0;
 
 // This lane's word of the 64 validity bytes (lanes 16-31 repeat 0-15).
 __device__ __forceinline__ uint32_t ws_valid_word(const uint8_t* valid) {
@@ -495,8 +476,6 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
           cp_async_commit();
           q_issued = seq + 1;
         }
-        bool p_free = false;  // (JFM_WS_EARLY_P_FREE) the values warpgroup is done with the last P
-        if constexpr (kWsEarlyPFree) p_free = mbarrier_test_wait(sh.bar_p_free, (k & 1) ^ 1);
         if (!kWsMaskSkip ||
             !ws_tile_unmasked(task.window_full(cur, n),
                               kWsEarlyValid ? valid_word : ws_valid_word(valid)))
@@ -507,8 +486,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
         tile_trace(k, kTrScSoft);
         // P and the corrections for the values warpgroup.
         auto publish = [&] {
-          // values done with the last P (tile 0: passes)
-          if (!(kWsEarlyPFree && p_free)) mbarrier_wait(sh.bar_p_free, (k & 1) ^ 1);
+          mbarrier_wait(sh.bar_p_free, (k & 1) ^ 1);  // values done with the last P (tile 0: passes)
           tile_trace(k, kTrScPfree);
           store_p_rows<T>(sh.sp, sacc, ln);
           if (ln.tq == 0) {
@@ -652,7 +630,7 @@ __device__ __forceinline__ void ws_leave() {
 // compute (kMath's split).
 template <WsMath kMath, class Task>
 __device__ __forceinline__ void ws_run(const Task& task, const WsShared& sh) {
-  using Regs = WsRegs<kMath, Task::kWidePairProducer>;
+  using Regs = WsRegs<kMath>;
   constexpr int kL = Regs::kLaunch;
   const int wg = threadIdx.x / 128;
   if constexpr (ws_transposed(kMath)) {

@@ -28,7 +28,6 @@ struct DenseWsTask {
   static constexpr bool kCpAsyncTiles = true;
   static constexpr bool kShortSeqs = false;  // a sequence is a whole context
   static constexpr uint32_t kFullCount = 256;
-  static constexpr bool kWidePairProducer = false;  // (ws_reg_split: the TMA pair needs none)
   static_assert(kPageBlock == kTileTokens, "one page is one tile");
 
   const DenseDecodeParams& p;

@@ -653,28 +653,19 @@ __device__ __forceinline__ void store_stage(const Stage& st, uint32_t tile, int 
 // The same into this CTA's tile and, by st.async counted on the peer's barrier `peer_bar`, the
 // peer's copy at `peer_tile` (CTA pairs: ws_pipeline.cuh). The pair's stages store their RoPE
 // bytes (no cp.async into the peer), so the copy callback is never called here.
-// after_first (JFM_FP8_PAIR_AHEAD): called once, after the first piece is stored, i.e. once this
-// thread's loads into st have landed (the next tile's loads issued there do not share the wait).
-struct NoHook {
-  __device__ __forceinline__ void operator()() const {}
-};
-template <class Stage, class AfterFirst = NoHook>
+template <class Stage>
 __device__ __forceinline__ void store_stage_pair(const Stage& st, uint32_t tile, uint32_t peer_tile,
-                                                 uint32_t peer_bar, int t,
-                                                 AfterFirst after_first = {}) {
-  int pieces = 0;  // (a constant after unrolling)
+                                                 uint32_t peer_bar, int t) {
   st.emit(t,
           [&](uint32_t off, uint4 v) {
             st_shared_16(tile + off, v);
             st_async_16(peer_tile + off, v, peer_bar);
-            if (pieces++ == 0) after_first();
           },
           [&](uint32_t off, uint2 v) {
             st_shared_8(tile + off, v);
             st_async_8(peer_tile + off, v, peer_bar);
           },
           CpAsyncInto{tile});
-  if (pieces == 0) after_first();  // (a stage without 16-byte pieces; none today)
 }
 
 template <KvFormat kFmt, int kDequant = fp8_dequant_form(false)>

@@ -56,21 +56,6 @@ constexpr bool kPipelinedFp8Fetch = JFM_PIPELINED_FP8_FETCH != 0;
 #ifndef JFM_FP8_WIDE_OUT
 #define JFM_FP8_WIDE_OUT 3
 #endif
-// JFM_FP8_PAIR_AHEAD (candidate, off): the CTA pairs' producer (kRolesPair) fetches the rows of
-// its next tile while it stores the current one, into a second register stage (the two stages
-// alternate by tile), instead of after the current tile's hand-over. Why
-// (docs/PERFORMANCE.md, 2026-12-03, fourth session, section 4): on upstream's inputs our V3.2 pair
-// moves upstream's bytes per tile with fewer instructions yet takes 28% more cycles, and its
-// scores warpgroup waits for the tile 2.3x as long as kRolesWide's, whose producer fetches a tile
-// ahead; the pair's producer waits for its rows right after its empty wait. Two stages need a
-// producer of 136 registers (ws_reg_split: 192 / 176 / 136; ptxas spills 8 bytes (V3.2) / 28
-// bytes (V4): a 64-bit value stored at the values warpgroup's entry and reloaded for its output
-// rows (V4: two), and in V4 one register three times around the producer's loads). The next
-// tile's loads are issued after the current tile's first store (store_stage_pair's after_first),
-// so that the wait for the current rows does not cover them (one scoreboard, SB5, for both).
-#ifndef JFM_FP8_PAIR_AHEAD
-#define JFM_FP8_PAIR_AHEAD 0
-#endif
 constexpr bool fp8_wide_out(bool pair, bool scores_role) {
   switch (JFM_FP8_WIDE_OUT) {
     case 1: return pair && scores_role;
@@ -147,8 +132,6 @@ struct SparseWsTask {
   static constexpr bool kShortSeqs = true;       // one query token's top-k
   static constexpr bool kFenceAfterFull = !kFp8 || kRopeAsync;
   static constexpr uint32_t kFullCount = kFp8 && !kRopeAsync ? 128 : 256;
-  // (ws_reg_split) the CTA pair's producer holds two register stages (JFM_FP8_PAIR_AHEAD)
-  static constexpr bool kWidePairProducer = JFM_FP8_PAIR_AHEAD != 0 && kFp8;
   static_assert(!kFp8 || kDqk == (kFmt == KvFormat::kFp8V32 ? 576 : 512), "FP8 layout fixes d_qk");
 
   const SparseDecodeParams& p;
@@ -228,8 +211,7 @@ struct SparseWsTask {
   // next own tile while it fills the current one.
   // kWide (a producer budget of 144 registers or more: kTransposed*, kRolesWide): both rounds of
   // FP8 rows are fetched before waiting for the empty buffer (one exposed load round-trip per
-  // tile instead of two); with kPair (JFM_FP8_PAIR_AHEAD, 136 registers) the next tile's rows
-  // load into a second stage while the current tile is stored.
+  // tile instead of two).
   // kPair (kRolesPair, FP8): this CTA's producer dequantizes only round `rank` (tokens
   // 32 rank .. + 31) of every tile, into its own tile and the peer's (store_stage_pair: st.async
   // counted on the peer's peer_full barrier); it writes the validity bytes of all 64 tokens
@@ -422,53 +404,6 @@ struct SparseWsTask {
           k = k_next;
           n_next = n_after;
           k_next = k_after;
-        }
-      } else if constexpr (kPair && kWide) {
-        // JFM_FP8_PAIR_AHEAD: tile n's rows are in one register stage while the next tile's load
-        // into the other, from tile n's first store on; the stages alternate by tile (two steps
-        // per iteration, so no register copy waits for a load). The pair's producer owns every
-        // tile (stride 1); tile n_next's indices are loaded one step ahead.
-        auto mine = [&](const int (&ix)[4]) { return sh.rank ? ix[1] : ix[0]; };
-        if (n < q.t_hi) {
-          const int pool_id = q.rows.pool_of(n);
-          stage.template fetch<true>(p.pool[pool_id], q.rows.row_of(mine(idx), pool_id));
-        }
-        int n_next = n < q.t_hi ? q.next(n + 1) : n;
-        int idx_next[4] = {-1, -1, -1, -1};
-        load_indices(n_next, idx_next);
-        auto step = [&](Stage& cur, Stage& nxt) {
-          const int n_after = n_next < q.t_hi ? q.next(n_next + 1) : n_next;
-          int idx_after[4] = {-1, -1, -1, -1};
-          const WsFill<true> fill(sh, k);
-          const int pool_id = q.rows.pool_of(n);
-          fill.wait_empty();
-          tile_trace(fill.k, kTrProdEmpty);
-          // The peer's st.async bytes of this tile (as in the loop below).
-          if (ptid == 0) mbarrier_arrive_expect_tx(fill.peer_full, 128 * Stage::kThreadBytes);
-          // The next tile's rows and indices are issued after the first store of this tile's,
-          // which waits for cur's loads: issued before it, they would count on the same
-          // scoreboard and that wait would cover them too (ptxas, 2026-12-03).
-          store_stage_pair(cur, fill.tile, fill.peer_tile, fill.peer_peer_full,
-                           slot.t + 32 * sh.rank, [&] {
-                             if (n_next < q.t_hi) {
-                               const int pool_next = q.rows.pool_of(n_next);
-                               nxt.template fetch<true>(p.pool[pool_next],
-                                                        q.rows.row_of(mine(idx_next), pool_next));
-                             }
-                             load_indices(n_after, idx_after);
-                           });
-          mark_pair_valid(fill, idx, pool_id);
-          publish(fill);
-          tile_trace(fill.k, kTrProdIssued);
-          shift_indices(idx, idx_next, idx_after);
-          n = n_next;
-          n_next = n_after;
-          ++k;
-        };
-        while (n < q.t_hi) {
-          step(stage, stage2);
-          if (n >= q.t_hi) break;
-          step(stage2, stage);
         }
       } else if constexpr (kL2Prefetch) {
         // The loop below (tile n's rows fetched while its buffer is awaited) with the indices one
