@@ -171,6 +171,36 @@ def energy_per_call(stats: dict | None, time_per_call_s: float, window_s: float)
                 trusted=window_s >= 1.5 * SMI_POWER_AVERAGE_S)
 
 
+# NVML's energy counter (mJ since the driver loaded) moves in steps; windows shorter than this are
+# not trusted for energy per call (the counter's step on the H200: see docs/BUILDING.md).
+ENERGY_COUNTER_MIN_S = 0.5
+
+
+def gpu_energy_counter():
+    """A function returning the GPU's total energy counter in mJ (NVML,
+    nvmlDeviceGetTotalEnergyConsumption) for the device this process uses (the first entry of
+    CUDA_VISIBLE_DEVICES, else 0); None where pynvml or the counter is missing. Read around a timed
+    window it gives that window's energy exactly, which nvidia-smi's one-second power average
+    cannot for windows under ~1.5 s."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(int(first) if first.isdigit() else 0)
+        pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+    except Exception:  # no pynvml, no driver, or a GPU without the counter
+        return None
+    return lambda: float(pynvml.nvmlDeviceGetTotalEnergyConsumption(handle))
+
+
+def counter_energy(read, e0: float | None, units: int, k: int, window_s: float) -> dict:
+    """The in-one-unit window's energy per call from the counter (read: gpu_energy_counter(), e0
+    its value at the window's start; units of k calls ran in it), or {} without a counter."""
+    if read is None or e0 is None:
+        return {}
+    return dict(k_energy_mj=(read() - e0) / (units * k), k_energy_window_s=window_s)
+
+
 def smi_window(samples, t0: float, t1: float) -> dict | None:
     """Mean SM clock and power of the samples inside [t0, t1], and the share of them with the
     software power cap (reason bit 0x4) active; None with fewer than 3 samples."""

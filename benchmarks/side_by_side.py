@@ -41,8 +41,8 @@ _WORKER_ENV = dict(os.environ)
 
 import numpy as np  # noqa: E402
 
-from sbs_common import (append_jsonl, case_dir, energy_per_call, read_jsonl, read_smi_csv,  # noqa: E402
-                        smi_window)
+from sbs_common import (ENERGY_COUNTER_MIN_S, append_jsonl, case_dir, energy_per_call,  # noqa: E402
+                        read_jsonl, read_smi_csv, smi_window)
 import sbs_cases  # noqa: E402
 
 SUITE_NAMES = list(sbs_cases.SUITES)
@@ -262,18 +262,31 @@ def print_in_one_call(rows, k):
     return dict(all=g, n=len(ratios), k=k, gpu_time=gg, n_gpu_time=len(g_ratios))
 
 
-def print_clocks(rows, smi_path):
+def side_energy(rec: dict, st: dict | None) -> dict | None:
+    """One side's energy per call over its in-one-unit window: from NVML's energy counter where the
+    worker read it (k_energy_mj; trusted over windows >= ENERGY_COUNTER_MIN_S), else mean
+    nvidia-smi power x time per call (sbs_common.energy_per_call)."""
+    if rec.get("k_energy_mj") is not None:
+        return dict(mj=rec["k_energy_mj"], src="nvml",
+                    trusted=rec.get("k_energy_window_s", 0.0) >= ENERGY_COUNTER_MIN_S)
+    w = rec.get("k_window")
+    e = energy_per_call(st, rec.get("k_time_s"), w[1] - w[0]) if w else None
+    return dict(e, src="smi") if e else None
+
+
+def print_clocks(rows, smi_path=None):
     """Each side's SM clock and power over its in-one-unit timing window (k_window), from the
     nvidia-smi samples: where a side ran under the power cap, its time per call is set by the
     energy it spends per call, not by its cycles at the boost clock (the GPU-time column). Then
-    the energy per call (mean power x time per call) and FlashMLA's / ours: '*' where both windows
-    are long enough for nvidia-smi's one-second power average (sbs_common.energy_per_call), the
-    only rows the geomean counts."""
-    samples = read_smi_csv(smi_path)
+    the energy per call and FlashMLA's / ours (side_energy: NVML's counter, else nvidia-smi's
+    averaged power; both sides from the same source): '*' where both are trusted, the only rows
+    the geomean counts."""
+    samples = read_smi_csv(smi_path) if smi_path else []
     print("\n== clocks over each side's in-one-unit window (nvidia-smi samples): mean SM MHz, "
-          "mean W, share of samples power-capped; energy per call (mJ) and FlashMLA / ours")
+          "mean W, share of samples power-capped; energy per call (mJ; src: NVML's energy counter "
+          "or nvidia-smi's power) and FlashMLA / ours")
     print(f"{'case':<44} {'ours MHz':>9} {'W':>5} {'cap':>4} | {'FlashMLA MHz':>12} {'W':>5} {'cap':>4}"
-          f" | {'mJ ours':>8} {'mJ FM':>8} {'FM/ours':>8}")
+          f" | {'mJ ours':>8} {'mJ FM':>8} {'FM/ours':>8} {'src':>4}")
     trusted = []
     for r in rows:
         cells, energy = [], []
@@ -281,18 +294,22 @@ def print_clocks(rows, smi_path):
             w = r[side].get("k_window")
             st = smi_window(samples, *w) if w else None
             r[side]["k_clocks"] = st
-            energy.append(energy_per_call(st, r[side].get("k_time_s"), w[1] - w[0]) if w else None)
+            energy.append(side_energy(r[side], st))
             cells.append(f"{st['mhz']:>{9 if side == 'ours' else 12}.0f} {st['watts']:>5.0f} "
                          f"{st['capped']:>4.0%}" if st else f"{'-':>{9 if side == 'ours' else 12}} "
                          f"{'-':>5} {'-':>4}")
         eo, ef = energy
+        if eo and ef and eo["src"] != ef["src"]:  # one side without the counter: smi for both
+            eo, ef = (side_energy({k: v for k, v in r[s].items() if k != "k_energy_mj"},
+                                  r[s]["k_clocks"]) for s in ("ours", "flashmla"))
         if eo and ef:
             star = "*" if eo["trusted"] and ef["trusted"] else " "
             if star == "*":
                 trusted.append(ef["mj"] / eo["mj"])
-            e_cell = f"{eo['mj']:>8.1f} {ef['mj']:>8.1f} {ef['mj'] / eo['mj']:>7.2f}{star}"
+            e_cell = (f"{eo['mj']:>8.1f} {ef['mj']:>8.1f} {ef['mj'] / eo['mj']:>7.2f}{star} "
+                      f"{eo['src']:>4}")
         else:
-            e_cell = f"{'-':>8} {'-':>8} {'-':>8}"
+            e_cell = f"{'-':>8} {'-':>8} {'-':>8} {'-':>4}"
         print(f"{r['case']['name']:<44} {cells[0]} | {cells[1]} | {e_cell}")
     if trusted:
         g = float(np.exp(np.mean(np.log(trusted))))
@@ -461,8 +478,9 @@ def main():
     geo = print_table(rows, suites)
     if args.in_one_call > 1:
         geo["in_one_call"] = print_in_one_call(rows, args.in_one_call)
-        if args.smi and os.path.exists(args.smi):
-            print_clocks(rows, args.smi)
+        smi = args.smi if args.smi and os.path.exists(args.smi) else None
+        if smi or any(r[s].get("k_energy_mj") is not None for r in rows for s in ("ours", "flashmla")):
+            print_clocks(rows, smi)
     png = os.path.join(args.out, "side_by_side.png")
     how = plot(rows, suites, png)
     result = dict(created=time.strftime("%Y-%m-%d %H:%M:%S"), limits=limits, suites=suites,

@@ -161,7 +161,39 @@ def test_energy_per_call_in_the_clocks_table(tmp_path, capsys):
     long_line = next(l for l in out.splitlines() if l.startswith("long"))
     short_line = next(l for l in out.splitlines() if l.startswith("short"))
     # ours 400 W x 1 ms = 400 mJ, FlashMLA 600 W x 1 ms = 600 mJ: 1.50, trusted
-    assert "400.0" in long_line and "600.0" in long_line and long_line.rstrip().endswith("1.50*")
-    assert not short_line.rstrip().endswith("*")
+    assert "400.0" in long_line and "600.0" in long_line and long_line.rstrip().endswith("1.50*  smi")
+    assert "*" not in short_line
     assert "geomean over the 1 rows marked *: 1.500" in out
     assert rows[0]["ours"]["k_clocks"]["capped"] == 1.0
+
+
+def test_energy_counter_in_the_clocks_table(capsys):
+    """With NVML's energy counter read around both windows, the table takes energy per call from
+    it (trusted from ENERGY_COUNTER_MIN_S on, no nvidia-smi samples needed); where only one side
+    has it, both fall back to nvidia-smi's power (here none: no energy)."""
+    import sbs_common
+    import side_by_side
+
+    ticks = iter([1000.0, 1000.0 + 3 * 4 * 50.0])  # 3 units of 4 calls at 50 mJ per call
+    rec = sbs_common.counter_energy(lambda: next(ticks), next(ticks), 3, 4, 0.8)
+    assert rec == {"k_energy_mj": 50.0, "k_energy_window_s": 0.8}
+    assert sbs_common.counter_energy(None, None, 3, 4, 0.8) == {}
+
+    def side(mj, window_s):
+        d = {"k_window": (0.0, window_s), "k_time_s": 1e-3}
+        if mj is not None:
+            d.update(k_energy_mj=mj, k_energy_window_s=window_s)
+        return d
+
+    long_s = sbs_common.ENERGY_COUNTER_MIN_S + 0.1
+    rows = [{"case": {"name": "counted"}, "ours": side(40.0, long_s), "flashmla": side(50.0, long_s)},
+            {"case": {"name": "brief"}, "ours": side(40.0, 0.01), "flashmla": side(60.0, long_s)},
+            {"case": {"name": "onesided"}, "ours": side(40.0, long_s), "flashmla": side(None, long_s)}]
+    side_by_side.print_clocks(rows)
+    out = capsys.readouterr().out
+    line = {n: next(l for l in out.splitlines() if l.startswith(n))
+            for n in ("counted", "brief", "onesided")}
+    assert line["counted"].rstrip().endswith("1.25* nvml"), line["counted"]
+    assert "1.50" in line["brief"] and "*" not in line["brief"]
+    assert "nvml" not in line["onesided"] and "*" not in line["onesided"]
+    assert "geomean over the 1 rows marked *: 1.250" in out
