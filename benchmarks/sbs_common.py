@@ -171,9 +171,10 @@ def energy_per_call(stats: dict | None, time_per_call_s: float, window_s: float)
                 trusted=window_s >= 1.5 * SMI_POWER_AVERAGE_S)
 
 
-# NVML's energy counter (mJ since the driver loaded) moves in steps; windows shorter than this are
-# not trusted for energy per call (the counter's step on the H200: see docs/BUILDING.md).
-ENERGY_COUNTER_MIN_S = 0.5
+# NVML's energy counter (mJ since the driver loaded) moves in steps: on the H200 every 100 ms
+# (scripts/nvml_energy_probe.py, 2026-12-03), so a window's reading is off by up to one step's
+# energy (100 ms of power); from 2 s on that is within 5%. Shorter windows are not trusted.
+ENERGY_COUNTER_MIN_S = 2.0
 
 
 def gpu_energy_counter():
