@@ -25,7 +25,10 @@
 #   SMI_MS=N the GPU's SM clock, power, temperature and clock-event reasons sampled every N ms
 #            during the side-by-side run (nvidia-smi, $OUT/smi.csv), and bench.log's lines
 #            time-stamped; with IN_ONE_CALL, a table of each side's mean clock, power and
-#            power-capped share over its in-one-unit timing window (side_by_side.py --smi)
+#            power-capped share over its in-one-unit timing window (side_by_side.py --smi).
+#            With IN_ONE_CALL the workers also read NVML's energy counter around each window
+#            (pynvml, on the device image), and that table's energy per call comes from it
+#            (trusted from 2 s windows on: raise JFM_SBS_K_UNITS), even without SMI_MS
 # Everything lands flat in $OUT: build.log, bench.log, side_by_side.json, side_by_side.png
 # (+ loop.json with LOOP=1). Time: dense ~2-3 min after the build; QUICK=1 all suites ~1-2 min.
 set -uo pipefail
