@@ -482,8 +482,10 @@ struct StageV32R8 {
 // is guaranteed (584 * bs need not be a multiple of 16), so the loads are 8 bytes wide.
 // kRopeAsync (JFM_V4_ROPE_ASYNC, kernel_ws.cuh): as StageV32T's, the RoPE bytes go to the tile by
 // cp.async, 16 bytes at a time where the row is read 16 at a time (wide), else 8. kDequant:
-// as StageV32T's.
-template <bool kRopeAsync = false, int kDequant = fp8_dequant_form(false)>
+// as StageV32T's. kMayLoad16 false: 8-byte reads only, whatever SparsePool::load16 says, so the
+// 16-byte path and its runtime selects (piece(), the addresses) are not compiled in
+// (JFM_V4_PAIR_NARROW, kernel_ws.cuh).
+template <bool kRopeAsync = false, int kDequant = fp8_dequant_form(false), bool kMayLoad16 = true>
 struct StageV4T : RopeSrc<kRopeAsync> {
   uint2 nope[14];  // 8-byte pieces of the NoPE bytes: piece(k) (below)
   uint2 scales;    // 7 e8m0 exponents + pad
@@ -502,7 +504,8 @@ struct StageV4T : RopeSrc<kRopeAsync> {
   template <bool kHint = false>
   __device__ __forceinline__ void fetch(const SparsePool& pool, int64_t row) {
     valid = row >= 0;
-    wide = pool.load16;
+    if constexpr (kMayLoad16) wide = pool.load16;
+    else wide = false;  // a constant: every `wide ?` below folds
     const int64_t r = valid ? row : 0;
     const int64_t blk = r / pool.block_size, tt = r - blk * pool.block_size;
     const uint8_t* block = pool.data + blk * pool.block_size * 584;

@@ -56,6 +56,20 @@ constexpr bool kPipelinedFp8Fetch = JFM_PIPELINED_FP8_FETCH != 0;
 #ifndef JFM_FP8_WIDE_OUT
 #define JFM_FP8_WIDE_OUT 3
 #endif
+// JFM_V4_PAIR_NARROW (candidate, off): the V4 CTA pairs' producer compiled for 8-byte row reads
+// only (StageV4T's kMayLoad16 = false), not for both widths chosen at run time by
+// SparsePool::load16, which the host never sets for the pairs (sparse/dispatch.cu; 16-byte reads
+// cost them +31%, 2026-12-03 fifth session). Why (docs/PERFORMANCE.md, same session, section 4):
+// on identical inputs the V4 h_q 128 pair is producer-bound and its producer issues 13.5% more
+// instructions per tile than upstream's with the same dequantization instructions, the excess in
+// address math; the runtime width selects every piece's tile offset (piece()). SASS (cuobjdump):
+// the pair's producer tile loop 799 -> 656 instructions (of the 799, ~730 run per tile), no
+// spill; default SASS unchanged, with the flag only the V4 pair kernel changes. Predicted -4 to
+// -10% on the V4 h_q 128 pair cases. With the flag JFM_KERNEL_VARIANT=v4load16 no longer reaches
+// the pairs.
+#ifndef JFM_V4_PAIR_NARROW
+#define JFM_V4_PAIR_NARROW 0
+#endif
 constexpr bool fp8_wide_out(bool pair, bool scores_role) {
   switch (JFM_FP8_WIDE_OUT) {
     case 1: return pair && scores_role;
@@ -244,7 +258,10 @@ struct SparseWsTask {
         std::conditional_t<
             kRopeAsync && !kPair,
             std::conditional_t<kFmt == KvFormat::kFp8V4, StageV4T<true, kDequant>, StageV32T<true, kDequant>>,
-            typename Fp8Stage<kFmt == KvFormat::kBf16 ? KvFormat::kFp8V32 : kFmt, kDequant>::type>>;
+            std::conditional_t<kPair && kFmt == KvFormat::kFp8V4,
+                               StageV4T<false, kDequant, JFM_V4_PAIR_NARROW == 0>,
+                               typename Fp8Stage<kFmt == KvFormat::kBf16 ? KvFormat::kFp8V32 : kFmt,
+                                                 kDequant>::type>>>;
     // kRopeAsync: the second of the full barrier's two arrivals per thread, after its first: when
     // this thread's cp.async copies (the RoPE chunks) have landed; the pair's producer, which
     // stores them, arrives a second time at once.
