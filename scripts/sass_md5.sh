@@ -26,7 +26,10 @@ compile() {
   nvcc -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr --expt-extended-lambda \
     --use_fast_math -std=c++17 -I"$ROOT/csrc" -I"$CUTLASS" -I"$CCCL" $FLAGS \
     -cubin -o "$OUTD/$n.cubin" "$ROOT/$f"
-  "$CUOBJDUMP" -sass "$OUTD/$n.cubin" | grep -v '^\s*$' \
+  # Runs of blanks squeezed: cuobjdump pads every line to a width that depends on the whole
+  # object, so without it a function whose code did not change gets a new hash when another
+  # function of its object changed (seen 2026-12-03).
+  "$CUOBJDUMP" -sass "$OUTD/$n.cubin" | grep -v '^\s*$' | sed -E 's/[[:space:]]+/ /g' \
     | sed -E 's/[0-9]*_GLOBAL__N__[0-9a-f]+_[0-9]+_[A-Za-z0-9_]+_cu_[0-9a-f]+(_[0-9]+)?/_ANON_/g' > "$OUTD/$n.sass"
 }
 export -f compile

@@ -56,17 +56,18 @@ constexpr bool kPipelinedFp8Fetch = JFM_PIPELINED_FP8_FETCH != 0;
 #ifndef JFM_FP8_WIDE_OUT
 #define JFM_FP8_WIDE_OUT 3
 #endif
-// JFM_V4_PAIR_NARROW (candidate, off): the V4 CTA pairs' producer compiled for 8-byte row reads
-// only (StageV4T's kMayLoad16 = false), not for both widths chosen at run time by
-// SparsePool::load16, which the host never sets for the pairs (sparse/dispatch.cu; 16-byte reads
-// cost them +31%, 2026-12-03 fifth session). Why (docs/PERFORMANCE.md, same session, section 4):
+// JFM_V4_PAIR_NARROW (candidate, off; =1 the pairs, =2 also the transposed and kRoles kernels):
+// those V4 producers compiled for 8-byte row reads only (StageV4T's kMayLoad16 = false), not for
+// both widths chosen at run time by SparsePool::load16, which the host sets for kRolesWide only
+// (sparse/dispatch.cu; 16-byte reads cost the pairs +31%, 2026-12-03 fifth session). Why (docs/PERFORMANCE.md, same session, section 4):
 // on identical inputs the V4 h_q 128 pair is producer-bound and its producer issues 13.5% more
 // instructions per tile than upstream's with the same dequantization instructions, the excess in
 // address math; the runtime width selects every piece's tile offset (piece()). SASS (cuobjdump):
 // the pair's producer tile loop 799 -> 656 instructions (of the 799, ~730 run per tile), no
-// spill; default SASS unchanged, with the flag only the V4 pair kernel changes. Predicted -4 to
-// -10% on the V4 h_q 128 pair cases. With the flag JFM_KERNEL_VARIANT=v4load16 no longer reaches
-// the pairs.
+// spill; =2 also shrinks kTransposed16 / 32 by 144 / 152 instructions, no spill. Default SASS
+// unchanged; =1 changes only the V4 pair kernel, =2 also the V4 transposed ones (kRolesWide
+// keeps its code). Predicted: -4 to -10% on the V4 h_q 128 pair cases, less on h_q 16 / 32.
+// With the flag JFM_KERNEL_VARIANT=v4load16 no longer reaches the kernels it narrows.
 #ifndef JFM_V4_PAIR_NARROW
 #define JFM_V4_PAIR_NARROW 0
 #endif
@@ -253,13 +254,17 @@ struct SparseWsTask {
     const int lr = ptid >> 3, lq = ptid & 7;
     static_assert(!(kRow8 && kRopeAsync), "JFM_V32_ROW8 with JFM_V32_ROPE_ASYNC: not written");
     constexpr int kDequant = fp8_dequant_form(kSole);  // (JFM_FP8_DEQUANT)
+    // (JFM_V4_PAIR_NARROW) V4 producers the host may give 16-byte reads: kRolesWide's only.
+    constexpr bool kMayLoad16 =
+        JFM_V4_PAIR_NARROW == 0 || (JFM_V4_PAIR_NARROW == 1 && !kPair) || (kSole && kWide && !kPair);
     using Stage = std::conditional_t<
         kRow8, StageV32R8,
         std::conditional_t<
             kRopeAsync && !kPair,
-            std::conditional_t<kFmt == KvFormat::kFp8V4, StageV4T<true, kDequant>, StageV32T<true, kDequant>>,
+            std::conditional_t<kFmt == KvFormat::kFp8V4, StageV4T<true, kDequant, kMayLoad16>,
+                               StageV32T<true, kDequant>>,
             std::conditional_t<kPair && kFmt == KvFormat::kFp8V4,
-                               StageV4T<false, kDequant, JFM_V4_PAIR_NARROW == 0>,
+                               StageV4T<false, kDequant, kMayLoad16>,
                                typename Fp8Stage<kFmt == KvFormat::kBf16 ? KvFormat::kFp8V32 : kFmt,
                                                  kDequant>::type>>>;
     // kRopeAsync: the second of the full barrier's two arrivals per thread, after its first: when
