@@ -56,18 +56,19 @@ constexpr bool kPipelinedFp8Fetch = JFM_PIPELINED_FP8_FETCH != 0;
 #ifndef JFM_FP8_WIDE_OUT
 #define JFM_FP8_WIDE_OUT 3
 #endif
-// JFM_V4_PAIR_NARROW (candidate, off; =1 the pairs, =2 also the transposed and kRoles kernels):
-// those V4 producers compiled for 8-byte row reads only (StageV4T's kMayLoad16 = false), not for
-// both widths chosen at run time by SparsePool::load16, which the host sets for kRolesWide only
-// (sparse/dispatch.cu; 16-byte reads cost the pairs +31%, 2026-12-03 fifth session). Why (docs/PERFORMANCE.md, same session, section 4):
-// on identical inputs the V4 h_q 128 pair is producer-bound and its producer issues 13.5% more
-// instructions per tile than upstream's with the same dequantization instructions, the excess in
-// address math; the runtime width selects every piece's tile offset (piece()). SASS (cuobjdump):
-// the pair's producer tile loop 799 -> 656 instructions (of the 799, ~730 run per tile), no
-// spill; =2 also shrinks kTransposed16 / 32 by 144 / 152 instructions, no spill. Default SASS
-// unchanged; =1 changes only the V4 pair kernel, =2 also the V4 transposed ones (kRolesWide
-// keeps its code). Predicted: -4 to -10% on the V4 h_q 128 pair cases, less on h_q 16 / 32.
-// With the flag JFM_KERNEL_VARIANT=v4load16 no longer reaches the kernels it narrows.
+// JFM_V4_PAIR_NARROW (candidate, off; =1 the pairs, =2 also the transposed kernels): those V4
+// producers compiled for 8-byte row reads only (StageV4T's kMayLoad16 = false), not for both
+// widths chosen at run time by SparsePool::load16, which the host sets for kRolesWide only
+// (sparse/dispatch.cu; 16-byte reads cost the pairs +31%, 2026-12-03 fifth session). Why
+// (docs/PERFORMANCE.md, same session, section 4): on identical inputs the V4 h_q 128 pair is
+// producer-bound and its producer issues 13.5% more instructions per tile than upstream's with
+// the same dequantization instructions, the excess in address math; the runtime width selects
+// every piece's tile offset (piece()). SASS (cuobjdump): the pair's producer tile loop 799 -> 656
+// instructions (of the 799, ~730 run per tile), no spill; =2 also shrinks kTransposed16 / 32 by
+// 144 / 152 instructions, no spill. Default SASS unchanged; =1 changes only the V4 pair kernel,
+// =2 also the V4 transposed ones (kRolesWide keeps its code). Predicted: -4 to -10% on the V4
+// h_q 128 pair cases, less on h_q 16 / 32. With the flag JFM_KERNEL_VARIANT=v4load16 no longer
+// reaches the kernels it narrows.
 #ifndef JFM_V4_PAIR_NARROW
 #define JFM_V4_PAIR_NARROW 0
 #endif
