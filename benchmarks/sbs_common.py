@@ -181,8 +181,8 @@ def gpu_energy_counter():
     """A function returning the GPU's total energy counter in mJ (NVML,
     nvmlDeviceGetTotalEnergyConsumption) for the device this process uses (the first entry of
     CUDA_VISIBLE_DEVICES, else 0); None where pynvml or the counter is missing. Read around a timed
-    window it gives that window's energy exactly, which nvidia-smi's one-second power average
-    cannot for windows under ~1.5 s."""
+    window it gives that window's energy to within one counter step (ENERGY_COUNTER_MIN_S), not
+    mixed with the second before it as nvidia-smi's averaged power is."""
     try:
         import pynvml
         pynvml.nvmlInit()
