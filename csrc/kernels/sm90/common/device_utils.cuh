@@ -140,20 +140,6 @@ __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
   } while (!done);
   __syncwarp();
 }
-// Whether the phase of parity `parity` has completed, without waiting (acquire, as a wait that
-// returns); a false answer means: wait as usual. Used by no kernel today (JFM_WS_EARLY_P_FREE,
-// the P-free test issued early, measured flat and removed: docs/PERFORMANCE.md, 2026-12-03, fifth
-// session); tests/gpu/racecheck_probe.cu's pattern 9 shows racecheck accepts its hand-off.
-__device__ __forceinline__ bool mbarrier_test_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done;
-  asm volatile(
-      "{\n.reg .pred p;\nmbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-      "selp.u32 %0, 1, 0, p;\n}\n"
-      : "=r"(done)
-      : "r"(bar), "r"(parity)
-      : "memory");
-  return done != 0;
-}
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 // Barrier `id` (1..15; 0 is __syncthreads') over `count` threads, whole warps. The non-.aligned
 // forms (barrier.sync / barrier.arrive, not bar.*): the two role-split math warpgroups meet at the

@@ -360,21 +360,6 @@ struct SparseWsTask {
           own(n2, k2);
         }
       };
-      // The indices one tile on (idx <- idx_next <- idx_after).
-      auto shift_indices = [](int (&now)[4], int (&next)[4], const int (&after)[4]) {
-#pragma unroll
-        for (int h = 0; h < 4; ++h) {
-          now[h] = next[h];
-          next[h] = after[h];
-        }
-      };
-      // The pair's validity bytes of all 64 tokens of the tile (idx: its indices), written locally.
-      auto mark_pair_valid = [&](const auto& fill, const int (&ix)[4], int pool_id) {
-        if (slot.j == 0) {
-          fill.valid[slot.t] = q.rows.row_of(ix[0], pool_id) >= 0;
-          fill.valid[slot.t + 32] = q.rows.row_of(ix[1], pool_id) >= 0;
-        }
-      };
       int n = q.first;
       own(n, k);
       int idx[4] = {-1, -1, -1, -1};
@@ -449,7 +434,11 @@ struct SparseWsTask {
           load_indices(n_after, idx_after);
           fill.wait_empty();
           store_rounds(fill, q.rows, pool_id, idx);
-          shift_indices(idx, idx_next, idx_after);
+#pragma unroll
+          for (int h = 0; h < 4; ++h) {  // the indices one tile on
+            idx[h] = idx_next[h];
+            idx_next[h] = idx_after[h];
+          }
           n = n_next;
           k = k_next;
           n_next = n_after;
@@ -477,7 +466,10 @@ struct SparseWsTask {
             if (ptid == 0) mbarrier_arrive_expect_tx(fill.peer_full, 128 * Stage::kThreadBytes);
             store_stage_pair(stage, fill.tile, fill.peer_tile, fill.peer_peer_full,
                              slot.t + 32 * sh.rank);
-            mark_pair_valid(fill, idx, pool_id);
+            if (slot.j == 0) {  // the validity bytes of all 64 tokens, written locally
+              fill.valid[slot.t] = q.rows.row_of(idx[0], pool_id) >= 0;
+              fill.valid[slot.t + 32] = q.rows.row_of(idx[1], pool_id) >= 0;
+            }
             publish(fill);  // (the local stores; the peer's are counted on its peer_full)
             tile_trace(fill.k, kTrProdIssued);
           } else if constexpr (kFp8) {
