@@ -17,6 +17,7 @@ Files in a case folder (all optional except q):
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -177,8 +178,9 @@ def energy_per_call(stats: dict | None, time_per_call_s: float, window_s: float)
 ENERGY_COUNTER_MIN_S = 2.0
 
 
+@functools.lru_cache(maxsize=None)
 def gpu_energy_counter():
-    """A function returning the GPU's total energy counter in mJ (NVML,
+    """(Once per process.) A function returning the GPU's total energy counter in mJ (NVML,
     nvmlDeviceGetTotalEnergyConsumption) for the device this process uses (the first entry of
     CUDA_VISIBLE_DEVICES, else 0); None where pynvml or the counter is missing. Read around a timed
     window it gives that window's energy to within one counter step (ENERGY_COUNTER_MIN_S), not
@@ -194,12 +196,21 @@ def gpu_energy_counter():
     return lambda: float(pynvml.nvmlDeviceGetTotalEnergyConsumption(handle))
 
 
-def counter_energy(read, e0: float | None, units: int, k: int, window_s: float) -> dict:
-    """The in-one-unit window's energy per call from the counter (read: gpu_energy_counter(), e0
-    its value at the window's start; units of k calls ran in it), or {} without a counter."""
-    if read is None or e0 is None:
-        return {}
-    return dict(k_energy_mj=(read() - e0) / (units * k), k_energy_window_s=window_s)
+def time_in_one_unit(unit, sync, k: int, **rounds) -> dict:
+    """Both workers' in-one-unit timing: time_rounds of `unit` (k calls as one jit / one CUDA
+    graph), as seconds per call (k_time_s), the wall-clock window (k_window, for nvidia-smi's
+    samples) and, where NVML's counter is there, the window's energy per call (k_energy_mj over
+    k_energy_window_s seconds)."""
+    read = gpu_energy_counter()
+    e0 = read() if read else None
+    t0 = time.time()
+    t = time_rounds(unit, sync, **rounds)
+    t1 = time.time()
+    rec = dict(k_calls=k, k_time_s=t["time_s"] / k, k_window=[t0, t1])
+    if read:
+        units = 1 + t["calls"] * t["rounds"]  # time_rounds runs one unit before its rounds
+        rec.update(k_energy_mj=(read() - e0) / (units * k), k_energy_window_s=t1 - t0)
+    return rec
 
 
 def smi_window(samples, t0: float, t1: float) -> dict | None:

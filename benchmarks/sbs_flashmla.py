@@ -32,8 +32,8 @@ sys.path.insert(0, HERE)
 import numpy as np  # noqa: E402
 
 from sbs_common import (CALLS, D_V, QUICK_CALLS, QUICK_ROUNDS, ROUNDS, append_jsonl,  # noqa: E402
-                        case_dir, counter_energy, gpu_energy_counter, gpu_time_record, k_units,
-                        kineto_gpu_events, load_meta, saved_rows, time_rounds)
+                        case_dir, gpu_time_record, k_units, kineto_gpu_events, load_meta,
+                        saved_rows, time_in_one_unit, time_rounds)
 
 DEV = "cuda"
 _V4_ALIGN = 576
@@ -181,16 +181,8 @@ def time_in_one_graph(call, q, k, calls, rounds):
         keep = [call(qi) for qi in qs]  # noqa: F841 (the graph's outputs stay allocated)
     graph.replay()
     torch.cuda.synchronize()
-    energy = gpu_energy_counter()
-    e0 = energy() if energy else None
-    t0 = time.time()
-    t = time_rounds(graph.replay, lambda _: torch.cuda.synchronize(), calls=k_units(calls),
-                    rounds=rounds)
-    t1 = time.time()
-    rec = dict(k_calls=k, k_time_s=t["time_s"] / k, k_window=[t0, t1])
-    # time_rounds replays once before its rounds
-    rec.update(counter_energy(energy, e0, 1 + t["calls"] * t["rounds"], k, t1 - t0))
-    return rec
+    return time_in_one_unit(graph.replay, lambda _: torch.cuda.synchronize(), k,
+                            calls=k_units(calls), rounds=rounds)
 
 
 def gpu_time(call, q, k, units=3):

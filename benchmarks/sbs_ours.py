@@ -62,8 +62,8 @@ import jax.numpy as jnp  # noqa: E402
 
 import jax_flashmla as jfm  # noqa: E402
 from sbs_common import (CALLS, QUICK_CALLS, QUICK_ROUNDS, ROUNDS, append_jsonl, case_dir,  # noqa: E402
-                        counter_energy, gpu_energy_counter, gpu_time_record, k_units, load_meta,
-                        perfetto_gpu_events, saved_rows, time_rounds)
+                        gpu_time_record, k_units, load_meta, perfetto_gpu_events, saved_rows,
+                        time_in_one_unit, time_rounds)
 
 _TARGET_RE = re.compile(r'(?:custom_call\s*@|call_target_name\s*=\s*")(jax_flashmla_\w+)')
 
@@ -158,15 +158,8 @@ def time_in_one_call(fn, args, k, calls, rounds, units=3):
     qs = tuple(jnp.array(args[0], copy=True) for _ in range(k))
     many = jax.jit(lambda qs, *rest: [fn(qi, *rest) for qi in qs])
     jax.block_until_ready(many(qs, *args[1:]))
-    energy = gpu_energy_counter()
-    e0 = energy() if energy else None
-    t0 = time.time()
-    t = time_rounds(lambda: many(qs, *args[1:]), jax.block_until_ready,
-                    calls=k_units(calls), rounds=rounds, budget_s=ARGS.max_seconds)
-    t1 = time.time()
-    rec = dict(k_calls=k, k_time_s=t["time_s"] / k, k_window=[t0, t1])
-    # time_rounds runs one unit before its rounds
-    rec.update(counter_energy(energy, e0, 1 + t["calls"] * t["rounds"], k, t1 - t0))
+    rec = time_in_one_unit(lambda: many(qs, *args[1:]), jax.block_until_ready, k,
+                           calls=k_units(calls), rounds=rounds, budget_s=ARGS.max_seconds)
     try:
         with tempfile.TemporaryDirectory() as d:
             with jax.profiler.trace(d, create_perfetto_trace=True):

@@ -262,11 +262,11 @@ def print_in_one_call(rows, k):
     return dict(all=g, n=len(ratios), k=k, gpu_time=gg, n_gpu_time=len(g_ratios))
 
 
-def side_energy(rec: dict, st: dict | None) -> dict | None:
-    """One side's energy per call over its in-one-unit window: from NVML's energy counter where the
-    worker read it (k_energy_mj; trusted over windows >= ENERGY_COUNTER_MIN_S), else mean
-    nvidia-smi power x time per call (sbs_common.energy_per_call)."""
-    if rec.get("k_energy_mj") is not None:
+def side_energy(rec: dict, st: dict | None, counter: bool) -> dict | None:
+    """One side's energy per call over its in-one-unit window: with `counter`, from NVML's energy
+    counter that the worker read (k_energy_mj; trusted over windows >= ENERGY_COUNTER_MIN_S), else
+    mean nvidia-smi power x time per call (sbs_common.energy_per_call)."""
+    if counter:
         return dict(mj=rec["k_energy_mj"], src="nvml",
                     trusted=rec.get("k_energy_window_s", 0.0) >= ENERGY_COUNTER_MIN_S)
     w = rec.get("k_window")
@@ -290,18 +290,17 @@ def print_clocks(rows, smi_path=None):
     trusted = []
     for r in rows:
         cells, energy = [], []
+        # NVML's counter where both sides read it, else nvidia-smi's power for both
+        counter = all(r[s].get("k_energy_mj") is not None for s in ("ours", "flashmla"))
         for side in ("ours", "flashmla"):
             w = r[side].get("k_window")
             st = smi_window(samples, *w) if w else None
             r[side]["k_clocks"] = st
-            energy.append(side_energy(r[side], st))
+            energy.append(side_energy(r[side], st, counter))
             cells.append(f"{st['mhz']:>{9 if side == 'ours' else 12}.0f} {st['watts']:>5.0f} "
                          f"{st['capped']:>4.0%}" if st else f"{'-':>{9 if side == 'ours' else 12}} "
                          f"{'-':>5} {'-':>4}")
         eo, ef = energy
-        if eo and ef and eo["src"] != ef["src"]:  # one side without the counter: smi for both
-            eo, ef = (side_energy({k: v for k, v in r[s].items() if k != "k_energy_mj"},
-                                  r[s]["k_clocks"]) for s in ("ours", "flashmla"))
         if eo and ef:
             star = "*" if eo["trusted"] and ef["trusted"] else " "
             if star == "*":

@@ -167,17 +167,27 @@ def test_energy_per_call_in_the_clocks_table(tmp_path, capsys):
     assert rows[0]["ours"]["k_clocks"]["capped"] == 1.0
 
 
-def test_energy_counter_in_the_clocks_table(capsys):
+def test_energy_counter_in_the_clocks_table(capsys, monkeypatch):
     """With NVML's energy counter read around both windows, the table takes energy per call from
     it (trusted from ENERGY_COUNTER_MIN_S on, no nvidia-smi samples needed); where only one side
     has it, both fall back to nvidia-smi's power (here none: no energy)."""
     import sbs_common
     import side_by_side
 
-    ticks = iter([1000.0, 1000.0 + 3 * 4 * 50.0])  # 3 units of 4 calls at 50 mJ per call
-    rec = sbs_common.counter_energy(lambda: next(ticks), next(ticks), 3, 4, 0.8)
-    assert rec == {"k_energy_mj": 50.0, "k_energy_window_s": 0.8}
-    assert sbs_common.counter_energy(None, None, 3, 4, 0.8) == {}
+    # time_in_one_unit: 1 + 2 x 1 units of 4 calls ran (time_rounds' first unit, then its
+    # rounds), each call at 50 mJ on a fake counter that one run of the unit advances by 200 mJ
+    energy = [1000.0]
+
+    def unit():
+        energy[0] += 4 * 50.0
+
+    monkeypatch.setattr(sbs_common, "gpu_energy_counter", lambda: (lambda: energy[0]))
+    rec = sbs_common.time_in_one_unit(unit, lambda _: None, 4, calls=1, rounds=2)
+    assert rec["k_energy_mj"] == 50.0 and rec["k_energy_window_s"] >= 0.0
+    assert rec["k_calls"] == 4 and len(rec["k_window"]) == 2
+    monkeypatch.setattr(sbs_common, "gpu_energy_counter", lambda: None)
+    rec = sbs_common.time_in_one_unit(unit, lambda _: None, 4, calls=1, rounds=2)
+    assert "k_energy_mj" not in rec and "k_energy_window_s" not in rec
 
     def side(mj, window_s):
         d = {"k_window": (0.0, window_s), "k_time_s": 1e-3}
