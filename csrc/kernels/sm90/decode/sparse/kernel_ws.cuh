@@ -56,21 +56,20 @@ constexpr bool kPipelinedFp8Fetch = JFM_PIPELINED_FP8_FETCH != 0;
 #ifndef JFM_FP8_WIDE_OUT
 #define JFM_FP8_WIDE_OUT 3
 #endif
-// JFM_V4_PAIR_NARROW (candidate, off; =1 the pairs, =2 also the transposed kernels): those V4
-// producers compiled for 8-byte row reads only (StageV4T's kMayLoad16 = false), not for both
-// widths chosen at run time by SparsePool::load16, which the host sets for kRolesWide only
-// (sparse/dispatch.cu; 16-byte reads cost the pairs +31%, 2026-12-03 fifth session). Why
-// (docs/PERFORMANCE.md, same session, section 4): on identical inputs the V4 h_q 128 pair is
-// producer-bound and its producer issues 13.5% more instructions per tile than upstream's with
-// the same dequantization instructions, the excess in address math; the runtime width selects
-// every piece's tile offset (piece()). SASS (cuobjdump): the pair's producer tile loop 799 -> 656
-// instructions (of the 799, ~730 run per tile), no spill; =2 also shrinks kTransposed16 / 32 by
-// 144 / 152 instructions, no spill. Default SASS unchanged; =1 changes only the V4 pair kernel,
-// =2 also the V4 transposed ones (kRolesWide keeps its code). Predicted: -4 to -10% on the V4
-// h_q 128 pair cases, less on h_q 16 / 32. With the flag JFM_KERNEL_VARIANT=v4load16 no longer
-// reaches the kernels it narrows.
+// JFM_V4_PAIR_NARROW (default 2; 1 the pairs only, 0 none): those V4 producers compiled for
+// 8-byte row reads only (StageV4T's kMayLoad16 = false), not for both widths chosen at run time
+// by SparsePool::load16, which the host sets for kRolesWide only (sparse/dispatch.cu; 16-byte
+// reads cost the pairs +31%, 2026-12-03 fifth session). Why (docs/PERFORMANCE.md, same session,
+// section 4): on identical inputs the V4 h_q 128 pair is producer-bound and its producer issued
+// 13.5% more instructions per tile than upstream's with the same dequantization instructions, the
+// excess in address math; the runtime width selected every piece's tile offset (piece()). SASS:
+// the pair's producer tile loop 799 -> 656 instructions, no spill; kTransposed16 / 32 -144 / -152.
+// Measured (H200, sixth session, abflags, kernel medians of 30): V4 h_q 128 b 64 pair 55.47 ->
+// 52.30 us (-5.7%), b 128 s_q 2 203.02 -> 196.22 (-3.3%), 1M-token pool 58.32 -> 57.06 (-2.2%);
+// h_q 16 25.17 -> 24.77 (=2), h_q 32 31.31 -> 31.38. kRolesWide keeps both widths. With the
+// default, JFM_KERNEL_VARIANT=v4load16 reaches kRolesWide only (=0 for the old reach).
 #ifndef JFM_V4_PAIR_NARROW
-#define JFM_V4_PAIR_NARROW 0
+#define JFM_V4_PAIR_NARROW 2
 #endif
 constexpr bool fp8_wide_out(bool pair, bool scores_role) {
   switch (JFM_FP8_WIDE_OUT) {
