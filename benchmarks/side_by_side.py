@@ -290,8 +290,9 @@ def print_clocks(rows, smi_path=None):
     trusted = []
     for r in rows:
         cells, energy = [], []
-        # NVML's counter where both sides read it, else nvidia-smi's power for both
-        counter = all(r[s].get("k_energy_mj") is not None for s in ("ours", "flashmla"))
+        # NVML's counter where both sides read it, else nvidia-smi's power for both; a window
+        # shorter than the counter's 100 ms step can read 0 (no step seen): not a reading
+        counter = all((r[s].get("k_energy_mj") or 0.0) > 0.0 for s in ("ours", "flashmla"))
         for side in ("ours", "flashmla"):
             w = r[side].get("k_window")
             st = smi_window(samples, *w) if w else None
@@ -301,7 +302,7 @@ def print_clocks(rows, smi_path=None):
                          f"{st['capped']:>4.0%}" if st else f"{'-':>{9 if side == 'ours' else 12}} "
                          f"{'-':>5} {'-':>4}")
         eo, ef = energy
-        if eo and ef:
+        if eo and ef and eo["mj"] > 0.0 and ef["mj"] > 0.0:
             star = "*" if eo["trusted"] and ef["trusted"] else " "
             if star == "*":
                 trusted.append(ef["mj"] / eo["mj"])

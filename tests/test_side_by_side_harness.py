@@ -198,12 +198,16 @@ def test_energy_counter_in_the_clocks_table(capsys, monkeypatch):
     long_s = sbs_common.ENERGY_COUNTER_MIN_S + 0.1
     rows = [{"case": {"name": "counted"}, "ours": side(40.0, long_s), "flashmla": side(50.0, long_s)},
             {"case": {"name": "brief"}, "ours": side(40.0, 0.01), "flashmla": side(60.0, long_s)},
-            {"case": {"name": "onesided"}, "ours": side(40.0, long_s), "flashmla": side(None, long_s)}]
+            {"case": {"name": "onesided"}, "ours": side(40.0, long_s), "flashmla": side(None, long_s)},
+            # a window under the counter's 100 ms step read no step (H200, 2026-12-03 sixth
+            # session: ZeroDivisionError): nvidia-smi for both (none here), no ratio
+            {"case": {"name": "nostep"}, "ours": side(0.0, 0.05), "flashmla": side(60.0, long_s)}]
     side_by_side.print_clocks(rows)
     out = capsys.readouterr().out
     line = {n: next(l for l in out.splitlines() if l.startswith(n))
-            for n in ("counted", "brief", "onesided")}
+            for n in ("counted", "brief", "onesided", "nostep")}
     assert line["counted"].rstrip().endswith("1.25* nvml"), line["counted"]
     assert "1.50" in line["brief"] and "*" not in line["brief"]
     assert "nvml" not in line["onesided"] and "*" not in line["onesided"]
+    assert "nvml" not in line["nostep"] and "*" not in line["nostep"]
     assert "geomean over the 1 rows marked *: 1.250" in out
