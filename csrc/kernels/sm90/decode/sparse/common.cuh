@@ -477,6 +477,13 @@ struct StageV32R8 {
   }
 };
 
+// The block of flat row `row` (>= 0) of a V4 pool, divided in 32 bits: rows come from int32
+// indices (below 2^31), so the 64-bit division's range test and call are not needed (H200, 2026-12-03
+// sixth session: V4 h_q 128 pair -1.1 to -3.6%, h_q 64 kRolesWide -2.3%, h_q 16 +0.5%).
+__device__ __forceinline__ int64_t v4_block_of(int64_t row, int block_size) {
+  return static_cast<uint32_t>(row) / static_cast<uint32_t>(block_size);
+}
+
 // V4: per-block layout; token tt of block blk: 448 e4m3 (7 tiles of 64) + 64 bf16 RoPE at
 // blk * bs * 584 + 576 tt, 7 e8m0 scales at blk * bs * 584 + 576 bs + 8 tt. Only 8-byte alignment
 // is guaranteed (584 * bs need not be a multiple of 16), so the loads are 8 bytes wide.
@@ -507,7 +514,7 @@ struct StageV4T : RopeSrc<kRopeAsync> {
     if constexpr (kMayLoad16) wide = pool.load16;
     else wide = false;  // a constant: every `wide ?` below folds
     const int64_t r = valid ? row : 0;
-    const int64_t blk = r / pool.block_size, tt = r - blk * pool.block_size;
+    const int64_t blk = v4_block_of(r, pool.block_size), tt = r - blk * pool.block_size;
     const uint8_t* block = pool.data + blk * pool.block_size * 584;
     const uint8_t* rec = block + 576 * tt;
     if (wide) {
@@ -542,7 +549,7 @@ struct StageV4T : RopeSrc<kRopeAsync> {
   template <int kForm>
   static __device__ __forceinline__ void prefetch(const SparsePool& pool, int64_t row, int lane) {
     if (row < 0) return;
-    const int64_t blk = row / pool.block_size, tt = row - blk * pool.block_size;
+    const int64_t blk = v4_block_of(row, pool.block_size), tt = row - blk * pool.block_size;
     const uint8_t* block = pool.data + blk * pool.block_size * 584;
     const uint8_t* rec = block + 576 * tt;
     const uint8_t* scale = block + 576 * static_cast<int64_t>(pool.block_size) + 8 * tt;

@@ -67,7 +67,10 @@ constexpr bool kPipelinedFp8Fetch = JFM_PIPELINED_FP8_FETCH != 0;
 // Measured (H200, sixth session, abflags, kernel medians of 30): V4 h_q 128 b 64 pair 55.47 ->
 // 52.30 us (-5.7%), b 128 s_q 2 203.02 -> 196.22 (-3.3%), 1M-token pool 58.32 -> 57.06 (-2.2%);
 // h_q 16 25.17 -> 24.77 (=2), h_q 32 31.31 -> 31.38. kRolesWide keeps both widths. With the
-// default, JFM_KERNEL_VARIANT=v4load16 reaches kRolesWide only (=0 for the old reach).
+// default, JFM_KERNEL_VARIANT=v4load16 reaches kRolesWide only (=0 for the old reach). The +31%
+// was not the runtime select: the pair compiled for 16-byte reads only (a probe, sixth session,
+// 22 fewer loop instructions) was +24 to +25% on the same three h_q 128 cases (docs/perf_logs/
+// v4_wide16_div32_abflags_h200_2026-12-03f.txt); the cause is in the 16-byte loads themselves.
 #ifndef JFM_V4_PAIR_NARROW
 #define JFM_V4_PAIR_NARROW 2
 #endif
