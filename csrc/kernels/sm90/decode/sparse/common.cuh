@@ -9,6 +9,7 @@
 #include <climits>
 #include <cmath>
 #include <type_traits>
+#include <utility>
 
 #include "kernels/params.h"
 #include "kernels/sm90/decode/tile_attention.cuh"
@@ -165,6 +166,42 @@ __device__ __forceinline__ uint2 ld_nc_8(const uint8_t* p) {
   } else {
     return __ldg(reinterpret_cast<const uint2*>(p));
   }
+}
+
+// JFM_FP8_ROW_BASE's hinted loads (common.cuh's FP8 stages): `pred ? *(base + kOff) : 0` with
+// the predicate and the constant offset inside the PTX instruction ([base+kOff]), so ptxas keeps
+// one address per row instead of a 64-bit add per load (with a C++ select around ld_nc_*, it
+// re-added the row's base to the pool's address before every predicated load).
+template <int kOff>
+__device__ __forceinline__ uint2 ld_nc_8_if(const uint8_t* base, bool pred) {
+  if constexpr ((JFM_FP8_PROBE & 1) != 0) return pred ? ld_nc_8<true>(base + kOff) : make_uint2(0, 0);
+  uint2 v = make_uint2(0u, 0u);
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %2, 0;\n"
+      "@p ld.global.nc.L1::evict_last.L2::256B.v2.u32 {%0, %1}, [%3+%4];\n}\n"
+      : "+r"(v.x), "+r"(v.y)
+      : "r"(static_cast<int>(pred)), "l"(base), "n"(kOff));
+  return v;
+}
+template <int kOff>
+__device__ __forceinline__ uint4 ld_nc_16_if(const uint8_t* base, bool pred) {
+  if constexpr ((JFM_FP8_PROBE & 1) != 0) return pred ? ld_nc_16<true>(base + kOff) : make_uint4(0, 0, 0, 0);
+  uint4 v = make_uint4(0u, 0u, 0u, 0u);
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %4, 0;\n"
+      "@p ld.global.nc.L1::evict_last.L2::256B.v4.u32 {%0, %1, %2, %3}, [%5+%6];\n}\n"
+      : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w)
+      : "r"(static_cast<int>(pred)), "l"(base), "n"(kOff));
+  return v;
+}
+// out[k] = pred ? the kBytes-wide piece at base + kFirst + kStride k : 0, for k < sizeof...(K).
+template <int kBytes, int kFirst, int kStride, class T, size_t... K>
+__device__ __forceinline__ void ld_pieces_if(T* out, const uint8_t* base, bool pred,
+                                             std::index_sequence<K...>) {
+  if constexpr (kBytes == 8)
+    ((out[K] = ld_nc_8_if<kFirst + kStride * static_cast<int>(K)>(base, pred)), ...);
+  else
+    ((out[K] = ld_nc_16_if<kFirst + kStride * static_cast<int>(K)>(base, pred)), ...);
 }
 
 // L2 prefetches (JFM_FP8_L2_PREFETCH, kernel_ws.cuh): hints that take no
@@ -336,6 +373,16 @@ struct RopeSrc {
 template <>
 struct RopeSrc<false> {};
 
+// JFM_FP8_ROW_BASE (candidate, off): the FP8 stages' fetch forms this thread's first address once
+// and reaches its other 16- / 8-byte pieces at constant offsets from it. The default writes each
+// piece's offset as one int (16 * (4 k + j)), which ptxas cannot split into a register plus an
+// immediate (the 32-bit sum might wrap), so it keeps one offset register per piece and adds it to
+// the row's 64-bit address per load: V3.2 kRolesWide's 36 row loads, 4 with an immediate offset.
+#ifndef JFM_FP8_ROW_BASE
+#define JFM_FP8_ROW_BASE 0
+#endif
+constexpr bool kFp8RowBase = JFM_FP8_ROW_BASE != 0;
+
 // V3.2: 656-byte tokens (512 e4m3 in 4 tiles of 128 | 4 float32 scales | 64 bf16 RoPE).
 // kRopeAsync (JFM_V32_ROPE_ASYNC, kernel_ws.cuh): the RoPE chunks, already bf16, go to the tile
 // by cp.async (emit's copy) instead of through registers; the stage keeps their address.
@@ -355,15 +402,26 @@ struct StageV32T {
   __device__ __forceinline__ void fetch(const SparsePool& pool, int64_t row) {
     valid = row >= 0;
     const uint8_t* tok = pool.data + (valid ? row : 0) * 656;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) nope[k] = valid ? ld_nc_16<kHint>(tok + 16 * (4 * k + j_)) : make_uint4(0, 0, 0, 0);
-    scales = valid ? ld_nc_16<kHint>(tok + 512) : make_uint4(0, 0, 0, 0);
-    if constexpr (kRopeAsync) {
-      rope_src = tok + 528 + 16 * j_;
+    if constexpr (kFp8RowBase && kHint) {  // (JFM_FP8_ROW_BASE) one address, constant offsets
+      const uint8_t* mine = tok + 16 * j_;
+      ld_pieces_if<16, 0, 64>(nope, mine, valid, std::make_index_sequence<8>{});
+      scales = ld_nc_16_if<512>(tok, valid);
+      if constexpr (kRopeAsync) {
+        rope_src = mine + 528;
+      } else {
+        ld_pieces_if<16, 528, 64>(rope, mine, valid, std::make_index_sequence<2>{});
+      }
     } else {
 #pragma unroll
-      for (int k = 0; k < 2; ++k)
-        rope[k] = valid ? ld_nc_16<kHint>(tok + 528 + 16 * (4 * k + j_)) : make_uint4(0, 0, 0, 0);
+      for (int k = 0; k < 8; ++k) nope[k] = valid ? ld_nc_16<kHint>(tok + 16 * (4 * k + j_)) : make_uint4(0, 0, 0, 0);
+      scales = valid ? ld_nc_16<kHint>(tok + 512) : make_uint4(0, 0, 0, 0);
+      if constexpr (kRopeAsync) {
+        rope_src = tok + 528 + 16 * j_;
+      } else {
+#pragma unroll
+        for (int k = 0; k < 2; ++k)
+          rope[k] = valid ? ld_nc_16<kHint>(tok + 528 + 16 * (4 * k + j_)) : make_uint4(0, 0, 0, 0);
+      }
     }
   }
   // Asks L2 for row `row`'s 656 bytes (16-byte aligned, 41 x 16) ahead of its fetch: kForm 1
@@ -517,30 +575,52 @@ struct StageV4T : RopeSrc<kRopeAsync> {
     const int64_t blk = v4_block_of(r, pool.block_size), tt = r - blk * pool.block_size;
     const uint8_t* block = pool.data + blk * pool.block_size * 584;
     const uint8_t* rec = block + 576 * tt;
+    // (JFM_FP8_ROW_BASE) this thread's first piece's address, the others at constant offsets
+    const uint8_t* mine = rec + (wide ? 16 : 8) * j_;
     if (wide) {
+      if constexpr (kFp8RowBase && kHint) {
+        uint4 v[9];  // NoPE pieces 0-6, RoPE 7-8 (!kRopeAsync), 16 bytes each
+        ld_pieces_if<16, 0, 64>(v, mine, valid, std::make_index_sequence<7>{});
+        if constexpr (!kRopeAsync) ld_pieces_if<16, 448, 64>(v + 7, mine, valid, std::make_index_sequence<2>{});
 #pragma unroll
-      for (int k = 0; k < 7; ++k) {
-        const uint4 v = valid ? ld_nc_16<kHint>(rec + 16 * (4 * k + j_)) : make_uint4(0, 0, 0, 0);
-        nope[2 * k] = make_uint2(v.x, v.y);
-        nope[2 * k + 1] = make_uint2(v.z, v.w);
-      }
-      if constexpr (!kRopeAsync) {
+        for (int k = 0; k < 9; ++k) {
+          if (k >= 7 && kRopeAsync) break;
+          uint2* out = k < 7 ? nope + 2 * k : rope + 2 * (k - 7);
+          out[0] = make_uint2(v[k].x, v[k].y);
+          out[1] = make_uint2(v[k].z, v[k].w);
+        }
+      } else {
 #pragma unroll
-        for (int k = 0; k < 2; ++k) {
-          const uint4 v = valid ? ld_nc_16<kHint>(rec + 448 + 16 * (4 * k + j_)) : make_uint4(0, 0, 0, 0);
-          rope[2 * k] = make_uint2(v.x, v.y);
-          rope[2 * k + 1] = make_uint2(v.z, v.w);
+        for (int k = 0; k < 7; ++k) {
+          const uint4 v = valid ? ld_nc_16<kHint>(rec + 16 * (4 * k + j_)) : make_uint4(0, 0, 0, 0);
+          nope[2 * k] = make_uint2(v.x, v.y);
+          nope[2 * k + 1] = make_uint2(v.z, v.w);
+        }
+        if constexpr (!kRopeAsync) {
+#pragma unroll
+          for (int k = 0; k < 2; ++k) {
+            const uint4 v = valid ? ld_nc_16<kHint>(rec + 448 + 16 * (4 * k + j_)) : make_uint4(0, 0, 0, 0);
+            rope[2 * k] = make_uint2(v.x, v.y);
+            rope[2 * k + 1] = make_uint2(v.z, v.w);
+          }
         }
       }
     } else {
+      if constexpr (kFp8RowBase && kHint) {
+        ld_pieces_if<8, 0, 32>(nope, mine, valid, std::make_index_sequence<14>{});
+        if constexpr (!kRopeAsync) ld_pieces_if<8, 448, 32>(rope, mine, valid, std::make_index_sequence<4>{});
+      } else {
 #pragma unroll
-      for (int k = 0; k < 14; ++k) nope[k] = valid ? ld_nc_8<kHint>(rec + 8 * (4 * k + j_)) : make_uint2(0, 0);
-      if constexpr (!kRopeAsync) {
+        for (int k = 0; k < 14; ++k)
+          nope[k] = valid ? ld_nc_8<kHint>(rec + 8 * (4 * k + j_)) : make_uint2(0, 0);
+        if constexpr (!kRopeAsync) {
 #pragma unroll
-        for (int k = 0; k < 4; ++k) rope[k] = valid ? ld_nc_8<kHint>(rec + 448 + 8 * (4 * k + j_)) : make_uint2(0, 0);
+          for (int k = 0; k < 4; ++k)
+            rope[k] = valid ? ld_nc_8<kHint>(rec + 448 + 8 * (4 * k + j_)) : make_uint2(0, 0);
+        }
       }
     }
-    if constexpr (kRopeAsync) this->rope_src = rec + 448 + (wide ? 16 : 8) * j_;
+    if constexpr (kRopeAsync) this->rope_src = kFp8RowBase ? mine + 448 : rec + 448 + (wide ? 16 : 8) * j_;
     scales = valid ? ld_nc_8<kHint>(block + 576 * static_cast<int64_t>(pool.block_size) + 8 * tt) : make_uint2(0, 0);
   }
   // Asks L2 for row `row`'s record (576 bytes, only 8-byte aligned) and scales ahead of its
