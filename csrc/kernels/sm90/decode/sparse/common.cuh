@@ -583,11 +583,16 @@ struct StageV4T : RopeSrc<kRopeAsync> {
         ld_pieces_if<16, 0, 64>(v, mine, valid, std::make_index_sequence<7>{});
         if constexpr (!kRopeAsync) ld_pieces_if<16, 448, 64>(v + 7, mine, valid, std::make_index_sequence<2>{});
 #pragma unroll
-        for (int k = 0; k < 9; ++k) {
-          if (k >= 7 && kRopeAsync) break;
-          uint2* out = k < 7 ? nope + 2 * k : rope + 2 * (k - 7);
-          out[0] = make_uint2(v[k].x, v[k].y);
-          out[1] = make_uint2(v[k].z, v[k].w);
+        for (int k = 0; k < 7; ++k) {
+          nope[2 * k] = make_uint2(v[k].x, v[k].y);
+          nope[2 * k + 1] = make_uint2(v[k].z, v[k].w);
+        }
+        if constexpr (!kRopeAsync) {
+#pragma unroll
+          for (int k = 0; k < 2; ++k) {
+            rope[2 * k] = make_uint2(v[7 + k].x, v[7 + k].y);
+            rope[2 * k + 1] = make_uint2(v[7 + k].z, v[7 + k].w);
+          }
         }
       } else {
 #pragma unroll
