@@ -382,6 +382,19 @@ struct RopeSrc<false> {};
 #define JFM_FP8_ROW_BASE 0
 #endif
 constexpr bool kFp8RowBase = JFM_FP8_ROW_BASE != 0;
+// f(pred) with the loads' predicate: JFM_FP8_ROW_BASE=2 also takes a copy of the loads without
+// one (a constant true: no zero-initialized registers, no predicates) where every row of the
+// warp's active lanes is valid, the usual case (invalid rows are padding and list tails).
+template <class F>
+__device__ __forceinline__ void with_row_pred(bool valid, F&& f) {
+  if constexpr (JFM_FP8_ROW_BASE >= 2) {
+    if (__all_sync(__activemask(), valid)) {
+      f(true);
+      return;
+    }
+  }
+  f(valid);
+}
 
 // V3.2: 656-byte tokens (512 e4m3 in 4 tiles of 128 | 4 float32 scales | 64 bf16 RoPE).
 // kRopeAsync (JFM_V32_ROPE_ASYNC, kernel_ws.cuh): the RoPE chunks, already bf16, go to the tile
@@ -404,13 +417,12 @@ struct StageV32T {
     const uint8_t* tok = pool.data + (valid ? row : 0) * 656;
     if constexpr (kFp8RowBase && kHint) {  // (JFM_FP8_ROW_BASE) one address, constant offsets
       const uint8_t* mine = tok + 16 * j_;
-      ld_pieces_if<16, 0, 64>(nope, mine, valid, std::make_index_sequence<8>{});
-      scales = ld_nc_16_if<512>(tok, valid);
-      if constexpr (kRopeAsync) {
-        rope_src = mine + 528;
-      } else {
-        ld_pieces_if<16, 528, 64>(rope, mine, valid, std::make_index_sequence<2>{});
-      }
+      with_row_pred(valid, [&](bool pred) {
+        ld_pieces_if<16, 0, 64>(nope, mine, pred, std::make_index_sequence<8>{});
+        scales = ld_nc_16_if<512>(tok, pred);
+        if constexpr (!kRopeAsync) ld_pieces_if<16, 528, 64>(rope, mine, pred, std::make_index_sequence<2>{});
+      });
+      if constexpr (kRopeAsync) rope_src = mine + 528;
     } else {
 #pragma unroll
       for (int k = 0; k < 8; ++k) nope[k] = valid ? ld_nc_16<kHint>(tok + 16 * (4 * k + j_)) : make_uint4(0, 0, 0, 0);
@@ -538,8 +550,17 @@ struct StageV32R8 {
 // The block of flat row `row` (>= 0) of a V4 pool, divided in 32 bits: rows come from int32
 // indices (below 2^31), so the 64-bit division's range test and call are not needed (H200, 2026-12-03
 // sixth session: V4 h_q 128 pair -1.1 to -3.6%, h_q 64 kRolesWide -2.3%, h_q 16 +0.5%).
-__device__ __forceinline__ int64_t v4_block_of(int64_t row, int block_size) {
-  return static_cast<uint32_t>(row) / static_cast<uint32_t>(block_size);
+// JFM_V4_FAST_DIV (candidate, off): by the host's multiplier instead (SparsePool::block_mul, set_block_size):
+// one wide multiply and a shift for the ~20 instructions of a division by a runtime divisor.
+#ifndef JFM_V4_FAST_DIV
+#define JFM_V4_FAST_DIV 0
+#endif
+__device__ __forceinline__ int64_t v4_block_of(int64_t row, const SparsePool& pool) {
+  if constexpr (JFM_V4_FAST_DIV != 0)
+    return static_cast<int64_t>((static_cast<uint64_t>(static_cast<uint32_t>(row)) * pool.block_mul) >>
+                                pool.block_shift);
+  else
+    return static_cast<uint32_t>(row) / static_cast<uint32_t>(pool.block_size);
 }
 
 // V4: per-block layout; token tt of block blk: 448 e4m3 (7 tiles of 64) + 64 bf16 RoPE at
@@ -572,7 +593,7 @@ struct StageV4T : RopeSrc<kRopeAsync> {
     if constexpr (kMayLoad16) wide = pool.load16;
     else wide = false;  // a constant: every `wide ?` below folds
     const int64_t r = valid ? row : 0;
-    const int64_t blk = v4_block_of(r, pool.block_size), tt = r - blk * pool.block_size;
+    const int64_t blk = v4_block_of(r, pool), tt = r - blk * pool.block_size;
     const uint8_t* block = pool.data + blk * pool.block_size * 584;
     const uint8_t* rec = block + 576 * tt;
     // (JFM_FP8_ROW_BASE) this thread's first piece's address, the others at constant offsets
@@ -580,8 +601,10 @@ struct StageV4T : RopeSrc<kRopeAsync> {
     if (wide) {
       if constexpr (kFp8RowBase && kHint) {
         uint4 v[9];  // NoPE pieces 0-6, RoPE 7-8 (!kRopeAsync), 16 bytes each
-        ld_pieces_if<16, 0, 64>(v, mine, valid, std::make_index_sequence<7>{});
-        if constexpr (!kRopeAsync) ld_pieces_if<16, 448, 64>(v + 7, mine, valid, std::make_index_sequence<2>{});
+        with_row_pred(valid, [&](bool pred) {
+          ld_pieces_if<16, 0, 64>(v, mine, pred, std::make_index_sequence<7>{});
+          if constexpr (!kRopeAsync) ld_pieces_if<16, 448, 64>(v + 7, mine, pred, std::make_index_sequence<2>{});
+        });
 #pragma unroll
         for (int k = 0; k < 7; ++k) {
           nope[2 * k] = make_uint2(v[k].x, v[k].y);
@@ -612,8 +635,10 @@ struct StageV4T : RopeSrc<kRopeAsync> {
       }
     } else {
       if constexpr (kFp8RowBase && kHint) {
-        ld_pieces_if<8, 0, 32>(nope, mine, valid, std::make_index_sequence<14>{});
-        if constexpr (!kRopeAsync) ld_pieces_if<8, 448, 32>(rope, mine, valid, std::make_index_sequence<4>{});
+        with_row_pred(valid, [&](bool pred) {
+          ld_pieces_if<8, 0, 32>(nope, mine, pred, std::make_index_sequence<14>{});
+          if constexpr (!kRopeAsync) ld_pieces_if<8, 448, 32>(rope, mine, pred, std::make_index_sequence<4>{});
+        });
       } else {
 #pragma unroll
         for (int k = 0; k < 14; ++k)
@@ -634,7 +659,7 @@ struct StageV4T : RopeSrc<kRopeAsync> {
   template <int kForm>
   static __device__ __forceinline__ void prefetch(const SparsePool& pool, int64_t row, int lane) {
     if (row < 0) return;
-    const int64_t blk = v4_block_of(row, pool.block_size), tt = row - blk * pool.block_size;
+    const int64_t blk = v4_block_of(row, pool), tt = row - blk * pool.block_size;
     const uint8_t* block = pool.data + blk * pool.block_size * 584;
     const uint8_t* rec = block + 576 * tt;
     const uint8_t* scale = block + 576 * static_cast<int64_t>(pool.block_size) + 8 * tt;
