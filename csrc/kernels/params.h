@@ -176,7 +176,8 @@ static_assert(sizeof(SparsePool) == 48, "block_mul / block_shift fill SparsePool
 
 // Sets pool.block_size and its divider: the round-up multiplier of Granlund & Montgomery (1994,
 // Theorem 4.2, N = 31): l = ceil(log2 d), m = ceil(2^(31 + l) / d) < 2^32, and floor(n / d) =
-// (n m) >> (31 + l) for every 0 <= n < 2^31 (rows come from int32 indices).
+// (n m) >> (31 + l) for every 0 <= n < 2^31 (rows come from int32 indices). block_size >= 1
+// (the FFI checks the cache's shape first).
 inline void set_block_size(SparsePool& pool, int block_size) {
   int l = 0;
   while ((int64_t{1} << l) < block_size) ++l;

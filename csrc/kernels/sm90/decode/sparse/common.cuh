@@ -650,7 +650,7 @@ struct StageV4T : RopeSrc<kRopeAsync> {
         }
       }
     }
-    if constexpr (kRopeAsync) this->rope_src = kFp8RowBase ? mine + 448 : rec + 448 + (wide ? 16 : 8) * j_;
+    if constexpr (kRopeAsync) this->rope_src = rec + 448 + (wide ? 16 : 8) * j_;
     scales = valid ? ld_nc_8<kHint>(block + 576 * static_cast<int64_t>(pool.block_size) + 8 * tt) : make_uint2(0, 0);
   }
   // Asks L2 for row `row`'s record (576 bytes, only 8-byte aligned) and scales ahead of its
