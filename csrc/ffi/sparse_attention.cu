@@ -51,7 +51,7 @@ ffi::Error make_pool(const ffi::AnyBuffer& kv, const ffi::AnyBuffer& idx,
     return invalid(std::string(name) + " topk_length must be int32 [" + std::to_string(b) + "]");
   pool->data = static_cast<const uint8_t*>(kv.untyped_data());
   pool->num_rows = kd[0] * kd[1];
-  set_block_size(*pool, static_cast<int>(kd[1]));
+  pool->block_size = static_cast<int>(kd[1]);
   pool->indices = static_cast<const int32_t*>(idx.untyped_data());
   pool->topk_length = optional_ptr<int32_t>(topk_length);
   pool->topk = static_cast<int>(id[id.size() - 1]);
@@ -154,7 +154,7 @@ ffi::Error SparsePrefillImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuff
   SparseDecodeParams p{};
   p.pool[0].data = static_cast<const uint8_t*>(kv.untyped_data());
   p.pool[0].num_rows = kd[0];
-  set_block_size(p.pool[0], 1);
+  p.pool[0].block_size = 1;
   auto id = idx.dimensions();
   if (!is_i32(idx) || id.size() != 3 || id[0] != s_q || id[1] != 1 || id[2] < 1)
     return invalid("indices must be int32 [s_q, 1, topk], got " + dims_str(id));

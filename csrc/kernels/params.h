@@ -159,9 +159,6 @@ struct SparsePool {
   const uint8_t* data;           // the pool's bytes
   int64_t num_rows;              // num_blocks * block_size
   int block_size;                // tokens per page (V4's per-block layout needs it)
-  // row / block_size for rows below 2^31 as (row * block_mul) >> block_shift (set_block_size;
-  // JFM_V4_FAST_DIV, sparse/common.cuh). Both sit in the struct's padding: no offset moves.
-  uint32_t block_mul;
   const int32_t* indices;        // [num_tokens, topk] flat rows (-1 / out of range: none)
   const int32_t* topk_length;    // [batch] or null: only the first topk_length[b] count
   int topk;
@@ -170,21 +167,7 @@ struct SparsePool {
   // common.cuh StageV4). The host sets it where the records allow; sparse/dispatch.cu keeps it
   // only for kRolesWide, where it measured faster (JFM_KERNEL_VARIANT=v4load16: every kernel).
   bool load16;
-  uint8_t block_shift;
 };
-static_assert(sizeof(SparsePool) == 48, "block_mul / block_shift fill SparsePool's padding");
-
-// Sets pool.block_size and its divider: the round-up multiplier of Granlund & Montgomery (1994,
-// Theorem 4.2, N = 31): l = ceil(log2 d), m = ceil(2^(31 + l) / d) < 2^32, and floor(n / d) =
-// (n m) >> (31 + l) for every 0 <= n < 2^31 (rows come from int32 indices). block_size >= 1
-// (the FFI checks the cache's shape first).
-inline void set_block_size(SparsePool& pool, int block_size) {
-  int l = 0;
-  while ((int64_t{1} << l) < block_size) ++l;
-  pool.block_size = block_size;
-  pool.block_shift = static_cast<uint8_t>(31 + l);
-  pool.block_mul = static_cast<uint32_t>(((uint64_t{1} << (31 + l)) + block_size - 1) / block_size);
-}
 
 // num_tokens = batch * s_q query tokens, each attending its own rows of pool 0 then pool 1 under
 // one softmax. Tile t of a token covers positions [64 t, 64 t + 64) of the list

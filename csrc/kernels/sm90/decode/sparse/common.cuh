@@ -373,28 +373,19 @@ struct RopeSrc {
 template <>
 struct RopeSrc<false> {};
 
-// JFM_FP8_ROW_BASE (candidate, off): the FP8 stages' fetch forms this thread's first address once
-// and reaches its other 16- / 8-byte pieces at constant offsets from it. The default writes each
-// piece's offset as one int (16 * (4 k + j)), which ptxas cannot split into a register plus an
-// immediate (the 32-bit sum might wrap), so it keeps one offset register per piece and adds it to
-// the row's 64-bit address per load: V3.2 kRolesWide's 36 row loads, 4 with an immediate offset.
+// JFM_FP8_ROW_BASE (default 1; 0 for the earlier form): the FP8 stages' hinted fetch forms this
+// thread's first address once and reaches its other 16- / 8-byte pieces at constant offsets from
+// it (ld_nc_*_if). The form of 0 writes each piece's offset as one int (16 * (4 k + j)), which
+// ptxas cannot split into a register plus an immediate (the 32-bit sum might wrap), so it keeps one
+// offset register per piece and adds it to the row's 64-bit address per load: V3.2 kRolesWide's
+// 36 row loads, 4 with an immediate offset (32 with 1); V4 pair producer loop 646 -> 612
+// instructions. H200 (2026-12-03, seventh session): V4 h_q 128 pair -2.5 to -2.8%, h_q 64
+// kRolesWide -1.9%, V3.2 h_q 128 s_q 2 -0.2%. (Measured and dropped: an unpredicated copy of
+// the loads for warps whose rows are all valid, -0.8% on V3.2 but +1% on the V4 pair over 1.)
 #ifndef JFM_FP8_ROW_BASE
-#define JFM_FP8_ROW_BASE 0
+#define JFM_FP8_ROW_BASE 1
 #endif
 constexpr bool kFp8RowBase = JFM_FP8_ROW_BASE != 0;
-// f(pred) with the loads' predicate: JFM_FP8_ROW_BASE=2 also takes a copy of the loads without
-// one (a constant true: no zero-initialized registers, no predicates) where every row of the
-// warp's active lanes is valid, the usual case (invalid rows are padding and list tails).
-template <class F>
-__device__ __forceinline__ void with_row_pred(bool valid, F&& f) {
-  if constexpr (JFM_FP8_ROW_BASE >= 2) {
-    if (__all_sync(__activemask(), valid)) {
-      f(true);
-      return;
-    }
-  }
-  f(valid);
-}
 
 // V3.2: 656-byte tokens (512 e4m3 in 4 tiles of 128 | 4 float32 scales | 64 bf16 RoPE).
 // kRopeAsync (JFM_V32_ROPE_ASYNC, kernel_ws.cuh): the RoPE chunks, already bf16, go to the tile
@@ -417,11 +408,9 @@ struct StageV32T {
     const uint8_t* tok = pool.data + (valid ? row : 0) * 656;
     if constexpr (kFp8RowBase && kHint) {  // (JFM_FP8_ROW_BASE) one address, constant offsets
       const uint8_t* mine = tok + 16 * j_;
-      with_row_pred(valid, [&](bool pred) {
-        ld_pieces_if<16, 0, 64>(nope, mine, pred, std::make_index_sequence<8>{});
-        scales = ld_nc_16_if<512>(tok, pred);
-        if constexpr (!kRopeAsync) ld_pieces_if<16, 528, 64>(rope, mine, pred, std::make_index_sequence<2>{});
-      });
+      ld_pieces_if<16, 0, 64>(nope, mine, valid, std::make_index_sequence<8>{});
+      scales = ld_nc_16_if<512>(tok, valid);
+      if constexpr (!kRopeAsync) ld_pieces_if<16, 528, 64>(rope, mine, valid, std::make_index_sequence<2>{});
       if constexpr (kRopeAsync) rope_src = mine + 528;
     } else {
 #pragma unroll
@@ -550,17 +539,8 @@ struct StageV32R8 {
 // The block of flat row `row` (>= 0) of a V4 pool, divided in 32 bits: rows come from int32
 // indices (below 2^31), so the 64-bit division's range test and call are not needed (H200, 2026-12-03
 // sixth session: V4 h_q 128 pair -1.1 to -3.6%, h_q 64 kRolesWide -2.3%, h_q 16 +0.5%).
-// JFM_V4_FAST_DIV (candidate, off): by the host's multiplier instead (SparsePool::block_mul, set_block_size):
-// one wide multiply and a shift for the ~20 instructions of a division by a runtime divisor.
-#ifndef JFM_V4_FAST_DIV
-#define JFM_V4_FAST_DIV 0
-#endif
 __device__ __forceinline__ int64_t v4_block_of(int64_t row, const SparsePool& pool) {
-  if constexpr (JFM_V4_FAST_DIV != 0)
-    return static_cast<int64_t>((static_cast<uint64_t>(static_cast<uint32_t>(row)) * pool.block_mul) >>
-                                pool.block_shift);
-  else
-    return static_cast<uint32_t>(row) / static_cast<uint32_t>(pool.block_size);
+  return static_cast<uint32_t>(row) / static_cast<uint32_t>(pool.block_size);
 }
 
 // V4: per-block layout; token tt of block blk: 448 e4m3 (7 tiles of 64) + 64 bf16 RoPE at
@@ -601,10 +581,8 @@ struct StageV4T : RopeSrc<kRopeAsync> {
     if (wide) {
       if constexpr (kFp8RowBase && kHint) {
         uint4 v[9];  // NoPE pieces 0-6, RoPE 7-8 (!kRopeAsync), 16 bytes each
-        with_row_pred(valid, [&](bool pred) {
-          ld_pieces_if<16, 0, 64>(v, mine, pred, std::make_index_sequence<7>{});
-          if constexpr (!kRopeAsync) ld_pieces_if<16, 448, 64>(v + 7, mine, pred, std::make_index_sequence<2>{});
-        });
+        ld_pieces_if<16, 0, 64>(v, mine, valid, std::make_index_sequence<7>{});
+        if constexpr (!kRopeAsync) ld_pieces_if<16, 448, 64>(v + 7, mine, valid, std::make_index_sequence<2>{});
 #pragma unroll
         for (int k = 0; k < 7; ++k) {
           nope[2 * k] = make_uint2(v[k].x, v[k].y);
@@ -635,10 +613,8 @@ struct StageV4T : RopeSrc<kRopeAsync> {
       }
     } else {
       if constexpr (kFp8RowBase && kHint) {
-        with_row_pred(valid, [&](bool pred) {
-          ld_pieces_if<8, 0, 32>(nope, mine, pred, std::make_index_sequence<14>{});
-          if constexpr (!kRopeAsync) ld_pieces_if<8, 448, 32>(rope, mine, pred, std::make_index_sequence<4>{});
-        });
+        ld_pieces_if<8, 0, 32>(nope, mine, valid, std::make_index_sequence<14>{});
+        if constexpr (!kRopeAsync) ld_pieces_if<8, 448, 32>(rope, mine, valid, std::make_index_sequence<4>{});
       } else {
 #pragma unroll
         for (int k = 0; k < 14; ++k)
