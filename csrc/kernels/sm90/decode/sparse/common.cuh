@@ -386,6 +386,14 @@ struct RopeSrc<false> {};
 #define JFM_FP8_ROW_BASE 1
 #endif
 constexpr bool kFp8RowBase = JFM_FP8_ROW_BASE != 0;
+// JFM_V32_ALL_VALID (candidate, off): StageV32T's row-base fetch also keeps an unpredicated copy of
+// its loads for warps whose rows are all valid (the usual case: invalid rows are list tails and
+// padding). As the removed JFM_FP8_ROW_BASE=2 but for V3.2 only, where that measured -0.8% on
+// h_q 128 (the V4 pair lost 1-2% with it).
+#ifndef JFM_V32_ALL_VALID
+#define JFM_V32_ALL_VALID 0
+#endif
+constexpr bool kV32AllValid = JFM_V32_ALL_VALID != 0;
 
 // V3.2: 656-byte tokens (512 e4m3 in 4 tiles of 128 | 4 float32 scales | 64 bf16 RoPE).
 // kRopeAsync (JFM_V32_ROPE_ASYNC, kernel_ws.cuh): the RoPE chunks, already bf16, go to the tile
@@ -408,9 +416,17 @@ struct StageV32T {
     const uint8_t* tok = pool.data + (valid ? row : 0) * 656;
     if constexpr (kFp8RowBase && kHint) {  // (JFM_FP8_ROW_BASE) one address, constant offsets
       const uint8_t* mine = tok + 16 * j_;
-      ld_pieces_if<16, 0, 64>(nope, mine, valid, std::make_index_sequence<8>{});
-      scales = ld_nc_16_if<512>(tok, valid);
-      if constexpr (!kRopeAsync) ld_pieces_if<16, 528, 64>(rope, mine, valid, std::make_index_sequence<2>{});
+      const auto load = [&](bool pred) {
+        ld_pieces_if<16, 0, 64>(nope, mine, pred, std::make_index_sequence<8>{});
+        scales = ld_nc_16_if<512>(tok, pred);
+        if constexpr (!kRopeAsync) ld_pieces_if<16, 528, 64>(rope, mine, pred, std::make_index_sequence<2>{});
+      };
+      // (JFM_V32_ALL_VALID) a copy of the loads without a predicate where every active lane's row
+      // is valid: no zeroed registers, no predicate setup.
+      if (kV32AllValid && __all_sync(__activemask(), valid))
+        load(true);
+      else
+        load(valid);
       if constexpr (kRopeAsync) rope_src = mine + 528;
     } else {
 #pragma unroll
