@@ -399,9 +399,17 @@ constexpr bool kV32AllValid = JFM_V32_ALL_VALID != 0;
 // kRopeAsync (JFM_V32_ROPE_ASYNC, kernel_ws.cuh): the RoPE chunks, already bf16, go to the tile
 // by cp.async (emit's copy) instead of through registers; the stage keeps their address.
 // kDequant: the dequantization's form (JFM_FP8_DEQUANT).
-template <bool kRopeAsync = false, int kDequant = fp8_dequant_form(false)>
+// kNarrow (JFM_V32_PAIR_NARROW, kernel_ws.cuh): the NoPE bytes read 8 at a time, pieces 4k + j
+// (k < 16), so each of emit's stores has the 4 threads of a row writing 4 adjacent bf16 chunks
+// (two whole 32-byte sectors under the swizzle). Read 16 at a time, thread j holds bf16 chunks
+// 2c and 2c + 1 (c = 4k + j) and one store writes chunks 8k + {0, 2, 4, 6}: half of each of 4
+// sectors. The V4 CTA pairs, whose stores also go to the peer by st.async, measured +24% with
+// that map (PERFORMANCE.md, 2026-12-03 sixth session, item 2).
+template <bool kRopeAsync = false, int kDequant = fp8_dequant_form(false), bool kNarrow = false>
 struct StageV32T {
-  uint4 nope[8];   // 16-byte chunks 4k + j of the NoPE bytes
+  static constexpr int kNope = kNarrow ? 16 : 8;
+  using NopePiece = std::conditional_t<kNarrow, uint2, uint4>;
+  NopePiece nope[kNope];  // 16-byte chunks 4k + j of the NoPE bytes (kNarrow: 8-byte pieces 4k + j)
   uint4 scales;    // the 4 float32 scales
   uint4 rope[2];   // RoPE chunks j and 4 + j (!kRopeAsync)
   // RoPE chunk j's address (kRopeAsync; inside the pool when !valid). A plain member, also in the
@@ -417,7 +425,8 @@ struct StageV32T {
     if constexpr (kFp8RowBase && kHint) {  // (JFM_FP8_ROW_BASE) one address, constant offsets
       const uint8_t* mine = tok + 16 * j_;
       const auto load = [&](bool pred) {
-        ld_pieces_if<16, 0, 64>(nope, mine, pred, std::make_index_sequence<8>{});
+        if constexpr (kNarrow) ld_pieces_if<8, 0, 32>(nope, tok + 8 * j_, pred, std::make_index_sequence<16>{});
+        else ld_pieces_if<16, 0, 64>(nope, mine, pred, std::make_index_sequence<8>{});
         scales = ld_nc_16_if<512>(tok, pred);
         if constexpr (!kRopeAsync) ld_pieces_if<16, 528, 64>(rope, mine, pred, std::make_index_sequence<2>{});
       };
@@ -429,8 +438,13 @@ struct StageV32T {
         load(valid);
       if constexpr (kRopeAsync) rope_src = mine + 528;
     } else {
+      if constexpr (kNarrow) {
 #pragma unroll
-      for (int k = 0; k < 8; ++k) nope[k] = valid ? ld_nc_16<kHint>(tok + 16 * (4 * k + j_)) : make_uint4(0, 0, 0, 0);
+        for (int k = 0; k < 16; ++k) nope[k] = valid ? ld_nc_8<kHint>(tok + 8 * (4 * k + j_)) : make_uint2(0, 0);
+      } else {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) nope[k] = valid ? ld_nc_16<kHint>(tok + 16 * (4 * k + j_)) : make_uint4(0, 0, 0, 0);
+      }
       scales = valid ? ld_nc_16<kHint>(tok + 512) : make_uint4(0, 0, 0, 0);
       if constexpr (kRopeAsync) {
         rope_src = tok + 528 + 16 * j_;
@@ -462,11 +476,17 @@ struct StageV32T {
     const float sc[4] = {__uint_as_float(scales.x), __uint_as_float(scales.y),
                          __uint_as_float(scales.z), __uint_as_float(scales.w)};
     with_fp8_dequant<kDequant>(sc, [&](auto conv) {
+      if constexpr (kNarrow) {
 #pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        const int c = 4 * k + j_;  // NoPE chunk: fp8 values [16 c, 16 c + 16), scale tile k / 2
-        put16(S::chunk_off(t, 2 * c), conv(make_uint2(nope[k].x, nope[k].y), k >> 1));
-        put16(S::chunk_off(t, 2 * c + 1), conv(make_uint2(nope[k].z, nope[k].w), k >> 1));
+        for (int k = 0; k < 16; ++k)  // bf16 chunk 4k + j: fp8 values [8 c, 8 c + 8), scale tile k / 4
+          put16(S::chunk_off(t, 4 * k + j_), conv(nope[k], k >> 2));
+      } else {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          const int c = 4 * k + j_;  // NoPE chunk: fp8 values [16 c, 16 c + 16), scale tile k / 2
+          put16(S::chunk_off(t, 2 * c), conv(make_uint2(nope[k].x, nope[k].y), k >> 1));
+          put16(S::chunk_off(t, 2 * c + 1), conv(make_uint2(nope[k].z, nope[k].w), k >> 1));
+        }
       }
     });
     if constexpr (kRopeAsync) {

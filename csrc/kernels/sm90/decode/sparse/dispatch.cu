@@ -22,10 +22,18 @@ namespace {
 // measured 0.59x on one case and 1.40x on another, where identical kernels differed by 1.5x: too
 // noisy to call, so steps with fewer than 4 tiles per part stay on the unpaired kernel, which
 // has the longer test record. JFM_KERNEL_VARIANT=pair takes the pair wherever one fits.
+// JFM_V32_PAIR (candidate, off): V3.2 takes the pairs where V4 does (=1), or wherever one fits
+// (=2, as JFM_KERNEL_VARIANT=pair for V3.2 alone: abflags' smoke cases, which are small, then run
+// them). To time the pairs with JFM_V32_PAIR_NARROW (kernel_ws.cuh).
+#ifndef JFM_V32_PAIR
+#define JFM_V32_PAIR 0
+#endif
 bool pair_pays(const SparseDecodeParams& p, KvFormat format) {
   if (p.num_m_blocks != 2) return false;
   if (kernel_variant() == KernelVariant::kPair) return true;
-  if (format != KvFormat::kFp8V4 || p.num_sm_parts <= 0) return false;
+  if (JFM_V32_PAIR == 2 && format == KvFormat::kFp8V32) return true;
+  const bool pairs = format == KvFormat::kFp8V4 || (JFM_V32_PAIR != 0 && format == KvFormat::kFp8V32);
+  if (!pairs || p.num_sm_parts <= 0) return false;
   const int64_t tiles = static_cast<int64_t>(p.batch) * p.s_q *  // the step's tiles
                         ((sparse_positions(p) + kTileTokens - 1) / kTileTokens);
   return tiles >= 4 * static_cast<int64_t>(p.num_sm_parts);

@@ -74,6 +74,15 @@ constexpr bool kPipelinedFp8Fetch = JFM_PIPELINED_FP8_FETCH != 0;
 #ifndef JFM_V4_PAIR_NARROW
 #define JFM_V4_PAIR_NARROW 2
 #endif
+// JFM_V32_PAIR_NARROW (candidate, off): the V3.2 CTA pairs' producers read a row's NoPE bytes 8 at
+// a time (StageV32T's kNarrow), so every st.async to the peer fills whole 32-byte sectors, as the
+// V4 pairs' 8-byte reads do (their 16-byte reads, which write half sectors per store, cost +24%).
+// Hypothesis: the V3.2 pair's 28% more cycles per tile than upstream's on the same traffic
+// (PERFORMANCE.md, fourth session, item 4) are these half-sector remote stores. The V3.2 pair
+// runs where JFM_V32_PAIR=1 (sparse/dispatch.cu) or JFM_KERNEL_VARIANT=pair picks it.
+#ifndef JFM_V32_PAIR_NARROW
+#define JFM_V32_PAIR_NARROW 0
+#endif
 constexpr bool fp8_wide_out(bool pair, bool scores_role) {
   switch (JFM_FP8_WIDE_OUT) {
     case 1: return pair && scores_role;
@@ -266,10 +275,12 @@ struct SparseWsTask {
             kRopeAsync && !kPair,
             std::conditional_t<kFmt == KvFormat::kFp8V4, StageV4T<true, kDequant, kMayLoad16>,
                                StageV32T<true, kDequant>>,
-            std::conditional_t<kPair && kFmt == KvFormat::kFp8V4,
-                               StageV4T<false, kDequant, kMayLoad16>,
-                               typename Fp8Stage<kFmt == KvFormat::kBf16 ? KvFormat::kFp8V32 : kFmt,
-                                                 kDequant>::type>>>;
+            std::conditional_t<
+                kPair && kFmt == KvFormat::kFp8V4, StageV4T<false, kDequant, kMayLoad16>,
+                std::conditional_t<kPair && kFmt == KvFormat::kFp8V32 && JFM_V32_PAIR_NARROW != 0,
+                                   StageV32T<false, kDequant, true>,
+                                   typename Fp8Stage<kFmt == KvFormat::kBf16 ? KvFormat::kFp8V32 : kFmt,
+                                                     kDequant>::type>>>>;
     // kRopeAsync: the second of the full barrier's two arrivals per thread, after its first: when
     // this thread's cp.async copies (the RoPE chunks) have landed; the pair's producer, which
     // stores them, arrives a second time at once.
