@@ -79,7 +79,9 @@ constexpr bool kPipelinedFp8Fetch = JFM_PIPELINED_FP8_FETCH != 0;
 // V4 pairs' 8-byte reads do (their 16-byte reads, which write half sectors per store, cost +24%).
 // Hypothesis: the V3.2 pair's 28% more cycles per tile than upstream's on the same traffic
 // (PERFORMANCE.md, fourth session, item 4) are these half-sector remote stores. The V3.2 pair
-// runs where JFM_V32_PAIR=1 (sparse/dispatch.cu) or JFM_KERNEL_VARIANT=pair picks it.
+// runs where JFM_V32_PAIR=1 (sparse/dispatch.cu) or JFM_KERNEL_VARIANT=pair picks it. =2: every
+// V3.2 producer reads 8 at a time (a control: kRolesWide's stores go to its own tile only, where
+// the bank wavefronts are the same for both maps).
 #ifndef JFM_V32_PAIR_NARROW
 #define JFM_V32_PAIR_NARROW 0
 #endif
@@ -269,18 +271,18 @@ struct SparseWsTask {
     // (JFM_V4_PAIR_NARROW) V4 producers the host may give 16-byte reads: kRolesWide's only.
     constexpr bool kMayLoad16 =
         JFM_V4_PAIR_NARROW == 0 || (JFM_V4_PAIR_NARROW == 1 && !kPair) || (kSole && kWide && !kPair);
+    // (JFM_V32_PAIR_NARROW) V3.2 producers reading the NoPE bytes 8 at a time.
+    constexpr bool kV32Narrow = JFM_V32_PAIR_NARROW == 2 || (JFM_V32_PAIR_NARROW == 1 && kPair);
     using Stage = std::conditional_t<
         kRow8, StageV32R8,
         std::conditional_t<
             kRopeAsync && !kPair,
             std::conditional_t<kFmt == KvFormat::kFp8V4, StageV4T<true, kDequant, kMayLoad16>,
-                               StageV32T<true, kDequant>>,
-            std::conditional_t<
-                kPair && kFmt == KvFormat::kFp8V4, StageV4T<false, kDequant, kMayLoad16>,
-                std::conditional_t<kPair && kFmt == KvFormat::kFp8V32 && JFM_V32_PAIR_NARROW != 0,
-                                   StageV32T<false, kDequant, true>,
-                                   typename Fp8Stage<kFmt == KvFormat::kBf16 ? KvFormat::kFp8V32 : kFmt,
-                                                     kDequant>::type>>>>;
+                               StageV32T<true, kDequant, kV32Narrow>>,
+            std::conditional_t<kPair && kFmt == KvFormat::kFp8V4, StageV4T<false, kDequant, kMayLoad16>,
+                               std::conditional_t<kFmt == KvFormat::kFp8V4,
+                                                  typename Fp8Stage<KvFormat::kFp8V4, kDequant>::type,
+                                                  StageV32T<false, kDequant, kV32Narrow>>>>>;
     // kRopeAsync: the second of the full barrier's two arrivals per thread, after its first: when
     // this thread's cp.async copies (the RoPE chunks) have landed; the pair's producer, which
     // stores them, arrives a second time at once.
