@@ -380,8 +380,9 @@ struct RopeSrc<false> {};
 // offset register per piece and adds it to the row's 64-bit address per load: V3.2 kRolesWide's
 // 36 row loads, 4 with an immediate offset (32 with 1); V4 pair producer loop 646 -> 612
 // instructions. H200 (2026-12-03, seventh session): V4 h_q 128 pair -2.5 to -2.8%, h_q 64
-// kRolesWide -1.9%, V3.2 h_q 128 s_q 2 -0.2%. (Measured and dropped: an unpredicated copy of
-// the loads for warps whose rows are all valid, -0.8% on V3.2 but +1% on the V4 pair over 1.)
+// kRolesWide -1.9%, V3.2 h_q 128 s_q 2 -0.2%. (Its form 2, an unpredicated copy of the loads
+// for warps whose rows are all valid, cost the V4 pair 1-2% over 1 and is gone; V3.2 gained 0.8%
+// from it: JFM_V32_ALL_VALID below.)
 #ifndef JFM_FP8_ROW_BASE
 #define JFM_FP8_ROW_BASE 1
 #endif
