@@ -273,16 +273,13 @@ struct SparseWsTask {
         JFM_V4_PAIR_NARROW == 0 || (JFM_V4_PAIR_NARROW == 1 && !kPair) || (kSole && kWide && !kPair);
     // (JFM_V32_PAIR_NARROW) V3.2 producers reading the NoPE bytes 8 at a time.
     constexpr bool kV32Narrow = JFM_V32_PAIR_NARROW == 2 || (JFM_V32_PAIR_NARROW == 1 && kPair);
-    using Stage = std::conditional_t<
-        kRow8, StageV32R8,
-        std::conditional_t<
-            kRopeAsync && !kPair,
-            std::conditional_t<kFmt == KvFormat::kFp8V4, StageV4T<true, kDequant, kMayLoad16>,
-                               StageV32T<true, kDequant, kV32Narrow>>,
-            std::conditional_t<kPair && kFmt == KvFormat::kFp8V4, StageV4T<false, kDequant, kMayLoad16>,
-                               std::conditional_t<kFmt == KvFormat::kFp8V4,
-                                                  typename Fp8Stage<KvFormat::kFp8V4, kDequant>::type,
-                                                  StageV32T<false, kDequant, kV32Narrow>>>>>;
+    // The RoPE by cp.async in the unpaired kernels only (the pairs store it to both CTAs); an
+    // unpaired V4 stage with register RoPE keeps both read widths, as it always has.
+    constexpr bool kStageRopeAsync = kRopeAsync && !kPair;
+    using V4Stage = StageV4T<kStageRopeAsync, kDequant, (kPair || kRopeAsync) ? kMayLoad16 : true>;
+    using V32Stage = StageV32T<kStageRopeAsync, kDequant, kV32Narrow>;  // also the bf16 kernels' (unused)
+    using Stage = std::conditional_t<kRow8, StageV32R8,
+                                     std::conditional_t<kFmt == KvFormat::kFp8V4, V4Stage, V32Stage>>;
     // kRopeAsync: the second of the full barrier's two arrivals per thread, after its first: when
     // this thread's cp.async copies (the RoPE chunks) have landed; the pair's producer, which
     // stores them, arrives a second time at once.
