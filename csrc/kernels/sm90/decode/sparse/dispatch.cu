@@ -17,16 +17,17 @@ cudaError_t launch_sparse_attention_ws(const SparseDecodeParams& p, cudaStream_t
 namespace {
 // Whether FP8 attention at 65-128 heads (two row blocks) runs as CTA pairs sharing each tile's
 // dequantization (WsMath::kRolesPair) rather than unpaired (kRolesWide). Measured on the H200
-// (docs/PERFORMANCE.md, 2026-12-01, upstream's cases): V4 1.11-1.17x from b 64 on; V3.2
-// 0.96-1.00x, so it stays unpaired. At b 2 (under one 64-token tile per schedule part) the pair
-// measured 0.59x on one case and 1.40x on another, where identical kernels differed by 1.5x: too
-// noisy to call, so steps with fewer than 4 tiles per part stay on the unpaired kernel, which
-// has the longer test record. JFM_KERNEL_VARIANT=pair takes the pair wherever one fits.
-// JFM_V32_PAIR (candidate, off): V3.2 takes the pairs where V4 does (=1), or wherever one fits
-// (=2, as JFM_KERNEL_VARIANT=pair for V3.2 alone: abflags' smoke cases, which are small, then run
-// them). To time the pairs with JFM_V32_PAIR_NARROW (kernel_ws.cuh).
+// (docs/PERFORMANCE.md, 2026-12-01, upstream's cases): V4 1.11-1.17x from b 64 on. V3.2 measured
+// 0.96-1.00x then, with producers reading 16 bytes at a time (half-sector st.async to the peer);
+// with 8-byte reads (JFM_V32_PAIR_NARROW, kernel_ws.cuh) its pair runs 5-8% under kRolesWide
+// (PERFORMANCE.md, 2026-12-04), so both formats pair. At b 2 (under one 64-token tile per
+// schedule part) the pair measured 0.59x on one case and 1.40x on another, where identical
+// kernels differed by 1.5x: too noisy to call, so steps with fewer than 4 tiles per part stay on
+// the unpaired kernel, which has the longer test record. JFM_KERNEL_VARIANT=pair takes the pair
+// wherever one fits. JFM_V32_PAIR=0 keeps V3.2 unpaired (the earlier default, for A/B); =2 pairs
+// V3.2 wherever one fits (as JFM_KERNEL_VARIANT=pair for V3.2 alone).
 #ifndef JFM_V32_PAIR
-#define JFM_V32_PAIR 0
+#define JFM_V32_PAIR 1
 #endif
 bool pair_pays(const SparseDecodeParams& p, KvFormat format) {
   if (p.num_m_blocks != 2) return false;

@@ -74,16 +74,15 @@ constexpr bool kPipelinedFp8Fetch = JFM_PIPELINED_FP8_FETCH != 0;
 #ifndef JFM_V4_PAIR_NARROW
 #define JFM_V4_PAIR_NARROW 2
 #endif
-// JFM_V32_PAIR_NARROW (candidate, off): the V3.2 CTA pairs' producers read a row's NoPE bytes 8 at
-// a time (StageV32T's kNarrow), so every st.async to the peer fills whole 32-byte sectors, as the
+// JFM_V32_PAIR_NARROW (default 1): the V3.2 CTA pairs' producers read a row's NoPE bytes 8 at a
+// time (StageV32T's kNarrow), so every st.async to the peer fills whole 32-byte sectors, as the
 // V4 pairs' 8-byte reads do (their 16-byte reads, which write half sectors per store, cost +24%).
-// Hypothesis: the V3.2 pair's 28% more cycles per tile than upstream's on the same traffic
-// (PERFORMANCE.md, fourth session, item 4) are these half-sector remote stores. The V3.2 pair
-// runs where JFM_V32_PAIR=1 (sparse/dispatch.cu) or JFM_KERNEL_VARIANT=pair picks it. =2: every
-// V3.2 producer reads 8 at a time (a control: kRolesWide's stores go to its own tile only, where
-// the bank wavefronts are the same for both maps).
+// Measured on the H200 (PERFORMANCE.md, 2026-12-04): the V3.2 pair 19-20% faster than with
+// 16-byte reads, which made it the V3.2 default at 128 heads (JFM_V32_PAIR, sparse/dispatch.cu).
+// =0: 16-byte reads everywhere (A/B). =2: every V3.2 producer reads 8 at a time (the control:
+// kRolesWide's stores go to its own tile only; it measured 2-3% slower narrow).
 #ifndef JFM_V32_PAIR_NARROW
-#define JFM_V32_PAIR_NARROW 0
+#define JFM_V32_PAIR_NARROW 1
 #endif
 constexpr bool fp8_wide_out(bool pair, bool scores_role) {
   switch (JFM_FP8_WIDE_OUT) {
