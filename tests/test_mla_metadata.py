@@ -364,7 +364,8 @@ SPARSE_CHOICES = [
     (("fp8_v4", 16, 2, 128, 128, 512), "pair"),          # 320 tiles >= 4 per schedule part (66)
     (("fp8_v4", 64, 2, 100, 128, 1024), "pair"),         # 65-128 heads: two row blocks
     (("fp8_v4", 2, 2, 128, 128, 1024), "roles_wide"),    # 72 tiles: too few for pairs
-    (("fp8_v32", 64, 2, 128, 2048, 0), "roles_wide"),    # V3.2 measured no gain from pairs
+    (("fp8_v32", 64, 2, 128, 2048, 0), "pair"),          # V3.2 too (8-byte producer reads)
+    (("fp8_v32", 2, 1, 128, 256, 0), "roles_wide"),      # V3.2, 8 tiles: too few for pairs
     (("fp8_v4", 128, 2, 64, 128, 512), "roles_wide"),    # one row block: no pair
     (("fp8_v4", 64, 2, 32, 128, 1024), "transposed32"),
     (("fp8_v32", 64, 2, 16, 2048, 0), "transposed16"),
@@ -374,8 +375,8 @@ SPARSE_CHOICES = [
 
 def test_sparse_kernel_choice():
     """The sparse dispatch's one rule (csrc/kernels/sm90/decode/sparse/dispatch.cu,
-    sparse_ws_math): CTA pairs for V4 FP8 at 65-128 heads where the step has at least 4 tiles per
-    schedule part, as measured on the H200 (docs/PERFORMANCE.md); checked through the extension
+    sparse_ws_math): CTA pairs for FP8 (V4 and V3.2) at 65-128 heads where the step has at least
+    4 tiles per schedule part, as measured on the H200 (docs/PERFORMANCE.md); checked through the extension
     (CI compiles it) in a fresh process without JFM_KERNEL_VARIANT, with the schedule's own
     num_sm_parts."""
     import json
