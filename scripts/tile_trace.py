@@ -23,6 +23,11 @@ scores warpgroup's full wait's end of tile k unless said):
                fill is the copies landing)
 The two-buffer identity: 2 periods = release + gap + fill (checked: "2 periods - sum").
 
+Then, from the same build, every CTA's entry and exit on the GPU's global timer (cta_trace; the
+sparse and dense warp-specialized kernels): launch skew, the CTAs' durations and how far apart
+they finish (the kernel's tail), with the tile-stamping CTAs (blockIdx.x < 4, a few percent
+slower) listed apart.
+
   python3 scripts/tile_trace.py /tmp/jfm_tile_trace.txt
 Run the probe: build with CUDAFLAGS=-DJFM_TILE_TRACE=1 (device_check.sh's build stage), then any
 call of a role-split kernel (benchmarks/profile_decode.py ...) with JFM_TILE_TRACE_FILE set; the
@@ -45,8 +50,11 @@ def read(path):
     runs, cur = [], None
     for line in open(path):
         if line.startswith("#"):
-            cur = {"head": line[1:].strip(), "rows": {}}
+            cur = {"head": line[1:].strip(), "rows": {}, "ctas": []}
             runs.append(cur)
+        elif line.startswith("@") and cur is not None:  # "@ cta bx by entry_ns exit_ns" (cta_trace)
+            c, bx, by, entry, exit_ = (int(x) for x in line[1:].split())
+            cur["ctas"].append((c, bx, by, entry, exit_))
         elif line.strip() and cur is not None:
             v = [int(x) for x in line.split()]
             cur["rows"][(v[0], v[1])] = dict(zip(SLOTS, v[2:]))
@@ -102,9 +110,40 @@ def summarize(run):
               f"  p90 {q[9 * len(q) // 10]:8.0f}")
 
 
+def summarize_ctas(run):
+    """Every CTA's entry and exit (global timer, ns) against the first entry: launch skew, the
+    CTAs' own durations, and how the last exits spread (the kernel's tail). The CTAs that stamp
+    tiles (blockIdx.x < 4) and their cluster peers run a few percent slower (the stamps' stores):
+    they are shown apart and left out of the rest."""
+    every = [r for r in run.get("ctas", []) if r[3] and r[4]]
+    if not every:
+        return
+    t0 = min(r[3] for r in every)
+    stamping = [r for r in every if r[1] < 4]
+    ctas = [r for r in every if r[1] >= 4] or every
+    entry = sorted((r[3] - t0) / 1e3 for r in ctas)
+    exit_ = sorted((r[4] - t0) / 1e3 for r in ctas)
+    dur = sorted((r[4] - r[3]) / 1e3 for r in ctas)
+
+    def q(v):
+        return (f"min {v[0]:7.2f}  p10 {v[len(v) // 10]:7.2f}  median {statistics.median(v):7.2f}"
+                f"  p90 {v[9 * len(v) // 10]:7.2f}  max {v[-1]:7.2f}")
+    print(f"  CTAs: {len(ctas)} (not the tile-stamping ones), us from the first entry (global timer)")
+    print(f"    entry        {q(entry)}")
+    print(f"    exit         {q(exit_)}")
+    print(f"    duration     {q(dur)}")
+    slow = sorted(ctas, key=lambda r: r[4])[-4:]
+    print("    last exits   " + ", ".join(f"cta ({bx}, {by}): {(x - t0) / 1e3:.2f} (entry {(e - t0) / 1e3:.2f})"
+                                        for _, bx, by, e, x in slow))
+    if stamping:
+        print("    tile-stamping CTAs' exits " + ", ".join(
+            f"({bx}, {by}) {(x - t0) / 1e3:.2f}" for _, bx, by, _, x in sorted(stamping, key=lambda r: r[1:3])))
+
+
 def main():
     for run in read(sys.argv[1] if len(sys.argv) > 1 else "/tmp/jfm_tile_trace.txt"):
         summarize(run)
+        summarize_ctas(run)
 
 
 if __name__ == "__main__":

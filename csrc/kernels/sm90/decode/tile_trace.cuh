@@ -9,6 +9,9 @@
 // idle time and at shared-memory traffic moved nothing); per-tile timestamps give the load latency
 // (empty wait's end to full), the S -> softmax -> P -> P V chain and the hand-offs directly.
 // The stamps are the low 32 bits of clock64 (one SM's cycle counter: compare within a CTA only).
+// cta_trace adds every CTA's entry and exit on %globaltimer (ns, comparable across SMs): the time
+// outside the tiles (ramp, epilogue) and the spread of the CTAs' finish (docs/PERFORMANCE.md,
+// 2026-12-04).
 #pragma once
 
 #include <cstdint>
@@ -26,6 +29,11 @@ namespace sm90 {
 
 constexpr bool kTileTrace = JFM_TILE_TRACE != 0;
 constexpr int kTraceCtas = 4, kTraceTiles = 64;
+// Every CTA's entry and exit on the GPU's global timer (ns, comparable across SMs), for CTAs
+// below kTraceMaxCtas (linear id): where a kernel's time goes outside the tiles (launch skew,
+// ramp, epilogue, the slowest CTA). Six words per CTA: entry lo / hi, exit lo / hi, blockIdx.x
+// and .y (the tile-stamping CTAs, blockIdx.x < kTraceCtas, run a few percent slower).
+constexpr int kTraceMaxCtas = 1024, kCtaWords = 6;
 // Stamp slots per tile.
 enum TraceSlot : int {
   kTrProdEmpty = 0,   // producer: its empty wait for the tile's buffer ended
@@ -65,6 +73,28 @@ __device__ __forceinline__ void tile_trace(uint32_t k, int slot) {
     t[(blockIdx.x * kTraceTiles + k) * kTrSlots + slot] = static_cast<uint32_t>(clock64());
 }
 
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// The CTA's entry (thread 0, first thing) or exit (every warp's lane 0 after its last work; the
+// latest counts: atomicMax).
+__device__ __forceinline__ void cta_trace(bool exit) {
+  const uint32_t cta = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  uint32_t* t = g_tile_trace;
+  if (t == nullptr || cta >= static_cast<uint32_t>(kTraceMaxCtas)) return;
+  uint32_t* w = t + static_cast<size_t>(kTraceCtas) * kTraceTiles * kTrSlots + kCtaWords * cta;
+  auto* slot = reinterpret_cast<unsigned long long*>(w) + (exit ? 1 : 0);  // 8-byte aligned
+  if (!exit && threadIdx.x == 0) {
+    *slot = global_ns();
+    w[4] = blockIdx.x;
+    w[5] = blockIdx.y;
+  }
+  if (exit && (threadIdx.x & 31) == 0) atomicMax(slot, static_cast<unsigned long long>(global_ns()));
+}
+
 // Host: launch(), with the trace buffer bound before and, on the JFM_TILE_TRACE_CALL-th call of
 // this kernel object, the stream synchronized and the buffer appended to the trace file.
 // (One buffer and count per launcher instantiation: the static locals below are per Launch type.
@@ -73,7 +103,8 @@ template <typename Launch>
 cudaError_t tile_trace_launch(const char* name, int math, cudaStream_t stream, Launch launch) {
   static uint32_t* buf = nullptr;
   static int calls = 0;
-  constexpr size_t kWords = static_cast<size_t>(kTraceCtas) * kTraceTiles * kTrSlots;
+  constexpr size_t kTileWords = static_cast<size_t>(kTraceCtas) * kTraceTiles * kTrSlots;
+  constexpr size_t kWords = kTileWords + kCtaWords * static_cast<size_t>(kTraceMaxCtas);
   // Inside a CUDA graph capture (XLA's command buffers) neither the allocation nor the
   // synchronization may run: those launches are not traced (run the probe with
   // XLA_FLAGS=--xla_gpu_enable_command_buffer= so that every launch is a plain one).
@@ -109,11 +140,19 @@ cudaError_t tile_trace_launch(const char* name, int math, cudaStream_t stream, L
       for (int s = 0; s < kTrSlots; ++s) std::fprintf(f, " %u", r[s]);
       std::fprintf(f, "\n");
     }
+  for (int c = 0; c < kTraceMaxCtas; ++c) {  // "@ cta bx by entry_ns exit_ns" (cta_trace)
+    const uint32_t* r = host + kTileWords + kCtaWords * c;
+    const unsigned long long entry = r[0] | (static_cast<unsigned long long>(r[1]) << 32);
+    const unsigned long long exit = r[2] | (static_cast<unsigned long long>(r[3]) << 32);
+    if (entry != 0 || exit != 0)
+      std::fprintf(f, "@ %d %u %u %llu %llu\n", c, r[4], r[5], entry, exit);
+  }
   std::fclose(f);
   return cudaSuccess;
 }
 #else
 __device__ __forceinline__ void tile_trace(uint32_t, int) {}
+__device__ __forceinline__ void cta_trace(bool) {}
 template <typename Launch>
 cudaError_t tile_trace_launch(const char*, int, cudaStream_t, Launch launch) {
   return launch();

@@ -203,11 +203,13 @@ struct DenseWsTask {
 template <typename T, WsMath kMath>
 __global__ void __launch_bounds__(384, 1) dense_decode_ws_kernel(const __grid_constant__ DenseDecodeParams p) {
   using Task = DenseWsTask<T>;
+  cta_trace(false);  // (tile_trace.cuh; nothing without JFM_TILE_TRACE)
   pdl_launch_dependents();  // (pdl.cuh) the combine may be placed on SMs this grid's tail frees
   extern __shared__ unsigned char smem_raw[];
   const WsShared sh = ws_setup<Task::kDqk, kMath>(smem_raw, Task::kFullCount);
   const Task task(p);
   ws_run<kMath>(task, sh);
+  cta_trace(true);
 }
 
 // kRolesPair (JFM_DENSE_PAIR): clusters of two consecutive row blocks; cudaErrorNotSupported,

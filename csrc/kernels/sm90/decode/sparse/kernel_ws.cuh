@@ -521,11 +521,13 @@ template <KvFormat kFmt, int kDqk, WsMath kMath>
 __global__ void __launch_bounds__(384, 1)
     sparse_attention_ws_kernel(const __grid_constant__ SparseDecodeParams p) {
   using Task = SparseWsTask<kFmt, kDqk>;
+  cta_trace(false);  // (tile_trace.cuh; nothing without JFM_TILE_TRACE)
   pdl_launch_dependents();  // (pdl.cuh) the combine may be placed on SMs this grid's tail frees
   extern __shared__ unsigned char smem_raw[];
   const WsShared sh = ws_setup<kDqk, kMath>(smem_raw, Task::kFullCount);
   const Task task(p);
   ws_run<kMath>(task, sh);
+  cta_trace(true);
 }
 
 // kRolesPair: clusters of the two row blocks (grid y = num_m_blocks = 2); cudaErrorNotSupported,
