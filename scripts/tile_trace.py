@@ -46,15 +46,19 @@ SLOTS = ("prod_empty", "prod_issued", "sc_full", "sc_s", "sc_pub", "sc_pv", "val
 # (traces before sc_waited have 10 slots, before sc_mask 11)
 
 
+kTraceTiles = 64  # tile_trace.cuh
+
+
 def read(path):
     runs, cur = [], None
     for line in open(path):
         if line.startswith("#"):
             cur = {"head": line[1:].strip(), "rows": {}, "ctas": []}
             runs.append(cur)
-        elif line.startswith("@") and cur is not None:  # "@ cta bx by entry_ns exit_ns" (cta_trace)
-            c, bx, by, entry, exit_ = (int(x) for x in line[1:].split())
-            cur["ctas"].append((c, bx, by, entry, exit_))
+        elif line.startswith("@") and cur is not None:
+            # "@ cta bx by entry_ns exit_ns entry_clk exit_clk" (cta_trace)
+            c, bx, by, entry, exit_, entry_clk, exit_clk = (int(x) for x in line[1:].split())
+            cur["ctas"].append((c, bx, by, entry, exit_, entry_clk, exit_clk))
         elif line.strip() and cur is not None:
             v = [int(x) for x in line.split()]
             cur["rows"][(v[0], v[1])] = dict(zip(SLOTS, v[2:]))
@@ -134,10 +138,24 @@ def summarize_ctas(run):
     print(f"    duration     {q(dur)}")
     slow = sorted(ctas, key=lambda r: r[4])[-4:]
     print("    last exits   " + ", ".join(f"cta ({bx}, {by}): {(x - t0) / 1e3:.2f} (entry {(e - t0) / 1e3:.2f})"
-                                        for _, bx, by, e, x in slow))
+                                        for _, bx, by, e, x, _, _ in slow))
     if stamping:
         print("    tile-stamping CTAs' exits " + ", ".join(
-            f"({bx}, {by}) {(x - t0) / 1e3:.2f}" for _, bx, by, _, x in sorted(stamping, key=lambda r: r[1:3])))
+            f"({bx}, {by}) {(x - t0) / 1e3:.2f}" for _, bx, by, _, x, _, _ in sorted(stamping, key=lambda r: r[1:3])))
+    # The stamping CTAs' time outside their tiles, in their own SM cycles: entry -> the producer's
+    # first empty wait and -> the first full tile; the last P V -> exit. And the SM clock.
+    rows = run["rows"]
+    for _, bx, by, e, x, ec, xc in sorted(stamping, key=lambda r: r[1:3]):
+        if by != 0 or (bx, 0) not in rows:
+            continue
+        ts = sorted(t for c, t in rows if c == bx)
+        first, last = rows[(bx, ts[0])], rows[(bx, ts[-1])]
+        end = max(d(first["sc_full"], last["sc_pv"]), d(first["sc_full"], last["val_pv"]))
+        ghz = d(ec, xc) / max(x - e, 1)
+        print(f"    cta ({bx}, 0): {ghz:.3f} GHz; entry -> producer's first empty wait "
+              f"{d(ec, first['prod_empty']) if first['prod_empty'] else 'n/a'}, -> first full "
+              f"{d(ec, first['sc_full'])}; last P V -> exit {d(first['sc_full'], xc) - end} cycles"
+              f" ({len(ts)} tiles stamped{', more ran' if len(ts) == kTraceTiles else ''})")
 
 
 def main():

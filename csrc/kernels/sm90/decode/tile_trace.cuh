@@ -31,9 +31,11 @@ constexpr bool kTileTrace = JFM_TILE_TRACE != 0;
 constexpr int kTraceCtas = 4, kTraceTiles = 64;
 // Every CTA's entry and exit on the GPU's global timer (ns, comparable across SMs), for CTAs
 // below kTraceMaxCtas (linear id): where a kernel's time goes outside the tiles (launch skew,
-// ramp, epilogue, the slowest CTA). Six words per CTA: entry lo / hi, exit lo / hi, blockIdx.x
-// and .y (the tile-stamping CTAs, blockIdx.x < kTraceCtas, run a few percent slower).
-constexpr int kTraceMaxCtas = 1024, kCtaWords = 6;
+// ramp, epilogue, the slowest CTA). Ten words per CTA: entry and exit on the global timer, the
+// same two on the SM's clock64 (to place the tile stamps between them: prologue and epilogue in
+// cycles), blockIdx.x and .y (the tile-stamping CTAs, blockIdx.x < kTraceCtas, run a few percent
+// slower).
+constexpr int kTraceMaxCtas = 1024, kCtaWords = 10;
 // Stamp slots per tile.
 enum TraceSlot : int {
   kTrProdEmpty = 0,   // producer: its empty wait for the tile's buffer ended
@@ -86,13 +88,18 @@ __device__ __forceinline__ void cta_trace(bool exit) {
   uint32_t* t = g_tile_trace;
   if (t == nullptr || cta >= static_cast<uint32_t>(kTraceMaxCtas)) return;
   uint32_t* w = t + static_cast<size_t>(kTraceCtas) * kTraceTiles * kTrSlots + kCtaWords * cta;
-  auto* slot = reinterpret_cast<unsigned long long*>(w) + (exit ? 1 : 0);  // 8-byte aligned
+  auto* ns = reinterpret_cast<unsigned long long*>(w) + (exit ? 1 : 0);  // 8-byte aligned
+  unsigned long long* clk = ns + 2;
   if (!exit && threadIdx.x == 0) {
-    *slot = global_ns();
-    w[4] = blockIdx.x;
-    w[5] = blockIdx.y;
+    *clk = static_cast<unsigned long long>(clock64());
+    *ns = global_ns();
+    w[8] = blockIdx.x;
+    w[9] = blockIdx.y;
   }
-  if (exit && (threadIdx.x & 31) == 0) atomicMax(slot, static_cast<unsigned long long>(global_ns()));
+  if (exit && (threadIdx.x & 31) == 0) {
+    atomicMax(ns, static_cast<unsigned long long>(global_ns()));
+    atomicMax(clk, static_cast<unsigned long long>(clock64()));
+  }
 }
 
 // Host: launch(), with the trace buffer bound before and, on the JFM_TILE_TRACE_CALL-th call of
@@ -140,12 +147,14 @@ cudaError_t tile_trace_launch(const char* name, int math, cudaStream_t stream, L
       for (int s = 0; s < kTrSlots; ++s) std::fprintf(f, " %u", r[s]);
       std::fprintf(f, "\n");
     }
-  for (int c = 0; c < kTraceMaxCtas; ++c) {  // "@ cta bx by entry_ns exit_ns" (cta_trace)
+  // "@ cta bx by entry_ns exit_ns entry_clk exit_clk" (cta_trace; the clocks' low 32 bits, as
+  // the tile stamps)
+  for (int c = 0; c < kTraceMaxCtas; ++c) {
     const uint32_t* r = host + kTileWords + kCtaWords * c;
     const unsigned long long entry = r[0] | (static_cast<unsigned long long>(r[1]) << 32);
     const unsigned long long exit = r[2] | (static_cast<unsigned long long>(r[3]) << 32);
     if (entry != 0 || exit != 0)
-      std::fprintf(f, "@ %d %u %u %llu %llu\n", c, r[4], r[5], entry, exit);
+      std::fprintf(f, "@ %d %u %u %llu %llu %u %u\n", c, r[8], r[9], entry, exit, r[4], r[6]);
   }
   std::fclose(f);
   return cudaSuccess;
