@@ -47,6 +47,8 @@ SLOTS = ("prod_empty", "prod_issued", "sc_full", "sc_s", "sc_pub", "sc_pv", "val
 
 
 kTraceTiles = 64  # tile_trace.cuh
+END_SLOTS = ("scores stats", "scores stored", "scores left", "values stats", "values stored",
+             "values left", "producer done", "producer left")  # CtaEndSlot
 
 
 def read(path):
@@ -56,9 +58,10 @@ def read(path):
             cur = {"head": line[1:].strip(), "rows": {}, "ctas": []}
             runs.append(cur)
         elif line.startswith("@") and cur is not None:
-            # "@ cta bx by entry_ns exit_ns entry_clk exit_clk" (cta_trace)
-            c, bx, by, entry, exit_, entry_clk, exit_clk = (int(x) for x in line[1:].split())
-            cur["ctas"].append((c, bx, by, entry, exit_, entry_clk, exit_clk))
+            # "@ cta bx by entry_ns exit_ns entry_clk exit_clk end_0 .. end_7" (cta_trace, cta_stamp)
+            v = [int(x) for x in line[1:].split()]
+            cur["ctas"].append(tuple(v[:7]))
+            cur.setdefault("ends", {})[(v[1], v[2])] = dict(zip(END_SLOTS, v[7:]))
         elif line.strip() and cur is not None:
             v = [int(x) for x in line.split()]
             cur["rows"][(v[0], v[1])] = dict(zip(SLOTS, v[2:]))
@@ -156,6 +159,12 @@ def summarize_ctas(run):
               f"{d(ec, first['prod_empty']) if first['prod_empty'] else 'n/a'}, -> first full "
               f"{d(ec, first['sc_full'])}; last P V -> exit {d(first['sc_full'], xc) - end} cycles"
               f" ({len(ts)} tiles stamped{', more ran' if len(ts) == kTraceTiles else ''})")
+        ends = run.get("ends", {}).get((bx, by), {})
+        if ends and len(ts) < kTraceTiles:  # from the last P V, in cycles
+            last_pv = d(ec, first["sc_full"]) + end  # from entry
+            print("      after the last P V: " + ", ".join(
+                f"{name} {d(ec, v) - last_pv}" for name, v in ends.items() if v)
+                  + f", exit {d(ec, xc) - last_pv}")
 
 
 def main():

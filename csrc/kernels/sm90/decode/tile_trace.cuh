@@ -35,7 +35,21 @@ constexpr int kTraceCtas = 4, kTraceTiles = 64;
 // same two on the SM's clock64 (to place the tile stamps between them: prologue and epilogue in
 // cycles), blockIdx.x and .y (the tile-stamping CTAs, blockIdx.x < kTraceCtas, run a few percent
 // slower).
-constexpr int kTraceMaxCtas = 1024, kCtaWords = 10;
+constexpr int kTraceMaxCtas = 1024;
+// The end of each role's work (cta_stamp, the stamping CTAs' clock64, low 32 bits): where the
+// time after the last tile goes. The stats and stores stamps are the CTA's last sequence's.
+enum CtaEndSlot : int {
+  kEndScStats = 0,    // scores: the row totals handed over (ws_finish_rows)
+  kEndScStored = 1,   // scores: its output rows stored (issued)
+  kEndScLeft = 2,     // scores: past ws_leave (the pair's cluster_sync)
+  kEndValStats = 3,   // values: the row totals received
+  kEndValStored = 4,  // values: its output rows stored (issued)
+  kEndValLeft = 5,    // values: past ws_leave
+  kEndProdDone = 6,   // producer: its last tile published
+  kEndProdLeft = 7,   // producer: past ws_leave
+  kEndSlots = 8
+};
+constexpr int kCtaWords = 10 + kEndSlots;
 // Stamp slots per tile.
 enum TraceSlot : int {
   kTrProdEmpty = 0,   // producer: its empty wait for the tile's buffer ended
@@ -102,6 +116,17 @@ __device__ __forceinline__ void cta_trace(bool exit) {
   }
 }
 
+// One role's end-of-work stamp (CtaEndSlot) in the stamping CTAs (blockIdx.x < kTraceCtas),
+// by the role's first thread.
+__device__ __forceinline__ void cta_stamp(int slot) {
+  if ((threadIdx.x & 127) != 0 || blockIdx.x >= kTraceCtas) return;
+  const uint32_t cta = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  uint32_t* t = g_tile_trace;
+  if (t == nullptr || cta >= static_cast<uint32_t>(kTraceMaxCtas)) return;
+  t[static_cast<size_t>(kTraceCtas) * kTraceTiles * kTrSlots + kCtaWords * cta + 10 + slot] =
+      static_cast<uint32_t>(clock64());
+}
+
 // Host: launch(), with the trace buffer bound before and, on the JFM_TILE_TRACE_CALL-th call of
 // this kernel object, the stream synchronized and the buffer appended to the trace file.
 // (One buffer and count per launcher instantiation: the static locals below are per Launch type.
@@ -147,14 +172,16 @@ cudaError_t tile_trace_launch(const char* name, int math, cudaStream_t stream, L
       for (int s = 0; s < kTrSlots; ++s) std::fprintf(f, " %u", r[s]);
       std::fprintf(f, "\n");
     }
-  // "@ cta bx by entry_ns exit_ns entry_clk exit_clk" (cta_trace; the clocks' low 32 bits, as
-  // the tile stamps)
+  // "@ cta bx by entry_ns exit_ns entry_clk exit_clk end_0 .. end_7" (cta_trace, cta_stamp; the
+  // clocks' low 32 bits, as the tile stamps; the end stamps 0 where not taken)
   for (int c = 0; c < kTraceMaxCtas; ++c) {
     const uint32_t* r = host + kTileWords + kCtaWords * c;
     const unsigned long long entry = r[0] | (static_cast<unsigned long long>(r[1]) << 32);
     const unsigned long long exit = r[2] | (static_cast<unsigned long long>(r[3]) << 32);
-    if (entry != 0 || exit != 0)
-      std::fprintf(f, "@ %d %u %u %llu %llu %u %u\n", c, r[8], r[9], entry, exit, r[4], r[6]);
+    if (entry == 0 && exit == 0) continue;
+    std::fprintf(f, "@ %d %u %u %llu %llu %u %u", c, r[8], r[9], entry, exit, r[4], r[6]);
+    for (int e = 0; e < kEndSlots; ++e) std::fprintf(f, " %u", r[10 + e]);
+    std::fprintf(f, "\n");
   }
   std::fclose(f);
   return cudaSuccess;
@@ -162,6 +189,7 @@ cudaError_t tile_trace_launch(const char* name, int math, cudaStream_t stream, L
 #else
 __device__ __forceinline__ void tile_trace(uint32_t, int) {}
 __device__ __forceinline__ void cta_trace(bool) {}
+__device__ __forceinline__ void cta_stamp(int) {}
 template <typename Launch>
 cudaError_t tile_trace_launch(const char*, int, cudaStream_t, Launch launch) {
   return launch();

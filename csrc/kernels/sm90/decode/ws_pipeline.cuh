@@ -529,6 +529,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
     float inv[2], lse[2], m[2];
     ws_finish_rows<kRole>(st, sh, static_cast<uint32_t>(seq - task.begin_seq), task.softmax_scale,
                           task.empty_lse(cur), inv, lse, m, ln);
+    cta_stamp(kRole == WsRole::kScores ? kEndScStats : kEndValStats);
     // Under the lazy max the running max (which lse used) may trail the true one; max_logits,
     // written by the scores warpgroup only, takes the true one.
     if constexpr (kRole == WsRole::kScores) {
@@ -536,6 +537,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       m[1] = mt[1];
     }
     task.template store_rows<kRole == WsRole::kScores, kPair>(cur, st, inv, lse, m, ln);
+    cta_stamp(kRole == WsRole::kScores ? kEndScStored : kEndValStored);
   }
 }
 
@@ -645,15 +647,19 @@ __device__ __forceinline__ void ws_run(const Task& task, const WsShared& sh) {
   } else if (wg == 2) {
     ws_set_regs<Regs::kWg2, kL>();
     task.template produce<Regs::kWideProducer, ws_pair(kMath), true>(sh, 0, 1);
+    cta_stamp(kEndProdDone);  // (tile_trace.cuh: the probe's end stamps; nothing without it)
     ws_leave<kMath>();
+    cta_stamp(kEndProdLeft);
   } else if (wg == 0) {
     ws_set_regs<Regs::kWg0, kL>();
     ws_math<Task, WsRole::kScores, ws_pair(kMath)>(task, sh);
     ws_leave<kMath>();
+    cta_stamp(kEndScLeft);
   } else {
     ws_set_regs<Regs::kWg1, kL>();
     ws_math<Task, WsRole::kValues, ws_pair(kMath)>(task, sh);
     ws_leave<kMath>();
+    cta_stamp(kEndValLeft);
   }
 }
 
