@@ -31,10 +31,10 @@ constexpr bool kTileTrace = JFM_TILE_TRACE != 0;
 constexpr int kTraceCtas = 4, kTraceTiles = 64;
 // Every CTA's entry and exit on the GPU's global timer (ns, comparable across SMs), for CTAs
 // below kTraceMaxCtas (linear id): where a kernel's time goes outside the tiles (launch skew,
-// ramp, epilogue, the slowest CTA). Ten words per CTA: entry and exit on the global timer, the
+// ramp, epilogue, the slowest CTA). kCtaWords per CTA: entry and exit on the global timer, the
 // same two on the SM's clock64 (to place the tile stamps between them: prologue and epilogue in
 // cycles), blockIdx.x and .y (the tile-stamping CTAs, blockIdx.x < kTraceCtas, run a few percent
-// slower).
+// slower), then the kEndSlots end-of-work stamps.
 constexpr int kTraceMaxCtas = 1024;
 // The end of each role's work (cta_stamp, the stamping CTAs' clock64, low 32 bits): where the
 // time after the last tile goes. The stats and stores stamps are the CTA's last sequence's.
