@@ -149,6 +149,19 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 #ifndef JFM_V4_ROPE_ASYNC
 #define JFM_V4_ROPE_ASYNC 1
 #endif
+// JFM_WS_ENTRY_PREFETCH (candidate, off): at kernel entry, before ws_setup's barrier init and
+// CTA / cluster sync, the producer warpgroup (threads 256-383) reads the CTA's first tile's
+// indices and asks L2 for its rows (SparseWsTask::prefetch_first_tile; the CTA pair only its own
+// round), so the producer's register loads of tile 0 later find them in L2. Why: the CTA stamps
+// (tile_trace.cuh; PERFORMANCE.md, 2026-12-04 item 4) put tile 0 full ~12K cycles after entry on
+// a 1M-token pool (~7.5-8.3K with the pool in L2) where a steady fill takes ~3.9K: the scheduler
+// metadata, the token's lengths, tile 0's indices and then its rows are loaded one after another
+// from the producer's start, none of it overlapped with the setup. Registers only, before
+// setmaxnreg; the warps wait at ws_setup's sync for this warpgroup's index load.
+#ifndef JFM_WS_ENTRY_PREFETCH
+#define JFM_WS_ENTRY_PREFETCH 0
+#endif
+constexpr bool kWsEntryPrefetch = JFM_WS_ENTRY_PREFETCH != 0;
 template <KvFormat kFmt, int kDqk_>
 struct SparseWsTask {
   using T = bf16;
@@ -193,6 +206,24 @@ struct SparseWsTask {
   template <int kThreads>
   __device__ __forceinline__ void load_q(const Seq& q, uint32_t sq) const {
     load_q_tile<kDqk, kThreads>(p, q.index, head0, sq);
+  }
+  // (JFM_WS_ENTRY_PREFETCH) Producer thread ptid (of 128) asks L2 for its rows of the CTA's first
+  // live tile, as the producers' Fp8Slot map reads them: round `round` (tokens 32 round ..
+  // + 31), or both where round < 0. A hint: nothing waits for it, invalid rows are skipped.
+  __device__ __forceinline__ void prefetch_first_tile(int ptid, int round) const {
+    static_assert(kFp8, "the FP8 stages' prefetch");
+    using Rows = std::conditional_t<kFmt == KvFormat::kFp8V4, StageV4T<>, StageV32T<>>;
+    if (begin_seq > end_seq) return;
+    const Seq q = seq(begin_seq);
+    if (q.first >= q.t_hi) return;
+    const Fp8Slot slot(ptid);
+    const int pool_id = q.rows.pool_of(q.first);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (round >= 0 && r != round) continue;
+      const int index = q.rows.index_at(q.first, slot.t + 32 * r);
+      Rows::template prefetch<1>(p.pool[pool_id], q.rows.row_of(index, pool_id), (slot.j + 3 * r) & 3);
+    }
   }
   __device__ __forceinline__ bool masked(const Seq&, int, const uint8_t* valid, int, int col) const {
     return !valid[col];
@@ -523,6 +554,11 @@ __global__ void __launch_bounds__(384, 1)
   using Task = SparseWsTask<kFmt, kDqk>;
   cta_trace(false);  // (tile_trace.cuh; nothing without JFM_TILE_TRACE)
   pdl_launch_dependents();  // (pdl.cuh) the combine may be placed on SMs this grid's tail frees
+  if constexpr (kWsEntryPrefetch && Task::kFp8) {
+    if (threadIdx.x >= 256)
+      Task(p).prefetch_first_tile(threadIdx.x & 127,
+                                  ws_pair(kMath) ? static_cast<int>(cluster_ctarank()) : -1);
+  }
   extern __shared__ unsigned char smem_raw[];
   const WsShared sh = ws_setup<kDqk, kMath>(smem_raw, Task::kFullCount);
   const Task task(p);
