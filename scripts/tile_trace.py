@@ -38,6 +38,7 @@ pairs' fill (kRolesPair; "issue" there includes the rows landing, fetched before
 and the peer's st.async copies issued, not landed); the other FP8 fills do not stamp (fill and
 gap: n/a).
 """
+import collections
 import statistics
 import sys
 
@@ -47,6 +48,7 @@ SLOTS = ("prod_empty", "prod_issued", "sc_full", "sc_s", "sc_pub", "sc_pv", "val
 
 
 kTraceTiles = 64  # tile_trace.cuh
+Cta = collections.namedtuple("Cta", "cta bx by entry exit entry_clk exit_clk")  # "@" lines
 END_SLOTS = ("scores stats", "scores stored", "scores left", "values stats", "values stored",
              "values left", "producer done", "producer left")  # CtaEndSlot
 
@@ -60,7 +62,7 @@ def read(path):
         elif line.startswith("@") and cur is not None:
             # "@ cta bx by entry_ns exit_ns entry_clk exit_clk end_0 .. end_7" (cta_trace, cta_stamp)
             v = [int(x) for x in line[1:].split()]
-            cur["ctas"].append(tuple(v[:7]))
+            cur["ctas"].append(Cta(*v[:7]))
             cur.setdefault("ends", {})[(v[1], v[2])] = dict(zip(END_SLOTS, v[7:]))
         elif line.strip() and cur is not None:
             v = [int(x) for x in line.split()]
@@ -122,15 +124,15 @@ def summarize_ctas(run):
     CTAs' own durations, and how the last exits spread (the kernel's tail). The CTAs that stamp
     tiles (blockIdx.x < 4) and their cluster peers run a few percent slower (the stamps' stores):
     they are shown apart and left out of the rest."""
-    every = [r for r in run.get("ctas", []) if r[3] and r[4]]
+    every = [r for r in run.get("ctas", []) if r.entry and r.exit]
     if not every:
         return
-    t0 = min(r[3] for r in every)
-    stamping = [r for r in every if r[1] < 4]
-    ctas = [r for r in every if r[1] >= 4] or every
-    entry = sorted((r[3] - t0) / 1e3 for r in ctas)
-    exit_ = sorted((r[4] - t0) / 1e3 for r in ctas)
-    dur = sorted((r[4] - r[3]) / 1e3 for r in ctas)
+    t0 = min(r.entry for r in every)
+    stamping = [r for r in every if r.bx < 4]
+    ctas = [r for r in every if r.bx >= 4] or every
+    entry = sorted((r.entry - t0) / 1e3 for r in ctas)
+    exit_ = sorted((r.exit - t0) / 1e3 for r in ctas)
+    dur = sorted((r.exit - r.entry) / 1e3 for r in ctas)
 
     def q(v):
         return (f"min {v[0]:7.2f}  p10 {v[len(v) // 10]:7.2f}  median {statistics.median(v):7.2f}"
@@ -139,16 +141,16 @@ def summarize_ctas(run):
     print(f"    entry        {q(entry)}")
     print(f"    exit         {q(exit_)}")
     print(f"    duration     {q(dur)}")
-    slow = sorted(ctas, key=lambda r: r[4])[-4:]
-    print("    last exits   " + ", ".join(f"cta ({bx}, {by}): {(x - t0) / 1e3:.2f} (entry {(e - t0) / 1e3:.2f})"
-                                        for _, bx, by, e, x, _, _ in slow))
+    slow = sorted(ctas, key=lambda r: r.exit)[-4:]
+    print("    last exits   " + ", ".join(f"cta ({r.bx}, {r.by}): {(r.exit - t0) / 1e3:.2f} (entry {(r.entry - t0) / 1e3:.2f})"
+                                        for r in slow))
     if stamping:
         print("    tile-stamping CTAs' exits " + ", ".join(
-            f"({bx}, {by}) {(x - t0) / 1e3:.2f}" for _, bx, by, _, x, _, _ in sorted(stamping, key=lambda r: r[1:3])))
+            f"({r.bx}, {r.by}) {(r.exit - t0) / 1e3:.2f}" for r in sorted(stamping, key=lambda r: (r.bx, r.by))))
     # The stamping CTAs' time outside their tiles, in their own SM cycles: entry -> the producer's
     # first empty wait and -> the first full tile; the last P V -> exit. And the SM clock.
     rows = run["rows"]
-    for _, bx, by, e, x, ec, xc in sorted(stamping, key=lambda r: r[1:3]):
+    for _, bx, by, e, x, ec, xc in sorted(stamping, key=lambda r: (r.bx, r.by)):
         if by != 0 or (bx, 0) not in rows:
             continue
         ts = sorted(t for c, t in rows if c == bx)

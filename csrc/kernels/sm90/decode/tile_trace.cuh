@@ -49,7 +49,12 @@ enum CtaEndSlot : int {
   kEndProdLeft = 7,   // producer: past ws_leave
   kEndSlots = 8
 };
-constexpr int kCtaWords = 10 + kEndSlots;
+// Word offsets in a CTA's record (the 64-bit values 8-byte aligned: the record and the buffer are).
+enum CtaWord : int {
+  kCtaEntryNs = 0, kCtaExitNs = 2, kCtaEntryClk = 4, kCtaExitClk = 6, kCtaBx = 8, kCtaBy = 9,
+  kCtaEnds = 10  // kEndSlots words
+};
+constexpr int kCtaWords = kCtaEnds + kEndSlots;
 // Stamp slots per tile.
 enum TraceSlot : int {
   kTrProdEmpty = 0,   // producer: its empty wait for the tile's buffer ended
@@ -95,20 +100,26 @@ __device__ __forceinline__ uint64_t global_ns() {
   return t;
 }
 
+// This CTA's record (cta_trace), or nullptr when the probe is unbound or the grid is larger.
+__device__ __forceinline__ uint32_t* cta_record() {
+  const uint32_t cta = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  uint32_t* t = g_tile_trace;
+  if (t == nullptr || cta >= static_cast<uint32_t>(kTraceMaxCtas)) return nullptr;
+  return t + static_cast<size_t>(kTraceCtas) * kTraceTiles * kTrSlots + kCtaWords * cta;
+}
+
 // The CTA's entry (thread 0, first thing) or exit (every warp's lane 0 after its last work; the
 // latest counts: atomicMax).
 __device__ __forceinline__ void cta_trace(bool exit) {
-  const uint32_t cta = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
-  uint32_t* t = g_tile_trace;
-  if (t == nullptr || cta >= static_cast<uint32_t>(kTraceMaxCtas)) return;
-  uint32_t* w = t + static_cast<size_t>(kTraceCtas) * kTraceTiles * kTrSlots + kCtaWords * cta;
-  auto* ns = reinterpret_cast<unsigned long long*>(w) + (exit ? 1 : 0);  // 8-byte aligned
-  unsigned long long* clk = ns + 2;
+  uint32_t* w = cta_record();
+  if (w == nullptr) return;
+  auto* ns = reinterpret_cast<unsigned long long*>(w + (exit ? kCtaExitNs : kCtaEntryNs));
+  auto* clk = reinterpret_cast<unsigned long long*>(w + (exit ? kCtaExitClk : kCtaEntryClk));
   if (!exit && threadIdx.x == 0) {
     *clk = static_cast<unsigned long long>(clock64());
     *ns = global_ns();
-    w[8] = blockIdx.x;
-    w[9] = blockIdx.y;
+    w[kCtaBx] = blockIdx.x;
+    w[kCtaBy] = blockIdx.y;
   }
   if (exit && (threadIdx.x & 31) == 0) {
     atomicMax(ns, static_cast<unsigned long long>(global_ns()));
@@ -120,11 +131,8 @@ __device__ __forceinline__ void cta_trace(bool exit) {
 // by the role's first thread.
 __device__ __forceinline__ void cta_stamp(int slot) {
   if ((threadIdx.x & 127) != 0 || blockIdx.x >= kTraceCtas) return;
-  const uint32_t cta = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
-  uint32_t* t = g_tile_trace;
-  if (t == nullptr || cta >= static_cast<uint32_t>(kTraceMaxCtas)) return;
-  t[static_cast<size_t>(kTraceCtas) * kTraceTiles * kTrSlots + kCtaWords * cta + 10 + slot] =
-      static_cast<uint32_t>(clock64());
+  uint32_t* w = cta_record();
+  if (w != nullptr) w[kCtaEnds + slot] = static_cast<uint32_t>(clock64());
 }
 
 // Host: launch(), with the trace buffer bound before and, on the JFM_TILE_TRACE_CALL-th call of
@@ -176,11 +184,12 @@ cudaError_t tile_trace_launch(const char* name, int math, cudaStream_t stream, L
   // clocks' low 32 bits, as the tile stamps; the end stamps 0 where not taken)
   for (int c = 0; c < kTraceMaxCtas; ++c) {
     const uint32_t* r = host + kTileWords + kCtaWords * c;
-    const unsigned long long entry = r[0] | (static_cast<unsigned long long>(r[1]) << 32);
-    const unsigned long long exit = r[2] | (static_cast<unsigned long long>(r[3]) << 32);
+    auto u64 = [&](int w) { return r[w] | (static_cast<unsigned long long>(r[w + 1]) << 32); };
+    const unsigned long long entry = u64(kCtaEntryNs), exit = u64(kCtaExitNs);
     if (entry == 0 && exit == 0) continue;
-    std::fprintf(f, "@ %d %u %u %llu %llu %u %u", c, r[8], r[9], entry, exit, r[4], r[6]);
-    for (int e = 0; e < kEndSlots; ++e) std::fprintf(f, " %u", r[10 + e]);
+    std::fprintf(f, "@ %d %u %u %llu %llu %u %u", c, r[kCtaBx], r[kCtaBy], entry, exit,
+                 r[kCtaEntryClk], r[kCtaExitClk]);
+    for (int e = 0; e < kEndSlots; ++e) std::fprintf(f, " %u", r[kCtaEnds + e]);
     std::fprintf(f, "\n");
   }
   std::fclose(f);
