@@ -622,7 +622,10 @@ __device__ __forceinline__ unsigned quad_mask() { return 0xfu << (threadIdx.x & 
 
 // Store this thread's slice of row h of O (times `scale`) as T (final output, 256 wc + 2 tq +
 // 8 i) or float (split-KV partials). dst: this thread's first column (2 tq).
-template <typename T, bool kWide = false>
+// kProbeShared (a timing probe's, JFM_FP8_PROBE bit 3): kWide's stores go to shared memory (the
+// first 64 KB of the CTA's tiles, garbage there) instead of dst: the conversions without the
+// global stores.
+template <typename T, bool kWide = false, bool kProbeShared = false>
 __device__ __forceinline__ void store_out_row(T* dst, const RowState& st, int h, float scale) {
   if constexpr (kWide) {
     // Groups 4 j .. 4 j + 3: lane tq takes group 4 j + tq (w[c] = lane c's v[tq]; r[d] comes
@@ -638,8 +641,16 @@ __device__ __forceinline__ void store_out_row(T* dst, const RowState& st, int h,
       r[0] = pick4(v, tq);
 #pragma unroll
       for (int d = 1; d < 4; ++d) r[d] = __shfl_xor_sync(quad_mask(), pick4(v, tq ^ d), d);
-      *reinterpret_cast<uint4*>(base + 32 * j) =
-          make_uint4(pick4(r, tq), pick4(r, 1 ^ tq), pick4(r, 2 ^ tq), pick4(r, 3 ^ tq));
+      const uint4 out = make_uint4(pick4(r, tq), pick4(r, 1 ^ tq), pick4(r, 2 ^ tq), pick4(r, 3 ^ tq));
+      if constexpr (kProbeShared) {
+        extern __shared__ unsigned char probe_smem[];
+        const uint32_t a = ((static_cast<uint32_t>(__cvta_generic_to_shared(probe_smem)) + 1023u) & ~1023u) +
+                           (static_cast<uint32_t>(reinterpret_cast<uintptr_t>(base + 32 * j)) & 0xfff0u);
+        asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(a), "r"(out.x), "r"(out.y),
+                     "r"(out.z), "r"(out.w));
+      } else {
+        *reinterpret_cast<uint4*>(base + 32 * j) = out;
+      }
     }
   } else {
 #pragma unroll

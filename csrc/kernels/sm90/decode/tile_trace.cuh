@@ -34,11 +34,11 @@ constexpr int kTraceCtas = 4, kTraceTiles = 64;
 // ramp, epilogue, the slowest CTA). kCtaWords per CTA: entry and exit on the global timer, the
 // same two on the SM's clock64 (to place the tile stamps between them: prologue and epilogue in
 // cycles), blockIdx.x and .y (the tile-stamping CTAs, blockIdx.x < kTraceCtas, run a few percent
-// slower), then the kEndSlots end-of-work stamps.
+// slower), then the kStampSlots start-up and end-of-work stamps.
 constexpr int kTraceMaxCtas = 1024;
 // The end of each role's work (cta_stamp, the stamping CTAs' clock64, low 32 bits): where the
 // time after the last tile goes. The stats and stores stamps are the CTA's last sequence's.
-enum CtaEndSlot : int {
+enum CtaStampSlot : int {
   kEndScStats = 0,    // scores: the row totals handed over (ws_finish_rows)
   kEndScStored = 1,   // scores: its output rows stored (issued)
   kEndScLeft = 2,     // scores: past ws_leave (the pair's cluster_sync)
@@ -47,14 +47,22 @@ enum CtaEndSlot : int {
   kEndValLeft = 5,    // values: past ws_leave
   kEndProdDone = 6,   // producer: its last tile published
   kEndProdLeft = 7,   // producer: past ws_leave
-  kEndSlots = 8
+  // Before the first tile (the CTA's first sequence), where the time from entry to tile 0 full
+  // goes: the producer's start-up chain, and the scores warpgroup's Q.
+  kStartSetup = 8,    // producer: past ws_setup (barriers initialized, CTA / cluster synchronized)
+  kStartWork = 9,     // producer: its schedule row read (CtaWork, the task's construction)
+  kStartSeq = 10,     // producer: the first sequence's lengths read (seq, first live tile known)
+  kStartRows = 11,    // producer: tile 0's indices arrived, its own rows' loads issued
+  kStartQ = 12,       // scores: the first sequence's Q in shared memory
+  kStampSlots = 13
 };
 // Word offsets in a CTA's record (the 64-bit values 8-byte aligned: the record and the buffer are).
 enum CtaWord : int {
   kCtaEntryNs = 0, kCtaExitNs = 2, kCtaEntryClk = 4, kCtaExitClk = 6, kCtaBx = 8, kCtaBy = 9,
-  kCtaEnds = 10  // kEndSlots words
+  kCtaEnds = 10  // kStampSlots words
 };
-constexpr int kCtaWords = kCtaEnds + kEndSlots;
+// Even: the next record's 64-bit words stay 8-byte aligned (an odd count faulted: misaligned).
+constexpr int kCtaWords = (kCtaEnds + kStampSlots + 1) & ~1;
 // Stamp slots per tile.
 enum TraceSlot : int {
   kTrProdEmpty = 0,   // producer: its empty wait for the tile's buffer ended
@@ -127,12 +135,17 @@ __device__ __forceinline__ void cta_trace(bool exit) {
   }
 }
 
-// One role's end-of-work stamp (CtaEndSlot) in the stamping CTAs (blockIdx.x < kTraceCtas),
+// One role's start-up or end-of-work stamp (CtaStampSlot) in the stamping CTAs (blockIdx.x < kTraceCtas),
 // by the role's first thread.
 __device__ __forceinline__ void cta_stamp(int slot) {
   if ((threadIdx.x & 127) != 0 || blockIdx.x >= kTraceCtas) return;
   uint32_t* w = cta_record();
   if (w != nullptr) w[kCtaEnds + slot] = static_cast<uint32_t>(clock64());
+}
+// The same once `v` (a loaded value) has arrived: the branch on it waits for the load, and the
+// clock is read inside it (a plain stamp may be taken before an earlier load completes).
+__device__ __forceinline__ void cta_stamp_after(int slot, int v) {
+  if (v != -0x7ffffff1) cta_stamp(slot);
 }
 
 // Host: launch(), with the trace buffer bound before and, on the JFM_TILE_TRACE_CALL-th call of
@@ -180,8 +193,8 @@ cudaError_t tile_trace_launch(const char* name, int math, cudaStream_t stream, L
       for (int s = 0; s < kTrSlots; ++s) std::fprintf(f, " %u", r[s]);
       std::fprintf(f, "\n");
     }
-  // "@ cta bx by entry_ns exit_ns entry_clk exit_clk end_0 .. end_7" (cta_trace, cta_stamp; the
-  // clocks' low 32 bits, as the tile stamps; the end stamps 0 where not taken)
+  // "@ cta bx by entry_ns exit_ns entry_clk exit_clk stamp_0 .. stamp_12" (cta_trace, cta_stamp;
+  // the clocks' low 32 bits, as the tile stamps; the stamps 0 where not taken)
   for (int c = 0; c < kTraceMaxCtas; ++c) {
     const uint32_t* r = host + kTileWords + kCtaWords * c;
     auto u64 = [&](int w) { return r[w] | (static_cast<unsigned long long>(r[w + 1]) << 32); };
@@ -189,7 +202,7 @@ cudaError_t tile_trace_launch(const char* name, int math, cudaStream_t stream, L
     if (entry == 0 && exit == 0) continue;
     std::fprintf(f, "@ %d %u %u %llu %llu %u %u", c, r[kCtaBx], r[kCtaBy], entry, exit,
                  r[kCtaEntryClk], r[kCtaExitClk]);
-    for (int e = 0; e < kEndSlots; ++e) std::fprintf(f, " %u", r[kCtaEnds + e]);
+    for (int e = 0; e < kStampSlots; ++e) std::fprintf(f, " %u", r[kCtaEnds + e]);
     std::fprintf(f, "\n");
   }
   std::fclose(f);
@@ -199,6 +212,7 @@ cudaError_t tile_trace_launch(const char* name, int math, cudaStream_t stream, L
 __device__ __forceinline__ void tile_trace(uint32_t, int) {}
 __device__ __forceinline__ void cta_trace(bool) {}
 __device__ __forceinline__ void cta_stamp(int) {}
+__device__ __forceinline__ void cta_stamp_after(int, int) {}
 template <typename Launch>
 cudaError_t tile_trace_launch(const char*, int, cudaStream_t, Launch launch) {
   return launch();

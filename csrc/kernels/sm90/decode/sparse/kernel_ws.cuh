@@ -149,19 +149,6 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 #ifndef JFM_V4_ROPE_ASYNC
 #define JFM_V4_ROPE_ASYNC 1
 #endif
-// JFM_WS_ENTRY_PREFETCH (candidate, off): at kernel entry, before ws_setup's barrier init and
-// CTA / cluster sync, the producer warpgroup (threads 256-383) reads the CTA's first tile's
-// indices and asks L2 for its rows (SparseWsTask::prefetch_first_tile; the CTA pair only its own
-// round), so the producer's register loads of tile 0 later find them in L2. Why: the CTA stamps
-// (tile_trace.cuh; PERFORMANCE.md, 2026-12-04 item 4) put tile 0 full ~12K cycles after entry on
-// a 1M-token pool (~7.5-8.3K with the pool in L2) where a steady fill takes ~3.9K: the scheduler
-// metadata, the token's lengths, tile 0's indices and then its rows are loaded one after another
-// from the producer's start, none of it overlapped with the setup. Registers only, before
-// setmaxnreg; the warps wait at ws_setup's sync for this warpgroup's index load.
-#ifndef JFM_WS_ENTRY_PREFETCH
-#define JFM_WS_ENTRY_PREFETCH 0
-#endif
-constexpr bool kWsEntryPrefetch = JFM_WS_ENTRY_PREFETCH != 0;
 template <KvFormat kFmt, int kDqk_>
 struct SparseWsTask {
   using T = bf16;
@@ -172,6 +159,7 @@ struct SparseWsTask {
   static constexpr bool kCpAsyncTiles = !kFp8;  // the tiles are cp.async copies of bf16 rows
   static constexpr bool kShortSeqs = true;       // one query token's top-k
   static constexpr bool kFenceAfterFull = !kFp8 || kRopeAsync;
+  static constexpr bool kStagedOut = JFM_WS_STAGED_OUT != 0 && kFp8;  // (params.h; the pairs only)
   static constexpr uint32_t kFullCount = kFp8 && !kRopeAsync ? 128 : 256;
   static_assert(!kFp8 || kDqk == (kFmt == KvFormat::kFp8V32 ? 576 : 512), "FP8 layout fixes d_qk");
 
@@ -206,24 +194,6 @@ struct SparseWsTask {
   template <int kThreads>
   __device__ __forceinline__ void load_q(const Seq& q, uint32_t sq) const {
     load_q_tile<kDqk, kThreads>(p, q.index, head0, sq);
-  }
-  // (JFM_WS_ENTRY_PREFETCH) Producer thread ptid (of 128) asks L2 for its rows of the CTA's first
-  // live tile, as the producers' Fp8Slot map reads them: round `round` (tokens 32 round ..
-  // + 31), or both where round < 0. A hint: nothing waits for it, invalid rows are skipped.
-  __device__ __forceinline__ void prefetch_first_tile(int ptid, int round) const {
-    static_assert(kFp8, "the FP8 stages' prefetch");
-    using Rows = std::conditional_t<kFmt == KvFormat::kFp8V4, StageV4T<>, StageV32T<>>;
-    if (begin_seq > end_seq) return;
-    const Seq q = seq(begin_seq);
-    if (q.first >= q.t_hi) return;
-    const Fp8Slot slot(ptid);
-    const int pool_id = q.rows.pool_of(q.first);
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      if (round >= 0 && r != round) continue;
-      const int index = q.rows.index_at(q.first, slot.t + 32 * r);
-      Rows::template prefetch<1>(p.pool[pool_id], q.rows.row_of(index, pool_id), (slot.j + 3 * r) & 3);
-    }
   }
   __device__ __forceinline__ bool masked(const Seq&, int, const uint8_t* valid, int, int col) const {
     return !valid[col];
@@ -263,6 +233,21 @@ struct SparseWsTask {
                                              const Lane& ln) const {
     constexpr bool kWide = kWideOutStores && (!kFp8 || fp8_wide_out(kPair, kScoresRole));
     store_token_rows<kWide>(p, st, inv, lse, m, q.index, head0, q.slot, q.nsplit, ln);
+  }
+  // kStagedOut: whether token q's output goes through its last tile's buffer (not split), and the
+  // store that does it (`region`: that buffer).
+  __device__ __forceinline__ bool stages_out(const Seq& q) const {
+#if JFM_WS_STAGED_OUT
+    return q.nsplit == 1 && p.out_map_ok;
+#else
+    return false;
+#endif
+  }
+  __device__ __forceinline__ void store_rows_staged(const Seq& q, const RowState& st,
+                                                    const float (&inv)[2], const float (&lse)[2],
+                                                    const float (&m)[2], uint32_t region,
+                                                    int bar, const Lane& ln) const {
+    store_token_rows_staged(p, st, inv, lse, m, q.index, head0, region, bar, ln);
   }
 
   // A producer warpgroup: fills the tile buffers of the tiles k % stride == which (see the file
@@ -356,8 +341,10 @@ struct SparseWsTask {
     };
 
     uint32_t k = 0;  // the CTA's tiles before this sequence's
+    cta_stamp_after(kStartWork, begin_seq);  // (tile_trace.cuh: the probe's start-up stamps)
     for (int s = begin_seq; s <= end_seq; ++s) {
       const Seq q = seq(s);
+      if (s == begin_seq) cta_stamp_after(kStartSeq, q.first ^ q.nsplit);
       // This thread's positions of tile n: FP8 t, t + 32; bf16 lr + 16 h.
       auto load_indices = [&](int n, int (&idx)[4]) {
         if (n >= q.t_hi) return;
@@ -499,6 +486,7 @@ struct SparseWsTask {
             const int mine = sh.rank ? idx[1] : idx[0];  // this CTA's round of the tile
             // in flight while we wait
             stage.template fetch<true>(pool, q.rows.row_of(mine, pool_id));
+            if (k == 0) cta_stamp_after(kStartRows, mine);
             load_indices(n_next, idx_next);
             fill.wait_empty();
             tile_trace(fill.k, kTrProdEmpty);
@@ -517,6 +505,7 @@ struct SparseWsTask {
           } else if constexpr (kFp8) {
             fetch_round(stage, 0, q.rows, pool_id, idx);  // in flight while we wait
             if constexpr (kWide) fetch_round(stage2, 1, q.rows, pool_id, idx);
+            if (k == 0) cta_stamp_after(kStartRows, idx[0]);
             load_indices(n_next, idx_next);
             fill.wait_empty();
             store_rounds(fill, q.rows, pool_id, idx);
@@ -554,14 +543,10 @@ __global__ void __launch_bounds__(384, 1)
   using Task = SparseWsTask<kFmt, kDqk>;
   cta_trace(false);  // (tile_trace.cuh; nothing without JFM_TILE_TRACE)
   pdl_launch_dependents();  // (pdl.cuh) the combine may be placed on SMs this grid's tail frees
-  if constexpr (kWsEntryPrefetch && Task::kFp8) {
-    if (threadIdx.x >= 256)
-      Task(p).prefetch_first_tile(threadIdx.x & 127,
-                                  ws_pair(kMath) ? static_cast<int>(cluster_ctarank()) : -1);
-  }
   extern __shared__ unsigned char smem_raw[];
   const WsShared sh = ws_setup<kDqk, kMath>(smem_raw, Task::kFullCount);
   const Task task(p);
+  ws_setup_done<kMath>();
   ws_run<kMath>(task, sh);
   cta_trace(true);
 }
