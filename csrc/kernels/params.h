@@ -173,19 +173,6 @@ struct SparsePool {
 // one softmax. Tile t of a token covers positions [64 t, 64 t + 64) of the list
 // pool0 (padded to a multiple of 64) ++ pool1. Prefill is the case s_q = 1, no schedule (one CTA
 // per token and row block), plus max_logits.
-// JFM_WS_STAGED_OUT (candidate, off): the FP8 CTA pairs write a token's final output rows through
-// the tile buffer of its last tile: stmatrix into it, then TMA stores of SparseDecodeParams::out_map
-// (store_token_rows_staged); the buffer's release waits until the TMA has read it (ws_math). Why:
-// with the threads' own stores, a token's output (64 KB per CTA) stalls the math warps and queues
-// ahead of the producer's loads; a probe without them (JFM_FP8_PROBE bit 2) ran 4.5-12.7% faster
-// wherever CTAs take several tokens (PERFORMANCE.md, 2026-12-04 third session).
-// The members exist only in builds with it (so the default kernels' code does not move); they
-// are the struct's last, and host code that fills the struct without CUDA flags (module.cc's
-// sparse_kernel_choice) reads only the members before them.
-#ifndef JFM_WS_STAGED_OUT
-#define JFM_WS_STAGED_OUT 0
-#endif
-
 struct SparseDecodeParams {
   const void* q;                 // [num_tokens, h_q, d_qk] bf16
   SparsePool pool[2];
@@ -202,13 +189,6 @@ struct SparseDecodeParams {
   int num_sm_parts;              // schedule rows (0 without a schedule)
   int num_m_blocks;              // cdiv(h_q, kBlockM)
   float softmax_scale;
-#if JFM_WS_STAGED_OUT
-  // `out` as a TMA tensor map [num_tokens, h_q, 512] bf16 (box 64 columns x 64 heads x 1 token,
-  // 128-byte swizzle: one column block of a tile), encoded by the launcher; out_map_ok false
-  // leaves the output to the threads' stores.
-  CUtensorMap out_map;
-  bool out_map_ok;
-#endif
 };
 
 __host__ __device__ inline int sparse_pool0_tiles(const SparseDecodeParams& p) {

@@ -44,24 +44,6 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-// Four 8x8 b16 matrices from the warp's registers into shared memory: register j of each thread
-// holds its pair of matrix j in the mma fragment layout (row lane / 4, columns 2 (lane % 4), + 1),
-// lane l names row l % 8 of matrix l / 8.
-__device__ __forceinline__ void stmatrix_x4(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2,
-                                            uint32_t r3) {
-  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
-               "r"(r0), "r"(r1), "r"(r2), "r"(r3)
-               : "memory");
-}
-__device__ __forceinline__ uint4 ld_shared_16(uint32_t addr) {
-  uint4 v;
-  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "r"(addr)
-               : "memory");
-  return v;
-}
-
 // Host: opt the kernel into `smem` bytes of dynamic shared memory, launch it, return the error.
 template <typename Params>
 cudaError_t launch_with_smem(void (*kernel)(Params), dim3 grid, int threads, size_t smem,
@@ -203,15 +185,6 @@ __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::
                    : "memory");
 }
-// cluster_sync in two halves, so that independent work (loads) can run between them: the arrival
-// without release semantics (after fence_mbarrier_init, which publishes the barriers' init, as
-// CUTLASS's cluster_arrive_relaxed), and the wait with acquire.
-__device__ __forceinline__ void cluster_arrive_relaxed() {
-  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ void cluster_wait() {
-  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
 // Makes this thread's mbarrier_init visible to the other CTAs of the cluster (before cluster_sync).
 __device__ __forceinline__ void fence_mbarrier_init() {
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -238,20 +211,6 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const void* tmap, uint
       " [%0], [%1, {%3, %4, %5}], [%2];\n" ::"r"(dst),
       "l"(reinterpret_cast<uint64_t>(tmap)), "r"(bar), "r"(c0), "r"(c1), "r"(c2)
       : "memory");
-}
-// TMA store: shared memory at src to the box at (c0, c1, c2) of a 3-D tensor map (elements out
-// of the tensor's bounds are not written), as a bulk async-group of this thread (commit, then
-// wait: bulk_wait_read, before src is written again or the CTA exits).
-__device__ __forceinline__ void tma_store_3d(const void* tmap, uint32_t src, int c0, int c1, int c2) {
-  asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%2, %3, %4}], [%1];\n" ::
-                   "l"(reinterpret_cast<uint64_t>(tmap)), "r"(src), "r"(c0), "r"(c1), "r"(c2)
-               : "memory");
-}
-__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
-// This thread's committed bulk groups have read their shared memory (their global writes may
-// still be in flight).
-__device__ __forceinline__ void bulk_wait_read() {
-  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
 }
 // tma_load_3d into every CTA of the cluster named in cta_mask (bit r: rank r), each at the same
 // shared-memory offset dst, its bytes counted on the mbarrier at offset `bar` of each of them.

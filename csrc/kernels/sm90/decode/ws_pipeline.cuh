@@ -130,7 +130,6 @@ static_assert(kWsScoresRegP == 0 || kWsScoresRegP == 2, "JFM_WS_SCORES_REG_P: 0 
 // Named barriers (0 is __syncthreads', 1 MathWarpsSync's).
 constexpr int kBarScores = 4;   // kRoles, kTransposed*: warpgroup 0 alone (128)
 constexpr int kBarLazyOr = 5;   // kTransposed16 with JFM_WS_T_LAZY_MAX: the per-tile barrier.red.or
-constexpr int kBarStagedOut = 6;  // (+ wc) JFM_WS_STAGED_OUT: a math warpgroup's output rows written
 
 // Where one query row's result goes (kTransposed*; the task's row_out): the output row (times
 // `scale`) or the split-KV partial row; neither for a padded row.
@@ -170,16 +169,6 @@ struct WsShared {
   // addresses: st.async and remote arrivals).
   uint32_t rank, bar_peer_full, peer_sk0, peer_bar_empty, peer_bar_peer_full;
 };
-
-// JFM_WS_SPLIT_SETUP (candidate, off): the CTA pairs' set-up cluster barrier in two halves, the
-// arrival in ws_setup and the wait (ws_setup_done) after the kernel has constructed its task, so
-// that the task's first loads (the schedule row) are in flight while the pair meets. Why: the CTA
-// stamps (tile_trace.cuh; PERFORMANCE.md, 2026-12-04 third session) put the producer ~2K cycles
-// after entry when it leaves ws_setup, before its first load is issued.
-#ifndef JFM_WS_SPLIT_SETUP
-#define JFM_WS_SPLIT_SETUP 0
-#endif
-constexpr bool kWsSplitSetup = JFM_WS_SPLIT_SETUP != 0;
 
 // Lays out the dynamic shared memory, initializes the mbarriers (full: `full_count` arrivals,
 // empty: one per math thread, plus one per math warp of the peer for kRolesPair; the kRoles*
@@ -227,16 +216,9 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
     for (int i = 0; i < 4; ++i) mbarrier_init(sh.bar_p_ready + 8 * i, 128);
     if constexpr (kPair) fence_mbarrier_init();
   }
-  if constexpr (kPair && kWsSplitSetup) cluster_arrive_relaxed();  // (ws_setup_done waits)
-  else if constexpr (kPair) cluster_sync();
+  if constexpr (kPair) cluster_sync();
   else __syncthreads();
   return sh;
-}
-// The second half of ws_setup's cluster barrier (JFM_WS_SPLIT_SETUP); before any access to the
-// peer CTA or to the barriers.
-template <WsMath kMath>
-__device__ __forceinline__ void ws_setup_done() {
-  if constexpr (ws_pair(kMath) && kWsSplitSetup) cluster_wait();
 }
 
 // CTA pairs (kRolesPair). The two CTAs of a cluster run the same tiles (same schedule row, heads
@@ -451,19 +433,6 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   const uint64_t desc_q = dd.q, desc_k = dd.k, desc_p = dd.p, desc_v = dd.v;
 
   uint32_t k = 0;  // tiles this CTA has consumed (the producer's count, in step)
-  // This thread is done with buffer b (kPair: on the peer's empty barrier too, per warp, since
-  // the peer's producer also stores into it: its half of the tokens).
-  auto release = [&](uint32_t b) {
-    mbarrier_arrive(sh.bar_empty + 8 * b);
-    if constexpr (kPair) {
-      __syncwarp();
-      if ((ln.tid & 31) == 0) mbarrier_arrive_cluster(sh.peer_bar_empty + 8 * b);
-    }
-  };
-  // (JFM_WS_STAGED_OUT) A sequence's output rows through its last tile's buffer, whose release
-  // waits for them: staged_buf, that buffer, from the last tile to the store.
-  constexpr bool kStaged = Task::kStagedOut && kPair;
-  int staged_buf = -1;
   constexpr bool kEarlyQ = ws_early_q<Task>();
   int q_issued = -1;  // kEarlyQ: the sequence whose Q copies the scores warpgroup has issued
   for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
@@ -550,11 +519,12 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       wgmma_wait<0>();
       tile_trace(k, kRole == WsRole::kScores ? kTrScPv : kTrValPv);
       if (kRole == WsRole::kValues) mbarrier_arrive(sh.bar_p_free);
-      // kStaged: the sequence's last tile's buffer takes its output rows first (released below).
-      bool keep = false;
-      if constexpr (kStaged) keep = n_next >= cur.t_hi && task.stages_out(cur);
-      if (!keep) release(buf);
-      else staged_buf = static_cast<int>(buf);
+      mbarrier_arrive(sh.bar_empty + 8 * buf);  // this thread is done with it
+      if constexpr (kPair) {
+        // The peer's producer also stores into this buffer (its half of the tokens).
+        __syncwarp();
+        if ((ln.tid & 31) == 0) mbarrier_arrive_cluster(sh.peer_bar_empty + 8 * buf);
+      }
       n = n_next;
     }
     float inv[2], lse[2], m[2];
@@ -567,17 +537,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       m[0] = mt[0];
       m[1] = mt[1];
     }
-    bool staged = false;
-    if constexpr (kStaged) {
-      if (staged_buf >= 0) {
-        task.store_rows_staged(cur, st, inv, lse, m, sh.sk0 + staged_buf * S::kTileBytes,
-                               kBarStagedOut + ln.wc, ln);
-        release(static_cast<uint32_t>(staged_buf));  // after this thread's read-back
-        staged_buf = -1;
-        staged = true;
-      }
-    }
-    if (!staged) task.template store_rows<kRole == WsRole::kScores, kPair>(cur, st, inv, lse, m, ln);
+    task.template store_rows<kRole == WsRole::kScores, kPair>(cur, st, inv, lse, m, ln);
     cta_stamp(kRole == WsRole::kScores ? kEndScStored : kEndValStored);
   }
 }

@@ -27,7 +27,6 @@ struct DenseWsTask {
   static constexpr bool kFenceAfterFull = true;
   static constexpr bool kCpAsyncTiles = true;
   static constexpr bool kShortSeqs = false;  // a sequence is a whole context
-  static constexpr bool kStagedOut = false;  // (JFM_WS_STAGED_OUT: the FP8 pairs only)
   static constexpr uint32_t kFullCount = 256;
   static_assert(kPageBlock == kTileTokens, "one page is one tile");
 
@@ -209,7 +208,6 @@ __global__ void __launch_bounds__(384, 1) dense_decode_ws_kernel(const __grid_co
   extern __shared__ unsigned char smem_raw[];
   const WsShared sh = ws_setup<Task::kDqk, kMath>(smem_raw, Task::kFullCount);
   const Task task(p);
-  ws_setup_done<kMath>();
   ws_run<kMath>(task, sh);
   cta_trace(true);
 }

@@ -859,57 +859,6 @@ __device__ __forceinline__ void store_token_rows(const SparseDecodeParams& p, co
   }
 }
 
-// store_token_rows' final output (nsplit 1) by TMA (JFM_WS_STAGED_OUT, params.h; the CTA pairs):
-// warpgroup wc writes its 64 rows x 256 columns as bf16 by stmatrix into `region` + 32 KB wc, as
-// four column blocks of 64 (TileSmem's layout: row r at 128 r, 16-byte chunk c at c ^ (r & 7),
-// the tensor map's 128-byte swizzle; conflict-free), then its first thread stores the four boxes
-// (heads past h_q are outside the map: not written) and waits until the TMA has read them; the
-// caller then releases the buffer. lse and max_logits as store_token_rows.
-__device__ __forceinline__ void store_token_rows_staged(const SparseDecodeParams& p,
-                                                        const RowState& st, const float (&inv)[2],
-                                                        const float (&lse)[2], const float (&m)[2],
-                                                        int seq, int head0, uint32_t region,
-                                                        int bar, const Lane& ln) {
-  const RowMap map{1, p.s_q, p.h_q, p.h_q};
-  float scale[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int head = head0 + ln.row(h);
-    scale[h] = inv[h];
-    if (head >= p.h_q) continue;
-    if (p.attn_sink != nullptr && isfinite(lse[h])) scale[h] /= 1.f + expf(p.attn_sink[head] - lse[h]);
-    if (ln.wc == 0 && ln.tq == 0) {
-      p.lse[map.lse_index(seq, 0, head)] = lse[h];
-      if (p.max_logits != nullptr)
-        p.max_logits[static_cast<size_t>(seq) * p.h_q + head] =
-            m[h] == -INFINITY ? -INFINITY : m[h] * p.softmax_scale;
-    }
-  }
-  const uint32_t half = region + static_cast<uint32_t>(ln.wc) * 32768u;
-  const int lane = ln.tid & 31;
-  // stmatrix: matrix lane / 8 = (row half h, column group i + lane / 16), its row lane % 8.
-  const int my_row = ln.wr * 16 + 8 * ((lane >> 3) & 1) + (lane & 7);
-#pragma unroll
-  for (int i = 0; i < 32; i += 2) {
-    const int c = i + (lane >> 4);
-    stmatrix_x4(half + (c >> 3) * 8192 + my_row * 128 + (((c & 7) ^ (my_row & 7)) << 4),
-                pack2<bf16>(st.o[4 * i] * scale[0], st.o[4 * i + 1] * scale[0]),
-                pack2<bf16>(st.o[4 * i + 2] * scale[1], st.o[4 * i + 3] * scale[1]),
-                pack2<bf16>(st.o[4 * i + 4] * scale[0], st.o[4 * i + 5] * scale[0]),
-                pack2<bf16>(st.o[4 * i + 6] * scale[1], st.o[4 * i + 7] * scale[1]));
-  }
-  fence_proxy_async();  // the stmatrix writes, before the TMA reads them
-  named_barrier_sync(bar, 128);  // every warp of this warpgroup has written its rows
-#if JFM_WS_STAGED_OUT
-  if ((ln.tid & 127) == 0) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) tma_store_3d(&p.out_map, half + j * 8192, ln.wc * 256 + 64 * j, head0, seq);
-    bulk_commit();
-    bulk_wait_read();
-  }
-#endif
-}
-
 // After a token's last tile (kernel.cuh: each warpgroup summed half of every row).
 template <typename Sync>
 __device__ __forceinline__ void finish_token(const SparseDecodeParams& p, RowState& st, float* red,

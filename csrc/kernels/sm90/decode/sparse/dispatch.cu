@@ -4,7 +4,6 @@
 // wide producer, or CTA pairs where pair_pays), or (v1) kernel.cuh (every thread gathers and
 // computes).
 #include "kernels/params.h"
-#include "kernels/tensor_map.h"
 #include "kernels/variant.h"
 
 namespace jfm {
@@ -54,24 +53,6 @@ SparseDecodeParams with_load16_for(const SparseDecodeParams& p, WsMath math) {
   return q;
 }
 
-// JFM_WS_STAGED_OUT: p.out_map over out [num_tokens, h_q, 512] (params.h); left unencoded
-// (out_map_ok false: the threads' stores) if the encoder refuses it.
-void encode_out_map([[maybe_unused]] SparseDecodeParams& p) {
-#if JFM_WS_STAGED_OUT
-  p.out_map_ok = false;
-  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
-  const int64_t tokens = static_cast<int64_t>(p.batch) * p.s_q;
-  if (encode == nullptr || tokens <= 0 || p.out == nullptr) return;
-  const cuuint64_t dims[3] = {kDv, static_cast<cuuint64_t>(p.h_q), static_cast<cuuint64_t>(tokens)};
-  const cuuint64_t strides[2] = {kDv * 2, static_cast<cuuint64_t>(p.h_q) * kDv * 2};
-  const cuuint32_t box[3] = {64, kBlockM, 1}, unit[3] = {1, 1, 1};
-  p.out_map_ok = encode(&p.out_map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, p.out, dims, strides, box,
-                        unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                        CU_TENSOR_MAP_L2_PROMOTION_NONE,
-                        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-#endif
-}
-
 template <KvFormat kFmt, int kDqk>
 cudaError_t launch(const SparseDecodeParams& p_in, cudaStream_t stream) {
   using sm90::launch_sparse_attention_ws;
@@ -87,7 +68,6 @@ cudaError_t launch(const SparseDecodeParams& p_in, cudaStream_t stream) {
     return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRoles>(p, stream);
   } else {
     if (math == WsMath::kRolesPair) {
-      encode_out_map(p);
       const cudaError_t e = launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRolesPair>(p, stream);
       if (e != cudaErrorNotSupported) return e;  // else not every pair fits at once: unpaired
     }

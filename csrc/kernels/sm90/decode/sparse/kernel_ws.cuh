@@ -159,7 +159,6 @@ struct SparseWsTask {
   static constexpr bool kCpAsyncTiles = !kFp8;  // the tiles are cp.async copies of bf16 rows
   static constexpr bool kShortSeqs = true;       // one query token's top-k
   static constexpr bool kFenceAfterFull = !kFp8 || kRopeAsync;
-  static constexpr bool kStagedOut = JFM_WS_STAGED_OUT != 0 && kFp8;  // (params.h; the pairs only)
   static constexpr uint32_t kFullCount = kFp8 && !kRopeAsync ? 128 : 256;
   static_assert(!kFp8 || kDqk == (kFmt == KvFormat::kFp8V32 ? 576 : 512), "FP8 layout fixes d_qk");
 
@@ -234,22 +233,6 @@ struct SparseWsTask {
     constexpr bool kWide = kWideOutStores && (!kFp8 || fp8_wide_out(kPair, kScoresRole));
     store_token_rows<kWide>(p, st, inv, lse, m, q.index, head0, q.slot, q.nsplit, ln);
   }
-  // kStagedOut: whether token q's output goes through its last tile's buffer (not split), and the
-  // store that does it (`region`: that buffer).
-  __device__ __forceinline__ bool stages_out(const Seq& q) const {
-#if JFM_WS_STAGED_OUT
-    return q.nsplit == 1 && p.out_map_ok;
-#else
-    return false;
-#endif
-  }
-  __device__ __forceinline__ void store_rows_staged(const Seq& q, const RowState& st,
-                                                    const float (&inv)[2], const float (&lse)[2],
-                                                    const float (&m)[2], uint32_t region,
-                                                    int bar, const Lane& ln) const {
-    store_token_rows_staged(p, st, inv, lse, m, q.index, head0, region, bar, ln);
-  }
-
   // A producer warpgroup: fills the tile buffers of the tiles k % stride == which (see the file
   // comment). Each walks every tile of the CTA to keep the count k, and loads the indices of its
   // next own tile while it fills the current one.
@@ -546,7 +529,6 @@ __global__ void __launch_bounds__(384, 1)
   extern __shared__ unsigned char smem_raw[];
   const WsShared sh = ws_setup<kDqk, kMath>(smem_raw, Task::kFullCount);
   const Task task(p);
-  ws_setup_done<kMath>();
   ws_run<kMath>(task, sh);
   cta_trace(true);
 }
