@@ -51,8 +51,9 @@ kTraceTiles = 64  # tile_trace.cuh
 Cta = collections.namedtuple("Cta", "cta bx by entry exit entry_clk exit_clk")  # "@" lines
 END_SLOTS = ("scores stats", "scores stored", "scores left", "values stats", "values stored",
              "values left", "producer done", "producer left")  # CtaStampSlot 0-7
-START_SLOTS = ("producer set up", "schedule row", "lengths", "tile 0 indices",
-               "Q loaded")  # CtaStampSlot 8-12 (traces before them have only the 8 end stamps)
+START_SLOTS = ("producer set up", "schedule row", "first live tile", "tile 0 indices",
+               "Q loaded", "producer at the set-up barrier",
+               "producer past it")  # CtaStampSlot 8-14 (older traces: fewer or none)
 
 
 def read(path):
@@ -62,12 +63,12 @@ def read(path):
             cur = {"head": line[1:].strip(), "rows": {}, "ctas": []}
             runs.append(cur)
         elif line.startswith("@") and cur is not None:
-            # "@ cta bx by entry_ns exit_ns entry_clk exit_clk stamp_0 .. stamp_12" (cta_trace,
+            # "@ cta bx by entry_ns exit_ns entry_clk exit_clk stamp_0 .. stamp_14" (cta_trace,
             # cta_stamp)
             v = [int(x) for x in line[1:].split()]
             cur["ctas"].append(Cta(*v[:7]))
             cur.setdefault("ends", {})[(v[1], v[2])] = dict(zip(END_SLOTS, v[7:15]))
-            cur.setdefault("starts", {})[(v[1], v[2])] = dict(zip(START_SLOTS, v[15:]))
+            cur.setdefault("starts", {})[(v[1], v[2])] = dict(zip(START_SLOTS, v[15:22]))
         elif line.strip() and cur is not None:
             v = [int(x) for x in line.split()]
             cur["rows"][(v[0], v[1])] = dict(zip(SLOTS, v[2:]))
@@ -166,9 +167,9 @@ def summarize_ctas(run):
               f"{d(ec, first['sc_full'])}; last P V -> exit {d(first['sc_full'], xc) - end} cycles"
               f" ({len(ts)} tiles stamped{', more ran' if len(ts) == kTraceTiles else ''})")
         starts = run.get("starts", {}).get((bx, by), {})
-        if any(starts.values()):  # from entry, in cycles
-            print("      before the first tile: " + ", ".join(
-                f"{name} {d(ec, v)}" for name, v in starts.items() if v))
+        if any(starts.values()):  # from entry, in cycles, in the order they came
+            taken = sorted(((d(ec, v), name) for name, v in starts.items() if v))
+            print("      before the first tile: " + ", ".join(f"{name} {c}" for c, name in taken))
         ends = run.get("ends", {}).get((bx, by), {})
         if ends and len(ts) < kTraceTiles:  # from the last P V, in cycles
             last_pv = d(ec, first["sc_full"]) + end  # from entry

@@ -48,13 +48,17 @@ enum CtaStampSlot : int {
   kEndProdDone = 6,   // producer: its last tile published
   kEndProdLeft = 7,   // producer: past ws_leave
   // Before the first tile (the CTA's first sequence), where the time from entry to tile 0 full
-  // goes: the producer's start-up chain, and the scores warpgroup's Q.
-  kStartSetup = 8,    // producer: past ws_setup (barriers initialized, CTA / cluster synchronized)
-  kStartWork = 9,     // producer: its schedule row read (CtaWork, the task's construction)
-  kStartSeq = 10,     // producer: the first sequence's lengths read (seq, first live tile known)
+  // goes: the producer's start-up chain (the sparse kernels' producer), and the math warps' Q.
+  kStartSetup = 8,    // producer: past ws_setup and setmaxnreg
+  kStartWork = 9,     // producer: its schedule row arrived (CtaWork, the task's construction)
+  kStartSeq = 10,     // producer: the first sequence's first live tile known (its topk_length
+                      // read, where given; 2026-12-04's traces also waited for the split count
+                      // here, which the producer itself never reads: ~1.1K cycles of probe cost)
   kStartRows = 11,    // producer: tile 0's indices arrived, its own rows' loads issued
-  kStartQ = 12,       // scores: the first sequence's Q in shared memory
-  kStampSlots = 13
+  kStartQ = 12,       // math: the first sequence's Q in shared memory (the later warpgroup's)
+  kStartAtBarrier = 13,   // producer (thread 256): reached ws_setup's CTA / cluster barrier
+  kStartPastBarrier = 14, // producer (thread 256): past it (before setmaxnreg: kStartSetup)
+  kStampSlots = 15
 };
 // Word offsets in a CTA's record (the 64-bit values 8-byte aligned: the record and the buffer are).
 enum CtaWord : int {
@@ -193,7 +197,7 @@ cudaError_t tile_trace_launch(const char* name, int math, cudaStream_t stream, L
       for (int s = 0; s < kTrSlots; ++s) std::fprintf(f, " %u", r[s]);
       std::fprintf(f, "\n");
     }
-  // "@ cta bx by entry_ns exit_ns entry_clk exit_clk stamp_0 .. stamp_12" (cta_trace, cta_stamp;
+  // "@ cta bx by entry_ns exit_ns entry_clk exit_clk stamp_0 .. stamp_14" (cta_trace, cta_stamp;
   // the clocks' low 32 bits, as the tile stamps; the stamps 0 where not taken)
   for (int c = 0; c < kTraceMaxCtas; ++c) {
     const uint32_t* r = host + kTileWords + kCtaWords * c;

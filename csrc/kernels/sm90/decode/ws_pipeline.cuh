@@ -216,8 +216,10 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
     for (int i = 0; i < 4; ++i) mbarrier_init(sh.bar_p_ready + 8 * i, 128);
     if constexpr (kPair) fence_mbarrier_init();
   }
+  if (threadIdx.x == 256) cta_stamp(kStartAtBarrier);  // (tile_trace.cuh: the probe's stamps)
   if constexpr (kPair) cluster_sync();
   else __syncthreads();
+  if (threadIdx.x == 256) cta_stamp(kStartPastBarrier);
   return sh;
 }
 
@@ -439,6 +441,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
     const typename Task::Seq cur = task.seq(seq);
     if constexpr (!kEarlyQ) {
       ws_load_q<256>(task, cur, sh, [] { Sync::sync(); });
+      if (seq == task.begin_seq) cta_stamp(kStartQ);
     } else if constexpr (kRole == WsRole::kScores) {
       // (The previous sequence issued them unless it had no tile.)
       if (q_issued != seq) {

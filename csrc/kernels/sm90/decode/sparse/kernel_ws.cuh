@@ -233,6 +233,7 @@ struct SparseWsTask {
     constexpr bool kWide = kWideOutStores && (!kFp8 || fp8_wide_out(kPair, kScoresRole));
     store_token_rows<kWide>(p, st, inv, lse, m, q.index, head0, q.slot, q.nsplit, ln);
   }
+
   // A producer warpgroup: fills the tile buffers of the tiles k % stride == which (see the file
   // comment). Each walks every tile of the CTA to keep the count k, and loads the indices of its
   // next own tile while it fills the current one.
@@ -327,7 +328,7 @@ struct SparseWsTask {
     cta_stamp_after(kStartWork, begin_seq);  // (tile_trace.cuh: the probe's start-up stamps)
     for (int s = begin_seq; s <= end_seq; ++s) {
       const Seq q = seq(s);
-      if (s == begin_seq) cta_stamp_after(kStartSeq, q.first ^ q.nsplit);
+      if (s == begin_seq) cta_stamp_after(kStartSeq, q.first);
       // This thread's positions of tile n: FP8 t, t + 32; bf16 lr + 16 h.
       auto load_indices = [&](int n, int (&idx)[4]) {
         if (n >= q.t_hi) return;
