@@ -65,3 +65,35 @@ def test_summary_prints_every_phase(tmp_path, capsys, monkeypatch):
     assert "(12 tiles)" in out  # tiles 2 .. 7 of each CTA have both successors
     for name in ("period", "late", "wait", "fence", "fill", "issue", "gap", "2 periods - sum"):
         assert name in out
+
+
+def test_cta_records_with_start_and_end_stamps(tmp_path, capsys, monkeypatch):
+    # "@" lines (cta_trace, cta_stamp): a stamping CTA with its tiles, then the 8 end stamps and the
+    # 7 start-up stamps (CtaStampSlot 8-14), all on its clock; the start-up ones print in the order
+    # they came, as cycles from entry, the end ones from the last P V.
+    p = tmp_path / "trace.txt"
+    synthetic(p, ctas=1, tiles=10)
+    lines = p.read_text().splitlines()
+    first = [int(x) for x in lines[1].split()]
+    last = [int(x) for x in lines[-1].split()]
+    entry_clk = (first[2 + 2] - 9000) % (1 << 32)  # tile 0's scores full wait, 9000 after entry
+    last_pv = max(last[2 + 5], last[2 + 8])
+    exit_clk = (last_pv + 4800) % (1 << 32)
+    ends = [last_pv + x for x in (5, 3300, 4600, 250, 3200, 4610, -3400, 4550)]
+    starts = {8: 2000, 9: 2050, 10: 2100, 11: 6000, 12: 2500, 13: 1500, 14: 1900}
+    stamps = [v % (1 << 32) for v in ends] + [(entry_clk + starts[s]) % (1 << 32) for s in range(8, 15)]
+    ns0 = 10**9
+    lines.append(" ".join(str(x) for x in ["@", 0, 0, 0, ns0, ns0 + 20000, entry_clk, exit_clk] + stamps))
+    lines.append(" ".join(str(x) for x in ["@", 9, 5, 0, ns0 + 50, ns0 + 19000, 7, 8] + [0] * 15))
+    p.write_text("\n".join(lines) + "\n")
+    (run,) = tile_trace.read(str(p))
+    assert run["starts"][(0, 0)]["tile 0 indices"] == stamps[11]
+    assert run["ends"][(0, 0)]["producer left"] == stamps[7]
+    monkeypatch.setattr(sys, "argv", ["tile_trace.py", str(p)])
+    tile_trace.main()
+    out = capsys.readouterr().out
+    assert ("before the first tile: producer at the set-up barrier 1500, producer past it 1900, "
+            "producer set up 2000, schedule row 2050, first live tile 2100, Q loaded 2500, "
+            "tile 0 indices 6000") in out
+    assert "after the last P V: scores stats 5, scores stored 3300" in out
+    assert "exit 4800" in out
