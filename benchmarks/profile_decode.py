@@ -3,7 +3,11 @@
       python3 benchmarks/profile_decode.py --h_q 128 --s_k 4096
   ncu --kernel-name regex:sparse_attention_kernel ... \\
       python3 benchmarks/profile_decode.py --sparse v32 --h_q 128 --topk 2048 --b 64 --s_q 2
---sparse v32 | v4 | bf16: FP8 V3.2 (d_qk 576), FP8 V4 (d_qk 512) or bf16 pool, random rows.
+--sparse v32 | v4 | bf16: FP8 V3.2 (d_qk 576), FP8 V4 (d_qk 512) or bf16 pool, random rows. The
+pool has max(--s_k, 2 topk) rows: at the default 4096 it sits in the 50 MB L2 (2.7 MB for V3.2),
+unlike a serving pool or the side by side's (benchmarks/sbs_cases.py: DRAM-sized); pass
+--s_k 1048576 to time a change the way users run it (docs/PERFORMANCE.md, 2026-12-04 third
+session: a probe's gains there came and went with the pool's size).
 --prefill 576 | 512: sparse prefill instead, --s_q query tokens (each a "call" of --timeline is
 one prefill of all of them) over --s_k kv rows, --topk random indices each; with --ramp, query i
 counts only its first 1 + i * topk // s_q of them (topk_length: work growing along the sequence,
