@@ -149,6 +149,17 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 #ifndef JFM_V4_ROPE_ASYNC
 #define JFM_V4_ROPE_ASYNC 1
 #endif
+// JFM_WS_EARLY_INDICES (candidate, off): the FP8 kernels' producer warpgroup issues its loads of
+// the CTA's first tile's indices before ws_setup's barrier (issue_first_indices: after waiting for
+// the schedule row, which their addresses need), and its first tile takes them instead of loading
+// them after the set-up. Why: the start-up stamps (PERFORMANCE.md, 2026-12-04 third session) put
+// tile 0's indices 2.6-4.2K cycles after the schedule row on a 1M-token pool (~1.2K in L2), all of
+// it after the ~2K-cycle set-up. Unlike JFM_WS_ENTRY_PREFETCH (measured, removed) nothing waits
+// for the indices before the set-up.
+#ifndef JFM_WS_EARLY_INDICES
+#define JFM_WS_EARLY_INDICES 0
+#endif
+constexpr bool kWsEarlyIndices = JFM_WS_EARLY_INDICES != 0;
 template <KvFormat kFmt, int kDqk_>
 struct SparseWsTask {
   using T = bf16;
@@ -166,6 +177,10 @@ struct SparseWsTask {
   CtaWork work;
   int begin_seq, end_seq, head0;
   float softmax_scale;
+  // (JFM_WS_EARLY_INDICES) This producer thread's indices of the CTA's first tile, positions t and
+  // t + 32 (Fp8Slot), when issue_first_indices has loaded them.
+  int early_idx[2] = {-1, -1};
+  bool early_ok = false;
 
   __device__ __forceinline__ explicit SparseWsTask(const SparseDecodeParams& params)
       : p(params), work(params) {
@@ -189,6 +204,16 @@ struct SparseWsTask {
     q.nsplit = work.scheduled ? p.num_splits[tok + 1] - split_base : 1;
     q.slot = split_base + work.split(s);
     return q;
+  }
+  // (JFM_WS_EARLY_INDICES) Producer thread ptid's loads of the first tile's indices, issued.
+  __device__ __forceinline__ void issue_first_indices(int ptid) {
+    if (begin_seq > end_seq) return;
+    const Seq q = seq(begin_seq);
+    if (q.first >= q.t_hi) return;
+    const Fp8Slot slot(ptid);
+    early_idx[0] = q.rows.index_at(q.first, slot.t);
+    early_idx[1] = q.rows.index_at(q.first, slot.t + 32);
+    early_ok = true;
   }
   template <int kThreads>
   __device__ __forceinline__ void load_q(const Seq& q, uint32_t sq) const {
@@ -376,7 +401,12 @@ struct SparseWsTask {
       int n = q.first;
       own(n, k);
       int idx[4] = {-1, -1, -1, -1};
-      load_indices(n, idx);
+      if (kWsEarlyIndices && kFp8 && kSole && s == begin_seq && early_ok) {
+        idx[0] = early_idx[0];  // (tile n = q.first: the sole producer owns every tile)
+        idx[1] = early_idx[1];
+      } else {
+        load_indices(n, idx);
+      }
       if constexpr (kPipelinedFp8Fetch && kFp8 && kWide && !kPair && kSole) {
         // Tile n's rows in flight, tile n_next's indices loading, before the loop.
         int n_next = n;
@@ -528,9 +558,16 @@ __global__ void __launch_bounds__(384, 1)
   cta_trace(false);  // (tile_trace.cuh; nothing without JFM_TILE_TRACE)
   pdl_launch_dependents();  // (pdl.cuh) the combine may be placed on SMs this grid's tail frees
   extern __shared__ unsigned char smem_raw[];
-  const WsShared sh = ws_setup<kDqk, kMath>(smem_raw, Task::kFullCount);
-  const Task task(p);
-  ws_run<kMath>(task, sh);
+  if constexpr (kWsEarlyIndices && Task::kFp8 && !ws_transposed(kMath)) {
+    Task task(p);
+    if (threadIdx.x >= 256) task.issue_first_indices(threadIdx.x & 127);  // (the producer)
+    const WsShared sh = ws_setup<kDqk, kMath>(smem_raw, Task::kFullCount);
+    ws_run<kMath>(task, sh);
+  } else {
+    const WsShared sh = ws_setup<kDqk, kMath>(smem_raw, Task::kFullCount);
+    const Task task(p);
+    ws_run<kMath>(task, sh);
+  }
   cta_trace(true);
 }
 
