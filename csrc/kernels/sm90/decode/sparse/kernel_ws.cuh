@@ -205,6 +205,10 @@ struct SparseWsTask {
     q.slot = split_base + work.split(s);
     return q;
   }
+  template <int kThreads>
+  __device__ __forceinline__ void load_q(const Seq& q, uint32_t sq) const {
+    load_q_tile<kDqk, kThreads>(p, q.index, head0, sq);
+  }
   // (JFM_WS_EARLY_INDICES) Producer thread ptid's loads of the first tile's indices, issued.
   __device__ __forceinline__ void issue_first_indices(int ptid) {
     if (begin_seq > end_seq) return;
@@ -214,10 +218,6 @@ struct SparseWsTask {
     early_idx[0] = q.rows.index_at(q.first, slot.t);
     early_idx[1] = q.rows.index_at(q.first, slot.t + 32);
     early_ok = true;
-  }
-  template <int kThreads>
-  __device__ __forceinline__ void load_q(const Seq& q, uint32_t sq) const {
-    load_q_tile<kDqk, kThreads>(p, q.index, head0, sq);
   }
   __device__ __forceinline__ bool masked(const Seq&, int, const uint8_t* valid, int, int col) const {
     return !valid[col];
