@@ -47,7 +47,7 @@ SLOTS = ("prod_empty", "prod_issued", "sc_full", "sc_s", "sc_pub", "sc_pv", "val
 # (traces before sc_waited have 10 slots, before sc_mask 11)
 
 
-kTraceTiles = 64  # tile_trace.cuh
+kTraceCtas, kTraceTiles = 4, 64  # tile_trace.cuh: the tile-stamping CTAs, tiles stamped per CTA
 Cta = collections.namedtuple("Cta", "cta bx by entry exit entry_clk exit_clk")  # "@" lines
 END_SLOTS = ("scores stats", "scores stored", "scores left", "values stats", "values stored",
              "values left", "producer done", "producer left")  # CtaStampSlot 0-7
@@ -127,14 +127,14 @@ def summarize(run):
 def summarize_ctas(run):
     """Every CTA's entry and exit (global timer, ns) against the first entry: launch skew, the
     CTAs' own durations, and how the last exits spread (the kernel's tail). The CTAs that stamp
-    tiles (blockIdx.x < 4) and their cluster peers run a few percent slower (the stamps' stores):
+    tiles (blockIdx.x < kTraceCtas) and their cluster peers run a few percent slower (the stamps' stores):
     they are shown apart and left out of the rest."""
     every = [r for r in run.get("ctas", []) if r.entry and r.exit]
     if not every:
         return
     t0 = min(r.entry for r in every)
-    stamping = [r for r in every if r.bx < 4]
-    ctas = [r for r in every if r.bx >= 4] or every
+    stamping = [r for r in every if r.bx < kTraceCtas]
+    ctas = [r for r in every if r.bx >= kTraceCtas] or every
     entry = sorted((r.entry - t0) / 1e3 for r in ctas)
     exit_ = sorted((r.exit - t0) / 1e3 for r in ctas)
     dur = sorted((r.exit - r.entry) / 1e3 for r in ctas)
