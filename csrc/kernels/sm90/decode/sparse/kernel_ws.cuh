@@ -149,17 +149,23 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 #ifndef JFM_V4_ROPE_ASYNC
 #define JFM_V4_ROPE_ASYNC 1
 #endif
-// JFM_WS_EARLY_INDICES (candidate, off): the FP8 kernels' producer warpgroup issues its loads of
-// the CTA's first tile's indices before ws_setup's barrier (issue_first_indices: after waiting for
-// the schedule row, which their addresses need), and its first tile takes them instead of loading
-// them after the set-up. Why: the start-up stamps (PERFORMANCE.md, 2026-12-04 third session) put
-// tile 0's indices 2.6-4.2K cycles after the schedule row on a 1M-token pool (~1.2K in L2), all of
-// it after the ~2K-cycle set-up. Unlike JFM_WS_ENTRY_PREFETCH (measured, removed) nothing waits
-// for the indices before the set-up.
-#ifndef JFM_WS_EARLY_INDICES
-#define JFM_WS_EARLY_INDICES 0
+// JFM_V32_EARLY_INDICES (on) / JFM_V4_EARLY_INDICES (off): the FP8 kernels' producer warpgroup
+// issues its loads of the CTA's first tile's indices before ws_setup's barrier
+// (issue_first_indices: after waiting for the schedule row, which their addresses need), and its
+// first tile takes them instead of loading them after the set-up. Why: the start-up stamps
+// (PERFORMANCE.md, 2026-12-04 third session) put tile 0's indices 2.6-4.2K cycles after the
+// schedule row on a 1M-token pool (~1.2K in L2), all of it after the ~2K-cycle set-up. Unlike
+// JFM_WS_ENTRY_PREFETCH (measured, removed) nothing waits for the indices before the set-up.
+// Measured (H200, 2026-12-04 fourth session, 1M-token pool, each build in its own process,
+// profiler medians of 30 calls): V3.2 h128 b64 s_q 1 92.64 -> 91.10 us (-1.7%), s_q 2 179.33 ->
+// 176.38 (-1.6%); V4 h128 topk 1152 b64 s_q 1 54.53 -> 55.35 (+1.5%), topk 512 b128 s_q 2
+// 101.30 -> 102.53 (+1.2%). So V3.2 only.
+#ifndef JFM_V32_EARLY_INDICES
+#define JFM_V32_EARLY_INDICES 1
 #endif
-constexpr bool kWsEarlyIndices = JFM_WS_EARLY_INDICES != 0;
+#ifndef JFM_V4_EARLY_INDICES
+#define JFM_V4_EARLY_INDICES 0
+#endif
 template <KvFormat kFmt, int kDqk_>
 struct SparseWsTask {
   using T = bf16;
@@ -170,6 +176,8 @@ struct SparseWsTask {
   static constexpr bool kCpAsyncTiles = !kFp8;  // the tiles are cp.async copies of bf16 rows
   static constexpr bool kShortSeqs = true;       // one query token's top-k
   static constexpr bool kFenceAfterFull = !kFp8 || kRopeAsync;
+  static constexpr bool kEarlyIndices = (JFM_V32_EARLY_INDICES != 0 && kFmt == KvFormat::kFp8V32) ||
+                                        (JFM_V4_EARLY_INDICES != 0 && kFmt == KvFormat::kFp8V4);
   static constexpr uint32_t kFullCount = kFp8 && !kRopeAsync ? 128 : 256;
   static_assert(!kFp8 || kDqk == (kFmt == KvFormat::kFp8V32 ? 576 : 512), "FP8 layout fixes d_qk");
 
@@ -177,7 +185,7 @@ struct SparseWsTask {
   CtaWork work;
   int begin_seq, end_seq, head0;
   float softmax_scale;
-  // (JFM_WS_EARLY_INDICES) This producer thread's indices of the CTA's first tile, positions t and
+  // (kEarlyIndices) This producer thread's indices of the CTA's first tile, positions t and
   // t + 32 (Fp8Slot), when issue_first_indices has loaded them.
   int early_idx[2] = {-1, -1};
   bool early_ok = false;
@@ -209,7 +217,7 @@ struct SparseWsTask {
   __device__ __forceinline__ void load_q(const Seq& q, uint32_t sq) const {
     load_q_tile<kDqk, kThreads>(p, q.index, head0, sq);
   }
-  // (JFM_WS_EARLY_INDICES) Producer thread ptid's loads of the first tile's indices, issued.
+  // (kEarlyIndices) Producer thread ptid's loads of the first tile's indices, issued.
   __device__ __forceinline__ void issue_first_indices(int ptid) {
     if (begin_seq > end_seq) return;
     const Seq q = seq(begin_seq);
@@ -401,7 +409,7 @@ struct SparseWsTask {
       int n = q.first;
       own(n, k);
       int idx[4] = {-1, -1, -1, -1};
-      if (kWsEarlyIndices && kFp8 && kSole && s == begin_seq && early_ok) {
+      if (kEarlyIndices && kSole && s == begin_seq && early_ok) {
         idx[0] = early_idx[0];  // (tile n = q.first: the sole producer owns every tile)
         idx[1] = early_idx[1];
       } else {
@@ -558,7 +566,7 @@ __global__ void __launch_bounds__(384, 1)
   cta_trace(false);  // (tile_trace.cuh; nothing without JFM_TILE_TRACE)
   pdl_launch_dependents();  // (pdl.cuh) the combine may be placed on SMs this grid's tail frees
   extern __shared__ unsigned char smem_raw[];
-  if constexpr (kWsEarlyIndices && Task::kFp8 && !ws_transposed(kMath)) {
+  if constexpr (Task::kEarlyIndices && !ws_transposed(kMath)) {
     Task task(p);
     if (threadIdx.x >= 256) task.issue_first_indices(threadIdx.x & 127);  // (the producer)
     const WsShared sh = ws_setup<kDqk, kMath>(smem_raw, Task::kFullCount);
