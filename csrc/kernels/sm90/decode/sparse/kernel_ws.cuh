@@ -159,7 +159,8 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 // Measured (H200, 2026-12-04 fourth session, 1M-token pool, each build in its own process,
 // profiler medians of 30 calls): V3.2 h128 b64 s_q 1 92.64 -> 91.10 us (-1.7%), s_q 2 179.33 ->
 // 176.38 (-1.6%); V4 h128 topk 1152 b64 s_q 1 54.53 -> 55.35 (+1.5%), topk 512 b128 s_q 2
-// 101.30 -> 102.53 (+1.2%). So V3.2 only.
+// 101.30 -> 102.53 (+1.2%). So V3.2 only, and only in the CTA pairs (kRolesPair, 65-128 heads):
+// on kRolesWide (V3.2 h64 b148 topk 16384) it cost 1678 -> 1788 us in the same session's side by side.
 #ifndef JFM_V32_EARLY_INDICES
 #define JFM_V32_EARLY_INDICES 1
 #endif
@@ -409,7 +410,7 @@ struct SparseWsTask {
       int n = q.first;
       own(n, k);
       int idx[4] = {-1, -1, -1, -1};
-      if (kEarlyIndices && kSole && s == begin_seq && early_ok) {
+      if (kEarlyIndices && kPair && kSole && s == begin_seq && early_ok) {
         idx[0] = early_idx[0];  // (tile n = q.first: the sole producer owns every tile)
         idx[1] = early_idx[1];
       } else {
@@ -566,7 +567,7 @@ __global__ void __launch_bounds__(384, 1)
   cta_trace(false);  // (tile_trace.cuh; nothing without JFM_TILE_TRACE)
   pdl_launch_dependents();  // (pdl.cuh) the combine may be placed on SMs this grid's tail frees
   extern __shared__ unsigned char smem_raw[];
-  if constexpr (Task::kEarlyIndices && !ws_transposed(kMath)) {
+  if constexpr (Task::kEarlyIndices && kMath == WsMath::kRolesPair) {
     Task task(p);
     if (threadIdx.x >= 256) task.issue_first_indices(threadIdx.x & 127);  // (the producer)
     const WsShared sh = ws_setup<kDqk, kMath>(smem_raw, Task::kFullCount);
