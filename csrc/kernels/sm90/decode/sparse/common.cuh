@@ -389,12 +389,17 @@ struct RopeSrc<false> {};
 #define JFM_FP8_ROW_BASE 1
 #endif
 constexpr bool kFp8RowBase = JFM_FP8_ROW_BASE != 0;
-// JFM_V32_ALL_VALID (candidate, off): StageV32T's row-base fetch also keeps an unpredicated copy of
-// its loads for warps whose rows are all valid (the usual case: invalid rows are list tails and
-// padding). As the removed JFM_FP8_ROW_BASE=2 but for V3.2 only, where that measured -0.8% on
-// h_q 128 (the V4 pair lost 1-2% with it).
+// JFM_V32_ALL_VALID (on): StageV32T's row-base fetch also keeps an unpredicated copy of its loads
+// for warps whose rows are all valid (the usual case: invalid rows are list tails and padding).
+// As the removed JFM_FP8_ROW_BASE=2 but for V3.2 only (the V4 pair lost 1-2% with it), and only in
+// kRolesWide's producer (V3.2 h_q <= 64, and 128 under 4 tiles per part: the stage's kAllValid,
+// which the producer sets there; the CTA pairs and kTransposed* take the same fetch but were not
+// timed with it). Measured (H200, 2026-12-04 fourth session, 1M-token pool, kernel medians of
+// 30 calls, each build in its own process): V3.2 h64 b64 s_q 2 102.97 -> 98.91 us (-3.9%),
+// s_q 1 57.54 -> 56.86 (-1.2%), b148 topk 16384 796.9 -> 773.1 (-3.0%). ptxas spills 12 bytes
+// in kRolesWide with it (outside the producer loop).
 #ifndef JFM_V32_ALL_VALID
-#define JFM_V32_ALL_VALID 0
+#define JFM_V32_ALL_VALID 1
 #endif
 constexpr bool kV32AllValid = JFM_V32_ALL_VALID != 0;
 
@@ -408,7 +413,9 @@ constexpr bool kV32AllValid = JFM_V32_ALL_VALID != 0;
 // 2c and 2c + 1 (c = 4k + j) and one store writes chunks 8k + {0, 2, 4, 6}: half of each of 4
 // sectors. The V4 CTA pairs, whose stores also go to the peer by st.async, measured +24% with
 // that map (PERFORMANCE.md, 2026-12-03 sixth session, item 2).
-template <bool kRopeAsync = false, int kDequant = fp8_dequant_form(false), bool kNarrow = false>
+// kAllValid (JFM_V32_ALL_VALID): the unpredicated copy of the row-base fetch's loads.
+template <bool kRopeAsync = false, int kDequant = fp8_dequant_form(false), bool kNarrow = false,
+          bool kAllValid = false>
 struct StageV32T {
   static constexpr int kNope = kNarrow ? 16 : 8;
   using NopePiece = std::conditional_t<kNarrow, uint2, uint4>;
@@ -433,9 +440,9 @@ struct StageV32T {
         scales = ld_nc_16_if<512>(tok, pred);
         if constexpr (!kRopeAsync) ld_pieces_if<16, 528, 64>(rope, mine, pred, std::make_index_sequence<2>{});
       };
-      // (JFM_V32_ALL_VALID) a copy of the loads without a predicate where every active lane's row
-      // is valid: no zeroed registers, no predicate setup.
-      if (kV32AllValid && __all_sync(__activemask(), valid))
+      // (kAllValid) a copy of the loads without a predicate where every active lane's row is
+      // valid: no zeroed registers, no predicate setup.
+      if (kAllValid && __all_sync(__activemask(), valid))
         load(true);
       else
         load(valid);

@@ -310,7 +310,9 @@ struct SparseWsTask {
     // unpaired V4 stage with register RoPE keeps both read widths, as it always has.
     constexpr bool kStageRopeAsync = kRopeAsync && !kPair;
     using V4Stage = StageV4T<kStageRopeAsync, kDequant, (kPair || kRopeAsync) ? kMayLoad16 : true>;
-    using V32Stage = StageV32T<kStageRopeAsync, kDequant, kV32Narrow>;  // also the bf16 kernels' (unused)
+    // (JFM_V32_ALL_VALID) the unpredicated copy of the row loads: kRolesWide's producer only.
+    constexpr bool kV32AllValidHere = kV32AllValid && kSole && kWide && !kPair;
+    using V32Stage = StageV32T<kStageRopeAsync, kDequant, kV32Narrow, kV32AllValidHere>;  // also the bf16 kernels' (unused)
     using Stage = std::conditional_t<kRow8, StageV32R8,
                                      std::conditional_t<kFmt == KvFormat::kFp8V4, V4Stage, V32Stage>>;
     // kRopeAsync: the second of the full barrier's two arrivals per thread, after its first: when
