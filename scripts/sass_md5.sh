@@ -5,7 +5,8 @@
 #   scripts/sass_md5.sh [ROOT] [OUTDIR] ["-DJFM_X=1 ..."]    (ROOT default: this repo)
 # PER_FUNCTION=1 also hashes each kernel function of each object (lines "object:function md5"),
 # which shows, where a candidate applies to some kernels of an object, that the others kept
-# their (tested) machine code.
+# their (tested) machine code. OBJECTS="regex" compiles only the objects whose path matches
+# (e.g. OBJECTS=sparse/instantiate_ws_fp8: the two FP8 warp-specialized objects).
 # Compare two runs with `diff`. Needs nvcc and cuobjdump: the toolkit here has no cuobjdump, PyPI
 # does (`pip download --no-deps nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm -d /tmp/nvd`, unzip both
 # into /tmp/nvd/x; CUOBJDUMP=path otherwise). The
@@ -39,7 +40,7 @@ compile() {
 }
 export -f compile
 export ROOT OUTD FLAGS CUOBJDUMP CUTLASS CCCL
-(cd "$ROOT" && find csrc/kernels -name "*.cu" | sort) \
+(cd "$ROOT" && find csrc/kernels -name "*.cu" | sort | grep -E "${OBJECTS:-.}") \
   | xargs -P "${JOBS:-2}" -I{} bash -c 'compile "$@"' _ {}
 (cd "$OUTD" && md5sum ./*.sass | sed 's| \./| |')
 if [ "${PER_FUNCTION:-0}" = 1 ]; then
