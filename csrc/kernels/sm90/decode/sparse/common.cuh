@@ -397,7 +397,7 @@ constexpr bool kFp8RowBase = JFM_FP8_ROW_BASE != 0;
 // timed with it). Measured (H200, 2026-12-04 fourth session, 1M-token pool, kernel medians of
 // 30 calls, each build in its own process): V3.2 h64 b64 s_q 2 102.97 -> 98.91 us (-3.9%),
 // s_q 1 57.54 -> 56.86 (-1.2%), b148 topk 16384 796.9 -> 773.1 (-3.0%). ptxas spills 12 bytes
-// in kRolesWide with it (outside the producer loop).
+// in kRolesWide with it (outside the producer loop). =2 (candidate): in every V3.2 producer.
 #ifndef JFM_V32_ALL_VALID
 #define JFM_V32_ALL_VALID 1
 #endif

@@ -310,8 +310,10 @@ struct SparseWsTask {
     // unpaired V4 stage with register RoPE keeps both read widths, as it always has.
     constexpr bool kStageRopeAsync = kRopeAsync && !kPair;
     using V4Stage = StageV4T<kStageRopeAsync, kDequant, (kPair || kRopeAsync) ? kMayLoad16 : true>;
-    // (JFM_V32_ALL_VALID) the unpredicated copy of the row loads: kRolesWide's producer only.
-    constexpr bool kV32AllValidHere = kV32AllValid && kSole && kWide && !kPair;
+    // (JFM_V32_ALL_VALID) the unpredicated copy of the row loads: kRolesWide's producer only
+    // (=2, candidate: every V3.2 producer's, the CTA pairs' and kTransposed*'s too; not timed).
+    constexpr bool kV32AllValidHere =
+        JFM_V32_ALL_VALID == 2 || (kV32AllValid && kSole && kWide && !kPair);
     using V32Stage = StageV32T<kStageRopeAsync, kDequant, kV32Narrow, kV32AllValidHere>;  // also the bf16 kernels' (unused)
     using Stage = std::conditional_t<kRow8, StageV32R8,
                                      std::conditional_t<kFmt == KvFormat::kFp8V4, V4Stage, V32Stage>>;
