@@ -160,7 +160,8 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 // profiler medians of 30 calls): V3.2 h128 b64 s_q 1 92.64 -> 91.10 us (-1.7%), s_q 2 179.33 ->
 // 176.38 (-1.6%); V4 h128 topk 1152 b64 s_q 1 54.53 -> 55.35 (+1.5%), topk 512 b128 s_q 2
 // 101.30 -> 102.53 (+1.2%). So V3.2 only, and only in the CTA pairs (kRolesPair, 65-128 heads):
-// on kRolesWide (V3.2 h64 b148 topk 16384) it cost 1678 -> 1788 us in the same session's side by side.
+// on kRolesWide (V3.2 h64 b148 topk 16384) it cost 1678 -> 1788 us in the same session's side by
+// side.
 #ifndef JFM_V32_EARLY_INDICES
 #define JFM_V32_EARLY_INDICES 1
 #endif
