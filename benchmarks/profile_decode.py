@@ -6,9 +6,9 @@
 --sparse v32 | v4 | bf16: FP8 V3.2 (d_qk 576), FP8 V4 (d_qk 512) or bf16 pool, random rows. The
 pool has max(--s_k, 2 topk) rows: at the default 4096 it sits in the 50 MB L2 (2.7 MB for V3.2),
 unlike a serving pool or the side by side's (benchmarks/sbs_cases.py: DRAM-sized); pass
---s_k 1048576 to time a change the way users run it (docs/PERFORMANCE.md, 2026-12-04 third
-session: the no-output-store probe gained 4.5-12.7% at s_q 2 on the default pool, nothing for
-V3.2 s_q 1 on a 1M-row one; whether that is L2 capacity is not yet tested).
+--s_k 1048576 to time a change the way users run it (docs/PERFORMANCE.md, 2026-12-04 third and
+fourth sessions: the no-output-store probe gained 4.5-6% on V3.2 at s_q 2 on the default pool and
+nothing on a 1M-row one; on V4 it gained 4.7-9% on the 1M-row pool as well).
 --prefill 576 | 512: sparse prefill instead, --s_q query tokens (each a "call" of --timeline is
 one prefill of all of them) over --s_k kv rows, --topk random indices each; with --ramp, query i
 counts only its first 1 + i * topk // s_q of them (topk_length: work growing along the sequence,

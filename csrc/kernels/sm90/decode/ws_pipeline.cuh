@@ -624,21 +624,11 @@ __device__ __forceinline__ void ws_math_t(const Task& task, const WsShared& sh) 
 // roles after the branches made ptxas treat the role branches as divergent code, and the scores
 // warpgroup's wgmma descriptors left the uniform datapath (81 R2UR instead of 10, 1998 scores
 // instructions instead of 1799 in the V3.2 kernel; docs/PERFORMANCE.md, 2026-12-01).
-// JFM_PROBE_RELAXED_LEAVE (a timing probe, off; not safe: nothing then orders the peer's last
-// remote arrivals before the exit): the closing barrier's arrival relaxed, without the release
-// that waits for this thread's output stores to be acknowledged (ptxas: a MEMBAR before it).
-#ifndef JFM_PROBE_RELAXED_LEAVE
-#define JFM_PROBE_RELAXED_LEAVE 0
-#endif
 template <WsMath kMath>
 __device__ __forceinline__ void ws_leave() {
   if constexpr (ws_pair(kMath)) {
     __syncwarp();
-    if constexpr (JFM_PROBE_RELAXED_LEAVE != 0)
-      asm volatile("barrier.cluster.arrive.relaxed.aligned;\nbarrier.cluster.wait.aligned;\n" ::
-                       : "memory");
-    else
-      cluster_sync();
+    cluster_sync();
   }
 }
 
