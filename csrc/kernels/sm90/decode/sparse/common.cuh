@@ -342,24 +342,6 @@ struct TokenRows {
     const SparsePool& pool = p.pool[pool_id];
     return __ldg(pool.indices + static_cast<int64_t>(token) * pool.topk + pos);
   }
-  // (JFM_IDX_L2_PREFETCH, kernel_ws.cuh) L2 prefetches of the index lines of tiles [n_lo, n_hi):
-  // of each pool's counted positions there, every 128-byte line, lane `lane` of `lanes` taking
-  // lines lane, lane + lanes, ...; each at an address inside the range (so a valid one).
-  __device__ __forceinline__ void prefetch_indices(int n_lo, int n_hi, int lane, int lanes) const {
-#pragma unroll
-    for (int k = 0; k < 2; ++k) {
-      const int a_tile = k ? max(n_lo, tiles0) - tiles0 : n_lo;
-      const int b_tile = k ? n_hi - tiles0 : min(n_hi, tiles0);
-      const int lo = a_tile * kTileTokens, hi = min(b_tile * kTileTokens, len[k]);
-      if (lo >= hi) continue;
-      const int* base = p.pool[k].indices + static_cast<int64_t>(token) * p.pool[k].topk;
-      const uintptr_t a = reinterpret_cast<uintptr_t>(base + lo);
-      const uintptr_t e = reinterpret_cast<uintptr_t>(base + hi);
-      for (uintptr_t line = (a & ~uintptr_t{127}) + uintptr_t{128} * lane; line < e;
-           line += uintptr_t{128} * lanes)
-        prefetch_l2(reinterpret_cast<const void*>(line < a ? a : line));
-    }
-  }
   // The pool of tile n, and the flat row an index names (-1: none, never dereferenced).
   __device__ __forceinline__ int pool_of(int n) const { return n < tiles0 ? 0 : 1; }
   __device__ __forceinline__ int64_t row_of(int index, int pool_id) const {
@@ -415,7 +397,9 @@ constexpr bool kFp8RowBase = JFM_FP8_ROW_BASE != 0;
 // timed with it). Measured (H200, 2026-12-04 fourth session, 1M-token pool, kernel medians of
 // 30 calls, each build in its own process): V3.2 h64 b64 s_q 2 102.97 -> 98.91 us (-3.9%),
 // s_q 1 57.54 -> 56.86 (-1.2%), b148 topk 16384 796.9 -> 773.1 (-3.0%). ptxas spills 12 bytes
-// in kRolesWide with it (outside the producer loop). =2 (candidate): in every V3.2 producer.
+// in kRolesWide with it (outside the producer loop). In every V3.2 producer (=2, removed; 7030333
+// has it) it measured +2.9% (pair, h128 b64 s_q 1), +1.6% (s_q 2), +2.9% (kTransposed16) and
+// -1.2% (kTransposed32) on the same pools (2026-12-04 fifth session).
 #ifndef JFM_V32_ALL_VALID
 #define JFM_V32_ALL_VALID 1
 #endif

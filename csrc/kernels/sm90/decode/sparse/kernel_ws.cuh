@@ -168,17 +168,12 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 #ifndef JFM_V4_EARLY_INDICES
 #define JFM_V4_EARLY_INDICES 0
 #endif
-// JFM_IDX_L2_PREFETCH (candidate, off; 1: every sparse producer, FP8 and bf16; 2: FP8 only;
-// 3: kTransposed* only): at each sequence's start the producer asks L2 for the index lines of
-// all the sequence's tiles (TokenRows::prefetch_indices). Why: ptxas counts a producer's index
-// loads (the next own tile's) on the same scoreboard as the rows being dequantized (SB5 in
-// kTransposed16's loop, scripts/sass_scoreboards.py), so the first dequantization waits for the
-// index loads too, and those come from DRAM where the pool streams through L2; ncu of V3.2 h_q 16
-// b64 on a 1M-token pool (2026-12-04, fifth session) has the producers' first F2FP after the
-// empty wait at 14% of all warp samples (long scoreboard) and DRAM 33% busy.
-#ifndef JFM_IDX_L2_PREFETCH
-#define JFM_IDX_L2_PREFETCH 0
-#endif
+// Measured and removed (119f153 has it): JFM_IDX_L2_PREFETCH, L2 prefetches of each sequence's
+// index lines at its start, because ptxas counts the producers' index loads on the rows'
+// scoreboard (the first dequantization waits for them too). Slower or flat everywhere but
+// prefill (H200, 2026-12-04 fifth session: V3.2 h16 +1.5%, h64 kRolesWide +13%, prefill -2.4%
+// within its noise); the transposed kernels' stamps later showed their rows (indices included)
+// already there when the empty wait ends.
 template <KvFormat kFmt, int kDqk_>
 struct SparseWsTask {
   using T = bf16;
@@ -322,10 +317,8 @@ struct SparseWsTask {
     // unpaired V4 stage with register RoPE keeps both read widths, as it always has.
     constexpr bool kStageRopeAsync = kRopeAsync && !kPair;
     using V4Stage = StageV4T<kStageRopeAsync, kDequant, (kPair || kRopeAsync) ? kMayLoad16 : true>;
-    // (JFM_V32_ALL_VALID) the unpredicated copy of the row loads: kRolesWide's producer only
-    // (=2, candidate: every V3.2 producer's, the CTA pairs' and kTransposed*'s too; not timed).
-    constexpr bool kV32AllValidHere =
-        JFM_V32_ALL_VALID == 2 || (kV32AllValid && kSole && kWide && !kPair);
+    // (JFM_V32_ALL_VALID) the unpredicated copy of the row loads: kRolesWide's producer only.
+    constexpr bool kV32AllValidHere = kV32AllValid && kSole && kWide && !kPair;
     using V32Stage = StageV32T<kStageRopeAsync, kDequant, kV32Narrow, kV32AllValidHere>;  // also the bf16 kernels' (unused)
     using Stage = std::conditional_t<kRow8, StageV32R8,
                                      std::conditional_t<kFmt == KvFormat::kFp8V4, V4Stage, V32Stage>>;
@@ -425,11 +418,6 @@ struct SparseWsTask {
       };
       int n = q.first;
       own(n, k);
-      // (JFM_IDX_L2_PREFETCH) this sequence's index lines, shared out over the producers.
-      constexpr bool kIdxPrefetch = JFM_IDX_L2_PREFETCH == 1 || (JFM_IDX_L2_PREFETCH == 2 && kFp8) ||
-                                    (JFM_IDX_L2_PREFETCH == 3 && kFp8 && !kSole && !kPair);
-      if constexpr (kIdxPrefetch)
-        q.rows.prefetch_indices(q.first, q.t_hi, ptid + 128 * which, 128 * stride);
       int idx[4] = {-1, -1, -1, -1};
       if (kEarlyIndices && kPair && kSole && s == begin_seq && early_ok) {
         idx[0] = early_idx[0];  // (tile n = q.first: the sole producer owns every tile)
