@@ -35,16 +35,18 @@ third launch of each kernel object is written (JFM_TILE_TRACE_CALL). The produce
 the bf16 fills (dense, sparse prefill, bf16 sparse decode) and in the FP8 role split's pipelined
 fill (kRolesWide: the V3.2 default above 32 heads, V4 where the pair does not pay) and in the CTA
 pairs' fill (kRolesPair; "issue" there includes the rows landing, fetched before the empty wait,
-and the peer's st.async copies issued, not landed); the other FP8 fills do not stamp (fill and
-gap: n/a).
+and the peer's st.async copies issued, not landed) and the transposed kernels' FP8 fills
+(kTransposed16 / 32, summarized by phases_t, whose docstring has their phases; V3.2's add "rows
+after empty"); kRolesWide's unpipelined FP8 fill does not stamp (fill and gap: n/a).
 """
 import collections
 import statistics
 import sys
 
 SLOTS = ("prod_empty", "prod_issued", "sc_full", "sc_s", "sc_pub", "sc_pv", "val_full", "val_p",
-         "val_pv", "sc_wait", "sc_waited", "sc_mask", "sc_soft", "sc_pfree", "sc_pst")
-# (traces before sc_waited have 10 slots, before sc_mask 11)
+         "val_pv", "sc_wait", "sc_waited", "sc_mask", "sc_soft", "sc_pfree", "sc_pst", "prod_rows")
+# (traces before sc_waited have 10 slots, before sc_mask 11, before prod_rows 15)
+TRANSPOSED = ("WsMath 2", "WsMath 3")  # kTransposed16 / 32: one math warpgroup, phases_t
 
 
 kTraceCtas, kTraceTiles = 4, 64  # tile_trace.cuh: the tile-stamping CTAs, tiles stamped per CTA
@@ -108,19 +110,49 @@ def phases(r, nxt, nn):
     return out
 
 
+def phases_t(r, nxt, nn):
+    """kTransposed16 / 32 (one math warpgroup; two producers fill alternate tiles, so tile k + 2
+    is the same producer's and buffer's): the math's chain from its full wait's end (S, mask, the
+    column-max exchange where it ran: kTrScPfree's slot, P^T stored, the proxy fence + warpgroup
+    barrier, O^T's rescale, P V) and the fill of tile k + 2 (the producer's empty wait end -> its
+    rows there -> published -> the math's full wait end; "published -> full" also holds the
+    producer warpgroup's other warps and its RoPE copies landing: the stamp is its first
+    thread's)."""
+    o = {s: d(r["sc_full"], v) for s, v in r.items()}
+    out = {"period": d(r["sc_full"], nxt["sc_full"]), "late": d(r["sc_wait"], r["sc_full"]),
+           "S": o["sc_s"], "mask": o["sc_mask"] - o["sc_s"]}
+    if r["sc_pfree"]:  # the exchange ran (not the lazy max)
+        out["max exchange"] = o["sc_pfree"] - o["sc_mask"]
+        out["P stores"] = o["sc_pst"] - o["sc_pfree"]
+    else:
+        out["lazy max + P stores"] = o["sc_pst"] - o["sc_mask"]
+    out.update({"fence+barrier": o["sc_pub"] - o["sc_pst"], "rescale": o["sc_soft"] - o["sc_pub"],
+                "PV": o["sc_pv"] - o["sc_soft"], "math busy": o["sc_pv"]})
+    if nn["prod_empty"]:
+        out["gap"] = d(r["sc_pv"], nn["prod_empty"])
+        if nn.get("prod_rows"):
+            out["rows after empty"] = d(nn["prod_empty"], nn["prod_rows"])
+        out["issue"] = d(nn["prod_empty"], nn["prod_issued"])
+        out["published -> full"] = d(nn["prod_issued"], nn["sc_full"])
+        out["2 periods - sum"] = (d(r["sc_full"], nn["sc_full"]) - o["sc_pv"] - out["gap"]
+                                  - out["issue"] - out["published -> full"])
+    return out
+
+
 def summarize(run):
     rows = run["rows"]
     acc = {}
+    split = phases_t if any(t in run["head"] for t in TRANSPOSED) else phases
     for (c, t), r in sorted(rows.items()):
         nxt, nn = rows.get((c, t + 1)), rows.get((c, t + 2))
         if t < 2 or nxt is None or nn is None:
             continue
-        for k, v in phases(r, nxt, nn).items():
+        for k, v in split(r, nxt, nn).items():
             acc.setdefault(k, []).append(v)
     print(run["head"], f"({len(acc.get('period', []))} tiles)")
     for k, v in acc.items():
         q = sorted(v)
-        print(f"  {k:16s} median {statistics.median(v):8.0f}  p10 {q[len(q) // 10]:8.0f}"
+        print(f"  {k:20s} median {statistics.median(v):8.0f}  p10 {q[len(q) // 10]:8.0f}"
               f"  p90 {q[9 * len(q) // 10]:8.0f}")
 
 

@@ -97,3 +97,41 @@ def test_cta_records_with_start_and_end_stamps(tmp_path, capsys, monkeypatch):
             "tile 0 indices 6000") in out
     assert "after the last P V: scores stats 5, scores stored 3300" in out
     assert "exit 4800" in out
+
+
+def test_transposed_phases(tmp_path):
+    # kTransposed16 / 32 (WsMath 2 / 3): one math warpgroup stamps the scores' slots, two
+    # producers fill alternate tiles (tile t + 2 is the same buffer's), and V3.2's fill stamps
+    # its rows' arrival (slot 15). Tile t: full wait ends at f = base + t PERIOD; the producer's
+    # empty wait of t + 2 ends GAP after t's P V.
+    period, late, s, mask, exch, pst, fence, resc, pv, gap, rows, issue = (
+        4000, 300, 1000, 200, 900, 400, 250, 150, 800, 90, 25, 3000)
+    pub_full = 2 * period - (s + mask + exch + pst + fence + resc + pv) - gap - issue
+    lines = ["# kernel sparse_attention_ws_kernel WsMath 3 call 3; cta tile then slots 0-15"]
+    base = (1 << 32) - 9000  # wraps
+    for t in range(8):
+        f = base + t * period
+        sc_s, sc_mask = f + s, f + s + mask
+        sc_pfree = sc_mask + exch
+        sc_pst = sc_pfree + pst
+        sc_pub = sc_pst + fence
+        sc_soft = sc_pub + resc
+        sc_pv = sc_soft + pv
+        prod_empty = sc_pv - 2 * period + gap  # tile t - 2's release, in tile t's frame
+        vals = [prod_empty, prod_empty + issue, f, sc_s, sc_pub, sc_pv, 0, 0, 0, f - late, 0,
+                sc_mask, sc_soft, sc_pfree, sc_pst, prod_empty + rows]
+        lines.append(" ".join(str(x) for x in [0, t] + [v % (1 << 32) for v in vals]))
+    p = tmp_path / "trace_t.txt"
+    p.write_text("\n".join(lines) + "\n")
+    (run,) = tile_trace.read(str(p))
+    got = tile_trace.phases_t(run["rows"][(0, 3)], run["rows"][(0, 4)], run["rows"][(0, 5)])
+    assert got["period"] == period and got["late"] == late and got["S"] == s
+    assert got["mask"] == mask and got["max exchange"] == exch and got["P stores"] == pst
+    assert got["fence+barrier"] == fence and got["rescale"] == resc and got["PV"] == pv
+    assert got["math busy"] == s + mask + exch + pst + fence + resc + pv
+    assert got["gap"] == gap and got["rows after empty"] == rows and got["issue"] == issue
+    assert got["published -> full"] == pub_full and got["2 periods - sum"] == 0
+    # Under the lazy max (no exchange stamp) the exchange and the P stores are one phase.
+    r = dict(run["rows"][(0, 3)], sc_pfree=0)
+    got = tile_trace.phases_t(r, run["rows"][(0, 4)], run["rows"][(0, 5)])
+    assert "max exchange" not in got and got["lazy max + P stores"] == exch + pst

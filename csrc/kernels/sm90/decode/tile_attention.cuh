@@ -415,7 +415,8 @@ __device__ __forceinline__ void tile_qk_t(float (&s)[kN / 2], uint64_t desc_k, u
 // float[4][kN], and named barrier `bar` of 128 threads), then P^T = exp2(s sl2 - m sl2) written
 // into the swizzled P block at sp (row = query row, 64 token columns) and the correction of the
 // earlier O^T in corr. The caller fences and synchronizes the warpgroup before the PV wgmma.
-// In two steps, t_online_max and t_store_p, which the lazy variant below reuses.
+// In two steps, t_online_max and t_store_p, which the lazy variant below reuses (and the tile
+// trace's build of ws_math_t, which stamps between them).
 template <int kN>
 __device__ __forceinline__ void t_online_max(const float (&s)[kN / 2], TState<kN>& st,
                                              float (&corr)[kN / 4], float (&mscaled)[kN / 4],

@@ -85,8 +85,13 @@ enum TraceSlot : int {
   kTrScSoft = 12,     // scores: the softmax done (P and the corrections in registers)
   kTrScPfree = 13,    // scores: the values warpgroup freed the previous P (p_free waited)
   kTrScPst = 14,      // scores: P and the corrections stored, before the proxy fence
-  kTrSlots = 15
+  // kTransposed*'s FP8 producers (the L2-prefetching fill), after their empty wait:
+  kTrProdRows = 15,   // producer: the tile's rows (and every load before them) arrived
+  kTrSlots = 16
 };
+// kTransposed*'s one math warpgroup stamps sc_wait, sc_full, sc_s, sc_soft (P^T stored and
+// synced) and sc_pv (P V complete, the buffer released) as the scores warpgroup's.
+
 
 #if JFM_TILE_TRACE
 // One per translation unit (no relocatable device code): each kernel object has its own, set by
@@ -104,6 +109,12 @@ __device__ __forceinline__ void tile_trace(uint32_t k, int slot) {
   uint32_t* t = g_tile_trace;
   if (t != nullptr)
     t[(blockIdx.x * kTraceTiles + k) * kTrSlots + slot] = static_cast<uint32_t>(clock64());
+}
+
+// The same once `v` (a loaded value) has arrived: the branch on it waits for the load (and for
+// every load counted on its scoreboard), and the clock is read inside it.
+__device__ __forceinline__ void tile_trace_after(uint32_t k, int slot, uint32_t v) {
+  if (v != 0x7ffffff1u) tile_trace(k, slot);
 }
 
 __device__ __forceinline__ uint64_t global_ns() {
@@ -214,6 +225,7 @@ cudaError_t tile_trace_launch(const char* name, int math, cudaStream_t stream, L
 }
 #else
 __device__ __forceinline__ void tile_trace(uint32_t, int) {}
+__device__ __forceinline__ void tile_trace_after(uint32_t, int, uint32_t) {}
 __device__ __forceinline__ void cta_trace(bool) {}
 __device__ __forceinline__ void cta_stamp(int) {}
 __device__ __forceinline__ void cta_stamp_after(int, int) {}

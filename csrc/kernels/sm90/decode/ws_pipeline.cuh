@@ -570,31 +570,50 @@ __device__ __forceinline__ void ws_math_t(const Task& task, const WsShared& sh) 
     for (int n = cur.first; n < cur.t_hi; ++k) {
       const int n_next = cur.next(n + 1);
       const uint32_t buf = k & 1;
+      tile_trace(k, kTrScWait);
       ws_wait_full<Task, false>(sh, k);
+      tile_trace(k, kTrScFull);
       const uint32_t buf_desc = buf * (S::kTileBytes >> 4);
       const uint8_t* valid = sh.valid + buf * kTileTokens;
 
       float sacc[kN / 2];
       tile_qk_t<T, Task::kDqk, kN>(sacc, desc_k + buf_desc, desc_q);
+      tile_trace(k, kTrScS);
       mask_tile(sacc, [&](int h, int col) {  // rows: tokens, columns: query rows
         return task.masked_t(cur, n, valid, ln.wr * 16 + ln.g + 8 * h, col);
       });
+      tile_trace(k, kTrScMask);
       float corr[kCols];
+      // (JFM_TILE_TRACE) the softmax's steps: max exchanged (kTrScPfree's slot), P^T stored
+      // (kTrScPst), fenced and synced (kTrScPub), O^T rescaled (kTrScSoft).
       if constexpr (t_lazy_max(kN)) {
         const bool moved =
             tile_softmax_t_lazy<T, kN>(sacc, st, tmax, corr, sh.red, sh.sp, sl2, kBarScores,
                                        kBarLazyOr, ln);
+        tile_trace(k, kTrScPst);
         fence_proxy_async();
         named_barrier_sync(kBarScores, 128);  // all of P^T, before the wgmma reads it
+        tile_trace(k, kTrScPub);
         if (moved) rescale_o_t(st, corr);
       } else {
-        tile_softmax_t<T, kN>(sacc, st, corr, sh.red, sh.sp, sl2, kBarScores, ln);
+        if constexpr (kTileTrace) {  // tile_softmax_t's two steps, stamped
+          float mscaled[kCols];
+          t_online_max<kN>(sacc, st, corr, mscaled, sh.red, sl2, kBarScores, ln);
+          tile_trace(k, kTrScPfree);
+          t_store_p<T, kN>(sacc, st, mscaled, sh.sp, sl2, ln);
+        } else {  // (spelled out above, the dense 32-row kernels' SASS moved)
+          tile_softmax_t<T, kN>(sacc, st, corr, sh.red, sh.sp, sl2, kBarScores, ln);
+        }
+        tile_trace(k, kTrScPst);
         fence_proxy_async();
         named_barrier_sync(kBarScores, 128);  // all of P^T, before the wgmma reads it
+        tile_trace(k, kTrScPub);
         rescale_o_t(st, corr);
       }
+      tile_trace(k, kTrScSoft);
       tile_pv_t<T, kN>(st, desc_vt + buf_desc, desc_p);
       mbarrier_arrive(sh.bar_empty + 8 * buf);  // this thread is done with it
+      tile_trace(k, kTrScPv);
       n = n_next;
     }
     float inv[kCols], lse[kCols];

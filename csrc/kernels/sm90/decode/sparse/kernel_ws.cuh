@@ -367,6 +367,10 @@ struct SparseWsTask {
       publish(fill);
     };
 
+    // (JFM_TILE_TRACE) the unpipelined FP8 fills' stamp once the tile's rows have arrived.
+    auto trace_rows = [&](uint32_t kk) {
+      if constexpr (kFmt == KvFormat::kFp8V32) tile_trace_after(kk, kTrProdRows, stage.scales.x);
+    };
     uint32_t k = 0;  // the CTA's tiles before this sequence's
     cta_stamp_after(kStartWork, begin_seq);  // (tile_trace.cuh: the probe's start-up stamps)
     for (int s = begin_seq; s <= end_seq; ++s) {
@@ -494,7 +498,10 @@ struct SparseWsTask {
           int idx_after[4] = {-1, -1, -1, -1};
           load_indices(n_after, idx_after);
           fill.wait_empty();
+          tile_trace(fill.k, kTrProdEmpty);
+          trace_rows(fill.k);
           store_rounds(fill, q.rows, pool_id, idx);
+          tile_trace(fill.k, kTrProdIssued);
 #pragma unroll
           for (int h = 0; h < 4; ++h) {  // the indices one tile on
             idx[h] = idx_next[h];
@@ -540,7 +547,10 @@ struct SparseWsTask {
             if (k == 0) cta_stamp_after(kStartRows, idx[0]);
             load_indices(n_next, idx_next);
             fill.wait_empty();
+            tile_trace(fill.k, kTrProdEmpty);
+            trace_rows(fill.k);
             store_rounds(fill, q.rows, pool_id, idx);
+            tile_trace(fill.k, kTrProdIssued);
           } else {
             load_indices(n_next, idx_next);
             fill.wait_empty();
