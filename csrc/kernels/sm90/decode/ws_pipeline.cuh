@@ -86,8 +86,11 @@ struct WsRegSplit {
 constexpr WsRegSplit ws_reg_split(WsMath m) {
   switch (m) {
     // One math warpgroup (O^T: at most 128) and two producers.
-    case WsMath::kTransposed16:
-    case WsMath::kTransposed32: return {184, 160, 160};
+    case WsMath::kTransposed16: return {184, 160, 160};
+    // (JFM_WS_T_LAZY_MAX=2) the lazy max's per-thread maxima beside O^T: 16 more for the math
+    // (at 184 it spilled 88 bytes).
+    case WsMath::kTransposed32:
+      return t_lazy_max(32) ? WsRegSplit{200, 152, 152} : WsRegSplit{184, 160, 160};
     // Moves 32 + 32 of kRoles' to the producer, which then fetches both FP8 rounds before it
     // waits (152 for warpgroup 1 spilled 284 bytes).
     case WsMath::kRolesWide: return {200, 160, 144};
