@@ -516,6 +516,26 @@ struct StageV32T {
     for (int k = 0; k < 2; ++k)
       copy(S::chunk_off(t, 64 + 4 * k + j_), rope_src + 64 * k, valid ? 16 : 0, CpBytes<16>{});
   }
+  // (JFM_FP8_PRECONVERT, kernel_ws.cuh) The row part's 16 dequantized pieces in emit's order,
+  // converted ahead of the tile's empty wait (the raw registers die here); emit_converted then
+  // stores them, after issuing the RoPE copies (so those land while the stores issue). Both run
+  // emit itself: the second pass's conversions are unused and compile away.
+  struct Converted {
+    uint4 v[16];
+  };
+  __device__ __forceinline__ void convert(Converted& c) const {
+    static_assert(kRopeAsync, "JFM_FP8_PRECONVERT: the RoPE by cp.async only (16 pieces)");
+    int i = 0;
+    emit(0, [&](uint32_t, uint4 v) { c.v[i++] = v; }, [](uint32_t, uint2) {}, [](auto...) {});
+  }
+  template <class Put16, class Copy>
+  __device__ __forceinline__ void emit_converted(int t, const Converted& c, Put16 put16,
+                                                 Copy copy) const {
+    emit_rope(t, copy);
+    int i = 0;
+    emit(t, [&](uint32_t off, uint4) { put16(off, c.v[i++]); }, [](uint32_t, uint2) {},
+         [](auto...) {});
+  }
   // Bytes one thread's row part is (what store_stage_pair sends the peer): a quarter of a bf16 row.
   static constexpr uint32_t kThreadBytes = 576 * 2 / 4;
   int j_;
@@ -793,6 +813,13 @@ __device__ __forceinline__ void store_stage(const Stage& st, uint32_t tile, int 
   }
   st.emit(t, [&](uint32_t off, uint4 v) { st_shared_16(tile + off, v); },
           [&](uint32_t off, uint2 v) { st_shared_8(tile + off, v); }, CpAsyncInto{tile});
+}
+// store_stage for a stage converted ahead (StageV32T::convert, JFM_FP8_PRECONVERT).
+template <class Stage>
+__device__ __forceinline__ void store_converted(const Stage& st, const typename Stage::Converted& c,
+                                                uint32_t tile, int t) {
+  st.emit_converted(t, c, [&](uint32_t off, uint4 v) { st_shared_16(tile + off, v); },
+                    CpAsyncInto{tile});
 }
 // The same into this CTA's tile and, by st.async counted on the peer's barrier `peer_bar`, the
 // peer's copy at `peer_tile` (CTA pairs: ws_pipeline.cuh). The pair's stages store their RoPE

@@ -168,6 +168,18 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 #ifndef JFM_V4_EARLY_INDICES
 #define JFM_V4_EARLY_INDICES 0
 #endif
+// JFM_FP8_PRECONVERT (candidate, off): kTransposed16's V3.2 producers dequantize round 0 of
+// their tile into registers before its empty wait, leaving its stores (RoPE copies first) and
+// round 1 after it. Why: that kernel's tile traces (PERFORMANCE.md, 2026-12-04 fifth session)
+// show a two-buffer chain, period = (math ~2.9K + producer issue ~3.8K + hand-over ~1.65K
+// cycles) / 2, with the producer idle ~4.7K cycles per own tile before its empty wait and its
+// rows already loaded (they arrive 23 cycles after it). SASS: round 0's 64 unpacks before the
+// try-wait, its 32 packs after; 60 bytes spilled outside the tile loops (prologue, once per
+// sequence). Both rounds ahead spilled inside the loop (56 bytes; 168 registers per warpgroup
+// did not help). Not yet run on a GPU.
+#ifndef JFM_FP8_PRECONVERT
+#define JFM_FP8_PRECONVERT 0
+#endif
 // Measured and removed (119f153 has it): JFM_IDX_L2_PREFETCH, L2 prefetches of each sequence's
 // index lines at its start, because ptxas counts the producers' index loads on the rows'
 // scoreboard (the first dequantization waits for them too). Slower or flat everywhere but
@@ -367,6 +379,10 @@ struct SparseWsTask {
       publish(fill);
     };
 
+    // (JFM_FP8_PRECONVERT) kTransposed16's V3.2 fill (the L2-prefetching loop) converts rounds
+    // ahead of the empty wait.
+    constexpr bool kPreconvert = JFM_FP8_PRECONVERT != 0 && kFmt == KvFormat::kFp8V32 &&
+                                 kStageRopeAsync && kWide && !kRow8;
     // (JFM_TILE_TRACE) the unpipelined FP8 fills' stamp once the tile's rows have arrived.
     auto trace_rows = [&](uint32_t kk) {
       if constexpr (kFmt == KvFormat::kFp8V32) tile_trace_after(kk, kTrProdRows, stage.scales.x);
@@ -497,10 +513,24 @@ struct SparseWsTask {
           prefetch_rows(n_next, idx_next);
           int idx_after[4] = {-1, -1, -1, -1};
           load_indices(n_after, idx_after);
-          fill.wait_empty();
-          tile_trace(fill.k, kTrProdEmpty);
-          trace_rows(fill.k);
-          store_rounds(fill, q.rows, pool_id, idx);
+          if constexpr (kPreconvert) {
+            // Round 0 dequantized into registers while the buffer is still the math's; after
+            // the empty wait its stores remain, and round 1 as before.
+            typename Stage::Converted pre0;
+            stage.convert(pre0);
+            fill.wait_empty();
+            tile_trace(fill.k, kTrProdEmpty);
+            store_converted(stage, pre0, fill.tile, slot.t);
+            mark_valid(stage, fill.valid, 0);
+            store_stage(stage2, fill.tile, slot.t + 32);
+            mark_valid(stage2, fill.valid, 1);
+            publish(fill);
+          } else {
+            fill.wait_empty();
+            tile_trace(fill.k, kTrProdEmpty);
+            trace_rows(fill.k);
+            store_rounds(fill, q.rows, pool_id, idx);
+          }
           tile_trace(fill.k, kTrProdIssued);
 #pragma unroll
           for (int h = 0; h < 4; ++h) {  // the indices one tile on
