@@ -176,7 +176,10 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 // rows already loaded (they arrive 23 cycles after it). SASS: round 0's 64 unpacks before the
 // try-wait, its 32 packs after; 60 bytes spilled outside the tile loops (prologue, once per
 // sequence). Both rounds ahead spilled inside the loop (56 bytes; 168 registers per warpgroup
-// did not help). Not yet run on a GPU.
+// did not help). Where the conversions land is ptxas's choice (nothing orders register
+// arithmetic against the try-wait loop): the same code wrapped in a lambda shared with
+// kTransposed32's fill had only 16 of the 64 unpacks before the wait, and kTransposed32's none;
+// check the SASS after any edit here. Not yet run on a GPU.
 #ifndef JFM_FP8_PRECONVERT
 #define JFM_FP8_PRECONVERT 0
 #endif
