@@ -85,13 +85,13 @@ enum TraceSlot : int {
   kTrScSoft = 12,     // scores: the softmax done (P and the corrections in registers)
   kTrScPfree = 13,    // scores: the values warpgroup freed the previous P (p_free waited)
   kTrScPst = 14,      // scores: P and the corrections stored, before the proxy fence
-  // kTransposed*'s FP8 producers (the L2-prefetching fill), after their empty wait:
+  // kTransposed*'s V3.2 fills, after their empty wait:
   kTrProdRows = 15,   // producer: the tile's rows (and every load before them) arrived
   kTrSlots = 16
 };
-// kTransposed*'s one math warpgroup stamps sc_wait, sc_full, sc_s, sc_soft (P^T stored and
-// synced) and sc_pv (P V complete, the buffer released) as the scores warpgroup's.
-
+// kTransposed*'s one math warpgroup (ws_math_t) stamps as the scores warpgroup: wait, full, S,
+// mask, the column-max exchange (kTrScPfree's slot), P^T stored (pst), fenced and synced (pub),
+// O^T rescaled (soft), P V complete (pv); scripts/tile_trace.py's phases_t reads them.
 
 #if JFM_TILE_TRACE
 // One per translation unit (no relocatable device code): each kernel object has its own, set by

@@ -604,7 +604,7 @@ __device__ __forceinline__ void ws_math_t(const Task& task, const WsShared& sh) 
           t_online_max<kN>(sacc, st, corr, mscaled, sh.red, sl2, kBarScores, ln);
           tile_trace(k, kTrScPfree);
           t_store_p<T, kN>(sacc, st, mscaled, sh.sp, sl2, ln);
-        } else {  // (spelled out above, the dense 32-row kernels' SASS moved)
+        } else {  // (spelled out as above, it moved the dense 32-row kernels' SASS)
           tile_softmax_t<T, kN>(sacc, st, corr, sh.red, sh.sp, sl2, kBarScores, ln);
         }
         tile_trace(k, kTrScPst);

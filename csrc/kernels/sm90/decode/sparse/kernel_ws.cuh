@@ -382,7 +382,7 @@ struct SparseWsTask {
       publish(fill);
     };
 
-    // (JFM_FP8_PRECONVERT) kTransposed16's V3.2 fill (the L2-prefetching loop) converts rounds
+    // (JFM_FP8_PRECONVERT) kTransposed16's V3.2 fill (the L2-prefetching loop) converts round 0
     // ahead of the empty wait.
     constexpr bool kPreconvert = JFM_FP8_PRECONVERT != 0 && kFmt == KvFormat::kFp8V32 &&
                                  kStageRopeAsync && kWide && !kRow8;
