@@ -44,8 +44,10 @@ import statistics
 import sys
 
 SLOTS = ("prod_empty", "prod_issued", "sc_full", "sc_s", "sc_pub", "sc_pv", "val_full", "val_p",
-         "val_pv", "sc_wait", "sc_waited", "sc_mask", "sc_soft", "sc_pfree", "sc_pst", "prod_rows")
-# (traces before sc_waited have 10 slots, before sc_mask 11, before prod_rows 15)
+         "val_pv", "sc_wait", "sc_waited", "sc_mask", "sc_soft", "sc_pfree", "sc_pst", "prod_rows",
+         "prod_issued_w1", "prod_issued_w2", "prod_issued_w3")
+# (traces before sc_waited have 10 slots, before sc_mask 11, before prod_rows 15, before the
+# producer warps' own publication stamps 16)
 TRANSPOSED = ("WsMath 2", "WsMath 3")  # kTransposed16 / 32: one math warpgroup, phases_t
 
 
@@ -117,7 +119,8 @@ def phases_t(r, nxt, nn):
     barrier, O^T's rescale, P V) and the fill of tile k + 2 (the producer's empty wait end -> its
     rows there -> published -> the math's full wait end; "published -> full" also holds the
     producer warpgroup's other warps and its RoPE copies landing: the stamp is its first
-    thread's)."""
+    thread's; traces with slots 16-18 split it into the last warp's publication, the warps'
+    skew and the rest)."""
     o = {s: d(r["sc_full"], v) for s, v in r.items()}
     out = {"period": d(r["sc_full"], nxt["sc_full"]), "late": d(r["sc_wait"], r["sc_full"]),
            "S": o["sc_s"], "mask": o["sc_mask"] - o["sc_s"]}
@@ -136,6 +139,12 @@ def phases_t(r, nxt, nn):
         out["published -> full"] = d(nn["prod_issued"], nn["sc_full"])
         out["2 periods - sum"] = (d(r["sc_full"], nn["sc_full"]) - o["sc_pv"] - out["gap"]
                                   - out["issue"] - out["published -> full"])
+        warps = [nn.get(f"prod_issued_w{w}", 0) for w in (1, 2, 3)]
+        if all(warps):  # each producer warp's publication: the hand-over taken apart
+            pub = [d(nn["prod_empty"], v) for v in [nn["prod_issued"]] + warps]
+            out["  last warp published"] = max(pub)
+            out["  warps' skew"] = max(pub) - min(pub)
+            out["  last published -> full"] = d(nn["prod_empty"], nn["sc_full"]) - max(pub)
     return out
 
 

@@ -131,6 +131,15 @@ def test_transposed_phases(tmp_path):
     assert got["math busy"] == s + mask + exch + pst + fence + resc + pv
     assert got["gap"] == gap and got["rows after empty"] == rows and got["issue"] == issue
     assert got["published -> full"] == pub_full and got["2 periods - sum"] == 0
+    assert "  warps' skew" not in got  # a 16-slot trace: no per-warp stamps
+    # With the producer warps' own stamps (slots 16-18), the hand-over taken apart.
+    nn = dict(run["rows"][(0, 5)])
+    w = [nn["prod_issued"] + x for x in (40, 700, 300)]
+    nn.update(prod_issued_w1=w[0] % (1 << 32), prod_issued_w2=w[1] % (1 << 32),
+              prod_issued_w3=w[2] % (1 << 32))
+    got = tile_trace.phases_t(run["rows"][(0, 3)], run["rows"][(0, 4)], nn)
+    assert got["  last warp published"] == issue + 700 and got["  warps' skew"] == 700
+    assert got["  last published -> full"] == pub_full - 700
     # Under the lazy max (no exchange stamp) the exchange and the P stores are one phase.
     r = dict(run["rows"][(0, 3)], sc_pfree=0)
     got = tile_trace.phases_t(r, run["rows"][(0, 4)], run["rows"][(0, 5)])

@@ -87,7 +87,11 @@ enum TraceSlot : int {
   kTrScPst = 14,      // scores: P and the corrections stored, before the proxy fence
   // kTransposed*'s V3.2 fills, after their empty wait:
   kTrProdRows = 15,   // producer: the tile's rows (and every load before them) arrived
-  kTrSlots = 16
+  // kTransposed*'s FP8 fills: warps 1-3 of the producer warpgroup published (slots 16-18; warp
+  // 0's is kTrProdIssued), so the hand-over splits into the warps' skew and the barrier's
+  // completion (the RoPE copies landing).
+  kTrProdIssuedW1 = 16,
+  kTrSlots = 19
 };
 // kTransposed*'s one math warpgroup (ws_math_t) stamps as the scores warpgroup: wait, full, S,
 // mask, the column-max exchange (kTrScPfree's slot), P^T stored (pst), fenced and synced (pub),
@@ -109,6 +113,18 @@ __device__ __forceinline__ void tile_trace(uint32_t k, int slot) {
   uint32_t* t = g_tile_trace;
   if (t != nullptr)
     t[(blockIdx.x * kTraceTiles + k) * kTrSlots + slot] = static_cast<uint32_t>(clock64());
+}
+
+// kTrProdIssued by warp 0 of the producer warpgroup, kTrProdIssuedW1 + w - 1 by warp w (lane 0).
+__device__ __forceinline__ void tile_trace_published(uint32_t k) {
+  const int w = (threadIdx.x >> 5) & 3;
+  if ((threadIdx.x & 31) != 0 || blockIdx.x >= kTraceCtas || blockIdx.y != 0 || blockIdx.z != 0 ||
+      k >= static_cast<uint32_t>(kTraceTiles))
+    return;
+  uint32_t* t = g_tile_trace;
+  if (t != nullptr)
+    t[(blockIdx.x * kTraceTiles + k) * kTrSlots + (w == 0 ? kTrProdIssued : kTrProdIssuedW1 + w - 1)] =
+        static_cast<uint32_t>(clock64());
 }
 
 // The same once `v` (a loaded value) has arrived: the branch on it waits for the load (and for
@@ -226,6 +242,7 @@ cudaError_t tile_trace_launch(const char* name, int math, cudaStream_t stream, L
 #else
 __device__ __forceinline__ void tile_trace(uint32_t, int) {}
 __device__ __forceinline__ void tile_trace_after(uint32_t, int, uint32_t) {}
+__device__ __forceinline__ void tile_trace_published(uint32_t) {}
 __device__ __forceinline__ void cta_trace(bool) {}
 __device__ __forceinline__ void cta_stamp(int) {}
 __device__ __forceinline__ void cta_stamp_after(int, int) {}

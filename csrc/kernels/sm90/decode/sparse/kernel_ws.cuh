@@ -534,7 +534,7 @@ struct SparseWsTask {
             trace_rows(fill.k);
             store_rounds(fill, q.rows, pool_id, idx);
           }
-          tile_trace(fill.k, kTrProdIssued);
+          tile_trace_published(fill.k);
 #pragma unroll
           for (int h = 0; h < 4; ++h) {  // the indices one tile on
             idx[h] = idx_next[h];
@@ -583,7 +583,7 @@ struct SparseWsTask {
             tile_trace(fill.k, kTrProdEmpty);
             trace_rows(fill.k);
             store_rounds(fill, q.rows, pool_id, idx);
-            tile_trace(fill.k, kTrProdIssued);
+            tile_trace_published(fill.k);
           } else {
             load_indices(n_next, idx_next);
             fill.wait_empty();
