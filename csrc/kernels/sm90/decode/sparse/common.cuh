@@ -518,8 +518,9 @@ struct StageV32T {
   }
   // (JFM_FP8_PRECONVERT, kernel_ws.cuh) The row part's 16 dequantized pieces in emit's order,
   // converted ahead of the tile's empty wait (the raw registers die here); emit_converted then
-  // stores them, after issuing the RoPE copies (so those land while the stores issue). Both run
-  // emit itself: the second pass's conversions are unused and compile away.
+  // stores them without the RoPE copies (the caller issues those first, emit_rope, so they land
+  // while the stores issue). Both run emit itself: the second pass's conversions are unused and
+  // compile away.
   struct Converted {
     uint4 v[16];
   };
@@ -528,10 +529,8 @@ struct StageV32T {
     int i = 0;
     emit(0, [&](uint32_t, uint4 v) { c.v[i++] = v; }, [](uint32_t, uint2) {}, [](auto...) {});
   }
-  template <class Put16, class Copy>
-  __device__ __forceinline__ void emit_converted(int t, const Converted& c, Put16 put16,
-                                                 Copy copy) const {
-    emit_rope(t, copy);
+  template <class Put16>
+  __device__ __forceinline__ void emit_converted(int t, const Converted& c, Put16 put16) const {
     int i = 0;
     emit(t, [&](uint32_t off, uint4) { put16(off, c.v[i++]); }, [](uint32_t, uint2) {},
          [](auto...) {});
@@ -814,12 +813,22 @@ __device__ __forceinline__ void store_stage(const Stage& st, uint32_t tile, int 
   st.emit(t, [&](uint32_t off, uint4 v) { st_shared_16(tile + off, v); },
           [&](uint32_t off, uint2 v) { st_shared_8(tile + off, v); }, CpAsyncInto{tile});
 }
-// store_stage for a stage converted ahead (StageV32T::convert, JFM_FP8_PRECONVERT).
+// (JFM_FP8_PRECONVERT) store_stage split for a kRopeAsync V3.2 stage: its RoPE copies alone
+// (store_rope), then its other pieces from the registers converted ahead (store_converted) or
+// dequantized now (store_nope).
+template <class Stage>
+__device__ __forceinline__ void store_rope(const Stage& st, uint32_t tile, int t) {
+  st.emit_rope(t, CpAsyncInto{tile});
+}
 template <class Stage>
 __device__ __forceinline__ void store_converted(const Stage& st, const typename Stage::Converted& c,
                                                 uint32_t tile, int t) {
-  st.emit_converted(t, c, [&](uint32_t off, uint4 v) { st_shared_16(tile + off, v); },
-                    CpAsyncInto{tile});
+  st.emit_converted(t, c, [&](uint32_t off, uint4 v) { st_shared_16(tile + off, v); });
+}
+template <class Stage>
+__device__ __forceinline__ void store_nope(const Stage& st, uint32_t tile, int t) {
+  st.emit(t, [&](uint32_t off, uint4 v) { st_shared_16(tile + off, v); },
+          [&](uint32_t off, uint2 v) { st_shared_8(tile + off, v); }, [](auto...) {});
 }
 // The same into this CTA's tile and, by st.async counted on the peer's barrier `peer_bar`, the
 // peer's copy at `peer_tile` (CTA pairs: ws_pipeline.cuh). The pair's stages store their RoPE

@@ -169,13 +169,14 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 #define JFM_V4_EARLY_INDICES 0
 #endif
 // JFM_FP8_PRECONVERT (candidate, off): kTransposed16's V3.2 producers dequantize round 0 of
-// their tile into registers before its empty wait, leaving its stores (RoPE copies first) and
-// round 1 after it. Why: that kernel's tile traces (PERFORMANCE.md, 2026-12-04 fifth session)
+// their tile into registers before its empty wait, leaving after it both rounds' RoPE copies
+// (first, to land while the rest issues), round 0's stores and round 1. Why: that kernel's tile traces (PERFORMANCE.md, 2026-12-04 fifth session)
 // show a two-buffer chain, period = (math ~2.9K + producer issue ~3.8K + hand-over ~1.65K
 // cycles) / 2, with the producer idle ~4.7K cycles per own tile before its empty wait and its
 // rows already loaded (they arrive 23 cycles after it). SASS: round 0's 64 unpacks before the
-// try-wait, its 32 packs after; 60 bytes spilled outside the tile loops (prologue, once per
-// sequence). Both rounds ahead spilled inside the loop (56 bytes; 168 registers per warpgroup
+// try-wait, then the 4 RoPE copies, round 0's stores and round 1's conversions interleaved; no
+// spill (the form with each round's RoPE copies within its stores spilled 60 bytes outside the
+// tile loops). Both rounds ahead spilled inside the loop (56 bytes; 168 registers per warpgroup
 // did not help). Where the conversions land is ptxas's choice (nothing orders register
 // arithmetic against the try-wait loop): the same code wrapped in a lambda shared with
 // kTransposed32's fill had only 16 of the 64 unpacks before the wait, and kTransposed32's none;
@@ -523,9 +524,11 @@ struct SparseWsTask {
             stage.convert(pre0);
             fill.wait_empty();
             tile_trace(fill.k, kTrProdEmpty);
+            store_rope(stage, fill.tile, slot.t);  // both rounds' RoPE copies first
+            store_rope(stage2, fill.tile, slot.t + 32);
             store_converted(stage, pre0, fill.tile, slot.t);
             mark_valid(stage, fill.valid, 0);
-            store_stage(stage2, fill.tile, slot.t + 32);
+            store_nope(stage2, fill.tile, slot.t + 32);
             mark_valid(stage2, fill.valid, 1);
             publish(fill);
           } else {
