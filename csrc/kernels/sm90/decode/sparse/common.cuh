@@ -789,6 +789,12 @@ struct CpAsyncInto {
   }
 };
 
+// A stage's pieces into row t of the bf16 tile at `tile`, its RoPE copies by `copy`.
+template <class Stage, class Copy>
+__device__ __forceinline__ void store_pieces(const Stage& st, uint32_t tile, int t, Copy copy) {
+  st.emit(t, [&](uint32_t off, uint4 v) { st_shared_16(tile + off, v); },
+          [&](uint32_t off, uint2 v) { st_shared_8(tile + off, v); }, copy);
+}
 // Dequantizes a stage (StageV32 / StageV4) into row t of the bf16 tile at `tile` (a
 // kRopeAsync stage's RoPE chunks by cp.async: the caller's full barrier counts them).
 template <class Stage>
@@ -810,8 +816,7 @@ __device__ __forceinline__ void store_stage(const Stage& st, uint32_t tile, int 
     st_shared_16(tile + static_cast<uint32_t>(t) * 16u, acc);
     return;
   }
-  st.emit(t, [&](uint32_t off, uint4 v) { st_shared_16(tile + off, v); },
-          [&](uint32_t off, uint2 v) { st_shared_8(tile + off, v); }, CpAsyncInto{tile});
+  store_pieces(st, tile, t, CpAsyncInto{tile});
 }
 // (JFM_FP8_PRECONVERT) store_stage split for a kRopeAsync V3.2 stage: its RoPE copies alone
 // (store_rope), then its other pieces from the registers converted ahead (store_converted) or
@@ -827,8 +832,7 @@ __device__ __forceinline__ void store_converted(const Stage& st, const typename 
 }
 template <class Stage>
 __device__ __forceinline__ void store_nope(const Stage& st, uint32_t tile, int t) {
-  st.emit(t, [&](uint32_t off, uint4 v) { st_shared_16(tile + off, v); },
-          [&](uint32_t off, uint2 v) { st_shared_8(tile + off, v); }, [](auto...) {});
+  store_pieces(st, tile, t, [](auto...) {});
 }
 // The same into this CTA's tile and, by st.async counted on the peer's barrier `peer_bar`, the
 // peer's copy at `peer_tile` (CTA pairs: ws_pipeline.cuh). The pair's stages store their RoPE
