@@ -132,7 +132,7 @@ static_assert(kWsScoresRegP == 0 || kWsScoresRegP == 2, "JFM_WS_SCORES_REG_P: 0 
 
 // Named barriers (0 is __syncthreads', 1 MathWarpsSync's).
 constexpr int kBarScores = 4;   // kRoles, kTransposed*: warpgroup 0 alone (128)
-constexpr int kBarLazyOr = 5;   // kTransposed16 with JFM_WS_T_LAZY_MAX: the per-tile barrier.red.or
+constexpr int kBarLazyOr = 5;   // kTransposed* under the lazy max: the per-tile barrier.red.or
 
 // Where one query row's result goes (kTransposed*; the task's row_out): the output row (times
 // `scale`) or the split-KV partial row; neither for a padded row.
