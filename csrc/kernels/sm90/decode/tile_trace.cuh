@@ -116,6 +116,8 @@ __device__ __forceinline__ void tile_trace(uint32_t k, int slot) {
 }
 
 // kTrProdIssued by warp 0 of the producer warpgroup, kTrProdIssuedW1 + w - 1 by warp w (lane 0).
+// (tile_trace's guard spelled again: sharing it through a helper raised the trace build's spill
+// in V3.2's kTransposed32 from 28 to 48-60 bytes, which would perturb what the probe measures.)
 __device__ __forceinline__ void tile_trace_published(uint32_t k) {
   const int w = (threadIdx.x >> 5) & 3;
   if ((threadIdx.x & 31) != 0 || blockIdx.x >= kTraceCtas || blockIdx.y != 0 || blockIdx.z != 0 ||
