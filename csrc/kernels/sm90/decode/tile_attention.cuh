@@ -319,19 +319,19 @@ __device__ __forceinline__ void store_p_rows(uint32_t sp, const float (&s)[32], 
 // ~28% of its time in this softmax. Measured: V3.2 h16 b64 57.0 -> 55.2 us, prefill h16 367.8 ->
 // 351.8 us, V4 h16 24.7 -> 24.6 (so the shuffles' own latency was not the main limit).
 #ifndef JFM_WS_T_LAZY_MAX
-#define JFM_WS_T_LAZY_MAX 1
+#define JFM_WS_T_LAZY_MAX 2
 #endif
-// At 16 rows only: at 32 the per-thread maxima beside O^T's 128 registers spilled 96 bytes.
-// =2 (candidate, off; at 32 rows too, with 16 more registers for kTransposed32's math warpgroup,
-// ws_reg_split: its producers then spill 8 bytes in V3.2, once per sequence): the 32-row
-// kernels' tile traces (2026-12-04 fifth session) have the column-max exchange at ~990 cycles
-// and the fence + barrier after the P^T stores at ~1500 (median) of a ~5900-cycle tile, the
-// math warpgroup being the limit there. Measured (H200, same session, kernel medians of 30, each
-// build in its own process; docs/perf_logs/t_lazy_max2_abflags_h200_2026-12-04e.txt): prefill
-// d576 h32 1876.8 -> 1707.2 us (-9.0%), V4 h32 topk 1152 s_q 2 -3.1%, V3.2 h32 -1.0 / -1.4%,
-// dense h32 -0.4%, V4 h32 topk 512 flat. Its smoke, memcheck and racecheck (every kernel) are
-// clean; 177 of the 213 GPU kernel tests ran (all passed) before that call's time ran out.
-// Finish the GPU tests, then flip it (docs/PERFORMANCE.md, Next).
+// =2 (default since the sixth 2026-12-04 session; =1 gives the 16-row kernels only: at 32 rows
+// the per-thread maxima beside O^T's 128 registers first spilled 96 bytes): at 32 rows too, with
+// 16 more registers for kTransposed32's math warpgroup (ws_reg_split; its producers then spill
+// 8 bytes in V3.2, once per sequence). The 32-row kernels' tile traces (2026-12-04 fifth
+// session) have the column-max exchange at ~990 cycles and the fence + barrier after the P^T
+// stores at ~1500 (median) of a ~5900-cycle tile, the math warpgroup being the limit there.
+// Measured (H200, kernel medians of 30, each build in its own process;
+// docs/perf_logs/t_lazy_max2_abflags_h200_2026-12-04e.txt): prefill d576 h32 1876.8 -> 1707.2 us
+// (-9.0%), V4 h32 topk 1152 s_q 2 -3.1%, V3.2 h32 -1.0 / -1.4%, dense h32 -0.4%, V4 h32 topk 512
+// flat. Smoke, memcheck, racecheck and all GPU kernel tests passed on it (fifth and sixth
+// 2026-12-04 sessions).
 constexpr bool t_lazy_max(int n) {
   return (JFM_WS_T_LAZY_MAX != 0 && n == 16) || (JFM_WS_T_LAZY_MAX == 2 && n == 32);
 }

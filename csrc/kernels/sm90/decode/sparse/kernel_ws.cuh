@@ -168,7 +168,8 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 #ifndef JFM_V4_EARLY_INDICES
 #define JFM_V4_EARLY_INDICES 0
 #endif
-// JFM_FP8_PRECONVERT (candidate, off): kTransposed16's V3.2 producers dequantize round 0 of
+// JFM_FP8_PRECONVERT (default 1 since the sixth 2026-12-04 session; 0: the stores after the
+// empty wait, as before): kTransposed16's V3.2 producers dequantize round 0 of
 // their tile into registers before its empty wait, leaving after it both rounds' RoPE copies
 // (first, to land while the rest issues), round 0's stores and round 1. Why: that kernel's tile traces (PERFORMANCE.md, 2026-12-04 fifth session)
 // show a two-buffer chain, period = (math ~2.9K + producer issue ~3.8K + hand-over ~1.65K
@@ -180,9 +181,12 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 // did not help). Where the conversions land is ptxas's choice (nothing orders register
 // arithmetic against the try-wait loop): the same code wrapped in a lambda shared with
 // kTransposed32's fill had only 16 of the 64 unpacks before the wait, and kTransposed32's none;
-// check the SASS after any edit here. Not yet run on a GPU.
+// check the SASS after any edit here. Measured (H200, kernel medians of 30, each build in its
+// own process; docs/perf_logs/preconvert_abflags_h200_2026-12-04f.txt): V3.2 h16 topk 2048 b64
+// 48.03 -> 46.42 us (-3.4%), s_q 2 85.44 -> 82.94 us (-2.9%); less than the -8 to -12% the
+// traces predicted (a trace of it would say whether the hand-over or the math took the rest).
 #ifndef JFM_FP8_PRECONVERT
-#define JFM_FP8_PRECONVERT 0
+#define JFM_FP8_PRECONVERT 1
 #endif
 // Measured and removed (119f153 has it): JFM_IDX_L2_PREFETCH, L2 prefetches of each sequence's
 // index lines at its start, because ptxas counts the producers' index loads on the rows'
