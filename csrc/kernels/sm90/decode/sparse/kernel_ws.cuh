@@ -120,6 +120,16 @@ constexpr bool fp8_wide_out(bool pair, bool scores_role) {
 #ifndef JFM_FP8_L2_PREFETCH_V4
 #define JFM_FP8_L2_PREFETCH_V4 0
 #endif
+// JFM_FP8_L2_PREFETCH_T32 (candidate, off; not yet run on a GPU): kTransposed32's V3.2 producers
+// take kTransposed16's loop (the next own tile's rows asked of L2, indices two own tiles ahead;
+// its pre-conversion code too, but ptxas sinks all but 8 of the 128 unpacks past the empty
+// try-wait here). With the 152-register producers of JFM_WS_T_LAZY_MAX=2 ptxas reports no spill
+// (the default kTransposed32 spills 8 bytes; with 160 registers and the older loop it had
+// spilled 20). Why: the producer probes (PERFORMANCE.md, 2026-12-04 sixth session) put the row
+// gather at 13% of V3.2 h32, which the h16 kernel's prefetch cut by 3-5% there.
+#ifndef JFM_FP8_L2_PREFETCH_T32
+#define JFM_FP8_L2_PREFETCH_T32 0
+#endif
 #ifndef JFM_FP8_L2_PREFETCH_WIDE
 #define JFM_FP8_L2_PREFETCH_WIDE 0
 #endif
@@ -319,10 +329,12 @@ struct SparseWsTask {
     // kL2Prefetch (JFM_FP8_L2_PREFETCH): the next own tile's rows asked of L2 (prefetch_rows).
     // kTransposed16's V3.2 producers (with JFM_FP8_L2_PREFETCH_V4 its V4 ones, with
     // JFM_FP8_L2_PREFETCH_WIDE the pipelined sole producer) only: not kTransposed32 (its
-    // producers spilled 20 bytes with the indices further ahead) and not unchecked combinations.
+    // producers spilled 20 bytes with the indices further ahead; JFM_FP8_L2_PREFETCH_T32 tries it
+    // again) and not unchecked combinations.
     constexpr bool kL2Prefetch =
         kFp8L2Prefetch != 0 && kFp8 && !kPair && !kRow8 &&
         ((kRoomy && (kFmt == KvFormat::kFp8V32 || JFM_FP8_L2_PREFETCH_V4 != 0)) ||
+         (JFM_FP8_L2_PREFETCH_T32 != 0 && !kSole && !kRoomy && kFmt == KvFormat::kFp8V32) ||
          (JFM_FP8_L2_PREFETCH_WIDE != 0 && kSole && kWide && kPipelinedFp8Fetch));
     const Fp8Slot slot = kRow8 ? Fp8Slot(ptid, Fp8Slot::Row8{}) : Fp8Slot(ptid);
     const int lr = ptid >> 3, lq = ptid & 7;
