@@ -120,7 +120,10 @@ def phases_t(r, nxt, nn):
     rows there -> published -> the math's full wait end; "published -> full" also holds the
     producer warpgroup's other warps and its RoPE copies landing: the stamp is its first
     thread's; traces with slots 16-18 split it into the last warp's publication, the warps'
-    skew and the rest)."""
+    skew and the rest). "P V -> next wait" (tile k's P V stamp -> tile k + 1's wait stamp, so
+    period = math busy + it + next late) spans ~25 integer instructions of the loop: what it
+    shows above ~50 cycles is the stamps' own cost (each an STG queued behind the producers'
+    loads; docs/BUILDING.md, 2026-12-04 sixth session), which the math's other phases carry too."""
     o = {s: d(r["sc_full"], v) for s, v in r.items()}
     out = {"period": d(r["sc_full"], nxt["sc_full"]), "late": d(r["sc_wait"], r["sc_full"]),
            "S": o["sc_s"], "mask": o["sc_mask"] - o["sc_s"]}
@@ -130,7 +133,8 @@ def phases_t(r, nxt, nn):
     else:
         out["lazy max + P stores"] = o["sc_pst"] - o["sc_mask"]
     out.update({"fence+barrier": o["sc_pub"] - o["sc_pst"], "rescale": o["sc_soft"] - o["sc_pub"],
-                "PV": o["sc_pv"] - o["sc_soft"], "math busy": o["sc_pv"]})
+                "PV": o["sc_pv"] - o["sc_soft"], "math busy": o["sc_pv"],
+                "P V -> next wait": d(r["sc_pv"], nxt["sc_wait"])})
     if nn["prod_empty"]:
         out["gap"] = d(r["sc_pv"], nn["prod_empty"])
         if nn.get("prod_rows"):

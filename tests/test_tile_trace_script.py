@@ -129,6 +129,7 @@ def test_transposed_phases(tmp_path):
     assert got["mask"] == mask and got["max exchange"] == exch and got["P stores"] == pst
     assert got["fence+barrier"] == fence and got["rescale"] == resc and got["PV"] == pv
     assert got["math busy"] == s + mask + exch + pst + fence + resc + pv
+    assert got["period"] == got["math busy"] + got["P V -> next wait"] + late
     assert got["gap"] == gap and got["rows after empty"] == rows and got["issue"] == issue
     assert got["published -> full"] == pub_full and got["2 periods - sum"] == 0
     assert "  warps' skew" not in got  # a 16-slot trace: no per-warp stamps
