@@ -123,7 +123,8 @@ def phases_t(r, nxt, nn):
     skew and the rest). "P V -> next wait" (tile k's P V stamp -> tile k + 1's wait stamp, so
     period = math busy + it + next late) spans ~25 integer instructions of the loop: what it
     shows above ~50 cycles is the stamps' own cost (each an STG queued behind the producers'
-    loads; docs/BUILDING.md, 2026-12-04 sixth session), which the math's other phases carry too."""
+    loads; docs/BUILDING.md, 2026-12-04 sixth session), which the math's other phases carry too.
+    Traces from builds after that session stamp the math into shared memory (tile_trace_smem)."""
     o = {s: d(r["sc_full"], v) for s, v in r.items()}
     out = {"period": d(r["sc_full"], nxt["sc_full"]), "late": d(r["sc_wait"], r["sc_full"]),
            "S": o["sc_s"], "mask": o["sc_mask"] - o["sc_s"]}

@@ -135,6 +135,40 @@ __device__ __forceinline__ void tile_trace_after(uint32_t k, int slot, uint32_t 
   if (v != 0x7ffffff1u) tile_trace(k, slot);
 }
 
+// kTransposed*'s math warpgroup (ws_math_t) stamps into shared memory, then copies its stamps to
+// the trace buffer after its last tile: an STG per stamp in its loop waited behind the producers'
+// row loads, ~0.5-1.1K cycles per stamp (docs/BUILDING.md, 2026-12-04 sixth session), which the
+// probe then reported as the math's phases. The stamps take the upper half of the P block, which
+// P^T (kN <= 32 rows of 128 bytes) never reaches; tiles from kSmemTraceTiles on go unstamped.
+constexpr uint32_t kSmemTraceOff = 4096;  // bytes into the P block
+constexpr int kSmemTraceTiles = 4096 / (kTrSlots * 4);
+__device__ __forceinline__ bool tile_trace_smem_thread() {
+  return (threadIdx.x & 127) == 0 && blockIdx.x < kTraceCtas && blockIdx.y == 0 && blockIdx.z == 0;
+}
+// Zeroes the stamp area (0: not stamped, as in the trace buffer). Before the first stamp.
+__device__ __forceinline__ void tile_trace_smem_init(uint32_t sp) {
+  if (!tile_trace_smem_thread()) return;
+  for (int w = 0; w < kSmemTraceTiles * kTrSlots; ++w)
+    asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(sp + kSmemTraceOff + 4 * w), "r"(0u));
+}
+__device__ __forceinline__ void tile_trace_smem(uint32_t sp, uint32_t k, int slot) {
+  if (!tile_trace_smem_thread() || k >= static_cast<uint32_t>(kSmemTraceTiles)) return;
+  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(sp + kSmemTraceOff + 4 * (k * kTrSlots + slot)),
+               "r"(static_cast<uint32_t>(clock64())));
+}
+// Copies the stamps taken (nonzero words only: the producers' slots of the same tiles are in the
+// trace buffer already) of the first `tiles` tiles into the trace buffer. After the last tile.
+__device__ __forceinline__ void tile_trace_smem_flush(uint32_t sp, uint32_t tiles) {
+  uint32_t* t = g_tile_trace;
+  if (!tile_trace_smem_thread() || t == nullptr) return;
+  const int n = tiles < static_cast<uint32_t>(kSmemTraceTiles) ? static_cast<int>(tiles) : kSmemTraceTiles;
+  for (int w = 0; w < n * kTrSlots; ++w) {
+    uint32_t v;
+    asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(sp + kSmemTraceOff + 4 * w));
+    if (v != 0) t[blockIdx.x * kTraceTiles * kTrSlots + w] = v;
+  }
+}
+
 __device__ __forceinline__ uint64_t global_ns() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -245,6 +279,9 @@ cudaError_t tile_trace_launch(const char* name, int math, cudaStream_t stream, L
 __device__ __forceinline__ void tile_trace(uint32_t, int) {}
 __device__ __forceinline__ void tile_trace_after(uint32_t, int, uint32_t) {}
 __device__ __forceinline__ void tile_trace_published(uint32_t) {}
+__device__ __forceinline__ void tile_trace_smem_init(uint32_t) {}
+__device__ __forceinline__ void tile_trace_smem(uint32_t, uint32_t, int) {}
+__device__ __forceinline__ void tile_trace_smem_flush(uint32_t, uint32_t) {}
 __device__ __forceinline__ void cta_trace(bool) {}
 __device__ __forceinline__ void cta_stamp(int) {}
 __device__ __forceinline__ void cta_stamp_after(int, int) {}

@@ -562,6 +562,7 @@ __device__ __forceinline__ void ws_math_t(const Task& task, const WsShared& sh) 
   const uint64_t desc_p = gmma_desc_sw128(sh.sp, 16, 1024);                   // B = P^T
 
   uint32_t k = 0;  // tiles this CTA has consumed (the producers' count, in step)
+  tile_trace_smem_init(sh.sp);  // (JFM_TILE_TRACE) this loop's stamps go to shared memory
   for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
     const typename Task::Seq cur = task.seq(seq);
     ws_load_q<128>(task, cur, sh, [] { named_barrier_sync(kBarScores, 128); });
@@ -573,19 +574,19 @@ __device__ __forceinline__ void ws_math_t(const Task& task, const WsShared& sh) 
     for (int n = cur.first; n < cur.t_hi; ++k) {
       const int n_next = cur.next(n + 1);
       const uint32_t buf = k & 1;
-      tile_trace(k, kTrScWait);
+      tile_trace_smem(sh.sp, k, kTrScWait);
       ws_wait_full<Task, false>(sh, k);
-      tile_trace(k, kTrScFull);
+      tile_trace_smem(sh.sp, k, kTrScFull);
       const uint32_t buf_desc = buf * (S::kTileBytes >> 4);
       const uint8_t* valid = sh.valid + buf * kTileTokens;
 
       float sacc[kN / 2];
       tile_qk_t<T, Task::kDqk, kN>(sacc, desc_k + buf_desc, desc_q);
-      tile_trace(k, kTrScS);
+      tile_trace_smem(sh.sp, k, kTrScS);
       mask_tile(sacc, [&](int h, int col) {  // rows: tokens, columns: query rows
         return task.masked_t(cur, n, valid, ln.wr * 16 + ln.g + 8 * h, col);
       });
-      tile_trace(k, kTrScMask);
+      tile_trace_smem(sh.sp, k, kTrScMask);
       float corr[kCols];
       // (JFM_TILE_TRACE) the softmax's steps: max exchanged (kTrScPfree's slot), P^T stored
       // (kTrScPst), fenced and synced (kTrScPub), O^T rescaled (kTrScSoft).
@@ -593,30 +594,30 @@ __device__ __forceinline__ void ws_math_t(const Task& task, const WsShared& sh) 
         const bool moved =
             tile_softmax_t_lazy<T, kN>(sacc, st, tmax, corr, sh.red, sh.sp, sl2, kBarScores,
                                        kBarLazyOr, ln);
-        tile_trace(k, kTrScPst);
+        tile_trace_smem(sh.sp, k, kTrScPst);
         fence_proxy_async();
         named_barrier_sync(kBarScores, 128);  // all of P^T, before the wgmma reads it
-        tile_trace(k, kTrScPub);
+        tile_trace_smem(sh.sp, k, kTrScPub);
         if (moved) rescale_o_t(st, corr);
       } else {
         if constexpr (kTileTrace) {  // tile_softmax_t's two steps, stamped
           float mscaled[kCols];
           t_online_max<kN>(sacc, st, corr, mscaled, sh.red, sl2, kBarScores, ln);
-          tile_trace(k, kTrScPfree);
+          tile_trace_smem(sh.sp, k, kTrScPfree);
           t_store_p<T, kN>(sacc, st, mscaled, sh.sp, sl2, ln);
         } else {  // (spelled out as above, it moved the dense 32-row kernels' SASS)
           tile_softmax_t<T, kN>(sacc, st, corr, sh.red, sh.sp, sl2, kBarScores, ln);
         }
-        tile_trace(k, kTrScPst);
+        tile_trace_smem(sh.sp, k, kTrScPst);
         fence_proxy_async();
         named_barrier_sync(kBarScores, 128);  // all of P^T, before the wgmma reads it
-        tile_trace(k, kTrScPub);
+        tile_trace_smem(sh.sp, k, kTrScPub);
         rescale_o_t(st, corr);
       }
-      tile_trace(k, kTrScSoft);
+      tile_trace_smem(sh.sp, k, kTrScSoft);
       tile_pv_t<T, kN>(st, desc_vt + buf_desc, desc_p);
       mbarrier_arrive(sh.bar_empty + 8 * buf);  // this thread is done with it
-      tile_trace(k, kTrScPv);
+      tile_trace_smem(sh.sp, k, kTrScPv);
       n = n_next;
     }
     float inv[kCols], lse[kCols];
@@ -639,6 +640,7 @@ __device__ __forceinline__ void ws_math_t(const Task& task, const WsShared& sh) 
       }
     }
   }
+  tile_trace_smem_flush(sh.sp, k);
 }
 
 // kRolesPair: no CTA leaves while the peer may still store into its tiles or arrive on its
