@@ -97,6 +97,11 @@ enum TraceSlot : int {
 // mask, the column-max exchange (kTrScPfree's slot), P^T stored (pst), fenced and synced (pub),
 // O^T rescaled (soft), P V complete (pv); scripts/tile_trace.py's phases_t reads them.
 
+// Where kTransposed*'s math stamps go in shared memory (tile_trace_smem below; ws_math_t checks
+// that P^T stays below it and the area inside the P block).
+constexpr uint32_t kSmemTraceOff = 4096;  // bytes into the P block
+constexpr int kSmemTraceTiles = 4096 / (kTrSlots * 4);
+
 #if JFM_TILE_TRACE
 // One per translation unit (no relocatable device code): each kernel object has its own, set by
 // its own launcher (tile_trace_launch). In constant memory, not global: a global pointer was
@@ -140,8 +145,6 @@ __device__ __forceinline__ void tile_trace_after(uint32_t k, int slot, uint32_t 
 // row loads, ~0.5-1.1K cycles per stamp (docs/BUILDING.md, 2026-12-04 sixth session), which the
 // probe then reported as the math's phases. The stamps take the upper half of the P block, which
 // P^T (kN <= 32 rows of 128 bytes) never reaches; tiles from kSmemTraceTiles on go unstamped.
-constexpr uint32_t kSmemTraceOff = 4096;  // bytes into the P block
-constexpr int kSmemTraceTiles = 4096 / (kTrSlots * 4);
 __device__ __forceinline__ bool tile_trace_smem_thread() {
   return (threadIdx.x & 127) == 0 && blockIdx.x < kTraceCtas && blockIdx.y == 0 && blockIdx.z == 0;
 }

@@ -561,6 +561,9 @@ __device__ __forceinline__ void ws_math_t(const Task& task, const WsShared& sh) 
   const uint64_t desc_vt = gmma_desc_sw128(sh.sk0, S::kBlockBytes, 1024);     // A, MN-major
   const uint64_t desc_p = gmma_desc_sw128(sh.sp, 16, 1024);                   // B = P^T
 
+  static_assert(kN * 128 <= kSmemTraceOff &&
+                    kSmemTraceOff + 4 * kSmemTraceTiles * kTrSlots <= S::kBlockBytes,
+                "the trace's math stamps: above P^T's kN rows, inside the P block");
   uint32_t k = 0;  // tiles this CTA has consumed (the producers' count, in step)
   tile_trace_smem_init(sh.sp);  // (JFM_TILE_TRACE) this loop's stamps go to shared memory
   for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
