@@ -201,6 +201,17 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint32_t bar, uint32_t
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
                : "memory");
 }
+// Bulk copy (TMA, no tensor map) of `bytes` (a multiple of 16) from global `src` into this CTA's
+// shared memory at dst (both 16-byte aligned), counted as transaction bytes of the local mbarrier
+// `bar` once landed. The operands go through the uniform datapath: lanes with distinct values
+// issue one after another.
+__device__ __forceinline__ void bulk_copy_g2s(uint32_t dst, const void* src, uint32_t bytes,
+                                              uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+      "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
+}
 // TMA: the box at coordinates (c0, c1, c2) of a 3-D tensor map (`tmap`: the address of a
 // __grid_constant__ kernel parameter) into shared memory at dst, its bytes counted as transaction
 // bytes of the local mbarrier `bar` once landed (the caller expects them: mbarrier_arrive_expect_tx).

@@ -113,16 +113,17 @@ __device__ __forceinline__ void tile_qk(float (&s)[16], uint64_t desc_q, uint64_
 // (8 per row, whole 128-byte lines: rows tid / 8 + kThreads / 8 h, chunks tid % 8 + 8 j). src_of(r)
 // is row r's first element, or nullptr for a zero-filled row (never read; the copies then name
 // `base` + 64 j, which must lie inside one row's worth of the same tensor). Committed by the
-// caller's next cp_async_commit.
-template <typename T, int kDqk, int kThreads, typename SrcOf>
+// caller's next cp_async_commit. kRows < 64: rows 0 .. kRows - 1 only (the rest left as they are).
+template <typename T, int kDqk, int kThreads, int kRows = kBlockM, typename SrcOf>
 __device__ __forceinline__ void load_tile_rows(uint32_t dst, int tid, const T* base, SrcOf src_of) {
   using S = TileSmem<kDqk>;
   constexpr int kPassRows = kThreads / 8;
   static_assert(kPassRows % 8 == 0 && kBlockM % kPassRows == 0, "whole swizzle atoms per pass");
+  static_assert(kRows % kPassRows == 0 && kRows <= kBlockM, "whole passes");
   const int lr = tid >> 3, lq = tid & 7;
   const uint32_t off = static_cast<uint32_t>(lr * 128 + ((lq ^ (lr & 7)) << 4));
 #pragma unroll
-  for (int h = 0; h < kBlockM / kPassRows; ++h) {
+  for (int h = 0; h < kRows / kPassRows; ++h) {
     const T* row = src_of(lr + kPassRows * h);
     const bool ok = row != nullptr;
     const T* src = ok ? row + lq * 8 : base;  // (base + 64 j: never read, src-size 0)

@@ -64,6 +64,7 @@
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 
 #include "kernels/params.h"
 #include "kernels/pdl.cuh"
@@ -355,11 +356,13 @@ struct WsRowDescs {
 // A sequence's Q tile, by the kThreads math threads: `sync` (their barrier) first, so every one of
 // them is done with the previous sequence's Q, P and shared statistics, and again after the
 // copies have landed (fenced for the wgmma that reads them).
-template <int kThreads, class Task, class SyncFn>
+// kRows < 64: the Q tile's first kRows rows only (the task's load_q_rows; WsT16QRows).
+template <int kThreads, class Task, class SyncFn, int kRows = kBlockM>
 __device__ __forceinline__ void ws_load_q(const Task& task, const typename Task::Seq& cur,
                                           const WsShared& sh, SyncFn sync) {
   sync();
-  task.template load_q<kThreads>(cur, sh.sq);
+  if constexpr (kRows == kBlockM) task.template load_q<kThreads>(cur, sh.sq);
+  else task.template load_q_rows<kThreads, kRows>(cur, sh.sq);
   cp_async_commit();
   cp_async_wait<0>();
   fence_proxy_async();
@@ -548,6 +551,18 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   }
 }
 
+// The Q rows kTransposed16's math loads: 16 where the task's producers stage FP8 rows in the
+// Q tile's rows 16-63 (Task::kT16StagesInQ, JFM_FP8_BULK_STAGE), else all 64 (heads past h_q
+// zero-filled; the transposed wgmma reads only the first kN).
+template <class Task, class = void>
+struct WsT16QRows {
+  static constexpr int value = kBlockM;
+};
+template <class Task>
+struct WsT16QRows<Task, std::void_t<decltype(Task::kT16StagesInQ)>> {
+  static constexpr int value = Task::kT16StagesInQ ? 16 : kBlockM;
+};
+
 // kTransposed*: warpgroup 0's loop over this CTA's sequences and tiles, kN query rows.
 template <class Task, int kN>
 __device__ __forceinline__ void ws_math_t(const Task& task, const WsShared& sh) {
@@ -565,10 +580,12 @@ __device__ __forceinline__ void ws_math_t(const Task& task, const WsShared& sh) 
                     kSmemTraceOff + 4 * kSmemTraceTiles * kTrSlots <= S::kBlockBytes,
                 "the trace's math stamps: above P^T's kN rows, inside the P block");
   uint32_t k = 0;  // tiles this CTA has consumed (the producers' count, in step)
+  const auto q_sync = [] { named_barrier_sync(kBarScores, 128); };
   tile_trace_smem_init(sh.sp);  // (JFM_TILE_TRACE) this loop's stamps go to shared memory
   for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
     const typename Task::Seq cur = task.seq(seq);
-    ws_load_q<128>(task, cur, sh, [] { named_barrier_sync(kBarScores, 128); });
+    constexpr int kQRows = kN == 16 ? WsT16QRows<Task>::value : kBlockM;
+    ws_load_q<128, Task, decltype(q_sync), kQRows>(task, cur, sh, q_sync);
 
     TState<kN> st;
     st.init();

@@ -221,6 +221,18 @@ __device__ __forceinline__ void ld_pieces_if(T* out, const uint8_t* base, bool p
     ((out[K] = ld_nc_16_if<kFirst + kStride * static_cast<int>(K)>(base, pred)), ...);
 }
 
+// `pred ? the 16 bytes at shared address addr + kOff : 0` (JFM_FP8_BULK_STAGE's staged rows).
+template <int kOff>
+__device__ __forceinline__ uint4 ld_shared_16_if(uint32_t addr, bool pred) {
+  uint4 v = make_uint4(0u, 0u, 0u, 0u);
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %4, 0;\n"
+      "@p ld.shared.v4.u32 {%0, %1, %2, %3}, [%5+%6];\n}\n"
+      : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w)
+      : "r"(static_cast<int>(pred)), "r"(addr), "n"(kOff));
+  return v;
+}
+
 // L2 prefetches (JFM_FP8_L2_PREFETCH, kernel_ws.cuh): hints that take no
 // registers and that nothing waits for. The bulk form needs a 16-byte aligned address and size,
 // and the compiler issues it from the uniform datapath, one distinct address per warp at a time.
@@ -481,6 +493,23 @@ struct StageV32T {
           rope[k] = valid ? ld_nc_16<kHint>(tok + 528 + 16 * (4 * k + j_)) : make_uint4(0, 0, 0, 0);
       }
     }
+  }
+  // (JFM_FP8_BULK_STAGE, kernel_ws.cuh) fetch split in two: fetch_meta takes the row's validity
+  // and RoPE address (no loads), load_staged its NoPE bytes and scales from shared memory, where a
+  // bulk copy has put the row's first kStagedBytes bytes at `src` (16-byte aligned).
+  static constexpr uint32_t kStagedBytes = 528;
+  __device__ __forceinline__ void fetch_meta(const SparsePool& pool, int64_t row) {
+    static_assert(kRopeAsync && !kNarrow, "JFM_FP8_BULK_STAGE: the 16-byte, RoPE-by-cp.async stage");
+    valid = row >= 0;
+    rope_src = pool.data + (valid ? row : 0) * 656 + 528 + 16 * j_;
+  }
+  __device__ __forceinline__ void load_staged(uint32_t src) {
+    ld_shared_pieces(src + 16 * j_, std::make_index_sequence<8>{});
+    scales = ld_shared_16_if<512>(src, valid);
+  }
+  template <size_t... K>
+  __device__ __forceinline__ void ld_shared_pieces(uint32_t mine, std::index_sequence<K...>) {
+    ((nope[K] = ld_shared_16_if<64 * static_cast<int>(K)>(mine, valid)), ...);
   }
   // Asks L2 for row `row`'s 656 bytes (16-byte aligned, 41 x 16) ahead of its fetch: kForm 1
   // one bulk prefetch (by lane 0 of the row's 4), 2 point prefetches of its lines.
@@ -876,11 +905,12 @@ struct Fp8Stage<KvFormat::kFp8V4, kDequant> { using type = StageV4T<false, kDequ
 
 // cp.async of query token seq's 64 heads from head0 (heads past h_q zero-filled) into the
 // swizzled Q tile at sq, by threads 0 .. kThreads - 1 (load_tile_rows).
-template <int kDqk, int kThreads = 256>
+// kRows < 64: heads head0 .. + kRows - 1 only (JFM_FP8_BULK_STAGE: the transposed kernels).
+template <int kDqk, int kThreads = 256, int kRows = kBlockM>
 __device__ __forceinline__ void load_q_tile(const SparseDecodeParams& p, int seq, int head0,
                                             uint32_t sq) {
   const bf16* __restrict__ qg = reinterpret_cast<const bf16*>(p.q);
-  load_tile_rows<bf16, kDqk, kThreads>(sq, threadIdx.x, qg, [&](int r) -> const bf16* {
+  load_tile_rows<bf16, kDqk, kThreads, kRows>(sq, threadIdx.x, qg, [&](int r) -> const bf16* {
     const int head = head0 + r;
     return head < p.h_q ? qg + (static_cast<size_t>(seq) * p.h_q + head) * kDqk : nullptr;
   });

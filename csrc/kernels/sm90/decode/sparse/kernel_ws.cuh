@@ -198,6 +198,26 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 #ifndef JFM_FP8_PRECONVERT
 #define JFM_FP8_PRECONVERT 1
 #endif
+// JFM_FP8_BULK_STAGE (candidate, off; not yet run on a GPU): kTransposed16's V3.2 producers
+// bring each token's first 528 bytes (NoPE + scales) into shared memory by one bulk copy (TMA,
+// counted on a per-warp mbarrier) and read them from there (LDS) for the conversion, instead of
+// 9 hinted 16-byte global loads per thread and round; the RoPE keeps its cp.async. Why: the
+// producer probes (PERFORMANCE.md, 2026-12-04 sixth session) put the row loads' L2 -> L1 ->
+// register path at 21% of V3.2 h16 (13% h32, 9% h128), with L1/TEX the SM's busiest unit
+// (78.6%), a 17.6% L1 hit rate and 21% excess sectors (656-byte tokens straddle sectors); bulk
+// copies take no L1 tags, line fills or registers in flight. Where: the Q tile's rows 16-63 of
+// each 8 KB column block, unused at 16 query rows (the math then loads Q's 16 rows only:
+// kT16StagesInQ): warp w of producer i stages its 8 tokens of a round in block 4 i + w at 528-byte
+// slots (528 = 16 mod 128: the 8 tokens' LDS of one quarter warp hit 8 distinct 16-byte bank
+// groups), its mbarrier in block 8. One round (8 tokens) per warp at a time: round 0 is copied at
+// the top of the tile, round 1 once round 0 is read (before the empty wait; the h16 traces have
+// the producer idle ~4.7K cycles per own tile there). Risk: TMA issue cost (the removed tensor-map
+// row gather paid ~15 cycles per 128-byte box, PERFORMANCE.md 2026-12-02 tenth session); here 64
+// copies of 528 bytes per tile. Predicted: V3.2 h16 -5 to -15% if the L1/TEX path is the cost,
+// slower if the TMA issue rate is.
+#ifndef JFM_FP8_BULK_STAGE
+#define JFM_FP8_BULK_STAGE 0
+#endif
 // Measured and removed (119f153 has it): JFM_IDX_L2_PREFETCH, L2 prefetches of each sequence's
 // index lines at its start, because ptxas counts the producers' index loads on the rows'
 // scoreboard (the first dequantization waits for them too). Slower or flat everywhere but
@@ -217,6 +237,8 @@ struct SparseWsTask {
   static constexpr bool kEarlyIndices = (JFM_V32_EARLY_INDICES != 0 && kFmt == KvFormat::kFp8V32) ||
                                         (JFM_V4_EARLY_INDICES != 0 && kFmt == KvFormat::kFp8V4);
   static constexpr uint32_t kFullCount = kFp8 && !kRopeAsync ? 128 : 256;
+  // (JFM_FP8_BULK_STAGE) kTransposed16's producers stage rows in the Q tile's rows 16-63.
+  static constexpr bool kT16StagesInQ = JFM_FP8_BULK_STAGE != 0 && kFmt == KvFormat::kFp8V32;
   static_assert(!kFp8 || kDqk == (kFmt == KvFormat::kFp8V32 ? 576 : 512), "FP8 layout fixes d_qk");
 
   const SparseDecodeParams& p;
@@ -254,6 +276,10 @@ struct SparseWsTask {
   template <int kThreads>
   __device__ __forceinline__ void load_q(const Seq& q, uint32_t sq) const {
     load_q_tile<kDqk, kThreads>(p, q.index, head0, sq);
+  }
+  template <int kThreads, int kRows>
+  __device__ __forceinline__ void load_q_rows(const Seq& q, uint32_t sq) const {
+    load_q_tile<kDqk, kThreads, kRows>(p, q.index, head0, sq);
   }
   // (kEarlyIndices) Producer thread ptid's loads of the first tile's indices, issued.
   __device__ __forceinline__ void issue_first_indices(int ptid) {
@@ -403,6 +429,41 @@ struct SparseWsTask {
     // ahead of the empty wait.
     constexpr bool kPreconvert = JFM_FP8_PRECONVERT != 0 && kFmt == KvFormat::kFp8V32 &&
                                  kStageRopeAsync && kWide && !kRow8;
+    // (JFM_FP8_BULK_STAGE) kTransposed16's V3.2 fill: rows by bulk copy into the Q tile's spare
+    // rows (this warp's 8 tokens of a round at 528-byte slots, lane % 8's at stg_slot), counted
+    // on this warp's stg_bar; round 0 converted ahead of the empty wait, as kPreconvert.
+    constexpr bool kBulk = JFM_FP8_BULK_STAGE != 0 && kFmt == KvFormat::kFp8V32 && kRoomy &&
+                           kL2Prefetch && kStageRopeAsync && kWide && !kRow8;
+    static_assert(!kBulk || (kT16StagesInQ && TileSmem<kDqk>::kKBlocks == 9),
+                  "JFM_FP8_BULK_STAGE: 8 staging blocks + one for the mbarriers, Q at 16 rows");
+    uint32_t stg_slot = 0, stg_bar = 0, stg_phase = 0;
+    if constexpr (kBulk) {
+      using S = TileSmem<kDqk>;
+      constexpr uint32_t kSpare = 16 * 128;  // below it, Q's 16 rows
+      static_assert(kSpare + 8 * V32Stage::kStagedBytes <= S::kBlockBytes, "8 slots per block");
+      const uint32_t w = 4 * which + (ptid >> 5);
+      stg_slot = sh.sq + w * S::kBlockBytes + kSpare + (ptid & 7) * V32Stage::kStagedBytes;
+      stg_bar = sh.sq + 8 * S::kBlockBytes + kSpare + 8 * w;
+      if ((ptid & 31) == 0) {
+        mbarrier_init(stg_bar, 1);  // lane 0's expect_tx; the copies' bytes
+        fence_mbarrier_init();
+      }
+      __syncwarp();
+    }
+    // (kBulk) Lanes 0-7 (slot.j 0: tokens t of this warp) copy their row's staged bytes to their
+    // slot once every lane has read the slot's previous round; lane 0 expects the bytes.
+    auto stage_copy = [&](const SparsePool& pool, int64_t row) {
+      const bool mine = slot.j == 0 && row >= 0;
+      const uint32_t copies = __popc(__ballot_sync(0xffffffffu, mine));
+      __syncwarp();        // every lane's reads of the slots (load_staged) before ...
+      fence_proxy_async();  // ... the async proxy's writes into them
+      if ((ptid & 31) == 0) mbarrier_arrive_expect_tx(stg_bar, copies * V32Stage::kStagedBytes);
+      if (mine) bulk_copy_g2s(stg_slot, pool.data + row * 656, V32Stage::kStagedBytes, stg_bar);
+    };
+    auto stage_wait = [&] {
+      mbarrier_wait(stg_bar, stg_phase & 1);
+      ++stg_phase;
+    };
     // (JFM_TILE_TRACE) the unpipelined FP8 fills' stamp once the tile's rows have arrived.
     auto trace_rows = [&](uint32_t kk) {
       if constexpr (kFmt == KvFormat::kFp8V32) tile_trace_after(kk, kTrProdRows, stage.scales.x);
@@ -528,30 +589,57 @@ struct SparseWsTask {
           own_after(n_next, k_next, n_after, k_after);
           const WsFill<false> fill(sh, k);
           const int pool_id = q.rows.pool_of(n);
-          fetch_round(stage, 0, q.rows, pool_id, idx);  // in flight while we wait
-          if constexpr (kWide) fetch_round(stage2, 1, q.rows, pool_id, idx);
-          prefetch_rows(n_next, idx_next);
           int idx_after[4] = {-1, -1, -1, -1};
-          load_indices(n_after, idx_after);
-          if constexpr (kPreconvert) {
-            // Round 0 dequantized into registers while the buffer is still the math's; after
-            // the empty wait its stores remain, and round 1 as before.
+          if constexpr (kBulk) {
+            const SparsePool& pool = p.pool[pool_id];
+            const int64_t row0 = q.rows.row_of(idx[0], pool_id);
+            const int64_t row1 = q.rows.row_of(idx[1], pool_id);
+            stage_copy(pool, row0);  // round 0 in flight while we wait
+            stage.fetch_meta(pool, row0);
+            stage2.fetch_meta(pool, row1);
+            prefetch_rows(n_next, idx_next);
+            load_indices(n_after, idx_after);
+            stage_wait();
+            stage.load_staged(stg_slot);
             typename Stage::Converted pre0;
             stage.convert(pre0);
+            stage_copy(pool, row1);  // (the slots free: round 0 is in registers)
             fill.wait_empty();
             tile_trace(fill.k, kTrProdEmpty);
             store_rope(stage, fill.tile, slot.t);  // both rounds' RoPE copies first
             store_rope(stage2, fill.tile, slot.t + 32);
             store_converted(stage, pre0, fill.tile, slot.t);
             mark_valid(stage, fill.valid, 0);
+            stage_wait();
+            stage2.load_staged(stg_slot);
             store_nope(stage2, fill.tile, slot.t + 32);
             mark_valid(stage2, fill.valid, 1);
             publish(fill);
           } else {
-            fill.wait_empty();
-            tile_trace(fill.k, kTrProdEmpty);
-            trace_rows(fill.k);
-            store_rounds(fill, q.rows, pool_id, idx);
+            fetch_round(stage, 0, q.rows, pool_id, idx);  // in flight while we wait
+            if constexpr (kWide) fetch_round(stage2, 1, q.rows, pool_id, idx);
+            prefetch_rows(n_next, idx_next);
+            load_indices(n_after, idx_after);
+            if constexpr (kPreconvert) {
+              // Round 0 dequantized into registers while the buffer is still the math's; after
+              // the empty wait its stores remain, and round 1 as before.
+              typename Stage::Converted pre0;
+              stage.convert(pre0);
+              fill.wait_empty();
+              tile_trace(fill.k, kTrProdEmpty);
+              store_rope(stage, fill.tile, slot.t);  // both rounds' RoPE copies first
+              store_rope(stage2, fill.tile, slot.t + 32);
+              store_converted(stage, pre0, fill.tile, slot.t);
+              mark_valid(stage, fill.valid, 0);
+              store_nope(stage2, fill.tile, slot.t + 32);
+              mark_valid(stage2, fill.valid, 1);
+              publish(fill);
+            } else {
+              fill.wait_empty();
+              tile_trace(fill.k, kTrProdEmpty);
+              trace_rows(fill.k);
+              store_rounds(fill, q.rows, pool_id, idx);
+            }
           }
           tile_trace_published(fill.k);
 #pragma unroll
