@@ -495,17 +495,22 @@ struct StageV32T {
     }
   }
   // (JFM_FP8_BULK_STAGE, kernel_ws.cuh) fetch split in two: fetch_meta takes the row's validity
-  // and RoPE address (no loads), load_staged its NoPE bytes and scales from shared memory, where a
-  // bulk copy has put the row's first kStagedBytes bytes at `src` (16-byte aligned).
-  static constexpr uint32_t kStagedBytes = 528;
+  // and (kRopeAsync) RoPE address, no loads; load_staged its NoPE bytes, scales and (!kRopeAsync)
+  // RoPE chunks from shared memory, where a bulk copy has put the row's first kStagedBytes bytes
+  // at `src` (16-byte aligned).
+  static constexpr uint32_t kStagedBytes = kRopeAsync ? 528 : 656;
   __device__ __forceinline__ void fetch_meta(const SparsePool& pool, int64_t row) {
-    static_assert(kRopeAsync && !kNarrow, "JFM_FP8_BULK_STAGE: the 16-byte, RoPE-by-cp.async stage");
+    static_assert(!kNarrow, "JFM_FP8_BULK_STAGE: the 16-byte stage");
     valid = row >= 0;
-    rope_src = pool.data + (valid ? row : 0) * 656 + 528 + 16 * j_;
+    if constexpr (kRopeAsync) rope_src = pool.data + (valid ? row : 0) * 656 + 528 + 16 * j_;
   }
   __device__ __forceinline__ void load_staged(uint32_t src) {
     ld_shared_pieces(src + 16 * j_, std::make_index_sequence<8>{});
     scales = ld_shared_16_if<512>(src, valid);
+    if constexpr (!kRopeAsync) {
+      rope[0] = ld_shared_16_if<528>(src + 16 * j_, valid);
+      rope[1] = ld_shared_16_if<528 + 64>(src + 16 * j_, valid);
+    }
   }
   template <size_t... K>
   __device__ __forceinline__ void ld_shared_pieces(uint32_t mine, std::index_sequence<K...>) {
@@ -565,11 +570,11 @@ struct StageV32T {
   // stores them without the RoPE copies (the caller issues those first, emit_rope, so they land
   // while the stores issue). Both run emit itself: the second pass's conversions are unused and
   // compile away.
+  // (A register-RoPE stage, JFM_FP8_BULK_STAGE=2: its 2 RoPE chunks too, as they are.)
   struct Converted {
-    uint4 v[16];
+    uint4 v[kRopeAsync ? 16 : 18];
   };
   __device__ __forceinline__ void convert(Converted& c) const {
-    static_assert(kRopeAsync, "JFM_FP8_PRECONVERT: the RoPE by cp.async only (16 pieces)");
     int i = 0;
     emit(0, [&](uint32_t, uint4 v) { c.v[i++] = v; }, [](uint32_t, uint2) {}, [](auto...) {});
   }

@@ -214,7 +214,8 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 // the producer idle ~4.7K cycles per own tile there). Risk: TMA issue cost (the removed tensor-map
 // row gather paid ~15 cycles per 128-byte box, PERFORMANCE.md 2026-12-02 tenth session); here 64
 // copies of 528 bytes per tile. Predicted: V3.2 h16 -5 to -15% if the L1/TEX path is the cost,
-// slower if the TMA issue rate is.
+// slower if the TMA issue rate is. =2: whole 656-byte tokens (slots of 656, also 16 mod 128),
+// the RoPE from the slot through registers: no global load or cp.async of a row's bytes at all.
 #ifndef JFM_FP8_BULK_STAGE
 #define JFM_FP8_BULK_STAGE 0
 #endif
@@ -373,7 +374,15 @@ struct SparseWsTask {
     constexpr bool kV32Narrow = JFM_V32_PAIR_NARROW == 2 || (JFM_V32_PAIR_NARROW == 1 && kPair);
     // The RoPE by cp.async in the unpaired kernels only (the pairs store it to both CTAs); an
     // unpaired V4 stage with register RoPE keeps both read widths, as it always has.
-    constexpr bool kStageRopeAsync = kRopeAsync && !kPair;
+    // (JFM_FP8_BULK_STAGE) kTransposed16's V3.2 fill: rows by bulk copy into the Q tile's spare
+    // rows (this warp's 8 tokens of a round at kStagedBytes slots, lane % 8's at stg_slot),
+    // counted on this warp's stg_bar; round 0 converted ahead of the empty wait, as kPreconvert.
+    // kBulkRope (=2): whole 656-byte tokens, the RoPE then from the slot through registers (no
+    // cp.async; the full barrier's second arrival is a plain one).
+    constexpr bool kBulk = JFM_FP8_BULK_STAGE != 0 && kFmt == KvFormat::kFp8V32 && kRoomy &&
+                           kL2Prefetch && kRopeAsync && !kPair && kWide && !kRow8;
+    constexpr bool kBulkRope = kBulk && JFM_FP8_BULK_STAGE == 2;
+    constexpr bool kStageRopeAsync = kRopeAsync && !kPair && !kBulkRope;
     using V4Stage = StageV4T<kStageRopeAsync, kDequant, (kPair || kRopeAsync) ? kMayLoad16 : true>;
     // (JFM_V32_ALL_VALID) the unpredicated copy of the row loads: kRolesWide's producer only.
     constexpr bool kV32AllValidHere = kV32AllValid && kSole && kWide && !kPair;
@@ -385,7 +394,7 @@ struct SparseWsTask {
     // stores them, arrives a second time at once.
     auto arrive_rope = [&](const auto& fill) {
       if constexpr (kRopeAsync) {
-        if constexpr (kPair) mbarrier_arrive(fill.full);
+        if constexpr (!kStageRopeAsync) mbarrier_arrive(fill.full);  // (kPair, kBulkRope)
         else cp_async_mbarrier_arrive_noinc(fill.full);
       }
     };
@@ -429,11 +438,6 @@ struct SparseWsTask {
     // ahead of the empty wait.
     constexpr bool kPreconvert = JFM_FP8_PRECONVERT != 0 && kFmt == KvFormat::kFp8V32 &&
                                  kStageRopeAsync && kWide && !kRow8;
-    // (JFM_FP8_BULK_STAGE) kTransposed16's V3.2 fill: rows by bulk copy into the Q tile's spare
-    // rows (this warp's 8 tokens of a round at 528-byte slots, lane % 8's at stg_slot), counted
-    // on this warp's stg_bar; round 0 converted ahead of the empty wait, as kPreconvert.
-    constexpr bool kBulk = JFM_FP8_BULK_STAGE != 0 && kFmt == KvFormat::kFp8V32 && kRoomy &&
-                           kL2Prefetch && kStageRopeAsync && kWide && !kRow8;
     static_assert(!kBulk || (kT16StagesInQ && TileSmem<kDqk>::kKBlocks == 9),
                   "JFM_FP8_BULK_STAGE: 8 staging blocks + one for the mbarriers, Q at 16 rows");
     uint32_t stg_slot = 0, stg_bar = 0, stg_phase = 0;
@@ -441,6 +445,7 @@ struct SparseWsTask {
       using S = TileSmem<kDqk>;
       constexpr uint32_t kSpare = 16 * 128;  // below it, Q's 16 rows
       static_assert(kSpare + 8 * V32Stage::kStagedBytes <= S::kBlockBytes, "8 slots per block");
+      static_assert(V32Stage::kStagedBytes % 128 == 16, "the 8 slots' LDS in distinct bank groups");
       const uint32_t w = 4 * which + (ptid >> 5);
       stg_slot = sh.sq + w * S::kBlockBytes + kSpare + (ptid & 7) * V32Stage::kStagedBytes;
       stg_bar = sh.sq + 8 * S::kBlockBytes + kSpare + 8 * w;
@@ -606,8 +611,10 @@ struct SparseWsTask {
             stage_copy(pool, row1);  // (the slots free: round 0 is in registers)
             fill.wait_empty();
             tile_trace(fill.k, kTrProdEmpty);
-            store_rope(stage, fill.tile, slot.t);  // both rounds' RoPE copies first
-            store_rope(stage2, fill.tile, slot.t + 32);
+            if constexpr (kStageRopeAsync) {
+              store_rope(stage, fill.tile, slot.t);  // both rounds' RoPE copies first
+              store_rope(stage2, fill.tile, slot.t + 32);
+            }
             store_converted(stage, pre0, fill.tile, slot.t);
             mark_valid(stage, fill.valid, 0);
             stage_wait();
