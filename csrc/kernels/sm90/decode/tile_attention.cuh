@@ -82,22 +82,26 @@ __device__ __forceinline__ void wgmma_k_major(float* d, uint64_t a, uint64_t b) 
   else wgmma_m64n64k16_ss<T>(d, a, b);
 }
 // The wgmmas of D += A B^T over d_qk, both K-major (no fence, commit or wait: the callers').
-template <typename T, int kDqk, int kN>
+// kBStride: the bytes from one 64-column block of B to the next (a compact Q of kN rows:
+// kN * 128; JFM_FP8_BULK_STAGE_T32).
+template <typename T, int kDqk, int kN, int kBStride = TileSmem<kDqk>::kBlockBytes>
 __device__ __forceinline__ void tile_gemm_qk_mma(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b) {
   using S = TileSmem<kDqk>;
   static_assert(kN == 16 || kN == 32 || kN == 64, "wgmma N of a QK tile");
+  static_assert(kBStride % 1024 == 0, "whole 128-byte swizzle atoms");
 #pragma unroll
   for (int kk = 0; kk < kDqk / 16; ++kk) {
     const uint32_t koff = ((kk >> 2) * S::kBlockBytes + (kk & 3) * 32) >> 4;
-    wgmma_k_major<kN, T>(d, desc_a + koff, desc_b + koff);
+    const uint32_t koff_b = ((kk >> 2) * kBStride + (kk & 3) * 32) >> 4;
+    wgmma_k_major<kN, T>(d, desc_a + koff, desc_b + koff_b);
   }
 }
-template <typename T, int kDqk, int kN>
+template <typename T, int kDqk, int kN, int kBStride = TileSmem<kDqk>::kBlockBytes>
 __device__ __forceinline__ void tile_gemm_qk(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b) {
 #pragma unroll
   for (int i = 0; i < kN / 2; ++i) d[i] = 0.f;
   wgmma_fence();
-  tile_gemm_qk_mma<T, kDqk, kN>(d, desc_a, desc_b);
+  tile_gemm_qk_mma<T, kDqk, kN, kBStride>(d, desc_a, desc_b);
   wgmma_commit();
   wgmma_wait<0>();
 }
@@ -113,10 +117,13 @@ __device__ __forceinline__ void tile_qk(float (&s)[16], uint64_t desc_q, uint64_
 // (8 per row, whole 128-byte lines: rows tid / 8 + kThreads / 8 h, chunks tid % 8 + 8 j). src_of(r)
 // is row r's first element, or nullptr for a zero-filled row (never read; the copies then name
 // `base` + 64 j, which must lie inside one row's worth of the same tensor). Committed by the
-// caller's next cp_async_commit. kRows < 64: rows 0 .. kRows - 1 only (the rest left as they are).
-template <typename T, int kDqk, int kThreads, int kRows = kBlockM, typename SrcOf>
+// caller's next cp_async_commit. kRows < 64: rows 0 .. kRows - 1 only (the rest left as they are);
+// kStride: bytes per 64-column block (kRows * 128 for a compact tile).
+template <typename T, int kDqk, int kThreads, int kRows = kBlockM,
+          int kStride = TileSmem<kDqk>::kBlockBytes, typename SrcOf>
 __device__ __forceinline__ void load_tile_rows(uint32_t dst, int tid, const T* base, SrcOf src_of) {
   using S = TileSmem<kDqk>;
+  static_assert(kStride >= kRows * 128, "the rows fit a block");
   constexpr int kPassRows = kThreads / 8;
   static_assert(kPassRows % 8 == 0 && kBlockM % kPassRows == 0, "whole swizzle atoms per pass");
   static_assert(kRows % kPassRows == 0 && kRows <= kBlockM, "whole passes");
@@ -129,7 +136,7 @@ __device__ __forceinline__ void load_tile_rows(uint32_t dst, int tid, const T* b
     const T* src = ok ? row + lq * 8 : base;  // (base + 64 j: never read, src-size 0)
 #pragma unroll
     for (int j = 0; j < S::kKBlocks; ++j)
-      cp_async_16(dst + j * S::kBlockBytes + h * kPassRows * 128 + off, src + 64 * j, ok ? 16 : 0);
+      cp_async_16(dst + j * kStride + h * kPassRows * 128 + off, src + 64 * j, ok ? 16 : 0);
   }
 }
 
@@ -417,10 +424,11 @@ __device__ __forceinline__ void wgmma_t_pv(float* d, uint64_t a, uint64_t b) {
 
 // S^T over d_qk: desc_k = the K tile (A, K-major, 64 token rows), desc_q = the Q tile (B, K-major,
 // kN query rows).
-template <typename T, int kDqk, int kN>
+// kQStride: the Q tile's bytes per 64-column block (tile_gemm_qk_mma's kBStride).
+template <typename T, int kDqk, int kN, int kQStride = TileSmem<kDqk>::kBlockBytes>
 __device__ __forceinline__ void tile_qk_t(float (&s)[kN / 2], uint64_t desc_k, uint64_t desc_q) {
   static_assert(kN == 16 || kN == 32, "wgmma N of the transposed tile");
-  tile_gemm_qk<T, kDqk, kN>(s, desc_k, desc_q);
+  tile_gemm_qk<T, kDqk, kN, kQStride>(s, desc_k, desc_q);
 }
 
 // Online softmax down the columns of the masked S^T (-inf: token not attended), for one warpgroup:

@@ -356,13 +356,15 @@ struct WsRowDescs {
 // A sequence's Q tile, by the kThreads math threads: `sync` (their barrier) first, so every one of
 // them is done with the previous sequence's Q, P and shared statistics, and again after the
 // copies have landed (fenced for the wgmma that reads them).
-// kRows < 64: the Q tile's first kRows rows only (the task's load_q_rows; WsT16QRows).
-template <int kThreads, class Task, class SyncFn, int kRows = kBlockM>
+// kRows < 64: the Q tile's first kRows rows only, kStride bytes per column block (the task's
+// load_q_rows; WsTQLayout).
+template <int kThreads, class Task, class SyncFn, int kRows = kBlockM,
+          int kStride = TileSmem<Task::kDqk>::kBlockBytes>
 __device__ __forceinline__ void ws_load_q(const Task& task, const typename Task::Seq& cur,
                                           const WsShared& sh, SyncFn sync) {
   sync();
   if constexpr (kRows == kBlockM) task.template load_q<kThreads>(cur, sh.sq);
-  else task.template load_q_rows<kThreads, kRows>(cur, sh.sq);
+  else task.template load_q_rows<kThreads, kRows, kStride>(cur, sh.sq);
   cp_async_commit();
   cp_async_wait<0>();
   fence_proxy_async();
@@ -551,16 +553,21 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   }
 }
 
-// The Q rows kTransposed16's math loads: 16 where the task's producers stage FP8 rows in the
-// Q tile's rows 16-63 (Task::kT16StagesInQ, JFM_FP8_BULK_STAGE), else all 64 (heads past h_q
-// zero-filled; the transposed wgmma reads only the first kN).
-template <class Task, class = void>
-struct WsT16QRows {
-  static constexpr int value = kBlockM;
+// The Q tile of the kN-row transposed math: the rows it loads and the bytes per 64-column
+// block. Where the task's producers stage FP8 rows in the Q tile's spare bytes
+// (JFM_FP8_BULK_STAGE / _T32): kN = 16, Task::kT16StagesInQ: 16 rows in place (rows 16-63 of
+// each block staged); kN = 32, Task::kT32CompactQ: 32 rows in 4 KB blocks (the tile's upper
+// half staged). Else all 64 rows in place (heads past h_q zero-filled; the wgmma reads kN).
+template <class Task, int kN, class = void>
+struct WsTQLayout {
+  static constexpr int kRows = kBlockM, kStride = TileSmem<Task::kDqk>::kBlockBytes;
 };
-template <class Task>
-struct WsT16QRows<Task, std::void_t<decltype(Task::kT16StagesInQ)>> {
-  static constexpr int value = Task::kT16StagesInQ ? 16 : kBlockM;
+template <class Task, int kN>
+struct WsTQLayout<Task, kN, std::void_t<decltype(Task::kT16StagesInQ), decltype(Task::kT32CompactQ)>> {
+  static constexpr bool kT16 = kN == 16 && Task::kT16StagesInQ;
+  static constexpr bool kT32 = kN == 32 && Task::kT32CompactQ;
+  static constexpr int kRows = kT16 || kT32 ? kN : kBlockM;
+  static constexpr int kStride = kT32 ? kN * 128 : TileSmem<Task::kDqk>::kBlockBytes;
 };
 
 // kTransposed*: warpgroup 0's loop over this CTA's sequences and tiles, kN query rows.
@@ -568,6 +575,7 @@ template <class Task, int kN>
 __device__ __forceinline__ void ws_math_t(const Task& task, const WsShared& sh) {
   using T = typename Task::T;
   using S = TileSmem<Task::kDqk>;
+  using QL = WsTQLayout<Task, kN>;  // (JFM_FP8_BULK_STAGE*) Q's rows and block stride
   constexpr int kCols = kN / 4;
   const Lane ln;
   const float sl2 = task.softmax_scale * 1.4426950408889634f;
@@ -584,8 +592,7 @@ __device__ __forceinline__ void ws_math_t(const Task& task, const WsShared& sh) 
   tile_trace_smem_init(sh.sp);  // (JFM_TILE_TRACE) this loop's stamps go to shared memory
   for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
     const typename Task::Seq cur = task.seq(seq);
-    constexpr int kQRows = kN == 16 ? WsT16QRows<Task>::value : kBlockM;
-    ws_load_q<128, Task, decltype(q_sync), kQRows>(task, cur, sh, q_sync);
+    ws_load_q<128, Task, decltype(q_sync), QL::kRows, QL::kStride>(task, cur, sh, q_sync);
 
     TState<kN> st;
     st.init();
@@ -601,7 +608,7 @@ __device__ __forceinline__ void ws_math_t(const Task& task, const WsShared& sh) 
       const uint8_t* valid = sh.valid + buf * kTileTokens;
 
       float sacc[kN / 2];
-      tile_qk_t<T, Task::kDqk, kN>(sacc, desc_k + buf_desc, desc_q);
+      tile_qk_t<T, Task::kDqk, kN, QL::kStride>(sacc, desc_k + buf_desc, desc_q);
       tile_trace_smem(sh.sp, k, kTrScS);
       mask_tile(sacc, [&](int h, int col) {  // rows: tokens, columns: query rows
         return task.masked_t(cur, n, valid, ln.wr * 16 + ln.g + 8 * h, col);

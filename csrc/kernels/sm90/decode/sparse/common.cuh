@@ -910,12 +910,14 @@ struct Fp8Stage<KvFormat::kFp8V4, kDequant> { using type = StageV4T<false, kDequ
 
 // cp.async of query token seq's 64 heads from head0 (heads past h_q zero-filled) into the
 // swizzled Q tile at sq, by threads 0 .. kThreads - 1 (load_tile_rows).
-// kRows < 64: heads head0 .. + kRows - 1 only (JFM_FP8_BULK_STAGE: the transposed kernels).
-template <int kDqk, int kThreads = 256, int kRows = kBlockM>
+// kRows < 64: heads head0 .. + kRows - 1 only, kStride bytes per column block
+// (JFM_FP8_BULK_STAGE*: the transposed kernels).
+template <int kDqk, int kThreads = 256, int kRows = kBlockM,
+          int kStride = TileSmem<kDqk>::kBlockBytes>
 __device__ __forceinline__ void load_q_tile(const SparseDecodeParams& p, int seq, int head0,
                                             uint32_t sq) {
   const bf16* __restrict__ qg = reinterpret_cast<const bf16*>(p.q);
-  load_tile_rows<bf16, kDqk, kThreads, kRows>(sq, threadIdx.x, qg, [&](int r) -> const bf16* {
+  load_tile_rows<bf16, kDqk, kThreads, kRows, kStride>(sq, threadIdx.x, qg, [&](int r) -> const bf16* {
     const int head = head0 + r;
     return head < p.h_q ? qg + (static_cast<size_t>(seq) * p.h_q + head) * kDqk : nullptr;
   });

@@ -219,6 +219,15 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 #ifndef JFM_FP8_BULK_STAGE
 #define JFM_FP8_BULK_STAGE 0
 #endif
+// JFM_FP8_BULK_STAGE_T32 (candidate, off; not yet run on a GPU): the same (528-byte slots) for
+// kTransposed32's V3.2 producers, which then also take kTransposed16's loop (L2 prefetch one own
+// tile ahead, round 0 converted before the empty wait). At 32 query rows the Q tile's spare rows
+// hold 4096 bytes per block (8 slots need 4224), so Q is stored compact instead: 32 rows in 4 KB
+// blocks (kT32CompactQ; the S^T wgmmas step B by 4 KB), and the tile's upper 36 KB holds the 64
+// slots (33,792 bytes) and the 8 mbarriers. Why: the no-row-load probe took 13% off V3.2 h32.
+#ifndef JFM_FP8_BULK_STAGE_T32
+#define JFM_FP8_BULK_STAGE_T32 0
+#endif
 // Measured and removed (119f153 has it): JFM_IDX_L2_PREFETCH, L2 prefetches of each sequence's
 // index lines at its start, because ptxas counts the producers' index loads on the rows'
 // scoreboard (the first dequantization waits for them too). Slower or flat everywhere but
@@ -240,6 +249,8 @@ struct SparseWsTask {
   static constexpr uint32_t kFullCount = kFp8 && !kRopeAsync ? 128 : 256;
   // (JFM_FP8_BULK_STAGE) kTransposed16's producers stage rows in the Q tile's rows 16-63.
   static constexpr bool kT16StagesInQ = JFM_FP8_BULK_STAGE != 0 && kFmt == KvFormat::kFp8V32;
+  // (JFM_FP8_BULK_STAGE_T32) kTransposed32's Q compact (4 KB blocks), its upper half staged.
+  static constexpr bool kT32CompactQ = JFM_FP8_BULK_STAGE_T32 != 0 && kFmt == KvFormat::kFp8V32;
   static_assert(!kFp8 || kDqk == (kFmt == KvFormat::kFp8V32 ? 576 : 512), "FP8 layout fixes d_qk");
 
   const SparseDecodeParams& p;
@@ -278,9 +289,9 @@ struct SparseWsTask {
   __device__ __forceinline__ void load_q(const Seq& q, uint32_t sq) const {
     load_q_tile<kDqk, kThreads>(p, q.index, head0, sq);
   }
-  template <int kThreads, int kRows>
+  template <int kThreads, int kRows, int kStride>
   __device__ __forceinline__ void load_q_rows(const Seq& q, uint32_t sq) const {
-    load_q_tile<kDqk, kThreads, kRows>(p, q.index, head0, sq);
+    load_q_tile<kDqk, kThreads, kRows, kStride>(p, q.index, head0, sq);
   }
   // (kEarlyIndices) Producer thread ptid's loads of the first tile's indices, issued.
   __device__ __forceinline__ void issue_first_indices(int ptid) {
@@ -361,7 +372,8 @@ struct SparseWsTask {
     constexpr bool kL2Prefetch =
         kFp8L2Prefetch != 0 && kFp8 && !kPair && !kRow8 &&
         ((kRoomy && (kFmt == KvFormat::kFp8V32 || JFM_FP8_L2_PREFETCH_V4 != 0)) ||
-         (JFM_FP8_L2_PREFETCH_T32 != 0 && !kSole && !kRoomy && kFmt == KvFormat::kFp8V32) ||
+         ((JFM_FP8_L2_PREFETCH_T32 != 0 || JFM_FP8_BULK_STAGE_T32 != 0) && !kSole && !kRoomy &&
+          kFmt == KvFormat::kFp8V32) ||
          (JFM_FP8_L2_PREFETCH_WIDE != 0 && kSole && kWide && kPipelinedFp8Fetch));
     const Fp8Slot slot = kRow8 ? Fp8Slot(ptid, Fp8Slot::Row8{}) : Fp8Slot(ptid);
     const int lr = ptid >> 3, lq = ptid & 7;
@@ -379,9 +391,13 @@ struct SparseWsTask {
     // counted on this warp's stg_bar; round 0 converted ahead of the empty wait, as kPreconvert.
     // kBulkRope (=2): whole 656-byte tokens, the RoPE then from the slot through registers (no
     // cp.async; the full barrier's second arrival is a plain one).
-    constexpr bool kBulk = JFM_FP8_BULK_STAGE != 0 && kFmt == KvFormat::kFp8V32 && kRoomy &&
-                           kL2Prefetch && kRopeAsync && !kPair && kWide && !kRow8;
-    constexpr bool kBulkRope = kBulk && JFM_FP8_BULK_STAGE == 2;
+    // kBulkT32 (JFM_FP8_BULK_STAGE_T32): kTransposed32's, 528-byte slots in the upper half of
+    // the compact Q tile.
+    constexpr bool kBulkT32 = JFM_FP8_BULK_STAGE_T32 != 0 && !kRoomy && !kSole;
+    constexpr bool kBulk = ((JFM_FP8_BULK_STAGE != 0 && kRoomy) || kBulkT32) &&
+                           kFmt == KvFormat::kFp8V32 && kL2Prefetch && kRopeAsync && !kPair &&
+                           kWide && !kRow8;
+    constexpr bool kBulkRope = kBulk && kRoomy && JFM_FP8_BULK_STAGE == 2;
     constexpr bool kStageRopeAsync = kRopeAsync && !kPair && !kBulkRope;
     using V4Stage = StageV4T<kStageRopeAsync, kDequant, (kPair || kRopeAsync) ? kMayLoad16 : true>;
     // (JFM_V32_ALL_VALID) the unpredicated copy of the row loads: kRolesWide's producer only.
@@ -438,17 +454,27 @@ struct SparseWsTask {
     // ahead of the empty wait.
     constexpr bool kPreconvert = JFM_FP8_PRECONVERT != 0 && kFmt == KvFormat::kFp8V32 &&
                                  kStageRopeAsync && kWide && !kRow8;
-    static_assert(!kBulk || (kT16StagesInQ && TileSmem<kDqk>::kKBlocks == 9),
-                  "JFM_FP8_BULK_STAGE: 8 staging blocks + one for the mbarriers, Q at 16 rows");
+    static_assert(!kBulk || (TileSmem<kDqk>::kKBlocks == 9 &&
+                             (kBulkT32 ? kT32CompactQ : kT16StagesInQ)),
+                  "JFM_FP8_BULK_STAGE*: the math's Q layout (WsTQLayout) leaves the slots free");
     uint32_t stg_slot = 0, stg_bar = 0, stg_phase = 0;
     if constexpr (kBulk) {
       using S = TileSmem<kDqk>;
-      constexpr uint32_t kSpare = 16 * 128;  // below it, Q's 16 rows
-      static_assert(kSpare + 8 * V32Stage::kStagedBytes <= S::kBlockBytes, "8 slots per block");
-      static_assert(V32Stage::kStagedBytes % 128 == 16, "the 8 slots' LDS in distinct bank groups");
-      const uint32_t w = 4 * which + (ptid >> 5);
-      stg_slot = sh.sq + w * S::kBlockBytes + kSpare + (ptid & 7) * V32Stage::kStagedBytes;
-      stg_bar = sh.sq + 8 * S::kBlockBytes + kSpare + 8 * w;
+      constexpr uint32_t kSlot = V32Stage::kStagedBytes;
+      static_assert(kSlot % 128 == 16, "the 8 slots' LDS in distinct bank groups");
+      const uint32_t w = 4 * which + (ptid >> 5);  // this warp of the CTA's 8 producer warps
+      if constexpr (kBulkT32) {
+        // Above the compact Q (9 blocks of 32 rows): 8 warps x 8 slots, then the mbarriers.
+        constexpr uint32_t kRegion = 9 * 32 * 128;
+        static_assert(kRegion + 64 * kSlot + 64 <= S::kBlockBytes * 9, "inside the Q tile");
+        stg_slot = sh.sq + kRegion + (8 * w + (ptid & 7)) * kSlot;
+        stg_bar = sh.sq + kRegion + 64 * kSlot + 8 * w;
+      } else {
+        constexpr uint32_t kSpare = 16 * 128;  // below it, Q's 16 rows
+        static_assert(kSpare + 8 * kSlot <= S::kBlockBytes, "8 slots per block");
+        stg_slot = sh.sq + w * S::kBlockBytes + kSpare + (ptid & 7) * kSlot;
+        stg_bar = sh.sq + 8 * S::kBlockBytes + kSpare + 8 * w;
+      }
       if ((ptid & 31) == 0) {
         mbarrier_init(stg_bar, 1);  // lane 0's expect_tx; the copies' bytes
         fence_mbarrier_init();
