@@ -828,6 +828,58 @@ struct StageV4T : RopeSrc<kRopeAsync> {
 };
 using StageV4 = StageV4T<false>;
 
+// `pred ? the 8 bytes at shared address addr + kOff : 0` (StageV4Staged).
+template <int kOff>
+__device__ __forceinline__ uint2 ld_shared_8_if(uint32_t addr, bool pred) {
+  uint2 v = make_uint2(0u, 0u);
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %2, 0;\n"
+      "@p ld.shared.v2.u32 {%0, %1}, [%3+%4];\n}\n"
+      : "+r"(v.x), "+r"(v.y)
+      : "r"(static_cast<int>(pred)), "r"(addr), "n"(kOff));
+  return v;
+}
+
+// (JFM_FP8_BULK_STAGE_V4, kernel_ws.cuh) A V4 stage (8-byte pieces, the RoPE through registers)
+// whose record a bulk copy brings to a shared-memory slot: bulk copies need 16-byte aligned
+// addresses and sizes, and a record is 8-byte aligned only, so the copy is the record's 16-byte
+// aligned cover, copy_bytes from copy_src (576, or 592 from 8 bytes before it: always inside the
+// block, which a 16-byte aligned pool starts, and whose scales follow its last record), and the
+// record starts `head` (0 or 8) bytes into the slot. The scales stay a global load (8 bytes at
+// the block's end). Own members in a derived type: a new StageV4T member, even unused, moved the
+// V4 kernels' SASS (RopeSrc above).
+template <int kDequant>
+struct StageV4Staged : StageV4T<false, kDequant, false> {
+  using Base = StageV4T<false, kDequant, false>;
+  static constexpr uint32_t kSlotBytes = 592;
+  const uint8_t* copy_src;
+  uint32_t copy_bytes, head;
+  __device__ __forceinline__ void fetch_meta(const SparsePool& pool, int64_t row) {
+    this->valid = row >= 0;
+    this->wide = false;
+    const int64_t r = this->valid ? row : 0;
+    const int64_t blk = v4_block_of(r, pool), tt = r - blk * pool.block_size;
+    const uint8_t* block = pool.data + blk * pool.block_size * 584;
+    const uint8_t* rec = block + 576 * tt;
+    head = static_cast<uint32_t>(reinterpret_cast<uintptr_t>(rec) & 15u);
+    copy_src = rec - head;
+    copy_bytes = 576 + 2 * head;
+    this->scales = ld_nc_8_if<0>(block + 576 * static_cast<int64_t>(pool.block_size) + 8 * tt,
+                                 this->valid);
+  }
+  // The NoPE and RoPE pieces 4 k + j of the record in the slot at `slot` (StageV4T's narrow map).
+  __device__ __forceinline__ void load_staged(uint32_t slot) {
+    const uint32_t mine = slot + head + 8 * this->j_;
+    load_pieces(mine, this->nope, std::make_index_sequence<14>{}, std::integral_constant<int, 0>{});
+    load_pieces(mine, this->rope, std::make_index_sequence<4>{}, std::integral_constant<int, 448>{});
+  }
+  template <size_t... K, int kFirst>
+  __device__ __forceinline__ void load_pieces(uint32_t mine, uint2* out, std::index_sequence<K...>,
+                                              std::integral_constant<int, kFirst>) {
+    ((out[K] = ld_shared_8_if<kFirst + 32 * static_cast<int>(K)>(mine, this->valid)), ...);
+  }
+};
+
 // A stage's copy callback: cp.async of `bytes` (0: zero-fill) into the tile at `tile` + off.
 struct CpAsyncInto {
   uint32_t tile;

@@ -228,6 +228,17 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 #ifndef JFM_FP8_BULK_STAGE_T32
 #define JFM_FP8_BULK_STAGE_T32 0
 #endif
+// JFM_FP8_BULK_STAGE_V4 (candidate, off; not yet run on a GPU): the same for kTransposed16's V4
+// producers (StageV4Staged): each token's 576-byte record (NoPE + RoPE) by one bulk copy of its
+// 16-byte aligned cover (576 or 592 bytes) into 592-byte slots of the Q tile's rows 16-63
+// (592 = 80 mod 128: the 8 tokens' 8-byte reads of a quarter warp land in distinct 16-byte bank
+// groups where the records start 16-byte aligned), read back 8 bytes at a time; the scales stay
+// 8-byte global loads, the RoPE goes through registers. In their own loop (no L2 prefetch: it
+// lost on V4, JFM_FP8_L2_PREFETCH_V4). Why: no row loads or tile stores took 24% off V4 h16
+// (PERFORMANCE.md, 2026-12-04 sixth session).
+#ifndef JFM_FP8_BULK_STAGE_V4
+#define JFM_FP8_BULK_STAGE_V4 0
+#endif
 // Measured and removed (119f153 has it): JFM_IDX_L2_PREFETCH, L2 prefetches of each sequence's
 // index lines at its start, because ptxas counts the producers' index loads on the rows'
 // scoreboard (the first dequantization waits for them too). Slower or flat everywhere but
@@ -248,7 +259,8 @@ struct SparseWsTask {
                                         (JFM_V4_EARLY_INDICES != 0 && kFmt == KvFormat::kFp8V4);
   static constexpr uint32_t kFullCount = kFp8 && !kRopeAsync ? 128 : 256;
   // (JFM_FP8_BULK_STAGE) kTransposed16's producers stage rows in the Q tile's rows 16-63.
-  static constexpr bool kT16StagesInQ = JFM_FP8_BULK_STAGE != 0 && kFmt == KvFormat::kFp8V32;
+  static constexpr bool kT16StagesInQ = (JFM_FP8_BULK_STAGE != 0 && kFmt == KvFormat::kFp8V32) ||
+                                        (JFM_FP8_BULK_STAGE_V4 != 0 && kFmt == KvFormat::kFp8V4);
   // (JFM_FP8_BULK_STAGE_T32) kTransposed32's Q compact (4 KB blocks), its upper half staged.
   static constexpr bool kT32CompactQ = JFM_FP8_BULK_STAGE_T32 != 0 && kFmt == KvFormat::kFp8V32;
   static_assert(!kFp8 || kDqk == (kFmt == KvFormat::kFp8V32 ? 576 : 512), "FP8 layout fixes d_qk");
@@ -398,8 +410,13 @@ struct SparseWsTask {
                            kFmt == KvFormat::kFp8V32 && kL2Prefetch && kRopeAsync && !kPair &&
                            kWide && !kRow8;
     constexpr bool kBulkRope = kBulk && kRoomy && JFM_FP8_BULK_STAGE == 2;
-    constexpr bool kStageRopeAsync = kRopeAsync && !kPair && !kBulkRope;
-    using V4Stage = StageV4T<kStageRopeAsync, kDequant, (kPair || kRopeAsync) ? kMayLoad16 : true>;
+    // kBulkV4 (JFM_FP8_BULK_STAGE_V4): kTransposed16's V4 fill, StageV4Staged in the last loop.
+    constexpr bool kBulkV4 = JFM_FP8_BULK_STAGE_V4 != 0 && kFmt == KvFormat::kFp8V4 && kRoomy &&
+                             kRopeAsync && !kPair && kWide && !kL2Prefetch;
+    constexpr bool kStageRopeAsync = kRopeAsync && !kPair && !kBulkRope && !kBulkV4;
+    using V4Stage = std::conditional_t<
+        kBulkV4, StageV4Staged<kDequant>,
+        StageV4T<kStageRopeAsync, kDequant, (kPair || kRopeAsync) ? kMayLoad16 : true>>;
     // (JFM_V32_ALL_VALID) the unpredicated copy of the row loads: kRolesWide's producer only.
     constexpr bool kV32AllValidHere = kV32AllValid && kSole && kWide && !kPair;
     using V32Stage = StageV32T<kStageRopeAsync, kDequant, kV32Narrow, kV32AllValidHere>;  // also the bf16 kernels' (unused)
@@ -410,7 +427,7 @@ struct SparseWsTask {
     // stores them, arrives a second time at once.
     auto arrive_rope = [&](const auto& fill) {
       if constexpr (kRopeAsync) {
-        if constexpr (!kStageRopeAsync) mbarrier_arrive(fill.full);  // (kPair, kBulkRope)
+        if constexpr (!kStageRopeAsync) mbarrier_arrive(fill.full);  // (kPair, kBulk*)
         else cp_async_mbarrier_arrive_noinc(fill.full);
       }
     };
@@ -457,23 +474,32 @@ struct SparseWsTask {
     static_assert(!kBulk || (TileSmem<kDqk>::kKBlocks == 9 &&
                              (kBulkT32 ? kT32CompactQ : kT16StagesInQ)),
                   "JFM_FP8_BULK_STAGE*: the math's Q layout (WsTQLayout) leaves the slots free");
+    static_assert(!kBulkV4 || (TileSmem<kDqk>::kKBlocks == 8 && kT16StagesInQ),
+                  "JFM_FP8_BULK_STAGE_V4: 8 staging blocks, Q at 16 rows");
     uint32_t stg_slot = 0, stg_bar = 0, stg_phase = 0;
-    if constexpr (kBulk) {
+    if constexpr (kBulk || kBulkV4) {
       using S = TileSmem<kDqk>;
-      constexpr uint32_t kSlot = V32Stage::kStagedBytes;
-      static_assert(kSlot % 128 == 16, "the 8 slots' LDS in distinct bank groups");
       const uint32_t w = 4 * which + (ptid >> 5);  // this warp of the CTA's 8 producer warps
-      if constexpr (kBulkT32) {
-        // Above the compact Q (9 blocks of 32 rows): 8 warps x 8 slots, then the mbarriers.
-        constexpr uint32_t kRegion = 9 * 32 * 128;
-        static_assert(kRegion + 64 * kSlot + 64 <= S::kBlockBytes * 9, "inside the Q tile");
-        stg_slot = sh.sq + kRegion + (8 * w + (ptid & 7)) * kSlot;
-        stg_bar = sh.sq + kRegion + 64 * kSlot + 8 * w;
-      } else {
-        constexpr uint32_t kSpare = 16 * 128;  // below it, Q's 16 rows
-        static_assert(kSpare + 8 * kSlot <= S::kBlockBytes, "8 slots per block");
+      constexpr uint32_t kSpare = 16 * 128;         // kT16StagesInQ: below it, Q's 16 rows
+      if constexpr (kBulkV4) {
+        constexpr uint32_t kSlot = V4Stage::kSlotBytes;
+        static_assert(kSpare + 8 * kSlot + 64 <= S::kBlockBytes, "8 slots per block + mbarriers");
         stg_slot = sh.sq + w * S::kBlockBytes + kSpare + (ptid & 7) * kSlot;
-        stg_bar = sh.sq + 8 * S::kBlockBytes + kSpare + 8 * w;
+        stg_bar = sh.sq + kSpare + 8 * kSlot + 8 * w;  // block 0, after its slots
+      } else {
+        constexpr uint32_t kSlot = V32Stage::kStagedBytes;
+        static_assert(kSlot % 128 == 16, "the 8 slots' LDS in distinct bank groups");
+        if constexpr (kBulkT32) {
+          // Above the compact Q (9 blocks of 32 rows): 8 warps x 8 slots, then the mbarriers.
+          constexpr uint32_t kRegion = 9 * 32 * 128;
+          static_assert(kRegion + 64 * kSlot + 64 <= S::kBlockBytes * 9, "inside the Q tile");
+          stg_slot = sh.sq + kRegion + (8 * w + (ptid & 7)) * kSlot;
+          stg_bar = sh.sq + kRegion + 64 * kSlot + 8 * w;
+        } else {
+          static_assert(kSpare + 8 * kSlot <= S::kBlockBytes, "8 slots per block");
+          stg_slot = sh.sq + w * S::kBlockBytes + kSpare + (ptid & 7) * kSlot;
+          stg_bar = sh.sq + 8 * S::kBlockBytes + kSpare + 8 * w;  // block 8
+        }
       }
       if ((ptid & 31) == 0) {
         mbarrier_init(stg_bar, 1);  // lane 0's expect_tx; the copies' bytes
@@ -481,15 +507,19 @@ struct SparseWsTask {
       }
       __syncwarp();
     }
-    // (kBulk) Lanes 0-7 (slot.j 0: tokens t of this warp) copy their row's staged bytes to their
-    // slot once every lane has read the slot's previous round; lane 0 expects the bytes.
-    auto stage_copy = [&](const SparsePool& pool, int64_t row) {
-      const bool mine = slot.j == 0 && row >= 0;
-      const uint32_t copies = __popc(__ballot_sync(0xffffffffu, mine));
+    // (kBulk*) Lanes 0-7 (slot.j 0: tokens t of this warp) copy `bytes` from src (their row's,
+    // when valid) to their slot once every lane has read the slot's previous round; lane 0
+    // expects the bytes of all.
+    auto stage_copy = [&](const uint8_t* src, uint32_t bytes, bool valid) {
+      const bool mine = slot.j == 0 && valid;
+      const uint32_t total = __reduce_add_sync(0xffffffffu, mine ? bytes : 0u);
       __syncwarp();        // every lane's reads of the slots (load_staged) before ...
       fence_proxy_async();  // ... the async proxy's writes into them
-      if ((ptid & 31) == 0) mbarrier_arrive_expect_tx(stg_bar, copies * V32Stage::kStagedBytes);
-      if (mine) bulk_copy_g2s(stg_slot, pool.data + row * 656, V32Stage::kStagedBytes, stg_bar);
+      if ((ptid & 31) == 0) mbarrier_arrive_expect_tx(stg_bar, total);
+      if (mine) bulk_copy_g2s(stg_slot, src, bytes, stg_bar);
+    };
+    auto stage_copy_v32 = [&](const SparsePool& pool, int64_t row) {
+      stage_copy(pool.data + (row >= 0 ? row : 0) * 656, V32Stage::kStagedBytes, row >= 0);
     };
     auto stage_wait = [&] {
       mbarrier_wait(stg_bar, stg_phase & 1);
@@ -625,7 +655,7 @@ struct SparseWsTask {
             const SparsePool& pool = p.pool[pool_id];
             const int64_t row0 = q.rows.row_of(idx[0], pool_id);
             const int64_t row1 = q.rows.row_of(idx[1], pool_id);
-            stage_copy(pool, row0);  // round 0 in flight while we wait
+            stage_copy_v32(pool, row0);  // round 0 in flight while we wait
             stage.fetch_meta(pool, row0);
             stage2.fetch_meta(pool, row1);
             prefetch_rows(n_next, idx_next);
@@ -634,7 +664,7 @@ struct SparseWsTask {
             stage.load_staged(stg_slot);
             typename Stage::Converted pre0;
             stage.convert(pre0);
-            stage_copy(pool, row1);  // (the slots free: round 0 is in registers)
+            stage_copy_v32(pool, row1);  // (the slots free: round 0 is in registers)
             fill.wait_empty();
             tile_trace(fill.k, kTrProdEmpty);
             if constexpr (kStageRopeAsync) {
@@ -714,6 +744,25 @@ struct SparseWsTask {
             }
             publish(fill);  // (the local stores; the peer's are counted on its peer_full)
             tile_trace(fill.k, kTrProdIssued);
+          } else if constexpr (kBulkV4) {
+            // Round 0's records in flight while we wait; round 1's once round 0 is read.
+            stage.fetch_meta(pool, q.rows.row_of(idx[0], pool_id));
+            stage2.fetch_meta(pool, q.rows.row_of(idx[1], pool_id));
+            stage_copy(stage.copy_src, stage.copy_bytes, stage.valid);
+            load_indices(n_next, idx_next);
+            stage_wait();
+            stage.load_staged(stg_slot);
+            stage_copy(stage2.copy_src, stage2.copy_bytes, stage2.valid);
+            fill.wait_empty();
+            tile_trace(fill.k, kTrProdEmpty);
+            store_stage(stage, fill.tile, slot.t);
+            mark_valid(stage, fill.valid, 0);
+            stage_wait();
+            stage2.load_staged(stg_slot);
+            store_stage(stage2, fill.tile, slot.t + 32);
+            mark_valid(stage2, fill.valid, 1);
+            publish(fill);
+            tile_trace_published(fill.k);
           } else if constexpr (kFp8) {
             fetch_round(stage, 0, q.rows, pool_id, idx);  // in flight while we wait
             if constexpr (kWide) fetch_round(stage2, 1, q.rows, pool_id, idx);
