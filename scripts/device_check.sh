@@ -4,7 +4,7 @@
 # Nsight Compute, benchmarks and the examples. Logs go to $OUT; exits non-zero if any stage failed.
 # From the repo root, carrying the nvidia-cutlass wheel (docs/BUILDING.md):
 #   run(command="bash scripts/device_check.sh", carry=[".whl"])
-# Stages: STAGES="build cpu-suite smoke gpu gpu-alt raceprobe probe memcheck racecheck synccheck ab abtime vartime
+# Stages: STAGES="build cpu-suite smoke gpu gpu-alt raceprobe probe gprobe memcheck racecheck synccheck ab abtime vartime
 # abflags ncu trace bench example" (default: build gpu memcheck racecheck bench example). smoke runs a few calls of every
 # kernel per SMOKE_VARIANTS (default "ws pair", JFM_KERNEL_VARIANT); gpu-alt runs
 # the kernel GPU tests on each variant in ALT_VARIANTS (default "pair": the FP8 CTA pairs
@@ -79,6 +79,16 @@ if has probe; then
     --expt-relaxed-constexpr -o /tmp/wgmma_probe "$REPO/benchmarks/wgmma_probe.cu" \
     && timeout -k 5 120 /tmp/wgmma_probe ${PROBE_ITERS:-2000} 2>&1 | tee "$OUT/wgmma_probe.log" \
     || fail probe
+fi
+if has gprobe; then
+  # Gather probe (benchmarks/gather_probe.cu): random 656-byte V3.2 tokens from a 1M-token pool
+  # by the kernels' register loads or by bulk copies into shared memory (JFM_FP8_BULK_STAGE's
+  # question, without the math warps): tokens per second and cycles per warp round.
+  log "gather probe: register loads against bulk copies of FP8 tokens"
+  nvcc -gencode arch=compute_90a,code=sm_90a -std=c++17 -O3 -o /tmp/gather_probe \
+    "$REPO/benchmarks/gather_probe.cu" \
+    && timeout -k 5 120 /tmp/gather_probe ${GPROBE_ROUNDS:-256} 2>&1 | tee "$OUT/gather_probe.log" \
+    || fail gprobe
 fi
 # Sanitizers over every kernel, per SAN_VARIANTS (default "ws"; synccheck checks the named
 # barriers and mbarriers of the warp-specialized kernels). The reference results are computed once
