@@ -853,8 +853,10 @@ struct StageV4Staged : StageV4T<false, kDequant, false> {
   using Base = StageV4T<false, kDequant, false>;
   static constexpr uint32_t kSlotBytes = 592;
   const uint8_t* copy_src;
+  const uint8_t* scale_src;
   uint32_t copy_bytes, head;
-  __device__ __forceinline__ void fetch_meta(const SparsePool& pool, int64_t row) {
+  // Where row `row`'s record and scales are (no loads).
+  __device__ __forceinline__ void locate(const SparsePool& pool, int64_t row) {
     this->valid = row >= 0;
     this->wide = false;
     const int64_t r = this->valid ? row : 0;
@@ -864,9 +866,9 @@ struct StageV4Staged : StageV4T<false, kDequant, false> {
     head = static_cast<uint32_t>(reinterpret_cast<uintptr_t>(rec) & 15u);
     copy_src = rec - head;
     copy_bytes = 576 + 2 * head;
-    this->scales = ld_nc_8_if<0>(block + 576 * static_cast<int64_t>(pool.block_size) + 8 * tt,
-                                 this->valid);
+    scale_src = block + 576 * static_cast<int64_t>(pool.block_size) + 8 * tt;
   }
+  __device__ __forceinline__ void load_scales() { this->scales = ld_nc_8_if<0>(scale_src, this->valid); }
   // The NoPE and RoPE pieces 4 k + j of the record in the slot at `slot` (StageV4T's narrow map).
   __device__ __forceinline__ void load_staged(uint32_t slot) {
     const uint32_t mine = slot + head + 8 * this->j_;

@@ -225,6 +225,9 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 // hold 4096 bytes per block (8 slots need 4224), so Q is stored compact instead: 32 rows in 4 KB
 // blocks (kT32CompactQ; the S^T wgmmas step B by 4 KB), and the tile's upper 36 KB holds the 64
 // slots (33,792 bytes) and the 8 mbarriers. Why: the no-row-load probe took 13% off V3.2 h32.
+// ptxas: 4 bytes of spill in the producer loop (one STL / LDL per tile) with the indices loaded
+// after round 1's copy (JFM_FP8_BULK_FENCE's reason); none with them loaded before round 0's
+// wait.
 #ifndef JFM_FP8_BULK_STAGE_T32
 #define JFM_FP8_BULK_STAGE_T32 0
 #endif
@@ -238,6 +241,16 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 // (PERFORMANCE.md, 2026-12-04 sixth session).
 #ifndef JFM_FP8_BULK_STAGE_V4
 #define JFM_FP8_BULK_STAGE_V4 0
+#endif
+// JFM_FP8_BULK_FENCE (with the JFM_FP8_BULK_STAGE* candidates; default 1): before a warp's bulk
+// copy overwrites its slots, `fence.proxy.async.shared::cta` after the __syncwarp that follows
+// every lane's reads, as the PTX memory model asks between generic-proxy accesses and later
+// async-proxy ones. In SASS it is MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC.S, and the MEMBAR may wait
+// for the thread's global loads in flight (the loops issue theirs after the copies for that
+// reason). =0 orders the reads by the __syncwarp alone, as CUTLASS's TMA pipelines order a
+// consumer's reads before the next TMA write by an mbarrier alone: an A/B of the fence's cost.
+#ifndef JFM_FP8_BULK_FENCE
+#define JFM_FP8_BULK_FENCE 1
 #endif
 // Measured and removed (119f153 has it): JFM_IDX_L2_PREFETCH, L2 prefetches of each sequence's
 // index lines at its start, because ptxas counts the producers' index loads on the rows'
@@ -513,8 +526,8 @@ struct SparseWsTask {
     auto stage_copy = [&](const uint8_t* src, uint32_t bytes, bool valid) {
       const bool mine = slot.j == 0 && valid;
       const uint32_t total = __reduce_add_sync(0xffffffffu, mine ? bytes : 0u);
-      __syncwarp();        // every lane's reads of the slots (load_staged) before ...
-      fence_proxy_async();  // ... the async proxy's writes into them
+      __syncwarp();  // every lane's reads of the slots (load_staged) before ...
+      if constexpr (JFM_FP8_BULK_FENCE != 0) fence_proxy_async();  // ... the async proxy's writes
       if ((ptid & 31) == 0) mbarrier_arrive_expect_tx(stg_bar, total);
       if (mine) bulk_copy_g2s(stg_slot, src, bytes, stg_bar);
     };
@@ -655,16 +668,18 @@ struct SparseWsTask {
             const SparsePool& pool = p.pool[pool_id];
             const int64_t row0 = q.rows.row_of(idx[0], pool_id);
             const int64_t row1 = q.rows.row_of(idx[1], pool_id);
+            // Global loads are issued only after round 1's copy: the copies' fence
+            // (stage_copy) may wait for every load this thread has in flight.
             stage_copy_v32(pool, row0);  // round 0 in flight while we wait
             stage.fetch_meta(pool, row0);
             stage2.fetch_meta(pool, row1);
             prefetch_rows(n_next, idx_next);
-            load_indices(n_after, idx_after);
             stage_wait();
             stage.load_staged(stg_slot);
+            stage_copy_v32(pool, row1);  // (once every lane has read round 0's slots)
             typename Stage::Converted pre0;
             stage.convert(pre0);
-            stage_copy_v32(pool, row1);  // (the slots free: round 0 is in registers)
+            load_indices(n_after, idx_after);
             fill.wait_empty();
             tile_trace(fill.k, kTrProdEmpty);
             if constexpr (kStageRopeAsync) {
@@ -745,14 +760,17 @@ struct SparseWsTask {
             publish(fill);  // (the local stores; the peer's are counted on its peer_full)
             tile_trace(fill.k, kTrProdIssued);
           } else if constexpr (kBulkV4) {
-            // Round 0's records in flight while we wait; round 1's once round 0 is read.
-            stage.fetch_meta(pool, q.rows.row_of(idx[0], pool_id));
-            stage2.fetch_meta(pool, q.rows.row_of(idx[1], pool_id));
+            // Round 0's records in flight while we wait; round 1's once round 0 is read. The
+            // global loads (scales, indices) only after round 1's copy, as in the V3.2 loop.
+            stage.locate(pool, q.rows.row_of(idx[0], pool_id));
+            stage2.locate(pool, q.rows.row_of(idx[1], pool_id));
             stage_copy(stage.copy_src, stage.copy_bytes, stage.valid);
-            load_indices(n_next, idx_next);
             stage_wait();
             stage.load_staged(stg_slot);
             stage_copy(stage2.copy_src, stage2.copy_bytes, stage2.valid);
+            stage.load_scales();
+            stage2.load_scales();
+            load_indices(n_next, idx_next);
             fill.wait_empty();
             tile_trace(fill.k, kTrProdEmpty);
             store_stage(stage, fill.tile, slot.t);
