@@ -242,6 +242,18 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 #ifndef JFM_FP8_BULK_STAGE_V4
 #define JFM_FP8_BULK_STAGE_V4 0
 #endif
+// JFM_FP8_BULK_STAGE_PAIR_V4 (candidate, off; not yet run on a GPU): the same for the V4 CTA
+// pairs' producer (kRolesPair, 65-128 heads: the V4 h_q 128 rows at 0.95-0.99 of FlashMLA, where
+// the notes find the pair producer-bound), StageV4Staged with its register RoPE and st.async
+// stores to the peer unchanged. d_qk 512 leaves ~25 KB of the SM's shared memory unused beside
+// WsSmem<512>, so the 4 producer warps' 32 slots of 592 bytes (18,944) and mbarriers go after
+// it (SparseWsSmem). A pair CTA dequantizes one round (32 tokens) per tile, so each warp's one
+// slot set holds a whole tile's share, and tile n + 1's copy is issued as soon as tile n's
+// records are in registers: it lands under tile n's stores and tile n + 1's empty wait, a
+// whole period, where today's register fetch is issued at the top of its own tile.
+#ifndef JFM_FP8_BULK_STAGE_PAIR_V4
+#define JFM_FP8_BULK_STAGE_PAIR_V4 0
+#endif
 // JFM_FP8_BULK_FENCE (with the JFM_FP8_BULK_STAGE* candidates; default 1): before a warp's bulk
 // copy overwrites its slots, `fence.proxy.async.shared::cta` after the __syncwarp that follows
 // every lane's reads, as the PTX memory model asks between generic-proxy accesses and later
@@ -258,6 +270,24 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 // prefill (H200, 2026-12-04 fifth session: V3.2 h16 +1.5%, h64 kRolesWide +13%, prefill -2.4%
 // within its noise); the transposed kernels' stamps later showed their rows (indices included)
 // already there when the empty wait ends.
+// (JFM_FP8_BULK_STAGE_PAIR_V4) Whether the V4 pairs' producer stages its records.
+template <KvFormat kFmt>
+struct SparseWsBulkPair {
+  static constexpr bool value = JFM_FP8_BULK_STAGE_PAIR_V4 != 0 && kFmt == KvFormat::kFp8V4 &&
+                                JFM_V4_PAIR_NARROW != 0;
+};
+// The dynamic shared memory of a sparse warp-specialized kernel: WsSmem, and after it (from the
+// 1024-aligned base, kStageOff) the staging slots of the V4 pairs' bulk copies
+// (JFM_FP8_BULK_STAGE_PAIR_V4: 4 warps x 8 slots of 592 bytes, 4 mbarriers).
+template <KvFormat kFmt, int kDqk, WsMath kMath>
+struct SparseWsSmem {
+  static constexpr bool kStaged = SparseWsBulkPair<kFmt>::value && kMath == WsMath::kRolesPair;
+  static constexpr int kStageOff = (WsSmem<kDqk>::kPBarOff + 4 * 8 + 127) / 128 * 128;
+  static constexpr int kStageBytes = 32 * 592 + 4 * 8;
+  static constexpr size_t kBytes =
+      kStaged ? static_cast<size_t>(kStageOff + kStageBytes + 1024) : WsSmem<kDqk>::kBytes;
+};
+
 template <KvFormat kFmt, int kDqk_>
 struct SparseWsTask {
   using T = bf16;
@@ -426,9 +456,11 @@ struct SparseWsTask {
     // kBulkV4 (JFM_FP8_BULK_STAGE_V4): kTransposed16's V4 fill, StageV4Staged in the last loop.
     constexpr bool kBulkV4 = JFM_FP8_BULK_STAGE_V4 != 0 && kFmt == KvFormat::kFp8V4 && kRoomy &&
                              kRopeAsync && !kPair && kWide && !kL2Prefetch;
+    // kBulkPairV4 (JFM_FP8_BULK_STAGE_PAIR_V4): the V4 pair's producer, the same stage.
+    constexpr bool kBulkPairV4 = SparseWsBulkPair<kFmt>::value && kPair && !kMayLoad16;
     constexpr bool kStageRopeAsync = kRopeAsync && !kPair && !kBulkRope && !kBulkV4;
     using V4Stage = std::conditional_t<
-        kBulkV4, StageV4Staged<kDequant>,
+        kBulkV4 || kBulkPairV4, StageV4Staged<kDequant>,
         StageV4T<kStageRopeAsync, kDequant, (kPair || kRopeAsync) ? kMayLoad16 : true>>;
     // (JFM_V32_ALL_VALID) the unpredicated copy of the row loads: kRolesWide's producer only.
     constexpr bool kV32AllValidHere = kV32AllValid && kSole && kWide && !kPair;
@@ -490,11 +522,15 @@ struct SparseWsTask {
     static_assert(!kBulkV4 || (TileSmem<kDqk>::kKBlocks == 8 && kT16StagesInQ),
                   "JFM_FP8_BULK_STAGE_V4: 8 staging blocks, Q at 16 rows");
     uint32_t stg_slot = 0, stg_bar = 0, stg_phase = 0;
-    if constexpr (kBulk || kBulkV4) {
+    if constexpr (kBulk || kBulkV4 || kBulkPairV4) {
       using S = TileSmem<kDqk>;
       const uint32_t w = 4 * which + (ptid >> 5);  // this warp of the CTA's 8 producer warps
       constexpr uint32_t kSpare = 16 * 128;         // kT16StagesInQ: below it, Q's 16 rows
-      if constexpr (kBulkV4) {
+      if constexpr (kBulkPairV4) {  // after WsSmem (SparseWsSmem): 4 warps x 8 slots, mbarriers
+        using L = SparseWsSmem<kFmt, kDqk, WsMath::kRolesPair>;
+        stg_slot = sh.sq + L::kStageOff + (8 * w + (ptid & 7)) * V4Stage::kSlotBytes;
+        stg_bar = sh.sq + L::kStageOff + 32 * V4Stage::kSlotBytes + 8 * w;
+      } else if constexpr (kBulkV4) {
         constexpr uint32_t kSlot = V4Stage::kSlotBytes;
         static_assert(kSpare + 8 * kSlot + 64 <= S::kBlockBytes, "8 slots per block + mbarriers");
         stg_slot = sh.sq + w * S::kBlockBytes + kSpare + (ptid & 7) * kSlot;
@@ -731,6 +767,17 @@ struct SparseWsTask {
           k_next = k_after;
         }
       } else {  // tile n's rows fetched after the previous tile's store
+        // (kBulkPairV4) This CTA's round of a tile: its token's row (idx: that tile's indices).
+        auto pair_row = [&](int tile, const int (&ix)[4]) {
+          return q.rows.row_of(sh.rank ? ix[1] : ix[0], q.rows.pool_of(tile));
+        };
+        if constexpr (kBulkPairV4) {  // the sequence's first tile's records in flight
+          if (n < q.t_hi) {
+            stage.locate(p.pool[q.rows.pool_of(n)], pair_row(n, idx));
+            stage_copy(stage.copy_src, stage.copy_bytes, stage.valid);
+            stage.load_scales();
+          }
+        }
         while (n < q.t_hi) {
           int n_next = q.next(n + 1);
           uint32_t k_next = k + 1;
@@ -739,7 +786,38 @@ struct SparseWsTask {
           const WsFill<kPair> fill(sh, k);
           const int pool_id = q.rows.pool_of(n);
           const SparsePool& pool = p.pool[pool_id];
-          if constexpr (kPair) {
+          if constexpr (kBulkPairV4) {
+            // Tile n's records arrived (copied one tile ago) into registers, then tile n_next's
+            // copy (its indices are the only global loads in flight: it needs them), then the
+            // stores as below. The next tile's location and scales wait in `nx`.
+            load_indices(n_next, idx_next);
+            stage_wait();
+            stage.load_staged(stg_slot);
+            Stage nx;
+            nx.j_ = slot.j;
+            nx.valid = false;  // (the sequence's last tile: nothing next)
+            nx.head = 0;
+            nx.scales = make_uint2(0u, 0u);
+            if (n_next < q.t_hi) {
+              nx.locate(p.pool[q.rows.pool_of(n_next)], pair_row(n_next, idx_next));
+              stage_copy(nx.copy_src, nx.copy_bytes, nx.valid);
+              nx.load_scales();
+            }
+            fill.wait_empty();
+            tile_trace(fill.k, kTrProdEmpty);
+            if (ptid == 0) mbarrier_arrive_expect_tx(fill.peer_full, 128 * Stage::kThreadBytes);
+            store_stage_pair(stage, fill.tile, fill.peer_tile, fill.peer_peer_full,
+                             slot.t + 32 * sh.rank);
+            if (slot.j == 0) {  // the validity bytes of all 64 tokens, written locally
+              fill.valid[slot.t] = q.rows.row_of(idx[0], pool_id) >= 0;
+              fill.valid[slot.t + 32] = q.rows.row_of(idx[1], pool_id) >= 0;
+            }
+            publish(fill);
+            tile_trace(fill.k, kTrProdIssued);
+            stage.valid = nx.valid;  // tile n_next's, for its load_staged and dequantization
+            stage.head = nx.head;
+            stage.scales = nx.scales;
+          } else if constexpr (kPair) {
             const int mine = sh.rank ? idx[1] : idx[0];  // this CTA's round of the tile
             // in flight while we wait
             stage.template fetch<true>(pool, q.rows.row_of(mine, pool_id));
@@ -822,6 +900,7 @@ struct SparseWsTask {
 template <KvFormat kFmt, int kDqk, WsMath kMath>
 __global__ void __launch_bounds__(384, 1)
     sparse_attention_ws_kernel(const __grid_constant__ SparseDecodeParams p) {
+  static_assert(SparseWsSmem<kFmt, kDqk, kMath>::kBytes <= 227 * 1024, "shared memory of one CTA");
   using Task = SparseWsTask<kFmt, kDqk>;
   cta_trace(false);  // (tile_trace.cuh; nothing without JFM_TILE_TRACE)
   pdl_launch_dependents();  // (pdl.cuh) the combine may be placed on SMs this grid's tail frees
@@ -848,12 +927,12 @@ cudaError_t launch_sparse_attention_ws(const SparseDecodeParams& p, cudaStream_t
     if (p.num_m_blocks != 2) return cudaErrorInvalidValue;
     return tile_trace_launch("sparse_attention_ws_kernel", static_cast<int>(kMath), stream, [&] {
       return launch_clusters_with_smem<sparse_attention_ws_kernel<kFmt, kDqk, kMath>>(
-          sparse_ws_grid(p), dim3(1, 2, 1), 384, WsSmem<kDqk>::kBytes, stream, p);
+          sparse_ws_grid(p), dim3(1, 2, 1), 384, SparseWsSmem<kFmt, kDqk, kMath>::kBytes, stream, p);
     });
   } else {
     return tile_trace_launch("sparse_attention_ws_kernel", static_cast<int>(kMath), stream, [&] {
       return launch_with_smem(sparse_attention_ws_kernel<kFmt, kDqk, kMath>, sparse_ws_grid(p),
-                              384, WsSmem<kDqk>::kBytes, stream, p);
+                              384, SparseWsSmem<kFmt, kDqk, kMath>::kBytes, stream, p);
     });
   }
 }
