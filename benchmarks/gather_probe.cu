@@ -16,7 +16,7 @@
 // nothing is optimized away.
 //
 // Build and run on the device (scripts/device_check.sh, stage `gprobe`):
-//   nvcc -gencode arch=compute_90a,code=sm_90a -std=c++17 -O3 -o /tmp/gather_probe
+//   nvcc -I csrc -gencode arch=compute_90a,code=sm_90a -std=c++17 -O3 -o /tmp/gather_probe
 //        benchmarks/gather_probe.cu && /tmp/gather_probe
 // Prints per form and warps per CTA: tokens gathered per second (the same rows for every form),
 // the bytes moved per second (528 per token for ldg / bulk528: the kernels' RoPE goes by
@@ -30,7 +30,17 @@
 #include <cstdlib>
 #include <vector>
 
+#include "kernels/sm90/common/device_utils.cuh"
+
 namespace {
+
+using jfm::bulk_copy_g2s;
+using jfm::fence_mbarrier_init;
+using jfm::fence_proxy_async;
+using jfm::mbarrier_arrive_expect_tx;
+using jfm::mbarrier_init;
+using jfm::mbarrier_wait;
+using jfm::smem_u32;
 
 constexpr int kTokenBytes = 656;
 constexpr int64_t kPoolTokens = 1 << 20;  // 688 MB: the sixth session's 1M-token pool
@@ -62,36 +72,6 @@ __device__ __forceinline__ uint4 lds16(uint32_t a) {
   return v;
 }
 __device__ __forceinline__ uint32_t fold(uint4 v) { return v.x ^ (v.y * 3u) ^ (v.z * 5u) ^ (v.w * 7u); }
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void bar_init(uint32_t bar) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar) : "memory");
-  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-}
-__device__ __forceinline__ void bar_expect(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void bar_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  } while (!done);
-  __syncwarp();
-}
-__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
-      "l"(src), "r"(bytes), "r"(bar)
-      : "memory");
-}
-
 // One CTA per SM; each warp gathers `rounds` rounds of 8 tokens (rows from idx, one list per
 // warp); cycles[warp] = its clock64 span, sink[thread] = the fold of what it read.
 template <int kForm, int kSets>
@@ -108,8 +88,10 @@ __global__ void gather_kernel(const uint8_t* __restrict__ pool, const int* __res
   const uint32_t bars = smem_u32(smem) + nwarps * kSets * kTokensPerRound * kSlot + warp * 8 * kSets;
   uint32_t acc = 0;
   if constexpr (kForm != kLdg) {
-    if (lane == 0)
-      for (int s = 0; s < kSets; ++s) bar_init(bars + 8 * s);
+    if (lane == 0) {
+      for (int s = 0; s < kSets; ++s) mbarrier_init(bars + 8 * s, 1);
+      fence_mbarrier_init();
+    }
     __syncwarp();
   }
   __syncthreads();
@@ -134,17 +116,17 @@ __global__ void gather_kernel(const uint8_t* __restrict__ pool, const int* __res
       const int s = r % kSets;
       const uint32_t bar = bars + 8 * s;
       __syncwarp();
-      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-      if (lane == 0) bar_expect(bar, kTokensPerRound * kSlot);
+      fence_proxy_async();
+      if (lane == 0) mbarrier_arrive_expect_tx(bar, kTokensPerRound * kSlot);
       if (lane < kTokensPerRound) {
         const uint8_t* tok = pool + static_cast<int64_t>(my[r * kTokensPerRound + lane]) * kTokenBytes;
-        bulk_copy(slots + (s * kTokensPerRound + lane) * kSlot, tok, kSlot, bar);
+        bulk_copy_g2s(slots + (s * kTokensPerRound + lane) * kSlot, tok, kSlot, bar);
       }
     };
     for (int r = 0; r < kSets && r < rounds; ++r) issue(r);
     for (int r = 0; r < rounds; ++r) {
       const int s = r % kSets;
-      bar_wait(bars + 8 * s, (r / kSets) & 1);
+      mbarrier_wait(bars + 8 * s, (r / kSets) & 1);
       const uint32_t mine = slots + (s * kTokensPerRound + t) * kSlot + 16 * j;
 #pragma unroll
       for (int k = 0; k < 8; ++k) acc ^= fold(lds16(mine + 64 * k));

@@ -85,7 +85,7 @@ if has gprobe; then
   # by the kernels' register loads or by bulk copies into shared memory (JFM_FP8_BULK_STAGE's
   # question, without the math warps): tokens per second and cycles per warp round.
   log "gather probe: register loads against bulk copies of FP8 tokens"
-  nvcc -gencode arch=compute_90a,code=sm_90a -std=c++17 -O3 -o /tmp/gather_probe \
+  nvcc -I "$REPO/csrc" -gencode arch=compute_90a,code=sm_90a -std=c++17 -O3 -o /tmp/gather_probe \
     "$REPO/benchmarks/gather_probe.cu" \
     && timeout -k 5 120 /tmp/gather_probe ${GPROBE_ROUNDS:-256} 2>&1 | tee "$OUT/gather_probe.log" \
     || fail gprobe

@@ -767,6 +767,22 @@ struct SparseWsTask {
           k_next = k_after;
         }
       } else {  // tile n's rows fetched after the previous tile's store
+        // (kPair) After the empty wait: `stage` (this CTA's round of the tile) into both CTAs'
+        // tiles, the validity bytes, the full arrival.
+        auto store_pair_round = [&](const auto& fill, const int (&ix)[4], int pool_id) {
+          // The peer's st.async bytes of this tile, counted on this CTA's peer_full barrier
+          // (its one arrival, from here, so the phase cannot end before the expectation is
+          // set).
+          if (ptid == 0) mbarrier_arrive_expect_tx(fill.peer_full, 128 * Stage::kThreadBytes);
+          store_stage_pair(stage, fill.tile, fill.peer_tile, fill.peer_peer_full,
+                           slot.t + 32 * sh.rank);
+          if (slot.j == 0) {  // the validity bytes of all 64 tokens, written locally
+            fill.valid[slot.t] = q.rows.row_of(ix[0], pool_id) >= 0;
+            fill.valid[slot.t + 32] = q.rows.row_of(ix[1], pool_id) >= 0;
+          }
+          publish(fill);  // (the local stores; the peer's are counted on its peer_full)
+          tile_trace(fill.k, kTrProdIssued);
+        };
         // (kBulkPairV4) This CTA's round of a tile: its token's row (idx: that tile's indices).
         auto pair_row = [&](int tile, const int (&ix)[4]) {
           return q.rows.row_of(sh.rank ? ix[1] : ix[0], q.rows.pool_of(tile));
@@ -805,15 +821,7 @@ struct SparseWsTask {
             }
             fill.wait_empty();
             tile_trace(fill.k, kTrProdEmpty);
-            if (ptid == 0) mbarrier_arrive_expect_tx(fill.peer_full, 128 * Stage::kThreadBytes);
-            store_stage_pair(stage, fill.tile, fill.peer_tile, fill.peer_peer_full,
-                             slot.t + 32 * sh.rank);
-            if (slot.j == 0) {  // the validity bytes of all 64 tokens, written locally
-              fill.valid[slot.t] = q.rows.row_of(idx[0], pool_id) >= 0;
-              fill.valid[slot.t + 32] = q.rows.row_of(idx[1], pool_id) >= 0;
-            }
-            publish(fill);
-            tile_trace(fill.k, kTrProdIssued);
+            store_pair_round(fill, idx, pool_id);
             stage.valid = nx.valid;  // tile n_next's, for its load_staged and dequantization
             stage.head = nx.head;
             stage.scales = nx.scales;
@@ -825,18 +833,7 @@ struct SparseWsTask {
             load_indices(n_next, idx_next);
             fill.wait_empty();
             tile_trace(fill.k, kTrProdEmpty);
-            // The peer's st.async bytes of this tile, counted on this CTA's peer_full barrier
-            // (its one arrival, from here, so the phase cannot end before the expectation is
-            // set).
-            if (ptid == 0) mbarrier_arrive_expect_tx(fill.peer_full, 128 * Stage::kThreadBytes);
-            store_stage_pair(stage, fill.tile, fill.peer_tile, fill.peer_peer_full,
-                             slot.t + 32 * sh.rank);
-            if (slot.j == 0) {  // the validity bytes of all 64 tokens, written locally
-              fill.valid[slot.t] = q.rows.row_of(idx[0], pool_id) >= 0;
-              fill.valid[slot.t + 32] = q.rows.row_of(idx[1], pool_id) >= 0;
-            }
-            publish(fill);  // (the local stores; the peer's are counted on its peer_full)
-            tile_trace(fill.k, kTrProdIssued);
+            store_pair_round(fill, idx, pool_id);
           } else if constexpr (kBulkV4) {
             // Round 0's records in flight while we wait; round 1's once round 0 is read. The
             // global loads (scales, indices) only after round 1's copy, as in the V3.2 loop.
