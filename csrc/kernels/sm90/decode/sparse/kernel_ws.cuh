@@ -574,6 +574,17 @@ struct SparseWsTask {
       mbarrier_wait(stg_bar, stg_phase & 1);
       ++stg_phase;
     };
+    // (kBulk, kBulkV4) The rest of a tile after round 0's stores: round 1 from its slots (its
+    // copy issued once round 0 was read), its validity bytes, the full arrival.
+    auto bulk_round1 = [&](const auto& fill) {
+      if constexpr (kBulk || kBulkV4) {
+        stage_wait();
+        stage2.load_staged(stg_slot);
+        store_nope(stage2, fill.tile, slot.t + 32);  // (a kStageRopeAsync stage's RoPE: copied before)
+        mark_valid(stage2, fill.valid, 1);
+        publish(fill);
+      }
+    };
     // (JFM_TILE_TRACE) the unpipelined FP8 fills' stamp once the tile's rows have arrived.
     auto trace_rows = [&](uint32_t kk) {
       if constexpr (kFmt == KvFormat::kFp8V32) tile_trace_after(kk, kTrProdRows, stage.scales.x);
@@ -724,11 +735,7 @@ struct SparseWsTask {
             }
             store_converted(stage, pre0, fill.tile, slot.t);
             mark_valid(stage, fill.valid, 0);
-            stage_wait();
-            stage2.load_staged(stg_slot);
-            store_nope(stage2, fill.tile, slot.t + 32);
-            mark_valid(stage2, fill.valid, 1);
-            publish(fill);
+            bulk_round1(fill);
           } else {
             fetch_round(stage, 0, q.rows, pool_id, idx);  // in flight while we wait
             if constexpr (kWide) fetch_round(stage2, 1, q.rows, pool_id, idx);
@@ -850,11 +857,7 @@ struct SparseWsTask {
             tile_trace(fill.k, kTrProdEmpty);
             store_stage(stage, fill.tile, slot.t);
             mark_valid(stage, fill.valid, 0);
-            stage_wait();
-            stage2.load_staged(stg_slot);
-            store_stage(stage2, fill.tile, slot.t + 32);
-            mark_valid(stage2, fill.valid, 1);
-            publish(fill);
+            bulk_round1(fill);
             tile_trace_published(fill.k);
           } else if constexpr (kFp8) {
             fetch_round(stage, 0, q.rows, pool_id, idx);  // in flight while we wait
