@@ -259,8 +259,9 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 // every lane's reads, as the PTX memory model asks between generic-proxy accesses and later
 // async-proxy ones. In SASS it is MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC.S, and the MEMBAR may wait
 // for the thread's global loads in flight (the loops issue theirs after the copies for that
-// reason). =0 orders the reads by the __syncwarp alone, as CUTLASS's TMA pipelines order a
-// consumer's reads before the next TMA write by an mbarrier alone: an A/B of the fence's cost.
+// reason). =0 orders the reads by the __syncwarp alone: a timing probe of the fence's cost, not
+// a candidate default (Triton's proxy-fence pass fences write-after-read too: its test
+// fence_write_after_read).
 #ifndef JFM_FP8_BULK_FENCE
 #define JFM_FP8_BULK_FENCE 1
 #endif
