@@ -494,12 +494,12 @@ struct StageV32T {
       }
     }
   }
-  // (JFM_FP8_BULK_STAGE, kernel_ws.cuh) fetch split in two: fetch_meta takes the row's validity
-  // and (kRopeAsync) RoPE address, no loads; load_staged its NoPE bytes, scales and (!kRopeAsync)
+  // (JFM_FP8_BULK_STAGE, kernel_ws.cuh) fetch split in two, as StageV4Staged's: locate takes the
+  // row's validity and (kRopeAsync) RoPE address, no loads; load_staged its NoPE bytes, scales and (!kRopeAsync)
   // RoPE chunks from shared memory, where a bulk copy has put the row's first kStagedBytes bytes
   // at `src` (16-byte aligned).
   static constexpr uint32_t kStagedBytes = kRopeAsync ? 528 : 656;
-  __device__ __forceinline__ void fetch_meta(const SparsePool& pool, int64_t row) {
+  __device__ __forceinline__ void locate(const SparsePool& pool, int64_t row) {
     static_assert(!kNarrow, "JFM_FP8_BULK_STAGE: the 16-byte stage");
     valid = row >= 0;
     if constexpr (kRopeAsync) rope_src = pool.data + (valid ? row : 0) * 656 + 528 + 16 * j_;
@@ -848,10 +848,12 @@ __device__ __forceinline__ uint2 ld_shared_8_if(uint32_t addr, bool pred) {
 // record starts `head` (0 or 8) bytes into the slot. The scales stay a global load (8 bytes at
 // the block's end). Own members in a derived type: a new StageV4T member, even unused, moved the
 // V4 kernels' SASS (RopeSrc above).
+// (A StageV4Staged slot: 576 + the 8 bytes before or after a record that starts 8 mod 16.)
+constexpr uint32_t kV4SlotBytes = 592;
 template <int kDequant>
 struct StageV4Staged : StageV4T<false, kDequant, false> {
   using Base = StageV4T<false, kDequant, false>;
-  static constexpr uint32_t kSlotBytes = 592;
+  static constexpr uint32_t kSlotBytes = kV4SlotBytes;
   const uint8_t* copy_src;
   const uint8_t* scale_src;
   uint32_t copy_bytes, head;

@@ -284,7 +284,7 @@ template <KvFormat kFmt, int kDqk, WsMath kMath>
 struct SparseWsSmem {
   static constexpr bool kStaged = SparseWsBulkPair<kFmt>::value && kMath == WsMath::kRolesPair;
   static constexpr int kStageOff = (WsSmem<kDqk>::kPBarOff + 4 * 8 + 127) / 128 * 128;
-  static constexpr int kStageBytes = 32 * 592 + 4 * 8;
+  static constexpr int kStageBytes = 32 * kV4SlotBytes + 4 * 8;
   static constexpr size_t kBytes =
       kStaged ? static_cast<size_t>(kStageOff + kStageBytes + 1024) : WsSmem<kDqk>::kBytes;
 };
@@ -719,8 +719,8 @@ struct SparseWsTask {
             // Global loads are issued only after round 1's copy: the copies' fence
             // (stage_copy) may wait for every load this thread has in flight.
             stage_copy_v32(pool, row0);  // round 0 in flight while we wait
-            stage.fetch_meta(pool, row0);
-            stage2.fetch_meta(pool, row1);
+            stage.locate(pool, row0);
+            stage2.locate(pool, row1);
             prefetch_rows(n_next, idx_next);
             stage_wait();
             stage.load_staged(stg_slot);
