@@ -105,3 +105,34 @@ def test_uncovered_call_falls_back_with_every_kernels_reason(kernels_on):
     with pytest.warns(_primitive.KernelFallbackWarning):
         hlo = cuda_hlo(lambda q, kv, i: jax_flashmla.mla_decode(q, kv, indices=i), q, kv, idx)
     assert targets(hlo) == []
+
+
+@pytest.mark.parametrize("d_qk,width", [(576, 656), (512, 584)])
+def test_dense_fp8_lowers_to_the_sparse_kernel(kernels_on, monkeypatch, d_qk, width):
+    """Dense calls the dense kernel does not read (here FP8 caches, page 61) run as sparse decode
+    over every token (ops/kernels/dense_as_sparse.py): scheduler + sparse kernel, also when a
+    dense schedule is passed (it does not describe the sparse kernel's work); non-causal MTP rides
+    as extra heads. Off until it has run on a GPU: then the reason names the switch."""
+    b, s_q, h_q = 3, 2, 16
+    q = jnp.zeros((b, s_q, h_q, d_qk), jnp.bfloat16)
+    kv = jnp.zeros((5, 61, 1, width), jnp.uint8)
+    table, lens = jnp.zeros((b, 4), jnp.int32), jnp.zeros((b,), jnp.int32)
+    f = lambda *a: jax_flashmla.mla_decode(*a, implementation="kernel")
+    monkeypatch.delenv("JAX_FLASHMLA_DENSE_AS_SPARSE", raising=False)
+    with pytest.raises(ValueError, match="not yet run on a GPU.*JAX_FLASHMLA_DENSE_AS_SPARSE=1"):
+        cuda_hlo(f, q, kv, table, lens)
+    monkeypatch.setenv("JAX_FLASHMLA_DENSE_AS_SPARSE", "1")
+    hlo = cuda_hlo(f, q, kv, table, lens)
+    assert targets(hlo) == ["jax_flashmla_mla_metadata", "jax_flashmla_sparse_decode"]
+    assert f"tensor<{b}x1x{s_q * h_q}x{d_qk}xbf16>" in hlo and f"tensor<{b}x1x{4 * 61}xi32>" in hlo
+    causal = cuda_hlo(lambda *a: jax_flashmla.mla_decode(*a, causal=True, implementation="kernel"),
+                      q, kv, table, lens)
+    assert f"tensor<{b}x{s_q}x{4 * 61}xi32>" in causal
+    md = jax_flashmla.get_mla_metadata(lens, s_q=s_q, h_q=h_q)
+    hlo = cuda_hlo(lambda *a: jax_flashmla.mla_decode(*a[:4], metadata=a[4], implementation="kernel"),
+                   q, kv, table, lens, md)
+    assert targets(hlo) == ["jax_flashmla_mla_metadata", "jax_flashmla_sparse_decode"]
+    # what the dense kernel covers stays on it
+    q16, kv16 = jnp.zeros((b, 1, h_q, 576), jnp.bfloat16), jnp.zeros((5, 64, 1, 576), jnp.bfloat16)
+    assert targets(cuda_hlo(f, q16, kv16, table, lens)) == ["jax_flashmla_mla_metadata",
+                                                           "jax_flashmla_dense_decode"]

@@ -16,7 +16,7 @@ from jax_flashmla import kv_cache as _kvc
 from jax_flashmla import reference as _ref
 from jax_flashmla.ops import _primitive, _sharding
 from jax_flashmla.ops import metadata as _meta
-from jax_flashmla.ops.kernels import dense_decode, sparse_decode
+from jax_flashmla.ops.kernels import dense_as_sparse, dense_decode, sparse_decode
 from jax_flashmla.ops.metadata import MLAMetadata
 
 # Operand order of the primitive; a call binds the subset it has, in this order.
@@ -288,5 +288,6 @@ def _batching_rule(args, dims, *, config: DecodeConfig):
 
 mla_decode_p = _primitive.define_primitive(
     "jax_flashmla_mla_decode", abstract_eval=_abstract_eval, reference=_reference,
-    batching_rule=_batching_rule, kernels=(dense_decode, sparse_decode), op_name="mla_decode",
+    batching_rule=_batching_rule, kernels=(dense_decode, dense_as_sparse, sparse_decode),
+    op_name="mla_decode",
     sharding=_sharding.DECODE)

@@ -1,0 +1,124 @@
+"""Dense decode calls the dense kernel does not cover, run on the sparse decode kernel.
+
+The dense kernel reads bf16/fp16 caches of d_qk 576 in 64-token pages. A dense call with h_kv 1
+and bf16 queries outside that (an FP8 cache in either layout, d_qk 512, another page size, an
+attn_sink) is sparse decode over every token of each sequence: its indices are the flat cache rows
+of tokens 0 .. L-1 (L = cache_seqlens clamped to the table's capacity, as SEMANTICS.md says),
+-1 for pages outside the pool and, causal, for tokens after each query's window; topk_length = L,
+so the kernel and its schedule skip the tiles past the length. Without causal masking (or with
+s_q 1) the s_q queries of a sequence share one index list, and where s_q * h_q <= 128 they ride as
+extra heads of one query token, so each token is read once, as in the dense kernel.
+
+A dense schedule (``get_mla_metadata`` without topk) describes other work than the sparse
+kernel's, so it is not used here: each call computes its own (one scheduler launch).
+
+Not yet run on a GPU (written 2026-12-05 without a device): off unless
+``JAX_FLASHMLA_DENSE_AS_SPARSE=1``, until tests/gpu/test_dense_as_sparse_gpu.py has passed there.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+from jax_flashmla.ops.kernels import _ffi_call, sparse_decode
+
+NAME = "dense_as_sparse"
+ENABLE = "JAX_FLASHMLA_DENSE_AS_SPARSE"
+MAX_FOLDED_HEADS = 128   # the sparse kernels take 1-128 heads per query token
+
+
+def enabled() -> bool:
+    return os.environ.get(ENABLE, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def sparse_indices(block_table, cache_seqlens, *, num_blocks: int, block_size: int, s_q: int,
+                   causal: bool):
+    """The dense call as sparse decode: (indices [b, s_q or 1, C] int32, topk_length [b] int32),
+    C = max_blocks * block_size. One index row per query when causal masking differs between the
+    queries (causal, s_q > 1), else one shared row."""
+    b, max_blocks = block_table.shape
+    capacity = max_blocks * block_size
+    t = jnp.arange(capacity, dtype=jnp.int32)
+    lengths = jnp.clip(cache_seqlens, 0, capacity)                               # [b]
+    pages = jnp.take(block_table, t // block_size, axis=1)                       # [b, C]
+    present = (t[None, :] < lengths[:, None]) & (pages >= 0) & (pages < num_blocks)
+    rows = jnp.where(present, pages * block_size + t % block_size, -1)[:, None, :]  # [b, 1, C]
+    if causal and s_q > 1:
+        last = lengths[:, None] - s_q + jnp.arange(s_q, dtype=jnp.int32)[None, :]  # [b, s_q]
+        rows = jnp.where(t[None, None, :] <= last[..., None], rows, -1)           # [b, s_q, C]
+    return rows, lengths
+
+
+def _fold(config, q_shape) -> bool:
+    """Whether the s_q queries ride as heads of one query token: they share one index list (no
+    causal masking between them) and fit the kernels' 128 heads."""
+    _, s_q, h_q, _ = q_shape
+    return s_q > 1 and not config.causal and s_q * h_q <= MAX_FOLDED_HEADS
+
+
+def _sparse_view(config, avals):
+    """The sparse call's config, its operand shapes (what sparse_decode covers / runs) and
+    whether the queries fold into heads."""
+    q, kv, table = avals["q"], avals["kv_cache"], avals["block_table"]
+    b, s_q, h_q, d_qk = q.shape
+    fold = _fold(config, q.shape)
+    q_s = (b, 1, s_q * h_q, d_qk) if fold else (b, s_q, h_q, d_qk)
+    idx = (b, q_s[1], table.shape[1] * kv.shape[1])
+    present = ("q", "kv_cache", "indices", "topk_length") + (
+        ("attn_sink",) if "attn_sink" in avals else ())
+    shapes = {"q": jax.core.ShapedArray(q_s, q.dtype), "kv_cache": kv,
+              "indices": jax.core.ShapedArray(idx, jnp.int32),
+              "topk_length": jax.core.ShapedArray((b,), jnp.int32)}
+    if "attn_sink" in avals:
+        shapes["attn_sink"] = jax.core.ShapedArray((q_s[2],), jnp.float32)
+    sparse = config.replace(mode="sparse", causal=False, present=present)
+    return sparse, [shapes[n] for n in present], fold
+
+
+def unsupported_reason(config, avals_in) -> str | None:
+    if config.mode != "dense":
+        return "it serves dense calls only (this call is sparse)"
+    avals = dict(zip(config.present, avals_in))
+    q, kv = avals["q"], avals["kv_cache"]
+    if q.dtype != jnp.bfloat16:
+        return f"it needs bf16 queries (got {q.dtype})"
+    if kv.shape[2] != 1:
+        return f"it needs h_kv 1 (got {kv.shape[2]})"
+    if kv.shape[0] * kv.shape[1] >= 2**31:
+        return f"its flat rows are int32 (the pool has {kv.shape[0] * kv.shape[1]} tokens)"
+    if avals["block_table"].shape[1] * kv.shape[1] >= 2**31:
+        return "its index list (max_blocks * block_size) must be below 2**31"
+    sparse, sparse_avals, _ = _sparse_view(config, avals)
+    reason = sparse_decode.unsupported_reason(sparse, sparse_avals)
+    if reason is not None:
+        return f"as sparse decode, {reason}"
+    if not enabled():
+        return f"it has not yet run on a GPU (set {ENABLE}=1 to use it)"
+    return None
+
+
+def _impl(config, *arrays):
+    ops = dict(zip(config.present, arrays))
+    q, kv = ops["q"], ops["kv_cache"]
+    b, s_q, h_q, d_qk = q.shape
+    avals = {n: jax.core.ShapedArray(x.shape, x.dtype) for n, x in ops.items()}
+    sparse, _, fold = _sparse_view(config, avals)
+    indices, lengths = sparse_indices(ops["block_table"], ops["cache_seqlens"],
+                                      num_blocks=kv.shape[0], block_size=kv.shape[1], s_q=s_q,
+                                      causal=config.causal)
+    s_q_s = 1 if fold else s_q
+    named = {"q": q.reshape(b, 1, s_q * h_q, d_qk) if fold else q, "kv_cache": kv,
+             "indices": jnp.broadcast_to(indices, (b, s_q_s, indices.shape[-1])),
+             "topk_length": lengths}
+    if "attn_sink" in ops:   # folded heads are (query, head): query j's heads reuse the sinks
+        named["attn_sink"] = jnp.tile(ops["attn_sink"], s_q) if fold else ops["attn_sink"]
+    out, lse = sparse_decode._impl(sparse, *(named[n] for n in sparse.present))
+    if fold:   # [b, 1, s_q * h_q, v] -> [b, s_q, h_q, v]; lse [b, s_q * h_q, 1] -> [b, h_q, s_q]
+        out = out.reshape(b, s_q, h_q, out.shape[-1])
+        lse = jnp.swapaxes(lse.reshape(b, s_q, h_q), 1, 2)
+    return out, lse
+
+
+lower = _ffi_call.lowering(_impl)
