@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import jax_flashmla as jfm
+from jax_flashmla.ops.kernels import dense_as_sparse
 
 from .cache import KVPages
 from .config import DeepseekConfig
@@ -232,4 +233,7 @@ def attention_backend(config: DeepseekConfig, kv_format: str = "bf16") -> tuple[
     if (config.kv_lora_rank, config.qk_rope_head_dim) != (512, 64):
         return "reference", (f"the kernels need kv_lora_rank 512 + qk_rope_head_dim 64, this model has "
                              f"{config.kv_lora_rank} + {config.qk_rope_head_dim}")
+    if kv_format == "fp8" and not config.is_v32 and not dense_as_sparse.enabled():
+        return "reference", ("dense decode over an FP8 cache runs on the sparse kernel only with "
+                             f"{dense_as_sparse.ENABLE}=1 (not yet run on a GPU)")
     return "kernel", ""
