@@ -5,9 +5,9 @@ cache (plain XLA: dequantize, gather, two einsums), and the dense bf16 kernel on
 in a bf16 cache (V3 layout only: the dense kernel reads d_qk 576) at 1.76x the bytes.
 
 Upstream FlashMLA has no dense FP8 decode, so there is no side-by-side column here. Time: jitted
-calls back to back, median of rounds (bench_decode.timeit); the route's metadata is its own (a
-dense schedule does not describe the sparse kernel's work: one scheduler launch per call,
-included). Bytes: every attended token once (656 / 584 B), q and out.
+calls back to back, median of rounds (bench_decode.timeit); the step's dense schedule is made
+once and passed, as a model does (the route schedules its own, one launch per call, for causal
+MTP only). Bytes: every attended token once (656 / 584 B), q and out.
 
 Usage: JAX_FLASHMLA_DENSE_AS_SPARSE=1 python benchmarks/bench_dense_fp8.py [--quick] [--out F]
 """
@@ -35,7 +35,9 @@ def case(b, s_q, h_q, s_k, causal, d_qk, with_xla, seed=0):
     q = q[..., :d_qk]
     kv16 = kv16[..., :d_qk]
     fp8 = kvc.quantize_fp8(kv16)
+    meta = jax_flashmla.get_mla_metadata(lens, s_q=s_q, h_q=h_q)   # once per step in a model
     route = jax.jit(lambda q, kv, t, l: jax_flashmla.mla_decode(q, kv, t, l, causal=causal,
+                                                                metadata=meta,
                                                                 implementation="kernel"))
     ref = jax.jit(lambda q, kv, t, l: jax_flashmla.mla_decode(q, kv, t, l, causal=causal,
                                                               implementation="reference"))
@@ -52,7 +54,6 @@ def case(b, s_q, h_q, s_k, causal, d_qk, with_xla, seed=0):
     row["tflops"] = s_q * h_q * (2 * d_qk + 2 * D_V) * tokens / t_route / 1e12
     if d_qk == 576:   # the same values in a bf16 cache, on the dense kernel (with its metadata)
         bf16 = kvc.dequantize_fp8(fp8).astype(jnp.bfloat16)
-        meta = jax_flashmla.get_mla_metadata(lens, s_q=s_q, h_q=h_q)
         dense = jax.jit(lambda q, kv, t, l, m: jax_flashmla.mla_decode(
             q, kv, t, l, causal=causal, metadata=m, implementation="kernel"))
         row["dense_bf16_us"] = timeit(dense, q, bf16, table, lens, meta)[0] * 1e6

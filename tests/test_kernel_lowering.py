@@ -110,9 +110,10 @@ def test_uncovered_call_falls_back_with_every_kernels_reason(kernels_on):
 @pytest.mark.parametrize("d_qk,width", [(576, 656), (512, 584)])
 def test_dense_fp8_lowers_to_the_sparse_kernel(kernels_on, monkeypatch, d_qk, width):
     """Dense calls the dense kernel does not read (here FP8 caches, page 61) run as sparse decode
-    over every token (ops/kernels/dense_as_sparse.py): scheduler + sparse kernel, also when a
-    dense schedule is passed (it does not describe the sparse kernel's work); non-causal MTP rides
-    as extra heads. Off until it has run on a GPU: then the reason names the switch."""
+    over every token (ops/kernels/dense_as_sparse.py): non-causal MTP rides as extra heads and
+    then reuses a dense schedule passed in (one query token per sparse sequence); causal MTP (one
+    sequence per query) schedules its own. Off until it has run on a GPU: then the reason names
+    the switch."""
     b, s_q, h_q = 3, 2, 16
     q = jnp.zeros((b, s_q, h_q, d_qk), jnp.bfloat16)
     kv = jnp.zeros((5, 61, 1, width), jnp.uint8)
@@ -129,9 +130,12 @@ def test_dense_fp8_lowers_to_the_sparse_kernel(kernels_on, monkeypatch, d_qk, wi
                       q, kv, table, lens)
     assert f"tensor<{b}x{s_q}x{4 * 61}xi32>" in causal
     md = jax_flashmla.get_mla_metadata(lens, s_q=s_q, h_q=h_q)
-    hlo = cuda_hlo(lambda *a: jax_flashmla.mla_decode(*a[:4], metadata=a[4], implementation="kernel"),
-                   q, kv, table, lens, md)
-    assert targets(hlo) == ["jax_flashmla_mla_metadata", "jax_flashmla_sparse_decode"]
+    for causal, want in ((False, ["jax_flashmla_sparse_decode"]),
+                         (True, ["jax_flashmla_mla_metadata", "jax_flashmla_sparse_decode"])):
+        hlo = cuda_hlo(lambda *a: jax_flashmla.mla_decode(*a[:4], metadata=a[4], causal=causal,
+                                                          implementation="kernel"),
+                       q, kv, table, lens, md)
+        assert targets(hlo) == want, causal
     # what the dense kernel covers stays on it
     q16, kv16 = jnp.zeros((b, 1, h_q, 576), jnp.bfloat16), jnp.zeros((5, 64, 1, 576), jnp.bfloat16)
     assert targets(cuda_hlo(f, q16, kv16, table, lens)) == ["jax_flashmla_mla_metadata",

@@ -106,19 +106,23 @@ CASES = [
 def test_against_reference(n, case):
     b, s_q, h_q, d_qk, fp8, page, s_k, causal, sink = case
     c = _case(500 + n, b=b, s_q=s_q, h_q=h_q, d_qk=d_qk, fp8=fp8, page=page, s_k=s_k, sink=sink)
-    out, lse = _run(c, causal, with_meta=n % 2 == 1)   # a dense schedule passed: recomputed
     ref_out, ref_lse = _run(c, causal, "reference")
-    check(out, lse, ref_out, ref_lse)
-    assert np.isposinf(lse[0]).all() and (out[0] == 0).all()
+    # without metadata, and with a dense schedule: reused where each sparse sequence is one query
+    # token (s_q 1, folded MTP), else replaced by the call's own
+    for with_meta in (False, True):
+        out, lse = _run(c, causal, with_meta=with_meta)
+        check(out, lse, ref_out, ref_lse)
+        assert np.isposinf(lse[0]).all() and (out[0] == 0).all()
 
 
 @pytest.mark.parametrize("d_qk", [576, 512])
 def test_deepseek_size_bitwise_repeatable(d_qk):
-    """b 64, 128 heads, ~4K-token contexts of an FP8 cache, s_q 1; twice, to the bit."""
+    """b 64, 128 heads, ~4K-token contexts of an FP8 cache, s_q 1, the step's dense schedule
+    reused; twice, to the bit."""
     c = _case(42 + d_qk, b=64, s_q=1, h_q=128, d_qk=d_qk, fp8=True, page=64, s_k=4096,
               sink=False)
-    a = _run(c, False)
-    again = _run(c, False)
+    a = _run(c, False, with_meta=True)
+    again = _run(c, False, with_meta=True)
     np.testing.assert_array_equal(a[0], again[0])
     np.testing.assert_array_equal(a[1], again[1])
     check(*a, *_run(c, False, "reference"))

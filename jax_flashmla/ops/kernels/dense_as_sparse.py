@@ -9,8 +9,12 @@ so the kernel and its schedule skip the tiles past the length. Without causal ma
 s_q 1) the s_q queries of a sequence share one index list, and where s_q * h_q <= 128 they ride as
 extra heads of one query token, so each token is read once, as in the dense kernel.
 
-A dense schedule (``get_mla_metadata`` without topk) describes other work than the sparse
-kernel's, so it is not used here: each call computes its own (one scheduler launch).
+Where each sequence is one query token of the sparse call (s_q 1, or folded), a dense schedule
+(``get_mla_metadata(cache_seqlens, s_q=, h_q=)``, made once per step) is the sparse kernel's: its
+tiles are the same 64 positions, weighed alike (ceil(L / 64) live tiles), over as many parts (the
+same rows per KV head); a part's end tile for a finished sequence is its own tile count, not the
+list's, and past it every tile is dead anyway. Otherwise (causal MTP: b * s_q sequences) the call
+computes its own (one scheduler launch).
 
 Not yet run on a GPU (written 2026-12-05 without a device): off unless
 ``JAX_FLASHMLA_DENSE_AS_SPARSE=1``, until tests/gpu/test_dense_as_sparse_gpu.py has passed there.
@@ -66,13 +70,18 @@ def _sparse_view(config, avals):
     fold = _fold(config, q.shape)
     q_s = (b, 1, s_q * h_q, d_qk) if fold else (b, s_q, h_q, d_qk)
     idx = (b, q_s[1], table.shape[1] * kv.shape[1])
+    reuse = q_s[1] == 1 and "tile_scheduler_metadata" in avals
     present = ("q", "kv_cache", "indices", "topk_length") + (
-        ("attn_sink",) if "attn_sink" in avals else ())
+        ("attn_sink",) if "attn_sink" in avals else ()) + (
+        ("tile_scheduler_metadata", "num_splits") if reuse else ())
     shapes = {"q": jax.core.ShapedArray(q_s, q.dtype), "kv_cache": kv,
               "indices": jax.core.ShapedArray(idx, jnp.int32),
               "topk_length": jax.core.ShapedArray((b,), jnp.int32)}
     if "attn_sink" in avals:
         shapes["attn_sink"] = jax.core.ShapedArray((q_s[2],), jnp.float32)
+    if reuse:
+        shapes.update(tile_scheduler_metadata=avals["tile_scheduler_metadata"],
+                      num_splits=avals["num_splits"])
     sparse = config.replace(mode="sparse", causal=False, present=present)
     return sparse, [shapes[n] for n in present], fold
 
@@ -114,6 +123,9 @@ def _impl(config, *arrays):
              "topk_length": lengths}
     if "attn_sink" in ops:   # folded heads are (query, head): query j's heads reuse the sinks
         named["attn_sink"] = jnp.tile(ops["attn_sink"], s_q) if fold else ops["attn_sink"]
+    for name in ("tile_scheduler_metadata", "num_splits"):
+        if name in ops:
+            named[name] = ops[name]
     out, lse = sparse_decode._impl(sparse, *(named[n] for n in sparse.present))
     if fold:   # [b, 1, s_q * h_q, v] -> [b, s_q, h_q, v]; lse [b, s_q * h_q, 1] -> [b, h_q, s_q]
         out = out.reshape(b, s_q, h_q, out.shape[-1])
