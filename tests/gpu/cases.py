@@ -79,27 +79,33 @@ def _lengths(rng, b, s_k, varlen, zero_frac=0.0):
     return lens.astype(np.int32)
 
 
-def dense_case(seed, b, s_q, h_q, h_kv, s_k, varlen, dtype, zero_frac=0.0, d_qk=576):
-    """Random inputs on the device; NaN in every cache row no sequence owns; table tails out of
-    range (a mix of large, negative and just-past-the-end ids)."""
-    rng = np.random.default_rng(seed)
-    lens = _lengths(rng, b, s_k, varlen, zero_frac)
-    nblk = -(-lens.astype(np.int64) // PAGE)
+def paged_table(rng, lens, page):
+    """A shuffled pool for ``lens`` tokens per sequence, three spare blocks: (block table int32
+    [b, max blocks + 2] whose entries past each length are out of range (a mix of large, negative
+    and just-past-the-end ids), bool [num_blocks, page]: the rows some sequence owns)."""
+    nblk = -(-np.asarray(lens, np.int64) // page)
     max_blocks = int(nblk.max()) + 2
-    total = int(nblk.sum())
-    num_blocks = total + 3
+    num_blocks = int(nblk.sum()) + 3
     perm = rng.permutation(num_blocks)
     table = rng.choice(np.array([num_blocks, num_blocks + 7, 2**31 - 1, -1, -2**31], np.int64),
-                       size=(b, max_blocks)).astype(np.int32)
-    valid_rows = np.zeros((num_blocks, PAGE), bool)
+                       size=(len(lens), max_blocks)).astype(np.int32)
+    used = np.zeros((num_blocks, page), bool)
     k = 0
-    for i in range(b):
+    for i in range(len(lens)):
         for j in range(nblk[i]):
-            blk = perm[k]
+            table[i, j] = perm[k]
+            used[perm[k], :min(page, lens[i] - j * page)] = True
             k += 1
-            table[i, j] = blk
-            n = min(PAGE, lens[i] - j * PAGE)
-            valid_rows[blk, :n] = True
+    return table, used
+
+
+def dense_case(seed, b, s_q, h_q, h_kv, s_k, varlen, dtype, zero_frac=0.0, d_qk=576):
+    """Random inputs on the device; NaN in every cache row no sequence owns; table tails out of
+    range (paged_table)."""
+    rng = np.random.default_rng(seed)
+    lens = _lengths(rng, b, s_k, varlen, zero_frac)
+    table, valid_rows = paged_table(rng, lens, PAGE)
+    num_blocks = valid_rows.shape[0]
     kq, kk = jax.random.split(jax.random.PRNGKey(seed))
     q = jax.random.normal(kq, (b, s_q, h_q, d_qk), jnp.float32).astype(dtype)
     kv = jax.random.normal(kk, (num_blocks, PAGE, h_kv, d_qk), jnp.float32).astype(dtype)

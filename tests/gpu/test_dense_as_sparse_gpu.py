@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import jax_flashmla
 from jax_flashmla import kv_cache as kvc
 from jax_flashmla.ops.kernels import dense_as_sparse
-from cases import D_V, check, poison, require_kernels
+from cases import D_V, check, paged_table, poison, require_kernels
 
 pytestmark = pytest.mark.gpu
 require_kernels()
@@ -38,19 +38,9 @@ def _case(seed, *, b, s_q, h_q, d_qk, fp8, page, s_k, sink):
         lens[1] = min(int(lens[1]), s_q - 1)          # shorter than the causal window
     if b > 3:
         lens[3] = max(page, lens[3] // page * page)   # whole pages: its length is set past them
+    table, used = paged_table(rng, lens, page)
+    num_blocks, max_blocks = used.shape[0], table.shape[1]
     nblk = -(-lens // page)
-    max_blocks = int(nblk.max()) + 2
-    num_blocks = int(nblk.sum()) + 3
-    perm = rng.permutation(num_blocks)
-    table = rng.choice(np.array([num_blocks, num_blocks + 7, 2**31 - 1, -1, -2**31], np.int64),
-                       size=(b, max_blocks)).astype(np.int32)
-    used = np.zeros((num_blocks, page), bool)
-    k = 0
-    for i in range(b):
-        for j in range(nblk[i]):
-            table[i, j] = perm[k]
-            used[perm[k], :min(page, lens[i] - j * page)] = True
-            k += 1
     seqlens = lens.astype(np.int32)
     if b > 3:
         seqlens[2] = -5                                  # negative: empty
