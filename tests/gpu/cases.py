@@ -151,6 +151,60 @@ def compare_dense(seed, b, s_q, h_q, h_kv, s_k, varlen, causal, dtype, with_meta
     return case, out, lse
 
 
+def dense_route_case(seed, *, b, s_q, h_q, d_qk, fp8, page, s_k, sink):
+    """A dense call for the dense-as-sparse route (ops/kernels/dense_as_sparse.py): any page size,
+    FP8 (quantized from NaN where unused) or bf16, h_kv 1; sequence 0 empty, 1 shorter than s_q,
+    2 negative, 3 past the table's capacity (whole pages, then out-of-range ids), 4 with a page
+    outside the pool inside its length. Returns (q, kv, table, seqlens, sinks or None)."""
+    rng = np.random.default_rng(seed)
+    lens = np.clip(rng.normal(s_k, s_k / 2, size=b).round(), 1, 2 * s_k).astype(np.int64)
+    lens[0] = 0
+    if b > 2:
+        lens[1] = min(int(lens[1]), s_q - 1)          # shorter than the causal window
+    if b > 3:
+        lens[3] = max(page, lens[3] // page * page)   # whole pages: its length is set past them
+    table, used = paged_table(rng, lens, page)
+    num_blocks, max_blocks = used.shape[0], table.shape[1]
+    nblk = -(-lens // page)
+    seqlens = lens.astype(np.int32)
+    if b > 3:
+        seqlens[2] = -5                                  # negative: empty
+        seqlens[3] = max_blocks * page + 100             # past the capacity: clamped (tail absent)
+    if b > 4 and nblk[4] > 1:
+        table[4, 0] = num_blocks + 11                    # a page outside the pool inside L
+    kq, kk = jax.random.split(jax.random.PRNGKey(seed))
+    q = jax.random.normal(kq, (b, s_q, h_q, d_qk), jnp.float32).astype(jnp.bfloat16)
+    kv = jax.random.normal(kk, (num_blocks, page, 1, d_qk), jnp.float32)
+    kv = jnp.where(jnp.asarray(used)[:, :, None, None], kv, jnp.nan).astype(jnp.bfloat16)
+    if fp8:
+        kv = kvc.quantize_fp8(kv)
+    sinks = None
+    if sink:
+        sinks = jax.random.normal(jax.random.PRNGKey(seed + 1), (h_q,), jnp.float32)
+        sinks = sinks.at[0].set(jnp.inf)
+    return q, kv, jnp.asarray(table), jnp.asarray(seqlens), sinks
+
+
+@functools.lru_cache(maxsize=None)
+def _dense_route_fn(causal, sink, with_meta, implementation):
+    def f(q, kv, table, lens, sinks, meta):
+        return jax_flashmla.mla_decode(q, kv, table, lens, causal=causal, attn_sink=sinks,
+                                       metadata=meta, implementation=implementation)
+    return jax.jit(f)
+
+
+def run_dense_route(case, causal, implementation="kernel", with_meta=False):
+    """mla_decode on dense_route_case's inputs; with_meta: the step's dense schedule passed."""
+    q, kv, table, lens, sinks = case
+    b, s_q, h_q, _ = q.shape
+    poison((b, s_q, h_q, D_V), q.dtype)
+    poison((b, h_q, s_q), jnp.float32)
+    meta = jax_flashmla.get_mla_metadata(lens, s_q=s_q, h_q=h_q) if with_meta else None
+    out, lse = _dense_route_fn(causal, sinks is not None, with_meta, implementation)(
+        q, kv, table, lens, sinks, meta)
+    return np.asarray(out.astype(jnp.float32)), np.asarray(lse)
+
+
 # ---- sparse decode / prefill ----------------------------------------------------------------------
 
 def sparse_pool(rng, num_blocks, block_size, d_qk, fmt, used_frac=0.7):

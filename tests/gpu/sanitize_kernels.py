@@ -89,6 +89,20 @@ for n, kw in enumerate(SPARSE):
     cases.check(*got, *ref)
     print(f"sparse decode case {n} ok", flush=True)
 
+# Dense calls the dense kernel does not read, on the sparse kernel (ops/kernels/dense_as_sparse.py,
+# switched on here): index lists of whole tables (topk = capacity, -1 tails), the step's dense
+# schedule reused (s_q 1) or the call's own (causal MTP), malformed lengths and page ids.
+os.environ["JAX_FLASHMLA_DENSE_AS_SPARSE"] = "1"
+for n, (kw, causal, meta) in enumerate([
+        (dict(b=6, s_q=1, h_q=128, d_qk=576, fp8=True, page=61, s_k=300, sink=True), False, True),
+        (dict(b=5, s_q=2, h_q=16, d_qk=512, fp8=True, page=64, s_k=200, sink=False), True, True),
+        (dict(b=5, s_q=3, h_q=16, d_qk=576, fp8=False, page=2, s_k=90, sink=False), False, False)]):
+    case = cases.dense_route_case(940 + n, **kw)
+    got = cases.run_dense_route(case, causal, with_meta=meta)
+    cases.check(*got, *reference(f"dense_route{n}",
+                                 lambda: cases.run_dense_route(case, causal, "reference")))
+    print(f"dense-as-sparse case {n} ok", flush=True)
+
 for n, kw in enumerate([dict(s_q=70, h_q=128, d_qk=576, topk=200, with_lengths=True, sink="inf"),
                         dict(s_q=5, h_q=24, d_qk=512, topk=64),
                         dict(s_q=9, h_q=64, d_qk=512, topk=130, with_lengths=True)]):
