@@ -130,6 +130,18 @@ def test_flash_mla_spellings(rng):
     out, lse = flash_mla_with_kvcache(q, cache, table, seqlens, 512, tiles, splits, causal=True)
     out2, lse2 = jfm.mla_decode(q, cache, table, seqlens, head_dim_v=512, causal=True)
     np.testing.assert_array_equal(np.asarray(lse), np.asarray(lse2))
+    # the current FlashMLA spelling: an empty placeholder, the schedule made inside (also under jit)
+    sched, none = get_mla_metadata()
+    assert none is None
+    out3, lse3 = jax.jit(lambda s, *a: flash_mla_with_kvcache(*a, 512, s, None, causal=True))(
+        sched, q, cache, table, seqlens)
+    np.testing.assert_array_equal(np.asarray(lse3), np.asarray(lse2))
+    with pytest.raises(ValueError, match="num_splits: expected None"):
+        flash_mla_with_kvcache(q, cache, table, seqlens, 512, sched, splits)
+    with pytest.raises(ValueError, match="got only one"):
+        flash_mla_with_kvcache(q, cache, table, seqlens, 512, tiles)
+    with pytest.raises(TypeError, match="num_q_tokens_per_head_k and num_heads_k are required"):
+        get_mla_metadata(jnp.asarray(seqlens))
     kv = rng.standard_normal((10, 1, 576)).astype(oracle.BF16)
     idx = rng.integers(0, 10, size=(3, 1, 4)).astype(np.int32)
     qp = rng.standard_normal((3, 8, 576)).astype(oracle.BF16)
