@@ -71,6 +71,25 @@ def _gather_rows(cache, indices, valid):
     return jnp.where(valid[..., None, None], rows, 0)
 
 
+def paged_tokens(block_table, cache_seqlens, *, num_blocks: int, block_size: int):
+    """Which of a paged cache's token positions a dense call reads: (t [T] positions 0..T-1,
+    lengths [b], pages [b, T] page id of each position, present [b, T]), T = max_blocks *
+    block_size. Malformed runtime values get SEMANTICS.md's one meaning: a length is clamped to
+    [0, T] (the causal window uses the clamped length too), and a page id outside [0, num_blocks)
+    inside it makes that page's tokens absent, never read."""
+    t = jnp.arange(block_table.shape[1] * block_size, dtype=jnp.int32)
+    lengths = jnp.clip(cache_seqlens, 0, t.shape[0])                             # [b]
+    pages = jnp.take(block_table, t // block_size, axis=1)                       # [b, T]
+    present = (t[None, :] < lengths[:, None]) & (pages >= 0) & (pages < num_blocks)
+    return t, lengths, pages, present
+
+
+def causal_window(t, lengths, s_q: int):
+    """[b, s_q, T]: query j of s_q sees positions up to lengths - s_q + j (its own)."""
+    last = lengths[:, None] - s_q + jnp.arange(s_q, dtype=jnp.int32)[None, :]    # [b, s_q]
+    return t[None, None, :] <= last[..., None]
+
+
 def mla_decode(q, kv_cache, block_table=None, cache_seqlens=None, *, softmax_scale: float,
                head_dim_v: int, causal: bool = False, kv_format: str = "bf16", indices=None,
                topk_length=None, attn_sink=None, extra_kv_cache=None, extra_indices=None,
@@ -85,24 +104,15 @@ def mla_decode(q, kv_cache, block_table=None, cache_seqlens=None, *, softmax_sca
 
     if indices is None:
         block_size = cache.shape[1]
-        max_blocks = block_table.shape[1]
-        t = jnp.arange(max_blocks * block_size, dtype=jnp.int32)
-        # Malformed runtime values get SEMANTICS.md's one meaning: a length is clamped to
-        # [0, max_blocks * block_size] (the causal window below uses the clamped length too), and a
-        # page id outside [0, num_blocks) inside it makes that page's tokens absent, never read.
-        lengths = jnp.clip(cache_seqlens, 0, max_blocks * block_size)             # [b]
-        pages = jnp.take(block_table, t // block_size, axis=1)                    # [b, T]
-        present = ((t[None, :] < lengths[:, None]) & (pages >= 0)
-                   & (pages < cache.shape[0]))                                    # [b, T]
+        t, lengths, pages, present = paged_tokens(block_table, cache_seqlens,
+                                                  num_blocks=cache.shape[0], block_size=block_size)
         # Only present tokens' pages are dereferenced; the rest read block 0 and are masked.
         keys = cache[jnp.where(present, pages, 0), t % block_size]                # [b, T, h_kv, d]
         keys = jnp.where(present[..., None, None], keys, 0)
         keys = jnp.moveaxis(keys, 1, 2)[:, None]                                  # [b, 1, h_kv, T, d]
         valid = present[:, None, :]                                               # [b, 1, T]
         if causal:
-            j = jnp.arange(s_q, dtype=jnp.int32)
-            last = lengths[:, None] - s_q + j[None, :]                            # [b, s_q]
-            valid = valid & (t[None, None, :] <= last[..., None])                 # [b, s_q, T]
+            valid = valid & causal_window(t, lengths, s_q)                        # [b, s_q, T]
         valid = valid[:, :, None, :]                                              # [b, s_q|1, 1, T]
     else:
         valid = _valid_sparse(indices, cache.shape[0] * cache.shape[1], topk_length)

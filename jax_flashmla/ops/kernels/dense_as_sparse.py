@@ -26,6 +26,7 @@ import os
 import jax
 import jax.numpy as jnp
 
+from jax_flashmla import reference
 from jax_flashmla.ops.kernels import _ffi_call, sparse_decode
 
 NAME = "dense_as_sparse"
@@ -42,16 +43,11 @@ def sparse_indices(block_table, cache_seqlens, *, num_blocks: int, block_size: i
     """The dense call as sparse decode: (indices [b, s_q or 1, C] int32, topk_length [b] int32),
     C = max_blocks * block_size. One index row per query when causal masking differs between the
     queries (causal, s_q > 1), else one shared row."""
-    b, max_blocks = block_table.shape
-    capacity = max_blocks * block_size
-    t = jnp.arange(capacity, dtype=jnp.int32)
-    lengths = jnp.clip(cache_seqlens, 0, capacity)                               # [b]
-    pages = jnp.take(block_table, t // block_size, axis=1)                       # [b, C]
-    present = (t[None, :] < lengths[:, None]) & (pages >= 0) & (pages < num_blocks)
+    t, lengths, pages, present = reference.paged_tokens(
+        block_table, cache_seqlens, num_blocks=num_blocks, block_size=block_size)
     rows = jnp.where(present, pages * block_size + t % block_size, -1)[:, None, :]  # [b, 1, C]
     if causal and s_q > 1:
-        last = lengths[:, None] - s_q + jnp.arange(s_q, dtype=jnp.int32)[None, :]  # [b, s_q]
-        rows = jnp.where(t[None, None, :] <= last[..., None], rows, -1)           # [b, s_q, C]
+        rows = jnp.where(reference.causal_window(t, lengths, s_q), rows, -1)      # [b, s_q, C]
     return rows, lengths
 
 
