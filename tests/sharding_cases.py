@@ -555,3 +555,61 @@ def test_shard_map_over_data_only(rng):
         check_equal(got, want)
         gathers = [c for c in collectives(compiled) if "all-gather" in c]
         assert all("576]" in c for c in gathers), gathers
+
+
+# ---------------------------------------------------------------------------------------------
+# jax.export of sharded steps (jax_flashmla/exporting.py; single-device forms: tests/test_export.py).
+
+def test_export_shard_map_step_round_trip(rng):
+    """A batch- and head-sharded step written with shard_map (local pools) exports for 8
+    devices, serializes, and its deserialized artifact gives the unsharded results."""
+    pytest.importorskip("flatbuffers")
+    mesh = make_mesh("2x4")
+    b, s_q, h_q = 8, 1, 16
+    pool, local, glob, lens = paged(rng, b=b, shards=2, max_blocks=3, bs=16, h_kv=1, d=576,
+                                    fp8=True)
+    q = q_of(rng, b, s_q, h_q, 576)
+    want = jax.jit(lambda *a: jfm.mla_decode(*a))(q, pool, glob, lens)
+    specs = (P("data", None, "model"), P("data"), P("data"), P("data"))
+    step = jax.jit(jax.shard_map(lambda *a: jfm.mla_decode(*a), mesh=mesh, in_specs=specs,
+                                 out_specs=(P("data", None, "model"), P("data", "model"))))
+    args = [jax.device_put(x, NamedSharding(mesh, s)) for x, s in zip((q, pool, local, lens), specs)]
+    exported = jfm.export(step)(*args)
+    assert exported.nr_devices == 8
+    got = jfm.deserialize(exported.serialize()).call(*args)
+    check_equal(got, want)
+
+
+def test_export_sharded_jit_names_shard_map(rng):
+    """Under a sharded jit the ops partition through custom_partitioning, whose Python
+    callbacks jax cannot serialize: jfm.export says so and points to shard_map."""
+    mesh = make_mesh("8")
+    b, h_q = 8, 16
+    pool, _, table, lens = paged(rng, b=b, shards=1, max_blocks=2, bs=16, h_kv=1, d=576,
+                                 fp8=False)
+    q = q_of(rng, b, 1, h_q, 576)
+    step = jax.jit(lambda *a: jfm.mla_decode(*a),
+                   in_shardings=tuple(NamedSharding(mesh, s)
+                                      for s in (P("data"), P(), P("data"), P("data"))))
+    with pytest.raises(ValueError, match="inside jax.shard_map"):
+        jfm.export(step)(q, pool, table, lens)
+
+
+def test_export_explicit_mesh_direct_call(rng):
+    """On an Explicit mesh the op partitions at trace time (shard_map, no callbacks), so the
+    direct call exports as it is and its artifact keeps the output sharding."""
+    pytest.importorskip("flatbuffers")
+    mesh = _explicit_mesh()
+    pool, _, table, lens = paged(rng, b=8, shards=1, max_blocks=3, bs=16, h_kv=1, d=576,
+                                 fp8=False)
+    q = q_of(rng, 8, 1, 16, 576)
+    f = lambda q, pool, table, lens: jfm.mla_decode(q, pool, table, lens)  # noqa: E731
+    want = jax.jit(f)(q, pool, table, lens)
+    specs = (P("data", None, "model"), P(), P("data"), P("data"))
+    args = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip((q, pool, table, lens), specs)]
+    with jax.set_mesh(mesh):
+        exported = jfm.export(jax.jit(f))(*args)
+        got = jfm.deserialize(exported.serialize()).call(*args)
+    assert exported.nr_devices == 8
+    check_equal(got, want)
+    assert got[0].sharding.spec == P("data", None, "model", None)

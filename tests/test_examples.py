@@ -25,6 +25,13 @@ def test_quickstart():
     assert "attention: " in out and "ms per call" in out and "(3, 1, 16, 512)" in out
 
 
+def test_export_decode_example(tmp_path):
+    pytest.importorskip("flatbuffers")
+    out = _run("export_decode.py", "--batch", "3", "--seqlen", "150", "--out",
+               str(tmp_path / "step.jax"))
+    assert "exported for ('cuda', 'cpu')" in out and "equal to the jitted step: True" in out, out
+
+
 @pytest.mark.parametrize("flags", [[], ["--sparse"]], ids=["v3_bf16", "v32_sparse_fp8"])
 def test_deepseek_decode_example(flags, tmp_path):
     out = _run("deepseek_decode.py", "--layers", "2", "--hidden", "128", "--experts", "4",
