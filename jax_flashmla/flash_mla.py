@@ -57,6 +57,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
                            extra_k_cache=None, extra_indices_in_kvcache=None, topk_length=None,
                            extra_topk_length=None):
     """Returns (out [b, s_q, h_q, head_dim_v], softmax_lse [b, h_q, s_q] float32).
+    An FP8 ``k_cache`` may be uint8 or, as FlashMLA passes it, a float8_e4m3fn view of the bytes.
     tile_scheduler_metadata: a FlashMLASchedMeta (num_splits None), the earlier spelling's array
     (with its num_splits), an ``MLAMetadata``, or None."""
     metadata = None

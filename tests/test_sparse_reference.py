@@ -148,3 +148,32 @@ def test_flash_mla_spellings(rng):
     a = flash_mla_sparse_fwd(qp, kv, idx, 0.1)
     b = jfm.sparse_mla_prefill(qp, kv, idx, softmax_scale=0.1)
     np.testing.assert_array_equal(np.asarray(a[2]), np.asarray(b[2]))
+
+
+@pytest.mark.parametrize("d_qk", [576, 512])
+def test_fp8_cache_as_float8_view(rng, d_qk):
+    """FlashMLA passes its FP8 caches as float8_e4m3fn views of the bytes: the ops (and the
+    FlashMLA spelling with is_fp8_kvcache) read such a view as the same bytes, in both pools,
+    sparse and dense; a float8 cache of the wrong width is refused naming the layout."""
+    from jax_flashmla.flash_mla import flash_mla_with_kvcache
+    as_f8 = lambda c: jax.lax.bitcast_convert_type(c, jnp.float8_e4m3fn)  # noqa: E731
+    cache = kvc.quantize_fp8(jnp.asarray(rng.standard_normal((3, 64, 1, d_qk)), jnp.bfloat16))
+    extra = kvc.quantize_fp8(jnp.asarray(rng.standard_normal((2, 5, 1, d_qk)), jnp.bfloat16))
+    q = jnp.asarray(rng.standard_normal((2, 2, 16, d_qk)), jnp.bfloat16)
+    idx = jnp.asarray(rng.integers(-1, 3 * 64, size=(2, 2, 40)), jnp.int32)
+    xidx = jnp.asarray(rng.integers(-1, 10, size=(2, 2, 7)), jnp.int32)
+    want = jfm.mla_decode(q, cache, indices=idx, extra_kv_cache=extra, extra_indices=xidx)
+    got = jfm.mla_decode(q, as_f8(cache), indices=idx, extra_kv_cache=as_f8(extra),
+                         extra_indices=xidx)
+    got2 = jax.jit(lambda *a: flash_mla_with_kvcache(*a[:2], None, None, 512, is_fp8_kvcache=True,
+                                                     indices=a[2]))(q, as_f8(cache), idx)
+    want2 = jfm.mla_decode(q, cache, indices=idx)
+    for g, w in zip((*got, *got2), (*want, *want2)):
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+    table = jnp.asarray(rng.permutation(3).reshape(1, 3), jnp.int32)
+    lens = jnp.asarray([150], jnp.int32)
+    dense = jfm.mla_decode(q[:1], as_f8(cache), table, lens)
+    np.testing.assert_array_equal(np.asarray(dense[1]),
+                                  np.asarray(jfm.mla_decode(q[:1], cache, table, lens)[1]))
+    with pytest.raises(ValueError, match=r"kv_cache: expected last axis \d+ bytes"):
+        jfm.mla_decode(q, as_f8(cache)[..., :-8], indices=idx)

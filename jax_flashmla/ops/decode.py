@@ -56,6 +56,14 @@ def _check_int32(name, x, shape):
         _fail(name, f"shape {shape}", _shape_of(x))
 
 
+def _fp8_bytes(cache):
+    """FlashMLA (PyTorch) hands its FP8 caches over as float8_e4m3fn views of the layout's bytes;
+    the layouts are bytes (kv_cache.py), so such a view is read as uint8 (same bits, no copy)."""
+    if cache is not None and getattr(cache, "dtype", None) == jnp.float8_e4m3fn:
+        return jax.lax.bitcast_convert_type(cache, jnp.uint8)
+    return cache
+
+
 def _check_pool(name, cache, q, kv_format, d_qk):
     """Returns h_kv. A pool is [num_blocks, block_size, h_kv, d_qk] of q's dtype, or an FP8 uint8
     pool [num_blocks, block_size, 1, 656 or 584]."""
@@ -63,7 +71,8 @@ def _check_pool(name, cache, q, kv_format, d_qk):
         _fail(name, "rank 4 [num_blocks, block_size, h_kv, d_qk]", f"shape {_shape_of(cache)}")
     if kv_format == "fp8":
         if cache.dtype != jnp.uint8:
-            _fail(name, "dtype uint8 for kv_format='fp8'", cache.dtype)
+            _fail(name, "dtype uint8 (or a float8_e4m3fn view of the bytes) for kv_format='fp8'",
+                  cache.dtype)
         layout = _kvc.fp8_layout(d_qk=d_qk) if d_qk in (576, 512) else None
         if layout is None:
             _fail("q", "d_qk 576 (V3.2 layout) or 512 (V4 layout) with an FP8 cache", d_qk)
@@ -76,7 +85,8 @@ def _check_pool(name, cache, q, kv_format, d_qk):
             _fail("q", "dtype bfloat16 with an FP8 cache", q.dtype)
     else:
         if cache.dtype != q.dtype:
-            _fail(name, f"dtype {q.dtype} (q's dtype; or uint8 with kv_format='fp8')", cache.dtype)
+            _fail(name, f"dtype {q.dtype} (q's dtype; or uint8 / float8_e4m3fn FP8 bytes)",
+                  cache.dtype)
         if cache.shape[3] != d_qk:
             _fail(name, f"last axis d_qk = {d_qk} (q's last axis)", cache.shape[3])
     if cache.shape[0] < 1 or cache.shape[1] < 1:
@@ -120,14 +130,16 @@ def mla_decode(q, kv_cache, block_table=None, cache_seqlens=None, *, head_dim_v:
     Args:
       q: [b, s_q, h_q, d_qk] bfloat16 or float16 queries (d_qk 576 for DeepSeek-V3, 512 for V4).
       kv_cache: [num_blocks, block_size, h_kv, d_qk] of q's dtype, or uint8
-        [num_blocks, block_size, 1, 656 (d_qk 576) | 584 (d_qk 512)] FP8 (see kv_cache.py).
+        [num_blocks, block_size, 1, 656 (d_qk 576) | 584 (d_qk 512)] FP8 (see kv_cache.py; a
+        float8_e4m3fn view of those bytes, as FlashMLA passes them, is read as the same bytes).
       block_table: [b, max_blocks] int32 page ids (dense mode; entries past a sequence's length may
         hold anything and are never read).
       cache_seqlens: [b] int32 token counts (dense mode).
       head_dim_v: value width (V is the first head_dim_v channels of the cached vector).
       softmax_scale: default d_qk ** -0.5.
       causal: with s_q > 1, query j attends tokens t <= L - s_q + j (dense only).
-      kv_format: "bf16" (cache of q's dtype) or "fp8" (uint8 cache); None infers it.
+      kv_format: "bf16" (cache of q's dtype) or "fp8" (uint8 / float8_e4m3fn bytes); None infers
+        it.
       indices: [b, s_q, topk] int32 flat cache rows (block * block_size + offset), -1 = none;
         switches to sparse decode (block_table / cache_seqlens are then ignored).
       topk_length: [b] int32, only the first topk_length[i] indices count (sparse).
@@ -151,6 +163,7 @@ def mla_decode(q, kv_cache, block_table=None, cache_seqlens=None, *, head_dim_v:
     b, s_q, h_q, d_qk = q.shape
     if min(b, s_q, h_q, d_qk) < 1:
         _fail("q", "non-empty axes", f"shape {_shape_of(q)}")
+    kv_cache, extra_kv_cache = _fp8_bytes(kv_cache), _fp8_bytes(extra_kv_cache)
     if kv_format is None:
         kv_format = "fp8" if kv_cache.dtype == jnp.uint8 else "bf16"
     if kv_format not in ("bf16", "fp8"):
