@@ -94,3 +94,23 @@ def test_errors():
         kvc.dequantize_fp8(jnp.zeros((2, 656), jnp.bfloat16))
     with pytest.raises(ValueError, match="per block"):
         kvc.dequantize_fp8(jnp.zeros((2, 584), jnp.uint8))
+
+
+@pytest.mark.parametrize("d_qk", [576, 512])
+def test_float8_views_of_fp8_caches(rng, d_qk):
+    """FlashMLA keeps FP8 caches as float8_e4m3fn views of the bytes: dequantize_fp8 reads such
+    a view as the bytes, and write_tokens writes the layout into it and returns a view again,
+    bit for bit the uint8 cache's result."""
+    to_f8 = lambda c: jax.lax.bitcast_convert_type(c, jnp.float8_e4m3fn)  # noqa: E731
+    cache = kvc.quantize_fp8(jnp.asarray(rng.standard_normal((3, 8, 1, d_qk)), jnp.bfloat16))
+    np.testing.assert_array_equal(np.asarray(kvc.dequantize_fp8(to_f8(cache)), np.float32),
+                                  np.asarray(kvc.dequantize_fp8(cache), np.float32))
+    table = jnp.asarray([[2, 0], [1, -1]], jnp.int32)
+    positions = jnp.asarray([[0, 9, -1], [3, 7, 8]], jnp.int32)
+    new = jnp.asarray(rng.standard_normal((2, 3, 1, d_qk)), jnp.bfloat16)
+    want = kvc.write_tokens(cache, table, positions, new)
+    got = kvc.write_tokens(to_f8(cache), table, positions, new)
+    assert got.dtype == jnp.float8_e4m3fn
+    np.testing.assert_array_equal(np.asarray(jax.lax.bitcast_convert_type(got, jnp.uint8)),
+                                  np.asarray(want))
+    assert not np.array_equal(np.asarray(want), np.asarray(cache))   # the write did something
