@@ -19,6 +19,7 @@ cannot be serialized: export a function that calls them inside ``jax.shard_map``
 """
 from __future__ import annotations
 
+import jax
 from jax import export as jax_export
 
 from jax_flashmla import _ffi
@@ -57,6 +58,15 @@ def export(fun, *, platforms=None, disabled_checks=(), **kwargs):
 
 def deserialize(blob: bytes | bytearray):
     """``jax.export.deserialize(blob)``, after loading the CUDA extension where it is built, so the
-    artifact's custom calls resolve when it is compiled for a GPU."""
-    _ffi.extension()
-    return jax_export.deserialize(blob)
+    artifact's custom calls resolve when it is compiled for a GPU. On a GPU backend without the
+    extension, an artifact that calls the kernels is refused here, saying why (XLA would fail
+    later, at compile time, naming only an unregistered custom call)."""
+    module, why = _ffi._load()
+    exported = jax_export.deserialize(blob)
+    if module is None and jax.default_backend() == "gpu":
+        text = exported.mlir_module()
+        called = [name for name in FFI_TARGETS if f"@{name}(" in text]
+        if called:
+            raise RuntimeError(f"jax_flashmla.deserialize: the artifact calls the CUDA kernels "
+                               f"({', '.join(called)}) but {why}")
+    return exported

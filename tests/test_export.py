@@ -138,3 +138,18 @@ def test_other_not_implemented_errors_pass_through(monkeypatch, rng):
     monkeypatch.setattr(exporting.jax_export, "export", boom)
     with pytest.raises(NotImplementedError, match="something else"):
         jfm.export(jax.jit(dense_step))(*dense_args(rng))
+
+
+def test_deserialize_on_a_gpu_without_the_extension_says_why(kernels_on, monkeypatch, rng):
+    """An artifact holding the kernels, loaded on a GPU backend where the extension is missing:
+    refused at deserialize with the extension's reason, not at XLA's compile."""
+    blob = jfm.export(jax.jit(dense_step), platforms=("cuda", "cpu"))(*dense_args(rng)).serialize()
+    monkeypatch.setattr(_ffi, "_load", lambda: (None, "the CUDA extension is not built (test)"))
+    jfm.deserialize(blob)                                     # a CPU backend runs the CPU part
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with pytest.raises(RuntimeError, match=r"calls the CUDA kernels \(jax_flashmla_mla_metadata, "
+                                           r"jax_flashmla_dense_decode\) but the CUDA extension "
+                                           r"is not built \(test\)"):
+        jfm.deserialize(blob)
+    cpu_only = jfm.export(jax.jit(dense_step), platforms=("cpu",))(*dense_args(rng)).serialize()
+    jfm.deserialize(cpu_only)                                 # nothing of ours in it: fine
