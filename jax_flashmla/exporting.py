@@ -50,8 +50,10 @@ def export(fun, *, platforms=None, disabled_checks=(), **kwargs):
             raise ValueError(
                 "jax_flashmla.export: the function has Python host callbacks, which jax cannot "
                 "serialize. jax_flashmla ops under a sharded jit partition through "
-                "custom_partitioning, whose callbacks are such: call them inside jax.shard_map "
-                "(each device runs its shard) to export a sharded step.") from e
+                "custom_partitioning, whose callbacks are such: to export a sharded step, call "
+                "them inside jax.shard_map (each device runs its shard), or give the arguments "
+                "shardings on a mesh with Explicit axes (jax.make_mesh's default), where they "
+                "partition at trace time.") from e
 
     return trace_and_export
 
