@@ -136,9 +136,11 @@ def quantize_fp8(kv):
     return block.reshape(nb, bs, 1, layout.token_bytes)
 
 
-def _fp8_view_as_bytes(x):
-    """FlashMLA keeps its FP8 caches as float8_e4m3fn views of these bytes: read one as uint8."""
-    if x.dtype == jnp.float8_e4m3fn:
+def as_fp8_bytes(x):
+    """An FP8 cache as its uint8 bytes: FlashMLA (PyTorch) keeps these layouts as float8_e4m3fn
+    views of the bytes, which are read as uint8 (same bits, no copy); anything else is returned
+    as it is."""
+    if x is not None and getattr(x, "dtype", None) == jnp.float8_e4m3fn:
         return jax.lax.bitcast_convert_type(x, jnp.uint8)
     return x
 
@@ -146,7 +148,7 @@ def _fp8_view_as_bytes(x):
 def dequantize_fp8(packed):
     """Inverse of ``quantize_fp8``: uint8 [..., 656] or a V4 pool [nb, bs, 1, 584] -> bfloat16
     (a float8_e4m3fn view of those bytes, as FlashMLA keeps them, is read as the bytes)."""
-    packed = _fp8_view_as_bytes(packed)
+    packed = as_fp8_bytes(packed)
     if packed.dtype != jnp.uint8:
         raise TypeError(f"dequantize_fp8: expected a uint8 FP8 cache, got dtype {packed.dtype}")
     layout = fp8_layout(token_bytes=packed.shape[-1])
@@ -176,7 +178,7 @@ def write_tokens(kv_cache, block_table, positions, new_kv):
     quantized in its layout (a float8_e4m3fn view of such a cache stays one). Inside jit with the
     cache donated, XLA updates it in place."""
     if kv_cache.dtype == jnp.float8_e4m3fn:
-        written = write_tokens(_fp8_view_as_bytes(kv_cache), block_table, positions, new_kv)
+        written = write_tokens(as_fp8_bytes(kv_cache), block_table, positions, new_kv)
         return jax.lax.bitcast_convert_type(written, jnp.float8_e4m3fn)
     b, n = positions.shape
     if new_kv.shape[:2] != (b, n):

@@ -56,14 +56,6 @@ def _check_int32(name, x, shape):
         _fail(name, f"shape {shape}", _shape_of(x))
 
 
-def _fp8_bytes(cache):
-    """FlashMLA (PyTorch) hands its FP8 caches over as float8_e4m3fn views of the layout's bytes;
-    the layouts are bytes (kv_cache.py), so such a view is read as uint8 (same bits, no copy)."""
-    if cache is not None and getattr(cache, "dtype", None) == jnp.float8_e4m3fn:
-        return jax.lax.bitcast_convert_type(cache, jnp.uint8)
-    return cache
-
-
 def _check_pool(name, cache, q, kv_format, d_qk):
     """Returns h_kv. A pool is [num_blocks, block_size, h_kv, d_qk] of q's dtype, or an FP8 uint8
     pool [num_blocks, block_size, 1, 656 or 584]."""
@@ -163,7 +155,7 @@ def mla_decode(q, kv_cache, block_table=None, cache_seqlens=None, *, head_dim_v:
     b, s_q, h_q, d_qk = q.shape
     if min(b, s_q, h_q, d_qk) < 1:
         _fail("q", "non-empty axes", f"shape {_shape_of(q)}")
-    kv_cache, extra_kv_cache = _fp8_bytes(kv_cache), _fp8_bytes(extra_kv_cache)
+    kv_cache, extra_kv_cache = _kvc.as_fp8_bytes(kv_cache), _kvc.as_fp8_bytes(extra_kv_cache)
     if kv_format is None:
         kv_format = "fp8" if kv_cache.dtype == jnp.uint8 else "bf16"
     if kv_format not in ("bf16", "fp8"):
