@@ -18,6 +18,16 @@ sys.path.insert(0, os.path.dirname(__file__))   # tests import the oracle as a p
 
 
 @pytest.fixture
+def kernels_on(monkeypatch):
+    """The CUDA kernels reported available (a Hopper GPU with 132 SMs and the extension) without
+    loading anything: for cross-lowering the ops' CUDA paths on this CPU machine."""
+    from jax_flashmla import _ffi
+    monkeypatch.setattr(_ffi, "kernels_available", lambda device=None: (True, ""))
+    monkeypatch.setattr(_ffi, "extension", lambda: None)
+    monkeypatch.setattr(_ffi, "num_sms", lambda device=None: 132)
+
+
+@pytest.fixture
 def rng(request):
     """A fresh, reproducible generator per test, seeded by the test's name (crc32: Python's str
     hash differs from process to process, so it gave every run different inputs)."""

@@ -20,13 +20,6 @@ pytest.importorskip("flatbuffers")  # jax's serialization needs it (the [test] e
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture
-def kernels_on(monkeypatch):
-    monkeypatch.setattr(_ffi, "kernels_available", lambda device=None: (True, ""))
-    monkeypatch.setattr(_ffi, "extension", lambda: None)
-    monkeypatch.setattr(_ffi, "num_sms", lambda device=None: 132)
-
-
 def dense_args(rng):
     b, h = 4, 16
     q = jnp.asarray(rng.standard_normal((b, 2, h, 576)), jnp.bfloat16)

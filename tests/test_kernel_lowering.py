@@ -10,15 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 import jax_flashmla
-from jax_flashmla import _ffi
 from jax_flashmla.ops import _primitive
-
-
-@pytest.fixture
-def kernels_on(monkeypatch):
-    monkeypatch.setattr(_ffi, "kernels_available", lambda device=None: (True, ""))
-    monkeypatch.setattr(_ffi, "extension", lambda: None)
-    monkeypatch.setattr(_ffi, "num_sms", lambda device=None: 132)
 
 
 def cuda_hlo(f, *args):
