@@ -71,3 +71,21 @@ def test_vmap_is_one_launch():
         check(np.asarray(out[i].astype(jnp.float32)), np.asarray(lse[i]),
               np.asarray(r[0].astype(jnp.float32)), np.asarray(r[2]),
               max_logits=np.asarray(ml[i]), ref_max_logits=np.asarray(r[1]))
+
+
+def test_kv_over_2gib_64bit_addressing():
+    """A kv buffer over 2^31 bytes (1.9M tokens of 1152 bytes): rows past 2^31 / 1152 are read
+    with 64-bit offsets. Every row no index names is NaN, so a wrapped offset shows up as NaN."""
+    rng = np.random.default_rng(17)
+    s_kv, d_qk, n_live = 1_900_000, 576, 128
+    live = jnp.asarray(rng.standard_normal((2 * n_live, 1, d_qk)), jnp.bfloat16)
+    kv = (jnp.full((s_kv, 1, d_qk), jnp.nan, jnp.bfloat16)
+          .at[:n_live].set(live[:n_live]).at[s_kv - n_live:].set(live[n_live:]))
+    live_rows = np.concatenate([np.arange(n_live), np.arange(s_kv - n_live, s_kv)])
+    idx = rng.choice(live_rows, size=(5, 1, 200)).astype(np.int64)
+    idx[:, :, ::9] = rng.choice(np.array([-1, s_kv, s_kv + 4, 2 ** 31 - 1]), size=idx[:, :, ::9].shape)
+    idx = jnp.asarray(idx, jnp.int32)
+    q = jnp.asarray(rng.standard_normal((5, 32, d_qk)), jnp.bfloat16)
+    out, ml, lse = run_sparse_prefill(q, kv, idx, {})
+    r_out, r_ml, r_lse = run_sparse_prefill(q, kv, idx, {}, "reference")
+    check(out, lse, r_out, r_lse, max_logits=ml, ref_max_logits=r_ml)
