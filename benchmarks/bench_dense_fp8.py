@@ -9,7 +9,7 @@ calls back to back, median of rounds (bench_decode.timeit); the step's dense sch
 once and passed, as a model does (the route schedules its own, one launch per call, for causal
 MTP only). Bytes: every attended token once (656 / 584 B), q and out.
 
-Usage: JAX_FLASHMLA_DENSE_AS_SPARSE=1 python benchmarks/bench_dense_fp8.py [--quick] [--out F]
+Usage: python benchmarks/bench_dense_fp8.py [--quick] [--out F]
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def main():
     ap.add_argument("--no-xla", action="store_true")
     args = ap.parse_args()
     if not dense_as_sparse.enabled():
-        raise SystemExit(f"set {dense_as_sparse.ENABLE}=1 (the route is off until GPU-tested)")
+        raise SystemExit(f"{dense_as_sparse.ENABLE} turns the route off; unset it")
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}")
     shapes = [(64, 1, h, s, False) for h in (16, 32, 64, 128) for s in (4096, 8192)]
     shapes += [(64, 2, 128, 4096, True), (64, 2, 32, 4096, False), (2, 1, 128, 65536, False)]

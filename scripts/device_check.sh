@@ -280,7 +280,7 @@ if has example; then
   log "main job: quickstart and the DeepSeek decode example (V3, V3.2 sparse) on the GPU"
   python3 "$REPO/examples/quickstart.py" --batch 64 --seqlen 4096 --heads 128 2>&1 | tee "$OUT/example.log" \
     || fail example
-  for flags in "" "--sparse --fp8"; do
+  for flags in "" "--fp8" "--sparse --fp8"; do
     python3 "$REPO/examples/deepseek_decode.py" $flags 2>&1 | tee -a "$OUT/example.log" | tail -6
     [ "${PIPESTATUS[0]}" -eq 0 ] || fail "example $flags"
   done

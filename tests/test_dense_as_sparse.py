@@ -116,17 +116,17 @@ def test_indices_name_rows_of_the_window_only():
 
 def test_model_backend_prediction_follows_the_switch(monkeypatch):
     """The DeepSeek-V3 model with an FP8 cache decodes densely: on the kernel only through this
-    route, so attention_backend predicts the reference (and says why) while it is off."""
+    route, so attention_backend predicts the reference (and says why) where it is turned off."""
     import jax_flashmla as jfm
     from jax_flashmla.models import deepseek as ds
     monkeypatch.setattr(jfm, "kernels_available", lambda device=None: (True, ""))
     v3 = ds.DeepseekConfig(vocab_size=64, hidden_size=64, kv_lora_rank=512, qk_rope_head_dim=64)
     v32 = ds.DeepseekConfig(vocab_size=64, hidden_size=64, kv_lora_rank=512, qk_rope_head_dim=64,
                             index_topk=16, index_n_heads=2, index_head_dim=128)
-    monkeypatch.delenv(dense_as_sparse.ENABLE, raising=False)
+    monkeypatch.setenv(dense_as_sparse.ENABLE, "0")
     backend, why = ds.attention_backend(v3, "fp8")
     assert backend == "reference" and dense_as_sparse.ENABLE in why
     assert ds.attention_backend(v3, "bf16") == ("kernel", "")
     assert ds.attention_backend(v32, "fp8") == ("kernel", "")
-    monkeypatch.setenv(dense_as_sparse.ENABLE, "1")
+    monkeypatch.delenv(dense_as_sparse.ENABLE, raising=False)
     assert ds.attention_backend(v3, "fp8") == ("kernel", "")

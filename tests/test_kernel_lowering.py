@@ -104,17 +104,16 @@ def test_dense_fp8_lowers_to_the_sparse_kernel(kernels_on, monkeypatch, d_qk, wi
     """Dense calls the dense kernel does not read (here FP8 caches, page 61) run as sparse decode
     over every token (ops/kernels/dense_as_sparse.py): non-causal MTP rides as extra heads and
     then reuses a dense schedule passed in (one query token per sparse sequence); causal MTP (one
-    sequence per query) schedules its own. Off until it has run on a GPU: then the reason names
-    the switch."""
+    sequence per query) schedules its own. Turned off, the reason names the switch."""
     b, s_q, h_q = 3, 2, 16
     q = jnp.zeros((b, s_q, h_q, d_qk), jnp.bfloat16)
     kv = jnp.zeros((5, 61, 1, width), jnp.uint8)
     table, lens = jnp.zeros((b, 4), jnp.int32), jnp.zeros((b,), jnp.int32)
     f = lambda *a: jax_flashmla.mla_decode(*a, implementation="kernel")
-    monkeypatch.delenv("JAX_FLASHMLA_DENSE_AS_SPARSE", raising=False)
-    with pytest.raises(ValueError, match="not yet run on a GPU.*JAX_FLASHMLA_DENSE_AS_SPARSE=1"):
+    monkeypatch.setenv("JAX_FLASHMLA_DENSE_AS_SPARSE", "0")
+    with pytest.raises(ValueError, match="turned off.*JAX_FLASHMLA_DENSE_AS_SPARSE=0"):
         cuda_hlo(f, q, kv, table, lens)
-    monkeypatch.setenv("JAX_FLASHMLA_DENSE_AS_SPARSE", "1")
+    monkeypatch.delenv("JAX_FLASHMLA_DENSE_AS_SPARSE")
     hlo = cuda_hlo(f, q, kv, table, lens)
     assert targets(hlo) == ["jax_flashmla_mla_metadata", "jax_flashmla_sparse_decode"]
     assert f"tensor<{b}x1x{s_q * h_q}x{d_qk}xbf16>" in hlo and f"tensor<{b}x1x{4 * 61}xi32>" in hlo

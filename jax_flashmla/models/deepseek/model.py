@@ -235,5 +235,5 @@ def attention_backend(config: DeepseekConfig, kv_format: str = "bf16") -> tuple[
                              f"{config.kv_lora_rank} + {config.qk_rope_head_dim}")
     if kv_format == "fp8" and not config.is_v32 and not dense_as_sparse.enabled():
         return "reference", ("dense decode over an FP8 cache runs on the sparse kernel only with "
-                             f"{dense_as_sparse.ENABLE}=1 (not yet run on a GPU)")
+                             f"{dense_as_sparse.ENABLE} unset or 1 (it is turned off)")
     return "kernel", ""

@@ -16,8 +16,8 @@ same rows per KV head); a part's end tile for a finished sequence is its own til
 list's, and past it every tile is dead anyway. Otherwise (causal MTP: b * s_q sequences) the call
 computes its own (one scheduler launch).
 
-Not yet run on a GPU (written 2026-12-05 without a device): off unless
-``JAX_FLASHMLA_DENSE_AS_SPARSE=1``, until tests/gpu/test_dense_as_sparse_gpu.py has passed there.
+On by default (tests/gpu/test_dense_as_sparse_gpu.py and the sanitizers passed on the H200);
+``JAX_FLASHMLA_DENSE_AS_SPARSE=0`` turns it off (such calls then run the reference), for A/B runs.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ MAX_FOLDED_HEADS = 128   # the sparse kernels take 1-128 heads per query token
 
 
 def enabled() -> bool:
-    return os.environ.get(ENABLE, "").strip().lower() in ("1", "true", "yes", "on")
+    return os.environ.get(ENABLE, "").strip().lower() not in ("0", "false", "no", "off")
 
 
 def sparse_indices(block_table, cache_seqlens, *, num_blocks: int, block_size: int, s_q: int,
@@ -100,7 +100,7 @@ def unsupported_reason(config, avals_in) -> str | None:
     if reason is not None:
         return f"as sparse decode, {reason}"
     if not enabled():
-        return f"it has not yet run on a GPU (set {ENABLE}=1 to use it)"
+        return f"it is turned off ({ENABLE}={os.environ.get(ENABLE)})"
     return None
 
 
