@@ -234,6 +234,6 @@ def attention_backend(config: DeepseekConfig, kv_format: str = "bf16") -> tuple[
         return "reference", (f"the kernels need kv_lora_rank 512 + qk_rope_head_dim 64, this model has "
                              f"{config.kv_lora_rank} + {config.qk_rope_head_dim}")
     if kv_format == "fp8" and not config.is_v32 and not dense_as_sparse.enabled():
-        return "reference", ("dense decode over an FP8 cache runs on the sparse kernel only with "
-                             f"{dense_as_sparse.ENABLE} unset or 1 (it is turned off)")
+        return "reference", ("dense decode over an FP8 cache runs on the sparse kernel, and "
+                             + dense_as_sparse.turned_off_reason())
     return "kernel", ""

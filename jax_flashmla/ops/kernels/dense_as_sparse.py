@@ -38,6 +38,12 @@ def enabled() -> bool:
     return os.environ.get(ENABLE, "").strip().lower() not in ("0", "false", "no", "off")
 
 
+def turned_off_reason() -> str:
+    """Why the route is not taken when ``enabled()`` is False (the op's fallback warning and the
+    model's backend prediction say the same)."""
+    return f"it is turned off ({ENABLE}={os.environ.get(ENABLE)})"
+
+
 def sparse_indices(block_table, cache_seqlens, *, num_blocks: int, block_size: int, s_q: int,
                    causal: bool):
     """The dense call as sparse decode: (indices [b, s_q or 1, C] int32, topk_length [b] int32),
@@ -100,7 +106,7 @@ def unsupported_reason(config, avals_in) -> str | None:
     if reason is not None:
         return f"as sparse decode, {reason}"
     if not enabled():
-        return f"it is turned off ({ENABLE}={os.environ.get(ENABLE)})"
+        return turned_off_reason()
     return None
 
 
