@@ -272,11 +272,15 @@ if has ncu; then
 fi
 if has bench; then
   log "benchmarks (${BENCH_CMD:-python3 benchmarks/bench_decode.py})"
-  # The stages run from /tmp (device_common.sh), so a script named relative to the repo root in
-  # BENCH_CMD ("python3 benchmarks/x.py") is resolved here (2026-12-05: it was not found).
-  bench_cmd=${BENCH_CMD:+" $BENCH_CMD"}
-  bench_cmd=${bench_cmd// benchmarks\// $REPO/benchmarks/}
-  ${bench_cmd:-python3 "$REPO/benchmarks/bench_decode.py" --out "$OUT/bench.json"} 2>&1 \
+  # The stages run from /tmp (device_common.sh): BENCH_CMD's paths are relative to the repo
+  # root, as GPU_TESTS' are, so each word naming a file of the repo is resolved against it
+  # (2026-12-05: "python3 benchmarks/x.py" was not found).
+  bench_cmd=()
+  for w in ${BENCH_CMD:-}; do
+    if [[ $w != /* && -f "$REPO/$w" ]]; then bench_cmd+=("$REPO/$w"); else bench_cmd+=("$w"); fi
+  done
+  [ ${#bench_cmd[@]} -gt 0 ] || bench_cmd=(python3 "$REPO/benchmarks/bench_decode.py" --out "$OUT/bench.json")
+  "${bench_cmd[@]}" 2>&1 \
     | tee "$OUT/bench.log" | tail -40
   [ "${PIPESTATUS[0]}" -eq 0 ] || fail bench
 fi
