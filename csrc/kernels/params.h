@@ -148,16 +148,12 @@ enum class KvFormat : int { kBf16 = 0, kFp8V32 = 1, kFp8V4 = 2 };
 // alternate tiles, 0.85x kRoles on dense decode; kRolesOverlap / kRolesPairOverlap, the scores
 // warpgroup issuing the next tile's S with this tile's P V in one wgmma batch, 0.81-0.93x on dense
 // h128 and sparse prefill, 0.92-1.01x the pair on FP8.)
-// (Measured and gone, docs/PERFORMANCE.md, 2026-12-02: kTrio, 3db64bf, a 512-thread CTA whose
-// scores warpgroup only computes S and the softmax beside two values warpgroups, -2.3% to +5%.)
-// kDuo (candidate, off: JFM_WS_DUO=1; bf16 sparse above 32 heads): the math warpgroups take the
-// tiles two at a time, each the S and softmax of one and its half of O over both (ws_pipeline.cuh,
-// ws_math_duo). Measured -2.3% to +11% against kRoles on sparse prefill in 2026-12-02 (5eb12b0);
-// revived 2026-12-05 with warpgroup 0 issuing the next pair's S before waiting for its last P V
-// (JFM_WS_DUO_EARLY_S), the one scheduling difference found against upstream's prefill kernel.
-enum class WsMath : int {
-  kRoles = 1, kTransposed16 = 2, kTransposed32 = 3, kRolesWide = 4, kRolesPair = 5, kDuo = 6
-};
+// (Measured and gone, docs/PERFORMANCE.md, 2026-12-02: kDuo, 5eb12b0, the math warpgroups taking
+// the tiles two at a time, each the S and softmax of one and its half of O over both, -2.3% to
+// +11% on sparse prefill; revived with an early S (51efdbe) and gone again 2026-12-05, +5% / +10%
+// on prefill d512 h64 / d576 h128; kTrio, 3db64bf, a 512-thread CTA whose scores warpgroup only computes S
+// and the softmax beside two values warpgroups, -2.3% to +5%.)
+enum class WsMath : int { kRoles = 1, kTransposed16 = 2, kTransposed32 = 3, kRolesWide = 4, kRolesPair = 5 };
 
 // One KV pool and the flat rows each query token picks from it.
 struct SparsePool {

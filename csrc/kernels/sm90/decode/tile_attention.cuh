@@ -118,14 +118,12 @@ __device__ __forceinline__ void tile_qk(float (&s)[16], uint64_t desc_q, uint64_
 // is row r's first element, or nullptr for a zero-filled row (never read; the copies then name
 // `base` + 64 j, which must lie inside one row's worth of the same tensor). Committed by the
 // caller's next cp_async_commit. kRows < 64: rows 0 .. kRows - 1 only (the rest left as they are);
-// kStride: bytes per 64-column block (kRows * 128 for a compact tile). Column blocks [kJ0, kJ1)
-// only (kJ1 < 0: to the last): a tile filled in two halves (WsMath::kDuo).
+// kStride: bytes per 64-column block (kRows * 128 for a compact tile).
 template <typename T, int kDqk, int kThreads, int kRows = kBlockM,
-          int kStride = TileSmem<kDqk>::kBlockBytes, int kJ0 = 0, int kJ1 = -1, typename SrcOf>
+          int kStride = TileSmem<kDqk>::kBlockBytes, typename SrcOf>
 __device__ __forceinline__ void load_tile_rows(uint32_t dst, int tid, const T* base, SrcOf src_of) {
   using S = TileSmem<kDqk>;
   static_assert(kStride >= kRows * 128, "the rows fit a block");
-  constexpr int kJEnd = kJ1 < 0 ? S::kKBlocks : kJ1;
   constexpr int kPassRows = kThreads / 8;
   static_assert(kPassRows % 8 == 0 && kBlockM % kPassRows == 0, "whole swizzle atoms per pass");
   static_assert(kRows % kPassRows == 0 && kRows <= kBlockM, "whole passes");
@@ -137,7 +135,7 @@ __device__ __forceinline__ void load_tile_rows(uint32_t dst, int tid, const T* b
     const bool ok = row != nullptr;
     const T* src = ok ? row + lq * 8 : base;  // (base + 64 j: never read, src-size 0)
 #pragma unroll
-    for (int j = kJ0; j < kJEnd; ++j)
+    for (int j = 0; j < S::kKBlocks; ++j)
       cp_async_16(dst + j * kStride + h * kPassRows * 128 + off, src + 64 * j, ok ? 16 : 0);
   }
 }

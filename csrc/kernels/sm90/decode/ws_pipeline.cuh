@@ -95,9 +95,6 @@ constexpr WsRegSplit ws_reg_split(WsMath m) {
     // Moves 32 + 32 of kRoles' to the producer, which then fetches both FP8 rounds before it
     // waits (152 for warpgroup 1 spilled 284 bytes).
     case WsMath::kRolesWide: return {200, 160, 144};
-    // kDuo: each math warpgroup holds S (32) beside its O half (128) and packs P for the
-    // register-A P V; the cp.async producer needs few.
-    case WsMath::kDuo: return {216, 216, 72};
     // kRoles, kRolesPair: warpgroup 0 holds S (32) beside its O half (128), warpgroup 1 only the
     // O half.
     default: return {232, 184, 88};
@@ -156,14 +153,6 @@ struct WsSmem : TileSmem<kDqk> {
   // p_ready, p_free, stats_ready, stats_free (kRoles*)
   static constexpr int kPBarOff = kPeerBarOff + 2 * 8;
   static constexpr size_t kBytes = kPBarOff + 4 * 8 + 1024;  // + alignment slack
-  // kDuo (its launch size, kDuoBytes): full_r[2], empty_r[2] (the tiles' second halves), and at
-  // d_qk 512 the P block of the first tile of a pair (at 576 it lives in that tile's RoPE block,
-  // which only its S reads).
-  static constexpr int kDuoBarOff = kPBarOff + 4 * 8;
-  static constexpr int kDuoPOff = (kDuoBarOff + 4 * 8 + 1023) / 1024 * 1024;
-  static constexpr size_t kDuoBytes =
-      (kDqk == 576 ? kDuoBarOff + 4 * 8 : kDuoPOff + Base::kBlockBytes) + 1024;  // + alignment slack
-  static_assert(kDuoBytes <= 227 * 1024, "shared memory of one sm90 CTA (kDuo)");
   static_assert(kBarOff % 8 == 0 && kPeerBarOff % 8 == 0 && kPBarOff % 8 == 0,
                 "mbarriers are 8-byte aligned");
   static_assert(kBytes <= 227 * 1024, "shared memory of one sm90 CTA");
@@ -183,9 +172,6 @@ struct WsShared {
   // bytes the peer stores into its tiles); the peer's tile 0 and empty barriers (cluster
   // addresses: st.async and remote arrivals).
   uint32_t rank, bar_peer_full, peer_sk0, peer_bar_empty, peer_bar_peer_full;
-  // kDuo: full_r[2], empty_r[2] (bar_full / bar_empty count the first halves); the P blocks of a
-  // pair's two tiles.
-  uint32_t bar_full_r, bar_empty_r, sp_a, sp_b;
 };
 
 // Lays out the dynamic shared memory, initializes the mbarriers (full: `full_count` arrivals,
@@ -214,12 +200,6 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
   sh.bar_stats_ready = sh.bar_p_ready + 16;
   sh.bar_stats_free = sh.bar_p_ready + 24;
   sh.tile_bytes = S::kTileBytes;
-  if constexpr (kMath == WsMath::kDuo) {
-    sh.bar_full_r = base + W::kDuoBarOff;
-    sh.bar_empty_r = sh.bar_full_r + 16;
-    sh.sp_a = kDqk == 576 ? sh.sk0 + 8 * S::kBlockBytes : base + W::kDuoPOff;
-    sh.sp_b = sh.sp;
-  }
   constexpr bool kPair = ws_pair(kMath);
   if constexpr (kPair) {
     sh.rank = cluster_ctarank();
@@ -229,19 +209,7 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
     sh.peer_bar_empty = cluster_map(sh.bar_empty, peer);
     sh.peer_bar_peer_full = cluster_map(sh.bar_peer_full, peer);
   }
-  if (threadIdx.x == 0 && kMath == WsMath::kDuo) {
-    // Buffer 0 holds the first tile of a pair, buffer 1 the second (ws_math_duo): each half's
-    // readers, 128 for one warpgroup, 256 for both.
-    for (int b = 0; b < 2; ++b) {
-      mbarrier_init(sh.bar_full + 8 * b, full_count);
-      mbarrier_init(sh.bar_full_r + 8 * b, full_count);
-    }
-    mbarrier_init(sh.bar_empty, 128);        // first tile, left: warpgroup 0 (S, its P V)
-    mbarrier_init(sh.bar_empty + 8, 256);    // second tile, left: warpgroup 1's S, 0's P V
-    mbarrier_init(sh.bar_empty_r, 256);      // first tile, right: warpgroup 0's S, 1's P V
-    mbarrier_init(sh.bar_empty_r + 8, 128);  // second tile, right: warpgroup 1 (S, its P V)
-    for (int i = 0; i < 4; ++i) mbarrier_init(sh.bar_p_ready + 8 * i, 128);
-  } else if (threadIdx.x == 0) {
+  if (threadIdx.x == 0) {
     for (int b = 0; b < 2; ++b) {
       mbarrier_init(sh.bar_full + 8 * b, full_count);
       // Every math thread; kRolesPair: also each of the peer's 8 math warps, which empty this
@@ -702,317 +670,6 @@ __device__ __forceinline__ void ws_math_t(const Task& task, const WsShared& sh) 
   tile_trace_smem_flush(sh.sp, k);
 }
 
-// ---- kDuo (candidate, off: JFM_WS_DUO=1; the bf16 sparse kernels above 32 heads) ------------
-// The math warpgroups take a sequence's live tiles two at a time, a pair (a, b): buffer 0 always
-// holds a, buffer 1 b (a pair without b still passes buffer 1's barriers, reading nothing).
-// Warpgroup w computes S of its own tile (0: a, 1: b) and its softmax, and accumulates
-// O[:, 256 w .. +256) over both tiles: its own P from registers (the register-A wgmma), the
-// other's from shared memory (sp_a, sp_b). One running max per row for both: warpgroup 0 moves it
-// by a (lazily, as tile_softmax_rows) and hands it over (red[0..64), m_ready0); warpgroup 1 moves
-// it by b and hands the result back (red[64..128), m_ready1); warpgroup 0 then rescales its P of
-// a (rarely: the lazy max seldom moves) before publishing it (p_ready0), and its O after its
-// P V of a. Each warpgroup sums l over its own tiles; the two are added after the sequence.
-// Why: in the role split one warpgroup's S -> softmax -> P -> P V chain bounds each tile while
-// the other only accumulates (sparse prefill d512 h64: ~2.2 us per tile against ~1.2 of tensor
-// work); here each warpgroup's softmax can run under the other's S and P V.
-// Each tile is filled in two halves, left (column blocks 0-3: value columns 0-255) and right (the
-// rest), with their own full and empty barriers (bar_full / bar_empty: left; bar_full_r /
-// bar_empty_r: right), in the order a.left, b.right, a.right, b.left: a's left and b's right have
-// one reader each (warpgroup 0, 1), which release them after their own P V, so the next pair's
-// first halves load early.
-// Hand-offs, one phase per pair (128 arrivals): m_ready0 = bar_p_ready, m_ready1 = bar_p_free,
-// p_ready0 = bar_stats_ready, p_ready1 = bar_stats_free. Each is arrived for pair i + 1 only after
-// its waiter has waited it for pair i (through the other hand-offs), so no phase is skipped; red,
-// sp_a and sp_b are rewritten only after a hand-off that follows their last read. After the
-// sequence, l (and warpgroup 1's true max, for max_logits) through red / corr between two
-// 256-thread barriers; warpgroup 0 has loaded the next sequence's Q meanwhile (issued once both
-// warpgroups' last S completed).
-#ifndef JFM_WS_DUO
-#define JFM_WS_DUO 0
-#endif
-constexpr bool kWsDuo = JFM_WS_DUO != 0;
-// JFM_WS_DUO_EARLY_S (default 1 within kDuo; 0 builds the 2026-12-02 kDuo for A/B): warpgroup 0
-// issues the next pair's S of a right behind its P_b V_b and waits for P_b V_b only between S's
-// two halves, as upstream's sparse prefill does (PERFORMANCE.md, 2026-12-05 third session); the
-// 2026-12-02 kDuo waited for P_b V_b, then started S at the top of its loop, so its S never ran
-// under its own P V. Within a sequence only (the next sequence needs its Q first).
-#ifndef JFM_WS_DUO_EARLY_S
-#define JFM_WS_DUO_EARLY_S 1
-#endif
-constexpr bool kWsDuoEarlyS = JFM_WS_DUO_EARLY_S != 0;
-
-// S += Q K^T over column blocks [kB0, kB1) of d_qk (no fence, commit or wait).
-template <typename T, int kDqk, int kB0, int kB1>
-__device__ __forceinline__ void qk_blocks_mma(float (&s)[32], uint64_t desc_q, uint64_t desc_k) {
-  using S = TileSmem<kDqk>;
-#pragma unroll
-  for (int kk = 4 * kB0; kk < 4 * kB1; ++kk) {
-    const uint32_t koff = ((kk >> 2) * S::kBlockBytes + (kk & 3) * 32) >> 4;
-    wgmma_m64n64k16_ss<T>(s, desc_q + koff, desc_k + koff);
-  }
-}
-// The running max after a tile whose row max is mx (tile_softmax_rows' lazy rule).
-__device__ __forceinline__ float duo_max(float m, float mx, float sl2) {
-  return (mx - m) * sl2 > kRowsSlack ? mx : m;  // (m = mx = -inf: NaN, false)
-}
-// The correction of O and l when the running max moves from m_old to m_new (1 if it does not).
-__device__ __forceinline__ float duo_corr(float m_old, float m_new, float sl2) {
-  return m_old == m_new ? 1.f : exp2f((m_old - m_new) * sl2);
-}
-// This thread's rows' maxima of s (whole rows: the quad's lanes agree).
-__device__ __forceinline__ void duo_row_max(const float (&s)[32], float (&mx)[2]) {
-  mx[0] = mx[1] = -INFINITY;
-#pragma unroll
-  for (int i = 0; i < 32; ++i) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
-    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-  }
-}
-// P = exp2(s sl2 - m sl2) in place (m = -inf: nothing attended yet, s is all -inf), summed into l.
-__device__ __forceinline__ void duo_exp(float (&s)[32], const float (&m)[2], float (&l)[2], float sl2) {
-  float msc[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) msc[h] = m[h] == -INFINITY ? 0.f : m[h] * sl2;
-#pragma unroll
-  for (int i = 0; i < 32; ++i) {
-    s[i] = exp2f(s[i] * sl2 - msc[(i >> 1) & 1]);
-    l[(i >> 1) & 1] += s[i];
-  }
-}
-
-// Warpgroup kW's loop (see above). Conditions around wgmmas are broadcast from lane 0 so that
-// ptxas sees them warp-uniform (a loaded condition serialized every wgmma otherwise: C7520).
-template <class Task, int kW>
-__device__ __forceinline__ void ws_math_duo(const Task& task, const WsShared& sh) {
-  using T = typename Task::T;
-  using S = TileSmem<Task::kDqk>;
-  constexpr int kB = S::kKBlocks;
-  static_assert(Task::kCpAsyncTiles, "kDuo: the producer fills tiles of bf16 rows in halves");
-  const Lane ln;  // ln.wc == kW
-  const float sl2 = task.softmax_scale * 1.4426950408889634f;
-  const uint64_t desc_q = gmma_desc_sw128(sh.sq, 16, 1024);
-  const uint64_t desc_k = gmma_desc_sw128(sh.sk0 + kW * S::kTileBytes, 16, 1024);  // own tile
-  // This warpgroup's value columns (256 kW ..) of buffer 0's and buffer 1's tile.
-  const uint64_t desc_v0 = gmma_desc_sw128(sh.sk0 + kW * 4 * S::kBlockBytes, S::kBlockBytes, 1024);
-  const uint64_t desc_v1 = desc_v0 + (S::kTileBytes >> 4);
-  const uint64_t desc_pa = gmma_desc_sw128(sh.sp_a, 16, 1024);
-  const uint64_t desc_pb = gmma_desc_sw128(sh.sp_b, 16, 1024);
-  const uint32_t m_ready0 = sh.bar_p_ready, m_ready1 = sh.bar_p_free;
-  const uint32_t p_ready0 = sh.bar_stats_ready, p_ready1 = sh.bar_stats_free;
-  auto wait_full = [](uint32_t bar, uint32_t ph) {
-    mbarrier_wait(bar, ph);
-    fence_proxy_async();  // cp.async rows, read by wgmma
-  };
-
-  uint32_t pair = 0;  // pairs this CTA has consumed (the producer's count, in step)
-  int q_issued = -1;  // the sequence whose Q warpgroup 0 issued during the previous one
-  for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
-    const typename Task::Seq cur = task.seq(seq);
-    if (q_issued != seq) {
-      if constexpr (kW == 0) {
-        task.template load_q<128>(cur, sh.sq);
-        cp_async_commit();
-        cp_async_wait<0>();
-        fence_proxy_async();
-      }
-      MathWarpsSync::sync();  // Q, for both warpgroups' wgmma
-    }
-    RowState st;
-    st.init();
-    float mt[2] = {-INFINITY, -INFINITY};  // this warpgroup's true row maxima (max_logits)
-    float sacc_seq[32];  // (JFM_WS_DUO_EARLY_S) S lives across pairs: the next one's is issued early
-    // (warpgroup 0, JFM_WS_DUO_EARLY_S) this pair's S of a was issued in the previous pair's tail
-    // and has completed. Warp-uniform.
-    bool s_done = false;
-    for (int n = cur.first; n < cur.t_hi;) {
-      float sacc_pair[32];
-      float(&sacc)[32] = kWsDuoEarlyS ? sacc_seq : sacc_pair;
-      const int nb = cur.next(n + 1);
-      const bool has_b = __shfl_sync(0xffffffffu, nb < cur.t_hi ? 1 : 0, 0) != 0;
-      const int n_after = has_b ? cur.next(nb + 1) : nb;
-      const bool last = __shfl_sync(0xffffffffu, n_after >= cur.t_hi ? 1 : 0, 0) != 0;
-      const uint32_t ph = pair & 1;
-      const int n_own = kW == 0 ? n : nb;
-      float mx[2] = {-INFINITY, -INFINITY};
-      if (kW == 0 || has_b) {
-        if (!(kW == 0 && s_done)) {
-#pragma unroll
-          for (int i = 0; i < 32; ++i) sacc[i] = 0.f;
-          // S of the own tile, the half that is released first (a.left, b.right) first.
-          constexpr int kFirst0 = kW == 0 ? 0 : 4, kFirst1 = kW == 0 ? 4 : kB;
-          constexpr int kThen0 = kW == 0 ? 4 : 0, kThen1 = kW == 0 ? kB : 4;
-          wait_full(kW == 0 ? sh.bar_full : sh.bar_full_r + 8, ph);
-          wgmma_fence();
-          qk_blocks_mma<T, Task::kDqk, kFirst0, kFirst1>(sacc, desc_q, desc_k);
-          wgmma_commit();
-          wait_full(kW == 0 ? sh.bar_full_r : sh.bar_full + 8, ph);
-          wgmma_fence();
-          qk_blocks_mma<T, Task::kDqk, kThen0, kThen1>(sacc, desc_q, desc_k);
-          wgmma_commit();
-          wgmma_wait<0>();
-        }
-        const uint8_t* valid = sh.valid + kW * kTileTokens;
-        if (!kWsMaskSkip ||
-            !ws_tile_unmasked(task.window_full(cur, n_own), ws_valid_word(valid)))
-          mask_tile(sacc, [&](int h, int col) { return task.masked(cur, n_own, valid, h, col); });
-        duo_row_max(sacc, mx);
-        mt[0] = fmaxf(mt[0], mx[0]);
-        mt[1] = fmaxf(mt[1], mx[1]);
-      }
-      if (last && seq < task.end_seq) q_issued = seq + 1;
-      if constexpr (kW == 0) {
-        float m0[2], corr[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          m0[h] = duo_max(st.m[h], mx[h], sl2);
-          corr[h] = duo_corr(st.m[h], m0[h], sl2);
-          st.l[h] *= corr[h];
-        }
-        duo_exp(sacc, m0, st.l, sl2);
-        if (ln.tq == 0) {
-          sh.red[ln.row(0)] = m0[0];
-          sh.red[ln.row(1)] = m0[1];
-        }
-        mbarrier_arrive(m_ready0);
-        rescale_o(st.o, corr);
-        tile_pv_issue_rs<T>(st, sacc, desc_v0);  // O += P_a V_a (left)
-        mbarrier_wait(m_ready1, ph);             // b's max (warpgroup 1's S is complete)
-        float c[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float m1 = sh.red[kBlockM + ln.row(h)];
-          c[h] = duo_corr(m0[h], m1, sl2);
-          st.m[h] = m1;
-        }
-        const bool moved = __any_sync(0xffffffffu, c[0] != 1.f || c[1] != 1.f);
-        if (moved) {
-#pragma unroll
-          for (int i = 0; i < 32; ++i) sacc[i] *= c[(i >> 1) & 1];
-        }
-        if (q_issued == seq + 1 && last) {  // both warpgroups' S are done with Q
-          task.template load_q<128>(task.seq(seq + 1), sh.sq);
-          cp_async_commit();
-        }
-        store_p_rows<T>(sh.sp_a, sacc, ln);
-        fence_proxy_async();
-        mbarrier_arrive(p_ready0);
-        mbarrier_arrive(sh.bar_empty_r);  // a's right half: this warpgroup's S (P_a: after it)
-        wgmma_wait<0>();
-        mbarrier_arrive(sh.bar_empty);    // a's left half: read by this warpgroup alone
-        if (moved) {
-          rescale_o(st.o, c);
-          st.l[0] *= c[0];
-          st.l[1] *= c[1];
-        }
-        if (has_b) wait_full(sh.bar_full + 8, ph);  // b's left half, for this thread's P V
-        mbarrier_wait(p_ready1, ph);
-        if (has_b) tile_pv_issue<T>(st, desc_pb, desc_v1);  // O += P_b V_b (left)
-        if (kWsDuoEarlyS && !last) {
-          // The next pair's S of a (same sequence, same Q), issued behind P_b V_b: its left half
-          // as soon as it is full (this warpgroup released it after P_a V_a), then, once P_b V_b
-          // has completed and b's left half is released, its right half. sacc is free: P_a is
-          // stored and its P V complete.
-#pragma unroll
-          for (int i = 0; i < 32; ++i) sacc[i] = 0.f;
-          wait_full(sh.bar_full, ph ^ 1u);
-          wgmma_fence();
-          qk_blocks_mma<T, Task::kDqk, 0, 4>(sacc, desc_q, desc_k);
-          wgmma_commit();
-          wgmma_wait<1>();                    // P_b V_b (the older group; none without b)
-          mbarrier_arrive(sh.bar_empty + 8);  // b's left half
-          wait_full(sh.bar_full_r, ph ^ 1u);
-          wgmma_fence();
-          qk_blocks_mma<T, Task::kDqk, 4, kB>(sacc, desc_q, desc_k);
-          wgmma_commit();
-          wgmma_wait<0>();
-          s_done = true;
-        } else {
-          wgmma_wait<0>();
-          mbarrier_arrive(sh.bar_empty + 8);  // b's left half
-          s_done = false;
-        }
-      } else {
-        mbarrier_wait(m_ready0, ph);
-        mbarrier_arrive(sh.bar_empty + 8);  // b's left half: this warpgroup's S is done with it
-        float m1[2], corr[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float m0 = sh.red[ln.row(h)];
-          m1[h] = has_b ? duo_max(m0, mx[h], sl2) : m0;
-          corr[h] = duo_corr(st.m[h], m1[h], sl2);
-          st.l[h] *= corr[h];
-          st.m[h] = m1[h];
-        }
-        if (has_b) duo_exp(sacc, m1, st.l, sl2);
-        if (ln.tq == 0) {
-          sh.red[kBlockM + ln.row(0)] = m1[0];
-          sh.red[kBlockM + ln.row(1)] = m1[1];
-        }
-        mbarrier_arrive(m_ready1);
-        rescale_o(st.o, corr);
-        if (has_b) {
-          store_p_rows<T>(sh.sp_b, sacc, ln);
-          fence_proxy_async();
-        }
-        mbarrier_arrive(p_ready1);
-        wait_full(sh.bar_full_r, ph);  // a's right half, for this thread's P V
-        mbarrier_wait(p_ready0, ph);
-        // O += P_a V_a (right), then P_b V_b (right); a's right half (and P_a) is released as
-        // soon as its P V completes. (One branch per case: ptxas serialized every wgmma when
-        // the waits sat in two branches on the same condition.)
-        if (has_b) {
-          tile_pv_issue<T>(st, desc_pa, desc_v0);
-          tile_pv_issue_rs<T>(st, sacc, desc_v1);
-          wgmma_wait<1>();
-          mbarrier_arrive(sh.bar_empty_r);
-          wgmma_wait<0>();
-        } else {
-          tile_pv_issue<T>(st, desc_pa, desc_v0);
-          wgmma_wait<0>();
-          mbarrier_arrive(sh.bar_empty_r);
-        }
-        mbarrier_arrive(sh.bar_empty_r + 8);  // b's right half: read by this warpgroup alone
-      }
-      ++pair;
-      n = n_after;
-    }
-    // The rows' totals: l of both warpgroups, and warpgroup 1's true max for max_logits.
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      st.l[h] += __shfl_xor_sync(0xffffffffu, st.l[h], 1);
-      st.l[h] += __shfl_xor_sync(0xffffffffu, st.l[h], 2);
-    }
-    if constexpr (kW == 0) {
-      if (q_issued == seq + 1) {  // the next Q, for warpgroup 1 after the barrier
-        cp_async_wait<0>();
-        fence_proxy_async();
-      }
-    }
-    if (ln.tq == 0) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        sh.red[kW * kBlockM + ln.row(h)] = st.l[h];
-        if (kW == 1) sh.corr[ln.row(h)] = mt[h];
-      }
-    }
-    MathWarpsSync::sync();
-    float inv[2], lse[2], m[2];
-    const float empty_lse = task.empty_lse(cur);
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const float l = st.l[h] + sh.red[(kW ^ 1) * kBlockM + ln.row(h)];
-      m[h] = kW == 0 ? fmaxf(mt[h], sh.corr[ln.row(h)]) : mt[h];
-      const bool empty = !(l > 0.f);
-      inv[h] = empty ? 0.f : 1.f / l;
-      lse[h] = empty ? empty_lse : logf(l) + st.m[h] * task.softmax_scale;
-    }
-    MathWarpsSync::sync();  // red and corr are free again
-    task.template store_rows<true, false>(cur, st, inv, lse, m, ln);
-  }
-}
-
 // kRolesPair: no CTA leaves while the peer may still store into its tiles or arrive on its
 // barriers. Called at the end of each role's branch, not once after them: a join of the three
 // roles after the branches made ptxas treat the role branches as divergent code, and the scores
@@ -1033,18 +690,7 @@ __device__ __forceinline__ void ws_run(const Task& task, const WsShared& sh) {
   using Regs = WsRegs<kMath>;
   constexpr int kL = Regs::kLaunch;
   const int wg = threadIdx.x / 128;
-  if constexpr (kMath == WsMath::kDuo) {
-    if (wg == 2) {
-      ws_set_regs<Regs::kWg2, kL>();
-      task.produce_duo(sh);
-    } else if (wg == 0) {
-      ws_set_regs<Regs::kWg0, kL>();
-      ws_math_duo<Task, 0>(task, sh);
-    } else {
-      ws_set_regs<Regs::kWg1, kL>();
-      ws_math_duo<Task, 1>(task, sh);
-    }
-  } else if constexpr (ws_transposed(kMath)) {
+  if constexpr (ws_transposed(kMath)) {
     if (wg == 0) {
       ws_set_regs<Regs::kWg0, kL>();
       ws_math_t<Task, kMath == WsMath::kTransposed16 ? 16 : 32>(task, sh);

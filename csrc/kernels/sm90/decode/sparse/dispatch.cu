@@ -6,10 +6,6 @@
 #include "kernels/params.h"
 #include "kernels/variant.h"
 
-#ifndef JFM_WS_DUO  // (the candidate's switch, ws_pipeline.cuh)
-#define JFM_WS_DUO 0
-#endif
-
 namespace jfm {
 namespace sm90 {
 template <KvFormat kFmt, int kDqk>
@@ -69,9 +65,6 @@ cudaError_t launch(const SparseDecodeParams& p_in, cudaStream_t stream) {
   if (math == WsMath::kTransposed32)
     return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kTransposed32>(p, stream);
   if constexpr (kFmt == KvFormat::kBf16) {
-#if JFM_WS_DUO
-    if (math == WsMath::kDuo) return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kDuo>(p, stream);
-#endif
     return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRoles>(p, stream);
   } else {
     if (math == WsMath::kRolesPair) {
@@ -90,7 +83,7 @@ cudaError_t launch(const SparseDecodeParams& p_in, cudaStream_t stream) {
 WsMath sparse_ws_math(const SparseDecodeParams& p, KvFormat format) {
   if (p.h_q <= 16) return WsMath::kTransposed16;
   if (p.h_q <= 32) return WsMath::kTransposed32;
-  if (format == KvFormat::kBf16) return JFM_WS_DUO != 0 ? WsMath::kDuo : WsMath::kRoles;
+  if (format == KvFormat::kBf16) return WsMath::kRoles;
   return pair_pays(p, format) ? WsMath::kRolesPair : WsMath::kRolesWide;
 }
 

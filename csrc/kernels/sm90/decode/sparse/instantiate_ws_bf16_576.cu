@@ -7,8 +7,5 @@ namespace sm90 {
 template cudaError_t launch_sparse_attention_ws<KvFormat::kBf16, 576, WsMath::kRoles>(const SparseDecodeParams&, cudaStream_t);
 template cudaError_t launch_sparse_attention_ws<KvFormat::kBf16, 576, WsMath::kTransposed16>(const SparseDecodeParams&, cudaStream_t);
 template cudaError_t launch_sparse_attention_ws<KvFormat::kBf16, 576, WsMath::kTransposed32>(const SparseDecodeParams&, cudaStream_t);
-#if JFM_WS_DUO
-template cudaError_t launch_sparse_attention_ws<KvFormat::kBf16, 576, WsMath::kDuo>(const SparseDecodeParams&, cudaStream_t);
-#endif
 }  // namespace sm90
 }  // namespace jfm

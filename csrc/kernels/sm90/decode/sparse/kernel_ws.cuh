@@ -286,8 +286,7 @@ struct SparseWsSmem {
   static constexpr int kStageOff = (WsSmem<kDqk>::kPBarOff + 4 * 8 + 127) / 128 * 128;
   static constexpr int kStageBytes = 32 * kV4SlotBytes + 4 * 8;
   static constexpr size_t kBytes =
-      kStaged ? static_cast<size_t>(kStageOff + kStageBytes + 1024)
-      : kMath == WsMath::kDuo ? WsSmem<kDqk>::kDuoBytes : WsSmem<kDqk>::kBytes;
+      kStaged ? static_cast<size_t>(kStageOff + kStageBytes + 1024) : WsSmem<kDqk>::kBytes;
 };
 
 template <KvFormat kFmt, int kDqk_>
@@ -399,9 +398,6 @@ struct SparseWsTask {
     constexpr bool kWide = kWideOutStores && (!kFp8 || fp8_wide_out(kPair, kScoresRole));
     store_token_rows<kWide>(p, st, inv, lse, m, q.index, head0, q.slot, q.nsplit, ln);
   }
-
-  // WsMath::kDuo's producer (candidate, JFM_WS_DUO; defined below the task).
-  __device__ __forceinline__ void produce_duo(const WsShared& sh) const;
 
   // A producer warpgroup: fills the tile buffers of the tiles k % stride == which (see the file
   // comment). Each walks every tile of the CTA to keep the count k, and loads the indices of its
@@ -901,68 +897,6 @@ struct SparseWsTask {
     if constexpr (!kFp8 || kRopeAsync) cp_async_wait_all();  // no copy outlives its thread
   }
 };
-
-
-// WsMath::kDuo's producer (ws_pipeline.cuh, ws_math_duo): walks the same pairs of live tiles and
-// fills each in halves (load_tile_rows' column blocks [0, 4) and [4, ..)) in the order a.left,
-// b.right, a.right, b.left, each after its empty barrier, the validity bytes with a tile's first
-// half. A pair without b still passes buffer 1's barriers (no copies), so that every barrier has
-// one phase per pair.
-template <KvFormat kFmt, int kDqk>
-__device__ __forceinline__ void SparseWsTask<kFmt, kDqk>::produce_duo(const WsShared& sh) const {
-  static_assert(kFmt == KvFormat::kBf16, "kDuo: bf16 rows");
-  const int ptid = threadIdx.x & 127;
-  const int lr = ptid >> 3, lq = ptid & 7;
-  // Half [kJ0, kJ1) of tile n (rows idx) into buffer `buf`; the validity bytes with the first.
-  auto fill = [&](auto j0, auto j1, int buf, bool first, const TokenRows& rows, int n,
-                  const int (&idx)[4], uint32_t full, uint32_t empty, uint32_t ph) {
-    mbarrier_wait(empty, ph ^ 1);
-    if (n >= 0) {
-      const int pool_id = rows.pool_of(n);
-      const bf16* base = reinterpret_cast<const bf16*>(p.pool[pool_id].data);
-      load_tile_rows<bf16, kDqk, 128, kBlockM, TileSmem<kDqk>::kBlockBytes, decltype(j0)::value,
-                     decltype(j1)::value>(
-          sh.sk0 + buf * sh.tile_bytes, ptid, base, [&](int t) -> const bf16* {
-            const int64_t r = rows.row_of(idx[t >> 4], pool_id);
-            return r >= 0 ? base + r * kDqk : nullptr;
-          });
-      if (first) {
-#pragma unroll
-        for (int h = 0; h < 4; ++h)
-          if (lq == 0) sh.valid[buf * kTileTokens + lr + 16 * h] = rows.row_of(idx[h], pool_id) >= 0;
-      }
-    }
-    mbarrier_arrive(full);                 // the validity bytes
-    cp_async_mbarrier_arrive_noinc(full);  // the rows, when they land
-  };
-  using L0 = std::integral_constant<int, 0>;
-  using L1 = std::integral_constant<int, 4>;
-  using R1 = std::integral_constant<int, -1>;
-  uint32_t pair = 0;
-  for (int s = begin_seq; s <= end_seq; ++s) {
-    const Seq q = seq(s);
-    for (int n = q.first; n < q.t_hi;) {
-      const int nb = q.next(n + 1);
-      const bool has_b = nb < q.t_hi;
-      int ia[4], ib[4] = {-1, -1, -1, -1};
-#pragma unroll
-      for (int h = 0; h < 4; ++h) ia[h] = q.rows.index_at(n, lr + 16 * h);
-      if (has_b) {
-#pragma unroll
-        for (int h = 0; h < 4; ++h) ib[h] = q.rows.index_at(nb, lr + 16 * h);
-      }
-      const uint32_t ph = pair & 1;
-      const int b = has_b ? nb : -1;
-      fill(L0{}, L1{}, 0, true, q.rows, n, ia, sh.bar_full, sh.bar_empty, ph);
-      fill(L1{}, R1{}, 1, true, q.rows, b, ib, sh.bar_full_r + 8, sh.bar_empty_r + 8, ph);
-      fill(L1{}, R1{}, 0, false, q.rows, n, ia, sh.bar_full_r, sh.bar_empty_r, ph);
-      fill(L0{}, L1{}, 1, false, q.rows, b, ib, sh.bar_full + 8, sh.bar_empty + 8, ph);
-      ++pair;
-      n = has_b ? q.next(nb + 1) : nb;
-    }
-  }
-  cp_async_wait_all();  // no copy outlives its thread
-}
 
 template <KvFormat kFmt, int kDqk, WsMath kMath>
 __global__ void __launch_bounds__(384, 1)
