@@ -198,8 +198,8 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 #ifndef JFM_FP8_PRECONVERT
 #define JFM_FP8_PRECONVERT 1
 #endif
-// JFM_FP8_BULK_STAGE (candidate, off; not yet run on a GPU): kTransposed16's V3.2 producers
-// bring each token's first 528 bytes (NoPE + scales) into shared memory by one bulk copy (TMA,
+// JFM_FP8_BULK_STAGE (default 2, measured 2026-12-05 below; 0 = the hinted global loads):
+// kTransposed16's V3.2 producers bring each token's first 528 bytes (NoPE + scales) into shared memory by one bulk copy (TMA,
 // counted on a per-warp mbarrier) and read them from there (LDS) for the conversion, instead of
 // 9 hinted 16-byte global loads per thread and round; the RoPE keeps its cp.async. Why: the
 // producer probes (PERFORMANCE.md, 2026-12-04 sixth session) put the row loads' L2 -> L1 ->
@@ -216,22 +216,28 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 // copies of 528 bytes per tile. Predicted: V3.2 h16 -5 to -15% if the L1/TEX path is the cost,
 // slower if the TMA issue rate is. =2: whole 656-byte tokens (slots of 656, also 16 mod 128),
 // the RoPE from the slot through registers: no global load or cp.async of a row's bytes at all.
+// Measured (H100, one call, abflags against this build; PERFORMANCE.md 2026-12-05 fifth session):
+// V3.2 h16 topk 2048 b64 (1M-token pool) 52.72 -> 49.94 us (=1, -5.3%) / 49.47 (=2, -6.2%),
+// s_q 2 91.09 -> 84.75 (-7.0%) / 83.47 (-8.4%); the other kernels unchanged. The gather probe
+// (benchmarks/gather_probe.cu) gathers 1.35-1.6x the tokens per second by bulk copy as by loads.
 #ifndef JFM_FP8_BULK_STAGE
-#define JFM_FP8_BULK_STAGE 0
+#define JFM_FP8_BULK_STAGE 2
 #endif
-// JFM_FP8_BULK_STAGE_T32 (candidate, off; not yet run on a GPU): the same (528-byte slots) for
+// JFM_FP8_BULK_STAGE_T32 (default 1; measured: V3.2 h32 topk 2048 b64, 1M pool, 59.09 -> 55.68 us,
+// -5.8%, H100, 2026-12-05 fifth session): the same (528-byte slots) for
 // kTransposed32's V3.2 producers, which then also take kTransposed16's loop (L2 prefetch one own
 // tile ahead, round 0 converted before the empty wait). At 32 query rows the Q tile's spare rows
 // hold 4096 bytes per block (8 slots need 4224), so Q is stored compact instead: 32 rows in 4 KB
 // blocks (kT32CompactQ; the S^T wgmmas step B by 4 KB), and the tile's upper 36 KB holds the 64
 // slots (33,792 bytes) and the 8 mbarriers. Why: the no-row-load probe took 13% off V3.2 h32.
 // ptxas: 4 bytes of spill in the producer loop (one STL / LDL per tile) with the indices loaded
-// after round 1's copy (JFM_FP8_BULK_FENCE's reason); none with them loaded before round 0's
+// after round 1's copy (the proxy fence's reason, below); none with them loaded before round 0's
 // wait.
 #ifndef JFM_FP8_BULK_STAGE_T32
-#define JFM_FP8_BULK_STAGE_T32 0
+#define JFM_FP8_BULK_STAGE_T32 1
 #endif
-// JFM_FP8_BULK_STAGE_V4 (candidate, off; not yet run on a GPU): the same for kTransposed16's V4
+// JFM_FP8_BULK_STAGE_V4 (default 1; measured: V4 h16 topk 512 b64, 1M pool, 15.17 -> 13.95 us,
+// -8.0%, s_q 2 27.97 -> 25.66, -8.3%, H100, 2026-12-05 fifth session): the same for kTransposed16's V4
 // producers (StageV4Staged): each token's 576-byte record (NoPE + RoPE) by one bulk copy of its
 // 16-byte aligned cover (576 or 592 bytes) into 592-byte slots of the Q tile's rows 16-63
 // (592 = 80 mod 128: the 8 tokens' 8-byte reads of a quarter warp land in distinct 16-byte bank
@@ -240,54 +246,24 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 // lost on V4, JFM_FP8_L2_PREFETCH_V4). Why: no row loads or tile stores took 24% off V4 h16
 // (PERFORMANCE.md, 2026-12-04 sixth session).
 #ifndef JFM_FP8_BULK_STAGE_V4
-#define JFM_FP8_BULK_STAGE_V4 0
+#define JFM_FP8_BULK_STAGE_V4 1
 #endif
-// JFM_FP8_BULK_STAGE_PAIR_V4 (candidate, off; not yet run on a GPU): the same for the V4 CTA
-// pairs' producer (kRolesPair, 65-128 heads: the V4 h_q 128 rows at 0.95-0.99 of FlashMLA, where
-// the notes find the pair producer-bound), StageV4Staged with its register RoPE and st.async
-// stores to the peer unchanged. d_qk 512 leaves ~25 KB of the SM's shared memory unused beside
-// WsSmem<512>, so the 4 producer warps' 32 slots of 592 bytes (18,944) and mbarriers go after
-// it (SparseWsSmem). A pair CTA dequantizes one round (32 tokens) per tile, so each warp's one
-// slot set holds a whole tile's share, and tile n + 1's copy is issued as soon as tile n's
-// records are in registers: it lands under tile n's stores and tile n + 1's empty wait, a
-// whole period, where today's register fetch is issued at the top of its own tile.
-#ifndef JFM_FP8_BULK_STAGE_PAIR_V4
-#define JFM_FP8_BULK_STAGE_PAIR_V4 0
-#endif
-// JFM_FP8_BULK_FENCE (with the JFM_FP8_BULK_STAGE* candidates; default 1): before a warp's bulk
-// copy overwrites its slots, `fence.proxy.async.shared::cta` after the __syncwarp that follows
-// every lane's reads, as the PTX memory model asks between generic-proxy accesses and later
-// async-proxy ones. In SASS it is MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC.S, and the MEMBAR may wait
-// for the thread's global loads in flight (the loops issue theirs after the copies for that
-// reason). =0 orders the reads by the __syncwarp alone: a timing probe of the fence's cost, not
-// a candidate default (Triton's proxy-fence pass fences write-after-read too: its test
-// fence_write_after_read).
-#ifndef JFM_FP8_BULK_FENCE
-#define JFM_FP8_BULK_FENCE 1
-#endif
+// Before a warp's bulk copy overwrites its slots: `fence.proxy.async.shared::cta` after the
+// __syncwarp that follows every lane's reads, as the PTX memory model asks between generic-proxy
+// accesses and later async-proxy ones (write-after-read across proxies). In SASS MEMBAR.ALL.CTA +
+// FENCE.VIEW.ASYNC.S; the loops issue their global loads after the copies so the MEMBAR has none
+// to wait for. Timed without it (the removed JFM_FP8_BULK_FENCE=0 probe, 2026-12-05): -0.1 to
+// +0.5%, so the fence costs nothing measurable.
+// Measured and removed (ea92169 has it): JFM_FP8_BULK_STAGE_PAIR_V4, the same bulk copies for the
+// V4 CTA pairs' producer (slots after WsSmem<512>, the next tile's copy issued a tile ahead):
+// V4 h128 topk 1152 b64 +3.2% on the benchmark's L2-sized pool, -1.4% on a 1M-token pool (H100,
+// 2026-12-05 fifth session). The pair's period is not its L1/TEX path.
 // Measured and removed (119f153 has it): JFM_IDX_L2_PREFETCH, L2 prefetches of each sequence's
 // index lines at its start, because ptxas counts the producers' index loads on the rows'
 // scoreboard (the first dequantization waits for them too). Slower or flat everywhere but
 // prefill (H200, 2026-12-04 fifth session: V3.2 h16 +1.5%, h64 kRolesWide +13%, prefill -2.4%
 // within its noise); the transposed kernels' stamps later showed their rows (indices included)
 // already there when the empty wait ends.
-// (JFM_FP8_BULK_STAGE_PAIR_V4) Whether the V4 pairs' producer stages its records.
-template <KvFormat kFmt>
-struct SparseWsBulkPair {
-  static constexpr bool value = JFM_FP8_BULK_STAGE_PAIR_V4 != 0 && kFmt == KvFormat::kFp8V4 &&
-                                JFM_V4_PAIR_NARROW != 0;
-};
-// The dynamic shared memory of a sparse warp-specialized kernel: WsSmem, and after it (from the
-// 1024-aligned base, kStageOff) the staging slots of the V4 pairs' bulk copies
-// (JFM_FP8_BULK_STAGE_PAIR_V4: 4 warps x 8 slots of 592 bytes, 4 mbarriers).
-template <KvFormat kFmt, int kDqk, WsMath kMath>
-struct SparseWsSmem {
-  static constexpr bool kStaged = SparseWsBulkPair<kFmt>::value && kMath == WsMath::kRolesPair;
-  static constexpr int kStageOff = (WsSmem<kDqk>::kPBarOff + 4 * 8 + 127) / 128 * 128;
-  static constexpr int kStageBytes = 32 * kV4SlotBytes + 4 * 8;
-  static constexpr size_t kBytes =
-      kStaged ? static_cast<size_t>(kStageOff + kStageBytes + 1024) : WsSmem<kDqk>::kBytes;
-};
 
 template <KvFormat kFmt, int kDqk_>
 struct SparseWsTask {
@@ -457,11 +433,9 @@ struct SparseWsTask {
     // kBulkV4 (JFM_FP8_BULK_STAGE_V4): kTransposed16's V4 fill, StageV4Staged in the last loop.
     constexpr bool kBulkV4 = JFM_FP8_BULK_STAGE_V4 != 0 && kFmt == KvFormat::kFp8V4 && kRoomy &&
                              kRopeAsync && !kPair && kWide && !kL2Prefetch;
-    // kBulkPairV4 (JFM_FP8_BULK_STAGE_PAIR_V4): the V4 pair's producer, the same stage.
-    constexpr bool kBulkPairV4 = SparseWsBulkPair<kFmt>::value && kPair && !kMayLoad16;
     constexpr bool kStageRopeAsync = kRopeAsync && !kPair && !kBulkRope && !kBulkV4;
     using V4Stage = std::conditional_t<
-        kBulkV4 || kBulkPairV4, StageV4Staged<kDequant>,
+        kBulkV4, StageV4Staged<kDequant>,
         StageV4T<kStageRopeAsync, kDequant, (kPair || kRopeAsync) ? kMayLoad16 : true>>;
     // (JFM_V32_ALL_VALID) the unpredicated copy of the row loads: kRolesWide's producer only.
     constexpr bool kV32AllValidHere = kV32AllValid && kSole && kWide && !kPair;
@@ -523,15 +497,11 @@ struct SparseWsTask {
     static_assert(!kBulkV4 || (TileSmem<kDqk>::kKBlocks == 8 && kT16StagesInQ),
                   "JFM_FP8_BULK_STAGE_V4: 8 staging blocks, Q at 16 rows");
     uint32_t stg_slot = 0, stg_bar = 0, stg_phase = 0;
-    if constexpr (kBulk || kBulkV4 || kBulkPairV4) {
+    if constexpr (kBulk || kBulkV4) {
       using S = TileSmem<kDqk>;
       const uint32_t w = 4 * which + (ptid >> 5);  // this warp of the CTA's 8 producer warps
       constexpr uint32_t kSpare = 16 * 128;         // kT16StagesInQ: below it, Q's 16 rows
-      if constexpr (kBulkPairV4) {  // after WsSmem (SparseWsSmem): 4 warps x 8 slots, mbarriers
-        using L = SparseWsSmem<kFmt, kDqk, WsMath::kRolesPair>;
-        stg_slot = sh.sq + L::kStageOff + (8 * w + (ptid & 7)) * V4Stage::kSlotBytes;
-        stg_bar = sh.sq + L::kStageOff + 32 * V4Stage::kSlotBytes + 8 * w;
-      } else if constexpr (kBulkV4) {
+      if constexpr (kBulkV4) {
         constexpr uint32_t kSlot = V4Stage::kSlotBytes;
         static_assert(kSpare + 8 * kSlot + 64 <= S::kBlockBytes, "8 slots per block + mbarriers");
         stg_slot = sh.sq + w * S::kBlockBytes + kSpare + (ptid & 7) * kSlot;
@@ -564,7 +534,7 @@ struct SparseWsTask {
       const bool mine = slot.j == 0 && valid;
       const uint32_t total = __reduce_add_sync(0xffffffffu, mine ? bytes : 0u);
       __syncwarp();  // every lane's reads of the slots (load_staged) before ...
-      if constexpr (JFM_FP8_BULK_FENCE != 0) fence_proxy_async();  // ... the async proxy's writes
+      fence_proxy_async();  // ... the async proxy's writes
       if ((ptid & 31) == 0) mbarrier_arrive_expect_tx(stg_bar, total);
       if (mine) bulk_copy_g2s(stg_slot, src, bytes, stg_bar);
     };
@@ -791,17 +761,6 @@ struct SparseWsTask {
           publish(fill);  // (the local stores; the peer's are counted on its peer_full)
           tile_trace(fill.k, kTrProdIssued);
         };
-        // (kBulkPairV4) This CTA's round of a tile: its token's row (idx: that tile's indices).
-        auto pair_row = [&](int tile, const int (&ix)[4]) {
-          return q.rows.row_of(sh.rank ? ix[1] : ix[0], q.rows.pool_of(tile));
-        };
-        if constexpr (kBulkPairV4) {  // the sequence's first tile's records in flight
-          if (n < q.t_hi) {
-            stage.locate(p.pool[q.rows.pool_of(n)], pair_row(n, idx));
-            stage_copy(stage.copy_src, stage.copy_bytes, stage.valid);
-            stage.load_scales();
-          }
-        }
         while (n < q.t_hi) {
           int n_next = q.next(n + 1);
           uint32_t k_next = k + 1;
@@ -810,30 +769,7 @@ struct SparseWsTask {
           const WsFill<kPair> fill(sh, k);
           const int pool_id = q.rows.pool_of(n);
           const SparsePool& pool = p.pool[pool_id];
-          if constexpr (kBulkPairV4) {
-            // Tile n's records arrived (copied one tile ago) into registers, then tile n_next's
-            // copy (its indices are the only global loads in flight: it needs them), then the
-            // stores as below. The next tile's location and scales wait in `nx`.
-            load_indices(n_next, idx_next);
-            stage_wait();
-            stage.load_staged(stg_slot);
-            Stage nx;
-            nx.j_ = slot.j;
-            nx.valid = false;  // (the sequence's last tile: nothing next)
-            nx.head = 0;
-            nx.scales = make_uint2(0u, 0u);
-            if (n_next < q.t_hi) {
-              nx.locate(p.pool[q.rows.pool_of(n_next)], pair_row(n_next, idx_next));
-              stage_copy(nx.copy_src, nx.copy_bytes, nx.valid);
-              nx.load_scales();
-            }
-            fill.wait_empty();
-            tile_trace(fill.k, kTrProdEmpty);
-            store_pair_round(fill, idx, pool_id);
-            stage.valid = nx.valid;  // tile n_next's, for its load_staged and dequantization
-            stage.head = nx.head;
-            stage.scales = nx.scales;
-          } else if constexpr (kPair) {
+          if constexpr (kPair) {
             const int mine = sh.rank ? idx[1] : idx[0];  // this CTA's round of the tile
             // in flight while we wait
             stage.template fetch<true>(pool, q.rows.row_of(mine, pool_id));
@@ -901,7 +837,7 @@ struct SparseWsTask {
 template <KvFormat kFmt, int kDqk, WsMath kMath>
 __global__ void __launch_bounds__(384, 1)
     sparse_attention_ws_kernel(const __grid_constant__ SparseDecodeParams p) {
-  static_assert(SparseWsSmem<kFmt, kDqk, kMath>::kBytes <= 227 * 1024, "shared memory of one CTA");
+  static_assert(WsSmem<kDqk>::kBytes <= 227 * 1024, "shared memory of one CTA");
   using Task = SparseWsTask<kFmt, kDqk>;
   cta_trace(false);  // (tile_trace.cuh; nothing without JFM_TILE_TRACE)
   pdl_launch_dependents();  // (pdl.cuh) the combine may be placed on SMs this grid's tail frees
@@ -928,12 +864,12 @@ cudaError_t launch_sparse_attention_ws(const SparseDecodeParams& p, cudaStream_t
     if (p.num_m_blocks != 2) return cudaErrorInvalidValue;
     return tile_trace_launch("sparse_attention_ws_kernel", static_cast<int>(kMath), stream, [&] {
       return launch_clusters_with_smem<sparse_attention_ws_kernel<kFmt, kDqk, kMath>>(
-          sparse_ws_grid(p), dim3(1, 2, 1), 384, SparseWsSmem<kFmt, kDqk, kMath>::kBytes, stream, p);
+          sparse_ws_grid(p), dim3(1, 2, 1), 384, WsSmem<kDqk>::kBytes, stream, p);
     });
   } else {
     return tile_trace_launch("sparse_attention_ws_kernel", static_cast<int>(kMath), stream, [&] {
       return launch_with_smem(sparse_attention_ws_kernel<kFmt, kDqk, kMath>, sparse_ws_grid(p),
-                              384, SparseWsSmem<kFmt, kDqk, kMath>::kBytes, stream, p);
+                              384, WsSmem<kDqk>::kBytes, stream, p);
     });
   }
 }
