@@ -199,8 +199,8 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 #define JFM_FP8_PRECONVERT 1
 #endif
 // JFM_FP8_BULK_STAGE (default 2, measured 2026-12-05 below; 0 = the hinted global loads):
-// kTransposed16's V3.2 producers bring each token's first 528 bytes (NoPE + scales) into shared memory by one bulk copy (TMA,
-// counted on a per-warp mbarrier) and read them from there (LDS) for the conversion, instead of
+// kTransposed16's V3.2 producers bring each token's first 528 bytes (NoPE + scales) into shared
+// memory by one bulk copy (TMA, counted on a per-warp mbarrier) and read them from there (LDS) for the conversion, instead of
 // 9 hinted 16-byte global loads per thread and round; the RoPE keeps its cp.async. Why: the
 // producer probes (PERFORMANCE.md, 2026-12-04 sixth session) put the row loads' L2 -> L1 ->
 // register path at 21% of V3.2 h16 (13% h32, 9% h128), with L1/TEX the SM's busiest unit
@@ -219,7 +219,8 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 // Measured (H100, one call, abflags against this build; PERFORMANCE.md 2026-12-05 fifth session):
 // V3.2 h16 topk 2048 b64 (1M-token pool) 52.72 -> 49.94 us (=1, -5.3%) / 49.47 (=2, -6.2%),
 // s_q 2 91.09 -> 84.75 (-7.0%) / 83.47 (-8.4%); the other kernels unchanged. The gather probe
-// (benchmarks/gather_probe.cu) gathers 1.35-1.6x the tokens per second by bulk copy as by loads.
+// (benchmarks/gather_probe.cu), at the kernels' 8 producer warps per SM, gathers 1.15x (656-byte
+// copies) to 1.36x (528) the tokens per second of the 16-byte loads.
 #ifndef JFM_FP8_BULK_STAGE
 #define JFM_FP8_BULK_STAGE 2
 #endif
@@ -237,8 +238,8 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 #define JFM_FP8_BULK_STAGE_T32 1
 #endif
 // JFM_FP8_BULK_STAGE_V4 (default 1; measured: V4 h16 topk 512 b64, 1M pool, 15.17 -> 13.95 us,
-// -8.0%, s_q 2 27.97 -> 25.66, -8.3%, H100, 2026-12-05 fifth session): the same for kTransposed16's V4
-// producers (StageV4Staged): each token's 576-byte record (NoPE + RoPE) by one bulk copy of its
+// -8.0%, s_q 2 27.97 -> 25.66, -8.3%, H100, 2026-12-05 fifth session): the same for
+// kTransposed16's V4 producers (StageV4Staged): each token's 576-byte record (NoPE + RoPE) by one bulk copy of its
 // 16-byte aligned cover (576 or 592 bytes) into 592-byte slots of the Q tile's rows 16-63
 // (592 = 80 mod 128: the 8 tokens' 8-byte reads of a quarter warp land in distinct 16-byte bank
 // groups where the records start 16-byte aligned), read back 8 bytes at a time; the scales stay
