@@ -249,6 +249,23 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 #ifndef JFM_FP8_BULK_STAGE_V4
 #define JFM_FP8_BULK_STAGE_V4 1
 #endif
+// JFM_FP8_SPLIT_ROUNDS (candidate, off; not yet run on a GPU): kTransposed16's V3.2 producers
+// (JFM_FP8_BULK_STAGE=2) split each tile by rounds instead of taking alternate tiles: warpgroup i
+// fills tokens 32 i .. + 31 of every tile. Why: the transposed kernels run a ring of two tile
+// buffers whose producers wait at the empty barrier with their rows in hand, so a buffer's round
+// trip is the producer's work after that wait + the hand-over + the math, and the period is half
+// of it (PERFORMANCE.md, 2026-12-05 fifth session, Next 2). Today that work is round 0's stores
+// and round 1's conversion and stores by one warpgroup; split, it is one round's stores per
+// warpgroup, both at once, and both rounds are converted before the wait. Each warp's next tile
+// token is copied into its slots as soon as it has read them (one tile ahead, in place of the L2
+// prefetch), since a warpgroup now has one period, not two, between its tiles. Every producer
+// thread arrives once on the full barrier (256: Task::kFullCount, unchanged). Predicted: V3.2
+// h16 -8 to -20% if that post-empty chain is half or more of the round trip; flat if the math
+// or the hand-over is. (Tile-trace stamps of the producer are then written by both warpgroups'
+// thread 0: the later one's stays.)
+#ifndef JFM_FP8_SPLIT_ROUNDS
+#define JFM_FP8_SPLIT_ROUNDS 0
+#endif
 // Before a warp's bulk copy overwrites its slots: `fence.proxy.async.shared::cta` after the
 // __syncwarp that follows every lane's reads, as the PTX memory model asks between generic-proxy
 // accesses and later async-proxy ones (write-after-read across proxies). In SASS MEMBAR.ALL.CTA +
@@ -431,6 +448,8 @@ struct SparseWsTask {
                            kFmt == KvFormat::kFp8V32 && kL2Prefetch && kRopeAsync && !kPair &&
                            kWide && !kRow8;
     constexpr bool kBulkRope = kBulk && kRoomy && JFM_FP8_BULK_STAGE == 2;
+    // kSplitRounds (JFM_FP8_SPLIT_ROUNDS): both warpgroups fill every tile, `which` its round.
+    constexpr bool kSplitRounds = JFM_FP8_SPLIT_ROUNDS != 0 && kBulkRope;
     // kBulkV4 (JFM_FP8_BULK_STAGE_V4): kTransposed16's V4 fill, StageV4Staged in the last loop.
     constexpr bool kBulkV4 = JFM_FP8_BULK_STAGE_V4 != 0 && kFmt == KvFormat::kFp8V4 && kRoomy &&
                              kRopeAsync && !kPair && kWide && !kL2Prefetch;
@@ -492,6 +511,7 @@ struct SparseWsTask {
     // ahead of the empty wait.
     constexpr bool kPreconvert = JFM_FP8_PRECONVERT != 0 && kFmt == KvFormat::kFp8V32 &&
                                  kStageRopeAsync && kWide && !kRow8;
+    static_assert(!kSplitRounds || kFullCount == 256, "JFM_FP8_SPLIT_ROUNDS: 256 single arrivals");
     static_assert(!kBulk || (TileSmem<kDqk>::kKBlocks == 9 &&
                              (kBulkT32 ? kT32CompactQ : kT16StagesInQ)),
                   "JFM_FP8_BULK_STAGE*: the math's Q layout (WsTQLayout) leaves the slots free");
@@ -569,7 +589,9 @@ struct SparseWsTask {
       // This thread's positions of tile n: FP8 t, t + 32; bf16 lr + 16 h.
       auto load_indices = [&](int n, int (&idx)[4]) {
         if (n >= q.t_hi) return;
-        if constexpr (kRow8) {
+        if constexpr (kSplitRounds) {
+          idx[0] = q.rows.index_at(n, slot.t + 32 * which);  // this warpgroup's round only
+        } else if constexpr (kRow8) {
 #pragma unroll
           for (int h = 0; h < 4; ++h) idx[h] = q.rows.index_at(n, slot.t + 16 * h);
         } else if constexpr (kFp8) {
@@ -594,7 +616,7 @@ struct SparseWsTask {
       };
       // From tile n (the CTA's kn-th), the first tile that is this producer's (or t_hi).
       auto own = [&](int& n, uint32_t& kn) {
-        while (n < q.t_hi && static_cast<int>(kn % stride) != which) {
+        while (n < q.t_hi && !kSplitRounds && static_cast<int>(kn % stride) != which) {
           n = q.next(n + 1);
           ++kn;
         }
@@ -663,6 +685,49 @@ struct SparseWsTask {
           tile_trace(fill.k, kTrProdIssued);
 #pragma unroll
           for (int h = 0; h < 4; ++h) idx_next[h] = idx_after[h];
+          n = n_next;
+          k = k_next;
+          n_next = n_after;
+          k_next = k_after;
+        }
+      } else if constexpr (kSplitRounds) {
+        // Every tile: this warpgroup's token of it (idx[0]) from the slots its copy filled a tile
+        // ago, converted before the empty wait; after the wait only the stores.
+        int n_next;
+        uint32_t k_next;
+        own_after(n, k, n_next, k_next);
+        int idx_next[4] = {-1, -1, -1, -1};
+        load_indices(n_next, idx_next);
+        if (n < q.t_hi) {  // the sequence's first tile's token in flight
+          const int pool_id = q.rows.pool_of(n);
+          stage_copy_v32(p.pool[pool_id], q.rows.row_of(idx[0], pool_id));
+        }
+        while (n < q.t_hi) {
+          int n_after;
+          uint32_t k_after;
+          own_after(n_next, k_next, n_after, k_after);
+          const WsFill<false> fill(sh, k);
+          const int pool_id = q.rows.pool_of(n);
+          stage.locate(p.pool[pool_id], q.rows.row_of(idx[0], pool_id));
+          stage_wait();
+          stage.load_staged(stg_slot);
+          if (n_next < q.t_hi) {  // the next tile's token into the slots just read
+            const int pool_next = q.rows.pool_of(n_next);
+            stage_copy_v32(p.pool[pool_next], q.rows.row_of(idx_next[0], pool_next));
+          }
+          typename Stage::Converted pre;
+          stage.convert(pre);
+          int idx_after[4] = {-1, -1, -1, -1};
+          load_indices(n_after, idx_after);  // (after the copy: its fence waits for loads)
+          fill.wait_empty();
+          tile_trace(fill.k, kTrProdEmpty);
+          store_converted(stage, pre, fill.tile, slot.t + 32 * which);
+          mark_valid(stage, fill.valid, which);
+          fence_proxy_async();         // the stores, before the math warps' wgmma reads them
+          mbarrier_arrive(fill.full);  // once per thread of both warpgroups (kFullCount 256)
+          tile_trace_published(fill.k);
+          idx[0] = idx_next[0];
+          idx_next[0] = idx_after[0];
           n = n_next;
           k = k_next;
           n_next = n_after;
