@@ -249,16 +249,18 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 #ifndef JFM_FP8_BULK_STAGE_V4
 #define JFM_FP8_BULK_STAGE_V4 1
 #endif
-// JFM_FP8_SPLIT_ROUNDS (candidate, off; not yet run on a GPU): kTransposed16's V3.2 producers
-// (JFM_FP8_BULK_STAGE=2) split each tile by rounds instead of taking alternate tiles: warpgroup i
-// fills tokens 32 i .. + 31 of every tile. Why: the transposed kernels run a ring of two tile
+// JFM_FP8_SPLIT_ROUNDS (candidate, off; not yet run on a GPU): kTransposed16's bulk-staging
+// producers (V3.2 with JFM_FP8_BULK_STAGE=2, V4 with _V4) split each tile by rounds instead of
+// taking alternate tiles: warpgroup i fills tokens 32 i .. + 31 of every tile. Why: the transposed kernels run a ring of two tile
 // buffers whose producers wait at the empty barrier with their rows in hand, so a buffer's round
 // trip is the producer's work after that wait + the hand-over + the math, and the period is half
 // of it (PERFORMANCE.md, 2026-12-05 fifth session, Next 2). Today that work is round 0's stores
 // and round 1's conversion and stores by one warpgroup; split, it is one round's stores per
-// warpgroup, both at once, and both rounds are converted before the wait. Each warp's next tile
-// token is copied into its slots as soon as it has read them (one tile ahead, in place of the L2
-// prefetch), since a warpgroup now has one period, not two, between its tiles. Every producer
+// warpgroup, both at once, and (V3.2) both rounds are converted before the wait (V4 dequantizes
+// after it, as today, half a tile per warpgroup). Each warp's next tile token is copied into its
+// slots as soon as it has read them (one tile ahead, in place of V3.2's L2 prefetch; V4 loads
+// that token's scales right after), since a warpgroup now has one period, not two, between its
+// tiles. Every producer
 // thread arrives once on the full barrier (256: Task::kFullCount, unchanged). Predicted: V3.2
 // h16 -8 to -20% if that post-empty chain is half or more of the round trip; flat if the math
 // or the hand-over is. (Tile-trace stamps of the producer are then written by both warpgroups'
@@ -448,11 +450,11 @@ struct SparseWsTask {
                            kFmt == KvFormat::kFp8V32 && kL2Prefetch && kRopeAsync && !kPair &&
                            kWide && !kRow8;
     constexpr bool kBulkRope = kBulk && kRoomy && JFM_FP8_BULK_STAGE == 2;
-    // kSplitRounds (JFM_FP8_SPLIT_ROUNDS): both warpgroups fill every tile, `which` its round.
-    constexpr bool kSplitRounds = JFM_FP8_SPLIT_ROUNDS != 0 && kBulkRope;
     // kBulkV4 (JFM_FP8_BULK_STAGE_V4): kTransposed16's V4 fill, StageV4Staged in the last loop.
     constexpr bool kBulkV4 = JFM_FP8_BULK_STAGE_V4 != 0 && kFmt == KvFormat::kFp8V4 && kRoomy &&
                              kRopeAsync && !kPair && kWide && !kL2Prefetch;
+    // kSplitRounds (JFM_FP8_SPLIT_ROUNDS): both warpgroups fill every tile, `which` its round.
+    constexpr bool kSplitRounds = JFM_FP8_SPLIT_ROUNDS != 0 && (kBulkRope || kBulkV4);
     constexpr bool kStageRopeAsync = kRopeAsync && !kPair && !kBulkRope && !kBulkV4;
     using V4Stage = std::conditional_t<
         kBulkV4, StageV4Staged<kDequant>,
@@ -692,40 +694,68 @@ struct SparseWsTask {
         }
       } else if constexpr (kSplitRounds) {
         // Every tile: this warpgroup's token of it (idx[0]) from the slots its copy filled a tile
-        // ago, converted before the empty wait; after the wait only the stores.
+        // ago, in registers (V3.2: converted) before the empty wait; after the wait only the
+        // stores. V4: where the next token's record and scales are (`nx`, located at its copy)
+        // becomes this stage's at the end of the tile, as its scales (loaded after the copy).
+        Stage nx;
+        nx.j_ = slot.j;
+        nx.valid = false;  // (the sequence's last tile: nothing next)
+        auto copy_token = [&](int tile, int index) {  // this warp's token of `tile` to its slots
+          const int pool_id = q.rows.pool_of(tile);
+          const int64_t row = q.rows.row_of(index, pool_id);
+          if constexpr (kFmt == KvFormat::kFp8V4) {
+            nx.locate(p.pool[pool_id], row);
+            stage_copy(nx.copy_src, nx.copy_bytes, nx.valid);
+            nx.load_scales();
+          } else {
+            stage_copy_v32(p.pool[pool_id], row);
+          }
+        };
+        auto take_next = [&] {  // (V4) tile n_next's location and scales into `stage`
+          if constexpr (kFmt == KvFormat::kFp8V4) {
+            stage.valid = nx.valid;
+            stage.head = nx.head;
+            stage.scales = nx.scales;
+          }
+        };
         int n_next;
         uint32_t k_next;
         own_after(n, k, n_next, k_next);
         int idx_next[4] = {-1, -1, -1, -1};
         load_indices(n_next, idx_next);
         if (n < q.t_hi) {  // the sequence's first tile's token in flight
-          const int pool_id = q.rows.pool_of(n);
-          stage_copy_v32(p.pool[pool_id], q.rows.row_of(idx[0], pool_id));
+          copy_token(n, idx[0]);
+          take_next();
         }
         while (n < q.t_hi) {
           int n_after;
           uint32_t k_after;
           own_after(n_next, k_next, n_after, k_after);
           const WsFill<false> fill(sh, k);
-          const int pool_id = q.rows.pool_of(n);
-          stage.locate(p.pool[pool_id], q.rows.row_of(idx[0], pool_id));
+          if constexpr (kFmt == KvFormat::kFp8V32) {
+            const int pool_id = q.rows.pool_of(n);
+            stage.locate(p.pool[pool_id], q.rows.row_of(idx[0], pool_id));
+          }
           stage_wait();
           stage.load_staged(stg_slot);
-          if (n_next < q.t_hi) {  // the next tile's token into the slots just read
-            const int pool_next = q.rows.pool_of(n_next);
-            stage_copy_v32(p.pool[pool_next], q.rows.row_of(idx_next[0], pool_next));
-          }
-          typename Stage::Converted pre;
-          stage.convert(pre);
+          nx.valid = false;
+          if (n_next < q.t_hi) copy_token(n_next, idx_next[0]);  // into the slots just read
+          std::conditional_t<kFmt == KvFormat::kFp8V32, typename V32Stage::Converted, char> pre;
+          if constexpr (kFmt == KvFormat::kFp8V32) stage.convert(pre);
           int idx_after[4] = {-1, -1, -1, -1};
           load_indices(n_after, idx_after);  // (after the copy: its fence waits for loads)
           fill.wait_empty();
           tile_trace(fill.k, kTrProdEmpty);
-          store_converted(stage, pre, fill.tile, slot.t + 32 * which);
+          if constexpr (kFmt == KvFormat::kFp8V32) {
+            store_converted(stage, pre, fill.tile, slot.t + 32 * which);
+          } else {
+            store_stage(stage, fill.tile, slot.t + 32 * which);
+          }
           mark_valid(stage, fill.valid, which);
           fence_proxy_async();         // the stores, before the math warps' wgmma reads them
           mbarrier_arrive(fill.full);  // once per thread of both warpgroups (kFullCount 256)
           tile_trace_published(fill.k);
+          take_next();
           idx[0] = idx_next[0];
           idx_next[0] = idx_after[0];
           n = n_next;
