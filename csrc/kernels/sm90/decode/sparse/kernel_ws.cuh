@@ -711,6 +711,7 @@ struct SparseWsTask {
             stage_copy_v32(p.pool[pool_id], row);
           }
         };
+        if constexpr (kFmt == KvFormat::kFp8V4) stage.wide = false;  // (locate's; a constant)
         auto take_next = [&] {  // (V4) tile n_next's location and scales into `stage`
           if constexpr (kFmt == KvFormat::kFp8V4) {
             stage.valid = nx.valid;
