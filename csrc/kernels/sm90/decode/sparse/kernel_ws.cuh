@@ -722,12 +722,12 @@ struct SparseWsTask {
         int n_next;
         uint32_t k_next;
         own_after(n, k, n_next, k_next);
-        int idx_next[4] = {-1, -1, -1, -1};
-        load_indices(n_next, idx_next);
         if (n < q.t_hi) {  // the sequence's first tile's token in flight
           copy_token(n, idx[0]);
           take_next();
         }
+        int idx_next[4] = {-1, -1, -1, -1};
+        load_indices(n_next, idx_next);  // (after the copy, whose fence waits for loads)
         while (n < q.t_hi) {
           int n_after;
           uint32_t k_after;
