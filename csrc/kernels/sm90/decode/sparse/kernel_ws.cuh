@@ -695,11 +695,10 @@ struct SparseWsTask {
       } else if constexpr (kSplitRounds) {
         // Every tile: this warpgroup's token of it (idx[0]) from the slots its copy filled a tile
         // ago, in registers (V3.2: converted) before the empty wait; after the wait only the
-        // stores. V4: where the next token's record and scales are (`nx`, located at its copy)
-        // becomes this stage's at the end of the tile, as its scales (loaded after the copy).
+        // stores. V4: `nx` holds the next token's location and scales (set at its copy) until
+        // the end of the tile hands them to `stage` (take_next).
         Stage nx;
         nx.j_ = slot.j;
-        nx.valid = false;  // (the sequence's last tile: nothing next)
         auto copy_token = [&](int tile, int index) {  // this warp's token of `tile` to its slots
           const int pool_id = q.rows.pool_of(tile);
           const int64_t row = q.rows.row_of(index, pool_id);
@@ -739,7 +738,7 @@ struct SparseWsTask {
           }
           stage_wait();
           stage.load_staged(stg_slot);
-          nx.valid = false;
+          nx.valid = false;  // (the sequence's last tile: nothing next)
           if (n_next < q.t_hi) copy_token(n_next, idx_next[0]);  // into the slots just read
           std::conditional_t<kFmt == KvFormat::kFp8V32, typename V32Stage::Converted, char> pre;
           if constexpr (kFmt == KvFormat::kFp8V32) stage.convert(pre);
