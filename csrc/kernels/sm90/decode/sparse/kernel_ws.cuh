@@ -249,24 +249,25 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 #ifndef JFM_FP8_BULK_STAGE_V4
 #define JFM_FP8_BULK_STAGE_V4 1
 #endif
-// JFM_FP8_SPLIT_ROUNDS (candidate, off; not yet run on a GPU): kTransposed16's bulk-staging
-// producers (V3.2 with JFM_FP8_BULK_STAGE=2, V4 with _V4) split each tile by rounds instead of
-// taking alternate tiles: warpgroup i fills tokens 32 i .. + 31 of every tile. Why: the transposed kernels run a ring of two tile
-// buffers whose producers wait at the empty barrier with their rows in hand, so a buffer's round
-// trip is the producer's work after that wait + the hand-over + the math, and the period is half
-// of it (PERFORMANCE.md, 2026-12-05 fifth session, Next 2). Today that work is round 0's stores
-// and round 1's conversion and stores by one warpgroup; split, it is one round's stores per
-// warpgroup, both at once, and (V3.2) both rounds are converted before the wait (V4 dequantizes
-// after it, as today, half a tile per warpgroup). Each warp's next tile token is copied into its
-// slots as soon as it has read them (one tile ahead, in place of V3.2's L2 prefetch; V4 loads
-// that token's scales right after), since a warpgroup now has one period, not two, between its
-// tiles. Every producer
-// thread arrives once on the full barrier (256: Task::kFullCount, unchanged). Predicted: V3.2
-// h16 -8 to -20% if that post-empty chain is half or more of the round trip; flat if the math
-// or the hand-over is. (Tile-trace stamps of the producer are then written by both warpgroups'
-// thread 0: the later one's stays.)
+// JFM_FP8_SPLIT_ROUNDS (default 1; measured: V3.2 h16 topk 2048 b64, 1M pool, 49.47 -> 44.13 us,
+// -10.8%, s_q 2 83.62 -> 78.29, -6.4%, h8 47.91 -> 42.88, -10.5%; V4 h16 topk 512 13.95 ->
+// 13.65, -2.2%, s_q 2 25.73 -> 24.99, -2.9%; H100, 2026-12-05 sixth session): kTransposed16's
+// bulk-staging producers (V3.2 with JFM_FP8_BULK_STAGE=2, V4 with _V4) split each tile by rounds
+// instead of taking alternate tiles: warpgroup i fills tokens 32 i .. + 31 of every tile. Why:
+// the transposed kernels run a ring of two tile buffers whose producers wait at the empty barrier
+// with their rows in hand, so a buffer's round trip is the producer's work after that wait + the
+// hand-over + the math, and the period is half of it (PERFORMANCE.md, 2026-12-05 fifth session,
+// Next 2). Unsplit, that work is round 0's stores and round 1's conversion and stores by one
+// warpgroup; split, it is one round's stores per warpgroup, both at once, and (V3.2) both rounds
+// are converted before the wait (V4 dequantizes after it, as before, half a tile per
+// warpgroup). Each warp's next tile token is copied into its slots as soon as it has read them
+// (one tile ahead, in place of V3.2's L2 prefetch; V4 loads that token's scales right after),
+// since a warpgroup now has one period, not two, between its tiles. Every producer thread arrives
+// once on the full barrier (256: Task::kFullCount, unchanged). V4 gains less because its
+// dequantization stays after the wait. (Tile-trace stamps of the producer are written by both
+// warpgroups' thread 0: the later one's stays.) =0 restores alternate tiles.
 #ifndef JFM_FP8_SPLIT_ROUNDS
-#define JFM_FP8_SPLIT_ROUNDS 0
+#define JFM_FP8_SPLIT_ROUNDS 1
 #endif
 // Before a warp's bulk copy overwrites its slots: `fence.proxy.async.shared::cta` after the
 // __syncwarp that follows every lane's reads, as the PTX memory model asks between generic-proxy
