@@ -266,24 +266,13 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 // once on the full barrier (256: Task::kFullCount, unchanged). V4 gains less because its
 // dequantization stays after the wait. (Tile-trace stamps of the producer are written by both
 // warpgroups' thread 0: the later one's stays.) =0 restores alternate tiles.
+// Measured and removed (JFM_FP8_SPLIT_PREFETCH, 896d494): each producer asking L2 for its token
+// of the tile after next (one bulk prefetch per token, after publishing) cost V3.2 h16 +8.7%
+// (44.29 -> 48.14 us), s_q 2 +8.8%, h8 +10.5%, V4 h16 +6.3% / s_q 2 +5.0% (H100, 2026-12-05
+// sixth session): at 8 producer warps per SM the copies are not waiting on latency that a
+// further tile in flight could hide; the extra requests only queue.
 #ifndef JFM_FP8_SPLIT_ROUNDS
 #define JFM_FP8_SPLIT_ROUNDS 1
-#endif
-// JFM_FP8_SPLIT_PREFETCH (candidate, off; not yet run on a GPU): with JFM_FP8_SPLIT_ROUNDS, each
-// producer asks L2 for its token of the tile after next (one bulk prefetch per token,
-// Stage::prefetch<1>) once it has published the current tile, and for the second tile right after
-// the first one's copy, so that each bulk copy, issued one tile ahead, reads L2 rather than DRAM.
-// Why: the split kernels' math still waits on the producers ("late" 1166 of a 3958-cycle period
-// at V3.2 h16, H100 tile trace, 2026-12-05 sixth session), the producer warps publish up to 1600
-// cycles apart (warps' skew: the slowest copy of 8 sets the tile), and one tile ahead (one
-// period, ~2.2 us) is about one loaded DRAM round trip for a random 656-byte token. The split
-// dropped V3.2's L2 prefetch (its copy took that slot); this puts one further tile in flight
-// without shared memory (no room for a second slot set). Predicted: V3.2 h16 -3 to -8% (the
-// kernel body runs at ~2.3 TB/s of the 2.6 that the gather probe's copies reach), V4 h16 0 to
-// -4% (4 tiles per CTA: mostly its first tile's chain); flat or slower if the extra requests only
-// queue (as V4's point prefetches did in 2026-12-02).
-#ifndef JFM_FP8_SPLIT_PREFETCH
-#define JFM_FP8_SPLIT_PREFETCH 0
 #endif
 // Before a warp's bulk copy overwrites its slots: `fence.proxy.async.shared::cta` after the
 // __syncwarp that follows every lane's reads, as the PTX memory model asks between generic-proxy
@@ -472,7 +461,6 @@ struct SparseWsTask {
                              kRopeAsync && !kPair && kWide && !kL2Prefetch;
     // kSplitRounds (JFM_FP8_SPLIT_ROUNDS): both warpgroups fill every tile, `which` its round.
     constexpr bool kSplitRounds = JFM_FP8_SPLIT_ROUNDS != 0 && (kBulkRope || kBulkV4);
-    constexpr bool kSplitPrefetch = kSplitRounds && JFM_FP8_SPLIT_PREFETCH != 0;
     constexpr bool kStageRopeAsync = kRopeAsync && !kPair && !kBulkRope && !kBulkV4;
     using V4Stage = std::conditional_t<
         kBulkV4, StageV4Staged<kDequant>,
@@ -728,14 +716,6 @@ struct SparseWsTask {
             stage_copy_v32(p.pool[pool_id], row);
           }
         };
-        // (kSplitPrefetch) this thread's token of `tile` asked of L2 (lanes j 0: a bulk prefetch).
-        auto prefetch_token = [&](int tile, int index) {
-          if constexpr (kSplitPrefetch) {
-            if (tile >= q.t_hi) return;
-            const int pool_id = q.rows.pool_of(tile);
-            Stage::template prefetch<1>(p.pool[pool_id], q.rows.row_of(index, pool_id), slot.j);
-          }
-        };
         if constexpr (kFmt == KvFormat::kFp8V4) stage.wide = false;  // (locate's; a constant)
         auto take_next = [&] {  // (V4) tile n_next's location and scales into `stage`
           if constexpr (kFmt == KvFormat::kFp8V4) {
@@ -753,7 +733,6 @@ struct SparseWsTask {
         }
         int idx_next[4] = {-1, -1, -1, -1};
         load_indices(n_next, idx_next);  // (after the copy, whose fence waits for loads)
-        prefetch_token(n_next, idx_next[0]);
         while (n < q.t_hi) {
           int n_after;
           uint32_t k_after;
@@ -782,7 +761,6 @@ struct SparseWsTask {
           fence_proxy_async();         // the stores, before the math warps' wgmma reads them
           mbarrier_arrive(fill.full);  // once per thread of both warpgroups (kFullCount 256)
           tile_trace_published(fill.k);
-          prefetch_token(n_after, idx_after[0]);  // copied a tile from now
           take_next();
           idx[0] = idx_next[0];
           idx_next[0] = idx_after[0];
