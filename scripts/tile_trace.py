@@ -55,6 +55,8 @@ kTraceCtas, kTraceTiles = 4, 64  # tile_trace.cuh: the tile-stamping CTAs, tiles
 Cta = collections.namedtuple("Cta", "cta bx by entry exit entry_clk exit_clk")  # "@" lines
 END_SLOTS = ("scores stats", "scores stored", "scores left", "values stats", "values stored",
              "values left", "producer done", "producer left")  # CtaStampSlot 0-7
+# (the transposed kernels, WsMath 1-2: "scores left" is the math warpgroup's end, outputs stored;
+# "producer done" / "producer left" producer warpgroup 1's / 2's end)
 START_SLOTS = ("producer set up", "schedule row", "first live tile", "tile 0 indices",
                "Q loaded", "producer at the set-up barrier",
                "producer past it")  # CtaStampSlot 8-14 (older traces: fewer or none)
@@ -206,7 +208,8 @@ def summarize_ctas(run):
             continue
         ts = sorted(t for c, t in rows if c == bx)
         first, last = rows[(bx, ts[0])], rows[(bx, ts[-1])]
-        end = max(d(first["sc_full"], last["sc_pv"]), d(first["sc_full"], last["val_pv"]))
+        # (the transposed kernels have no values warpgroup: val_pv 0, never stamped)
+        end = max(d(first["sc_full"], v) for v in (last["sc_pv"], last["val_pv"]) if v)
         ghz = d(ec, xc) / max(x - e, 1)
         print(f"    cta ({bx}, 0): {ghz:.3f} GHz; entry -> producer's first empty wait "
               f"{d(ec, first['prod_empty']) if first['prod_empty'] else 'n/a'}, -> first full "

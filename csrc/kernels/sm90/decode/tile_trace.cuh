@@ -47,6 +47,8 @@ enum CtaStampSlot : int {
   kEndValLeft = 5,    // values: past ws_leave
   kEndProdDone = 6,   // producer: its last tile published
   kEndProdLeft = 7,   // producer: past ws_leave
+                      // (kTransposed*: kEndScLeft the math's end, kEndProdDone / kEndProdLeft
+                      // producer warpgroup 1's / 2's end)
   // Before the first tile (the CTA's first sequence), where the time from entry to tile 0 full
   // goes: the producer's start-up chain (the sparse kernels' producer), and the math warps' Q.
   kStartSetup = 8,    // producer: past ws_setup and setmaxnreg

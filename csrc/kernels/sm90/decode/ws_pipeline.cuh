@@ -694,10 +694,12 @@ __device__ __forceinline__ void ws_run(const Task& task, const WsShared& sh) {
     if (wg == 0) {
       ws_set_regs<Regs::kWg0, kL>();
       ws_math_t<Task, kMath == WsMath::kTransposed16 ? 16 : 32>(task, sh);
+      cta_stamp(kEndScLeft);  // (tile_trace.cuh: the math's end, its outputs stored)
     } else {
       ws_set_regs<Regs::kWg1, kL>();
       task.template produce<Regs::kWideProducer, false, false, kMath == WsMath::kTransposed16>(
           sh, wg - 1, 2);
+      cta_stamp(wg == 1 ? kEndProdDone : kEndProdLeft);  // (each producer warpgroup's end)
     }
   } else if (wg == 2) {
     ws_set_regs<Regs::kWg2, kL>();
