@@ -24,6 +24,7 @@ CCCL=${CCCL_INCLUDE:-${CUDA_HOME:-/usr/local/cuda}/include/cccl}
 # cuobjdump -sass runs nvdisasm (PyPI's nvidia-cuda-nvdisasm, unzipped beside it: same bin/).
 export PATH="$(dirname "$CUOBJDUMP"):$PATH"
 mkdir -p "$OUTD"
+rm -f "$OUTD"/*.sass "$OUTD"/*.cubin  # (the hashes below take every .sass here: none stale)
 # The flags of CMakeLists.txt's target that change code (-lineinfo only adds line tables).
 compile() {
   set -o pipefail  # (bash -c: not inherited) a failed cuobjdump must not hash as empty SASS
