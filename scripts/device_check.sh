@@ -251,23 +251,9 @@ if has ncu; then
   for entry in "${ncu_cases[@]}"; do
     IFS='|' read -r name regex pargs cenv <<< "$entry"
     env ${cenv:-} timeout 240 ncu --kernel-name regex:$regex --launch-skip 2 --launch-count 1 \
-      --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
-      --section SchedulerStats --section Occupancy --section SourceCounters ${NCU_EXTRA:-} \
-      --metrics "dram__bytes_read.sum,lts__t_sector_hit_rate.pct,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_elapsed,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
-      -o "/tmp/ncu_$name" -f python3 "$REPO/benchmarks/profile_decode.py" $pargs > "$OUT/ncu_$name.log" 2>&1
-    ncu --import "/tmp/ncu_$name.ncu-rep" > "$OUT/ncu_$name.txt" 2>&1
-    # The table sections print only their rule notes by default (ninth 2026-12-01 session); their
-    # rows need --print-details. Every collected metric, raw: ncu_<name>_raw.csv.gz.
-    case "${NCU_EXTRA:-}" in *Tables*)
-      ncu --import "/tmp/ncu_$name.ncu-rep" --print-details all \
-        > "$OUT/ncu_${name}_details.txt" 2>&1 || true ;;
-    esac
-    ncu --import "/tmp/ncu_$name.ncu-rep" --page raw --csv 2>/dev/null | gzip > "$OUT/ncu_${name}_raw.csv.gz"
-    ncu --import "/tmp/ncu_$name.ncu-rep" --page source --csv --print-source sass 2>/dev/null \
-      | gzip > "$OUT/ncu_${name}_sass.csv.gz"
-    echo "--- $name"
-    grep -E "Duration|DRAM Throughput|dram__bytes_read|hit_rate|gmma|Compute \(SM\)|No Eligible|stalled_(barrier|long|wait|math|mio|short|lg|no_inst|not_sel|selected)|==ERR|rror" "$OUT/ncu_$name.txt" | head -30
-    python3 "$REPO/scripts/ncu_sass_stalls.py" "$OUT/ncu_${name}_sass.csv.gz" 2>&1 | head -40
+      "${NCU_ARGS[@]}" -o "/tmp/ncu_$name" -f python3 "$REPO/benchmarks/profile_decode.py" $pargs \
+      > "$OUT/ncu_$name.log" 2>&1
+    ncu_export "$name" "/tmp/ncu_$name.ncu-rep"
   done
 fi
 if has bench; then
