@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -75,11 +74,6 @@ def parse():
                     help="nvidia-smi samples taken during the run (scripts/device_bench.sh SMI_MS): "
                          "each side's mean SM clock, power and power-capped share over its "
                          "in-one-unit timing window")
-    ap.add_argument("--ncu", default=None, metavar="PREFIX",
-                    help="run each side's worker under Nsight Compute (ncu; its sections from "
-                         "the environment's JFM_NCU_ARGS, shell-quoted), profiling one launch "
-                         "of that side's main kernel (NCU_KERNELS; the third, past the first "
-                         "call's) into PREFIX_<side>.ncu-rep. Needs --cases naming one case")
     ap.add_argument("--in-one-call", type=int, default=0, metavar="K",
                     help="decode cases: also time K calls issued as one unit on each side (ours: "
                          "one jit of K calls; FlashMLA: one CUDA graph of K calls; each on its own "
@@ -91,17 +85,6 @@ def parse():
 
 # ---------------------------------------------------------------------------------------------
 # Workers
-
-# Each side's main kernels (not the split-KV combine or the scheduler): what --ncu profiles.
-NCU_KERNELS = {"ours": "sparse_attention_ws_kernel|dense_decode_ws_kernel",
-               "flashmla": "flash_fwd_splitkv|sparse_attn_fwd"}
-
-
-def under_ncu(cmd, kernels, report):
-    """cmd run by Nsight Compute: one launch of `kernels` (a regex) profiled into `report`."""
-    return (["ncu", "--kernel-name", "regex:" + kernels, "--launch-skip", "2", "--launch-count",
-             "1"] + shlex.split(os.environ.get("JFM_NCU_ARGS", "")) + ["-o", report, "-f"] + cmd)
-
 
 def run_worker(label, cmd, cases, work, timeout):
     """Run a worker over all cases, restarting it after a case it crashed or hung on."""
@@ -435,9 +418,6 @@ def main():
         for c in cases:
             print(c["name"])
         return
-    if args.ncu and len(cases) != 1:
-        raise SystemExit(f"--ncu profiles one case: --cases matches {len(cases)} "
-                         f"({', '.join(c['name'] for c in cases[:4])}{', ...' if len(cases) > 4 else ''})")
     if not cases:
         sys.exit("no case selected")
     os.makedirs(args.out, exist_ok=True)
@@ -479,12 +459,6 @@ def main():
                   "--implementation", "reference", "--max-seconds", "1e9"] + env_cpu + quick + k_arg
     else:
         up_cmd = None
-
-    if args.ncu:
-        ours_cmd = under_ncu(ours_cmd, NCU_KERNELS["ours"], args.ncu + "_ours")
-        if up_cmd:  # (the fake upstream is our reference: its kernels, none of ours)
-            up_cmd = under_ncu(up_cmd, NCU_KERNELS["flashmla" if args.upstream == "on" else "ours"],
-                               args.ncu + "_flashmla")
 
     # Machine limits: torch's device-to-device copy and matmul where torch is there.
     lim_cmd = (up_cmd[:2] + ["--work", work, "--limits"]) if args.upstream == "on" else (

@@ -20,10 +20,6 @@
 #   VARIANTS kernel variants of ours to time too, ours only, same inputs (VARIANTS="pair v1":
 #            JFM_KERNEL_VARIANT=pair, the FP8 CTA pairs; v1, the kernels before the warp-specialized);
 #            benchmarks/sbs_variants.py prints them beside FlashMLA
-#   NCU=1    Nsight Compute of both sides' main kernels on one case (CASES must name exactly one):
-#            one launch each (side_by_side.py --ncu, device_common.sh's NCU_ARGS + NCU_EXTRA),
-#            exported as $OUT/ncu_sbs_ours* and ncu_sbs_flashmla* (device_common.sh's ncu_export);
-#            the timings of that run are under the profiler: not to be read
 #   STAGES   "build" (default) rebuilds our package; STAGES=" " reuses the one installed on a warm
 #            machine
 #   SMI_MS=N the GPU's SM clock, power, temperature and clock-event reasons sampled every N ms
@@ -77,23 +73,12 @@ if [ -n "${SMI_MS:-}" ]; then
   SMI=$!
 fi
 # /tmp/site only: the source tree must not shadow the installed package (its kernels).
-NCU_OPT=()
-if [ "${NCU:-0}" = 1 ]; then
-  NCU_OPT=(--ncu /tmp/ncu_sbs)
-  export JFM_NCU_ARGS="$(printf '%q ' "${NCU_ARGS[@]}")"
-fi
-PYTHONPATH=/tmp/site python3 "$REPO/benchmarks/side_by_side.py" "${ARGS[@]}" "${NCU_OPT[@]}" --out "$OUT" \
+PYTHONPATH=/tmp/site python3 "$REPO/benchmarks/side_by_side.py" "${ARGS[@]}" --out "$OUT" \
   --upstream $UPSTREAM --ours-max-seconds "${OURS_MAX_SECONDS:-30}" \
   --case-timeout "${CASE_TIMEOUT:-300}" $([ "${XLA:-0}" = 1 ] && echo --xla) \
   ${SMI_MS:+--smi "$OUT/smi.csv"} 2>&1 | stamp | tee "$OUT/bench.log" | grep -vE "^([0-9:.]+ )?\[(ours|flashmla)\] " | tail -120
 rc=${PIPESTATUS[0]}
 [ -n "${SMI:-}" ] && kill "$SMI" 2>/dev/null
-if [ "${NCU:-0}" = 1 ]; then
-  for side in ours flashmla; do
-    if [ -f "/tmp/ncu_sbs_$side.ncu-rep" ]; then ncu_export "sbs_$side" "/tmp/ncu_sbs_$side.ncu-rep"
-    else echo "!!! no Nsight Compute report for $side (its worker's log: bench.log)"; rc=1; fi
-  done
-fi
 
 # VARIANTS: kernel variants of ours timed again on the same inputs, ours only, each switched on
 # through JFM_KERNEL_VARIANT (pair: the FP8 CTA pairs; v1: the kernels before the warp-specialized ones).

@@ -24,19 +24,17 @@ if has build; then
   tail -3 "$OUT/build.log"
 fi
 # Nsight Compute: the sections and metrics of every profile (device_check.sh's ncu stage,
-# device_bench.sh's NCU=1; NCU_EXTRA adds arguments), and the export of one report into $OUT:
-# ncu_<name>.txt (the sections), _raw.csv.gz (every metric), _sass.csv.gz (warp-stall samples
-# per SASS instruction: scripts/ncu_sass_stalls.py), and with NCU_EXTRA's *_Tables sections
-# _details.txt (the table sections print only their rule notes without --print-details).
+# scripts/ncu_side_by_side.sh; NCU_EXTRA adds arguments), and the export of one report into
+# $OUT: ncu_<name>.txt (the sections), _details.txt (--print-details: the *_Tables sections'
+# rows, which the plain print leaves out), _raw.csv.gz (every metric), _sass.csv.gz (warp-stall
+# samples per SASS instruction: scripts/ncu_sass_stalls.py).
 NCU_ARGS=(--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats
   --section SchedulerStats --section Occupancy --section SourceCounters
   --metrics "dram__bytes_read.sum,lts__t_sector_hit_rate.pct,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_elapsed,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio"
   ${NCU_EXTRA:-})
 ncu_export() {  # ncu_export NAME REPORT (.ncu-rep)
   ncu --import "$2" > "$OUT/ncu_$1.txt" 2>&1
-  case "${NCU_EXTRA:-}" in *Tables*)
-    ncu --import "$2" --print-details all > "$OUT/ncu_$1_details.txt" 2>&1 || true ;;
-  esac
+  ncu --import "$2" --print-details all > "$OUT/ncu_$1_details.txt" 2>&1
   ncu --import "$2" --page raw --csv 2>/dev/null | gzip > "$OUT/ncu_$1_raw.csv.gz"
   ncu --import "$2" --page source --csv --print-source sass 2>/dev/null | gzip > "$OUT/ncu_$1_sass.csv.gz"
   echo "--- $1"

@@ -2,14 +2,15 @@
 # Nsight Compute on both sides of one side-by-side case, on identical inputs: our kernel through
 # benchmarks/sbs_ours.py and upstream FlashMLA's through benchmarks/sbs_flashmla.py, each on the
 # inputs side_by_side.py prepares, each in its own process, with the sections of device_check.sh's
-# ncu stage. (device_check.sh's ncu stage profiles benchmarks/profile_decode.py's inputs instead,
-# which are not upstream's: its V3.2 pool fits in L2.) From the repo root:
+# ncu stage (device_common.sh's NCU_ARGS and ncu_export) and the memory tables. (device_check.sh's
+# ncu stage profiles benchmarks/profile_decode.py's inputs instead, which are not upstream's: its
+# V3.2 pool fits in L2.) From the repo root:
 #   run(command="SBS_CASES='sparse V3.2 b64 h128 topk2048 p64' bash scripts/ncu_side_by_side.sh; bash scripts/device_pack.sh",
 #       carry=[".whl", ".anchor"])
 # SBS_CASES: side_by_side.py --cases (comma-separated substrings; the FIRST case selected is the
 # one profiled: launch 3 of the kernel, after its warm-up calls); SBS_SUITE (default sparse_decode);
 # SIDES (default "ours upstream"; "upstream" alone needs no build); OURS_REGEX / UP_REGEX: kernel
-# name regexes (default: our attention kernels / upstream's split-KV kernels); NCU_CLOCK: ncu's
+# name regexes (default: our attention kernels / upstream's split-KV and prefill kernels); NCU_CLOCK: ncu's
 # --clock-control (default base, ncu's own default: the SM clock locked at base; "none" leaves
 # the boost clock, as the benchmarks run); NCU_EXTRA: more ncu arguments.
 # Out ($OUT): ncu_<side>.txt, _details.txt, _raw.csv.gz, _sass.csv.gz (read like the ncu stage's).
@@ -28,22 +29,15 @@ for side in $SIDES; do
     regex=${OURS_REGEX:-"(dense_decode|sparse_attention).*kernel"}
     cmd=(python3 "$REPO/benchmarks/sbs_ours.py" --work "$WORK" --quick)
   else
-    regex=${UP_REGEX:-splitkv}
+    regex=${UP_REGEX:-"splitkv|sparse_attn_fwd"}  # decode (dense, sparse), prefill
     cmd=(env PYTHONPATH=/tmp/site python3 "$REPO/benchmarks/sbs_flashmla.py" --work "$WORK" --quick)
   fi
   log "ncu $side (kernel regex $regex, clock control ${NCU_CLOCK:-base})"
   timeout 300 ncu --kernel-name "regex:$regex" --launch-skip 2 --launch-count 1 \
-    --clock-control ${NCU_CLOCK:-base} --section SpeedOfLight --section MemoryWorkloadAnalysis \
-    --section MemoryWorkloadAnalysis_Tables --section WarpStateStats --section SchedulerStats \
-    --section Occupancy --section SourceCounters ${NCU_EXTRA:-} \
-    --metrics "dram__bytes_read.sum,lts__t_sector_hit_rate.pct,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+    --clock-control ${NCU_CLOCK:-base} "${NCU_ARGS[@]}" --section MemoryWorkloadAnalysis_Tables \
     -o "/tmp/ncu_$side" -f "${cmd[@]}" > "$OUT/ncu_$side.log" 2>&1
   echo "ncu exit $?"; grep -v "^\[" "$OUT/ncu_$side.log" | tail -3
-  ncu --import "/tmp/ncu_$side.ncu-rep" > "$OUT/ncu_$side.txt" 2>&1
-  ncu --import "/tmp/ncu_$side.ncu-rep" --print-details all > "$OUT/ncu_${side}_details.txt" 2>&1
-  ncu --import "/tmp/ncu_$side.ncu-rep" --page raw --csv 2>/dev/null | gzip > "$OUT/ncu_${side}_raw.csv.gz"
-  ncu --import "/tmp/ncu_$side.ncu-rep" --page source --csv --print-source sass 2>/dev/null \
-    | gzip > "$OUT/ncu_${side}_sass.csv.gz"
+  ncu_export "$side" "/tmp/ncu_$side.ncu-rep"
   grep -E "Duration|Elapsed Cycles|SM Frequency|L1: Data Pipe Lsu|DRAM Throughput|L2 Hit Rate  " \
     "$OUT/ncu_${side}_details.txt" | head -8
 done

@@ -211,24 +211,3 @@ def test_energy_counter_in_the_clocks_table(capsys, monkeypatch):
     assert "nvml" not in line["onesided"] and "*" not in line["onesided"]
     assert "nvml" not in line["nostep"] and "*" not in line["nostep"]
     assert "geomean over the 1 rows marked *: 1.250" in out
-
-
-def test_ncu_wraps_each_worker_around_its_main_kernel(monkeypatch, tmp_path):
-    """--ncu: each side's worker runs under Nsight Compute with the shared arguments (shell-quoted
-    in JFM_NCU_ARGS, as scripts/device_bench.sh exports them), one launch of its main kernel; and
-    it refuses a --cases that matches more than one case (only the first would be profiled)."""
-    import pytest
-    import side_by_side
-    monkeypatch.setenv("JFM_NCU_ARGS", r"--section SpeedOfLight --metrics a.sum,regex:b_.\*_c\\.ratio ")
-    worker = ["python3", "sbs_flashmla.py", "--work", "W"]
-    cmd = side_by_side.under_ncu(worker, side_by_side.NCU_KERNELS["flashmla"], "/tmp/r_flashmla")
-    assert cmd[:3] == ["ncu", "--kernel-name", "regex:flash_fwd_splitkv|sparse_attn_fwd"]
-    assert cmd[cmd.index("--launch-count") + 1] == "1"
-    assert cmd[cmd.index("--metrics") + 1] == r"a.sum,regex:b_.*_c\.ratio"
-    i = cmd.index("-o")
-    assert cmd[i:i + 3] == ["-o", "/tmp/r_flashmla", "-f"] and cmd[i + 3:] == worker
-    monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # (main sets it; restored after the test)
-    monkeypatch.setattr(sys, "argv", ["side_by_side.py", "--suite", "sparse_decode", "--out",
-                                      str(tmp_path), "--ncu", "/tmp/r", "--cases", "b64 h16"])
-    with pytest.raises(SystemExit, match="--ncu profiles one case: --cases matches 2"):
-        side_by_side.main()
