@@ -46,6 +46,12 @@ ap.add_argument("--sparse", choices=("v32", "v4", "bf16"), default=None)
 ap.add_argument("--prefill", type=int, choices=(576, 512), default=None)
 ap.add_argument("--topk", type=int, default=2048)
 ap.add_argument("--page", type=int, default=64)
+ap.add_argument("--extra_topk", type=int, default=0,
+                help="sparse: a second pool (V4's compressed entries beside the window) of this many "
+                     "positions per query token, random rows, same format")
+ap.add_argument("--extra_page", type=int, default=64, help="the second pool's page size")
+ap.add_argument("--extra_s_k", type=int, default=0,
+                help="the second pool's rows (default: max(--s_k, 2 * --extra_topk))")
 ap.add_argument("--ramp", action="store_true",
                 help="prefill: topk_length 1 + i * topk // s_q for query i (work growing along s_q)")
 ap.add_argument("--timeline", type=int, default=0)
@@ -86,20 +92,31 @@ elif args.sparse is None:
     rest = (kv, table, lens, meta)
 else:
     d_qk = 512 if args.sparse == "v4" else 576
-    rows = max(args.s_k, 2 * args.topk)
-    blocks = -(-rows // args.page)
-    pool = jax.random.normal(jax.random.PRNGKey(1), (blocks, args.page, 1, d_qk), jnp.bfloat16)
-    if args.sparse != "bf16":
-        pool = kvc.quantize_fp8(pool)
     rng = np.random.default_rng(0)
-    idx = jnp.asarray(rng.integers(0, blocks * args.page, (args.b, args.s_q, args.topk)), jnp.int32)
+
+    def make_pool(key, rows, page, topk):
+        """A random pool (FP8 unless bf16) of at least `rows` rows and [b, s_q, topk] indices into it."""
+        blocks = -(-rows // page)
+        pool = jax.random.normal(jax.random.PRNGKey(key), (blocks, page, 1, d_qk), jnp.bfloat16)
+        if args.sparse != "bf16":
+            pool = kvc.quantize_fp8(pool)
+        idx = rng.integers(0, blocks * page, (args.b, args.s_q, topk))
+        return pool, jnp.asarray(idx, jnp.int32)
+
+    pool, idx = make_pool(1, max(args.s_k, 2 * args.topk), args.page, args.topk)
+    extra = ()  # (extra_kv_cache, extra_indices) with --extra_topk
+    if args.extra_topk:
+        extra = make_pool(4, args.extra_s_k or max(args.s_k, 2 * args.extra_topk), args.extra_page,
+                          args.extra_topk)
     q = jax.random.normal(jax.random.PRNGKey(2), (args.b, args.s_q, args.h_q, d_qk), jnp.bfloat16)
     meta = jax_flashmla.get_mla_metadata(jnp.zeros((args.b,), jnp.int32), s_q=args.s_q,
-                                         h_q=args.h_q, topk=args.topk, num_sms=args.num_sms)
-    op = jax.jit(lambda q, kv, i, m: jax_flashmla.mla_decode(q, kv, indices=i, metadata=m,
-                                                             implementation=args.implementation))
-    call = lambda: op(q, pool, idx, meta)  # noqa: E731
-    rest = (pool, idx, meta)
+                                         h_q=args.h_q, topk=args.topk,
+                                         extra_topk=args.extra_topk or None, num_sms=args.num_sms)
+    op = jax.jit(lambda q, kv, i, m, *x: jax_flashmla.mla_decode(
+        q, kv, indices=i, metadata=m, extra_kv_cache=x[0] if x else None,
+        extra_indices=x[1] if x else None, implementation=args.implementation))
+    call = lambda: op(q, pool, idx, meta, *extra)  # noqa: E731
+    rest = (pool, idx, meta) + tuple(extra)
 
 
 def timeline(k):

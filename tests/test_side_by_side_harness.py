@@ -106,8 +106,8 @@ def test_gpu_time_from_both_profilers_traces(tmp_path):
 
 
 def test_profile_decode_modes_run_on_the_reference(tmp_path):
-    """benchmarks/profile_decode.py, every mode the device scripts pass it (dense, sparse, prefill,
-    --timeline with --async_runs, --variant), end to end on the reference: a Python error here would
+    """benchmarks/profile_decode.py, every mode the device scripts pass it (dense, sparse with a
+    second pool, prefill, --timeline with --async_runs, --variant), end to end on the reference: a Python error here would
     otherwise first show up in a device call (device_check's abtime / abflags / ncu stages)."""
     import subprocess
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,6 +116,7 @@ def test_profile_decode_modes_run_on_the_reference(tmp_path):
                JAX_PLATFORMS="cpu")
     for args in (["--b", "2", "--h_q", "16", "--s_k", "128"],
                  ["--sparse", "v4", "--b", "2", "--h_q", "8", "--topk", "64", "--s_k", "256",
+                  "--extra_topk", "32", "--extra_page", "16",
                   "--timeline", "2", "--async_runs", "2", "--variant", "pair"],
                  ["--prefill", "512", "--s_q", "4", "--h_q", "8", "--s_k", "128", "--topk", "32",
                   "--timeline", "1"]):
