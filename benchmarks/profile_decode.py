@@ -47,8 +47,8 @@ ap.add_argument("--prefill", type=int, choices=(576, 512), default=None)
 ap.add_argument("--topk", type=int, default=2048)
 ap.add_argument("--page", type=int, default=64)
 ap.add_argument("--extra_topk", type=int, default=0,
-                help="sparse: a second pool (V4's compressed entries beside the window) of this many "
-                     "positions per query token, random rows, same format")
+                help="sparse: a second pool (V4's compressed entries beside the window) of this "
+                     "many positions per query token, random rows, same format")
 ap.add_argument("--extra_page", type=int, default=64, help="the second pool's page size")
 ap.add_argument("--extra_s_k", type=int, default=0,
                 help="the second pool's rows (default: max(--s_k, 2 * --extra_topk))")
@@ -95,7 +95,7 @@ else:
     rng = np.random.default_rng(0)
 
     def make_pool(key, rows, page, topk):
-        """A random pool (FP8 unless bf16) of at least `rows` rows and [b, s_q, topk] indices into it."""
+        """A random pool (FP8 unless bf16) of at least `rows` rows, [b, s_q, topk] indices into it."""
         blocks = -(-rows // page)
         pool = jax.random.normal(jax.random.PRNGKey(key), (blocks, page, 1, d_qk), jnp.bfloat16)
         if args.sparse != "bf16":
@@ -112,9 +112,9 @@ else:
     meta = jax_flashmla.get_mla_metadata(jnp.zeros((args.b,), jnp.int32), s_q=args.s_q,
                                          h_q=args.h_q, topk=args.topk,
                                          extra_topk=args.extra_topk or None, num_sms=args.num_sms)
-    op = jax.jit(lambda q, kv, i, m, *x: jax_flashmla.mla_decode(
-        q, kv, indices=i, metadata=m, extra_kv_cache=x[0] if x else None,
-        extra_indices=x[1] if x else None, implementation=args.implementation))
+    op = jax.jit(lambda q, kv, i, m, extra_kv=None, extra_i=None: jax_flashmla.mla_decode(
+        q, kv, indices=i, metadata=m, extra_kv_cache=extra_kv, extra_indices=extra_i,
+        implementation=args.implementation))
     call = lambda: op(q, pool, idx, meta, *extra)  # noqa: E731
     rest = (pool, idx, meta) + tuple(extra)
 

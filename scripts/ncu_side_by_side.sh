@@ -10,9 +10,9 @@
 # SBS_CASES: side_by_side.py --cases (comma-separated substrings; the FIRST case selected is the
 # one profiled: launch 3 of the kernel, after its warm-up calls); SBS_SUITE (default sparse_decode);
 # SIDES (default "ours upstream"; "upstream" alone needs no build); OURS_REGEX / UP_REGEX: kernel
-# name regexes (default: our attention kernels / upstream's split-KV and prefill kernels); NCU_CLOCK: ncu's
-# --clock-control (default base, ncu's own default: the SM clock locked at base; "none" leaves
-# the boost clock, as the benchmarks run); NCU_EXTRA: more ncu arguments.
+# name regexes (default: our attention kernels / upstream's split-KV and prefill kernels);
+# NCU_CLOCK: ncu's --clock-control (default base, ncu's own default: the SM clock locked at base;
+# "none" leaves the boost clock, as the benchmarks run); NCU_EXTRA: more ncu arguments.
 # Out ($OUT): ncu_<side>.txt, _details.txt, _raw.csv.gz, _sass.csv.gz (read like the ncu stage's).
 set -uo pipefail
 SIDES=${SIDES:-"ours upstream"}

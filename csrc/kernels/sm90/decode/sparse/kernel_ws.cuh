@@ -247,8 +247,9 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 // one tile further ahead (JFM_FP8_SPLIT_PREFETCH) lost 5-10% in the split kernels. Predicted:
 // h32 -4 to -15% for 2 (the start's burst without the prefetch: the loop already runs at the
 // DRAM floor, ~3.9k cycles a tile, so the 11.6 us before the first full tile is what is left),
-// 0 flat to +5% (it takes the prefetch out of the loop too), 3 within +-2%. ptxas (nvcc 13.0): the producer loop spills 4
-// bytes at 1 and 2, 8 at 0, 12 at 3; only the V3.2 kTransposed32 function's SASS moves.
+// 0 flat to +5% (it takes the prefetch out of the loop too), 3 within +-2%. ptxas (nvcc 13.0):
+// the producer loop spills 4 bytes at 1 and 2, 8 at 0, 12 at 3; only the V3.2 kTransposed32
+// function's SASS moves.
 #ifndef JFM_FP8_T32_PREFETCH
 #define JFM_FP8_T32_PREFETCH 1
 #endif
