@@ -237,22 +237,13 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 #ifndef JFM_FP8_BULK_STAGE_T32
 #define JFM_FP8_BULK_STAGE_T32 1
 #endif
-// JFM_FP8_T32_PREFETCH (candidate; default 1 = today's code; not yet run on a GPU): where
-// kTransposed32's bulk-staging producers ask L2 for their next own tile (prefetch_rows). 1: on
-// every own tile, after round 0's copy; 0: never; 2: not on the warpgroup's first own tile (the
-// CTA's k < 2); 3: after round 1's copy instead of round 0's. Why: the tile trace (H100,
-// 2026-12-05 sixth session) has V3.2 h32's math start 21-24k cycles after entry, 22% of the CTA:
-// the first tile's two rounds are two serial trips, and the next tile's prefetch (84 KB per CTA,
-// 656-byte tokens) is issued with the first round's copies (34 KB), from every CTA at once; and
-// one tile further ahead (JFM_FP8_SPLIT_PREFETCH) lost 5-10% in the split kernels. Predicted:
-// h32 -4 to -15% for 2 (the start's burst without the prefetch: the loop already runs at the
-// DRAM floor, ~3.9k cycles a tile, so the 11.6 us before the first full tile is what is left),
-// 0 flat to +5% (it takes the prefetch out of the loop too), 3 within +-2%. ptxas (nvcc 13.0):
-// the producer loop spills 4 bytes at 1 and 2, 8 at 0, 12 at 3; only the V3.2 kTransposed32
-// function's SASS moves.
-#ifndef JFM_FP8_T32_PREFETCH
-#define JFM_FP8_T32_PREFETCH 1
-#endif
+// kTransposed32's bulk-staging producers ask L2 for nothing ahead (no prefetch_rows; their loop
+// still loads the indices two own tiles ahead). Measured (H100, 2026-12-05 seventh session,
+// docs/PERFORMANCE.md; the switch JFM_FP8_T32_PREFETCH, now removed): V3.2 b64 topk 2048 1M-token
+// pool, h32 55.70 -> 49.36 us (-11.4%), h32 s_q 2 92.23 -> 84.87 (-8.0%), h24 53.87 -> 47.70
+// (-11.5%); the prefetch only on later tiles -0.8 to -1.4%, after round 1's copy -2 / +3.4 / -1.4%.
+// Predicted the other way (no prefetch flat to +5%): the loop runs at the DRAM floor, where a
+// tile's prefetch adds requests (the next tile's 84 KB beside this one's) and saves no latency.
 // JFM_FP8_BULK_STAGE_V4 (default 1; measured: V4 h16 topk 512 b64, 1M pool, 15.17 -> 13.95 us,
 // -8.0%, s_q 2 27.97 -> 25.66, -8.3%, H100, 2026-12-05 fifth session): the same for
 // kTransposed16's V4 producers (StageV4Staged): each token's 576-byte record (NoPE + RoPE) by one bulk copy of its
@@ -806,16 +797,13 @@ struct SparseWsTask {
             const int64_t row1 = q.rows.row_of(idx[1], pool_id);
             // Global loads are issued only after round 1's copy: the copies' fence
             // (stage_copy) may wait for every load this thread has in flight.
-            // (JFM_FP8_T32_PREFETCH; kTransposed32 only) where the next own tile is prefetched.
-            constexpr int kWhere = kBulkT32 ? JFM_FP8_T32_PREFETCH : 1;
             stage_copy_v32(pool, row0);  // round 0 in flight while we wait
             stage.locate(pool, row0);
             stage2.locate(pool, row1);
-            if (kWhere == 1 || (kWhere == 2 && k >= 2)) prefetch_rows(n_next, idx_next);
+            if constexpr (!kBulkT32) prefetch_rows(n_next, idx_next);  // (not kTransposed32: above)
             stage_wait();
             stage.load_staged(stg_slot);
             stage_copy_v32(pool, row1);  // (once every lane has read round 0's slots)
-            if constexpr (kWhere == 3) prefetch_rows(n_next, idx_next);
             typename Stage::Converted pre0;
             stage.convert(pre0);
             load_indices(n_after, idx_after);
