@@ -55,8 +55,9 @@ kTraceCtas, kTraceTiles = 4, 64  # tile_trace.cuh: the tile-stamping CTAs, tiles
 Cta = collections.namedtuple("Cta", "cta bx by entry exit entry_clk exit_clk")  # "@" lines
 END_SLOTS = ("scores stats", "scores stored", "scores left", "values stats", "values stored",
              "values left", "producer done", "producer left")  # CtaStampSlot 0-7
-# (the transposed kernels, WsMath 2-3: "scores left" is the math warpgroup's end, outputs stored;
-# "producer done" / "producer left" producer warpgroup 1's / 2's end)
+# (the transposed kernels, WsMath 2-3: "scores stored" is the math warpgroup's end, outputs stored,
+# "scores left" past the copy of its stamps to the trace buffer (one thread, ~10k cycles: probe
+# cost); "producer done" / "producer left" producer warpgroup 1's / 2's end)
 START_SLOTS = ("producer set up", "schedule row", "first live tile", "tile 0 indices",
                "Q loaded", "producer at the set-up barrier",
                "producer past it")  # CtaStampSlot 8-14 (older traces: fewer or none)

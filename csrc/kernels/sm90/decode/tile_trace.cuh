@@ -47,8 +47,9 @@ enum CtaStampSlot : int {
   kEndValLeft = 5,    // values: past ws_leave
   kEndProdDone = 6,   // producer: its last tile published
   kEndProdLeft = 7,   // producer: past ws_leave
-                      // (kTransposed*: kEndScLeft the math's end, kEndProdDone / kEndProdLeft
-                      // producer warpgroup 1's / 2's end)
+                      // (kTransposed*: kEndScStored the math's end, its outputs stored;
+                      // kEndScLeft past its stamps' copy to the trace buffer; kEndProdDone /
+                      // kEndProdLeft producer warpgroup 1's / 2's end)
   // Before the first tile (the CTA's first sequence), where the time from entry to tile 0 full
   // goes: the producer's start-up chain (the sparse kernels' producer), and the math warps' Q.
   kStartSetup = 8,    // producer: past ws_setup and setmaxnreg

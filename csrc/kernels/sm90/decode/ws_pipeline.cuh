@@ -667,6 +667,10 @@ __device__ __forceinline__ void ws_math_t(const Task& task, const WsShared& sh) 
       }
     }
   }
+  // (tile_trace.cuh) The math's end before the stamps' copy: one thread's ~300 serial shared
+  // loads and global stores took ~10k cycles, which the end stamp after it reported as the
+  // math's epilogue (H100, 2026-12-05 seventh session).
+  cta_stamp(kEndScStored);
   tile_trace_smem_flush(sh.sp, k);
 }
 
@@ -694,7 +698,7 @@ __device__ __forceinline__ void ws_run(const Task& task, const WsShared& sh) {
     if (wg == 0) {
       ws_set_regs<Regs::kWg0, kL>();
       ws_math_t<Task, kMath == WsMath::kTransposed16 ? 16 : 32>(task, sh);
-      cta_stamp(kEndScLeft);  // (tile_trace.cuh: the math's end, its outputs stored)
+      cta_stamp(kEndScLeft);  // (tile_trace.cuh: past the stamps' copy; kEndScStored before it)
     } else {
       ws_set_regs<Regs::kWg1, kL>();
       task.template produce<Regs::kWideProducer, false, false, kMath == WsMath::kTransposed16>(
