@@ -429,11 +429,11 @@ struct SparseWsTask {
     // four warps). bf16: rows lr + 16 h (h < 4) by load_tile_rows with 128 threads.
     // kRow8 (JFM_V32_ROW8): StageV32R8, two tokens per round: t + 16 i + 32 round, i < 2.
     constexpr bool kRow8 = JFM_V32_ROW8 != 0 && kFmt == KvFormat::kFp8V32 && !kPair && kRoomy;
-    // kL2Prefetch (JFM_FP8_L2_PREFETCH): the next own tile's rows asked of L2 (prefetch_rows).
-    // kTransposed16's V3.2 producers (with JFM_FP8_L2_PREFETCH_V4 its V4 ones, with
-    // JFM_FP8_L2_PREFETCH_WIDE the pipelined sole producer) only: not kTransposed32 (its
-    // producers spilled 20 bytes with the indices further ahead; JFM_FP8_L2_PREFETCH_T32 tries it
-    // again) and not unchecked combinations.
+    // kL2Prefetch (JFM_FP8_L2_PREFETCH): the loop with the indices two own tiles ahead, in which
+    // the next own tile's rows may be asked of L2 (kPrefetchRows, below). kTransposed16's V3.2
+    // producers (with JFM_FP8_L2_PREFETCH_V4 its V4 ones, with JFM_FP8_L2_PREFETCH_WIDE the
+    // pipelined sole producer) and kTransposed32's V3.2 ones (JFM_FP8_BULK_STAGE_T32, or
+    // JFM_FP8_L2_PREFETCH_T32's unstaged form); not unchecked combinations.
     constexpr bool kL2Prefetch =
         kFp8L2Prefetch != 0 && kFp8 && !kPair && !kRow8 &&
         ((kRoomy && (kFmt == KvFormat::kFp8V32 || JFM_FP8_L2_PREFETCH_V4 != 0)) ||
@@ -466,6 +466,9 @@ struct SparseWsTask {
     // kBulkV4 (JFM_FP8_BULK_STAGE_V4): kTransposed16's V4 fill, StageV4Staged in the last loop.
     constexpr bool kBulkV4 = JFM_FP8_BULK_STAGE_V4 != 0 && kFmt == KvFormat::kFp8V4 && kRoomy &&
                              kRopeAsync && !kPair && kWide && !kL2Prefetch;
+    // Whether prefetch_rows asks L2 for anything: not in kTransposed32's bulk-staging loop (its
+    // prefetch cost 8-11%, the note at JFM_FP8_BULK_STAGE_T32).
+    constexpr bool kPrefetchRows = kL2Prefetch && !(kBulk && kBulkT32);
     // kSplitRounds (JFM_FP8_SPLIT_ROUNDS): both warpgroups fill every tile, `which` its round.
     constexpr bool kSplitRounds = JFM_FP8_SPLIT_ROUNDS != 0 && (kBulkRope || kBulkV4);
     constexpr bool kStageRopeAsync = kRopeAsync && !kPair && !kBulkRope && !kBulkV4;
@@ -617,10 +620,10 @@ struct SparseWsTask {
           for (int h = 0; h < 4; ++h) idx[h] = q.rows.index_at(n, lr + 16 * h);
         }
       };
-      // kL2Prefetch: tile n's rows asked of L2 by the 4 lanes of each (bulk: token t's by lane
+      // kPrefetchRows: tile n's rows asked of L2 by the 4 lanes of each (bulk: token t's by lane
       // j 0, token t + 32's by j 1).
       auto prefetch_rows = [&](int n, const int (&ix)[4]) {
-        if constexpr (kL2Prefetch) {
+        if constexpr (kPrefetchRows) {
           if (n >= q.t_hi) return;
           const int pool_id = q.rows.pool_of(n);
 #pragma unroll
@@ -800,7 +803,7 @@ struct SparseWsTask {
             stage_copy_v32(pool, row0);  // round 0 in flight while we wait
             stage.locate(pool, row0);
             stage2.locate(pool, row1);
-            if constexpr (!kBulkT32) prefetch_rows(n_next, idx_next);  // (not kTransposed32: above)
+            prefetch_rows(n_next, idx_next);
             stage_wait();
             stage.load_staged(stg_slot);
             stage_copy_v32(pool, row1);  // (once every lane has read round 0's slots)
