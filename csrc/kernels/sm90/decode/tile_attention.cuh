@@ -416,28 +416,6 @@ struct TState {
   static __device__ __forceinline__ int col(int j, const Lane& ln) { return 8 * (j >> 1) + 2 * ln.tq + (j & 1); }
 };
 
-// A 4 x 4 transpose across the lanes 4 apart that share tq (lane bits 2-3: i = g & 3). In O^T,
-// those four lanes hold four consecutive value columns d (g = 4 a + i) of the same query rows
-// (same tq). x[k]: this lane's value of row j0 + k; y[k]: row j0 + i's value at column d0 + k,
-// d0 the group's first. Two exchanges (lane xor 8, then xor 4) of two values each: 4 shuffles.
-__device__ __forceinline__ void lane_transpose4(const float (&x)[4], float (&y)[4], int i) {
-  const bool i1 = (i & 2) != 0, i0 = (i & 1) != 0;
-  // The rows whose bit 1 is not mine go to lane i ^ 2; its rows whose bit 1 is mine come back.
-  const float r0 = __shfl_xor_sync(0xffffffffu, i1 ? x[0] : x[2], 8);
-  const float r1 = __shfl_xor_sync(0xffffffffu, i1 ? x[1] : x[3], 8);
-  const float k0 = i1 ? x[2] : x[0], k1 = i1 ? x[3] : x[1];
-  // t[l][c]: lane (l, i0)'s value (l: lane bit 1) of row (i1, c).
-  const float t00 = i1 ? r0 : k0, t01 = i1 ? r1 : k1, t10 = i1 ? k0 : r0, t11 = i1 ? k1 : r1;
-  // Row bit 0: this lane keeps the values of row (i1, i0) and sends those of row (i1, !i0).
-  const float v0 = __shfl_xor_sync(0xffffffffu, i0 ? t00 : t01, 4);
-  const float v1 = __shfl_xor_sync(0xffffffffu, i0 ? t10 : t11, 4);
-  const float w0 = i0 ? t01 : t00, w1 = i0 ? t11 : t10;
-  y[0] = i0 ? v0 : w0;
-  y[1] = i0 ? w0 : v0;
-  y[2] = i0 ? v1 : w1;
-  y[3] = i0 ? w1 : v1;
-}
-
 template <typename T, int kN>
 __device__ __forceinline__ void wgmma_t_pv(float* d, uint64_t a, uint64_t b) {
   if constexpr (kN == 16) wgmma_m64n16k16_ss_ta<T>(d, a, b);
@@ -657,8 +635,7 @@ __device__ __forceinline__ void tile_finish_t(TState<kN>& st, float* red, float 
 #endif
 constexpr bool kWideOutStores = JFM_WIDE_OUT_STORES != 0;
 // v[i] for a runtime i in [0, 4) without local memory.
-template <typename V>
-__device__ __forceinline__ V pick4(const V (&v)[4], int i) {
+__device__ __forceinline__ uint32_t pick4(const uint32_t (&v)[4], int i) {
   return (i & 2) ? ((i & 1) ? v[3] : v[2]) : ((i & 1) ? v[1] : v[0]);
 }
 // The quad's lanes (they share a row; callers skip padded rows per quad, so a full-warp mask

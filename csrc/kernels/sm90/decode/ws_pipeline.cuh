@@ -570,64 +570,6 @@ struct WsTQLayout<Task, kN, std::void_t<decltype(Task::kT16StagesInQ), decltype(
   static constexpr int kStride = kT32 ? kN * 128 : TileSmem<Task::kDqk>::kBlockBytes;
 };
 
-// JFM_T_WIDE_OUT (candidate, off; not yet run on a GPU): the transposed kernels (ws_math_t) write
-// their output rows in 16-byte (float partials) or 8-byte (bf16 / fp16 rows) stores of four
-// consecutive value columns, after a 4 x 4 transpose across the lanes 4 apart
-// (lane_transpose4), instead of one 4-byte or 2-byte store per element. Why: the trace of
-// 2026-12-05 (seventh session, PERFORMANCE.md) puts the math's end 2.4-2.8k cycles after its last
-// P V at V3.2 h16 and 4.9-5.6k at h32 (64 and 128 stores per thread: the time scales with the
-// store count), 3-6% of those kernels. Cost: 4 shuffles and ~16 selects per four values.
-// Predicted: V3.2 h32 -1 to -3%, h16 -0.5 to -1.5%, V4 h16 -1 to -2% (its kernel is shorter).
-#ifndef JFM_T_WIDE_OUT
-#define JFM_T_WIDE_OUT 0
-#endif
-constexpr bool kTWideOut = JFM_T_WIDE_OUT != 0;
-
-// (JFM_T_WIDE_OUT) ws_math_t's output rows: the stats by the one thread that writes them, then
-// each lane stores query row 4 b + (g & 3) of its four-row group b, columns d0 .. d0 + 3.
-template <typename T, int kN, class Task, class TMax>
-__device__ __forceinline__ void ws_store_t_wide(const Task& task, const typename Task::Seq& cur,
-                                                const TState<kN>& st, const TMax& tmax,
-                                                const float (&inv)[kN / 4],
-                                                const float (&lse)[kN / 4], const Lane& ln) {
-  constexpr int kCols = kN / 4;
-  static_assert(kCols % 4 == 0, "whole four-row groups");
-  if (ln.g == 0 && ln.wr == 0) {
-#pragma unroll
-    for (int j = 0; j < kCols; ++j)
-      (void)task.row_out(cur, TState<kN>::col(j, ln), inv[j], lse[j], max_logit(st, tmax, j), true);
-  }
-  const int i = ln.g & 3;
-#pragma unroll
-  for (int b = 0; b < kCols / 4; ++b) {
-    const float inv4[4] = {inv[4 * b], inv[4 * b + 1], inv[4 * b + 2], inv[4 * b + 3]};
-    const float lse4[4] = {lse[4 * b], lse[4 * b + 1], lse[4 * b + 2], lse[4 * b + 3]};
-    // This lane's row of the group (4 b + i): its destination and scale (no stats written).
-    const WsRowOut<T> ro =
-        task.row_out(cur, TState<kN>::col(4 * b + i, ln), pick4(inv4, i), pick4(lse4, i), 0.f, false);
-#pragma unroll
-    for (int c = 0; c < 8; ++c) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float x[4], y[4];
-#pragma unroll
-        for (int r = 0; r < 4; ++r) x[r] = st.o[c][8 * b + 4 * (r >> 1) + 2 * h + (r & 1)];
-        lane_transpose4(x, y, i);  // (every lane: the shuffles take the whole warp)
-        const int d = 64 * c + ln.wr * 16 + 8 * h + 4 * (ln.g >> 2);
-        if (ro.out != nullptr) {
-          uint2 v;
-          v.x = pack2<T>(y[0] * ro.scale, y[1] * ro.scale);
-          v.y = pack2<T>(y[2] * ro.scale, y[3] * ro.scale);
-          *reinterpret_cast<uint2*>(ro.out + d) = v;
-        } else if (ro.accum != nullptr) {
-          *reinterpret_cast<float4*>(ro.accum + d) =
-              make_float4(y[0] * ro.scale, y[1] * ro.scale, y[2] * ro.scale, y[3] * ro.scale);
-        }
-      }
-    }
-  }
-}
-
 // kTransposed*: warpgroup 0's loop over this CTA's sequences and tiles, kN query rows.
 template <class Task, int kN>
 __device__ __forceinline__ void ws_math_t(const Task& task, const WsShared& sh) {
@@ -708,23 +650,19 @@ __device__ __forceinline__ void ws_math_t(const Task& task, const WsShared& sh) 
     float inv[kCols], lse[kCols];
     tile_finish_t<kN>(st, sh.red, task.softmax_scale, task.empty_lse(cur), inv, lse, kBarScores, ln);
     if constexpr (t_lazy_max(kN)) t_finish_max<kN>(tmax.mt, sh.red, kBarScores, ln);
-    if constexpr (kTWideOut) {
-      ws_store_t_wide<T, kN>(task, cur, st, tmax, inv, lse, ln);
-    } else {
 #pragma unroll
-      for (int j = 0; j < kCols; ++j) {
-        const WsRowOut<T> ro = task.row_out(cur, TState<kN>::col(j, ln), inv[j], lse[j],
-                                            max_logit(st, tmax, j), ln.g == 0 && ln.wr == 0);
-        if (ro.out == nullptr && ro.accum == nullptr) continue;
+    for (int j = 0; j < kCols; ++j) {
+      const WsRowOut<T> ro = task.row_out(cur, TState<kN>::col(j, ln), inv[j], lse[j],
+                                          max_logit(st, tmax, j), ln.g == 0 && ln.wr == 0);
+      if (ro.out == nullptr && ro.accum == nullptr) continue;
 #pragma unroll
-        for (int c = 0; c < 8; ++c) {
+      for (int c = 0; c < 8; ++c) {
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int d = 64 * c + ln.wr * 16 + ln.g + 8 * h;
-            const float v = st.o[c][4 * (j >> 1) + 2 * h + (j & 1)] * ro.scale;
-            if (ro.out != nullptr) ro.out[d] = static_cast<T>(v);
-            else ro.accum[d] = v;
-          }
+        for (int h = 0; h < 2; ++h) {
+          const int d = 64 * c + ln.wr * 16 + ln.g + 8 * h;
+          const float v = st.o[c][4 * (j >> 1) + 2 * h + (j & 1)] * ro.scale;
+          if (ro.out != nullptr) ro.out[d] = static_cast<T>(v);
+          else ro.accum[d] = v;
         }
       }
     }
