@@ -27,10 +27,11 @@ fi
 # scripts/ncu_side_by_side.sh; NCU_EXTRA adds arguments), and the export of one report into
 # $OUT: ncu_<name>.txt (the sections), _details.txt (--print-details: the *_Tables sections'
 # rows, which the plain print leaves out), _raw.csv.gz (every metric), _sass.csv.gz (warp-stall
-# samples per SASS instruction: scripts/ncu_sass_stalls.py).
+# samples per SASS instruction: scripts/ncu_sass_stalls.py). NCU_METRICS: more metrics, comma-
+# separated, in the one --metrics list (ncu refuses a second --metrics, e.g. in NCU_EXTRA).
 NCU_ARGS=(--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats
   --section SchedulerStats --section Occupancy --section SourceCounters
-  --metrics "dram__bytes_read.sum,lts__t_sector_hit_rate.pct,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_elapsed,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio"
+  --metrics "dram__bytes_read.sum,lts__t_sector_hit_rate.pct,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_elapsed,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio${NCU_METRICS:+,$NCU_METRICS}"
   ${NCU_EXTRA:-})
 ncu_export() {  # ncu_export NAME REPORT (.ncu-rep)
   ncu --import "$2" > "$OUT/ncu_$1.txt" 2>&1
