@@ -967,36 +967,27 @@ __global__ void __launch_bounds__(384, 1)
   cta_trace(true);
 }
 
-// kRolesPair: clusters of the two row blocks (grid y = num_m_blocks = 2); cudaErrorNotSupported,
-// launching nothing, where the device cannot hold all the pairs at once (launch_clusters_with_smem;
-// the caller falls back).
-// The other launches with two row blocks (65-128 heads: prefill and bf16 decode on kRoles, FP8
-// decode on kRolesWide) also run as clusters of the two, sharing nothing: the two CTAs of a
-// token's heads then run on one GPC at the same time and read the same KV rows, which L2 then
-// sees fewer requests for (upstream puts them in neighbouring CTAs; ncu on prefill d576 h128: its
-// L2 looked up 24% fewer sectors than ours for the same bytes delivered). H100, 2026-12-05:
-// prefill d576 h128 -5.2%, d512 h128 -2.5% (docs/PERFORMANCE.md). Where the clusters do not all
-// fit at once, the plain launch.
+// Every launch with two row blocks (65-128 heads; grid y = num_m_blocks = 2) runs as clusters of
+// the two. kRolesPair needs them (the CTAs share each tile's dequantization): where the device
+// cannot hold all the pairs at once it returns cudaErrorNotSupported, launching nothing
+// (launch_clusters_with_smem; the caller falls back). The others (prefill and bf16 decode on
+// kRoles, FP8 decode on kRolesWide) share nothing and then take the plain launch; clustered, the
+// two CTAs of a token's heads run on one GPC at the same time and read the same KV rows, which L2
+// then sees fewer requests for (upstream puts them in neighbouring CTAs; ncu on prefill d576 h128:
+// its L2 looked up 24% fewer sectors than ours for the same bytes delivered). H100, 2026-12-05:
+// prefill d576 h128 -5.2%, d512 h128 -2.5% (docs/PERFORMANCE.md).
 template <KvFormat kFmt, int kDqk, WsMath kMath>
 cudaError_t launch_sparse_attention_ws(const SparseDecodeParams& p, cudaStream_t stream) {
-  if constexpr (ws_pair(kMath)) {
-    if (p.num_m_blocks != 2) return cudaErrorInvalidValue;
-    return tile_trace_launch("sparse_attention_ws_kernel", static_cast<int>(kMath), stream, [&] {
-      return launch_clusters_with_smem<sparse_attention_ws_kernel<kFmt, kDqk, kMath>>(
+  constexpr auto kKernel = sparse_attention_ws_kernel<kFmt, kDqk, kMath>;
+  if (ws_pair(kMath) && p.num_m_blocks != 2) return cudaErrorInvalidValue;
+  return tile_trace_launch("sparse_attention_ws_kernel", static_cast<int>(kMath), stream, [&] {
+    if (p.num_m_blocks == 2) {
+      const cudaError_t e = launch_clusters_with_smem<kKernel>(
           sparse_ws_grid(p), dim3(1, 2, 1), 384, WsSmem<kDqk>::kBytes, stream, p);
-    });
-  } else {
-    return tile_trace_launch("sparse_attention_ws_kernel", static_cast<int>(kMath), stream, [&] {
-      if (p.num_m_blocks == 2) {
-        constexpr auto kKernel = sparse_attention_ws_kernel<kFmt, kDqk, kMath>;
-        const cudaError_t e = launch_clusters_with_smem<kKernel>(
-            sparse_ws_grid(p), dim3(1, 2, 1), 384, WsSmem<kDqk>::kBytes, stream, p);
-        if (e != cudaErrorNotSupported) return e;
-      }
-      return launch_with_smem(sparse_attention_ws_kernel<kFmt, kDqk, kMath>, sparse_ws_grid(p),
-                              384, WsSmem<kDqk>::kBytes, stream, p);
-    });
-  }
+      if (ws_pair(kMath) || e != cudaErrorNotSupported) return e;
+    }
+    return launch_with_smem(kKernel, sparse_ws_grid(p), 384, WsSmem<kDqk>::kBytes, stream, p);
+  });
 }
 
 }  // namespace sm90
