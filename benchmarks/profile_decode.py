@@ -95,7 +95,8 @@ else:
     rng = np.random.default_rng(0)
 
     def make_pool(key, rows, page, topk):
-        """A random pool (FP8 unless bf16) of at least `rows` rows, [b, s_q, topk] indices into it."""
+        """A random pool (FP8 unless bf16) of at least `rows` rows and [b, s_q, topk] indices
+        into it."""
         blocks = -(-rows // page)
         pool = jax.random.normal(jax.random.PRNGKey(key), (blocks, page, 1, d_qk), jnp.bfloat16)
         if args.sparse != "bf16":

@@ -108,7 +108,8 @@ def test_gpu_time_from_both_profilers_traces(tmp_path):
 def test_profile_decode_modes_run_on_the_reference(tmp_path):
     """benchmarks/profile_decode.py, every mode the device scripts pass it (dense, sparse with a
     second pool, prefill, --timeline with --async_runs, --variant), end to end on the reference: a
-    Python error here would otherwise first show up in a device call (device_check's abtime / abflags / ncu stages)."""
+    Python error here would otherwise first show up in a device call (device_check's abtime /
+    abflags / ncu stages)."""
     import subprocess
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = os.path.join(root, "benchmarks", "profile_decode.py")
