@@ -130,18 +130,6 @@ constexpr bool kDenseTma = JFM_DENSE_TMA != 0;
 #define JFM_DENSE_PAIR 1
 #endif
 constexpr bool kDensePair = JFM_DENSE_PAIR != 0 && kDenseTma;
-// JFM_DENSE_ROWS_FAST (candidate, off; not yet run on a GPU): the warp-specialized dense grid as
-// (row blocks, parts, KV heads) instead of (parts, row blocks, KV heads), the pairs' clusters then
-// (2, 1, 1): the CTAs of one part's row blocks, which read the same pages at the same time, get
-// neighbouring linear ids, as in upstream's dense grid (m blocks first). At s_q 2-4 with h_q 128
-// (4-8 row blocks) the pairs of one part were ids x + parts y apart. Upstream's prefill, whose two
-// head blocks of a token are neighbours, has its L2 look up 24% fewer sectors than ours for the
-// same bytes, and clustering our prefill's two row blocks gained 2.5-5.2% (PERFORMANCE.md, H100,
-// 2026-12-05 eighth session); the fill here runs near the L2's output rate (JFM_DENSE_PAIR's note).
-#ifndef JFM_DENSE_ROWS_FAST
-#define JFM_DENSE_ROWS_FAST 0
-#endif
-constexpr bool kDenseRowsFast = JFM_DENSE_ROWS_FAST != 0;
 
 // ---- Sparse decode and sparse prefill (token-level gathers, h_kv = 1) --------------------------
 // Cache formats a sparse kernel reads (the layout follows from d_qk for FP8: SEMANTICS.md).

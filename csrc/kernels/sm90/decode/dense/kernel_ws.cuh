@@ -36,23 +36,14 @@ struct DenseWsTask {
   int hk, hpk, rows_total, row0;
   float softmax_scale;
 
-  // This CTA's schedule part and row block (the grid's order: launch_dense_decode_ws). Unsigned,
-  // as blockIdx is: the address arithmetic (and the default's SASS) stays as it was.
-  static __device__ __forceinline__ unsigned part_index() {
-    return kDenseRowsFast ? blockIdx.y : blockIdx.x;
-  }
-  static __device__ __forceinline__ unsigned row_block() {
-    return kDenseRowsFast ? blockIdx.x : blockIdx.y;
-  }
-
   __device__ __forceinline__ explicit DenseWsTask(const DenseDecodeParams& params)
-      : p(params), sched(params.tile_scheduler_metadata + part_index() * kMetaInts) {
+      : p(params), sched(params.tile_scheduler_metadata + blockIdx.x * kMetaInts) {
     begin_seq = sched.begin_seq;
     end_seq = sched.end_seq;
     hk = blockIdx.z;
     hpk = p.h_q / p.h_kv;
     rows_total = p.s_q * hpk;
-    row0 = row_block() * kBlockM;
+    row0 = blockIdx.y * kBlockM;
     softmax_scale = p.softmax_scale;
   }
 
@@ -224,18 +215,14 @@ __global__ void __launch_bounds__(384, 1) dense_decode_ws_kernel(const __grid_co
 // kRolesPair (JFM_DENSE_PAIR): clusters of two consecutive row blocks; cudaErrorNotSupported,
 // launching nothing, where the pair does not apply (odd num_m_blocks, no tensor map) or the device
 // cannot hold every pair at once (launch_clusters_with_smem): the caller falls back to kRoles.
-// The grid: (parts, row blocks, KV heads), or with JFM_DENSE_ROWS_FAST (row blocks, parts, KV
-// heads); a pair's cluster spans two consecutive row blocks either way.
 template <typename T, WsMath kMath>
 cudaError_t launch_dense_decode_ws(const DenseDecodeParams& p, cudaStream_t stream) {
-  const dim3 grid = kDenseRowsFast ? dim3(p.num_m_blocks, p.num_sm_parts, p.h_kv)
-                                   : dim3(p.num_sm_parts, p.num_m_blocks, p.h_kv);
+  const dim3 grid(p.num_sm_parts, p.num_m_blocks, p.h_kv);
   return tile_trace_launch("dense_decode_ws_kernel", static_cast<int>(kMath), stream, [&] {
     if constexpr (ws_pair(kMath)) {
       if (p.num_m_blocks % 2 != 0 || !p.kv_map_ok) return cudaErrorNotSupported;
       return launch_clusters_with_smem<dense_decode_ws_kernel<T, kMath>>(
-          grid, kDenseRowsFast ? dim3(2, 1, 1) : dim3(1, 2, 1), 384, WsSmem<kDenseDqk>::kBytes,
-          stream, p);
+          grid, dim3(1, 2, 1), 384, WsSmem<kDenseDqk>::kBytes, stream, p);
     } else {
       return launch_with_smem(dense_decode_ws_kernel<T, kMath>, grid, 384,
                               WsSmem<kDenseDqk>::kBytes, stream, p);
