@@ -65,6 +65,10 @@ def dense_cases(quick: bool):
     out = [_dense(128, 1, h, sk) for h in (16, 32, 64, 128) for sk in sks]
     out += [_dense(128, 2, 128, sk, causal=True) for sk in sks]
     out += [_dense(64, 1, 128, 4096, varlen=False)]
+    # The same 262144 KV tokens at h_q 128 in 16 to 256 sequences: what each sequence boundary
+    # costs (a part's split, its Q load and output rows) beside the tiles (b64 s_k 4096 fixed
+    # measured 0.89 while b128 s_k 8192 varlen ran 1.04: H100, 2026-12-05).
+    out += [_dense(b, 1, 128, 262144 // b, varlen=False, tag="seqs") for b in (16, 32, 128, 256)]
     # Issue #13, "shapes nobody tunes": tiny batches with long contexts, MTP s_q 3-4, odd head
     # counts, mostly-empty batches, big batches of short contexts.
     out += [_dense(1, 1, 128, 131072, varlen=False, tag="#13"),
