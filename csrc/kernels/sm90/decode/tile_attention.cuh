@@ -681,33 +681,11 @@ __device__ __forceinline__ void store_out_row(T* dst, const RowState& st, int h,
           pack2<T>(st.o[4 * i + 2 * h] * scale, st.o[4 * i + 2 * h + 1] * scale);
   }
 }
-// Store this thread's slice of row h of a split-KV partial (float; dst as store_out_row's).
-// kWide: 16-byte stores. A lane holds columns 2 tq, 2 tq + 1 of each 8-column group; the lanes tq
-// and tq ^ 1 swap one float2 per two groups (2 shuffles), so that the even lane holds group i's
-// columns 2 tq .. 2 tq + 3 and the odd one group i + 1's 2 tq - 2 .. 2 tq + 1: 16 stores per
-// thread and row instead of 32, each warp store filling 16 whole sectors (JFM_DENSE_WIDE_PARTIALS;
-// the sparse role splits spilled 24-176 bytes with it).
-template <bool kWide = false>
 __device__ __forceinline__ void store_partial_row(float* dst, const RowState& st, int h, float scale) {
-  if constexpr (kWide) {
-    const bool odd = threadIdx.x & 1;
-    float* base = dst - (odd ? 2 : 0);  // the pair's first column (the even lane's 2 tq)
 #pragma unroll
-    for (int i = 0; i < 32; i += 2) {
-      const float a0 = st.o[4 * i + 2 * h] * scale, a1 = st.o[4 * i + 2 * h + 1] * scale;
-      const float b0 = st.o[4 * i + 4 + 2 * h] * scale, b1 = st.o[4 * i + 5 + 2 * h] * scale;
-      // Even lane: sends group i + 1's pair, receives the partner's group i pair; odd: mirrored.
-      const float s0 = __shfl_xor_sync(quad_mask(), odd ? a0 : b0, 1);
-      const float s1 = __shfl_xor_sync(quad_mask(), odd ? a1 : b1, 1);
-      const float4 out = odd ? make_float4(s0, s1, b0, b1) : make_float4(a0, a1, s0, s1);
-      *reinterpret_cast<float4*>(base + (i + (odd ? 1 : 0)) * 8) = out;
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < 32; ++i)
-      *reinterpret_cast<float2*>(dst + i * 8) =
-          make_float2(st.o[4 * i + 2 * h] * scale, st.o[4 * i + 2 * h + 1] * scale);
-  }
+  for (int i = 0; i < 32; ++i)
+    *reinterpret_cast<float2*>(dst + i * 8) =
+        make_float2(st.o[4 * i + 2 * h] * scale, st.o[4 * i + 2 * h + 1] * scale);
 }
 
 }  // namespace sm90

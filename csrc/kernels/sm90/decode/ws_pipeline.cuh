@@ -295,9 +295,19 @@ __device__ __forceinline__ void mask_tile(float (&s)[kRegs], Masked masked) {
 #ifndef JFM_WS_EARLY_Q
 #define JFM_WS_EARLY_Q 1
 #endif
+// JFM_DENSE_EARLY_Q (candidate, off; not yet run on a GPU): the same form for the dense role split
+// (kCpAsyncTiles, not kShortSeqs). Why: the tile probe (H200, 2026-12-05 ninth session) put a
+// dense sequence boundary at ~11K cycles (the output stores, then both math warpgroups' Q load
+// and its barriers), and a schedule part of b 64-256 at h_q 128 crosses 1-4 of them; with the
+// 16-byte stores (JFM_DENSE_WIDE_OUT) the Q load is the larger remaining piece. The earlier
+// "every task" form of this (2026-12-02) cost dense h128 1.4-1.7% on b128 s_k 4K; this one, with
+// the scores warpgroup alone loading Q, was never measured on dense.
+#ifndef JFM_DENSE_EARLY_Q
+#define JFM_DENSE_EARLY_Q 0
+#endif
 template <class Task>
 constexpr bool ws_early_q() {
-  return JFM_WS_EARLY_Q != 0 && Task::kCpAsyncTiles && Task::kShortSeqs;
+  return JFM_WS_EARLY_Q != 0 && Task::kCpAsyncTiles && (Task::kShortSeqs || JFM_DENSE_EARLY_Q != 0);
 }
 
 // JFM_WS_MASK_SKIP (on; =0 masks every tile, for A/B): the role split's scores warpgroup skips

@@ -35,20 +35,13 @@ __device__ __forceinline__ void load_dense_q_tile(const DenseDecodeParams& p, in
 // in a second call 163.4 -> 148.0), b16 s_k 16K fixed, b128 s_k 8K and h64 b128 s_k 4K flat
 // (+-0.5%); h128 s_q 2 causal b128 s_k 8K +5.2% in the first call and +0.4% / -5.4% in the second
 // (this row moves +-5% between runs of one build on the H100: power). ptxas: same registers, no
-// new spill. With JFM_DENSE_WIDE_PARTIALS (below) 67 of the dense GPU tests passed before the
-// call's time ran out; not yet run: the rest, memcheck, racecheck.
+// new spill. With it and 16-byte float partials (a lane-pair swap; -0.3 to -0.8% more, the noise
+// level; removed: with JFM_DENSE_EARLY_Q they spilled 16-20 bytes) 67 of the dense GPU tests
+// passed before the call's time ran out; not yet run: the rest, memcheck, racecheck.
 #ifndef JFM_DENSE_WIDE_OUT
 #define JFM_DENSE_WIDE_OUT 0
 #endif
 constexpr bool kDenseWideOut = JFM_DENSE_WIDE_OUT != 0;
-// JFM_DENSE_WIDE_PARTIALS (off, as above; =1 on): the dense kernels' split-KV partials (float) in
-// 16-byte stores (store_partial_row's kWide: 16 per thread and row instead of 32 8-byte ones).
-// Measured with JFM_DENSE_WIDE_OUT against it alone (same call): b16 s_k 16K fixed 130.4 -> 129.4
-// us, b128 s_k 8K 504.9 -> 503.0, b256 s_k 1K 148.2 -> 147.7: -0.3 to -0.8%, at the noise level.
-#ifndef JFM_DENSE_WIDE_PARTIALS
-#define JFM_DENSE_WIDE_PARTIALS 0
-#endif
-constexpr bool kDenseWidePartials = JFM_DENSE_WIDE_PARTIALS != 0;
 
 // The CTA's rows after a batch element's last page: this thread's two rows of O (times 1 / l) and
 // their lse, as the output (not split) or the partial of split slot `slot` (rows past
@@ -71,8 +64,7 @@ __device__ __forceinline__ void store_dense_rows(const DenseDecodeParams& p, con
       if (ln.wc == 0 && ln.tq == 0) p.lse[map.lse_index(seq, s, head)] = lse[h];
     } else {
       const size_t slot_row = (static_cast<size_t>(slot) * p.h_kv + hk) * rows_total + grow;
-      store_partial_row<kDenseWidePartials>(p.o_accum + slot_row * kDv + ln.wc * 256 + 2 * ln.tq,
-                                            st, h, inv[h]);
+      store_partial_row(p.o_accum + slot_row * kDv + ln.wc * 256 + 2 * ln.tq, st, h, inv[h]);
       if (ln.wc == 0 && ln.tq == 0) p.lse_accum[slot_row] = lse[h];
     }
   }
