@@ -745,30 +745,6 @@ struct StageV4T : RopeSrc<kRopeAsync> {
     if constexpr (kRopeAsync) this->rope_src = rec + 448 + (wide ? 16 : 8) * j_;
     scales = valid ? ld_nc_8<kHint>(block + 576 * static_cast<int64_t>(pool.block_size) + 8 * tt) : make_uint2(0, 0);
   }
-  // Asks L2 for row `row`'s record (576 bytes, only 8-byte aligned) and scales ahead of its
-  // fetch, as StageV32::prefetch; the bulk form takes the record's 16-byte aligned inside and
-  // point prefetches its ends.
-  template <int kForm>
-  static __device__ __forceinline__ void prefetch(const SparsePool& pool, int64_t row, int lane) {
-    if (row < 0) return;
-    const int64_t blk = v4_block_of(row, pool), tt = row - blk * pool.block_size;
-    const uint8_t* block = pool.data + blk * pool.block_size * 584;
-    const uint8_t* rec = block + 576 * tt;
-    const uint8_t* scale = block + 576 * static_cast<int64_t>(pool.block_size) + 8 * tt;
-    if constexpr (kForm == 1) {
-      if (lane != 0) return;
-      const int head = static_cast<int>((16 - (reinterpret_cast<uintptr_t>(rec) & 15)) & 15);
-      prefetch_l2_bulk(rec + head, head != 0 ? 560 : 576);  // head: 0 or 8
-      if (head != 0) {
-        prefetch_l2(rec);
-        prefetch_l2(rec + 575);
-      }
-      prefetch_l2(scale);
-    } else {
-      prefetch_l2_lines<576>(rec, lane);  // 6 points: lanes 0 and 1 take two
-      if (lane == 3) prefetch_l2(scale);
-    }
-  }
   // As StageV32T::emit; put8 for the 8-byte RoPE pieces (kRopeAsync: copies of 16 or 8 bytes).
   template <class Put16, class Put8, class Copy>
   __device__ __forceinline__ void emit(int t, Put16 put16, Put8 put8, Copy copy) const {

@@ -107,18 +107,15 @@ constexpr bool fp8_wide_out(bool pair, bool scores_role) {
 // tile's bytes in flight without registers. H200, kernel medians (PERFORMANCE.md, 2026-12-02
 // second session): V3.2 h16 b64 1M-token pool 51.9 -> 50.2 us (again: 52.4 -> 50.7), s_q 2
 // 93.5 -> 88.6, 65K-token pool 45.6 -> 44.3 (predicted 48-51 / 84-90 / 0-2% slower).
-// Measured and left off (JFM_FP8_L2_PREFETCH_V4=1): V4's kTransposed16, whose 8-byte aligned
-// 576-byte record takes a bulk prefetch of its 16-byte aligned inside plus point prefetches of
-// its ends and of its scales: h16 b64 topk 640 21.9 -> 22.6 us, s_q 2 37.4 -> 40.1.
-// Measured and left off (JFM_FP8_L2_PREFETCH_WIDE=1): the pipelined sole producer (kRolesWide):
-// V3.2 h128 s_q 2 213.3 -> 231.2 us (bulk) / 213.7 (lines), V4 h64 topk 640 29.3 -> 33.1 /
-// 31.0 (read then as "two tiles already in flight"; the SASS later showed one scoreboard, see
+// Measured slower and removed (2026-12-05, ninth session; the switches' code is in 976d46f): V4's
+// kTransposed16 with the prefetch (JFM_FP8_L2_PREFETCH_V4: its 8-byte aligned 576-byte record by
+// a bulk prefetch of the 16-byte aligned inside plus point prefetches of its ends and scales):
+// h16 b64 topk 640 21.9 -> 22.6 us, s_q 2 37.4 -> 40.1; the pipelined sole producer, kRolesWide
+// (JFM_FP8_L2_PREFETCH_WIDE): V3.2 h128 s_q 2 213.3 -> 231.2 us (bulk) / 213.7 (lines), V4 h64
+// topk 640 29.3 -> 33.1 / 31.0 (the SASS later showed one scoreboard for the loop's loads, see
 // kPipelinedFp8Fetch: the prefetches only added requests).
 #ifndef JFM_FP8_L2_PREFETCH
 #define JFM_FP8_L2_PREFETCH 1
-#endif
-#ifndef JFM_FP8_L2_PREFETCH_V4
-#define JFM_FP8_L2_PREFETCH_V4 0
 #endif
 // JFM_FP8_L2_PREFETCH_T32 (candidate, off; not yet run on a GPU): kTransposed32's V3.2 producers
 // take kTransposed16's loop (the next own tile's rows asked of L2, indices two own tiles ahead;
@@ -129,9 +126,6 @@ constexpr bool fp8_wide_out(bool pair, bool scores_role) {
 // gather at 13% of V3.2 h32, which the h16 kernel's prefetch cut by 3-5% there.
 #ifndef JFM_FP8_L2_PREFETCH_T32
 #define JFM_FP8_L2_PREFETCH_T32 0
-#endif
-#ifndef JFM_FP8_L2_PREFETCH_WIDE
-#define JFM_FP8_L2_PREFETCH_WIDE 0
 #endif
 constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 // JFM_V32_ROPE_ASYNC (on; =0 builds the register path for A/B): V3.2's producers copy each
@@ -159,7 +153,7 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 #ifndef JFM_V4_ROPE_ASYNC
 #define JFM_V4_ROPE_ASYNC 1
 #endif
-// JFM_V32_EARLY_INDICES (on) / JFM_V4_EARLY_INDICES (off): the FP8 kernels' producer warpgroup
+// JFM_V32_EARLY_INDICES (on): the V3.2 CTA pairs' producer warpgroup
 // issues its loads of the CTA's first tile's indices before ws_setup's barrier
 // (issue_first_indices: after waiting for the schedule row, which their addresses need), and its
 // first tile takes them instead of loading them after the set-up. Why: the start-up stamps
@@ -169,14 +163,12 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 // Measured (H200, 2026-12-04 fourth session, 1M-token pool, each build in its own process,
 // profiler medians of 30 calls): V3.2 h128 b64 s_q 1 92.64 -> 91.10 us (-1.7%), s_q 2 179.33 ->
 // 176.38 (-1.6%); V4 h128 topk 1152 b64 s_q 1 54.53 -> 55.35 (+1.5%), topk 512 b128 s_q 2
-// 101.30 -> 102.53 (+1.2%). So V3.2 only, and only in the CTA pairs (kRolesPair, 65-128 heads):
-// on kRolesWide (V3.2 h64 b148 topk 16384) it cost 1678 -> 1788 us in the same session's side by
+// 101.30 -> 102.53 (+1.2%). So V3.2 only (the V4 switch, JFM_V4_EARLY_INDICES, is gone since
+// 2026-12-05's ninth session), and only in the CTA pairs (kRolesPair, 65-128 heads): on
+// kRolesWide (V3.2 h64 b148 topk 16384) it cost 1678 -> 1788 us in the same session's side by
 // side.
 #ifndef JFM_V32_EARLY_INDICES
 #define JFM_V32_EARLY_INDICES 1
-#endif
-#ifndef JFM_V4_EARLY_INDICES
-#define JFM_V4_EARLY_INDICES 0
 #endif
 // JFM_FP8_PRECONVERT (default 1 since the sixth 2026-12-04 session; 0: the stores after the
 // empty wait, as before): kTransposed16's V3.2 producers dequantize round 0 of
@@ -251,7 +243,7 @@ constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 // (592 = 80 mod 128: the 8 tokens' 8-byte reads of a quarter warp land in distinct 16-byte bank
 // groups where the records start 16-byte aligned), read back 8 bytes at a time; the scales stay
 // 8-byte global loads, the RoPE goes through registers. In their own loop (no L2 prefetch: it
-// lost on V4, JFM_FP8_L2_PREFETCH_V4). Why: no row loads or tile stores took 24% off V4 h16
+// lost on V4, see JFM_FP8_L2_PREFETCH). Why: no row loads or tile stores took 24% off V4 h16
 // (PERFORMANCE.md, 2026-12-04 sixth session).
 #ifndef JFM_FP8_BULK_STAGE_V4
 #define JFM_FP8_BULK_STAGE_V4 1
@@ -308,8 +300,7 @@ struct SparseWsTask {
   static constexpr bool kCpAsyncTiles = !kFp8;  // the tiles are cp.async copies of bf16 rows
   static constexpr bool kShortSeqs = true;       // one query token's top-k
   static constexpr bool kFenceAfterFull = !kFp8 || kRopeAsync;
-  static constexpr bool kEarlyIndices = (JFM_V32_EARLY_INDICES != 0 && kFmt == KvFormat::kFp8V32) ||
-                                        (JFM_V4_EARLY_INDICES != 0 && kFmt == KvFormat::kFp8V4);
+  static constexpr bool kEarlyIndices = JFM_V32_EARLY_INDICES != 0 && kFmt == KvFormat::kFp8V32;
   static constexpr uint32_t kFullCount = kFp8 && !kRopeAsync ? 128 : 256;
   // (JFM_FP8_BULK_STAGE) kTransposed16's producers stage rows in the Q tile's rows 16-63.
   static constexpr bool kT16StagesInQ = (JFM_FP8_BULK_STAGE != 0 && kFmt == KvFormat::kFp8V32) ||
@@ -431,15 +422,12 @@ struct SparseWsTask {
     constexpr bool kRow8 = JFM_V32_ROW8 != 0 && kFmt == KvFormat::kFp8V32 && !kPair && kRoomy;
     // kL2Prefetch (JFM_FP8_L2_PREFETCH): the loop with the indices two own tiles ahead, in which
     // the next own tile's rows may be asked of L2 (kPrefetchRows, below). kTransposed16's V3.2
-    // producers (with JFM_FP8_L2_PREFETCH_V4 its V4 ones, with JFM_FP8_L2_PREFETCH_WIDE the
-    // pipelined sole producer) and kTransposed32's V3.2 ones (JFM_FP8_BULK_STAGE_T32, or
+    // producers and kTransposed32's V3.2 ones (JFM_FP8_BULK_STAGE_T32, or
     // JFM_FP8_L2_PREFETCH_T32's unstaged form); not unchecked combinations.
     constexpr bool kL2Prefetch =
-        kFp8L2Prefetch != 0 && kFp8 && !kPair && !kRow8 &&
-        ((kRoomy && (kFmt == KvFormat::kFp8V32 || JFM_FP8_L2_PREFETCH_V4 != 0)) ||
-         ((JFM_FP8_L2_PREFETCH_T32 != 0 || JFM_FP8_BULK_STAGE_T32 != 0) && !kSole && !kRoomy &&
-          kFmt == KvFormat::kFp8V32) ||
-         (JFM_FP8_L2_PREFETCH_WIDE != 0 && kSole && kWide && kPipelinedFp8Fetch));
+        kFp8L2Prefetch != 0 && kFp8 && !kPair && !kRow8 && kFmt == KvFormat::kFp8V32 &&
+        (kRoomy ||
+         ((JFM_FP8_L2_PREFETCH_T32 != 0 || JFM_FP8_BULK_STAGE_T32 != 0) && !kSole && !kRoomy));
     const Fp8Slot slot = kRow8 ? Fp8Slot(ptid, Fp8Slot::Row8{}) : Fp8Slot(ptid);
     const int lr = ptid >> 3, lq = ptid & 7;
     static_assert(!(kRow8 && kRopeAsync), "JFM_V32_ROW8 with JFM_V32_ROPE_ASYNC: not written");
