@@ -130,6 +130,19 @@ __device__ __forceinline__ void ws_set_regs() {
 #endif
 constexpr int kWsScoresRegP = JFM_WS_SCORES_REG_P;
 static_assert(kWsScoresRegP == 0 || kWsScoresRegP == 2, "JFM_WS_SCORES_REG_P: 0 or 2");
+// JFM_FP8_PAIR_REG_P (candidate, off; not yet run on a GPU): JFM_WS_SCORES_REG_P=2 for the FP8
+// CTA pairs alone (kRolesPair on FP8 tasks: not the dense pair, where =2 measured 0.5-1.5%
+// slower). Why: its one gain was on the V3.2 pair, -1.9% and -2.2% in two calls (2026-12-02),
+// when the pair was not yet a default; since 2026-12-04 the pairs run V3.2 and V4 at 65-128
+// heads wherever a step has 4 tiles per part (sparse/dispatch.cu, pair_pays).
+#ifndef JFM_FP8_PAIR_REG_P
+#define JFM_FP8_PAIR_REG_P 0
+#endif
+// Whether this role split's scores warpgroup feeds its P V from registers (the two switches above).
+template <class Task, bool kPair>
+constexpr bool ws_scores_reg_p() {
+  return kWsScoresRegP == 2 || (JFM_FP8_PAIR_REG_P != 0 && kPair && !Task::kCpAsyncTiles);
+}
 
 // Named barriers (0 is __syncthreads', 1 MathWarpsSync's).
 constexpr int kBarScores = 4;   // kRoles, kTransposed*: warpgroup 0 alone (128)
@@ -519,7 +532,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
           fence_proxy_async();
           mbarrier_arrive(sh.bar_p_ready);
         };
-        if constexpr (kWsScoresRegP == 2) {
+        if constexpr (ws_scores_reg_p<Task, kPair>()) {
           rescale_o(st.o, corr);
           tile_pv_issue_rs<T>(st, sacc, desc_v + buf_desc);
           publish();
