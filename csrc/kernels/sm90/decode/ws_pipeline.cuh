@@ -517,7 +517,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
           mask_tile(sacc, [&](int h, int col) { return task.masked(cur, n, valid, h, col); });
         tile_trace(k, kTrScMask);
         float corr[2];
-        tile_softmax_rows(sacc, st, corr, mt, sl2);
+        tile_softmax_rows<Task::kCpAsyncTiles ? kSoftmaxPolyExp : 0>(sacc, st, corr, mt, sl2);
         tile_trace(k, kTrScSoft);
         // P and the corrections for the values warpgroup.
         auto publish = [&] {
