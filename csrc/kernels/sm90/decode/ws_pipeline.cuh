@@ -320,7 +320,8 @@ __device__ __forceinline__ void mask_tile(float (&s)[kRegs], Masked masked) {
 #endif
 template <class Task>
 constexpr bool ws_early_q() {
-  return JFM_WS_EARLY_Q != 0 && Task::kCpAsyncTiles && (Task::kShortSeqs || JFM_DENSE_EARLY_Q != 0);
+  return JFM_WS_EARLY_Q != 0 && Task::kCpAsyncTiles &&
+         (Task::kShortSeqs || JFM_DENSE_EARLY_Q != 0);
 }
 
 // JFM_WS_MASK_SKIP (on; =0 masks every tile, for A/B): the role split's scores warpgroup skips
