@@ -221,6 +221,11 @@ def summarize_ctas(run):
             taken = sorted(((d(ec, v), name) for name, v in starts.items() if v))
             print("      before the first tile: " + ", ".join(f"{name} {c}" for c, name in taken))
         ends = run.get("ends", {}).get((bx, by), {})
+        stores = [(role, d(ends[f"{role} stats"], ends[f"{role} stored"])) for role in
+                  ("scores", "values") if ends.get(f"{role} stats") and ends.get(f"{role} stored")]
+        if stores:  # the CTA's last sequence: row totals handed over -> its output rows stored
+            print("      last sequence's output stores (stats -> stored): " + ", ".join(
+                f"{role} {c}" for role, c in stores) + " cycles")
         if ends and len(ts) < kTraceTiles:  # from the last P V, in cycles
             last_pv = d(ec, first["sc_full"]) + end  # from entry
             print("      after the last P V: " + ", ".join(

@@ -97,6 +97,8 @@ def test_cta_records_with_start_and_end_stamps(tmp_path, capsys, monkeypatch):
             "tile 0 indices 6000") in out
     assert "after the last P V: scores stats 5, scores stored 3300" in out
     assert "exit 4800" in out
+    # The last sequence's output stores per math warpgroup (stats -> stored): 3300 - 5, 3200 - 250.
+    assert "last sequence's output stores (stats -> stored): scores 3295, values 2950 cycles" in out
 
 
 def test_transposed_phases(tmp_path):
