@@ -60,16 +60,20 @@ def time_rounds(call, sync, *, calls: int, rounds: int, budget_s: float | None =
         calls = max(1, min(calls, int(budget_s / max(one, 1e-9) / rounds)))
         if one * calls * rounds > budget_s:
             rounds = max(1, int(budget_s / max(one * calls, 1e-9)))
-    times = []
+    times, issued = [], []
     for _ in range(rounds):
         t0 = time.perf_counter()
         out = None
         for _ in range(calls):
             out = call()
+        t1 = time.perf_counter()
         sync(out)
         times.append((time.perf_counter() - t0) / calls)
+        issued.append((t1 - t0) / calls)
+    # issue_s: the host's time per call to hand the calls over (before the wait). Near time_s the
+    # host, not the GPU, sets the back-to-back time (dispatch, or a call that blocks).
     return dict(time_s=statistics.median(times), time_min_s=min(times), time_max_s=max(times),
-                calls=calls, rounds=rounds)
+                issue_s=statistics.median(issued), calls=calls, rounds=rounds)
 
 
 def load_perfetto(trace_dir: str):

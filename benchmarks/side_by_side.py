@@ -201,6 +201,9 @@ def print_table(rows, suites):
             if "gather_floor_us" in r:
                 notes.append(f"gather floor {r['gather_floor_us']:.0f} us"
                              + (f" ({r['ours_vs_floor']:.2f} of it)" if "ours_vs_floor" in r else ""))
+            if o.get("issue_s") and u.get("issue_s"):  # (sbs_common.time_rounds)
+                notes.append(f"host issue per call: ours {o['issue_s'] * 1e6:.0f} us, "
+                             f"FlashMLA {u['issue_s'] * 1e6:.0f} us")
             if o.get("xla_time_s") and o.get("perf"):
                 notes.append(f"plain XLA {o['xla_time_s'] * 1e6:.0f} us "
                              f"({o['xla_time_s'] * 1e6 / o['perf']['time_us']:.1f}x ours)")

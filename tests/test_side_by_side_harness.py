@@ -213,3 +213,17 @@ def test_energy_counter_in_the_clocks_table(capsys, monkeypatch):
     assert "nvml" not in line["onesided"] and "*" not in line["onesided"]
     assert "nvml" not in line["nostep"] and "*" not in line["nostep"]
     assert "geomean over the 1 rows marked *: 1.250" in out
+
+
+def test_time_rounds_reports_the_host_issue_time():
+    """issue_s is the host's time per call before the wait: a call that takes 2 ms to hand over
+    and a wait of 10 ms per round give issue_s >= 2 ms and time_s above it by >= 10 / calls ms."""
+    import time
+
+    import sbs_common
+
+    rec = sbs_common.time_rounds(lambda: time.sleep(0.002), lambda _: time.sleep(0.010),
+                                 calls=3, rounds=2)
+    assert rec["issue_s"] >= 0.002
+    assert rec["time_s"] - rec["issue_s"] >= 0.010 / 3 - 1e-4
+    assert rec["calls"] == 3 and rec["rounds"] == 2
