@@ -125,23 +125,21 @@ __device__ __forceinline__ void ws_set_regs() {
 // warpgroup to free the previous P. H200 (PERFORMANCE.md, 2026-12-02 second session): dense
 // h128, prefill d576 h128 and V3.2 h128 within noise (the P round trip does not bound that
 // chain); 1.9% faster on the CTA pair only. Form 1 (publish first) gained nothing and is gone.
+// =3 (candidate, not yet run on a GPU): the same for the FP8 CTA pairs alone (kRolesPair on FP8
+// tasks; not the dense pair, where =2 measured 0.5-1.5% slower). Why: its one gain was the V3.2
+// pair's, -1.9% and -2.2% in two calls (2026-12-02), when the pair was not yet a default; since
+// 2026-12-04 the pairs run V3.2 and V4 at 65-128 heads wherever a step has 4 tiles per part
+// (sparse/dispatch.cu, pair_pays).
 #ifndef JFM_WS_SCORES_REG_P
 #define JFM_WS_SCORES_REG_P 0
 #endif
 constexpr int kWsScoresRegP = JFM_WS_SCORES_REG_P;
-static_assert(kWsScoresRegP == 0 || kWsScoresRegP == 2, "JFM_WS_SCORES_REG_P: 0 or 2");
-// JFM_FP8_PAIR_REG_P (candidate, off; not yet run on a GPU): JFM_WS_SCORES_REG_P=2 for the FP8
-// CTA pairs alone (kRolesPair on FP8 tasks: not the dense pair, where =2 measured 0.5-1.5%
-// slower). Why: its one gain was on the V3.2 pair, -1.9% and -2.2% in two calls (2026-12-02),
-// when the pair was not yet a default; since 2026-12-04 the pairs run V3.2 and V4 at 65-128
-// heads wherever a step has 4 tiles per part (sparse/dispatch.cu, pair_pays).
-#ifndef JFM_FP8_PAIR_REG_P
-#define JFM_FP8_PAIR_REG_P 0
-#endif
-// Whether this role split's scores warpgroup feeds its P V from registers (the two switches above).
+static_assert(kWsScoresRegP == 0 || kWsScoresRegP == 2 || kWsScoresRegP == 3,
+              "JFM_WS_SCORES_REG_P: 0, 2 or 3");
+// Whether this role split's scores warpgroup feeds its P V from registers (JFM_WS_SCORES_REG_P).
 template <class Task, bool kPair>
 constexpr bool ws_scores_reg_p() {
-  return kWsScoresRegP == 2 || (JFM_FP8_PAIR_REG_P != 0 && kPair && !Task::kCpAsyncTiles);
+  return kWsScoresRegP == 2 || (kWsScoresRegP == 3 && kPair && !Task::kCpAsyncTiles);
 }
 
 // Named barriers (0 is __syncthreads', 1 MathWarpsSync's).
