@@ -963,7 +963,9 @@ __global__ void __launch_bounds__(384, 1)
 // two CTAs of a token's heads run on one GPC at the same time and read the same KV rows, which L2
 // then sees fewer requests for (upstream puts them in neighbouring CTAs; ncu on prefill d576 h128:
 // its L2 looked up 24% fewer sectors than ours for the same bytes delivered). H100, 2026-12-05:
-// prefill d576 h128 -5.2%, d512 h128 -2.5% (docs/PERFORMANCE.md).
+// prefill d576 h128 -5.2%, d512 h128 -2.5%, its L2 lookups 640M -> 472M (upstream 515M); on
+// kRolesWide (b 2-8 steps at 128 heads) neither faster nor slower than the plain launch, within
+// those 13-21 us kernels' +-2-4% (docs/PERFORMANCE.md, eighth and ninth sessions).
 template <KvFormat kFmt, int kDqk, WsMath kMath>
 cudaError_t launch_sparse_attention_ws(const SparseDecodeParams& p, cudaStream_t stream) {
   constexpr auto kKernel = sparse_attention_ws_kernel<kFmt, kDqk, kMath>;
