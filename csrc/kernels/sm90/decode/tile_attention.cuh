@@ -360,47 +360,14 @@ constexpr float kLazySlack = 8.f;
 #endif
 constexpr float kRowsSlack = JFM_WS_ROWS_LAZY_MAX != 0 ? kLazySlack : 0.f;
 
-// JFM_SOFTMAX_POLY_EXP=k (candidate, off; not yet run on a GPU; k in 0..8): in the role split's
-// softmax (tile_softmax_rows) the elements i with i % 8 < k (4 k of a thread's 32 per tile) take
-// exp2_poly, on the FP32 pipe, instead of MUFU.EX2; in the tasks with bf16 tiles only (dense,
-// prefill, bf16 sparse decode): the FP8 role splits are producer-bound, and kRolesWide V3.2
-// spilled 8 more bytes with it. Why: the scores warpgroup's softmax is 489 of the dense h128
-// tile's 3480 cycles (tile probe, H200, 2026-12-05 ninth session), on the tile's chain, and its 32
-// MUFU.EX2 per thread alone take 256 cycles per warp at 16 results per clock per SM; exp2_poly
-// costs ~8 FP32-pipe instructions, so moving 12 of the 32 (k = 3) evens the two pipes at ~160
-// cycles. Predicted for k = 3: dense h128 and prefill -1.5 to -3%.
-#ifndef JFM_SOFTMAX_POLY_EXP
-#define JFM_SOFTMAX_POLY_EXP 0
-#endif
-constexpr int kSoftmaxPolyExp = JFM_SOFTMAX_POLY_EXP;
-static_assert(kSoftmaxPolyExp >= 0 && kSoftmaxPolyExp <= 8, "JFM_SOFTMAX_POLY_EXP: 0..8");
-
-// 2^x without MUFU, for x <= 127 (here at most the lazy max's slack): x = j + f with j an integer
-// and f in [-0.5, 0.5] (rounding through 1.5 * 2^23), 2^f by a degree-5 polynomial (coefficients
-// fitted here for relative error: at most 2.3e-7 in float32, against ex2.approx's ~2 ulp), and
-// 2^j added to the exponent bits. x <= -126 (a masked logit's -inf among them) gives exactly 0,
-// as ex2.approx.ftz does, so empty rows keep l = 0.
-__device__ __forceinline__ float exp2_poly(float x) {
-  constexpr float kRound = 12582912.f;  // 1.5 * 2^23
-  const float xc = fmaxf(x, -126.f);
-  const float t = __fadd_rn(xc, kRound);           // kRound + round(xc), exactly
-  const float f = __fadd_rn(xc, -__fadd_rn(t, -kRound));
-  float p = 1.3276415e-3f;
-  p = __fmaf_rn(p, f, 9.675529e-3f);
-  p = __fmaf_rn(p, f, 5.5507135e-2f);
-  p = __fmaf_rn(p, f, 2.4022121e-1f);
-  p = __fmaf_rn(p, f, 6.9314694e-1f);
-  p = __fmaf_rn(p, f, 1.0000001f);
-  // t's low mantissa bits hold round(xc) in two's complement; << 23 moves it to the exponent.
-  const float r = __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
-  return x > -126.f ? r : 0.f;
-}
-
+// MUFU is not what bounds this softmax: moving 12 of a thread's 32 exponentials per tile to a
+// degree-5 polynomial on the FP32 pipe (JFM_SOFTMAX_POLY_EXP=3, 2026-12-05 tenth session; the
+// dense object's MUFU.EX2 104 -> 80) measured flat on the H100 (dense h128 b64-256 fixed, b128
+// s_k 8K, s_q 2 / 4 causal within +-1.5%, prefill d512 / d576 +1.0 / +3.4%) and is gone.
 // Online softmax over whole rows of the masked logits s (-inf: not attended): updates m (lazily,
 // kRowsSlack) and l (l: this thread's partial sum of its 16 columns per row), turns s into
 // P = exp2(s sl2 - m sl2) and returns the correction of the earlier O in corr; mt: this thread's
 // rows' largest attended logits so far. No shared memory, no barrier.
-template <int kPolyExp = 0>  // (JFM_SOFTMAX_POLY_EXP)
 __device__ __forceinline__ void tile_softmax_rows(float (&s)[32], RowState& st, float (&corr)[2],
                                                   float (&mt)[2], float sl2) {
   float mx[2] = {-INFINITY, -INFINITY};
@@ -422,8 +389,7 @@ __device__ __forceinline__ void tile_softmax_rows(float (&s)[32], RowState& st, 
   }
 #pragma unroll
   for (int i = 0; i < 32; ++i) {
-    const float x = s[i] * sl2 - mscaled[(i >> 1) & 1];
-    s[i] = i % 8 < kPolyExp ? exp2_poly(x) : exp2f(x);
+    s[i] = exp2f(s[i] * sl2 - mscaled[(i >> 1) & 1]);
     st.l[(i >> 1) & 1] += s[i];
   }
 }
@@ -657,17 +623,24 @@ __device__ __forceinline__ void tile_finish_t(TState<kN>& st, float* red, float 
 }
 
 // JFM_WIDE_OUT_STORES (on; =0 for A/B): the bf16 sparse kernels' role split (prefill, bf16 sparse
-// decode; store_token_rows' kWide) writes its output rows in 16-byte stores. A thread holds two
+// decode; store_token_rows' kWide) and the dense kernels (store_dense_rows) write their output rows
+// in 16-byte stores. A thread holds two
 // columns of each 8-column group (2 tq, + 1); the quad transposes four groups at a time (3
 // shuffles), so that lane tq stores group 4 j + tq whole: 16 stores per thread and token instead of
 // 64 4-byte ones. Why: ncu of sparse prefill d512 h64 (2026-12-02, sixth session) put 15% of both
 // math warpgroups' samples on those stores, stalled on lg_throttle (the global store queue).
 // Measured (H200, same call, each build in its own process; profiler kernel medians): prefill d512
 // h64 s_q 4096 topk 512 616.6 -> 541.2 us (-12.2%), d512 h128 topk 1024 2134.4 -> 1961.8 (-8.1%),
-// d576 h128 topk 2048 4503.9 -> 4392.0 (-2.5%). Not in the FP8 kernels (their kRolesWide math
-// warpgroups spilled 48-80 bytes with it) nor dense decode (one store per 64-tile sequence); the
-// split-KV partials (float) keep their 8-byte stores. An 8-byte form (a lane-pair swap) spilled 16
-// bytes and was not measured.
+// d576 h128 topk 2048 4503.9 -> 4392.0 (-2.5%). Dense decode (2026-12-05, tenth session; it was
+// JFM_DENSE_WIDE_OUT): the tile probe (H200, h128) put a sequence's final rows at 7.8-8.7K cycles
+// from row totals to stores issued, on both math warpgroups' path at every sequence boundary;
+// measured (H100, same call, each build in its own process, profiler medians of 30) h128 b64 s_k
+// 4K fixed 132.5 -> 126.1 us (-4.9%), b128 s_k 2K fixed 141.9 -> 132.2 (-6.8%), b256 s_k 1K fixed
+// 163.8 -> 147.6 (-9.9%), b128 s_k 8K and h64 b128 s_k 4K flat (+-0.4%); same registers, no new
+// spill; 183 dense + malformed GPU tests, memcheck and racecheck clean. Not in the FP8 kernels
+// (their kRolesWide math warpgroups spilled 48-80 bytes with it); the split-KV partials (float)
+// keep their 8-byte stores (a 16-byte form measured -0.3 to -0.8%, the noise level, and spilled
+// with JFM_DENSE_EARLY_Q). An 8-byte form (a lane-pair swap) spilled 16 bytes and was not measured.
 #ifndef JFM_WIDE_OUT_STORES
 #define JFM_WIDE_OUT_STORES 1
 #endif

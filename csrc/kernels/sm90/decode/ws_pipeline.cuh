@@ -125,22 +125,14 @@ __device__ __forceinline__ void ws_set_regs() {
 // warpgroup to free the previous P. H200 (PERFORMANCE.md, 2026-12-02 second session): dense
 // h128, prefill d576 h128 and V3.2 h128 within noise (the P round trip does not bound that
 // chain); 1.9% faster on the CTA pair only. Form 1 (publish first) gained nothing and is gone.
-// =3 (candidate, not yet run on a GPU): the same for the FP8 CTA pairs alone (kRolesPair on FP8
-// tasks; not the dense pair, where =2 measured 0.5-1.5% slower). Why: its one gain was the V3.2
-// pair's, -1.9% and -2.2% in two calls (2026-12-02), when the pair was not yet a default; since
-// 2026-12-04 the pairs run V3.2 and V4 at 65-128 heads wherever a step has 4 tiles per part
-// (sparse/dispatch.cu, pair_pays).
+// A form for the FP8 CTA pairs alone (=3, 2026-12-05 tenth session; their one gain above was the
+// V3.2 pair's) measured flat on the H100 (V3.2 h128 b64 / b128 topk 2048 86.9 -> 86.6, 168.6 ->
+// 167.3 us; V4 h128 b64 / b128 51.5 -> 51.8, 100.5 -> 100.8) and is gone.
 #ifndef JFM_WS_SCORES_REG_P
 #define JFM_WS_SCORES_REG_P 0
 #endif
 constexpr int kWsScoresRegP = JFM_WS_SCORES_REG_P;
-static_assert(kWsScoresRegP == 0 || kWsScoresRegP == 2 || kWsScoresRegP == 3,
-              "JFM_WS_SCORES_REG_P: 0, 2 or 3");
-// Whether this role split's scores warpgroup feeds its P V from registers (JFM_WS_SCORES_REG_P).
-template <class Task, bool kPair>
-constexpr bool ws_scores_reg_p() {
-  return kWsScoresRegP == 2 || (kWsScoresRegP == 3 && kPair && !Task::kCpAsyncTiles);
-}
+static_assert(kWsScoresRegP == 0 || kWsScoresRegP == 2, "JFM_WS_SCORES_REG_P: 0 or 2");
 
 // Named barriers (0 is __syncthreads', 1 MathWarpsSync's).
 constexpr int kBarScores = 4;   // kRoles, kTransposed*: warpgroup 0 alone (128)
@@ -302,24 +294,17 @@ __device__ __forceinline__ void mask_tile(float (&s)[kRegs], Masked masked) {
 // -1.7 to -2.7% three times; applied to every task it cost V3.2 h128 (FP8) 5-9%, not understood,
 // and dense h128 1.4-1.7% (its Q changes every ~64 tiles): those forms are gone. This form (fifth
 // session, profiler, each build in its own process): prefill d512 h64 s_q 4096 topk 512 636.2 ->
-// 614.7 us (-3.4%); dense and V4 unchanged (their objects are the same).
+// 614.7 us (-3.4%); dense and V4 unchanged (their objects are the same). This form extended to
+// dense (JFM_DENSE_EARLY_Q, 2026-12-05 tenth session, H100, with the 16-byte output stores, same
+// call): h128 b64 s_k 4K fixed 126.1 -> 129.4 us, b128 s_k 2K fixed 132.2 -> 135.2, b256 s_k 1K
+// fixed 147.6 -> 150.6, b128 s_k 8K 498.2 -> 509.8 (+2.0 to +2.6%), so dense keeps its Q load after
+// the outputs; removed.
 #ifndef JFM_WS_EARLY_Q
 #define JFM_WS_EARLY_Q 1
 #endif
-// JFM_DENSE_EARLY_Q (candidate, off; not yet run on a GPU): the same form for the dense role split
-// (kCpAsyncTiles, not kShortSeqs). Why: the tile probe (H200, 2026-12-05 ninth session) put a
-// dense sequence boundary at ~11K cycles (the output stores, then both math warpgroups' Q load
-// and its barriers), and a schedule part of b 64-256 at h_q 128 crosses 1-4 of them; with the
-// 16-byte stores (JFM_DENSE_WIDE_OUT) the Q load is the larger remaining piece. The earlier
-// "every task" form of this (2026-12-02) cost dense h128 1.4-1.7% on b128 s_k 4K; this one, with
-// the scores warpgroup alone loading Q, was never measured on dense.
-#ifndef JFM_DENSE_EARLY_Q
-#define JFM_DENSE_EARLY_Q 0
-#endif
 template <class Task>
 constexpr bool ws_early_q() {
-  return JFM_WS_EARLY_Q != 0 && Task::kCpAsyncTiles &&
-         (Task::kShortSeqs || JFM_DENSE_EARLY_Q != 0);
+  return JFM_WS_EARLY_Q != 0 && Task::kCpAsyncTiles && Task::kShortSeqs;
 }
 
 // JFM_WS_MASK_SKIP (on; =0 masks every tile, for A/B): the role split's scores warpgroup skips
@@ -516,7 +501,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
           mask_tile(sacc, [&](int h, int col) { return task.masked(cur, n, valid, h, col); });
         tile_trace(k, kTrScMask);
         float corr[2];
-        tile_softmax_rows<Task::kCpAsyncTiles ? kSoftmaxPolyExp : 0>(sacc, st, corr, mt, sl2);
+        tile_softmax_rows(sacc, st, corr, mt, sl2);
         tile_trace(k, kTrScSoft);
         // P and the corrections for the values warpgroup.
         auto publish = [&] {
@@ -531,7 +516,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
           fence_proxy_async();
           mbarrier_arrive(sh.bar_p_ready);
         };
-        if constexpr (ws_scores_reg_p<Task, kPair>()) {
+        if constexpr (kWsScoresRegP == 2) {
           rescale_o(st.o, corr);
           tile_pv_issue_rs<T>(st, sacc, desc_v + buf_desc);
           publish();
