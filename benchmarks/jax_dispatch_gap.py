@@ -1,0 +1,85 @@
+"""How much of a back-to-back jitted call's time is JAX's per-execution cost rather than GPU work.
+
+The dense side by side shows ours 10-15 us per call slower back to back than per call with 10 calls
+in one jit (e.g. H200 h16 s_k 4K: 170.0 against 158.6 us), while FlashMLA's torch calls show no
+such gap. This times plain XLA work with no custom call (a jitted bf16 `x + 1` sized to take ~30,
+~120 and ~300 us of copy time, with 1 or with 5 arguments and 2 outputs, the shape of our decode
+call) both ways, with the same time_rounds as the side by side: if these show the same gap, it is
+the runtime's per-execution cost and the in-one-jit column is the kernel's measure.
+
+    python benchmarks/jax_dispatch_gap.py [--calls 20 --rounds 15 --k 10] [--ours]
+
+--ours adds our dense decode (b 128, h_q 16, s_k 4096, page 64, random bf16 inputs, the schedule
+made once outside the timed calls, as the side by side does) timed the same two ways.
+"""
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sbs_common import time_rounds  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--k", type=int, default=10, help="calls per jit in the one-unit timing")
+    ap.add_argument("--mib", default="64,256,640", help="bytes read per call (MiB), comma-separated")
+    ap.add_argument("--ours", action="store_true", help="also time our dense decode both ways")
+    args = ap.parse_args()
+    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}")
+    print(f"{'case':34s} {'plain us':>9s} {'in one jit':>11s} {'gap us':>7s} {'issue us':>9s}")
+    one = jax.jit(lambda x: x + jnp.bfloat16(1))
+    five = jax.jit(lambda x, a, b, c, d: (x + jnp.bfloat16(1), a * 2 + b[:1] + c[:1] + d[:1]))
+    cases = []
+    if args.ours:
+        cases.append(ours_case(args.k))
+    for name, plain, unit in cases:
+        report(name, plain, unit, args)
+    for mib in (int(m) for m in args.mib.split(",")):
+        n = mib * 2**20 // 2
+        x = jnp.ones((n,), jnp.bfloat16)
+        small = [jnp.ones((4096,), jnp.float32) + i for i in range(4)]
+        xs = [x + jnp.bfloat16(i) for i in range(args.k)]  # K copies: no reuse between calls
+        unit_one = jax.jit(lambda xs: [xi + jnp.bfloat16(1) for xi in xs])
+        unit_five = jax.jit(lambda xs, a, b, c, d: [(xi + jnp.bfloat16(1), a * 2 + b[:1] + c[:1] + d[:1])
+                                                    for xi in xs])
+        for name, plain, unit in (
+                (f"x + 1, {mib} MiB, 1 arg", lambda: one(x), lambda: unit_one(xs)),
+                (f"x + 1, {mib} MiB, 5 args 2 outs", lambda: five(x, *small),
+                 lambda: unit_five(xs, *small))):
+            report(name, plain, unit, args)
+
+
+def report(name, plain, unit, args):
+    jax.block_until_ready(plain())
+    jax.block_until_ready(unit())
+    p = time_rounds(plain, jax.block_until_ready, calls=args.calls, rounds=args.rounds)
+    u = time_rounds(unit, jax.block_until_ready, calls=max(1, args.calls // args.k),
+                    rounds=args.rounds)
+    per = u["time_s"] / args.k
+    print(f"{name:34s} {p['time_s'] * 1e6:9.1f} {per * 1e6:11.1f} "
+          f"{(p['time_s'] - per) * 1e6:7.1f} {p['issue_s'] * 1e6:9.1f}")
+
+
+def ours_case(k, b=128, h_q=16, s_k=4096, page=64):
+    import jax_flashmla as jfm
+    keys = jax.random.split(jax.random.key(0), k + 1)
+    pages = b * s_k // page
+    kv = jax.random.normal(keys[0], (pages, page, 1, 576), jnp.bfloat16)
+    table = jnp.arange(pages, dtype=jnp.int32).reshape(b, s_k // page)
+    lens = jnp.full((b,), s_k, jnp.int32)
+    qs = [jax.random.normal(kk, (b, 1, h_q, 576), jnp.bfloat16) for kk in keys[1:]]
+    md = jax.jit(lambda l: jfm.get_mla_metadata(l, s_q=1, h_q=h_q, h_kv=1))(lens)
+    one = jax.jit(lambda q, kv, t, l, m: jfm.mla_decode(q, kv, t, l, metadata=m))
+    unit = jax.jit(lambda qs, kv, t, l, m: [jfm.mla_decode(q, kv, t, l, metadata=m) for q in qs])
+    return (f"ours dense b{b} h{h_q} s_k {s_k}", lambda: one(qs[0], kv, table, lens, md),
+            lambda: unit(qs, kv, table, lens, md))
+
+
+if __name__ == "__main__":
+    main()
