@@ -131,6 +131,25 @@ constexpr bool kDenseTma = JFM_DENSE_TMA != 0;
 #endif
 constexpr bool kDensePair = JFM_DENSE_PAIR != 0 && kDenseTma;
 
+// JFM_DENSE_L2_AHEAD (candidate, off; not yet run on a GPU; =1 on): the role split's TMA producer,
+// right after issuing a page's boxes, asks L2 for the page it will fill next (its own boxes of it:
+// in a pair, the half it multicasts; after a sequence's last page, the next sequence's first), by
+// cp.async.bulk.prefetch.tensor: one instruction per box, no shared memory, no barrier. Why: the
+// tile probe (H200, 2026-12-05 ninth session, h128 b16-256) has the fill at 3504 cycles from the
+// empty barrier to full, and release (3340) + gap (114) + fill = exactly two periods: with two
+// tile buffers (d576's Q leaves no room for a third) the period is half that loop, and the scores
+// warpgroup waits 190 cycles for each tile (late 259 with the fence). The pair's HBM reads then
+// run at ~2.3 TB/s, about half the copy rate, so the fill is latency-bound: one tile's bytes in
+// flight per pair. A request one tile ahead doubles them; the fill that follows hits L2.
+// Predicted: the period falls to the scores warpgroup's chain, ~3220 cycles (S 1267 + softmax
+// and P 859 + hand-off 56 + P V 930 + loop), -6 to -8% on h128 s_q 1-4 with long sequences, -3 to
+// -5% on the 1K-4K-token `seqs` rows; h64 (kRoles, TMA) 0 to -5%; h16 / h32 (the transposed
+// kernels' cp.async path) unchanged.
+#ifndef JFM_DENSE_L2_AHEAD
+#define JFM_DENSE_L2_AHEAD 0
+#endif
+constexpr bool kDenseL2Ahead = JFM_DENSE_L2_AHEAD != 0 && kDenseTma;
+
 // ---- Sparse decode and sparse prefill (token-level gathers, h_kv = 1) --------------------------
 // Cache formats a sparse kernel reads (the layout follows from d_qk for FP8: SEMANTICS.md).
 enum class KvFormat : int { kBf16 = 0, kFp8V32 = 1, kFp8V4 = 2 };

@@ -223,6 +223,14 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const void* tmap, uint
       "l"(reinterpret_cast<uint64_t>(tmap)), "r"(bar), "r"(c0), "r"(c1), "r"(c2)
       : "memory");
 }
+// Ask L2 for the box at (c0, c1, c2) of a 3-D tensor map (a hint: nothing lands in shared memory,
+// no barrier counts it).
+__device__ __forceinline__ void tma_prefetch_l2_3d(const void* tmap, int c0, int c1, int c2) {
+  asm volatile("cp.async.bulk.prefetch.tensor.3d.L2.global.tile [%0, {%1, %2, %3}];\n" ::"l"(
+                   reinterpret_cast<uint64_t>(tmap)),
+               "r"(c0), "r"(c1), "r"(c2)
+               : "memory");
+}
 // tma_load_3d into every CTA of the cluster named in cta_mask (bit r: rank r), each at the same
 // shared-memory offset dst, its bytes counted on the mbarrier at offset `bar` of each of them.
 __device__ __forceinline__ void tma_load_3d_multicast(uint32_t dst, const void* tmap, uint32_t bar,

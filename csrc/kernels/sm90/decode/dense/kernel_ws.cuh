@@ -170,6 +170,20 @@ struct DenseWsTask {
                 tma_load_3d(fill.tile + j * S::kBlockBytes, &p.kv_map, fill.full, 64 * j, hk,
                             blk * kPageBlock);
             }
+            if constexpr (kDenseL2Ahead) {
+              // (JFM_DENSE_L2_AHEAD) the page of this producer's next fill, asked of L2 a fill
+              // ahead: the next page of this sequence, else the next sequence's first (page 0: a
+              // later sequence of the part starts there); an id outside the pool asks nothing.
+              const int ahead = n + 1 < q.t_hi ? blk_next
+                                : s < end_seq ? p.block_table[static_cast<size_t>(s + 1) * p.max_blocks]
+                                              : -1;
+              if (ahead >= 0 && ahead < p.num_kv_blocks) {
+#pragma unroll
+                for (int j = 0; j < S::kKBlocks; ++j)
+                  if (!kPair || (j & 1) == static_cast<int>(sh.rank))
+                    tma_prefetch_l2_3d(&p.kv_map, 64 * j, hk, ahead * kPageBlock);
+              }
+            }
           } else {
             mbarrier_arrive(fill.full);
           }
