@@ -145,10 +145,19 @@ constexpr bool kDensePair = JFM_DENSE_PAIR != 0 && kDenseTma;
 // and P 859 + hand-off 56 + P V 930 + loop), -6 to -8% on h128 s_q 1-4 with long sequences, -3 to
 // -5% on the 1K-4K-token `seqs` rows; h64 (kRoles, TMA) 0 to -5%; h16 / h32 (the transposed
 // kernels' cp.async path) unchanged.
+// Bit 1 (=3: both): the producer also asks L2 for the next sequence's Q rows of this CTA (h_kv 1:
+// one contiguous block of up to 64 x 1152 bytes, one bulk prefetch) when it reaches the current
+// sequence's last page, a tile or two before the math warpgroups load that Q after their output
+// stores. Why: at a sequence boundary the ninth session's probe put ~3K of the ~11K cycles in the
+// Q load and its barriers (the stores, since made 16-byte, were the rest), and loading Q early
+// from inside the loop (JFM_DENSE_EARLY_Q) cost 2-2.6% (its copies compete with the last tile's).
+// Predicted: -1 to -4% on the 1K-4K-token `seqs` rows (a boundary every 16-64 tiles), flat on long
+// sequences.
 #ifndef JFM_DENSE_L2_AHEAD
 #define JFM_DENSE_L2_AHEAD 0
 #endif
-constexpr bool kDenseL2Ahead = JFM_DENSE_L2_AHEAD != 0 && kDenseTma;
+constexpr bool kDenseL2Ahead = (JFM_DENSE_L2_AHEAD & 1) != 0 && kDenseTma;
+constexpr bool kDenseL2AheadQ = (JFM_DENSE_L2_AHEAD & 2) != 0;
 
 // ---- Sparse decode and sparse prefill (token-level gathers, h_kv = 1) --------------------------
 // Cache formats a sparse kernel reads (the layout follows from d_qk for FP8: SEMANTICS.md).

@@ -223,6 +223,17 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const void* tmap, uint
       "l"(reinterpret_cast<uint64_t>(tmap)), "r"(bar), "r"(c0), "r"(c1), "r"(c2)
       : "memory");
 }
+// L2 prefetches: hints that take no registers and that nothing waits for. The bulk form needs a
+// 16-byte aligned address and size, and the compiler issues it from the uniform datapath, one
+// distinct address per warp at a time. The point form asks for the line holding one address, 32
+// addresses per warp instruction (how much it fetches, a 128-byte line or a 32-byte sector, is
+// not documented).
+__device__ __forceinline__ void prefetch_l2_bulk(const void* p, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p) : "memory");
+}
 // Ask L2 for the box at (c0, c1, c2) of a 3-D tensor map (a hint: nothing lands in shared memory,
 // no barrier counts it).
 __device__ __forceinline__ void tma_prefetch_l2_3d(const void* tmap, int c0, int c1, int c2) {

@@ -140,6 +140,16 @@ struct DenseWsTask {
         const uint32_t k = k0 + (n - q.first);
         const int blk_next = n + stride < q.t_hi ? q.table[n + stride] : -1;
         const bool blk_ok = blk >= 0 && blk < p.num_kv_blocks;
+        if constexpr (kDenseL2AheadQ && kSole) {
+          // (JFM_DENSE_L2_AHEAD bit 1) the next sequence's Q rows of this CTA, asked of L2 at
+          // this sequence's last page; with one KV head a CTA's rows are contiguous in q.
+          if (ptid == 0 && n + 1 == q.t_hi && s < end_seq && p.h_kv == 1) {
+            const int nrows = min(kBlockM, rows_total - row0);
+            prefetch_l2_bulk(reinterpret_cast<const T*>(p.q) +
+                                 (static_cast<size_t>(s + 1) * rows_total + row0) * kDqk,
+                             static_cast<uint32_t>(nrows) * kDqk * sizeof(T));
+          }
+        }
         const WsFill<kPair> fill(sh, k);
         fill.wait_empty();
         tile_trace(k, kTrProdEmpty);

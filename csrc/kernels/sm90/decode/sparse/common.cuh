@@ -233,17 +233,8 @@ __device__ __forceinline__ uint4 ld_shared_16_if(uint32_t addr, bool pred) {
   return v;
 }
 
-// L2 prefetches (JFM_FP8_L2_PREFETCH, kernel_ws.cuh): hints that take no
-// registers and that nothing waits for. The bulk form needs a 16-byte aligned address and size,
-// and the compiler issues it from the uniform datapath, one distinct address per warp at a time.
-// The point form asks for the line holding one address, 32 addresses per warp instruction (how
-// much it fetches, a 128-byte line or a 32-byte sector, is not documented).
-__device__ __forceinline__ void prefetch_l2_bulk(const void* p, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p) : "memory");
-}
+// L2 prefetches (JFM_FP8_L2_PREFETCH, kernel_ws.cuh): prefetch_l2_bulk / prefetch_l2
+// (device_utils.cuh) and, here, a row's lines.
 // Point prefetches of every 128-byte line that [a, a + kBytes) touches, lane `lane` of 4 taking
 // every fourth point (consecutive points are at most 128 bytes apart, the last is a + kBytes - 1).
 template <int kBytes>
