@@ -135,15 +135,15 @@ constexpr bool kDensePair = JFM_DENSE_PAIR != 0 && kDenseTma;
 // right after issuing a page's boxes, asks L2 for the page it will fill next (its own boxes of it:
 // in a pair, the half it multicasts; after a sequence's last page, the next sequence's first), by
 // cp.async.bulk.prefetch.tensor: one instruction per box, no shared memory, no barrier. Why: the
-// tile probe (H200, 2026-12-05 ninth session, h128 b16-256) has the fill at 3504 cycles from the
-// empty barrier to full, and release (3340) + gap (114) + fill = exactly two periods: with two
-// tile buffers (d576's Q leaves no room for a third) the period is half that loop, and the scores
-// warpgroup waits 190 cycles for each tile (late 259 with the fence). The pair's HBM reads then
-// run at ~2.3 TB/s, about half the copy rate, so the fill is latency-bound: one tile's bytes in
-// flight per pair. A request one tile ahead doubles them; the fill that follows hits L2.
-// Predicted: the period falls to the scores warpgroup's chain, ~3220 cycles (S 1267 + softmax
-// and P 859 + hand-off 56 + P V 930 + loop), -6 to -8% on h128 s_q 1-4 with long sequences, -3 to
-// -5% on the 1K-4K-token `seqs` rows; h64 (kRoles, TMA) 0 to -5%; h16 / h32 (the transposed
+// tile probe (H200, 2026-12-05 ninth session, h128 b16-256) has the scores warpgroup waiting 190
+// cycles at the full barrier for every tile (late 259 with the proxy fence, period 3480): the
+// fill (3504 cycles from the empty barrier to full, with two tile buffers; d576's Q leaves no room
+// for a third) decides when S starts, not the math. The pairs' HBM reads run at ~2.3 TB/s, about
+// half the copy rate, so the fill is latency-bound: one tile's bytes in flight per pair. A
+// request a fill ahead doubles them, and the fill that follows hits L2. Predicted: the wait goes
+// and the period falls to the scores warpgroup's chain, ~3290 cycles (-5.5%): h128 s_q 1-4 with
+// long sequences -4 to -5.5%, the 1K-4K-token `seqs` rows -2 to -4%; h64 (kRoles, TMA; late 461
+// of a 4065-cycle period in the 2026-12-02 probe) up to -10%; h16 / h32 (the transposed
 // kernels' cp.async path) unchanged.
 // Bit 1 (=3: both): the producer also asks L2 for the next sequence's Q rows of this CTA (h_kv 1:
 // one contiguous block of up to 64 x 1152 bytes, one bulk prefetch) when it reaches the current
