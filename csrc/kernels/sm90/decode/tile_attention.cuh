@@ -623,11 +623,10 @@ __device__ __forceinline__ void tile_finish_t(TState<kN>& st, float* red, float 
 }
 
 // JFM_WIDE_OUT_STORES (on; =0 for A/B): the bf16 sparse kernels' role split (prefill, bf16 sparse
-// decode; store_token_rows' kWide) and the dense kernels (store_dense_rows) write their output rows
-// in 16-byte stores. A thread holds two
-// columns of each 8-column group (2 tq, + 1); the quad transposes four groups at a time (3
-// shuffles), so that lane tq stores group 4 j + tq whole: 16 stores per thread and token instead of
-// 64 4-byte ones. Why: ncu of sparse prefill d512 h64 (2026-12-02, sixth session) put 15% of both
+// decode; store_token_rows' kWide) and the dense kernels (store_dense_rows) write their output
+// rows in 16-byte stores. A thread holds two columns of each 8-column group (2 tq, + 1); the quad
+// transposes four groups at a time (3 shuffles), so that lane tq stores group 4 j + tq whole: 16
+// stores per thread and token instead of 64 4-byte ones. Why: ncu of sparse prefill d512 h64 (2026-12-02, sixth session) put 15% of both
 // math warpgroups' samples on those stores, stalled on lg_throttle (the global store queue).
 // Measured (H200, same call, each build in its own process; profiler kernel medians): prefill d512
 // h64 s_q 4096 topk 512 616.6 -> 541.2 us (-12.2%), d512 h128 topk 1024 2134.4 -> 1961.8 (-8.1%),

@@ -125,9 +125,10 @@ __device__ __forceinline__ void ws_set_regs() {
 // warpgroup to free the previous P. H200 (PERFORMANCE.md, 2026-12-02 second session): dense
 // h128, prefill d576 h128 and V3.2 h128 within noise (the P round trip does not bound that
 // chain); 1.9% faster on the CTA pair only. Form 1 (publish first) gained nothing and is gone.
-// A form for the FP8 CTA pairs alone (=3, 2026-12-05 tenth session; their one gain above was the
-// V3.2 pair's) measured flat on the H100 (V3.2 h128 b64 / b128 topk 2048 86.9 -> 86.6, 168.6 ->
-// 167.3 us; V4 h128 b64 / b128 51.5 -> 51.8, 100.5 -> 100.8) and is gone.
+// On the dense CTA pair =2 measured 0.5-1.5% slower. A form for the FP8 CTA pairs alone (=3,
+// 2026-12-05 tenth session; their one gain above was the V3.2 pair's) measured flat on the H100
+// (V3.2 h128 b64 / b128 topk 2048 86.9 -> 86.6, 168.6 -> 167.3 us; V4 h128 b64 / b128 51.5 ->
+// 51.8, 100.5 -> 100.8) and is gone.
 #ifndef JFM_WS_SCORES_REG_P
 #define JFM_WS_SCORES_REG_P 0
 #endif

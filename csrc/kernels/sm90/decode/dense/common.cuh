@@ -23,7 +23,6 @@ __device__ __forceinline__ void load_dense_q_tile(const DenseDecodeParams& p, in
   });
 }
 
-
 // The CTA's rows after a batch element's last page: this thread's two rows of O (times 1 / l) and
 // their lse, as the output (not split) or the partial of split slot `slot` (rows past
 // rows_total skipped). Warpgroup wc holds O[:, 256 wc .. +256].
