@@ -11,6 +11,8 @@ the runtime's per-execution cost and the in-one-jit column is the kernel's measu
 
 --ours adds our dense decode (b 128, h_q 16, s_k 4096, page 64, random bf16 inputs, the schedule
 made once outside the timed calls, as the side by side does) timed the same two ways.
+--both-cmdbuf runs everything twice, each in its own process: as is, and with XLA's command
+buffers off (XLA_FLAGS=--xla_gpu_enable_command_buffer=, plain launches).
 """
 import argparse
 import os
@@ -30,7 +32,19 @@ def main():
     ap.add_argument("--k", type=int, default=10, help="calls per jit in the one-unit timing")
     ap.add_argument("--mib", default="64,256,640", help="bytes read per call (MiB), comma-separated")
     ap.add_argument("--ours", action="store_true", help="also time our dense decode both ways")
+    ap.add_argument("--both-cmdbuf", action="store_true",
+                    help="run as is and with XLA's command buffers off, each in its own process")
     args = ap.parse_args()
+    if args.both_cmdbuf:
+        import subprocess
+        argv = [a for a in sys.argv[1:] if a != "--both-cmdbuf"]
+        off = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
+        rc = 0
+        for title, env in (("command buffers as XLA's default", dict(os.environ)),
+                           ("command buffers off", {**os.environ, "XLA_FLAGS": off})):
+            print(f"== {title}", flush=True)
+            rc |= subprocess.run([sys.executable, os.path.abspath(__file__), *argv], env=env).returncode
+        sys.exit(rc)
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}")
     print(f"{'case':34s} {'plain us':>9s} {'in one jit':>11s} {'gap us':>7s} {'issue us':>9s}")
     one = jax.jit(lambda x: x + jnp.bfloat16(1))
