@@ -140,11 +140,15 @@ constexpr bool kDensePair = JFM_DENSE_PAIR != 0 && kDenseTma;
 // fill (3504 cycles from the empty barrier to full, with two tile buffers; d576's Q leaves no room
 // for a third) decides when S starts, not the math. The pairs' HBM reads run at ~2.3 TB/s, about
 // half the copy rate, so the fill is latency-bound: one tile's bytes in flight per pair. A
-// request a fill ahead doubles them, and the fill that follows hits L2. Predicted: the wait goes
-// and the period falls to the scores warpgroup's chain, ~3290 cycles (-5.5%): h128 s_q 1-4 with
-// long sequences -4 to -5.5%, the 1K-4K-token `seqs` rows -2 to -4%; h64 (kRoles, TMA; late 461
-// of a 4065-cycle period in the 2026-12-02 probe) up to -10%; h16 / h32 (the transposed
-// kernels' cp.async path) unchanged.
+// request a fill ahead doubles them, and the fill that follows hits L2. Predicted, if that wait is
+// real: the period falls to the scores warpgroup's chain, ~3290 cycles (-5.5%): h128 s_q 1-4 with
+// long sequences -4 to -5.5%, the 1K-4K-token `seqs` rows -2 to -4%. Against it: the 2026-12-02
+// probe found "late" at 260-295 cycles, p10 = p90, also in a build whose full barrier had completed
+// ~2300 cycles before the scores reached it (a fixed cost of the wait and the stamps), and taking
+// the fence (JFM_DENSE_TMA_NOFENCE) or the producer's wake (JFM_WS_SPIN_EMPTY) off that loop
+// measured flat; so h128 may be flat. h64 (kRoles, TMA; each CTA reads whole pages alone; late 461,
+// p90 1304, of a 4065-cycle period in that probe: waits that vary) is the likelier gain, 0 to
+// -10%; h16 / h32 (the transposed kernels' cp.async path) unchanged.
 // Bit 1 (=3: both): the producer also asks L2 for the next sequence's Q rows of this CTA (h_kv 1:
 // one contiguous block of up to 64 x 1152 bytes, one bulk prefetch) when it reaches the current
 // sequence's last page, a tile or two before the math warpgroups load that Q after their output
