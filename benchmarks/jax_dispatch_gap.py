@@ -49,11 +49,8 @@ def main():
     print(f"{'case':34s} {'plain us':>9s} {'in one jit':>11s} {'gap us':>7s} {'issue us':>9s}")
     one = jax.jit(lambda x: x + jnp.bfloat16(1))
     five = jax.jit(lambda x, a, b, c, d: (x + jnp.bfloat16(1), a * 2 + b[:1] + c[:1] + d[:1]))
-    cases = []
     if args.ours:
-        cases.append(ours_case(args.k))
-    for name, plain, unit in cases:
-        report(name, plain, unit, args)
+        report(*ours_case(args.k), args)
     for mib in (int(m) for m in args.mib.split(",")):
         n = mib * 2**20 // 2
         x = jnp.ones((n,), jnp.bfloat16)
