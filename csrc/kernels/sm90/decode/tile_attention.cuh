@@ -634,7 +634,7 @@ __device__ __forceinline__ void tile_finish_t(TState<kN>& st, float* red, float 
 // JFM_DENSE_WIDE_OUT): the tile probe (H200, h128) put a sequence's final rows at 7.8-8.7K cycles
 // from row totals to stores issued, on both math warpgroups' path at every sequence boundary;
 // measured (H100, same call, each build in its own process, profiler medians of 30) h128 b64 s_k
-// 4K fixed 132.5 -> 126.1 us (-4.9%), b128 s_k 2K fixed 141.9 -> 132.2 (-6.8%), b256 s_k 1K fixed
+// 4K fixed 132.5 -> 126.1 us (-4.9%), b128 s_k 2K fixed 141.9 -> 132.2 (-6.9%), b256 s_k 1K fixed
 // 163.8 -> 147.6 (-9.9%), b128 s_k 8K and h64 b128 s_k 4K flat (+-0.4%); same registers, no new
 // spill; 183 dense + malformed GPU tests, memcheck and racecheck clean. Not in the FP8 kernels
 // (their kRolesWide math warpgroups spilled 48-80 bytes with it); the split-KV partials (float)
