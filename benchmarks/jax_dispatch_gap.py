@@ -9,8 +9,8 @@ the runtime's per-execution cost and the in-one-jit column is the kernel's measu
 
     python benchmarks/jax_dispatch_gap.py [--calls 20 --rounds 15 --k 10] [--ours]
 
---ours adds our dense decode (b 128, h_q 16, s_k 4096, page 64, random bf16 inputs, the schedule
-made once outside the timed calls, as the side by side does) timed the same two ways.
+--ours adds our dense decode (b 128, h_q 16, s_k 4096, bench_decode.make_inputs' paged cache, the
+schedule made once outside the timed calls, as the side by side does) timed the same two ways.
 --both-cmdbuf runs everything twice, each in its own process: as is, and with XLA's command
 buffers off (XLA_FLAGS=--xla_gpu_enable_command_buffer=, plain launches).
 """
@@ -30,7 +30,8 @@ def main():
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--k", type=int, default=10, help="calls per jit in the one-unit timing")
-    ap.add_argument("--mib", default="64,256,640", help="bytes read per call (MiB), comma-separated")
+    ap.add_argument("--mib", default="64,256,640",
+                    help="bytes read per call (MiB), comma-separated")
     ap.add_argument("--ours", action="store_true", help="also time our dense decode both ways")
     ap.add_argument("--both-cmdbuf", action="store_true",
                     help="run as is and with XLA's command buffers off, each in its own process")
@@ -43,7 +44,8 @@ def main():
         for title, env in (("command buffers as XLA's default", dict(os.environ)),
                            ("command buffers off", {**os.environ, "XLA_FLAGS": off})):
             print(f"== {title}", flush=True)
-            rc |= subprocess.run([sys.executable, os.path.abspath(__file__), *argv], env=env).returncode
+            cmd = [sys.executable, os.path.abspath(__file__), *argv]
+            rc |= subprocess.run(cmd, env=env).returncode
         sys.exit(rc)
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}")
     print(f"{'case':34s} {'plain us':>9s} {'in one jit':>11s} {'gap us':>7s} {'issue us':>9s}")
@@ -57,8 +59,8 @@ def main():
         small = [jnp.ones((4096,), jnp.float32) + i for i in range(4)]
         xs = [x + jnp.bfloat16(i) for i in range(args.k)]  # K copies: no reuse between calls
         unit_one = jax.jit(lambda xs: [xi + jnp.bfloat16(1) for xi in xs])
-        unit_five = jax.jit(lambda xs, a, b, c, d: [(xi + jnp.bfloat16(1), a * 2 + b[:1] + c[:1] + d[:1])
-                                                    for xi in xs])
+        unit_five = jax.jit(lambda xs, a, b, c, d: [
+            (xi + jnp.bfloat16(1), a * 2 + b[:1] + c[:1] + d[:1]) for xi in xs])
         for name, plain, unit in (
                 (f"x + 1, {mib} MiB, 1 arg", lambda: one(x), lambda: unit_one(xs)),
                 (f"x + 1, {mib} MiB, 5 args 2 outs", lambda: five(x, *small),
@@ -77,14 +79,12 @@ def report(name, plain, unit, args):
           f"{(p['time_s'] - per) * 1e6:7.1f} {p['issue_s'] * 1e6:9.1f}")
 
 
-def ours_case(k, b=128, h_q=16, s_k=4096, page=64):
+def ours_case(k, b=128, h_q=16, s_k=4096):
+    import bench_decode as bd  # (imports jax_flashmla)
     import jax_flashmla as jfm
-    keys = jax.random.split(jax.random.key(0), k + 1)
-    pages = b * s_k // page
-    kv = jax.random.normal(keys[0], (pages, page, 1, 576), jnp.bfloat16)
-    table = jnp.arange(pages, dtype=jnp.int32).reshape(b, s_k // page)
-    lens = jnp.full((b,), s_k, jnp.int32)
-    qs = [jax.random.normal(kk, (b, 1, h_q, 576), jnp.bfloat16) for kk in keys[1:]]
+    q, kv, table, lens, _ = bd.make_inputs(0, b, 1, h_q, s_k, varlen=False)
+    keys = jax.random.split(jax.random.key(1), k - 1)
+    qs = [q] + [jax.random.normal(kk, q.shape, q.dtype) for kk in keys]  # K queries, one cache
     md = jax.jit(lambda l: jfm.get_mla_metadata(l, s_q=1, h_q=h_q, h_kv=1))(lens)
     one = jax.jit(lambda q, kv, t, l, m: jfm.mla_decode(q, kv, t, l, metadata=m))
     unit = jax.jit(lambda qs, kv, t, l, m: [jfm.mla_decode(q, kv, t, l, metadata=m) for q in qs])

@@ -426,8 +426,7 @@ struct SparseWsTask {
     // JFM_FP8_L2_PREFETCH_T32's unstaged form); not unchecked combinations.
     constexpr bool kL2Prefetch =
         kFp8L2Prefetch != 0 && kFp8 && !kPair && !kRow8 && kFmt == KvFormat::kFp8V32 &&
-        (kRoomy ||
-         ((JFM_FP8_L2_PREFETCH_T32 != 0 || JFM_FP8_BULK_STAGE_T32 != 0) && !kSole && !kRoomy));
+        (kRoomy || ((JFM_FP8_L2_PREFETCH_T32 != 0 || JFM_FP8_BULK_STAGE_T32 != 0) && !kSole));
     const Fp8Slot slot = kRow8 ? Fp8Slot(ptid, Fp8Slot::Row8{}) : Fp8Slot(ptid);
     const int lr = ptid >> 3, lq = ptid & 7;
     static_assert(!(kRow8 && kRopeAsync), "JFM_V32_ROW8 with JFM_V32_ROPE_ASYNC: not written");
