@@ -131,37 +131,24 @@ constexpr bool kDenseTma = JFM_DENSE_TMA != 0;
 #endif
 constexpr bool kDensePair = JFM_DENSE_PAIR != 0 && kDenseTma;
 
-// JFM_DENSE_L2_AHEAD (candidate, off; not yet run on a GPU; =1 on): the role split's TMA producer,
-// right after issuing a page's boxes, asks L2 for the page it will fill next (its own boxes of it:
-// in a pair, the half it multicasts; after a sequence's last page, the next sequence's first), by
+// JFM_DENSE_L2_AHEAD (on; =0 off, for A/B): the dense CTA pair's TMA producers, right after
+// issuing a page's boxes, ask L2 for the page they will fill next (each rank the half it
+// multicasts; after a sequence's last page, the next sequence's first), by
 // cp.async.bulk.prefetch.tensor: one instruction per box, no shared memory, no barrier. Why: the
-// tile probe (H200, 2026-12-05 ninth session, h128 b16-256) has the scores warpgroup waiting 190
-// cycles at the full barrier for every tile (late 259 with the proxy fence, period 3480): the
-// fill (3504 cycles from the empty barrier to full, with two tile buffers; d576's Q leaves no room
-// for a third) decides when S starts, not the math. The pairs' HBM reads run at ~2.3 TB/s, about
-// half the copy rate, so the fill is latency-bound: one tile's bytes in flight per pair. A
-// request a fill ahead doubles them, and the fill that follows hits L2. Predicted, if that wait is
-// real: the period falls to the scores warpgroup's chain, ~3290 cycles (-5.5%): h128 s_q 1-4 with
-// long sequences -4 to -5.5%, the 1K-4K-token `seqs` rows -2 to -4%. Against it: the 2026-12-02
-// probe found "late" at 260-295 cycles, p10 = p90, also in a build whose full barrier had completed
-// ~2300 cycles before the scores reached it (a fixed cost of the wait and the stamps), and taking
-// the fence (JFM_DENSE_TMA_NOFENCE) or the producer's wake (JFM_WS_SPIN_EMPTY) off that loop
-// measured flat; so h128 may be flat. h64 (kRoles, TMA; each CTA reads whole pages alone; late 461,
-// p90 1304, of a 4065-cycle period in that probe: waits that vary) is the likelier gain, 0 to
-// -10%; h16 / h32 (the transposed kernels' cp.async path) unchanged.
-// Bit 1 (=3: both): the producer also asks L2 for the next sequence's Q rows of this CTA (h_kv 1:
-// one contiguous block of up to 64 x 1152 bytes, one bulk prefetch) when it reaches the current
-// sequence's last page, a tile or two before the math warpgroups load that Q after their output
-// stores. Why: at a sequence boundary the ninth session's probe put ~3K of the ~11K cycles in the
-// Q load and its barriers (the stores, since made 16-byte, were the rest), and loading Q early
-// from inside the loop (JFM_DENSE_EARLY_Q) cost 2-2.6% (its copies compete with the last tile's).
-// Predicted: -1 to -4% on the 1K-4K-token `seqs` rows (a boundary every 16-64 tiles), flat on long
-// sequences.
+// tile probe (H200, 2026-12-05 ninth session, h128) has the scores warpgroup waiting ~190 cycles
+// at the full barrier every tile: with two tile buffers (d576's Q leaves no room for a third) the
+// fill, latency-bound at ~2.3 TB/s per pair, decides when S starts. H100 (2026-12-05 eleventh
+// session, call 1), in every role-split kernel: h128 b128 s_k 8K -1.2%, b64 4K fixed -1.0%, b256
+// 1K fixed -2.0%, causal s_q 2 8K -6% (a row that moves +-5%), h16 flat, but h64 b128 8K (the
+// unpaired kRoles CTA, whole pages alone) +4.8%: hence the pair only. Bit 1 (the next sequence's
+// Q rows asked of L2 at a sequence's last page) measured +0.1 to +3% over bit 0 and is gone.
+// With JFM_WS_SCORES_REG_P=4 (ws_pipeline.cuh; the two are on together) call 2 gave: h128 b128
+// 8K -2.2%, b64 4K fixed -2.0%, b256 1K fixed -3.1%, s_q 2 b64 4K -2.4%, causal s_q 2 8K -6.7%,
+// h64 s_q 2 b128 4K -3.7%; h64 s_q 1 (unpaired) unchanged.
 #ifndef JFM_DENSE_L2_AHEAD
-#define JFM_DENSE_L2_AHEAD 0
+#define JFM_DENSE_L2_AHEAD 1
 #endif
-constexpr bool kDenseL2Ahead = (JFM_DENSE_L2_AHEAD & 1) != 0 && kDenseTma;
-constexpr bool kDenseL2AheadQ = (JFM_DENSE_L2_AHEAD & 2) != 0;
+constexpr bool kDenseL2Ahead = JFM_DENSE_L2_AHEAD != 0 && kDenseTma;
 
 // ---- Sparse decode and sparse prefill (token-level gathers, h_kv = 1) --------------------------
 // Cache formats a sparse kernel reads (the layout follows from d_qk for FP8: SEMANTICS.md).

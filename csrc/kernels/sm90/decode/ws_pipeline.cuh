@@ -118,22 +118,34 @@ __device__ __forceinline__ void ws_set_regs() {
   else if constexpr (kRegs < kLaunch) setmaxnreg_dec<kRegs>();
 }
 
-// JFM_WS_SCORES_REG_P=2 (measured, off): the role split's scores warpgroup feeds its own P V
-// half from registers (tile_pv_issue_rs, the A-in-registers wgmma) instead of from the
-// shared-memory P it writes for the values warpgroup, and issues it before publishing P: its
-// chain per tile loses the warpgroup barrier after the P stores and the wait for the values
-// warpgroup to free the previous P. H200 (PERFORMANCE.md, 2026-12-02 second session): dense
-// h128, prefill d576 h128 and V3.2 h128 within noise (the P round trip does not bound that
-// chain); 1.9% faster on the CTA pair only. Form 1 (publish first) gained nothing and is gone.
-// On the dense CTA pair =2 measured 0.5-1.5% slower. A form for the FP8 CTA pairs alone (=3,
-// 2026-12-05 tenth session; their one gain above was the V3.2 pair's) measured flat on the H100
-// (V3.2 h128 b64 / b128 topk 2048 86.9 -> 86.6, 168.6 -> 167.3 us; V4 h128 b64 / b128 51.5 ->
-// 51.8, 100.5 -> 100.8) and is gone.
+// JFM_WS_SCORES_REG_P (=4 the dense CTA pair, the default; =2 every role split; =0 none): the role
+// split's scores warpgroup feeds its own P V half from registers (tile_pv_issue_rs, the
+// A-in-registers wgmma) instead of from the shared-memory P it writes for the values warpgroup, and
+// issues it before publishing P: its chain per tile loses the warpgroup barrier after the P stores
+// and the wait for the values warpgroup to free the previous P. H200 (PERFORMANCE.md, 2026-12-02
+// second session): dense h128, prefill d576 h128 and V3.2 h128 within noise (the P round trip does
+// not bound that chain); 1.9% faster on the CTA pair only. Form 1 (publish first) gained nothing
+// and is gone. On the dense CTA pair =2 measured 0.5-1.5% slower. A form for the FP8 CTA pairs
+// alone (=3, 2026-12-05 tenth session; their one gain above was the V3.2 pair's) measured flat on
+// the H100 (V3.2 h128 b64 / b128 topk 2048 86.9 -> 86.6, 168.6 -> 167.3 us; V4 h128 b64 / b128 51.5
+// -> 51.8, 100.5 -> 100.8) and is gone.
 #ifndef JFM_WS_SCORES_REG_P
-#define JFM_WS_SCORES_REG_P 0
+#define JFM_WS_SCORES_REG_P 4
 #endif
+// =4 (the default since the 2026-12-05 eleventh session): the dense CTA pair alone (the one task
+// of whole contexts, !kShortSeqs). With JFM_DENSE_L2_AHEAD (params.h) asking L2 for the next page
+// the scores chain bounds more of the tile. H100, us (base / L2 ahead / both / this alone): h128
+// b128 8K 498.2 / 492.1 / 487.1 / 494.3; b64 4K fixed 125.7 / 124.4 / 123.2 / 122.8; b256 1K fixed
+// 148.1 / 144.4 / 143.5 / 145.9; s_q 2 b64 4K 249.2 / 248.7 / 243.2 / 242.0; h64 s_q 2 b128 4K
+// 267.5 / 260.9 / 257.6 / 264.5; causal s_q 2 8K 980.5 / 999.3 / 914.8 / 910.2 (a row that moves
+// +-5%). Both are on.
 constexpr int kWsScoresRegP = JFM_WS_SCORES_REG_P;
-static_assert(kWsScoresRegP == 0 || kWsScoresRegP == 2, "JFM_WS_SCORES_REG_P: 0 or 2");
+static_assert(kWsScoresRegP == 0 || kWsScoresRegP == 2 || kWsScoresRegP == 4,
+              "JFM_WS_SCORES_REG_P: 0, 2 or 4");
+template <class Task, bool kPair>
+constexpr bool ws_scores_reg_p() {
+  return kWsScoresRegP == 2 || (kWsScoresRegP == 4 && kPair && !Task::kShortSeqs);
+}
 
 // Named barriers (0 is __syncthreads', 1 MathWarpsSync's).
 constexpr int kBarScores = 4;   // kRoles, kTransposed*: warpgroup 0 alone (128)
@@ -517,7 +529,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
           fence_proxy_async();
           mbarrier_arrive(sh.bar_p_ready);
         };
-        if constexpr (kWsScoresRegP == 2) {
+        if constexpr (ws_scores_reg_p<Task, kPair>()) {
           rescale_o(st.o, corr);
           tile_pv_issue_rs<T>(st, sacc, desc_v + buf_desc);
           publish();

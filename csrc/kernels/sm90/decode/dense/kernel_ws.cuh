@@ -140,16 +140,6 @@ struct DenseWsTask {
         const uint32_t k = k0 + (n - q.first);
         const int blk_next = n + stride < q.t_hi ? q.table[n + stride] : -1;
         const bool blk_ok = blk >= 0 && blk < p.num_kv_blocks;
-        if constexpr (kDenseL2AheadQ && kSole) {
-          // (JFM_DENSE_L2_AHEAD bit 1) the next sequence's Q rows of this CTA, asked of L2 at
-          // this sequence's last page; with one KV head a CTA's rows are contiguous in q.
-          if (ptid == 0 && n + 1 == q.t_hi && s < end_seq && p.h_kv == 1) {
-            const int nrows = min(kBlockM, rows_total - row0);
-            prefetch_l2_bulk(reinterpret_cast<const T*>(p.q) +
-                                 (static_cast<size_t>(s + 1) * rows_total + row0) * kDqk,
-                             static_cast<uint32_t>(nrows) * kDqk * sizeof(T));
-          }
-        }
         const WsFill<kPair> fill(sh, k);
         fill.wait_empty();
         tile_trace(k, kTrProdEmpty);
@@ -180,17 +170,18 @@ struct DenseWsTask {
                 tma_load_3d(fill.tile + j * S::kBlockBytes, &p.kv_map, fill.full, 64 * j, hk,
                             blk * kPageBlock);
             }
-            if constexpr (kDenseL2Ahead) {
-              // (JFM_DENSE_L2_AHEAD) the page of this producer's next fill, asked of L2 a fill
-              // ahead: the next page of this sequence, else the next sequence's first (page 0: a
-              // later sequence of the part starts there); an id outside the pool asks nothing.
+            if constexpr (kDenseL2Ahead && kPair) {
+              // (JFM_DENSE_L2_AHEAD; the CTA pair only) the page of this producer's next fill,
+              // asked of L2 a fill ahead: the next page of this sequence, else the next
+              // sequence's first (page 0: a later sequence of the part starts there); an id
+              // outside the pool asks nothing.
               const int ahead = n + 1 < q.t_hi ? blk_next
                                 : s < end_seq ? p.block_table[static_cast<size_t>(s + 1) * p.max_blocks]
                                               : -1;
               if (ahead >= 0 && ahead < p.num_kv_blocks) {
 #pragma unroll
                 for (int j = 0; j < S::kKBlocks; ++j)
-                  if (!kPair || (j & 1) == static_cast<int>(sh.rank))
+                  if ((j & 1) == static_cast<int>(sh.rank))
                     tma_prefetch_l2_3d(&p.kv_map, 64 * j, hk, ahead * kPageBlock);
               }
             }
