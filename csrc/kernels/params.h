@@ -142,9 +142,7 @@ constexpr bool kDensePair = JFM_DENSE_PAIR != 0 && kDenseTma;
 // 1K fixed -2.0%, causal s_q 2 8K -6% (a row that moves +-5%), h16 flat, but h64 b128 8K (the
 // unpaired kRoles CTA, whole pages alone) +4.8%: hence the pair only. Bit 1 (the next sequence's
 // Q rows asked of L2 at a sequence's last page) measured +0.1 to +3% over bit 0 and is gone.
-// With JFM_WS_SCORES_REG_P=4 (ws_pipeline.cuh; the two are on together) call 2 gave: h128 b128
-// 8K -2.2%, b64 4K fixed -2.0%, b256 1K fixed -3.1%, s_q 2 b64 4K -2.4%, causal s_q 2 8K -6.7%,
-// h64 s_q 2 b128 4K -3.7%; h64 s_q 1 (unpaired) unchanged.
+// It is on together with JFM_WS_SCORES_REG_P=4 (ws_pipeline.cuh, which has both's numbers).
 #ifndef JFM_DENSE_L2_AHEAD
 #define JFM_DENSE_L2_AHEAD 1
 #endif

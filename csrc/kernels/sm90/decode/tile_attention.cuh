@@ -623,23 +623,24 @@ __device__ __forceinline__ void tile_finish_t(TState<kN>& st, float* red, float 
 }
 
 // JFM_WIDE_OUT_STORES (on; =0 for A/B): the bf16 sparse kernels' role split (prefill, bf16 sparse
-// decode; store_token_rows' kWide) and the dense kernels (store_dense_rows) write their output
-// rows in 16-byte stores. A thread holds two columns of each 8-column group (2 tq, + 1); the quad
+// decode; store_token_rows' kWide) and the dense kernels (store_dense_rows) write their output rows
+// in 16-byte stores. A thread holds two columns of each 8-column group (2 tq, + 1); the quad
 // transposes four groups at a time (3 shuffles), so that lane tq stores group 4 j + tq whole: 16
-// stores per thread and token instead of 64 4-byte ones. Why: ncu of sparse prefill d512 h64 (2026-12-02, sixth session) put 15% of both
-// math warpgroups' samples on those stores, stalled on lg_throttle (the global store queue).
-// Measured (H200, same call, each build in its own process; profiler kernel medians): prefill d512
-// h64 s_q 4096 topk 512 616.6 -> 541.2 us (-12.2%), d512 h128 topk 1024 2134.4 -> 1961.8 (-8.1%),
-// d576 h128 topk 2048 4503.9 -> 4392.0 (-2.5%). Dense decode (2026-12-05, tenth session; it was
-// JFM_DENSE_WIDE_OUT): the tile probe (H200, h128) put a sequence's final rows at 7.8-8.7K cycles
-// from row totals to stores issued, on both math warpgroups' path at every sequence boundary;
-// measured (H100, same call, each build in its own process, profiler medians of 30) h128 b64 s_k
-// 4K fixed 132.5 -> 126.1 us (-4.9%), b128 s_k 2K fixed 141.9 -> 132.2 (-6.9%), b256 s_k 1K fixed
-// 163.8 -> 147.6 (-9.9%), b128 s_k 8K and h64 b128 s_k 4K flat (+-0.4%); same registers, no new
-// spill; 183 dense + malformed GPU tests, memcheck and racecheck clean. Not in the FP8 kernels
-// (their kRolesWide math warpgroups spilled 48-80 bytes with it); the split-KV partials (float)
-// keep their 8-byte stores (a 16-byte form measured -0.3 to -0.8%, the noise level, and spilled
-// with JFM_DENSE_EARLY_Q). An 8-byte form (a lane-pair swap) spilled 16 bytes and was not measured.
+// stores per thread and token instead of 64 4-byte ones. Why: ncu of sparse prefill d512 h64
+// (2026-12-02, sixth session) put 15% of both math warpgroups' samples on those stores, stalled on
+// lg_throttle (the global store queue). Measured (H200, same call, each build in its own process;
+// profiler kernel medians): prefill d512 h64 s_q 4096 topk 512 616.6 -> 541.2 us (-12.2%), d512
+// h128 topk 1024 2134.4 -> 1961.8 (-8.1%), d576 h128 topk 2048 4503.9 -> 4392.0 (-2.5%). Dense
+// decode (2026-12-05, tenth session; it was JFM_DENSE_WIDE_OUT): the tile probe (H200, h128) put a
+// sequence's final rows at 7.8-8.7K cycles from row totals to stores issued, on both math
+// warpgroups' path at every sequence boundary; measured (H100, same call, each build in its own
+// process, profiler medians of 30) h128 b64 s_k 4K fixed 132.5 -> 126.1 us (-4.9%), b128 s_k 2K
+// fixed 141.9 -> 132.2 (-6.9%), b256 s_k 1K fixed 163.8 -> 147.6 (-9.9%), b128 s_k 8K and h64 b128
+// s_k 4K flat (+-0.4%); same registers, no new spill; 183 dense + malformed GPU tests, memcheck and
+// racecheck clean. Not in the FP8 kernels (their kRolesWide math warpgroups spilled 48-80 bytes
+// with it); the split-KV partials (float) keep their 8-byte stores (a 16-byte form measured -0.3 to
+// -0.8%, the noise level, and spilled with JFM_DENSE_EARLY_Q). An 8-byte form (a lane-pair swap)
+// spilled 16 bytes and was not measured.
 #ifndef JFM_WIDE_OUT_STORES
 #define JFM_WIDE_OUT_STORES 1
 #endif

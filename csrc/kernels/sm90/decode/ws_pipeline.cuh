@@ -129,19 +129,20 @@ __device__ __forceinline__ void ws_set_regs() {
 // alone (=3, 2026-12-05 tenth session; their one gain above was the V3.2 pair's) measured flat on
 // the H100 (V3.2 h128 b64 / b128 topk 2048 86.9 -> 86.6, 168.6 -> 167.3 us; V4 h128 b64 / b128 51.5
 // -> 51.8, 100.5 -> 100.8) and is gone.
+// =4 (the default since the 2026-12-05 eleventh session): the dense CTA pair alone. With
+// JFM_DENSE_L2_AHEAD (params.h) asking L2 for the next page the scores chain bounds more of the
+// tile. H100, us (base / L2 ahead / both / this alone): h128 b128 8K 498.2 / 492.1 / 487.1 / 494.3;
+// b64 4K fixed 125.7 / 124.4 / 123.2 / 122.8; b256 1K fixed 148.1 / 144.4 / 143.5 / 145.9; s_q 2
+// b64 4K 249.2 / 248.7 / 243.2 / 242.0; h64 s_q 2 b128 4K 267.5 / 260.9 / 257.6 / 264.5; causal s_q
+// 2 8K 980.5 / 999.3 / 914.8 / 910.2 (a row that moves +-5%). Both are on.
 #ifndef JFM_WS_SCORES_REG_P
 #define JFM_WS_SCORES_REG_P 4
 #endif
-// =4 (the default since the 2026-12-05 eleventh session): the dense CTA pair alone (the one task
-// of whole contexts, !kShortSeqs). With JFM_DENSE_L2_AHEAD (params.h) asking L2 for the next page
-// the scores chain bounds more of the tile. H100, us (base / L2 ahead / both / this alone): h128
-// b128 8K 498.2 / 492.1 / 487.1 / 494.3; b64 4K fixed 125.7 / 124.4 / 123.2 / 122.8; b256 1K fixed
-// 148.1 / 144.4 / 143.5 / 145.9; s_q 2 b64 4K 249.2 / 248.7 / 243.2 / 242.0; h64 s_q 2 b128 4K
-// 267.5 / 260.9 / 257.6 / 264.5; causal s_q 2 8K 980.5 / 999.3 / 914.8 / 910.2 (a row that moves
-// +-5%). Both are on.
 constexpr int kWsScoresRegP = JFM_WS_SCORES_REG_P;
 static_assert(kWsScoresRegP == 0 || kWsScoresRegP == 2 || kWsScoresRegP == 4,
               "JFM_WS_SCORES_REG_P: 0, 2 or 4");
+// Whether this role split's scores warpgroup feeds its P V from registers (=4: the dense task is
+// the one of whole contexts, !kShortSeqs).
 template <class Task, bool kPair>
 constexpr bool ws_scores_reg_p() {
   return kWsScoresRegP == 2 || (kWsScoresRegP == 4 && kPair && !Task::kShortSeqs);
