@@ -148,6 +148,23 @@ constexpr bool kDensePair = JFM_DENSE_PAIR != 0 && kDenseTma;
 #endif
 constexpr bool kDenseL2Ahead = JFM_DENSE_L2_AHEAD != 0 && kDenseTma;
 
+// JFM_DENSE_SPLIT_EMPTY (off; =1 every dense role split, =2 the CTA pair only): the early partial
+// refill. A tile buffer gets two empty barriers: the scores warpgroup's (it reads K's nine column
+// blocks and V's left half, blocks 0-3) and the values warpgroup's (V's right half, blocks 4-7).
+// The TMA producer issues the next page's blocks 0-3 and 8 once the scores warpgroup is done with
+// the buffer and blocks 4-7 once the values warpgroup is, instead of all nine after both. Why: the
+// tile probe has the scores warpgroup waiting at the full barrier (~190 cycles a tile, h128, H200
+// ninth 2026-12-05 session) and the values warpgroup finishes its P V after the scores one, which
+// with the register P (JFM_WS_SCORES_REG_P) issues its own before publishing P.
+#ifndef JFM_DENSE_SPLIT_EMPTY
+#define JFM_DENSE_SPLIT_EMPTY 0
+#endif
+static_assert(JFM_DENSE_SPLIT_EMPTY >= 0 && JFM_DENSE_SPLIT_EMPTY <= 2, "JFM_DENSE_SPLIT_EMPTY: 0, 1 or 2");
+// Whether a dense role split (kPair: the CTA pair) has the two empty barriers per buffer.
+constexpr bool dense_split_empty(bool pair) {
+  return kDenseTma && (JFM_DENSE_SPLIT_EMPTY == 1 || (JFM_DENSE_SPLIT_EMPTY == 2 && pair));
+}
+
 // ---- Sparse decode and sparse prefill (token-level gathers, h_kv = 1) --------------------------
 // Cache formats a sparse kernel reads (the layout follows from d_qk for FP8: SEMANTICS.md).
 enum class KvFormat : int { kBf16 = 0, kFp8V32 = 1, kFp8V4 = 2 };
