@@ -143,10 +143,14 @@ constexpr bool kDensePair = JFM_DENSE_PAIR != 0 && kDenseTma;
 // unpaired kRoles CTA, whole pages alone) +4.8%: hence the pair only. Bit 1 (the next sequence's
 // Q rows asked of L2 at a sequence's last page) measured +0.1 to +3% over bit 0 and is gone.
 // It is on together with JFM_WS_SCORES_REG_P=4 (ws_pipeline.cuh, which has both's numbers).
+// =2 (not run on a GPU yet): also the unpaired role split, asking for the first four boxes of its
+// next page only (half the bytes the whole-page request that cost h64 4.8% had in flight).
 #ifndef JFM_DENSE_L2_AHEAD
 #define JFM_DENSE_L2_AHEAD 1
 #endif
+static_assert(JFM_DENSE_L2_AHEAD >= 0 && JFM_DENSE_L2_AHEAD <= 2, "JFM_DENSE_L2_AHEAD: 0, 1 or 2");
 constexpr bool kDenseL2Ahead = JFM_DENSE_L2_AHEAD != 0 && kDenseTma;
+constexpr bool kDenseL2AheadHalf = JFM_DENSE_L2_AHEAD == 2 && kDenseTma;  // (the unpaired CTA)
 
 // JFM_DENSE_SPLIT_EMPTY (off; =1 every dense role split, =2 the CTA pair only): the early partial
 // refill. A tile buffer gets two empty barriers: the scores warpgroup's (it reads K's nine column

@@ -187,18 +187,19 @@ struct DenseWsTask {
               mbarrier_arrive_expect_tx(fill.full, S::kTileBytes);
             }
             issue(false);
-            if constexpr (kDenseL2Ahead && kPair) {
-              // (JFM_DENSE_L2_AHEAD; the CTA pair only) the page of this producer's next fill,
-              // asked of L2 a fill ahead: the next page of this sequence, else the next
-              // sequence's first (page 0: a later sequence of the part starts there); an id
-              // outside the pool asks nothing.
+            if constexpr (kDenseL2Ahead && (kPair || kDenseL2AheadHalf)) {
+              // (JFM_DENSE_L2_AHEAD; the CTA pair, =2 also the unpaired CTA) the page of this
+              // producer's next fill, asked of L2 a fill ahead: the next page of this sequence,
+              // else the next sequence's first (page 0: a later sequence of the part starts
+              // there); an id outside the pool asks nothing. The pair: each rank its boxes; the
+              // unpaired CTA: boxes 0-3.
               const int ahead = n + 1 < q.t_hi ? blk_next
                                 : s < end_seq ? p.block_table[static_cast<size_t>(s + 1) * p.max_blocks]
                                               : -1;
               if (ahead >= 0 && ahead < p.num_kv_blocks) {
 #pragma unroll
                 for (int j = 0; j < S::kKBlocks; ++j)
-                  if ((j & 1) == static_cast<int>(sh.rank))
+                  if (kPair ? (j & 1) == static_cast<int>(sh.rank) : j < 4)
                     tma_prefetch_l2_3d(&p.kv_map, 64 * j, hk, ahead * kPageBlock);
               }
             }
