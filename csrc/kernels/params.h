@@ -163,7 +163,8 @@ constexpr bool kDenseL2AheadHalf = JFM_DENSE_L2_AHEAD == 2 && kDenseTma;  // (th
 #ifndef JFM_DENSE_SPLIT_EMPTY
 #define JFM_DENSE_SPLIT_EMPTY 0
 #endif
-static_assert(JFM_DENSE_SPLIT_EMPTY >= 0 && JFM_DENSE_SPLIT_EMPTY <= 2, "JFM_DENSE_SPLIT_EMPTY: 0, 1 or 2");
+static_assert(JFM_DENSE_SPLIT_EMPTY >= 0 && JFM_DENSE_SPLIT_EMPTY <= 2,
+              "JFM_DENSE_SPLIT_EMPTY: 0, 1 or 2");
 // Whether a dense role split (kPair: the CTA pair) has the two empty barriers per buffer.
 constexpr bool dense_split_empty(bool pair) {
   return kDenseTma && (JFM_DENSE_SPLIT_EMPTY == 1 || (JFM_DENSE_SPLIT_EMPTY == 2 && pair));

@@ -60,7 +60,9 @@
 //   int stride) (the producers; kWide: a budget of at least 144 registers; kSole: the CTA's only
 //   one; kRoomy: kTransposed16's, the most registers);
 //   for kTransposed*: masked_t(const Seq&, n, valid, token, row) and
-//   row_out(const Seq&, row, inv, lse, m, bool write_stats) -> WsRowOut.
+//   row_out(const Seq&, row, inv, lse, m, bool write_stats) -> WsRowOut;
+//   optionally static constexpr bool split_empty(bool pair) (ws_split_empty: the role split
+//   releases each buffer in two parts; its producer waits WsFill::wait_empty_v for the rest).
 #pragma once
 
 #include <cmath>

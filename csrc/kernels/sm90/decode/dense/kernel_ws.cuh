@@ -169,7 +169,8 @@ struct DenseWsTask {
                 const uint32_t bar = sh.rank == 0 ? fill.full : fill.peer_full;
 #pragma unroll
                 for (int j = 0; j < S::kKBlocks; ++j)
-                  if ((j & 1) == static_cast<int>(sh.rank) && (!kSplit || values_block(j) == values_part))
+                  if ((j & 1) == static_cast<int>(sh.rank) &&
+                      (!kSplit || values_block(j) == values_part))
                     tma_load_3d_multicast(fill.tile + j * S::kBlockBytes, &p.kv_map, bar, 64 * j,
                                           hk, blk * kPageBlock, 0x3);
               } else {
@@ -244,8 +245,8 @@ __global__ void __launch_bounds__(384, 1) dense_decode_ws_kernel(const __grid_co
   cta_trace(false);  // (tile_trace.cuh; nothing without JFM_TILE_TRACE)
   pdl_launch_dependents();  // (pdl.cuh) the combine may be placed on SMs this grid's tail frees
   extern __shared__ unsigned char smem_raw[];
-  const WsShared sh = ws_setup<Task::kDqk, kMath, !ws_transposed(kMath) && Task::split_empty(ws_pair(kMath))>(
-      smem_raw, Task::kFullCount);
+  constexpr bool kSplitEmpty = !ws_transposed(kMath) && ws_split_empty<Task, ws_pair(kMath)>();
+  const WsShared sh = ws_setup<Task::kDqk, kMath, kSplitEmpty>(smem_raw, Task::kFullCount);
   const Task task(p);
   ws_run<kMath>(task, sh);
   cta_trace(true);
