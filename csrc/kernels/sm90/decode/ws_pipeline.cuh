@@ -395,6 +395,9 @@ __device__ __forceinline__ bool ws_tile_unmasked(bool rows_full, uint32_t w) {
   return __all_sync(0xffffffffu, rows_full && __vcmpeq4(w, 0u) == 0u);
 }
 
+// The role split's V halves: math warpgroup wc reads value columns 256 wc .., column blocks
+// kWsVHalfBlocks * wc .. kWsVHalfBlocks * (wc + 1) - 1 of the tile (the values warpgroup: 4-7).
+constexpr int kWsVHalfBlocks = kDv / 2 / 64;
 // wgmma descriptors of the 64-row math (kRoles*) at buffer 0: Q, the K tile (all 64
 // rows), P, and the V half (value columns 256 wc ..) of math warpgroup wc.
 template <int kDqk>
@@ -405,7 +408,7 @@ struct WsRowDescs {
     q = gmma_desc_sw128(sh.sq, 16, 1024);
     k = gmma_desc_sw128(sh.sk0, 16, 1024);
     p = gmma_desc_sw128(sh.sp, 16, 1024);
-    v = gmma_desc_sw128(sh.sk0 + wc * 4 * S::kBlockBytes, S::kBlockBytes, 1024);
+    v = gmma_desc_sw128(sh.sk0 + wc * kWsVHalfBlocks * S::kBlockBytes, S::kBlockBytes, 1024);
   }
 };
 

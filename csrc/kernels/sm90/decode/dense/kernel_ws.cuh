@@ -30,10 +30,11 @@ struct DenseWsTask {
   static constexpr uint32_t kFullCount = 256;
   static_assert(kPageBlock == kTileTokens, "one page is one tile");
   // JFM_DENSE_SPLIT_EMPTY (params.h): the role split (kPair: the CTA pair) frees each buffer in
-  // two parts (ws_split_empty); the values warpgroup's V half is column blocks 4-7.
+  // two parts (ws_split_empty); values_block: column block j is the values warpgroup's V half.
   static constexpr bool split_empty(bool pair) { return dense_split_empty(pair); }
-  static constexpr int kValuesBlock0 = kDv / 2 / 64, kValuesBlockEnd = kDv / 64;
-  static constexpr bool values_block(int j) { return j >= kValuesBlock0 && j < kValuesBlockEnd; }
+  static constexpr bool values_block(int j) {
+    return j >= kWsVHalfBlocks && j < 2 * kWsVHalfBlocks;
+  }
 
   const DenseDecodeParams& p;
   ScheduleRow sched;
