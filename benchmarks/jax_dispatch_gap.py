@@ -9,8 +9,12 @@ the runtime's per-execution cost and the in-one-jit column is the kernel's measu
 
     python benchmarks/jax_dispatch_gap.py [--calls 20 --rounds 15 --k 10] [--ours]
 
---ours adds our dense decode (b 128, h_q 16, s_k 4096, bench_decode.make_inputs' paged cache, the
-schedule made once outside the timed calls, as the side by side does) timed the same two ways.
+--ours adds our dense decode (bench_decode.make_inputs' paged cache, the schedule made once outside
+the timed calls, as the side by side does) timed the same two ways: b 128, h_q 16, s_k 4096, and a
+small call (b 2, h_q 128, s_k 2048; ~10 us of GPU work), where the sparse side by side's b 2 rows
+lose 20-40% per call in one jit against 0-12% in GPU time. "unit issue" is the host's time per
+call to hand a K-call unit over: near "in one jit", the host (JAX's execution of the unit, our FFI
+handler per custom call) and not the GPU sets the in-one-jit time.
 --both-cmdbuf runs everything twice, each in its own process: as is, and with XLA's command
 buffers off (XLA_FLAGS=--xla_gpu_enable_command_buffer=, plain launches).
 """
@@ -22,7 +26,8 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sbs_common import time_rounds  # noqa: E402
+from sbs_common import (covered_us, host_launch_counts, perfetto_gpu_events,  # noqa: E402
+                        time_rounds)
 
 
 def main():
@@ -30,7 +35,7 @@ def main():
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--k", type=int, default=10, help="calls per jit in the one-unit timing")
-    ap.add_argument("--mib", default="64,256,640",
+    ap.add_argument("--mib", default="4,64,256,640",
                     help="bytes read per call (MiB), comma-separated")
     ap.add_argument("--ours", action="store_true", help="also time our dense decode both ways")
     ap.add_argument("--both-cmdbuf", action="store_true",
@@ -48,11 +53,13 @@ def main():
             rc |= subprocess.run(cmd, env=env).returncode
         sys.exit(rc)
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}")
-    print(f"{'case':34s} {'plain us':>9s} {'in one jit':>11s} {'gap us':>7s} {'issue us':>9s}")
+    print(f"{'case':34s} {'plain us':>9s} {'in one jit':>11s} {'gap us':>7s} {'issue us':>9s} "
+          f"{'unit issue':>10s} {'GPU busy':>9s} {'GPU span':>9s}  host launches per unit")
     one = jax.jit(lambda x: x + jnp.bfloat16(1))
     five = jax.jit(lambda x, a, b, c, d: (x + jnp.bfloat16(1), a * 2 + b[:1] + c[:1] + d[:1]))
     if args.ours:
         report(*ours_case(args.k), args)
+        report(*ours_case(args.k, b=2, h_q=128, s_k=2048), args)
     for mib in (int(m) for m in args.mib.split(",")):
         n = mib * 2**20 // 2
         x = jnp.ones((n,), jnp.bfloat16)
@@ -76,7 +83,37 @@ def report(name, plain, unit, args):
                     rounds=args.rounds)
     per = u["time_s"] / args.k
     print(f"{name:34s} {p['time_s'] * 1e6:9.1f} {per * 1e6:11.1f} "
-          f"{(p['time_s'] - per) * 1e6:7.1f} {p['issue_s'] * 1e6:9.1f}")
+          f"{(p['time_s'] - per) * 1e6:7.1f} {p['issue_s'] * 1e6:9.1f} "
+          f"{u['issue_s'] / args.k * 1e6:10.1f} {unit_profile(unit, args.k)}")
+
+
+def unit_profile(unit, k, units=3):
+    """Three units under jax.profiler: the GPU's busy time per call (time covered by a kernel),
+    its span per call (first kernel's start to last one's end, per unit: busy + the GPU's idle
+    gaps inside a unit), and the host's CUDA launch calls per unit (one cuGraphLaunch: the unit
+    ran as a command buffer)."""
+    import tempfile
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            with jax.profiler.trace(d, create_perfetto_trace=True):
+                for _ in range(units):
+                    jax.block_until_ready(unit())
+            events = perfetto_gpu_events(d)
+            launches = host_launch_counts(d)
+    except Exception as e:  # noqa: BLE001 (the profiler unavailable)
+        return f"(profile: {type(e).__name__})"
+    if not events:
+        return "(no GPU events)"
+    # Units are split where the GPU idles longer than any gap inside one (the host's wait).
+    gaps = sorted(((events[i + 1][0] - (events[i][0] + events[i][1]), i)
+                   for i in range(len(events) - 1)), reverse=True)[:units - 1]
+    cuts = sorted(i + 1 for _, i in gaps)
+    spans = []
+    for a, b in zip([0] + cuts, cuts + [len(events)]):
+        ev = events[a:b]
+        spans.append(max(t + d for t, d, _ in ev) - ev[0][0])
+    counts = " ".join(f"{n} {c / units:g}" for n, c in sorted(launches.items()))
+    return (f"{covered_us(events) / (units * k):9.1f} {min(spans) / k:9.1f}  {counts}")
 
 
 def ours_case(k, b=128, h_q=16, s_k=4096):
