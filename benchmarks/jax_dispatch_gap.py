@@ -16,7 +16,10 @@ lose 20-40% per call in one jit against 0-12% in GPU time. "unit issue" is the h
 call to hand a K-call unit over: near "in one jit", the host (JAX's execution of the unit, our FFI
 handler per custom call) and not the GPU sets the in-one-jit time.
 --both-cmdbuf runs everything twice, each in its own process: as is, and with XLA's command
-buffers off (XLA_FLAGS=--xla_gpu_enable_command_buffer=, plain launches).
+buffers off (XLA_FLAGS=--xla_gpu_enable_command_buffer=, plain launches). --xla-variants adds runs
+under other XLA flags, e.g. the command buffers' update mode: XLA re-records every command of a
+command buffer on each execution by default (FULL_UPDATE; openxla/xla#40173), which for an FFI
+custom call means running its handler again under stream capture.
 """
 import argparse
 import os
@@ -40,17 +43,36 @@ def main():
     ap.add_argument("--ours", action="store_true", help="also time our dense decode both ways")
     ap.add_argument("--both-cmdbuf", action="store_true",
                     help="run as is and with XLA's command buffers off, each in its own process")
+    ap.add_argument("--xla-variants", default="",
+                    help="';'-separated 'name=XLA flags' entries, each run in its own process "
+                         "after the --both-cmdbuf pair (an XLA without the flag says so and "
+                         "exits; e.g. 'nu=--xla_gpu_command_buffer_update_mode="
+                         "CUSTOM_LIBRARY_UPDATE_FREE')")
     args = ap.parse_args()
-    if args.both_cmdbuf:
+    if args.both_cmdbuf or args.xla_variants:
         import subprocess
-        argv = [a for a in sys.argv[1:] if a != "--both-cmdbuf"]
-        off = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
+        skip = ("--both-cmdbuf", "--xla-variants")
+        argv, drop = [], False
+        for a in sys.argv[1:]:   # this process' arguments without the two variant options
+            if drop:
+                drop = False
+            elif a in skip:
+                drop = a == "--xla-variants"
+            elif not a.startswith("--xla-variants="):
+                argv.append(a)
+        base = os.environ.get("XLA_FLAGS", "")
+        runs = []
+        if args.both_cmdbuf:
+            runs += [("command buffers as XLA's default", base),
+                     ("command buffers off", f"{base} --xla_gpu_enable_command_buffer=")]
+        for entry in filter(None, args.xla_variants.split(";")):
+            name, _, flags = entry.partition("=")
+            runs.append((f"{name}: {flags}", f"{base} {flags}"))
         rc = 0
-        for title, env in (("command buffers as XLA's default", dict(os.environ)),
-                           ("command buffers off", {**os.environ, "XLA_FLAGS": off})):
+        for title, flags in runs:
             print(f"== {title}", flush=True)
             cmd = [sys.executable, os.path.abspath(__file__), *argv]
-            rc |= subprocess.run(cmd, env=env).returncode
+            rc |= subprocess.run(cmd, env={**os.environ, "XLA_FLAGS": flags.strip()}).returncode
         sys.exit(rc)
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}")
     print(f"{'case':34s} {'plain us':>9s} {'in one jit':>11s} {'gap us':>7s} {'issue us':>9s} "
