@@ -163,25 +163,25 @@ struct DenseWsTask {
 #pragma unroll
           for (int h = 0; h < 4; ++h)
             if (lq == 0) fill.valid[lr + 16 * h] = 1;
+          // kSplit: the blocks of one part (values_block(j) == values_part), else all.
+          auto issue = [&](bool values_part) {
+            if constexpr (kPair) {
+              const uint32_t bar = sh.rank == 0 ? fill.full : fill.peer_full;
+#pragma unroll
+              for (int j = 0; j < S::kKBlocks; ++j)
+                if ((j & 1) == static_cast<int>(sh.rank) &&
+                    (!kSplit || values_block(j) == values_part))
+                  tma_load_3d_multicast(fill.tile + j * S::kBlockBytes, &p.kv_map, bar, 64 * j,
+                                        hk, blk * kPageBlock, 0x3);
+            } else {
+#pragma unroll
+              for (int j = 0; j < S::kKBlocks; ++j)
+                if (!kSplit || values_block(j) == values_part)
+                  tma_load_3d(fill.tile + j * S::kBlockBytes, &p.kv_map, fill.full, 64 * j, hk,
+                              blk * kPageBlock);
+            }
+          };
           if (ptid == 0) {
-            // kSplit: the blocks of one part (values_block(j) == values_part), else all.
-            auto issue = [&](bool values_part) {
-              if constexpr (kPair) {
-                const uint32_t bar = sh.rank == 0 ? fill.full : fill.peer_full;
-#pragma unroll
-                for (int j = 0; j < S::kKBlocks; ++j)
-                  if ((j & 1) == static_cast<int>(sh.rank) &&
-                      (!kSplit || values_block(j) == values_part))
-                    tma_load_3d_multicast(fill.tile + j * S::kBlockBytes, &p.kv_map, bar, 64 * j,
-                                          hk, blk * kPageBlock, 0x3);
-              } else {
-#pragma unroll
-                for (int j = 0; j < S::kKBlocks; ++j)
-                  if (!kSplit || values_block(j) == values_part)
-                    tma_load_3d(fill.tile + j * S::kBlockBytes, &p.kv_map, fill.full, 64 * j, hk,
-                                blk * kPageBlock);
-              }
-            };
             if constexpr (kPair) {
               mbarrier_arrive_expect_tx(fill.full, (S::kKBlocks + 1) / 2 * S::kBlockBytes);
               mbarrier_arrive_expect_tx(fill.peer_full, S::kKBlocks / 2 * S::kBlockBytes);
@@ -205,12 +205,17 @@ struct DenseWsTask {
                     tma_prefetch_l2_3d(&p.kv_map, 64 * j, hk, ahead * kPageBlock);
               }
             }
-            if constexpr (kSplit) {  // the values' V half, once they are done with the buffer
-              fill.wait_empty_v();
-              issue(true);
-            }
           } else {
             mbarrier_arrive(fill.full);
+          }
+          if constexpr (kSplit) {
+            // The values' V half, once they are done with the buffer. Warp 0 waits, not thread 0
+            // alone: mbarrier_wait ends in a whole-warp __syncwarp, and a lone lane's left it one
+            // __syncwarp behind its warp, stuck at the loop's end (the smoke test hung, 2026-12-06).
+            if (ptid < 32) {
+              fill.wait_empty_v();
+              if (ptid == 0) issue(true);
+            }
           }
           mbarrier_arrive(fill.full);
           tile_trace(k, kTrProdIssued);
