@@ -143,32 +143,14 @@ constexpr bool kDensePair = JFM_DENSE_PAIR != 0 && kDenseTma;
 // unpaired kRoles CTA, whole pages alone) +4.8%: hence the pair only. Bit 1 (the next sequence's
 // Q rows asked of L2 at a sequence's last page) measured +0.1 to +3% over bit 0 and is gone.
 // It is on together with JFM_WS_SCORES_REG_P=4 (ws_pipeline.cuh, which has both's numbers).
-// =2 (not run on a GPU yet): also the unpaired role split, asking for the first four boxes of its
-// next page only (half the bytes the whole-page request that cost h64 4.8% had in flight).
+// Asking for half the page (boxes 0-3) in the unpaired CTA measured +1.1% at h64 b128 8K (H100,
+// 2026-12-06): the request itself costs there, not the bytes in flight; removed. So did the early
+// partial refill (a second empty barrier per buffer, V's right half refilled after the values
+// warpgroup, the rest after the scores one): +0.8 to +1.5% on the pair (code at 09766b9).
 #ifndef JFM_DENSE_L2_AHEAD
 #define JFM_DENSE_L2_AHEAD 1
 #endif
-static_assert(JFM_DENSE_L2_AHEAD >= 0 && JFM_DENSE_L2_AHEAD <= 2, "JFM_DENSE_L2_AHEAD: 0, 1 or 2");
 constexpr bool kDenseL2Ahead = JFM_DENSE_L2_AHEAD != 0 && kDenseTma;
-constexpr bool kDenseL2AheadHalf = JFM_DENSE_L2_AHEAD == 2 && kDenseTma;  // (the unpaired CTA)
-
-// JFM_DENSE_SPLIT_EMPTY (off; =1 every dense role split, =2 the CTA pair only): the early partial
-// refill. A tile buffer gets two empty barriers: the scores warpgroup's (it reads K's nine column
-// blocks and V's left half, blocks 0-3) and the values warpgroup's (V's right half, blocks 4-7).
-// The TMA producer issues the next page's blocks 0-3 and 8 once the scores warpgroup is done with
-// the buffer and blocks 4-7 once the values warpgroup is, instead of all nine after both. Why: the
-// tile probe has the scores warpgroup waiting at the full barrier (~190 cycles a tile, h128, H200
-// ninth 2026-12-05 session) and the values warpgroup finishes its P V after the scores one, which
-// with the register P (JFM_WS_SCORES_REG_P) issues its own before publishing P.
-#ifndef JFM_DENSE_SPLIT_EMPTY
-#define JFM_DENSE_SPLIT_EMPTY 0
-#endif
-static_assert(JFM_DENSE_SPLIT_EMPTY >= 0 && JFM_DENSE_SPLIT_EMPTY <= 2,
-              "JFM_DENSE_SPLIT_EMPTY: 0, 1 or 2");
-// Whether a dense role split (kPair: the CTA pair) has the two empty barriers per buffer.
-constexpr bool dense_split_empty(bool pair) {
-  return kDenseTma && (JFM_DENSE_SPLIT_EMPTY == 1 || (JFM_DENSE_SPLIT_EMPTY == 2 && pair));
-}
 
 // ---- Sparse decode and sparse prefill (token-level gathers, h_kv = 1) --------------------------
 // Cache formats a sparse kernel reads (the layout follows from d_qk for FP8: SEMANTICS.md).

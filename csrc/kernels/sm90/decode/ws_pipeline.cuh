@@ -60,9 +60,7 @@
 //   int stride) (the producers; kWide: a budget of at least 144 registers; kSole: the CTA's only
 //   one; kRoomy: kTransposed16's, the most registers);
 //   for kTransposed*: masked_t(const Seq&, n, valid, token, row) and
-//   row_out(const Seq&, row, inv, lse, m, bool write_stats) -> WsRowOut;
-//   optionally static constexpr bool split_empty(bool pair) (ws_split_empty: the role split
-//   releases each buffer in two parts; its producer waits WsFill::wait_empty_v for the rest).
+//   row_out(const Seq&, row, inv, lse, m, bool write_stats) -> WsRowOut.
 #pragma once
 
 #include <cmath>
@@ -171,10 +169,8 @@ struct WsSmem : TileSmem<kDqk> {
   static constexpr int kPeerBarOff = kCorrOff + kBlockM * 4;           // peer_full[2] (kRolesPair)
   // p_ready, p_free, stats_ready, stats_free (kRoles*)
   static constexpr int kPBarOff = kPeerBarOff + 2 * 8;
-  static constexpr int kEmptyVOff = kPBarOff + 4 * 8;  // empty_v[2] (ws_split_empty)
-  static constexpr size_t kBytes = kEmptyVOff + 2 * 8 + 1024;  // + alignment slack
-  static_assert(kBarOff % 8 == 0 && kPeerBarOff % 8 == 0 && kPBarOff % 8 == 0 &&
-                    kEmptyVOff % 8 == 0,
+  static constexpr size_t kBytes = kPBarOff + 4 * 8 + 1024;  // + alignment slack
+  static_assert(kBarOff % 8 == 0 && kPeerBarOff % 8 == 0 && kPBarOff % 8 == 0,
                 "mbarriers are 8-byte aligned");
   static_assert(kBytes <= 227 * 1024, "shared memory of one sm90 CTA");
 };
@@ -193,33 +189,15 @@ struct WsShared {
   // bytes the peer stores into its tiles); the peer's tile 0 and empty barriers (cluster
   // addresses: st.async and remote arrivals).
   uint32_t rank, bar_peer_full, peer_sk0, peer_bar_empty, peer_bar_peer_full;
-  // ws_split_empty: the values warpgroup's empty barriers [2] (bar_empty then counts the scores
-  // warpgroup's arrivals alone), and (kRolesPair) the peer's.
-  uint32_t bar_empty_v, peer_bar_empty_v;
 };
 
-// Whether the task's role split (kPair: its CTA pair) releases each tile buffer in two parts
-// (the dense task's JFM_DENSE_SPLIT_EMPTY, params.h): bar_empty[b] once the scores warpgroup is
-// done with the buffer, bar_empty_v[b] once the values warpgroup is; the producer refills what
-// only the scores warpgroup reads (K's blocks outside the values' V half) after the first.
-template <class Task, bool kPair, class = void>
-struct WsSplitEmpty : std::false_type {};
-template <class Task, bool kPair>
-struct WsSplitEmpty<Task, kPair, std::void_t<decltype(Task::split_empty(kPair))>>
-    : std::bool_constant<Task::split_empty(kPair)> {};
-template <class Task, bool kPair>
-constexpr bool ws_split_empty() {
-  return WsSplitEmpty<Task, kPair>::value;
-}
-
 // Lays out the dynamic shared memory, initializes the mbarriers (full: `full_count` arrivals,
-// empty: one per math thread, plus one per math warp of the peer for kRolesPair; kSplitEmpty:
-// empty and empty_v half of that each; the kRoles* hand-offs: 128 each) and synchronizes the CTA
-// (kRolesPair: the cluster, so the peer's barriers are initialized before anything reaches
-// them): the last CTA-wide barrier before the roles part.
-template <int kDqk, WsMath kMath, bool kSplitEmpty = false>
+// empty: one per math thread, plus one per math warp of the peer for kRolesPair; the kRoles*
+// hand-offs: 128 each) and synchronizes the CTA (kRolesPair: the
+// cluster, so the peer's barriers are initialized before anything reaches them): the last
+// CTA-wide barrier before the roles part.
+template <int kDqk, WsMath kMath>
 __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t full_count) {
-  static_assert(!kSplitEmpty || !ws_transposed(kMath), "two empty barriers: the role split only");
   using S = TileSmem<kDqk>;
   using W = WsSmem<kDqk>;
   const uint32_t raw_base = smem_u32(smem_raw);
@@ -238,7 +216,6 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
   sh.bar_p_free = sh.bar_p_ready + 8;
   sh.bar_stats_ready = sh.bar_p_ready + 16;
   sh.bar_stats_free = sh.bar_p_ready + 24;
-  sh.bar_empty_v = base + W::kEmptyVOff;
   sh.tile_bytes = S::kTileBytes;
   constexpr bool kPair = ws_pair(kMath);
   if constexpr (kPair) {
@@ -248,19 +225,13 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
     sh.peer_sk0 = cluster_map(sh.sk0, peer);
     sh.peer_bar_empty = cluster_map(sh.bar_empty, peer);
     sh.peer_bar_peer_full = cluster_map(sh.bar_peer_full, peer);
-    if constexpr (kSplitEmpty) sh.peer_bar_empty_v = cluster_map(sh.bar_empty_v, peer);
   }
   if (threadIdx.x == 0) {
     for (int b = 0; b < 2; ++b) {
       mbarrier_init(sh.bar_full + 8 * b, full_count);
       // Every math thread; kRolesPair: also each of the peer's 8 math warps, which empty this
       // CTA's copy of their half.
-      if constexpr (kSplitEmpty) {  // one math warpgroup each (+ the peer's 4 warps of it)
-        mbarrier_init(sh.bar_empty + 8 * b, kPair ? 128 + 4 : 128);
-        mbarrier_init(sh.bar_empty_v + 8 * b, kPair ? 128 + 4 : 128);
-      } else {
-        mbarrier_init(sh.bar_empty + 8 * b, ws_transposed(kMath) ? 128 : kPair ? 256 + 8 : 256);
-      }
+      mbarrier_init(sh.bar_empty + 8 * b, ws_transposed(kMath) ? 128 : kPair ? 256 + 8 : 256);
       if constexpr (kPair) mbarrier_init(sh.bar_peer_full + 8 * b, 1);  // + the peer's bytes
     }
     for (int i = 0; i < 4; ++i) mbarrier_init(sh.bar_p_ready + 8 * i, 128);
@@ -290,14 +261,13 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
 // (kPair: also the peer's copy of the buffer and the barrier counting the bytes stored there).
 template <bool kPair = false>
 struct WsFill {
-  uint32_t k, full, empty, empty_v, tile;  // (empty_v: ws_split_empty)
+  uint32_t k, full, empty, tile;
   uint8_t* valid;
   uint32_t peer_full, peer_tile, peer_peer_full;  // kPair
   __device__ __forceinline__ WsFill(const WsShared& sh, uint32_t k_) : k(k_) {
     const uint32_t buf = k & 1;
     full = sh.bar_full + 8 * buf;
     empty = sh.bar_empty + 8 * buf;
-    empty_v = sh.bar_empty_v + 8 * buf;
     tile = sh.sk0 + buf * sh.tile_bytes;
     valid = sh.valid + buf * kTileTokens;
     if constexpr (kPair) {
@@ -308,13 +278,8 @@ struct WsFill {
   }
   // Until the math warps (kPair: of both CTAs) have emptied the buffer (its previous use, two
   // tiles ago).
-  // ws_split_empty: the scores warpgroup's part (wait_empty) and the values warpgroup's
-  // (wait_empty_v).
   __device__ __forceinline__ void wait_empty() const {
     mbarrier_wait(empty, ((k >> 1) & 1) ^ 1);
-  }
-  __device__ __forceinline__ void wait_empty_v() const {
-    mbarrier_wait(empty_v, ((k >> 1) & 1) ^ 1);
   }
 };
 
@@ -395,9 +360,6 @@ __device__ __forceinline__ bool ws_tile_unmasked(bool rows_full, uint32_t w) {
   return __all_sync(0xffffffffu, rows_full && __vcmpeq4(w, 0u) == 0u);
 }
 
-// The role split's V halves: math warpgroup wc reads value columns 256 wc .., column blocks
-// kWsVHalfBlocks * wc .. kWsVHalfBlocks * (wc + 1) - 1 of the tile (the values warpgroup: 4-7).
-constexpr int kWsVHalfBlocks = kDv / 2 / 64;
 // wgmma descriptors of the 64-row math (kRoles*) at buffer 0: Q, the K tile (all 64
 // rows), P, and the V half (value columns 256 wc ..) of math warpgroup wc.
 template <int kDqk>
@@ -408,7 +370,7 @@ struct WsRowDescs {
     q = gmma_desc_sw128(sh.sq, 16, 1024);
     k = gmma_desc_sw128(sh.sk0, 16, 1024);
     p = gmma_desc_sw128(sh.sp, 16, 1024);
-    v = gmma_desc_sw128(sh.sk0 + wc * kWsVHalfBlocks * S::kBlockBytes, S::kBlockBytes, 1024);
+    v = gmma_desc_sw128(sh.sk0 + wc * 4 * S::kBlockBytes, S::kBlockBytes, 1024);
   }
 };
 
@@ -589,14 +551,11 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       wgmma_wait<0>();
       tile_trace(k, kRole == WsRole::kScores ? kTrScPv : kTrValPv);
       if (kRole == WsRole::kValues) mbarrier_arrive(sh.bar_p_free);
-      // ws_split_empty: the values warpgroup releases its own part of the buffer.
-      constexpr bool kOwnEmpty = ws_split_empty<Task, kPair>() && kRole == WsRole::kValues;
-      mbarrier_arrive((kOwnEmpty ? sh.bar_empty_v : sh.bar_empty) + 8 * buf);  // done with it
+      mbarrier_arrive(sh.bar_empty + 8 * buf);  // this thread is done with it
       if constexpr (kPair) {
         // The peer's producer also stores into this buffer (its half of the tokens).
         __syncwarp();
-        if ((ln.tid & 31) == 0)
-          mbarrier_arrive_cluster((kOwnEmpty ? sh.peer_bar_empty_v : sh.peer_bar_empty) + 8 * buf);
+        if ((ln.tid & 31) == 0) mbarrier_arrive_cluster(sh.peer_bar_empty + 8 * buf);
       }
       n = n_next;
     }

@@ -29,12 +29,6 @@ struct DenseWsTask {
   static constexpr bool kShortSeqs = false;  // a sequence is a whole context
   static constexpr uint32_t kFullCount = 256;
   static_assert(kPageBlock == kTileTokens, "one page is one tile");
-  // JFM_DENSE_SPLIT_EMPTY (params.h): the role split (kPair: the CTA pair) frees each buffer in
-  // two parts (ws_split_empty); values_block: column block j is the values warpgroup's V half.
-  static constexpr bool split_empty(bool pair) { return dense_split_empty(pair); }
-  static constexpr bool values_block(int j) {
-    return j >= kWsVHalfBlocks && j < 2 * kWsVHalfBlocks;
-  }
 
   const DenseDecodeParams& p;
   ScheduleRow sched;
@@ -133,10 +127,6 @@ struct DenseWsTask {
   template <bool kWide, bool kPair, bool kSole = false, bool = false>  // (no staging registers)
   __device__ __forceinline__ void produce(const WsShared& sh, int which, int stride) const {
     static_assert(!kPair || kDensePair, "the dense CTA pair: JFM_DENSE_PAIR");
-    // JFM_DENSE_SPLIT_EMPTY: the role split's producer (kSole) issues blocks 4-7 (values_block)
-    // once the values warpgroup(s) have released the buffer (wait_empty_v), the rest once the
-    // scores warpgroup(s) have (wait_empty); the cp.async rows wait for both.
-    constexpr bool kSplit = kSole && split_empty(kPair);
     const T* __restrict__ kvg = reinterpret_cast<const T*>(p.kv);
     const int ptid = threadIdx.x & 127;
     const int lr = ptid >> 3, lq = ptid & 7;
@@ -163,66 +153,46 @@ struct DenseWsTask {
 #pragma unroll
           for (int h = 0; h < 4; ++h)
             if (lq == 0) fill.valid[lr + 16 * h] = 1;
-          // kSplit: the blocks of one part (values_block(j) == values_part), else all.
-          auto issue = [&](bool values_part) {
-            if constexpr (kPair) {
-              const uint32_t bar = sh.rank == 0 ? fill.full : fill.peer_full;
-#pragma unroll
-              for (int j = 0; j < S::kKBlocks; ++j)
-                if ((j & 1) == static_cast<int>(sh.rank) &&
-                    (!kSplit || values_block(j) == values_part))
-                  tma_load_3d_multicast(fill.tile + j * S::kBlockBytes, &p.kv_map, bar, 64 * j,
-                                        hk, blk * kPageBlock, 0x3);
-            } else {
-#pragma unroll
-              for (int j = 0; j < S::kKBlocks; ++j)
-                if (!kSplit || values_block(j) == values_part)
-                  tma_load_3d(fill.tile + j * S::kBlockBytes, &p.kv_map, fill.full, 64 * j, hk,
-                              blk * kPageBlock);
-            }
-          };
           if (ptid == 0) {
             if constexpr (kPair) {
               mbarrier_arrive_expect_tx(fill.full, (S::kKBlocks + 1) / 2 * S::kBlockBytes);
               mbarrier_arrive_expect_tx(fill.peer_full, S::kKBlocks / 2 * S::kBlockBytes);
+              const uint32_t bar = sh.rank == 0 ? fill.full : fill.peer_full;
+#pragma unroll
+              for (int j = 0; j < S::kKBlocks; ++j)
+                if ((j & 1) == static_cast<int>(sh.rank))
+                  tma_load_3d_multicast(fill.tile + j * S::kBlockBytes, &p.kv_map, bar, 64 * j,
+                                        hk, blk * kPageBlock, 0x3);
             } else {
               mbarrier_arrive_expect_tx(fill.full, S::kTileBytes);
+#pragma unroll
+              for (int j = 0; j < S::kKBlocks; ++j)
+                tma_load_3d(fill.tile + j * S::kBlockBytes, &p.kv_map, fill.full, 64 * j, hk,
+                            blk * kPageBlock);
             }
-            issue(false);
-            if constexpr (kDenseL2Ahead && (kPair || kDenseL2AheadHalf)) {
-              // (JFM_DENSE_L2_AHEAD; the CTA pair, =2 also the unpaired CTA) the page of this
-              // producer's next fill, asked of L2 a fill ahead: the next page of this sequence,
-              // else the next sequence's first (page 0: a later sequence of the part starts
-              // there); an id outside the pool asks nothing. The pair: each rank its boxes; the
-              // unpaired CTA: boxes 0-3.
+            if constexpr (kDenseL2Ahead && kPair) {
+              // (JFM_DENSE_L2_AHEAD; the CTA pair only) the page of this producer's next fill,
+              // asked of L2 a fill ahead: the next page of this sequence, else the next
+              // sequence's first (page 0: a later sequence of the part starts there); an id
+              // outside the pool asks nothing.
               const int ahead = n + 1 < q.t_hi ? blk_next
                                 : s < end_seq ? p.block_table[static_cast<size_t>(s + 1) * p.max_blocks]
                                               : -1;
               if (ahead >= 0 && ahead < p.num_kv_blocks) {
 #pragma unroll
                 for (int j = 0; j < S::kKBlocks; ++j)
-                  if (kPair ? (j & 1) == static_cast<int>(sh.rank) : j < 4)
+                  if ((j & 1) == static_cast<int>(sh.rank))
                     tma_prefetch_l2_3d(&p.kv_map, 64 * j, hk, ahead * kPageBlock);
               }
             }
           } else {
             mbarrier_arrive(fill.full);
           }
-          if constexpr (kSplit) {
-            // The values' V half, once they are done with the buffer. Warp 0 waits, not thread 0
-            // alone: mbarrier_wait ends in a whole-warp __syncwarp, and a lone lane's left it one
-            // __syncwarp behind its warp, stuck at the loop's end (the smoke test hung, 2026-12-06).
-            if (ptid < 32) {
-              fill.wait_empty_v();
-              if (ptid == 0) issue(true);
-            }
-          }
           mbarrier_arrive(fill.full);
           tile_trace(k, kTrProdIssued);
           blk = blk_next;
           continue;
         }
-        if constexpr (kSplit) fill.wait_empty_v();  // these copies write every column
         // kPair: each CTA copies a partial or invalid page for itself; nothing comes from the peer.
         if constexpr (kPair)
           if (ptid == 0) mbarrier_arrive(fill.peer_full);
@@ -251,8 +221,7 @@ __global__ void __launch_bounds__(384, 1) dense_decode_ws_kernel(const __grid_co
   cta_trace(false);  // (tile_trace.cuh; nothing without JFM_TILE_TRACE)
   pdl_launch_dependents();  // (pdl.cuh) the combine may be placed on SMs this grid's tail frees
   extern __shared__ unsigned char smem_raw[];
-  constexpr bool kSplitEmpty = !ws_transposed(kMath) && ws_split_empty<Task, ws_pair(kMath)>();
-  const WsShared sh = ws_setup<Task::kDqk, kMath, kSplitEmpty>(smem_raw, Task::kFullCount);
+  const WsShared sh = ws_setup<Task::kDqk, kMath>(smem_raw, Task::kFullCount);
   const Task task(p);
   ws_run<kMath>(task, sh);
   cta_trace(true);
