@@ -46,33 +46,17 @@ def main():
     ap.add_argument("--xla-variants", default="",
                     help="';'-separated 'name=XLA flags' entries, each run in its own process "
                          "after the --both-cmdbuf pair (an XLA without the flag says so and "
-                         "exits; e.g. 'nu=--xla_gpu_command_buffer_update_mode="
-                         "CUSTOM_LIBRARY_UPDATE_FREE')")
+                         "exits; e.g. 'skiptemp=--xla_gpu_command_buffer_update_mode="
+                         "SKIP_TEMP', a value of jaxlib 0.11.2)")
     args = ap.parse_args()
     if args.both_cmdbuf or args.xla_variants:
         import subprocess
-        skip = ("--both-cmdbuf", "--xla-variants")
-        argv, drop = [], False
-        for a in sys.argv[1:]:   # this process' arguments without the two variant options
-            if drop:
-                drop = False
-            elif a in skip:
-                drop = a == "--xla-variants"
-            elif not a.startswith("--xla-variants="):
-                argv.append(a)
-        base = os.environ.get("XLA_FLAGS", "")
-        runs = []
-        if args.both_cmdbuf:
-            runs += [("command buffers as XLA's default", base),
-                     ("command buffers off", f"{base} --xla_gpu_enable_command_buffer=")]
-        for entry in filter(None, args.xla_variants.split(";")):
-            name, _, flags = entry.partition("=")
-            runs.append((f"{name}: {flags}", f"{base} {flags}"))
         rc = 0
-        for title, flags in runs:
+        for title, flags, argv in variant_runs(sys.argv[1:], args.both_cmdbuf, args.xla_variants,
+                                               os.environ.get("XLA_FLAGS", "")):
             print(f"== {title}", flush=True)
             cmd = [sys.executable, os.path.abspath(__file__), *argv]
-            rc |= subprocess.run(cmd, env={**os.environ, "XLA_FLAGS": flags.strip()}).returncode
+            rc |= subprocess.run(cmd, env={**os.environ, "XLA_FLAGS": flags}).returncode
         sys.exit(rc)
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}")
     print(f"{'case':34s} {'plain us':>9s} {'in one jit':>11s} {'gap us':>7s} {'issue us':>9s} "
@@ -95,6 +79,28 @@ def main():
                 (f"x + 1, {mib} MiB, 5 args 2 outs", lambda: five(x, *small),
                  lambda: unit_five(xs, *small))):
             report(name, plain, unit, args)
+
+
+def variant_runs(argv, both_cmdbuf, xla_variants, base_flags):
+    """(title, XLA_FLAGS, child argv) per process to run: as is and with command buffers off
+    (both_cmdbuf), then each 'name=flags' entry of xla_variants (';'-separated), each on top of
+    base_flags; the child's argv is this one's without the two variant options."""
+    child, drop = [], False
+    for a in argv:
+        if drop:
+            drop = False
+        elif a in ("--both-cmdbuf", "--xla-variants"):
+            drop = a == "--xla-variants"   # its value is the next argument
+        elif not a.startswith("--xla-variants="):
+            child.append(a)
+    runs = []
+    if both_cmdbuf:
+        runs += [("command buffers as XLA's default", base_flags),
+                 ("command buffers off", f"{base_flags} --xla_gpu_enable_command_buffer=")]
+    for entry in filter(None, xla_variants.split(";")):
+        name, _, flags = entry.partition("=")
+        runs.append((f"{name}: {flags}", f"{base_flags} {flags}"))
+    return [(title, flags.strip(), child) for title, flags in runs]
 
 
 def report(name, plain, unit, args):

@@ -227,3 +227,18 @@ def test_time_rounds_reports_the_host_issue_time():
     assert rec["issue_s"] >= 0.002
     assert rec["time_s"] - rec["issue_s"] >= 0.010 / 3 - 1e-4
     assert rec["calls"] == 3 and rec["rounds"] == 2
+
+
+def test_dispatch_gap_variant_runs():
+    """jax_dispatch_gap.py's child processes: each variant's XLA_FLAGS on top of the caller's, and
+    the children's argv without the variant options (else each child would spawn its own)."""
+    from jax_dispatch_gap import variant_runs
+    runs = variant_runs(["--ours", "--xla-variants", "a=--x=1;b=--y=2 --z=3", "--both-cmdbuf",
+                         "--k", "4"], True, "a=--x=1;b=--y=2 --z=3", "--base=0")
+    assert [r[0] for r in runs] == ["command buffers as XLA's default", "command buffers off",
+                                    "a: --x=1", "b: --y=2 --z=3"]
+    assert [r[1] for r in runs] == ["--base=0", "--base=0 --xla_gpu_enable_command_buffer=",
+                                    "--base=0 --x=1", "--base=0 --y=2 --z=3"]
+    assert all(r[2] == ["--ours", "--k", "4"] for r in runs)
+    assert variant_runs(["--xla-variants=a=--x=1", "--mib", "4"], False, "a=--x=1", "") == [
+        ("a: --x=1", "--x=1", ["--mib", "4"])]
