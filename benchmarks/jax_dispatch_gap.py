@@ -17,9 +17,11 @@ call to hand a K-call unit over: near "in one jit", the host (JAX's execution of
 handler per custom call) and not the GPU sets the in-one-jit time.
 --both-cmdbuf runs everything twice, each in its own process: as is, and with XLA's command
 buffers off (XLA_FLAGS=--xla_gpu_enable_command_buffer=, plain launches). --xla-variants adds runs
-under other XLA flags, e.g. the command buffers' update mode: XLA re-records every command of a
-command buffer on each execution by default (FULL_UPDATE; openxla/xla#40173), which for an FFI
-custom call means running its handler again under stream capture.
+under other XLA flags, e.g. the command buffers' update mode (jaxlib 0.11.2: ALWAYS_UPDATE, the
+default, SKIP_TEMP, SKIP_PROFILED): XLA updates a command buffer's commands when their buffers'
+addresses change between executions, which for an FFI custom call can mean tracing its handler
+again under stream capture (a cache, --xla_cmd_buffer_trace_cache_size, keeps recent traces;
+openxla/xla#40173 describes the update-free modes of later XLA).
 """
 import argparse
 import os
