@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sbs_common import (covered_us, host_launch_counts, perfetto_gpu_events,  # noqa: E402
-                        time_rounds)
+from sbs_common import (covered_us, equal_runs, host_launch_counts,  # noqa: E402
+                        perfetto_gpu_events, time_rounds)
 
 
 def main():
@@ -134,16 +134,11 @@ def unit_profile(unit, k, units=3):
         return f"(profile: {type(e).__name__})"
     if not events:
         return "(no GPU events)"
-    # Units are split where the GPU idles longer than any gap inside one (the host's wait).
-    gaps = sorted(((events[i + 1][0] - (events[i][0] + events[i][1]), i)
-                   for i in range(len(events) - 1)), reverse=True)[:units - 1]
-    cuts = sorted(i + 1 for _, i in gaps)
-    spans = []
-    for a, b in zip([0] + cuts, cuts + [len(events)]):
-        ev = events[a:b]
-        spans.append(max(t + d for t, d, _ in ev) - ev[0][0])
+    runs = equal_runs(events, units)
+    span = ("        -" if runs is None else  # (the events do not split into equal units)
+            f"{min(max(t + d for t, d, _ in r) - r[0][0] for r in runs) / k:9.1f}")
     counts = " ".join(f"{n} {c / units:g}" for n, c in sorted(launches.items()))
-    return (f"{covered_us(events) / (units * k):9.1f} {min(spans) / k:9.1f}  {counts}")
+    return f"{covered_us(events) / (units * k):9.1f} {span}  {counts}"
 
 
 def ours_case(k, b=128, h_q=16, s_k=4096):

@@ -141,12 +141,11 @@ def timeline(k):
 
 def print_run(kern, k):
     """The last traced run's events, each kernel's mean / median, the host's launch calls."""
-    from sbs_common import host_launch_counts
-    # The last run: the last third of the events (3 runs traced, each the same kernels). The
-    # longest idle gap is not always the host's wait between runs: when runs follow closely it
-    # fell inside a run or two runs back, and the span then covered 1 or 2 runs.
-    whole = len(kern) % 3 == 0
-    run = kern[-(len(kern) // 3):] if whole else kern
+    from sbs_common import equal_runs, host_launch_counts
+    # The last of the 3 traced runs (split by event count: sbs_common.equal_runs).
+    runs = equal_runs(kern, 3)
+    whole = runs is not None
+    run = runs[-1] if whole else kern
     t0, prev_end, per = run[0][0], run[0][0], {}
     print(f"{len(run)} GPU events in " + ("the last of 3 traced runs" if whole else
                                           "all 3 traced runs (their events do not split in 3)")

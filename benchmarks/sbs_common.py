@@ -237,6 +237,16 @@ def kineto_gpu_events(path: str) -> list[tuple[float, float, str]]:
                   if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
 
 
+def equal_runs(events: list[tuple[float, float, str]], runs: int):
+    """The GPU events of `runs` traced runs of one unit, split into runs by count (each run
+    launches the same kernels), or None when the count does not divide. Not by the longest idle
+    gaps: when runs follow closely the longest gap can fall inside a run."""
+    if not events or len(events) % runs:
+        return None
+    n = len(events) // runs
+    return [events[i * n:(i + 1) * n] for i in range(runs)]
+
+
 def covered_us(events: list[tuple[float, float, str]]) -> float:
     """Microseconds covered by the union of the events' [start, start + duration) intervals."""
     total, end = 0.0, float("-inf")

@@ -242,3 +242,11 @@ def test_dispatch_gap_variant_runs():
     assert all(r[2] == ["--ours", "--k", "4"] for r in runs)
     assert variant_runs(["--xla-variants=a=--x=1", "--mib", "4"], False, "a=--x=1", "") == [
         ("a: --x=1", "--x=1", ["--mib", "4"])]
+
+
+def test_equal_runs_splits_by_count():
+    """Traced runs of one unit split by event count, whatever the idle gaps between events."""
+    import sbs_common
+    ev = [(t, 1.0, "k") for t in (0, 1, 50, 51, 52, 53)]  # the longest gap inside run 1
+    assert sbs_common.equal_runs(ev, 3) == [ev[0:2], ev[2:4], ev[4:6]]
+    assert sbs_common.equal_runs(ev[:5], 3) is None and sbs_common.equal_runs([], 3) is None
