@@ -47,7 +47,7 @@ def main():
                     help="run as is and with XLA's command buffers off, each in its own process")
     ap.add_argument("--xla-variants", default="",
                     help="';'-separated 'name=XLA flags' entries, each run in its own process "
-                         "after the --both-cmdbuf pair (an XLA without the flag says so and "
+                         "after the default's run (and the --both-cmdbuf one) (an XLA without the flag says so and "
                          "exits; e.g. 'skiptemp=--xla_gpu_command_buffer_update_mode="
                          "SKIP_TEMP', a value of jaxlib 0.11.2)")
     args = ap.parse_args()
@@ -84,9 +84,10 @@ def main():
 
 
 def variant_runs(argv, both_cmdbuf, xla_variants, base_flags):
-    """(title, XLA_FLAGS, child argv) per process to run: as is and with command buffers off
-    (both_cmdbuf), then each 'name=flags' entry of xla_variants (';'-separated), each on top of
-    base_flags; the child's argv is this one's without the two variant options."""
+    """(title, XLA_FLAGS, child argv) per process to run: always as is first (a variant's numbers
+    mean something only beside the default's from the same machine), then with command buffers
+    off (both_cmdbuf), then each 'name=flags' entry of xla_variants (';'-separated), each on top
+    of base_flags; the child's argv is this one's without the two variant options."""
     child, drop = [], False
     for a in argv:
         if drop:
@@ -95,10 +96,9 @@ def variant_runs(argv, both_cmdbuf, xla_variants, base_flags):
             drop = a == "--xla-variants"   # its value is the next argument
         elif not a.startswith("--xla-variants="):
             child.append(a)
-    runs = []
+    runs = [("command buffers as XLA's default", base_flags)]
     if both_cmdbuf:
-        runs += [("command buffers as XLA's default", base_flags),
-                 ("command buffers off", f"{base_flags} --xla_gpu_enable_command_buffer=")]
+        runs.append(("command buffers off", f"{base_flags} --xla_gpu_enable_command_buffer="))
     for entry in filter(None, xla_variants.split(";")):
         name, _, flags = entry.partition("=")
         runs.append((f"{name}: {flags}", f"{base_flags} {flags}"))

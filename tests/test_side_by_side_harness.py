@@ -240,7 +240,9 @@ def test_dispatch_gap_variant_runs():
     assert [r[1] for r in runs] == ["--base=0", "--base=0 --xla_gpu_enable_command_buffer=",
                                     "--base=0 --x=1", "--base=0 --y=2 --z=3"]
     assert all(r[2] == ["--ours", "--k", "4"] for r in runs)
+    # The default's run comes first even without --both-cmdbuf: a variant needs its baseline.
     assert variant_runs(["--xla-variants=a=--x=1", "--mib", "4"], False, "a=--x=1", "") == [
+        ("command buffers as XLA's default", "", ["--mib", "4"]),
         ("a: --x=1", "--x=1", ["--mib", "4"])]
 
 
