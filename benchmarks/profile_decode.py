@@ -55,6 +55,7 @@ ap.add_argument("--extra_s_k", type=int, default=0,
 ap.add_argument("--ramp", action="store_true",
                 help="prefill: topk_length 1 + i * topk // s_q for query i (work growing along s_q)")
 ap.add_argument("--timeline", type=int, default=0)
+ap.add_argument("--traced_runs", type=int, default=5, help="with --timeline: runs traced")
 ap.add_argument("--trace_dir", default="/tmp/jfm_timeline")
 ap.add_argument("--async_runs", type=int, default=0)
 ap.add_argument("--fixed", action="store_true",
@@ -128,7 +129,7 @@ def timeline(k):
     for _ in range(5):
         jax.block_until_ready(many(qs, *rest))
     with jax.profiler.trace(args.trace_dir, create_perfetto_trace=True):
-        for _ in range(3):
+        for _ in range(args.traced_runs):
             jax.block_until_ready(many(qs, *rest))
     kern = perfetto_gpu_events(args.trace_dir)
     if not kern:
@@ -142,14 +143,19 @@ def timeline(k):
 def print_run(kern, k):
     """The last traced run's events, each kernel's mean / median, the host's launch calls."""
     from sbs_common import equal_runs, host_launch_counts
-    # The last of the 3 traced runs (split by event count: sbs_common.equal_runs).
-    runs = equal_runs(kern, 3)
+    # The last of the traced runs (split by event count: sbs_common.equal_runs).
+    nr = args.traced_runs
+    runs = equal_runs(kern, nr)
     whole = runs is not None
     run = runs[-1] if whole else kern
     t0, prev_end, per = run[0][0], run[0][0], {}
-    print(f"{len(run)} GPU events in " + ("the last of 3 traced runs" if whole else
-                                          "all 3 traced runs (their events do not split in 3)")
+    print(f"{len(run)} GPU events in " + (f"the last of {nr} traced runs" if whole else
+                                          f"all {nr} traced runs (their events do not split in {nr})")
           + f" ({k} calls per run); span {run[-1][0] + run[-1][1] - t0:.1f} us")
+    if whole:  # every run's span: an A/B of a change between calls (e.g. a launch) reads these
+        spans = [r[-1][0] + r[-1][1] - r[0][0] for r in runs]
+        print(f"spans of the {nr} runs: {' / '.join(f'{x:.1f}' for x in spans)} us, median "
+              f"{np.median(spans):.1f} ({np.median(spans) / k:.2f} per call)")
     for ts, dur, name in run:
         print(f"  {ts - t0:9.2f} +{dur:7.2f} us (gap {ts - prev_end:6.2f})  {name[:110]}")
         prev_end = ts + dur
@@ -160,7 +166,7 @@ def print_run(kern, k):
     # One kernel launch per kernel, or graph launches: whether XLA put the calls into a command
     # buffer (the gaps above are then the graph's, not the host's).
     launches = host_launch_counts(args.trace_dir)
-    print("host launch calls per run: " + (", ".join(f"{n} {c / 3:g}" for n, c in sorted(launches.items()))
+    print("host launch calls per run: " + (", ".join(f"{n} {c / nr:g}" for n, c in sorted(launches.items()))
                                           or "none found in the trace"))
 
 

@@ -15,9 +15,23 @@
 #define JFM_PDL 1
 #endif
 
+// JFM_PDL_MAIN (off; =1 for A/B): the attention kernels (dense and sparse, warp-specialized) are
+// launched as programmatic dependents too, of whatever kernel precedes them in the stream (XLA's,
+// the scheduler's, or the previous call's combine, which then allows its dependents' launch as it
+// starts). Their CTAs are placed while that kernel drains and lay out their shared memory and
+// barriers (ws_setup) before pdl_main_wait(), the first point where they read anything in global
+// memory; only then do they allow the combine's launch, so the combine's read of num_splits ahead
+// of its own wait still follows the scheduler. Upstream's dense decode launches its main kernel
+// this way (read in ../shared/anchor's source). Why: inside one jit of 10 calls the next call's
+// attention kernel started 0.16-0.35 us after the combine ended, and its setup came after that.
+#ifndef JFM_PDL_MAIN
+#define JFM_PDL_MAIN 0
+#endif
+
 namespace jfm {
 
 constexpr bool kPdl = JFM_PDL != 0;
+constexpr bool kPdlMain = kPdl && JFM_PDL_MAIN != 0;
 
 // Primary side: the stream's next kernel, if launched with programmatic serialization, may be
 // scheduled once every CTA of this grid has called this (or exited).
@@ -33,6 +47,19 @@ __device__ __forceinline__ void pdl_wait() {
 #if JFM_PDL && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
+}
+
+// An attention kernel's two points: its first instruction (pdl_attention_start) and the first read
+// of global memory, after its shared-memory setup (pdl_attention_inputs). Without kPdlMain the
+// combine's launch is allowed at the first and nothing waits; with it, both happen at the second.
+__device__ __forceinline__ void pdl_attention_start() {
+  if constexpr (!kPdlMain) pdl_launch_dependents();
+}
+__device__ __forceinline__ void pdl_attention_inputs() {
+  if constexpr (kPdlMain) {
+    pdl_wait();
+    pdl_launch_dependents();
+  }
 }
 
 }  // namespace jfm

@@ -322,6 +322,7 @@ __device__ __forceinline__ void combine_row_quarter(const CombineParams& p, cons
 // (256, 2): with (256) alone ptxas capped the merge at 80 registers and spilled.
 template <typename T>
 __global__ void __launch_bounds__(32 * kWarpRows, 2) combine_warp_kernel(const CombineParams p) {
+  if constexpr (kPdlMain) pdl_launch_dependents();  // (pdl.cuh) the next attention kernel's CTAs
   static_assert(kDv == 32 * 16, "16 values per lane");
   const int lane = threadIdx.x & 31;
   const int row = blockIdx.y * kWarpRows + (threadIdx.x >> 5);
@@ -353,6 +354,7 @@ __global__ void __launch_bounds__(32 * kWarpRows, 2) combine_warp_kernel(const C
 // (combine_row_quarter). Grid (as combine_warp_kernel's x, rows / 2).
 template <typename T>
 __global__ void __launch_bounds__(32 * kWarpRows, 2) combine_quarter_kernel(const CombineParams p) {
+  if constexpr (kPdlMain) pdl_launch_dependents();  // (pdl.cuh) the next attention kernel's CTAs
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int row = blockIdx.y * (kWarpRows / 4) + (warp >> 2), quarter = warp & 3;
   const int32_t* ns = p.num_splits;

@@ -45,13 +45,30 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
 }
 
 // Host: opt the kernel into `smem` bytes of dynamic shared memory, launch it, return the error.
+// pdl: as a programmatic dependent of the stream's previous kernel (pdl.cuh, JFM_PDL_MAIN; the
+// kernel then waits for it with griddepcontrol.wait before its first global read).
 template <typename Params>
 cudaError_t launch_with_smem(void (*kernel)(Params), dim3 grid, int threads, size_t smem,
-                             cudaStream_t stream, const Params& p) {
+                             cudaStream_t stream, const Params& p, bool pdl = false) {
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(smem));
   if (e != cudaSuccess) return e;
-  kernel<<<grid, threads, smem, stream>>>(p);
+  if (!pdl) {
+    kernel<<<grid, threads, smem, stream>>>(p);
+    return cudaGetLastError();
+  }
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  e = cudaLaunchKernelEx(&cfg, kernel, p);
+  if (e != cudaSuccess) return e;
   return cudaGetLastError();
 }
 
@@ -61,17 +78,20 @@ cudaError_t launch_with_smem(void (*kernel)(Params), dim3 grid, int threads, siz
 // split-KV schedule gives each SM one CTA, so the clusters that did not fit would run as a
 // second wave, up to twice the time. Said once on stderr when it happens; the H200 holds all 66
 // pairs of the sparse kernel (no such line in the pair runs' worker logs, 2026-12-01).
+// pdl: as launch_with_smem's.
 template <auto kKernel, typename Params>
 cudaError_t launch_clusters_with_smem(dim3 grid, dim3 cluster, int threads, size_t smem,
-                                      cudaStream_t stream, const Params& p) {
+                                      cudaStream_t stream, const Params& p, bool pdl = false) {
   cudaError_t e = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(smem));
   if (e != cudaSuccess) return e;
-  cudaLaunchAttribute attr[1];
+  cudaLaunchAttribute attr[2];
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.x = cluster.x;
   attr[0].val.clusterDim.y = cluster.y;
   attr[0].val.clusterDim.z = cluster.z;
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[1].val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = dim3(threads);
@@ -103,6 +123,7 @@ cudaError_t launch_clusters_with_smem(dim3 grid, dim3 cluster, int threads, size
                    fits, cluster.x * cluster.y * cluster.z, clusters);
     return cudaErrorNotSupported;
   }
+  cfg.numAttrs = pdl ? 2 : 1;  // (the occupancy above asked without it)
   e = cudaLaunchKernelEx(&cfg, kKernel, p);
   if (e != cudaSuccess) return e;
   return cudaGetLastError();

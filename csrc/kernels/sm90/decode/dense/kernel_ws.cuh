@@ -219,9 +219,10 @@ template <typename T, WsMath kMath>
 __global__ void __launch_bounds__(384, 1) dense_decode_ws_kernel(const __grid_constant__ DenseDecodeParams p) {
   using Task = DenseWsTask<T>;
   cta_trace(false);  // (tile_trace.cuh; nothing without JFM_TILE_TRACE)
-  pdl_launch_dependents();  // (pdl.cuh) the combine may be placed on SMs this grid's tail frees
+  pdl_attention_start();  // (pdl.cuh) the combine may be placed on SMs this grid's tail frees
   extern __shared__ unsigned char smem_raw[];
   const WsShared sh = ws_setup<Task::kDqk, kMath>(smem_raw, Task::kFullCount);
+  pdl_attention_inputs();  // (JFM_PDL_MAIN) the previous kernel's writes, before the first read
   const Task task(p);
   ws_run<kMath>(task, sh);
   cta_trace(true);
@@ -237,10 +238,10 @@ cudaError_t launch_dense_decode_ws(const DenseDecodeParams& p, cudaStream_t stre
     if constexpr (ws_pair(kMath)) {
       if (p.num_m_blocks % 2 != 0 || !p.kv_map_ok) return cudaErrorNotSupported;
       return launch_clusters_with_smem<dense_decode_ws_kernel<T, kMath>>(
-          grid, dim3(1, 2, 1), 384, WsSmem<kDenseDqk>::kBytes, stream, p);
+          grid, dim3(1, 2, 1), 384, WsSmem<kDenseDqk>::kBytes, stream, p, kPdlMain);
     } else {
       return launch_with_smem(dense_decode_ws_kernel<T, kMath>, grid, 384,
-                              WsSmem<kDenseDqk>::kBytes, stream, p);
+                              WsSmem<kDenseDqk>::kBytes, stream, p, kPdlMain);
     }
   });
 }

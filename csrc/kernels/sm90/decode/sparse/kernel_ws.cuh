@@ -939,15 +939,17 @@ __global__ void __launch_bounds__(384, 1)
   static_assert(WsSmem<kDqk>::kBytes <= 227 * 1024, "shared memory of one CTA");
   using Task = SparseWsTask<kFmt, kDqk>;
   cta_trace(false);  // (tile_trace.cuh; nothing without JFM_TILE_TRACE)
-  pdl_launch_dependents();  // (pdl.cuh) the combine may be placed on SMs this grid's tail frees
+  pdl_attention_start();  // (pdl.cuh) the combine may be placed on SMs this grid's tail frees
   extern __shared__ unsigned char smem_raw[];
   if constexpr (Task::kEarlyIndices && kMath == WsMath::kRolesPair) {
+    pdl_attention_inputs();  // (JFM_PDL_MAIN) here the first reads come before the setup
     Task task(p);
     if (threadIdx.x >= 256) task.issue_first_indices(threadIdx.x & 127);  // (the producer)
     const WsShared sh = ws_setup<kDqk, kMath>(smem_raw, Task::kFullCount);
     ws_run<kMath>(task, sh);
   } else {
     const WsShared sh = ws_setup<kDqk, kMath>(smem_raw, Task::kFullCount);
+    pdl_attention_inputs();  // (JFM_PDL_MAIN) the previous kernel's writes, before the first read
     const Task task(p);
     ws_run<kMath>(task, sh);
   }
@@ -972,10 +974,11 @@ cudaError_t launch_sparse_attention_ws(const SparseDecodeParams& p, cudaStream_t
   return tile_trace_launch("sparse_attention_ws_kernel", static_cast<int>(kMath), stream, [&] {
     if (p.num_m_blocks == 2) {
       const cudaError_t e = launch_clusters_with_smem<kKernel>(
-          sparse_ws_grid(p), dim3(1, 2, 1), 384, WsSmem<kDqk>::kBytes, stream, p);
+          sparse_ws_grid(p), dim3(1, 2, 1), 384, WsSmem<kDqk>::kBytes, stream, p, kPdlMain);
       if (ws_pair(kMath) || e != cudaErrorNotSupported) return e;
     }
-    return launch_with_smem(kKernel, sparse_ws_grid(p), 384, WsSmem<kDqk>::kBytes, stream, p);
+    return launch_with_smem(kKernel, sparse_ws_grid(p), 384, WsSmem<kDqk>::kBytes, stream, p,
+                            kPdlMain);
   });
 }
 
