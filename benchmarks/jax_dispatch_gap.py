@@ -47,9 +47,9 @@ def main():
                     help="run as is and with XLA's command buffers off, each in its own process")
     ap.add_argument("--xla-variants", default="",
                     help="';'-separated 'name=XLA flags' entries, each run in its own process "
-                         "after the default's run (and the --both-cmdbuf one) (an XLA without the flag says so and "
-                         "exits; e.g. 'skiptemp=--xla_gpu_command_buffer_update_mode="
-                         "SKIP_TEMP', a value of jaxlib 0.11.2)")
+                         "after the default's (and --both-cmdbuf's); an XLA without the flag says "
+                         "so and exits; e.g. 'skiptemp=--xla_gpu_command_buffer_update_mode="
+                         "SKIP_TEMP', a value of jaxlib 0.11.2")
     args = ap.parse_args()
     if args.both_cmdbuf or args.xla_variants:
         import subprocess

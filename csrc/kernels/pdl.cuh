@@ -19,7 +19,7 @@
 // launched as programmatic dependents too, of whatever kernel precedes them in the stream (XLA's,
 // the scheduler's, or the previous call's combine, which then allows its dependents' launch as it
 // starts). Their CTAs are placed while that kernel drains and lay out their shared memory and
-// barriers (ws_setup) before pdl_main_wait(), the first point where they read anything in global
+// barriers (ws_setup) before pdl_attention_inputs(), the first point where they read anything in global
 // memory; only then do they allow the combine's launch, so the combine's read of num_splits ahead
 // of its own wait still follows the scheduler. Upstream's dense decode launches its main kernel
 // this way (read in ../shared/anchor's source). Why: inside one jit of 10 calls the next call's

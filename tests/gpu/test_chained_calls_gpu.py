@@ -57,15 +57,19 @@ def test_dense_chain(h_q, s_q, causal, with_meta):
         check(np.asarray(out.astype(jnp.float32)), np.asarray(lse), ref_out, ref_lse)
 
 
-@pytest.mark.parametrize("h_q,d_qk,s_q,two_pools", [(128, 576, 2, False), (128, 512, 1, True),
-                                                    (64, 512, 2, True), (16, 576, 1, False)])
-def test_sparse_decode_chain(h_q, d_qk, s_q, two_pools):
-    """FP8 sparse decode (the CTA pairs at 128 heads, whose producer reads the first indices before
-    its setup; the transposed kernels at 16): each call's q from the previous output and its
-    indices made by an XLA kernel right before it (a different third of each list dropped to -1
-    per layer, as a fresh top-k would change the list)."""
+# b 64 at V4 h128: 384 tiles, enough per schedule part for the CTA pair (sparse/dispatch.cu), the
+# kernel whose producer reads the first indices before its shared-memory setup; at b 4 the two row
+# blocks run unpaired.
+@pytest.mark.parametrize("b,h_q,d_qk,s_q,two_pools", [(4, 128, 576, 2, False), (4, 128, 512, 1, True),
+                                                      (64, 128, 512, 1, True), (4, 64, 512, 2, True),
+                                                      (4, 16, 576, 1, False)])
+def test_sparse_decode_chain(b, h_q, d_qk, s_q, two_pools):
+    """FP8 sparse decode (two row blocks at 128 heads, paired or not; one at 64; the transposed
+    kernel at 16): each call's q from the previous output and its indices made by an XLA kernel
+    right before it (a different third of each list dropped to -1 per layer, as a fresh top-k
+    would change the list)."""
     q, kv, args = sparse_decode_case(
-        4200 + h_q + d_qk, b=4, s_q=s_q, h_q=h_q, d_qk=d_qk, fmt="fp8", topk=256, page=64,
+        4200 + b + h_q + d_qk, b=b, s_q=s_q, h_q=h_q, d_qk=d_qk, fmt="fp8", topk=256, page=64,
         extra_topk=128 if two_pools else None, extra_page=32 if two_pools else None)
     names = sorted(k for k, v in args.items() if v is not None)
 
