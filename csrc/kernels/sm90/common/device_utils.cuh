@@ -44,6 +44,19 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// Host: the launch configuration of cudaLaunchKernelEx, with `n` attributes of `attrs`.
+inline cudaLaunchConfig_t launch_config(dim3 grid, int threads, size_t smem, cudaStream_t stream,
+                                        cudaLaunchAttribute* attrs, unsigned n) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attrs;
+  cfg.numAttrs = n;
+  return cfg;
+}
+
 // Host: opt the kernel into `smem` bytes of dynamic shared memory, launch it, return the error.
 // pdl: as a programmatic dependent of the stream's previous kernel (pdl.cuh, JFM_PDL_MAIN; the
 // kernel then waits for it with griddepcontrol.wait before its first global read).
@@ -60,13 +73,7 @@ cudaError_t launch_with_smem(void (*kernel)(Params), dim3 grid, int threads, siz
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(threads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  const cudaLaunchConfig_t cfg = launch_config(grid, threads, smem, stream, attr, 1);
   e = cudaLaunchKernelEx(&cfg, kernel, p);
   if (e != cudaSuccess) return e;
   return cudaGetLastError();
@@ -92,13 +99,7 @@ cudaError_t launch_clusters_with_smem(dim3 grid, dim3 cluster, int threads, size
   attr[0].val.clusterDim.z = cluster.z;
   attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[1].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(threads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cudaLaunchConfig_t cfg = launch_config(grid, threads, smem, stream, attr, 1);
   // How many clusters of this kernel the device holds at once: depends on the kernel, block,
   // cluster shape, shared memory and device, not the grid; asked once per kernel and device
   // (cached as n + 1; 0: not asked yet, or the query failed).
