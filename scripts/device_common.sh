@@ -8,6 +8,13 @@ has() { [[ " $STAGES " == *" $1 "* ]]; }
 log() { echo "=== $(date +%T) $*"; }
 
 log "device"; nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
+# REQUIRE_GPU=H200 (any part of the card's name): stop here, exit 0, nothing built or run, unless
+# the card matches. A call that names nvidia-h200 may get an H100 (every call of the 2026-12-06
+# sessions did); with this the mismatch costs only the machine's start.
+if [ -n "${REQUIRE_GPU:-}" ] && ! nvidia-smi --query-gpu=name --format=csv,noheader | grep -q "$REQUIRE_GPU"; then
+  log "the card does not match REQUIRE_GPU=$REQUIRE_GPU: nothing run"
+  exit 0
+fi
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 
 if has build; then
