@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sbs_common import (covered_us, equal_runs, host_launch_counts,  # noqa: E402
-                        perfetto_gpu_events, time_rounds)
+                        perfetto_gpu_events, span_us, time_rounds)
 
 
 def main():
@@ -136,7 +136,7 @@ def unit_profile(unit, k, units=3):
         return "(no GPU events)"
     runs = equal_runs(events, units)
     span = ("        -" if runs is None else  # (the events do not split into equal units)
-            f"{min(max(t + d for t, d, _ in r) - r[0][0] for r in runs) / k:9.1f}")
+            f"{min(span_us(r) for r in runs) / k:9.1f}")
     counts = " ".join(f"{n} {c / units:g}" for n, c in sorted(launches.items()))
     return f"{covered_us(events) / (units * k):9.1f} {span}  {counts}"
 

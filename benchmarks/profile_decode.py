@@ -142,7 +142,7 @@ def timeline(k):
 
 def print_run(kern, k):
     """The last traced run's events, each kernel's mean / median, the host's launch calls."""
-    from sbs_common import equal_runs, host_launch_counts
+    from sbs_common import equal_runs, host_launch_counts, span_us
     # The last of the traced runs (split by event count: sbs_common.equal_runs).
     nr = args.traced_runs
     runs = equal_runs(kern, nr)
@@ -151,9 +151,9 @@ def print_run(kern, k):
     t0, prev_end, per = run[0][0], run[0][0], {}
     print(f"{len(run)} GPU events in " + (f"the last of {nr} traced runs" if whole else
                                           f"all {nr} traced runs (their events do not split in {nr})")
-          + f" ({k} calls per run); span {run[-1][0] + run[-1][1] - t0:.1f} us")
+          + f" ({k} calls per run); span {span_us(run):.1f} us")
     if whole:  # every run's span: an A/B of a change between calls (e.g. a launch) reads these
-        spans = [r[-1][0] + r[-1][1] - r[0][0] for r in runs]
+        spans = [span_us(r) for r in runs]
         print(f"spans of the {nr} runs: {' / '.join(f'{x:.1f}' for x in spans)} us, median "
               f"{np.median(spans):.1f} ({np.median(spans) / k:.2f} per call)")
     for ts, dur, name in run:
@@ -173,7 +173,7 @@ def print_run(kern, k):
 def async_runs(many, qs, k, n):
     """N runs of the K-call unit dispatched back to back, one wait: wall vs GPU busy per run."""
     import time
-    from sbs_common import covered_us, host_event_totals, perfetto_gpu_events
+    from sbs_common import covered_us, host_event_totals, perfetto_gpu_events, span_us
     walls = []
     for _ in range(3):
         t0 = time.perf_counter()
@@ -187,7 +187,7 @@ def async_runs(many, qs, k, n):
         print("async runs: no GPU stream events in the trace")
         return
     busy = covered_us(kern)  # not the sum: a PDL combine's duration overlaps the attention kernel's
-    span = kern[-1][0] + kern[-1][1] - kern[0][0]
+    span = span_us(kern)
     gaps = sorted(kern[i + 1][0] - kern[i][0] - kern[i][1] for i in range(len(kern) - 1))
     idle = [g for g in gaps if g > 1.0]
     print(f"{n} runs back to back (one wait): wall {np.median(walls):.1f} us per run "

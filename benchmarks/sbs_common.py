@@ -247,6 +247,12 @@ def equal_runs(events: list[tuple[float, float, str]], runs: int):
     return [events[i * n:(i + 1) * n] for i in range(runs)]
 
 
+def span_us(events: list[tuple[float, float, str]]) -> float:
+    """Microseconds from the first event's start to the latest end (not the last event's: a PDL
+    combine or an overlapping kernel can end before the one launched ahead of it)."""
+    return max(t + d for t, d, _ in events) - min(t for t, _, _ in events)
+
+
 def covered_us(events: list[tuple[float, float, str]]) -> float:
     """Microseconds covered by the union of the events' [start, start + duration) intervals."""
     total, end = 0.0, float("-inf")

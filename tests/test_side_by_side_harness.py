@@ -246,6 +246,14 @@ def test_dispatch_gap_variant_runs():
         ("a: --x=1", "--x=1", ["--mib", "4"])]
 
 
+def test_span_us_takes_the_latest_end():
+    """A run's span ends at its latest event end, which need not be its last event's."""
+    import sbs_common
+    ev = [(0.0, 10.0, "main"), (2.0, 3.0, "combine")]  # the later-launched one ends first
+    assert sbs_common.span_us(ev) == 10.0
+    assert sbs_common.span_us([(5.0, 1.0, "k"), (7.0, 2.0, "k")]) == 4.0
+
+
 def test_equal_runs_splits_by_count():
     """Traced runs of one unit split by event count, whatever the idle gaps between events."""
     import sbs_common
