@@ -265,20 +265,6 @@ __device__ __forceinline__ void combine_row_warp(const CombineParams& p, const C
 // flight). So combine_kind takes it where sequences average kQuarterMinSplits splits or more.
 constexpr int kQuarterMinSplits = 16;
 
-// JFM_COMBINE_QUARTER_EARLY (off; =1 / =2 for A/B): each quarter warp issues the partial rows of
-// its first 8 (=1) or 16 (=2) splits (one float4 per lane each) before the lse loads, so the
-// merge's first round of values is in flight while the lse max and sum are computed, as
-// JFM_COMBINE_EARLY does for the row warps' first two splits. Why: at b 2 the combine ends ~5.2 us
-// after the attention kernel (V3.2 h128 s_q 2, 16 splits per row: an lse round trip, then two
-// rounds of eight splits, each a dependent trip; PERFORMANCE.md, 2026-12-06 second session), and
-// fewer splits measured slower. With =1 a 16-split row takes two trips instead of three, with =2
-// one; ptxas: =1 no spill (the default's 0 too), =2 spills 116 bytes (the 128-register cap of
-// (256, 2)). The FMAs keep their k order, so the result stays bitwise equal.
-#ifndef JFM_COMBINE_QUARTER_EARLY
-#define JFM_COMBINE_QUARTER_EARLY 0
-#endif
-constexpr int kQuarterEarly = JFM_COMBINE_QUARTER_EARLY != 0 ? 8 * JFM_COMBINE_QUARTER_EARLY : 0;
-
 // One warp merges columns [128 quarter, +128) of row `row`: a lane holds float4 column
 // 128 quarter + 4 lane. Weights and their order as combine_row_warp's (the same lse helpers).
 template <typename T>
@@ -290,12 +276,6 @@ __device__ __forceinline__ void combine_row_quarter(const CombineParams& p, cons
   const auto lse_at = [&](int k) { return lse_of[static_cast<size_t>(k) * rows]; };
   const size_t split_stride = static_cast<size_t>(rows) * kDv;
   const float* o_of = p.o_accum + (static_cast<size_t>(c.base) * rows + c.row) * kDv + 128 * quarter + 4 * lane;
-  static_assert(kQuarterEarly % kQuarterDepth == 0 && kQuarterEarly <= 32,
-                "the early splits are whole rounds of the first 32-split chunk");
-  float4 v0[kQuarterEarly > 0 ? kQuarterEarly : 1];  // (JFM_COMBINE_QUARTER_EARLY)
-#pragma unroll
-  for (int s = 0; s < kQuarterEarly; ++s)
-    if (s < nsplit) v0[s] = __ldcs(reinterpret_cast<const float4*>(o_of + static_cast<size_t>(s) * split_stride));
 
   const float mx = row_lse_max(nsplit, lane, lse_at);
   T* out = reinterpret_cast<T*>(p.out) + c.map.out_row(c.seq, c.s_local, c.head) * kDv + 128 * quarter + 4 * lane;
@@ -312,21 +292,7 @@ __device__ __forceinline__ void combine_row_quarter(const CombineParams& p, cons
   for (int k0 = 0; k0 < nsplit; k0 += 32) {
     const float e = chunk_e(k0);
     const int n = min(32, nsplit - k0);
-    if constexpr (kQuarterEarly > 0) {
-      if (k0 == 0) {  // the splits loaded before the lse math, in k order
-#pragma unroll
-        for (int s = 0; s < kQuarterEarly; ++s) {
-          if (s < n) {
-            const float w = __shfl_sync(0xffffffffu, e, s) * scale;
-            acc.x += w * v0[s].x;
-            acc.y += w * v0[s].y;
-            acc.z += w * v0[s].z;
-            acc.w += w * v0[s].w;
-          }
-        }
-      }
-    }
-    for (int j = kQuarterEarly > 0 && k0 == 0 ? kQuarterEarly : 0; j < n; j += kQuarterDepth) {  // (n, j: warp-uniform)
+    for (int j = 0; j < n; j += kQuarterDepth) {  // (n, j: warp-uniform)
       float4 v[kQuarterDepth];
 #pragma unroll
       for (int s = 0; s < kQuarterDepth; ++s)
