@@ -11,13 +11,20 @@ Side by side against upstream FlashMLA on the same machine: benchmarks/side_by_s
 scripts/device_bench.sh); this script keeps the plain-XLA comparison and the 61-layer loop
 (--loop-only) and compares against the H100 numbers below.
 
+The loop also traces 3 steps with jax.profiler and reports the GPU's busy time per step (the union
+of its kernels' intervals): step time / GPU busy near 1 means the step is GPU-bound, above it the
+host's work per step (XLA's command-buffer update of each custom call) shows. --loop-cases BxSK,...
+runs it at other batches and lengths (small batches are where the host would show).
+
 Usage: python benchmarks/bench_decode.py [--quick] [--out results.json] [--loop-only]
        [--h_q 16 128] [--sk 4096] [--no-xla] [--no-loop]   (a subset, e.g. for an A/B of two builds)
+       [--loop-cases 64x4096,2x4096] [--layers 61]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 
 import numpy as np
@@ -26,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 import jax_flashmla
+from sbs_common import covered_us, perfetto_gpu_events  # noqa: E402  (trace helpers the benchmarks share)
 
 PAGE, D_QK, D_V = 64, 576, 512
 
@@ -155,8 +163,40 @@ def layers_loop(b=64, h_q=128, s_k=4096, layers=61):
         q, kv, t, l, metadata=m, implementation="kernel"))
     meta = jax_flashmla.get_mla_metadata(lens, h_q=h_q)
     t_one, _, _ = timeit(single, qs[0], kvs[0], table, lens, meta)
+    # The GPU's busy time per step, from 3 traced steps (dispatched back to back, as timed).
+    traced = 3
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            out = None
+            for _ in range(traced):
+                out = step(qs, kvs, table, lens)
+            jax.block_until_ready(out)
+        events = perfetto_gpu_events(d)
+    busy_us = covered_us(events) / traced if events else float("nan")
     return dict(b=b, h_q=h_q, s_k=s_k, layers=layers, step_us=t_step * 1e6,
-                per_layer_us=t_step / layers * 1e6, single_call_us=t_one * 1e6)
+                per_layer_us=t_step / layers * 1e6, single_call_us=t_one * 1e6,
+                gpu_busy_step_us=busy_us, gpu_kernels_per_step=len(events) / traced,
+                step_over_busy=t_step * 1e6 / busy_us if events else None)
+
+
+def print_loop(loop):
+    print(f"{loop['layers']}-layer step (b={loop['b']}, h_q={loop['h_q']}, s_k={loop['s_k']} varlen, "
+          f"one metadata): {loop['step_us']:.0f} us = {loop['per_layer_us']:.1f} us/layer; single "
+          f"call {loop['single_call_us']:.1f} us; GPU busy {loop['gpu_busy_step_us']:.0f} us per step "
+          f"({loop['gpu_kernels_per_step']:.0f} GPU events), step / busy "
+          f"{loop['step_over_busy'] if loop['step_over_busy'] is None else round(loop['step_over_busy'], 3)}",
+          flush=True)
+
+
+def loop_cases(spec: str, layers: int):
+    """layers_loop for each BxSK of spec (comma separated)."""
+    out = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        b, sk = (int(v) for v in item.lower().split("x"))
+        loop = layers_loop(b=b, s_k=sk, layers=layers)
+        print_loop(loop)
+        out.append(loop)
+    return out
 
 
 def main():
@@ -169,14 +209,14 @@ def main():
     ap.add_argument("--no-loop", action="store_true", help="skip the 61-layer loop")
     ap.add_argument("--loop-only", action="store_true",
                     help="only the 61-layer loop (side_by_side.py covers the cases against upstream)")
+    ap.add_argument("--loop-cases", default="64x4096",
+                    help="the loop's batch x mean length cases, comma separated (h_q 128)")
+    ap.add_argument("--layers", type=int, default=61, help="layers of the loop")
     args = ap.parse_args()
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind}, {dev.core_count} SMs; jax {jax.__version__}")
     if args.loop_only:
-        loop = layers_loop()
-        print(f"61-layer step (b={loop['b']}, h_q={loop['h_q']}, s_k={loop['s_k']} varlen, one "
-              f"metadata): {loop['step_us']:.0f} us = {loop['per_layer_us']:.1f} us/layer; single "
-              f"call {loop['single_call_us']:.1f} us")
+        loop = loop_cases(args.loop_cases, args.layers)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(dict(device=dev.device_kind, layers=loop), f, indent=1)
@@ -214,12 +254,7 @@ def main():
         print(f"{b:>4} {s_q:>3} {h_q:>4} {str(causal):>6} {sk:>6} {r['time_us']:>9.1f} "
               f"{r['tflops']:>7.1f} {r['gbs']:>6.0f} {r['pct_copy']:>6.2f} {r['pct_mm']:>5.2f} "
               f"{r['upstream']:>9} {vs_up:>6} {xla:>9} {vs_xla:>7}", flush=True)
-    loop = None if args.no_loop else layers_loop()
-    if loop:
-        print(f"61-layer step (b={loop['b']}, h_q={loop['h_q']}, s_k={loop['s_k']} varlen, one metadata): "
-              f"{loop['step_us']:.0f} us = {loop['per_layer_us']:.1f} us/layer; single call "
-              f"{loop['single_call_us']:.1f} us; per-layer overhead "
-              f"{loop['per_layer_us'] - loop['single_call_us']:+.1f} us")
+    loop = None if args.no_loop else loop_cases(args.loop_cases, args.layers)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=dev.device_kind, sms=dev.core_count, copy_gbs=copy_gbs,

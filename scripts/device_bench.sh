@@ -16,7 +16,8 @@
 #   IN_ONE_CALL=K  decode cases: also time K calls as one unit per side (one jit / one CUDA
 #            graph): GPU time per call without a host dispatch per call (small batches);
 #            JFM_SBS_K_UNITS=N: N such units per timed round on both sides (default 20)
-#   XLA=1    also time plain XLA on 4 dense cases;  LOOP=1  also the 61-layer loop (bench_decode.py)
+#   XLA=1    also time plain XLA on 4 dense cases;  LOOP=1  also the 61-layer loop (bench_decode.py;
+#            LOOP_CASES="64x4096,2x4096": its batch x length cases, with the GPU's busy time per step)
 #   VARIANTS kernel variants of ours to time too, ours only, same inputs (VARIANTS="pair v1":
 #            JFM_KERNEL_VARIANT=pair, the FP8 CTA pairs; v1, the kernels before the warp-specialized);
 #            benchmarks/sbs_variants.py prints them beside FlashMLA
@@ -96,8 +97,9 @@ if [ ${#VARIANT_JSONS[@]} -gt 0 ]; then
 fi
 
 if [ "${LOOP:-0}" = 1 ]; then
-  log "61-layer loop"
-  python3 "$REPO/benchmarks/bench_decode.py" --loop-only --out "$OUT/loop.json" 2>&1 | tail -3
+  log "61-layer loop (${LOOP_CASES:-64x4096})"
+  python3 "$REPO/benchmarks/bench_decode.py" --loop-only --loop-cases "${LOOP_CASES:-64x4096}" \
+    --out "$OUT/loop.json" 2>&1 | grep -E "layer step|Error"
 fi
 rm -rf "$WORK"
 log "done (rc $rc)"
