@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The host's share of a decode step under XLA's command buffers, one device call: builds the
+# package, then (1) benchmarks/jax_dispatch_gap.py --ours under the default XLA flags and each of
+# HOST_VARIANTS ("name=XLA flags" entries, ';'-separated; each in its own process), and (2) the
+# 61-layer loop of benchmarks/bench_decode.py at LOOP_CASES (step time against the GPU's busy time
+# per step) under the default flags and each variant. Why: with command buffers on, XLA updates a
+# unit's custom-call commands at every execution (tracing the FFI handler again under stream
+# capture when buffer addresses change), and a unit's host work did not overlap its GPU work in
+# the 2026-12-06 sessions' traces (PERFORMANCE.md): ~17 us per call of ours at b 2 h128.
+#   run(command="bash scripts/device_host_share.sh; bash scripts/device_pack.sh", carry=[".whl"])
+# Outputs in $OUT: build.log, dispatch_gap.txt, loop_<name>.json / loop.txt.
+set -uo pipefail
+STAGES=${STAGES:-"build"}
+source scripts/device_common.sh
+rc=0
+VARIANTS=${HOST_VARIANTS:-"nocc=--xla_gpu_enable_command_buffer=-CUSTOM_CALL;cache64=--xla_cmd_buffer_trace_cache_size=64"}
+CASES=${LOOP_CASES:-"64x4096,2x4096"}
+
+log "dispatch gap: ours and x + 1, default flags and: $VARIANTS"
+timeout -k 5 ${GAP_TIMEOUT:-240} python3 "$REPO/benchmarks/jax_dispatch_gap.py" --ours --mib 4 \
+  --xla-variants "$VARIANTS" > "$OUT/dispatch_gap.txt" 2>&1 || { echo "dispatch gap failed"; rc=1; }
+grep -E "^==|ours|x \+ 1" "$OUT/dispatch_gap.txt" | head -60
+
+log "layer loop at $CASES, default flags and each variant"
+IFS=';' read -ra cfgs <<< "default=;$VARIANTS"
+for cfg in "${cfgs[@]}"; do
+  name=${cfg%%=*}; flags=${cfg#*=}
+  echo "== $name: XLA_FLAGS=${XLA_FLAGS:-} $flags" | tee -a "$OUT/loop.txt"
+  XLA_FLAGS="${XLA_FLAGS:-} $flags" timeout -k 5 ${LOOP_TIMEOUT:-150} python3 \
+    "$REPO/benchmarks/bench_decode.py" --loop-only --loop-cases "$CASES" --layers ${LAYERS:-61} \
+    --out "$OUT/loop_$name.json" 2>&1 | grep -E "layer step|rror" | tee -a "$OUT/loop.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "loop $name failed"; rc=1; }
+done
+log "done (rc $rc)"
+exit $rc
