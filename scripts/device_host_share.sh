@@ -8,28 +8,32 @@
 # capture when buffer addresses change), and a unit's host work did not overlap its GPU work in
 # the 2026-12-06 sessions' traces (PERFORMANCE.md): ~17 us per call of ours at b 2 h128.
 #   run(command="bash scripts/device_host_share.sh; bash scripts/device_pack.sh", carry=[".whl"])
-# Outputs in $OUT: build.log, dispatch_gap.txt, loop_<name>.json / loop.txt.
+# Outputs in $OUT: build.log, dispatch_gap.txt, loop_<name>.{json,log}, loop.txt. SKIP_GAP=1: the
+# loop alone. HOST_VARIANTS="": the default flags only.
 set -uo pipefail
 STAGES=${STAGES:-"build"}
 source scripts/device_common.sh
 rc=0
-VARIANTS=${HOST_VARIANTS:-"nocc=--xla_gpu_enable_command_buffer=-CUSTOM_CALL;cache64=--xla_cmd_buffer_trace_cache_size=64"}
+VARIANTS=${HOST_VARIANTS-"nocc=--xla_gpu_enable_command_buffer=-CUSTOM_CALL;cache64=--xla_cmd_buffer_trace_cache_size=64"}
 CASES=${LOOP_CASES:-"64x4096,2x4096"}
 
-log "dispatch gap: ours and x + 1, default flags and: $VARIANTS"
-timeout -k 5 ${GAP_TIMEOUT:-240} python3 "$REPO/benchmarks/jax_dispatch_gap.py" --ours --mib 4 \
-  --xla-variants "$VARIANTS" > "$OUT/dispatch_gap.txt" 2>&1 || { echo "dispatch gap failed"; rc=1; }
-grep -E "^==|ours|x \+ 1" "$OUT/dispatch_gap.txt" | head -60
+if [ "${SKIP_GAP:-0}" != 1 ]; then
+  log "dispatch gap: ours and x + 1, default flags and: $VARIANTS"
+  timeout -k 5 ${GAP_TIMEOUT:-240} python3 "$REPO/benchmarks/jax_dispatch_gap.py" --ours --mib 4 \
+    --xla-variants "$VARIANTS" > "$OUT/dispatch_gap.txt" 2>&1 || { echo "dispatch gap failed"; rc=1; }
+  grep -E "^==|ours|x \+ 1" "$OUT/dispatch_gap.txt" | head -60
+fi
 
 log "layer loop at $CASES, default flags and each variant"
 IFS=';' read -ra cfgs <<< "default=;$VARIANTS"
 for cfg in "${cfgs[@]}"; do
-  name=${cfg%%=*}; flags=${cfg#*=}
-  echo "== $name: XLA_FLAGS=${XLA_FLAGS:-} $flags" | tee -a "$OUT/loop.txt"
-  XLA_FLAGS="${XLA_FLAGS:-} $flags" timeout -k 5 ${LOOP_TIMEOUT:-150} python3 \
-    "$REPO/benchmarks/bench_decode.py" --loop-only --loop-cases "$CASES" --layers ${LAYERS:-61} \
-    --out "$OUT/loop_$name.json" 2>&1 | grep -E "layer step|rror" | tee -a "$OUT/loop.txt"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "loop $name failed"; rc=1; }
+  name=${cfg%%=*}; flags=$(echo ${XLA_FLAGS:-} ${cfg#*=})  # (no stray blanks: XLA_FLAGS=" " failed)
+  echo "== $name: XLA_FLAGS=$flags" | tee -a "$OUT/loop.txt"
+  ( if [ -n "$flags" ]; then export XLA_FLAGS="$flags"; else unset XLA_FLAGS; fi
+    timeout -k 5 ${LOOP_TIMEOUT:-150} python3 "$REPO/benchmarks/bench_decode.py" --loop-only \
+      --loop-cases "$CASES" --layers ${LAYERS:-61} --out "$OUT/loop_$name.json" ) \
+    > "$OUT/loop_$name.log" 2>&1 || { echo "loop $name failed"; tail -5 "$OUT/loop_$name.log"; rc=1; }
+  grep -E "layer step" "$OUT/loop_$name.log" | tee -a "$OUT/loop.txt"
 done
 log "done (rc $rc)"
 exit $rc

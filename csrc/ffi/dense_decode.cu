@@ -4,7 +4,7 @@
 // It checks every shape the kernels rely on, then runs main kernel -> combine. o_accum /
 // lse_accum are the split-KV workspace, sized in Python (jax_flashmla/ops/kernels/dense_decode.py)
 // and returned as extra results the primitive drops: nothing is allocated here, so the handler is
-// stateless and safe for command-buffer capture.
+// stateless and safe for command-buffer capture (which is off: ffi_utils.h, JFM_FFI_TRAITS).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -109,4 +109,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JfmDenseDecodeHandler, jfm::DenseDecodeImpl,
                                   .Ret<xla::ffi::AnyBuffer>()  // lse_accum (workspace)
                                   .Attr<float>("softmax_scale")
                                   .Attr<int32_t>("causal"),
-                              {xla::ffi::Traits::kCmdBufferCompatible});
+                              JFM_FFI_TRAITS);

@@ -51,4 +51,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JfmMlaMetadataHandler, jfm::MetadataImpl,
                                   .Arg<xla::ffi::AnyBuffer>()   // live [num_seqs, 3] or [0]
                                   .Ret<xla::ffi::AnyBuffer>()   // tile_scheduler_metadata
                                   .Ret<xla::ffi::AnyBuffer>(),  // num_splits
-                              {xla::ffi::Traits::kCmdBufferCompatible});
+                              JFM_FFI_TRAITS);

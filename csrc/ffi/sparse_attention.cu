@@ -215,7 +215,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JfmSparseDecodeHandler, jfm::SparseDecodeImpl,
                                   .Ret<xla::ffi::AnyBuffer>()  // o_accum (workspace)
                                   .Ret<xla::ffi::AnyBuffer>()  // lse_accum (workspace)
                                   .Attr<float>("softmax_scale"),
-                              {xla::ffi::Traits::kCmdBufferCompatible});
+                              JFM_FFI_TRAITS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JfmSparsePrefillHandler, jfm::SparsePrefillImpl,
                               xla::ffi::Ffi::Bind()
@@ -229,4 +229,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JfmSparsePrefillHandler, jfm::SparsePrefillImpl,
                                   .Ret<xla::ffi::AnyBuffer>()  // max_logits
                                   .Ret<xla::ffi::AnyBuffer>()  // lse
                                   .Attr<float>("softmax_scale"),
-                              {xla::ffi::Traits::kCmdBufferCompatible});
+                              JFM_FFI_TRAITS);
