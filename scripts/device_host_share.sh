@@ -3,10 +3,10 @@
 # package, then (1) benchmarks/jax_dispatch_gap.py --ours under the default XLA flags and each of
 # HOST_VARIANTS ("name=XLA flags" entries, ';'-separated; each in its own process), and (2) the
 # 61-layer loop of benchmarks/bench_decode.py at LOOP_CASES (step time against the GPU's busy time
-# per step) under the default flags and each variant. Why: with command buffers on, XLA updates a
-# unit's custom-call commands at every execution (tracing the FFI handler again under stream
-# capture when buffer addresses change), and a unit's host work did not overlap its GPU work in
-# the 2026-12-06 sessions' traces (PERFORMANCE.md): ~17 us per call of ours at b 2 h128.
+# per step) under the default flags and each variant. Why: while our handlers were command-buffer
+# compatible, XLA re-recorded their captured nodes at every execution before the graph launched, and
+# a 61-layer b 2 step ran 1.39x its GPU busy time (1.13x with -CUSTOM_CALL; PERFORMANCE.md, third
+# 2026-12-06 session); the handlers are no longer marked so (csrc/ffi/ffi_utils.h).
 #   run(command="bash scripts/device_host_share.sh; bash scripts/device_pack.sh", carry=[".whl"])
 # Outputs in $OUT: build.log, dispatch_gap.txt, loop_<name>.{json,log}, loop.txt. SKIP_GAP=1: the
 # loop alone. HOST_VARIANTS="": the default flags only.
