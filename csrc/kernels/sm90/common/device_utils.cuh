@@ -7,6 +7,9 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
+#include <mutex>
+#include <set>
+#include <tuple>
 
 namespace jfm {
 
@@ -57,14 +60,37 @@ inline cudaLaunchConfig_t launch_config(dim3 grid, int threads, size_t smem, cud
   return cfg;
 }
 
+// Host: opts `kernel` into `smem` bytes of dynamic shared memory on the current device, once per
+// (kernel, device, size). The FFI handlers run at every execution of a jitted step, on the host
+// path that feeds the GPU (they are not captured into XLA's command buffers: ffi/ffi_utils.h), so
+// this driver call is made once per process instead of before every launch.
+inline cudaError_t opt_in_dynamic_smem(const void* kernel, size_t smem) {
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  static std::mutex mu;
+  static std::set<std::tuple<const void*, int, size_t>> done;
+  const auto key = std::make_tuple(kernel, dev, smem);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    if (done.count(key) != 0) return cudaSuccess;
+  }
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(smem));
+  if (e == cudaSuccess) {
+    std::lock_guard<std::mutex> lock(mu);
+    done.insert(key);
+  }
+  return e;
+}
+
 // Host: opt the kernel into `smem` bytes of dynamic shared memory, launch it, return the error.
 // pdl: as a programmatic dependent of the stream's previous kernel (pdl.cuh, JFM_PDL_MAIN; the
 // kernel then waits for it with griddepcontrol.wait before its first global read).
 template <typename Params>
 cudaError_t launch_with_smem(void (*kernel)(Params), dim3 grid, int threads, size_t smem,
                              cudaStream_t stream, const Params& p, bool pdl = false) {
-  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(smem));
+  cudaError_t e = opt_in_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
   if (e != cudaSuccess) return e;
   if (!pdl) {
     kernel<<<grid, threads, smem, stream>>>(p);
@@ -89,8 +115,7 @@ cudaError_t launch_with_smem(void (*kernel)(Params), dim3 grid, int threads, siz
 template <auto kKernel, typename Params>
 cudaError_t launch_clusters_with_smem(dim3 grid, dim3 cluster, int threads, size_t smem,
                                       cudaStream_t stream, const Params& p, bool pdl = false) {
-  cudaError_t e = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(smem));
+  cudaError_t e = opt_in_dynamic_smem(reinterpret_cast<const void*>(kKernel), smem);
   if (e != cudaSuccess) return e;
   cudaLaunchAttribute attr[2];
   attr[0].id = cudaLaunchAttributeClusterDimension;
