@@ -260,3 +260,20 @@ def test_equal_runs_splits_by_count():
     ev = [(t, 1.0, "k") for t in (0, 1, 50, 51, 52, 53)]  # the longest gap inside run 1
     assert sbs_common.equal_runs(ev, 3) == [ev[0:2], ev[2:4], ev[4:6]]
     assert sbs_common.equal_runs(ev[:5], 3) is None and sbs_common.equal_runs([], 3) is None
+
+
+def test_layer_loop_cases_run_on_the_reference(monkeypatch):
+    """bench_decode.py's layer loop at the cases --loop-cases names, here on the reference (no
+    GPU): one record per BxSK with its step time, and no GPU busy time where the trace has no GPU
+    events (the ratio is then None, not a division by zero)."""
+    import jax_flashmla
+    import bench_decode
+
+    real = jax_flashmla.mla_decode
+    monkeypatch.setattr(jax_flashmla, "mla_decode",
+                        lambda *a, implementation=None, **k: real(*a, implementation="reference", **k))
+    loops = bench_decode.loop_cases("2x128, 1x64", layers=2)
+    assert [(r["b"], r["s_k"], r["layers"]) for r in loops] == [(2, 128, 2), (1, 64, 2)]
+    for r in loops:
+        assert r["step_us"] > 0 and abs(r["per_layer_us"] * 2 - r["step_us"]) < 1e-6 * r["step_us"]
+        assert r["gpu_kernels_per_step"] == 0 and r["step_over_busy"] is None
