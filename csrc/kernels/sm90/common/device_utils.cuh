@@ -7,9 +7,9 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
+#include <map>
 #include <mutex>
-#include <set>
-#include <tuple>
+#include <utility>
 
 namespace jfm {
 
@@ -60,27 +60,23 @@ inline cudaLaunchConfig_t launch_config(dim3 grid, int threads, size_t smem, cud
   return cfg;
 }
 
-// Host: opts `kernel` into `smem` bytes of dynamic shared memory on the current device, once per
-// (kernel, device, size). The FFI handlers run at every execution of a jitted step, on the host
-// path that feeds the GPU (they are not captured into XLA's command buffers: ffi/ffi_utils.h), so
-// this driver call is made once per process instead of before every launch.
+// Host: opts `kernel` into at least `smem` bytes of dynamic shared memory on the current device.
+// The driver call is made only when the kernel's opt-in on this device is below `smem` (it is a
+// maximum: a smaller launch needs nothing), so once per kernel and device in practice. The FFI
+// handlers run at every execution of a jitted step, on the host path that feeds the GPU (they are
+// not captured into XLA's command buffers: ffi/ffi_utils.h).
 inline cudaError_t opt_in_dynamic_smem(const void* kernel, size_t smem) {
   int dev = 0;
   cudaError_t e = cudaGetDevice(&dev);
   if (e != cudaSuccess) return e;
   static std::mutex mu;
-  static std::set<std::tuple<const void*, int, size_t>> done;
-  const auto key = std::make_tuple(kernel, dev, smem);
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    if (done.count(key) != 0) return cudaSuccess;
-  }
+  static std::map<std::pair<const void*, int>, size_t> opted;  // (kernel, device) -> bytes
+  std::lock_guard<std::mutex> lock(mu);
+  size_t& have = opted[{kernel, dev}];
+  if (have >= smem) return cudaSuccess;
   e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            static_cast<int>(smem));
-  if (e == cudaSuccess) {
-    std::lock_guard<std::mutex> lock(mu);
-    done.insert(key);
-  }
+  if (e == cudaSuccess) have = smem;
   return e;
 }
 
