@@ -46,12 +46,23 @@ enum Pattern : int {
   kRoles,        // warpgroup 0: S, then its P V half; warpgroup 1: its P V half once P is "ready"
   kSeesaw,       // per two tiles: each warpgroup S of its tile, an exchange barrier, then its O
                  // half += P V of both tiles (own P from registers, the other's from shared memory)
+  // (2026-12-06, third session) What the role split's scores warpgroup pays between its P V of
+  // one tile and its S of the next (PERFORMANCE.md: moving the next tile's full wait and proxy
+  // fence under its P V, JFM_WS_FULL_AHEAD, measured 0.1-0.9% slower, not the -3 to -8% the
+  // chain's phases predicted).
+  kPvFence,      // warpgroup 0: P V half (P in registers), then fence.proxy.async while it runs;
+                 // the wg1 column is the fence's own clocks per tile: near the P V's clocks if the
+                 // fence waits for the in-flight wgmma, a few dozen if not
+  kPvWaitS,      // warpgroup 0: P V half, wait, then S, wait (today's order)
+  kPvS,          // warpgroup 0: P V half and S issued back to back, one wait (no drain between)
   kPatterns
 };
 const char* kNames[kPatterns] = {"qk64 one wg", "qk64 two wgs", "qk64 two accumulators",
                                  "qk32 one wg", "qk32 two wgs (column split)", "pv one wg",
                                  "pv two wgs", "pv one wg, P in registers", "roles (S + PV | PV)",
-                                 "seesaw (2 tiles: S | S, PV x2 | PV x2)"};
+                                 "seesaw (2 tiles: S | S, PV x2 | PV x2)",
+                                 "pv, fence under it (wg1: fence clocks)", "pv, wait, S, wait",
+                                 "pv, S, one wait"};
 // Tiles per loop iteration, SM-wide (two warpgroups each computing S of its own tile, and the
 // seesaw's iteration, cover two).
 __host__ __device__ constexpr int tiles_per_iter(int p) { return p == kSeesaw || p == kQk64Two ? 2 : 1; }
@@ -98,6 +109,7 @@ __global__ void __launch_bounds__(256, 1) probe(int iters, long long* cycles, fl
 #pragma unroll
   for (int i = 0; i < 32; ++i) s[i] = s2[i] = 0.f;
   const bool active = two_wgs(kPattern) || wg == 0;
+  long long fence_clocks = 0;  // (kPvFence)
 
   jfm::named_barrier_sync(kBarStart, 256);
   const long long t0 = clock64();
@@ -171,11 +183,28 @@ __global__ void __launch_bounds__(256, 1) probe(int iters, long long* cycles, fl
         };
         if (wg == 0) step(std::integral_constant<int, 0>{});
         else step(std::integral_constant<int, 1>{});
+      } else if constexpr (kPattern == kPvFence) {
+        jfm::sm90::tile_pv_issue_rs<T>(st, s, dv(tile, 0));
+        const long long f0 = clock64();
+        jfm::fence_proxy_async();
+        const long long f1 = clock64();
+        jfm::wgmma_wait<0>();
+        fence_clocks += f1 - f0;
+      } else if constexpr (kPattern == kPvWaitS) {
+        jfm::sm90::tile_pv_issue_rs<T>(st, s, dv(tile, 0));
+        jfm::wgmma_wait<0>();
+        s_chain(s, dq, dk(tile ^ 1));
+        jfm::wgmma_wait<0>();
+      } else if constexpr (kPattern == kPvS) {
+        jfm::sm90::tile_pv_issue_rs<T>(st, s, dv(tile, 0));
+        s_chain(s, dq, dk(tile ^ 1));
+        jfm::wgmma_wait<0>();
       }
     }
   }
   const long long t1 = clock64();
   if ((threadIdx.x & 127) == 0) cycles[blockIdx.x * 2 + wg] = active ? t1 - t0 : 0;
+  if (kPattern == kPvFence && threadIdx.x == 0) cycles[blockIdx.x * 2 + 1] = fence_clocks;
   float acc = 0.f;
 #pragma unroll
   for (int i = 0; i < 32; ++i) acc += s[i];
@@ -245,5 +274,8 @@ int main(int argc, char** argv) {
   run<kPvRsOne>(sms, iters, d_cycles, d_sink);
   run<kRoles>(sms, iters, d_cycles, d_sink);
   run<kSeesaw>(sms, iters, d_cycles, d_sink);
+  run<kPvFence>(sms, iters, d_cycles, d_sink);
+  run<kPvWaitS>(sms, iters, d_cycles, d_sink);
+  run<kPvS>(sms, iters, d_cycles, d_sink);
   return 0;
 }
