@@ -13,9 +13,8 @@ scripts/device_bench.sh); this script keeps the plain-XLA comparison and the 61-
 
 The loop also traces 3 steps with jax.profiler and reports the GPU's busy time per step (the union
 of its kernels' intervals): step time / GPU busy near 1 means the step is GPU-bound, above it the
-host's work per step shows (launches and our handlers; with handlers built command-buffer
-compatible, JFM_FFI_CMD_BUFFER=1, also XLA's re-recording of the captured calls: 1.39x at b 2 on an
-H100, 1.13x without). --loop-cases BxSK,... runs it at other batches and lengths.
+host's work per step shows (launches and our handlers: 1.13-1.18x at b 2 on an H100, 1.08-1.09x
+at b 16 and 64). --loop-cases BxSK,... runs it at other batches and lengths.
 
 Usage: python benchmarks/bench_decode.py [--quick] [--out results.json] [--loop-only]
        [--h_q 16 128] [--sk 4096] [--no-xla] [--no-loop]   (a subset, e.g. for an A/B of two builds)

@@ -160,11 +160,14 @@ build_base() {
 if has ab && { [ -f "$REPO/.abase/base.tar" ] || [ "${ABASE_FROM_TREE:-0}" = 1 ]; }; then
   log "A/B: this build against the carried base build, same cases, each in its own process"
   build_base
-  for side in base this; do
-    if [ $side = base ]; then root=/tmp/abase/src; pp=/tmp/abase/site; else root=$REPO; pp=""; fi
-    echo "--- $side"
-    PYTHONPATH=$pp python3 "$root/benchmarks/bench_decode.py" --no-xla --no-loop \
-      ${BENCH_AB_ARGS:-} 2>&1 | tee "$OUT/ab_$side.log" | tail -14
+  # AB_ROUNDS (default 1): base, this, base, this, ...; host-side differences need several.
+  for round in $(seq ${AB_ROUNDS:-1}); do
+    for side in base this; do
+      if [ $side = base ]; then root=/tmp/abase/src; pp=/tmp/abase/site; else root=$REPO; pp=""; fi
+      echo "--- $side (round $round)"
+      PYTHONPATH=$pp python3 "$root/benchmarks/bench_decode.py" --no-xla --no-loop \
+        ${BENCH_AB_ARGS:-} 2>&1 | tee -a "$OUT/ab_$side.log" | tail -14
+    done
   done
 fi
 if has abtime && { [ -f "$REPO/.abase/base.tar" ] || [ "${ABASE_FROM_TREE:-0}" = 1 ]; }; then

@@ -4,7 +4,7 @@
 // It checks every shape the kernels rely on, then runs main kernel -> combine. o_accum /
 // lse_accum are the split-KV workspace, sized in Python (jax_flashmla/ops/kernels/dense_decode.py)
 // and returned as extra results the primitive drops: nothing is allocated here, so the handler is
-// stateless and safe for command-buffer capture (which is off: ffi_utils.h, JFM_FFI_TRAITS).
+// stateless and safe for command-buffer capture (which is on: ffi_utils.h, JFM_FFI_TRAITS).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

@@ -8,19 +8,16 @@
 
 #include "xla/ffi/api/ffi.h"
 
-// The XLA FFI traits of every handler. JFM_FFI_CMD_BUFFER (off; =1 for A/B): the handlers declare
+// The XLA FFI traits of every handler. JFM_FFI_CMD_BUFFER (on; =0 for A/B): the handlers declare
 // themselves command-buffer compatible (kCmdBufferCompatible), so XLA captures our calls into the
-// unit's CUDA graph. It is off because that capture costs the host more than it saves: XLA then
-// updates the graph's nodes for our calls at every execution (tracing the handler again under
-// stream capture when buffer addresses change), before the graph launches, so the host's work
-// adds to the GPU's instead of overlapping it. Without the trait XLA launches the graph segments
-// around each call and runs the handler on the stream, ahead of the GPU. H100, the 61-layer
-// attention step (benchmarks/bench_decode.py --loop-only, h_q 128, s_k 4096; step / GPU busy):
-// b 2 2135 -> 1774 us (1.39 -> 1.13), b 16 3692 -> 3569 (1.11 -> 1.07), b 64 9615 -> 9568 (1.07
-// -> 1.06), measured as `--xla_gpu_enable_command_buffer=-CUSTOM_CALL` (PERFORMANCE.md, third
-// 2026-12-06 session).
+// unit's CUDA graph with its own kernels. It was off for one session (a single run had a 61-layer
+// b 2 step at 2135 us captured against 1774 with the calls left out of the graphs, via
+// `--xla_gpu_enable_command_buffer=-CUSTOM_CALL`); the builds' own A/B, three alternating runs per
+// side on one warm H100, did not reproduce that: b 2 1746 / 1763 / 1812 us captured against 1860 /
+// 1824 / 1814 uncaptured, b 16 3537-3569 against 3571-3603, b 64 equal (PERFORMANCE.md, fourth
+// 2026-12-06 session). Captured stays the default.
 #ifndef JFM_FFI_CMD_BUFFER
-#define JFM_FFI_CMD_BUFFER 0
+#define JFM_FFI_CMD_BUFFER 1
 #endif
 #if JFM_FFI_CMD_BUFFER
 #define JFM_FFI_TRAITS {xla::ffi::Traits::kCmdBufferCompatible}

@@ -24,15 +24,14 @@
 // of its own wait still follows the scheduler. Upstream's dense decode launches its main kernel
 // this way (read in ../shared/anchor's source). Why: inside one jit of 10 calls the next call's
 // attention kernel started 0.16-0.35 us after the combine ended, and its setup came after that.
-// Measured (H100, 2026-12-06 second session, docs/PERFORMANCE.md) while XLA still captured our
-// calls into its command buffers (now JFM_FFI_CMD_BUFFER=1, ffi/ffi_utils.h): nothing changed,
+// Measured (H100, 2026-12-06 second session, docs/PERFORMANCE.md) while XLA captures our calls
+// into its command buffers (the default, JFM_FFI_CMD_BUFFER, ffi/ffi_utils.h): nothing changed,
 // neither the start (still 0.06-0.16 us after the combine's end) nor the span of 10 calls (6 cases
 // within -0.4 / +2%): each captured custom call is its own graph node, so the edge between two
 // calls is a full one. With command buffers off (--xla_gpu_enable_command_buffer=) the next
 // kernel starts 4-8 us before the combine ends and a b 2 call takes 20.4 instead of 21.8 us (dense
-// h128) and 19.0 instead of 21.7 (V4 h128). Not yet measured with our calls uncaptured (the
-// default since the third 2026-12-06 session), where it may act as with command buffers off; off
-// until then. Its chained-call GPU tests pass both ways and memcheck is clean, racecheck has not
+// h128) and 19.0 instead of 21.7 (V4 h128). Not measured with our calls alone uncaptured
+// (-DJFM_FFI_CMD_BUFFER=0), which is not the default either; off. Its chained-call GPU tests pass both ways and memcheck is clean, racecheck has not
 // run on it.
 #ifndef JFM_PDL_MAIN
 #define JFM_PDL_MAIN 0

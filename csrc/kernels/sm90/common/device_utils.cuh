@@ -63,8 +63,8 @@ inline cudaLaunchConfig_t launch_config(dim3 grid, int threads, size_t smem, cud
 // Host: opts `kernel` into at least `smem` bytes of dynamic shared memory on the current device.
 // The driver call is made only when the kernel's opt-in on this device is below `smem` (it is a
 // maximum: a smaller launch needs nothing), so once per kernel and device in practice. The FFI
-// handlers run at every execution of a jitted step, on the host path that feeds the GPU (they are
-// not captured into XLA's command buffers: ffi/ffi_utils.h).
+// handlers run on the host path that feeds the GPU: at every execution outside XLA's command
+// buffers, and at every re-recording of a captured call inside them (ffi/ffi_utils.h).
 inline cudaError_t opt_in_dynamic_smem(const void* kernel, size_t smem) {
   int dev = 0;
   cudaError_t e = cudaGetDevice(&dev);
