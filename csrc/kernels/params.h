@@ -174,14 +174,11 @@ enum class KvFormat : int { kBf16 = 0, kFp8V32 = 1, kFp8V4 = 2 };
 // +11% on sparse prefill; revived with an early S (51efdbe) and gone again 2026-12-05, +5% / +10%
 // on prefill d512 h64 / d576 h128; kTrio, 3db64bf, a 512-thread CTA whose scores warpgroup only computes S
 // and the softmax beside two values warpgroups, -2.3% to +5%.)
-// kPingPong / kPingPongPair (dense d_qk 576, JFM_KERNEL_VARIANT=pingpong, for measurement): the
-// two math warpgroups own alternate tiles with a TMA producer (ws_pipeline.cuh, ws_math_pp);
-// unpaired / as kRolesPair's CTA pairs. kPingPongB / kPingPongBPair (=pingpong_b): the same with
-// the other's tile taken before this one's S.
-enum class WsMath : int {
-  kRoles = 1, kTransposed16 = 2, kTransposed32 = 3, kRolesWide = 4, kRolesPair = 5,
-  kPingPong = 6, kPingPongPair = 7, kPingPongB = 8, kPingPongBPair = 9
-};
+// (Measured and gone, 2026-12-06 fourth session: kPingPong again, ccc083b, with the TMA producer
+// and the CTA pairs, P in the tile's rope block: 1.20-1.28x the pair's kernel time on dense h128
+// with the other's tile taken after S, 1.07-1.13x taken before it: two whole-tile buffers put the
+// load or the take's P V on the chain between two softmaxes; docs/PERFORMANCE.md.)
+enum class WsMath : int { kRoles = 1, kTransposed16 = 2, kTransposed32 = 3, kRolesWide = 4, kRolesPair = 5 };
 
 // One KV pool and the flat rows each query token picks from it.
 struct SparsePool {

@@ -80,13 +80,7 @@ namespace sm90 {
 constexpr bool ws_transposed(WsMath m) {
   return m == WsMath::kTransposed16 || m == WsMath::kTransposed32;
 }
-constexpr bool ws_pair(WsMath m) {
-  return m == WsMath::kRolesPair || m == WsMath::kPingPongPair || m == WsMath::kPingPongBPair;
-}
-constexpr bool ws_pingpong_b(WsMath m) { return m == WsMath::kPingPongB || m == WsMath::kPingPongBPair; }
-constexpr bool ws_pingpong(WsMath m) {
-  return m == WsMath::kPingPong || m == WsMath::kPingPongPair || ws_pingpong_b(m);
-}
+constexpr bool ws_pair(WsMath m) { return m == WsMath::kRolesPair; }
 struct WsRegSplit {
   int wg0, wg1, wg2;
 };
@@ -101,12 +95,6 @@ constexpr WsRegSplit ws_reg_split(WsMath m) {
     // Moves 32 + 32 of kRoles' to the producer, which then fetches both FP8 rounds before it
     // waits (152 for warpgroup 1 spilled 284 bytes).
     case WsMath::kRolesWide: return {200, 160, 144};
-    // Both math warpgroups hold S (32) beside their O half (128); the dense TMA producer issues
-    // a page's boxes from one thread (its cp.async path serves partial pages only).
-    case WsMath::kPingPong:
-    case WsMath::kPingPongPair:
-    case WsMath::kPingPongB:
-    case WsMath::kPingPongBPair: return {232, 232, 40};
     // kRoles, kRolesPair: warpgroup 0 holds S (32) beside its O half (128), warpgroup 1 only the
     // O half.
     default: return {232, 184, 88};
@@ -201,9 +189,6 @@ struct WsShared {
   // bytes the peer stores into its tiles); the peer's tile 0 and empty barriers (cluster
   // addresses: st.async and remote arrivals).
   uint32_t rank, bar_peer_full, peer_sk0, peer_bar_empty, peer_bar_peer_full;
-  // kPingPong*: per tile parity, each row's running max and correction as its owner published
-  // them, float[2][2][64] (in P's block, which the ping-pong leaves unused).
-  float* pub;
 };
 
 // Lays out the dynamic shared memory, initializes the mbarriers (full: `full_count` arrivals,
@@ -232,7 +217,6 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
   sh.bar_stats_ready = sh.bar_p_ready + 16;
   sh.bar_stats_free = sh.bar_p_ready + 24;
   sh.tile_bytes = S::kTileBytes;
-  sh.pub = reinterpret_cast<float*>(smem + S::kPOff);
   constexpr bool kPair = ws_pair(kMath);
   if constexpr (kPair) {
     sh.rank = cluster_ctarank();
@@ -590,135 +574,6 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   }
 }
 
-// ---- kPingPong / kPingPongPair (dense, d_qk 576; JFM_KERNEL_VARIANT=pingpong, for measurement).
-// Warpgroup kW owns the tiles i % 2 == kW of each sequence (i: the tile's index in it) and keeps
-// O[:, 256 kW ..) over every tile. Its own tile: S; the softmax from the running max the other
-// warpgroup published with tile i - 1; P into the tile's rope block (columns 512..575 of the K
-// tile, read only by S, so free once S has completed) and each row's max and correction
-// published (sh.pub and mbarrier p_ready / p_free by tile parity); its O half += P V from
-// registers. The other's tile: its O half and l rescaled by the published correction, then += P V
-// with P from the rope block. Per own tile i the order is: S(i), waited; the other's tile i - 1
-// taken (its publication waited, O rescaled, P V issued); the softmax of tile i while that P V
-// runs; P published; P V(i) issued and waited (the buffer then goes back to the producer, which
-// refills it with tile i + 2). The serial chain across the two warpgroups is one softmax and
-// publication per tile, as long as S(i) completes before tile i - 1's publication arrives.
-// l: each warpgroup sums its own tiles' P, scaled by every tile's correction; l = l_0 + l_1 at the
-// end (tile_finish). Why: the role split's tile (~3900 cycles at h_q 128 against 2176 of tensor
-// work) is the scores warpgroup's serial S + softmax + P V. Its 2026-12-01 form (cp.async
-// producer, 0.85x kRoles) is in docs/PERFORMANCE.md; this one has the TMA producer and the pairs.
-// ptxas (docs/BUILDING.md): no poll loop and no write to O while a wgmma batch is in flight, and
-// no wgmma under a condition inside a batch, or it serializes every wgmma of the kernel; hence the
-// wait for S before the take, and warpgroup 0's first tile of a sequence peeled (no take).
-template <class Task, bool kPair, int kW, bool kTakeFirst>
-__device__ __forceinline__ void ws_math_pp(const Task& task, const WsShared& sh) {
-  using T = typename Task::T;
-  using S = TileSmem<Task::kDqk>;
-  static_assert(S::kKBlocks == 9, "P goes into the rope block (d_qk 576)");
-  constexpr uint32_t kRopeBytes = 8 * S::kBlockBytes;
-  constexpr uint32_t kTileDesc = S::kTileBytes >> 4;
-  const Lane ln;
-  const float sl2 = task.softmax_scale * 1.4426950408889634f;
-  const WsRowDescs<Task::kDqk> dd(sh, kW);
-  const uint64_t desc_q = dd.q, desc_k = dd.k, desc_v = dd.v;
-  // This thread's arrivals once its reads of tile kt's buffer are done (kPair: also the peer's).
-  auto release = [&](uint32_t kt) {
-    mbarrier_arrive(sh.bar_empty + 8 * (kt & 1));
-    if constexpr (kPair) {
-      __syncwarp();
-      if ((ln.tid & 31) == 0) mbarrier_arrive_cluster(sh.peer_bar_empty + 8 * (kt & 1));
-    }
-  };
-  // Tile parity b's publication barrier.
-  auto pub_bar = [&](uint32_t b) { return b == 0 ? sh.bar_p_ready : sh.bar_p_free; };
-  uint32_t k = 0;  // tiles this CTA has consumed (the producer's count, in step)
-  for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
-    const typename Task::Seq cur = task.seq(seq);
-    ws_load_q<256>(task, cur, sh, [] { MathWarpsSync::sync(); });
-    RowState st;
-    st.init();
-    float mt[2] = {-INFINITY, -INFINITY};  // the owned tiles' true row maxima
-    // The other warpgroup's tile kt: its publication (after which the tile's bytes are visible
-    // here too: its owner waited for them), this half and l rescaled, this half's P V issued.
-    auto take = [&](uint32_t kt) {
-      mbarrier_wait(pub_bar(kt & 1), (kt >> 1) & 1);
-      if constexpr (Task::kFenceAfterFull || kPair) fence_proxy_async();
-      const float* pub = sh.pub + (kt & 1) * 2 * kBlockM;
-      float corr[2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        st.m[h] = pub[ln.row(h)];
-        corr[h] = pub[kBlockM + ln.row(h)];
-        st.l[h] *= corr[h];
-      }
-      rescale_o(st.o, corr);
-      const uint32_t bd = (kt & 1) * kTileDesc;
-      tile_pv_issue<T>(st, desc_k + bd + (kRopeBytes >> 4), desc_v + bd);
-    };
-    // This warpgroup's tile k (n: its page), after the other's tile k - 1 when kTake.
-    auto own = [&](int n, auto take_prev) {
-      constexpr bool kTake = decltype(take_prev)::value;
-      const uint32_t buf = k & 1;
-      ws_wait_full<Task, kPair>(sh, k);
-      const uint8_t* valid = sh.valid + buf * kTileTokens;
-      uint32_t valid_word = 0;
-      if constexpr (kWsMaskSkip) valid_word = ws_valid_word(valid);
-      float sacc[32];
-      if constexpr (kTake && kTakeFirst) {  // (kPingPongB) P V of tile k - 1, then S
-        take(k - 1);
-        wgmma_wait<0>();
-        release(k - 1);
-      }
-      tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf * kTileDesc);  // (waits)
-      if constexpr (kTake && !kTakeFirst) {  // S, then P V of tile k - 1, released at once
-        take(k - 1);
-        wgmma_wait<0>();
-        release(k - 1);
-      }
-      if (!kWsMaskSkip || !ws_tile_unmasked(task.window_full(cur, n), valid_word))
-        mask_tile(sacc, [&](int h, int col) { return task.masked(cur, n, valid, h, col); });
-      float corr[2];
-      tile_softmax_rows(sacc, st, corr, mt, sl2);
-      // Publish: P into this tile's rope block, each row's max and correction.
-      store_p_rows<T>(sh.sk0 + buf * sh.tile_bytes + kRopeBytes, sacc, ln);
-      if (ln.tq == 0) {
-        float* pub = sh.pub + buf * 2 * kBlockM;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          pub[ln.row(h)] = st.m[h];
-          pub[kBlockM + ln.row(h)] = corr[h];
-        }
-      }
-      fence_proxy_async();
-      mbarrier_arrive(pub_bar(buf));
-      rescale_o(st.o, corr);
-      tile_pv_issue_rs<T>(st, sacc, desc_v + buf * kTileDesc);
-      wgmma_wait<0>();
-      release(k);
-    };
-    int i = 0, n = cur.first;
-    if (kW == 0 && n < cur.t_hi) {  // warpgroup 0's first tile: nothing to take before it
-      own(n, std::false_type{});
-      n = cur.next(n + 1);
-      ++k;
-      ++i;
-    }
-    for (; n < cur.t_hi; ++k, ++i) {
-      const int n_next = cur.next(n + 1);
-      if ((i & 1) == kW) {
-        own(n, std::true_type{});
-      } else if (n_next >= cur.t_hi) {  // the sequence's last tile is the other's
-        take(k);
-        wgmma_wait<0>();
-        release(k);
-      }  // (else: taken with this warpgroup's next tile)
-      n = n_next;
-    }
-    float inv[2], lse[2];
-    tile_finish<MathWarpsSync>(st, sh.red, task.softmax_scale, task.empty_lse(cur), inv, lse, ln);
-    task.template store_rows<kW == 0, kPair>(cur, st, inv, lse, mt, ln);
-  }
-}
-
 // The Q tile of the kN-row transposed math: the rows it loads and the bytes per 64-column
 // block. Where the task's producers stage FP8 rows in the Q tile's spare bytes
 // (JFM_FP8_BULK_STAGE / _T32): kN = 16, Task::kT16StagesInQ: 16 rows in place (rows 16-63 of
@@ -870,20 +725,6 @@ __device__ __forceinline__ void ws_run(const Task& task, const WsShared& sh) {
       task.template produce<Regs::kWideProducer, false, false, kMath == WsMath::kTransposed16>(
           sh, wg - 1, 2);
       cta_stamp(wg == 1 ? kEndProdDone : kEndProdLeft);  // (each producer warpgroup's end)
-    }
-  } else if constexpr (ws_pingpong(kMath)) {
-    if (wg == 2) {
-      ws_set_regs<Regs::kWg2, kL>();
-      task.template produce<Regs::kWideProducer, ws_pair(kMath), true>(sh, 0, 1);
-      ws_leave<kMath>();
-    } else if (wg == 0) {
-      ws_set_regs<Regs::kWg0, kL>();
-      ws_math_pp<Task, ws_pair(kMath), 0, ws_pingpong_b(kMath)>(task, sh);
-      ws_leave<kMath>();
-    } else {
-      ws_set_regs<Regs::kWg1, kL>();
-      ws_math_pp<Task, ws_pair(kMath), 1, ws_pingpong_b(kMath)>(task, sh);
-      ws_leave<kMath>();
     }
   } else if (wg == 2) {
     ws_set_regs<Regs::kWg2, kL>();

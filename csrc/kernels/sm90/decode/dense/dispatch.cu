@@ -45,18 +45,6 @@ cudaError_t launch(const DenseDecodeParams& params, cudaStream_t stream) {
   if (rows <= 16) return sm90::launch_dense_decode_ws<T, WsMath::kTransposed16>(p, stream);
   if (rows <= 32) return sm90::launch_dense_decode_ws<T, WsMath::kTransposed32>(p, stream);
   if constexpr (kDensePair) {
-    if (v == KernelVariant::kPingPong) {  // (instantiated with the pair: TMA pages only)
-      const cudaError_t e = sm90::launch_dense_decode_ws<T, WsMath::kPingPongPair>(p, stream);
-      if (e != cudaErrorNotSupported) return e;  // else no pair here: unpaired
-      return sm90::launch_dense_decode_ws<T, WsMath::kPingPong>(p, stream);
-    }
-    if (v == KernelVariant::kPingPongB) {
-      const cudaError_t e = sm90::launch_dense_decode_ws<T, WsMath::kPingPongBPair>(p, stream);
-      if (e != cudaErrorNotSupported) return e;
-      return sm90::launch_dense_decode_ws<T, WsMath::kPingPongB>(p, stream);
-    }
-  }
-  if constexpr (kDensePair) {
     const cudaError_t e = sm90::launch_dense_decode_ws<T, WsMath::kRolesPair>(p, stream);
     if (e != cudaErrorNotSupported) return e;  // else no pair here: unpaired
   }
