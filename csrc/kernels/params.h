@@ -177,13 +177,11 @@ enum class KvFormat : int { kBf16 = 0, kFp8V32 = 1, kFp8V4 = 2 };
 // (Measured and gone, 2026-12-06 fourth session: kPingPong again, ccc083b, with the TMA producer
 // and the CTA pairs, P in the tile's rope block: 1.20-1.28x the pair's kernel time on dense h128
 // with the other's tile taken after S, 1.07-1.13x taken before it: two whole-tile buffers put the
-// load or the take's P V on the chain between two softmaxes; docs/PERFORMANCE.md.)
-// kRolesPairUneven (dense, JFM_KERNEL_VARIANT=uneven, for measurement): kRolesPair with the scores
-// warpgroup's P V over 128 value columns and the values warpgroup's over the other 384.
-enum class WsMath : int {
-  kRoles = 1, kTransposed16 = 2, kTransposed32 = 3, kRolesWide = 4, kRolesPair = 5,
-  kRolesPairUneven = 6
-};
+// load or the take's P V on the chain between two softmaxes; docs/PERFORMANCE.md. Also gone the same
+// session: kRolesPairUneven, ea4341d (the scores warpgroup's P V over 128 value columns, the
+// values warpgroup's over 384), +4.4 to +6.0% on dense h128: the scores warpgroup's next
+// publication waits for the values warpgroup's longer P V.)
+enum class WsMath : int { kRoles = 1, kTransposed16 = 2, kTransposed32 = 3, kRolesWide = 4, kRolesPair = 5 };
 
 // One KV pool and the flat rows each query token picks from it.
 struct SparsePool {

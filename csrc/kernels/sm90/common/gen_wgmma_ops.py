@@ -59,8 +59,6 @@ if __name__ == "__main__":
            wrapper(16, 0, "wgmma_m64n16k16_ss_ta", tnsp_a=1) + "\n" +
            wrapper(32, 0, "wgmma_m64n32k16_ss_ta", tnsp_a=1) + "\n" +
            wrapper(256, 1, "wgmma_m64n256k16_ss_tb") + "\n" +
-           wrapper(256, 1, "wgmma_m64n256k16_rs_tb", a_in_registers=True) + "\n" +
-           wrapper(128, 1, "wgmma_m64n128k16_ss_tb") + "\n" +
-           wrapper(128, 1, "wgmma_m64n128k16_rs_tb", a_in_registers=True) + "\n}  // namespace jfm\n")
+           wrapper(256, 1, "wgmma_m64n256k16_rs_tb", a_in_registers=True) + "\n}  // namespace jfm\n")
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "wgmma_ops.cuh"), "w") as f:
         f.write(src)

@@ -140,22 +140,17 @@ __device__ __forceinline__ void load_tile_rows(uint32_t dst, int tid, const T* b
   }
 }
 
-// Online-softmax state of this thread's two rows and its O accumulator slice: kCols value columns
-// of the 64 rows per warpgroup (256: half of d_v; the uneven role split, JFM_KERNEL_VARIANT=uneven:
-// 128 / 384), kCols / 2 accumulator registers per thread.
-template <int kCols>
-struct RowStateN {
-  static constexpr int kO = kCols / 2;
+// Online-softmax state of this thread's two rows and its O accumulator slice.
+struct RowState {
   float m[2], l[2];
-  float o[kO];
+  float o[128];
   __device__ __forceinline__ void init() {
     m[0] = m[1] = -INFINITY;
     l[0] = l[1] = 0.f;
 #pragma unroll
-    for (int i = 0; i < kO; ++i) o[i] = 0.f;
+    for (int i = 0; i < 128; ++i) o[i] = 0.f;
   }
 };
-using RowState = RowStateN<256>;
 
 // This thread's two rows' maxima over its accumulator elements s (element i: row half
 // (i >> 1) & 1), reduced over the quad, whose lanes hold the rest of the rows' columns.
@@ -195,11 +190,10 @@ __device__ __forceinline__ void store_p_pairs(uint32_t sp, int r0, int col, cons
 }
 
 // O's rows times the softmax correction of this tile (skipped when no row's max moved).
-template <int kO>
-__device__ __forceinline__ void rescale_o(float (&o)[kO], const float (&corr)[2]) {
+__device__ __forceinline__ void rescale_o(float (&o)[128], const float (&corr)[2]) {
   if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
 #pragma unroll
-    for (int i = 0; i < kO / 4; ++i) {
+    for (int i = 0; i < 32; ++i) {
       o[4 * i + 0] *= corr[0];
       o[4 * i + 1] *= corr[0];
       o[4 * i + 2] *= corr[1];
@@ -241,27 +235,17 @@ __device__ __forceinline__ void tile_softmax(float (&s)[16], RowState& st, float
   rescale_o(st.o, corr);
 }
 
-// The wgmmas of this warpgroup's kCols columns of O (from the V column desc_v points at) += P V
-// over the tile's 64 tokens (4 k-steps of 16; 384 columns: an n256 and an n128 wgmma per step);
+// The wgmmas of O[:, 256 wc .. +256] += P V over the tile's 64 tokens (4 k-steps of 16);
 // tile_pv_issue fences and commits them but does not wait: the caller overlaps independent work,
 // then calls wgmma_wait<0>().
-template <typename T, int kCols>
-__device__ __forceinline__ void tile_pv_mma(RowStateN<kCols>& st, uint64_t desc_p, uint64_t desc_v) {
-  static_assert(kCols == 128 || kCols == 256 || kCols == 384, "P V widths");
+template <typename T>
+__device__ __forceinline__ void tile_pv_mma(RowState& st, uint64_t desc_p, uint64_t desc_v) {
 #pragma unroll
-  for (int kk = 0; kk < kTileTokens / 16; ++kk) {
-    const uint64_t p = desc_p + ((kk * 32) >> 4), v = desc_v + ((kk * 16 * 128) >> 4);
-    if constexpr (kCols == 128) {
-      wgmma_m64n128k16_ss_tb<T>(st.o, p, v);
-    } else {
-      wgmma_m64n256k16_ss_tb<T>(st.o, p, v);
-      // (columns 256.. of this slice: four 64-column blocks of 8 KB further)
-      if constexpr (kCols == 384) wgmma_m64n128k16_ss_tb<T>(st.o + 128, p, v + ((4 * 8192) >> 4));
-    }
-  }
+  for (int kk = 0; kk < kTileTokens / 16; ++kk)
+    wgmma_m64n256k16_ss_tb<T>(st.o, desc_p + ((kk * 32) >> 4), desc_v + ((kk * 16 * 128) >> 4));
 }
-template <typename T, int kCols>
-__device__ __forceinline__ void tile_pv_issue(RowStateN<kCols>& st, uint64_t desc_p, uint64_t desc_v) {
+template <typename T>
+__device__ __forceinline__ void tile_pv_issue(RowState& st, uint64_t desc_p, uint64_t desc_v) {
   wgmma_fence();
   tile_pv_mma<T>(st, desc_p, desc_v);
   wgmma_commit();
@@ -270,9 +254,8 @@ __device__ __forceinline__ void tile_pv_issue(RowStateN<kCols>& st, uint64_t des
 // accumulator layout, whose pairs (8 kk + 2 r, + 1) are register r of k-step kk's m64k16 A
 // fragment (rows g / g + 8, tokens 16 kk + 2 tq (+ 8)). The warpgroup that computed P then needs
 // no shared-memory round trip (stores, proxy fence, warpgroup barrier) before its own P V.
-template <typename T, int kCols>
-__device__ __forceinline__ void tile_pv_issue_rs(RowStateN<kCols>& st, const float (&p)[32], uint64_t desc_v) {
-  static_assert(kCols == 128 || kCols == 256, "P V widths from registers");
+template <typename T>
+__device__ __forceinline__ void tile_pv_issue_rs(RowState& st, const float (&p)[32], uint64_t desc_v) {
   uint32_t a[kTileTokens / 16][4];
 #pragma unroll
   for (int kk = 0; kk < kTileTokens / 16; ++kk)
@@ -280,10 +263,8 @@ __device__ __forceinline__ void tile_pv_issue_rs(RowStateN<kCols>& st, const flo
     for (int r = 0; r < 4; ++r) a[kk][r] = pack2<T>(p[8 * kk + 2 * r], p[8 * kk + 2 * r + 1]);
   wgmma_fence();
 #pragma unroll
-  for (int kk = 0; kk < kTileTokens / 16; ++kk) {
-    if constexpr (kCols == 128) wgmma_m64n128k16_rs_tb<T>(st.o, a[kk], desc_v + ((kk * 16 * 128) >> 4));
-    else wgmma_m64n256k16_rs_tb<T>(st.o, a[kk], desc_v + ((kk * 16 * 128) >> 4));
-  }
+  for (int kk = 0; kk < kTileTokens / 16; ++kk)
+    wgmma_m64n256k16_rs_tb<T>(st.o, a[kk], desc_v + ((kk * 16 * 128) >> 4));
   wgmma_commit();
 }
 
@@ -387,8 +368,7 @@ constexpr float kRowsSlack = JFM_WS_ROWS_LAZY_MAX != 0 ? kLazySlack : 0.f;
 // kRowsSlack) and l (l: this thread's partial sum of its 16 columns per row), turns s into
 // P = exp2(s sl2 - m sl2) and returns the correction of the earlier O in corr; mt: this thread's
 // rows' largest attended logits so far. No shared memory, no barrier.
-template <class State>
-__device__ __forceinline__ void tile_softmax_rows(float (&s)[32], State& st, float (&corr)[2],
+__device__ __forceinline__ void tile_softmax_rows(float (&s)[32], RowState& st, float (&corr)[2],
                                                   float (&mt)[2], float sl2) {
   float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -678,15 +658,15 @@ __device__ __forceinline__ unsigned quad_mask() { return 0xfu << (threadIdx.x & 
 // kProbeShared (a timing probe's, JFM_FP8_PROBE bit 3): kWide's stores go to shared memory (the
 // first 64 KB of the CTA's tiles, garbage there) instead of dst: the conversions without the
 // global stores.
-template <typename T, bool kWide = false, bool kProbeShared = false, int kCols = 256>
-__device__ __forceinline__ void store_out_row(T* dst, const RowStateN<kCols>& st, int h, float scale) {
+template <typename T, bool kWide = false, bool kProbeShared = false>
+__device__ __forceinline__ void store_out_row(T* dst, const RowState& st, int h, float scale) {
   if constexpr (kWide) {
     // Groups 4 j .. 4 j + 3: lane tq takes group 4 j + tq (w[c] = lane c's v[tq]; r[d] comes
     // from lane tq ^ d and is w[tq ^ d]).
     const int tq = threadIdx.x & 3;
     T* base = dst - 2 * tq + 8 * tq;
 #pragma unroll
-    for (int j = 0; j < kCols / 32; ++j) {
+    for (int j = 0; j < 8; ++j) {
       uint32_t v[4], r[4];
 #pragma unroll
       for (int u = 0; u < 4; ++u)
@@ -707,16 +687,14 @@ __device__ __forceinline__ void store_out_row(T* dst, const RowStateN<kCols>& st
     }
   } else {
 #pragma unroll
-    for (int i = 0; i < kCols / 8; ++i)
+    for (int i = 0; i < 32; ++i)
       *reinterpret_cast<uint32_t*>(dst + i * 8) =
           pack2<T>(st.o[4 * i + 2 * h] * scale, st.o[4 * i + 2 * h + 1] * scale);
   }
 }
-template <int kCols>
-__device__ __forceinline__ void store_partial_row(float* dst, const RowStateN<kCols>& st, int h,
-                                                  float scale) {
+__device__ __forceinline__ void store_partial_row(float* dst, const RowState& st, int h, float scale) {
 #pragma unroll
-  for (int i = 0; i < kCols / 8; ++i)
+  for (int i = 0; i < 32; ++i)
     *reinterpret_cast<float2*>(dst + i * 8) =
         make_float2(st.o[4 * i + 2 * h] * scale, st.o[4 * i + 2 * h + 1] * scale);
 }

@@ -80,9 +80,7 @@ namespace sm90 {
 constexpr bool ws_transposed(WsMath m) {
   return m == WsMath::kTransposed16 || m == WsMath::kTransposed32;
 }
-constexpr bool ws_pair(WsMath m) { return m == WsMath::kRolesPair || m == WsMath::kRolesPairUneven; }
-// The role split's value columns of the scores warpgroup (the values warpgroup takes the rest).
-constexpr int ws_scores_cols(WsMath m) { return m == WsMath::kRolesPairUneven ? 128 : 256; }
+constexpr bool ws_pair(WsMath m) { return m == WsMath::kRolesPair; }
 struct WsRegSplit {
   int wg0, wg1, wg2;
 };
@@ -97,9 +95,6 @@ constexpr WsRegSplit ws_reg_split(WsMath m) {
     // Moves 32 + 32 of kRoles' to the producer, which then fetches both FP8 rounds before it
     // waits (152 for warpgroup 1 spilled 284 bytes).
     case WsMath::kRolesWide: return {200, 160, 144};
-    // The scores warpgroup's O is 64 registers, the values warpgroup's 192 (at 176 / 240 the
-    // scores warpgroup spilled; here one 8-byte value set at the start is reloaded a few times).
-    case WsMath::kRolesPairUneven: return {184, 232, 88};
     // kRoles, kRolesPair: warpgroup 0 holds S (32) beside its O half (128), warpgroup 1 only the
     // O half.
     default: return {232, 184, 88};
@@ -366,9 +361,8 @@ __device__ __forceinline__ bool ws_tile_unmasked(bool rows_full, uint32_t w) {
 }
 
 // wgmma descriptors of the 64-row math (kRoles*) at buffer 0: Q, the K tile (all 64
-// rows), P, and the V columns of math warpgroup wc (from value column 0 for warpgroup 0, from
-// kScCols for warpgroup 1: the scores warpgroup's width).
-template <int kDqk, int kScCols = 256>
+// rows), P, and the V half (value columns 256 wc ..) of math warpgroup wc.
+template <int kDqk>
 struct WsRowDescs {
   uint64_t q, k, p, v;
   __device__ __forceinline__ WsRowDescs(const WsShared& sh, int wc) {
@@ -376,7 +370,7 @@ struct WsRowDescs {
     q = gmma_desc_sw128(sh.sq, 16, 1024);
     k = gmma_desc_sw128(sh.sk0, 16, 1024);
     p = gmma_desc_sw128(sh.sp, 16, 1024);
-    v = gmma_desc_sw128(sh.sk0 + wc * (kScCols / 64) * S::kBlockBytes, S::kBlockBytes, 1024);
+    v = gmma_desc_sw128(sh.sk0 + wc * 4 * S::kBlockBytes, S::kBlockBytes, 1024);
   }
 };
 
@@ -418,8 +412,8 @@ enum class WsRole : int { kScores, kValues };
 // and (per thread, a quarter of) its sum; it completes the sums within each quad and hands both to
 // the values warpgroup through `red` (float[2][64]) and stats_ready / stats_free. Then every math
 // thread has its rows' 1 / l (0: nothing attended), lse (`empty_lse` then) and max m.
-template <WsRole kRole, class State>
-__device__ __forceinline__ void ws_finish_rows(State& st, const WsShared& sh, uint32_t j,
+template <WsRole kRole>
+__device__ __forceinline__ void ws_finish_rows(RowState& st, const WsShared& sh, uint32_t j,
                                                float softmax_scale, float empty_lse,
                                                float (&inv)[2], float (&lse)[2], float (&m)[2],
                                                const Lane& ln) {
@@ -459,15 +453,14 @@ __device__ __forceinline__ void ws_finish_rows(State& st, const WsShared& sh, ui
 // The math warps' loop over this CTA's sequences and tiles. One instantiation per role, so that
 // each warpgroup's code is register-allocated within its own setmaxnreg budget (with one loop for
 // both roles ptxas allocated it within the smaller budget and spilled).
-// kScCols: the scores warpgroup's value columns (ws_scores_cols).
-template <class Task, WsRole kRole, bool kPair, int kScCols = 256>
+template <class Task, WsRole kRole, bool kPair>
 __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   using T = typename Task::T;
   using S = TileSmem<Task::kDqk>;
   using Sync = MathWarpsSync;
   const Lane ln;
   const float sl2 = task.softmax_scale * 1.4426950408889634f;
-  const WsRowDescs<Task::kDqk, kScCols> dd(sh, ln.wc);
+  const WsRowDescs<Task::kDqk> dd(sh, ln.wc);
   const uint64_t desc_q = dd.q, desc_k = dd.k, desc_p = dd.p, desc_v = dd.v;
 
   uint32_t k = 0;  // tiles this CTA has consumed (the producer's count, in step)
@@ -491,7 +484,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       if (seq == task.begin_seq) cta_stamp(kStartQ);
     }
 
-    RowStateN<kRole == WsRole::kScores ? kScCols : kDv - kScCols> st;
+    RowState st;
     st.init();
     float mt[2] = {-INFINITY, -INFINITY};  // the scores' true row maxima (tile_softmax_rows)
     for (int n = cur.first; n < cur.t_hi; ++k) {
@@ -742,12 +735,12 @@ __device__ __forceinline__ void ws_run(const Task& task, const WsShared& sh) {
     cta_stamp(kEndProdLeft);
   } else if (wg == 0) {
     ws_set_regs<Regs::kWg0, kL>();
-    ws_math<Task, WsRole::kScores, ws_pair(kMath), ws_scores_cols(kMath)>(task, sh);
+    ws_math<Task, WsRole::kScores, ws_pair(kMath)>(task, sh);
     ws_leave<kMath>();
     cta_stamp(kEndScLeft);
   } else {
     ws_set_regs<Regs::kWg1, kL>();
-    ws_math<Task, WsRole::kValues, ws_pair(kMath), ws_scores_cols(kMath)>(task, sh);
+    ws_math<Task, WsRole::kValues, ws_pair(kMath)>(task, sh);
     ws_leave<kMath>();
     cta_stamp(kEndValLeft);
   }

@@ -25,15 +25,13 @@ __device__ __forceinline__ void load_dense_q_tile(const DenseDecodeParams& p, in
 
 // The CTA's rows after a batch element's last page: this thread's two rows of O (times 1 / l) and
 // their lse, as the output (not split) or the partial of split slot `slot` (rows past
-// rows_total skipped). Warpgroup wc holds kCols columns of O: warpgroup 0 the first, warpgroup 1
-// the last (256 each, or 128 / 384 in the uneven role split).
-template <typename T, int kCols>
-__device__ __forceinline__ void store_dense_rows(const DenseDecodeParams& p, const RowStateN<kCols>& st,
+// rows_total skipped). Warpgroup wc holds O[:, 256 wc .. +256].
+template <typename T>
+__device__ __forceinline__ void store_dense_rows(const DenseDecodeParams& p, const RowState& st,
                                                  const float (&inv)[2], const float (&lse)[2],
                                                  int seq, int slot, int nsplit, int row0, int hk,
                                                  int hpk, int rows_total, const Lane& ln) {
   const RowMap map{p.s_q, p.s_q, p.h_q, hpk};
-  const int col0 = ln.wc * (kDv - kCols);  // (warpgroup 0: column 0)
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int grow = row0 + ln.row(h);
@@ -41,12 +39,12 @@ __device__ __forceinline__ void store_dense_rows(const DenseDecodeParams& p, con
     const int s = grow / hpk, head = hk * hpk + grow % hpk;
     if (nsplit == 1) {
       store_out_row<T, kWideOutStores>(
-          reinterpret_cast<T*>(p.out) + map.out_row(seq, s, head) * kDv + col0 + 2 * ln.tq,
+          reinterpret_cast<T*>(p.out) + map.out_row(seq, s, head) * kDv + ln.wc * 256 + 2 * ln.tq,
           st, h, inv[h]);
       if (ln.wc == 0 && ln.tq == 0) p.lse[map.lse_index(seq, s, head)] = lse[h];
     } else {
       const size_t slot_row = (static_cast<size_t>(slot) * p.h_kv + hk) * rows_total + grow;
-      store_partial_row(p.o_accum + slot_row * kDv + col0 + 2 * ln.tq, st, h, inv[h]);
+      store_partial_row(p.o_accum + slot_row * kDv + ln.wc * 256 + 2 * ln.tq, st, h, inv[h]);
       if (ln.wc == 0 && ln.tq == 0) p.lse_accum[slot_row] = lse[h];
     }
   }

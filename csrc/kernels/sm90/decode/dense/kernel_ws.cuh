@@ -113,10 +113,10 @@ struct DenseWsTask {
   __device__ __forceinline__ float empty_lse(const Seq& q) const {
     return q.nsplit == 1 ? INFINITY : -INFINITY;
   }
-  template <bool kScoresRole, bool kPair, int kCols>
-  __device__ __forceinline__ void store_rows(const Seq& q, const RowStateN<kCols>& st,
-                                             const float (&inv)[2], const float (&lse)[2],
-                                             const float (&)[2], const Lane& ln) const {
+  template <bool kScoresRole, bool kPair>
+  __device__ __forceinline__ void store_rows(const Seq& q, const RowState& st, const float (&inv)[2],
+                                             const float (&lse)[2], const float (&)[2],
+                                             const Lane& ln) const {
     store_dense_rows<T>(p, st, inv, lse, q.index, q.slot, q.nsplit, row0, hk, hpk, rows_total, ln);
   }
 
