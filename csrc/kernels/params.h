@@ -180,13 +180,10 @@ enum class KvFormat : int { kBf16 = 0, kFp8V32 = 1, kFp8V4 = 2 };
 // load or the take's P V on the chain between two softmaxes; docs/PERFORMANCE.md. Also gone the same
 // session: kRolesPairUneven, ea4341d (the scores warpgroup's P V over 128 value columns, the
 // values warpgroup's over 384), +4.4 to +6.0% on dense h128: the scores warpgroup's next
-// publication waits for the values warpgroup's longer P V.)
-// kRolesPairRope (dense, JFM_KERNEL_VARIANT=rope, for measurement): kRolesPair with P written into
-// the tile's rope block and the corrections kept per tile parity, so the scores warpgroup never
-// waits for the values warpgroup to free P (ws_pipeline.cuh).
-enum class WsMath : int {
-  kRoles = 1, kTransposed16 = 2, kTransposed32 = 3, kRolesWide = 4, kRolesPair = 5, kRolesPairRope = 6
-};
+// publication waits for the values warpgroup's longer P V; and kRolesPairRope, 76cb7b9 (P in the
+// tile's rope block, corrections per tile parity: the scores warpgroup never waits for P to be
+// freed), flat within +-0.4%: that wait is not on the path that sets the tile's period.)
+enum class WsMath : int { kRoles = 1, kTransposed16 = 2, kTransposed32 = 3, kRolesWide = 4, kRolesPair = 5 };
 
 // One KV pool and the flat rows each query token picks from it.
 struct SparsePool {

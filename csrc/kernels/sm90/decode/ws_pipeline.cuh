@@ -80,8 +80,7 @@ namespace sm90 {
 constexpr bool ws_transposed(WsMath m) {
   return m == WsMath::kTransposed16 || m == WsMath::kTransposed32;
 }
-constexpr bool ws_pair(WsMath m) { return m == WsMath::kRolesPair || m == WsMath::kRolesPairRope; }
-constexpr bool ws_p_rope(WsMath m) { return m == WsMath::kRolesPairRope; }
+constexpr bool ws_pair(WsMath m) { return m == WsMath::kRolesPair; }
 struct WsRegSplit {
   int wg0, wg1, wg2;
 };
@@ -170,8 +169,7 @@ struct WsSmem : TileSmem<kDqk> {
   static constexpr int kPeerBarOff = kCorrOff + kBlockM * 4;           // peer_full[2] (kRolesPair)
   // p_ready, p_free, stats_ready, stats_free (kRoles*)
   static constexpr int kPBarOff = kPeerBarOff + 2 * 8;
-  static constexpr int kCorr1Off = kPBarOff + 4 * 8;                  // float[64] (kRolesPairRope)
-  static constexpr size_t kBytes = kCorr1Off + kBlockM * 4 + 1024;  // + alignment slack
+  static constexpr size_t kBytes = kPBarOff + 4 * 8 + 1024;  // + alignment slack
   static_assert(kBarOff % 8 == 0 && kPeerBarOff % 8 == 0 && kPBarOff % 8 == 0,
                 "mbarriers are 8-byte aligned");
   static_assert(kBytes <= 227 * 1024, "shared memory of one sm90 CTA");
@@ -191,7 +189,6 @@ struct WsShared {
   // bytes the peer stores into its tiles); the peer's tile 0 and empty barriers (cluster
   // addresses: st.async and remote arrivals).
   uint32_t rank, bar_peer_full, peer_sk0, peer_bar_empty, peer_bar_peer_full;
-  float* corr1;  // kRolesPairRope: odd tiles' corrections (even tiles': corr)
 };
 
 // Lays out the dynamic shared memory, initializes the mbarriers (full: `full_count` arrivals,
@@ -209,7 +206,6 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
   WsShared sh;
   sh.red = reinterpret_cast<float*>(smem + S::kRedOff);
   sh.corr = reinterpret_cast<float*>(smem + W::kCorrOff);
-  sh.corr1 = reinterpret_cast<float*>(smem + W::kCorr1Off);
   sh.valid = smem + S::kValidOff;
   sh.sq = base + S::kQOff;
   sh.sk0 = base + S::kKOff;
@@ -457,12 +453,7 @@ __device__ __forceinline__ void ws_finish_rows(RowState& st, const WsShared& sh,
 // The math warps' loop over this CTA's sequences and tiles. One instantiation per role, so that
 // each warpgroup's code is register-allocated within its own setmaxnreg budget (with one loop for
 // both roles ptxas allocated it within the smaller budget and spilled).
-// kPRope (kRolesPairRope, d_qk 576): P goes into the tile's rope block (columns 512..575, which
-// only S reads: free once S has completed; the buffer's release then also covers P) and the
-// corrections into corr / corr1 by tile parity, published on p_ready / p_free by tile parity
-// (phase (k / 2) & 1): the scores warpgroup never waits for the values warpgroup's P V, and
-// cannot publish tile k + 2 before the values warpgroup has read tile k (the buffer's empty wait).
-template <class Task, WsRole kRole, bool kPair, bool kPRope = false>
+template <class Task, WsRole kRole, bool kPair>
 __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   using T = typename Task::T;
   using S = TileSmem<Task::kDqk>;
@@ -471,9 +462,6 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   const float sl2 = task.softmax_scale * 1.4426950408889634f;
   const WsRowDescs<Task::kDqk> dd(sh, ln.wc);
   const uint64_t desc_q = dd.q, desc_k = dd.k, desc_p = dd.p, desc_v = dd.v;
-  static_assert(!kPRope || (S::kKBlocks == 9 && ws_scores_reg_p<Task, kPair>()),
-                "P in the rope block: d_qk 576, the scores warpgroup's own P V from registers");
-  constexpr uint32_t kRopeBytes = 8 * S::kBlockBytes;
 
   uint32_t k = 0;  // tiles this CTA has consumed (the producer's count, in step)
   constexpr bool kEarlyQ = ws_early_q<Task>();
@@ -531,19 +519,16 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
         tile_trace(k, kTrScSoft);
         // P and the corrections for the values warpgroup.
         auto publish = [&] {
-          if constexpr (!kPRope) {
-            mbarrier_wait(sh.bar_p_free, (k & 1) ^ 1);  // values done with the last P (tile 0: passes)
-          }
+          mbarrier_wait(sh.bar_p_free, (k & 1) ^ 1);  // values done with the last P (tile 0: passes)
           tile_trace(k, kTrScPfree);
-          store_p_rows<T>(kPRope ? sh.sk0 + buf * sh.tile_bytes + kRopeBytes : sh.sp, sacc, ln);
-          float* corr_out = kPRope && buf ? sh.corr1 : sh.corr;
+          store_p_rows<T>(sh.sp, sacc, ln);
           if (ln.tq == 0) {
-            corr_out[ln.row(0)] = corr[0];
-            corr_out[ln.row(1)] = corr[1];
+            sh.corr[ln.row(0)] = corr[0];
+            sh.corr[ln.row(1)] = corr[1];
           }
           tile_trace(k, kTrScPst);
           fence_proxy_async();
-          mbarrier_arrive(kPRope && buf ? sh.bar_p_free : sh.bar_p_ready);
+          mbarrier_arrive(sh.bar_p_ready);
         };
         if constexpr (ws_scores_reg_p<Task, kPair>()) {
           rescale_o(st.o, corr);
@@ -557,17 +542,15 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
           tile_pv_issue<T>(st, desc_p, desc_v + buf_desc);
         }
       } else {  // kValues
-        if constexpr (kPRope) mbarrier_wait(buf ? sh.bar_p_free : sh.bar_p_ready, (k >> 1) & 1);
-        else mbarrier_wait(sh.bar_p_ready, k & 1);
+        mbarrier_wait(sh.bar_p_ready, k & 1);
         tile_trace(k, kTrValP);
-        const float* corr_in = kPRope && buf ? sh.corr1 : sh.corr;
-        const float corr[2] = {corr_in[ln.row(0)], corr_in[ln.row(1)]};
+        const float corr[2] = {sh.corr[ln.row(0)], sh.corr[ln.row(1)]};
         rescale_o(st.o, corr);
-        tile_pv_issue<T>(st, kPRope ? desc_k + buf_desc + (kRopeBytes >> 4) : desc_p, desc_v + buf_desc);
+        tile_pv_issue<T>(st, desc_p, desc_v + buf_desc);
       }
       wgmma_wait<0>();
       tile_trace(k, kRole == WsRole::kScores ? kTrScPv : kTrValPv);
-      if (kRole == WsRole::kValues && !kPRope) mbarrier_arrive(sh.bar_p_free);
+      if (kRole == WsRole::kValues) mbarrier_arrive(sh.bar_p_free);
       mbarrier_arrive(sh.bar_empty + 8 * buf);  // this thread is done with it
       if constexpr (kPair) {
         // The peer's producer also stores into this buffer (its half of the tokens).
@@ -752,12 +735,12 @@ __device__ __forceinline__ void ws_run(const Task& task, const WsShared& sh) {
     cta_stamp(kEndProdLeft);
   } else if (wg == 0) {
     ws_set_regs<Regs::kWg0, kL>();
-    ws_math<Task, WsRole::kScores, ws_pair(kMath), ws_p_rope(kMath)>(task, sh);
+    ws_math<Task, WsRole::kScores, ws_pair(kMath)>(task, sh);
     ws_leave<kMath>();
     cta_stamp(kEndScLeft);
   } else {
     ws_set_regs<Regs::kWg1, kL>();
-    ws_math<Task, WsRole::kValues, ws_pair(kMath), ws_p_rope(kMath)>(task, sh);
+    ws_math<Task, WsRole::kValues, ws_pair(kMath)>(task, sh);
     ws_leave<kMath>();
     cta_stamp(kEndValLeft);
   }

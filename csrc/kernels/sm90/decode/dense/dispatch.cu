@@ -45,9 +45,7 @@ cudaError_t launch(const DenseDecodeParams& params, cudaStream_t stream) {
   if (rows <= 16) return sm90::launch_dense_decode_ws<T, WsMath::kTransposed16>(p, stream);
   if (rows <= 32) return sm90::launch_dense_decode_ws<T, WsMath::kTransposed32>(p, stream);
   if constexpr (kDensePair) {
-    const cudaError_t e =
-        v == KernelVariant::kRope ? sm90::launch_dense_decode_ws<T, WsMath::kRolesPairRope>(p, stream)
-                                  : sm90::launch_dense_decode_ws<T, WsMath::kRolesPair>(p, stream);
+    const cudaError_t e = sm90::launch_dense_decode_ws<T, WsMath::kRolesPair>(p, stream);
     if (e != cudaErrorNotSupported) return e;  // else no pair here: unpaired
   }
   return sm90::launch_dense_decode_ws<T, WsMath::kRoles>(p, stream);

@@ -9,7 +9,6 @@ template cudaError_t launch_dense_decode_ws<__nv_bfloat16, WsMath::kTransposed16
 template cudaError_t launch_dense_decode_ws<__nv_bfloat16, WsMath::kTransposed32>(const DenseDecodeParams&, cudaStream_t);
 #if JFM_DENSE_PAIR && JFM_DENSE_TMA  // (params.h: kDensePair)
 template cudaError_t launch_dense_decode_ws<__nv_bfloat16, WsMath::kRolesPair>(const DenseDecodeParams&, cudaStream_t);
-template cudaError_t launch_dense_decode_ws<__nv_bfloat16, WsMath::kRolesPairRope>(const DenseDecodeParams&, cudaStream_t);
 #endif
 }  // namespace sm90
 }  // namespace jfm
