@@ -18,6 +18,7 @@
 
 #include <cmath>
 
+#include "kernels/launch.h"
 #include "kernels/params.h"
 #include "kernels/pdl.cuh"
 #include "kernels/variant.h"
@@ -385,15 +386,10 @@ __global__ void __launch_bounds__(32 * kWarpRows, 2) combine_quarter_kernel(cons
 // A warp combine, launched as the attention kernel's programmatic dependent where kPdl (pdl.cuh).
 static cudaError_t launch_warp_combine(void (*kernel)(CombineParams), dim3 grid,
                                        const CombineParams& p, cudaStream_t stream) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(32 * kWarpRows);
-  cfg.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = kPdl ? 1 : 0;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  const cudaLaunchConfig_t cfg = launch_config(grid, 32 * kWarpRows, 0, stream, attr, 1);
   return cudaLaunchKernelEx(&cfg, kernel, p);
 }
 

@@ -11,6 +11,8 @@
 #include <mutex>
 #include <utility>
 
+#include "kernels/launch.h"
+
 namespace jfm {
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -47,18 +49,6 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-// Host: the launch configuration of cudaLaunchKernelEx, with `n` attributes of `attrs`.
-inline cudaLaunchConfig_t launch_config(dim3 grid, int threads, size_t smem, cudaStream_t stream,
-                                        cudaLaunchAttribute* attrs, unsigned n) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(threads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cfg.attrs = attrs;
-  cfg.numAttrs = n;
-  return cfg;
-}
 
 // Host: opts `kernel` into at least `smem` bytes of dynamic shared memory on the current device.
 // The driver call is made only when the kernel's opt-in on this device is below `smem` (it is a
