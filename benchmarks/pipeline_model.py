@@ -1,0 +1,226 @@
+"""A discrete-event model of one SM's dense h_q 128 tile pipeline (d_qk 576, two tile buffers):
+the role split (WsMath::kRolesPair's math: the scores warpgroup's S, softmax and P V half, the
+values warpgroup's P V half) against the math warpgroups owning alternate tiles ("ping-pong"),
+with whole-tile buffers (form A: the other's previous tile taken after this tile's S; form B:
+before it) or buffers released and refilled in three chunks (the rope block, each warpgroup's
+value half: WsMath::kPingPongChunks). The tensor pipe is shared by processor sharing; a
+warpgroup's wgmma batch, its softmax and an mbarrier hand-off are fixed costs (cycles).
+
+Why: the whole-tile ping-pong measured 1.20-1.28x (A) and 1.08-1.13x (B) the role split's kernel
+time on the H100 (docs/PERFORMANCE.md, fourth 2026-12-06 session); this model, with the probe's
+tensor costs (benchmarks/wgmma_probe.cu) and a tile's refill latency of ~1500 cycles, gives
+1.21x and 1.08x, and predicts the chunked form before it runs. It is a model: its absolute
+periods are ~15% below the measured ones; read its ratios.
+
+Usage: python benchmarks/pipeline_model.py [--sweep]
+"""
+from __future__ import annotations
+
+import argparse
+import heapq
+import itertools
+
+P = dict(
+    s_work=1152,     # S of a 64x64 tile over d_qk 576: tensor cycles at the full rate
+    pv_work=512,     # one P V half (256 value columns)
+    softmax=880,     # mask + softmax + P stores + publication (H200 tile-phase probe)
+    handoff=150,     # an mbarrier hand-off to a waiting warpgroup
+    handoff_done=60,  # a try_wait on an already completed phase
+    l_tile=1500,     # a whole tile's refill: empty -> full (TMA from L2)
+    l_chunk=1100,    # one chunk's refill
+    wgmma_lat=60,    # issue latency of a wgmma batch
+)
+NT = 400  # tiles simulated (the period is read over the second half)
+
+
+class Sim:
+    def __init__(self):
+        self.t, self.q, self.cnt = 0.0, [], itertools.count()
+        self.active, self.last, self.ver = {}, 0.0, 0
+
+    def at(self, t, fn):
+        heapq.heappush(self.q, (t, next(self.cnt), fn))
+
+    def _advance(self, t):
+        if self.active:
+            d = (t - self.last) / len(self.active)
+            for job in self.active.values():
+                job[0] -= d
+        self.last = t
+
+    def tensor(self, work, cb):
+        """A wgmma batch of `work` cycles on the shared tensor pipe; cb when it completes."""
+        def start():
+            self._advance(self.t)
+            self.active[next(self.cnt)] = [work, cb]
+            self._schedule()
+        self.at(self.t + P["wgmma_lat"], start)
+
+    def _schedule(self):
+        if not self.active:
+            return
+        jid, job = min(self.active.items(), key=lambda kv: kv[1][0])
+        self.ver += 1
+        ver = self.ver
+
+        def finish():
+            if self.ver != ver:
+                return
+            self._advance(self.t)
+            cb = self.active.pop(jid)[1]
+            self._schedule()
+            cb()
+        self.at(self.t + job[0] * len(self.active), finish)
+
+    def run(self):
+        while self.q:
+            self.t, _, fn = heapq.heappop(self.q)
+            fn()
+
+
+class Flag:
+    """One mbarrier phase: set once, waiters resume after a hand-off."""
+    def __init__(self, sim):
+        self.sim, self.done, self.waiters = sim, False, []
+
+    def set(self, delay=0.0):
+        def fire():
+            self.done = True
+            for cb in self.waiters:
+                self.sim.at(self.sim.t + P["handoff"], cb)
+            self.waiters = []
+        self.sim.at(self.sim.t + delay, fire)
+
+    def wait(self, cb):
+        if self.done:
+            self.sim.at(self.sim.t + P["handoff_done"], cb)
+        else:
+            self.waiters.append(cb)
+
+
+def _period(done):
+    ks = sorted(done)
+    a, b = ks[len(ks) // 2], ks[-1]
+    return (done[b] - done[a]) / (b - a)
+
+
+def role_split():
+    sim = Sim()
+    full = [Flag(sim) for _ in range(NT)]
+    free_sc, free_va = [Flag(sim) for _ in range(NT)], [Flag(sim) for _ in range(NT)]
+    p_ready, p_free = [Flag(sim) for _ in range(NT)], [Flag(sim) for _ in range(NT)]
+    done = {}
+    for k in range(NT):
+        if k < 2:
+            full[k].set(P["l_tile"])
+        else:
+            free_sc[k - 2].wait(lambda k=k: free_va[k - 2].wait(lambda: full[k].set(P["l_tile"])))
+
+    def scores(k):
+        if k >= NT:
+            return
+
+        def after_s():
+            def publish():
+                p_ready[k].set()
+                sim.tensor(P["pv_work"], lambda: (free_sc[k].set(), scores(k + 1)))
+            sim.at(sim.t + P["softmax"],
+                   lambda: publish() if k == 0 else p_free[k - 1].wait(publish))
+        full[k].wait(lambda: sim.tensor(P["s_work"], after_s))
+
+    def values(k):
+        if k >= NT:
+            return
+        p_ready[k].wait(lambda: sim.tensor(P["pv_work"], lambda: (
+            p_free[k].set(), free_va[k].set(), done.__setitem__(k, sim.t), values(k + 1))))
+    scores(0)
+    values(0)
+    sim.run()
+    return _period(done)
+
+
+def ping_pong(form, chunks):
+    """form 'A': the other's previous tile taken after this tile's S; 'B': before it."""
+    sim = Sim()
+    pub = [Flag(sim) for _ in range(NT)]
+    full = {(k, c): Flag(sim) for k in range(NT) for c in range(3)}  # chunk 0: rope, 1 + w: half w
+    rel = {(k, c): Flag(sim) for k in range(NT) for c in range(3)}
+    done = {}
+    for k in range(NT):
+        lat = P["l_chunk"] if chunks else P["l_tile"]
+        if k < 2:
+            for c in range(3):
+                full[(k, c)].set(lat)
+        elif chunks:
+            for c in range(3):
+                rel[(k - 2, c)].wait(lambda k=k, c=c: full[(k, c)].set(lat))
+        else:
+            rel[(k - 2, 0)].wait(lambda k=k: rel[(k - 2, 1)].wait(lambda: rel[(k - 2, 2)].wait(
+                lambda: [full[(k, c)].set(lat) for c in range(3)])))
+
+    def wg(w, k):
+        if k % 2 != w:
+            k += 1
+        if k >= NT:
+            return
+        early, late = 1 + w, 2 - w
+
+        def s(cb):  # the rope block and this half first, then the other half
+            def second():
+                full[(k, late)].wait(lambda: sim.tensor(P["s_work"] * 16 / 36, lambda: (
+                    rel[(k, 0)].set() if chunks else None, cb())))
+            full[(k, 0)].wait(lambda: full[(k, early)].wait(
+                lambda: sim.tensor(P["s_work"] * 20 / 36, second)))
+
+        def take(cb):
+            if k == 0:
+                cb()
+                return
+            pub[k - 1].wait(lambda: sim.tensor(P["pv_work"], lambda: (rel[(k - 1, 1 + w)].set(), cb())))
+
+        def softmax_and_own_pv():
+            def own_pv():
+                sim.tensor(P["pv_work"], lambda: (
+                    rel[(k, 1 + w)].set(), None if chunks else rel[(k, 0)].set(),
+                    done.__setitem__(k, sim.t), wg(w, k + 2)))
+            sim.at(sim.t + P["softmax"], lambda: (pub[k].set(), own_pv()))
+        if form == "A":
+            s(lambda: take(softmax_and_own_pv))
+        else:
+            take(lambda: s(softmax_and_own_pv))
+    wg(0, 0)
+    wg(1, 1)
+    sim.run()
+    return _period(done)
+
+
+def report():
+    r = role_split()
+    out = [f"role split {r:.0f} cycles per tile"]
+    for form in "AB":
+        for chunks in (False, True):
+            v = ping_pong(form, chunks)
+            out.append(f"ping-pong {form}{' + chunks' if chunks else ''}: {v:.0f} ({v / r:.2f}x)")
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sweep", action="store_true", help="vary softmax, refill latency, hand-off")
+    args = ap.parse_args()
+    if not args.sweep:
+        print("\n".join(report()))
+        return
+    base = dict(P)
+    for soft in (880, 1100, 1300):
+        for lt, lc in ((1000, 700), (1500, 1100), (2000, 1400), (2000, 2000)):
+            for hand in (150, 300):
+                P.update(base, softmax=soft, l_tile=lt, l_chunk=lc, handoff=hand)
+                r = role_split()
+                print(f"softmax {soft} refill {lt}/{lc} hand-off {hand}: role split {r:.0f}; "
+                      f"A {ping_pong('A', False) / r:.2f}x, B {ping_pong('B', False) / r:.2f}x, "
+                      f"A + chunks {ping_pong('A', True) / r:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
