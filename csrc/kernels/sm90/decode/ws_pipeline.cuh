@@ -605,8 +605,8 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
 // once it has landed (a second batch). Per own tile: S; mask (the rope chunk released); the
 // other's previous tile taken (its row maxima read from `red`, this half and l rescaled, P V from
 // the shared P, the half released); softmax; P and the maxima published; this half's P V from
-// registers. One P buffer serves both: a warpgroup writes P only
-// after its take of the other's P has completed (docs/PERFORMANCE.md, 2026-12-01, pingpong).
+// registers. One P buffer serves both: a warpgroup writes P only after its take of the other's P
+// has completed (docs/PERFORMANCE.md, 2026-12-01, pingpong).
 // Why: a discrete-event model of the two-buffer pipeline (PERFORMANCE.md, fourth 2026-12-06
 // session), which reproduces the measured ratios of the whole-tile forms (1.21x and 1.08x the
 // role split), puts this one at 0.84-0.94x where a chunk's refill takes 70% of a tile's.
