@@ -642,6 +642,7 @@ __device__ __forceinline__ void ws_math_ppc(const Task& task, const WsShared& sh
     // rescaled to them, this half's P V with P from shared memory; then the half is released.
     auto take = [&](uint32_t kt) {
       mbarrier_wait(pub_bar(kt & 1), (kt >> 1) & 1);
+      tile_trace(kt, kTrValP);  // (JFM_TILE_TRACE: the non-owner stamps the values slots)
       fence_proxy_async();  // (a cp.async-filled tile: its rows are generic-proxy writes)
       const float* pub = sh.red + (kt & 1) * kBlockM;
       float corr[2];
@@ -656,14 +657,17 @@ __device__ __forceinline__ void ws_math_ppc(const Task& task, const WsShared& sh
       rescale_o(st.o, corr);
       tile_pv_issue<T>(st, desc_p, desc_v + (kt & 1) * kTileDesc);
       wgmma_wait<0>();
+      tile_trace(kt, kTrValPv);
       mbarrier_arrive(chunk_empty(kt & 1, 1 + kW));
     };
     // This warpgroup's tile k (n: its page), after the other's tile k - 1 when kTake.
     auto own = [&](int n, auto take_prev) {
       constexpr bool kTake = decltype(take_prev)::value;
       const uint32_t buf = k & 1, par = (k >> 1) & 1;
+      tile_trace(k, kTrScWait);  // (JFM_TILE_TRACE: the owner stamps the scores slots)
       mbarrier_wait(chunk_full(buf, 0), par);
       mbarrier_wait(chunk_full(buf, 1 + kW), par);
+      tile_trace(k, kTrScFull);
       fence_proxy_async();  // (cp.async tiles arrive on all three chunks at once)
       const uint8_t* valid = sh.valid + buf * kTileTokens;
       uint32_t valid_word = 0;
@@ -686,8 +690,10 @@ __device__ __forceinline__ void ws_math_ppc(const Task& task, const WsShared& sh
       for (int j = 0; j < 4; ++j) s_block(sacc, dk, 4 * (1 - kW) + j);
       wgmma_commit();
       wgmma_wait<0>();
+      tile_trace(k, kTrScS);
       if (!kWsMaskSkip || !ws_tile_unmasked(task.window_full(cur, n), valid_word))
         mask_tile(sacc, [&](int h, int col) { return task.masked(cur, n, valid, h, col); });
+      tile_trace(k, kTrScMask);
       mbarrier_arrive(chunk_empty(buf, 0));  // S and the validity bytes are done with
       if constexpr (kTake) take(k - 1);
       float corr[2];
@@ -699,9 +705,11 @@ __device__ __forceinline__ void ws_math_ppc(const Task& task, const WsShared& sh
       }
       fence_proxy_async();
       mbarrier_arrive(pub_bar(buf));
+      tile_trace(k, kTrScPub);
       rescale_o(st.o, corr);
       tile_pv_issue_rs<T>(st, sacc, desc_v + buf * kTileDesc);
       wgmma_wait<0>();
+      tile_trace(k, kTrScPv);
       mbarrier_arrive(chunk_empty(buf, 1 + kW));
     };
     int i = 0, n = cur.first;

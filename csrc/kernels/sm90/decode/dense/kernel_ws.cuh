@@ -251,6 +251,7 @@ __device__ __forceinline__ void dense_produce_chunks(const DenseWsTask<T_>& task
         for (int o = 0; o < 3; ++o) {
           const int c = o == 0 ? 0 : o == 1 ? 1 + owner : 2 - owner;
           mbarrier_wait(chunk_empty(b, c), free_par);
+          if (o == 0) tile_trace(k, kTrProdEmpty);
           if (c == 0) {
 #pragma unroll
             for (int h = 0; h < 4; ++h)
@@ -267,6 +268,7 @@ __device__ __forceinline__ void dense_produce_chunks(const DenseWsTask<T_>& task
           }
           if (c == 0) mbarrier_arrive(chunk_full(b, 0));  // (count 256: the validity bytes)
         }
+        tile_trace(k, kTrProdIssued);
       } else {
 #pragma unroll
         for (int c = 0; c < 3; ++c) mbarrier_wait(chunk_empty(b, c), free_par);
