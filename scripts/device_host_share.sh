@@ -8,8 +8,8 @@
 # 1.39x the GPU's busy time that three alternating runs did not reproduce; PERFORMANCE.md, fourth
 # 2026-12-06 session).
 #   run(command="bash scripts/device_host_share.sh; bash scripts/device_pack.sh", carry=[".whl"])
-# Outputs in $OUT: build.log, dispatch_gap.txt, loop_<name>_<round>.{json,log}, loop.txt. SKIP_GAP=1: the
-# loop alone. HOST_VARIANTS="": the default flags only.
+# Outputs in $OUT: build.log, dispatch_gap.txt, loop_<name>_<round>.{json,log}, loop.txt.
+# SKIP_GAP=1: the loop alone. HOST_VARIANTS="": the default flags only.
 set -uo pipefail
 STAGES=${STAGES:-"build"}
 source scripts/device_common.sh

@@ -49,7 +49,6 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-
 // Host: opts `kernel` into at least `smem` bytes of dynamic shared memory on the current device.
 // The driver call is made only when the kernel's opt-in on this device is below `smem` (it is a
 // maximum: a smaller launch needs nothing), so once per kernel and device in practice. The FFI

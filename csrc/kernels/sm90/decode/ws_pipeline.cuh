@@ -196,8 +196,14 @@ struct WsShared {
   // addresses: st.async and remote arrivals).
   uint32_t rank, bar_peer_full, peer_sk0, peer_bar_empty, peer_bar_peer_full;
   // kPingPongChunks: per buffer b and chunk c (0: the rope block, 1: value columns 0-255, 2:
-  // 256-511) its full and empty mbarriers at bar_chunk_full / _empty + 8 (3 b + c).
+  // 256-511) its full and empty mbarriers (chunk_full / chunk_empty).
   uint32_t bar_chunk_full, bar_chunk_empty;
+  __device__ __forceinline__ uint32_t chunk_full(uint32_t b, int c) const {
+    return bar_chunk_full + 8 * (3 * b + c);
+  }
+  __device__ __forceinline__ uint32_t chunk_empty(uint32_t b, int c) const {
+    return bar_chunk_empty + 8 * (3 * b + c);
+  }
 };
 
 // Lays out the dynamic shared memory, initializes the mbarriers (full: `full_count` arrivals,
@@ -620,8 +626,6 @@ __device__ __forceinline__ void ws_math_ppc(const Task& task, const WsShared& sh
   const float sl2 = task.softmax_scale * 1.4426950408889634f;
   const WsRowDescs<Task::kDqk> dd(sh, kW);
   const uint64_t desc_q = dd.q, desc_k = dd.k, desc_p = dd.p, desc_v = dd.v;
-  auto chunk_full = [&](uint32_t b, int c) { return sh.bar_chunk_full + 8 * (3 * b + c); };
-  auto chunk_empty = [&](uint32_t b, int c) { return sh.bar_chunk_empty + 8 * (3 * b + c); };
   auto pub_bar = [&](uint32_t b) { return b == 0 ? sh.bar_p_ready : sh.bar_p_free; };
   // S's four k-steps over 64-column block j (Q and the K tile share the block layout).
   auto s_block = [&](float (&s)[32], uint64_t dk, int j) {
@@ -645,28 +649,23 @@ __device__ __forceinline__ void ws_math_ppc(const Task& task, const WsShared& sh
       tile_trace(kt, kTrValP);  // (JFM_TILE_TRACE: the non-owner stamps the values slots)
       fence_proxy_async();  // (a cp.async-filled tile: its rows are generic-proxy writes)
       const float* pub = sh.red + (kt & 1) * kBlockM;
-      float corr[2];
+      float corr[2], unused[2];
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const float m_new = pub[ln.row(h)];
-        const float m_use = m_new == -INFINITY ? 0.f : m_new;
-        corr[h] = m_new == st.m[h] ? 1.f : exp2f((st.m[h] - m_use) * sl2);  // (online_max's)
-        st.m[h] = m_new;
-        st.l[h] *= corr[h];
-      }
+      for (int h = 0; h < 2; ++h)  // (the published max is never below this one's: max chain)
+        online_max(st.m[h], st.l[h], pub[ln.row(h)], sl2, corr[h], unused[h]);
       rescale_o(st.o, corr);
       tile_pv_issue<T>(st, desc_p, desc_v + (kt & 1) * kTileDesc);
       wgmma_wait<0>();
       tile_trace(kt, kTrValPv);
-      mbarrier_arrive(chunk_empty(kt & 1, 1 + kW));
+      mbarrier_arrive(sh.chunk_empty(kt & 1, 1 + kW));
     };
     // This warpgroup's tile k (n: its page), after the other's tile k - 1 when kTake.
     auto own = [&](int n, auto take_prev) {
       constexpr bool kTake = decltype(take_prev)::value;
       const uint32_t buf = k & 1, par = (k >> 1) & 1;
       tile_trace(k, kTrScWait);  // (JFM_TILE_TRACE: the owner stamps the scores slots)
-      mbarrier_wait(chunk_full(buf, 0), par);
-      mbarrier_wait(chunk_full(buf, 1 + kW), par);
+      mbarrier_wait(sh.chunk_full(buf, 0), par);
+      mbarrier_wait(sh.chunk_full(buf, 1 + kW), par);
       tile_trace(k, kTrScFull);
       fence_proxy_async();  // (cp.async tiles arrive on all three chunks at once)
       const uint8_t* valid = sh.valid + buf * kTileTokens;
@@ -684,7 +683,7 @@ __device__ __forceinline__ void ws_math_ppc(const Task& task, const WsShared& sh
       // block, made ptxas serialize every wgmma: C7520).
       wgmma_commit();
       wgmma_wait<0>();
-      mbarrier_wait(chunk_full(buf, 2 - kW), par);
+      mbarrier_wait(sh.chunk_full(buf, 2 - kW), par);
       wgmma_fence();
 #pragma unroll
       for (int j = 0; j < 4; ++j) s_block(sacc, dk, 4 * (1 - kW) + j);
@@ -694,7 +693,7 @@ __device__ __forceinline__ void ws_math_ppc(const Task& task, const WsShared& sh
       if (!kWsMaskSkip || !ws_tile_unmasked(task.window_full(cur, n), valid_word))
         mask_tile(sacc, [&](int h, int col) { return task.masked(cur, n, valid, h, col); });
       tile_trace(k, kTrScMask);
-      mbarrier_arrive(chunk_empty(buf, 0));  // S and the validity bytes are done with
+      mbarrier_arrive(sh.chunk_empty(buf, 0));  // S and the validity bytes are done with
       if constexpr (kTake) take(k - 1);
       float corr[2];
       tile_softmax_rows(sacc, st, corr, mt, sl2);
@@ -710,7 +709,7 @@ __device__ __forceinline__ void ws_math_ppc(const Task& task, const WsShared& sh
       tile_pv_issue_rs<T>(st, sacc, desc_v + buf * kTileDesc);
       wgmma_wait<0>();
       tile_trace(k, kTrScPv);
-      mbarrier_arrive(chunk_empty(buf, 1 + kW));
+      mbarrier_arrive(sh.chunk_empty(buf, 1 + kW));
     };
     int i = 0, n = cur.first;
     if (kW == 0 && n < cur.t_hi) {  // warpgroup 0's first tile: nothing to take before it

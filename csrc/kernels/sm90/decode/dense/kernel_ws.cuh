@@ -233,8 +233,6 @@ __device__ __forceinline__ void dense_produce_chunks(const DenseWsTask<T_>& task
   const T* __restrict__ kvg = reinterpret_cast<const T*>(p.kv);
   const int ptid = threadIdx.x & 127;
   const int lr = ptid >> 3, lq = ptid & 7;
-  auto chunk_full = [&](uint32_t b, int c) { return sh.bar_chunk_full + 8 * (3 * b + c); };
-  auto chunk_empty = [&](uint32_t b, int c) { return sh.bar_chunk_empty + 8 * (3 * b + c); };
   uint32_t k = 0;  // the CTA's tiles so far
   for (int s = task.begin_seq; s <= task.end_seq; ++s) {
     const typename DenseWsTask<T>::Seq q = task.seq(s);
@@ -250,7 +248,7 @@ __device__ __forceinline__ void dense_produce_chunks(const DenseWsTask<T_>& task
 #pragma unroll
         for (int o = 0; o < 3; ++o) {
           const int c = o == 0 ? 0 : o == 1 ? 1 + owner : 2 - owner;
-          mbarrier_wait(chunk_empty(b, c), free_par);
+          mbarrier_wait(sh.chunk_empty(b, c), free_par);
           if (o == 0) tile_trace(k, kTrProdEmpty);
           if (c == 0) {
 #pragma unroll
@@ -259,19 +257,19 @@ __device__ __forceinline__ void dense_produce_chunks(const DenseWsTask<T_>& task
           }
           if (ptid == 0) {
             const int j0 = c == 0 ? 8 : 4 * (c - 1), nb = c == 0 ? 1 : 4;
-            mbarrier_arrive_expect_tx(chunk_full(b, c), nb * S::kBlockBytes);
+            mbarrier_arrive_expect_tx(sh.chunk_full(b, c), nb * S::kBlockBytes);
             for (int j = j0; j < j0 + nb; ++j)
-              tma_load_3d(tile + j * S::kBlockBytes, &p.kv_map, chunk_full(b, c), 64 * j, task.hk,
+              tma_load_3d(tile + j * S::kBlockBytes, &p.kv_map, sh.chunk_full(b, c), 64 * j, task.hk,
                           blk * kPageBlock);
           } else {
-            mbarrier_arrive(chunk_full(b, c));
+            mbarrier_arrive(sh.chunk_full(b, c));
           }
-          if (c == 0) mbarrier_arrive(chunk_full(b, 0));  // (count 256: the validity bytes)
+          if (c == 0) mbarrier_arrive(sh.chunk_full(b, 0));  // (count 256: the validity bytes)
         }
         tile_trace(k, kTrProdIssued);
       } else {
 #pragma unroll
-        for (int c = 0; c < 3; ++c) mbarrier_wait(chunk_empty(b, c), free_par);
+        for (int c = 0; c < 3; ++c) mbarrier_wait(sh.chunk_empty(b, c), free_par);
         auto present = [&](int r) { return blk_ok && n * kPageBlock + r < q.len; };
         load_tile_rows<T, kDenseDqk, 128>(tile, ptid, kvg, [&](int r) -> const T* {
           const size_t row = static_cast<size_t>(blk) * kPageBlock + r;
@@ -280,9 +278,9 @@ __device__ __forceinline__ void dense_produce_chunks(const DenseWsTask<T_>& task
 #pragma unroll
         for (int h = 0; h < 4; ++h)
           if (lq == 0) valid[lr + 16 * h] = present(lr + 16 * h);
-        mbarrier_arrive(chunk_full(b, 0));  // the validity bytes
+        mbarrier_arrive(sh.chunk_full(b, 0));  // the validity bytes
 #pragma unroll
-        for (int c = 0; c < 3; ++c) cp_async_mbarrier_arrive_noinc(chunk_full(b, c));
+        for (int c = 0; c < 3; ++c) cp_async_mbarrier_arrive_noinc(sh.chunk_full(b, c));
       }
       blk = blk_next;
     }
