@@ -3,13 +3,19 @@ the role split (WsMath::kRolesPair's math: the scores warpgroup's S, softmax and
 values warpgroup's P V half) against the math warpgroups owning alternate tiles ("ping-pong"),
 with whole-tile buffers (form A: the other's previous tile taken after this tile's S; form B:
 before it) or buffers released and refilled in three chunks (the rope block, each warpgroup's
-value half: WsMath::kPingPongChunks). The tensor pipe is shared by processor sharing; a
-warpgroup's wgmma batch, its softmax and an mbarrier hand-off are fixed costs (cycles).
+value half: the gone WsMath::kPingPongChunks, f8ecc33; form C: the take between S's two
+batches). The tensor pipe is shared by processor sharing; a warpgroup's wgmma batch, its softmax
+and an mbarrier hand-off are fixed costs (cycles).
 
-Why: the whole-tile ping-pong measured 1.20-1.28x (A) and 1.08-1.13x (B) the role split's kernel
-time on the H100 (docs/PERFORMANCE.md, fourth 2026-12-06 session); this model, with the probe's
-tensor costs (benchmarks/wgmma_probe.cu) and a tile's refill latency of ~1500 cycles, gives
-1.21x and 1.08x, and predicts the chunked form before it runs. It is a model: its absolute
+Why: before a ping-pong schedule is written, to see whether any order of it can beat the role
+split. Measured on the H100 (docs/PERFORMANCE.md, fourth and fifth 2026-12-06 sessions), kernel
+time over the role split's: whole-tile A 1.20-1.37x, B 1.07-1.13x, chunked A 1.23-1.33x. The
+model gives 1.31x, 1.08x and 1.26x with the refill latencies the chunked kernel's tile-phase
+probe showed (a chunk ~2500 cycles from its release to the wait's end: as slow as a whole tile,
+latency rather than bytes). Its first calibration (a tile 1500, a chunk 1100 cycles, fitted to
+form A and B alone) predicted 0.88x for the chunked form: the refill latency is the input the
+ping-pong's result turns on, so measure it (the probe's "fill") before trusting a prediction.
+At the calibrated latencies form C, the best order, is 1.04x. It is a model: its absolute
 periods are ~15% below the measured ones; read its ratios.
 
 Usage: python benchmarks/pipeline_model.py [--sweep]
@@ -26,8 +32,8 @@ P = dict(
     softmax=880,     # mask + softmax + P stores + publication (H200 tile-phase probe)
     handoff=150,     # an mbarrier hand-off to a waiting warpgroup
     handoff_done=60,  # a try_wait on an already completed phase
-    l_tile=1500,     # a whole tile's refill: empty -> full (TMA from L2)
-    l_chunk=1100,    # one chunk's refill
+    l_tile=1800,     # a whole tile's refill: empty -> full (TMA from L2; fitted to form A)
+    l_chunk=2500,    # one chunk's refill, in order behind the others (kPingPongChunks' probe)
     wgmma_lat=60,    # issue latency of a wgmma batch
 )
 NT = 400  # tiles simulated (the period is read over the second half)
@@ -140,7 +146,8 @@ def role_split():
 
 
 def ping_pong(form, chunks):
-    """form 'A': the other's previous tile taken after this tile's S; 'B': before it."""
+    """form 'A': the other's previous tile taken after this tile's S; 'B': before it; 'C' (with
+    chunks only): between S's two batches."""
     sim = Sim()
     pub = [Flag(sim) for _ in range(NT)]
     full = {(k, c): Flag(sim) for k in range(NT) for c in range(3)}  # chunk 0: rope, 1 + w: half w
@@ -186,8 +193,13 @@ def ping_pong(form, chunks):
             sim.at(sim.t + P["softmax"], lambda: (pub[k].set(), own_pv()))
         if form == "A":
             s(lambda: take(softmax_and_own_pv))
-        else:
+        elif form == "B":
             take(lambda: s(softmax_and_own_pv))
+        else:  # "C" (chunks): between S's rope-and-own-half batch and its other-half batch
+            full[(k, 0)].wait(lambda: full[(k, early)].wait(lambda: sim.tensor(
+                P["s_work"] * 20 / 36, lambda: take(lambda: full[(k, late)].wait(
+                    lambda: sim.tensor(P["s_work"] * 16 / 36, lambda: (
+                        rel[(k, 0)].set(), softmax_and_own_pv())))))))
     wg(0, 0)
     wg(1, 1)
     sim.run()
@@ -197,10 +209,9 @@ def ping_pong(form, chunks):
 def report():
     r = role_split()
     out = [f"role split {r:.0f} cycles per tile"]
-    for form in "AB":
-        for chunks in (False, True):
-            v = ping_pong(form, chunks)
-            out.append(f"ping-pong {form}{' + chunks' if chunks else ''}: {v:.0f} ({v / r:.2f}x)")
+    for form, chunks in (("A", False), ("B", False), ("A", True), ("B", True), ("C", True)):
+        v = ping_pong(form, chunks)
+        out.append(f"ping-pong {form}{' + chunks' if chunks else ''}: {v:.0f} ({v / r:.2f}x)")
     return out
 
 
@@ -213,13 +224,14 @@ def main():
         return
     base = dict(P)
     for soft in (880, 1100, 1300):
-        for lt, lc in ((1000, 700), (1500, 1100), (2000, 1400), (2000, 2000)):
+        for lt, lc in ((1000, 700), (1500, 1100), (1800, 1800), (1800, 2500), (2000, 3000)):
             for hand in (150, 300):
                 P.update(base, softmax=soft, l_tile=lt, l_chunk=lc, handoff=hand)
                 r = role_split()
                 print(f"softmax {soft} refill {lt}/{lc} hand-off {hand}: role split {r:.0f}; "
                       f"A {ping_pong('A', False) / r:.2f}x, B {ping_pong('B', False) / r:.2f}x, "
-                      f"A + chunks {ping_pong('A', True) / r:.2f}x")
+                      f"A + chunks {ping_pong('A', True) / r:.2f}x, "
+                      f"C + chunks {ping_pong('C', True) / r:.2f}x")
 
 
 if __name__ == "__main__":

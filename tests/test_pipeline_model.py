@@ -1,7 +1,8 @@
-"""benchmarks/pipeline_model.py, the discrete-event model of the dense h_q 128 tile pipeline that
-predicted WsMath::kPingPongChunks: at its default costs it must reproduce the two whole-tile
-ping-pong forms' measured ratios to the role split (H100, fourth 2026-12-06 session: form A
-1.20-1.28x, form B 1.08-1.13x), or its prediction for the chunked form means nothing."""
+"""benchmarks/pipeline_model.py, the discrete-event model of the dense h_q 128 tile pipeline: at its
+default (calibrated) costs it must reproduce the ping-pong forms' measured ratios to the role
+split (H100, docs/PERFORMANCE.md, fourth and fifth 2026-12-06 sessions: whole-tile form A
+1.20-1.37x, form B 1.07-1.13x, the chunked form A (the gone kPingPongChunks) 1.23-1.33x), or what
+it says of another schedule means nothing."""
 import os
 import sys
 
@@ -10,23 +11,29 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "ben
 import pipeline_model as pm  # noqa: E402
 
 
-def test_model_reproduces_the_measured_whole_tile_ratios():
+def test_model_reproduces_the_measured_ratios():
     roles = pm.role_split()
     a = pm.ping_pong("A", chunks=False) / roles
     b = pm.ping_pong("B", chunks=False) / roles
-    assert 1.15 <= a <= 1.30, a
-    assert 1.03 <= b <= 1.15, b
+    a_chunks = pm.ping_pong("A", chunks=True) / roles
+    assert 1.20 <= a <= 1.37, a
+    assert 1.03 <= b <= 1.13, b
+    assert 1.20 <= a_chunks <= 1.33, a_chunks
     # Chunks cannot help form B (its take comes before S: nothing waits on a refill there).
     assert abs(pm.ping_pong("B", chunks=True) / roles - b) < 0.02
+    # The best order (the take between S's two batches) still does not beat the role split.
+    assert pm.ping_pong("C", chunks=True) / roles > 1.0
 
 
 def test_chunk_refill_latency_decides_the_chunked_form():
+    # At the first calibration's chunk latency (1100 cycles) the chunked form won in the model;
+    # the measured ~2500 makes it lose: the prediction turns on that one input.
     base = dict(pm.P)
     try:
-        fast = [pm.ping_pong("A", True) / pm.role_split()]
-        pm.P.update(l_chunk=pm.P["l_tile"] * 1.4)
-        slow = pm.ping_pong("A", True) / pm.role_split()
+        pm.P.update(l_chunk=1100)
+        fast = pm.ping_pong("A", True) / pm.role_split()
     finally:
         pm.P.clear()
         pm.P.update(base)
-    assert fast[0] < 1.0 < slow, (fast, slow)
+    slow = pm.ping_pong("A", True) / pm.role_split()
+    assert fast < 1.0 < slow, (fast, slow)

@@ -183,13 +183,13 @@ enum class KvFormat : int { kBf16 = 0, kFp8V32 = 1, kFp8V4 = 2 };
 // publication waits for the values warpgroup's longer P V; and kRolesPairRope, 76cb7b9 (P in the
 // tile's rope block, corrections per tile parity: the scores warpgroup never waits for P to be
 // freed), flat within +-0.4%: that wait is not on the path that sets the tile's period.)
-// kPingPongChunks (dense d_qk 576, unpaired; JFM_KERNEL_VARIANT=pingpong_chunks, written
-// 2026-12-06 and not yet run): the math warpgroups own alternate tiles and each tile buffer is
-// released and refilled in three chunks (ws_pipeline.cuh, ws_math_ppc).
-enum class WsMath : int {
-  kRoles = 1, kTransposed16 = 2, kTransposed32 = 3, kRolesWide = 4, kRolesPair = 5,
-  kPingPongChunks = 6
-};
+// (Measured and gone, 2026-12-06 fifth session: kPingPongChunks, f8ecc33..d128ea4, the ping-pong
+// with each tile buffer released and refilled in three chunks (rope, each value half), unpaired:
+// 1.23-1.33x the pair's kernel time on dense h128: a chunk's refill took ~2500 cycles, as long as
+// a whole tile's, and the other half's release -> refill -> S chain sets the period;
+// benchmarks/pipeline_model.py, calibrated by its tile-phase probe, puts every two-buffer ping-pong
+// order at or above the role split.)
+enum class WsMath : int { kRoles = 1, kTransposed16 = 2, kTransposed32 = 3, kRolesWide = 4, kRolesPair = 5 };
 
 // One KV pool and the flat rows each query token picks from it.
 struct SparsePool {

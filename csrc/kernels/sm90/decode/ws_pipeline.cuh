@@ -81,7 +81,6 @@ constexpr bool ws_transposed(WsMath m) {
   return m == WsMath::kTransposed16 || m == WsMath::kTransposed32;
 }
 constexpr bool ws_pair(WsMath m) { return m == WsMath::kRolesPair; }
-constexpr bool ws_pp_chunks(WsMath m) { return m == WsMath::kPingPongChunks; }
 struct WsRegSplit {
   int wg0, wg1, wg2;
 };
@@ -96,9 +95,6 @@ constexpr WsRegSplit ws_reg_split(WsMath m) {
     // Moves 32 + 32 of kRoles' to the producer, which then fetches both FP8 rounds before it
     // waits (152 for warpgroup 1 spilled 284 bytes).
     case WsMath::kRolesWide: return {200, 160, 144};
-    // Both math warpgroups hold S (32) beside their O half (128) and spill at 232 (52 bytes);
-    // the TMA producer then has 24 (here 16 bytes spilled in all).
-    case WsMath::kPingPongChunks: return {240, 240, 24};
     // kRoles, kRolesPair: warpgroup 0 holds S (32) beside its O half (128), warpgroup 1 only the
     // O half.
     default: return {232, 184, 88};
@@ -173,9 +169,7 @@ struct WsSmem : TileSmem<kDqk> {
   static constexpr int kPeerBarOff = kCorrOff + kBlockM * 4;           // peer_full[2] (kRolesPair)
   // p_ready, p_free, stats_ready, stats_free (kRoles*)
   static constexpr int kPBarOff = kPeerBarOff + 2 * 8;
-  // kPingPongChunks: chunk_full[2][3], chunk_empty[2][3] (buffer, chunk)
-  static constexpr int kChunkBarOff = kPBarOff + 4 * 8;
-  static constexpr size_t kBytes = kChunkBarOff + 12 * 8 + 1024;  // + alignment slack
+  static constexpr size_t kBytes = kPBarOff + 4 * 8 + 1024;  // + alignment slack
   static_assert(kBarOff % 8 == 0 && kPeerBarOff % 8 == 0 && kPBarOff % 8 == 0,
                 "mbarriers are 8-byte aligned");
   static_assert(kBytes <= 227 * 1024, "shared memory of one sm90 CTA");
@@ -195,15 +189,6 @@ struct WsShared {
   // bytes the peer stores into its tiles); the peer's tile 0 and empty barriers (cluster
   // addresses: st.async and remote arrivals).
   uint32_t rank, bar_peer_full, peer_sk0, peer_bar_empty, peer_bar_peer_full;
-  // kPingPongChunks: per buffer b and chunk c (0: the rope block, 1: value columns 0-255, 2:
-  // 256-511) its full and empty mbarriers (chunk_full / chunk_empty).
-  uint32_t bar_chunk_full, bar_chunk_empty;
-  __device__ __forceinline__ uint32_t chunk_full(uint32_t b, int c) const {
-    return bar_chunk_full + 8 * (3 * b + c);
-  }
-  __device__ __forceinline__ uint32_t chunk_empty(uint32_t b, int c) const {
-    return bar_chunk_empty + 8 * (3 * b + c);
-  }
 };
 
 // Lays out the dynamic shared memory, initializes the mbarriers (full: `full_count` arrivals,
@@ -232,8 +217,6 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
   sh.bar_stats_ready = sh.bar_p_ready + 16;
   sh.bar_stats_free = sh.bar_p_ready + 24;
   sh.tile_bytes = S::kTileBytes;
-  sh.bar_chunk_full = base + W::kChunkBarOff;
-  sh.bar_chunk_empty = sh.bar_chunk_full + 6 * 8;
   constexpr bool kPair = ws_pair(kMath);
   if constexpr (kPair) {
     sh.rank = cluster_ctarank();
@@ -252,14 +235,6 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
       if constexpr (kPair) mbarrier_init(sh.bar_peer_full + 8 * b, 1);  // + the peer's bytes
     }
     for (int i = 0; i < 4; ++i) mbarrier_init(sh.bar_p_ready + 8 * i, 128);
-    if constexpr (ws_pp_chunks(kMath)) {
-      // full: the producer's 128 threads (the rope chunk: twice, with the validity bytes);
-      // empty: the one warpgroup that reads the chunk last (ws_math_ppc).
-      for (int i = 0; i < 6; ++i) {
-        mbarrier_init(sh.bar_chunk_full + 8 * i, i % 3 == 0 ? 256 : 128);
-        mbarrier_init(sh.bar_chunk_empty + 8 * i, 128);
-      }
-    }
     if constexpr (kPair) fence_mbarrier_init();
   }
   if (threadIdx.x == 256) cta_stamp(kStartAtBarrier);  // (tile_trace.cuh: the probe's stamps)
@@ -599,140 +574,6 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   }
 }
 
-// ---- kPingPongChunks (dense, d_qk 576, unpaired; JFM_KERNEL_VARIANT=pingpong_chunks). Written
-// 2026-12-06 (fourth session) after the whole-tile ping-pong lost (ccc083b: 1.07-1.37x the role
-// split), not yet run on a GPU. Warpgroup kW owns the tiles i % 2 == kW of a sequence and keeps
-// O[:, 256 kW ..) over every tile. Each tile buffer is released and refilled in three chunks, each
-// with its own full and empty mbarrier: 0, the rope block (read only by S and, through the
-// validity bytes, the mask: released by the owner after its mask), 1 and 2, value columns 0-255
-// and 256-511 (read by S and by warpgroup 0's / 1's P V half: released by that warpgroup after
-// its P V). The producer refills chunk 0, then the owner's half, then the other half; the owner's
-// S runs over the rope block and its own half first (one wgmma batch), then over the other half
-// once it has landed (a second batch). Per own tile: S; mask (the rope chunk released); the
-// other's previous tile taken (its row maxima read from `red`, this half and l rescaled, P V from
-// the shared P, the half released); softmax; P and the maxima published; this half's P V from
-// registers. One P buffer serves both: a warpgroup writes P only after its take of the other's P
-// has completed (docs/PERFORMANCE.md, 2026-12-01, pingpong).
-// Why: a discrete-event model of the two-buffer pipeline (PERFORMANCE.md, fourth 2026-12-06
-// session), which reproduces the measured ratios of the whole-tile forms (1.21x and 1.08x the
-// role split), puts this one at 0.84-0.94x where a chunk's refill takes 70% of a tile's.
-template <class Task, int kW>
-__device__ __forceinline__ void ws_math_ppc(const Task& task, const WsShared& sh) {
-  using T = typename Task::T;
-  using S = TileSmem<Task::kDqk>;
-  static_assert(S::kKBlocks == 9, "chunks: 4 + 4 value blocks and the rope block (d_qk 576)");
-  constexpr uint32_t kTileDesc = S::kTileBytes >> 4;
-  const Lane ln;
-  const float sl2 = task.softmax_scale * 1.4426950408889634f;
-  const WsRowDescs<Task::kDqk> dd(sh, kW);
-  const uint64_t desc_q = dd.q, desc_k = dd.k, desc_p = dd.p, desc_v = dd.v;
-  auto pub_bar = [&](uint32_t b) { return b == 0 ? sh.bar_p_ready : sh.bar_p_free; };
-  // S's four k-steps over 64-column block j (Q and the K tile share the block layout).
-  auto s_block = [&](float (&s)[32], uint64_t dk, int j) {
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      const uint32_t off = (j * S::kBlockBytes + u * 32) >> 4;
-      wgmma_m64n64k16_ss<T>(s, desc_q + off, dk + off);
-    }
-  };
-  uint32_t k = 0;  // tiles this CTA has consumed (the producer's count, in step)
-  for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
-    const typename Task::Seq cur = task.seq(seq);
-    ws_load_q<256>(task, cur, sh, [] { MathWarpsSync::sync(); });
-    RowState st;
-    st.init();
-    float mt[2] = {-INFINITY, -INFINITY};  // the owned tiles' true row maxima
-    // The other warpgroup's tile kt: its rows' running maxima (red[kt % 2]), this half and l
-    // rescaled to them, this half's P V with P from shared memory; then the half is released.
-    auto take = [&](uint32_t kt) {
-      mbarrier_wait(pub_bar(kt & 1), (kt >> 1) & 1);
-      tile_trace(kt, kTrValP);  // (JFM_TILE_TRACE: the non-owner stamps the values slots)
-      fence_proxy_async();  // (a cp.async-filled tile: its rows are generic-proxy writes)
-      const float* pub = sh.red + (kt & 1) * kBlockM;
-      float corr[2], unused[2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h)  // (the published max is never below this one's: max chain)
-        online_max(st.m[h], st.l[h], pub[ln.row(h)], sl2, corr[h], unused[h]);
-      rescale_o(st.o, corr);
-      tile_pv_issue<T>(st, desc_p, desc_v + (kt & 1) * kTileDesc);
-      wgmma_wait<0>();
-      tile_trace(kt, kTrValPv);
-      mbarrier_arrive(sh.chunk_empty(kt & 1, 1 + kW));
-    };
-    // This warpgroup's tile k (n: its page), after the other's tile k - 1 when kTake.
-    auto own = [&](int n, auto take_prev) {
-      constexpr bool kTake = decltype(take_prev)::value;
-      const uint32_t buf = k & 1, par = (k >> 1) & 1;
-      tile_trace(k, kTrScWait);  // (JFM_TILE_TRACE: the owner stamps the scores slots)
-      mbarrier_wait(sh.chunk_full(buf, 0), par);
-      mbarrier_wait(sh.chunk_full(buf, 1 + kW), par);
-      tile_trace(k, kTrScFull);
-      fence_proxy_async();  // (cp.async tiles arrive on all three chunks at once)
-      const uint8_t* valid = sh.valid + buf * kTileTokens;
-      uint32_t valid_word = 0;
-      if constexpr (kWsMaskSkip) valid_word = ws_valid_word(valid);
-      float sacc[32];
-#pragma unroll
-      for (int j = 0; j < 32; ++j) sacc[j] = 0.f;
-      const uint64_t dk = desc_k + buf * kTileDesc;
-      wgmma_fence();
-      s_block(sacc, dk, 8);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) s_block(sacc, dk, 4 * kW + j);
-      // The other half: S in two batches (a poll loop inside one batch, even written as one asm
-      // block, made ptxas serialize every wgmma: C7520).
-      wgmma_commit();
-      wgmma_wait<0>();
-      mbarrier_wait(sh.chunk_full(buf, 2 - kW), par);
-      wgmma_fence();
-#pragma unroll
-      for (int j = 0; j < 4; ++j) s_block(sacc, dk, 4 * (1 - kW) + j);
-      wgmma_commit();
-      wgmma_wait<0>();
-      tile_trace(k, kTrScS);
-      if (!kWsMaskSkip || !ws_tile_unmasked(task.window_full(cur, n), valid_word))
-        mask_tile(sacc, [&](int h, int col) { return task.masked(cur, n, valid, h, col); });
-      tile_trace(k, kTrScMask);
-      mbarrier_arrive(sh.chunk_empty(buf, 0));  // S and the validity bytes are done with
-      if constexpr (kTake) take(k - 1);
-      float corr[2];
-      tile_softmax_rows(sacc, st, corr, mt, sl2);
-      store_p_rows<T>(sh.sp, sacc, ln);
-      if (ln.tq == 0) {
-        sh.red[buf * kBlockM + ln.row(0)] = st.m[0];
-        sh.red[buf * kBlockM + ln.row(1)] = st.m[1];
-      }
-      fence_proxy_async();
-      mbarrier_arrive(pub_bar(buf));
-      tile_trace(k, kTrScPub);
-      rescale_o(st.o, corr);
-      tile_pv_issue_rs<T>(st, sacc, desc_v + buf * kTileDesc);
-      wgmma_wait<0>();
-      tile_trace(k, kTrScPv);
-      mbarrier_arrive(sh.chunk_empty(buf, 1 + kW));
-    };
-    int i = 0, n = cur.first;
-    if (kW == 0 && n < cur.t_hi) {  // warpgroup 0's first tile: nothing to take before it
-      own(n, std::false_type{});
-      n = cur.next(n + 1);
-      ++k;
-      ++i;
-    }
-    for (; n < cur.t_hi; ++k, ++i) {
-      const int n_next = cur.next(n + 1);
-      if ((i & 1) == kW) {
-        own(n, std::true_type{});
-      } else if (n_next >= cur.t_hi) {  // the sequence's last tile is the other's
-        take(k);
-      }  // (else: taken with this warpgroup's next tile)
-      n = n_next;
-    }
-    float inv[2], lse[2];
-    tile_finish<MathWarpsSync>(st, sh.red, task.softmax_scale, task.empty_lse(cur), inv, lse, ln);
-    task.template store_rows<kW == 0, false>(cur, st, inv, lse, mt, ln);
-  }
-}
-
 // The Q tile of the kN-row transposed math: the rows it loads and the bytes per 64-column
 // block. Where the task's producers stage FP8 rows in the Q tile's spare bytes
 // (JFM_FP8_BULK_STAGE / _T32): kN = 16, Task::kT16StagesInQ: 16 rows in place (rows 16-63 of
@@ -884,17 +725,6 @@ __device__ __forceinline__ void ws_run(const Task& task, const WsShared& sh) {
       task.template produce<Regs::kWideProducer, false, false, kMath == WsMath::kTransposed16>(
           sh, wg - 1, 2);
       cta_stamp(wg == 1 ? kEndProdDone : kEndProdLeft);  // (each producer warpgroup's end)
-    }
-  } else if constexpr (ws_pp_chunks(kMath)) {
-    if (wg == 2) {
-      ws_set_regs<Regs::kWg2, kL>();
-      task.produce_chunks(sh);
-    } else if (wg == 0) {
-      ws_set_regs<Regs::kWg0, kL>();
-      ws_math_ppc<Task, 0>(task, sh);
-    } else {
-      ws_set_regs<Regs::kWg1, kL>();
-      ws_math_ppc<Task, 1>(task, sh);
     }
   } else if (wg == 2) {
     ws_set_regs<Regs::kWg2, kL>();

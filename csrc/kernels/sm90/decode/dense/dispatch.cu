@@ -44,8 +44,6 @@ cudaError_t launch(const DenseDecodeParams& params, cudaStream_t stream) {
   const int rows = p.s_q * (p.h_q / p.h_kv);  // query rows per KV head (a CTA takes 64 of them)
   if (rows <= 16) return sm90::launch_dense_decode_ws<T, WsMath::kTransposed16>(p, stream);
   if (rows <= 32) return sm90::launch_dense_decode_ws<T, WsMath::kTransposed32>(p, stream);
-  if (v == KernelVariant::kPingPongChunks)
-    return sm90::launch_dense_decode_ws<T, WsMath::kPingPongChunks>(p, stream);
   if constexpr (kDensePair) {
     const cudaError_t e = sm90::launch_dense_decode_ws<T, WsMath::kRolesPair>(p, stream);
     if (e != cudaErrorNotSupported) return e;  // else no pair here: unpaired

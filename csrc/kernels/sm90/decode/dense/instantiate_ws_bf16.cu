@@ -5,7 +5,6 @@
 namespace jfm {
 namespace sm90 {
 template cudaError_t launch_dense_decode_ws<__nv_bfloat16, WsMath::kRoles>(const DenseDecodeParams&, cudaStream_t);
-template cudaError_t launch_dense_decode_ws<__nv_bfloat16, WsMath::kPingPongChunks>(const DenseDecodeParams&, cudaStream_t);
 template cudaError_t launch_dense_decode_ws<__nv_bfloat16, WsMath::kTransposed16>(const DenseDecodeParams&, cudaStream_t);
 template cudaError_t launch_dense_decode_ws<__nv_bfloat16, WsMath::kTransposed32>(const DenseDecodeParams&, cudaStream_t);
 #if JFM_DENSE_PAIR && JFM_DENSE_TMA  // (params.h: kDensePair)

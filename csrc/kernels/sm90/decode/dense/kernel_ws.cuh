@@ -120,9 +120,6 @@ struct DenseWsTask {
     store_dense_rows<T>(p, st, inv, lse, q.index, q.slot, q.nsplit, row0, hk, hpk, rows_total, ln);
   }
 
-  // kPingPongChunks' producer (dense_produce_chunks, below).
-  __device__ __forceinline__ void produce_chunks(const WsShared& sh) const;
-
   // A producer warpgroup (`which` of `stride`: the tiles k % stride == which): each page's 64 rows
   // of this KV head by load_tile_rows (128 threads: rows lr + 16 h); the page id of its next tile
   // is loaded while this one is waited for and copied.
@@ -217,81 +214,6 @@ struct DenseWsTask {
     cp_async_wait_all();  // no copy outlives its thread
   }
 };
-
-// kPingPongChunks' producer (ws_pipeline.cuh, ws_math_ppc; not yet run on a GPU): the CTA's
-// tiles in order, each whole page by TMA in three chunks (0: the rope box 8, then the owner's
-// value half, then the other's: boxes 0-3 / 4-7 for warpgroup 0 / 1), each issued once that
-// chunk of the buffer's previous tile is released; a partial or invalid page by cp.async once
-// all three are, arriving on the three full barriers together. The validity bytes go with
-// chunk 0 (its full barrier counts two arrivals per thread).
-template <typename T_>
-__device__ __forceinline__ void dense_produce_chunks(const DenseWsTask<T_>& task,
-                                                     const WsShared& sh) {
-  using T = T_;
-  using S = TileSmem<kDenseDqk>;
-  const DenseDecodeParams& p = task.p;
-  const T* __restrict__ kvg = reinterpret_cast<const T*>(p.kv);
-  const int ptid = threadIdx.x & 127;
-  const int lr = ptid >> 3, lq = ptid & 7;
-  uint32_t k = 0;  // the CTA's tiles so far
-  for (int s = task.begin_seq; s <= task.end_seq; ++s) {
-    const typename DenseWsTask<T>::Seq q = task.seq(s);
-    int blk = q.first < q.t_hi ? q.table[q.first] : -1;
-    for (int n = q.first; n < q.t_hi; ++n, ++k) {
-      const int blk_next = n + 1 < q.t_hi ? q.table[n + 1] : -1;
-      const bool blk_ok = blk >= 0 && blk < p.num_kv_blocks;
-      const uint32_t b = k & 1, free_par = ((k >> 1) & 1) ^ 1;  // (the first use passes at once)
-      const uint32_t tile = sh.sk0 + b * S::kTileBytes;
-      uint8_t* valid = sh.valid + b * kTileTokens;
-      const int owner = (n - q.first) & 1;
-      if (task.tma_page(q, n, blk_ok)) {
-#pragma unroll
-        for (int o = 0; o < 3; ++o) {
-          const int c = o == 0 ? 0 : o == 1 ? 1 + owner : 2 - owner;
-          mbarrier_wait(sh.chunk_empty(b, c), free_par);
-          if (o == 0) tile_trace(k, kTrProdEmpty);
-          if (c == 0) {
-#pragma unroll
-            for (int h = 0; h < 4; ++h)
-              if (lq == 0) valid[lr + 16 * h] = 1;
-          }
-          if (ptid == 0) {
-            const int j0 = c == 0 ? 8 : 4 * (c - 1), nb = c == 0 ? 1 : 4;
-            mbarrier_arrive_expect_tx(sh.chunk_full(b, c), nb * S::kBlockBytes);
-            for (int j = j0; j < j0 + nb; ++j)
-              tma_load_3d(tile + j * S::kBlockBytes, &p.kv_map, sh.chunk_full(b, c), 64 * j, task.hk,
-                          blk * kPageBlock);
-          } else {
-            mbarrier_arrive(sh.chunk_full(b, c));
-          }
-          if (c == 0) mbarrier_arrive(sh.chunk_full(b, 0));  // (count 256: the validity bytes)
-        }
-        tile_trace(k, kTrProdIssued);
-      } else {
-#pragma unroll
-        for (int c = 0; c < 3; ++c) mbarrier_wait(sh.chunk_empty(b, c), free_par);
-        auto present = [&](int r) { return blk_ok && n * kPageBlock + r < q.len; };
-        load_tile_rows<T, kDenseDqk, 128>(tile, ptid, kvg, [&](int r) -> const T* {
-          const size_t row = static_cast<size_t>(blk) * kPageBlock + r;
-          return present(r) ? kvg + (row * p.h_kv + task.hk) * kDenseDqk : nullptr;
-        });
-#pragma unroll
-        for (int h = 0; h < 4; ++h)
-          if (lq == 0) valid[lr + 16 * h] = present(lr + 16 * h);
-        mbarrier_arrive(sh.chunk_full(b, 0));  // the validity bytes
-#pragma unroll
-        for (int c = 0; c < 3; ++c) cp_async_mbarrier_arrive_noinc(sh.chunk_full(b, c));
-      }
-      blk = blk_next;
-    }
-  }
-  cp_async_wait_all();  // no copy outlives its thread
-}
-
-template <typename T>
-__device__ __forceinline__ void DenseWsTask<T>::produce_chunks(const WsShared& sh) const {
-  dense_produce_chunks<T>(*this, sh);
-}
 
 template <typename T, WsMath kMath>
 __global__ void __launch_bounds__(384, 1) dense_decode_ws_kernel(const __grid_constant__ DenseDecodeParams p) {
