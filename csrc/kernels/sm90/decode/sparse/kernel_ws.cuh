@@ -42,6 +42,12 @@ namespace sm90 {
 #define JFM_PIPELINED_FP8_FETCH 1
 #endif
 constexpr bool kPipelinedFp8Fetch = JFM_PIPELINED_FP8_FETCH != 0;
+// JFM_DIAG_FILL_BLOCKS=n (a timing diagnostic, wrong results): the bf16 producer copies only the
+// first n 64-column blocks of each gathered row (the rest of the tile keeps stale bytes), to tell
+// how much of a period the gather sets (0: no copies at all).
+#ifndef JFM_DIAG_FILL_BLOCKS
+#define JFM_DIAG_FILL_BLOCKS 9
+#endif
 // JFM_FP8_WIDE_OUT (3 = the CTA pairs, both warpgroups, the default; 1 = the pairs' scores
 // warpgroup only; 2 = every FP8 role split's scores warpgroup; 0 = none): the FP8 kernels' output
 // rows in 16-byte stores (store_out_row's kWide), as the bf16 kernels'. Why: ncu of V3.2 h128 /
@@ -911,7 +917,8 @@ struct SparseWsTask {
             tile_trace(fill.k, kTrProdEmpty);
             const bf16* rows = reinterpret_cast<const bf16*>(pool.data);
             // Row lr + 16 h of the tile is this thread's position h (lr < 16).
-            load_tile_rows<bf16, kDqk, 128>(fill.tile, ptid, rows, [&](int t) -> const bf16* {
+            load_tile_rows<bf16, kDqk, 128, kBlockM, TileSmem<kDqk>::kBlockBytes,
+                           JFM_DIAG_FILL_BLOCKS>(fill.tile, ptid, rows, [&](int t) -> const bf16* {
               const int64_t r = q.rows.row_of(idx[t >> 4], pool_id);
               return r >= 0 ? rows + r * kDqk : nullptr;
             });
