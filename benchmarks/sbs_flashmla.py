@@ -133,10 +133,10 @@ def build(case, folder, meta):
             q = torch.cat([q, q.new_zeros((s_q, h_up - h_q, d))], dim=1).contiguous()
             sink = torch.cat([sink, sink.new_zeros((h_up - h_q,))]).contiguous()
 
-        def call():
+        def call(q=q):
             return flash_mla.flash_mla_sparse_fwd(q, kv, idx, scale, d_v=D_V, attn_sink=sink,
                                                   topk_length=None)
-        return call, ("out", "max_logits", "lse"), h_q, None
+        return call, ("out", "max_logits", "lse"), h_q, q
     raise ValueError(kind)
 
 

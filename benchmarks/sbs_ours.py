@@ -42,9 +42,14 @@ def parse():
     ap.add_argument("--xla", action="store_true",
                     help="also time plain XLA (gather + einsums) on small dense cases")
     ap.add_argument("--in-one-call", type=int, default=0, metavar="K",
-                    help="decode cases on our kernels: also time K calls issued as one unit (one "
+                    help="cases on our kernels: also time K calls issued as one unit (one "
                          "jit of K calls on K copies of q): the GPU time per call without a host "
                          "dispatch per call (side_by_side.py --in-one-call)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="instead of timing: N back-to-back calls of each case (one dispatch each, "
+                         "as the timed rounds issue them) under jax.profiler; print each case's "
+                         "kernel time per call, the GPU's idle gap between calls and the span per "
+                         "call: whether a back-to-back time above the kernel's is GPU idle time")
     ap.add_argument("--limits", action="store_true",
                     help="only measure copy bandwidth / bf16 matmul rate with JAX (fallback when "
                          "torch is not there) and write <work>/limits.json")
@@ -204,8 +209,7 @@ def run_case(case, work, impl, calls, rounds):
         rec.update(time_rounds(lambda: fn(*args), jax.block_until_ready, calls=calls, rounds=rounds,
                                budget_s=budget))
         rec["status"] = "ok"
-        if (ARGS.in_one_call > 1 and case["kind"] != "sparse_prefill"
-                and (rec["path"] == "kernel" or ARGS.cpu)):   # (CPU: the smoke test's run of it)
+        if ARGS.in_one_call > 1 and (rec["path"] == "kernel" or ARGS.cpu):  # (CPU: the smoke test's)
             try:
                 rec.update(time_in_one_call(fn, args, ARGS.in_one_call, calls, rounds))
             except Exception as e:  # noqa: BLE001 (out of memory for K copies)
@@ -217,6 +221,32 @@ def run_case(case, work, impl, calls, rounds):
             except Exception as e:  # noqa: BLE001 (out of memory on big shapes)
                 rec["xla_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     return rec
+
+
+def profile_case(case, work, n):
+    """N back-to-back calls under jax.profiler (--profile): kernel time, idle gaps, span per call."""
+    import tempfile
+    folder = case_dir(work, case)
+    fn, args, _ = build(case, folder, load_meta(folder), ARGS.implementation)
+    for _ in range(3):
+        jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            jax.block_until_ready([fn(*args) for _ in range(n)])
+        ev = perfetto_gpu_events(d)
+    if not ev:
+        print(f"[{ARGS.label}] {case['name']}: no GPU events in the trace")
+        return
+    busy = {}
+    for _, dur, name in ev:
+        busy.setdefault(name[:90], []).append(dur)
+    gaps = [ev[i + 1][0] - ev[i][0] - ev[i][1] for i in range(len(ev) - 1)]
+    span = ev[-1][0] + ev[-1][1] - ev[0][0]
+    print(f"[{ARGS.label}] {case['name']}: {n} calls back to back, {len(ev)} GPU events, span "
+          f"{span / n:.1f} us per call; gaps between events: median {np.median(gaps):.1f} us, "
+          f"max {max(gaps):.1f}, sum {sum(g for g in gaps if g > 0) / n:.1f} per call", flush=True)
+    for name, durs in sorted(busy.items(), key=lambda kv: -sum(kv[1])):
+        print(f"    {len(durs):4d} x median {np.median(durs):8.1f} us  {name}", flush=True)
 
 
 def limits(work):
@@ -254,6 +284,10 @@ def main():
     ok, why = jfm.kernels_available()
     print(f"[{ARGS.label}] jax {jax.__version__} on {dev.device_kind}; kernels_available={ok}"
           + ("" if ok else f" ({why})"), flush=True)
+    if ARGS.profile:
+        for case in cases[ARGS.start:]:
+            profile_case(case, work, ARGS.profile)
+        return
     calls, rounds = (QUICK_CALLS, QUICK_ROUNDS) if ARGS.quick else (CALLS, ROUNDS)
     results = os.path.join(work, f"results_{ARGS.label}.jsonl")
     for case in cases[ARGS.start:]:

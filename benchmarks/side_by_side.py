@@ -75,11 +75,12 @@ def parse():
                          "each side's mean SM clock, power and power-capped share over its "
                          "in-one-unit timing window")
     ap.add_argument("--in-one-call", type=int, default=0, metavar="K",
-                    help="decode cases: also time K calls issued as one unit on each side (ours: "
+                    help="every case: also time K calls issued as one unit on each side (ours: "
                          "one jit of K calls; FlashMLA: one CUDA graph of K calls; each on its own "
                          "copy of q): GPU time per call without a host dispatch per call, which "
                          "the back-to-back timing includes where a call is shorter than its "
-                         "dispatch (small batches). Printed as a second table")
+                         "dispatch (small batches) and, with JAX's ~0.5 ms per round of calls, "
+                         "~25-60 us per prefill call too. Printed as a second table")
     return ap.parse_args()
 
 

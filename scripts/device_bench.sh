@@ -13,7 +13,7 @@
 #   CASES    only cases whose name contains one of these comma-separated substrings
 #   OURS_MAX_SECONDS  ours: a case whose first (compiling) call takes longer is not timed (default 30)
 #   CASE_TIMEOUT      a worker stuck this long on one case is killed and restarted after it (300)
-#   IN_ONE_CALL=K  decode cases: also time K calls as one unit per side (one jit / one CUDA
+#   IN_ONE_CALL=K  every case: also time K calls as one unit per side (one jit / one CUDA
 #            graph): GPU time per call without a host dispatch per call (small batches);
 #            JFM_SBS_K_UNITS=N: N such units per timed round on both sides (default 20)
 #   XLA=1    also time plain XLA on 4 dense cases;  LOOP=1  also the 61-layer loop (bench_decode.py;
