@@ -924,38 +924,6 @@ __device__ __forceinline__ void store_stage_pair(const Stage& st, uint32_t tile,
           CpAsyncInto{tile});
 }
 
-// ---- bf16 rows shared by a CTA pair (kRolesPair on the bf16 sparse kernels: prefill and bf16
-// sparse decode at 65-128 heads, JFM_KERNEL_VARIANT=bf16pair; written 2026-12-06, not yet run on a
-// GPU). The stage of store_stage_pair: one thread's quarter j of a token's row in registers, its
-// 16-byte chunks 4 k + j (k < kDqk / 32; Fp8Slot's thread map, so a quarter-warp's loads read 64
-// contiguous bytes of each of 8 rows and its stores hit 8 distinct swizzle slots), fetched before
-// the tile's empty wait and stored into both CTAs' tiles after it. Why: both CTAs of a token's
-// heads gathered every row themselves; half the copies measured -4.9% at prefill d576 h128 s_kv
-// 8K, none -8.5% (docs/PERFORMANCE.md, fifth 2026-12-06 session, JFM_DIAG_FILL_BLOCKS), and the
-// rows' load latency moves ahead of the empty wait (the unpaired fill's cp.async cannot start
-// before it).
-template <int kDqk>
-struct StageBf16 {
-  static constexpr int kPieces = kDqk / 32;
-  uint4 v[kPieces];
-  bool valid;
-  int j_;
-  template <bool kHint = false>
-  __device__ __forceinline__ void fetch(const SparsePool& pool, int64_t row) {
-    valid = row >= 0;
-    const uint8_t* mine = pool.data + (valid ? row : 0) * (kDqk * 2) + 16 * j_;
-    ld_pieces_if<16, 0, 64>(v, mine, valid, std::make_index_sequence<kPieces>{});
-  }
-  template <class Put16, class Put8, class Copy>
-  __device__ __forceinline__ void emit(int t, Put16 put16, Put8, Copy) const {
-    using S = TileSmem<kDqk>;
-#pragma unroll
-    for (int k = 0; k < kPieces; ++k) put16(S::chunk_off(t, 4 * k + j_), v[k]);
-  }
-  // Bytes one thread's row part is (what store_stage_pair sends the peer).
-  static constexpr uint32_t kThreadBytes = kDqk * 2 / 4;
-};
-
 template <KvFormat kFmt, int kDequant = fp8_dequant_form(false)>
 struct Fp8Stage;
 template <int kDequant>

@@ -1,7 +1,7 @@
 // Picks the sparse attention instantiation for a cache format and d_qk, and the kernel
 // generation (kernels/variant.h): kernel_ws.cuh (producer warpgroups gather) with the math of
 // sparse_ws_math (the transposed math for at most 32 heads, the role split above; FP8: with the
-// wide producer, or CTA pairs where pair_pays; bf16: pairs under JFM_KERNEL_VARIANT=bf16pair), or (v1) kernel.cuh (every thread gathers and
+// wide producer, or CTA pairs where pair_pays), or (v1) kernel.cuh (every thread gathers and
 // computes).
 #include "kernels/params.h"
 #include "kernels/variant.h"
@@ -65,10 +65,6 @@ cudaError_t launch(const SparseDecodeParams& p_in, cudaStream_t stream) {
   if (math == WsMath::kTransposed32)
     return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kTransposed32>(p, stream);
   if constexpr (kFmt == KvFormat::kBf16) {
-    if (math == WsMath::kRolesPair) {
-      const cudaError_t e = launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRolesPair>(p, stream);
-      if (e != cudaErrorNotSupported) return e;  // else not every pair fits at once: unpaired
-    }
     return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRoles>(p, stream);
   } else {
     if (math == WsMath::kRolesPair) {
@@ -87,9 +83,7 @@ cudaError_t launch(const SparseDecodeParams& p_in, cudaStream_t stream) {
 WsMath sparse_ws_math(const SparseDecodeParams& p, KvFormat format) {
   if (p.h_q <= 16) return WsMath::kTransposed16;
   if (p.h_q <= 32) return WsMath::kTransposed32;
-  if (format == KvFormat::kBf16)  // (JFM_KERNEL_VARIANT=bf16pair: the gather shared by a pair)
-    return p.num_m_blocks == 2 && kernel_variant() == KernelVariant::kBf16Pair ? WsMath::kRolesPair
-                                                                              : WsMath::kRoles;
+  if (format == KvFormat::kBf16) return WsMath::kRoles;
   return pair_pays(p, format) ? WsMath::kRolesPair : WsMath::kRolesWide;
 }
 

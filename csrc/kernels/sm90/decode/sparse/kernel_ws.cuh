@@ -308,8 +308,6 @@ struct SparseWsTask {
   static constexpr bool kFenceAfterFull = !kFp8 || kRopeAsync;
   static constexpr bool kEarlyIndices = JFM_V32_EARLY_INDICES != 0 && kFmt == KvFormat::kFp8V32;
   static constexpr uint32_t kFullCount = kFp8 && !kRopeAsync ? 128 : 256;
-  // Under math m: a bf16 CTA pair's producer threads arrive once, after their stores (StageBf16).
-  static constexpr uint32_t full_count(WsMath m) { return ws_pair(m) && !kFp8 ? 128 : kFullCount; }
   // (JFM_FP8_BULK_STAGE) kTransposed16's producers stage rows in the Q tile's rows 16-63.
   static constexpr bool kT16StagesInQ = (JFM_FP8_BULK_STAGE != 0 && kFmt == KvFormat::kFp8V32) ||
                                         (JFM_FP8_BULK_STAGE_V4 != 0 && kFmt == KvFormat::kFp8V4);
@@ -413,20 +411,22 @@ struct SparseWsTask {
   // kWide (a producer budget of 144 registers or more: kTransposed*, kRolesWide): both rounds of
   // FP8 rows are fetched before waiting for the empty buffer (one exposed load round-trip per
   // tile instead of two).
-  // kPair (kRolesPair): this CTA's producer dequantizes (bf16: loads, StageBf16) only round
-  // `rank` (tokens 32 rank .. + 31) of every tile, into its own tile and the peer's
-  // (store_stage_pair: st.async counted on the peer's peer_full barrier); it writes the validity
-  // bytes of all 64 tokens locally, and arrives on its own peer_full barrier expecting the peer's
-  // half.
+  // kPair (kRolesPair, FP8): this CTA's producer dequantizes only round `rank` (tokens
+  // 32 rank .. + 31) of every tile, into its own tile and the peer's (store_stage_pair: st.async
+  // counted on the peer's peer_full barrier); it writes the validity bytes of all 64 tokens
+  // locally, and arrives on its own peer_full barrier expecting the peer's half. (A bf16 pair,
+  // c1449c1: rows staged through registers the same way, correct and 1.46-1.57x slower on prefill
+  // h128 (H100, docs/PERFORMANCE.md fifth 2026-12-06 session): with no dequantization to share,
+  // one register stage per tile puts a row's load latency in series with the stores every tile.)
   // kSole: the CTA's only producer (the role split; kTransposed* has two).
   // kRoomy: the producer of kTransposed16, whose budget holds StageV32R8's 8 more registers per
   // thread (kTransposed32 spilled 104 bytes with it, kRolesWide 28).
   template <bool kWide, bool kPair, bool kSole = false, bool kRoomy = false>
   __device__ __forceinline__ void produce(const WsShared& sh, int which, int stride) const {
+    static_assert(!kPair || kFp8, "CTA pairs share dequantization: FP8 caches only");
     const int ptid = threadIdx.x & 127;
-    // FP8 (and a bf16 pair): a quarter (j) of token t in round 0 and of token t + 32 in round 1
-    // (Fp8Slot's map over four warps). bf16: rows lr + 16 h (h < 4) by load_tile_rows with 128
-    // threads.
+    // FP8: a quarter (j) of token t in round 0 and of token t + 32 in round 1 (Fp8Slot's map over
+    // four warps). bf16: rows lr + 16 h (h < 4) by load_tile_rows with 128 threads.
     // kRow8 (JFM_V32_ROW8): StageV32R8, two tokens per round: t + 16 i + 32 round, i < 2.
     constexpr bool kRow8 = JFM_V32_ROW8 != 0 && kFmt == KvFormat::kFp8V32 && !kPair && kRoomy;
     // kL2Prefetch (JFM_FP8_L2_PREFETCH): the loop with the indices two own tiles ahead, in which
@@ -474,10 +474,8 @@ struct SparseWsTask {
     // (JFM_V32_ALL_VALID) the unpredicated copy of the row loads: kRolesWide's producer only.
     constexpr bool kV32AllValidHere = kV32AllValid && kSole && kWide && !kPair;
     using V32Stage = StageV32T<kStageRopeAsync, kDequant, kV32Narrow, kV32AllValidHere>;  // also the bf16 kernels' (unused)
-    using Stage = std::conditional_t<
-        kRow8, StageV32R8,
-        std::conditional_t<kFmt == KvFormat::kFp8V4, V4Stage,
-                           std::conditional_t<!kFp8 && kPair, StageBf16<kDqk>, V32Stage>>>;
+    using Stage = std::conditional_t<kRow8, StageV32R8,
+                                     std::conditional_t<kFmt == KvFormat::kFp8V4, V4Stage, V32Stage>>;
     // kRopeAsync: the second of the full barrier's two arrivals per thread, after its first: when
     // this thread's cp.async copies (the RoPE chunks) have landed; the pair's producer, which
     // stores them, arrives a second time at once.
@@ -610,7 +608,7 @@ struct SparseWsTask {
         } else if constexpr (kRow8) {
 #pragma unroll
           for (int h = 0; h < 4; ++h) idx[h] = q.rows.index_at(n, slot.t + 16 * h);
-        } else if constexpr (kFp8 || kPair) {  // (a bf16 pair: Fp8Slot's map, StageBf16)
+        } else if constexpr (kFp8) {
           idx[0] = q.rows.index_at(n, slot.t);
           idx[1] = q.rows.index_at(n, slot.t + 32);
         } else {
@@ -957,10 +955,10 @@ __global__ void __launch_bounds__(384, 1)
     pdl_attention_inputs();  // (JFM_PDL_MAIN) here the first reads come before the setup
     Task task(p);
     if (threadIdx.x >= 256) task.issue_first_indices(threadIdx.x & 127);  // (the producer)
-    const WsShared sh = ws_setup<kDqk, kMath>(smem_raw, Task::full_count(kMath));
+    const WsShared sh = ws_setup<kDqk, kMath>(smem_raw, Task::kFullCount);
     ws_run<kMath>(task, sh);
   } else {
-    const WsShared sh = ws_setup<kDqk, kMath>(smem_raw, Task::full_count(kMath));
+    const WsShared sh = ws_setup<kDqk, kMath>(smem_raw, Task::kFullCount);
     pdl_attention_inputs();  // (JFM_PDL_MAIN) the previous kernel's writes, before the first read
     const Task task(p);
     ws_run<kMath>(task, sh);
