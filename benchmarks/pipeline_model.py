@@ -18,6 +18,10 @@ ping-pong's result turns on, so measure it (the probe's "fill") before trusting 
 At the calibrated latencies form C, the best order, is 1.04x. It is a model: its absolute
 periods are ~15% below the measured ones; read its ratios.
 
+role_split(chunks=True) models kRolesChunks (the bf16 sparse role split with two-chunk buffers):
++4% where the refill is hidden (the dense calibration), 0.93-0.98x at a fill of ~3500 cycles
+(prefill d576 h128 8K's probe), the prediction it runs against.
+
 Usage: python benchmarks/pipeline_model.py [--sweep]
 """
 from __future__ import annotations
@@ -110,7 +114,12 @@ def _period(done):
     return (done[b] - done[a]) / (b - a)
 
 
-def role_split():
+def role_split(chunks=False):
+    """chunks: kRolesChunks, the buffer in two chunks (blocks 0-3 + RoPE, released by the scores'
+    P V; blocks 4-7, by the values'), each refilled l_chunk after its release, S's first batch
+    (20 of 36 k-steps at d_qk 576) before the second chunk has landed."""
+    if chunks:
+        return _role_split_chunks()
     sim = Sim()
     full = [Flag(sim) for _ in range(NT)]
     free_sc, free_va = [Flag(sim) for _ in range(NT)], [Flag(sim) for _ in range(NT)]
@@ -139,6 +148,43 @@ def role_split():
             return
         p_ready[k].wait(lambda: sim.tensor(P["pv_work"], lambda: (
             p_free[k].set(), free_va[k].set(), done.__setitem__(k, sim.t), values(k + 1))))
+    scores(0)
+    values(0)
+    sim.run()
+    return _period(done)
+
+
+def _role_split_chunks():
+    sim = Sim()
+    full = {(k, c): Flag(sim) for k in range(NT) for c in range(2)}
+    free = {(k, c): Flag(sim) for k in range(NT) for c in range(2)}
+    p_ready, p_free = [Flag(sim) for _ in range(NT)], [Flag(sim) for _ in range(NT)]
+    done = {}
+    for k in range(NT):
+        for c in range(2):
+            if k < 2:
+                full[(k, c)].set(P["l_chunk"])
+            else:
+                free[(k - 2, c)].wait(lambda k=k, c=c: full[(k, c)].set(P["l_chunk"]))
+
+    def scores(k):
+        if k >= NT:
+            return
+
+        def after_s():
+            def publish():
+                p_ready[k].set()
+                sim.tensor(P["pv_work"], lambda: (free[(k, 0)].set(), scores(k + 1)))
+            sim.at(sim.t + P["softmax"],
+                   lambda: publish() if k == 0 else p_free[k - 1].wait(publish))
+        full[(k, 0)].wait(lambda: sim.tensor(P["s_work"] * 20 / 36, lambda: full[(k, 1)].wait(
+            lambda: sim.tensor(P["s_work"] * 16 / 36, after_s))))
+
+    def values(k):
+        if k >= NT:
+            return
+        p_ready[k].wait(lambda: full[(k, 1)].wait(lambda: sim.tensor(P["pv_work"], lambda: (
+            p_free[k].set(), free[(k, 1)].set(), done.__setitem__(k, sim.t), values(k + 1)))))
     scores(0)
     values(0)
     sim.run()

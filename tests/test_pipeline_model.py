@@ -37,3 +37,18 @@ def test_chunk_refill_latency_decides_the_chunked_form():
         pm.P.update(base)
     slow = pm.ping_pong("A", True) / pm.role_split()
     assert fast < 1.0 < slow, (fast, slow)
+
+
+def test_chunked_role_split_wins_only_where_the_fill_sets_the_period():
+    # kRolesChunks' prediction (docs/PERFORMANCE.md, fifth 2026-12-06 session): at the dense
+    # calibration the role split hides its refill and the split S only adds a batch's latency; at
+    # prefill d576 h128's measured fill (~3500 cycles) the first batch of S runs under it.
+    base = dict(pm.P)
+    try:
+        hidden = pm.role_split(chunks=True) / pm.role_split()
+        pm.P.update(l_tile=3500, l_chunk=3000)
+        exposed = pm.role_split(chunks=True) / pm.role_split()
+    finally:
+        pm.P.clear()
+        pm.P.update(base)
+    assert hidden > 1.0 > exposed, (hidden, exposed)
