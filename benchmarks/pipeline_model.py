@@ -117,55 +117,23 @@ def _period(done):
 def role_split(chunks=False):
     """chunks: kRolesChunks, the buffer in two chunks (blocks 0-3 + RoPE, released by the scores'
     P V; blocks 4-7, by the values'), each refilled l_chunk after its release, S's first batch
-    (20 of 36 k-steps at d_qk 576) before the second chunk has landed."""
-    if chunks:
-        return _role_split_chunks()
-    sim = Sim()
-    full = [Flag(sim) for _ in range(NT)]
-    free_sc, free_va = [Flag(sim) for _ in range(NT)], [Flag(sim) for _ in range(NT)]
-    p_ready, p_free = [Flag(sim) for _ in range(NT)], [Flag(sim) for _ in range(NT)]
-    done = {}
-    for k in range(NT):
-        if k < 2:
-            full[k].set(P["l_tile"])
-        else:
-            free_sc[k - 2].wait(lambda k=k: free_va[k - 2].wait(lambda: full[k].set(P["l_tile"])))
-
-    def scores(k):
-        if k >= NT:
-            return
-
-        def after_s():
-            def publish():
-                p_ready[k].set()
-                sim.tensor(P["pv_work"], lambda: (free_sc[k].set(), scores(k + 1)))
-            sim.at(sim.t + P["softmax"],
-                   lambda: publish() if k == 0 else p_free[k - 1].wait(publish))
-        full[k].wait(lambda: sim.tensor(P["s_work"], after_s))
-
-    def values(k):
-        if k >= NT:
-            return
-        p_ready[k].wait(lambda: sim.tensor(P["pv_work"], lambda: (
-            p_free[k].set(), free_va[k].set(), done.__setitem__(k, sim.t), values(k + 1))))
-    scores(0)
-    values(0)
-    sim.run()
-    return _period(done)
-
-
-def _role_split_chunks():
+    (20 of 36 k-steps at d_qk 576) before the second chunk has landed. Without: the whole tile
+    refilled l_tile after both releases, S in one batch."""
     sim = Sim()
     full = {(k, c): Flag(sim) for k in range(NT) for c in range(2)}
     free = {(k, c): Flag(sim) for k in range(NT) for c in range(2)}
     p_ready, p_free = [Flag(sim) for _ in range(NT)], [Flag(sim) for _ in range(NT)]
     done = {}
+    lat = P["l_chunk"] if chunks else P["l_tile"]
     for k in range(NT):
         for c in range(2):
             if k < 2:
-                full[(k, c)].set(P["l_chunk"])
+                full[(k, c)].set(lat)
+            elif chunks:
+                free[(k - 2, c)].wait(lambda k=k, c=c: full[(k, c)].set(lat))
             else:
-                free[(k - 2, c)].wait(lambda k=k, c=c: full[(k, c)].set(P["l_chunk"]))
+                free[(k - 2, 0)].wait(lambda k=k, c=c: free[(k - 2, 1)].wait(
+                    lambda: full[(k, c)].set(lat)))
 
     def scores(k):
         if k >= NT:
@@ -177,14 +145,20 @@ def _role_split_chunks():
                 sim.tensor(P["pv_work"], lambda: (free[(k, 0)].set(), scores(k + 1)))
             sim.at(sim.t + P["softmax"],
                    lambda: publish() if k == 0 else p_free[k - 1].wait(publish))
-        full[(k, 0)].wait(lambda: sim.tensor(P["s_work"] * 20 / 36, lambda: full[(k, 1)].wait(
-            lambda: sim.tensor(P["s_work"] * 16 / 36, after_s))))
+        if chunks:
+            full[(k, 0)].wait(lambda: sim.tensor(P["s_work"] * 20 / 36, lambda: full[(k, 1)].wait(
+                lambda: sim.tensor(P["s_work"] * 16 / 36, after_s))))
+        else:
+            full[(k, 0)].wait(lambda: sim.tensor(P["s_work"], after_s))
 
     def values(k):
         if k >= NT:
             return
-        p_ready[k].wait(lambda: full[(k, 1)].wait(lambda: sim.tensor(P["pv_work"], lambda: (
-            p_free[k].set(), free[(k, 1)].set(), done.__setitem__(k, sim.t), values(k + 1)))))
+        def pv():
+            sim.tensor(P["pv_work"], lambda: (
+                p_free[k].set(), free[(k, 1)].set(), done.__setitem__(k, sim.t), values(k + 1)))
+        # (kRolesChunks: the values warpgroup waits for its chunk; whole tiles: S has waited)
+        p_ready[k].wait(lambda: full[(k, 1)].wait(pv) if chunks else pv())
     scores(0)
     values(0)
     sim.run()
