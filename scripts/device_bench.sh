@@ -21,6 +21,8 @@
 #   VARIANTS kernel variants of ours to time too, ours only, same inputs (VARIANTS="pair v1":
 #            JFM_KERNEL_VARIANT=pair, the FP8 CTA pairs; v1, the kernels before the warp-specialized);
 #            benchmarks/sbs_variants.py prints them beside FlashMLA
+#   PROFILE=N  after the side by side: our N back-to-back calls of each case under the profiler
+#            (kernel time, GPU gaps, span per call: sbs_ours.py --profile), in $OUT/profile.txt
 #   STAGES   "build" (default) rebuilds our package; STAGES=" " reuses the one installed on a warm
 #            machine
 #   SMI_MS=N the GPU's SM clock, power, temperature and clock-event reasons sampled every N ms
@@ -100,6 +102,13 @@ if [ "${LOOP:-0}" = 1 ]; then
   log "61-layer loop (${LOOP_CASES:-64x4096})"
   python3 "$REPO/benchmarks/bench_decode.py" --loop-only --loop-cases "${LOOP_CASES:-64x4096}" \
     --out "$OUT/loop.json" 2>&1 | grep -E "layer step|Error"
+fi
+if [ -n "${PROFILE:-}" ]; then
+  # PROFILE=N: our side's N back-to-back calls of each case under the profiler (sbs_ours.py
+  # --profile: kernel time, GPU gaps, span per call), on the inputs just timed.
+  log "ours, $PROFILE back-to-back calls per case under the profiler"
+  python3 "$REPO/benchmarks/sbs_ours.py" --work "$WORK" --profile "$PROFILE" 2>&1 \
+    | grep -v "kernels_available" | tee "$OUT/profile.txt"
 fi
 rm -rf "$WORK"
 log "done (rc $rc)"
