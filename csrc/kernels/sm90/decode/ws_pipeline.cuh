@@ -471,7 +471,7 @@ __device__ __forceinline__ void ws_s_blocks(float (&s)[32], uint64_t desc_q, uin
   for (int j = kB0; j < kB0 + kNb; ++j) {
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
-      const uint32_t off = (j * TileSmem<576>::kBlockBytes + u * 32) >> 4;
+      const uint32_t off = (j * kBlockM * 128 + u * 32) >> 4;  // (a block: 64 rows x 128 bytes)
       wgmma_k_major<64, T>(s, desc_q + off, desc_k + off);
     }
   }
