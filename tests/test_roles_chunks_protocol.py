@@ -46,15 +46,23 @@ class World:
         self.pending.append((self.t + self.rng.randint(1, 40), fn))
 
 
+def sequences(w):
+    """Each sequence's tiles as the CTA's running tile counts k (every actor counts alike)."""
+    out, k = [], 0
+    for tiles in w.seqs:
+        out.append(range(k, k + tiles))
+        k += tiles
+    return out
+
+
 def wait(bar, parity):
     while not bar.passed(parity):
         yield
 
 
 def producer(w):
-    k = 0
-    for tiles in w.seqs:
-        for _ in range(tiles):
+    for seq in sequences(w):
+        for k in seq:
             b, fp = k & 1, ((k >> 1) & 1) ^ 1
             yield from wait(w.empty[b], fp)
             landed = {}
@@ -83,13 +91,11 @@ def producer(w):
 
             w.later(land1)
             yield
-            k += 1
 
 
 def scores(w):
-    k = 0
-    for tiles in w.seqs:
-        for _ in range(tiles):
+    for seq in sequences(w):
+        for k in seq:
             b, par = k & 1, (k >> 1) & 1
             yield from wait(w.full[b], par)
 
@@ -115,14 +121,12 @@ def scores(w):
             read(0, "P V wait")
             if w.mutation != "scores releases chunk 0 at the mask":
                 w.empty[b].arrive(128)
-            k += 1
         yield from exchange(w)
 
 
 def values(w):
-    k = 0
-    for tiles in w.seqs:
-        for _ in range(tiles):
+    for seq in sequences(w):
+        for k in seq:
             b, par = k & 1, (k >> 1) & 1
             # (Implied by p_ready, whose S waited for full1; the kernel keeps it for the proxy fence.)
             yield from wait(w.full1[b], par)
@@ -138,7 +142,6 @@ def values(w):
             w.p_free.arrive(128)
             if w.mutation != "values release chunk 1 at the P V's issue":
                 w.empty1[b].arrive(128)
-            k += 1
         yield from exchange(w)
 
 

@@ -31,8 +31,8 @@
 // calls is a full one. With command buffers off (--xla_gpu_enable_command_buffer=) the next
 // kernel starts 4-8 us before the combine ends and a b 2 call takes 20.4 instead of 21.8 us (dense
 // h128) and 19.0 instead of 21.7 (V4 h128). Not measured with our calls alone uncaptured
-// (-DJFM_FFI_CMD_BUFFER=0), which is not the default either; off. Its chained-call GPU tests pass both ways and memcheck is clean, racecheck has not
-// run on it.
+// (-DJFM_FFI_CMD_BUFFER=0), which is not the default either; off. Its chained-call GPU tests pass
+// both ways and memcheck is clean; racecheck has not run on it.
 #ifndef JFM_PDL_MAIN
 #define JFM_PDL_MAIN 0
 #endif
