@@ -18,9 +18,11 @@ ping-pong's result turns on, so measure it (the probe's "fill") before trusting 
 At the calibrated latencies form C, the best order, is 1.04x. It is a model: its absolute
 periods are ~15% below the measured ones; read its ratios.
 
-role_split(chunks=True) models kRolesChunks (the bf16 sparse role split with two-chunk buffers):
-+4% where the refill is hidden (the dense calibration), 0.93-0.98x at a fill of ~3500 cycles
-(prefill d576 h128 8K's probe), the prediction it runs against.
+role_split(chunks=True) models kRolesChunks (the bf16 sparse role split with two-chunk buffers,
+removed after measurement; 1.08-1.10x the role split on prefill, H100). Predicted 0.93-0.98x at
+prefill d576 h128 8K, assuming a chunk refills faster than the tile (3494 cycles); its probe
+measured 4342, and with that the model gives 1.10x. Same lesson as the ping-pong: under the
+prefill's load a refill's latency does not shrink with its bytes.
 
 Usage: python benchmarks/pipeline_model.py [--sweep]
 """

@@ -231,7 +231,7 @@ if has trace; then
   IFS=";" read -ra trace_cases <<< "${TRACE_CASES:---prefill 512 --s_q 4096 --h_q 64 --s_k 8192 --topk 512;--h_q 128 --s_k 4096 --b 128;--sparse v32 --h_q 128 --b 64}"
   for c in "${trace_cases[@]}"; do
     log "tile trace: $c"
-    echo "# case: $c" >> "$OUT/tile_trace.txt"
+    echo "# case: $c${JFM_KERNEL_VARIANT:+ (JFM_KERNEL_VARIANT=$JFM_KERNEL_VARIANT)}" >> "$OUT/tile_trace.txt"
     JFM_TILE_TRACE_FILE="$OUT/tile_trace.txt" XLA_FLAGS=--xla_gpu_enable_command_buffer= \
       timeout -k 5 120 python3 "$REPO/benchmarks/profile_decode.py" $c > "$OUT/trace_run.log" 2>&1 \
       || { tail -5 "$OUT/trace_run.log"; fail trace; }

@@ -189,14 +189,7 @@ enum class KvFormat : int { kBf16 = 0, kFp8V32 = 1, kFp8V4 = 2 };
 // a whole tile's, and the other half's release -> refill -> S chain sets the period;
 // benchmarks/pipeline_model.py, calibrated by its tile-phase probe, puts every two-buffer ping-pong
 // order at or above the role split.)
-// kRolesChunks (the bf16 sparse kernels, unpaired; JFM_KERNEL_VARIANT=chunks, written 2026-12-06
-// fifth session, not yet run): kRoles with each tile buffer released and refilled in two chunks,
-// blocks 0-3 (+ the RoPE block) after the scores warpgroup's P V and blocks 4-7 after the values
-// warpgroup's, S in two batches so its first runs before the second chunk has landed
-// (ws_pipeline.cuh, ws_math's kChunks).
-enum class WsMath : int {
-  kRoles = 1, kTransposed16 = 2, kTransposed32 = 3, kRolesWide = 4, kRolesPair = 5, kRolesChunks = 6
-};
+enum class WsMath : int { kRoles = 1, kTransposed16 = 2, kTransposed32 = 3, kRolesWide = 4, kRolesPair = 5 };
 
 // One KV pool and the flat rows each query token picks from it.
 struct SparsePool {

@@ -16,9 +16,6 @@
 // 16-byte aligned (SparsePool::load16), for measurement; JFM_KERNEL_VARIANT=v4load8: none of them
 // (the default before 2026-12-01's sixth session), for the A/B of the upstream peak case (V4 h64
 // topk 16384 measured 0.90x the fourth session's kernel with the 16-byte loads on).
-// JFM_KERNEL_VARIANT=chunks: the bf16 sparse kernels (prefill, bf16 sparse decode) above 32 heads
-// with each tile buffer released and refilled in two chunks (WsMath::kRolesChunks; written
-// 2026-12-06, not yet run on a GPU), for measurement.
 // Anything else (or nothing): the default. Read once per process (host code).
 #pragma once
 
@@ -28,7 +25,7 @@
 namespace jfm {
 
 enum class KernelVariant {
-  kWs, kV1, kPair, kCombine1, kCombineRows, kCombineQuarters, kV4Load16, kV4Load8, kChunks
+  kWs, kV1, kPair, kCombine1, kCombineRows, kCombineQuarters, kV4Load16, kV4Load8
 };
 
 inline KernelVariant kernel_variant() {
@@ -41,7 +38,6 @@ inline KernelVariant kernel_variant() {
     if (e != nullptr && std::strcmp(e, "combine_quarters") == 0) return KernelVariant::kCombineQuarters;
     if (e != nullptr && std::strcmp(e, "v4load16") == 0) return KernelVariant::kV4Load16;
     if (e != nullptr && std::strcmp(e, "v4load8") == 0) return KernelVariant::kV4Load8;
-    if (e != nullptr && std::strcmp(e, "chunks") == 0) return KernelVariant::kChunks;
     return KernelVariant::kWs;
   }();
   return v;
@@ -56,7 +52,6 @@ inline const char* kernel_variant_name() {
     case KernelVariant::kCombineQuarters: return "combine_quarters";
     case KernelVariant::kV4Load16: return "v4load16";
     case KernelVariant::kV4Load8: return "v4load8";
-    case KernelVariant::kChunks: return "chunks";
     default: return "ws";
   }
 }

@@ -81,7 +81,6 @@ constexpr bool ws_transposed(WsMath m) {
   return m == WsMath::kTransposed16 || m == WsMath::kTransposed32;
 }
 constexpr bool ws_pair(WsMath m) { return m == WsMath::kRolesPair; }
-constexpr bool ws_chunks(WsMath m) { return m == WsMath::kRolesChunks; }
 struct WsRegSplit {
   int wg0, wg1, wg2;
 };
@@ -170,8 +169,7 @@ struct WsSmem : TileSmem<kDqk> {
   static constexpr int kPeerBarOff = kCorrOff + kBlockM * 4;           // peer_full[2] (kRolesPair)
   // p_ready, p_free, stats_ready, stats_free (kRoles*)
   static constexpr int kPBarOff = kPeerBarOff + 2 * 8;
-  static constexpr int kChunkBarOff = kPBarOff + 4 * 8;  // full1[2], empty1[2] (kRolesChunks)
-  static constexpr size_t kBytes = kChunkBarOff + 4 * 8 + 1024;  // + alignment slack
+  static constexpr size_t kBytes = kPBarOff + 4 * 8 + 1024;  // + alignment slack
   static_assert(kBarOff % 8 == 0 && kPeerBarOff % 8 == 0 && kPBarOff % 8 == 0,
                 "mbarriers are 8-byte aligned");
   static_assert(kBytes <= 227 * 1024, "shared memory of one sm90 CTA");
@@ -191,9 +189,6 @@ struct WsShared {
   // bytes the peer stores into its tiles); the peer's tile 0 and empty barriers (cluster
   // addresses: st.async and remote arrivals).
   uint32_t rank, bar_peer_full, peer_sk0, peer_bar_empty, peer_bar_peer_full;
-  // kRolesChunks: chunk 1's (value blocks 4-7) full and empty mbarriers [2]; full / empty above
-  // are chunk 0's (blocks 0-3 and any past 7, with the validity bytes).
-  uint32_t bar_full1, bar_empty1;
 };
 
 // Lays out the dynamic shared memory, initializes the mbarriers (full: `full_count` arrivals,
@@ -222,8 +217,6 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
   sh.bar_stats_ready = sh.bar_p_ready + 16;
   sh.bar_stats_free = sh.bar_p_ready + 24;
   sh.tile_bytes = S::kTileBytes;
-  sh.bar_full1 = base + W::kChunkBarOff;
-  sh.bar_empty1 = sh.bar_full1 + 16;
   constexpr bool kPair = ws_pair(kMath);
   if constexpr (kPair) {
     sh.rank = cluster_ctarank();
@@ -238,14 +231,8 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
       mbarrier_init(sh.bar_full + 8 * b, full_count);
       // Every math thread; kRolesPair: also each of the peer's 8 math warps, which empty this
       // CTA's copy of their half.
-      // kRolesChunks: each chunk's one reader of the two (ws_math's kChunks).
-      mbarrier_init(sh.bar_empty + 8 * b,
-                    ws_transposed(kMath) || ws_chunks(kMath) ? 128 : kPair ? 256 + 8 : 256);
+      mbarrier_init(sh.bar_empty + 8 * b, ws_transposed(kMath) ? 128 : kPair ? 256 + 8 : 256);
       if constexpr (kPair) mbarrier_init(sh.bar_peer_full + 8 * b, 1);  // + the peer's bytes
-      if constexpr (ws_chunks(kMath)) {
-        mbarrier_init(sh.bar_full1 + 8 * b, 128);  // the producer's cp.async arrivals
-        mbarrier_init(sh.bar_empty1 + 8 * b, 128);
-      }
     }
     for (int i = 0; i < 4; ++i) mbarrier_init(sh.bar_p_ready + 8 * i, 128);
     if constexpr (kPair) fence_mbarrier_init();
@@ -463,33 +450,10 @@ __device__ __forceinline__ void ws_finish_rows(RowState& st, const WsShared& sh,
   }
 }
 
-// S's k-steps over the 64-column blocks [kB0, kB0 + kNb) of Q and the K tile, issued (the caller
-// fences, commits and waits): kRolesChunks' two batches.
-template <class T, int kB0, int kNb>
-__device__ __forceinline__ void ws_s_blocks(float (&s)[32], uint64_t desc_q, uint64_t desc_k) {
-#pragma unroll
-  for (int j = kB0; j < kB0 + kNb; ++j) {
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      const uint32_t off = (j * kBlockM * 128 + u * 32) >> 4;  // (a block: 64 rows x 128 bytes)
-      wgmma_k_major<64, T>(s, desc_q + off, desc_k + off);
-    }
-  }
-}
-
 // The math warps' loop over this CTA's sequences and tiles. One instantiation per role, so that
 // each warpgroup's code is register-allocated within its own setmaxnreg budget (with one loop for
 // both roles ptxas allocated it within the smaller budget and spilled).
-// kChunks (kRolesChunks, unpaired): the tile buffer in two chunks with their own barriers. Chunk 0
-// (full / empty: blocks 0-3, any block past 7, the validity bytes) is read by S, the mask and the
-// scores warpgroup's P V half, which releases it; chunk 1 (full1 / empty1: blocks 4-7) by S and
-// the values warpgroup's P V half, which releases it. S runs over chunk 0 first (one batch), then
-// over chunk 1 once it has landed (a second batch: a poll inside one batch serializes every
-// wgmma, docs/BUILDING.md). Why: on the H100 prefill d576 h128 8K's fill (3493 cycles) is as long
-// as a buffer's hold (3565), so the refill sits on the period; S's first batch (~800 cycles) then
-// no longer waits for the values warpgroup's release (docs/PERFORMANCE.md, fifth 2026-12-06
-// session, item 7).
-template <class Task, WsRole kRole, bool kPair, bool kChunks = false>
+template <class Task, WsRole kRole, bool kPair>
 __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   using T = typename Task::T;
   using S = TileSmem<Task::kDqk>;
@@ -528,13 +492,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       const uint32_t buf = k & 1;
       if constexpr (kRole == WsRole::kScores) tile_trace(k, kTrScWait);
       constexpr bool kSc = kRole == WsRole::kScores;
-      static_assert(!kChunks || !kPair, "kRolesChunks: unpaired");
-      if (!kChunks || kSc) {
-        ws_wait_full<Task, kPair, kSc>(sh, k);  // (kChunks: chunk 0, the scores warpgroup's)
-      } else {
-        mbarrier_wait(sh.bar_full1 + 8 * buf, (k >> 1) & 1);  // chunk 1, the values' only
-        fence_proxy_async();
-      }
+      ws_wait_full<Task, kPair, kSc>(sh, k);
       tile_trace(k, kRole == WsRole::kScores ? kTrScFull : kTrValFull);
       const uint32_t buf_desc = buf * (S::kTileBytes >> 4);
       const uint8_t* valid = sh.valid + buf * kTileTokens;
@@ -543,24 +501,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
         float sacc[32];  // this tile's S, then P
         uint32_t valid_word = 0;  // (JFM_WS_EARLY_VALID)
         if constexpr (kWsMaskSkip && kWsEarlyValid) valid_word = ws_valid_word(valid);
-        if constexpr (kChunks) {
-#pragma unroll
-          for (int i = 0; i < 32; ++i) sacc[i] = 0.f;
-          const uint64_t dk = desc_k + buf_desc;
-          wgmma_fence();
-          ws_s_blocks<T, 0, 4>(sacc, desc_q, dk);
-          ws_s_blocks<T, 8, S::kKBlocks - 8>(sacc, desc_q, dk);  // (d_qk 576: the RoPE block)
-          wgmma_commit();
-          wgmma_wait<0>();
-          mbarrier_wait(sh.bar_full1 + 8 * buf, (k >> 1) & 1);
-          fence_proxy_async();
-          wgmma_fence();
-          ws_s_blocks<T, 4, 4>(sacc, desc_q, dk);
-          wgmma_commit();
-          wgmma_wait<0>();
-        } else {
-          tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
-        }
+        tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
         tile_trace(k, kTrScS);
         if (kEarlyQ && n_next >= cur.t_hi && seq < task.end_seq) {
           named_barrier_sync(kBarScores, 128);  // every thread's S has completed: Q is free
@@ -610,8 +551,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       wgmma_wait<0>();
       tile_trace(k, kRole == WsRole::kScores ? kTrScPv : kTrValPv);
       if (kRole == WsRole::kValues) mbarrier_arrive(sh.bar_p_free);
-      // This thread is done with it (kChunks: with its chunk).
-      mbarrier_arrive((kChunks && kRole == WsRole::kValues ? sh.bar_empty1 : sh.bar_empty) + 8 * buf);
+      mbarrier_arrive(sh.bar_empty + 8 * buf);  // this thread is done with it
       if constexpr (kPair) {
         // The peer's producer also stores into this buffer (its half of the tokens).
         __syncwarp();
@@ -789,18 +729,18 @@ __device__ __forceinline__ void ws_run(const Task& task, const WsShared& sh) {
   } else if (wg == 2) {
     ws_set_regs<Regs::kWg2, kL>();
     cta_stamp(kStartSetup);
-    task.template produce<Regs::kWideProducer, ws_pair(kMath), true, false, ws_chunks(kMath)>(sh, 0, 1);
+    task.template produce<Regs::kWideProducer, ws_pair(kMath), true>(sh, 0, 1);
     cta_stamp(kEndProdDone);  // (tile_trace.cuh: the probe's end stamps; nothing without it)
     ws_leave<kMath>();
     cta_stamp(kEndProdLeft);
   } else if (wg == 0) {
     ws_set_regs<Regs::kWg0, kL>();
-    ws_math<Task, WsRole::kScores, ws_pair(kMath), ws_chunks(kMath)>(task, sh);
+    ws_math<Task, WsRole::kScores, ws_pair(kMath)>(task, sh);
     ws_leave<kMath>();
     cta_stamp(kEndScLeft);
   } else {
     ws_set_regs<Regs::kWg1, kL>();
-    ws_math<Task, WsRole::kValues, ws_pair(kMath), ws_chunks(kMath)>(task, sh);
+    ws_math<Task, WsRole::kValues, ws_pair(kMath)>(task, sh);
     ws_leave<kMath>();
     cta_stamp(kEndValLeft);
   }

@@ -421,11 +421,8 @@ struct SparseWsTask {
   // kSole: the CTA's only producer (the role split; kTransposed* has two).
   // kRoomy: the producer of kTransposed16, whose budget holds StageV32R8's 8 more registers per
   // thread (kTransposed32 spilled 104 bytes with it, kRolesWide 28).
-  // kChunks (kRolesChunks, bf16): each tile filled as two chunks after their own empty waits,
-  // blocks 0-3 (+ any past 7) with the validity bytes on full, blocks 4-7 on full1 (ws_math).
-  template <bool kWide, bool kPair, bool kSole = false, bool kRoomy = false, bool kChunks = false>
+  template <bool kWide, bool kPair, bool kSole = false, bool kRoomy = false>
   __device__ __forceinline__ void produce(const WsShared& sh, int which, int stride) const {
-    static_assert(!kChunks || (!kFp8 && !kPair), "kRolesChunks: the unpaired bf16 fill");
     static_assert(!kPair || kFp8, "CTA pairs share dequantization: FP8 caches only");
     const int ptid = threadIdx.x & 127;
     // FP8: a quarter (j) of token t in round 0 and of token t + 32 in round 1 (Fp8Slot's map over
@@ -917,29 +914,6 @@ struct SparseWsTask {
             trace_rows(fill.k);
             store_rounds(fill, q.rows, pool_id, idx);
             tile_trace_published(fill.k);
-          } else if constexpr (kChunks) {
-            load_indices(n_next, idx_next);
-            fill.wait_empty();  // chunk 0: the scores warpgroup is done with the buffer's last tile
-            tile_trace(fill.k, kTrProdEmpty);
-            const bf16* rows = reinterpret_cast<const bf16*>(pool.data);
-            auto src_of = [&](int t) -> const bf16* {
-              const int64_t r = q.rows.row_of(idx[t >> 4], pool_id);
-              return r >= 0 ? rows + r * kDqk : nullptr;
-            };
-            constexpr int kB = TileSmem<kDqk>::kBlockBytes;
-            load_tile_rows<bf16, kDqk, 128, kBlockM, kB, 4, 0>(fill.tile, ptid, rows, src_of);
-            load_tile_rows<bf16, kDqk, 128, kBlockM, kB, TileSmem<kDqk>::kKBlocks - 8, 8>(
-                fill.tile, ptid, rows, src_of);
-#pragma unroll
-            for (int h = 0; h < 4; ++h)
-              if (lq == 0) fill.valid[lr + 16 * h] = q.rows.row_of(idx[h], pool_id) >= 0;
-            mbarrier_arrive(fill.full);                  // the validity bytes
-            cp_async_mbarrier_arrive_noinc(fill.full);   // chunk 0's rows, when they land
-            const uint32_t buf = fill.k & 1;
-            mbarrier_wait(sh.bar_empty1 + 8 * buf, ((fill.k >> 1) & 1) ^ 1);  // chunk 1: values
-            load_tile_rows<bf16, kDqk, 128, kBlockM, kB, 4, 4>(fill.tile, ptid, rows, src_of);
-            cp_async_mbarrier_arrive_noinc(sh.bar_full1 + 8 * buf);  // (all earlier copies too)
-            tile_trace(fill.k, kTrProdIssued);
           } else {
             load_indices(n_next, idx_next);
             fill.wait_empty();
