@@ -83,8 +83,18 @@ constexpr bool ws_transposed(WsMath m) {
 constexpr bool ws_pair(WsMath m) { return m == WsMath::kRolesPair; }
 constexpr bool ws_staged(WsMath m) { return m == WsMath::kRolesStaged; }
 // kRolesStaged: a tile's 64-column blocks land and are multiplied in groups of kWsStageBlocks
-// (blocks 0-2, 3-5, 6-: the last group takes the RoPE block at d_qk 576, two blocks at 512).
-constexpr int kWsStageBlocks = 3, kWsStageGroups = 3;
+// (3: blocks 0-2, 3-5, 6-; the last group takes the RoPE block at d_qk 576, two blocks at 512),
+// ws_stage_groups<kDqk>() of them. JFM_WS_STAGE_BLOCKS=n (1-8) sets the group size, for A/B.
+#ifndef JFM_WS_STAGE_BLOCKS
+#define JFM_WS_STAGE_BLOCKS 3
+#endif
+constexpr int kWsStageBlocks = JFM_WS_STAGE_BLOCKS;
+static_assert(kWsStageBlocks >= 1 && kWsStageBlocks <= 8, "JFM_WS_STAGE_BLOCKS: 1-8");
+template <int kDqk>
+constexpr int ws_stage_groups() {
+  return (TileSmem<kDqk>::kKBlocks + kWsStageBlocks - 1) / kWsStageBlocks;
+}
+constexpr int kWsStageMaxGroups = (9 + kWsStageBlocks - 1) / kWsStageBlocks;  // (d_qk 576)
 struct WsRegSplit {
   int wg0, wg1, wg2;
 };
@@ -173,12 +183,9 @@ struct WsSmem : TileSmem<kDqk> {
   static constexpr int kPeerBarOff = kCorrOff + kBlockM * 4;           // peer_full[2] (kRolesPair)
   // p_ready, p_free, stats_ready, stats_free (kRoles*)
   static constexpr int kPBarOff = kPeerBarOff + 2 * 8;
-  // kRolesStaged: block groups 1 .. kWsStageGroups - 1's full barriers, [group - 1][2]
+  // kRolesStaged: block groups 1 .. ws_stage_groups() - 1's full barriers, [group - 1][2]
   static constexpr int kStageBarOff = kPBarOff + 4 * 8;
-  static constexpr size_t kBytes = kStageBarOff + (kWsStageGroups - 1) * 2 * 8 + 1024;  // + slack
-  static_assert(kWsStageBlocks * (kWsStageGroups - 1) < Base::kKBlocks &&
-                    kWsStageBlocks * kWsStageGroups >= Base::kKBlocks,
-                "kRolesStaged: every group holds a block");
+  static constexpr size_t kBytes = kStageBarOff + (kWsStageMaxGroups - 1) * 2 * 8 + 1024;  // + slack
   static_assert(kBarOff % 8 == 0 && kPeerBarOff % 8 == 0 && kPBarOff % 8 == 0,
                 "mbarriers are 8-byte aligned");
   static_assert(kBytes <= 227 * 1024, "shared memory of one sm90 CTA");
@@ -198,7 +205,7 @@ struct WsShared {
   // bytes the peer stores into its tiles); the peer's tile 0 and empty barriers (cluster
   // addresses: st.async and remote arrivals).
   uint32_t rank, bar_peer_full, peer_sk0, peer_bar_empty, peer_bar_peer_full;
-  // kRolesStaged: the full barriers of block groups 1 .. kWsStageGroups - 1 (group g, buffer b at
+  // kRolesStaged: the full barriers of block groups 1 .. ws_stage_groups() - 1 (group g, buffer b at
   // + 16 (g - 1) + 8 b); bar_full is group 0's, with the validity bytes.
   uint32_t bar_full_stage;
 };
@@ -247,7 +254,8 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
       mbarrier_init(sh.bar_empty + 8 * b, ws_transposed(kMath) ? 128 : kPair ? 256 + 8 : 256);
       if constexpr (kPair) mbarrier_init(sh.bar_peer_full + 8 * b, 1);  // + the peer's bytes
       if constexpr (ws_staged(kMath))  // the producer threads' cp.async arrivals
-        for (int g = 1; g < kWsStageGroups; ++g) mbarrier_init(sh.bar_full_stage + 16 * (g - 1) + 8 * b, 128);
+        for (int g = 1; g < ws_stage_groups<kDqk>(); ++g)
+          mbarrier_init(sh.bar_full_stage + 16 * (g - 1) + 8 * b, 128);
     }
     for (int i = 0; i < 4; ++i) mbarrier_init(sh.bar_p_ready + 8 * i, 128);
     if constexpr (kPair) fence_mbarrier_init();
@@ -465,43 +473,32 @@ __device__ __forceinline__ void ws_finish_rows(RowState& st, const WsShared& sh,
   }
 }
 
-// S's k-steps over the 64-column blocks [kB0, kB0 + kNb) of Q and the K tile, issued (the caller
-// fences and commits).
-template <class T, int kDqk, int kB0, int kNb>
-__device__ __forceinline__ void ws_s_blocks(float (&s)[32], uint64_t desc_q, uint64_t desc_k) {
-#pragma unroll
-  for (int j = kB0; j < kB0 + kNb; ++j) {
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      const uint32_t off = (j * TileSmem<kDqk>::kBlockBytes + u * 32) >> 4;
-      wgmma_k_major<64, T>(s, desc_q + off, desc_k + off);
-    }
-  }
-}
-
 // kRolesStaged's S (ws_math's kStaged): block group 0 (its barrier already waited), then each
 // later group once its barrier (`stage`: group 1's for this buffer; group g at + 16 (g - 1)) has
 // completed phase `ph`, one committed wgmma group each, all waited at the end.
 template <class T, int kDqk>
 __device__ __forceinline__ void ws_s_staged(float (&s)[32], uint64_t desc_q, uint64_t desc_k,
                                             uint32_t stage, uint32_t ph) {
-  static_assert(kWsStageGroups == 3, "three block groups");
-  constexpr int kB = kWsStageBlocks, kLast = TileSmem<kDqk>::kKBlocks - 2 * kB;
+  constexpr int kBlocks = TileSmem<kDqk>::kKBlocks;
 #pragma unroll
   for (int i = 0; i < 32; ++i) s[i] = 0.f;
-  wgmma_fence();
-  ws_s_blocks<T, kDqk, 0, kB>(s, desc_q, desc_k);
-  wgmma_commit();
-  mbarrier_wait(stage, ph);
-  fence_proxy_async();
-  wgmma_fence();
-  ws_s_blocks<T, kDqk, kB, kB>(s, desc_q, desc_k);
-  wgmma_commit();
-  mbarrier_wait(stage + 16, ph);
-  fence_proxy_async();
-  wgmma_fence();
-  ws_s_blocks<T, kDqk, 2 * kB, kLast>(s, desc_q, desc_k);
-  wgmma_commit();
+#pragma unroll
+  for (int g = 0; g < ws_stage_groups<kDqk>(); ++g) {
+    if (g > 0) {
+      mbarrier_wait(stage + 16 * (g - 1), ph);
+      fence_proxy_async();
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int j = g * kWsStageBlocks; j < kBlocks && j < (g + 1) * kWsStageBlocks; ++j) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const uint32_t off = (j * TileSmem<kDqk>::kBlockBytes + u * 32) >> 4;
+        wgmma_k_major<64, T>(s, desc_q + off, desc_k + off);
+      }
+    }
+    wgmma_commit();
+  }
   wgmma_wait<0>();
 }
 
@@ -558,7 +555,8 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       static_assert(!kStaged || !kPair, "kRolesStaged: unpaired");
       if constexpr (kStaged && !kSc) {
         // The last block group's barrier: every copy of the tile has landed.
-        mbarrier_wait(sh.bar_full_stage + 16 * (kWsStageGroups - 2) + 8 * buf, (k >> 1) & 1);
+        mbarrier_wait(sh.bar_full_stage + 16 * (ws_stage_groups<Task::kDqk>() - 2) + 8 * buf,
+                      (k >> 1) & 1);
         fence_proxy_async();
       } else {
         ws_wait_full<Task, kPair, kSc>(sh, k);  // (kStaged: block group 0's)

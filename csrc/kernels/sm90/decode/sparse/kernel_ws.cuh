@@ -934,11 +934,12 @@ struct SparseWsTask {
             mbarrier_arrive(fill.full);                  // the validity bytes
             cp_async_mbarrier_arrive_noinc(fill.full);   // group 0's rows, when they land
             const uint32_t stage = sh.bar_full_stage + 8 * (fill.k & 1);
-            load_tile_rows<bf16, kDqk, 128, kBlockM, kB, kG, kG>(fill.tile, ptid, rows, src_of);
-            cp_async_mbarrier_arrive_noinc(stage);       // (and every earlier copy)
-            load_tile_rows<bf16, kDqk, 128, kBlockM, kB, TileSmem<kDqk>::kKBlocks - 2 * kG, 2 * kG>(
-                fill.tile, ptid, rows, src_of);
-            cp_async_mbarrier_arrive_noinc(stage + 16);
+            // Groups 1 ..: each arrival also waits for every earlier copy of this thread.
+            for_each_index(std::make_index_sequence<ws_stage_groups<kDqk>() - 1>{}, [&](auto i) {
+              load_tile_rows<bf16, kDqk, 128, kBlockM, kB, kG, kG * (decltype(i)::value + 1)>(
+                  fill.tile, ptid, rows, src_of);
+              cp_async_mbarrier_arrive_noinc(stage + 16 * decltype(i)::value);
+            });
             tile_trace(fill.k, kTrProdIssued);
           } else {
             load_indices(n_next, idx_next);
