@@ -82,7 +82,6 @@ PYBIND11_MODULE(_jax_flashmla_cuda, m) {
           case jfm::WsMath::kRoles: return "roles";
           case jfm::WsMath::kRolesWide: return "roles_wide";
           case jfm::WsMath::kRolesPair: return "pair";
-          case jfm::WsMath::kRolesStaged: return "roles_staged";
         }
         return "unknown";
       },

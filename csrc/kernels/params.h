@@ -189,17 +189,14 @@ enum class KvFormat : int { kBf16 = 0, kFp8V32 = 1, kFp8V4 = 2 };
 // a whole tile's, and the other half's release -> refill -> S chain sets the period;
 // benchmarks/pipeline_model.py, calibrated by its tile-phase probe, puts every two-buffer ping-pong
 // order at or above the role split.)
-// (Measured and gone, 2026-12-06 sixth session: kRolesChunks, efcbe33..c07321f, the bf16 sparse
-// role split with each tile buffer released and refilled in two chunks: 1.08-1.10x on prefill; the
-// first chunk's refill took longer than the whole tile's had.)
-// kRolesStaged (the bf16 sparse kernels, unpaired; JFM_KERNEL_VARIANT=staged, written 2026-12-06
-// sixth session): kRoles with each tile's rows landing in kWsStageGroups groups of 64-column
-// blocks, each on its own full barrier, and S issued group by group as each lands (one wgmma
-// group per block group, committed, none waited before the last): S starts on the first blocks
-// while the rest of the tile is still in flight (ws_pipeline.cuh, ws_math's kStaged).
-enum class WsMath : int {
-  kRoles = 1, kTransposed16 = 2, kTransposed32 = 3, kRolesWide = 4, kRolesPair = 5, kRolesStaged = 6
-};
+// (Measured and gone, 2026-12-06 sixth session, both bf16 sparse role-split forms, unpaired:
+// kRolesChunks, efcbe33..c07321f, each tile buffer released and refilled in two chunks: 1.08-1.10x
+// on prefill, the first chunk refilling slower than the whole tile had; kRolesStaged, f9cc17f..
+// (JFM_WS_STAGE_BLOCKS), the rows landing in groups of 64-column blocks on their own full
+// barriers and S issued group by group as each landed: +4 to +8% with 3 blocks per group, +18%
+// with 1, 2 groups like 3: each group boundary (barrier wait + proxy fence + a new wgmma group)
+// cost more than S gained from starting early.)
+enum class WsMath : int { kRoles = 1, kTransposed16 = 2, kTransposed32 = 3, kRolesWide = 4, kRolesPair = 5 };
 
 // One KV pool and the flat rows each query token picks from it.
 struct SparsePool {

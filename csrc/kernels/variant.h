@@ -16,9 +16,6 @@
 // 16-byte aligned (SparsePool::load16), for measurement; JFM_KERNEL_VARIANT=v4load8: none of them
 // (the default before 2026-12-01's sixth session), for the A/B of the upstream peak case (V4 h64
 // topk 16384 measured 0.90x the fourth session's kernel with the 16-byte loads on).
-// JFM_KERNEL_VARIANT=staged: the bf16 sparse kernels (prefill, bf16 sparse decode) above 32 heads
-// with S issued per group of 64-column blocks as each lands (WsMath::kRolesStaged; written
-// 2026-12-06 sixth session), for measurement.
 // Anything else (or nothing): the default. Read once per process (host code).
 #pragma once
 
@@ -28,7 +25,7 @@
 namespace jfm {
 
 enum class KernelVariant {
-  kWs, kV1, kPair, kCombine1, kCombineRows, kCombineQuarters, kV4Load16, kV4Load8, kStaged
+  kWs, kV1, kPair, kCombine1, kCombineRows, kCombineQuarters, kV4Load16, kV4Load8
 };
 
 inline KernelVariant kernel_variant() {
@@ -41,7 +38,6 @@ inline KernelVariant kernel_variant() {
     if (e != nullptr && std::strcmp(e, "combine_quarters") == 0) return KernelVariant::kCombineQuarters;
     if (e != nullptr && std::strcmp(e, "v4load16") == 0) return KernelVariant::kV4Load16;
     if (e != nullptr && std::strcmp(e, "v4load8") == 0) return KernelVariant::kV4Load8;
-    if (e != nullptr && std::strcmp(e, "staged") == 0) return KernelVariant::kStaged;
     return KernelVariant::kWs;
   }();
   return v;
@@ -56,7 +52,6 @@ inline const char* kernel_variant_name() {
     case KernelVariant::kCombineQuarters: return "combine_quarters";
     case KernelVariant::kV4Load16: return "v4load16";
     case KernelVariant::kV4Load8: return "v4load8";
-    case KernelVariant::kStaged: return "staged";
     default: return "ws";
   }
 }

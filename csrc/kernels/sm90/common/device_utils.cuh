@@ -15,13 +15,6 @@
 
 namespace jfm {
 
-// f(std::integral_constant<int, I>{}) for each I of the sequence, in order: a loop whose index
-// must be a template argument (e.g. load_tile_rows' first block).
-template <class F, size_t... I>
-__device__ __forceinline__ void for_each_index(std::index_sequence<I...>, F&& f) {
-  (f(std::integral_constant<int, static_cast<int>(I)>{}), ...);
-}
-
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }

@@ -118,12 +118,11 @@ __device__ __forceinline__ void tile_qk(float (&s)[16], uint64_t desc_q, uint64_
 // is row r's first element, or nullptr for a zero-filled row (never read; the copies then name
 // `base` + 64 j, which must lie inside one row's worth of the same tensor). Committed by the
 // caller's next cp_async_commit. kRows < 64: rows 0 .. kRows - 1 only (the rest left as they are);
-// kStride: bytes per 64-column block (kRows * 128 for a compact tile). Blocks kFirst ..
-// kFirst + kBlocks - 1 only (those inside the row): kRolesStaged's block groups, and the timing
-// diagnostic JFM_DIAG_FILL_BLOCKS (the first kBlocks).
+// kStride: bytes per 64-column block (kRows * 128 for a compact tile). kBlocks < the tile's
+// 64-column blocks: only the first kBlocks copied (a timing diagnostic, JFM_DIAG_FILL_BLOCKS).
 template <typename T, int kDqk, int kThreads, int kRows = kBlockM,
           int kStride = TileSmem<kDqk>::kBlockBytes, int kBlocks = TileSmem<kDqk>::kKBlocks,
-          int kFirst = 0, typename SrcOf>
+          typename SrcOf>
 __device__ __forceinline__ void load_tile_rows(uint32_t dst, int tid, const T* base, SrcOf src_of) {
   using S = TileSmem<kDqk>;
   static_assert(kStride >= kRows * 128, "the rows fit a block");
@@ -138,7 +137,7 @@ __device__ __forceinline__ void load_tile_rows(uint32_t dst, int tid, const T* b
     const bool ok = row != nullptr;
     const T* src = ok ? row + lq * 8 : base;  // (base + 64 j: never read, src-size 0)
 #pragma unroll
-    for (int j = kFirst; j < (kFirst + kBlocks < S::kKBlocks ? kFirst + kBlocks : S::kKBlocks); ++j)
+    for (int j = 0; j < (kBlocks < S::kKBlocks ? kBlocks : S::kKBlocks); ++j)
       cp_async_16(dst + j * kStride + h * kPassRows * 128 + off, src + 64 * j, ok ? 16 : 0);
   }
 }

@@ -56,9 +56,9 @@
 //   store_rows<kScoresRole, kPair>(const Seq&, const RowState&, inv, lse, m, const Lane&) (after
 //   the last tile; kScoresRole: called by the role split's scores warpgroup, the one with registers
 //   to spare; kPair: by a CTA pair's);
-//   empty_lse(const Seq&); produce<kWide, kPair, kSole, kRoomy, kStaged>(const WsShared&,
-//   int which, int stride) (the producers; kWide: a budget of at least 144 registers; kSole: the
-//   CTA's only one; kRoomy: kTransposed16's, the most registers; kStaged: kRolesStaged's);
+//   empty_lse(const Seq&); produce<kWide, kPair, kSole, kRoomy>(const WsShared&, int which,
+//   int stride) (the producers; kWide: a budget of at least 144 registers; kSole: the CTA's only
+//   one; kRoomy: kTransposed16's, the most registers);
 //   for kTransposed*: masked_t(const Seq&, n, valid, token, row) and
 //   row_out(const Seq&, row, inv, lse, m, bool write_stats) -> WsRowOut.
 #pragma once
@@ -81,20 +81,6 @@ constexpr bool ws_transposed(WsMath m) {
   return m == WsMath::kTransposed16 || m == WsMath::kTransposed32;
 }
 constexpr bool ws_pair(WsMath m) { return m == WsMath::kRolesPair; }
-constexpr bool ws_staged(WsMath m) { return m == WsMath::kRolesStaged; }
-// kRolesStaged: a tile's 64-column blocks land and are multiplied in groups of kWsStageBlocks
-// (3: blocks 0-2, 3-5, 6-; the last group takes the RoPE block at d_qk 576, two blocks at 512),
-// ws_stage_groups<kDqk>() of them. JFM_WS_STAGE_BLOCKS=n (1-8) sets the group size, for A/B.
-#ifndef JFM_WS_STAGE_BLOCKS
-#define JFM_WS_STAGE_BLOCKS 3
-#endif
-constexpr int kWsStageBlocks = JFM_WS_STAGE_BLOCKS;
-static_assert(kWsStageBlocks >= 1 && kWsStageBlocks <= 8, "JFM_WS_STAGE_BLOCKS: 1-8");
-template <int kDqk>
-constexpr int ws_stage_groups() {
-  return (TileSmem<kDqk>::kKBlocks + kWsStageBlocks - 1) / kWsStageBlocks;
-}
-constexpr int kWsStageMaxGroups = (9 + kWsStageBlocks - 1) / kWsStageBlocks;  // (d_qk 576)
 struct WsRegSplit {
   int wg0, wg1, wg2;
 };
@@ -183,9 +169,7 @@ struct WsSmem : TileSmem<kDqk> {
   static constexpr int kPeerBarOff = kCorrOff + kBlockM * 4;           // peer_full[2] (kRolesPair)
   // p_ready, p_free, stats_ready, stats_free (kRoles*)
   static constexpr int kPBarOff = kPeerBarOff + 2 * 8;
-  // kRolesStaged: block groups 1 .. ws_stage_groups() - 1's full barriers, [group - 1][2]
-  static constexpr int kStageBarOff = kPBarOff + 4 * 8;
-  static constexpr size_t kBytes = kStageBarOff + (kWsStageMaxGroups - 1) * 2 * 8 + 1024;  // + slack
+  static constexpr size_t kBytes = kPBarOff + 4 * 8 + 1024;  // + alignment slack
   static_assert(kBarOff % 8 == 0 && kPeerBarOff % 8 == 0 && kPBarOff % 8 == 0,
                 "mbarriers are 8-byte aligned");
   static_assert(kBytes <= 227 * 1024, "shared memory of one sm90 CTA");
@@ -205,9 +189,6 @@ struct WsShared {
   // bytes the peer stores into its tiles); the peer's tile 0 and empty barriers (cluster
   // addresses: st.async and remote arrivals).
   uint32_t rank, bar_peer_full, peer_sk0, peer_bar_empty, peer_bar_peer_full;
-  // kRolesStaged: the full barriers of block groups 1 .. ws_stage_groups() - 1 (group g, buffer b at
-  // + 16 (g - 1) + 8 b); bar_full is group 0's, with the validity bytes.
-  uint32_t bar_full_stage;
 };
 
 // Lays out the dynamic shared memory, initializes the mbarriers (full: `full_count` arrivals,
@@ -236,7 +217,6 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
   sh.bar_stats_ready = sh.bar_p_ready + 16;
   sh.bar_stats_free = sh.bar_p_ready + 24;
   sh.tile_bytes = S::kTileBytes;
-  sh.bar_full_stage = base + W::kStageBarOff;
   constexpr bool kPair = ws_pair(kMath);
   if constexpr (kPair) {
     sh.rank = cluster_ctarank();
@@ -253,9 +233,6 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
       // CTA's copy of their half.
       mbarrier_init(sh.bar_empty + 8 * b, ws_transposed(kMath) ? 128 : kPair ? 256 + 8 : 256);
       if constexpr (kPair) mbarrier_init(sh.bar_peer_full + 8 * b, 1);  // + the peer's bytes
-      if constexpr (ws_staged(kMath))  // the producer threads' cp.async arrivals
-        for (int g = 1; g < ws_stage_groups<kDqk>(); ++g)
-          mbarrier_init(sh.bar_full_stage + 16 * (g - 1) + 8 * b, 128);
     }
     for (int i = 0; i < 4; ++i) mbarrier_init(sh.bar_p_ready + 8 * i, 128);
     if constexpr (kPair) fence_mbarrier_init();
@@ -473,47 +450,10 @@ __device__ __forceinline__ void ws_finish_rows(RowState& st, const WsShared& sh,
   }
 }
 
-// kRolesStaged's S (ws_math's kStaged): block group 0 (its barrier already waited), then each
-// later group once its barrier (`stage`: group 1's for this buffer; group g at + 16 (g - 1)) has
-// completed phase `ph`, one committed wgmma group each, all waited at the end.
-template <class T, int kDqk>
-__device__ __forceinline__ void ws_s_staged(float (&s)[32], uint64_t desc_q, uint64_t desc_k,
-                                            uint32_t stage, uint32_t ph) {
-  constexpr int kBlocks = TileSmem<kDqk>::kKBlocks;
-#pragma unroll
-  for (int i = 0; i < 32; ++i) s[i] = 0.f;
-#pragma unroll
-  for (int g = 0; g < ws_stage_groups<kDqk>(); ++g) {
-    if (g > 0) {
-      mbarrier_wait(stage + 16 * (g - 1), ph);
-      fence_proxy_async();
-    }
-    wgmma_fence();
-#pragma unroll
-    for (int j = g * kWsStageBlocks; j < kBlocks && j < (g + 1) * kWsStageBlocks; ++j) {
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const uint32_t off = (j * TileSmem<kDqk>::kBlockBytes + u * 32) >> 4;
-        wgmma_k_major<64, T>(s, desc_q + off, desc_k + off);
-      }
-    }
-    wgmma_commit();
-  }
-  wgmma_wait<0>();
-}
-
 // The math warps' loop over this CTA's sequences and tiles. One instantiation per role, so that
 // each warpgroup's code is register-allocated within its own setmaxnreg budget (with one loop for
 // both roles ptxas allocated it within the smaller budget and spilled).
-// kStaged (kRolesStaged, unpaired): the scores warpgroup waits for each block group's full
-// barrier (group 0: bar_full, with the validity bytes) and issues that group's S k-steps as one
-// committed wgmma group, waiting for none before the last, so S runs while the later groups land;
-// the values warpgroup waits for the last group's barrier (which a producer thread's arrival
-// reaches only once all its copies have landed). Why: at prefill d576 h128 8K the tile's fill is
-// as long as a buffer's hold (3494 / 3566 cycles, H100) and S (1419) started only once all of it
-// had landed (docs/PERFORMANCE.md, sixth 2026-12-06 session). Upstream's kernels wait per block
-// (dense) or per half tile (prefill) the same way.
-template <class Task, WsRole kRole, bool kPair, bool kStaged = false>
+template <class Task, WsRole kRole, bool kPair>
 __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   using T = typename Task::T;
   using S = TileSmem<Task::kDqk>;
@@ -552,15 +492,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       const uint32_t buf = k & 1;
       if constexpr (kRole == WsRole::kScores) tile_trace(k, kTrScWait);
       constexpr bool kSc = kRole == WsRole::kScores;
-      static_assert(!kStaged || !kPair, "kRolesStaged: unpaired");
-      if constexpr (kStaged && !kSc) {
-        // The last block group's barrier: every copy of the tile has landed.
-        mbarrier_wait(sh.bar_full_stage + 16 * (ws_stage_groups<Task::kDqk>() - 2) + 8 * buf,
-                      (k >> 1) & 1);
-        fence_proxy_async();
-      } else {
-        ws_wait_full<Task, kPair, kSc>(sh, k);  // (kStaged: block group 0's)
-      }
+      ws_wait_full<Task, kPair, kSc>(sh, k);
       tile_trace(k, kRole == WsRole::kScores ? kTrScFull : kTrValFull);
       const uint32_t buf_desc = buf * (S::kTileBytes >> 4);
       const uint8_t* valid = sh.valid + buf * kTileTokens;
@@ -569,12 +501,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
         float sacc[32];  // this tile's S, then P
         uint32_t valid_word = 0;  // (JFM_WS_EARLY_VALID)
         if constexpr (kWsMaskSkip && kWsEarlyValid) valid_word = ws_valid_word(valid);
-        if constexpr (kStaged) {
-          ws_s_staged<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc, sh.bar_full_stage + 8 * buf,
-                                     (k >> 1) & 1);
-        } else {
-          tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
-        }
+        tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
         tile_trace(k, kTrScS);
         if (kEarlyQ && n_next >= cur.t_hi && seq < task.end_seq) {
           named_barrier_sync(kBarScores, 128);  // every thread's S has completed: Q is free
@@ -802,18 +729,18 @@ __device__ __forceinline__ void ws_run(const Task& task, const WsShared& sh) {
   } else if (wg == 2) {
     ws_set_regs<Regs::kWg2, kL>();
     cta_stamp(kStartSetup);
-    task.template produce<Regs::kWideProducer, ws_pair(kMath), true, false, ws_staged(kMath)>(sh, 0, 1);
+    task.template produce<Regs::kWideProducer, ws_pair(kMath), true>(sh, 0, 1);
     cta_stamp(kEndProdDone);  // (tile_trace.cuh: the probe's end stamps; nothing without it)
     ws_leave<kMath>();
     cta_stamp(kEndProdLeft);
   } else if (wg == 0) {
     ws_set_regs<Regs::kWg0, kL>();
-    ws_math<Task, WsRole::kScores, ws_pair(kMath), ws_staged(kMath)>(task, sh);
+    ws_math<Task, WsRole::kScores, ws_pair(kMath)>(task, sh);
     ws_leave<kMath>();
     cta_stamp(kEndScLeft);
   } else {
     ws_set_regs<Regs::kWg1, kL>();
-    ws_math<Task, WsRole::kValues, ws_pair(kMath), ws_staged(kMath)>(task, sh);
+    ws_math<Task, WsRole::kValues, ws_pair(kMath)>(task, sh);
     ws_leave<kMath>();
     cta_stamp(kEndValLeft);
   }

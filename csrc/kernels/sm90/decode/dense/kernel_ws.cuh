@@ -124,10 +124,8 @@ struct DenseWsTask {
   // of this KV head by load_tile_rows (128 threads: rows lr + 16 h); the page id of its next tile
   // is loaded while this one is waited for and copied.
   // kSole: the role split's producer, the one that loads whole pages by TMA (JFM_DENSE_TMA).
-  template <bool kWide, bool kPair, bool kSole = false, bool = false,  // (no staging registers)
-            bool kStaged = false>
+  template <bool kWide, bool kPair, bool kSole = false, bool = false>  // (no staging registers)
   __device__ __forceinline__ void produce(const WsShared& sh, int which, int stride) const {
-    static_assert(!kStaged, "kRolesStaged: the bf16 sparse task only");
     static_assert(!kPair || kDensePair, "the dense CTA pair: JFM_DENSE_PAIR");
     const T* __restrict__ kvg = reinterpret_cast<const T*>(p.kv);
     const int ptid = threadIdx.x & 127;

@@ -65,8 +65,6 @@ cudaError_t launch(const SparseDecodeParams& p_in, cudaStream_t stream) {
   if (math == WsMath::kTransposed32)
     return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kTransposed32>(p, stream);
   if constexpr (kFmt == KvFormat::kBf16) {
-    if (math == WsMath::kRolesStaged)
-      return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRolesStaged>(p, stream);
     return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRoles>(p, stream);
   } else {
     if (math == WsMath::kRolesPair) {
@@ -85,8 +83,7 @@ cudaError_t launch(const SparseDecodeParams& p_in, cudaStream_t stream) {
 WsMath sparse_ws_math(const SparseDecodeParams& p, KvFormat format) {
   if (p.h_q <= 16) return WsMath::kTransposed16;
   if (p.h_q <= 32) return WsMath::kTransposed32;
-  if (format == KvFormat::kBf16)  // (JFM_KERNEL_VARIANT=staged: S per block group as it lands)
-    return kernel_variant() == KernelVariant::kStaged ? WsMath::kRolesStaged : WsMath::kRoles;
+  if (format == KvFormat::kBf16) return WsMath::kRoles;
   return pair_pays(p, format) ? WsMath::kRolesPair : WsMath::kRolesWide;
 }
 

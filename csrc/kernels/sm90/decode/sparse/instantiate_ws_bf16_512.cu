@@ -5,7 +5,6 @@
 namespace jfm {
 namespace sm90 {
 template cudaError_t launch_sparse_attention_ws<KvFormat::kBf16, 512, WsMath::kRoles>(const SparseDecodeParams&, cudaStream_t);
-template cudaError_t launch_sparse_attention_ws<KvFormat::kBf16, 512, WsMath::kRolesStaged>(const SparseDecodeParams&, cudaStream_t);
 template cudaError_t launch_sparse_attention_ws<KvFormat::kBf16, 512, WsMath::kTransposed16>(const SparseDecodeParams&, cudaStream_t);
 template cudaError_t launch_sparse_attention_ws<KvFormat::kBf16, 512, WsMath::kTransposed32>(const SparseDecodeParams&, cudaStream_t);
 }  // namespace sm90

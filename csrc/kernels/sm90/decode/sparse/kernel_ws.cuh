@@ -421,11 +421,8 @@ struct SparseWsTask {
   // kSole: the CTA's only producer (the role split; kTransposed* has two).
   // kRoomy: the producer of kTransposed16, whose budget holds StageV32R8's 8 more registers per
   // thread (kTransposed32 spilled 104 bytes with it, kRolesWide 28).
-  // kStaged (kRolesStaged, bf16): each tile's rows copied in kWsStageBlocks-block groups, each
-  // group's copies counted on its own full barrier (group 0: full, with the validity bytes).
-  template <bool kWide, bool kPair, bool kSole = false, bool kRoomy = false, bool kStaged = false>
+  template <bool kWide, bool kPair, bool kSole = false, bool kRoomy = false>
   __device__ __forceinline__ void produce(const WsShared& sh, int which, int stride) const {
-    static_assert(!kStaged || (!kFp8 && !kPair), "kRolesStaged: the unpaired bf16 fill");
     static_assert(!kPair || kFp8, "CTA pairs share dequantization: FP8 caches only");
     const int ptid = threadIdx.x & 127;
     // FP8: a quarter (j) of token t in round 0 and of token t + 32 in round 1 (Fp8Slot's map over
@@ -917,30 +914,6 @@ struct SparseWsTask {
             trace_rows(fill.k);
             store_rounds(fill, q.rows, pool_id, idx);
             tile_trace_published(fill.k);
-          } else if constexpr (kStaged) {
-            load_indices(n_next, idx_next);
-            fill.wait_empty();
-            tile_trace(fill.k, kTrProdEmpty);
-            const bf16* rows = reinterpret_cast<const bf16*>(pool.data);
-            auto src_of = [&](int t) -> const bf16* {
-              const int64_t r = q.rows.row_of(idx[t >> 4], pool_id);
-              return r >= 0 ? rows + r * kDqk : nullptr;
-            };
-            constexpr int kB = TileSmem<kDqk>::kBlockBytes, kG = kWsStageBlocks;
-            load_tile_rows<bf16, kDqk, 128, kBlockM, kB, kG, 0>(fill.tile, ptid, rows, src_of);
-#pragma unroll
-            for (int h = 0; h < 4; ++h)
-              if (lq == 0) fill.valid[lr + 16 * h] = q.rows.row_of(idx[h], pool_id) >= 0;
-            mbarrier_arrive(fill.full);                  // the validity bytes
-            cp_async_mbarrier_arrive_noinc(fill.full);   // group 0's rows, when they land
-            const uint32_t stage = sh.bar_full_stage + 8 * (fill.k & 1);
-            // Groups 1 ..: each arrival also waits for every earlier copy of this thread.
-            for_each_index(std::make_index_sequence<ws_stage_groups<kDqk>() - 1>{}, [&](auto i) {
-              load_tile_rows<bf16, kDqk, 128, kBlockM, kB, kG, kG * (decltype(i)::value + 1)>(
-                  fill.tile, ptid, rows, src_of);
-              cp_async_mbarrier_arrive_noinc(stage + 16 * decltype(i)::value);
-            });
-            tile_trace(fill.k, kTrProdIssued);
           } else {
             load_indices(n_next, idx_next);
             fill.wait_empty();
