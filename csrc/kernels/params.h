@@ -191,11 +191,11 @@ enum class KvFormat : int { kBf16 = 0, kFp8V32 = 1, kFp8V4 = 2 };
 // order at or above the role split.)
 // (Measured and gone, 2026-12-06 sixth session, both bf16 sparse role-split forms, unpaired:
 // kRolesChunks, efcbe33..c07321f, each tile buffer released and refilled in two chunks: 1.08-1.10x
-// on prefill, the first chunk refilling slower than the whole tile had; kRolesStaged, f9cc17f..
-// (JFM_WS_STAGE_BLOCKS), the rows landing in groups of 64-column blocks on their own full
-// barriers and S issued group by group as each landed: +4 to +8% with 3 blocks per group, +18%
-// with 1, 2 groups like 3: each group boundary (barrier wait + proxy fence + a new wgmma group)
-// cost more than S gained from starting early.)
+// on prefill, the first chunk refilling slower than the whole tile had; kRolesStaged,
+// f9cc17f..cd10fed (JFM_WS_STAGE_BLOCKS), the rows landing in groups of 64-column blocks on their
+// own full barriers and S issued group by group as each landed: +4 to +8% with 3 blocks per
+// group, +18% with 1, 2 groups like 3 (against the default): each group boundary (barrier wait,
+// proxy fence, a new wgmma group) cost more than S gained from starting early.)
 enum class WsMath : int { kRoles = 1, kTransposed16 = 2, kTransposed32 = 3, kRolesWide = 4, kRolesPair = 5 };
 
 // One KV pool and the flat rows each query token picks from it.
