@@ -349,6 +349,25 @@ constexpr bool kWsMaskSkip = JFM_WS_MASK_SKIP != 0;
 #endif
 constexpr bool kWsEarlyValid = JFM_WS_EARLY_VALID != 0;
 
+// JFM_WS_EARLY_TEST (off; written 2026-12-06 sixth session, not yet run on a GPU): the role
+// split's scores warpgroup tests two of its per-tile barriers ahead of need (mbarrier_test, never
+// suspending; the warp's answer is the vote of its lanes), so a phase already complete costs its
+// chain no try_wait: bit 0 (=1) the P-free barrier right after S, read at P's publication
+// (every role split); bit 1 (=2) the next tile's full barrier right after this tile's P V half is
+// issued (under it), read at the next tile's top (unpaired kernels; the proxy fence stays where it
+// is). Why: a try_wait on a completed barrier looks like ~70-90 cycles on the H100 (kRolesStaged's
+// two extra waits per tile added ~145 cycles to prefill d512 h64's period, PERFORMANCE.md sixth
+// 2026-12-06 session; the tile-phase probe's "P free wait" is 82 and the full wait 166 where the
+// tile had landed), and at d512 h64 the scores warpgroup's chain sets the period (the gather
+// costs it nothing, fifth session item 4), as the early validity load above found (-2.2% there).
+// The dense pair's measured JFM_WS_FULL_AHEAD (third 2026-12-06 session) waited, not tested,
+// under the P V, with the fence and the validity load, on a kernel whose chain does not bind.
+#ifndef JFM_WS_EARLY_TEST
+#define JFM_WS_EARLY_TEST 0
+#endif
+constexpr int kWsEarlyTest = JFM_WS_EARLY_TEST;
+static_assert(kWsEarlyTest >= 0 && kWsEarlyTest <= 3, "JFM_WS_EARLY_TEST: 0-3");
+
 // This lane's word of the 64 validity bytes (lanes 16-31 repeat 0-15).
 __device__ __forceinline__ uint32_t ws_valid_word(const uint8_t* valid) {
   return reinterpret_cast<const uint32_t*>(valid)[threadIdx.x & 15];
@@ -464,6 +483,9 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   const uint64_t desc_q = dd.q, desc_k = dd.k, desc_p = dd.p, desc_v = dd.v;
 
   uint32_t k = 0;  // tiles this CTA has consumed (the producer's count, in step)
+  // (JFM_WS_EARLY_TEST) bit 1: this warp found tile k's full barrier complete under the last P V.
+  constexpr bool kEarlyFull = (kWsEarlyTest & 2) != 0 && !kPair;
+  bool full_known = false;
   constexpr bool kEarlyQ = ws_early_q<Task>();
   int q_issued = -1;  // kEarlyQ: the sequence whose Q copies the scores warpgroup has issued
   for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
@@ -492,7 +514,13 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       const uint32_t buf = k & 1;
       if constexpr (kRole == WsRole::kScores) tile_trace(k, kTrScWait);
       constexpr bool kSc = kRole == WsRole::kScores;
-      ws_wait_full<Task, kPair, kSc>(sh, k);
+      if constexpr (kSc && kEarlyFull) {
+        if (!full_known) mbarrier_wait(sh.bar_full + 8 * buf, (k >> 1) & 1);
+        tile_trace(k, kTrScWaited);
+        if constexpr (Task::kFenceAfterFull) fence_proxy_async();
+      } else {
+        ws_wait_full<Task, kPair, kSc>(sh, k);
+      }
       tile_trace(k, kRole == WsRole::kScores ? kTrScFull : kTrValFull);
       const uint32_t buf_desc = buf * (S::kTileBytes >> 4);
       const uint8_t* valid = sh.valid + buf * kTileTokens;
@@ -503,6 +531,9 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
         if constexpr (kWsMaskSkip && kWsEarlyValid) valid_word = ws_valid_word(valid);
         tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
         tile_trace(k, kTrScS);
+        // (JFM_WS_EARLY_TEST bit 0) whether the values warpgroup has freed the last P already.
+        const bool pfree_known = (kWsEarlyTest & 1) != 0 &&
+                                 __all_sync(0xffffffffu, mbarrier_test(sh.bar_p_free, (k & 1) ^ 1));
         if (kEarlyQ && n_next >= cur.t_hi && seq < task.end_seq) {
           named_barrier_sync(kBarScores, 128);  // every thread's S has completed: Q is free
           task.template load_q<128>(task.seq(seq + 1), sh.sq);
@@ -519,7 +550,8 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
         tile_trace(k, kTrScSoft);
         // P and the corrections for the values warpgroup.
         auto publish = [&] {
-          mbarrier_wait(sh.bar_p_free, (k & 1) ^ 1);  // values done with the last P (tile 0: passes)
+          // values done with the last P (tile 0: passes)
+          if (!pfree_known) mbarrier_wait(sh.bar_p_free, (k & 1) ^ 1);
           tile_trace(k, kTrScPfree);
           store_p_rows<T>(sh.sp, sacc, ln);
           if (ln.tq == 0) {
@@ -548,6 +580,9 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
         rescale_o(st.o, corr);
         tile_pv_issue<T>(st, desc_p, desc_v + buf_desc);
       }
+      if constexpr (kSc && kEarlyFull)  // (JFM_WS_EARLY_TEST bit 1) under this P V
+        full_known = __all_sync(0xffffffffu,
+                                mbarrier_test(sh.bar_full + 8 * ((k + 1) & 1), ((k + 1) >> 1) & 1));
       wgmma_wait<0>();
       tile_trace(k, kRole == WsRole::kScores ? kTrScPv : kTrValPv);
       if (kRole == WsRole::kValues) mbarrier_arrive(sh.bar_p_free);
