@@ -128,20 +128,6 @@ __global__ void __launch_bounds__(256, 1) mbar_kernel(int pattern, const int4* s
   if (cluster) cluster_sync();  // no CTA leaves while its peer may still arrive on its barriers
 }
 
-// Whether the phase of parity `parity` has completed, without waiting (acquire, as a wait that
-// returns); a false answer means: wait as usual. Pattern 9's test (the form of the removed
-// JFM_WS_EARLY_P_FREE, docs/PERFORMANCE.md 2026-12-03, fifth session; no kernel uses it).
-__device__ __forceinline__ bool mbarrier_test_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done;
-  asm volatile(
-      "{\n.reg .pred p;\nmbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-      "selp.u32 %0, 1, 0, p;\n}\n"
-      : "=r"(done)
-      : "r"(bar), "r"(parity)
-      : "memory");
-  return done != 0;
-}
-
 // 7: pattern 2's hand-off with mbarriers instead of named barriers: the writers' 128 threads
 //    arrive on `ready` (count 128), the readers' 128 threads on `freed` (count 128).
 // 9: pattern 7 with the writers' wait for `freed` as the removed JFM_WS_EARLY_P_FREE did it: a
@@ -160,7 +146,7 @@ __global__ void __launch_bounds__(256, 1) mbar_handoff_kernel(int pattern) {
   for (int k = 0; k < kIters; ++k) {
     if (wg == 0) {
       if (pattern == 9) {
-        const bool done = mbarrier_test_wait(freed, (k & 1) ^ 1);
+        const bool done = mbarrier_test(freed, (k & 1) ^ 1);
         float x = static_cast<float>(t);  // other work between the test and the stores
 #pragma unroll 1
         for (int i = 0; i < 64; ++i) x = x * 1.0001f + 1.f;

@@ -349,24 +349,21 @@ constexpr bool kWsMaskSkip = JFM_WS_MASK_SKIP != 0;
 #endif
 constexpr bool kWsEarlyValid = JFM_WS_EARLY_VALID != 0;
 
-// JFM_WS_EARLY_TEST (off; written 2026-12-06 sixth session, not yet run on a GPU): the role
-// split's scores warpgroup tests two of its per-tile barriers ahead of need (mbarrier_test, never
-// suspending; the warp's answer is the vote of its lanes), so a phase already complete costs its
-// chain no try_wait: bit 0 (=1) the P-free barrier right after S, read at P's publication
-// (every role split); bit 1 (=2) the next tile's full barrier right after this tile's P V half is
-// issued (under it), read at the next tile's top (unpaired kernels; the proxy fence stays where it
-// is). Why: a try_wait on a completed barrier looks like ~70-90 cycles on the H100 (kRolesStaged's
-// two extra waits per tile added ~145 cycles to prefill d512 h64's period, PERFORMANCE.md sixth
-// 2026-12-06 session; the tile-phase probe's "P free wait" is 82 and the full wait 166 where the
-// tile had landed), and at d512 h64 the scores warpgroup's chain sets the period (the gather
-// costs it nothing, fifth session item 4), as the early validity load above found (-2.2% there).
-// The dense pair's measured JFM_WS_FULL_AHEAD (third 2026-12-06 session) waited, not tested,
-// under the P V, with the fence and the validity load, on a kernel whose chain does not bind.
-#ifndef JFM_WS_EARLY_TEST
-#define JFM_WS_EARLY_TEST 0
+// JFM_WS_EARLY_FULL (off; written 2026-12-06 sixth session, not yet run on a GPU): the unpaired
+// role split's scores warpgroup tests the next tile's full barrier right after issuing this
+// tile's P V half (mbarrier_test under the P V, never suspending; the warp acts on its lanes'
+// vote) and, where the phase had completed, skips the try_wait at the next tile's top (the proxy
+// fence stays there). Why: the tile-phase probe's full wait at prefill d512 h64 is 166 cycles,
+// where the scores warpgroup's chain sets the period (the gather costs it nothing, fifth
+// 2026-12-06 session item 4; the early validity load above, a latency moved under S, gained 2.2%
+// there). Related and measured: JFM_WS_EARLY_P_FREE (the same test for the P-free barrier,
+// 2026-12-03: noise, -0.8 to +1.2%, its premise a probe artifact) and JFM_WS_FULL_AHEAD (a full
+// *wait* under the P V with the fence and the validity load, dense pair, 2026-12-06 third session:
+// +0.1 to +0.9%, on a kernel whose chain does not bind).
+#ifndef JFM_WS_EARLY_FULL
+#define JFM_WS_EARLY_FULL 0
 #endif
-constexpr int kWsEarlyTest = JFM_WS_EARLY_TEST;
-static_assert(kWsEarlyTest >= 0 && kWsEarlyTest <= 3, "JFM_WS_EARLY_TEST: 0-3");
+constexpr bool kWsEarlyFull = JFM_WS_EARLY_FULL != 0;
 
 // This lane's word of the 64 validity bytes (lanes 16-31 repeat 0-15).
 __device__ __forceinline__ uint32_t ws_valid_word(const uint8_t* valid) {
@@ -483,8 +480,8 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   const uint64_t desc_q = dd.q, desc_k = dd.k, desc_p = dd.p, desc_v = dd.v;
 
   uint32_t k = 0;  // tiles this CTA has consumed (the producer's count, in step)
-  // (JFM_WS_EARLY_TEST) bit 1: this warp found tile k's full barrier complete under the last P V.
-  constexpr bool kEarlyFull = (kWsEarlyTest & 2) != 0 && !kPair;
+  // (JFM_WS_EARLY_FULL) this warp found tile k's full barrier complete under the last P V.
+  constexpr bool kEarlyFull = kWsEarlyFull && !kPair;
   bool full_known = false;
   constexpr bool kEarlyQ = ws_early_q<Task>();
   int q_issued = -1;  // kEarlyQ: the sequence whose Q copies the scores warpgroup has issued
@@ -531,9 +528,6 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
         if constexpr (kWsMaskSkip && kWsEarlyValid) valid_word = ws_valid_word(valid);
         tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
         tile_trace(k, kTrScS);
-        // (JFM_WS_EARLY_TEST bit 0) whether the values warpgroup has freed the last P already.
-        const bool pfree_known = (kWsEarlyTest & 1) != 0 &&
-                                 __all_sync(0xffffffffu, mbarrier_test(sh.bar_p_free, (k & 1) ^ 1));
         if (kEarlyQ && n_next >= cur.t_hi && seq < task.end_seq) {
           named_barrier_sync(kBarScores, 128);  // every thread's S has completed: Q is free
           task.template load_q<128>(task.seq(seq + 1), sh.sq);
@@ -550,8 +544,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
         tile_trace(k, kTrScSoft);
         // P and the corrections for the values warpgroup.
         auto publish = [&] {
-          // values done with the last P (tile 0: passes)
-          if (!pfree_known) mbarrier_wait(sh.bar_p_free, (k & 1) ^ 1);
+          mbarrier_wait(sh.bar_p_free, (k & 1) ^ 1);  // values done with the last P (tile 0: passes)
           tile_trace(k, kTrScPfree);
           store_p_rows<T>(sh.sp, sacc, ln);
           if (ln.tq == 0) {
@@ -580,7 +573,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
         rescale_o(st.o, corr);
         tile_pv_issue<T>(st, desc_p, desc_v + buf_desc);
       }
-      if constexpr (kSc && kEarlyFull)  // (JFM_WS_EARLY_TEST bit 1) under this P V
+      if constexpr (kSc && kEarlyFull)  // (JFM_WS_EARLY_FULL) under this P V
         full_known = __all_sync(0xffffffffu,
                                 mbarrier_test(sh.bar_full + 8 * ((k + 1) & 1), ((k + 1) >> 1) & 1));
       wgmma_wait<0>();
