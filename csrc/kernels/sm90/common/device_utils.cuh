@@ -174,8 +174,8 @@ __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
 }
 // Whether the phase of `parity` has completed, without waiting (mbarrier.test_wait: never
 // suspends). The same acquire as mbarrier_wait's when it returns true; false means wait as
-// usual. Used by JFM_WS_EARLY_FULL (ws_pipeline.cuh) and tests/gpu/racecheck_probe.cu's pattern 9
-// (the test-then-wait hand-off of the removed JFM_WS_EARLY_P_FREE).
+// usual. Used by tests/gpu/racecheck_probe.cu's pattern 9 (the test-then-wait hand-off of the
+// removed JFM_WS_EARLY_P_FREE and JFM_WS_EARLY_FULL: both measured as noise, PERFORMANCE.md).
 __device__ __forceinline__ bool mbarrier_test(uint32_t bar, uint32_t parity) {
   uint32_t done;
   asm volatile(

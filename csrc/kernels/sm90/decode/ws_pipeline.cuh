@@ -349,22 +349,6 @@ constexpr bool kWsMaskSkip = JFM_WS_MASK_SKIP != 0;
 #endif
 constexpr bool kWsEarlyValid = JFM_WS_EARLY_VALID != 0;
 
-// JFM_WS_EARLY_FULL (off; written 2026-12-06 sixth session, not yet run on a GPU): the unpaired
-// role split's scores warpgroup tests the next tile's full barrier right after issuing this
-// tile's P V half (mbarrier_test under the P V, never suspending; the warp acts on its lanes'
-// vote) and, where the phase had completed, skips the try_wait at the next tile's top (the proxy
-// fence stays there). Why: the tile-phase probe's full wait at prefill d512 h64 is 166 cycles,
-// where the scores warpgroup's chain sets the period (the gather costs it nothing, fifth
-// 2026-12-06 session item 4; the early validity load above, a latency moved under S, gained 2.2%
-// there). Related and measured: JFM_WS_EARLY_P_FREE (the same test for the P-free barrier,
-// 2026-12-03: noise, -0.8 to +1.2%, its premise a probe artifact) and JFM_WS_FULL_AHEAD (a full
-// *wait* under the P V with the fence and the validity load, dense pair, 2026-12-06 third session:
-// +0.1 to +0.9%, on a kernel whose chain does not bind).
-#ifndef JFM_WS_EARLY_FULL
-#define JFM_WS_EARLY_FULL 0
-#endif
-constexpr bool kWsEarlyFull = JFM_WS_EARLY_FULL != 0;
-
 // This lane's word of the 64 validity bytes (lanes 16-31 repeat 0-15).
 __device__ __forceinline__ uint32_t ws_valid_word(const uint8_t* valid) {
   return reinterpret_cast<const uint32_t*>(valid)[threadIdx.x & 15];
@@ -480,9 +464,6 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   const uint64_t desc_q = dd.q, desc_k = dd.k, desc_p = dd.p, desc_v = dd.v;
 
   uint32_t k = 0;  // tiles this CTA has consumed (the producer's count, in step)
-  // (JFM_WS_EARLY_FULL) this warp found tile k's full barrier complete under the last P V.
-  constexpr bool kEarlyFull = kWsEarlyFull && !kPair;
-  bool full_known = false;
   constexpr bool kEarlyQ = ws_early_q<Task>();
   int q_issued = -1;  // kEarlyQ: the sequence whose Q copies the scores warpgroup has issued
   for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
@@ -511,13 +492,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       const uint32_t buf = k & 1;
       if constexpr (kRole == WsRole::kScores) tile_trace(k, kTrScWait);
       constexpr bool kSc = kRole == WsRole::kScores;
-      if constexpr (kSc && kEarlyFull) {
-        if (!full_known) mbarrier_wait(sh.bar_full + 8 * buf, (k >> 1) & 1);
-        tile_trace(k, kTrScWaited);
-        if constexpr (Task::kFenceAfterFull) fence_proxy_async();
-      } else {
-        ws_wait_full<Task, kPair, kSc>(sh, k);
-      }
+      ws_wait_full<Task, kPair, kSc>(sh, k);
       tile_trace(k, kRole == WsRole::kScores ? kTrScFull : kTrValFull);
       const uint32_t buf_desc = buf * (S::kTileBytes >> 4);
       const uint8_t* valid = sh.valid + buf * kTileTokens;
@@ -573,9 +548,6 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
         rescale_o(st.o, corr);
         tile_pv_issue<T>(st, desc_p, desc_v + buf_desc);
       }
-      if constexpr (kSc && kEarlyFull)  // (JFM_WS_EARLY_FULL) under this P V
-        full_known = __all_sync(0xffffffffu,
-                                mbarrier_test(sh.bar_full + 8 * ((k + 1) & 1), ((k + 1) >> 1) & 1));
       wgmma_wait<0>();
       tile_trace(k, kRole == WsRole::kScores ? kTrScPv : kTrValPv);
       if (kRole == WsRole::kValues) mbarrier_arrive(sh.bar_p_free);
