@@ -128,6 +128,21 @@ __global__ void __launch_bounds__(256, 1) mbar_kernel(int pattern, const int4* s
   if (cluster) cluster_sync();  // no CTA leaves while its peer may still arrive on its barriers
 }
 
+// Whether the phase of `parity` has completed, without waiting (mbarrier.test_wait: never
+// suspends); the same acquire as a wait that returns, and false means wait as usual. Pattern 9's
+// test: the form of the removed JFM_WS_EARLY_P_FREE and JFM_WS_EARLY_FULL (both measured as
+// noise, docs/PERFORMANCE.md); no kernel uses it, so it lives here.
+__device__ __forceinline__ bool mbarrier_test(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n.reg .pred p;\nmbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(bar), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
 // 7: pattern 2's hand-off with mbarriers instead of named barriers: the writers' 128 threads
 //    arrive on `ready` (count 128), the readers' 128 threads on `freed` (count 128).
 // 9: pattern 7 with the writers' wait for `freed` as the removed JFM_WS_EARLY_P_FREE did it: a

@@ -172,20 +172,6 @@ __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
   } while (!done);
   __syncwarp();
 }
-// Whether the phase of `parity` has completed, without waiting (mbarrier.test_wait: never
-// suspends). The same acquire as mbarrier_wait's when it returns true; false means wait as
-// usual. Used by tests/gpu/racecheck_probe.cu's pattern 9 (the test-then-wait hand-off of the
-// removed JFM_WS_EARLY_P_FREE and JFM_WS_EARLY_FULL: both measured as noise, PERFORMANCE.md).
-__device__ __forceinline__ bool mbarrier_test(uint32_t bar, uint32_t parity) {
-  uint32_t done;
-  asm volatile(
-      "{\n.reg .pred p;\nmbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-      "selp.u32 %0, 1, 0, p;\n}\n"
-      : "=r"(done)
-      : "r"(bar), "r"(parity)
-      : "memory");
-  return done != 0;
-}
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 // Barrier `id` (1..15; 0 is __syncthreads') over `count` threads, whole warps. The non-.aligned
 // forms (barrier.sync / barrier.arrive, not bar.*): the two role-split math warpgroups meet at the
