@@ -242,6 +242,9 @@ def run_prefill(model, cfg, b, s, args):
     compile_s = time.perf_counter() - t0
     hlo = compiled.as_text()
     cudnn = "cudnn" in hlo.lower() and "fmha" in hlo.lower()
+    # V3.2 (--sparse) attends the indexer's top-k through sparse_mla_prefill: our kernel where the
+    # compiled program calls its FFI target, else the reference lowering (plain XLA).
+    sparse_kernel = "jax_flashmla_sparse_mla_prefill" in hlo
     refusal = layers._CUDNN_REFUSALS[-1] if len(layers._CUDNN_REFUSALS) > n_refusals else ""
     mem = compiled.memory_analysis()
     temp = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
@@ -255,7 +258,8 @@ def run_prefill(model, cfg, b, s, args):
     del pages
     return dict(batch=b, prompt_len=s, chunk_prompts=chunk or b, seconds=secs, tokens_per_s=b * s / secs,
                 compile_s=compile_s, temp_bytes=temp, peak_bytes_in_use=stats.get("peak_bytes_in_use"),
-                attention="cudnn flash" if cudnn else f"blockwise/plain ({refusal or 'no cuDNN fmha in HLO'})")
+                attention="sparse prefill kernel" if sparse_kernel else "sparse prefill reference" if cfg.is_v32
+                else "cudnn flash" if cudnn else f"blockwise/plain ({refusal or 'no cuDNN fmha in HLO'})")
 
 
 def decode_state(cfg, b, ctx, n_steps, key):
