@@ -120,9 +120,10 @@ __device__ __forceinline__ void tile_qk(float (&s)[16], uint64_t desc_q, uint64_
 // caller's next cp_async_commit. kRows < 64: rows 0 .. kRows - 1 only (the rest left as they are);
 // kStride: bytes per 64-column block (kRows * 128 for a compact tile). kBlocks < the tile's
 // 64-column blocks: only the first kBlocks copied (a timing diagnostic, JFM_DIAG_FILL_BLOCKS).
+// kEvictLast: the copies under an L2 evict_last policy (JFM_BF16_GATHER_EVICT_LAST).
 template <typename T, int kDqk, int kThreads, int kRows = kBlockM,
           int kStride = TileSmem<kDqk>::kBlockBytes, int kBlocks = TileSmem<kDqk>::kKBlocks,
-          typename SrcOf>
+          bool kEvictLast = false, typename SrcOf>
 __device__ __forceinline__ void load_tile_rows(uint32_t dst, int tid, const T* base, SrcOf src_of) {
   using S = TileSmem<kDqk>;
   static_assert(kStride >= kRows * 128, "the rows fit a block");
@@ -138,7 +139,11 @@ __device__ __forceinline__ void load_tile_rows(uint32_t dst, int tid, const T* b
     const T* src = ok ? row + lq * 8 : base;  // (base + 64 j: never read, src-size 0)
 #pragma unroll
     for (int j = 0; j < (kBlocks < S::kKBlocks ? kBlocks : S::kKBlocks); ++j)
-      cp_async_16(dst + j * kStride + h * kPassRows * 128 + off, src + 64 * j, ok ? 16 : 0);
+      if constexpr (kEvictLast)
+        cp_async_16_policy(dst + j * kStride + h * kPassRows * 128 + off, src + 64 * j, ok ? 16 : 0,
+                           l2_policy_evict_last());
+      else
+        cp_async_16(dst + j * kStride + h * kPassRows * 128 + off, src + 64 * j, ok ? 16 : 0);
   }
 }
 
