@@ -38,7 +38,7 @@ import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-from sbs_common import covered_us, load_perfetto  # noqa: E402  (trace helpers the benchmarks share)
+from sbs_common import covered_us, exclusive_us_by_name, load_perfetto  # noqa: E402  (trace helpers the benchmarks share)
 
 
 def parse_args(argv=None):
@@ -156,6 +156,8 @@ def kv_bytes_per_step(cfg, b, ctx):
 # --------------------------------------------------------------------------------------------------
 def gpu_busy(trace_dir):
     """(busy seconds, top [(name, seconds)], lines used) from the newest perfetto trace under trace_dir.
+    A name's seconds are the busy time it adds (exclusive_us_by_name), so the top list does not count
+    a PDL-launched kernel's wait inside its predecessor twice.
 
     Busy = union of the intervals of the events on the GPU's stream lines (kernels, copies); when
     the trace has no "Stream" lines, the "XLA Ops" line of the GPU.
@@ -168,7 +170,7 @@ def gpu_busy(trace_dir):
     if not chosen:
         chosen = {k for k, n in lines.items() if n == "XLA Ops"}
     ops = {k for k, n in lines.items() if n == "XLA Ops"}
-    spans, by_name, by_scope = [], {}, {}
+    spans, by_scope = [], {}
     for e in events:
         key = (e.get("pid"), e.get("tid"))
         if e.get("ph") != "X" or (key not in chosen and key not in ops):
@@ -184,9 +186,8 @@ def gpu_busy(trace_dir):
         if key not in chosen:
             continue
         spans.append((float(e["ts"]), d, e.get("name", "?")))
-        by_name[e.get("name", "?")] = by_name.get(e.get("name", "?"), 0.0) + d
     busy = covered_us(spans)
-    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+    top = sorted(exclusive_us_by_name(spans).items(), key=lambda kv: -kv[1])[:12]
     scopes = sorted(by_scope.items(), key=lambda kv: -kv[1])[:16]
     for pb in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
         os.remove(pb)  # keep the (smaller) perfetto trace only
@@ -422,7 +423,8 @@ def table(result):
                      f"{r['roofline_ms']:.3f} | {of_roof} |")
     tops = [r for r in result["decode"] if r.get("top_kernels")]
     for r in tops:
-        lines.append(f"\ntop GPU costs, {r['impl']} b{r['batch']} ctx {r['ctx']} (ms/step):")
+        lines.append(f"\ntop GPU costs, {r['impl']} b{r['batch']} ctx {r['ctx']} (ms/step; time two kernels "
+                     "share goes to the one that started first, so the lines add up to GPU busy):")
         for name, ms in r["top_kernels"][:8]:
             lines.append(f"  {ms:8.4f}  {name[:110]}")
         if r.get("top_scopes"):

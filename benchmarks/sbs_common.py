@@ -263,6 +263,22 @@ def covered_us(events: list[tuple[float, float, str]]) -> float:
     return total
 
 
+def exclusive_us_by_name(events: list[tuple[float, float, str]]) -> dict[str, float]:
+    """Microseconds each event name adds to the union of the intervals, events taken in start order
+    (covered_us's sweep): time two events share goes to the one that started first. The values sum
+    to covered_us. Why: a kernel launched with programmatic dependent launch (our combine) spans
+    most of its predecessor's time while it waits, so summed durations count that time twice."""
+    added: dict[str, float] = {}
+    end = float("-inf")
+    for ts, dur, name in sorted(events):
+        if ts + dur > end:
+            added[name] = added.get(name, 0.0) + ts + dur - max(ts, end)
+            end = ts + dur
+        else:
+            added.setdefault(name, 0.0)
+    return added
+
+
 def gpu_time_record(events: list[tuple[float, float, str]], calls: int) -> dict:
     """GPU busy time per call from the profiler's device events of `calls` calls: the time covered
     by at least one event (what the calls cost the GPU, host dispatch excluded), and the mean

@@ -254,6 +254,16 @@ def test_span_us_takes_the_latest_end():
     assert sbs_common.span_us([(5.0, 1.0, "k"), (7.0, 2.0, "k")]) == 4.0
 
 
+def test_exclusive_time_credits_shared_time_to_the_earlier_kernel():
+    """A PDL-launched combine waiting inside the attention kernel's span adds only its tail; the
+    per-name times sum to the covered time, gaps and a fully hidden event included."""
+    import sbs_common
+    ev = [(0.0, 10.0, "main"), (1.0, 11.0, "combine"), (20.0, 5.0, "gemm"), (21.0, 2.0, "hidden")]
+    got = sbs_common.exclusive_us_by_name(ev)
+    assert got == {"main": 10.0, "combine": 2.0, "gemm": 5.0, "hidden": 0.0}
+    assert sum(got.values()) == sbs_common.covered_us(ev) == 17.0
+
+
 def test_equal_runs_splits_by_count():
     """Traced runs of one unit split by event count, whatever the idle gaps between events."""
     import sbs_common
