@@ -33,7 +33,7 @@ __device__ __forceinline__ void cp_async_16_policy(uint32_t dst, const void* src
 // An L2 policy that keeps the lines it touches ahead of evict_normal ones (createpolicy).
 __device__ __forceinline__ uint64_t l2_policy_evict_last() {
   uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));
+  asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));  // pure: may be merged
   return policy;
 }
 // 8-byte async copy (cp.async's .cg form takes 16 bytes only; .ca also caches in L1).

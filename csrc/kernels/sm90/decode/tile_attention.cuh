@@ -132,6 +132,8 @@ __device__ __forceinline__ void load_tile_rows(uint32_t dst, int tid, const T* b
   static_assert(kRows % kPassRows == 0 && kRows <= kBlockM, "whole passes");
   const int lr = tid >> 3, lq = tid & 7;
   const uint32_t off = static_cast<uint32_t>(lr * 128 + ((lq ^ (lr & 7)) << 4));
+  uint64_t policy = 0;  // (kEvictLast) made once for all the copies
+  if constexpr (kEvictLast) policy = l2_policy_evict_last();
 #pragma unroll
   for (int h = 0; h < kRows / kPassRows; ++h) {
     const T* row = src_of(lr + kPassRows * h);
@@ -141,7 +143,7 @@ __device__ __forceinline__ void load_tile_rows(uint32_t dst, int tid, const T* b
     for (int j = 0; j < (kBlocks < S::kKBlocks ? kBlocks : S::kKBlocks); ++j)
       if constexpr (kEvictLast)
         cp_async_16_policy(dst + j * kStride + h * kPassRows * 128 + off, src + 64 * j, ok ? 16 : 0,
-                           l2_policy_evict_last());
+                           policy);
       else
         cp_async_16(dst + j * kStride + h * kPassRows * 128 + off, src + 64 * j, ok ? 16 : 0);
   }
