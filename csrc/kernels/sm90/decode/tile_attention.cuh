@@ -134,6 +134,12 @@ __device__ __forceinline__ void load_tile_rows(uint32_t dst, int tid, const T* b
   const uint32_t off = static_cast<uint32_t>(lr * 128 + ((lq ^ (lr & 7)) << 4));
   uint64_t policy = 0;  // (kEvictLast) made once for all the copies
   if constexpr (kEvictLast) policy = l2_policy_evict_last();
+  // (kEvictLast) the address goes through a shuffle of the lane's own value so that ptxas cannot
+  // split it into a uniform tile base plus a per-thread offset: nvcc 13.0 then emits, in the bf16
+  // d512 kRoles kernel, LDGSTS [R+UR0+imm] desc[UR1] with UR0 / UR1 never written (illegal
+  // instruction on the H100, sanitize_kernels.py's prefill case 2). One SHFL per call.
+  uint32_t dst_off = dst + off;
+  if constexpr (kEvictLast) dst_off = __shfl_sync(0xffffffffu, dst_off, threadIdx.x & 31);
 #pragma unroll
   for (int h = 0; h < kRows / kPassRows; ++h) {
     const T* row = src_of(lr + kPassRows * h);
@@ -142,7 +148,7 @@ __device__ __forceinline__ void load_tile_rows(uint32_t dst, int tid, const T* b
 #pragma unroll
     for (int j = 0; j < (kBlocks < S::kKBlocks ? kBlocks : S::kKBlocks); ++j)
       if constexpr (kEvictLast)
-        cp_async_16_policy(dst + j * kStride + h * kPassRows * 128 + off, src + 64 * j, ok ? 16 : 0,
+        cp_async_16_policy(dst_off + j * kStride + h * kPassRows * 128, src + 64 * j, ok ? 16 : 0,
                            policy);
       else
         cp_async_16(dst + j * kStride + h * kPassRows * 128 + off, src + 64 * j, ok ? 16 : 0);
