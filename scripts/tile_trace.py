@@ -45,7 +45,8 @@ import sys
 
 SLOTS = ("prod_empty", "prod_issued", "sc_full", "sc_s", "sc_pub", "sc_pv", "val_full", "val_p",
          "val_pv", "sc_wait", "sc_waited", "sc_mask", "sc_soft", "sc_pfree", "sc_pst", "prod_rows",
-         "prod_issued_w1", "prod_issued_w2", "prod_issued_w3")
+         "prod_issued_w1", "prod_issued_w2", "prod_issued_w3", "bd_sc_stats", "bd_sc_stored",
+         "bd_sc_q", "bd_val_stored")
 # (traces before sc_waited have 10 slots, before sc_mask 11, before prod_rows 15, before the
 # producer warps' own publication stamps 16)
 TRANSPOSED = ("WsMath 2", "WsMath 3")  # kTransposed16 / 32: one math warpgroup, phases_t
@@ -173,6 +174,39 @@ def summarize(run):
               f"  p90 {q[9 * len(q) // 10]:8.0f}")
 
 
+def summarize_boundaries(run):
+    """The role split's bf16 sequence boundaries (slots 19-22, stamped at a sequence's first tile):
+    the previous sequence's last P V -> this tile's S, taken apart, per role, in cycles."""
+    rows, acc = run["rows"], {}
+    for (c, t), r in sorted(rows.items()):
+        prev = rows.get((c, t - 1))
+        if not r.get("bd_sc_stats") or prev is None:
+            continue
+        ph = {"period into this tile": d(prev["sc_full"], r["sc_full"]),
+              "scores: last P V -> stats": d(prev["sc_pv"], r["bd_sc_stats"]),
+              "scores: stats -> stored": d(r["bd_sc_stats"], r["bd_sc_stored"])}
+        if r.get("bd_sc_q"):
+            ph["scores: stored -> Q landed"] = d(r["bd_sc_stored"], r["bd_sc_q"])
+            ph["scores: Q landed -> full wait"] = d(r["bd_sc_q"], r["sc_wait"])
+        else:
+            ph["scores: stored -> full wait"] = d(r["bd_sc_stored"], r["sc_wait"])
+        ph["scores: full wait -> full"] = d(r["sc_wait"], r["sc_full"])
+        if r.get("bd_val_stored"):
+            ph["values: last P V -> stored"] = d(prev["val_pv"], r["bd_val_stored"])
+            ph["values: stored -> full"] = d(r["bd_val_stored"], r["val_full"])
+        ph["this tile's fill issued -> scores full"] = d(r["prod_issued"], r["sc_full"])
+        for k, v in ph.items():
+            acc.setdefault(k, []).append(v)
+    if not acc:
+        return
+    n = len(next(iter(acc.values())))
+    print(f"  sequence boundaries ({n}; the previous sequence's last tile -> this one's first)")
+    for k, v in acc.items():
+        q = sorted(v)
+        print(f"    {k:38s} median {statistics.median(v):8.0f}  p10 {q[len(q) // 10]:8.0f}"
+              f"  p90 {q[9 * len(q) // 10]:8.0f}")
+
+
 def summarize_ctas(run):
     """Every CTA's entry and exit (global timer, ns) against the first entry: launch skew, the
     CTAs' own durations, and how the last exits spread (the kernel's tail). The CTAs that stamp
@@ -236,6 +270,7 @@ def summarize_ctas(run):
 def main():
     for run in read(sys.argv[1] if len(sys.argv) > 1 else "/tmp/jfm_tile_trace.txt"):
         summarize(run)
+        summarize_boundaries(run)
         summarize_ctas(run)
 
 

@@ -94,7 +94,14 @@ enum TraceSlot : int {
   // 0's is kTrProdIssued), so the hand-over splits into the warps' skew and the barrier's
   // completion (the RoPE copies landing).
   kTrProdIssuedW1 = 16,
-  kTrSlots = 19
+  // A sequence boundary in the role split's bf16 tasks (ws_math; kCpAsyncTiles), stamped at the
+  // new sequence's first tile k: where the time between the previous sequence's last P V and
+  // this tile's S goes (sparse prefill: one sequence per query token, 8 tiles at topk 512).
+  kTrBdScStats = 19,    // scores: the previous sequence's row totals handed over
+  kTrBdScStored = 20,   // scores: its output rows stored (issued)
+  kTrBdScQ = 21,        // scores: this sequence's Q landed (cp.async waited), before the barrier
+  kTrBdValStored = 22,  // values: its output rows stored (issued)
+  kTrSlots = 23
 };
 // kTransposed*'s one math warpgroup (ws_math_t) stamps as the scores warpgroup: wait, full, S,
 // mask, the column-max exchange (kTrScPfree's slot), P^T stored (pst), fenced and synced (pub),

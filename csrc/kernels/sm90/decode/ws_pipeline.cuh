@@ -479,6 +479,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
         cp_async_commit();
       }
       cp_async_wait<0>();
+      tile_trace(k, kTrBdScQ);
       fence_proxy_async();
       named_barrier_sync(kBarScores, 128);  // all of Q, before the wgmma reads it
       if (seq == task.begin_seq) cta_stamp(kStartQ);
@@ -563,6 +564,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
     ws_finish_rows<kRole>(st, sh, static_cast<uint32_t>(seq - task.begin_seq), task.softmax_scale,
                           task.empty_lse(cur), inv, lse, m, ln);
     cta_stamp(kRole == WsRole::kScores ? kEndScStats : kEndValStats);
+    if constexpr (kRole == WsRole::kScores && Task::kCpAsyncTiles) tile_trace(k, kTrBdScStats);
     // Under the lazy max the running max (which lse used) may trail the true one; max_logits,
     // written by the scores warpgroup only, takes the true one.
     if constexpr (kRole == WsRole::kScores) {
@@ -571,6 +573,8 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
     }
     task.template store_rows<kRole == WsRole::kScores, kPair>(cur, st, inv, lse, m, ln);
     cta_stamp(kRole == WsRole::kScores ? kEndScStored : kEndValStored);
+    if constexpr (Task::kCpAsyncTiles)
+      tile_trace(k, kRole == WsRole::kScores ? kTrBdScStored : kTrBdValStored);
   }
 }
 
