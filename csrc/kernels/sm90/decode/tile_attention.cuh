@@ -668,42 +668,6 @@ __device__ __forceinline__ uint32_t pick4(const uint32_t (&v)[4], int i) {
 // could name lanes that never reach the shuffle).
 __device__ __forceinline__ unsigned quad_mask() { return 0xfu << (threadIdx.x & 28); }
 
-// The 16-byte stores of a row (store_out_row's kWide form, spelled apart so that store_out_row's
-// code stays as it was while JFM_WS_BOUNDARY_S is a candidate): this lane's chunk j (0 .. 7) of row
-// h of O (times `scale`) as T, stored at wide_out_base(dst) + 32 j. Groups 4 j .. 4 j + 3: lane tq
-// takes group 4 j + tq (w[c] = lane c's v[tq]; r[d] comes from lane tq ^ d and is w[tq ^ d]).
-template <typename T>
-__device__ __forceinline__ uint4 wide_out_chunk(const RowState& st, int h, int j, float scale) {
-  const int tq = threadIdx.x & 3;
-  uint32_t v[4], r[4];
-#pragma unroll
-  for (int u = 0; u < 4; ++u)
-    v[u] = pack2<T>(st.o[4 * (4 * j + u) + 2 * h] * scale, st.o[4 * (4 * j + u) + 2 * h + 1] * scale);
-  r[0] = pick4(v, tq);
-#pragma unroll
-  for (int d = 1; d < 4; ++d) r[d] = __shfl_xor_sync(quad_mask(), pick4(v, tq ^ d), d);
-  return make_uint4(pick4(r, tq), pick4(r, 1 ^ tq), pick4(r, 2 ^ tq), pick4(r, 3 ^ tq));
-}
-template <typename T>
-__device__ __forceinline__ T* wide_out_base(T* dst) {
-  const int tq = threadIdx.x & 3;
-  return dst - 2 * tq + 8 * tq;
-}
-// Two rows' 16-byte chunks, converted and exchanged, their stores still to be issued
-// (JFM_WS_BOUNDARY_S): base[h] nullptr for a row not stored.
-struct PackedRowsOut {
-  uint4 v[2][8];
-  void* base[2];
-  __device__ __forceinline__ void store() const {
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-      if (base[h] != nullptr) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) reinterpret_cast<uint4*>(base[h])[4 * j] = v[h][j];
-      }
-  }
-};
-
 // Store this thread's slice of row h of O (times `scale`) as T (final output, 256 wc + 2 tq +
 // 8 i) or float (split-KV partials). dst: this thread's first column (2 tq).
 // kProbeShared (a timing probe's, JFM_FP8_PROBE bit 3): kWide's stores go to shared memory (the

@@ -81,23 +81,6 @@ constexpr bool ws_transposed(WsMath m) {
   return m == WsMath::kTransposed16 || m == WsMath::kTransposed32;
 }
 constexpr bool ws_pair(WsMath m) { return m == WsMath::kRolesPair; }
-// JFM_WS_BOUNDARY_S (off; =1 for A/B): with the early Q, the scores warpgroup converts a finished
-// sequence's output rows into 64 registers of 16-byte chunks (its lse and max_logits written at
-// once) and issues their stores only after the next tile's S, so the tensor cores compute that S
-// while the stores drain; its O registers are reset after those stores (O, the chunks and S in
-// flight together would not fit its 232). The S issue and its wait stay unconditional in the tile
-// loop (issued in one branch and waited for in another, ptxas serialized every wgmma of the
-// kernel, C7518); the pending stores are the branch between them. Sequences whose rows are split
-// partials (fp32) store at once. Why: the tile probe's sequence boundaries (H100, ninth
-// 2026-12-06 session) in prefill d512 h64 (8 tiles per query token): the tile after a boundary
-// starts ~5.5K cycles later than a period (3.36K); the scores warpgroup's output stores take ~4.1K
-// of it (64 rows x 512 B per warpgroup, every CTA at once), its stats 0.45K, Q landed / fence /
-// barrier ~0.8K, then S ~1.2K. Predicted: S off every boundary, prefill d512 h64 topk 512 -3 to
-// -4%, topk 1024 -2%, d576 topk 2048 <1%.
-#ifndef JFM_WS_BOUNDARY_S
-#define JFM_WS_BOUNDARY_S 0
-#endif
-
 struct WsRegSplit {
   int wg0, wg1, wg2;
 };
@@ -470,13 +453,6 @@ __device__ __forceinline__ void ws_finish_rows(RowState& st, const WsShared& sh,
 // The math warps' loop over this CTA's sequences and tiles. One instantiation per role, so that
 // each warpgroup's code is register-allocated within its own setmaxnreg budget (with one loop for
 // both roles ptxas allocated it within the smaller budget and spilled).
-// kFirst ? a : b, for two arrays of which only the chosen one need have the type.
-template <bool kFirst, class A, class B>
-__device__ __forceinline__ auto& ws_pick(A& a, B& b) {
-  if constexpr (kFirst) return a;
-  else return b;
-}
-
 template <class Task, WsRole kRole, bool kPair>
 __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   using T = typename Task::T;
@@ -490,30 +466,22 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   uint32_t k = 0;  // tiles this CTA has consumed (the producer's count, in step)
   constexpr bool kEarlyQ = ws_early_q<Task>();
   int q_issued = -1;  // kEarlyQ: the sequence whose Q copies the scores warpgroup has issued
-  // (JFM_WS_BOUNDARY_S) the scores warpgroup computes the next sequence's first S at this one's
-  // end, under its output stores (s_ready: s_next holds it, its Q and full waits done).
-  constexpr bool kBoundaryS = JFM_WS_BOUNDARY_S != 0 && kEarlyQ && kRole == WsRole::kScores;
-  std::conditional_t<kBoundaryS, float[32], char> s_next;  // (kBoundaryS) also every tile's S
-  bool s_ready = false;
   for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
     const typename Task::Seq cur = task.seq(seq);
     if constexpr (!kEarlyQ) {
       ws_load_q<256>(task, cur, sh, [] { Sync::sync(); });
       if (seq == task.begin_seq) cta_stamp(kStartQ);
     } else if constexpr (kRole == WsRole::kScores) {
-      // (The previous sequence issued them unless it had no tile; with s_ready it also waited
-      // for them.)
-      if (!(kBoundaryS && s_ready)) {
-        if (q_issued != seq) {
-          named_barrier_sync(kBarScores, 128);  // every S of the previous sequence has read Q
-          task.template load_q<128>(cur, sh.sq);
-          cp_async_commit();
-        }
-        cp_async_wait<0>();
-        tile_trace(k, kTrBdScQ);
-        fence_proxy_async();
-        named_barrier_sync(kBarScores, 128);  // all of Q, before the wgmma reads it
+      // (The previous sequence issued them unless it had no tile.)
+      if (q_issued != seq) {
+        named_barrier_sync(kBarScores, 128);  // every S of the previous sequence has read Q
+        task.template load_q<128>(cur, sh.sq);
+        cp_async_commit();
       }
+      cp_async_wait<0>();
+      tile_trace(k, kTrBdScQ);
+      fence_proxy_async();
+      named_barrier_sync(kBarScores, 128);  // all of Q, before the wgmma reads it
       if (seq == task.begin_seq) cta_stamp(kStartQ);
     }
 
@@ -523,30 +491,18 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
     for (int n = cur.first; n < cur.t_hi; ++k) {
       const int n_next = cur.next(n + 1);
       const uint32_t buf = k & 1;
+      if constexpr (kRole == WsRole::kScores) tile_trace(k, kTrScWait);
       constexpr bool kSc = kRole == WsRole::kScores;
-      const bool s_done = kBoundaryS && s_ready;  // (this tile's full wait and S: done)
-      if (!s_done) {
-        if constexpr (kRole == WsRole::kScores) tile_trace(k, kTrScWait);
-        ws_wait_full<Task, kPair, kSc>(sh, k);
-        tile_trace(k, kRole == WsRole::kScores ? kTrScFull : kTrValFull);
-      }
+      ws_wait_full<Task, kPair, kSc>(sh, k);
+      tile_trace(k, kRole == WsRole::kScores ? kTrScFull : kTrValFull);
       const uint32_t buf_desc = buf * (S::kTileBytes >> 4);
       const uint8_t* valid = sh.valid + buf * kTileTokens;
 
       if constexpr (kRole == WsRole::kScores) {
-        float sacc_tile[32];  // this tile's S, then P (kBoundaryS: s_next, which outlives the tile)
-        float (&sacc)[32] = ws_pick<kBoundaryS>(s_next, sacc_tile);
+        float sacc[32];  // this tile's S, then P
         uint32_t valid_word = 0;  // (JFM_WS_EARLY_VALID)
         if constexpr (kWsMaskSkip && kWsEarlyValid) valid_word = ws_valid_word(valid);
-        if constexpr (kBoundaryS) {
-          if (s_done) {
-            s_ready = false;  // (S already in sacc: s_next)
-          } else {
-            tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
-          }
-        } else {
-          tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
-        }
+        tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
         tile_trace(k, kTrScS);
         if (kEarlyQ && n_next >= cur.t_hi && seq < task.end_seq) {
           named_barrier_sync(kBarScores, 128);  // every thread's S has completed: Q is free
@@ -615,36 +571,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       m[0] = mt[0];
       m[1] = mt[1];
     }
-    bool stored = false;
-    if constexpr (kBoundaryS) {
-      PackedRowsOut out;
-      if (task.pack_rows(cur, st, inv, lse, m, ln, out)) {
-        // The next sequence's first S under these stores (its Q was issued at this one's last S).
-        if (q_issued == seq + 1) {
-          const typename Task::Seq nx = task.seq(seq + 1);
-          if (nx.first < nx.t_hi) {
-            cp_async_wait<0>();
-            tile_trace(k, kTrBdScQ);
-            fence_proxy_async();
-            named_barrier_sync(kBarScores, 128);  // all of Q, before the wgmma reads it
-            tile_trace(k, kTrScWait);
-            ws_wait_full<Task, kPair, true>(sh, k);
-            tile_trace(k, kTrScFull);
-#pragma unroll
-            for (int i = 0; i < 32; ++i) s_next[i] = 0.f;
-            wgmma_fence();
-            tile_gemm_qk_mma<T, Task::kDqk, 64>(s_next, desc_q, desc_k + (k & 1) * (S::kTileBytes >> 4));
-            wgmma_commit();
-            out.store();
-            wgmma_wait<0>();
-            s_ready = true;
-          }
-        }
-        if (!s_ready) out.store();
-        stored = true;
-      }
-    }
-    if (!stored) task.template store_rows<kRole == WsRole::kScores, kPair>(cur, st, inv, lse, m, ln);
+    task.template store_rows<kRole == WsRole::kScores, kPair>(cur, st, inv, lse, m, ln);
     cta_stamp(kRole == WsRole::kScores ? kEndScStored : kEndValStored);
     if constexpr (Task::kCpAsyncTiles)
       tile_trace(k, kRole == WsRole::kScores ? kTrBdScStored : kTrBdValStored);

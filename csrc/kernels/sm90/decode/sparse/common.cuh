@@ -983,34 +983,6 @@ __device__ __forceinline__ void store_token_rows(const SparseDecodeParams& p, co
   }
 }
 
-// store_token_rows' unsplit (nsplit == 1), 16-byte form in two halves (JFM_WS_BOUNDARY_S): the
-// rows' lse and max_logits written and their output chunks converted into `pr` now, the chunks'
-// stores issued later by pr.store().
-__device__ __forceinline__ void pack_token_rows(const SparseDecodeParams& p, const RowState& st,
-                                                const float (&inv)[2], const float (&lse)[2],
-                                                const float (&m)[2], int seq, int head0,
-                                                const Lane& ln, PackedRowsOut& pr) {
-  const RowMap map{1, p.s_q, p.h_q, p.h_q};
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int head = head0 + ln.row(h);
-    pr.base[h] = nullptr;
-    if (head >= p.h_q) continue;
-    float scale = inv[h];
-    if (p.attn_sink != nullptr && isfinite(lse[h])) scale /= 1.f + expf(p.attn_sink[head] - lse[h]);
-    pr.base[h] = wide_out_base(reinterpret_cast<bf16*>(p.out) + map.out_row(seq, 0, head) * kDv +
-                               ln.wc * 256 + 2 * ln.tq);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) pr.v[h][j] = wide_out_chunk<bf16>(st, h, j, scale);
-    if (ln.wc == 0 && ln.tq == 0) {
-      p.lse[map.lse_index(seq, 0, head)] = lse[h];
-      if (p.max_logits != nullptr)
-        p.max_logits[static_cast<size_t>(seq) * p.h_q + head] =
-            m[h] == -INFINITY ? -INFINITY : m[h] * p.softmax_scale;
-    }
-  }
-}
-
 // After a token's last tile (kernel.cuh: each warpgroup summed half of every row).
 template <typename Sync>
 __device__ __forceinline__ void finish_token(const SparseDecodeParams& p, RowState& st, float* red,

@@ -404,20 +404,6 @@ struct SparseWsTask {
     constexpr bool kWide = kWideOutStores && (!kFp8 || fp8_wide_out(kPair, kScoresRole));
     store_token_rows<kWide>(p, st, inv, lse, m, q.index, head0, q.slot, q.nsplit, ln);
   }
-  // (JFM_WS_BOUNDARY_S, the bf16 tasks' scores warpgroup) store_rows in two halves: false when
-  // this sequence cannot defer its stores (a split's fp32 partial rows), which the caller then
-  // stores with store_rows.
-  __device__ __forceinline__ bool pack_rows(const Seq& q, const RowState& st, const float (&inv)[2],
-                                            const float (&lse)[2], const float (&m)[2],
-                                            const Lane& ln, PackedRowsOut& pr) const {
-    if constexpr (kFp8 || !kWideOutStores) {
-      return false;
-    } else {
-      if (q.nsplit != 1) return false;
-      pack_token_rows(p, st, inv, lse, m, q.index, head0, ln, pr);
-      return true;
-    }
-  }
 
   // A producer warpgroup: fills the tile buffers of the tiles k % stride == which (see the file
   // comment). Each walks every tile of the CTA to keep the count k, and loads the indices of its
