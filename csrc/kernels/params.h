@@ -196,15 +196,13 @@ enum class KvFormat : int { kBf16 = 0, kFp8V32 = 1, kFp8V4 = 2 };
 // own full barriers and S issued group by group as each landed: +4 to +8% with 3 blocks per
 // group, +18% with 1, 2 groups like 3 (against the default): each group boundary (barrier wait,
 // proxy fence, a new wgmma group) cost more than S gained from starting early.)
-// JFM_BF16_GATHER_EVICT_LAST (off; =1 for A/B): the bf16 sparse gather's cp.async (prefill and
-// bf16 sparse decode) carries an L2 evict_last cache policy, as upstream's prefill gather does, so
-// a pool near L2's size (d576 at 32K tokens: 37.7 MB) keeps its rows against the output stream.
-// Its 2026-12-05 form together with the .L2::256B hint died in the smoke run (illegal instruction,
-// not debugged); the hint alone lost (dense h16 +6.2%). This form is the policy alone.
-#ifndef JFM_BF16_GATHER_EVICT_LAST
-#define JFM_BF16_GATHER_EVICT_LAST 0
-#endif
-constexpr bool kBf16GatherEvictLast = JFM_BF16_GATHER_EVICT_LAST != 0;
+// (Measured and removed, code at 94ac2d4: JFM_BF16_GATHER_EVICT_LAST, the bf16 sparse gather's
+// cp.async under an L2 evict_last policy as upstream's prefill gather loads its rows. H100,
+// 2026-12-06: prefill d576 h128 32K 4226 -> 4240 and 4095 -> 4147 us, d512 h64 32K 576 -> 575,
+// d512 h128 2010 -> 2030: flat to +1.3%. Its first form died with an illegal instruction: nvcc
+// 13.0 split the shared address into a uniform base plus an offset and emitted LDGSTS
+// [R+UR0+imm] desc[UR1] with UR0 / UR1 never written, in the bf16 d512 kRoles kernel only; a
+// lane-own shuffle of the address avoided it.)
 enum class WsMath : int { kRoles = 1, kTransposed16 = 2, kTransposed32 = 3, kRolesWide = 4, kRolesPair = 5 };
 
 // One KV pool and the flat rows each query token picks from it.

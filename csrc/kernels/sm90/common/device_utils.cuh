@@ -24,18 +24,6 @@ __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int s
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                "r"(src_bytes));
 }
-// The same under an L2 cache policy (l2_policy_evict_last's value).
-__device__ __forceinline__ void cp_async_16_policy(uint32_t dst, const void* src, int src_bytes,
-                                                   uint64_t policy) {
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(dst),
-               "l"(src), "r"(src_bytes), "l"(policy));
-}
-// An L2 policy that keeps the lines it touches ahead of evict_normal ones (createpolicy).
-__device__ __forceinline__ uint64_t l2_policy_evict_last() {
-  uint64_t policy;
-  asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));  // pure: may be merged
-  return policy;
-}
 // 8-byte async copy (cp.async's .cg form takes 16 bytes only; .ca also caches in L1).
 __device__ __forceinline__ void cp_async_8(uint32_t dst, const void* src, int src_bytes) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src),

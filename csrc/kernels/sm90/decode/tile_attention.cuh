@@ -120,10 +120,9 @@ __device__ __forceinline__ void tile_qk(float (&s)[16], uint64_t desc_q, uint64_
 // caller's next cp_async_commit. kRows < 64: rows 0 .. kRows - 1 only (the rest left as they are);
 // kStride: bytes per 64-column block (kRows * 128 for a compact tile). kBlocks < the tile's
 // 64-column blocks: only the first kBlocks copied (a timing diagnostic, JFM_DIAG_FILL_BLOCKS).
-// kEvictLast: the copies under an L2 evict_last policy (JFM_BF16_GATHER_EVICT_LAST).
 template <typename T, int kDqk, int kThreads, int kRows = kBlockM,
           int kStride = TileSmem<kDqk>::kBlockBytes, int kBlocks = TileSmem<kDqk>::kKBlocks,
-          bool kEvictLast = false, typename SrcOf>
+          typename SrcOf>
 __device__ __forceinline__ void load_tile_rows(uint32_t dst, int tid, const T* base, SrcOf src_of) {
   using S = TileSmem<kDqk>;
   static_assert(kStride >= kRows * 128, "the rows fit a block");
@@ -132,14 +131,6 @@ __device__ __forceinline__ void load_tile_rows(uint32_t dst, int tid, const T* b
   static_assert(kRows % kPassRows == 0 && kRows <= kBlockM, "whole passes");
   const int lr = tid >> 3, lq = tid & 7;
   const uint32_t off = static_cast<uint32_t>(lr * 128 + ((lq ^ (lr & 7)) << 4));
-  uint64_t policy = 0;  // (kEvictLast) made once for all the copies
-  if constexpr (kEvictLast) policy = l2_policy_evict_last();
-  // (kEvictLast) the address goes through a shuffle of the lane's own value so that ptxas cannot
-  // split it into a uniform tile base plus a per-thread offset: nvcc 13.0 then emits, in the bf16
-  // d512 kRoles kernel, LDGSTS [R+UR0+imm] desc[UR1] with UR0 / UR1 never written (illegal
-  // instruction on the H100, sanitize_kernels.py's prefill case 2). One SHFL per call.
-  uint32_t dst_off = dst + off;
-  if constexpr (kEvictLast) dst_off = __shfl_sync(0xffffffffu, dst_off, threadIdx.x & 31);
 #pragma unroll
   for (int h = 0; h < kRows / kPassRows; ++h) {
     const T* row = src_of(lr + kPassRows * h);
@@ -147,11 +138,7 @@ __device__ __forceinline__ void load_tile_rows(uint32_t dst, int tid, const T* b
     const T* src = ok ? row + lq * 8 : base;  // (base + 64 j: never read, src-size 0)
 #pragma unroll
     for (int j = 0; j < (kBlocks < S::kKBlocks ? kBlocks : S::kKBlocks); ++j)
-      if constexpr (kEvictLast)
-        cp_async_16_policy(dst_off + j * kStride + h * kPassRows * 128, src + 64 * j, ok ? 16 : 0,
-                           policy);
-      else
-        cp_async_16(dst + j * kStride + h * kPassRows * 128 + off, src + 64 * j, ok ? 16 : 0);
+      cp_async_16(dst + j * kStride + h * kPassRows * 128 + off, src + 64 * j, ok ? 16 : 0);
   }
 }
 

@@ -921,8 +921,7 @@ struct SparseWsTask {
             const bf16* rows = reinterpret_cast<const bf16*>(pool.data);
             // Row lr + 16 h of the tile is this thread's position h (lr < 16).
             load_tile_rows<bf16, kDqk, 128, kBlockM, TileSmem<kDqk>::kBlockBytes,
-                           JFM_DIAG_FILL_BLOCKS, kBf16GatherEvictLast>(
-                fill.tile, ptid, rows, [&](int t) -> const bf16* {
+                           JFM_DIAG_FILL_BLOCKS>(fill.tile, ptid, rows, [&](int t) -> const bf16* {
               const int64_t r = q.rows.row_of(idx[t >> 4], pool_id);
               return r >= 0 ? rows + r * kDqk : nullptr;
             });
