@@ -23,6 +23,10 @@ scores warpgroup's full wait's end of tile k unless said):
                fill is the copies landing)
 The two-buffer identity: 2 periods = release + gap + fill (checked: "2 periods - sum").
 
+Then the role split's bf16 sequence boundaries (slots 19-22, stamped at a sequence's first tile:
+sparse prefill's query tokens, dense's sequences): the previous sequence's last P V -> this
+tile's S taken apart per role (row totals, output stores issued, Q landed, full wait).
+
 Then, from the same build, every CTA's entry and exit on the GPU's global timer (cta_trace; the
 sparse and dense warp-specialized kernels): launch skew, the CTAs' durations and how far apart
 they finish (the kernel's tail), with the tile-stamping CTAs (blockIdx.x < 4, a few percent
