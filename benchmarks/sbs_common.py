@@ -255,18 +255,12 @@ def span_us(events: list[tuple[float, float, str]]) -> float:
 
 def covered_us(events: list[tuple[float, float, str]]) -> float:
     """Microseconds covered by the union of the events' [start, start + duration) intervals."""
-    total, end = 0.0, float("-inf")
-    for ts, dur, _ in sorted(events):
-        if ts + dur > end:
-            total += ts + dur - max(ts, end)
-            end = ts + dur
-    return total
+    return sum(exclusive_us_by_name(events).values())
 
 
 def exclusive_us_by_name(events: list[tuple[float, float, str]]) -> dict[str, float]:
-    """Microseconds each event name adds to the union of the intervals, events taken in start order
-    (covered_us's sweep): time two events share goes to the one that started first. The values sum
-    to covered_us. Why: a kernel launched with programmatic dependent launch (our combine) spans
+    """Microseconds each event name adds to the union of the intervals (covered_us), events taken
+    in start order: time two events share goes to the one that started first. Why: a kernel launched with programmatic dependent launch (our combine) spans
     most of its predecessor's time while it waits, so summed durations count that time twice."""
     added: dict[str, float] = {}
     end = float("-inf")
