@@ -172,9 +172,14 @@ def summarize(run):
         for k, v in split(r, nxt, nn).items():
             acc.setdefault(k, []).append(v)
     print(run["head"], f"({len(acc.get('period', []))} tiles)")
+    print_medians(acc, "  ", 20)
+
+
+def print_medians(acc, indent, width):
+    """One line per phase: median, p10 and p90 of its cycles."""
     for k, v in acc.items():
         q = sorted(v)
-        print(f"  {k:20s} median {statistics.median(v):8.0f}  p10 {q[len(q) // 10]:8.0f}"
+        print(f"{indent}{k:{width}s} median {statistics.median(v):8.0f}  p10 {q[len(q) // 10]:8.0f}"
               f"  p90 {q[9 * len(q) // 10]:8.0f}")
 
 
@@ -205,10 +210,7 @@ def summarize_boundaries(run):
         return
     n = len(next(iter(acc.values())))
     print(f"  sequence boundaries ({n}; the previous sequence's last tile -> this one's first)")
-    for k, v in acc.items():
-        q = sorted(v)
-        print(f"    {k:38s} median {statistics.median(v):8.0f}  p10 {q[len(q) // 10]:8.0f}"
-              f"  p90 {q[9 * len(q) // 10]:8.0f}")
+    print_medians(acc, "    ", 38)
 
 
 def summarize_ctas(run):
