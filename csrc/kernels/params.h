@@ -240,6 +240,11 @@ struct SparseDecodeParams {
   int num_sm_parts;              // schedule rows (0 without a schedule)
   int num_m_blocks;              // cdiv(h_q, kBlockM)
   float softmax_scale;
+  // (JFM_KERNEL_VARIANT=stagger / stagger_all, unscheduled launches only; 0 otherwise) CTA x's
+  // producers start (x % 8) * |stagger_cycles| cycles late, so that the CTAs' per-token output
+  // stores do not all meet at L2 at once: > 0 only CTAs with fewer tokens than the most
+  // (their slack), < 0 every CTA. A measurement (docs/PERFORMANCE.md, 2026-12-06 tenth session).
+  int stagger_cycles;
 };
 
 __host__ __device__ inline int sparse_pool0_tiles(const SparseDecodeParams& p) {

@@ -694,6 +694,21 @@ __device__ __forceinline__ void store_out_row(T* dst, const RowState& st, int h,
           pack2<T>(st.o[4 * i + 2 * h] * scale, st.o[4 * i + 2 * h + 1] * scale);
   }
 }
+// store_out_row's 8-byte form: the quad's lane pairs (tq, tq ^ 1) swap halves, one shuffle per
+// two 8-column groups: the even lane stores group 2 m's columns 2 tq .. + 3, the odd lane group
+// 2 m + 1's columns 2 tq - 2 .. + 3 (JFM_SPARSE_BF16_OUT_BYTES=8, a measurement).
+template <typename T>
+__device__ __forceinline__ void store_out_row8(T* dst, const RowState& st, int h, float scale) {
+  const bool odd = (threadIdx.x & 1) != 0;
+  T* base = dst - (odd ? 2 : 0);
+#pragma unroll
+  for (int m = 0; m < 16; ++m) {
+    const uint32_t a = pack2<T>(st.o[8 * m + 2 * h] * scale, st.o[8 * m + 2 * h + 1] * scale);
+    const uint32_t b = pack2<T>(st.o[8 * m + 4 + 2 * h] * scale, st.o[8 * m + 4 + 2 * h + 1] * scale);
+    const uint32_t r = __shfl_xor_sync(quad_mask(), odd ? a : b, 1);
+    *reinterpret_cast<uint2*>(base + (odd ? 8 : 0) + 16 * m) = odd ? make_uint2(r, b) : make_uint2(a, r);
+  }
+}
 __device__ __forceinline__ void store_partial_row(float* dst, const RowState& st, int h, float scale) {
 #pragma unroll
   for (int i = 0; i < 32; ++i)

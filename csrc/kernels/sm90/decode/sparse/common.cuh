@@ -951,8 +951,9 @@ __device__ __forceinline__ void load_q_tile(const SparseDecodeParams& p, int seq
 // the output (times the sink factor) + lse (+ max_logits, prefill) when the token is not split,
 // else the partial row of split slot `slot` for the combine. Warpgroup wc holds
 // O[:, 256 wc .. +256].
-// kWide: store_out_row's 16-byte stores (JFM_WIDE_OUT_STORES).
-template <bool kWide = false>
+// kWide: store_out_row's 16-byte stores (JFM_WIDE_OUT_STORES); kWide8: store_out_row8's 8-byte
+// ones instead.
+template <bool kWide = false, bool kWide8 = false>
 __device__ __forceinline__ void store_token_rows(const SparseDecodeParams& p, const RowState& st,
                                                  const float (&inv)[2], const float (&lse)[2],
                                                  const float (&m)[2], int seq, int head0, int slot,
@@ -965,7 +966,11 @@ __device__ __forceinline__ void store_token_rows(const SparseDecodeParams& p, co
     if (nsplit == 1) {
       float scale = inv[h];
       if (p.attn_sink != nullptr && isfinite(lse[h])) scale /= 1.f + expf(p.attn_sink[head] - lse[h]);
-      if constexpr ((JFM_FP8_PROBE & 4) == 0)
+      if constexpr (kWide8 && (JFM_FP8_PROBE & 4) == 0)
+        store_out_row8<bf16>(
+            reinterpret_cast<bf16*>(p.out) + map.out_row(seq, 0, head) * kDv + ln.wc * 256 + 2 * ln.tq,
+            st, h, scale);
+      else if constexpr ((JFM_FP8_PROBE & 4) == 0)
         store_out_row<bf16, kWide, (JFM_FP8_PROBE & 8) != 0>(
             reinterpret_cast<bf16*>(p.out) + map.out_row(seq, 0, head) * kDv + ln.wc * 256 + 2 * ln.tq,
             st, h, scale);

@@ -58,6 +58,7 @@ cudaError_t launch(const SparseDecodeParams& p_in, cudaStream_t stream) {
   using sm90::launch_sparse_attention_ws;
   // Every kernel but the unpaired wide one (below) reads V4 rows 8 bytes at a time.
   SparseDecodeParams p = with_load16_for(p_in, WsMath::kRoles);
+  if (p.tile_scheduler_metadata == nullptr) p.stagger_cycles = kernel_stagger_cycles();
   if (kernel_variant() == KernelVariant::kV1) return sm90::launch_sparse_attention<kFmt, kDqk>(p, stream);
   const WsMath math = sparse_ws_math(p, kFmt);
   if (math == WsMath::kTransposed16)
@@ -72,8 +73,9 @@ cudaError_t launch(const SparseDecodeParams& p_in, cudaStream_t stream) {
       if (e != cudaErrorNotSupported) return e;  // else not every pair fits at once: unpaired
     }
     // The FP8 producer does the most work per tile (gather + dequantization): registers to it.
-    return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRolesWide>(
-        with_load16_for(p_in, WsMath::kRolesWide), stream);
+    SparseDecodeParams pw = with_load16_for(p_in, WsMath::kRolesWide);
+    pw.stagger_cycles = p.stagger_cycles;
+    return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRolesWide>(pw, stream);
   }
 }
 }  // namespace

@@ -90,6 +90,14 @@ constexpr bool kPipelinedFp8Fetch = JFM_PIPELINED_FP8_FETCH != 0;
 #ifndef JFM_V32_PAIR_NARROW
 #define JFM_V32_PAIR_NARROW 1
 #endif
+// (A measurement, 2026-12-06 tenth session) the bf16 (prefill) kernels' output stores: 16 bytes
+// (store_out_row's kWide, the default), 8 (store_out_row8) or 4 (store_out_row's narrow form).
+// Why: the tile probe puts ~3.4K cycles per query token in the scores warpgroup's epilogue even
+// with the stores sent to shared memory (JFM_FP8_PROBE=8), i.e. in the instructions around them
+// (per row, the 16-byte form's 24 shuffles and ~128 selects; the 4-byte form has neither).
+#ifndef JFM_SPARSE_BF16_OUT_BYTES
+#define JFM_SPARSE_BF16_OUT_BYTES 16
+#endif
 constexpr bool fp8_wide_out(bool pair, bool scores_role) {
   switch (JFM_FP8_WIDE_OUT) {
     case 1: return pair && scores_role;
@@ -401,8 +409,24 @@ struct SparseWsTask {
   __device__ __forceinline__ void store_rows(const Seq& q, const RowState& st, const float (&inv)[2],
                                              const float (&lse)[2], const float (&m)[2],
                                              const Lane& ln) const {
-    constexpr bool kWide = kWideOutStores && (!kFp8 || fp8_wide_out(kPair, kScoresRole));
-    store_token_rows<kWide>(p, st, inv, lse, m, q.index, head0, q.slot, q.nsplit, ln);
+    constexpr bool kWide = kWideOutStores && (kFp8 ? fp8_wide_out(kPair, kScoresRole)
+                                                   : JFM_SPARSE_BF16_OUT_BYTES == 16);
+    constexpr bool kWide8 = !kFp8 && JFM_SPARSE_BF16_OUT_BYTES == 8;
+    store_token_rows<kWide, kWide8>(p, st, inv, lse, m, q.index, head0, q.slot, q.nsplit, ln);
+  }
+
+  // (SparseDecodeParams::stagger_cycles, a measurement) this CTA's producers start
+  // (x % 8) * |stagger_cycles| cycles late; > 0: only where the CTA has a token fewer than the
+  // most (CtaWork deals T tokens round-robin, so that delay is free).
+  __device__ __forceinline__ void stagger_start() const {
+    if (p.stagger_cycles == 0 || work.scheduled) return;
+    const int tokens = p.batch * p.s_q;
+    const int most = (tokens + static_cast<int>(gridDim.x) - 1) / static_cast<int>(gridDim.x);
+    if (p.stagger_cycles > 0 && end_seq - begin_seq + 1 >= most) return;
+    const long long wait = static_cast<long long>(blockIdx.x % 8) * abs(p.stagger_cycles);
+    const long long t0 = clock64();
+    while (clock64() - t0 < wait) {
+    }
   }
 
   // A producer warpgroup: fills the tile buffers of the tiles k % stride == which (see the file
@@ -425,6 +449,7 @@ struct SparseWsTask {
   __device__ __forceinline__ void produce(const WsShared& sh, int which, int stride) const {
     static_assert(!kPair || kFp8, "CTA pairs share dequantization: FP8 caches only");
     const int ptid = threadIdx.x & 127;
+    stagger_start();
     // FP8: a quarter (j) of token t in round 0 and of token t + 32 in round 1 (Fp8Slot's map over
     // four warps). bf16: rows lr + 16 h (h < 4) by load_tile_rows with 128 threads.
     // kRow8 (JFM_V32_ROW8): StageV32R8, two tokens per round: t + 16 i + 32 round, i < 2.
