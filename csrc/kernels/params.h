@@ -220,6 +220,16 @@ struct SparsePool {
   bool load16;
 };
 
+// JFM_SPARSE_TMA_OUT (SparseWsTask::kStagedOut; =0 for A/B, or JFM_KERNEL_VARIANT=direct_out at
+// run time): the bf16 role split's output through shared memory and TMA stores. Why: the tile
+// probe and the store A/B of 2026-12-06's tenth session (H100, prefill d512 h64 s_q 4096): the
+// per-token epilogue's conversion, quad shuffles and stores took ~3.4K cycles per token with the
+// stores sent to shared memory and ~4.1K with them global, and the kernel without any output
+// stores (JFM_FP8_PROBE=4) took 16% less time (560.7 -> 468.9 us).
+#ifndef JFM_SPARSE_TMA_OUT
+#define JFM_SPARSE_TMA_OUT 1
+#endif
+
 // num_tokens = batch * s_q query tokens, each attending its own rows of pool 0 then pool 1 under
 // one softmax. Tile t of a token covers positions [64 t, 64 t + 64) of the list
 // pool0 (padded to a multiple of 64) ++ pool1. Prefill is the case s_q = 1, no schedule (one CTA
@@ -240,11 +250,11 @@ struct SparseDecodeParams {
   int num_sm_parts;              // schedule rows (0 without a schedule)
   int num_m_blocks;              // cdiv(h_q, kBlockM)
   float softmax_scale;
-  // (JFM_KERNEL_VARIANT=stagger / stagger_all, unscheduled launches only; 0 otherwise) CTA x's
-  // producers start (x % 8) * |stagger_cycles| cycles late, so that the CTAs' per-token output
-  // stores do not all meet at L2 at once: > 0 only CTAs with fewer tokens than the most
-  // (their slack), < 0 every CTA. A measurement (docs/PERFORMANCE.md, 2026-12-06 tenth session).
-  int stagger_cycles;
+  // (JFM_SPARSE_TMA_OUT) the output [tokens, h_q, 512] bf16 as a TMA tensor map (box 64 columns x
+  // 64 heads x 1 token, 128-byte swizzle), encoded by the launcher for the bf16 role split
+  // (kRoles); out_map_ok false: every row stored by its threads (store_token_rows).
+  CUtensorMap out_map;
+  bool out_map_ok;
 };
 
 __host__ __device__ inline int sparse_pool0_tiles(const SparseDecodeParams& p) {

@@ -16,10 +16,8 @@
 // 16-byte aligned (SparsePool::load16), for measurement; JFM_KERNEL_VARIANT=v4load8: none of them
 // (the default before 2026-12-01's sixth session), for the A/B of the upstream peak case (V4 h64
 // topk 16384 measured 0.90x the fourth session's kernel with the 16-byte loads on).
-// JFM_KERNEL_VARIANT=stagger / stagger_all: the default kernels, prefill's (unscheduled) CTAs
-// starting staggered by JFM_STAGGER_CYCLES (default 4000) per group of x % 8, only the CTAs
-// with a token fewer than the most / all of them (SparseDecodeParams::stagger_cycles), for
-// measurement.
+// JFM_KERNEL_VARIANT=direct_out: the default kernels, the bf16 role split's output stored by each
+// thread instead of staged and stored by TMA (JFM_SPARSE_TMA_OUT), for measurement.
 // Anything else (or nothing): the default. Read once per process (host code).
 #pragma once
 
@@ -29,8 +27,7 @@
 namespace jfm {
 
 enum class KernelVariant {
-  kWs, kV1, kPair, kCombine1, kCombineRows, kCombineQuarters, kV4Load16, kV4Load8, kStagger,
-  kStaggerAll
+  kWs, kV1, kPair, kCombine1, kCombineRows, kCombineQuarters, kV4Load16, kV4Load8, kDirectOut
 };
 
 inline KernelVariant kernel_variant() {
@@ -43,23 +40,10 @@ inline KernelVariant kernel_variant() {
     if (e != nullptr && std::strcmp(e, "combine_quarters") == 0) return KernelVariant::kCombineQuarters;
     if (e != nullptr && std::strcmp(e, "v4load16") == 0) return KernelVariant::kV4Load16;
     if (e != nullptr && std::strcmp(e, "v4load8") == 0) return KernelVariant::kV4Load8;
-    if (e != nullptr && std::strcmp(e, "stagger") == 0) return KernelVariant::kStagger;
-    if (e != nullptr && std::strcmp(e, "stagger_all") == 0) return KernelVariant::kStaggerAll;
+    if (e != nullptr && std::strcmp(e, "direct_out") == 0) return KernelVariant::kDirectOut;
     return KernelVariant::kWs;
   }();
   return v;
-}
-
-// SparseDecodeParams::stagger_cycles for an unscheduled launch under this process's variant.
-inline int kernel_stagger_cycles() {
-  static const int c = [] {
-    const KernelVariant v = kernel_variant();
-    if (v != KernelVariant::kStagger && v != KernelVariant::kStaggerAll) return 0;
-    const char* e = std::getenv("JFM_STAGGER_CYCLES");
-    const int cycles = e != nullptr ? std::atoi(e) : 4000;
-    return v == KernelVariant::kStagger ? cycles : -cycles;
-  }();
-  return c;
 }
 
 inline const char* kernel_variant_name() {
@@ -71,8 +55,7 @@ inline const char* kernel_variant_name() {
     case KernelVariant::kCombineQuarters: return "combine_quarters";
     case KernelVariant::kV4Load16: return "v4load16";
     case KernelVariant::kV4Load8: return "v4load8";
-    case KernelVariant::kStagger: return "stagger";
-    case KernelVariant::kStaggerAll: return "stagger_all";
+    case KernelVariant::kDirectOut: return "direct_out";
     default: return "ws";
   }
 }

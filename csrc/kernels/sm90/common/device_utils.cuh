@@ -255,6 +255,34 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const void* tmap, uint
       "l"(reinterpret_cast<uint64_t>(tmap)), "r"(bar), "r"(c0), "r"(c1), "r"(c2)
       : "memory");
 }
+// TMA store: shared memory at src (a box laid out as the tensor map's swizzle says) to the box at
+// (c0, c1, c2) of a 3-D tensor map (`tmap`: the address of a __grid_constant__ kernel parameter);
+// rows outside the tensor are not written. In this thread's bulk async-group (bulk_commit_group,
+// bulk_wait_group_read).
+__device__ __forceinline__ void tma_store_3d(const void* tmap, uint32_t src, int c0, int c1, int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.global.shared::cta.tile.bulk_group [%0, {%2, %3, %4}], [%1];\n" ::"l"(
+          reinterpret_cast<uint64_t>(tmap)),
+      "r"(src), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
+__device__ __forceinline__ void bulk_commit_group() {
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+// Until at most N of this thread's committed bulk groups are still reading their shared memory.
+template <int N>
+__device__ __forceinline__ void bulk_wait_group_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+// stmatrix: four 8 x 8 matrices of 16-bit elements, matrix j's fragment in rj (lane l: its row
+// l / 4, columns 2 (l % 4) .. + 1, the wgmma accumulator layout); lane l gives the shared-memory
+// address of row l % 8 of matrix l / 8 (16 bytes).
+__device__ __forceinline__ void stmatrix_x4(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2,
+                                            uint32_t r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
+               "r"(r0), "r"(r1), "r"(r2), "r"(r3)
+               : "memory");
+}
 // L2 prefetches: hints that take no registers and that nothing waits for. The bulk form needs a
 // 16-byte aligned address and size, and the compiler issues it from the uniform datapath, one
 // distinct address per warp at a time. The point form asks for the line holding one address, 32

@@ -694,19 +694,24 @@ __device__ __forceinline__ void store_out_row(T* dst, const RowState& st, int h,
           pack2<T>(st.o[4 * i + 2 * h] * scale, st.o[4 * i + 2 * h + 1] * scale);
   }
 }
-// store_out_row's 8-byte form: the quad's lane pairs (tq, tq ^ 1) swap halves, one shuffle per
-// two 8-column groups: the even lane stores group 2 m's columns 2 tq .. + 3, the odd lane group
-// 2 m + 1's columns 2 tq - 2 .. + 3 (JFM_SPARSE_BF16_OUT_BYTES=8, a measurement).
+// This thread's two rows of the warpgroup's O half (times scale[h]) as T into shared memory at
+// dst: 64 rows x 256 columns as four 64-column blocks of the tiles' swizzled layout (chunk_off),
+// the boxes of a 128-byte-swizzle TMA store. 16 stmatrix.x4, each two 8-column groups of both
+// rows (matrices: rows 0-7 / 8-15 of the warp's 16, group i / i + 1).
 template <typename T>
-__device__ __forceinline__ void store_out_row8(T* dst, const RowState& st, int h, float scale) {
-  const bool odd = (threadIdx.x & 1) != 0;
-  T* base = dst - (odd ? 2 : 0);
+__device__ __forceinline__ void stage_out_rows(uint32_t dst, const RowState& st, const float (&scale)[2],
+                                               const Lane& ln) {
+  const int lane = ln.tid & 31, j = lane >> 3;
+  const int r = ln.wr * 16 + (lane & 7) + 8 * (j & 1);  // the row whose address this lane gives
+  const uint32_t row_base = dst + r * 128;
 #pragma unroll
-  for (int m = 0; m < 16; ++m) {
-    const uint32_t a = pack2<T>(st.o[8 * m + 2 * h] * scale, st.o[8 * m + 2 * h + 1] * scale);
-    const uint32_t b = pack2<T>(st.o[8 * m + 4 + 2 * h] * scale, st.o[8 * m + 4 + 2 * h + 1] * scale);
-    const uint32_t r = __shfl_xor_sync(quad_mask(), odd ? a : b, 1);
-    *reinterpret_cast<uint2*>(base + (odd ? 8 : 0) + 16 * m) = odd ? make_uint2(r, b) : make_uint2(a, r);
+  for (int i = 0; i < 32; i += 2) {
+    const int gi = i + (j >> 1);  // its 8-column group
+    const uint32_t addr = row_base + (gi >> 3) * (kBlockM * 128) + (((gi & 7) ^ (r & 7)) << 4);
+    stmatrix_x4(addr, pack2<T>(st.o[4 * i] * scale[0], st.o[4 * i + 1] * scale[0]),
+                pack2<T>(st.o[4 * i + 2] * scale[1], st.o[4 * i + 3] * scale[1]),
+                pack2<T>(st.o[4 * i + 4] * scale[0], st.o[4 * i + 5] * scale[0]),
+                pack2<T>(st.o[4 * i + 6] * scale[1], st.o[4 * i + 7] * scale[1]));
   }
 }
 __device__ __forceinline__ void store_partial_row(float* dst, const RowState& st, int h, float scale) {

@@ -151,6 +151,19 @@ constexpr bool ws_scores_reg_p() {
 // Named barriers (0 is __syncthreads', 1 MathWarpsSync's).
 constexpr int kBarScores = 4;   // kRoles, kTransposed*: warpgroup 0 alone (128)
 constexpr int kBarLazyOr = 5;   // kTransposed* under the lazy max: the per-tile barrier.red.or
+constexpr int kBarValues = 6;   // kRoles with a staged output: warpgroup 1 alone (128)
+
+// Whether the role split's math warpgroups stage a token's output in its last tile's buffer and
+// store it by TMA (the task's kStagedOut and staged_out; never in CTA pairs, whose peer stores
+// into the tiles).
+template <class Task, class = void>
+struct WsStagedOut {
+  static constexpr bool value = false;
+};
+template <class Task>
+struct WsStagedOut<Task, std::void_t<decltype(Task::kStagedOut)>> {
+  static constexpr bool value = Task::kStagedOut;
+};
 
 // Where one query row's result goes (kTransposed*; the task's row_out): the output row (times
 // `scale`) or the split-KV partial row; neither for a padded row.
@@ -488,6 +501,10 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
     RowState st;
     st.init();
     float mt[2] = {-INFINITY, -INFINITY};  // the scores' true row maxima (tile_softmax_rows)
+    constexpr bool kStaged = WsStagedOut<Task>::value && !kPair;
+    bool staged = false;
+    if constexpr (kStaged) staged = task.staged_out(cur);
+    uint32_t held = 2;  // (kStaged) the buffer of this sequence's last tile, kept for its output
     for (int n = cur.first; n < cur.t_hi; ++k) {
       const int n_next = cur.next(n + 1);
       const uint32_t buf = k & 1;
@@ -552,7 +569,10 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       wgmma_wait<0>();
       tile_trace(k, kRole == WsRole::kScores ? kTrScPv : kTrValPv);
       if (kRole == WsRole::kValues) mbarrier_arrive(sh.bar_p_free);
-      mbarrier_arrive(sh.bar_empty + 8 * buf);  // this thread is done with it
+      if (kStaged && staged && n_next >= cur.t_hi)
+        held = buf;  // the output is staged here first (below)
+      else
+        mbarrier_arrive(sh.bar_empty + 8 * buf);  // this thread is done with it
       if constexpr (kPair) {
         // The peer's producer also stores into this buffer (its half of the tokens).
         __syncwarp();
@@ -571,7 +591,28 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       m[0] = mt[0];
       m[1] = mt[1];
     }
-    task.template store_rows<kRole == WsRole::kScores, kPair>(cur, st, inv, lse, m, ln);
+    bool stored = false;
+    if constexpr (kStaged) {
+      if (held < 2) {
+        // This warpgroup's O half into its own V half of the buffer (only its own P V read
+        // that half, and it has completed), four TMA boxes from it, and the buffer back to the
+        // producers once they have been read.
+        const uint32_t region = sh.sk0 + held * S::kTileBytes + ln.wc * 4 * S::kBlockBytes;
+        constexpr int kBarWg = kRole == WsRole::kScores ? kBarScores : kBarValues;
+        task.stage_rows(cur, st, inv, lse, m, region, ln);
+        fence_proxy_async();  // the stmatrix writes, before the TMA reads them
+        named_barrier_sync(kBarWg, 128);
+        if ((ln.tid & 127) == 0) {
+          task.store_staged(cur, region, ln.wc);
+          bulk_commit_group();
+          bulk_wait_group_read<0>();
+        }
+        named_barrier_sync(kBarWg, 128);
+        mbarrier_arrive(sh.bar_empty + 8 * held);
+        stored = true;
+      }
+    }
+    if (!stored) task.template store_rows<kRole == WsRole::kScores, kPair>(cur, st, inv, lse, m, ln);
     cta_stamp(kRole == WsRole::kScores ? kEndScStored : kEndValStored);
     if constexpr (Task::kCpAsyncTiles)
       tile_trace(k, kRole == WsRole::kScores ? kTrBdScStored : kTrBdValStored);

@@ -951,9 +951,8 @@ __device__ __forceinline__ void load_q_tile(const SparseDecodeParams& p, int seq
 // the output (times the sink factor) + lse (+ max_logits, prefill) when the token is not split,
 // else the partial row of split slot `slot` for the combine. Warpgroup wc holds
 // O[:, 256 wc .. +256].
-// kWide: store_out_row's 16-byte stores (JFM_WIDE_OUT_STORES); kWide8: store_out_row8's 8-byte
-// ones instead.
-template <bool kWide = false, bool kWide8 = false>
+// kWide: store_out_row's 16-byte stores (JFM_WIDE_OUT_STORES).
+template <bool kWide = false>
 __device__ __forceinline__ void store_token_rows(const SparseDecodeParams& p, const RowState& st,
                                                  const float (&inv)[2], const float (&lse)[2],
                                                  const float (&m)[2], int seq, int head0, int slot,
@@ -966,11 +965,7 @@ __device__ __forceinline__ void store_token_rows(const SparseDecodeParams& p, co
     if (nsplit == 1) {
       float scale = inv[h];
       if (p.attn_sink != nullptr && isfinite(lse[h])) scale /= 1.f + expf(p.attn_sink[head] - lse[h]);
-      if constexpr (kWide8 && (JFM_FP8_PROBE & 4) == 0)
-        store_out_row8<bf16>(
-            reinterpret_cast<bf16*>(p.out) + map.out_row(seq, 0, head) * kDv + ln.wc * 256 + 2 * ln.tq,
-            st, h, scale);
-      else if constexpr ((JFM_FP8_PROBE & 4) == 0)
+      if constexpr ((JFM_FP8_PROBE & 4) == 0)
         store_out_row<bf16, kWide, (JFM_FP8_PROBE & 8) != 0>(
             reinterpret_cast<bf16*>(p.out) + map.out_row(seq, 0, head) * kDv + ln.wc * 256 + 2 * ln.tq,
             st, h, scale);
@@ -986,6 +981,32 @@ __device__ __forceinline__ void store_token_rows(const SparseDecodeParams& p, co
       if (ln.wc == 0 && ln.tq == 0) p.lse_accum[slot_row] = lse[h];
     }
   }
+}
+
+// store_token_rows for a token that is not split, with the output staged in shared memory
+// (stage_out_rows into this warpgroup's 64 x 256 region `dst`) for a TMA store instead of
+// stored by each thread: the lse (+ max_logits) as there. Padded rows (heads past h_q) are
+// staged too (stmatrix takes the whole warp) and never stored (the tensor map ends at h_q).
+__device__ __forceinline__ void stage_token_rows(const SparseDecodeParams& p, const RowState& st,
+                                                 const float (&inv)[2], const float (&lse)[2],
+                                                 const float (&m)[2], int seq, int head0,
+                                                 uint32_t dst, const Lane& ln) {
+  const RowMap map{1, p.s_q, p.h_q, p.h_q};
+  float scale[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int head = head0 + ln.row(h);
+    scale[h] = inv[h];
+    if (head >= p.h_q) continue;
+    if (p.attn_sink != nullptr && isfinite(lse[h])) scale[h] /= 1.f + expf(p.attn_sink[head] - lse[h]);
+    if (ln.wc == 0 && ln.tq == 0) {
+      p.lse[map.lse_index(seq, 0, head)] = lse[h];
+      if (p.max_logits != nullptr)
+        p.max_logits[static_cast<size_t>(seq) * p.h_q + head] =
+            m[h] == -INFINITY ? -INFINITY : m[h] * p.softmax_scale;
+    }
+  }
+  stage_out_rows<bf16>(dst, st, scale, ln);
 }
 
 // After a token's last tile (kernel.cuh: each warpgroup summed half of every row).

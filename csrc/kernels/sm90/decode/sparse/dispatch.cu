@@ -4,6 +4,7 @@
 // wide producer, or CTA pairs where pair_pays), or (v1) kernel.cuh (every thread gathers and
 // computes).
 #include "kernels/params.h"
+#include "kernels/tensor_map.h"
 #include "kernels/variant.h"
 
 namespace jfm {
@@ -53,12 +54,29 @@ SparseDecodeParams with_load16_for(const SparseDecodeParams& p, WsMath math) {
   return q;
 }
 
+// (JFM_SPARSE_TMA_OUT) p.out_map over the output [tokens, h_q, 512] bf16 (box: 64 columns x 64
+// heads x 1 token, 128-byte swizzle: one column block of a staged O half). Left unencoded
+// (out_map_ok false: per-thread stores) under JFM_KERNEL_VARIANT=direct_out or if the encoder
+// refuses it.
+void encode_out_map(SparseDecodeParams& p) {
+  p.out_map_ok = false;
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  if (encode == nullptr || kernel_variant() == KernelVariant::kDirectOut || p.out == nullptr) return;
+  const cuuint64_t dims[3] = {kDv, static_cast<cuuint64_t>(p.h_q),
+                              static_cast<cuuint64_t>(p.batch) * p.s_q};
+  const cuuint64_t strides[2] = {kDv * 2, static_cast<cuuint64_t>(p.h_q) * kDv * 2};
+  const cuuint32_t box[3] = {64, kBlockM, 1}, unit[3] = {1, 1, 1};
+  p.out_map_ok = encode(&p.out_map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, p.out, dims, strides, box,
+                        unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                        CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 template <KvFormat kFmt, int kDqk>
 cudaError_t launch(const SparseDecodeParams& p_in, cudaStream_t stream) {
   using sm90::launch_sparse_attention_ws;
   // Every kernel but the unpaired wide one (below) reads V4 rows 8 bytes at a time.
   SparseDecodeParams p = with_load16_for(p_in, WsMath::kRoles);
-  if (p.tile_scheduler_metadata == nullptr) p.stagger_cycles = kernel_stagger_cycles();
   if (kernel_variant() == KernelVariant::kV1) return sm90::launch_sparse_attention<kFmt, kDqk>(p, stream);
   const WsMath math = sparse_ws_math(p, kFmt);
   if (math == WsMath::kTransposed16)
@@ -66,6 +84,7 @@ cudaError_t launch(const SparseDecodeParams& p_in, cudaStream_t stream) {
   if (math == WsMath::kTransposed32)
     return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kTransposed32>(p, stream);
   if constexpr (kFmt == KvFormat::kBf16) {
+    if (JFM_SPARSE_TMA_OUT != 0) encode_out_map(p);
     return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRoles>(p, stream);
   } else {
     if (math == WsMath::kRolesPair) {
@@ -73,9 +92,8 @@ cudaError_t launch(const SparseDecodeParams& p_in, cudaStream_t stream) {
       if (e != cudaErrorNotSupported) return e;  // else not every pair fits at once: unpaired
     }
     // The FP8 producer does the most work per tile (gather + dequantization): registers to it.
-    SparseDecodeParams pw = with_load16_for(p_in, WsMath::kRolesWide);
-    pw.stagger_cycles = p.stagger_cycles;
-    return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRolesWide>(pw, stream);
+    return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRolesWide>(
+        with_load16_for(p_in, WsMath::kRolesWide), stream);
   }
 }
 }  // namespace

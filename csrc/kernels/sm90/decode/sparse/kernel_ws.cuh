@@ -90,14 +90,6 @@ constexpr bool kPipelinedFp8Fetch = JFM_PIPELINED_FP8_FETCH != 0;
 #ifndef JFM_V32_PAIR_NARROW
 #define JFM_V32_PAIR_NARROW 1
 #endif
-// (A measurement, 2026-12-06 tenth session) the bf16 (prefill) kernels' output stores: 16 bytes
-// (store_out_row's kWide, the default), 8 (store_out_row8) or 4 (store_out_row's narrow form).
-// Why: the tile probe puts ~3.4K cycles per query token in the scores warpgroup's epilogue even
-// with the stores sent to shared memory (JFM_FP8_PROBE=8), i.e. in the instructions around them
-// (per row, the 16-byte form's 24 shuffles and ~128 selects; the 4-byte form has neither).
-#ifndef JFM_SPARSE_BF16_OUT_BYTES
-#define JFM_SPARSE_BF16_OUT_BYTES 16
-#endif
 constexpr bool fp8_wide_out(bool pair, bool scores_role) {
   switch (JFM_FP8_WIDE_OUT) {
     case 1: return pair && scores_role;
@@ -409,24 +401,29 @@ struct SparseWsTask {
   __device__ __forceinline__ void store_rows(const Seq& q, const RowState& st, const float (&inv)[2],
                                              const float (&lse)[2], const float (&m)[2],
                                              const Lane& ln) const {
-    constexpr bool kWide = kWideOutStores && (kFp8 ? fp8_wide_out(kPair, kScoresRole)
-                                                   : JFM_SPARSE_BF16_OUT_BYTES == 16);
-    constexpr bool kWide8 = !kFp8 && JFM_SPARSE_BF16_OUT_BYTES == 8;
-    store_token_rows<kWide, kWide8>(p, st, inv, lse, m, q.index, head0, q.slot, q.nsplit, ln);
+    constexpr bool kWide = kWideOutStores && (!kFp8 || fp8_wide_out(kPair, kScoresRole));
+    store_token_rows<kWide>(p, st, inv, lse, m, q.index, head0, q.slot, q.nsplit, ln);
   }
 
-  // (SparseDecodeParams::stagger_cycles, a measurement) this CTA's producers start
-  // (x % 8) * |stagger_cycles| cycles late; > 0: only where the CTA has a token fewer than the
-  // most (CtaWork deals T tokens round-robin, so that delay is free).
-  __device__ __forceinline__ void stagger_start() const {
-    if (p.stagger_cycles == 0 || work.scheduled) return;
-    const int tokens = p.batch * p.s_q;
-    const int most = (tokens + static_cast<int>(gridDim.x) - 1) / static_cast<int>(gridDim.x);
-    if (p.stagger_cycles > 0 && end_seq - begin_seq + 1 >= most) return;
-    const long long wait = static_cast<long long>(blockIdx.x % 8) * abs(p.stagger_cycles);
-    const long long t0 = clock64();
-    while (clock64() - t0 < wait) {
-    }
+  // (JFM_SPARSE_TMA_OUT) The role split's bf16 epilogue through shared memory: after a token's
+  // last tile each math warpgroup stages its O half in its own V half of that tile's buffer
+  // (stage_rows), one thread stores it with four TMA boxes (store_staged) and the buffer goes
+  // back to the producers once the boxes are read (ws_math). Tokens with a split or no tile, and
+  // launches without the tensor map, keep store_rows.
+  static constexpr bool kStagedOut = !kFp8 && JFM_SPARSE_TMA_OUT != 0;
+  __device__ __forceinline__ bool staged_out(const Seq& q) const {
+    return p.out_map_ok && q.nsplit == 1;
+  }
+  __device__ __forceinline__ void stage_rows(const Seq& q, const RowState& st, const float (&inv)[2],
+                                             const float (&lse)[2], const float (&m)[2],
+                                             uint32_t dst, const Lane& ln) const {
+    stage_token_rows(p, st, inv, lse, m, q.index, head0, dst, ln);
+  }
+  // By one thread of warpgroup wc: its staged region src (4 column blocks) to the output.
+  __device__ __forceinline__ void store_staged(const Seq& q, uint32_t src, int wc) const {
+#pragma unroll
+    for (int b = 0; b < 4; ++b)
+      tma_store_3d(&p.out_map, src + b * TileSmem<kDqk>::kBlockBytes, 256 * wc + 64 * b, head0, q.index);
   }
 
   // A producer warpgroup: fills the tile buffers of the tiles k % stride == which (see the file
@@ -449,7 +446,6 @@ struct SparseWsTask {
   __device__ __forceinline__ void produce(const WsShared& sh, int which, int stride) const {
     static_assert(!kPair || kFp8, "CTA pairs share dequantization: FP8 caches only");
     const int ptid = threadIdx.x & 127;
-    stagger_start();
     // FP8: a quarter (j) of token t in round 0 and of token t + 32 in round 1 (Fp8Slot's map over
     // four warps). bf16: rows lr + 16 h (h < 4) by load_tile_rows with 128 threads.
     // kRow8 (JFM_V32_ROW8): StageV32R8, two tokens per round: t + 16 i + 32 round, i < 2.
