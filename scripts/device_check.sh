@@ -9,7 +9,7 @@
 # kernel per SMOKE_VARIANTS (default "ws pair", JFM_KERNEL_VARIANT); gpu-alt runs
 # the kernel GPU tests on each variant in ALT_VARIANTS (default "pair": the FP8 CTA pairs
 # everywhere at 65-128 heads; "v1": the kernels before the warp-specialized ones; "combine1":
-# the split-KV combine before the warp-per-row one; "v4load16" / "v4load8": every / no FP8 V4 producer reading 16 bytes at a time;
+# the split-KV combine before the warp-per-row one; "v4load16" / "v4load8": every / no FP8 V4 producer reading 16 bytes at a time; "direct_out": the bf16 role split's output stored per thread, not by TMA;
 # GPU_ALT_TESTS narrows the files, ~4.5 min per variant for all four); SAN_VARIANTS (default
 # "ws"; e.g. "ws pair") runs the sanitizers on each. SUITE_TESTS /
 # GPU_TESTS narrow the suites (paths relative to the repo root). Stage ab: `git archive -o

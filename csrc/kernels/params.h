@@ -225,7 +225,9 @@ struct SparsePool {
 // probe and the store A/B of 2026-12-06's tenth session (H100, prefill d512 h64 s_q 4096): the
 // per-token epilogue's conversion, quad shuffles and stores took ~3.4K cycles per token with the
 // stores sent to shared memory and ~4.1K with them global, and the kernel without any output
-// stores (JFM_FP8_PROBE=4) took 16% less time (560.7 -> 468.9 us).
+// stores (JFM_FP8_PROBE=4) took 16% less time (560.7 -> 468.9 us). Measured against direct_out
+// (same machine): d512 h64 8K / 32K -1.2% / -1.7%, d512 h128 -4.2%, d576 h128 -1.0%; the
+// epilogue still takes ~3.5K cycles per token (docs/PERFORMANCE.md, 2026-12-06 tenth session).
 #ifndef JFM_SPARSE_TMA_OUT
 #define JFM_SPARSE_TMA_OUT 1
 #endif

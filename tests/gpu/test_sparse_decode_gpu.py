@@ -138,13 +138,14 @@ def test_kernel_is_in_the_compiled_module():
 
 
 def test_the_requested_kernel_variant_runs():
-    """JFM_KERNEL_VARIANT=v1 / pair / combine1 / combine_rows / combine_quarters / v4load16 / v4load8 (scripts/device_check.sh, stage gpu-alt)
+    """JFM_KERNEL_VARIANT=v1 / pair / combine1 / combine_rows / combine_quarters / v4load16 / v4load8 /
+    direct_out (scripts/device_check.sh, stage gpu-alt)
     must reach the extension: otherwise that stage would test the default kernels again."""
     require_kernels()
     from jax_flashmla import _ffi
     asked = os.environ.get("JFM_KERNEL_VARIANT")
     want = asked if asked in ("v1", "pair", "combine1", "combine_rows", "combine_quarters",
-                              "v4load16", "v4load8") else "ws"
+                              "v4load16", "v4load8", "direct_out") else "ws"
     assert _ffi.extension().kernel_variant() == want
 
 
