@@ -42,6 +42,18 @@ def test_long_prompt():
     check(out, lse, r_out, r_lse, max_logits=ml, ref_max_logits=r_ml)
 
 
+@pytest.mark.parametrize("h_q,d_qk", [(48, 512), (72, 576)])
+def test_partly_padded_row_block(h_q, d_qk):
+    """Head counts that leave a 64-row block partly padded, in the role split (33-128 heads): its
+    output leaves by TMA boxes of 64 heads (JFM_SPARSE_TMA_OUT), which must write the heads that
+    exist and nothing of the next token's rows."""
+    q, kv, idx, kw = sparse_prefill_case(70 + h_q, s_q=37, h_q=h_q, d_qk=d_qk, topk=192,
+                                         with_lengths=True, sink="random")
+    out, ml, lse = run_sparse_prefill(q, kv, idx, kw)
+    r_out, r_ml, r_lse = run_sparse_prefill(q, kv, idx, kw, "reference")
+    check(out, lse, r_out, r_lse, max_logits=ml, ref_max_logits=r_ml)
+
+
 @pytest.mark.parametrize("h_q,d_qk,topk", [(16, 576, 640), (32, 512, 640), (64, 512, 640),
                                             (128, 576, 640), (100, 576, 130)])
 def test_rising_logits(h_q, d_qk, topk):
