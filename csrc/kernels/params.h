@@ -228,6 +228,9 @@ struct SparsePool {
 // stores (JFM_FP8_PROBE=4) took 16% less time (560.7 -> 468.9 us). Measured against direct_out
 // (same machine): d512 h64 8K / 32K -1.2% / -1.7%, d512 h128 -4.2%, d576 h128 -1.0%; the
 // epilogue still takes ~3.5K cycles per token (docs/PERFORMANCE.md, 2026-12-06 tenth session).
+// =2 (a candidate, not yet measured): the staged buffer goes back to the producers in the next
+// token's first tile instead of after a wait in the epilogue (ws_math's kDeferRelease; the
+// kRoles kernels then spill 8 bytes).
 #ifndef JFM_SPARSE_TMA_OUT
 #define JFM_SPARSE_TMA_OUT 1
 #endif
