@@ -90,6 +90,17 @@ constexpr bool kPipelinedFp8Fetch = JFM_PIPELINED_FP8_FETCH != 0;
 #ifndef JFM_V32_PAIR_NARROW
 #define JFM_V32_PAIR_NARROW 1
 #endif
+// JFM_SPARSE_STAGED_FALLBACK_WIDE=0 (a candidate, not yet measured): where the bf16 output is
+// staged and stored by TMA (JFM_SPARSE_TMA_OUT), the per-thread fallback (tokens with no live
+// tile, split decode tokens' final rows, JFM_KERNEL_VARIANT=direct_out) uses the 4-byte stores
+// instead of the 16-byte ones. Why: the 16-byte form's quad transposes are ~1450 of the kRoles
+// d512 kernel's 7440 instructions per math role (119 KB of SASS in all, upstream's prefill
+// kernel 60 KB), and the epilogue's instructions cost 5-10 cycles each, as cold code would
+// (docs/PERFORMANCE.md, 2026-12-06 tenth session). Smaller code, if the instruction cache is
+// what the epilogue waits for.
+#ifndef JFM_SPARSE_STAGED_FALLBACK_WIDE
+#define JFM_SPARSE_STAGED_FALLBACK_WIDE 1
+#endif
 constexpr bool fp8_wide_out(bool pair, bool scores_role) {
   switch (JFM_FP8_WIDE_OUT) {
     case 1: return pair && scores_role;
@@ -401,7 +412,9 @@ struct SparseWsTask {
   __device__ __forceinline__ void store_rows(const Seq& q, const RowState& st, const float (&inv)[2],
                                              const float (&lse)[2], const float (&m)[2],
                                              const Lane& ln) const {
-    constexpr bool kWide = kWideOutStores && (!kFp8 || fp8_wide_out(kPair, kScoresRole));
+    constexpr bool kWide =
+        kWideOutStores && (kFp8 ? fp8_wide_out(kPair, kScoresRole)
+                                : !kStagedOut || JFM_SPARSE_STAGED_FALLBACK_WIDE != 0);
     store_token_rows<kWide>(p, st, inv, lse, m, q.index, head0, q.slot, q.nsplit, ln);
   }
 
