@@ -946,6 +946,21 @@ __device__ __forceinline__ void load_q_tile(const SparseDecodeParams& p, int seq
   });
 }
 
+// An unsplit row's output scale: 1 / l, times the sink factor 1 / (1 + exp(sink - lse)).
+__device__ __forceinline__ float final_row_scale(const SparseDecodeParams& p, float inv, float lse,
+                                                 int head) {
+  if (p.attn_sink != nullptr && isfinite(lse)) return inv / (1.f + expf(p.attn_sink[head] - lse));
+  return inv;
+}
+// An unsplit row's lse and (prefill) max_logits, written by one thread of the row.
+__device__ __forceinline__ void store_final_row_stats(const SparseDecodeParams& p, const RowMap& map,
+                                                      float lse, float m, int seq, int head) {
+  p.lse[map.lse_index(seq, 0, head)] = lse;
+  if (p.max_logits != nullptr)
+    p.max_logits[static_cast<size_t>(seq) * p.h_q + head] =
+        m == -INFINITY ? -INFINITY : m * p.softmax_scale;
+}
+
 // Stores this thread's rows of the 64 heads from head0 (rows past h_q skipped) after a token's
 // last tile, given per row 1 / l, the lse and the largest attended logit m (q . k, unscaled):
 // the output (times the sink factor) + lse (+ max_logits, prefill) when the token is not split,
@@ -963,18 +978,12 @@ __device__ __forceinline__ void store_token_rows(const SparseDecodeParams& p, co
     const int head = head0 + ln.row(h);
     if (head >= p.h_q) continue;
     if (nsplit == 1) {
-      float scale = inv[h];
-      if (p.attn_sink != nullptr && isfinite(lse[h])) scale /= 1.f + expf(p.attn_sink[head] - lse[h]);
+      const float scale = final_row_scale(p, inv[h], lse[h], head);
       if constexpr ((JFM_FP8_PROBE & 4) == 0)
         store_out_row<bf16, kWide, (JFM_FP8_PROBE & 8) != 0>(
             reinterpret_cast<bf16*>(p.out) + map.out_row(seq, 0, head) * kDv + ln.wc * 256 + 2 * ln.tq,
             st, h, scale);
-      if (ln.wc == 0 && ln.tq == 0) {
-        p.lse[map.lse_index(seq, 0, head)] = lse[h];
-        if (p.max_logits != nullptr)
-          p.max_logits[static_cast<size_t>(seq) * p.h_q + head] =
-              m[h] == -INFINITY ? -INFINITY : m[h] * p.softmax_scale;
-      }
+      if (ln.wc == 0 && ln.tq == 0) store_final_row_stats(p, map, lse[h], m[h], seq, head);
     } else {
       const size_t slot_row = static_cast<size_t>(slot) * p.h_q + head;
       store_partial_row(p.o_accum + slot_row * kDv + ln.wc * 256 + 2 * ln.tq, st, h, inv[h]);
@@ -998,13 +1007,8 @@ __device__ __forceinline__ void stage_token_rows(const SparseDecodeParams& p, co
     const int head = head0 + ln.row(h);
     scale[h] = inv[h];
     if (head >= p.h_q) continue;
-    if (p.attn_sink != nullptr && isfinite(lse[h])) scale[h] /= 1.f + expf(p.attn_sink[head] - lse[h]);
-    if (ln.wc == 0 && ln.tq == 0) {
-      p.lse[map.lse_index(seq, 0, head)] = lse[h];
-      if (p.max_logits != nullptr)
-        p.max_logits[static_cast<size_t>(seq) * p.h_q + head] =
-            m[h] == -INFINITY ? -INFINITY : m[h] * p.softmax_scale;
-    }
+    scale[h] = final_row_scale(p, inv[h], lse[h], head);
+    if (ln.wc == 0 && ln.tq == 0) store_final_row_stats(p, map, lse[h], m[h], seq, head);
   }
   stage_out_rows<bf16>(dst, st, scale, ln);
 }
