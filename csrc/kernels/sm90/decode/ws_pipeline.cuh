@@ -60,7 +60,10 @@
 //   int stride) (the producers; kWide: a budget of at least 144 registers; kSole: the CTA's only
 //   one; kRoomy: kTransposed16's, the most registers);
 //   for kTransposed*: masked_t(const Seq&, n, valid, token, row) and
-//   row_out(const Seq&, row, inv, lse, m, bool write_stats) -> WsRowOut.
+//   row_out(const Seq&, row, inv, lse, m, bool write_stats) -> WsRowOut;
+//   optionally (WsStagedOut) kStagedOut, staged_out(const Seq&), stage_rows(const Seq&, st, inv,
+//   lse, m, uint32_t dst, const Lane&) and store_staged(const Seq&, uint32_t src, int wc): the
+//   role split's output staged in the sequence's last tile buffer and stored by TMA.
 #pragma once
 
 #include <cmath>
