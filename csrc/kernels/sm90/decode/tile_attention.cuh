@@ -703,11 +703,10 @@ __device__ __forceinline__ void stage_out_rows(uint32_t dst, const RowState& st,
                                                const Lane& ln) {
   const int lane = ln.tid & 31, j = lane >> 3;
   const int r = ln.wr * 16 + (lane & 7) + 8 * (j & 1);  // the row whose address this lane gives
-  const uint32_t row_base = dst + r * 128;
 #pragma unroll
   for (int i = 0; i < 32; i += 2) {
-    const int gi = i + (j >> 1);  // its 8-column group
-    const uint32_t addr = row_base + (gi >> 3) * (kBlockM * 128) + (((gi & 7) ^ (r & 7)) << 4);
+    const int gi = i + (j >> 1);  // its 8-column group: the half's 16-byte chunk gi of row r
+    const uint32_t addr = dst + TileSmem<kDv>::chunk_off(r, gi);
     stmatrix_x4(addr, pack2<T>(st.o[4 * i] * scale[0], st.o[4 * i + 1] * scale[0]),
                 pack2<T>(st.o[4 * i + 2] * scale[1], st.o[4 * i + 3] * scale[1]),
                 pack2<T>(st.o[4 * i + 4] * scale[0], st.o[4 * i + 5] * scale[0]),
