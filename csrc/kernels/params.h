@@ -231,6 +231,10 @@ struct SparsePool {
 // =2 (a candidate, not yet measured): the staged buffer goes back to the producers in the next
 // token's first tile instead of after a wait in the epilogue (ws_math's kDeferRelease; the
 // kRoles kernels then spill 8 bytes).
+// =3 (a candidate, not yet measured): the math warpgroups stage their halves and hand the buffer
+// straight back; the producer, which waits for that buffer before refilling it anyway, issues
+// the eight boxes and waits for them to be read (ws_math's kProducerStore, the bf16 produce
+// loop's kStoreStaged): no barrier, TMA issue or read wait left on the math warps' path.
 #ifndef JFM_SPARSE_TMA_OUT
 #define JFM_SPARSE_TMA_OUT 1
 #endif

@@ -62,7 +62,7 @@
 //   for kTransposed*: masked_t(const Seq&, n, valid, token, row) and
 //   row_out(const Seq&, row, inv, lse, m, bool write_stats) -> WsRowOut;
 //   optionally (WsStagedOut) kStagedOut, staged_out(const Seq&), stage_rows(const Seq&, st, inv,
-//   lse, m, uint32_t dst, const Lane&) and store_staged(const Seq&, uint32_t src, int wc): the
+//   lse, m, uint32_t dst, const Lane&) and store_staged(int token, uint32_t src, int wc): the
 //   role split's output staged in the sequence's last tile buffer and stored by TMA.
 #pragma once
 
@@ -155,6 +155,7 @@ constexpr bool ws_scores_reg_p() {
 constexpr int kBarScores = 4;   // kRoles, kTransposed*: warpgroup 0 alone (128)
 constexpr int kBarLazyOr = 5;   // kTransposed* under the lazy max: the per-tile barrier.red.or
 constexpr int kBarValues = 6;   // kRoles with a staged output: warpgroup 1 alone (128)
+constexpr int kBarProducer = 7; // kRoles whose producer stores the staged output (128)
 
 // Whether the role split's math warpgroups stage a token's output in its last tile's buffer and
 // store it by TMA (the task's kStagedOut and staged_out; never in CTA pairs, whose peer stores
@@ -487,6 +488,9 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   // only in the next sequence's first tile (scores: after its S; values: once its P is ready),
   // so that no warp waits for the TMA to read the boxes; pending: that buffer (2: none).
   constexpr bool kDeferRelease = kStaged && JFM_SPARSE_TMA_OUT == 2;
+  // (JFM_SPARSE_TMA_OUT=3, a candidate) the producer stores the staged boxes (the task's produce
+  // loop): the math warps stage, fence and hand the buffer back.
+  constexpr bool kProducerStore = kStaged && JFM_SPARSE_TMA_OUT == 3;
   constexpr int kBarWg = kRole == WsRole::kScores ? kBarScores : kBarValues;
   uint32_t pending = 2;
   const auto release_pending = [&] {
@@ -618,21 +622,26 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       if (held < 2) {
         // This warpgroup's O half into its own V half of the buffer (only its own P V read
         // that half, and it has completed), four TMA boxes from it, and the buffer back to the
-        // producers once they have been read (kDeferRelease: in the next sequence).
+        // producers once they have been read (kDeferRelease: in the next sequence;
+        // kProducerStore: at once, the producer storing the boxes before it refills the buffer).
         const uint32_t region = sh.sk0 + held * S::kTileBytes + ln.wc * 4 * S::kBlockBytes;
         task.stage_rows(cur, st, inv, lse, m, region, ln);
         fence_proxy_async();  // the stmatrix writes, before the TMA reads them
-        named_barrier_sync(kBarWg, 128);
-        if ((ln.tid & 127) == 0) {
-          task.store_staged(cur, region, ln.wc);
-          bulk_commit_group();
-          if constexpr (!kDeferRelease) bulk_wait_group_read<0>();
-        }
-        if constexpr (kDeferRelease) {
-          pending = held;
+        if constexpr (kProducerStore) {
+          mbarrier_arrive(sh.bar_empty + 8 * held);
         } else {
           named_barrier_sync(kBarWg, 128);
-          mbarrier_arrive(sh.bar_empty + 8 * held);
+          if ((ln.tid & 127) == 0) {
+            task.store_staged(cur.index, region, ln.wc);
+            bulk_commit_group();
+            if constexpr (!kDeferRelease) bulk_wait_group_read<0>();
+          }
+          if constexpr (kDeferRelease) {
+            pending = held;
+          } else {
+            named_barrier_sync(kBarWg, 128);
+            mbarrier_arrive(sh.bar_empty + 8 * held);
+          }
         }
         stored = true;
       }

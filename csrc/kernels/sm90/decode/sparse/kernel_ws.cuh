@@ -432,11 +432,12 @@ struct SparseWsTask {
                                              uint32_t dst, const Lane& ln) const {
     stage_token_rows(p, st, inv, lse, m, q.index, head0, dst, ln);
   }
-  // By one thread of warpgroup wc: its staged region src (4 column blocks) to the output.
-  __device__ __forceinline__ void store_staged(const Seq& q, uint32_t src, int wc) const {
+  // By one thread: warpgroup wc's staged region src (4 column blocks) to query token `token`'s
+  // output rows.
+  __device__ __forceinline__ void store_staged(int token, uint32_t src, int wc) const {
 #pragma unroll
     for (int b = 0; b < 4; ++b)
-      tma_store_3d(&p.out_map, src + b * TileSmem<kDqk>::kBlockBytes, 256 * wc + 64 * b, head0, q.index);
+      tma_store_3d(&p.out_map, src + b * TileSmem<kDqk>::kBlockBytes, 256 * wc + 64 * b, head0, token);
   }
 
   // A producer warpgroup: fills the tile buffers of the tiles k % stride == which (see the file
@@ -630,6 +631,28 @@ struct SparseWsTask {
       if constexpr (kFmt == KvFormat::kFp8V32) tile_trace_after(kk, kTrProdRows, stage.scales.x);
     };
     uint32_t k = 0;  // the CTA's tiles before this sequence's
+    // kStoreStaged (JFM_SPARSE_TMA_OUT=3, the sole bf16 producer of the role split): buffer b
+    // holds the staged output of query token staged_tok(b) (-1: none) once the math warps hand
+    // it back; one thread stores its eight boxes and waits for them to be read before any
+    // producer thread refills it (store_staged_of).
+    constexpr bool kStoreStaged = kStagedOut && JFM_SPARSE_TMA_OUT == 3 && kSole && !kPair;
+    int staged_tok0 = -1, staged_tok1 = -1;  // (two scalars: an indexed pair went to the stack)
+    auto staged_tok = [&](uint32_t b) -> int& { return b ? staged_tok1 : staged_tok0; };
+    auto store_staged_of = [&](uint32_t b) {
+      if constexpr (kStoreStaged) {
+        const int token = staged_tok(b);
+        if (token < 0) return;  // (the same in every producer thread)
+        if (ptid == 0) {
+          const uint32_t src = sh.sk0 + b * sh.tile_bytes;
+          store_staged(token, src, 0);
+          store_staged(token, src + 4 * TileSmem<kDqk>::kBlockBytes, 1);
+          bulk_commit_group();
+          bulk_wait_group_read<0>();
+        }
+        named_barrier_sync(kBarProducer, 128);
+        staged_tok(b) = -1;
+      }
+    };
     cta_stamp_after(kStartWork, begin_seq);  // (tile_trace.cuh: the probe's start-up stamps)
     for (int s = begin_seq; s <= end_seq; ++s) {
       const Seq q = seq(s);
@@ -952,6 +975,7 @@ struct SparseWsTask {
             load_indices(n_next, idx_next);
             fill.wait_empty();
             tile_trace(fill.k, kTrProdEmpty);
+            store_staged_of(fill.k & 1);  // (kStoreStaged) the output the math staged in it
             const bf16* rows = reinterpret_cast<const bf16*>(pool.data);
             // Row lr + 16 h of the tile is this thread's position h (lr < 16).
             load_tile_rows<bf16, kDqk, 128, kBlockM, TileSmem<kDqk>::kBlockBytes,
@@ -965,12 +989,24 @@ struct SparseWsTask {
             mbarrier_arrive(fill.full);                  // the validity bytes
             cp_async_mbarrier_arrive_noinc(fill.full);   // the rows, when they land
             tile_trace(fill.k, kTrProdIssued);
+            // (kStoreStaged) ws_math's condition for staging the output in this buffer.
+            if (kStoreStaged && n_next >= q.t_hi && staged_out(q)) staged_tok(fill.k & 1) = q.index;
           }
 #pragma unroll
           for (int h = 0; h < 4; ++h) idx[h] = idx_next[h];
           n = n_next;
           k = k_next;
         }
+      }
+    }
+    if constexpr (kStoreStaged) {
+      // The last two tiles' staged outputs: buffer (k + j) & 1, handed back after tile k + j - 2.
+#pragma unroll
+      for (uint32_t j = 0; j < 2; ++j) {
+        const WsFill<false> fill(sh, k + j);
+        if (staged_tok(fill.k & 1) < 0) continue;
+        fill.wait_empty();
+        store_staged_of(fill.k & 1);
       }
     }
     if constexpr (!kFp8 || kRopeAsync) cp_async_wait_all();  // no copy outlives its thread
