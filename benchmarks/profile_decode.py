@@ -52,6 +52,8 @@ ap.add_argument("--extra_topk", type=int, default=0,
 ap.add_argument("--extra_page", type=int, default=64, help="the second pool's page size")
 ap.add_argument("--extra_s_k", type=int, default=0,
                 help="the second pool's rows (default: max(--s_k, 2 * --extra_topk))")
+ap.add_argument("--sink", action="store_true",
+                help="prefill: a random attn_sink per head, as the side-by-side prefill cases have")
 ap.add_argument("--ramp", action="store_true",
                 help="prefill: topk_length 1 + i * topk // s_q for query i (work growing along s_q)")
 ap.add_argument("--timeline", type=int, default=0)
@@ -80,10 +82,12 @@ if args.prefill is not None:
     lengths = None
     if args.ramp:
         lengths = jnp.asarray(1 + np.arange(args.s_q) * args.topk // args.s_q, jnp.int32)
-    op = jax.jit(lambda q, kv, i, l: jax_flashmla.sparse_mla_prefill(
-        q, kv, i, topk_length=l, implementation=args.implementation))
-    call = lambda: op(q, kv, idx, lengths)  # noqa: E731
-    rest = (kv, idx, lengths)
+    sink = (jnp.asarray(np.random.default_rng(1).standard_normal(args.h_q), jnp.float32)
+            if args.sink else None)
+    op = jax.jit(lambda q, kv, i, l, s: jax_flashmla.sparse_mla_prefill(
+        q, kv, i, topk_length=l, attn_sink=s, implementation=args.implementation))
+    call = lambda: op(q, kv, idx, lengths, sink)  # noqa: E731
+    rest = (kv, idx, lengths, sink)
 elif args.sparse is None:
     q, kv, table, lens, _ = bd.make_inputs(0, args.b, args.s_q, args.h_q, args.s_k, not args.fixed)
     meta = jax_flashmla.get_mla_metadata(lens, s_q=args.s_q, h_q=args.h_q, num_sms=args.num_sms)
