@@ -225,18 +225,20 @@ struct SparsePool {
 // probe and the store A/B of 2026-12-06's tenth session (H100, prefill d512 h64 s_q 4096): the
 // per-token epilogue's conversion, quad shuffles and stores took ~3.4K cycles per token with the
 // stores sent to shared memory and ~4.1K with them global, and the kernel without any output
-// stores (JFM_FP8_PROBE=4) took 16% less time (560.7 -> 468.9 us). Measured against direct_out
-// (same machine): d512 h64 8K / 32K -1.2% / -1.7%, d512 h128 -4.2%, d576 h128 -1.0%; the
-// epilogue still takes ~3.5K cycles per token (docs/PERFORMANCE.md, 2026-12-06 tenth session).
-// =2 (a candidate, not yet measured): the staged buffer goes back to the producers in the next
-// token's first tile instead of after a wait in the epilogue (ws_math's kDeferRelease; the
-// kRoles kernels then spill 8 bytes).
-// =3 (a candidate, not yet measured): the math warpgroups stage their halves and hand the buffer
-// straight back; the producer, which waits for that buffer before refilling it anyway, issues
-// the eight boxes and waits for them to be read (ws_math's kProducerStore, the bf16 produce
-// loop's kStoreStaged): no barrier, TMA issue or read wait left on the math warps' path.
+// stores (JFM_FP8_PROBE=4) took 16% less time (560.7 -> 468.9 us).
+// =1: each math warpgroup stages its O half in the token's last tile buffer, one of its threads
+// stores it (four boxes) and waits for the read, and the buffer goes back to the producer.
+// Against direct_out (H100, same machine): d512 h64 8K / 32K -1.2% / -1.7%, d512 h128 -4.2%,
+// d576 h128 -1.0%.
+// =3 (the default): the math warpgroups stage their halves and hand the buffer straight back; the
+// producer, which waits for that buffer before refilling it anyway, stores the eight boxes and
+// waits for their read (ws_math's kProducerStore, the bf16 produce loop's kStoreStaged): no
+// barrier, TMA issue or read wait left on the math warps' path. Against =1 (H200, 2026-12-06
+// eleventh session, profiler kernel time with a sink): d512 h64 8K 542.5 -> 517.6 us (-4.6%, and
+// -4.6% again), d576 h128 topk 2048 flat (4040 -> 4035); the producer spills 8 bytes.
+// (=2, the buffer released in the next token's first tile, was superseded unmeasured.)
 #ifndef JFM_SPARSE_TMA_OUT
-#define JFM_SPARSE_TMA_OUT 1
+#define JFM_SPARSE_TMA_OUT 3
 #endif
 
 // num_tokens = batch * s_q query tokens, each attending its own rows of pool 0 then pool 1 under

@@ -484,25 +484,10 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   constexpr bool kEarlyQ = ws_early_q<Task>();
   int q_issued = -1;  // kEarlyQ: the sequence whose Q copies the scores warpgroup has issued
   constexpr bool kStaged = WsStagedOut<Task>::value && !kPair;
-  // (JFM_SPARSE_TMA_OUT=2, a candidate) the staged output's buffer goes back to the producers
-  // only in the next sequence's first tile (scores: after its S; values: once its P is ready),
-  // so that no warp waits for the TMA to read the boxes; pending: that buffer (2: none).
-  constexpr bool kDeferRelease = kStaged && JFM_SPARSE_TMA_OUT == 2;
-  // (JFM_SPARSE_TMA_OUT=3, a candidate) the producer stores the staged boxes (the task's produce
-  // loop): the math warps stage, fence and hand the buffer back.
+  // (JFM_SPARSE_TMA_OUT=3, the default) the producer stores the staged boxes (the task's produce
+  // loop): the math warps stage, fence and hand the buffer back. (=1: they store them here.)
   constexpr bool kProducerStore = kStaged && JFM_SPARSE_TMA_OUT == 3;
   constexpr int kBarWg = kRole == WsRole::kScores ? kBarScores : kBarValues;
-  uint32_t pending = 2;
-  const auto release_pending = [&] {
-    if constexpr (kDeferRelease) {
-      if (pending < 2) {
-        if ((ln.tid & 127) == 0) bulk_wait_group_read<0>();
-        named_barrier_sync(kBarWg, 128);
-        mbarrier_arrive(sh.bar_empty + 8 * pending);
-        pending = 2;
-      }
-    }
-  };
   for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
     const typename Task::Seq cur = task.seq(seq);
     if constexpr (!kEarlyQ) {
@@ -544,7 +529,6 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
         if constexpr (kWsMaskSkip && kWsEarlyValid) valid_word = ws_valid_word(valid);
         tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
         tile_trace(k, kTrScS);
-        release_pending();  // (kDeferRelease) the last sequence's staged buffer
         if (kEarlyQ && n_next >= cur.t_hi && seq < task.end_seq) {
           named_barrier_sync(kBarScores, 128);  // every thread's S has completed: Q is free
           task.template load_q<128>(task.seq(seq + 1), sh.sq);
@@ -586,7 +570,6 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       } else {  // kValues
         mbarrier_wait(sh.bar_p_ready, k & 1);
         tile_trace(k, kTrValP);
-        release_pending();  // (kDeferRelease) the last sequence's staged buffer
         const float corr[2] = {sh.corr[ln.row(0)], sh.corr[ln.row(1)]};
         rescale_o(st.o, corr);
         tile_pv_issue<T>(st, desc_p, desc_v + buf_desc);
@@ -618,12 +601,11 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
     }
     bool stored = false;
     if constexpr (kStaged) {
-      release_pending();  // (kDeferRelease) if this sequence had no tile to release it in
       if (held < 2) {
         // This warpgroup's O half into its own V half of the buffer (only its own P V read
-        // that half, and it has completed), four TMA boxes from it, and the buffer back to the
-        // producers once they have been read (kDeferRelease: in the next sequence;
-        // kProducerStore: at once, the producer storing the boxes before it refills the buffer).
+        // that half, and it has completed), then the buffer back to the producer, which stores
+        // the boxes before it refills it (kProducerStore); =1: this warpgroup stores its four
+        // boxes and hands the buffer back once they have been read.
         const uint32_t region = sh.sk0 + held * S::kTileBytes + ln.wc * 4 * S::kBlockBytes;
         task.stage_rows(cur, st, inv, lse, m, region, ln);
         fence_proxy_async();  // the stmatrix writes, before the TMA reads them
@@ -634,14 +616,10 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
           if ((ln.tid & 127) == 0) {
             task.store_staged(cur.index, region, ln.wc);
             bulk_commit_group();
-            if constexpr (!kDeferRelease) bulk_wait_group_read<0>();
+            bulk_wait_group_read<0>();
           }
-          if constexpr (kDeferRelease) {
-            pending = held;
-          } else {
-            named_barrier_sync(kBarWg, 128);
-            mbarrier_arrive(sh.bar_empty + 8 * held);
-          }
+          named_barrier_sync(kBarWg, 128);
+          mbarrier_arrive(sh.bar_empty + 8 * held);
         }
         stored = true;
       }
@@ -651,7 +629,6 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
     if constexpr (Task::kCpAsyncTiles)
       tile_trace(k, kRole == WsRole::kScores ? kTrBdScStored : kTrBdValStored);
   }
-  release_pending();  // (kDeferRelease) no CTA leaves before its boxes have been read
 }
 
 // The Q tile of the kN-row transposed math: the rows it loads and the bytes per 64-column

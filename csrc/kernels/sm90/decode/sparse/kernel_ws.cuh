@@ -420,9 +420,10 @@ struct SparseWsTask {
 
   // (JFM_SPARSE_TMA_OUT) The role split's bf16 epilogue through shared memory: after a token's
   // last tile each math warpgroup stages its O half in its own V half of that tile's buffer
-  // (stage_rows), one thread stores it with four TMA boxes (store_staged) and the buffer goes
-  // back to the producers once the boxes are read (ws_math). Tokens with a split or no tile, and
-  // launches without the tensor map, keep store_rows.
+  // (stage_rows) and hands the buffer back; the producer stores the eight boxes (store_staged)
+  // and waits for their read before refilling it (produce's kStoreStaged; =1: each warpgroup's
+  // thread stores its four in ws_math). Tokens with a split or no tile, and launches without the
+  // tensor map, keep store_rows.
   static constexpr bool kStagedOut = !kFp8 && JFM_SPARSE_TMA_OUT != 0;
   __device__ __forceinline__ bool staged_out(const Seq& q) const {
     return p.out_map_ok && q.nsplit == 1;
@@ -631,10 +632,10 @@ struct SparseWsTask {
       if constexpr (kFmt == KvFormat::kFp8V32) tile_trace_after(kk, kTrProdRows, stage.scales.x);
     };
     uint32_t k = 0;  // the CTA's tiles before this sequence's
-    // kStoreStaged (JFM_SPARSE_TMA_OUT=3, the sole bf16 producer of the role split): buffer b
-    // holds the staged output of query token staged_tok(b) (-1: none) once the math warps hand
-    // it back; one thread stores its eight boxes and waits for them to be read before any
-    // producer thread refills it (store_staged_of).
+    // kStoreStaged (JFM_SPARSE_TMA_OUT=3, the default; the role split's sole bf16 producer):
+    // buffer b holds the staged output of query token staged_tok(b) (-1: none) once the math
+    // warps hand it back; one thread stores its eight boxes and waits for them to be read
+    // before any producer thread refills it (store_staged_of).
     constexpr bool kStoreStaged = kStagedOut && JFM_SPARSE_TMA_OUT == 3 && kSole && !kPair;
     int staged_tok0 = -1, staged_tok1 = -1;  // (two scalars: an indexed pair went to the stack)
     auto staged_tok = [&](uint32_t b) -> int& { return b ? staged_tok1 : staged_tok0; };
