@@ -154,8 +154,8 @@ constexpr bool ws_scores_reg_p() {
 // Named barriers (0 is __syncthreads', 1 MathWarpsSync's).
 constexpr int kBarScores = 4;   // kRoles, kTransposed*: warpgroup 0 alone (128)
 constexpr int kBarLazyOr = 5;   // kTransposed* under the lazy max: the per-tile barrier.red.or
-constexpr int kBarValues = 6;   // kRoles with a staged output: warpgroup 1 alone (128)
-constexpr int kBarProducer = 7; // kRoles whose producer stores the staged output (128)
+constexpr int kBarValues = 6;   // kRoles, staged output stored by the math (=1): warpgroup 1 (128)
+constexpr int kBarProducer = 7; // kRoles, staged output stored by the producer (=3): warpgroup 2
 
 // Whether the role split's math warpgroups stage a token's output in its last tile's buffer and
 // store it by TMA (the task's kStagedOut and staged_out; never in CTA pairs, whose peer stores
