@@ -300,6 +300,13 @@ struct WsFill {
   }
 };
 
+// (WsStagedOut) Where warpgroup wc's O half is staged in tile buffer buf: its own V half, four
+// 64-column blocks (the math writes it there, the TMA boxes read it).
+template <int kDqk>
+__device__ __forceinline__ uint32_t ws_staged_half(const WsShared& sh, uint32_t buf, int wc) {
+  return sh.sk0 + buf * TileSmem<kDqk>::kTileBytes + wc * 4 * TileSmem<kDqk>::kBlockBytes;
+}
+
 // Sets accumulator element e of n-tile nt to -inf where masked(row half e >> 1, column
 // 8 nt + 2 tq + (e & 1)) holds (the accumulator layout of tile_attention.cuh; columns are counted
 // within this warpgroup's accumulator).
@@ -606,7 +613,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
         // that half, and it has completed), then the buffer back to the producer, which stores
         // the boxes before it refills it (kProducerStore); =1: this warpgroup stores its four
         // boxes and hands the buffer back once they have been read.
-        const uint32_t region = sh.sk0 + held * S::kTileBytes + ln.wc * 4 * S::kBlockBytes;
+        const uint32_t region = ws_staged_half<Task::kDqk>(sh, held, ln.wc);
         task.stage_rows(cur, st, inv, lse, m, region, ln);
         fence_proxy_async();  // the stmatrix writes, before the TMA reads them
         if constexpr (kProducerStore) {

@@ -644,9 +644,8 @@ struct SparseWsTask {
         const int token = staged_tok(b);
         if (token < 0) return;  // (the same in every producer thread)
         if (ptid == 0) {
-          const uint32_t src = sh.sk0 + b * sh.tile_bytes;
-          store_staged(token, src, 0);
-          store_staged(token, src + 4 * TileSmem<kDqk>::kBlockBytes, 1);
+          store_staged(token, ws_staged_half<kDqk>(sh, b, 0), 0);
+          store_staged(token, ws_staged_half<kDqk>(sh, b, 1), 1);
           bulk_commit_group();
           bulk_wait_group_read<0>();
         }
