@@ -54,6 +54,12 @@ ap.add_argument("--extra_s_k", type=int, default=0,
                 help="the second pool's rows (default: max(--s_k, 2 * --extra_topk))")
 ap.add_argument("--sink", action="store_true",
                 help="prefill: a random attn_sink per head, as the side-by-side prefill cases have")
+ap.add_argument("--progression", action="store_true",
+                help="prefill: each query's indices distinct, a random start and stride coprime to "
+                     "--s_k (the side by side's draw, sbs_cases.unique_positions) instead of "
+                     "uniform draws with repeats")
+ap.add_argument("--value_scale", type=float, default=1.0,
+                help="prefill: q and kv drawn N(0, 1) times this (the side by side's: 0.1)")
 ap.add_argument("--ramp", action="store_true",
                 help="prefill: topk_length 1 + i * topk // s_q for query i (work growing along s_q)")
 ap.add_argument("--timeline", type=int, default=0)
@@ -75,10 +81,16 @@ if args.variant is not None:  # read by the extension at its first kernel call, 
 
 if args.prefill is not None:
     keys = jax.random.split(jax.random.PRNGKey(3), 2)
-    q = jax.random.normal(keys[0], (args.s_q, args.h_q, args.prefill), jnp.bfloat16)
-    kv = jax.random.normal(keys[1], (args.s_k, 1, args.prefill), jnp.bfloat16)
-    idx = jnp.asarray(np.random.default_rng(0).integers(0, args.s_k, (args.s_q, 1, args.topk)),
-                      jnp.int32)
+    q = (jax.random.normal(keys[0], (args.s_q, args.h_q, args.prefill)) * args.value_scale
+         ).astype(jnp.bfloat16)
+    kv = (jax.random.normal(keys[1], (args.s_k, 1, args.prefill)) * args.value_scale
+          ).astype(jnp.bfloat16)
+    if args.progression:
+        from sbs_cases import unique_positions
+        idx = unique_positions(np.random.default_rng(0), np.full(args.s_q, args.s_k), args.topk)
+    else:
+        idx = np.random.default_rng(0).integers(0, args.s_k, (args.s_q, args.topk))
+    idx = jnp.asarray(idx[:, None, :], jnp.int32)
     lengths = None
     if args.ramp:
         lengths = jnp.asarray(1 + np.arange(args.s_q) * args.topk // args.s_q, jnp.int32)
