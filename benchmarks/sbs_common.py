@@ -40,6 +40,11 @@ def k_units(calls: int) -> int:
     return int(os.environ.get("JFM_SBS_K_UNITS", "0")) or max(20, calls)
 
 
+def heat_seconds() -> float:
+    """Seconds each timing first runs its calls untimed (JFM_SBS_HEAT_S, default 0: none)."""
+    return float(os.environ.get("JFM_SBS_HEAT_S", "0") or 0)
+
+
 def case_dir(work: str, case: dict) -> str:
     return os.path.join(work, "inputs", case["name"].replace(" ", "_").replace("/", "-"))
 
@@ -49,13 +54,17 @@ def load_meta(folder: str) -> dict:
         return json.load(f)
 
 
-def time_rounds(call, sync, *, calls: int, rounds: int, budget_s: float | None = None):
+def time_rounds(call, sync, *, calls: int, rounds: int, budget_s: float | None = None,
+                heat: bool = True):
     """Median / min / max seconds per call over ``rounds`` rounds of ``calls`` back-to-back calls
     (``sync`` waits for the device). One call is assumed already warm. With ``budget_s``, the call
-    and round counts shrink so the whole measurement stays within it (estimated from one call)."""
+    and round counts shrink so the whole measurement stays within it (estimated from one call).
+    With JFM_SBS_HEAT_S set (and ``heat``), the calls first run untimed for that long (heat_up)."""
     t0 = time.perf_counter()
     sync(call())
     one = time.perf_counter() - t0
+    if heat:
+        heat_up(call, sync, one)
     if budget_s is not None and one * calls * rounds > budget_s:
         calls = max(1, min(calls, int(budget_s / max(one, 1e-9) / rounds)))
         if one * calls * rounds > budget_s:
@@ -74,6 +83,19 @@ def time_rounds(call, sync, *, calls: int, rounds: int, budget_s: float | None =
     # host, not the GPU, sets the back-to-back time (dispatch, or a call that blocks).
     return dict(time_s=statistics.median(times), time_min_s=min(times), time_max_s=max(times),
                 issue_s=statistics.median(issued), calls=calls, rounds=rounds)
+
+
+def heat_up(call, sync, one_s: float):
+    """Run ``call`` untimed for heat_seconds() (JFM_SBS_HEAT_S; default none), syncing every
+    ~50 ms: the power limiter's one-second average then sits at this case's own draw, so a short
+    case is timed at its steady clock rather than at the boost clock that the idle gap before it
+    left (docs/BUILDING.md, sixty-first session). ``one_s``: one call's seconds."""
+    end = time.perf_counter() + heat_seconds()
+    while time.perf_counter() < end:
+        out = None
+        for _ in range(max(1, int(0.05 / max(one_s, 1e-9)))):
+            out = call()
+        sync(out)
 
 
 def load_perfetto(trace_dir: str):
@@ -205,10 +227,14 @@ def time_in_one_unit(unit, sync, k: int, **rounds) -> dict:
     graph), as seconds per call (k_time_s), the wall-clock window (k_window, for nvidia-smi's
     samples) and, where NVML's counter is there, the window's energy per call (k_energy_mj over
     k_energy_window_s seconds)."""
+    if heat_seconds() > 0:  # before the energy counter's window opens
+        t0 = time.perf_counter()
+        sync(unit())
+        heat_up(unit, sync, time.perf_counter() - t0)
     read = gpu_energy_counter()
     e0 = read() if read else None
     t0 = time.time()
-    t = time_rounds(unit, sync, **rounds)
+    t = time_rounds(unit, sync, heat=False, **rounds)
     t1 = time.time()
     rec = dict(k_calls=k, k_time_s=t["time_s"] / k, k_window=[t0, t1])
     if read:

@@ -42,7 +42,7 @@ _WORKER_ENV = dict(os.environ)
 import numpy as np  # noqa: E402
 
 from sbs_common import (ENERGY_COUNTER_MIN_S, append_jsonl, case_dir, energy_per_call,  # noqa: E402
-                        read_jsonl, read_smi_csv, smi_window)
+                        heat_seconds, read_jsonl, read_smi_csv, smi_window)
 import sbs_cases  # noqa: E402
 
 SUITE_NAMES = list(sbs_cases.SUITES)
@@ -488,7 +488,8 @@ def main():
     png = os.path.join(args.out, "side_by_side.png")
     how = plot(rows, suites, png)
     result = dict(created=time.strftime("%Y-%m-%d %H:%M:%S"), limits=limits, suites=suites,
-                  quick=args.quick, upstream=args.upstream, geomean=geo, plot=how,
+                  quick=args.quick, heat_s=heat_seconds(), upstream=args.upstream, geomean=geo,
+                  plot=how,
                   rows=[{k: v for k, v in r.items()} for r in rows])
     with open(os.path.join(args.out, "side_by_side.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)

@@ -21,6 +21,9 @@
 #   VARIANTS kernel variants of ours to time too, ours only, same inputs (VARIANTS="pair v1":
 #            JFM_KERNEL_VARIANT=pair, the FP8 CTA pairs; v1, the kernels before the warp-specialized);
 #            benchmarks/sbs_variants.py prints them beside FlashMLA
+#   JFM_SBS_HEAT_S=S  both sides run each case S seconds untimed before each timing (back to
+#            back and in one unit), so a short case meets the power limiter's steady clock, not
+#            the boost clock after an idle gap (docs/BUILDING.md, sixty-first session; try 2)
 #   PROFILE=N  after the side by side: our N back-to-back calls of each case under the profiler
 #            (kernel time, GPU gaps, span per call: sbs_ours.py --profile), in $OUT/profile.txt
 #   STAGES   "build" (default) rebuilds our package; STAGES=" " reuses the one installed on a warm

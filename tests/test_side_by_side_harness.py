@@ -120,7 +120,9 @@ def test_profile_decode_modes_run_on_the_reference(tmp_path):
                   "--extra_topk", "32", "--extra_page", "16",
                   "--timeline", "2", "--async_runs", "2", "--variant", "pair"],
                  ["--prefill", "512", "--s_q", "4", "--h_q", "8", "--s_k", "128", "--topk", "32",
-                  "--timeline", "1"]):
+                  "--timeline", "1"],
+                 ["--prefill", "576", "--s_q", "4", "--h_q", "8", "--s_k", "128", "--topk", "32",
+                  "--progression", "--value_scale", "0.1", "--sink"]):
         r = subprocess.run([sys.executable, script, *args, "--implementation", "reference",
                             "--trace_dir", str(tmp_path / "trace")],
                            env=env, capture_output=True, text=True, timeout=600)
@@ -227,6 +229,33 @@ def test_time_rounds_reports_the_host_issue_time():
     assert rec["issue_s"] >= 0.002
     assert rec["time_s"] - rec["issue_s"] >= 0.010 / 3 - 1e-4
     assert rec["calls"] == 3 and rec["rounds"] == 2
+
+
+def test_heat_runs_the_calls_untimed_first(monkeypatch):
+    """JFM_SBS_HEAT_S: time_rounds first runs the call for that long, untimed; without it, only
+    the warm call and the timed ones run. time_in_one_unit heats before its energy window."""
+    import time
+
+    import sbs_common
+
+    n = [0]
+
+    def call():
+        n[0] += 1
+        time.sleep(0.001)
+
+    monkeypatch.delenv("JFM_SBS_HEAT_S", raising=False)
+    sbs_common.time_rounds(call, lambda _: None, calls=3, rounds=2)
+    assert n[0] == 1 + 3 * 2
+    n[0] = 0
+    monkeypatch.setenv("JFM_SBS_HEAT_S", "0.1")
+    t0 = time.perf_counter()
+    sbs_common.time_rounds(call, lambda _: None, calls=3, rounds=2)
+    assert time.perf_counter() - t0 >= 0.1 and n[0] >= 1 + 3 * 2 + 20
+    n[0] = 0
+    monkeypatch.setattr(sbs_common, "gpu_energy_counter", lambda: None)
+    sbs_common.time_in_one_unit(call, lambda _: None, 1, calls=3, rounds=2)
+    assert n[0] >= 2 + 3 * 2 + 20
 
 
 def test_dispatch_gap_variant_runs():
