@@ -284,13 +284,17 @@ def print_clocks(rows, smi_path=None):
     energy it spends per call, not by its cycles at the boost clock (the GPU-time column). Then
     the energy per call and FlashMLA's / ours (side_energy: NVML's counter, else nvidia-smi's
     averaged power; both sides from the same source): '*' where both are trusted, the only rows
-    the geomean counts."""
+    the geomean counts. "cyc o/FM": our cycles per call over FlashMLA's (time per call x the
+    window's mean SM clock): under the cap a side can be slower at a higher clock; this says
+    which side's kernel needs more cycles for the same work (PERFORMANCE.md, 2026-12-06 twelfth
+    session). Only for compute-bound rows: a memory-bound kernel's time does not follow the SM
+    clock (h_q 16 at 1980 against 1700 MHz reads ~1.15 for equal times)."""
     samples = read_smi_csv(smi_path) if smi_path else []
     print("\n== clocks over each side's in-one-unit window (nvidia-smi samples): mean SM MHz, "
           "mean W, share of samples power-capped; energy per call (mJ; src: NVML's energy counter "
-          "or nvidia-smi's power) and FlashMLA / ours")
+          "or nvidia-smi's power) and FlashMLA / ours; our cycles per call / FlashMLA's")
     print(f"{'case':<44} {'ours MHz':>9} {'W':>5} {'cap':>4} | {'FlashMLA MHz':>12} {'W':>5} {'cap':>4}"
-          f" | {'mJ ours':>8} {'mJ FM':>8} {'FM/ours':>8} {'src':>4}")
+          f" | {'cyc o/FM':>8} | {'mJ ours':>8} {'mJ FM':>8} {'FM/ours':>8} {'src':>4}")
     trusted = []
     for r in rows:
         cells, energy = [], []
@@ -306,6 +310,10 @@ def print_clocks(rows, smi_path=None):
                          f"{st['capped']:>4.0%}" if st else f"{'-':>{9 if side == 'ours' else 12}} "
                          f"{'-':>5} {'-':>4}")
         eo, ef = energy
+        co, cf = (r[s]["k_clocks"] for s in ("ours", "flashmla"))
+        to, tf = (r[s].get("k_time_s") for s in ("ours", "flashmla"))
+        cyc = (f"{to * co['mhz'] / (tf * cf['mhz']):>8.3f}" if co and cf and to and tf
+               else f"{'-':>8}")
         if eo and ef and eo["mj"] > 0.0 and ef["mj"] > 0.0:
             star = "*" if eo["trusted"] and ef["trusted"] else " "
             if star == "*":
@@ -314,7 +322,7 @@ def print_clocks(rows, smi_path=None):
                       f"{eo['src']:>4}")
         else:
             e_cell = f"{'-':>8} {'-':>8} {'-':>8} {'-':>4}"
-        print(f"{r['case']['name']:<44} {cells[0]} | {cells[1]} | {e_cell}")
+        print(f"{r['case']['name']:<44} {cells[0]} | {cells[1]} | {cyc} | {e_cell}")
     if trusted:
         g = float(np.exp(np.mean(np.log(trusted))))
         print(f"-- energy per call, FlashMLA / ours, geomean over the {len(trusted)} rows marked *: {g:.3f}")

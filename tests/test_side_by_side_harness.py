@@ -167,6 +167,7 @@ def test_energy_per_call_in_the_clocks_table(tmp_path, capsys):
     # ours 400 W x 1 ms = 400 mJ, FlashMLA 600 W x 1 ms = 600 mJ: 1.50, trusted
     assert "400.0" in long_line and "600.0" in long_line and long_line.rstrip().endswith("1.50*  smi")
     assert "*" not in short_line
+    assert " 1.000 " in long_line  # cycles: the same time per call at the same clock
     assert "geomean over the 1 rows marked *: 1.500" in out
     assert rows[0]["ours"]["k_clocks"]["capped"] == 1.0
 
