@@ -83,17 +83,14 @@ __device__ __forceinline__ void wgmma_k_major(float* d, uint64_t a, uint64_t b) 
 }
 // The wgmmas of D += A B^T over d_qk, both K-major (no fence, commit or wait: the callers').
 // kBStride: the bytes from one 64-column block of B to the next (a compact Q of kN rows:
-// kN * 128; JFM_FP8_BULK_STAGE_T32). kK0 / kK1: only the k-steps (16 columns each) kK0 .. kK1 - 1
-// (JFM_WS_SPLIT_S: each math warpgroup one half of d_qk).
-template <typename T, int kDqk, int kN, int kBStride = TileSmem<kDqk>::kBlockBytes, int kK0 = 0,
-          int kK1 = kDqk / 16>
+// kN * 128; JFM_FP8_BULK_STAGE_T32).
+template <typename T, int kDqk, int kN, int kBStride = TileSmem<kDqk>::kBlockBytes>
 __device__ __forceinline__ void tile_gemm_qk_mma(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b) {
   using S = TileSmem<kDqk>;
   static_assert(kN == 16 || kN == 32 || kN == 64, "wgmma N of a QK tile");
   static_assert(kBStride % 1024 == 0, "whole 128-byte swizzle atoms");
-  static_assert(0 <= kK0 && kK0 < kK1 && kK1 <= kDqk / 16, "k-steps inside d_qk");
 #pragma unroll
-  for (int kk = kK0; kk < kK1; ++kk) {
+  for (int kk = 0; kk < kDqk / 16; ++kk) {
     const uint32_t koff = ((kk >> 2) * S::kBlockBytes + (kk & 3) * 32) >> 4;
     const uint32_t koff_b = ((kk >> 2) * kBStride + (kk & 3) * 32) >> 4;
     wgmma_k_major<kN, T>(d, desc_a + koff, desc_b + koff_b);
@@ -317,10 +314,16 @@ __device__ __forceinline__ void tile_qk_rows(float (&s)[32], uint64_t desc_q, ui
 template <typename T, int kDqk, int kK0, int kK1>
 __device__ __forceinline__ void tile_qk_rows_part_issue(float (&s)[32], uint64_t desc_q,
                                                         uint64_t desc_k) {
+  using S = TileSmem<kDqk>;
+  static_assert(0 <= kK0 && kK0 < kK1 && kK1 <= kDqk / 16, "k-steps inside d_qk");
 #pragma unroll
   for (int i = 0; i < 32; ++i) s[i] = 0.f;
   wgmma_fence();
-  tile_gemm_qk_mma<T, kDqk, 64, TileSmem<kDqk>::kBlockBytes, kK0, kK1>(s, desc_q, desc_k);
+#pragma unroll
+  for (int kk = kK0; kk < kK1; ++kk) {
+    const uint32_t koff = ((kk >> 2) * S::kBlockBytes + (kk & 3) * 32) >> 4;
+    wgmma_k_major<64, T>(s, desc_q + koff, desc_k + koff);
+  }
   wgmma_commit();
 }
 
