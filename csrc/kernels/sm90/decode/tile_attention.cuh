@@ -308,25 +308,6 @@ __device__ __forceinline__ void tile_qk_rows(float (&s)[32], uint64_t desc_q, ui
   tile_gemm_qk<T, kDqk, 64>(s, desc_q, desc_k);
 }
 
-// (JFM_WS_SPLIT_S) S[:, 0..64) += Q K^T over the k-steps kK0 .. kK1 - 1 of d_qk only (16 columns
-// each), from zero: issued (fenced, committed), not waited. The role split's two math warpgroups
-// then each compute one half of d_qk and add the halves (ws_pipeline.cuh).
-template <typename T, int kDqk, int kK0, int kK1>
-__device__ __forceinline__ void tile_qk_rows_part_issue(float (&s)[32], uint64_t desc_q,
-                                                        uint64_t desc_k) {
-  using S = TileSmem<kDqk>;
-  static_assert(0 <= kK0 && kK0 < kK1 && kK1 <= kDqk / 16, "k-steps inside d_qk");
-#pragma unroll
-  for (int i = 0; i < 32; ++i) s[i] = 0.f;
-  wgmma_fence();
-#pragma unroll
-  for (int kk = kK0; kk < kK1; ++kk) {
-    const uint32_t koff = ((kk >> 2) * S::kBlockBytes + (kk & 3) * 32) >> 4;
-    wgmma_k_major<64, T>(s, desc_q + koff, desc_k + koff);
-  }
-  wgmma_commit();
-}
-
 // Writes warpgroup 0's P (all 64 columns) into the swizzled P block at sp.
 template <typename T>
 __device__ __forceinline__ void store_p_rows(uint32_t sp, const float (&s)[32], const Lane& ln) {

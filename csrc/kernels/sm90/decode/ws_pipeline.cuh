@@ -192,26 +192,6 @@ struct WsSmem : TileSmem<kDqk> {
   static_assert(kBytes <= 227 * 1024, "shared memory of one sm90 CTA");
 };
 
-// (JFM_WS_SPLIT_S) The split S's region after WsSmem's: the values warpgroup's S half (16 KB,
-// each of its threads' 32 accumulators as 8 float4 at [i][thread]) and three mbarriers. Kernels
-// that split S launch with kBytes instead of WsSmem<kDqk>::kBytes.
-template <int kDqk>
-struct WsSplitSmem {
-  using W = WsSmem<kDqk>;
-  static constexpr int kPartOff = (W::kPBarOff + 4 * 8 + 15) & ~15;
-  static constexpr int kBarOff = kPartOff + 8 * 128 * 16;  // part_ready, part_free, q_ready
-  static constexpr size_t kBytes = kBarOff + 3 * 8 + 1024;  // + alignment slack
-  static_assert(kBytes <= 227 * 1024, "shared memory of one sm90 CTA");
-};
-
-// The dynamic shared memory a warp-specialized kernel launches with (WsSplitSmem is instantiated
-// only where the split S is on: its 16 KB do not fit at d_qk 576).
-template <int kDqk, bool kSplitS>
-constexpr size_t ws_smem_bytes() {
-  if constexpr (kSplitS) return WsSplitSmem<kDqk>::kBytes;
-  else return WsSmem<kDqk>::kBytes;
-}
-
 // Shared-memory addresses of a warp-specialized CTA.
 struct WsShared {
   float* red;          // float[2][64]: row statistics
@@ -221,10 +201,6 @@ struct WsShared {
   uint32_t bar_full, bar_empty;  // mbarriers [2] each
   // kRoles*: the hand-offs between the math warpgroups (P and corrections; the rows' totals).
   uint32_t bar_p_ready, bar_p_free, bar_stats_ready, bar_stats_free;
-  // (JFM_WS_SPLIT_S) the values warpgroup's half of S (float[8][128][4]) and its hand-off to the
-  // scores warpgroup (part_ready / part_free), and "this sequence's Q has landed" (q_ready).
-  float* part;
-  uint32_t bar_part_ready, bar_part_free, bar_q_ready;
   int tile_bytes;
   // kRolesPair: this CTA's rank in the pair; bar_peer_full[2] (this CTA's barriers that count the
   // bytes the peer stores into its tiles); the peer's tile 0 and empty barriers (cluster
@@ -237,7 +213,7 @@ struct WsShared {
 // hand-offs: 128 each) and synchronizes the CTA (kRolesPair: the
 // cluster, so the peer's barriers are initialized before anything reaches them): the last
 // CTA-wide barrier before the roles part.
-template <int kDqk, WsMath kMath, bool kSplitS = false>
+template <int kDqk, WsMath kMath>
 __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t full_count) {
   using S = TileSmem<kDqk>;
   using W = WsSmem<kDqk>;
@@ -258,13 +234,6 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
   sh.bar_stats_ready = sh.bar_p_ready + 16;
   sh.bar_stats_free = sh.bar_p_ready + 24;
   sh.tile_bytes = S::kTileBytes;
-  if constexpr (kSplitS) {
-    using X = WsSplitSmem<kDqk>;
-    sh.part = reinterpret_cast<float*>(smem + X::kPartOff);
-    sh.bar_part_ready = base + X::kBarOff;
-    sh.bar_part_free = sh.bar_part_ready + 8;
-    sh.bar_q_ready = sh.bar_part_ready + 16;
-  }
   constexpr bool kPair = ws_pair(kMath);
   if constexpr (kPair) {
     sh.rank = cluster_ctarank();
@@ -283,8 +252,6 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
       if constexpr (kPair) mbarrier_init(sh.bar_peer_full + 8 * b, 1);  // + the peer's bytes
     }
     for (int i = 0; i < 4; ++i) mbarrier_init(sh.bar_p_ready + 8 * i, 128);
-    if constexpr (kSplitS)  // one warpgroup's 128 threads each
-      for (int i = 0; i < 3; ++i) mbarrier_init(sh.bar_part_ready + 8 * i, 128);
     if constexpr (kPair) fence_mbarrier_init();
   }
   if (threadIdx.x == 256) cta_stamp(kStartAtBarrier);  // (tile_trace.cuh: the probe's stamps)
@@ -376,58 +343,6 @@ __device__ __forceinline__ void mask_tile(float (&s)[kRegs], Masked masked) {
 template <class Task>
 constexpr bool ws_early_q() {
   return JFM_WS_EARLY_Q != 0 && Task::kCpAsyncTiles && Task::kShortSeqs;
-}
-
-// JFM_WS_SPLIT_S (=1 a candidate, off by default, not yet run on a GPU): in the role split of the
-// bf16 sparse tasks at d_qk 512 (prefill, bf16 sparse decode; with the early Q), the values
-// warpgroup computes S over the second half of d_qk and the scores warpgroup over the first, and
-// the scores warpgroup adds the values' half (shared memory, WsSplitSmem) before its mask and
-// softmax. The values warpgroup computes tile k + 1's half before its P V of tile k, so it runs
-// while the scores warpgroup is in tile k's softmax, when the tensor pipe is otherwise idle. Why:
-// the scores warpgroup's chain (S, softmax and P, its P V half) is the prefill tile's period, and
-// the values warpgroup idles about half of it (PERFORMANCE.md, 2026-12-06 twelfth session, items 4
-// and Next 2). Predicted: d512 h64 -13 to -19% kernel time. Not at d576 (the 16 KB do not fit
-// beside its tiles).
-#ifndef JFM_WS_SPLIT_S
-#define JFM_WS_SPLIT_S 0
-#endif
-// Its math warpgroups' registers (the producer keeps kRoles' 88).
-#ifndef JFM_WS_SPLIT_S_REGS0
-#define JFM_WS_SPLIT_S_REGS0 200
-#endif
-#ifndef JFM_WS_SPLIT_S_REGS1
-#define JFM_WS_SPLIT_S_REGS1 216
-#endif
-template <class Task, WsMath kMath>
-constexpr bool ws_split_s() {
-  return JFM_WS_SPLIT_S != 0 && kMath == WsMath::kRoles && Task::kDqk == 512 && ws_early_q<Task>();
-}
-// (JFM_WS_SPLIT_S) The values warpgroup hands its S half of the CTA's k-th tile to the scores
-// warpgroup: once the scores have added the previous one (part_free), each thread's 32
-// accumulators at its own slots (thread t of both warpgroups holds the same elements), then
-// part_ready.
-__device__ __forceinline__ void ws_part_publish(const WsShared& sh, const float (&p)[32],
-                                                uint32_t k) {
-  mbarrier_wait(sh.bar_part_free, (k & 1) ^ 1);  // (the CTA's first tile: passes)
-  float4* dst = reinterpret_cast<float4*>(sh.part) + (threadIdx.x & 127);
-#pragma unroll
-  for (int i = 0; i < 8; ++i)
-    dst[128 * i] = make_float4(p[4 * i], p[4 * i + 1], p[4 * i + 2], p[4 * i + 3]);
-  mbarrier_arrive(sh.bar_part_ready);
-}
-// The scores warpgroup's side: adds the values' half of the k-th tile's S into s and frees it.
-__device__ __forceinline__ void ws_part_add(const WsShared& sh, float (&s)[32], uint32_t k) {
-  mbarrier_wait(sh.bar_part_ready, k & 1);
-  const float4* src = reinterpret_cast<const float4*>(sh.part) + (threadIdx.x & 127);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const float4 v = src[128 * i];
-    s[4 * i] += v.x;
-    s[4 * i + 1] += v.y;
-    s[4 * i + 2] += v.z;
-    s[4 * i + 3] += v.w;
-  }
-  mbarrier_arrive(sh.bar_part_free);
 }
 
 // JFM_WS_MASK_SKIP (on; =0 masks every tile, for A/B): the role split's scores warpgroup skips
@@ -562,7 +477,7 @@ __device__ __forceinline__ void ws_finish_rows(RowState& st, const WsShared& sh,
 // The math warps' loop over this CTA's sequences and tiles. One instantiation per role, so that
 // each warpgroup's code is register-allocated within its own setmaxnreg budget (with one loop for
 // both roles ptxas allocated it within the smaller budget and spilled).
-template <class Task, WsRole kRole, bool kPair, bool kSplitS = false>
+template <class Task, WsRole kRole, bool kPair>
 __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   using T = typename Task::T;
   using S = TileSmem<Task::kDqk>;
@@ -580,11 +495,6 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   // loop): the math warps stage, fence and hand the buffer back. (=1: they store them here.)
   constexpr bool kProducerStore = kStaged && JFM_SPARSE_TMA_OUT == 3;
   constexpr int kBarWg = kRole == WsRole::kScores ? kBarScores : kBarValues;
-  // (kSplitS) the k-steps of each warpgroup's S half: scores 0 .. kHalfK - 1, values the rest;
-  // q_seen: the sequences with tiles whose Q the values warpgroup has waited for.
-  static_assert(!kSplitS || (kEarlyQ && !kPair), "the split S: the early Q's role split");
-  constexpr int kHalfK = Task::kDqk / 32;
-  uint32_t q_seen = 0;
   for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
     const typename Task::Seq cur = task.seq(seq);
     if constexpr (!kEarlyQ) {
@@ -601,24 +511,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       tile_trace(k, kTrBdScQ);
       fence_proxy_async();
       named_barrier_sync(kBarScores, 128);  // all of Q, before the wgmma reads it
-      // (kSplitS) the values warpgroup's S reads it too; counted per sequence with tiles only,
-      // so that these arrivals never run two phases ahead of its waits.
-      if constexpr (kSplitS) if (cur.first < cur.t_hi) mbarrier_arrive(sh.bar_q_ready);
       if (seq == task.begin_seq) cta_stamp(kStartQ);
-    }
-    if constexpr (kSplitS && kRole == WsRole::kValues) {
-      // The values' half of the sequence's first tile (the later tiles' halves: a tile ahead,
-      // in the loop).
-      if (cur.first < cur.t_hi) {
-        mbarrier_wait(sh.bar_q_ready, q_seen & 1);
-        ++q_seen;
-        ws_wait_full<Task, kPair>(sh, k);
-        float part[32];
-        tile_qk_rows_part_issue<T, Task::kDqk, kHalfK, 2 * kHalfK>(
-            part, desc_q, desc_k + (k & 1) * (S::kTileBytes >> 4));
-        wgmma_wait<0>();
-        ws_part_publish(sh, part, k);
-      }
     }
 
     RowState st;
@@ -632,8 +525,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       const uint32_t buf = k & 1;
       if constexpr (kRole == WsRole::kScores) tile_trace(k, kTrScWait);
       constexpr bool kSc = kRole == WsRole::kScores;
-      // (kSplitS: the values warpgroup waited for this tile before its S half, a tile ahead)
-      if constexpr (kSc || !kSplitS) ws_wait_full<Task, kPair, kSc>(sh, k);
+      ws_wait_full<Task, kPair, kSc>(sh, k);
       tile_trace(k, kRole == WsRole::kScores ? kTrScFull : kTrValFull);
       const uint32_t buf_desc = buf * (S::kTileBytes >> 4);
       const uint8_t* valid = sh.valid + buf * kTileTokens;
@@ -642,13 +534,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
         float sacc[32];  // this tile's S, then P
         uint32_t valid_word = 0;  // (JFM_WS_EARLY_VALID)
         if constexpr (kWsMaskSkip && kWsEarlyValid) valid_word = ws_valid_word(valid);
-        if constexpr (kSplitS) {
-          tile_qk_rows_part_issue<T, Task::kDqk, 0, kHalfK>(sacc, desc_q, desc_k + buf_desc);
-          wgmma_wait<0>();
-          ws_part_add(sh, sacc, k);  // the values' half: its Q and K reads are done too
-        } else {
-          tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
-        }
+        tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
         tile_trace(k, kTrScS);
         if (kEarlyQ && n_next >= cur.t_hi && seq < task.end_seq) {
           named_barrier_sync(kBarScores, 128);  // every thread's S has completed: Q is free
@@ -689,28 +575,8 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
           tile_pv_issue<T>(st, desc_p, desc_v + buf_desc);
         }
       } else {  // kValues
-        // (kSplitS) the next tile's S half, issued before this tile's P V: it runs while the
-        // scores warpgroup is in this tile's softmax.
-        float part[32];
-        const bool part_next = kSplitS && n_next < cur.t_hi;
-        if constexpr (kSplitS) {
-          if (part_next) {
-            ws_wait_full<Task, kPair>(sh, k + 1);
-            tile_qk_rows_part_issue<T, Task::kDqk, kHalfK, 2 * kHalfK>(
-                part, desc_q, desc_k + ((k + 1) & 1) * (S::kTileBytes >> 4));
-          }
-        }
         mbarrier_wait(sh.bar_p_ready, k & 1);
         tile_trace(k, kTrValP);
-        if constexpr (kSplitS) {
-          // Completed and handed over before O's rescale and P V: with the S half still in
-          // flight there, ptxas serialized the wgmmas (C7514, O's registers read inside the
-          // pipeline stage).
-          if (part_next) {
-            wgmma_wait<0>();
-            ws_part_publish(sh, part, k + 1);
-          }
-        }
         const float corr[2] = {sh.corr[ln.row(0)], sh.corr[ln.row(1)]};
         rescale_o(st.o, corr);
         tile_pv_issue<T>(st, desc_p, desc_v + buf_desc);
@@ -912,11 +778,6 @@ template <WsMath kMath, class Task>
 __device__ __forceinline__ void ws_run(const Task& task, const WsShared& sh) {
   using Regs = WsRegs<kMath>;
   constexpr int kL = Regs::kLaunch;
-  // (JFM_WS_SPLIT_S) the values warpgroup also holds an S half beside its O half.
-  constexpr bool kSplitS = ws_split_s<Task, kMath>();
-  constexpr WsRegSplit kSplitRegs = {JFM_WS_SPLIT_S_REGS0, JFM_WS_SPLIT_S_REGS1, Regs::kWg2};
-  static_assert(!kSplitS || kSplitRegs.wg0 + kSplitRegs.wg1 + kSplitRegs.wg2 <= 3 * kL,
-                "register pool of a 384-thread CTA");
   const int wg = threadIdx.x / 128;
   if constexpr (ws_transposed(kMath)) {
     if (wg == 0) {
@@ -937,13 +798,13 @@ __device__ __forceinline__ void ws_run(const Task& task, const WsShared& sh) {
     ws_leave<kMath>();
     cta_stamp(kEndProdLeft);
   } else if (wg == 0) {
-    ws_set_regs<kSplitS ? kSplitRegs.wg0 : Regs::kWg0, kL>();
-    ws_math<Task, WsRole::kScores, ws_pair(kMath), kSplitS>(task, sh);
+    ws_set_regs<Regs::kWg0, kL>();
+    ws_math<Task, WsRole::kScores, ws_pair(kMath)>(task, sh);
     ws_leave<kMath>();
     cta_stamp(kEndScLeft);
   } else {
-    ws_set_regs<kSplitS ? kSplitRegs.wg1 : Regs::kWg1, kL>();
-    ws_math<Task, WsRole::kValues, ws_pair(kMath), kSplitS>(task, sh);
+    ws_set_regs<Regs::kWg1, kL>();
+    ws_math<Task, WsRole::kValues, ws_pair(kMath)>(task, sh);
     ws_leave<kMath>();
     cta_stamp(kEndValLeft);
   }

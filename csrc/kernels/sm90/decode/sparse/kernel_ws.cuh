@@ -1018,7 +1018,6 @@ __global__ void __launch_bounds__(384, 1)
     sparse_attention_ws_kernel(const __grid_constant__ SparseDecodeParams p) {
   static_assert(WsSmem<kDqk>::kBytes <= 227 * 1024, "shared memory of one CTA");
   using Task = SparseWsTask<kFmt, kDqk>;
-  constexpr bool kSplitS = ws_split_s<Task, kMath>();  // (JFM_WS_SPLIT_S, ws_pipeline.cuh)
   cta_trace(false);  // (tile_trace.cuh; nothing without JFM_TILE_TRACE)
   pdl_attention_start();  // (pdl.cuh) the combine may be placed on SMs this grid's tail frees
   extern __shared__ unsigned char smem_raw[];
@@ -1026,10 +1025,10 @@ __global__ void __launch_bounds__(384, 1)
     pdl_attention_inputs();  // (JFM_PDL_MAIN) here the first reads come before the setup
     Task task(p);
     if (threadIdx.x >= 256) task.issue_first_indices(threadIdx.x & 127);  // (the producer)
-    const WsShared sh = ws_setup<kDqk, kMath, kSplitS>(smem_raw, Task::kFullCount);
+    const WsShared sh = ws_setup<kDqk, kMath>(smem_raw, Task::kFullCount);
     ws_run<kMath>(task, sh);
   } else {
-    const WsShared sh = ws_setup<kDqk, kMath, kSplitS>(smem_raw, Task::kFullCount);
+    const WsShared sh = ws_setup<kDqk, kMath>(smem_raw, Task::kFullCount);
     pdl_attention_inputs();  // (JFM_PDL_MAIN) the previous kernel's writes, before the first read
     const Task task(p);
     ws_run<kMath>(task, sh);
@@ -1051,15 +1050,15 @@ __global__ void __launch_bounds__(384, 1)
 template <KvFormat kFmt, int kDqk, WsMath kMath>
 cudaError_t launch_sparse_attention_ws(const SparseDecodeParams& p, cudaStream_t stream) {
   constexpr auto kKernel = sparse_attention_ws_kernel<kFmt, kDqk, kMath>;
-  constexpr size_t kSmem = ws_smem_bytes<kDqk, ws_split_s<SparseWsTask<kFmt, kDqk>, kMath>()>();
   if (ws_pair(kMath) && p.num_m_blocks != 2) return cudaErrorInvalidValue;
   return tile_trace_launch("sparse_attention_ws_kernel", static_cast<int>(kMath), stream, [&] {
     if (p.num_m_blocks == 2) {
       const cudaError_t e = launch_clusters_with_smem<kKernel>(
-          sparse_ws_grid(p), dim3(1, 2, 1), 384, kSmem, stream, p, kPdlMain);
+          sparse_ws_grid(p), dim3(1, 2, 1), 384, WsSmem<kDqk>::kBytes, stream, p, kPdlMain);
       if (ws_pair(kMath) || e != cudaErrorNotSupported) return e;
     }
-    return launch_with_smem(kKernel, sparse_ws_grid(p), 384, kSmem, stream, p, kPdlMain);
+    return launch_with_smem(kKernel, sparse_ws_grid(p), 384, WsSmem<kDqk>::kBytes, stream, p,
+                            kPdlMain);
   });
 }
 
