@@ -24,6 +24,14 @@ prefill d576 h128 8K, assuming a chunk refills faster than the tile (3494 cycles
 measured 4342, and with that the model gives 1.10x. Same lesson as the ping-pong: under the
 prefill's load a refill's latency does not shrink with its bytes.
 
+role_split(pv_after_s=True) and role_split(split_s=True) model two reorders of the role split
+that give the values warpgroup tensor work during the scores' softmax (JFM_WS_PV_AFTER_S and
+JFM_WS_SPLIT_S, first 2026-12-07 session, both written, measured slower and removed). The model
+gives 1.27x and 1.24x at the dense calibration; measured: 1.23x (dense h128 s_q 2 causal) and
+1.12-1.28x (prefill d512). Both hand a buffer back later, and the refill latency is longer than
+what they save; at a refill of ~1000 cycles or less both would win. Run a candidate schedule
+through this model before writing it.
+
 Usage: python benchmarks/pipeline_model.py [--sweep]
 """
 from __future__ import annotations
@@ -116,12 +124,18 @@ def _period(done):
     return (done[b] - done[a]) / (b - a)
 
 
-def role_split(chunks=False):
+def role_split(chunks=False, pv_after_s=False, split_s=False):
     """chunks: kRolesChunks, the buffer in two chunks (blocks 0-3 + RoPE, released by the scores'
     P V; blocks 4-7, by the values'), each refilled l_chunk after its release, S's first batch
     (20 of 36 k-steps at d_qk 576) before the second chunk has landed. Without: the whole tile
-    refilled l_tile after both releases, S in one batch."""
+    refilled l_tile after both releases, S in one batch.
+    pv_after_s (the gone JFM_WS_PV_AFTER_S): the values warpgroup issues tile k's P V half only
+    once the scores' S of tile k + 1 has completed. split_s (the gone JFM_WS_SPLIT_S): the values
+    warpgroup computes half of tile k + 1's S (once that tile is full) before tile k's P V, and
+    the scores warpgroup its other half, then waits for the values' half (a hand-off)."""
     sim = Sim()
+    s_done = [Flag(sim) for _ in range(NT)]  # pv_after_s: the scores' S of tile k completed
+    part = [Flag(sim) for _ in range(NT)]    # split_s: the values' half of tile k's S
     full = {(k, c): Flag(sim) for k in range(NT) for c in range(2)}
     free = {(k, c): Flag(sim) for k in range(NT) for c in range(2)}
     p_ready, p_free = [Flag(sim) for _ in range(NT)], [Flag(sim) for _ in range(NT)]
@@ -147,11 +161,19 @@ def role_split(chunks=False):
                 sim.tensor(P["pv_work"], lambda: (free[(k, 0)].set(), scores(k + 1)))
             sim.at(sim.t + P["softmax"],
                    lambda: publish() if k == 0 else p_free[k - 1].wait(publish))
+        def s_complete():
+            s_done[k].set()
+            after_s()
         if chunks:
             full[(k, 0)].wait(lambda: sim.tensor(P["s_work"] * 20 / 36, lambda: full[(k, 1)].wait(
                 lambda: sim.tensor(P["s_work"] * 16 / 36, after_s))))
+        elif split_s:
+            full[(k, 0)].wait(lambda: sim.tensor(P["s_work"] / 2, lambda: part[k].wait(after_s)))
         else:
-            full[(k, 0)].wait(lambda: sim.tensor(P["s_work"], after_s))
+            full[(k, 0)].wait(lambda: sim.tensor(P["s_work"], s_complete))
+
+    def values_half_s(k, cb):  # split_s: the values' half of tile k's S
+        full[(k, 1)].wait(lambda: sim.tensor(P["s_work"] / 2, lambda: (part[k].set(), cb())))
 
     def values(k):
         if k >= NT:
@@ -159,10 +181,21 @@ def role_split(chunks=False):
         def pv():
             sim.tensor(P["pv_work"], lambda: (
                 p_free[k].set(), free[(k, 1)].set(), done.__setitem__(k, sim.t), values(k + 1)))
+        if pv_after_s and k + 1 < NT:
+            pv_now = lambda: s_done[k + 1].wait(pv)
+        else:
+            pv_now = pv
         # (kRolesChunks: the values warpgroup waits for its chunk; whole tiles: S has waited)
-        p_ready[k].wait(lambda: full[(k, 1)].wait(pv) if chunks else pv())
+        take = lambda: p_ready[k].wait(lambda: full[(k, 1)].wait(pv_now) if chunks else pv_now())
+        if split_s and k + 1 < NT:
+            values_half_s(k + 1, take)
+        else:
+            take()
     scores(0)
-    values(0)
+    if split_s:
+        values_half_s(0, lambda: values(0))
+    else:
+        values(0)
     sim.run()
     return _period(done)
 
@@ -231,6 +264,10 @@ def ping_pong(form, chunks):
 def report():
     r = role_split()
     out = [f"role split {r:.0f} cycles per tile"]
+    for name, kw in (("P V after the next S", dict(pv_after_s=True)),
+                     ("split S", dict(split_s=True))):
+        v = role_split(**kw)
+        out.append(f"role split, {name}: {v:.0f} ({v / r:.2f}x)")
     for form, chunks in (("A", False), ("B", False), ("A", True), ("B", True), ("C", True)):
         v = ping_pong(form, chunks)
         out.append(f"ping-pong {form}{' + chunks' if chunks else ''}: {v:.0f} ({v / r:.2f}x)")
