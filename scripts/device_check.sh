@@ -4,7 +4,7 @@
 # Nsight Compute, benchmarks and the examples. Logs go to $OUT; exits non-zero if any stage failed.
 # From the repo root, carrying the nvidia-cutlass wheel (docs/BUILDING.md):
 #   run(command="bash scripts/device_check.sh", carry=[".whl"])
-# Stages: STAGES="build cpu-suite smoke gpu gpu-alt raceprobe probe gprobe memcheck racecheck synccheck ab abtime vartime
+# Stages: STAGES="build cpu-suite smoke gpu gpu-alt raceprobe probe gprobe fprobe memcheck racecheck synccheck ab abtime vartime
 # abflags ncu trace bench example" (default: build gpu memcheck racecheck bench example). smoke runs a few calls of every
 # kernel per SMOKE_VARIANTS (default "ws pair", JFM_KERNEL_VARIANT); gpu-alt runs
 # the kernel GPU tests on each variant in ALT_VARIANTS (default "pair": the FP8 CTA pairs
@@ -89,6 +89,16 @@ if has gprobe; then
     "$REPO/benchmarks/gather_probe.cu" \
     && timeout -k 5 120 /tmp/gather_probe ${GPROBE_ROUNDS:-256} 2>&1 | tee "$OUT/gather_probe.log" \
     || fail gprobe
+fi
+if has fprobe; then
+  # Fill probe (benchmarks/fill_probe.cu): one SM's TMA refill of a dense page against the page
+  # buffers in flight, the math's hold, alone or with every SM loading, one CTA or a multicasting
+  # pair: whether the dense fill (~3600-4000 cycles a page) is latency- or bandwidth-bound.
+  log "fill probe: TMA page refills against buffers in flight"
+  nvcc -I "$REPO/csrc" -gencode arch=compute_90a,code=sm_90a -std=c++17 -O3 -o /tmp/fill_probe \
+    "$REPO/benchmarks/fill_probe.cu" \
+    && timeout -k 5 120 /tmp/fill_probe ${FPROBE_PAGES:-512} 2>&1 | tee "$OUT/fill_probe.log" \
+    || fail fprobe
 fi
 # Sanitizers over every kernel, per SAN_VARIANTS (default "ws"; synccheck checks the named
 # barriers and mbarriers of the warp-specialized kernels). The reference results are computed once
