@@ -35,6 +35,7 @@
 
 #include "kernels/sm90/common/device_utils.cuh"
 #include "kernels/tensor_map.h"
+#include "probe_check.h"
 
 namespace {
 
@@ -47,6 +48,7 @@ using jfm::mbarrier_arrive_cluster;
 using jfm::mbarrier_arrive_expect_tx;
 using jfm::mbarrier_init;
 using jfm::mbarrier_wait;
+using jfm::mbarrier_wait_thread;
 using jfm::smem_u32;
 using jfm::tma_load_3d;
 using jfm::tma_load_3d_multicast;
@@ -56,34 +58,11 @@ constexpr int kBoxBytes = kRows * 64 * 2;            // 8192
 constexpr int kPageBytes = kBoxes * kBoxBytes;       // 73728
 constexpr int kMaxBufs = 3;                          // 3 x 72 KB + barriers fit 227 KB
 
-#define CHECK(x)                                                                          \
-  do {                                                                                    \
-    cudaError_t e_ = (x);                                                                 \
-    if (e_ != cudaSuccess) {                                                              \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                       \
-    }                                                                                     \
-  } while (0)
-
 struct Result {
   long long span;      // the math warp's clock64 from the first full wait to the last release
   long long fill_sum;  // sum over pages of issue -> full seen
   unsigned sink;
 };
-
-// One waiter thread (the producer lane): jfm::mbarrier_wait ends with a __syncwarp, which a lone
-// lane of a warp must not call.
-__device__ __forceinline__ void mbarrier_wait_one(uint32_t bar, uint32_t parity) {
-  uint32_t done;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  } while (!done);
-}
 
 __device__ __forceinline__ uint32_t page_of(int cta, int i, int pool_pages) {
   uint32_t x = static_cast<uint32_t>(cta) * 0x9E3779B9u + static_cast<uint32_t>(i) * 0x85EBCA6Bu;
@@ -124,7 +103,7 @@ __global__ void __launch_bounds__(64, 1)
     if (lane == 0) {
       for (int i = 0; i < pages; ++i) {
         const int b = i % nbufs;
-        mbarrier_wait_one(bars + 16 * b + 8, ((i / nbufs) & 1) ^ 1);
+        mbarrier_wait_thread(bars + 16 * b + 8, ((i / nbufs) & 1) ^ 1);
         const uint32_t page = page_of(group, i, pool_pages);
         volatile long long* st = issued + b;
         *st = clock64();

@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "kernels/sm90/common/device_utils.cuh"
+#include "probe_check.h"
 
 namespace {
 
@@ -45,15 +46,6 @@ using jfm::smem_u32;
 constexpr int kTokenBytes = 656;
 constexpr int64_t kPoolTokens = 1 << 20;  // 688 MB: the sixth session's 1M-token pool
 constexpr int kTokensPerRound = 8;         // per warp
-
-#define CHECK(x)                                                                      \
-  do {                                                                                \
-    cudaError_t e_ = (x);                                                             \
-    if (e_ != cudaSuccess) {                                                          \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                   \
-    }                                                                                 \
-  } while (0)
 
 enum Form : int { kLdg = 0, kBulk528 = 1, kBulk656 = 2 };
 

@@ -70,35 +70,38 @@ if has raceprobe; then
     echo "pattern $pat: exit $? | $(grep -E 'pattern|SUMMARY' "$OUT/raceprobe_$pat.log" | tr '\n' ' ')"
   done
 fi
+# A standalone probe (benchmarks/NAME.cu, no extension build): compiled here (CUDA 13's CCCL on
+# the include path, as the extension's build has it), run under a 120 s timeout with its
+# arguments, its output in $OUT/NAME.log; `stage` fails if either step does.
+run_probe() {  # stage name, args...
+  local stage=$1 name=$2
+  shift 2
+  local cccl
+  cccl=$(dirname "$(dirname "$(command -v nvcc)")")/include/cccl
+  nvcc -I "$REPO/csrc" -I "$cccl" -gencode arch=compute_90a,code=sm_90a -std=c++17 -O3 \
+    --expt-relaxed-constexpr -o "/tmp/$name" "$REPO/benchmarks/$name.cu" \
+    && timeout -k 5 120 "/tmp/$name" "$@" 2>&1 | tee "$OUT/$name.log" \
+    || fail "$stage"
+}
 if has probe; then
   # Tensor-core probe of the 64-row tile math (benchmarks/wgmma_probe.cu): clocks per tile of S
   # and P V alone, in one and in two warpgroups, and in the role split's and a seesaw's pattern.
   log "wgmma probe: clocks per tile of the 64-row tile math's wgmma sequences"
-  CCCL=$(dirname "$(dirname "$(command -v nvcc)")")/include/cccl
-  nvcc -I "$REPO/csrc" -I "$CCCL" -gencode arch=compute_90a,code=sm_90a -std=c++17 -O3 \
-    --expt-relaxed-constexpr -o /tmp/wgmma_probe "$REPO/benchmarks/wgmma_probe.cu" \
-    && timeout -k 5 120 /tmp/wgmma_probe ${PROBE_ITERS:-2000} 2>&1 | tee "$OUT/wgmma_probe.log" \
-    || fail probe
+  run_probe probe wgmma_probe ${PROBE_ITERS:-2000}
 fi
 if has gprobe; then
   # Gather probe (benchmarks/gather_probe.cu): random 656-byte V3.2 tokens from a 1M-token pool
   # by the kernels' register loads or by bulk copies into shared memory (JFM_FP8_BULK_STAGE's
   # question, without the math warps): tokens per second and cycles per warp round.
   log "gather probe: register loads against bulk copies of FP8 tokens"
-  nvcc -I "$REPO/csrc" -gencode arch=compute_90a,code=sm_90a -std=c++17 -O3 -o /tmp/gather_probe \
-    "$REPO/benchmarks/gather_probe.cu" \
-    && timeout -k 5 120 /tmp/gather_probe ${GPROBE_ROUNDS:-256} 2>&1 | tee "$OUT/gather_probe.log" \
-    || fail gprobe
+  run_probe gprobe gather_probe ${GPROBE_ROUNDS:-256}
 fi
 if has fprobe; then
   # Fill probe (benchmarks/fill_probe.cu): one SM's TMA refill of a dense page against the page
   # buffers in flight, the math's hold, alone or with every SM loading, one CTA or a multicasting
   # pair: whether the dense fill (~3600-4000 cycles a page) is latency- or bandwidth-bound.
   log "fill probe: TMA page refills against buffers in flight"
-  nvcc -I "$REPO/csrc" -gencode arch=compute_90a,code=sm_90a -std=c++17 -O3 -o /tmp/fill_probe \
-    "$REPO/benchmarks/fill_probe.cu" \
-    && timeout -k 5 120 /tmp/fill_probe ${FPROBE_PAGES:-512} 2>&1 | tee "$OUT/fill_probe.log" \
-    || fail fprobe
+  run_probe fprobe fill_probe ${FPROBE_PAGES:-512}
 fi
 # Sanitizers over every kernel, per SAN_VARIANTS (default "ws"; synccheck checks the named
 # barriers and mbarriers of the warp-specialized kernels). The reference results are computed once

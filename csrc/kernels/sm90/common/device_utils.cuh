@@ -158,9 +158,8 @@ __device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
 __device__ __forceinline__ void cp_async_mbarrier_arrive_noinc(uint32_t bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
-// Whole warps only: the warp leaves converged (its threads may see the phase complete on
-// different polls; what follows is often a .aligned wgmma or barrier).
-__device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
+// Any thread, alone (e.g. one producer lane): returns once the phase of parity `parity` completed.
+__device__ __forceinline__ void mbarrier_wait_thread(uint32_t bar, uint32_t parity) {
   uint32_t done;
   do {
     asm volatile(
@@ -170,6 +169,11 @@ __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
         : "r"(bar), "r"(parity)
         : "memory");
   } while (!done);
+}
+// Whole warps only: the warp leaves converged (its threads may see the phase complete on
+// different polls; what follows is often a .aligned wgmma or barrier).
+__device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
+  mbarrier_wait_thread(bar, parity);
   __syncwarp();
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
