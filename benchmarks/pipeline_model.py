@@ -124,7 +124,7 @@ def _period(done):
     return (done[b] - done[a]) / (b - a)
 
 
-def role_split(chunks=False, pv_after_s=False, split_s=False):
+def role_split(chunks=False, pv_after_s=False, split_s=False, bufs=2):
     """chunks: kRolesChunks, the buffer in two chunks (blocks 0-3 + RoPE, released by the scores'
     P V; blocks 4-7, by the values'), each refilled l_chunk after its release, S's first batch
     (20 of 36 k-steps at d_qk 576) before the second chunk has landed. Without: the whole tile
@@ -132,7 +132,9 @@ def role_split(chunks=False, pv_after_s=False, split_s=False):
     pv_after_s (the gone JFM_WS_PV_AFTER_S): the values warpgroup issues tile k's P V half only
     once the scores' S of tile k + 1 has completed. split_s (the gone JFM_WS_SPLIT_S): the values
     warpgroup computes half of tile k + 1's S (once that tile is full) before tile k's P V, and
-    the scores warpgroup its other half, then waits for the values' half (a hand-off)."""
+    the scores warpgroup its other half, then waits for the values' half (a hand-off).
+    bufs: tile buffers in the ring (2 at 64 tokens; 4 models 32-token tiles in the same shared
+    memory, with s_work, pv_work and softmax set to a 32-token tile's)."""
     sim = Sim()
     s_done = [Flag(sim) for _ in range(NT)]  # pv_after_s: the scores' S of tile k completed
     part = [Flag(sim) for _ in range(NT)]    # split_s: the values' half of tile k's S
@@ -143,12 +145,12 @@ def role_split(chunks=False, pv_after_s=False, split_s=False):
     lat = P["l_chunk"] if chunks else P["l_tile"]
     for k in range(NT):
         for c in range(2):
-            if k < 2:
+            if k < bufs:
                 full[(k, c)].set(lat)
             elif chunks:
-                free[(k - 2, c)].wait(lambda k=k, c=c: full[(k, c)].set(lat))
+                free[(k - bufs, c)].wait(lambda k=k, c=c: full[(k, c)].set(lat))
             else:
-                free[(k - 2, 0)].wait(lambda k=k, c=c: free[(k - 2, 1)].wait(
+                free[(k - bufs, 0)].wait(lambda k=k, c=c: free[(k - bufs, 1)].wait(
                     lambda: full[(k, c)].set(lat)))
 
     def scores(k):
