@@ -64,7 +64,7 @@ def time_rounds(call, sync, *, calls: int, rounds: int, budget_s: float | None =
     sync(call())
     one = time.perf_counter() - t0
     if heat:
-        heat_up(call, sync, one)
+        heat_up(call, sync)
     if budget_s is not None and one * calls * rounds > budget_s:
         calls = max(1, min(calls, int(budget_s / max(one, 1e-9) / rounds)))
         if one * calls * rounds > budget_s:
@@ -85,11 +85,16 @@ def time_rounds(call, sync, *, calls: int, rounds: int, budget_s: float | None =
                 issue_s=statistics.median(issued), calls=calls, rounds=rounds)
 
 
-def heat_up(call, sync, one_s: float):
-    """Run ``call`` untimed for heat_seconds() (JFM_SBS_HEAT_S; default none), syncing every
-    ~50 ms: the power limiter's one-second average then sits at this case's own draw, so a short
-    case is timed at its steady clock rather than at the boost clock that the idle gap before it
-    left (docs/BUILDING.md, sixty-first session). ``one_s``: one call's seconds."""
+def heat_up(call, sync):
+    """Run ``call`` untimed for heat_seconds() (JFM_SBS_HEAT_S; default none: returns at once),
+    syncing every ~50 ms: the power limiter's one-second average then sits at this case's own
+    draw, so a short case is timed at its steady clock rather than at the boost clock that the
+    idle gap before it left (docs/BUILDING.md, sixty-first session)."""
+    if heat_seconds() <= 0:
+        return
+    t0 = time.perf_counter()
+    sync(call())
+    one_s = time.perf_counter() - t0
     end = time.perf_counter() + heat_seconds()
     while time.perf_counter() < end:
         out = None
@@ -227,10 +232,7 @@ def time_in_one_unit(unit, sync, k: int, **rounds) -> dict:
     graph), as seconds per call (k_time_s), the wall-clock window (k_window, for nvidia-smi's
     samples) and, where NVML's counter is there, the window's energy per call (k_energy_mj over
     k_energy_window_s seconds)."""
-    if heat_seconds() > 0:  # before the energy counter's window opens
-        t0 = time.perf_counter()
-        sync(unit())
-        heat_up(unit, sync, time.perf_counter() - t0)
+    heat_up(unit, sync)  # (JFM_SBS_HEAT_S) before the energy counter's window opens
     read = gpu_energy_counter()
     e0 = read() if read else None
     t0 = time.time()

@@ -297,7 +297,7 @@ def print_clocks(rows, smi_path=None):
           f" | {'cyc o/FM':>8} | {'mJ ours':>8} {'mJ FM':>8} {'FM/ours':>8} {'src':>4}")
     trusted = []
     for r in rows:
-        cells, energy = [], []
+        cells, energy, clocks = [], [], []
         # NVML's counter where both sides read it, else nvidia-smi's power for both; a window
         # shorter than the counter's 100 ms step can read 0 (no step seen): not a reading
         counter = all((r[s].get("k_energy_mj") or 0.0) > 0.0 for s in ("ours", "flashmla"))
@@ -305,12 +305,13 @@ def print_clocks(rows, smi_path=None):
             w = r[side].get("k_window")
             st = smi_window(samples, *w) if w else None
             r[side]["k_clocks"] = st
+            clocks.append(st)
             energy.append(side_energy(r[side], st, counter))
             cells.append(f"{st['mhz']:>{9 if side == 'ours' else 12}.0f} {st['watts']:>5.0f} "
                          f"{st['capped']:>4.0%}" if st else f"{'-':>{9 if side == 'ours' else 12}} "
                          f"{'-':>5} {'-':>4}")
         eo, ef = energy
-        co, cf = (r[s]["k_clocks"] for s in ("ours", "flashmla"))
+        co, cf = clocks
         to, tf = (r[s].get("k_time_s") for s in ("ours", "flashmla"))
         cyc = (f"{to * co['mhz'] / (tf * cf['mhz']):>8.3f}" if co and cf and to and tf
                else f"{'-':>8}")
