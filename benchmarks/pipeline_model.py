@@ -32,6 +32,13 @@ gives 1.27x and 1.24x at the dense calibration; measured: 1.23x (dense h128 s_q 
 what they save; at a refill of ~1000 cycles or less both would win. Run a candidate schedule
 through this model before writing it.
 
+seesaw() models upstream FlashMLA's own order (two math warpgroups, each its own tile's S and
+softmax, O split by columns, no producer: half-pages refilled by their last reader, S waiting per
+64-column box). At this calibration it is 0.97x the role split with per-box barriers (1.05x with
+per-half ones), and only while a half-page's first box lands within ~1200 cycles of its issue
+(1.09x at 1800): its softmax stays on the chain too (warpgroup 1's takes warpgroup 0's row
+maxima), so the order alone does not explain upstream's ~7% lead at h_q 128.
+
 Usage: python benchmarks/pipeline_model.py [--sweep]
 """
 from __future__ import annotations
@@ -49,6 +56,11 @@ P = dict(
     l_tile=1800,     # a whole tile's refill: empty -> full (TMA from L2; fitted to form A)
     l_chunk=2500,    # one chunk's refill, in order behind the others (kPingPongChunks' probe)
     wgmma_lat=60,    # issue latency of a wgmma batch
+    # seesaw (upstream's order) only:
+    l_first=1200,    # a half-page refill: issue -> its first 8 KB box landed
+    l_box=150,       # each further box of that refill
+    p_share=150,     # P rescaled by the other's correction and stored for the other (stmatrix)
+    o_rescale=100,   # O's half rescaled by the other's correction (128 registers per thread)
 )
 NT = 400  # tiles simulated (the period is read over the second half)
 
@@ -263,6 +275,104 @@ def ping_pong(form, chunks):
     return _period(done)
 
 
+BOXES = {"L": range(0, 4), "R": range(4, 9)}  # a page's 64-column boxes: V's left half; the rest
+
+
+def seesaw(box_barriers=True):
+    """Upstream FlashMLA's sm90 dense order (csrc/sm90/decode/dense/splitkv_mla.cuh, read, not
+    copied): warpgroup w owns O[:, 256 w : 256 w + 256) and the S and softmax of tile 2 i + w;
+    warpgroup 1's softmax takes warpgroup 0's row maxima (it waits for them), and warpgroup 0
+    then rescales its P and O by warpgroup 1's correction, so each warpgroup does P V on both
+    tiles of the pair, one P from its registers and the other's from shared memory. No producer:
+    each half-page (L: columns 0-255, read by warpgroup 0's P V; R: 256-575) is refilled by the
+    warpgroup that read it last as soon as its P V is done, box by box (l_first, then l_box per
+    box), and S waits per box (box_barriers; else for its whole half) and takes the half that
+    was refilled first (warpgroup 0: L; 1: R) first."""
+    sim = Sim()
+    full = {(b, j): Flag(sim) for b in range(NT) for j in range(9)}
+
+    def refill(b, half):
+        if b < NT:
+            for n, j in enumerate(BOXES[half]):
+                full[(b, j)].set(P["l_first"] + n * P["l_box"])
+    for b in (0, 1):
+        refill(b, "L")
+        refill(b, "R")
+    pairs = NT // 2
+    max0, max1, p0_shared, o1_issued = ([Flag(sim) for _ in range(pairs)] for _ in range(4))
+    done = {}
+
+    def s(b, order, cb):
+        boxes = [j for h in order for j in BOXES[h]]
+        if not box_barriers:
+            halves = [list(BOXES[h]) for h in order]
+
+            def half(n):
+                if n == 2:
+                    cb()
+                    return
+                wait_all = lambda m: (sim.tensor(P["s_work"] * len(halves[n]) / 9, lambda: half(n + 1))
+                                      if m == len(halves[n]) else
+                                      full[(b, halves[n][m])].wait(lambda: wait_all(m + 1)))
+                wait_all(0)
+            half(0)
+            return
+        # Batch n is issued once box n has landed and batch n - 1 has been issued; one
+        # warpgroup's batches run in order on the pipe.
+        st = dict(landed=set(), idle=True, n=0)
+
+        def start():
+            if st["idle"] and st["n"] < len(boxes) and st["n"] in st["landed"]:
+                st["idle"], st["n"] = False, st["n"] + 1
+                sim.tensor(P["s_work"] / 9, finished)
+
+        def finished():
+            st["idle"] = True
+            cb() if st["n"] == len(boxes) else start()
+
+        def arm(n):
+            if n < len(boxes):
+                full[(b, boxes[n])].wait(lambda: (st["landed"].add(n), start(), arm(n + 1)))
+        arm(0)
+
+    def wg0(i):
+        if i >= pairs:
+            return
+        b0, b1 = 2 * i, 2 * i + 1
+
+        def pv_own_done():  # O[:, :256] += P0 V0_L
+            max1[i].wait(lambda: (refill(b0 + 2, "L"), sim.at(sim.t + P["p_share"], lambda: (
+                p0_shared[i].set(), o1_issued[i].wait(lambda: sim.at(
+                    sim.t + P["o_rescale"], lambda: sim.tensor(P["pv_work"], pv_other_done)))))))
+
+        def pv_other_done():  # O[:, :256] += P1 V1_L
+            refill(b1 + 2, "L")
+            done[b1] = sim.t
+            if b0 + 2 < NT:
+                s(b0 + 2, "LR", lambda: wg0(i + 1))
+        sim.at(sim.t + P["softmax"], lambda: (max0[i].set(), sim.tensor(P["pv_work"], pv_own_done)))
+
+    def wg1(i):
+        if i >= pairs:
+            return
+        b0, b1 = 2 * i, 2 * i + 1
+
+        def pv_own_done():  # O[:, 256:] += P1 V1_R
+            refill(b1 + 2, "R")
+            p0_shared[i].wait(lambda: (o1_issued[i].set(), sim.tensor(P["pv_work"], pv_other_done)))
+
+        def pv_other_done():  # O[:, 256:] += P0 V0_R
+            refill(b0 + 2, "R")
+            if b1 + 2 < NT:
+                s(b1 + 2, "RL", lambda: wg1(i + 1))
+        max0[i].wait(lambda: sim.at(sim.t + P["softmax"], lambda: (max1[i].set(), sim.at(
+            sim.t + P["p_share"], lambda: sim.tensor(P["pv_work"], pv_own_done)))))
+    s(0, "LR", lambda: wg0(0))
+    s(1, "RL", lambda: wg1(0))
+    sim.run()
+    return _period(done)
+
+
 def report():
     r = role_split()
     out = [f"role split {r:.0f} cycles per tile"]
@@ -273,6 +383,9 @@ def report():
     for form, chunks in (("A", False), ("B", False), ("A", True), ("B", True), ("C", True)):
         v = ping_pong(form, chunks)
         out.append(f"ping-pong {form}{' + chunks' if chunks else ''}: {v:.0f} ({v / r:.2f}x)")
+    for name, box in (("per-box barriers", True), ("per-half barriers", False)):
+        v = seesaw(box_barriers=box)
+        out.append(f"seesaw (upstream's order), {name}: {v:.0f} ({v / r:.2f}x)")
     return out
 
 

@@ -76,3 +76,27 @@ def test_role_split_reorders_reproduce_their_measured_losses():
     finally:
         pm.P.clear()
         pm.P.update(base)
+
+
+def test_seesaw_gain_is_small_and_turns_on_the_first_box():
+    # Upstream's order (each warpgroup its own tile's S and softmax, O split by columns, half-pages
+    # refilled by their last reader, S waiting box by box): at most a few percent under the role
+    # split, and only while a half-page's first box lands within ~1200 cycles of its issue; with
+    # per-half barriers (S waits for the whole half) it loses. The softmax stays on its chain
+    # (warpgroup 1's softmax takes warpgroup 0's row maxima), so a cycle of softmax costs both
+    # schedules the same.
+    base = dict(pm.P)
+    try:
+        roles = pm.role_split()
+        per_box = pm.seesaw() / roles
+        assert 0.94 < per_box < 1.0, per_box
+        assert pm.seesaw(box_barriers=False) / roles > 1.0
+        pm.P.update(l_first=1800)
+        assert pm.seesaw() / roles > 1.05
+        pm.P.update(base, softmax=base["softmax"] + 300)
+        delta_seesaw = pm.seesaw() - per_box * roles
+        delta_roles = pm.role_split() - roles
+        assert abs(delta_seesaw - 300) < 30 and abs(delta_roles - 300) < 30, (delta_seesaw, delta_roles)
+    finally:
+        pm.P.clear()
+        pm.P.update(base)
