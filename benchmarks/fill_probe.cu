@@ -17,7 +17,7 @@
 //
 // Build and run on the device (scripts/device_check.sh, stage `fprobe`):
 //   nvcc -I csrc -gencode arch=compute_90a,code=sm_90a -std=c++17 -O3 -o /tmp/fill_probe
-//        benchmarks/fill_probe.cu && /tmp/fill_probe [pages per CTA]
+//        benchmarks/fill_probe.cu && /tmp/fill_probe [pages per CTA [holds, e.g. 0,2400,3400]]
 // Prints per configuration (form: one CTA per page, or a multicasting pair; CTAs; buffers; hold;
 // pool): the period per page (SM cycles, the CTA's span over its pages, median over CTAs), bytes
 // per cycle per SM, and the fill latency (issue -> full seen, median over the CTAs' means).
@@ -219,6 +219,15 @@ void run(const CUtensorMap& map, bool pair, int ctas, int nbufs, int hold, int p
 
 int main(int argc, char** argv) {
   const int pages = argc > 1 ? std::atoi(argv[1]) : 512;
+  // argv[2]: the holds to run, comma-separated (default 0,3400).
+  std::vector<int> holds;
+  for (const char* h = argc > 2 ? argv[2] : "0,3400"; *h;) {
+    char* end = nullptr;
+    const long v = std::strtol(h, &end, 10);
+    if (end == h) break;  // not a number: stop
+    holds.push_back(static_cast<int>(v));
+    h = *end == ',' ? end + 1 : end;
+  }
   cudaDeviceProp prop;
   CHECK(cudaGetDeviceProperties(&prop, 0));
   int clock_khz = 0;
@@ -239,7 +248,7 @@ int main(int argc, char** argv) {
   // from full to release in the 2026-12-02 probes); 0: the fill alone.
   for (bool pair : {false, true})
     for (int ctas : {pair ? 2 : 1, sms - sms % 2})
-      for (int hold : {0, 3400})
+      for (int hold : holds)
         for (int nbufs = 1; nbufs <= kMaxBufs; ++nbufs) {
           run(map_l2, pair, ctas, nbufs, hold, pages, l2_pages, "L2", d_out, clock_khz);
           run(map_big, pair, ctas, nbufs, hold, pages, big_pages, "DRAM", d_out, clock_khz);
