@@ -303,36 +303,27 @@ def seesaw(box_barriers=True):
     done = {}
 
     def s(b, order, cb):
+        """Tile b's S, its boxes in `order`'s halves, as wgmma batches: one per box
+        (box_barriers) or one per half. A batch is issued once its boxes have landed and the
+        previous batch has completed (one warpgroup's batches run in order on the pipe)."""
         boxes = [j for h in order for j in BOXES[h]]
-        if not box_barriers:
-            halves = [list(BOXES[h]) for h in order]
-
-            def half(n):
-                if n == 2:
-                    cb()
-                    return
-                wait_all = lambda m: (sim.tensor(P["s_work"] * len(halves[n]) / 9, lambda: half(n + 1))
-                                      if m == len(halves[n]) else
-                                      full[(b, halves[n][m])].wait(lambda: wait_all(m + 1)))
-                wait_all(0)
-            half(0)
-            return
-        # Batch n is issued once box n has landed and batch n - 1 has been issued; one
-        # warpgroup's batches run in order on the pipe.
-        st = dict(landed=set(), idle=True, n=0)
+        batches = [[j] for j in boxes] if box_barriers else [list(BOXES[h]) for h in order]
+        landed = set()
+        st = dict(idle=True, n=0)
 
         def start():
-            if st["idle"] and st["n"] < len(boxes) and st["n"] in st["landed"]:
-                st["idle"], st["n"] = False, st["n"] + 1
-                sim.tensor(P["s_work"] / 9, finished)
+            n = st["n"]
+            if st["idle"] and n < len(batches) and all(j in landed for j in batches[n]):
+                st["idle"], st["n"] = False, n + 1
+                sim.tensor(P["s_work"] * len(batches[n]) / 9, finished)
 
         def finished():
             st["idle"] = True
-            cb() if st["n"] == len(boxes) else start()
+            cb() if st["n"] == len(batches) else start()
 
-        def arm(n):
-            if n < len(boxes):
-                full[(b, boxes[n])].wait(lambda: (st["landed"].add(n), start(), arm(n + 1)))
+        def arm(m):  # the boxes' full barriers, waited in order
+            if m < len(boxes):
+                full[(b, boxes[m])].wait(lambda: (landed.add(boxes[m]), start(), arm(m + 1)))
         arm(0)
 
     def wg0(i):
