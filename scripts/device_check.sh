@@ -100,9 +100,9 @@ if has fprobe; then
   # Fill probe (benchmarks/fill_probe.cu): one SM's TMA refill of a dense page against the page
   # buffers in flight, the math's hold, alone or with every SM loading, one CTA or a multicasting
   # pair: whether the dense fill (~3600-4000 cycles a page) is latency- or bandwidth-bound.
-  # FPROBE_HOLDS: the math holds to run (comma-separated cycles; default 0,3400).
+  # FPROBE_HOLDS: the math holds to run (comma-separated cycles; unset: the probe's default).
   log "fill probe: TMA page refills against buffers in flight"
-  run_probe fprobe fill_probe ${FPROBE_PAGES:-512} ${FPROBE_HOLDS:-0,3400}
+  run_probe fprobe fill_probe ${FPROBE_PAGES:-512} ${FPROBE_HOLDS:-}
 fi
 # Sanitizers over every kernel, per SAN_VARIANTS (default "ws"; synccheck checks the named
 # barriers and mbarriers of the warp-specialized kernels). The reference results are computed once

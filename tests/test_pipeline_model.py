@@ -3,12 +3,25 @@ default (calibrated) costs it must reproduce the ping-pong forms' measured ratio
 split (H100, docs/PERFORMANCE.md, fourth and fifth 2026-12-06 sessions: whole-tile form A
 1.20-1.37x, form B 1.07-1.13x, the chunked form A (the gone kPingPongChunks) 1.23-1.33x), or what
 it says of another schedule means nothing."""
+import contextlib
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
 
 import pipeline_model as pm  # noqa: E402
+
+
+@contextlib.contextmanager
+def costs(**changes):
+    """The model's costs (pm.P) with `changes`, restored on exit."""
+    base = dict(pm.P)
+    pm.P.update(changes)
+    try:
+        yield
+    finally:
+        pm.P.clear()
+        pm.P.update(base)
 
 
 def test_model_reproduces_the_measured_ratios():
@@ -28,13 +41,8 @@ def test_model_reproduces_the_measured_ratios():
 def test_chunk_refill_latency_decides_the_chunked_form():
     # At the first calibration's chunk latency (1100 cycles) the chunked form won in the model;
     # the measured ~2500 makes it lose: the prediction turns on that one input.
-    base = dict(pm.P)
-    try:
-        pm.P.update(l_chunk=1100)
+    with costs(l_chunk=1100):
         fast = pm.ping_pong("A", True) / pm.role_split()
-    finally:
-        pm.P.clear()
-        pm.P.update(base)
     slow = pm.ping_pong("A", True) / pm.role_split()
     assert fast < 1.0 < slow, (fast, slow)
 
@@ -45,13 +53,8 @@ def test_chunked_role_split_reproduces_its_measured_loss():
     # 3494-cycle tile. Its tile-phase probe measured 4342 cycles from the chunk's release to its
     # full wait's end; with that input the model gives its measured 1.10x (H100 kernel times
     # 1.08-1.10x across four prefill cases).
-    base = dict(pm.P)
-    try:
-        pm.P.update(softmax=930, l_tile=3494, l_chunk=4342)
+    with costs(softmax=930, l_tile=3494, l_chunk=4342):
         ratio = pm.role_split(chunks=True) / pm.role_split()
-    finally:
-        pm.P.clear()
-        pm.P.update(base)
     assert 1.06 < ratio < 1.14, ratio
 
 
@@ -67,15 +70,10 @@ def test_role_split_reorders_reproduce_their_measured_losses():
     split_s = pm.role_split(split_s=True) / roles
     assert 1.15 < pv_after_s < 1.35, pv_after_s
     assert 1.12 < split_s < 1.35, split_s
-    base = dict(pm.P)
-    try:
-        pm.P.update(l_tile=500)
+    with costs(l_tile=500):
         fast_roles = pm.role_split()
         assert pm.role_split(pv_after_s=True) / fast_roles < 0.95
         assert pm.role_split(split_s=True) / fast_roles < 0.95
-    finally:
-        pm.P.clear()
-        pm.P.update(base)
 
 
 def test_seesaw_gain_is_small_and_turns_on_the_first_box():
@@ -85,18 +83,13 @@ def test_seesaw_gain_is_small_and_turns_on_the_first_box():
     # per-half barriers (S waits for the whole half) it loses. The softmax stays on its chain
     # (warpgroup 1's softmax takes warpgroup 0's row maxima), so a cycle of softmax costs both
     # schedules the same.
-    base = dict(pm.P)
-    try:
-        roles = pm.role_split()
-        per_box = pm.seesaw() / roles
-        assert 0.94 < per_box < 1.0, per_box
-        assert pm.seesaw(box_barriers=False) / roles > 1.0
-        pm.P.update(l_first=1800)
+    roles = pm.role_split()
+    per_box = pm.seesaw() / roles
+    assert 0.94 < per_box < 1.0, per_box
+    assert pm.seesaw(box_barriers=False) / roles > 1.0
+    with costs(l_first=1800):
         assert pm.seesaw() / roles > 1.05
-        pm.P.update(base, softmax=base["softmax"] + 300)
+    with costs(softmax=pm.P["softmax"] + 300):
         delta_seesaw = pm.seesaw() - per_box * roles
         delta_roles = pm.role_split() - roles
-        assert abs(delta_seesaw - 300) < 30 and abs(delta_roles - 300) < 30, (delta_seesaw, delta_roles)
-    finally:
-        pm.P.clear()
-        pm.P.update(base)
+    assert abs(delta_seesaw - 300) < 30 and abs(delta_roles - 300) < 30, (delta_seesaw, delta_roles)
