@@ -135,21 +135,11 @@ __device__ __forceinline__ void st_shared_8(uint32_t addr, uint2 v) {
 #ifndef JFM_FP8_PROBE
 #define JFM_FP8_PROBE 0
 #endif
-// JFM_FP8_L1_HINT (candidate; default 1, the hint above): the L1 eviction priority of those hinted
-// row loads. 2: `L1::no_allocate`, 0: none (L2::256B kept in both). Why: ncu of V3.2 h16
-// (2026-12-04 fifth session) has L1/TEX the busiest unit (78.6%) at a 17.6% L1 hit rate, and the
-// no-row-load probe is 21% faster (PERFORMANCE.md, sixth session): lines allocated in L1 that
-// are rarely hit again may cost more than they save. Not yet run on a GPU.
-#ifndef JFM_FP8_L1_HINT
-#define JFM_FP8_L1_HINT 1
-#endif
-#if JFM_FP8_L1_HINT == 1
+// The hint's L1 part (evict_last) measured against its alternatives (H100, 2026-12-07 fourth
+// session, 10-call spans, 1M-token pools): `L1::no_allocate` +1.4 to +19% (V3.2 h128 b64 92.1 ->
+// 109.9 us, V3.2 h64 +17.5%, V4 h128 b128 s_q 2 200.9 -> 236.9, V4 h64 +2.5%, V4 h16 +1.4%), no L1
+// priority flat (+0.0 to +0.4%): the lines L1 keeps are worth their allocation.
 #define JFM_FP8_LD_HINTED "ld.global.nc.L1::evict_last.L2::256B"
-#elif JFM_FP8_L1_HINT == 2
-#define JFM_FP8_LD_HINTED "ld.global.nc.L1::no_allocate.L2::256B"
-#else
-#define JFM_FP8_LD_HINTED "ld.global.nc.L2::256B"
-#endif
 __device__ __forceinline__ uint4 probe_bits(const uint8_t* p) {
   const uint64_t a = reinterpret_cast<uint64_t>(p);
   return make_uint4(static_cast<uint32_t>(a), static_cast<uint32_t>(a >> 32),

@@ -134,16 +134,6 @@ constexpr bool fp8_wide_out(bool pair, bool scores_role) {
 #ifndef JFM_FP8_L2_PREFETCH
 #define JFM_FP8_L2_PREFETCH 1
 #endif
-// JFM_FP8_L2_PREFETCH_T32 (candidate, off; not yet run on a GPU): kTransposed32's V3.2 producers
-// take kTransposed16's loop (the next own tile's rows asked of L2, indices two own tiles ahead;
-// its pre-conversion code too, but ptxas sinks all but 8 of the 128 unpacks past the empty
-// try-wait here). With the 152-register producers of JFM_WS_T_LAZY_MAX=2 ptxas reports no spill
-// (the default kTransposed32 spills 8 bytes; with 160 registers and the older loop it had
-// spilled 20). Why: the producer probes (PERFORMANCE.md, 2026-12-04 sixth session) put the row
-// gather at 13% of V3.2 h32, which the h16 kernel's prefetch cut by 3-5% there.
-#ifndef JFM_FP8_L2_PREFETCH_T32
-#define JFM_FP8_L2_PREFETCH_T32 0
-#endif
 constexpr int kFp8L2Prefetch = JFM_FP8_L2_PREFETCH;
 // JFM_V32_ROPE_ASYNC (on; =0 builds the register path for A/B): V3.2's producers copy each
 // token's 128 RoPE bytes (already bf16) into the tile by cp.async (StageV32T<true>, counted on the
@@ -467,11 +457,11 @@ struct SparseWsTask {
     constexpr bool kRow8 = JFM_V32_ROW8 != 0 && kFmt == KvFormat::kFp8V32 && !kPair && kRoomy;
     // kL2Prefetch (JFM_FP8_L2_PREFETCH): the loop with the indices two own tiles ahead, in which
     // the next own tile's rows may be asked of L2 (kPrefetchRows, below). kTransposed16's V3.2
-    // producers and kTransposed32's V3.2 ones (JFM_FP8_BULK_STAGE_T32, or
-    // JFM_FP8_L2_PREFETCH_T32's unstaged form); not unchecked combinations.
+    // producers and kTransposed32's V3.2 ones where they stage by bulk copies
+    // (JFM_FP8_BULK_STAGE_T32); not unchecked combinations.
     constexpr bool kL2Prefetch =
         kFp8L2Prefetch != 0 && kFp8 && !kPair && !kRow8 && kFmt == KvFormat::kFp8V32 &&
-        (kRoomy || ((JFM_FP8_L2_PREFETCH_T32 != 0 || JFM_FP8_BULK_STAGE_T32 != 0) && !kSole));
+        (kRoomy || (JFM_FP8_BULK_STAGE_T32 != 0 && !kSole));
     const Fp8Slot slot = kRow8 ? Fp8Slot(ptid, Fp8Slot::Row8{}) : Fp8Slot(ptid);
     const int lr = ptid >> 3, lq = ptid & 7;
     static_assert(!(kRow8 && kRopeAsync), "JFM_V32_ROW8 with JFM_V32_ROPE_ASYNC: not written");
