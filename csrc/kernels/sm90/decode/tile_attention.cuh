@@ -240,32 +240,35 @@ __device__ __forceinline__ void tile_softmax(float (&s)[16], RowState& st, float
 // The wgmmas of O[:, 256 wc .. +256] += P V over the tile's 64 tokens (4 k-steps of 16);
 // tile_pv_issue fences and commits them but does not wait: the caller overlaps independent work,
 // then calls wgmma_wait<0>().
-template <typename T>
+// [kK0, kK1): the k-steps (tokens 16 kk ..) issued, all four by default (JFM_WS_SPLIT_P issues
+// them in two halves as P's halves are ready).
+template <typename T, int kK0 = 0, int kK1 = kTileTokens / 16>
 __device__ __forceinline__ void tile_pv_mma(RowState& st, uint64_t desc_p, uint64_t desc_v) {
 #pragma unroll
-  for (int kk = 0; kk < kTileTokens / 16; ++kk)
+  for (int kk = kK0; kk < kK1; ++kk)
     wgmma_m64n256k16_ss_tb<T>(st.o, desc_p + ((kk * 32) >> 4), desc_v + ((kk * 16 * 128) >> 4));
 }
-template <typename T>
+template <typename T, int kK0 = 0, int kK1 = kTileTokens / 16>
 __device__ __forceinline__ void tile_pv_issue(RowState& st, uint64_t desc_p, uint64_t desc_v) {
   wgmma_fence();
-  tile_pv_mma<T>(st, desc_p, desc_v);
+  tile_pv_mma<T, kK0, kK1>(st, desc_p, desc_v);
   wgmma_commit();
 }
 // tile_pv_issue with P from this thread's registers: p is the softmax's output in S's m64n64
 // accumulator layout, whose pairs (8 kk + 2 r, + 1) are register r of k-step kk's m64k16 A
 // fragment (rows g / g + 8, tokens 16 kk + 2 tq (+ 8)). The warpgroup that computed P then needs
 // no shared-memory round trip (stores, proxy fence, warpgroup barrier) before its own P V.
-template <typename T>
+// [kK0, kK1): the k-steps issued (tile_pv_mma's).
+template <typename T, int kK0 = 0, int kK1 = kTileTokens / 16>
 __device__ __forceinline__ void tile_pv_issue_rs(RowState& st, const float (&p)[32], uint64_t desc_v) {
   uint32_t a[kTileTokens / 16][4];
 #pragma unroll
-  for (int kk = 0; kk < kTileTokens / 16; ++kk)
+  for (int kk = kK0; kk < kK1; ++kk)
 #pragma unroll
     for (int r = 0; r < 4; ++r) a[kk][r] = pack2<T>(p[8 * kk + 2 * r], p[8 * kk + 2 * r + 1]);
   wgmma_fence();
 #pragma unroll
-  for (int kk = 0; kk < kTileTokens / 16; ++kk)
+  for (int kk = kK0; kk < kK1; ++kk)
     wgmma_m64n256k16_rs_tb<T>(st.o, a[kk], desc_v + ((kk * 16 * 128) >> 4));
   wgmma_commit();
 }
@@ -308,11 +311,12 @@ __device__ __forceinline__ void tile_qk_rows(float (&s)[32], uint64_t desc_q, ui
   tile_gemm_qk<T, kDqk, 64>(s, desc_q, desc_k);
 }
 
-// Writes warpgroup 0's P (all 64 columns) into the swizzled P block at sp.
-template <typename T>
+// Writes warpgroup 0's P (all 64 columns; [8 kNt0, 8 kNt1) with a range) into the swizzled P
+// block at sp.
+template <typename T, int kNt0 = 0, int kNt1 = 8>
 __device__ __forceinline__ void store_p_rows(uint32_t sp, const float (&s)[32], const Lane& ln) {
 #pragma unroll
-  for (int nt = 0; nt < 8; ++nt) {
+  for (int nt = kNt0; nt < kNt1; ++nt) {
     const float pv[4] = {s[4 * nt], s[4 * nt + 1], s[4 * nt + 2], s[4 * nt + 3]};
     store_p_pairs<T>(sp, ln.row(0), nt * 8 + 2 * ln.tq, pv);
   }
@@ -370,12 +374,15 @@ constexpr float kRowsSlack = JFM_WS_ROWS_LAZY_MAX != 0 ? kLazySlack : 0.f;
 // kRowsSlack) and l (l: this thread's partial sum of its 16 columns per row), turns s into
 // P = exp2(s sl2 - m sl2) and returns the correction of the earlier O in corr; mt: this thread's
 // rows' largest attended logits so far. No shared memory, no barrier.
-__device__ __forceinline__ void tile_softmax_rows(float (&s)[32], RowState& st, float (&corr)[2],
-                                                  float (&mt)[2], float sl2) {
+// In two steps (JFM_WS_SPLIT_P runs the second in halves): tile_softmax_rows_max updates m, l's
+// correction and mt and returns the scaled max the exponentials subtract; tile_softmax_rows_exp
+// turns s[i], i in [kI0, kI1), into P and adds it to l (in i order, as the whole form does).
+__device__ __forceinline__ void tile_softmax_rows_max(const float (&s)[32], RowState& st,
+                                                      float (&corr)[2], float (&mt)[2], float sl2,
+                                                      float (&mscaled)[2]) {
   float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
   for (int i = 0; i < 32; ++i) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], s[i]);
-  float mscaled[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
@@ -389,11 +396,21 @@ __device__ __forceinline__ void tile_softmax_rows(float (&s)[32], RowState& st, 
       mscaled[h] = st.m[h] == -INFINITY ? 0.f : st.m[h] * sl2;
     }
   }
+}
+template <int kI0 = 0, int kI1 = 32>
+__device__ __forceinline__ void tile_softmax_rows_exp(float (&s)[32], RowState& st,
+                                                      const float (&mscaled)[2], float sl2) {
 #pragma unroll
-  for (int i = 0; i < 32; ++i) {
+  for (int i = kI0; i < kI1; ++i) {
     s[i] = exp2f(s[i] * sl2 - mscaled[(i >> 1) & 1]);
     st.l[(i >> 1) & 1] += s[i];
   }
+}
+__device__ __forceinline__ void tile_softmax_rows(float (&s)[32], RowState& st, float (&corr)[2],
+                                                  float (&mt)[2], float sl2) {
+  float mscaled[2];
+  tile_softmax_rows_max(s, st, corr, mt, sl2, mscaled);
+  tile_softmax_rows_exp(s, st, mscaled, sl2);
 }
 
 // ---- Transposed (kernel_ws.cuh, kTransposed* math, few query rows): one warpgroup computes

@@ -151,6 +151,29 @@ constexpr bool ws_scores_reg_p() {
   return kWsScoresRegP == 2 || (kWsScoresRegP == 4 && kPair && !Task::kShortSeqs);
 }
 
+// JFM_WS_SPLIT_P (on; =0 for A/B): where the scores warpgroup feeds its P V from registers
+// (ws_scores_reg_p: the dense CTA pair), it turns S into P in two halves of 32 tokens: after the
+// row max, the first half's exponentials, its two k-steps of P V issued and its P published; then
+// the second half's exponentials while those run, and its k-steps and P. The values warpgroup
+// waits on p_ready for the first half and on p_ready_hi for the second (one phase of each per
+// tile: on one barrier with two phases per tile the scores warpgroup can complete both before the
+// values warpgroup's first wait, whose parity then names the next tile's phase; that form hung).
+// The same operations in the same order (l sums its columns in order, P V its k-steps), so the
+// results match the whole-tile form's. Why: the fill probe's hold sweep (2026-12-07 fourth
+// session) has the pair's period follow the scores chain 1:1 down to ~2900 cycles a page, and the
+// second half's exponentials can run under the first half's P V instead of before it.
+// Predicted -3 to -8%; measured (H100, 2026-12-07 fourth session, 10-call spans, same call):
+// h128 b128 4K 275.2 -> 271.3 us (-1.4%), b64 4K fixed 125.7 -> 123.9 (-1.4%), causal s_q 2 b64
+// 8K 482.2 -> 471.6 (-2.2%), h64 s_q 2 b128 4K 275.4 -> 271.5 (-1.4%). The dense GPU tests (125),
+// memcheck and racecheck passed with it.
+#ifndef JFM_WS_SPLIT_P
+#define JFM_WS_SPLIT_P 1
+#endif
+template <class Task, bool kPair>
+constexpr bool ws_split_p() {
+  return JFM_WS_SPLIT_P != 0 && ws_scores_reg_p<Task, kPair>();
+}
+
 // Named barriers (0 is __syncthreads', 1 MathWarpsSync's).
 constexpr int kBarScores = 4;   // kRoles, kTransposed*: warpgroup 0 alone (128)
 constexpr int kBarLazyOr = 5;   // kTransposed* under the lazy max: the per-tile barrier.red.or
@@ -184,9 +207,11 @@ struct WsSmem : TileSmem<kDqk> {
   static constexpr int kBarOff = Base::kValidOff + 2 * kTileTokens;  // full[2], empty[2]
   static constexpr int kCorrOff = kBarOff + 4 * 8;                     // float[64] (kRoles)
   static constexpr int kPeerBarOff = kCorrOff + kBlockM * 4;           // peer_full[2] (kRolesPair)
-  // p_ready, p_free, stats_ready, stats_free (kRoles*)
+  // p_ready, p_free, stats_ready, stats_free (kRoles*); JFM_WS_SPLIT_P: p_ready_hi (P's second half)
   static constexpr int kPBarOff = kPeerBarOff + 2 * 8;
-  static constexpr size_t kBytes = kPBarOff + 4 * 8 + 1024;  // + alignment slack
+  static constexpr int kPBars = JFM_WS_SPLIT_P != 0 ? 5 : 4;
+  static constexpr uint32_t kPReadyHi = 4 * 8;  // p_ready_hi's offset from p_ready
+  static constexpr size_t kBytes = kPBarOff + kPBars * 8 + 1024;  // + alignment slack
   static_assert(kBarOff % 8 == 0 && kPeerBarOff % 8 == 0 && kPBarOff % 8 == 0,
                 "mbarriers are 8-byte aligned");
   static_assert(kBytes <= 227 * 1024, "shared memory of one sm90 CTA");
@@ -213,7 +238,8 @@ struct WsShared {
 // hand-offs: 128 each) and synchronizes the CTA (kRolesPair: the
 // cluster, so the peer's barriers are initialized before anything reaches them): the last
 // CTA-wide barrier before the roles part.
-template <int kDqk, WsMath kMath>
+// kPReadyHi: the kernel splits P (ws_split_p), so p_ready_hi is initialized too.
+template <int kDqk, WsMath kMath, bool kPReadyHi = false>
 __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t full_count) {
   using S = TileSmem<kDqk>;
   using W = WsSmem<kDqk>;
@@ -251,7 +277,7 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
       mbarrier_init(sh.bar_empty + 8 * b, ws_transposed(kMath) ? 128 : kPair ? 256 + 8 : 256);
       if constexpr (kPair) mbarrier_init(sh.bar_peer_full + 8 * b, 1);  // + the peer's bytes
     }
-    for (int i = 0; i < 4; ++i) mbarrier_init(sh.bar_p_ready + 8 * i, 128);
+    for (int i = 0; i < (kPReadyHi ? 5 : 4); ++i) mbarrier_init(sh.bar_p_ready + 8 * i, 128);
     if constexpr (kPair) fence_mbarrier_init();
   }
   if (threadIdx.x == 256) cta_stamp(kStartAtBarrier);  // (tile_trace.cuh: the probe's stamps)
@@ -481,6 +507,7 @@ template <class Task, WsRole kRole, bool kPair>
 __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   using T = typename Task::T;
   using S = TileSmem<Task::kDqk>;
+  using W = WsSmem<Task::kDqk>;
   using Sync = MathWarpsSync;
   const Lane ln;
   const float sl2 = task.softmax_scale * 1.4426950408889634f;
@@ -548,32 +575,65 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
           mask_tile(sacc, [&](int h, int col) { return task.masked(cur, n, valid, h, col); });
         tile_trace(k, kTrScMask);
         float corr[2];
-        tile_softmax_rows(sacc, st, corr, mt, sl2);
-        tile_trace(k, kTrScSoft);
-        // P and the corrections for the values warpgroup.
-        auto publish = [&] {
+        if constexpr (ws_split_p<Task, kPair>()) {
+          // (JFM_WS_SPLIT_P) P and its P V in two halves of the tile's tokens.
+          float mscaled[2];
+          tile_softmax_rows_max(sacc, st, corr, mt, sl2, mscaled);
+          tile_softmax_rows_exp<0, 16>(sacc, st, mscaled, sl2);
+          tile_trace(k, kTrScSoft);
+          rescale_o(st.o, corr);
+          tile_pv_issue_rs<T, 0, 2>(st, sacc, desc_v + buf_desc);
           mbarrier_wait(sh.bar_p_free, (k & 1) ^ 1);  // values done with the last P (tile 0: passes)
           tile_trace(k, kTrScPfree);
-          store_p_rows<T>(sh.sp, sacc, ln);
+          store_p_rows<T, 0, 4>(sh.sp, sacc, ln);
           if (ln.tq == 0) {
             sh.corr[ln.row(0)] = corr[0];
             sh.corr[ln.row(1)] = corr[1];
           }
+          fence_proxy_async();
+          mbarrier_arrive(sh.bar_p_ready);  // the first half
+          tile_softmax_rows_exp<16, 32>(sacc, st, mscaled, sl2);
+          tile_pv_issue_rs<T, 2, 4>(st, sacc, desc_v + buf_desc);
+          store_p_rows<T, 4, 8>(sh.sp, sacc, ln);
           tile_trace(k, kTrScPst);
           fence_proxy_async();
-          mbarrier_arrive(sh.bar_p_ready);
-        };
-        if constexpr (ws_scores_reg_p<Task, kPair>()) {
-          rescale_o(st.o, corr);
-          tile_pv_issue_rs<T>(st, sacc, desc_v + buf_desc);
-          publish();
+          mbarrier_arrive(sh.bar_p_ready + W::kPReadyHi);  // the second half
         } else {
-          publish();
-          tile_trace(k, kTrScPub);
-          named_barrier_sync(kBarScores, 128);  // all of P, before this warpgroup's wgmma reads it
-          rescale_o(st.o, corr);
-          tile_pv_issue<T>(st, desc_p, desc_v + buf_desc);
+          tile_softmax_rows(sacc, st, corr, mt, sl2);
+          tile_trace(k, kTrScSoft);
+          // P and the corrections for the values warpgroup.
+          auto publish = [&] {
+            mbarrier_wait(sh.bar_p_free, (k & 1) ^ 1);  // values done with the last P (tile 0: passes)
+            tile_trace(k, kTrScPfree);
+            store_p_rows<T>(sh.sp, sacc, ln);
+            if (ln.tq == 0) {
+              sh.corr[ln.row(0)] = corr[0];
+              sh.corr[ln.row(1)] = corr[1];
+            }
+            tile_trace(k, kTrScPst);
+            fence_proxy_async();
+            mbarrier_arrive(sh.bar_p_ready);
+          };
+          if constexpr (ws_scores_reg_p<Task, kPair>()) {
+            rescale_o(st.o, corr);
+            tile_pv_issue_rs<T>(st, sacc, desc_v + buf_desc);
+            publish();
+          } else {
+            publish();
+            tile_trace(k, kTrScPub);
+            named_barrier_sync(kBarScores, 128);  // all of P, before this warpgroup's wgmma reads it
+            rescale_o(st.o, corr);
+            tile_pv_issue<T>(st, desc_p, desc_v + buf_desc);
+          }
         }
+      } else if constexpr (ws_split_p<Task, kPair>()) {  // kValues, P in two halves
+        mbarrier_wait(sh.bar_p_ready, k & 1);
+        tile_trace(k, kTrValP);
+        const float corr[2] = {sh.corr[ln.row(0)], sh.corr[ln.row(1)]};
+        rescale_o(st.o, corr);
+        tile_pv_issue<T, 0, 2>(st, desc_p, desc_v + buf_desc);
+        mbarrier_wait(sh.bar_p_ready + W::kPReadyHi, k & 1);
+        tile_pv_issue<T, 2, 4>(st, desc_p, desc_v + buf_desc);
       } else {  // kValues
         mbarrier_wait(sh.bar_p_ready, k & 1);
         tile_trace(k, kTrValP);

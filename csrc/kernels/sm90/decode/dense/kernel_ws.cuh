@@ -221,7 +221,8 @@ __global__ void __launch_bounds__(384, 1) dense_decode_ws_kernel(const __grid_co
   cta_trace(false);  // (tile_trace.cuh; nothing without JFM_TILE_TRACE)
   pdl_attention_start();  // (pdl.cuh) the combine may be placed on SMs this grid's tail frees
   extern __shared__ unsigned char smem_raw[];
-  const WsShared sh = ws_setup<Task::kDqk, kMath>(smem_raw, Task::kFullCount);
+  const WsShared sh =
+      ws_setup<Task::kDqk, kMath, ws_split_p<Task, ws_pair(kMath)>()>(smem_raw, Task::kFullCount);
   pdl_attention_inputs();  // (JFM_PDL_MAIN) the previous kernel's writes, before the first read
   const Task task(p);
   ws_run<kMath>(task, sh);
