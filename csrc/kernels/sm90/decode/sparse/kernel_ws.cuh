@@ -1008,6 +1008,7 @@ __global__ void __launch_bounds__(384, 1)
     sparse_attention_ws_kernel(const __grid_constant__ SparseDecodeParams p) {
   static_assert(WsSmem<kDqk>::kBytes <= 227 * 1024, "shared memory of one CTA");
   using Task = SparseWsTask<kFmt, kDqk>;
+  constexpr bool kSplitP = ws_split_p<Task, ws_pair(kMath)>();  // (p_ready_hi; off by default here)
   cta_trace(false);  // (tile_trace.cuh; nothing without JFM_TILE_TRACE)
   pdl_attention_start();  // (pdl.cuh) the combine may be placed on SMs this grid's tail frees
   extern __shared__ unsigned char smem_raw[];
@@ -1015,10 +1016,10 @@ __global__ void __launch_bounds__(384, 1)
     pdl_attention_inputs();  // (JFM_PDL_MAIN) here the first reads come before the setup
     Task task(p);
     if (threadIdx.x >= 256) task.issue_first_indices(threadIdx.x & 127);  // (the producer)
-    const WsShared sh = ws_setup<kDqk, kMath>(smem_raw, Task::kFullCount);
+    const WsShared sh = ws_setup<kDqk, kMath, kSplitP>(smem_raw, Task::kFullCount);
     ws_run<kMath>(task, sh);
   } else {
-    const WsShared sh = ws_setup<kDqk, kMath>(smem_raw, Task::kFullCount);
+    const WsShared sh = ws_setup<kDqk, kMath, kSplitP>(smem_raw, Task::kFullCount);
     pdl_attention_inputs();  // (JFM_PDL_MAIN) the previous kernel's writes, before the first read
     const Task task(p);
     ws_run<kMath>(task, sh);
