@@ -1008,7 +1008,9 @@ __global__ void __launch_bounds__(384, 1)
     sparse_attention_ws_kernel(const __grid_constant__ SparseDecodeParams p) {
   static_assert(WsSmem<kDqk>::kBytes <= 227 * 1024, "shared memory of one CTA");
   using Task = SparseWsTask<kFmt, kDqk>;
-  constexpr bool kSplitP = ws_split_p<Task, ws_pair(kMath)>();  // (p_ready_hi; off by default here)
+  // JFM_WS_SPLIT_P's second P barrier, where this role split's scores take P from registers
+  // (here only with -DJFM_WS_SCORES_REG_P=2: by default the split is the dense pair's alone).
+  constexpr bool kSplitP = ws_split_p<Task, ws_pair(kMath)>();
   cta_trace(false);  // (tile_trace.cuh; nothing without JFM_TILE_TRACE)
   pdl_attention_start();  // (pdl.cuh) the combine may be placed on SMs this grid's tail frees
   extern __shared__ unsigned char smem_raw[];
