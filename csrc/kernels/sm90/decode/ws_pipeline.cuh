@@ -169,6 +169,8 @@ constexpr bool ws_scores_reg_p() {
 #ifndef JFM_WS_SPLIT_P
 #define JFM_WS_SPLIT_P 1
 #endif
+template <int N>
+using WsInt = std::integral_constant<int, N>;  // (compile-time arguments of ws_math's publish)
 template <class Task, bool kPair>
 constexpr bool ws_split_p() {
   return JFM_WS_SPLIT_P != 0 && ws_scores_reg_p<Task, kPair>();
@@ -207,11 +209,10 @@ struct WsSmem : TileSmem<kDqk> {
   static constexpr int kBarOff = Base::kValidOff + 2 * kTileTokens;  // full[2], empty[2]
   static constexpr int kCorrOff = kBarOff + 4 * 8;                     // float[64] (kRoles)
   static constexpr int kPeerBarOff = kCorrOff + kBlockM * 4;           // peer_full[2] (kRolesPair)
-  // p_ready, p_free, stats_ready, stats_free (kRoles*); JFM_WS_SPLIT_P: p_ready_hi (P's second half)
+  // p_ready, p_free, stats_ready, stats_free (kRoles*), p_ready_hi (JFM_WS_SPLIT_P: P's second half)
   static constexpr int kPBarOff = kPeerBarOff + 2 * 8;
-  static constexpr int kPBars = JFM_WS_SPLIT_P != 0 ? 5 : 4;
   static constexpr uint32_t kPReadyHi = 4 * 8;  // p_ready_hi's offset from p_ready
-  static constexpr size_t kBytes = kPBarOff + kPBars * 8 + 1024;  // + alignment slack
+  static constexpr size_t kBytes = kPBarOff + 5 * 8 + 1024;  // + alignment slack
   static_assert(kBarOff % 8 == 0 && kPeerBarOff % 8 == 0 && kPBarOff % 8 == 0,
                 "mbarriers are 8-byte aligned");
   static_assert(kBytes <= 227 * 1024, "shared memory of one sm90 CTA");
@@ -575,6 +576,24 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
           mask_tile(sacc, [&](int h, int col) { return task.masked(cur, n, valid, h, col); });
         tile_trace(k, kTrScMask);
         float corr[2];
+        // P's columns [8 nt0, 8 nt1) and (with the first) the corrections for the values
+        // warpgroup (c), announced on `bar`; the first part waits until they have freed the last P.
+        auto publish = [&](auto nt0, auto nt1, uint32_t bar, const float (&c)[2]) {
+          if constexpr (decltype(nt0)::value == 0) {
+            mbarrier_wait(sh.bar_p_free, (k & 1) ^ 1);  // values done with the last P (tile 0: passes)
+            tile_trace(k, kTrScPfree);
+          }
+          store_p_rows<T, decltype(nt0)::value, decltype(nt1)::value>(sh.sp, sacc, ln);
+          if constexpr (decltype(nt0)::value == 0) {
+            if (ln.tq == 0) {
+              sh.corr[ln.row(0)] = c[0];
+              sh.corr[ln.row(1)] = c[1];
+            }
+          }
+          if constexpr (decltype(nt1)::value == 8) tile_trace(k, kTrScPst);
+          fence_proxy_async();
+          mbarrier_arrive(bar);
+        };
         if constexpr (ws_split_p<Task, kPair>()) {
           // (JFM_WS_SPLIT_P) P and its P V in two halves of the tile's tokens.
           float mscaled[2];
@@ -583,43 +602,19 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
           tile_trace(k, kTrScSoft);
           rescale_o(st.o, corr);
           tile_pv_issue_rs<T, 0, 2>(st, sacc, desc_v + buf_desc);
-          mbarrier_wait(sh.bar_p_free, (k & 1) ^ 1);  // values done with the last P (tile 0: passes)
-          tile_trace(k, kTrScPfree);
-          store_p_rows<T, 0, 4>(sh.sp, sacc, ln);
-          if (ln.tq == 0) {
-            sh.corr[ln.row(0)] = corr[0];
-            sh.corr[ln.row(1)] = corr[1];
-          }
-          fence_proxy_async();
-          mbarrier_arrive(sh.bar_p_ready);  // the first half
+          publish(WsInt<0>{}, WsInt<4>{}, sh.bar_p_ready, corr);
           tile_softmax_rows_exp<16, 32>(sacc, st, mscaled, sl2);
           tile_pv_issue_rs<T, 2, 4>(st, sacc, desc_v + buf_desc);
-          store_p_rows<T, 4, 8>(sh.sp, sacc, ln);
-          tile_trace(k, kTrScPst);
-          fence_proxy_async();
-          mbarrier_arrive(sh.bar_p_ready + W::kPReadyHi);  // the second half
+          publish(WsInt<4>{}, WsInt<8>{}, sh.bar_p_ready + W::kPReadyHi, corr);
         } else {
           tile_softmax_rows(sacc, st, corr, mt, sl2);
           tile_trace(k, kTrScSoft);
-          // P and the corrections for the values warpgroup.
-          auto publish = [&] {
-            mbarrier_wait(sh.bar_p_free, (k & 1) ^ 1);  // values done with the last P (tile 0: passes)
-            tile_trace(k, kTrScPfree);
-            store_p_rows<T>(sh.sp, sacc, ln);
-            if (ln.tq == 0) {
-              sh.corr[ln.row(0)] = corr[0];
-              sh.corr[ln.row(1)] = corr[1];
-            }
-            tile_trace(k, kTrScPst);
-            fence_proxy_async();
-            mbarrier_arrive(sh.bar_p_ready);
-          };
           if constexpr (ws_scores_reg_p<Task, kPair>()) {
             rescale_o(st.o, corr);
             tile_pv_issue_rs<T>(st, sacc, desc_v + buf_desc);
-            publish();
+            publish(WsInt<0>{}, WsInt<8>{}, sh.bar_p_ready, corr);
           } else {
-            publish();
+            publish(WsInt<0>{}, WsInt<8>{}, sh.bar_p_ready, corr);
             tile_trace(k, kTrScPub);
             named_barrier_sync(kBarScores, 128);  // all of P, before this warpgroup's wgmma reads it
             rescale_o(st.o, corr);
