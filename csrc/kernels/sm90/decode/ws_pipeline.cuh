@@ -121,9 +121,10 @@ __device__ __forceinline__ void ws_set_regs() {
   else if constexpr (kRegs < kLaunch) setmaxnreg_dec<kRegs>();
 }
 
-// JFM_WS_SCORES_REG_P (=4 the dense CTA pair, the default; =2 every role split; =0 none): the role
-// split's scores warpgroup feeds its own P V half from registers (tile_pv_issue_rs, the
-// A-in-registers wgmma) instead of from the shared-memory P it writes for the values warpgroup, and
+// JFM_WS_SCORES_REG_P (=4 the dense CTA pair and the bf16 sparse role split, the default; =2 every
+// role split; =0 none): the role split's scores warpgroup feeds its own P V half from registers
+// (tile_pv_issue_rs, the A-in-registers wgmma) instead of from the shared-memory P it writes for
+// the values warpgroup, and
 // issues it before publishing P: its chain per tile loses the warpgroup barrier after the P stores
 // and the wait for the values warpgroup to free the previous P. H200 (PERFORMANCE.md, 2026-12-02
 // second session): dense h128, prefill d576 h128 and V3.2 h128 within noise (the P round trip does
@@ -138,26 +139,35 @@ __device__ __forceinline__ void ws_set_regs() {
 // b64 4K fixed 125.7 / 124.4 / 123.2 / 122.8; b256 1K fixed 148.1 / 144.4 / 143.5 / 145.9; s_q 2
 // b64 4K 249.2 / 248.7 / 243.2 / 242.0; h64 s_q 2 b128 4K 267.5 / 260.9 / 257.6 / 264.5; causal s_q
 // 2 8K 980.5 / 999.3 / 914.8 / 910.2 (a row that moves +-5%). Both are on.
+// Since the 2026-12-07 fifth session =4 also covers the bf16 sparse role split (the prefill's
+// kRoles; SparseWsTask::kRolesRegP), with JFM_WS_SPLIT_P's halves: =2 against =4 (H100, 5 traced
+// runs of 10 calls, same call) took prefill d576 h128 8K 4081.8 -> 3960.3 us (-3.0%), d512 h128
+// 1990.4 -> 1877.7 (-5.7%), d512 h64 519.4 -> 503.9 (-3.0%), but the FP8 CTA pairs flat (V3.2 h128
+// b64 s_q 2 170.6 -> 170.5) or slower (V4 h128 b128 s_q 2 191.9 -> 195.2, +1.7%), so FP8 stays off.
 #ifndef JFM_WS_SCORES_REG_P
 #define JFM_WS_SCORES_REG_P 4
 #endif
 constexpr int kWsScoresRegP = JFM_WS_SCORES_REG_P;
 static_assert(kWsScoresRegP == 0 || kWsScoresRegP == 2 || kWsScoresRegP == 4,
               "JFM_WS_SCORES_REG_P: 0, 2 or 4");
-// Whether this role split's scores warpgroup feeds its P V from registers (=4: the dense task is
-// the one of whole contexts, !kShortSeqs).
+// Whether this role split's scores warpgroup feeds its P V from registers (=4: in a CTA pair the
+// dense task, the one of whole contexts, !kShortSeqs; unpaired a task that asks, kRolesRegP: the
+// bf16 sparse task, i.e. the prefill).
 template <class Task, bool kPair>
 constexpr bool ws_scores_reg_p() {
-  return kWsScoresRegP == 2 || (kWsScoresRegP == 4 && kPair && !Task::kShortSeqs);
+  if constexpr (kWsScoresRegP == 2) return true;
+  else if constexpr (kWsScoresRegP == 4) return kPair ? !Task::kShortSeqs : Task::kRolesRegP;
+  else return false;
 }
 
 // JFM_WS_SPLIT_P (on; =0 for A/B): where the scores warpgroup feeds its P V from registers
-// (ws_scores_reg_p: the dense CTA pair), it turns S into P in two halves of 32 tokens: after the
-// row max, the first half's exponentials, its two k-steps of P V issued and its P published; then
-// the second half's exponentials while those run, and its k-steps and P. The values warpgroup
-// waits on p_ready for the first half and on p_ready_hi for the second (one phase of each per
-// tile: on one barrier with two phases per tile the scores warpgroup can complete both before the
-// values warpgroup's first wait, whose parity then names the next tile's phase; that form hung).
+// (ws_scores_reg_p: the dense CTA pair, the bf16 sparse role split), it turns S into P in two
+// halves of 32 tokens: after the row max, the first half's exponentials, its two k-steps of P V
+// issued and its P published; then the second half's exponentials while those run, and its
+// k-steps and P. The values warpgroup waits on p_ready for the first half and on p_ready_hi for
+// the second (one phase of each per tile: on one barrier with two phases per tile the scores
+// warpgroup can complete both before the values warpgroup's first wait, whose parity then names
+// the next tile's phase; that form hung).
 // The same operations in the same order (l sums its columns in order, P V its k-steps), so the
 // results match the whole-tile form's. Why: the fill probe's hold sweep (2026-12-07 fourth
 // session) has the pair's period follow the scores chain 1:1 down to ~2900 cycles a page, and the

@@ -306,6 +306,9 @@ struct SparseWsTask {
                                      (JFM_V4_ROPE_ASYNC != 0 && kFmt == KvFormat::kFp8V4);
   static constexpr bool kCpAsyncTiles = !kFp8;  // the tiles are cp.async copies of bf16 rows
   static constexpr bool kShortSeqs = true;       // one query token's top-k
+  // (JFM_WS_SCORES_REG_P=4) the bf16 role split's scores warpgroup takes P from registers, in
+  // halves (ws_pipeline.cuh has the measurement); the FP8 role splits measured flat or slower.
+  static constexpr bool kRolesRegP = !kFp8;
   static constexpr bool kFenceAfterFull = !kFp8 || kRopeAsync;
   static constexpr bool kEarlyIndices = JFM_V32_EARLY_INDICES != 0 && kFmt == KvFormat::kFp8V32;
   static constexpr uint32_t kFullCount = kFp8 && !kRopeAsync ? 128 : 256;
@@ -1009,7 +1012,7 @@ __global__ void __launch_bounds__(384, 1)
   static_assert(WsSmem<kDqk>::kBytes <= 227 * 1024, "shared memory of one CTA");
   using Task = SparseWsTask<kFmt, kDqk>;
   // JFM_WS_SPLIT_P's second P barrier, where this role split's scores take P from registers
-  // (here only with -DJFM_WS_SCORES_REG_P=2: by default the split is the dense pair's alone).
+  // (by default the bf16 role split, kRolesRegP; every role split with -DJFM_WS_SCORES_REG_P=2).
   constexpr bool kSplitP = ws_split_p<Task, ws_pair(kMath)>();
   cta_trace(false);  // (tile_trace.cuh; nothing without JFM_TILE_TRACE)
   pdl_attention_start();  // (pdl.cuh) the combine may be placed on SMs this grid's tail frees
