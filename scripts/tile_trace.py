@@ -11,6 +11,8 @@ scores warpgroup's full wait's end of tile k unless said):
   softmax+P    S complete -> P and the corrections published; with 15 slots taken apart into
                mask, softmax, the wait for the values warpgroup to free the last P, the P
                stores (issue only) and the proxy fence + p_ready arrival (the stores draining)
+               (register P, no publication stamp: S -> the last P stores; phases() says how
+               its parts and the hand-off read there)
   P hand-off   published -> the values warpgroup received them
   PV scores    published -> the scores' P V half complete (its barrier, rescale, wgmma)
   PV values    received -> the values' P V half complete
@@ -101,16 +103,34 @@ def phases(r, nxt, nn):
         **({"wait": d(r["sc_wait"], r["sc_waited"]), "fence": d(r["sc_waited"], r["sc_full"])}
            if "sc_waited" in r else {}),
         "S": o["sc_s"],
-        "softmax+P": o["sc_pub"] - o["sc_s"],
-        **({"  mask": o["sc_mask"] - o["sc_s"], "  softmax": o["sc_soft"] - o["sc_mask"],
-            "  P free wait": o["sc_pfree"] - o["sc_soft"], "  P stores": o["sc_pst"] - o["sc_pfree"],
-            "  fence+arrive": o["sc_pub"] - o["sc_pst"]}
-           if r.get("sc_pst") else {}),
-        "P hand-off": o["val_p"] - o["sc_pub"],
-        "PV scores": o["sc_pv"] - o["sc_pub"],
-        "PV values": o["val_pv"] - o["val_p"],
-        "release": release,
     }
+    if r.get("sc_pub"):  # P from shared memory: published, then the scores' own P V
+        out.update({
+            "softmax+P": o["sc_pub"] - o["sc_s"],
+            **({"  mask": o["sc_mask"] - o["sc_s"], "  softmax": o["sc_soft"] - o["sc_mask"],
+                "  P free wait": o["sc_pfree"] - o["sc_soft"],
+                "  P stores": o["sc_pst"] - o["sc_pfree"], "  fence+arrive": o["sc_pub"] - o["sc_pst"]}
+               if r.get("sc_pst") else {}),
+            "P hand-off": o["val_p"] - o["sc_pub"],
+            "PV scores": o["sc_pv"] - o["sc_pub"],
+        })
+    else:  # register P (JFM_WS_SCORES_REG_P; no publication stamp): the scores' P V issued
+        # before P is stored. Whole tile: softmax = every exponential; rescale+PV issue+P free =
+        # O's rescale, the P V issue, the wait for the values to free the last P; P stores = its
+        # stores. In halves (JFM_WS_SPLIT_P): softmax = the row max + the first half's
+        # exponentials; then the first half's P V issue and the P free wait; "P stores" = the first
+        # half's stores, publication, the second half's exponentials, P V issue and stores.
+        # "first P -> values" runs from the P free wait's end to the values' p_ready wait's end
+        # (the first (half's) stores, fence, arrival and hand-off).
+        out.update({
+            "softmax+P": o["sc_pst"] - o["sc_s"],
+            "  mask": o["sc_mask"] - o["sc_s"], "  softmax": o["sc_soft"] - o["sc_mask"],
+            "  rescale+PV issue+P free": o["sc_pfree"] - o["sc_soft"],
+            "  P stores": o["sc_pst"] - o["sc_pfree"],
+            "first P -> values": o["val_p"] - o["sc_pfree"],
+            "PV scores (after P)": o["sc_pv"] - o["sc_pst"],
+        })
+    out.update({"PV values": o["val_pv"] - o["val_p"], "release": release})
     if nn["prod_empty"]:
         out["gap"] = d(r["sc_full"], nn["prod_empty"]) - release
         out["fill"] = d(nn["prod_empty"], nn["sc_full"])

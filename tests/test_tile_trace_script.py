@@ -147,3 +147,36 @@ def test_transposed_phases(tmp_path):
     r = dict(run["rows"][(0, 3)], sc_pfree=0)
     got = tile_trace.phases_t(r, run["rows"][(0, 4)], run["rows"][(0, 5)])
     assert "max exchange" not in got and got["lazy max + P stores"] == exch + pst
+
+
+def test_register_p_traces(tmp_path):
+    # Register P (JFM_WS_SCORES_REG_P, split or not) stamps no publication (slot 4 stays 0): the
+    # scores chain reads S -> mask -> softmax -> P free wait -> the last P stores, and the first
+    # P's hand-off runs from the P free wait to the values' p_ready wait.
+    MASK, SOFT, PFREE, PST, HANDOFF, PV_AFTER = 120, 330, 230, 420, 285, 210
+    lines = ["# kernel dense_decode_ws_kernel WsMath 5 call 3; cta tile then slots 0-22"]
+    base = (1 << 32) - 9000  # wraps within the first tiles
+    for t in range(8):
+        f = base + t * PERIOD
+        s = f + S
+        mask, soft = s + MASK, s + MASK + SOFT
+        pfree = soft + PFREE
+        pst = pfree + PST
+        val_p = pfree + HANDOFF
+        sc_pv, val_pv = pst + PV_AFTER, val_p + PV_VAL
+        prod_empty = max(sc_pv, val_pv) - 2 * PERIOD + GAP
+        slots = [prod_empty, prod_empty + ISSUE, f, s, 0, sc_pv, f + 10, val_p, val_pv, f - LATE,
+                 f - FENCE, mask, soft, pfree, pst] + [0] * 8
+        lines.append(" ".join(str(x) for x in [0, t] + [v % (1 << 32) for v in slots]))
+    p = tmp_path / "regp.txt"
+    p.write_text("\n".join(lines) + "\n")
+    (run,) = tile_trace.read(str(p))
+    rows = run["rows"]
+    got = tile_trace.phases(rows[(0, 3)], rows[(0, 4)], rows[(0, 5)])
+    assert got["softmax+P"] == MASK + SOFT + PFREE + PST
+    assert got["  mask"] == MASK and got["  softmax"] == SOFT
+    assert got["  rescale+PV issue+P free"] == PFREE and got["  P stores"] == PST
+    assert got["first P -> values"] == HANDOFF and got["PV scores (after P)"] == PV_AFTER
+    assert got["PV values"] == PV_VAL and "P hand-off" not in got
+    assert got["release"] == S + MASK + SOFT + PFREE + HANDOFF + PV_VAL
+    assert got["2 periods - sum"] == 0
