@@ -222,8 +222,9 @@ struct WsSmem : TileSmem<kDqk> {
   // p_ready, p_free, stats_ready, stats_free (kRoles*), p_ready_hi (JFM_WS_SPLIT_P: P's second half)
   static constexpr int kPBarOff = kPeerBarOff + 2 * 8;
   static constexpr uint32_t kPReadyHi = 4 * 8;  // p_ready_hi's offset from p_ready
-  static constexpr size_t kBytes = kPBarOff + 5 * 8 + 1024;  // + alignment slack
-  static_assert(kBarOff % 8 == 0 && kPeerBarOff % 8 == 0 && kPBarOff % 8 == 0,
+  static constexpr int kQBarOff = kPBarOff + 5 * 8;  // q_full, q_free (Task::kQByProducer)
+  static constexpr size_t kBytes = kQBarOff + 2 * 8 + 1024;  // + alignment slack
+  static_assert(kBarOff % 8 == 0 && kPeerBarOff % 8 == 0 && kPBarOff % 8 == 0 && kQBarOff % 8 == 0,
                 "mbarriers are 8-byte aligned");
   static_assert(kBytes <= 227 * 1024, "shared memory of one sm90 CTA");
 };
@@ -237,6 +238,9 @@ struct WsShared {
   uint32_t bar_full, bar_empty;  // mbarriers [2] each
   // kRoles*: the hand-offs between the math warpgroups (P and corrections; the rows' totals).
   uint32_t bar_p_ready, bar_p_free, bar_stats_ready, bar_stats_free;
+  // Task::kQByProducer (JFM_DENSE_Q_TMA): the Q tile loaded (the producer's TMA bytes) and read
+  // (the scores warpgroup's last S of a sequence).
+  uint32_t bar_q_full, bar_q_free;
   int tile_bytes;
   // kRolesPair: this CTA's rank in the pair; bar_peer_full[2] (this CTA's barriers that count the
   // bytes the peer stores into its tiles); the peer's tile 0 and empty barriers (cluster
@@ -249,8 +253,10 @@ struct WsShared {
 // hand-offs: 128 each) and synchronizes the CTA (kRolesPair: the
 // cluster, so the peer's barriers are initialized before anything reaches them): the last
 // CTA-wide barrier before the roles part.
-// kPReadyHi: the kernel splits P (ws_split_p), so p_ready_hi is initialized too.
-template <int kDqk, WsMath kMath, bool kPReadyHi = false>
+// kPReadyHi: the kernel splits P (ws_split_p), so p_ready_hi is initialized too. kQBars: the
+// producer loads Q (Task::kQByProducer), so q_full (its one arrival + the bytes) and q_free (the
+// scores warpgroup's 128 threads) are too.
+template <int kDqk, WsMath kMath, bool kPReadyHi = false, bool kQBars = false>
 __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t full_count) {
   using S = TileSmem<kDqk>;
   using W = WsSmem<kDqk>;
@@ -270,6 +276,8 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
   sh.bar_p_free = sh.bar_p_ready + 8;
   sh.bar_stats_ready = sh.bar_p_ready + 16;
   sh.bar_stats_free = sh.bar_p_ready + 24;
+  sh.bar_q_full = base + W::kQBarOff;
+  sh.bar_q_free = sh.bar_q_full + 8;
   sh.tile_bytes = S::kTileBytes;
   constexpr bool kPair = ws_pair(kMath);
   if constexpr (kPair) {
@@ -289,6 +297,10 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
       if constexpr (kPair) mbarrier_init(sh.bar_peer_full + 8 * b, 1);  // + the peer's bytes
     }
     for (int i = 0; i < (kPReadyHi ? 5 : 4); ++i) mbarrier_init(sh.bar_p_ready + 8 * i, 128);
+    if constexpr (kQBars) {
+      mbarrier_init(sh.bar_q_full, 1);
+      mbarrier_init(sh.bar_q_free, 128);
+    }
     if constexpr (kPair) fence_mbarrier_init();
   }
   if (threadIdx.x == 256) cta_stamp(kStartAtBarrier);  // (tile_trace.cuh: the probe's stamps)
@@ -511,6 +523,22 @@ __device__ __forceinline__ void ws_finish_rows(RowState& st, const WsShared& sh,
   }
 }
 
+// Whether the producer loads this task's Q tiles (JFM_DENSE_Q_TMA: the task's kQByProducer and,
+// at run time, its tensor map): the same answer in every warp of the CTA.
+template <class Task, class = void>
+struct WsQByProducer {
+  static constexpr bool value = false;
+};
+template <class Task>
+struct WsQByProducer<Task, std::void_t<decltype(Task::kQByProducer)>> {
+  static constexpr bool value = Task::kQByProducer;
+};
+template <class Task>
+__device__ __forceinline__ bool ws_q_by_producer(const Task& task) {
+  if constexpr (WsQByProducer<Task>::value) return task.q_tma();
+  else return false;
+}
+
 // The math warps' loop over this CTA's sequences and tiles. One instantiation per role, so that
 // each warpgroup's code is register-allocated within its own setmaxnreg budget (with one loop for
 // both roles ptxas allocated it within the smaller budget and spilled).
@@ -533,9 +561,20 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   // loop): the math warps stage, fence and hand the buffer back. (=1: they store them here.)
   constexpr bool kProducerStore = kStaged && JFM_SPARSE_TMA_OUT == 3;
   constexpr int kBarWg = kRole == WsRole::kScores ? kBarScores : kBarValues;
+  // (JFM_DENSE_Q_TMA) the producer loads Q: the scores warpgroup waits for it (nq: the Q tiles
+  // of this CTA so far, sequences without a tile here have none) and frees it after its last S.
+  const bool q_by_producer = ws_q_by_producer(task);
+  uint32_t nq = 0;
   for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
     const typename Task::Seq cur = task.seq(seq);
-    if constexpr (!kEarlyQ) {
+    if (q_by_producer) {
+      if (cur.first < cur.t_hi) {
+        if constexpr (kRole == WsRole::kScores) mbarrier_wait(sh.bar_q_full, nq & 1);
+        ++nq;
+      }
+      if constexpr (kRole == WsRole::kScores)
+        if (seq == task.begin_seq) cta_stamp(kStartQ);
+    } else if constexpr (!kEarlyQ) {
       ws_load_q<256>(task, cur, sh, [] { Sync::sync(); });
       if (seq == task.begin_seq) cta_stamp(kStartQ);
     } else if constexpr (kRole == WsRole::kScores) {
@@ -574,6 +613,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
         if constexpr (kWsMaskSkip && kWsEarlyValid) valid_word = ws_valid_word(valid);
         tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
         tile_trace(k, kTrScS);
+        if (q_by_producer && n_next >= cur.t_hi) mbarrier_arrive(sh.bar_q_free);  // Q read
         if (kEarlyQ && n_next >= cur.t_hi && seq < task.end_seq) {
           named_barrier_sync(kBarScores, 128);  // every thread's S has completed: Q is free
           task.template load_q<128>(task.seq(seq + 1), sh.sq);
