@@ -25,9 +25,10 @@ scores warpgroup's full wait's end of tile k unless said):
                fill is the copies landing)
 The two-buffer identity: 2 periods = release + gap + fill (checked: "2 periods - sum").
 
-Then the role split's bf16 sequence boundaries (slots 19-22, stamped at a sequence's first tile:
-sparse prefill's query tokens, dense's sequences): the previous sequence's last P V -> this
-tile's S taken apart per role (row totals, output stores issued, Q landed, full wait).
+Then the role split's sequence boundaries (slots 19-22, stamped at a sequence's first tile:
+sparse prefill's and sparse decode's query tokens, dense's sequences; the FP8 role splits since
+2026-12-07): the previous sequence's last P V -> this tile's S taken apart per role (row totals,
+output stores issued, Q landed, full wait).
 
 Then, from the same build, every CTA's entry and exit on the GPU's global timer (cta_trace; the
 sparse and dense warp-specialized kernels): launch skew, the CTAs' durations and how far apart
@@ -204,7 +205,7 @@ def print_medians(acc, indent, width):
 
 
 def summarize_boundaries(run):
-    """The role split's bf16 sequence boundaries (slots 19-22, stamped at a sequence's first tile):
+    """The role split's sequence boundaries (slots 19-22, stamped at a sequence's first tile):
     the previous sequence's last P V -> this tile's S, taken apart, per role, in cycles."""
     rows, acc = run["rows"], {}
     for (c, t), r in sorted(rows.items()):

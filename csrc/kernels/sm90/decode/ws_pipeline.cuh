@@ -704,7 +704,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
     ws_finish_rows<kRole>(st, sh, static_cast<uint32_t>(seq - task.begin_seq), task.softmax_scale,
                           task.empty_lse(cur), inv, lse, m, ln);
     cta_stamp(kRole == WsRole::kScores ? kEndScStats : kEndValStats);
-    if constexpr (kRole == WsRole::kScores && Task::kCpAsyncTiles) tile_trace(k, kTrBdScStats);
+    if constexpr (kRole == WsRole::kScores) tile_trace(k, kTrBdScStats);  // (every role split)
     // Under the lazy max the running max (which lse used) may trail the true one; max_logits,
     // written by the scores warpgroup only, takes the true one.
     if constexpr (kRole == WsRole::kScores) {
@@ -738,8 +738,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
     }
     if (!stored) task.template store_rows<kRole == WsRole::kScores, kPair>(cur, st, inv, lse, m, ln);
     cta_stamp(kRole == WsRole::kScores ? kEndScStored : kEndValStored);
-    if constexpr (Task::kCpAsyncTiles)
-      tile_trace(k, kRole == WsRole::kScores ? kTrBdScStored : kTrBdValStored);
+    tile_trace(k, kRole == WsRole::kScores ? kTrBdScStored : kTrBdValStored);
   }
 }
 
