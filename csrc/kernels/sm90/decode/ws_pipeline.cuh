@@ -179,6 +179,25 @@ constexpr bool ws_scores_reg_p() {
 #ifndef JFM_WS_SPLIT_P
 #define JFM_WS_SPLIT_P 1
 #endif
+// JFM_WS_BOUNDARY_S (off; =1 a candidate, not yet measured): at a sequence boundary of the role
+// split, where the next sequence's Q is in shared memory before this one's rows are stored (the
+// bf16 sparse tasks' early Q, JFM_WS_EARLY_Q; the dense Q by TMA, JFM_DENSE_Q_TMA), the scores
+// warpgroup waits for it and the next tile, issues that tile's S, and only then converts and
+// stores its rows; the S completes on the tensor cores meanwhile, is waited for after the stores
+// and taken as that tile's S.
+// Why: the tile probe (H100, 2026-12-07 fifth session) has the scores warpgroup's stores take
+// 1.8K cycles a boundary in prefill (staging) and 5.1K in dense (float partials) with S (1.2-1.4K)
+// after them: prefill d512 h64 has a boundary every 8 tiles (3.7K extra cycles, ~15% of its
+// time). Expected: -1.2K cycles a boundary, prefill d512 h64 -4%, d512 h128 -2%, d576 h128 -1%;
+// dense only with JFM_DENSE_Q_TMA. (The tile's own stamps then show its wait and S as done.)
+// ptxas: the bf16 sparse kRoles kernels spill 12 / 32 bytes with it (8 / 8 without), the dense
+// ones nothing. The S is waited for after the stores, outside any branch: waited in the branch
+// that issued it or in the tile that uses it, ptxas serialized every wgmma of the kernel (C7518,
+// "WG.DP in divergent path").
+#ifndef JFM_WS_BOUNDARY_S
+#define JFM_WS_BOUNDARY_S 0
+#endif
+constexpr bool kWsBoundaryS = JFM_WS_BOUNDARY_S != 0;
 template <int N>
 using WsInt = std::integral_constant<int, N>;  // (compile-time arguments of ws_math's publish)
 template <class Task, bool kPair>
@@ -565,11 +584,18 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   // of this CTA so far, sequences without a tile here have none) and frees it after its last S.
   const bool q_by_producer = ws_q_by_producer(task);
   uint32_t nq = 0;
+  // (JFM_WS_BOUNDARY_S) the scores warpgroup's S of the next sequence's first tile, issued before
+  // this sequence's rows are stored and waited for after them (s_next: sacc_next holds it).
+  constexpr bool kBoundaryS = kWsBoundaryS && kRole == WsRole::kScores &&
+                              (kEarlyQ || WsQByProducer<Task>::value);
+  float sacc_next[32];
+  bool s_next = false;
   for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
     const typename Task::Seq cur = task.seq(seq);
     if (q_by_producer) {
       if (cur.first < cur.t_hi) {
-        if constexpr (kRole == WsRole::kScores) mbarrier_wait(sh.bar_q_full, nq & 1);
+        if constexpr (kRole == WsRole::kScores)
+          if (!(kBoundaryS && s_next)) mbarrier_wait(sh.bar_q_full, nq & 1);
         ++nq;
       }
       if constexpr (kRole == WsRole::kScores)
@@ -578,17 +604,19 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       ws_load_q<256>(task, cur, sh, [] { Sync::sync(); });
       if (seq == task.begin_seq) cta_stamp(kStartQ);
     } else if constexpr (kRole == WsRole::kScores) {
-      // (The previous sequence issued them unless it had no tile.)
-      if (q_issued != seq) {
-        named_barrier_sync(kBarScores, 128);  // every S of the previous sequence has read Q
-        task.template load_q<128>(cur, sh.sq);
-        cp_async_commit();
+      if (!(kBoundaryS && s_next)) {  // (else its Q landed at the boundary, before that S)
+        // (The previous sequence issued them unless it had no tile.)
+        if (q_issued != seq) {
+          named_barrier_sync(kBarScores, 128);  // every S of the previous sequence has read Q
+          task.template load_q<128>(cur, sh.sq);
+          cp_async_commit();
+        }
+        cp_async_wait<0>();
+        tile_trace(k, kTrBdScQ);
+        fence_proxy_async();
+        named_barrier_sync(kBarScores, 128);  // all of Q, before the wgmma reads it
+        if (seq == task.begin_seq) cta_stamp(kStartQ);
       }
-      cp_async_wait<0>();
-      tile_trace(k, kTrBdScQ);
-      fence_proxy_async();
-      named_barrier_sync(kBarScores, 128);  // all of Q, before the wgmma reads it
-      if (seq == task.begin_seq) cta_stamp(kStartQ);
     }
 
     RowState st;
@@ -611,7 +639,13 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
         float sacc[32];  // this tile's S, then P
         uint32_t valid_word = 0;  // (JFM_WS_EARLY_VALID)
         if constexpr (kWsMaskSkip && kWsEarlyValid) valid_word = ws_valid_word(valid);
-        tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
+        if (kBoundaryS && s_next) {  // issued at the last boundary (waited after its stores)
+#pragma unroll
+          for (int i = 0; i < 32; ++i) sacc[i] = sacc_next[i];
+          s_next = false;
+        } else {
+          tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
+        }
         tile_trace(k, kTrScS);
         if (q_by_producer && n_next >= cur.t_hi) mbarrier_arrive(sh.bar_q_free);  // Q read
         if (kEarlyQ && n_next >= cur.t_hi && seq < task.end_seq) {
@@ -705,6 +739,37 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
                           task.empty_lse(cur), inv, lse, m, ln);
     cta_stamp(kRole == WsRole::kScores ? kEndScStats : kEndValStats);
     if constexpr (kRole == WsRole::kScores) tile_trace(k, kTrBdScStats);  // (every role split)
+    if constexpr (kBoundaryS) {
+      // The next sequence's Q in place and its first tile full, its S issued: it runs on the
+      // tensor cores while this warpgroup converts and stores its rows below.
+      const bool q_ready_here = kEarlyQ || q_by_producer;
+      if (q_ready_here && seq < task.end_seq) {
+        const typename Task::Seq nxt = task.seq(seq + 1);
+        if (nxt.first < nxt.t_hi) {
+          if constexpr (kEarlyQ) {
+            if (q_issued != seq + 1) {  // (this sequence had no tile: nothing issued yet)
+              named_barrier_sync(kBarScores, 128);
+              task.template load_q<128>(nxt, sh.sq);
+              cp_async_commit();
+              q_issued = seq + 1;
+            }
+            cp_async_wait<0>();
+            fence_proxy_async();
+            named_barrier_sync(kBarScores, 128);  // all of Q, before the wgmma reads it
+          } else {
+            mbarrier_wait(sh.bar_q_full, nq & 1);  // (nq counts it at the sequence's start)
+          }
+          ws_wait_full<Task, kPair, true>(sh, k);
+#pragma unroll
+          for (int i = 0; i < 32; ++i) sacc_next[i] = 0.f;
+          wgmma_fence();
+          tile_gemm_qk_mma<T, Task::kDqk, 64>(sacc_next, desc_q,
+                                              desc_k + (k & 1) * (S::kTileBytes >> 4));
+          wgmma_commit();
+          s_next = true;
+        }
+      }
+    }
     // Under the lazy max the running max (which lse used) may trail the true one; max_logits,
     // written by the scores warpgroup only, takes the true one.
     if constexpr (kRole == WsRole::kScores) {
@@ -737,6 +802,10 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       }
     }
     if (!stored) task.template store_rows<kRole == WsRole::kScores, kPair>(cur, st, inv, lse, m, ln);
+    // (kBoundaryS) the next sequence's S, waited for outside any branch (a wait in the branch
+    // that issued it, or in the tile that uses it, serialized every wgmma of the kernel: ptxas
+    // C7518); with none in flight it returns at once.
+    if constexpr (kBoundaryS) wgmma_wait<0>();
     cta_stamp(kRole == WsRole::kScores ? kEndScStored : kEndValStored);
     tile_trace(k, kRole == WsRole::kScores ? kTrBdScStored : kTrBdValStored);
   }
