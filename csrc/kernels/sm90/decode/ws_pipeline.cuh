@@ -47,6 +47,9 @@
 //   using T (bf16 / fp16); kDqk; kFenceAfterFull (its fills include cp.async copies);
 //   kCpAsyncTiles (its tiles are cp.async copies of bf16 rows, no dequantization);
 //   kShortSeqs (a sequence is one query token's top-k tiles, so Q tiles change every few tiles);
+//   kRolesRegP (JFM_WS_SCORES_REG_P=4: the unpaired role split's scores take P from registers);
+//   kQByProducer (JFM_DENSE_Q_TMA: its sole producer may load the Q tiles by TMA, then also
+//   q_tma(), whether it does at run time);
 //   begin_seq, end_seq, softmax_scale; Seq seq(int) with first, t_hi and next(n) (live tiles);
 //   load_q<kThreads>(const Seq&, uint32_t sq) (cp.async of the 64-row Q tile by threads
 //   0 .. kThreads - 1, 256 or 128; the caller commits and waits);
@@ -544,17 +547,9 @@ __device__ __forceinline__ void ws_finish_rows(RowState& st, const WsShared& sh,
 
 // Whether the producer loads this task's Q tiles (JFM_DENSE_Q_TMA: the task's kQByProducer and,
 // at run time, its tensor map): the same answer in every warp of the CTA.
-template <class Task, class = void>
-struct WsQByProducer {
-  static constexpr bool value = false;
-};
-template <class Task>
-struct WsQByProducer<Task, std::void_t<decltype(Task::kQByProducer)>> {
-  static constexpr bool value = Task::kQByProducer;
-};
 template <class Task>
 __device__ __forceinline__ bool ws_q_by_producer(const Task& task) {
-  if constexpr (WsQByProducer<Task>::value) return task.q_tma();
+  if constexpr (Task::kQByProducer) return task.q_tma();
   else return false;
 }
 
@@ -587,7 +582,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   // (JFM_WS_BOUNDARY_S) the scores warpgroup's S of the next sequence's first tile, issued before
   // this sequence's rows are stored and waited for after them (s_next: sacc_next holds it).
   constexpr bool kBoundaryS = kWsBoundaryS && kRole == WsRole::kScores &&
-                              (kEarlyQ || WsQByProducer<Task>::value);
+                              (kEarlyQ || Task::kQByProducer);
   float sacc_next[32];
   bool s_next = false;
   for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
