@@ -585,12 +585,31 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
                               (kEarlyQ || Task::kQByProducer);
   float sacc_next[32];
   bool s_next = false;
+  // The scores warpgroup's wait for sequence si's Q tile (s): the producer's TMA (the nq-th; the
+  // caller counts it) or its own early copies, issued after the previous sequence's last S
+  // unless that sequence had no tile here (then now), landed and fenced for the wgmma.
+  static_assert(!(kEarlyQ && Task::kQByProducer), "one way of loading Q ahead per task");
+  auto scores_q_ready = [&](const typename Task::Seq& s, int si) {
+    if constexpr (!kEarlyQ) {
+      mbarrier_wait(sh.bar_q_full, nq & 1);
+    } else {
+      if (q_issued != si) {
+        named_barrier_sync(kBarScores, 128);  // every S of the previous sequence has read Q
+        task.template load_q<128>(s, sh.sq);
+        cp_async_commit();
+      }
+      cp_async_wait<0>();
+      tile_trace(k, kTrBdScQ);
+      fence_proxy_async();
+      named_barrier_sync(kBarScores, 128);  // all of Q, before the wgmma reads it
+    }
+  };
   for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
     const typename Task::Seq cur = task.seq(seq);
     if (q_by_producer) {
       if (cur.first < cur.t_hi) {
         if constexpr (kRole == WsRole::kScores)
-          if (!(kBoundaryS && s_next)) mbarrier_wait(sh.bar_q_full, nq & 1);
+          if (!(kBoundaryS && s_next)) scores_q_ready(cur, seq);
         ++nq;
       }
       if constexpr (kRole == WsRole::kScores)
@@ -600,16 +619,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       if (seq == task.begin_seq) cta_stamp(kStartQ);
     } else if constexpr (kRole == WsRole::kScores) {
       if (!(kBoundaryS && s_next)) {  // (else its Q landed at the boundary, before that S)
-        // (The previous sequence issued them unless it had no tile.)
-        if (q_issued != seq) {
-          named_barrier_sync(kBarScores, 128);  // every S of the previous sequence has read Q
-          task.template load_q<128>(cur, sh.sq);
-          cp_async_commit();
-        }
-        cp_async_wait<0>();
-        tile_trace(k, kTrBdScQ);
-        fence_proxy_async();
-        named_barrier_sync(kBarScores, 128);  // all of Q, before the wgmma reads it
+        scores_q_ready(cur, seq);
         if (seq == task.begin_seq) cta_stamp(kStartQ);
       }
     }
@@ -741,19 +751,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       if (q_ready_here && seq < task.end_seq) {
         const typename Task::Seq nxt = task.seq(seq + 1);
         if (nxt.first < nxt.t_hi) {
-          if constexpr (kEarlyQ) {
-            if (q_issued != seq + 1) {  // (this sequence had no tile: nothing issued yet)
-              named_barrier_sync(kBarScores, 128);
-              task.template load_q<128>(nxt, sh.sq);
-              cp_async_commit();
-              q_issued = seq + 1;
-            }
-            cp_async_wait<0>();
-            fence_proxy_async();
-            named_barrier_sync(kBarScores, 128);  // all of Q, before the wgmma reads it
-          } else {
-            mbarrier_wait(sh.bar_q_full, nq & 1);  // (nq counts it at the sequence's start)
-          }
+          scores_q_ready(nxt, seq + 1);  // (the TMA's nq is counted at that sequence's start)
           ws_wait_full<Task, kPair, true>(sh, k);
 #pragma unroll
           for (int i = 0; i < 32; ++i) sacc_next[i] = 0.f;
