@@ -84,10 +84,11 @@ struct DenseWsTask {
   __device__ __forceinline__ bool q_tma() const { return kDenseQTma && p.q_map_ok; }
   // One thread: sequence q's Q tile of this CTA (9 boxes, rows row0 .. + 63, zeros past
   // rows_total) into sq, its bytes counted on q_full once the scores warpgroup has freed the last
-  // one (q_free, the nq-th wait: the first passes).
+  // one (q_free, the nq-th wait: the first passes). The lone-thread wait: mbarrier_wait's
+  // __syncwarp would wait for the warp's 31 other lanes, which never come here (they hung).
   __device__ __forceinline__ void issue_q(const Seq& q, const WsShared& sh, uint32_t nq) const {
     using S = TileSmem<kDqk>;
-    mbarrier_wait(sh.bar_q_free, (nq & 1) ^ 1);
+    mbarrier_wait_thread(sh.bar_q_free, (nq & 1) ^ 1);
     mbarrier_arrive_expect_tx(sh.bar_q_full, S::kKBlocks * S::kBlockBytes);
 #pragma unroll
     for (int j = 0; j < S::kKBlocks; ++j)
