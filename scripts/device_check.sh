@@ -141,10 +141,17 @@ copy_tree() {
 # runs; mean and median per kernel, and each run's span) of every TIMELINE_CASES entry
 # (profile_decode.py argument strings separated by ';') on each build given as name=PYTHONPATH
 # (empty: this build; name var:<v>: this build with JFM_KERNEL_VARIANT=<v>), logged to
-# $OUT/<$1>_<name>.log.
+# $OUT/<$1>_<name>.log. One long-lived process per build runs all the cases
+# (benchmarks/profile_cases.py: ~21 s per case and build went to each process's start);
+# TL_SERVERS=0: the old loop, one process per case and build.
 time_builds() {
   local stage=$1 c side name variant
   shift
+  if [ "${TL_SERVERS:-1}" != 0 ]; then
+    python3 "$REPO/benchmarks/profile_cases.py" drive --stage "$stage" --out "$OUT" \
+      --cases "${TIMELINE_CASES:---h_q 128 --s_k 4096 --b 128}" "$@" || fail "$stage timing"
+    return
+  fi
   IFS=';' read -ra tl_cases <<< "${TIMELINE_CASES:---h_q 128 --s_k 4096 --b 128}"
   for c in "${tl_cases[@]}"; do
     for side in "$@"; do
