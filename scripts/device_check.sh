@@ -137,7 +137,7 @@ copy_tree() {
   tar cf - -C "$REPO" --exclude=./.whl --exclude=./.anchor --exclude=./.abase --exclude=./.git \
     --exclude=./build . | tar xf - -C "$1"
 }
-# Profiler kernel times (benchmarks/profile_decode.py --timeline: 10 calls in one jit, 3 traced
+# Profiler kernel times (benchmarks/profile_decode.py --timeline: 10 calls in one jit, 5 traced
 # runs; mean and median per kernel, and each run's span) of every TIMELINE_CASES entry
 # (profile_decode.py argument strings separated by ';') on each build given as name=PYTHONPATH
 # (empty: this build; name var:<v>: this build with JFM_KERNEL_VARIANT=<v>), logged to
