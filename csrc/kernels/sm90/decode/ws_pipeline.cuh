@@ -408,12 +408,20 @@ __device__ __forceinline__ void mask_tile(float (&s)[kRegs], Masked masked) {
 // call): h128 b64 s_k 4K fixed 126.1 -> 129.4 us, b128 s_k 2K fixed 132.2 -> 135.2, b256 s_k 1K
 // fixed 147.6 -> 150.6, b128 s_k 8K 498.2 -> 509.8 (+2.0 to +2.6%), so dense keeps its Q load after
 // the outputs; removed.
+// =2 (a candidate, 2026-12-07 seventh session): also the FP8 CTA pairs (V3.2 / V4 h_q 128).
+// Why again: the FP8 pair's tile trace (V3.2 h128 b128 s_q 2, H100) spends ~12K cycles at each
+// sequence boundary (a tile is ~4.3K), ~7K of them the math warps' Q copies after the output
+// stores, while the producer, bound by its dequantization and not by DRAM (~31% of it), sits idle
+// on two full buffers. The 5-9% loss above was kRolesWide's V3.2 h128 of 2026-12-02, before the
+// pair; with =2's form kRolesWide's V3.2 kernel spills 124 bytes (none in the pairs), so it is
+// left out.
 #ifndef JFM_WS_EARLY_Q
 #define JFM_WS_EARLY_Q 1
 #endif
-template <class Task>
+template <class Task, bool kPair>
 constexpr bool ws_early_q() {
-  return JFM_WS_EARLY_Q != 0 && Task::kCpAsyncTiles && Task::kShortSeqs;
+  return JFM_WS_EARLY_Q != 0 && Task::kShortSeqs &&
+         (Task::kCpAsyncTiles || (JFM_WS_EARLY_Q == 2 && kPair));
 }
 
 // JFM_WS_MASK_SKIP (on; =0 masks every tile, for A/B): the role split's scores warpgroup skips
@@ -568,7 +576,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   const uint64_t desc_q = dd.q, desc_k = dd.k, desc_p = dd.p, desc_v = dd.v;
 
   uint32_t k = 0;  // tiles this CTA has consumed (the producer's count, in step)
-  constexpr bool kEarlyQ = ws_early_q<Task>();
+  constexpr bool kEarlyQ = ws_early_q<Task, kPair>();
   int q_issued = -1;  // kEarlyQ: the sequence whose Q copies the scores warpgroup has issued
   constexpr bool kStaged = WsStagedOut<Task>::value && !kPair;
   // (JFM_SPARSE_TMA_OUT=3, the default) the producer stores the staged boxes (the task's produce
