@@ -102,12 +102,6 @@ struct DenseDecodeParams {
   // (not encoded) leaves every page to the cp.async copies.
   CUtensorMap kv_map;
   bool kv_map_ok;
-  // JFM_DENSE_Q_TMA: q as a TMA tensor map [b, s_q * h_q rows, 576] (box 64 x 64 x 1, 128-byte
-  // swizzle: one column block of the Q tile; rows past s_q * h_q come as zeros), encoded by the
-  // launcher where h_kv == 1 (a CTA's 64 rows are then consecutive rows of one batch element);
-  // q_map_ok false leaves Q to the math warps' cp.async copies.
-  CUtensorMap q_map;
-  bool q_map_ok;
 };
 constexpr int kDenseDqk = 576;
 // JFM_DENSE_TMA (on; =0 for A/B): the dense role split's producer (kRoles: more than 32 query rows
@@ -157,25 +151,6 @@ constexpr bool kDensePair = JFM_DENSE_PAIR != 0 && kDenseTma;
 #define JFM_DENSE_L2_AHEAD 1
 #endif
 constexpr bool kDenseL2Ahead = JFM_DENSE_L2_AHEAD != 0 && kDenseTma;
-// JFM_DENSE_Q_TMA (off; =1 a candidate, not yet measured): in the dense role split (kRoles,
-// kRolesPair) the producer loads each sequence's Q tile by TMA (9 boxes, one thread), the first
-// at the CTA's start and each next one as soon as the scores warpgroup's last S of the previous
-// sequence has read Q (q_free), instead of the math warps copying it (cp.async, 256 threads) after
-// both have stored the previous sequence's rows. Why: the tile probe (H100, 2026-12-07 fifth
-// session, h128 b128 s_k 4K) puts a sequence boundary at ~13.3K cycles against a 3.1K-cycle tile:
-// the scores warpgroup's row stores take ~5.1K cycles to issue (128 KB of float partials a CTA),
-// and then the Q copies take ~4.0K more, queued behind those stores, while the page of the next
-// sequence's first tile has long been there. With Q loaded under the last tile, the scores
-// warpgroup starts the next S once its own stores are issued (and no longer syncs with the values
-// warpgroup there). Expected: up to -4.5K cycles per boundary, -2 to -4% at h128 b64-128 s_k 4K,
-// more where sequences are short (b256 s_k 1K), nothing at one sequence per CTA. The earlier
-// early-Q form (the scores warpgroup's own cp.async after its last S, +2.0 to +2.6%, 2026-12-05)
-// put 36 copies per thread and a barrier on the scores chain; this one puts nothing there.
-// h_kv == 1 only (q_map_ok); otherwise the cp.async path as before.
-#ifndef JFM_DENSE_Q_TMA
-#define JFM_DENSE_Q_TMA 0
-#endif
-constexpr bool kDenseQTma = JFM_DENSE_Q_TMA != 0 && kDenseTma;
 
 // ---- Sparse decode and sparse prefill (token-level gathers, h_kv = 1) --------------------------
 // Cache formats a sparse kernel reads (the layout follows from d_qk for FP8: SEMANTICS.md).

@@ -47,9 +47,6 @@
 //   using T (bf16 / fp16); kDqk; kFenceAfterFull (its fills include cp.async copies);
 //   kCpAsyncTiles (its tiles are cp.async copies of bf16 rows, no dequantization);
 //   kShortSeqs (a sequence is one query token's top-k tiles, so Q tiles change every few tiles);
-//   kRolesRegP (JFM_WS_SCORES_REG_P=4: the unpaired role split's scores take P from registers);
-//   kQByProducer (JFM_DENSE_Q_TMA: its sole producer may load the Q tiles by TMA, then also
-//   q_tma(), whether it does at run time);
 //   begin_seq, end_seq, softmax_scale; Seq seq(int) with first, t_hi and next(n) (live tiles);
 //   load_q<kThreads>(const Seq&, uint32_t sq) (cp.async of the 64-row Q tile by threads
 //   0 .. kThreads - 1, 256 or 128; the caller commits and waits);
@@ -182,25 +179,6 @@ constexpr bool ws_scores_reg_p() {
 #ifndef JFM_WS_SPLIT_P
 #define JFM_WS_SPLIT_P 1
 #endif
-// JFM_WS_BOUNDARY_S (off; =1 a candidate, not yet measured): at a sequence boundary of the role
-// split, where the next sequence's Q is in shared memory before this one's rows are stored (the
-// bf16 sparse tasks' early Q, JFM_WS_EARLY_Q; the dense Q by TMA, JFM_DENSE_Q_TMA), the scores
-// warpgroup waits for it and the next tile, issues that tile's S, and only then converts and
-// stores its rows; the S completes on the tensor cores meanwhile, is waited for after the stores
-// and taken as that tile's S.
-// Why: the tile probe (H100, 2026-12-07 fifth session) has the scores warpgroup's stores take
-// 1.8K cycles a boundary in prefill (staging) and 5.1K in dense (float partials) with S (1.2-1.4K)
-// after them: prefill d512 h64 has a boundary every 8 tiles (3.7K extra cycles, ~15% of its
-// time). Expected: -1.2K cycles a boundary, prefill d512 h64 -4%, d512 h128 -2%, d576 h128 -1%;
-// dense only with JFM_DENSE_Q_TMA. (The tile's own stamps then show its wait and S as done.)
-// ptxas: the bf16 sparse kRoles kernels spill 12 / 32 bytes with it (8 / 8 without), the dense
-// ones nothing. The S is waited for after the stores, outside any branch: waited in the branch
-// that issued it or in the tile that uses it, ptxas serialized every wgmma of the kernel (C7518,
-// "WG.DP in divergent path").
-#ifndef JFM_WS_BOUNDARY_S
-#define JFM_WS_BOUNDARY_S 0
-#endif
-constexpr bool kWsBoundaryS = JFM_WS_BOUNDARY_S != 0;
 template <int N>
 using WsInt = std::integral_constant<int, N>;  // (compile-time arguments of ws_math's publish)
 template <class Task, bool kPair>
@@ -244,9 +222,8 @@ struct WsSmem : TileSmem<kDqk> {
   // p_ready, p_free, stats_ready, stats_free (kRoles*), p_ready_hi (JFM_WS_SPLIT_P: P's second half)
   static constexpr int kPBarOff = kPeerBarOff + 2 * 8;
   static constexpr uint32_t kPReadyHi = 4 * 8;  // p_ready_hi's offset from p_ready
-  static constexpr int kQBarOff = kPBarOff + 5 * 8;  // q_full, q_free (Task::kQByProducer)
-  static constexpr size_t kBytes = kQBarOff + 2 * 8 + 1024;  // + alignment slack
-  static_assert(kBarOff % 8 == 0 && kPeerBarOff % 8 == 0 && kPBarOff % 8 == 0 && kQBarOff % 8 == 0,
+  static constexpr size_t kBytes = kPBarOff + 5 * 8 + 1024;  // + alignment slack
+  static_assert(kBarOff % 8 == 0 && kPeerBarOff % 8 == 0 && kPBarOff % 8 == 0,
                 "mbarriers are 8-byte aligned");
   static_assert(kBytes <= 227 * 1024, "shared memory of one sm90 CTA");
 };
@@ -260,9 +237,6 @@ struct WsShared {
   uint32_t bar_full, bar_empty;  // mbarriers [2] each
   // kRoles*: the hand-offs between the math warpgroups (P and corrections; the rows' totals).
   uint32_t bar_p_ready, bar_p_free, bar_stats_ready, bar_stats_free;
-  // Task::kQByProducer (JFM_DENSE_Q_TMA): the Q tile loaded (the producer's TMA bytes) and read
-  // (the scores warpgroup's last S of a sequence).
-  uint32_t bar_q_full, bar_q_free;
   int tile_bytes;
   // kRolesPair: this CTA's rank in the pair; bar_peer_full[2] (this CTA's barriers that count the
   // bytes the peer stores into its tiles); the peer's tile 0 and empty barriers (cluster
@@ -275,10 +249,8 @@ struct WsShared {
 // hand-offs: 128 each) and synchronizes the CTA (kRolesPair: the
 // cluster, so the peer's barriers are initialized before anything reaches them): the last
 // CTA-wide barrier before the roles part.
-// kPReadyHi: the kernel splits P (ws_split_p), so p_ready_hi is initialized too. kQBars: the
-// producer loads Q (Task::kQByProducer), so q_full (its one arrival + the bytes) and q_free (the
-// scores warpgroup's 128 threads) are too.
-template <int kDqk, WsMath kMath, bool kPReadyHi = false, bool kQBars = false>
+// kPReadyHi: the kernel splits P (ws_split_p), so p_ready_hi is initialized too.
+template <int kDqk, WsMath kMath, bool kPReadyHi = false>
 __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t full_count) {
   using S = TileSmem<kDqk>;
   using W = WsSmem<kDqk>;
@@ -298,8 +270,6 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
   sh.bar_p_free = sh.bar_p_ready + 8;
   sh.bar_stats_ready = sh.bar_p_ready + 16;
   sh.bar_stats_free = sh.bar_p_ready + 24;
-  sh.bar_q_full = base + W::kQBarOff;
-  sh.bar_q_free = sh.bar_q_full + 8;
   sh.tile_bytes = S::kTileBytes;
   constexpr bool kPair = ws_pair(kMath);
   if constexpr (kPair) {
@@ -319,10 +289,6 @@ __device__ __forceinline__ WsShared ws_setup(unsigned char* smem_raw, uint32_t f
       if constexpr (kPair) mbarrier_init(sh.bar_peer_full + 8 * b, 1);  // + the peer's bytes
     }
     for (int i = 0; i < (kPReadyHi ? 5 : 4); ++i) mbarrier_init(sh.bar_p_ready + 8 * i, 128);
-    if constexpr (kQBars) {
-      mbarrier_init(sh.bar_q_full, 1);
-      mbarrier_init(sh.bar_q_free, 128);
-    }
     if constexpr (kPair) fence_mbarrier_init();
   }
   if (threadIdx.x == 256) cta_stamp(kStartAtBarrier);  // (tile_trace.cuh: the probe's stamps)
@@ -553,14 +519,6 @@ __device__ __forceinline__ void ws_finish_rows(RowState& st, const WsShared& sh,
   }
 }
 
-// Whether the producer loads this task's Q tiles (JFM_DENSE_Q_TMA: the task's kQByProducer and,
-// at run time, its tensor map): the same answer in every warp of the CTA.
-template <class Task>
-__device__ __forceinline__ bool ws_q_by_producer(const Task& task) {
-  if constexpr (Task::kQByProducer) return task.q_tma();
-  else return false;
-}
-
 // The math warps' loop over this CTA's sequences and tiles. One instantiation per role, so that
 // each warpgroup's code is register-allocated within its own setmaxnreg budget (with one loop for
 // both roles ptxas allocated it within the smaller budget and spilled).
@@ -583,53 +541,23 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   // loop): the math warps stage, fence and hand the buffer back. (=1: they store them here.)
   constexpr bool kProducerStore = kStaged && JFM_SPARSE_TMA_OUT == 3;
   constexpr int kBarWg = kRole == WsRole::kScores ? kBarScores : kBarValues;
-  // (JFM_DENSE_Q_TMA) the producer loads Q: the scores warpgroup waits for it (nq: the Q tiles
-  // of this CTA so far, sequences without a tile here have none) and frees it after its last S.
-  const bool q_by_producer = ws_q_by_producer(task);
-  uint32_t nq = 0;
-  // (JFM_WS_BOUNDARY_S) the scores warpgroup's S of the next sequence's first tile, issued before
-  // this sequence's rows are stored and waited for after them (s_next: sacc_next holds it).
-  constexpr bool kBoundaryS = kWsBoundaryS && kRole == WsRole::kScores &&
-                              (kEarlyQ || Task::kQByProducer);
-  float sacc_next[32];
-  bool s_next = false;
-  // The scores warpgroup's wait for sequence si's Q tile (s): the producer's TMA (the nq-th; the
-  // caller counts it) or its own early copies, issued after the previous sequence's last S
-  // unless that sequence had no tile here (then now), landed and fenced for the wgmma.
-  static_assert(!(kEarlyQ && Task::kQByProducer), "one way of loading Q ahead per task");
-  auto scores_q_ready = [&](const typename Task::Seq& s, int si) {
+  for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
+    const typename Task::Seq cur = task.seq(seq);
     if constexpr (!kEarlyQ) {
-      mbarrier_wait(sh.bar_q_full, nq & 1);
-    } else {
-      if (q_issued != si) {
+      ws_load_q<256>(task, cur, sh, [] { Sync::sync(); });
+      if (seq == task.begin_seq) cta_stamp(kStartQ);
+    } else if constexpr (kRole == WsRole::kScores) {
+      // (The previous sequence issued them unless it had no tile.)
+      if (q_issued != seq) {
         named_barrier_sync(kBarScores, 128);  // every S of the previous sequence has read Q
-        task.template load_q<128>(s, sh.sq);
+        task.template load_q<128>(cur, sh.sq);
         cp_async_commit();
       }
       cp_async_wait<0>();
       tile_trace(k, kTrBdScQ);
       fence_proxy_async();
       named_barrier_sync(kBarScores, 128);  // all of Q, before the wgmma reads it
-    }
-  };
-  for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
-    const typename Task::Seq cur = task.seq(seq);
-    if (q_by_producer) {
-      if (cur.first < cur.t_hi) {
-        if constexpr (kRole == WsRole::kScores)
-          if (!(kBoundaryS && s_next)) scores_q_ready(cur, seq);
-        ++nq;
-      }
-      if constexpr (kRole == WsRole::kScores)
-        if (seq == task.begin_seq) cta_stamp(kStartQ);
-    } else if constexpr (!kEarlyQ) {
-      ws_load_q<256>(task, cur, sh, [] { Sync::sync(); });
       if (seq == task.begin_seq) cta_stamp(kStartQ);
-    } else if constexpr (kRole == WsRole::kScores) {
-      if (!(kBoundaryS && s_next)) {  // (else its Q landed at the boundary, before that S)
-        scores_q_ready(cur, seq);
-        if (seq == task.begin_seq) cta_stamp(kStartQ);
-      }
     }
 
     RowState st;
@@ -652,15 +580,8 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
         float sacc[32];  // this tile's S, then P
         uint32_t valid_word = 0;  // (JFM_WS_EARLY_VALID)
         if constexpr (kWsMaskSkip && kWsEarlyValid) valid_word = ws_valid_word(valid);
-        if (kBoundaryS && s_next) {  // issued at the last boundary (waited after its stores)
-#pragma unroll
-          for (int i = 0; i < 32; ++i) sacc[i] = sacc_next[i];
-          s_next = false;
-        } else {
-          tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
-        }
+        tile_qk_rows<T, Task::kDqk>(sacc, desc_q, desc_k + buf_desc);
         tile_trace(k, kTrScS);
-        if (q_by_producer && n_next >= cur.t_hi) mbarrier_arrive(sh.bar_q_free);  // Q read
         if (kEarlyQ && n_next >= cur.t_hi && seq < task.end_seq) {
           named_barrier_sync(kBarScores, 128);  // every thread's S has completed: Q is free
           task.template load_q<128>(task.seq(seq + 1), sh.sq);
@@ -752,25 +673,6 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
                           task.empty_lse(cur), inv, lse, m, ln);
     cta_stamp(kRole == WsRole::kScores ? kEndScStats : kEndValStats);
     if constexpr (kRole == WsRole::kScores) tile_trace(k, kTrBdScStats);  // (every role split)
-    if constexpr (kBoundaryS) {
-      // The next sequence's Q in place and its first tile full, its S issued: it runs on the
-      // tensor cores while this warpgroup converts and stores its rows below.
-      const bool q_ready_here = kEarlyQ || q_by_producer;
-      if (q_ready_here && seq < task.end_seq) {
-        const typename Task::Seq nxt = task.seq(seq + 1);
-        if (nxt.first < nxt.t_hi) {
-          scores_q_ready(nxt, seq + 1);  // (the TMA's nq is counted at that sequence's start)
-          ws_wait_full<Task, kPair, true>(sh, k);
-#pragma unroll
-          for (int i = 0; i < 32; ++i) sacc_next[i] = 0.f;
-          wgmma_fence();
-          tile_gemm_qk_mma<T, Task::kDqk, 64>(sacc_next, desc_q,
-                                              desc_k + (k & 1) * (S::kTileBytes >> 4));
-          wgmma_commit();
-          s_next = true;
-        }
-      }
-    }
     // Under the lazy max the running max (which lse used) may trail the true one; max_logits,
     // written by the scores warpgroup only, takes the true one.
     if constexpr (kRole == WsRole::kScores) {
@@ -803,10 +705,6 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
       }
     }
     if (!stored) task.template store_rows<kRole == WsRole::kScores, kPair>(cur, st, inv, lse, m, ln);
-    // (kBoundaryS) the next sequence's S, waited for outside any branch (a wait in the branch
-    // that issued it, or in the tile that uses it, serialized every wgmma of the kernel: ptxas
-    // C7518); with none in flight it returns at once.
-    if constexpr (kBoundaryS) wgmma_wait<0>();
     cta_stamp(kRole == WsRole::kScores ? kEndScStored : kEndValStored);
     tile_trace(k, kRole == WsRole::kScores ? kTrBdScStored : kTrBdValStored);
   }

@@ -34,25 +34,6 @@ void encode_kv_map(DenseDecodeParams& p) {
                        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// JFM_DENSE_Q_TMA: p.q_map over q [batch, s_q * h_q rows, 576] of 2-byte elements (box: 64
-// columns x 64 rows x 1 batch element, 128-byte swizzle, the Q tile's column-block layout; rows
-// past s_q * h_q are out of bounds, so a partial row block reads zeros as the cp.async copies
-// write them). Only for h_kv == 1, where a CTA's 64 query rows are consecutive rows of one batch
-// element; left unencoded (q_map_ok false: the math warps' copies) otherwise or if refused.
-void encode_q_map(DenseDecodeParams& p) {
-  p.q_map_ok = false;
-  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
-  if (encode == nullptr || p.h_kv != 1 || p.batch <= 0) return;
-  const cuuint64_t rows = static_cast<cuuint64_t>(p.s_q) * p.h_q;
-  const cuuint64_t dims[3] = {kDenseDqk, rows, static_cast<cuuint64_t>(p.batch)};
-  const cuuint64_t strides[2] = {kDenseDqk * 2, rows * kDenseDqk * 2};
-  const cuuint32_t box[3] = {64, kBlockM, 1}, unit[3] = {1, 1, 1};
-  p.q_map_ok = encode(&p.q_map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 3, const_cast<void*>(p.q), dims,
-                      strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
-
 template <typename T>
 cudaError_t launch(const DenseDecodeParams& params, cudaStream_t stream) {
   const KernelVariant v = kernel_variant();
@@ -60,8 +41,6 @@ cudaError_t launch(const DenseDecodeParams& params, cudaStream_t stream) {
   DenseDecodeParams p = params;
   if constexpr (kDenseTma) encode_kv_map(p);
   else p.kv_map_ok = false;
-  if constexpr (kDenseQTma) encode_q_map(p);
-  else p.q_map_ok = false;
   const int rows = p.s_q * (p.h_q / p.h_kv);  // query rows per KV head (a CTA takes 64 of them)
   if (rows <= 16) return sm90::launch_dense_decode_ws<T, WsMath::kTransposed16>(p, stream);
   if (rows <= 32) return sm90::launch_dense_decode_ws<T, WsMath::kTransposed32>(p, stream);

@@ -28,7 +28,6 @@ struct DenseWsTask {
   static constexpr bool kCpAsyncTiles = true;
   static constexpr bool kShortSeqs = false;  // a sequence is a whole context
   static constexpr bool kRolesRegP = false;  // (JFM_WS_SCORES_REG_P=4: unpaired, P from shared memory)
-  static constexpr bool kQByProducer = kDenseQTma;  // (JFM_DENSE_Q_TMA; the role split's, q_tma)
   static constexpr uint32_t kFullCount = 256;
   static_assert(kPageBlock == kTileTokens, "one page is one tile");
 
@@ -79,20 +78,6 @@ struct DenseWsTask {
   template <int kThreads>
   __device__ __forceinline__ void load_q(const Seq& q, uint32_t sq) const {
     load_dense_q_tile<T, kThreads>(p, q.index, row0, hk, hpk, rows_total, sq);
-  }
-  // (JFM_DENSE_Q_TMA) the role split's producer loads Q by TMA (q_map: h_kv == 1).
-  __device__ __forceinline__ bool q_tma() const { return kDenseQTma && p.q_map_ok; }
-  // One thread: sequence q's Q tile of this CTA (9 boxes, rows row0 .. + 63, zeros past
-  // rows_total) into sq, its bytes counted on q_full once the scores warpgroup has freed the last
-  // one (q_free, the nq-th wait: the first passes). The lone-thread wait: mbarrier_wait's
-  // __syncwarp would wait for the warp's 31 other lanes, which never come here (they hung).
-  __device__ __forceinline__ void issue_q(const Seq& q, const WsShared& sh, uint32_t nq) const {
-    using S = TileSmem<kDqk>;
-    mbarrier_wait_thread(sh.bar_q_free, (nq & 1) ^ 1);
-    mbarrier_arrive_expect_tx(sh.bar_q_full, S::kKBlocks * S::kBlockBytes);
-#pragma unroll
-    for (int j = 0; j < S::kKBlocks; ++j)
-      tma_load_3d(sh.sq + j * S::kBlockBytes, &p.q_map, sh.bar_q_full, 64 * j, row0, q.index);
   }
   __device__ __forceinline__ bool masked(const Seq& q, int n, const uint8_t* valid, int h,
                                          int col) const {
@@ -147,26 +132,12 @@ struct DenseWsTask {
     const int ptid = threadIdx.x & 127;
     const int lr = ptid >> 3, lq = ptid & 7;
     uint32_t k0 = 0;  // the CTA's tiles before this sequence's
-    // (JFM_DENSE_Q_TMA, kSole) thread 0 loads each sequence's Q (nq: those loaded): the CTA's
-    // first at once, each later one after this sequence's first page is issued (the last S of
-    // the previous sequence, which frees Q, needs the pages issued before it, never this one).
-    const bool load_q_here = kSole && q_tma();
-    uint32_t nq = 0;
     for (int s = begin_seq; s <= end_seq; ++s) {
       const Seq q = seq(s);
-      bool q_due = load_q_here && q.first < q.t_hi;  // (the math's test: a Q per tiled sequence)
-      auto q_now = [&] {
-        if (!q_due) return;
-        if (ptid == 0) issue_q(q, sh, nq);
-        ++nq;
-        q_due = false;
-      };
-      if (nq == 0) q_now();
       // Every page of [first, t_hi) is a tile: the CTA's (k0 + n - first)-th.
       const int skip = (which - static_cast<int>(k0 % stride) + stride) % stride;
       int blk = q.first + skip < q.t_hi ? q.table[q.first + skip] : -1;
       for (int n = q.first + skip; n < q.t_hi; n += stride) {
-        if (n != q.first + skip) q_now();
         const uint32_t k = k0 + (n - q.first);
         const int blk_next = n + stride < q.t_hi ? q.table[n + stride] : -1;
         const bool blk_ok = blk >= 0 && blk < p.num_kv_blocks;
@@ -239,7 +210,6 @@ struct DenseWsTask {
         tile_trace(k, kTrProdIssued);
         blk = blk_next;
       }
-      q_now();  // (a sequence of one page here)
       k0 += max(q.t_hi - q.first, 0);
     }
     cp_async_wait_all();  // no copy outlives its thread
@@ -252,9 +222,8 @@ __global__ void __launch_bounds__(384, 1) dense_decode_ws_kernel(const __grid_co
   cta_trace(false);  // (tile_trace.cuh; nothing without JFM_TILE_TRACE)
   pdl_attention_start();  // (pdl.cuh) the combine may be placed on SMs this grid's tail frees
   extern __shared__ unsigned char smem_raw[];
-  constexpr bool kQBars = Task::kQByProducer && !ws_transposed(kMath);  // (JFM_DENSE_Q_TMA)
-  const WsShared sh = ws_setup<Task::kDqk, kMath, ws_split_p<Task, ws_pair(kMath)>(), kQBars>(
-      smem_raw, Task::kFullCount);
+  const WsShared sh =
+      ws_setup<Task::kDqk, kMath, ws_split_p<Task, ws_pair(kMath)>()>(smem_raw, Task::kFullCount);
   pdl_attention_inputs();  // (JFM_PDL_MAIN) the previous kernel's writes, before the first read
   const Task task(p);
   ws_run<kMath>(task, sh);

@@ -309,7 +309,6 @@ struct SparseWsTask {
   // (JFM_WS_SCORES_REG_P=4) the bf16 role split's scores warpgroup takes P from registers, in
   // halves (ws_pipeline.cuh has the measurement); the FP8 role splits measured flat or slower.
   static constexpr bool kRolesRegP = !kFp8;
-  static constexpr bool kQByProducer = false;  // (the math warps copy Q: JFM_DENSE_Q_TMA is dense's)
   static constexpr bool kFenceAfterFull = !kFp8 || kRopeAsync;
   static constexpr bool kEarlyIndices = JFM_V32_EARLY_INDICES != 0 && kFmt == KvFormat::kFp8V32;
   static constexpr uint32_t kFullCount = kFp8 && !kRopeAsync ? 128 : 256;
