@@ -358,8 +358,9 @@ __device__ __forceinline__ void mask_tile(float (&s)[kRegs], Masked masked) {
   }
 }
 
-// JFM_WS_EARLY_Q (on; =0 loads Q after the outputs, for A/B): in the role split of the bf16 sparse
-// tasks (kCpAsyncTiles and kShortSeqs: prefill, bf16 sparse decode) only the scores warpgroup reads
+// JFM_WS_EARLY_Q (=2 by default; =1 the bf16 sparse tasks only, =0 Q after the outputs everywhere,
+// for A/B): in the role split of the bf16 sparse tasks (kCpAsyncTiles and kShortSeqs: prefill, bf16
+// sparse decode) and (=2) of the FP8 CTA pairs, only the scores warpgroup reads
 // Q, so it alone loads it (128 threads), and it issues the next sequence's Q copies as soon as the
 // last S of the current one has completed: they land under that tile's softmax and P V, the rows'
 // totals and the output stores, instead of after them with both math warpgroups waiting. Why:
@@ -374,15 +375,17 @@ __device__ __forceinline__ void mask_tile(float (&s)[kRegs], Masked masked) {
 // call): h128 b64 s_k 4K fixed 126.1 -> 129.4 us, b128 s_k 2K fixed 132.2 -> 135.2, b256 s_k 1K
 // fixed 147.6 -> 150.6, b128 s_k 8K 498.2 -> 509.8 (+2.0 to +2.6%), so dense keeps its Q load after
 // the outputs; removed.
-// =2 (a candidate, 2026-12-07 seventh session): also the FP8 CTA pairs (V3.2 / V4 h_q 128).
-// Why again: the FP8 pair's tile trace (V3.2 h128 b128 s_q 2, H100) spends ~12K cycles at each
-// sequence boundary (a tile is ~4.3K), ~7K of them the math warps' Q copies after the output
-// stores, while the producer, bound by its dequantization and not by DRAM (~31% of it), sits idle
-// on two full buffers. The 5-9% loss above was kRolesWide's V3.2 h128 of 2026-12-02, before the
-// pair; with =2's form kRolesWide's V3.2 kernel spills 124 bytes (none in the pairs), so it is
-// left out.
+// =2 (the default since 2026-12-07's seventh session): also the FP8 CTA pairs (V3.2 / V4 at 65-128
+// heads). Why again: the FP8 pair's tile trace (V3.2 h128 b128 s_q 2, H100) spent ~12K cycles at
+// each sequence boundary (a tile is ~4.3K), ~7K of them the math warps' Q copies after the output
+// stores, while the producer, bound by its dequantization and not by DRAM (~31% of it), sat idle
+// on two full buffers. Measured (H100, profiler, each build in its own process, same call): V3.2
+// h128 s_q 2 b128 332.4 -> 325.9 us, b64 169.4 -> 167.8; V4 h128 s_q 2 topk 128 + 1024 b64 101.3
+// -> 98.0, b128 194.0 -> 189.3, b256 375.5 -> 369.7; V3.2 h128 s_q 1 b64 flat (87.3 / 87.5).
+// The 5-9% loss above was kRolesWide's V3.2 h128 of 2026-12-02, before the pair; kRolesWide stays
+// out (its V3.2 kernel spills 124 bytes with this form; the pairs none).
 #ifndef JFM_WS_EARLY_Q
-#define JFM_WS_EARLY_Q 1
+#define JFM_WS_EARLY_Q 2
 #endif
 template <class Task, bool kPair>
 constexpr bool ws_early_q() {
