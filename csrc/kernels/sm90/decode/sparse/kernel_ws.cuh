@@ -58,7 +58,12 @@ constexpr bool kPipelinedFp8Fetch = JFM_PIPELINED_FP8_FETCH != 0;
 // values warpgroup's too (=3); V3.2 h128 / h64 (kRolesWide) -0.4 / -0.5% with =2, within the
 // noise, where ptxas then spills 4 bytes (V3.2) and 16 bytes (V4) in the producer's loop (and
 // kRolesWide's values warpgroup, at 160 registers, spilled 52 bytes in its tile loop on
-// 2026-12-02): kRolesWide keeps the 4-byte stores.
+// 2026-12-02): kRolesWide keeps the 4-byte stores. =4 (a candidate, 2026-12-07 seventh session,
+// not yet run): the pairs, and V4's kRolesWide's scores warpgroup. Why: V4 h64 b128 s_q 1's tile
+// trace (H100) has every CTA's last output rows (64 KB of bf16, 4-byte stores) take 10-15K
+// cycles at the kernel's end, ~10-15% of it, against ~4.5K for the pairs' 16-byte stores of the
+// same rows mid-kernel. V4's kRolesWide compiles spill-free with its scores warpgroup's rows
+// wide (both warpgroups: 76 bytes; V3.2's kRolesWide with =2: 92 bytes).
 #ifndef JFM_FP8_WIDE_OUT
 #define JFM_FP8_WIDE_OUT 3
 #endif
@@ -101,11 +106,12 @@ constexpr bool kPipelinedFp8Fetch = JFM_PIPELINED_FP8_FETCH != 0;
 #ifndef JFM_SPARSE_STAGED_FALLBACK_WIDE
 #define JFM_SPARSE_STAGED_FALLBACK_WIDE 1
 #endif
-constexpr bool fp8_wide_out(bool pair, bool scores_role) {
+constexpr bool fp8_wide_out(bool pair, bool scores_role, bool v4) {
   switch (JFM_FP8_WIDE_OUT) {
     case 1: return pair && scores_role;
     case 2: return scores_role;
     case 3: return pair;
+    case 4: return pair || (v4 && scores_role);
     default: return false;
   }
 }
@@ -406,7 +412,7 @@ struct SparseWsTask {
                                              const float (&lse)[2], const float (&m)[2],
                                              const Lane& ln) const {
     constexpr bool kWide =
-        kWideOutStores && (kFp8 ? fp8_wide_out(kPair, kScoresRole)
+        kWideOutStores && (kFp8 ? fp8_wide_out(kPair, kScoresRole, kFmt == KvFormat::kFp8V4)
                                 : !kStagedOut || JFM_SPARSE_STAGED_FALLBACK_WIDE != 0);
     store_token_rows<kWide>(p, st, inv, lse, m, q.index, head0, q.slot, q.nsplit, ln);
   }
