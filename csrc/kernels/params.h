@@ -240,6 +240,20 @@ struct SparsePool {
 #ifndef JFM_SPARSE_TMA_OUT
 #define JFM_SPARSE_TMA_OUT 3
 #endif
+// JFM_FP8_TMA_OUT (off; =1 a candidate, 2026-12-07 seventh session, not yet run): the unpaired FP8
+// role split (kRolesWide: V3.2 / V4 at 33-64 heads, and 65-128 where no pair fits) stages each
+// unsplit token's output rows as the bf16 kernels do, and each math warpgroup's thread stores its
+// four boxes by TMA (JFM_SPARSE_TMA_OUT=1's form: the FP8 producer has no store step). Why: the
+// tile trace of V4 h64 b128 s_q 1 (H100) has every CTA's last 64 KB of output rows take 10-15K
+// cycles in kRolesWide's 4-byte stores (~10-15% of the kernel), all CTAs storing at once.
+// =1: V4's kRolesWide (no spill); =2: V3.2's too (its kRolesWide then spills 56 bytes, 4 without).
+#ifndef JFM_FP8_TMA_OUT
+#define JFM_FP8_TMA_OUT 0
+#endif
+// Whether the unpaired FP8 role split of this format stages its output for TMA stores.
+constexpr bool fp8_tma_out(KvFormat f) {
+  return JFM_FP8_TMA_OUT == 2 || (JFM_FP8_TMA_OUT == 1 && f == KvFormat::kFp8V4);
+}
 
 // num_tokens = batch * s_q query tokens, each attending its own rows of pool 0 then pool 1 under
 // one softmax. Tile t of a token covers positions [64 t, 64 t + 64) of the list
@@ -263,7 +277,8 @@ struct SparseDecodeParams {
   float softmax_scale;
   // (JFM_SPARSE_TMA_OUT) the output [tokens, h_q, 512] bf16 as a TMA tensor map (box 64 columns x
   // 64 heads x 1 token, 128-byte swizzle), encoded by the launcher for the bf16 role split
-  // (kRoles); out_map_ok false: every row stored by its threads (store_token_rows).
+  // (kRoles) and (JFM_FP8_TMA_OUT) the unpaired FP8 one (kRolesWide); out_map_ok false: every
+  // row stored by its threads (store_token_rows).
   CUtensorMap out_map;
   bool out_map_ok;
 };

@@ -61,9 +61,10 @@
 //   one; kRoomy: kTransposed16's, the most registers);
 //   for kTransposed*: masked_t(const Seq&, n, valid, token, row) and
 //   row_out(const Seq&, row, inv, lse, m, bool write_stats) -> WsRowOut;
-//   optionally (WsStagedOut) kStagedOut, staged_out(const Seq&), stage_rows(const Seq&, st, inv,
-//   lse, m, uint32_t dst, const Lane&) and store_staged(int token, uint32_t src, int wc): the
-//   role split's output staged in the sequence's last tile buffer and stored by TMA.
+//   optionally (WsStagedOut) kStagedOut, kProducerStoresOut, staged_out(const Seq&),
+//   stage_rows(const Seq&, st, inv, lse, m, uint32_t dst, const Lane&) and store_staged(int token,
+//   uint32_t src, int wc): the role split's output staged in the sequence's last tile buffer and
+//   stored by TMA (by the producer where kProducerStoresOut, else by each math warpgroup).
 #pragma once
 
 #include <cmath>
@@ -203,6 +204,13 @@ template <class Task>
 struct WsStagedOut<Task, std::void_t<decltype(Task::kStagedOut)>> {
   static constexpr bool value = Task::kStagedOut;
 };
+// Whether a staging task's producer stores the staged boxes (the bf16 sole producer with
+// JFM_SPARSE_TMA_OUT=3), or each math warpgroup stores its own (the FP8 role split).
+template <class Task>
+constexpr bool ws_producer_stores_out() {
+  if constexpr (WsStagedOut<Task>::value) return Task::kProducerStoresOut;
+  else return false;
+}
 
 // Where one query row's result goes (kTransposed*; the task's row_out): the output row (times
 // `scale`) or the split-KV partial row; neither for a padded row.
@@ -542,7 +550,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   constexpr bool kStaged = WsStagedOut<Task>::value && !kPair;
   // (JFM_SPARSE_TMA_OUT=3, the default) the producer stores the staged boxes (the task's produce
   // loop): the math warps stage, fence and hand the buffer back. (=1: they store them here.)
-  constexpr bool kProducerStore = kStaged && JFM_SPARSE_TMA_OUT == 3;
+  constexpr bool kProducerStore = kStaged && ws_producer_stores_out<Task>();
   constexpr int kBarWg = kRole == WsRole::kScores ? kBarScores : kBarValues;
   for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {
     const typename Task::Seq cur = task.seq(seq);

@@ -92,8 +92,9 @@ cudaError_t launch(const SparseDecodeParams& p_in, cudaStream_t stream) {
       if (e != cudaErrorNotSupported) return e;  // else not every pair fits at once: unpaired
     }
     // The FP8 producer does the most work per tile (gather + dequantization): registers to it.
-    return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRolesWide>(
-        with_load16_for(p_in, WsMath::kRolesWide), stream);
+    SparseDecodeParams pw = with_load16_for(p_in, WsMath::kRolesWide);
+    if constexpr (fp8_tma_out(kFmt)) encode_out_map(pw);  // (its staged output; params.h)
+    return launch_sparse_attention_ws<kFmt, kDqk, WsMath::kRolesWide>(pw, stream);
   }
 }
 }  // namespace

@@ -423,7 +423,11 @@ struct SparseWsTask {
   // and waits for their read before refilling it (produce's kStoreStaged; =1: each warpgroup's
   // thread stores its four in ws_math). Tokens with a split or no tile, and launches without the
   // tensor map, keep store_rows.
-  static constexpr bool kStagedOut = !kFp8 && JFM_SPARSE_TMA_OUT != 0;
+  // (JFM_FP8_TMA_OUT) the FP8 role split stages too; its math warpgroups store their own boxes
+  // (ws_math without kProducerStoresOut), the FP8 produce loop having no store step. (The pairs
+  // never stage: ws_math's kStaged excludes them.)
+  static constexpr bool kStagedOut = kFp8 ? fp8_tma_out(kFmt) : JFM_SPARSE_TMA_OUT != 0;
+  static constexpr bool kProducerStoresOut = !kFp8 && JFM_SPARSE_TMA_OUT == 3;
   __device__ __forceinline__ bool staged_out(const Seq& q) const {
     return p.out_map_ok && q.nsplit == 1;
   }
@@ -635,7 +639,7 @@ struct SparseWsTask {
     // buffer b holds the staged output of query token staged_tok(b) (-1: none) once the math
     // warps hand it back; one thread stores its eight boxes and waits for them to be read
     // before any producer thread refills it (store_staged_of).
-    constexpr bool kStoreStaged = kStagedOut && JFM_SPARSE_TMA_OUT == 3 && kSole && !kPair;
+    constexpr bool kStoreStaged = kStagedOut && kProducerStoresOut && kSole && !kPair;
     int staged_tok0 = -1, staged_tok1 = -1;  // (two scalars: an indexed pair went to the stack)
     auto staged_tok = [&](uint32_t b) -> int& { return b ? staged_tok1 : staged_tok0; };
     auto store_staged_of = [&](uint32_t b) {
