@@ -47,6 +47,7 @@
 //   using T (bf16 / fp16); kDqk; kFenceAfterFull (its fills include cp.async copies);
 //   kCpAsyncTiles (its tiles are cp.async copies of bf16 rows, no dequantization);
 //   kShortSeqs (a sequence is one query token's top-k tiles, so Q tiles change every few tiles);
+//   kRolesRegP (JFM_WS_SCORES_REG_P=4: the unpaired role split's scores take P from registers);
 //   begin_seq, end_seq, softmax_scale; Seq seq(int) with first, t_hi and next(n) (live tiles);
 //   load_q<kThreads>(const Seq&, uint32_t sq) (cp.async of the 64-row Q tile by threads
 //   0 .. kThreads - 1, 256 or 128; the caller commits and waits);
