@@ -2,9 +2,9 @@
 
 scripts/device_check.sh's abflags / abtime / vartime stages time every TIMELINE_CASES case on each
 build with `profile_decode.py --timeline 10`. One process per case and build took ~21 s each on
-the device, against ~1.4 s per case in the side by side's one-process suites (so most of it is
-the process: jax's GPU start, the profiler's first trace; not yet measured apart): a 7-case A/B
-of three builds took ~450 s of a 30-minute session. Here
+the device (jax's GPU start and the profiler's first trace, not measured apart): a 7-case A/B of
+three builds took ~450 s of a 30-minute session. With one process per build the same 7 cases on
+two builds took 60 s (H100, 2026-12-07). Here
 each build gets one long-lived process (`serve`) that runs the cases it is sent, and `drive` sends
 them case by case, build by build (the same interleaved order as before, so slow drift of the
 card's clocks falls on every build alike), with the same per-case timeout.

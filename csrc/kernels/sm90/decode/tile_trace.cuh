@@ -94,8 +94,8 @@ enum TraceSlot : int {
   // 0's is kTrProdIssued), so the hand-over splits into the warps' skew and the barrier's
   // completion (the RoPE copies landing).
   kTrProdIssuedW1 = 16,
-  // A sequence boundary in the role split (ws_math: dense, bf16 and FP8 sparse; kTrBdScQ in the
-  // bf16 sparse tasks' early Q only), stamped at the new sequence's first tile k: where the time
+  // A sequence boundary in the role split (ws_math: dense, bf16 and FP8 sparse; kTrBdScQ where
+  // the scores warpgroup loads Q early: the bf16 sparse tasks and the FP8 pairs), stamped at the new sequence's first tile k: where the time
   // between the previous sequence's last P V and this tile's S goes (sparse prefill: one
   // sequence per query token, 8 tiles at topk 512).
   kTrBdScStats = 19,    // scores: the previous sequence's row totals handed over

@@ -549,8 +549,9 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
   constexpr bool kEarlyQ = ws_early_q<Task, kPair>();
   int q_issued = -1;  // kEarlyQ: the sequence whose Q copies the scores warpgroup has issued
   constexpr bool kStaged = WsStagedOut<Task>::value && !kPair;
-  // (JFM_SPARSE_TMA_OUT=3, the default) the producer stores the staged boxes (the task's produce
-  // loop): the math warps stage, fence and hand the buffer back. (=1: they store them here.)
+  // (JFM_SPARSE_TMA_OUT=3, the bf16 default) the producer stores the staged boxes (the task's
+  // produce loop): the math warps stage, fence and hand the buffer back. Otherwise (=1, and the
+  // FP8 role split's JFM_FP8_TMA_OUT) they store them here.
   constexpr bool kProducerStore = kStaged && ws_producer_stores_out<Task>();
   constexpr int kBarWg = kRole == WsRole::kScores ? kBarScores : kBarValues;
   for (int seq = task.begin_seq; seq <= task.end_seq; ++seq) {

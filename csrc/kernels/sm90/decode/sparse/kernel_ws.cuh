@@ -639,7 +639,7 @@ struct SparseWsTask {
     // buffer b holds the staged output of query token staged_tok(b) (-1: none) once the math
     // warps hand it back; one thread stores its eight boxes and waits for them to be read
     // before any producer thread refills it (store_staged_of).
-    constexpr bool kStoreStaged = kStagedOut && kProducerStoresOut && kSole && !kPair;
+    constexpr bool kStoreStaged = kProducerStoresOut && kSole;  // (bf16: never a pair)
     int staged_tok0 = -1, staged_tok1 = -1;  // (two scalars: an indexed pair went to the stack)
     auto staged_tok = [&](uint32_t b) -> int& { return b ? staged_tok1 : staged_tok0; };
     auto store_staged_of = [&](uint32_t b) {
