@@ -392,19 +392,17 @@ __device__ __forceinline__ void mask_tile(float (&s)[kRegs], Masked masked) {
 // h128 s_q 2 b128 332.4 -> 325.9 us, b64 169.4 -> 167.8; V4 h128 s_q 2 topk 128 + 1024 b64 101.3
 // -> 98.0, b128 194.0 -> 189.3, b256 375.5 -> 369.7; V3.2 h128 s_q 1 b64 flat (87.3 / 87.5).
 // The 5-9% loss above was kRolesWide's V3.2 h128 of 2026-12-02, before the pair; kRolesWide stays
-// out (its V3.2 kernel spills 124 bytes with this form; the pairs none).
-// =3 (a candidate, 2026-12-07 eighth session, not yet run): =2 and V4's kRolesWide (the task's
-// kEarlyQSole), which compiles spill-free with it (V3.2's stays out). Why: V4 h64 at s_q 2 or
-// b > 132 gives a CTA two or more query tokens, and each boundary pays the Q copies after the
-// output stores, as the pairs did. Only that kernel's SASS changes (scripts/sass_md5.sh).
+// out (its V3.2 kernel spills 124 bytes with this form; the pairs none). V4's kRolesWide alone
+// with it (=3, 2026-12-07 eighth session, H100, each build in its own process, kernel medians):
+// V4 h64 topk 128 b128 s_q 1 + 1024 59.90 -> 60.48 us, s_q 2 + 512 74.03 -> 74.34: removed
+// (the code is at 74a9b1e).
 #ifndef JFM_WS_EARLY_Q
 #define JFM_WS_EARLY_Q 2
 #endif
 template <class Task, bool kPair>
 constexpr bool ws_early_q() {
   return JFM_WS_EARLY_Q != 0 && Task::kShortSeqs &&
-         (Task::kCpAsyncTiles || (JFM_WS_EARLY_Q >= 2 && kPair) ||
-          (JFM_WS_EARLY_Q == 3 && Task::kEarlyQSole));
+         (Task::kCpAsyncTiles || (JFM_WS_EARLY_Q == 2 && kPair));
 }
 
 // JFM_WS_MASK_SKIP (on; =0 masks every tile, for A/B): the role split's scores warpgroup skips

@@ -27,7 +27,6 @@ struct DenseWsTask {
   static constexpr bool kFenceAfterFull = true;
   static constexpr bool kCpAsyncTiles = true;
   static constexpr bool kShortSeqs = false;  // a sequence is a whole context
-  static constexpr bool kEarlyQSole = false;  // (JFM_WS_EARLY_Q=3: sparse V4 only)
   static constexpr bool kRolesRegP = false;  // (JFM_WS_SCORES_REG_P=4: unpaired, P from shared memory)
   static constexpr uint32_t kFullCount = 256;
   static_assert(kPageBlock == kTileTokens, "one page is one tile");

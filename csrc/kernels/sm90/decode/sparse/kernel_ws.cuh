@@ -312,9 +312,6 @@ struct SparseWsTask {
                                      (JFM_V4_ROPE_ASYNC != 0 && kFmt == KvFormat::kFp8V4);
   static constexpr bool kCpAsyncTiles = !kFp8;  // the tiles are cp.async copies of bf16 rows
   static constexpr bool kShortSeqs = true;       // one query token's top-k
-  // (JFM_WS_EARLY_Q=3, a candidate) V4's unpaired role split (kRolesWide) loads the next
-  // token's Q under its last tile too; V3.2's spills 124 bytes with it.
-  static constexpr bool kEarlyQSole = kFmt == KvFormat::kFp8V4;
   // (JFM_WS_SCORES_REG_P=4) the bf16 role split's scores warpgroup takes P from registers, in
   // halves (ws_pipeline.cuh has the measurement); the FP8 role splits measured flat or slower.
   static constexpr bool kRolesRegP = !kFp8;
