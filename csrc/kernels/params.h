@@ -247,6 +247,9 @@ struct SparsePool {
 // tile trace of V4 h64 b128 s_q 1 (H100) has every CTA's last 64 KB of output rows take 10-15K
 // cycles in kRolesWide's 4-byte stores (~10-15% of the kernel), all CTAs storing at once.
 // =1: V4's kRolesWide (no spill); =2: V3.2's too (its kRolesWide then spills 56 bytes, 4 without).
+// Its baseline is now JFM_FP8_WIDE_OUT=4 (V4 kRolesWide's scores warpgroup in 16-byte stores,
+// -4.3 / -6.6% on V4 h64 b128 s_q 1 / 2, 2026-12-07 eighth session), which took much of the
+// same end-of-kernel time.
 #ifndef JFM_FP8_TMA_OUT
 #define JFM_FP8_TMA_OUT 0
 #endif

@@ -48,7 +48,8 @@ constexpr bool kPipelinedFp8Fetch = JFM_PIPELINED_FP8_FETCH != 0;
 #ifndef JFM_DIAG_FILL_BLOCKS
 #define JFM_DIAG_FILL_BLOCKS 9
 #endif
-// JFM_FP8_WIDE_OUT (3 = the CTA pairs, both warpgroups, the default; 1 = the pairs' scores
+// JFM_FP8_WIDE_OUT (4 = the CTA pairs' both warpgroups and V4's kRolesWide's scores warpgroup,
+// the default since 2026-12-07's eighth session; 3 = the pairs only; 1 = the pairs' scores
 // warpgroup only; 2 = every FP8 role split's scores warpgroup; 0 = none): the FP8 kernels' output
 // rows in 16-byte stores (store_out_row's kWide), as the bf16 kernels'. Why: ncu of V3.2 h128 /
 // h64 b64 s_q 2 (2026-12-03, second session) puts 3-4% of the warp-stall samples on the 4-byte
@@ -58,14 +59,14 @@ constexpr bool kPipelinedFp8Fetch = JFM_PIPELINED_FP8_FETCH != 0;
 // values warpgroup's too (=3); V3.2 h128 / h64 (kRolesWide) -0.4 / -0.5% with =2, within the
 // noise, where ptxas then spills 4 bytes (V3.2) and 16 bytes (V4) in the producer's loop (and
 // kRolesWide's values warpgroup, at 160 registers, spilled 52 bytes in its tile loop on
-// 2026-12-02): kRolesWide keeps the 4-byte stores. =4 (a candidate, 2026-12-07 seventh session,
-// not yet run): the pairs, and V4's kRolesWide's scores warpgroup. Why: V4 h64 b128 s_q 1's tile
-// trace (H100) has every CTA's last output rows (64 KB of bf16, 4-byte stores) take 10-15K
-// cycles at the kernel's end, ~10-15% of it, against ~4.5K for the pairs' 16-byte stores of the
-// same rows mid-kernel. V4's kRolesWide compiles spill-free with its scores warpgroup's rows
-// wide (both warpgroups: 76 bytes; V3.2's kRolesWide with =2: 92 bytes).
+// 2026-12-02). =4: V4 h64 b128 s_q 1's tile trace (H100, 2026-12-07 seventh session) had every
+// CTA's last output rows (64 KB of bf16, 4-byte stores) take 10-15K cycles at the kernel's end,
+// ~10-15% of it. V4's kRolesWide compiles spill-free with its scores warpgroup's rows wide (both
+// warpgroups: 76 bytes; V3.2's kRolesWide with =2: 92 bytes), and only that kernel's SASS moves
+// from =3. Measured (H100, eighth session, each build in its own process, kernel medians): V4 h64
+// topk 128 b128 s_q 1 + 1024 59.90 -> 57.30 us (-4.3%), s_q 2 + 512 74.03 -> 69.17 (-6.6%).
 #ifndef JFM_FP8_WIDE_OUT
-#define JFM_FP8_WIDE_OUT 3
+#define JFM_FP8_WIDE_OUT 4
 #endif
 // JFM_V4_PAIR_NARROW (default 2; 1 the pairs only, 0 none): those V4 producers compiled for
 // 8-byte row reads only (StageV4T's kMayLoad16 = false), not for both widths chosen at run time
