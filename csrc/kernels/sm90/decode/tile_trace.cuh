@@ -95,9 +95,9 @@ enum TraceSlot : int {
   // completion (the RoPE copies landing).
   kTrProdIssuedW1 = 16,
   // A sequence boundary in the role split (ws_math: dense, bf16 and FP8 sparse; kTrBdScQ where
-  // the scores warpgroup loads Q early: the bf16 sparse tasks and the FP8 pairs), stamped at the new sequence's first tile k: where the time
-  // between the previous sequence's last P V and this tile's S goes (sparse prefill: one
-  // sequence per query token, 8 tiles at topk 512).
+  // the scores warpgroup loads Q early: the bf16 sparse tasks and the FP8 pairs), stamped at the
+  // new sequence's first tile k: where the time between the previous sequence's last P V and
+  // this tile's S goes (sparse prefill: one sequence per query token, 8 tiles at topk 512).
   kTrBdScStats = 19,    // scores: the previous sequence's row totals handed over
   kTrBdScStored = 20,   // scores: its output rows stored (issued)
   kTrBdScQ = 21,        // scores: this sequence's Q landed (cp.async waited), before the barrier
