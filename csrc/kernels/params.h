@@ -240,18 +240,21 @@ struct SparsePool {
 #ifndef JFM_SPARSE_TMA_OUT
 #define JFM_SPARSE_TMA_OUT 3
 #endif
-// JFM_FP8_TMA_OUT (off; =1 a candidate, 2026-12-07 seventh session, not yet run): the unpaired FP8
-// role split (kRolesWide: V3.2 / V4 at 33-64 heads, and 65-128 where no pair fits) stages each
-// unsplit token's output rows as the bf16 kernels do, and each math warpgroup's thread stores its
-// four boxes by TMA (JFM_SPARSE_TMA_OUT=1's form: the FP8 producer has no store step). Why: the
-// tile trace of V4 h64 b128 s_q 1 (H100) has every CTA's last 64 KB of output rows take 10-15K
-// cycles in kRolesWide's 4-byte stores (~10-15% of the kernel), all CTAs storing at once.
-// =1: V4's kRolesWide (no spill); =2: V3.2's too (its kRolesWide then spills 56 bytes, 4 without).
-// Its baseline is now JFM_FP8_WIDE_OUT=4 (V4 kRolesWide's scores warpgroup in 16-byte stores,
-// -4.3 / -6.6% on V4 h64 b128 s_q 1 / 2, 2026-12-07 eighth session), which took much of the
-// same end-of-kernel time.
+// JFM_FP8_TMA_OUT (default 1 since 2026-12-07 ninth session; 0 the 4- / 16-byte stores of
+// JFM_FP8_WIDE_OUT): the unpaired FP8 role split (kRolesWide: V3.2 / V4 at 33-64 heads, and
+// 65-128 where no pair fits) stages each unsplit token's output rows as the bf16 kernels do, and
+// each math warpgroup's thread stores its four boxes by TMA (JFM_SPARSE_TMA_OUT=1's form: the FP8
+// producer has no store step). Why: the tile trace of V4 h64 b128 s_q 1 (H100) had every CTA's
+// last 64 KB of output rows take 10-15K cycles in 4-byte stores, all CTAs storing at once.
+// =1: V4's kRolesWide (no spill). Against =0 with JFM_FP8_WIDE_OUT=4 (H100 kernel medians, each
+// build in its own process): V4 h64 topk 128 p256 b128 s_q 1 +1024 57.60 -> 56.42 us (-2.0%),
+// b128 s_q 2 +512 69.73 -> 68.43 (-1.9%), b64 s_q 2 +512 37.73 -> 36.64 (-2.9%).
+// =2: V3.2's too (its kRolesWide then spills 56 bytes, 4 without): V3.2 h64 topk 2048 b64 s_q 1
+// 51.27 -> 52.29 us (+2.0%), b128 s_q 1 95.01 -> 91.39 (-3.8%), b64 s_q 2 94.21 -> 91.44
+// (-2.9%): not the default while it loses at b 64 s_q 1 (the spills are paid where every token
+// is split and nothing is stored by TMA).
 #ifndef JFM_FP8_TMA_OUT
-#define JFM_FP8_TMA_OUT 0
+#define JFM_FP8_TMA_OUT 1
 #endif
 // Whether the unpaired FP8 role split of this format stages its output for TMA stores.
 constexpr bool fp8_tma_out(KvFormat f) {

@@ -80,9 +80,9 @@ SPARSE = [  # keyword arguments of cases.sparse_decode_case
     # runs V3.2's as pairs too.
     dict(b=12, s_q=2, h_q=96, d_qk=512, fmt="fp8", topk=130, page=64, extra_topk=600, extra_page=5),
     dict(b=3, s_q=1, h_q=80, d_qk=576, fmt="fp8", topk=190, page=2, with_lengths=True),
-    # V4 at 33-64 heads: the unpaired FP8 role split (kRolesWide) on the V4 layout, whose scores
-    # warpgroup stores its rows 16 bytes at a time (JFM_FP8_WIDE_OUT=4, the default), or stages
-    # them for TMA under JFM_FP8_TMA_OUT: without metadata (odd index), then with a schedule
+    # V4 at 33-64 heads: the unpaired FP8 role split (kRolesWide) on the V4 layout, which stages
+    # unsplit tokens' rows for TMA stores (JFM_FP8_TMA_OUT=1, the default; under =0 its scores
+    # warpgroup stores them 16 bytes at a time): without metadata (odd index), then with a schedule
     # that splits some tokens (even index: 80 tokens of 7 tiles over the SMs' parts).
     dict(b=5, s_q=2, h_q=64, d_qk=512, fmt="fp8", topk=200, page=64, extra_topk=130,
          extra_page=61, with_lengths=True, sink="random"),
