@@ -251,8 +251,8 @@ struct SparsePool {
 // b128 s_q 2 +512 69.73 -> 68.43 (-1.9%), b64 s_q 2 +512 37.73 -> 36.64 (-2.9%).
 // =2: V3.2's too (its kRolesWide then spills 56 bytes, 4 without): V3.2 h64 topk 2048 b64 s_q 1
 // 51.27 -> 52.29 us (+2.0%), b128 s_q 1 95.01 -> 91.39 (-3.8%), b64 s_q 2 94.21 -> 91.44
-// (-2.9%): not the default while it loses at b 64 s_q 1 (the spills are paid where every token
-// is split and nothing is stored by TMA).
+// (-2.9%): not the default while it loses at b 64 s_q 1, where the schedule splits every token
+// (so nothing is stored by TMA and only the spills are paid; at the other two it splits none).
 #ifndef JFM_FP8_TMA_OUT
 #define JFM_FP8_TMA_OUT 1
 #endif
