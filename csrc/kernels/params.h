@@ -249,10 +249,12 @@ struct SparsePool {
 // =1: V4's kRolesWide (no spill). Against =0 with JFM_FP8_WIDE_OUT=4 (H100 kernel medians, each
 // build in its own process): V4 h64 topk 128 p256 b128 s_q 1 +1024 57.60 -> 56.42 us (-2.0%),
 // b128 s_q 2 +512 69.73 -> 68.43 (-1.9%), b64 s_q 2 +512 37.73 -> 36.64 (-2.9%).
-// =2: V3.2's too (its kRolesWide then spills 56 bytes, 4 without): V3.2 h64 topk 2048 b64 s_q 1
+// =2: V3.2's too (its kRolesWide then spilled 56 bytes, 4 without): V3.2 h64 topk 2048 b64 s_q 1
 // 51.27 -> 52.29 us (+2.0%), b128 s_q 1 95.01 -> 91.39 (-3.8%), b64 s_q 2 94.21 -> 91.44
 // (-2.9%): not the default while it loses at b 64 s_q 1, where the schedule splits every token
 // (so nothing is stored by TMA and only the spills are paid; at the other two it splits none).
+// Since then V3.2's staging is lean (SparseWsTask::stage_rows): =2 spills 12 bytes, none in the
+// values warpgroup; that form is not yet timed.
 #ifndef JFM_FP8_TMA_OUT
 #define JFM_FP8_TMA_OUT 1
 #endif

@@ -83,11 +83,18 @@ SPARSE = [  # keyword arguments of cases.sparse_decode_case
     # V4 at 33-64 heads: the unpaired FP8 role split (kRolesWide) on the V4 layout, which stages
     # unsplit tokens' rows for TMA stores (JFM_FP8_TMA_OUT=1, the default; under =0 its scores
     # warpgroup stores them 16 bytes at a time): without metadata (odd index), then with a schedule
-    # that splits some tokens (even index: 80 tokens of 7 tiles over the SMs' parts).
+    # that splits some tokens and not others (even index: on 132 SMs, 111 of the 148 tokens; at
+    # b 40 it had split none).
     dict(b=5, s_q=2, h_q=64, d_qk=512, fmt="fp8", topk=200, page=64, extra_topk=130,
          extra_page=61, with_lengths=True, sink="random"),
-    dict(b=40, s_q=2, h_q=48, d_qk=512, fmt="fp8", topk=300, page=64, extra_topk=100,
+    dict(b=74, s_q=2, h_q=48, d_qk=512, fmt="fp8", topk=300, page=64, extra_topk=100,
          extra_page=2, sink="inf"),
+    # V3.2 at 33-64 heads: its kRolesWide, whose rows are stored per thread by default and staged
+    # for TMA (lean form, SparseWsTask::stage_rows) under JFM_FP8_TMA_OUT=2: without metadata,
+    # then with a schedule that splits 99 of the 148 tokens (132 SMs).
+    dict(b=5, s_q=2, h_q=64, d_qk=576, fmt="fp8", topk=200, page=64, with_lengths=True,
+         sink="random"),
+    dict(b=74, s_q=2, h_q=40, d_qk=576, fmt="fp8", topk=300, page=61, sink="inf"),
 ]
 for n, kw in enumerate(SPARSE):
     q, kv, args = cases.sparse_decode_case(950 + n, **kw)

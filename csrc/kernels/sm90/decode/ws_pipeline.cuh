@@ -63,9 +63,10 @@
 //   for kTransposed*: masked_t(const Seq&, n, valid, token, row) and
 //   row_out(const Seq&, row, inv, lse, m, bool write_stats) -> WsRowOut;
 //   optionally (WsStagedOut) kStagedOut, kProducerStoresOut, staged_out(const Seq&),
-//   stage_rows(const Seq&, st, inv, lse, m, uint32_t dst, const Lane&) and store_staged(int token,
-//   uint32_t src, int wc): the role split's output staged in the sequence's last tile buffer and
-//   stored by TMA (by the producer where kProducerStoresOut, else by each math warpgroup).
+//   stage_rows<bool kScoresWg>(const Seq&, st, inv, lse, m, uint32_t dst, const Lane&) and
+//   store_staged(int token, uint32_t src, int wc): the role split's output staged in the
+//   sequence's last tile buffer and stored by TMA (by the producer where kProducerStoresOut,
+//   else by each math warpgroup).
 #pragma once
 
 #include <cmath>
@@ -703,7 +704,7 @@ __device__ __forceinline__ void ws_math(const Task& task, const WsShared& sh) {
         // the boxes before it refills it (kProducerStore); =1: this warpgroup stores its four
         // boxes and hands the buffer back once they have been read.
         const uint32_t region = ws_staged_half<Task::kDqk>(sh, held, ln.wc);
-        task.stage_rows(cur, st, inv, lse, m, region, ln);
+        task.template stage_rows<kRole == WsRole::kScores>(cur, st, inv, lse, m, region, ln);
         fence_proxy_async();  // the stmatrix writes, before the TMA reads them
         if constexpr (kProducerStore) {
           mbarrier_arrive(sh.bar_empty + 8 * held);

@@ -986,6 +986,9 @@ __device__ __forceinline__ void store_token_rows(const SparseDecodeParams& p, co
 // (stage_out_rows into this warpgroup's 64 x 256 region `dst`) for a TMA store instead of
 // stored by each thread: the lse (+ max_logits) as there. Padded rows (heads past h_q) are
 // staged too (stmatrix takes the whole warp) and never stored (the tensor map ends at h_q).
+// kStats false: a warpgroup known at compile time not to be wc 0 (which alone writes the lse),
+// without that branch; kFreshLane: stage_out_rows'.
+template <bool kStats = true, bool kFreshLane = false>
 __device__ __forceinline__ void stage_token_rows(const SparseDecodeParams& p, const RowState& st,
                                                  const float (&inv)[2], const float (&lse)[2],
                                                  const float (&m)[2], int seq, int head0,
@@ -998,9 +1001,9 @@ __device__ __forceinline__ void stage_token_rows(const SparseDecodeParams& p, co
     scale[h] = inv[h];
     if (head >= p.h_q) continue;
     scale[h] = final_row_scale(p, inv[h], lse[h], head);
-    if (ln.wc == 0 && ln.tq == 0) store_final_row_stats(p, map, lse[h], m[h], seq, head);
+    if (kStats && ln.wc == 0 && ln.tq == 0) store_final_row_stats(p, map, lse[h], m[h], seq, head);
   }
-  stage_out_rows<bf16>(dst, st, scale, ln);
+  stage_out_rows<bf16, kFreshLane>(dst, st, scale, ln);
 }
 
 // After a token's last tile (kernel.cuh: each warpgroup summed half of every row).

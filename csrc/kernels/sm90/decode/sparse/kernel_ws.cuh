@@ -432,10 +432,17 @@ struct SparseWsTask {
   __device__ __forceinline__ bool staged_out(const Seq& q) const {
     return p.out_map_ok && q.nsplit == 1;
   }
+  // kScoresWg: called by the scores warpgroup (wc 0), else the values one. V3.2's kRolesWide
+  // (JFM_FP8_TMA_OUT=2) stages lean: without the values warpgroup's dead lse branch and with
+  // the lane terms re-read, which took its spill from 56 to 12 bytes (none left in the values
+  // warpgroup, whose setup values ptxas had spilled). The others keep their tested code: the
+  // same change to every format moved V4's kRolesWide from 0 to 48 spilled bytes.
+  template <bool kScoresWg = true>
   __device__ __forceinline__ void stage_rows(const Seq& q, const RowState& st, const float (&inv)[2],
                                              const float (&lse)[2], const float (&m)[2],
                                              uint32_t dst, const Lane& ln) const {
-    stage_token_rows(p, st, inv, lse, m, q.index, head0, dst, ln);
+    constexpr bool kLean = kFmt == KvFormat::kFp8V32;
+    stage_token_rows<kScoresWg || !kLean, kLean>(p, st, inv, lse, m, q.index, head0, dst, ln);
   }
   // By one thread: warpgroup wc's staged region src (4 column blocks) to query token `token`'s
   // output rows.
