@@ -59,8 +59,9 @@ struct MathWarpsSync {
 // Which rows and columns of the accumulators this thread holds.
 struct Lane {
   int tid, wr, wc, g, tq;
-  __device__ __forceinline__ Lane() {
-    tid = threadIdx.x;
+  __device__ __forceinline__ Lane() : Lane(static_cast<int>(threadIdx.x)) {}
+  __device__ __forceinline__ explicit Lane(int t) {
+    tid = t;
     const int warp = tid >> 5, lane = tid & 31;
     wr = warp & 3;
     wc = warp >> 2;
@@ -715,19 +716,19 @@ __device__ __forceinline__ void store_out_row(T* dst, const RowState& st, int h,
 // dst: 64 rows x 256 columns as four 64-column blocks of the tiles' swizzled layout (chunk_off),
 // the boxes of a 128-byte-swizzle TMA store. 16 stmatrix.x4, each two 8-column groups of both
 // rows (matrices: rows 0-7 / 8-15 of the warp's 16, group i / i + 1).
-// kFreshLane: the lane terms from %tid.x read here (volatile, so ptxas cannot hoist them out of
-// the caller's loops and hold them, spilled, across every tile), not from ln.
+// kFreshLane: with a Lane built from %tid.x read here (volatile, so ptxas cannot hoist its terms
+// out of the caller's loops and hold them, spilled, across every tile), not the caller's ln.
 template <typename T, bool kFreshLane = false>
 __device__ __forceinline__ void stage_out_rows(uint32_t dst, const RowState& st, const float (&scale)[2],
                                                const Lane& ln) {
-  int tid = ln.tid;
   if constexpr (kFreshLane) {
     uint32_t t;
     asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
-    tid = static_cast<int>(t);
+    stage_out_rows<T>(dst, st, scale, Lane(static_cast<int>(t)));
+    return;
   }
-  const int lane = tid & 31, j = lane >> 3;
-  const int r = ((tid >> 5) & 3) * 16 + (lane & 7) + 8 * (j & 1);  // the row this lane addresses
+  const int lane = ln.tid & 31, j = lane >> 3;
+  const int r = ln.wr * 16 + (lane & 7) + 8 * (j & 1);  // the row whose address this lane gives
 #pragma unroll
   for (int i = 0; i < 32; i += 2) {
     const int gi = i + (j >> 1);  // its 8-column group: the half's 16-byte chunk gi of row r
