@@ -17,6 +17,17 @@ Prints, for the loop (the first backward branch after the last instruction match
 every instruction waiting on a scoreboard such a load writes, and per scoreboard the loads and
 the waits (a scoreboard may also count other variable-latency instructions: shared loads, barrier
 try-waits; the listing names only the global loads). Needs cuobjdump for a cubin (PATH, or pip's nvidia-cuda-cuobjdump: --bin).
+
+  python scripts/sass_scoreboards.py x.cubin --function WsMathE4 --role-loops [--min-loop 40]
+
+instead lists each warpgroup role's loops: the code after each `USETMAXREG` (its register budget
+names the role: e.g. kRolesWide 0xa0 values, 0xc8 scores, 0x90 producer) up to the next, and in
+it every backward branch's body of --min-loop or more instructions, with its instruction count
+and a few opcode counts (wgmma, global / shared loads and stores, conversions, fp16 math, MUFU).
+Static counts: a body holds both sides of its runtime branches (e.g. the V4 producers' 8- and
+16-byte load paths), and ptxas may move cold blocks behind the last role's code, so a large loop
+there can be another role's (read its opcodes: wgmma and MUFU are math, LDG + STS producers). What it is for: which role's per-tile work a change grew, and how the roles
+of two kernels compare, without a device (docs/PERFORMANCE.md, 2026-12-07 tenth session).
 """
 import argparse
 import os
@@ -96,6 +107,43 @@ def report(ins, lo, hi, out=None):
     return loads, waits
 
 
+ROLE_OPS = ("HGMMA", "LDG", "STG", "LDS", "STS", "F2FP", "HADD2", "HMUL2", "FMUL", "MUFU", "SHFL",
+            "IMAD")
+
+
+def role_loops(ins, min_loop=40, out=None):
+    """Per warpgroup role (code between USETMAXREGs), the backward branches' bodies of at least
+    min_loop instructions: [(budget, lo, hi, count, {opcode: count})]; printed."""
+    out = out or sys.stdout
+    starts = [(x["addr"], re.search(r"(0x[0-9a-f]+)\s*$", x["text"]).group(1))
+              for x in ins if x["text"].startswith("USETMAXREG")]
+    def role(addr):
+        r = "entry"
+        for a, budget in starts:
+            if addr >= a:
+                r = budget
+        return r
+    rows = []
+    for i, x in enumerate(ins):
+        m = re.search(r"\bBRA (?:\S+ )?(0x[0-9a-f]+)", x["text"])
+        if not m or int(m.group(1), 16) >= x["addr"] or role(int(m.group(1), 16)) != role(x["addr"]):
+            continue
+        lo = int(m.group(1), 16)
+        body = [y for y in ins if lo <= y["addr"] <= x["addr"]]
+        if len(body) < min_loop:
+            continue
+        ops = {}
+        for y in body:
+            words = y["text"].split()
+            op = (words[1] if words[0].startswith("@") else words[0]).split(".")[0]
+            ops[op] = ops.get(op, 0) + 1
+        rows.append((role(x["addr"]), lo, x["addr"], len(body), ops))
+        counts = " ".join(f"{k} {ops.get(k, 0)}" for k in ROLE_OPS)
+        print(f"  role {role(x['addr']):>6s}  loop {lo:#7x}-{x['addr']:#7x}  {len(body):5d} "
+              f"instructions: {counts}", file=out)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("input", help="a cubin / .o (cuobjdump runs on it) or a `cuobjdump -sass` text")
@@ -104,6 +152,9 @@ def main(argv=None):
                     help="regex: the loop is the first backward branch after its last match")
     ap.add_argument("--range", default=None, help="LO-HI, hex addresses, instead of --loop-after")
     ap.add_argument("--bin", default=None, help="folder holding cuobjdump")
+    ap.add_argument("--role-loops", action="store_true",
+                    help="list each warpgroup role's loops (code after each USETMAXREG) instead")
+    ap.add_argument("--min-loop", type=int, default=40, help="--role-loops: smallest body listed")
     a = ap.parse_args(argv)
     if a.input.endswith((".cubin", ".o")):
         exe = os.path.join(a.bin, "cuobjdump") if a.bin else "cuobjdump"
@@ -117,6 +168,9 @@ def main(argv=None):
         raise SystemExit(f"no function matching {a.function!r}")
     for name, ins in funcs:
         print(name)
+        if a.role_loops:
+            role_loops(ins, a.min_loop)
+            continue
         if a.range:
             lo, hi = (int(v, 16) for v in a.range.split("-"))
         else:

@@ -63,3 +63,31 @@ def test_main_reads_a_text_dump(tmp_path, capsys):
     f.write_text(listing(ROWS))
     sb.main([str(f), "--function", "WsMathE4"])
     assert "loop 0x10-0x80: 8 instructions, 2 global loads" in capsys.readouterr().out
+
+
+ROLE_ROWS = [
+    (0x00, "USETMAXREG.DEALLOC.CTAPOOL 0xa0", ctrl()),
+    (0x10, "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ", ctrl()),   # role 0xa0: 3-instruction loop
+    (0x20, "MUFU.EX2 R3, R3", ctrl()),
+    (0x30, "@P0 BRA 0x10", ctrl()),
+    (0x40, "USETMAXREG.DEALLOC.CTAPOOL 0x90", ctrl()),
+    (0x50, "LDG.E.64.CONSTANT R8, desc[UR36][R6.64]", ctrl(wbar=1)),  # role 0x90: 5 instructions
+    (0x60, "F2FP.F16.E4M3.UNPACK_B R2, R8", ctrl(wait=1 << 1)),
+    (0x70, "HMUL2.BF16_V2 R2, R2, R4", ctrl()),
+    (0x80, "STS.128 [R3], R8", ctrl()),
+    (0x90, "@!P1 BRA 0x50", ctrl()),
+    (0xa0, "@P2 BRA 0x20", ctrl()),                                   # crosses roles: not a loop
+    (0xb0, "EXIT", ctrl()),
+]
+
+
+def test_role_loops():
+    (_, ins), = sb.parse(listing(ROLE_ROWS))
+    buf = io.StringIO()
+    rows = sb.role_loops(ins, min_loop=2, out=buf)
+    assert [(r[0], r[1], r[2], r[3]) for r in rows] == [("0xa0", 0x10, 0x30, 3), ("0x90", 0x50, 0x90, 5)]
+    assert rows[0][4]["HGMMA"] == 1 and rows[0][4]["MUFU"] == 1
+    assert {k: rows[1][4].get(k, 0) for k in ("LDG", "F2FP", "HMUL2", "STS", "BRA")} == \
+        {"LDG": 1, "F2FP": 1, "HMUL2": 1, "STS": 1, "BRA": 1}  # (the guard @!P1 is not the opcode)
+    assert "role   0x90  loop    0x50-   0x90      5 instructions" in buf.getvalue()
+    assert sb.role_loops(ins, min_loop=4, out=io.StringIO())[0][0] == "0x90"  # the 3-long one dropped
