@@ -312,14 +312,39 @@ __device__ __forceinline__ void tile_qk_rows(float (&s)[32], uint64_t desc_q, ui
   tile_gemm_qk<T, kDqk, 64>(s, desc_q, desc_k);
 }
 
+// JFM_P_STMATRIX (off; =1 a candidate, not yet timed): store_p_rows writes P with stmatrix.x4,
+// 4 per thread for the whole tile, instead of 16 4-byte st.shared. Why (2026-12-07 tenth session,
+// SASS only): V4 kRolesWide's scores warpgroup spends 316 cycles per tile on its P stores against
+// 136-173 in the CTA pairs (tile traces, seventh session), and upstream's V4 h_q 64 kernel writes
+// the same P in 4 STSM per thread (`sass_scoreboards.py --role-loops`). Same bytes at the same
+// addresses, so the results are bitwise those of the 4-byte form.
+#ifndef JFM_P_STMATRIX
+#define JFM_P_STMATRIX 0
+#endif
+
 // Writes warpgroup 0's P (all 64 columns; [8 kNt0, 8 kNt1) with a range) into the swizzled P
-// block at sp.
+// block at sp (row r at sp + 128 r, its 16-byte chunk c at ((c ^ (r & 7)) << 4): store_p_pairs).
 template <typename T, int kNt0 = 0, int kNt1 = 8>
 __device__ __forceinline__ void store_p_rows(uint32_t sp, const float (&s)[32], const Lane& ln) {
+  if constexpr (JFM_P_STMATRIX != 0) {
+    static_assert(kNt0 % 2 == 0 && kNt1 % 2 == 0, "stmatrix.x4 writes two 8-column groups");
+    // Matrix j of each stmatrix: rows 0-7 (j even) or 8-15 (j odd) of this warp's 16, column
+    // group nt (j < 2) or nt + 1; lane l gives row l % 8 of matrix l / 8 (stage_out_rows' order).
+    const int lane = ln.tid & 31, j = lane >> 3;
+    const int r = ln.wr * 16 + (lane & 7) + 8 * (j & 1);
 #pragma unroll
-  for (int nt = kNt0; nt < kNt1; ++nt) {
-    const float pv[4] = {s[4 * nt], s[4 * nt + 1], s[4 * nt + 2], s[4 * nt + 3]};
-    store_p_pairs<T>(sp, ln.row(0), nt * 8 + 2 * ln.tq, pv);
+    for (int nt = kNt0; nt < kNt1; nt += 2) {
+      const int c = nt + (j >> 1);
+      stmatrix_x4(sp + r * 128 + ((c ^ (r & 7)) << 4), pack2<T>(s[4 * nt], s[4 * nt + 1]),
+                  pack2<T>(s[4 * nt + 2], s[4 * nt + 3]), pack2<T>(s[4 * nt + 4], s[4 * nt + 5]),
+                  pack2<T>(s[4 * nt + 6], s[4 * nt + 7]));
+    }
+  } else {
+#pragma unroll
+    for (int nt = kNt0; nt < kNt1; ++nt) {
+      const float pv[4] = {s[4 * nt], s[4 * nt + 1], s[4 * nt + 2], s[4 * nt + 3]};
+      store_p_pairs<T>(sp, ln.row(0), nt * 8 + 2 * ln.tq, pv);
+    }
   }
 }
 
