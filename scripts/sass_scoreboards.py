@@ -26,8 +26,10 @@ it every backward branch's body of --min-loop or more instructions, with its ins
 and a few opcode counts (wgmma, global / shared loads and stores, conversions, fp16 math, MUFU).
 Static counts: a body holds both sides of its runtime branches (e.g. the V4 producers' 8- and
 16-byte load paths), and ptxas may move cold blocks behind the last role's code, so a large loop
-there can be another role's (read its opcodes: wgmma and MUFU are math, LDG + STS producers). What it is for: which role's per-tile work a change grew, and how the roles
-of two kernels compare, without a device (docs/PERFORMANCE.md, 2026-12-07 tenth session).
+there can be another role's (read its opcodes: wgmma and MUFU are math, LDG + STS producers).
+What it is for: which role's per-tile work a change grew, and how the roles of two kernels
+compare (ours, or upstream's prebuilt ones: docs/BUILDING.md), without a device
+(docs/PERFORMANCE.md, 2026-12-07 tenth session).
 """
 import argparse
 import os
