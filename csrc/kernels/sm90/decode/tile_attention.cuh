@@ -323,7 +323,7 @@ __device__ __forceinline__ void tile_qk_rows(float (&s)[32], uint64_t desc_q, ui
 #endif
 
 // Writes warpgroup 0's P (all 64 columns; [8 kNt0, 8 kNt1) with a range) into the swizzled P
-// block at sp (row r at sp + 128 r, its 16-byte chunk c at ((c ^ (r & 7)) << 4): store_p_pairs).
+// block at sp (one column block of the tiles' swizzled layout: TileSmem::chunk_off).
 template <typename T, int kNt0 = 0, int kNt1 = 8>
 __device__ __forceinline__ void store_p_rows(uint32_t sp, const float (&s)[32], const Lane& ln) {
   if constexpr (JFM_P_STMATRIX != 0) {
@@ -335,7 +335,7 @@ __device__ __forceinline__ void store_p_rows(uint32_t sp, const float (&s)[32], 
 #pragma unroll
     for (int nt = kNt0; nt < kNt1; nt += 2) {
       const int c = nt + (j >> 1);
-      stmatrix_x4(sp + r * 128 + ((c ^ (r & 7)) << 4), pack2<T>(s[4 * nt], s[4 * nt + 1]),
+      stmatrix_x4(sp + TileSmem<kDv>::chunk_off(r, c), pack2<T>(s[4 * nt], s[4 * nt + 1]),
                   pack2<T>(s[4 * nt + 2], s[4 * nt + 3]), pack2<T>(s[4 * nt + 4], s[4 * nt + 5]),
                   pack2<T>(s[4 * nt + 6], s[4 * nt + 7]));
     }
