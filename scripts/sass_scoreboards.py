@@ -32,6 +32,7 @@ compare (ours, or upstream's prebuilt ones: docs/BUILDING.md), without a device
 (docs/PERFORMANCE.md, 2026-12-07 tenth session).
 """
 import argparse
+import bisect
 import os
 import re
 import subprocess
@@ -117,21 +118,23 @@ def role_loops(ins, min_loop=40, out=None):
     """Per warpgroup role (code between USETMAXREGs), the backward branches' bodies of at least
     min_loop instructions: [(budget, lo, hi, count, {opcode: count})]; printed."""
     out = out or sys.stdout
+    addrs = [x["addr"] for x in ins]  # (ascending: the listing's order)
     starts = [(x["addr"], re.search(r"(0x[0-9a-f]+)\s*$", x["text"]).group(1))
               for x in ins if x["text"].startswith("USETMAXREG")]
-    def role(addr):
-        r = "entry"
-        for a, budget in starts:
-            if addr >= a:
-                r = budget
-        return r
+    start_addrs = [a for a, _ in starts]
+
+    def role(addr):  # the budget of the last USETMAXREG at or before addr
+        k = bisect.bisect_right(start_addrs, addr)
+        return starts[k - 1][1] if k else "entry"
     rows = []
     for i, x in enumerate(ins):
         m = re.search(r"\bBRA (?:\S+ )?(0x[0-9a-f]+)", x["text"])
-        if not m or int(m.group(1), 16) >= x["addr"] or role(int(m.group(1), 16)) != role(x["addr"]):
+        if not m:
             continue
-        lo = int(m.group(1), 16)
-        body = [y for y in ins if lo <= y["addr"] <= x["addr"]]
+        lo, here = int(m.group(1), 16), role(x["addr"])
+        if lo >= x["addr"] or role(lo) != here:
+            continue
+        body = ins[bisect.bisect_left(addrs, lo):i + 1]
         if len(body) < min_loop:
             continue
         ops = {}
@@ -139,9 +142,9 @@ def role_loops(ins, min_loop=40, out=None):
             words = y["text"].split()
             op = (words[1] if words[0].startswith("@") else words[0]).split(".")[0]
             ops[op] = ops.get(op, 0) + 1
-        rows.append((role(x["addr"]), lo, x["addr"], len(body), ops))
+        rows.append((here, lo, x["addr"], len(body), ops))
         counts = " ".join(f"{k} {ops.get(k, 0)}" for k in ROLE_OPS)
-        print(f"  role {role(x['addr']):>6s}  loop {lo:#7x}-{x['addr']:#7x}  {len(body):5d} "
+        print(f"  role {here:>6s}  loop {lo:#7x}-{x['addr']:#7x}  {len(body):5d} "
               f"instructions: {counts}", file=out)
     return rows
 
